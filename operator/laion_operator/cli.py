@@ -1,0 +1,162 @@
+"""`laion-operator`: run a part on a local Ray, plan it, run the demo, print the CRD, run the operator."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from . import spec as specs
+from .columns import ColumnError
+from .filter import MetadataError, plan
+from .status import Progress
+from .storage import StorageError, Store
+
+
+class ProgressBar:
+    """One line that says how far along the part is: shards, images/s, success rate."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream = stream
+        self.start = time.time()
+        self.tty = stream.isatty()
+        self._last_line = ""
+
+    def __call__(self, p: Progress) -> None:
+        elapsed = max(time.time() - self.start, 1e-6)
+        if p.phase == "Filtering":
+            line = f"[filter] {p.rows_read:,} rows read, {p.rows_kept:,} kept"
+        else:
+            attempted = p.images_ok + p.images_failed
+            line = (f"[{p.phase.lower()}] shards {p.shards_done}/{p.shards_total}"
+                    f"{f' ({p.shards_failed} failed)' if p.shards_failed else ''} | "
+                    f"{attempted:,} images, {attempted / elapsed:,.1f}/s | success {p.success_rate:.1f}%")
+        if line == self._last_line:
+            return
+        self._last_line = line
+        self.stream.write(("\r\033[K" if self.tty else "") + line + ("" if self.tty else "\n"))
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+
+
+def print_summary(summary: dict, out=sys.stdout) -> None:
+    images = summary["images"]
+    meta = summary["metadata"]
+    out.write(f"\npart {summary['partId']} -> {summary['output']} ({summary['outputFormat']})\n")
+    out.write(f"  metadata  {meta['rowsRead']:,} rows read, {meta['rowsKept']:,} kept\n")
+    for reason, n in sorted(meta["droppedBy"].items(), key=lambda kv: -kv[1]):
+        if n:
+            out.write(f"            {n:>10,} dropped by {reason}\n")
+    out.write(f"  shards    {summary['shards']['done']}/{summary['shards']['total']} done\n")
+    out.write(f"  images    {images['ok']:,} of {images['attempted']:,} ok ({summary['successRate']:.1f}%)\n")
+    for reason, n in sorted(images["failedByReason"].items(), key=lambda kv: -kv[1]):
+        out.write(f"            {n:>10,} failed: {reason}\n")
+    out.write(f"  written   {summary['bytesWritten'] / 1e6:,.1f} MB in {summary['durations']['totalSeconds']:.1f} s\n")
+    out.write(f"  index     {summary['annotations']}\n")
+
+
+def cmd_run(args) -> int:
+    from .pipeline import PartFailed, ensure_ray, run_part
+
+    part = specs.load(args.part)
+    if args.output:
+        part = specs.PartSpec.from_dict({**part.to_dict(), "output": {**part.to_dict()["output"], "uri": args.output}})
+    if args.dry_run:
+        return cmd_plan(part)
+    Store(part.output).check_writable()
+    ensure_ray(args.ray_address)
+    bar = ProgressBar()
+    try:
+        summary = run_part(part, on_progress=bar)
+    except PartFailed as err:
+        bar.close()
+        print(f"laion-operator: part {part.part_id} failed: {err}", file=sys.stderr)
+        return 1
+    bar.close()
+    print_summary(summary)
+    return 0
+
+
+def cmd_plan(part: specs.PartSpec) -> int:
+    result = plan(part)
+    print(f"part {part.part_id}: {result.rows_read:,} rows read, {result.rows_kept:,} kept "
+          f"in {result.shards} shards of up to {part.filter.samples_per_shard:,}")
+    for reason, n in sorted(result.dropped_by.items(), key=lambda kv: -kv[1]):
+        if n:
+            print(f"  {n:>10,} dropped by {reason}")
+    d = part.download
+    # A resized JPEG of side s at quality q is roughly s*s*(q/100)*0.25 bytes; the estimate says so.
+    per_image = d.image_size * d.image_size * (0.1 + 0.25 * d.encode_quality / 100)
+    print(f"  output {part.output.uri} as {d.output_format}, about {result.rows_kept * per_image / 1e9:,.2f} GB "
+          f"if every image downloads ({d.image_size}px {d.encode_format})")
+    return 0
+
+
+def cmd_crd(args) -> int:
+    yaml.safe_dump(specs.crd(), sys.stdout, sort_keys=False)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(Path(args.out), rows=args.rows)
+
+
+def cmd_operator(args) -> int:
+    from .controller import main as operator_main
+
+    return operator_main(args)
+
+
+def cmd_job(args) -> int:
+    from .job import main as job_main
+
+    return job_main()
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="laion-operator", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="filter, download and annotate one part on Ray")
+    run.add_argument("part", help="part spec YAML (a bare spec or a LaionPart manifest)")
+    run.add_argument("--dry-run", action="store_true", help="print the plan without downloading")
+    run.add_argument("--output", help="override output.uri")
+    run.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    run.set_defaults(func=cmd_run)
+    demo = sub.add_parser("demo", help="generate a LAION-like part, serve its images on loopback, run it")
+    demo.add_argument("--out", default="demo-output", help="folder for the metadata and the dataset")
+    demo.add_argument("--rows", type=int, default=2000, help="metadata rows to generate")
+    demo.set_defaults(func=cmd_demo)
+    crd = sub.add_parser("crd", help="print the LaionPart CustomResourceDefinition")
+    crd.set_defaults(func=cmd_crd)
+    op = sub.add_parser("operator", help="run the Kubernetes operator")
+    op.add_argument("--config", help="operator configuration YAML")
+    op.add_argument("--namespace", action="append", help="watch only these namespaces (default: all)")
+    op.add_argument("--standalone", action="store_true", help="no peering with other operator replicas")
+    op.set_defaults(func=cmd_operator)
+    job = sub.add_parser("job", help="(inside a Ray job) run the part given by LAION_PART_SPEC")
+    job.set_defaults(func=cmd_job)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (specs.SpecError, ColumnError, MetadataError, StorageError) as err:
+        print(f"laion-operator: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

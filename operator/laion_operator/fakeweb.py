@@ -1,0 +1,381 @@
+"""A loopback HTTP server that fails the way the internet does for LAION URLs.
+
+Every URL's outcome is known from the URL alone (`outcome_of`), so tests can compute what a
+download run must report without a real network:
+
+    /img/<id>_<w>x<h>.<fmt>       200, a generated image (fmt jpg|jpeg|png|webp); /small/ is an alias
+    /redirect/<id>_<w>x<h>.<fmt>  302 to the /img/ equivalent
+    /noai/<id>_<w>x<h>.<fmt>      200 image with `X-Robots-Tag: noai, noimageai`
+    /truncated/<id>_<w>x<h>.<fmt> full Content-Length, half the bytes, then the connection closes
+    /garbage/<anything>           200 image/jpeg whose body is an HTML page
+    /status/<code>/<anything>     that status (400-599 only)
+    /slow/<seconds>/<spec>        waits (at most 30 s) before serving /img/<spec> (or a 256x256 jpg)
+    /reset/<anything>             closes the connection without answering
+    anything else                 404
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import re
+import threading
+import zlib
+from collections import Counter, OrderedDict
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import NamedTuple
+from urllib.parse import urlsplit
+
+import numpy as np
+from PIL import Image, ImageChops, ImageDraw
+
+MAX_SLOW_SECONDS = 30.0
+MAX_SIDE = 8192
+MAX_PIXELS = 40_000_000
+CONTENT_TYPES = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
+
+_SPEC_RE = re.compile(r"^([A-Za-z0-9-]+)_(\d{1,6})x(\d{1,6})\.(jpg|jpeg|png|webp)$")
+
+
+class Spec(NamedTuple):
+    id: str
+    width: int
+    height: int
+    fmt: str
+
+
+class Route(NamedTuple):
+    kind: str  # img redirect noai truncated garbage status slow reset
+    spec: Spec | None = None
+    status: int = 200
+    seconds: float = 0.0
+
+
+DEFAULT_SLOW_SPEC = Spec("slow", 256, 256, "jpg")
+
+
+def parse_spec(text: str) -> Spec | None:
+    m = _SPEC_RE.match(text)
+    if not m:
+        return None
+    return Spec(m.group(1), int(m.group(2)), int(m.group(3)), m.group(4))
+
+
+def _spec_route(kind: str, rest: str) -> Route:
+    spec = parse_spec(rest)
+    if spec is None:
+        return Route("status", status=404)
+    if not (1 <= spec.width <= MAX_SIDE and 1 <= spec.height <= MAX_SIDE) or spec.width * spec.height > MAX_PIXELS:
+        return Route("status", status=400)
+    return Route(kind, spec)
+
+
+def route(path: str) -> Route:
+    """What the server does for `path`; shared by the handler and `outcome_of` so they cannot disagree."""
+    parts = path.lstrip("/").split("/", 1)
+    head, rest = parts[0], parts[1] if len(parts) > 1 else ""
+    if head in ("img", "small"):
+        return _spec_route("img", rest)
+    if head in ("redirect", "noai", "truncated"):
+        return _spec_route(head, rest)
+    if head == "garbage":
+        return Route("garbage")
+    if head == "reset":
+        return Route("reset")
+    if head == "status":
+        code = rest.split("/", 1)[0]
+        if code.isdigit() and 400 <= int(code) <= 599:
+            return Route("status", status=int(code))
+        return Route("status", status=400)
+    if head == "slow":
+        secs, _, inner = rest.partition("/")
+        try:
+            seconds = min(max(float(secs), 0.0), MAX_SLOW_SECONDS)
+        except ValueError:
+            return Route("status", status=400)
+        if seconds != seconds:  # NaN
+            return Route("status", status=400)
+        inner_route = _spec_route("img", inner) if parse_spec(inner) else Route("img", DEFAULT_SLOW_SPEC)
+        if inner_route.kind != "img":
+            return inner_route
+        return Route("slow", inner_route.spec, seconds=seconds)
+    return Route("status", status=404)
+
+
+def outcome_of(url: str, timeout: float = 10, min_image_size: int = 0,
+               max_aspect_ratio: float | None = None) -> str:
+    """The outcome a client with these settings sees for `url`.
+
+    One of ok, http_4xx, http_5xx, timeout, decode, opt_out, too_small, aspect_ratio, connection.
+    Checks run in img2dataset's order: headers (opt-out), body, then size, then aspect ratio.
+    A /slow/ delay within a few tenths of a second of `timeout` is a race; keep a margin.
+    """
+    r = route(urlsplit(url).path)
+    if r.kind == "status":
+        return "http_4xx" if r.status < 500 else "http_5xx"
+    if r.kind == "reset":
+        return "connection"
+    if r.kind == "slow" and r.seconds > timeout:
+        return "timeout"
+    if r.kind == "noai":
+        return "opt_out"
+    if r.kind in ("truncated", "garbage"):
+        return "decode"
+    w, h = r.spec.width, r.spec.height
+    if min(w, h) < min_image_size:
+        return "too_small"
+    if max_aspect_ratio is not None and max(w, h) / min(w, h) > max_aspect_ratio:
+        return "aspect_ratio"
+    return "ok"
+
+
+# --- image generation -------------------------------------------------------------------------
+
+_NOISE_SIDE = 2048
+_noise: Image.Image | None = None
+_noise_lock = threading.Lock()
+
+
+def _noise_tile() -> Image.Image:
+    global _noise
+    with _noise_lock:
+        if _noise is None:
+            rng = np.random.default_rng(0x1A10)
+            _noise = Image.fromarray(rng.integers(0, 17, (_NOISE_SIDE, _NOISE_SIDE, 3), dtype=np.uint8), "RGB")
+        return _noise
+
+
+def _noise_for(w: int, h: int, rng: np.random.Generator) -> Image.Image:
+    tile = _noise_tile()
+    if w <= _NOISE_SIDE and h <= _NOISE_SIDE:
+        ox = int(rng.integers(0, _NOISE_SIDE - w + 1))
+        oy = int(rng.integers(0, _NOISE_SIDE - h + 1))
+        return tile.crop((ox, oy, ox + w, oy + h))
+    big = Image.new("RGB", (w, h))
+    for y in range(0, h, _NOISE_SIDE):
+        for x in range(0, w, _NOISE_SIDE):
+            big.paste(tile, (x, y))
+    return big
+
+
+def render(spec: Spec) -> Image.Image:
+    """A deterministic picture for `spec`: smooth colour field, a few shapes and sensor-like noise.
+
+    The noise keeps JPEG sizes photo-like (~140 KB at 1024x768); PNGs get none because on the web
+    they are mostly flat graphics, and noisy PNGs would make benchmarks measure zlib.
+    """
+    w, h = spec.width, spec.height
+    rng = np.random.default_rng(zlib.crc32(spec.id.encode()))
+    grid = rng.integers(0, 256, (int(rng.integers(2, 5)), int(rng.integers(2, 5)), 3), dtype=np.uint8)
+    img = Image.fromarray(grid, "RGB").resize((w, h), Image.BILINEAR)
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(2, 7))):
+        x0, x1 = sorted(int(v) for v in rng.integers(0, w, 2))
+        y0, y1 = sorted(int(v) for v in rng.integers(0, h, 2))
+        fill = tuple(int(c) for c in rng.integers(0, 256, 3))
+        (draw.rectangle if rng.random() < 0.5 else draw.ellipse)([x0, y0, x1, y1], fill=fill)
+    if spec.fmt == "png":
+        return img
+    return ImageChops.add(img, _noise_for(w, h, rng), 1.0, -8)
+
+
+def encode(spec: Spec) -> bytes:
+    img = render(spec)
+    buf = io.BytesIO()
+    if spec.fmt in ("jpg", "jpeg"):
+        img.save(buf, "JPEG", quality=90)
+    elif spec.fmt == "png":
+        img.save(buf, "PNG", compress_level=1)
+    else:
+        img.save(buf, "WEBP", quality=80, method=0)
+    return buf.getvalue()
+
+
+class ImageCache:
+    """Encoded images by spec, least recently used evicted past `max_bytes`."""
+
+    def __init__(self, max_bytes: int = 256 << 20):
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[Spec, bytes] = OrderedDict()
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def get(self, spec: Spec) -> bytes:
+        with self._lock:
+            data = self._items.get(spec)
+            if data is not None:
+                self._items.move_to_end(spec)
+                return data
+        # Encode outside the lock so concurrent requests for different images run in parallel
+        # (PIL releases the GIL); a rare duplicate encode of the same image is harmless.
+        data = encode(spec)
+        with self._lock:
+            if spec not in self._items and len(data) <= self.max_bytes:
+                self._items[spec] = data
+                self._size += len(data)
+                while self._size > self.max_bytes:
+                    _, old = self._items.popitem(last=False)
+                    self._size -= len(old)
+        return data
+
+
+def garbage_body(path: str) -> bytes:
+    """A soft-404 HTML page, which is what most "images" that fail to decode really are."""
+    n = 20 + zlib.crc32(path.encode()) % 200
+    return (b"<!DOCTYPE html><html><head><title>Not Found</title></head><body>"
+            + b"<p>The page you requested could not be found.</p>" * n + b"</body></html>")
+
+
+# --- server -----------------------------------------------------------------------------------
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.0"  # one request per connection, like urllib/img2dataset
+    server_version = "fakeweb/1.0"
+    server: "_Server"
+
+    def do_GET(self):
+        self._serve(body=True)
+
+    def do_HEAD(self):
+        self._serve(body=False)
+
+    def _serve(self, body: bool):
+        path = urlsplit(self.path).path
+        r = route(path)
+        app = self.server.app
+        app.count(r.kind)
+        if r.kind == "reset":
+            self.close_connection = True
+            return
+        if r.kind == "status":
+            self._send(r.status, b"error %d\n" % r.status, "text/plain", body)
+            return
+        if r.kind == "redirect":
+            self.send_response(302)
+            self.send_header("Location", f"/img/{r.spec.id}_{r.spec.width}x{r.spec.height}.{r.spec.fmt}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if r.kind == "garbage":
+            self._send(200, garbage_body(path), "image/jpeg", body)
+            return
+        if r.kind == "slow" and app.stopping.wait(r.seconds):
+            self.close_connection = True
+            return
+        data = app.cache.get(r.spec)
+        ctype = CONTENT_TYPES[r.spec.fmt]
+        if r.kind == "truncated":
+            self.send_response(200)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if body:
+                self.wfile.write(data[: len(data) // 2])
+            self.close_connection = True
+            return
+        extra = {"X-Robots-Tag": "noai, noimageai"} if r.kind == "noai" else {}
+        self._send(200, data, ctype, body, extra)
+
+    def _send(self, code: int, data: bytes, ctype: str, body: bool, extra: dict | None = None):
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in (extra or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
+
+    def log_message(self, format, *args):  # noqa: A002 - BaseHTTPRequestHandler's signature
+        if self.server.app.verbose:
+            super().log_message(format, *args)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 1024  # benchmarks open hundreds of connections at once
+
+    app: "ImageServer"
+
+    def handle_error(self, request, client_address):
+        # Clients that time out hang up mid-response; that is expected here, not an error.
+        if self.app.verbose:
+            super().handle_error(request, client_address)
+
+
+class ImageServer:
+    """The fake web on 127.0.0.1; use as a context manager or call start()/stop()."""
+
+    def __init__(self, port: int = 0, host: str = "127.0.0.1", cache_bytes: int = 256 << 20,
+                 verbose: bool = False):
+        self.host = host
+        self.port = port
+        self.verbose = verbose
+        self.cache = ImageCache(cache_bytes)
+        self.stopping = threading.Event()
+        self.hits: Counter[str] = Counter()  # requests per route kind
+        self._hits_lock = threading.Lock()
+        self._httpd: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def count(self, kind: str):
+        with self._hits_lock:
+            self.hits[kind] += 1
+
+    def start(self) -> "ImageServer":
+        self.stopping.clear()
+        self._httpd = _Server((self.host, self.port), _Handler)
+        self._httpd.app = self
+        self.port = self._httpd.server_address[1]
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1},
+                                        name=f"fakeweb:{self.port}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self):
+        if self._httpd is None:
+            return
+        self.stopping.set()  # wakes /slow/ handlers so they do not outlive the server
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join()
+        self._httpd = self._thread = None
+
+    def serve_forever(self):
+        """Serve in the calling thread (the CLI)."""
+        self._httpd = _Server((self.host, self.port), _Handler)
+        self._httpd.app = self
+        self.port = self._httpd.server_address[1]
+        print(self.base_url, flush=True)
+        try:
+            self._httpd.serve_forever()
+        finally:
+            self._httpd.server_close()
+
+    def __enter__(self) -> "ImageServer":
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def main(argv: list[str] | None = None):
+    p = argparse.ArgumentParser(prog="python -m laion_operator.fakeweb", description=__doc__.split("\n")[0])
+    p.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--cache-mb", type=int, default=256)
+    p.add_argument("--verbose", action="store_true", help="log every request")
+    args = p.parse_args(argv)
+    try:
+        ImageServer(args.port, args.host, args.cache_mb << 20, args.verbose).serve_forever()
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""One part, end to end on Ray: filter → download (a Ray task per shard) → annotate.
+
+The CLI calls `run_part` in-process on a local Ray; the operator's Ray job calls the same function
+on a cluster. Progress is persisted to `_laion/progress.json` in the output as it changes, which is
+what the operator, its metrics and a resumed run read.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Callable
+
+import ray
+
+from .annotate import annotate
+from .download import ShardStats, download_shard, load_stats
+from .filter import FilterResult, run_filter
+from .spec import PartSpec
+from .status import Progress
+from .storage import Store
+
+log = logging.getLogger(__name__)
+PROGRESS = "_laion/progress.json"
+
+
+class PartFailed(RuntimeError):
+    """The part ended with shards that failed after all their retries."""
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Join the Ray cluster of a Ray job, or the given address, or start a local one on loopback."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
+                 configure_logging=False)
+
+
+@ray.remote(num_cpus=0)
+class Board:
+    """Counts of the shards still running, so that progress moves between shard completions."""
+
+    def __init__(self):
+        self.partial: dict[int, dict] = {}
+
+    def report(self, shard: int, stats: dict) -> None:
+        self.partial[shard] = stats
+
+    def forget(self, shard: int) -> None:
+        self.partial.pop(shard, None)
+
+    def snapshot(self) -> dict[int, dict]:
+        return dict(self.partial)
+
+
+@ray.remote(num_cpus=1)
+def _download(spec_data: dict, shard: int, board) -> dict:
+    spec = PartSpec.from_dict(spec_data)
+    stats = download_shard(spec, shard, report=lambda s: board.report.remote(shard, s.to_json()))
+    return stats.to_json()
+
+
+class Tracker:
+    """Keeps a Progress current from finished and running shards, and publishes it (throttled)."""
+
+    def __init__(self, store: Store, progress: Progress, on_progress: Callable[[Progress], None] | None,
+                 every: float = 2.0):
+        self.store, self.progress, self.on_progress, self.every = store, progress, on_progress, every
+        self.finished: dict[int, ShardStats] = {}
+        self._last = 0.0
+
+    def phase(self, phase: str, message: str = "") -> None:
+        self.progress.phase = phase
+        self.progress.message = message
+        self.publish(force=True)
+
+    def filtered(self, result: FilterResult) -> None:
+        self.progress.rows_read = result.rows_read
+        self.progress.rows_kept = result.rows_kept
+        self.progress.dropped_by = dict(result.dropped_by)
+        self.progress.shards_total = result.shards
+        self.publish()
+
+    def count(self, running: dict[int, dict] | None = None) -> None:
+        shards = list(self.finished.values())
+        shards += [ShardStats.from_json(s) for k, s in (running or {}).items() if k not in self.finished]
+        p = self.progress
+        p.shards_done = len(self.finished)
+        p.images_ok = sum(s.successes for s in shards)
+        p.images_failed = sum(s.failed for s in shards)
+        reasons: dict[str, int] = {}
+        for s in shards:
+            for reason, n in s.failed_by_reason.items():
+                reasons[reason] = reasons.get(reason, 0) + n
+        p.failed_by_reason = reasons
+        p.bytes_written = sum(s.bytes_written for s in self.finished.values())
+
+    def publish(self, force: bool = False) -> None:
+        now = time.time()
+        if not force and now - self._last < self.every:
+            return
+        self._last = now
+        self.progress.updated_at = now
+        self.store.write_json(self.progress.to_json(), PROGRESS)
+        if self.on_progress:
+            self.on_progress(self.progress)
+
+
+def _download_all(spec: PartSpec, tracker: Tracker, shards: int) -> list[int]:
+    """Run the unfinished shards as Ray tasks; returns the shards that failed after their retries."""
+    for shard in range(shards):
+        stats = load_stats(tracker.store, shard)
+        if stats is not None:
+            tracker.finished[shard] = stats
+    todo = [s for s in range(shards) if s not in tracker.finished]
+    if tracker.finished:
+        log.info("resuming: %d of %d shards already finished", len(tracker.finished), shards)
+    tracker.count()
+    tracker.publish(force=True)
+    parallelism = spec.download.parallelism or max(int(ray.cluster_resources().get("CPU", 1)), 1)
+    board = Board.remote()
+    task = _download.options(max_retries=spec.download.shard_retries, retry_exceptions=True)
+    spec_data = spec.to_dict()
+    running: dict = {}
+    failed: list[int] = []
+    while todo or running:
+        while todo and len(running) < parallelism:
+            shard = todo.pop(0)
+            running[task.remote(spec_data, shard, board)] = shard
+        ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
+        for ref in ready:
+            shard = running.pop(ref)
+            try:
+                tracker.finished[shard] = ShardStats.from_json(ray.get(ref))
+            except Exception as err:  # noqa: BLE001 - a shard's failure is recorded, the part goes on
+                log.error("shard %d failed after %d retries: %s", shard, spec.download.shard_retries, err)
+                failed.append(shard)
+            board.forget.remote(shard)
+        tracker.progress.shards_failed = len(failed)
+        tracker.count(ray.get(board.snapshot.remote()))
+        tracker.publish(force=bool(ready))
+    ray.kill(board)
+    return failed
+
+
+def run_part(spec: PartSpec, on_progress: Callable[[Progress], None] | None = None) -> dict:
+    """Filter, download and annotate one part; returns the summary written beside the dataset."""
+    store = Store(spec.output)
+    store.check_writable()
+    tracker = Tracker(store, Progress(part_id=spec.part_id), on_progress)
+    tracker.phase("Filtering")
+    result = run_filter(spec, store, on_batch=tracker.filtered)
+    tracker.filtered(result)
+    tracker.phase("Downloading")
+    ensure_ray()
+    failed = _download_all(spec, tracker, result.shards)
+    tracker.count()
+    if failed:
+        tracker.progress.finished_at = time.time()
+        tracker.phase("Failed", f"{len(failed)} of {result.shards} shards failed after "
+                                f"{spec.download.shard_retries} retries: {sorted(failed)[:10]}; "
+                                "run the part again to retry them")
+        raise PartFailed(tracker.progress.message)
+    tracker.phase("Annotating")
+    tracker.progress.finished_at = time.time()
+    summary = annotate(spec, store, list(tracker.finished.values()), tracker.progress)
+    tracker.phase("Succeeded", f"{tracker.progress.images_ok} images in {store.uri}")
+    return summary

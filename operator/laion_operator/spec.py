@@ -1,0 +1,376 @@
+"""The part spec: one model for the CLI's YAML and the LaionPart custom resource's `spec`.
+
+`SCHEMA` is the single source: the CRD's openAPIV3Schema is generated from it (`laion-operator crd`),
+the CLI validates against it with the same messages, and its defaults are applied the way the
+Kubernetes API server applies them, so a part behaves the same whichever way it arrives.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+LOGICAL_COLUMNS = (
+    "url", "caption", "width", "height", "aesthetic", "punsafe", "pwatermark", "similarity", "language", "hash",
+)
+RESIZE_MODES = ["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"]
+OUTPUT_FORMATS = ["webdataset", "files", "parquet", "tfrecord"]
+ENCODE_FORMATS = ["jpg", "png", "webp"]
+HASHES = ["none", "md5", "sha256", "sha512"]
+
+
+def _str(description: str, **extra: Any) -> dict:
+    return {"type": "string", "description": description, **extra}
+
+
+def _num(description: str, **extra: Any) -> dict:
+    return {"type": "number", "description": description, **extra}
+
+
+def _int(description: str, **extra: Any) -> dict:
+    return {"type": "integer", "description": description, **extra}
+
+
+def _bool(description: str, default: bool) -> dict:
+    return {"type": "boolean", "description": description, "default": default}
+
+
+SCHEMA: dict = {
+    "type": "object",
+    "required": ["partId", "source", "output"],
+    "properties": {
+        "partId": _str(
+            "Part identifier, used in annotation file names (part_<id>_stats.csv).",
+            pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", maxLength=63,
+        ),
+        "source": {
+            "type": "object",
+            "description": "The part's parquet metadata.",
+            "required": ["urls"],
+            "properties": {
+                "urls": {
+                    "type": "array", "minItems": 1,
+                    "description": "Parquet files: local paths, http(s):// or s3:// URLs (s3 uses output's endpoint options).",
+                    "items": {"type": "string", "minLength": 1},
+                },
+            },
+        },
+        "columns": {
+            "type": "object",
+            "description": "Logical field -> column name in the file. Unset: detected from the known LAION variants.",
+            "properties": {name: {"type": "string", "minLength": 1} for name in LOGICAL_COLUMNS},
+        },
+        "filter": {
+            "type": "object",
+            "default": {},
+            "properties": {
+                "minWidth": _int("Keep rows whose width is at least this.", minimum=0),
+                "minHeight": _int("Keep rows whose height is at least this.", minimum=0),
+                "maxPunsafe": _num("Keep rows whose punsafe is at most this.", minimum=0, maximum=1),
+                "maxPwatermark": _num("Keep rows whose pwatermark is at most this.", minimum=0, maximum=1),
+                "minAesthetic": _num("Keep rows whose aesthetic score is at least this.", minimum=0, maximum=10),
+                "minSimilarity": _num("Keep rows whose CLIP similarity is at least this.", minimum=-1, maximum=1),
+                "languages": {
+                    "type": "array", "items": {"type": "string", "minLength": 1},
+                    "description": "Keep rows whose language is one of these.",
+                },
+                "sampleFraction": _num("Keep this fraction of rows (a trial run), chosen by seed.",
+                                       exclusiveMinimum=0, maximum=1, default=1.0),
+                "seed": _int("Seed of the sample and the shuffle.", minimum=0, default=0),
+                "dedupeUrls": _bool("Keep the first row of each URL only.", True),
+                "shuffle": _bool("Shuffle the kept rows deterministically by seed.", True),
+                "samplesPerShard": _int("Rows per download shard.", minimum=1, maximum=1000000, default=10000),
+            },
+        },
+        "download": {
+            "type": "object",
+            "default": {},
+            "properties": {
+                "imageSize": _int("Target image side in pixels.", minimum=1, maximum=16384, default=256),
+                "resizeMode": _str("How images are resized.", enum=RESIZE_MODES, default="border"),
+                "resizeOnlyIfBigger": _bool("Never upscale.", False),
+                "skipReencode": _bool("Keep the original bytes when no resize happens.", False),
+                "encodeFormat": _str("Image encoding.", enum=ENCODE_FORMATS, default="jpg"),
+                "encodeQuality": _int("JPEG/WebP quality, or PNG compression level.", minimum=0, maximum=100,
+                                      default=95),
+                "minImageSize": _int("Drop images whose smaller side is below this.", minimum=0, default=0),
+                "maxAspectRatio": _num("Drop images whose aspect ratio exceeds this (unset: no limit).",
+                                       exclusiveMinimum=0),
+                "outputFormat": _str("Dataset format.", enum=OUTPUT_FORMATS, default="webdataset"),
+                "timeout": _num("Seconds per HTTP request.", exclusiveMinimum=0, default=10),
+                "retries": _int("Retries per image.", minimum=0, maximum=10, default=0),
+                "threadsPerTask": _int("Download threads per Ray task.", minimum=1, maximum=1024, default=32),
+                "parallelism": _int("Shards downloaded at once (0: one per CPU of the Ray cluster).", minimum=0,
+                                    default=0),
+                "shardRetries": _int("Times a failed shard is retried.", minimum=0, maximum=20, default=2),
+                "userAgentToken": _str("Token added to the User-Agent, matched against X-Robots-Tag.",
+                                       default="img2dataset"),
+                "disallowedHeaderDirectives": {
+                    "type": "array", "items": {"type": "string"},
+                    "description": "X-Robots-Tag directives that opt an image out.",
+                    "default": ["noai", "noimageai", "noindex", "noimageindex"],
+                },
+                "saveAdditionalColumns": {
+                    "type": "array", "items": {"type": "string"},
+                    "description": "Logical fields or file columns saved with each sample.",
+                    "default": [],
+                },
+                "computeHash": _str("Hash of the downloaded bytes saved with each sample.", enum=HASHES,
+                                    default="sha256"),
+                "verifyTls": _bool("Verify TLS certificates (false accepts broken certificate chains).", True),
+            },
+        },
+        "output": {
+            "type": "object",
+            "required": ["uri"],
+            "properties": {
+                "uri": _str("Local path or s3://bucket/prefix.", minLength=1),
+                "endpoint": _str("S3 endpoint URL (MinIO, OBS, GCS interop); unset: AWS."),
+                "region": _str("S3 region."),
+                "pathStyle": _bool("Path-style S3 addressing (MinIO).", False),
+                "profile": _str("Named AWS profile holding the credentials (CLI)."),
+                "credentialsSecret": _str(
+                    "Kubernetes Secret with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (and optionally "
+                    "AWS_SESSION_TOKEN, AWS_ENDPOINT_URL) for the Ray job (operator)."),
+            },
+        },
+        "maxRetries": _int("Times the operator resubmits a failed job, resuming from finished shards.",
+                           minimum=0, maximum=100, default=3),
+    },
+}
+
+
+class SpecError(ValueError):
+    """A part spec that cannot run; the message names the field and what is allowed."""
+
+
+def _camel_to_snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    path = ".".join(["spec", *[str(p) for p in error.absolute_path]])
+    if error.validator == "enum":
+        allowed = ", ".join(str(v) for v in error.validator_value)
+        return f"{path}: {error.instance!r} is not one of the allowed values: {allowed}"
+    if error.validator == "required":
+        missing = error.message.split("'")[1]
+        return f"{path}.{missing}: required field is missing"
+    if error.validator == "additionalProperties":
+        known = ", ".join(sorted(error.schema.get("properties", {})))
+        return f"{path}: {error.message}; known fields: {known}"
+    return f"{path}: {error.message}"
+
+
+def _closed(schema: dict) -> dict:
+    """The schema with unknown fields refused, as the API server prunes them silently."""
+    schema = copy.deepcopy(schema)
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if node.get("type") == "object" and "properties" in node:
+            node.setdefault("additionalProperties", False)
+            stack.extend(node["properties"].values())
+        if node.get("type") == "array":
+            stack.append(node["items"])
+    return schema
+
+
+_VALIDATOR = jsonschema.Draft7Validator(_closed(SCHEMA))
+
+
+def apply_defaults(data: dict, schema: dict = SCHEMA) -> dict:
+    """Fill defaults as the API server does for structural schemas (objects first, then their fields)."""
+    out = copy.deepcopy(data)
+    for name, sub in schema.get("properties", {}).items():
+        if name not in out and "default" in sub:
+            out[name] = copy.deepcopy(sub["default"])
+        if isinstance(out.get(name), dict) and sub.get("type") == "object":
+            out[name] = apply_defaults(out[name], sub)
+    return out
+
+
+def validate(data: Any) -> dict:
+    """Validate a raw spec, return it with defaults applied; raise SpecError naming every bad field."""
+    if not isinstance(data, dict):
+        raise SpecError(f"spec: expected a mapping, got {type(data).__name__}")
+    errors = sorted(_VALIDATOR.iter_errors(data), key=lambda e: list(e.absolute_path))
+    if errors:
+        raise SpecError("invalid part spec:\n  " + "\n  ".join(_describe(e) for e in errors))
+    spec = apply_defaults(data)
+    download = spec["download"]
+    if download["encodeFormat"] == "png":
+        # For PNG the quality is OpenCV's compression level.
+        if "encodeQuality" not in data.get("download", {}):
+            download["encodeQuality"] = 9
+        elif download["encodeQuality"] > 9:
+            raise SpecError("invalid part spec:\n  spec.download.encodeQuality: "
+                            f"{download['encodeQuality']} is above 9, the highest PNG compression level")
+    return spec
+
+
+@dataclasses.dataclass(frozen=True)
+class Filter:
+    min_width: int | None = None
+    min_height: int | None = None
+    max_punsafe: float | None = None
+    max_pwatermark: float | None = None
+    min_aesthetic: float | None = None
+    min_similarity: float | None = None
+    languages: tuple[str, ...] | None = None
+    sample_fraction: float = 1.0
+    seed: int = 0
+    dedupe_urls: bool = True
+    shuffle: bool = True
+    samples_per_shard: int = 10000
+
+
+@dataclasses.dataclass(frozen=True)
+class Download:
+    image_size: int = 256
+    resize_mode: str = "border"
+    resize_only_if_bigger: bool = False
+    skip_reencode: bool = False
+    encode_format: str = "jpg"
+    encode_quality: int = 95
+    min_image_size: int = 0
+    max_aspect_ratio: float | None = None
+    output_format: str = "webdataset"
+    timeout: float = 10
+    retries: int = 0
+    threads_per_task: int = 32
+    parallelism: int = 0
+    shard_retries: int = 2
+    user_agent_token: str = "img2dataset"
+    disallowed_header_directives: tuple[str, ...] = ("noai", "noimageai", "noindex", "noimageindex")
+    save_additional_columns: tuple[str, ...] = ()
+    compute_hash: str = "sha256"
+    verify_tls: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Output:
+    uri: str
+    endpoint: str | None = None
+    region: str | None = None
+    path_style: bool = False
+    profile: str | None = None
+    credentials_secret: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class PartSpec:
+    part_id: str
+    source: tuple[str, ...]
+    output: Output
+    columns: dict[str, str] = dataclasses.field(default_factory=dict)
+    filter: Filter = Filter()
+    download: Download = Download()
+    max_retries: int = 3
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "PartSpec":
+        spec = validate(data)
+
+        def build(kind, values: dict):
+            kw = {}
+            for key, value in values.items():
+                kw[_camel_to_snake(key)] = tuple(value) if isinstance(value, list) else value
+            return kind(**kw)
+
+        return cls(
+            part_id=spec["partId"],
+            source=tuple(spec["source"]["urls"]),
+            output=build(Output, spec["output"]),
+            columns=dict(spec.get("columns") or {}),
+            filter=build(Filter, spec["filter"]),
+            download=build(Download, spec["download"]),
+            max_retries=spec["maxRetries"],
+        )
+
+    def to_dict(self) -> dict:
+        """The spec back in its YAML/CR form (what a Ray job receives)."""
+
+        def camel(obj) -> dict:
+            out = {}
+            for field in dataclasses.fields(obj):
+                value = getattr(obj, field.name)
+                if value is None:
+                    continue
+                parts = field.name.split("_")
+                key = parts[0] + "".join(p.title() for p in parts[1:])
+                out[key] = list(value) if isinstance(value, tuple) else value
+            return out
+
+        data = {
+            "partId": self.part_id,
+            "source": {"urls": list(self.source)},
+            "filter": camel(self.filter),
+            "download": camel(self.download),
+            "output": camel(self.output),
+            "maxRetries": self.max_retries,
+        }
+        if self.columns:
+            data["columns"] = dict(self.columns)
+        return data
+
+
+def load(path: str | Path) -> PartSpec:
+    """Read a part YAML file: either a bare spec or a whole LaionPart manifest."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such file") from None
+    except yaml.YAMLError as err:
+        raise SpecError(f"{path}: not valid YAML: {err}") from None
+    if isinstance(data, dict) and data.get("kind") == "LaionPart":
+        data = data.get("spec")
+    try:
+        return PartSpec.from_dict(data)
+    except SpecError as err:
+        raise SpecError(f"{path}: {err}") from None
+
+
+def crd() -> dict:
+    """The LaionPart CustomResourceDefinition, generated from SCHEMA (crds/ holds its rendered copy)."""
+    from .status import STATUS_SCHEMA, PRINTER_COLUMNS
+
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": "laionparts.laion-operator.io"},
+        "spec": {
+            "group": "laion-operator.io",
+            "scope": "Namespaced",
+            "names": {
+                "kind": "LaionPart", "listKind": "LaionPartList", "plural": "laionparts",
+                "singular": "laionpart", "shortNames": ["lp"], "categories": ["laion"],
+            },
+            "versions": [{
+                "name": "v1alpha1",
+                "served": True,
+                "storage": True,
+                "subresources": {"status": {}},
+                "additionalPrinterColumns": PRINTER_COLUMNS,
+                "schema": {"openAPIV3Schema": {
+                    "type": "object",
+                    "description": "One LAION metadata part turned into an image dataset in object storage.",
+                    "required": ["spec"],
+                    "properties": {
+                        "apiVersion": {"type": "string"},
+                        "kind": {"type": "string"},
+                        "metadata": {"type": "object"},
+                        "spec": SCHEMA,
+                        "status": STATUS_SCHEMA,
+                    },
+                }},
+            }],
+        },
+    }
