@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import re
 import threading
 import zlib
 from collections import Counter, OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import NamedTuple
 from urllib.parse import urlsplit
@@ -218,6 +220,18 @@ class ImageCache:
                     self._size -= len(old)
         return data
 
+    @property
+    def nbytes(self) -> int:
+        return self._size
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def clear(self):
+        with self._lock:
+            self._items.clear()
+            self._size = 0
+
 
 def garbage_body(path: str) -> bytes:
     """A soft-404 HTML page, which is what most "images" that fail to decode really are."""
@@ -327,11 +341,24 @@ class ImageServer:
         with self._hits_lock:
             self.hits[kind] += 1
 
-    def start(self) -> "ImageServer":
-        self.stopping.clear()
+    def warm(self, urls, workers: int | None = None) -> int:
+        """Render the images behind `urls` into the cache now, so a benchmark or a test with tight
+        timeouts measures the client rather than image generation. Returns how many were rendered.
+        Only as many as fit in the cache stay warm."""
+        specs = {r.spec for r in (route(urlsplit(u).path) for u in urls)
+                 if r.spec is not None and r.kind != "status"}
+        with ThreadPoolExecutor(workers or os.cpu_count() or 2) as pool:
+            list(pool.map(self.cache.get, specs))
+        return len(specs)
+
+    def _bind(self):
         self._httpd = _Server((self.host, self.port), _Handler)
         self._httpd.app = self
         self.port = self._httpd.server_address[1]
+
+    def start(self) -> "ImageServer":
+        self.stopping.clear()
+        self._bind()
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1},
                                         name=f"fakeweb:{self.port}", daemon=True)
         self._thread.start()
@@ -348,9 +375,7 @@ class ImageServer:
 
     def serve_forever(self):
         """Serve in the calling thread (the CLI)."""
-        self._httpd = _Server((self.host, self.port), _Handler)
-        self._httpd.app = self
-        self.port = self._httpd.server_address[1]
+        self._bind()
         print(self.base_url, flush=True)
         try:
             self._httpd.serve_forever()

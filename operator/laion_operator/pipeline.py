@@ -14,6 +14,7 @@ from typing import Callable
 
 import ray
 
+from . import credentials
 from .annotate import annotate
 from .download import ShardStats, download_shard, load_stats
 from .filter import FilterResult, run_filter
@@ -33,10 +34,15 @@ def ensure_ray(address: str | None = None) -> None:
     """Join the Ray cluster of a Ray job, or the given address, or start a local one on loopback."""
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=False)
+    if os.environ.get("RAY_JOB_ID") or (not address and os.environ.get("RAY_ADDRESS")):
+        ray.init(log_to_driver=False)  # inside a Ray job: the job's runtime env already carries everything
+    elif address:
+        # Workers of an existing cluster do not share this process's environment: ship the credentials.
+        ray.init(address=address, log_to_driver=False,
+                 runtime_env={"working_dir": credentials.working_dir(credentials.from_environment())})
     else:
+        # A workstation's Ray needs no routable address: keep every port on loopback.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
                  configure_logging=False)
 

@@ -13,6 +13,7 @@ import uuid
 
 import fsspec
 
+from . import credentials
 from .spec import Output
 
 
@@ -38,6 +39,7 @@ def s3_options(output: Output) -> dict:
 
 def configure(output: Output) -> None:
     """Register the S3 options with fsspec, so that every s3:// open in this process uses them."""
+    credentials.load_into_environment()
     if output.uri.startswith("s3://"):
         fsspec.config.conf["s3"] = s3_options(output)
         # The filesystem instance cache would otherwise keep a client built with older options.

@@ -1,0 +1,61 @@
+"""Session-wide loopback services: one Ray cluster, one image server, one S3-protocol server."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "operator"))
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+from tests.support.services import RayCluster, S3Server  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real `ray start --head` cluster with its Jobs API, shared by every test of the session."""
+    cluster = RayCluster(num_cpus=2).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """An S3-protocol server on loopback; its credentials are in the environment, as on a workstation."""
+    server = S3Server().start()
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ACCESS_KEY_ID=server.ACCESS_KEY, AWS_SECRET_ACCESS_KEY=server.SECRET_KEY,
+                      AWS_DEFAULT_REGION="us-east-1")
+    yield server
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_driver(ray_cluster, s3):
+    """This test process as a Ray driver on the session's cluster (as the CLI with --ray-address)."""
+    import ray
+
+    from laion_operator.pipeline import ensure_ray
+
+    os.environ.update({k: v for k, v in ray_cluster.client_env().items() if k != "RAY_ADDRESS"})
+    ensure_ray(ray_cluster.address)
+    yield ray_cluster
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def image_server():
+    from laion_operator.fakeweb import ImageServer
+
+    with ImageServer() as server:
+        yield server
