@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -63,7 +64,18 @@ def print_summary(summary: dict, out=sys.stdout) -> None:
     out.write(f"  index     {summary['annotations']}\n")
 
 
+def keep_ray_on_loopback(address: str | None) -> None:
+    """A local Ray (or one at a loopback address) needs no routable node address.
+
+    Ray reads this switch when it is imported, so it is set before the pipeline module loads.
+    """
+    host = (address or "127.0.0.1").split("://")[-1].rsplit(":", 1)[0]
+    if host in ("127.0.0.1", "localhost", "::1"):
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
 def cmd_run(args) -> int:
+    keep_ray_on_loopback(args.ray_address)
     from .pipeline import PartFailed, ensure_ray, run_part
 
     part = specs.load(args.part)
@@ -106,6 +118,7 @@ def cmd_crd(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    keep_ray_on_loopback(None)
     from .demo import run_demo
 
     return run_demo(Path(args.out), rows=args.rows)

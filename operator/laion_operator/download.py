@@ -29,13 +29,14 @@ from img2dataset.resizer import Resizer
 from img2dataset.writer import (
     FilesSampleWriter,
     ParquetSampleWriter,
-    TFRecordSampleWriter,
     WebDatasetSampleWriter,
 )
 
 from .filter import read_shard, shard_name
+from .resize import ReducedDecodeResizer
 from .spec import Download, PartSpec
 from .storage import Store
+from .writers import TFRecordSampleWriter  # img2dataset's needs tensorflow; ours writes the same files
 
 WRITERS = {
     "webdataset": WebDatasetSampleWriter,
@@ -154,7 +155,7 @@ class Fetcher:
 
 
 def make_resizer(opts: Download) -> Resizer:
-    return Resizer(
+    return (ReducedDecodeResizer if opts.reduced_decode else Resizer)(
         image_size=opts.image_size, resize_mode=opts.resize_mode, resize_only_if_bigger=opts.resize_only_if_bigger,
         encode_quality=opts.encode_quality, encode_format=opts.encode_format, skip_reencode=opts.skip_reencode,
         min_image_size=opts.min_image_size, max_aspect_ratio=opts.max_aspect_ratio or float("inf"),

@@ -1,8 +1,17 @@
 """Stage 1: stream a part's metadata, keep the rows the spec asks for, and cut them into download shards.
 
-Memory stays bounded by the batch size plus 16 bytes per kept row (a hash and a position), whatever
-the file's size: kept rows are spilled to a local parquet file, ordered by a seeded hash of their URL
-(which is at once a deterministic shuffle and a URL dedupe), and written out shard by shard.
+Kept rows are ordered by a seeded hash of their URL (at once a deterministic shuffle and a URL dedupe:
+equal URLs hash alike and the first one read is kept), or left in read order with `shuffle: false`.
+How the rows reach their shards depends on what the order needs, and memory stays bounded by the batch
+size whatever the file's size:
+
+- no shuffle, no dedupe: one pass; rows go straight from the metadata to shard files;
+- shuffle: kept rows are spilled to local files by hash range (a bucket holds at most
+  `BUCKET_ROWS` rows read), then each bucket is sorted by hash in memory and cut into shards in turn;
+- dedupe without shuffle: kept rows are spilled in read order, their URL hashes (8 bytes a row) find
+  the first of each URL, and the spill is cut into shards.
+
+Shard files are written by a background thread while the next rows are read.
 
 Every row read is either kept or counted under the first condition it fails, in this order:
 missing_url, minWidth, minHeight, maxPunsafe, maxPwatermark, minAesthetic, minSimilarity, languages,
@@ -14,16 +23,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import tempfile
+import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import fsspec
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from . import columns as cols
@@ -31,6 +43,8 @@ from .spec import PartSpec
 from .storage import Store
 
 BATCH_ROWS = 131_072
+BUCKET_ROWS = 1_000_000  # rows read per spill bucket of the shuffle: bounds the rows sorted in memory at once
+MAX_BUCKET_BITS = 9      # at most 512 bucket files open at once
 SHARDS_DIR = "_laion/shards"
 MANIFEST = "_laion/filter.json"
 
@@ -77,7 +91,9 @@ def shard_name(shard: int) -> str:
 def open_parquet(url: str) -> pq.ParquetFile:
     try:
         fs, path = fsspec.core.url_to_fs(url)
-        return pq.ParquetFile(fs.open(path, "rb"))
+        if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
+            return pq.ParquetFile(path, pre_buffer=True)  # Arrow's own reads: no Python call per read
+        return pq.ParquetFile(fs.open(path, "rb"), pre_buffer=True)
     except FileNotFoundError:
         raise MetadataError(f"{url}: no such metadata file") from None
     except (pa.ArrowInvalid, OSError) as err:
@@ -95,7 +111,7 @@ def _condition_masks(batch: pa.RecordBatch, mapping: dict[str, str], spec: PartS
     """Yield (counter name, keep mask) for each condition the spec sets, in order."""
     flt = spec.filter
     url = batch.column(mapping["url"])
-    yield "missing_url", pc.and_(pc.is_valid(url), pc.greater(pc.utf8_length(url), 0))
+    yield "missing_url", pc.and_(pc.is_valid(url), pc.greater(pc.binary_length(url), 0))  # bytes: no scan
     for name, attr, logical, compare in CONDITIONS:
         threshold = getattr(flt, attr)
         if threshold is not None:
@@ -119,63 +135,6 @@ def _output_columns(mapping: dict[str, str], spec: PartSpec, file_columns: list[
     return out
 
 
-def _spill(spec: PartSpec, spill_path: str, result: FilterResult,
-           on_batch: Callable[[FilterResult], None] | None) -> tuple[np.ndarray, np.ndarray]:
-    """Pass 1: stream all files, write kept rows to a local spill file; return their URL hashes and order."""
-    needed = cols.required_fields(spec.filter)
-    threshold = np.uint64(min(int(spec.filter.sample_fraction * 2**64), 2**64 - 1))
-    hashes, sequence = [], []
-    writer = None
-    position = 0
-    try:
-        for url in spec.source:
-            pf = open_parquet(url)
-            file_columns = pf.schema_arrow.names
-            mapping = cols.resolve(url, file_columns, spec.columns, needed)
-            result.columns[url] = mapping
-            out_cols = _output_columns(mapping, spec, file_columns, url)
-            read = sorted({*out_cols.values(), *(mapping[f] for f in needed)})
-            try:
-                batches = pf.iter_batches(batch_size=BATCH_ROWS, columns=read)
-                for batch in batches:
-                    keep = pa.array(np.ones(batch.num_rows, dtype=bool))
-                    for name, mask in _condition_masks(batch, mapping, spec):
-                        mask = pc.fill_null(mask, False)
-                        failing = pc.and_(keep, pc.invert(mask))
-                        result.dropped_by[name] = result.dropped_by.get(name, 0) + (pc.sum(failing).as_py() or 0)
-                        keep = pc.and_(keep, mask)
-                    result.rows_read += batch.num_rows
-                    kept = batch.filter(keep)
-                    h = url_hashes(kept.column(mapping["url"]), spec.filter.seed)
-                    seq = np.arange(position, position + batch.num_rows, dtype=np.int64)[
-                        np.asarray(keep.to_numpy(zero_copy_only=False))]
-                    position += batch.num_rows
-                    if spec.filter.sample_fraction < 1.0:
-                        sampled = h < threshold
-                        result.dropped_by["sampleFraction"] = (
-                            result.dropped_by.get("sampleFraction", 0) + int((~sampled).sum()))
-                        kept, h, seq = kept.filter(pa.array(sampled)), h[sampled], seq[sampled]
-                    table = pa.table({name: kept.column(src) for name, src in out_cols.items()})
-                    table = _normalise(table)
-                    if writer is None:
-                        writer = pq.ParquetWriter(spill_path, table.schema)
-                    elif table.schema != writer.schema:
-                        table = table.cast(writer.schema)
-                    writer.write_table(table)
-                    hashes.append(h)
-                    sequence.append(seq)
-                    if on_batch:
-                        on_batch(result)
-            except (pa.ArrowInvalid, OSError) as err:
-                raise MetadataError(f"{url}: corrupt parquet data: {err}") from None
-    finally:
-        if writer is not None:
-            writer.close()
-    if not hashes:
-        return np.empty(0, np.uint64), np.empty(0, np.int64)
-    return np.concatenate(hashes), np.concatenate(sequence)
-
-
 def _normalise(table: pa.Table) -> pa.Table:
     """Same types whatever the file: strings as large_string would split schemas between files."""
     fields = []
@@ -191,55 +150,255 @@ def _normalise(table: pa.Table) -> pa.Table:
     return table.cast(pa.schema(fields))
 
 
-def _order(spec: PartSpec, hashes: np.ndarray, sequence: np.ndarray, result: FilterResult) -> np.ndarray:
-    """Rank of each spilled row in the output (-1: dropped as a duplicate URL)."""
-    n = len(hashes)
-    rank = np.full(n, -1, dtype=np.int64)
-    if n == 0:
-        return rank
-    by_hash = np.lexsort((sequence, hashes))  # equal URLs adjacent, first-read first
-    sorted_h = hashes[by_hash]
-    first = np.ones(n, dtype=bool)
+def _read_ahead(items: Iterator, depth: int = 2) -> Iterator:
+    """`items`, produced by a thread up to `depth` ahead of the caller: Arrow decodes the next batch
+    without holding the GIL while this one is filtered."""
+    ready: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce():
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((end, None))
+        except BaseException as err:  # noqa: BLE001 - handed to the caller
+            put((None, err))
+
+    thread = threading.Thread(target=produce, name="metadata-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, err = ready.get()
+            if err is not None:
+                raise err
+            if item is end:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+@dataclass
+class Kept:
+    """One batch's kept rows, their URL hashes and their positions among all rows read."""
+    table: pa.Table
+    hashes: np.ndarray | None
+    positions: np.ndarray | None
+
+
+def _kept_batches(spec: PartSpec, result: FilterResult, on_batch: Callable[[FilterResult], None] | None,
+                  with_hashes: bool, with_positions: bool) -> Iterator[Kept]:
+    """Pass 1: stream all files and yield each batch's kept rows, counting the rows dropped."""
+    needed = cols.required_fields(spec.filter)
+    sampling = spec.filter.sample_fraction < 1.0
+    threshold = np.uint64(min(int(spec.filter.sample_fraction * 2**64), 2**64 - 1))
+    schema = None
+    position = 0
+    for url in spec.source:
+        pf = open_parquet(url)
+        file_columns = pf.schema_arrow.names
+        mapping = cols.resolve(url, file_columns, spec.columns, needed)
+        result.columns[url] = mapping
+        out_cols = _output_columns(mapping, spec, file_columns, url)
+        read = sorted({*out_cols.values(), *(mapping[f] for f in needed)})
+        try:
+            for batch in _read_ahead(pf.iter_batches(batch_size=BATCH_ROWS, columns=read)):
+                keep = None
+                for name, mask in _condition_masks(batch, mapping, spec):
+                    mask = pc.fill_null(mask, False)
+                    failing = pc.invert(mask) if keep is None else pc.and_not(keep, mask)
+                    result.dropped_by[name] = result.dropped_by.get(name, 0) + (pc.sum(failing).as_py() or 0)
+                    keep = mask if keep is None else pc.and_(keep, mask)
+                result.rows_read += batch.num_rows
+                kept = batch.filter(keep)
+                h = url_hashes(kept.column(mapping["url"]), spec.filter.seed) if with_hashes or sampling else None
+                seq = None
+                if with_positions:
+                    seq = np.flatnonzero(keep.to_numpy(zero_copy_only=False)).astype(np.int64) + position
+                position += batch.num_rows
+                if sampling:
+                    sampled = h < threshold
+                    result.dropped_by["sampleFraction"] = (
+                        result.dropped_by.get("sampleFraction", 0) + int((~sampled).sum()))
+                    kept, h = kept.filter(pa.array(sampled)), h[sampled]
+                    seq = seq[sampled] if seq is not None else None
+                table = _normalise(pa.table({name: kept.column(src) for name, src in out_cols.items()}))
+                if schema is None:
+                    schema = table.schema
+                elif table.schema != schema:
+                    table = table.cast(schema)
+                yield Kept(table, h if with_hashes else None, seq)
+                if on_batch:
+                    on_batch(result)
+        except (pa.ArrowInvalid, OSError) as err:
+            raise MetadataError(f"{url}: corrupt parquet data: {err}") from None
+
+
+class ShardWriter:
+    """Cuts a stream of tables into shards of exactly samples_per_shard rows (the last one fewer),
+    written by a background thread while the caller produces the next rows."""
+
+    def __init__(self, store: Store, per_shard: int):
+        self.store, self.per_shard = store, per_shard
+        self.pending: list[pa.Table] = []
+        self.pending_rows = 0
+        self.shards = 0
+        self.rows = 0
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
+        self._writing: deque[Future] = deque()
+
+    def add(self, table: pa.Table) -> None:
+        if table.num_rows == 0:
+            return
+        self.pending.append(table)
+        self.pending_rows += table.num_rows
+        self.rows += table.num_rows
+        if self.pending_rows >= self.per_shard:
+            rows = pa.concat_tables(self.pending)
+            start = 0
+            while rows.num_rows - start >= self.per_shard:
+                self._write(rows.slice(start, self.per_shard))
+                start += self.per_shard
+            self.pending = [rows.slice(start)]
+            self.pending_rows = rows.num_rows - start
+
+    def _write(self, table: pa.Table) -> None:
+        while len(self._writing) >= 2:  # at most two shards in memory waiting to be written
+            self._writing.popleft().result()
+        self._writing.append(self._pool.submit(self._put, self.shards, table))
+        self.shards += 1
+
+    def _put(self, shard: int, table: pa.Table) -> None:
+        with self.store.fs.open(self.store.path(SHARDS_DIR, f"{shard_name(shard)}.parquet"), "wb") as f:
+            # URLs and captions are nearly all distinct, and nothing reads a shard by statistics.
+            pq.write_table(table, f, use_dictionary=False, write_statistics=False)
+
+    def close(self) -> int:
+        """Write the last, partial shard and wait for every write; returns the number of shards."""
+        try:
+            if self.pending_rows:
+                self._write(pa.concat_tables(self.pending))
+            self.pending, self.pending_rows = [], 0
+            while self._writing:
+                self._writing.popleft().result()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        return self.shards
+
+    def abort(self) -> None:
+        self.pending, self.pending_rows = [], 0
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _rows_in(spec: PartSpec) -> int:
+    return sum(open_parquet(url).metadata.num_rows for url in spec.source)
+
+
+def _shuffled(spec: PartSpec, batches: Iterator[Kept], workdir: str, result: FilterResult) -> Iterator[pa.Table]:
+    """Kept rows in (URL hash, read position) order, first of each URL only when deduping.
+
+    Rows are spilled to 2**bits files by the top bits of their hash, so that each file's rows come
+    before the next file's; each file is then sorted in memory on its own."""
+    bits = min(MAX_BUCKET_BITS, int(np.ceil(np.log2(max(_rows_in(spec) / BUCKET_ROWS, 1)))))
+    buckets = 1 << bits
+    writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
+    paths = [os.path.join(workdir, f"bucket-{b:05d}.arrow") for b in range(buckets)]
+    try:
+        for kept in batches:
+            table = kept.table.append_column("_hash", pa.array(kept.hashes)).append_column(
+                "_pos", pa.array(kept.positions))
+            bucket = (kept.hashes >> np.uint64(64 - bits)).astype(np.int64) if bits else np.zeros(
+                table.num_rows, np.int64)
+            order = np.argsort(bucket, kind="stable")
+            table, bucket = table.take(pa.array(order)), bucket[order]
+            bounds = np.searchsorted(bucket, np.arange(buckets + 1))
+            for b in np.unique(bucket):
+                if b not in writers:
+                    writers[b] = pa.ipc.new_stream(paths[b], table.schema)
+                writers[b].write_table(table.slice(bounds[b], bounds[b + 1] - bounds[b]))
+    finally:
+        for w in writers.values():
+            w.close()
+    duplicates = 0
+    for b in sorted(writers):
+        with pa.OSFile(paths[b]) as source:
+            table = pa.ipc.open_stream(source).read_all()
+        os.remove(paths[b])
+        hashes = table.column("_hash").to_numpy()
+        order = np.lexsort((table.column("_pos").to_numpy(), hashes))
+        if spec.filter.dedupe_urls:
+            sorted_h = hashes[order]
+            first = np.ones(len(order), dtype=bool)
+            first[1:] = sorted_h[1:] != sorted_h[:-1]
+            duplicates += int((~first).sum())
+            order = order[first]
+        yield table.drop_columns(["_hash", "_pos"]).take(pa.array(order))
     if spec.filter.dedupe_urls:
-        first[1:] = sorted_h[1:] != sorted_h[:-1]
-        result.dropped_by["duplicateUrl"] = int((~first).sum())
-    survivors = by_hash[first]
-    if not spec.filter.shuffle:
-        survivors = np.sort(survivors)  # spill order is read order
-    rank[survivors] = np.arange(len(survivors))
-    return rank
+        result.dropped_by["duplicateUrl"] = duplicates
 
 
-def _write_shards(spec: PartSpec, store: Store, spill_path: str, rank: np.ndarray, workdir: str) -> int:
-    """Pass 2: route spilled rows to their shard, then write each shard in rank order."""
-    per_shard = spec.filter.samples_per_shard
-    kept = int((rank >= 0).sum())
-    shards = -(-kept // per_shard)
-    if shards == 0:
-        return 0
-    buckets = os.path.join(workdir, "buckets")
-    spill = pq.ParquetFile(spill_path)
-
-    def routed():
-        offset = 0
-        for batch in spill.iter_batches(batch_size=BATCH_ROWS):
-            r = rank[offset:offset + batch.num_rows]
+def _deduped_in_read_order(batches: Iterator[Kept], workdir: str, result: FilterResult) -> Iterator[pa.Table]:
+    """Kept rows in read order, the first of each URL only."""
+    path = os.path.join(workdir, "kept.arrow")
+    hashes = []
+    writer = None
+    try:
+        for kept in batches:
+            if writer is None:
+                writer = pa.ipc.new_stream(path, kept.table.schema)
+            writer.write_table(kept.table)
+            hashes.append(kept.hashes)
+    finally:
+        if writer is not None:
+            writer.close()
+    if writer is None:
+        result.dropped_by["duplicateUrl"] = 0
+        return
+    first = _first_of_each(np.concatenate(hashes))
+    del hashes
+    result.dropped_by["duplicateUrl"] = int((~first).sum())
+    offset = 0
+    with pa.OSFile(path) as source:
+        for batch in pa.ipc.open_stream(source):
+            keep = first[offset:offset + batch.num_rows]
             offset += batch.num_rows
-            keep = r >= 0
-            batch = batch.filter(pa.array(keep))
-            r = r[keep]
-            yield batch.append_column("_rank", pa.array(r)).append_column("_shard", pa.array(r // per_shard))
+            yield pa.Table.from_batches([batch.filter(pa.array(keep))])
 
-    schema = spill.schema_arrow.append(pa.field("_rank", pa.int64())).append(pa.field("_shard", pa.int64()))
-    ds.write_dataset(routed(), buckets, schema=schema, format="parquet",
-                     partitioning=ds.partitioning(pa.schema([("_shard", pa.int64())]), flavor="hive"),
-                     max_partitions=max(shards, 1024), max_open_files=256, existing_data_behavior="overwrite_or_ignore")
-    for shard in range(shards):
-        table = ds.dataset(os.path.join(buckets, f"_shard={shard}"), format="parquet").to_table()
-        table = table.sort_by("_rank").drop_columns(["_rank"])
-        with store.fs.open(store.path(SHARDS_DIR, f"{shard_name(shard)}.parquet"), "wb") as f:
-            pq.write_table(table, f)
-    return shards
+
+def _first_of_each(hashes: np.ndarray) -> np.ndarray:
+    """True at the first occurrence of each hash."""
+    first = np.zeros(len(hashes), dtype=bool)
+    if len(hashes):
+        order = np.argsort(hashes, kind="stable")  # equal hashes adjacent, first read first
+        sorted_h = hashes[order]
+        head = np.ones(len(hashes), dtype=bool)
+        head[1:] = sorted_h[1:] != sorted_h[:-1]
+        first[order[head]] = True
+    return first
+
+
+def _ordered(spec: PartSpec, result: FilterResult, on_batch, workdir: str) -> Iterator[pa.Table]:
+    """The kept rows, in output order."""
+    flt = spec.filter
+    batches = _kept_batches(spec, result, on_batch, with_hashes=flt.shuffle or flt.dedupe_urls,
+                            with_positions=flt.shuffle)
+    if flt.shuffle:
+        return _shuffled(spec, batches, workdir, result)
+    if flt.dedupe_urls:
+        return _deduped_in_read_order(batches, workdir, result)
+    return (kept.table for kept in batches)
 
 
 def run_filter(spec: PartSpec, store: Store, on_batch: Callable[[FilterResult], None] | None = None) -> FilterResult:
@@ -255,12 +414,15 @@ def run_filter(spec: PartSpec, store: Store, on_batch: Callable[[FilterResult], 
     result = FilterResult(fingerprint=fp)
     store.fs.makedirs(store.path(SHARDS_DIR), exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="laion-filter-") as workdir:
-        spill_path = os.path.join(workdir, "kept.parquet")
-        hashes, sequence = _spill(spec, spill_path, result, on_batch)
-        rank = _order(spec, hashes, sequence, result)
-        del hashes, sequence
-        result.rows_kept = int((rank >= 0).sum())
-        result.shards = _write_shards(spec, store, spill_path, rank, workdir)
+        writer = ShardWriter(store, spec.filter.samples_per_shard)
+        try:
+            for table in _ordered(spec, result, on_batch, workdir):
+                writer.add(table)
+        except BaseException:
+            writer.abort()
+            raise
+        result.shards = writer.close()
+        result.rows_kept = writer.rows
     # Written last: its presence means every shard file is complete.
     store.write_json(result.to_json(), MANIFEST)
     return result
@@ -274,10 +436,14 @@ def read_shard(store: Store, shard: int) -> pa.Table:
 def plan(spec: PartSpec) -> FilterResult:
     """The filter's counts without writing anything (for --dry-run)."""
     result = FilterResult(fingerprint=fingerprint(spec))
-    with tempfile.TemporaryDirectory(prefix="laion-plan-") as workdir:
-        spill_path = os.path.join(workdir, "kept.parquet")
-        hashes, sequence = _spill(spec, spill_path, result, None)
-        rank = _order(spec, hashes, sequence, result)
-        result.rows_kept = int((rank >= 0).sum())
-        result.shards = -(-result.rows_kept // spec.filter.samples_per_shard)
+    hashes = []
+    for kept in _kept_batches(spec, result, None, with_hashes=spec.filter.dedupe_urls, with_positions=False):
+        result.rows_kept += kept.table.num_rows
+        if spec.filter.dedupe_urls:
+            hashes.append(kept.hashes)
+    if spec.filter.dedupe_urls:
+        unique = len(np.unique(np.concatenate(hashes))) if hashes else 0
+        result.dropped_by["duplicateUrl"] = result.rows_kept - unique
+        result.rows_kept = unique
+    result.shards = -(-result.rows_kept // spec.filter.samples_per_shard)
     return result

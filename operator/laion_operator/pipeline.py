@@ -41,8 +41,6 @@ def ensure_ray(address: str | None = None) -> None:
         ray.init(address=address, log_to_driver=False,
                  runtime_env={"working_dir": credentials.working_dir(credentials.from_environment())})
     else:
-        # A workstation's Ray needs no routable address: keep every port on loopback.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
                  configure_logging=False)
 
