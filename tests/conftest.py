@@ -14,6 +14,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 # Read by Ray when it is imported: keeps every Ray address on loopback (see services.LOOPBACK_RAY).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # as the test cluster (services.NO_AUTH)
 
 from tests.support.services import RayCluster, S3Server  # noqa: E402
 

@@ -17,7 +17,8 @@ import ray
 from . import credentials
 from .annotate import annotate
 from .download import ShardStats, download_shard, load_stats
-from .filter import FilterResult, run_filter
+from .columns import ColumnError
+from .filter import FilterResult, MetadataError, run_filter
 from .spec import PartSpec
 from .status import Progress
 from .storage import Store
@@ -158,7 +159,12 @@ def run_part(spec: PartSpec, on_progress: Callable[[Progress], None] | None = No
     store.check_writable()
     tracker = Tracker(store, Progress(part_id=spec.part_id), on_progress)
     tracker.phase("Filtering")
-    result = run_filter(spec, store, on_batch=tracker.filtered)
+    try:
+        result = run_filter(spec, store, on_batch=tracker.filtered)
+    except (ColumnError, MetadataError) as err:
+        tracker.progress.finished_at = time.time()
+        tracker.phase("Failed", str(err))
+        raise
     tracker.filtered(result)
     tracker.phase("Downloading")
     ensure_ray()

@@ -21,10 +21,13 @@ class StorageError(RuntimeError):
     """The output cannot be reached or written."""
 
 
-def s3_options(output: Output) -> dict:
+def s3_options(output: Output, secret: dict[str, str] | None = None) -> dict:
+    """s3fs options for the output; `secret` holds explicit credentials (the operator's, from a Secret)."""
+    secret = secret or {}
     client_kwargs: dict = {}
     config_kwargs: dict = {}
-    endpoint = output.endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = (output.endpoint or secret.get("AWS_ENDPOINT_URL")
+                or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
     if endpoint:
         client_kwargs["endpoint_url"] = endpoint
     if output.region:
@@ -32,7 +35,10 @@ def s3_options(output: Output) -> dict:
     if output.path_style:
         config_kwargs["s3"] = {"addressing_style": "path"}
     opts: dict = {"client_kwargs": client_kwargs, "config_kwargs": config_kwargs}
-    if output.profile:
+    if secret.get("AWS_ACCESS_KEY_ID"):
+        opts.update(key=secret["AWS_ACCESS_KEY_ID"], secret=secret.get("AWS_SECRET_ACCESS_KEY"),
+                    token=secret.get("AWS_SESSION_TOKEN"))
+    elif output.profile:
         opts["profile"] = output.profile
     return opts
 
@@ -49,11 +55,14 @@ def configure(output: Output) -> None:
 class Store:
     """The output folder of one part."""
 
-    def __init__(self, output: Output):
-        configure(output)
+    def __init__(self, output: Output, secret: dict[str, str] | None = None):
+        """`secret`: credentials for this store only, leaving the process's fsspec config alone."""
+        if secret is None:
+            configure(output)
         self.output = output
         self.uri = output.uri.rstrip("/")
-        self.fs, self.root = fsspec.core.url_to_fs(self.uri)
+        options = s3_options(output, secret) if self.uri.startswith("s3://") and secret is not None else {}
+        self.fs, self.root = fsspec.core.url_to_fs(self.uri, **options)
 
     def url(self, *parts: str) -> str:
         return "/".join([self.uri, *parts])

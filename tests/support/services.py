@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -34,6 +35,9 @@ def wait_for_port(port: int, timeout: float = 60) -> None:
 # Ray replaces a loopback --node-ip-address by the machine's routable address unless it believes it
 # runs a single-machine cluster; this switch is how it is told so, keeping every port on loopback.
 LOOPBACK_RAY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+# The test cluster listens on loopback only; token authentication (Ray's default for `ray start`) would
+# only make every client of the suite carry the token file.
+NO_AUTH = {"RAY_AUTH_MODE": "disabled"}
 
 
 class RayCluster:
@@ -44,7 +48,9 @@ class RayCluster:
         self.temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
         self.gcs_port = free_port()
         self.dashboard_port = free_port()
-        self.env = {**os.environ, **LOOPBACK_RAY}
+        # Jobs run `laion-operator job` from this virtualenv, as a worker image has it on PATH.
+        self.env = {**os.environ, **LOOPBACK_RAY, **NO_AUTH,
+                    "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
 
     @property
     def address(self) -> str:
@@ -54,17 +60,9 @@ class RayCluster:
     def dashboard_url(self) -> str:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
-    @property
-    def token(self) -> str | None:
-        path = Path.home() / ".ray" / "auth_token"
-        return path.read_text().strip() if path.exists() else None
-
     def client_env(self) -> dict[str, str]:
-        """What a Jobs API client (the operator) needs to talk to this cluster."""
-        env = {"RAY_ADDRESS": self.address, **LOOPBACK_RAY}
-        if self.token:
-            env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token)
-        return env
+        """What a Ray client (the CLI, the operator) needs to talk to this cluster."""
+        return {"RAY_ADDRESS": self.address, **LOOPBACK_RAY, **NO_AUTH}
 
     def start(self) -> "RayCluster":
         cmd = [str(VENV_BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1",
@@ -75,8 +73,22 @@ class RayCluster:
         wait_for_port(self.dashboard_port, timeout=120)
         return self
 
+    def _pids(self) -> list[int]:
+        # Every process of this cluster names its temp dir on its command line; `ray stop` would
+        # also kill any other Ray on the machine.
+        found = subprocess.run(["pgrep", "-f", self.temp_dir], capture_output=True, text=True).stdout
+        return [int(p) for p in found.split() if int(p) != os.getpid()]
+
     def stop(self) -> None:
-        subprocess.run([str(VENV_BIN / "ray"), "stop", "--force"], env=self.env, capture_output=True, timeout=120)
+        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+            for pid in self._pids():
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + wait
+            while self._pids() and time.monotonic() < deadline:
+                time.sleep(0.2)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 

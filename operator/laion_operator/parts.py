@@ -1,0 +1,318 @@
+"""What the operator does for one LaionPart, from apply to a final phase; kopf only calls into here.
+
+A part moves through: validate → wait for a slot (Queued) → check its output → submit its job
+(idempotent id from uid, generation and attempt) → follow the job and the progress it persists
+(Pending, Filtering, Downloading, Annotating) → Succeeded, or retry with backoff and resume, or Failed.
+
+A spec change (new generation) of a running part stops its job and starts the new generation's job,
+which resumes from the shards already finished; a change of source, columns or filter into the
+same output cannot resume and is refused (phase Failed, reason FilterChanged) without touching it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+from . import kube
+from .config import OperatorConfig
+from .filter import MANIFEST, fingerprint
+from .metrics import Metrics
+from .pipeline import PROGRESS
+from .rayjobs import JobState, submission_id
+from .spec import PartSpec, SpecError
+from .status import Progress, cr_status
+from .storage import Store
+
+log = logging.getLogger(__name__)
+FINAL = {"Succeeded", "Failed"}
+RUNNING = {"Pending", "Filtering", "Downloading", "Annotating"}
+INPUT_ERROR_EXIT = 2
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+class Slots:
+    """The operator-wide limit on running parts; the others wait, oldest first (phase Queued)."""
+
+    def __init__(self, limit: int, on_change: Callable[[int], None] = lambda n: None):
+        self.limit = limit
+        self.running: set = set()
+        self.waiting: dict = {}
+        self.on_change = on_change
+        self._cond = asyncio.Condition()
+
+    def adopt(self, key) -> None:
+        """A part whose job already runs (found at start-up) holds a slot without queueing."""
+        self.running.add(key)
+
+    async def acquire(self, key, created: str, on_queued: Callable[[], Awaitable[None]]) -> None:
+        async with self._cond:
+            if key in self.running:
+                return
+            self.waiting[key] = (created, key)
+            self.on_change(len(self.waiting))
+            queued = False
+            try:
+                while len(self.running) >= self.limit or min(self.waiting.values())[1] != key:
+                    if not queued:
+                        queued = True
+                        await on_queued()
+                    await self._cond.wait()
+            finally:
+                self.waiting.pop(key, None)
+                self.on_change(len(self.waiting))
+            self.running.add(key)
+
+    async def release(self, key) -> None:
+        async with self._cond:
+            self.running.discard(key)
+            if self.waiting.pop(key, None) is not None:
+                self.on_change(len(self.waiting))
+            self._cond.notify_all()
+
+
+@dataclass
+class Operator:
+    """What every part shares: configuration, the job backend, the slots and the metrics."""
+
+    config: OperatorConfig
+    backend: object
+    slots: Slots
+    metrics: Metrics
+
+
+def condition(kind: str, ok: bool, reason: str, message: str, previous: list[dict]) -> dict:
+    """A Kubernetes condition whose lastTransitionTime moves only when its status does."""
+    status = "True" if ok else "False"
+    old = next((c for c in previous if c.get("type") == kind), None)
+    since = old["lastTransitionTime"] if old and old.get("status") == status else now()
+    return {"type": kind, "status": status, "reason": reason, "message": message[:1000],
+            "lastTransitionTime": since}
+
+
+class Part:
+    """One LaionPart followed by one kopf daemon; `body` is kopf's live view of the object."""
+
+    def __init__(self, op: Operator, body, stopped):
+        self.op, self.body, self.stopped = op, body, stopped
+        self.namespace = body["metadata"]["namespace"]
+        self.name = body["metadata"]["name"]
+        self.uid = body["metadata"]["uid"]
+        self.key = (self.namespace, self.name)
+        self.owner = {"namespace": self.namespace, "name": self.name, "uid": self.uid}
+        # What this process last wrote: the watch stream may not have brought it back yet.
+        self.written: dict = {}
+
+    # --- reading and writing the object -------------------------------------------------------
+
+    @property
+    def generation(self) -> int:
+        return int(self.body["metadata"].get("generation") or 1)
+
+    @property
+    def status(self) -> dict:
+        return {**(self.body.get("status") or {}), **self.written}
+
+    async def write(self, **fields) -> None:
+        """Patch the status (merge), keeping conditions whole and the metrics in step."""
+        conditions = list(self.status.get("conditions") or [])
+        for new in fields.pop("conditions", []):
+            conditions = [c for c in conditions if c.get("type") != new["type"]] + [new]
+        patch = {**fields, "conditions": conditions}
+        try:
+            await asyncio.to_thread(kube.patch_status, self.namespace, self.name, patch)
+        except kube.KubeError as err:
+            self.op.metrics.kube_api_errors.inc()
+            if err.status == 404:  # deleted meanwhile
+                return
+            raise
+        self.written.update(patch)
+
+    async def fail(self, reason: str, message: str) -> None:
+        log.warning("part %s/%s failed: %s: %s", self.namespace, self.name, reason, message)
+        conditions = self.status.get("conditions") or []
+        await self.write(phase="Failed", message=message, observedGeneration=self.generation,
+                         conditions=[condition("Complete", False, reason, message, conditions),
+                                     condition("Failed", True, reason, message, conditions)])
+        self.op.metrics.observe_part(self.namespace, self.name, "Failed", None, self.status.get("retries", 0))
+
+    # --- the part's life -----------------------------------------------------------------------
+
+    async def follow(self) -> None:
+        """Run until the operator stops or the object goes away; final parts wait for spec changes."""
+        try:
+            while not self.stopped:
+                status = self.status
+                if status.get("phase") in FINAL and status.get("observedGeneration") == self.generation:
+                    await self._observe_final()
+                    await self.stopped.wait(self.op.config.poll_seconds)
+                    continue
+                await self.run_generation(self.generation)
+        finally:
+            await self.op.slots.release(self.key)
+
+    async def _observe_final(self) -> None:
+        if self.key in self.op.metrics.parts():
+            return
+        try:  # after an operator restart, the counters come back from what the job persisted
+            spec = PartSpec.from_dict(self.body["spec"])
+            progress = await self.read_progress(spec, await self.read_secret(spec))
+        except Exception:  # noqa: BLE001 - metrics of a finished part are best effort
+            progress = None
+        self.op.metrics.observe_part(self.namespace, self.name, self.status["phase"], progress,
+                                     self.status.get("retries", 0))
+
+    async def read_secret(self, spec: PartSpec) -> dict[str, str] | None:
+        if not spec.output.credentials_secret:
+            return None
+        return await asyncio.to_thread(kube.read_secret, self.namespace, spec.output.credentials_secret)
+
+    async def read_progress(self, spec: PartSpec, secret) -> Progress | None:
+        def read():
+            data = Store(spec.output, secret=secret or {}).read_json(PROGRESS)
+            return Progress.from_json(data) if data else None
+
+        return await asyncio.to_thread(read)
+
+    async def run_generation(self, generation: int) -> None:
+        status = self.status
+        try:
+            spec = PartSpec.from_dict(self.body["spec"])
+        except SpecError as err:
+            await self.fail("InvalidSpec", str(err))
+            return
+        try:
+            secret = await self.read_secret(spec)
+        except kube.KubeError as err:
+            self.op.metrics.kube_api_errors.inc()
+            await self.fail("CredentialsUnavailable",
+                            f"spec.output.credentialsSecret {spec.output.credentials_secret!r}: {err}")
+            return
+        same_generation = status.get("observedGeneration") == generation
+        attempt = int(status.get("retries") or 0) if same_generation else 0
+        job_id = submission_id(self.uid, generation, attempt)
+
+        job = await self.job_state(job_id)
+        if job.state == "MISSING":
+            await self.op.slots.acquire(self.key, self.body["metadata"].get("creationTimestamp", ""),
+                                        on_queued=self._queued)
+            if self.stopped or self.generation != generation:
+                return
+            if not await self.output_matches(spec, secret):
+                return
+            await self.submit(job_id, spec, secret, generation, attempt)
+        else:
+            self.op.slots.adopt(self.key)
+            log.info("part %s/%s: following its running job %s", self.namespace, self.name, job_id)
+
+        job = await self.watch(job_id, spec, secret, generation, attempt)
+        if job is None:  # operator stopping, object deleted, or a new generation took over
+            return
+        if job.state == "SUCCEEDED":
+            progress = await self.read_progress(spec, secret)
+            await self.publish("Succeeded", progress, job_id, generation, attempt, finished=True)
+            await self.op.slots.release(self.key)
+            return
+        retryable = job.state != "STOPPED" and job.exit_code != INPUT_ERROR_EXIT
+        if retryable and attempt < spec.max_retries:
+            delay = self.op.config.retry_backoff_seconds * 2 ** attempt
+            message = f"job {job_id} {job.state.lower()}: {job.message[-300:]}; retry {attempt + 1} of " \
+                      f"{spec.max_retries} in {delay:.0f}s, resuming from finished shards"
+            log.warning("part %s/%s: %s", self.namespace, self.name, message)
+            await self.write(retries=attempt + 1, message=message, observedGeneration=generation)
+            await self.stopped.wait(delay)
+            return
+        reason = "RetriesExhausted" if retryable else "JobFailed"
+        await self.fail(reason, f"job {job_id} {job.state.lower()}: {job.message[-1000:]}")
+        await self.op.slots.release(self.key)
+
+    async def _queued(self) -> None:
+        running = len(self.op.slots.running)
+        await self.write(phase="Queued", observedGeneration=self.generation,
+                         message=f"waiting for one of {running} running parts to finish "
+                                 f"(maxConcurrentParts {self.op.config.max_concurrent_parts})")
+
+    async def output_matches(self, spec: PartSpec, secret) -> bool:
+        """Refuse a filter change into an output that holds shards of another filter."""
+        def manifest():
+            return Store(spec.output, secret=secret or {}).read_json(MANIFEST)
+
+        try:
+            done = await asyncio.to_thread(manifest)
+        except Exception as err:  # noqa: BLE001 - an unreachable output is the job's to report
+            log.info("part %s/%s: output not readable yet: %s", self.namespace, self.name, err)
+            return True
+        if done and done.get("fingerprint") != fingerprint(spec):
+            await self.op.slots.release(self.key)
+            await self.fail("FilterChanged",
+                            f"{spec.output.uri} holds shards filtered with another source, columns or filter; "
+                            "set a new spec.output.uri (or remove the old output) to run the new filter")
+            return False
+        return True
+
+    async def job_state(self, job_id: str) -> JobState:
+        try:
+            return await asyncio.to_thread(self.op.backend.state, self.owner, job_id)
+        except Exception:
+            self.op.metrics.ray_submission_errors.inc()
+            raise
+
+    async def submit(self, job_id: str, spec: PartSpec, secret, generation: int, attempt: int) -> None:
+        try:
+            await asyncio.to_thread(self.op.backend.submit, self.owner, job_id, spec, secret)
+        except Exception:
+            self.op.metrics.ray_submission_errors.inc()
+            raise
+        log.info("part %s/%s: submitted job %s (generation %d, attempt %d)",
+                 self.namespace, self.name, job_id, generation, attempt)
+        conditions = self.status.get("conditions") or []
+        await self.write(phase="Pending", submissionId=job_id, observedGeneration=generation, retries=attempt,
+                         output=spec.output.uri, message=f"job {job_id} submitted",
+                         conditions=[condition("Submitted", True, "JobSubmitted", job_id, conditions),
+                                     condition("Failed", False, "Running", "", conditions)])
+
+    async def watch(self, job_id: str, spec: PartSpec, secret, generation: int, attempt: int) -> JobState | None:
+        """Follow the job until it ends; None when following must stop without an outcome."""
+        while not self.stopped:
+            if self.generation != generation:
+                log.info("part %s/%s: spec changed to generation %d; stopping job %s to resume under it",
+                         self.namespace, self.name, self.generation, job_id)
+                await asyncio.to_thread(self.op.backend.stop, self.owner, job_id)
+                return None
+            job = await self.job_state(job_id)
+            if job.terminal:
+                return job
+            progress = await self.read_progress(spec, secret)
+            phase = progress.phase if progress and progress.phase in RUNNING else "Pending"
+            await self.publish(phase, progress, job_id, generation, attempt)
+            await self.stopped.wait(self.op.config.poll_seconds)
+        return None
+
+    async def publish(self, phase: str, progress: Progress | None, job_id: str, generation: int, attempt: int,
+                      finished: bool = False) -> None:
+        fields = cr_status(progress) if progress else {}
+        conditions = self.status.get("conditions") or []
+        message = progress.message if progress and progress.message else f"job {job_id} {phase.lower()}"
+        extra = {}
+        if finished:
+            extra["conditions"] = [condition("Complete", True, "Succeeded", message, conditions),
+                                   condition("Failed", False, "Succeeded", "", conditions)]
+        await self.write(phase=phase, submissionId=job_id, observedGeneration=generation, retries=attempt,
+                         message=message, **fields, **extra)
+        self.op.metrics.observe_part(self.namespace, self.name, phase, progress, attempt)
+
+    async def stop(self) -> None:
+        """On delete: stop the running job; the output stays where it is."""
+        job_id = self.status.get("submissionId")
+        if not job_id:
+            return
+        if self.status.get("phase") not in FINAL:
+            await self.write(phase="Stopping", message=f"stopping job {job_id}; finished output is kept")
+        await asyncio.to_thread(self.op.backend.stop, self.owner, job_id)
+        log.info("part %s/%s: stopped job %s", self.namespace, self.name, job_id)

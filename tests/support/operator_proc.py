@@ -1,0 +1,66 @@
+"""The operator as a cluster runs it: `laion-operator operator --config FILE`, in its own process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+from tests.support.services import free_port
+
+VENV_BIN = Path(sys.executable).parent
+
+
+class OperatorProcess:
+    def __init__(self, workdir: Path, kube_env: dict[str, str], config: dict, env: dict[str, str] | None = None,
+                 args: tuple[str, ...] = ("--standalone",)):
+        self.workdir = workdir
+        self.metrics_port = free_port()
+        self.config_path = workdir / "operator.yaml"
+        self.config_path.write_text(yaml.safe_dump({"pollSeconds": 1, "retryBackoffSeconds": 1,
+                                                    "metricsPort": self.metrics_port, **config}))
+        self.env = {**os.environ, **kube_env, **(env or {})}
+        self.args = args
+        self.log_path = workdir / "operator.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "OperatorProcess":
+        log = open(self.log_path, "a")
+        self.proc = subprocess.Popen(
+            [str(VENV_BIN / "laion-operator"), "operator", "--config", str(self.config_path), *self.args],
+            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:  # /metrics answers once the startup handler ran
+            assert self.proc.poll() is None, f"operator exited:\n{self.logs()}"
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=1).read()
+                return self
+            except OSError:
+                time.sleep(0.3)
+        raise TimeoutError(f"operator did not start:\n{self.logs()}")
+
+    def kill(self) -> None:
+        """An operator crash: no shutdown handlers, no cleanup."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def metrics(self) -> str:
+        return urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
+
+    def logs(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""

@@ -1,0 +1,224 @@
+"""The operator end to end: kubectl against the test API server, parts run as real Ray jobs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from laion_operator.demo_data import write_metadata
+from laion_operator.spec import load
+from tests.support.kube_fixtures import kube_api, kube_namespace  # noqa: F401
+from tests.support.operator_proc import OperatorProcess
+
+ROOT = Path(__file__).resolve().parents[1]
+GROUP, VERSION, PLURAL = "laion-operator.io", "v1alpha1", "laionparts"
+RAYJOB_CRD = ROOT.parent / "shared" / "kuberay" / "ray.io_rayjobs.yaml"
+
+
+@pytest.fixture(scope="module")
+def api(kube_api):
+    kube_api.install_crd(ROOT / "crds" / "laionpart.yaml")
+    kube_api.install_crd(RAYJOB_CRD)
+    return kube_api
+
+
+@pytest.fixture
+def operators(api, ray_cluster, tmp_path):
+    """Start operators with a given configuration; all are stopped after the test."""
+    started: list[OperatorProcess] = []
+
+    def start(config: dict | None = None, **kw) -> OperatorProcess:
+        op = OperatorProcess(tmp_path, {**api.env_vars, **ray_cluster.client_env()},
+                             {"rayAddress": ray_cluster.dashboard_url, **(config or {})}, **kw)
+        started.append(op)
+        return op.start()
+
+    yield start
+    for op in started:
+        op.stop()
+
+
+@pytest.fixture(scope="module")
+def metadata(tmp_path_factory, image_server):
+    path = tmp_path_factory.mktemp("meta") / "part.parquet"
+    write_metadata(path, 60, image_server.base_url, seed=21,
+                   failure_mix={"ok": 0.8, "http_4xx": 0.1, "decode": 0.1})
+    return path
+
+
+@pytest.fixture(scope="module")
+def slow_metadata(tmp_path_factory, image_server):
+    """Every image answers after a second: a part that is still running when the test acts."""
+    path = tmp_path_factory.mktemp("slow") / "part.parquet"
+    write_metadata(path, 60, image_server.base_url, seed=22, slow_seconds=1, failure_mix={"timeout": 1.0})
+    return path
+
+
+def manifest(name: str, source: Path, output: Path, example: str = "03-trial-1-percent.yaml", **overrides) -> dict:
+    """An example part pointed at the test's metadata and output."""
+    doc = yaml.safe_load((ROOT / "examples" / example).read_text())
+    doc["metadata"] = {"name": name}
+    spec = doc["spec"]
+    spec["source"] = {"urls": [str(source)]}
+    spec["output"] = {"uri": str(output)}
+    spec["filter"] = {"samplesPerShard": 10, **overrides.pop("filter", {})}
+    spec["download"] = {"imageSize": 64, "timeout": 5, "threadsPerTask": 4, "outputFormat": "webdataset",
+                        **overrides.pop("download", {})}
+    spec.update(overrides)
+    return doc
+
+
+def apply(api, namespace: str, doc: dict) -> subprocess.CompletedProcess:
+    return api.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(doc), check=False)
+
+
+def part(api, namespace: str, name: str) -> dict:
+    return api.get(GROUP, VERSION, PLURAL, namespace, name)
+
+
+def wait_phase(api, namespace: str, name: str, phases, timeout: float = 240) -> dict:
+    phases = {phases} if isinstance(phases, str) else set(phases)
+    return api.wait_for(GROUP, VERSION, PLURAL, namespace, name,
+                        lambda o: o is not None and (o.get("status") or {}).get("phase") in phases, timeout=timeout)
+
+
+def jobs_of(ray_cluster, namespace: str, name: str) -> list:
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(ray_cluster.dashboard_url)
+    return [j for j in client.list_jobs() if (j.metadata or {}).get("laion-operator.io/part") == name
+            and j.metadata.get("laion-operator.io/namespace") == namespace]
+
+
+def test_examples_are_valid_parts():
+    names = set()
+    for path in sorted((ROOT / "examples").glob("*.yaml")):
+        spec = load(path)
+        names.add(spec.part_id)
+    assert len(names) == 3
+
+
+def test_part_from_apply_to_succeeded(api, operators, ray_cluster, kube_namespace, metadata, tmp_path):
+    operators()
+    out = tmp_path / "out"
+    result = apply(api, kube_namespace, manifest("trial", metadata, out))
+    assert result.returncode == 0, result.stderr
+    seen = set()
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:  # status moves while the part runs, not only at the end
+        status = (part(api, kube_namespace, "trial") or {}).get("status") or {}
+        seen.add(status.get("phase"))
+        if status.get("phase") in ("Succeeded", "Failed"):
+            break
+        time.sleep(0.3)
+    assert status["phase"] == "Succeeded", status
+    assert seen & {"Pending", "Filtering", "Downloading"}
+
+    summary = json.loads((out / "part_trial-0_summary.json").read_text())
+    assert status["images"]["ok"] == summary["images"]["ok"] > 0
+    assert status["images"]["failedByReason"] == summary["images"]["failedByReason"]
+    assert status["rowsRead"] == summary["metadata"]["rowsRead"]
+    assert status["rowsKept"] == summary["metadata"]["rowsKept"]
+    assert status["shards"] == summary["shards"]
+    assert status["bytesWritten"] == summary["bytesWritten"]
+    assert status["successRate"] == summary["successRate"]
+    assert status["output"] == str(out)
+    assert status["observedGeneration"] == 1
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["Complete"]["status"] == "True" and conditions["Submitted"]["status"] == "True"
+    assert [j.submission_id for j in jobs_of(ray_cluster, kube_namespace, "trial")] == [status["submissionId"]]
+
+    table = api.kubectl("get", "lp", "-n", kube_namespace).stdout
+    header, row = table.splitlines()[:2]
+    assert header.split()[:6] == ["NAME", "PHASE", "SHARDS", "IMAGES", "SUCCESS", "%"]
+    total = summary["shards"]["total"]
+    assert row.split()[:5] == ["trial", "Succeeded", f"{total}/{total}", str(summary["images"]["ok"]),
+                               str(summary["successRate"])]
+
+
+def test_bad_spec_is_refused_at_apply(api, kube_namespace, metadata, tmp_path):
+    doc = manifest("bad", metadata, tmp_path / "out", filter={"minWidth": -5},
+                   download={"resizeMode": "stretch"})
+    result = apply(api, kube_namespace, doc)
+    assert result.returncode != 0
+    assert "spec.filter.minWidth" in result.stderr and "greater than or equal to 0" in result.stderr
+    assert "spec.download.resizeMode" in result.stderr and "keep_ratio" in result.stderr
+    assert part(api, kube_namespace, "bad") is None
+
+
+def test_operator_restart_mid_part_adopts_the_job(api, operators, ray_cluster, kube_namespace, slow_metadata,
+                                                   tmp_path):
+    first = operators()
+    out = tmp_path / "out"
+    apply(api, kube_namespace, manifest("restart", slow_metadata, out, download={"threadsPerTask": 2}))
+    wait_phase(api, kube_namespace, "restart", "Downloading")
+    first.kill()
+    job_id = part(api, kube_namespace, "restart")["status"]["submissionId"]
+    operators()
+    status = wait_phase(api, kube_namespace, "restart", ("Succeeded", "Failed"))["status"]
+    assert status["phase"] == "Succeeded", status
+    assert status["submissionId"] == job_id
+    assert [j.submission_id for j in jobs_of(ray_cluster, kube_namespace, "restart")] == [job_id]
+
+
+def test_delete_mid_part_stops_the_job_and_keeps_output(api, operators, ray_cluster, kube_namespace,
+                                                        slow_metadata, tmp_path):
+    operators()
+    out = tmp_path / "out"
+    apply(api, kube_namespace, manifest("doomed", slow_metadata, out, download={"threadsPerTask": 1}))
+    wait_phase(api, kube_namespace, "doomed", "Downloading")
+    job_id = part(api, kube_namespace, "doomed")["status"]["submissionId"]
+    api.kubectl("delete", "lp", "doomed", "-n", kube_namespace, "--timeout=120s")
+    assert part(api, kube_namespace, "doomed") is None
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(ray_cluster.dashboard_url)
+    deadline = time.monotonic() + 60
+    while str(client.get_job_status(job_id).value) not in ("STOPPED", "FAILED"):
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    assert (out / "_laion" / "filter.json").exists()  # what was done stays
+
+
+def test_concurrency_limit_queues_parts(api, operators, kube_namespace, metadata, slow_metadata, tmp_path):
+    operators({"maxConcurrentParts": 1})
+    apply(api, kube_namespace, manifest("first", slow_metadata, tmp_path / "a", download={"threadsPerTask": 4}))
+    wait_phase(api, kube_namespace, "first", ("Pending", "Filtering", "Downloading"))
+    apply(api, kube_namespace, manifest("second", metadata, tmp_path / "b"))
+    queued = wait_phase(api, kube_namespace, "second", "Queued", timeout=30)
+    assert "maxConcurrentParts 1" in queued["status"]["message"]
+    assert part(api, kube_namespace, "first")["status"]["phase"] != "Succeeded"
+    wait_phase(api, kube_namespace, "first", "Succeeded")
+    assert wait_phase(api, kube_namespace, "second", ("Succeeded", "Failed"))["status"]["phase"] == "Succeeded"
+
+
+def test_failed_job_is_retried_and_resumes(api, operators, ray_cluster, kube_namespace, slow_metadata, tmp_path):
+    op = operators()
+    out = tmp_path / "out"
+    apply(api, kube_namespace, manifest("crashy", slow_metadata, out, maxRetries=2,
+                                        download={"threadsPerTask": 4, "parallelism": 1}))
+    wait_phase(api, kube_namespace, "crashy", "Downloading")
+    deadline = time.monotonic() + 120
+    while not list(out.glob("*_stats.json")):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    finished = {p.name: p.stat().st_mtime for p in out.glob("*_stats.json")}
+    # The job's driver dies as on a node failure.
+    pids = subprocess.run(["pgrep", "-f", "laion-operator job"], capture_output=True, text=True).stdout.split()
+    assert pids
+    for pid in pids:
+        os.kill(int(pid), signal.SIGKILL)
+    status = wait_phase(api, kube_namespace, "crashy", ("Succeeded", "Failed"))["status"]
+    assert status["phase"] == "Succeeded", status
+    assert status["retries"] == 1 and status["submissionId"].endswith("-a1")
+    assert len(jobs_of(ray_cluster, kube_namespace, "crashy")) == 2
+    for name, mtime in finished.items():  # the retry resumed: finished shards were not redone
+        assert (out / name).stat().st_mtime == mtime
+    assert "retry 1 of 2" in op.logs()

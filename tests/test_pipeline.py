@@ -1,0 +1,208 @@
+"""The whole part on a real Ray cluster: output formats, failure reasons, resume, S3 output."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import fsspec
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from laion_operator.demo_data import write_metadata
+from laion_operator.fakeweb import outcome_of
+from laion_operator.pipeline import run_part
+from laion_operator.spec import PartSpec
+
+TIMEOUT = 1.5
+MIX = {"ok": 0.6, "redirect": 0.05, "too_small": 0.05, "http_4xx": 0.08, "http_5xx": 0.05, "timeout": 0.04,
+       "decode": 0.05, "opt_out": 0.05, "connection": 0.03}
+
+
+def part(source, output, **download) -> PartSpec:
+    return PartSpec.from_dict({
+        "partId": "3",
+        "source": {"urls": [str(source)]},
+        "filter": {"samplesPerShard": 40},
+        "download": {"imageSize": 128, "resizeMode": "keep_ratio", "timeout": TIMEOUT, "threadsPerTask": 16,
+                     "minImageSize": 64, **download},
+        "output": output if isinstance(output, dict) else {"uri": str(output)},
+    })
+
+
+@pytest.fixture(scope="module")
+def metadata(tmp_path_factory, image_server):
+    path = tmp_path_factory.mktemp("meta") / "part.parquet"
+    table = write_metadata(path, 150, image_server.base_url, seed=11, failure_mix=MIX, slow_seconds=3)
+    return path, table
+
+
+def rows_by_url(table) -> dict[str, dict]:
+    rows = {}
+    for row in table.to_pylist():
+        rows.setdefault(row["URL"], row)  # duplicates: the first row is the kept one
+    return rows
+
+
+def expected_reasons(urls) -> Counter:
+    return Counter(outcome_of(u, timeout=TIMEOUT, min_image_size=64) for u in urls)
+
+
+def test_webdataset_samples_agree_with_metadata(ray_driver, metadata, tmp_path):
+    import webdataset as wds
+
+    source, table = metadata
+    summary = run_part(part(source, tmp_path / "wds"))
+    meta = rows_by_url(table)
+
+    samples = list(wds.WebDataset(sorted(str(p) for p in (tmp_path / "wds").glob("*.tar")), shardshuffle=False))
+    assert len(samples) == summary["images"]["ok"] > 0
+    assert len({s["__key__"] for s in samples}) == len(samples)
+    for sample in samples:
+        info = json.loads(sample["json"])
+        row = meta[info["url"]]
+        assert sample["txt"].decode() == (row["TEXT"] or "")
+        assert info["caption"] == row["TEXT"]
+        assert info["status"] == "success" and info["key"] == sample["__key__"]
+        assert max(info["width"], info["height"]) <= 128 or min(info["width"], info["height"]) == 128
+        assert sample["jpg"][:2] == b"\xff\xd8"
+        assert outcome_of(info["url"], timeout=TIMEOUT, min_image_size=64) == "ok"
+
+    with open(tmp_path / "wds" / "part_3_stats.csv") as f:
+        index = list(csv.DictReader(f))
+    per_tar = Counter(s["__url__"] for s in samples)
+    assert {Path(r["path"]).name: int(r["num_samples"]) for r in index} == {
+        Path(k).name: v for k, v in per_tar.items()}
+    assert json.loads((tmp_path / "wds" / "part_3_summary.json").read_text()) == summary
+
+
+def test_failure_reasons_match_the_servers_known_failures(ray_driver, metadata, tmp_path):
+    source, _ = metadata
+    spec = part(source, tmp_path / "out", outputFormat="parquet")
+    summary = run_part(spec)
+    shard_urls = [u for s in range(summary["shards"]["total"])
+                  for u in pq.read_table(tmp_path / "out" / "_laion" / "shards" / f"{s:05d}.parquet")
+                  .column("url").to_pylist()]
+    want = expected_reasons(shard_urls)
+    assert summary["images"]["ok"] == want.pop("ok")
+    assert summary["images"]["failedByReason"] == dict(want)
+    assert set(want) >= {"http_4xx", "http_5xx", "timeout", "decode", "opt_out", "too_small"}
+    table = pq.read_table(tmp_path / "out" / "00000.parquet")
+    for url, reason, status in zip(*(table.column(c).to_pylist() for c in ("url", "failure_reason", "status"))):
+        assert (reason or "ok") == outcome_of(url, timeout=TIMEOUT, min_image_size=64)
+        assert (status == "success") == (reason is None)
+    assert table.column("jpg").null_count == table.num_rows - table.column("status").to_pylist().count("success")
+
+
+@pytest.mark.parametrize("fmt", ["files", "parquet", "tfrecord"])
+def test_every_output_format_is_readable(ray_driver, metadata, tmp_path, fmt):
+    source, table = metadata
+    out = tmp_path / fmt
+    summary = run_part(part(source, out, outputFormat=fmt))
+    meta = rows_by_url(table)
+    ok = summary["images"]["ok"]
+    assert ok > 0
+    if fmt == "files":
+        with open(out / "part_3.csv", newline="") as f:
+            index = list(csv.DictReader(f))
+        assert len(index) == ok
+        for entry in index:
+            image = Path(entry["image_path"])
+            info = json.loads(image.with_suffix(".json").read_text())
+            assert image.read_bytes()[:2] == b"\xff\xd8"
+            assert entry["caption"] == (meta[info["url"]]["TEXT"] or "")
+            assert image.with_suffix(".txt").read_text() == (meta[info["url"]]["TEXT"] or "")
+    elif fmt == "parquet":
+        rows = [r for p in sorted(out.glob("0*.parquet")) for r in pq.read_table(p).to_pylist()]
+        good = [r for r in rows if r["status"] == "success"]
+        assert len(good) == ok
+        for r in good:
+            assert r["jpg"][:2] == b"\xff\xd8" and r["caption"] == meta[r["url"]]["TEXT"]
+    else:
+        from tfrecord.reader import tfrecord_loader
+
+        records = [r for p in sorted(out.glob("*.tfrecord")) for r in tfrecord_loader(str(p), None)]
+        assert len(records) == ok
+        for r in records:
+            url = bytes(r["url"]).decode()
+            assert bytes(r["jpg"])[:2] == b"\xff\xd8"
+            assert bytes(r["txt"]).decode() == (meta[url]["TEXT"] or "")
+
+
+def _cli(spec_file: Path, ray_cluster, **kw) -> subprocess.Popen:
+    env = {**os.environ, **{k: v for k, v in ray_cluster.client_env().items() if k != "RAY_ADDRESS"}}
+    return subprocess.Popen(
+        [str(Path(sys.executable).parent / "laion-operator"), "run", str(spec_file),
+         "--ray-address", ray_cluster.address],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, **kw)
+
+
+def test_killed_run_resumes_with_each_sample_exactly_once(ray_driver, image_server, tmp_path):
+    source = tmp_path / "slow.parquet"
+    # Half the images answer after a second: shards take long enough to be killed mid-way.
+    write_metadata(source, 120, image_server.base_url, seed=4, slow_seconds=1,
+                   failure_mix={"ok": 0.5, "timeout": 0.5, "http_4xx": 0.0})
+    out = tmp_path / "out"
+    spec = part(source, out, timeout=5, threadsPerTask=2, parallelism=2)
+    spec = PartSpec.from_dict({**spec.to_dict(), "filter": {**spec.to_dict()["filter"], "samplesPerShard": 10}})
+    spec_file = tmp_path / "part.yaml"
+    spec_file.write_text(yaml.safe_dump(spec.to_dict()))
+
+    first = _cli(spec_file, ray_driver)
+    deadline = time.monotonic() + 240
+    while not list(out.glob("*_stats.json")):
+        assert first.poll() is None, first.stdout.read().decode()
+        assert time.monotonic() < deadline, "no shard finished"
+        time.sleep(0.2)
+    time.sleep(1.5)  # let other shards get half-way
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    finished = {p.name: p.stat().st_mtime for p in out.glob("*_stats.json")}
+    partial = {p.name for p in out.glob("*.tar")} - {n.replace("_stats.json", ".tar") for n in finished}
+    total = json.loads((out / "_laion" / "filter.json").read_text())["shards"]
+    assert len(finished) < total, "the run was not interrupted mid-way"
+
+    second = _cli(spec_file, ray_driver)
+    output = second.communicate(timeout=600)[0].decode()
+    assert second.returncode == 0, output
+    assert "resuming" in output or f"shards {total}/{total}" in output
+
+    for name, mtime in finished.items():  # finished shards were not redone
+        assert (out / name).stat().st_mtime == mtime
+    kept = [u for s in range(total) for u in
+            pq.read_table(out / "_laion" / "shards" / f"{s:05d}.parquet").column("url").to_pylist()]
+    written = [r for p in sorted(out.glob("0*.parquet")) for r in pq.read_table(p).to_pylist()]
+    assert sorted(r["url"] for r in written) == sorted(kept)  # each sample exactly once
+    tar_keys = []
+    for tar in sorted(out.glob("*.tar")):
+        with tarfile.open(tar) as t:
+            tar_keys += [m.name.split(".")[0] for m in t.getmembers() if m.name.endswith(".jpg")]
+    assert len(tar_keys) == len(set(tar_keys)) == sum(r["status"] == "success" for r in written)
+    assert partial or len(finished) < total
+
+
+def test_s3_output_has_the_local_layout(ray_driver, s3, metadata, tmp_path):
+    source, _ = metadata
+    bucket = s3.create_bucket("laion-out")
+    local = run_part(part(source, tmp_path / "local"))
+    remote = run_part(part(source, {"uri": f"s3://{bucket}/parts/3", "endpoint": s3.endpoint,
+                                    "region": "us-east-1", "pathStyle": True}))
+    local_files = sorted(str(p.relative_to(tmp_path / "local")) for p in (tmp_path / "local").rglob("*") if p.is_file())
+    remote_files = [k.removeprefix("parts/3/") for k in s3.keys(bucket, "parts/3/")]
+    assert remote_files == local_files
+    for key in ("images", "metadata", "shards", "successRate"):
+        assert remote[key] == local[key]
+    body = s3.client().get_object(Bucket=bucket, Key="parts/3/part_3_stats.csv")["Body"].read().decode()
+    rows = list(csv.DictReader(io.StringIO(body)))
+    assert all(r["path"].startswith(f"s3://{bucket}/parts/3/") for r in rows)
+    assert sum(int(r["num_samples"]) for r in rows) == remote["images"]["ok"]
