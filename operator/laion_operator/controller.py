@@ -47,7 +47,7 @@ async def startup(settings: kopf.OperatorSettings, **_) -> None:
              config.ray_address if config.mode == "jobs" else "KubeRay RayJobs", config.max_concurrent_parts)
 
 
-@kopf.daemon(kube.GROUP, kube.VERSION, kube.PLURAL, id="follow", cancellation_timeout=10)
+@kopf.daemon(kube.GROUP, kube.VERSION, kube.PLURAL, id="follow", cancellation_timeout=10, backoff=5)
 async def follow(body, stopped, **_) -> None:
     try:
         await Part(OP, body, stopped).follow()

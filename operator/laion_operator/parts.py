@@ -153,7 +153,14 @@ class Part:
                     await self._observe_final()
                     await self.stopped.wait(self.op.config.poll_seconds)
                     continue
-                await self.run_generation(self.generation)
+                try:
+                    await self.run_generation(self.generation)
+                except (RuntimeError, OSError, kube.KubeError) as err:
+                    # Ray or the API server unreachable for a while: say so, and try again.
+                    log.warning("part %s/%s: %s; retrying in %ss", self.namespace, self.name, err,
+                                self.op.config.poll_seconds)
+                    await self.write(message=f"retrying after: {str(err)[:500]}")
+                    await self.stopped.wait(self.op.config.poll_seconds)
         finally:
             await self.op.slots.release(self.key)
 

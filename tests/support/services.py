@@ -71,7 +71,25 @@ class RayCluster:
                "--num-cpus", str(self.num_cpus), "--temp-dir", self.temp_dir, "--disable-usage-stats"]
         subprocess.run(cmd, env=self.env, check=True, capture_output=True, timeout=180)
         wait_for_port(self.dashboard_port, timeout=120)
+        self._wait_for_jobs_api()
         return self
+
+    def _wait_for_jobs_api(self, timeout: float = 120) -> None:
+        """The dashboard answers before its job agent does; a first job proves submissions work."""
+        from ray.job_submission import JobSubmissionClient
+
+        client = JobSubmissionClient(self.dashboard_url)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                job = client.submit_job(entrypoint="true")
+                break
+            except RuntimeError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+        while not client.get_job_status(job).is_terminal():
+            time.sleep(0.5)
 
     def _pids(self) -> list[int]:
         # Every process of this cluster names its temp dir on its command line; `ray stop` would
