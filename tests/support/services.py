@@ -69,6 +69,11 @@ class RayCluster:
                "--port", str(self.gcs_port), "--dashboard-host", "127.0.0.1",
                "--dashboard-port", str(self.dashboard_port), "--include-dashboard", "true",
                "--num-cpus", str(self.num_cpus), "--temp-dir", self.temp_dir, "--disable-usage-stats"]
+        # Ray's fixed default ports would collide with any other Ray on the machine.
+        for flag in ("--ray-client-server-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+                     "--metrics-export-port", "--runtime-env-agent-port", "--node-manager-port",
+                     "--object-manager-port"):
+            cmd += [flag, str(free_port())]
         subprocess.run(cmd, env=self.env, check=True, capture_output=True, timeout=180)
         wait_for_port(self.dashboard_port, timeout=120)
         self._wait_for_jobs_api()
