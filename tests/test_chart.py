@@ -21,13 +21,11 @@ from helm_python.errors import HelmRenderError, HelmValuesError
 from kubernetes_validate.utils import SchemaNotFoundError
 
 ROOT = Path(__file__).resolve().parents[1]
-CHART = ROOT / "charts" / "laion-operator"
 OPERATOR_DIR = ROOT / "operator"
 if str(OPERATOR_DIR) not in sys.path:
     sys.path.insert(0, str(OPERATOR_DIR))
 
-RELEASE, NAMESPACE = "laion", "laion-system"
-FULLNAME = "laion-laion-operator"
+from tests.support.chart import CHART, FULLNAME, NAMESPACE, RELEASE, manifests, operator_config, render  # noqa: E402,F401
 # Validate against the oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest
 # kubernetes-validate knows.
 KUBE_VERSIONS = ["1.25", kubernetes_validate.latest_version()]
@@ -57,20 +55,6 @@ NAMESPACED = {**ALL_ON, "watchNamespaces": ["team-a", "team-b"]}
 SCENARIOS = {"default": None, "all-on": ALL_ON, "namespaced": NAMESPACED}
 
 
-def render(values: dict | None = None) -> dict[str, str]:
-    with helm.Chart.load(CHART) as chart:
-        return chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
-
-
-def manifests(rendered: dict[str, str]) -> list[dict]:
-    docs = []
-    for path, text in sorted(rendered.items()):
-        if path.endswith("NOTES.txt"):
-            continue
-        docs.extend(({**doc, "__template__": path} for doc in yaml.safe_load_all(text) if doc))
-    return docs
-
-
 def clean(doc: dict) -> dict:
     return {k: v for k, v in doc.items() if k != "__template__"}
 
@@ -83,11 +67,6 @@ def one(docs: list[dict], kind: str) -> dict:
     found = of_kind(docs, kind)
     assert len(found) == 1, f"expected one {kind}, got {len(found)}"
     return found[0]
-
-
-def operator_config(docs: list[dict]) -> dict:
-    cm = next(d for d in of_kind(docs, "ConfigMap") if d["metadata"]["name"] == f"{FULLNAME}-config")
-    return yaml.safe_load(cm["data"]["config.yaml"])
 
 
 _RENDERED: dict[str, dict[str, str]] = {}
@@ -280,7 +259,7 @@ def test_kuberay_config_carries_a_valid_rayjob_template():
         pytest.skip("shared/kuberay/ray.io_rayjobs.yaml (KubeRay's RayJob CRD) is not beside the checkout")
     rayjob = {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": {"name": "part-00000"},
               "spec": {**template, "entrypoint": "laion-operator job"}}
-    jsonschema.validate(rayjob, schema)
+    jsonschema.validate(rayjob, schema, cls=jsonschema.Draft4Validator)  # OpenAPI v3.0 is draft 4
     assert not pruned_fields(rayjob["spec"], schema["properties"]["spec"]), "the API server would drop these"
 
 
@@ -376,7 +355,7 @@ def test_manifest_is_valid_kubernetes(doc):
         if obj["kind"].endswith("KopfPeering"):
             crd = next(c for c in yaml.safe_load_all((CHART / "crds" / "kopf-peering.yaml").read_text())
                        if c and c["spec"]["names"]["kind"] == obj["kind"])
-            jsonschema.validate(obj, crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
+            jsonschema.validate(obj, crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"], cls=jsonschema.Draft4Validator)  # OpenAPI v3.0 is draft 4
             assert ("namespace" in obj["metadata"]) == (crd["spec"]["scope"] == "Namespaced")
             return
         assert isinstance(obj.get("spec"), dict) and obj["metadata"]["namespace"] == NAMESPACE
@@ -524,7 +503,7 @@ def test_notes_show_a_first_part_that_the_crd_accepts():
     part = yaml.safe_load(textwrap.dedent(block.group(1)))
     assert part["apiVersion"] == "laion-operator.io/v1alpha1" and part["kind"] == "LaionPart"
     crd = yaml.safe_load((ROOT / "crds" / "laionpart.yaml").read_text())
-    jsonschema.validate(part, crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
+    jsonschema.validate(part, crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"], cls=jsonschema.Draft4Validator)  # OpenAPI v3.0 is draft 4
     secret = part["spec"]["output"]["credentialsSecret"]
     assert f"create secret generic {secret}" in notes
     assert f"credentialsSecrets={{{secret}}}" in notes, "NOTES must say how to let the operator read it"
