@@ -297,6 +297,8 @@ class Part:
                 return job
             progress = await self.read_progress(spec, secret)
             phase = progress.phase if progress and progress.phase in RUNNING else "Pending"
+            if progress and progress.phase == "Succeeded":  # the summary is written, the job not yet done
+                phase = "Annotating"
             await self.publish(phase, progress, job_id, generation, attempt)
             await self.stopped.wait(self.op.config.poll_seconds)
         return None

@@ -23,9 +23,12 @@ class OperatorProcess:
         self.workdir = workdir
         self.metrics_port = free_port()
         self.config_path = workdir / "operator.yaml"
-        self.config_path.write_text(yaml.safe_dump({"pollSeconds": 1, "retryBackoffSeconds": 1,
-                                                    "metricsPort": self.metrics_port, **config}))
-        self.env = {**os.environ, **kube_env, **(env or {})}
+        self.config_path.write_text(yaml.safe_dump({**config, "metricsPort": self.metrics_port}))
+        # Storage credentials reach the operator only through Secrets, as in a cluster.
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        # Environment overrides the file (config.py): tests poll and retry faster than production.
+        fast = {"LAION_OPERATOR_POLL_SECONDS": "1", "LAION_OPERATOR_RETRY_BACKOFF_SECONDS": "1"}
+        self.env = {**inherited, **fast, **kube_env, **(env or {})}
         self.args = args
         self.log_path = workdir / "operator.log"
         self.proc: subprocess.Popen | None = None

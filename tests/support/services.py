@@ -49,7 +49,9 @@ class RayCluster:
         self.gcs_port = free_port()
         self.dashboard_port = free_port()
         # Jobs run `laion-operator job` from this virtualenv, as a worker image has it on PATH.
-        self.env = {**os.environ, **LOOPBACK_RAY, **NO_AUTH,
+        # No storage credentials: jobs must get theirs the way they would in a cluster.
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        self.env = {**inherited, **LOOPBACK_RAY, **NO_AUTH,
                     "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
 
     @property

@@ -1,0 +1,179 @@
+"""The operator as the chart configures it: credentials from a Secret (jobs mode), and KubeRay mode."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from laion_operator.demo_data import write_metadata
+from laion_operator.pipeline import run_part
+from laion_operator.spec import PartSpec
+from tests.support.chart import manifests, operator_config, render
+from tests.support.kube_fixtures import kube_api, kube_namespace  # noqa: F401
+from tests.support.operator_proc import OperatorProcess
+
+ROOT = Path(__file__).resolve().parents[1]
+GROUP, VERSION, PLURAL = "laion-operator.io", "v1alpha1", "laionparts"
+RAYJOB_CRD = ROOT.parent / "shared" / "kuberay" / "ray.io_rayjobs.yaml"
+SECRET = "laion-s3"
+
+
+@pytest.fixture(scope="module")
+def api(kube_api):
+    kube_api.install_crd(ROOT / "crds" / "laionpart.yaml")
+    kube_api.install_crd(RAYJOB_CRD)
+    return kube_api
+
+
+@pytest.fixture(scope="module")
+def metadata(tmp_path_factory, image_server):
+    path = tmp_path_factory.mktemp("meta") / "part.parquet"
+    write_metadata(path, 50, image_server.base_url, seed=31, failure_mix={"ok": 0.8, "http_4xx": 0.2})
+    return path
+
+
+@pytest.fixture
+def chart_operator(api, ray_cluster, tmp_path):
+    """The operator run with the configuration file the chart renders for the given values."""
+    started = []
+
+    def start(values: dict) -> OperatorProcess:
+        config = operator_config(manifests(render(values)))
+        # As the chart's operator.extraEnv would: this test bed's Ray instead of the in-cluster Service.
+        env = {**ray_cluster.client_env(), "LAION_OPERATOR_RAY_ADDRESS": ray_cluster.dashboard_url}
+        op = OperatorProcess(tmp_path, api.env_vars, config, env=env)
+        started.append(op)
+        return op.start()
+
+    yield start
+    for op in started:
+        op.stop()
+
+
+def part_doc(name: str, source: Path, output: dict, **spec) -> dict:
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "LaionPart", "metadata": {"name": name},
+            "spec": {"partId": name, "source": {"urls": [str(source)]}, "output": output,
+                     "filter": {"samplesPerShard": 20},
+                     "download": {"imageSize": 64, "timeout": 5, "threadsPerTask": 4}, **spec}}
+
+
+def wait_status(api, namespace, name, predicate, timeout=240) -> dict:
+    obj = api.wait_for(GROUP, VERSION, PLURAL, namespace, name,
+                       lambda o: o is not None and predicate(o.get("status") or {}), timeout=timeout)
+    return obj["status"]
+
+
+def test_part_succeeds_with_credentials_from_a_secret(api, chart_operator, ray_cluster, s3, metadata,
+                                                      kube_namespace):
+    op = chart_operator({"credentialsSecrets": [SECRET]})
+    bucket = s3.create_bucket("secret-parts")
+    api.kubectl("create", "secret", "generic", SECRET, "-n", kube_namespace,
+                f"--from-literal=AWS_ACCESS_KEY_ID={s3.ACCESS_KEY}",
+                f"--from-literal=AWS_SECRET_ACCESS_KEY={s3.SECRET_KEY}",
+                f"--from-literal=AWS_ENDPOINT_URL={s3.endpoint}")
+    doc = part_doc("secret-part", metadata, {"uri": f"s3://{bucket}/p", "region": "us-east-1", "pathStyle": True,
+                                             "credentialsSecret": SECRET})
+    api.kubectl("apply", "-n", kube_namespace, "-f", "-", input=yaml.safe_dump(doc))
+    status = wait_status(api, kube_namespace, "secret-part", lambda s: s.get("phase") in ("Succeeded", "Failed"))
+    assert status["phase"] == "Succeeded", (status, op.logs())
+
+    summary = json.loads(s3.client().get_object(Bucket=bucket, Key="p/part_secret-part_summary.json")["Body"].read())
+    assert status["images"]["ok"] == summary["images"]["ok"] > 0
+    assert f"p/part_secret-part_stats.csv" in s3.keys(bucket, "p/")
+
+    # The secret's values appear nowhere users or logs can see.
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(ray_cluster.dashboard_url)
+    job = client.get_job_info(status["submissionId"])
+    visible = {
+        "LaionPart": api.kubectl("get", "lp", "secret-part", "-n", kube_namespace, "-o", "json").stdout,
+        "Ray job": repr(job) + json.dumps(job.runtime_env) + job.entrypoint,
+        "Ray job logs": client.get_job_logs(status["submissionId"]),
+        "operator logs": op.logs(),
+        "metrics": op.metrics(),
+    }
+    for where, text in visible.items():
+        assert s3.SECRET_KEY not in text, where
+        assert s3.ACCESS_KEY not in text, where
+    assert "laion_part_images_total" in visible["metrics"]
+
+
+def rayjob_schema() -> dict:
+    crd = yaml.safe_load(RAYJOB_CRD.read_text())
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    return version["schema"]["openAPIV3Schema"]
+
+
+def closed(schema: dict) -> dict:
+    """The schema refusing fields it does not declare, which the API server would silently drop."""
+    schema = dict(schema)
+    if schema.get("type") == "object" and "properties" in schema and not schema.get(
+            "x-kubernetes-preserve-unknown-fields"):
+        schema["additionalProperties"] = False
+        schema["properties"] = {k: closed(v) for k, v in schema["properties"].items()}
+    if "items" in schema:
+        schema["items"] = closed(schema["items"])
+    return schema
+
+
+def patch_rayjob(api, namespace, name, **status):
+    api.patch_status("ray.io", "v1", "rayjobs", namespace, name, status)
+
+
+def test_kuberay_mode_creates_valid_rayjobs_and_follows_them(api, chart_operator, ray_driver, metadata,
+                                                             kube_namespace, tmp_path):
+    chart_operator({"operator": {"config": {"mode": "kuberay"}}, "credentialsSecrets": [SECRET]})
+    api.kubectl("create", "secret", "generic", SECRET, "-n", kube_namespace, "--from-literal=AWS_ACCESS_KEY_ID=x")
+    out = tmp_path / "out"
+    doc = part_doc("kr", metadata, {"uri": str(out), "credentialsSecret": SECRET}, maxRetries=1)
+    api.kubectl("apply", "-n", kube_namespace, "-f", "-", input=yaml.safe_dump(doc))
+    status = wait_status(api, kube_namespace, "kr", lambda s: bool(s.get("submissionId")))
+    name = status["submissionId"]
+    rayjob = api.get("ray.io", "v1", "rayjobs", kube_namespace, name)
+    assert rayjob is not None
+
+    manifest = {k: rayjob[k] for k in ("apiVersion", "kind", "spec")}
+    manifest["metadata"] = {"name": name, "namespace": kube_namespace}
+    jsonschema.validate(manifest, closed(rayjob_schema()), cls=jsonschema.Draft4Validator)
+    lp = api.get(GROUP, VERSION, PLURAL, kube_namespace, "kr")
+    owner = rayjob["metadata"]["ownerReferences"][0]
+    assert (owner["kind"], owner["uid"], owner["controller"]) == ("LaionPart", lp["metadata"]["uid"], True)
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    containers = [c for g in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+                  for c in g["template"]["spec"]["containers"]]
+    assert all({"secretRef": {"name": SECRET}} in c["envFrom"] for c in containers)
+    assert rayjob["spec"]["entrypoint"] == "laion-operator job"
+    env = yaml.safe_load(rayjob["spec"]["runtimeEnvYAML"])["env_vars"]
+    spec = PartSpec.from_dict(json.loads(env["LAION_PART_SPEC"]))
+    assert spec.to_dict() == PartSpec.from_dict(doc["spec"]).to_dict()
+
+    # What KubeRay would do: run the job (here, the same pipeline in-process) and report its status.
+    patch_rayjob(api, kube_namespace, name, jobDeploymentStatus="Running", jobStatus="RUNNING")
+    summary = run_part(spec)
+    running = wait_status(api, kube_namespace, "kr", lambda s: s.get("images", {}).get("ok") == summary["images"]["ok"])
+    assert running["phase"] == "Annotating"
+    patch_rayjob(api, kube_namespace, name, jobDeploymentStatus="Complete", jobStatus="SUCCEEDED")
+    done = wait_status(api, kube_namespace, "kr", lambda s: s.get("phase") == "Succeeded")
+    assert done["shards"] == summary["shards"] and done["rowsKept"] == summary["metadata"]["rowsKept"]
+
+    # A failed RayJob is retried as a new RayJob; past maxRetries the part fails with the reason.
+    doc = part_doc("kr-fail", metadata, {"uri": str(tmp_path / "fail")}, maxRetries=1)
+    api.kubectl("apply", "-n", kube_namespace, "-f", "-", input=yaml.safe_dump(doc))
+    first = wait_status(api, kube_namespace, "kr-fail", lambda s: bool(s.get("submissionId")))["submissionId"]
+    patch_rayjob(api, kube_namespace, first, jobDeploymentStatus="Failed", jobStatus="FAILED",
+                 message="worker pod OOMKilled")
+    retry = wait_status(api, kube_namespace, "kr-fail",
+                        lambda s: s.get("submissionId", first) != first)["submissionId"]
+    assert retry.endswith("-a1") and api.get("ray.io", "v1", "rayjobs", kube_namespace, retry) is not None
+    patch_rayjob(api, kube_namespace, retry, jobDeploymentStatus="Failed", jobStatus="FAILED",
+                 message="worker pod OOMKilled")
+    failed = wait_status(api, kube_namespace, "kr-fail", lambda s: s.get("phase") == "Failed")
+    conditions = {c["type"]: c for c in failed["conditions"]}
+    assert conditions["Failed"]["reason"] == "RetriesExhausted"
+    assert "OOMKilled" in failed["message"]
