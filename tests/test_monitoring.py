@@ -32,8 +32,7 @@ ALERT_TESTS = ROOT / "tests" / "data" / "alerts_test.yaml"
 NAMESPACE, PART, QUEUED = "laion", "part-0", "part-1"
 SEL = f'namespace="{NAMESPACE}", part="{PART}"'
 
-needs_prometheus = pytest.mark.skipif(binary("prometheus") is None or binary("promtool") is None,
-                                      reason="prometheus/promtool missing: run scripts/setup --test")
+# Debian's prometheus and promtool are installed by `scripts/setup --test`; without them these tests fail.
 
 # Grafana's variables, as the test evaluates them: every namespace and part, fixed intervals.
 GRAFANA_VARIABLES = {"$namespace": ".*", "$part": ".*", "$__rate_interval": "30s", "$__interval": "5s",
@@ -134,14 +133,12 @@ def run(tmp_path_factory, ray_driver, image_server):
 
 # --- tests ---------------------------------------------------------------------------------------
 
-@needs_prometheus
 def test_alert_rules_check():
     result = subprocess.run([binary("promtool"), "check", "rules", str(ALERTS)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"SUCCESS: {len(alert_rules())} rules found" in result.stdout
 
 
-@needs_prometheus
 def test_alert_rules_fire_when_they_should():
     """tests/data/alerts_test.yaml: Stalled, LowSuccessRate, Failed and OperatorDown fire, and only then."""
     result = subprocess.run([binary("promtool"), "test", "rules", str(ALERT_TESTS)], capture_output=True,
@@ -200,7 +197,6 @@ def test_part_without_progress_has_phase_only():
     assert samples(metrics, "laion_part_phase") == {}
 
 
-@needs_prometheus
 def test_series_equal_the_summary(run):
     prom, summary = run["prom"], run["summary"]
 
@@ -231,13 +227,11 @@ def test_series_equal_the_summary(run):
     assert prom.value("laion_operator_queue_length") == 1
 
 
-@needs_prometheus
 @pytest.mark.parametrize("where, expr", dashboard_exprs(), ids=[w for w, _ in dashboard_exprs()])
 def test_dashboard_query_returns_data(run, where, expr):
     assert run["prom"].query(grafana_substitute(expr)), f"{where}: no data for\n{expr}"
 
 
-@needs_prometheus
 @pytest.mark.parametrize("rule", alert_rules(), ids=[r["alert"] for r in alert_rules()])
 def test_alert_query_returns_data(run, rule):
     prom = run["prom"]
@@ -246,7 +240,6 @@ def test_alert_query_returns_data(run, rule):
     assert prom.query(signal), f"{rule['alert']}: no data for\n{signal}"
 
 
-@needs_prometheus
 def test_alert_rules_evaluate_in_prometheus(run):
     prom = run["prom"]
     rules = prom.rules()
@@ -261,7 +254,6 @@ def test_alert_rules_evaluate_in_prometheus(run):
     assert all(r["state"] == "inactive" for r in rules), [(r["name"], r["state"]) for r in rules]
 
 
-@needs_prometheus
 def test_restart_keeps_counters_and_forget_removes_series(run):
     """A new operator process that only read progress.json serves the same values; Prometheus sees no reset."""
     from laion_operator.pipeline import PROGRESS

@@ -16,6 +16,7 @@ from laion_operator.demo_data import write_metadata
 from laion_operator.spec import load
 from tests.support.kube_fixtures import kube_api, kube_namespace  # noqa: F401
 from tests.support.operator_proc import OperatorProcess
+from tests.support.prometheus import Prometheus
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUP, VERSION, PLURAL = "laion-operator.io", "v1alpha1", "laionparts"
@@ -106,7 +107,8 @@ def test_examples_are_valid_parts():
 
 
 def test_part_from_apply_to_succeeded(api, operators, ray_cluster, kube_namespace, metadata, tmp_path):
-    operators()
+    op = operators()
+    prom = Prometheus([f"127.0.0.1:{op.metrics_port}"]).start()
     out = tmp_path / "out"
     result = apply(api, kube_namespace, manifest("trial", metadata, out))
     assert result.returncode == 0, result.stderr
@@ -141,6 +143,22 @@ def test_part_from_apply_to_succeeded(api, operators, ray_cluster, kube_namespac
     total = summary["shards"]["total"]
     assert row.split()[:5] == ["trial", "Succeeded", f"{total}/{total}", str(summary["images"]["ok"]),
                                str(summary["successRate"])]
+
+    # Prometheus scraped the operator while the part ran; its series end equal to the summary.
+    try:
+        sel = f'namespace="{kube_namespace}", part="trial"'
+        prom.wait_until(f'laion_part_phase{{{sel}, phase="Succeeded"}} == 1')
+        assert prom.value(f"laion_part_images_total{{{sel}}}") == summary["images"]["ok"]
+        for reason, n in summary["images"]["failedByReason"].items():
+            assert prom.value(f'laion_part_images_failed_total{{{sel}, reason="{reason}"}}') == n
+        assert prom.value(f"laion_part_bytes_written_total{{{sel}}}") == summary["bytesWritten"]
+        assert prom.value(f"laion_part_metadata_rows_kept_total{{{sel}}}") == summary["metadata"]["rowsKept"]
+        assert prom.value(f'laion_part_shards{{{sel}, state="done"}}') == total
+        assert prom.value('up{job="laion-operator"}') == 1
+    finally:
+        prom.stop()
+    api.kubectl("delete", "lp", "trial", "-n", kube_namespace)
+    assert 'part="trial"' not in op.metrics()  # a deleted part's series go away
 
 
 def test_bad_spec_is_refused_at_apply(api, kube_namespace, metadata, tmp_path):
