@@ -76,15 +76,20 @@ def keep_ray_on_loopback(address: str | None) -> None:
 
 def cmd_run(args) -> int:
     keep_ray_on_loopback(args.ray_address)
-    from .pipeline import PartFailed, ensure_ray, run_part
-
     part = specs.load(args.part)
     if args.output:
         part = specs.PartSpec.from_dict({**part.to_dict(), "output": {**part.to_dict()["output"], "uri": args.output}})
     if args.dry_run:
         return cmd_plan(part)
     Store(part.output).check_writable()
-    ensure_ray(args.ray_address)
+    return run_with_progress(part, args.ray_address)
+
+
+def run_with_progress(part: specs.PartSpec, ray_address: str | None = None) -> int:
+    """Run a part with a live progress line, then print its summary; the exit code says how it went."""
+    from .pipeline import PartFailed, ensure_ray, run_part
+
+    ensure_ray(ray_address)
     bar = ProgressBar()
     try:
         summary = run_part(part, on_progress=bar)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import yaml
 
 from . import spec as specs
-from .cli import ProgressBar, print_summary
+from .cli import run_with_progress
 from .demo_data import write_metadata
 from .fakeweb import ImageServer
 
@@ -27,8 +26,6 @@ def demo_spec(metadata: Path, output: Path) -> dict:
 
 
 def run_demo(out: Path, rows: int = 2000) -> int:
-    from .pipeline import PartFailed, ensure_ray, run_part
-
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     with ImageServer() as server:
@@ -38,15 +35,4 @@ def run_demo(out: Path, rows: int = 2000) -> int:
         (out / "part.yaml").write_text(yaml.safe_dump(spec_data, sort_keys=False))
         print(f"demo: {rows:,} metadata rows in {metadata}, images served from {server.base_url}")
         print(f"demo: part spec in {out / 'part.yaml'}; starting a local Ray")
-        part = specs.PartSpec.from_dict(spec_data)
-        ensure_ray()
-        bar = ProgressBar()
-        try:
-            summary = run_part(part, on_progress=bar)
-        except PartFailed as err:
-            bar.close()
-            print(f"demo: part failed: {err}", file=sys.stderr)
-            return 1
-        bar.close()
-    print_summary(summary)
-    return 0
+        return run_with_progress(specs.PartSpec.from_dict(spec_data))

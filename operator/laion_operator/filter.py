@@ -20,9 +20,9 @@ sampleFraction, duplicateUrl. A null value fails the condition that reads it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import contextlib
 import os
 import queue
 import tempfile
