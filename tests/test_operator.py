@@ -240,3 +240,39 @@ def test_failed_job_is_retried_and_resumes(api, operators, ray_cluster, kube_nam
     for name, mtime in finished.items():  # the retry resumed: finished shards were not redone
         assert (out / name).stat().st_mtime == mtime
     assert "retry 1 of 2" in op.logs()
+
+
+def test_spec_change_restarts_with_resume_and_refuses_a_filter_change(api, operators, ray_cluster, kube_namespace,
+                                                                       slow_metadata, tmp_path):
+    operators()
+    out = tmp_path / "out"
+    doc = manifest("changer", slow_metadata, out, download={"threadsPerTask": 4, "parallelism": 1})
+    apply(api, kube_namespace, doc)
+    wait_phase(api, kube_namespace, "changer", "Downloading")
+    deadline = time.monotonic() + 120
+    while not list(out.glob("*_stats.json")):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    first_job = part(api, kube_namespace, "changer")["status"]["submissionId"]
+    finished = {p.name: p.stat().st_mtime for p in out.glob("*_stats.json")}
+
+    doc["spec"]["download"]["threadsPerTask"] = 8  # a download option: the job restarts and resumes
+    assert apply(api, kube_namespace, doc).returncode == 0
+    status = wait_phase(api, kube_namespace, "changer", ("Succeeded", "Failed"))["status"]
+    assert status["phase"] == "Succeeded", status
+    assert status["observedGeneration"] == 2 and "-g2-" in status["submissionId"]
+    from ray.job_submission import JobSubmissionClient
+
+    assert str(JobSubmissionClient(ray_cluster.dashboard_url).get_job_status(first_job).value) == "STOPPED"
+    for name, mtime in finished.items():
+        assert (out / name).stat().st_mtime == mtime
+
+    doc["spec"]["filter"]["minWidth"] = 100  # a filter change into the same output cannot resume
+    before = sorted(p.name for p in out.iterdir())
+    assert apply(api, kube_namespace, doc).returncode == 0
+    status = api.wait_for(GROUP, VERSION, PLURAL, kube_namespace, "changer",
+                          lambda o: o["status"].get("observedGeneration") == 3
+                          and o["status"].get("phase") == "Failed", timeout=60)["status"]
+    reasons = {c["type"]: c.get("reason") for c in status["conditions"]}
+    assert reasons["Failed"] == "FilterChanged" and "spec.output.uri" in status["message"]
+    assert sorted(p.name for p in out.iterdir()) == before

@@ -1,0 +1,88 @@
+"""The CLI's promises that need no Ray: clear errors naming the field, file or output; the dry-run plan."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from laion_operator.demo_data import write_metadata
+from laion_operator.filter import plan
+from laion_operator.spec import PartSpec
+
+CLI = str(Path(sys.executable).parent / "laion-operator")
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([CLI, *args], capture_output=True, text=True, timeout=120)
+
+
+def write_part(tmp_path: Path, **spec) -> Path:
+    path = tmp_path / "part.yaml"
+    path.write_text(yaml.safe_dump({"partId": "1", "source": {"urls": [str(tmp_path / "m.parquet")]},
+                                    "output": {"uri": str(tmp_path / "out")}, **spec}))
+    return path
+
+
+def test_invalid_spec_names_each_field_and_the_allowed_values(tmp_path):
+    part = write_part(tmp_path, filter={"minWidth": "wide", "sampleFraction": 0},
+                      download={"outputFormat": "zip", "encodeFormat": "png", "encodeQuality": 50},
+                      extra=1)
+    result = cli("run", str(part))
+    assert result.returncode == 2
+    err = result.stderr
+    assert str(part) in err
+    assert "spec.filter.minWidth: 'wide' is not of type 'integer'" in err
+    assert "spec.filter.sampleFraction" in err
+    assert "spec.download.outputFormat: 'zip' is not one of the allowed values: webdataset, files, parquet, tfrecord" in err
+    assert "'extra' was unexpected" in err and "known fields:" in err
+
+
+def test_png_quality_is_a_compression_level(tmp_path):
+    spec = {"partId": "1", "source": {"urls": ["m.parquet"]}, "output": {"uri": "o"}}
+    assert PartSpec.from_dict({**spec, "download": {"encodeFormat": "png"}}).download.encode_quality == 9
+    result = cli("run", str(write_part(tmp_path, download={"encodeFormat": "png", "encodeQuality": 50})))
+    assert result.returncode == 2 and "spec.download.encodeQuality: 50 is above 9" in result.stderr
+
+
+def test_missing_file_and_bad_yaml_name_the_file(tmp_path):
+    result = cli("run", str(tmp_path / "absent.yaml"))
+    assert result.returncode == 2 and "absent.yaml: no such file" in result.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("partId: [unclosed\n")
+    result = cli("run", str(bad))
+    assert result.returncode == 2 and "bad.yaml: not valid YAML" in result.stderr
+
+
+def test_unwritable_output_fails_before_any_download(tmp_path):
+    write_metadata(tmp_path / "m.parquet", 50, "http://127.0.0.1:9")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    part = write_part(tmp_path)
+    doc = yaml.safe_load(part.read_text())
+    doc["output"]["uri"] = str(blocker / "out")
+    part.write_text(yaml.safe_dump(doc))
+    result = cli("run", str(part))
+    assert result.returncode == 2
+    assert f"output {blocker / 'out'} is not writable" in result.stderr
+    assert not (blocker.parent / "out").exists()
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
+    write_metadata(tmp_path / "m.parquet", 3000, "http://127.0.0.1:9")
+    part = write_part(tmp_path, filter={"minWidth": 512, "samplesPerShard": 100})
+    result = cli("run", str(part), "--dry-run")
+    assert result.returncode == 0, result.stderr
+    expected = plan(PartSpec.from_dict(yaml.safe_load(part.read_text())))
+    assert f"{expected.rows_read:,} rows read, {expected.rows_kept:,} kept in {expected.shards} shards" in result.stdout
+    assert f"{expected.dropped_by['minWidth']:,} dropped by minWidth" in result.stdout
+    assert " GB if every image downloads" in result.stdout
+    assert not (tmp_path / "out").exists()
+
+
+def test_crd_command_prints_the_shipped_crd():
+    result = cli("crd")
+    root = Path(__file__).resolve().parents[1]
+    assert yaml.safe_load(result.stdout) == yaml.safe_load((root / "crds" / "laionpart.yaml").read_text())
