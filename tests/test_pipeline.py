@@ -194,9 +194,11 @@ def test_killed_run_resumes_with_each_sample_exactly_once(ray_driver, image_serv
 def test_s3_output_has_the_local_layout(ray_driver, s3, metadata, tmp_path):
     source, _ = metadata
     bucket = s3.create_bucket("laion-out")
+    s3.client().upload_file(str(source), bucket, "metadata/part.parquet")  # metadata read from S3 too
     local = run_part(part(source, tmp_path / "local"))
-    remote = run_part(part(source, {"uri": f"s3://{bucket}/parts/3", "endpoint": s3.endpoint,
-                                    "region": "us-east-1", "pathStyle": True}))
+    remote = run_part(part(f"s3://{bucket}/metadata/part.parquet",
+                           {"uri": f"s3://{bucket}/parts/3", "endpoint": s3.endpoint, "region": "us-east-1",
+                            "pathStyle": True}))
     local_files = sorted(str(p.relative_to(tmp_path / "local")) for p in (tmp_path / "local").rglob("*") if p.is_file())
     remote_files = [k.removeprefix("parts/3/") for k in s3.keys(bucket, "parts/3/")]
     assert remote_files == local_files
