@@ -1,0 +1,153 @@
+"""`make bench`: the project's stages against what users run today, on the same data, in one run.
+
+Prints the ratios and appends them, with the machine, the date and the command, to bench/RESULTS.md.
+Installs what it compares against itself (bench/requirements.txt with the project's pins; Debian's
+Java for pyspark). bench/README.md says what is measured and how.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+
+from . import common
+
+RESULTS = common.ROOT / "bench" / "RESULTS.md"
+REQUIREMENTS = common.ROOT / "bench" / "requirements.txt"
+VERSIONS = ["pyarrow", "polars", "duckdb", "pyspark", "img2dataset", "opencv-python-headless", "ray"]
+HEADER = """# Benchmark results
+
+Appended by `make bench` (`python -m bench`), newest last; bench/README.md says what each number
+means and how it is measured. Every ratio in an entry was measured in that one run, on one machine.
+"""
+
+
+def ensure_python_tools() -> None:
+    """Install the engines compared against, pinned, unless they are there already."""
+    wanted = {}
+    for line in REQUIREMENTS.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if "==" in line:
+            name, version = line.split("==")
+            wanted[name.strip()] = version.strip()
+    missing = []
+    for name, version in wanted.items():
+        try:
+            if importlib.metadata.version(name) != version:
+                missing.append(name)
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(name)
+    if missing:
+        print(f"bench: installing {', '.join(missing)} (bench/requirements.txt)", file=sys.stderr, flush=True)
+        subprocess.run([common.PYTHON, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                        "-r", str(REQUIREMENTS), "-c", str(common.ROOT / "requirements.lock")], check=True)
+
+
+def ensure_java() -> None:
+    """pyspark needs a JVM: Debian's default-jre-headless."""
+    if shutil.which("java"):
+        return
+    print("bench: installing Debian's default-jre-headless (for pyspark)", file=sys.stderr, flush=True)
+    sudo = [] if os.geteuid() == 0 else ["sudo"]
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run([*sudo, "apt-get", "update", "-qq"], check=True, env=env, stdout=subprocess.DEVNULL)
+    subprocess.run([*sudo, "apt-get", "install", "-y", "-qq", "--no-install-recommends", "default-jre-headless"],
+                   check=True, env=env, stdout=subprocess.DEVNULL)
+
+
+def git_revision() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=common.ROOT, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=common.ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return rev + (" with local changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown revision"
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    p.add_argument("--only", choices=["filter", "download", "operator"], help="run one benchmark only")
+    p.add_argument("--filter-rows", type=int, default=20_000_000, help="metadata rows (default 20,000,000)")
+    p.add_argument("--images", type=int, default=5000, help="images to download (default 5,000)")
+    p.add_argument("--repeats", type=int, default=3, help="runs per filter engine, best kept (default 3)")
+    p.add_argument("--download-repeats", type=int, default=3, help="runs per download side (default 3)")
+    p.add_argument("--quick", action="store_true", help="small sizes for a try-out: 200k rows, 300 images, 1 run")
+    p.add_argument("--no-record", action="store_true", help="print only; do not append to bench/RESULTS.md")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.filter_rows, args.images, args.repeats, args.download_repeats = 200_000, 300, 1, 1
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse(argv)
+    command = "python -m bench" + (" " + shlex.join(argv) if argv else "")
+    if os.environ.get("MAKELEVEL"):
+        command = f"make bench ({command})"
+    os.environ.update(common.QUIET_ENV)
+    ensure_python_tools()
+    if args.only in (None, "filter"):
+        ensure_java()
+
+    from . import download_bench, filter_bench
+
+    started, load_before = time.time(), common.load()
+    sections, goals = [], []
+    if args.only in (None, "filter"):
+        report, g = filter_bench.bench(args.filter_rows, args.repeats, small_rows=args.filter_rows // 4)
+        sections.append(("Metadata filter", report))
+        goals += g
+    if args.only in (None, "download"):
+        report, g = download_bench.bench(args.images, args.download_repeats)
+        sections.append(("Download", report))
+        goals += g
+    if args.only in (None, "operator"):
+        from . import operator_bench
+
+        rows = operator_bench.run()
+        sections.append(("Operator overhead", "\n".join(operator_bench.report(rows))))
+        many = rows[-1]
+        goals.append(f"operator overhead: {many['parts']} parts applied at once all submitted in "
+                     f"{many['submit_all_s']:.2f} s ({many['submit_all_s'] / many['baseline_s']:.1f}× the API round "
+                     f"trip of as many objects); status lag median {many['lag_median_s']:.2f} s with pollSeconds 1")
+
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    entry = [
+        f"## {when}",
+        "",
+        f"- command: `{command}` ({(time.time() - started) / 60:.0f} min)",
+        f"- machine: {common.machine()}",
+        f"- load average (1/5/15 min) before the run: {load_before} (other work on the same cores slows every side; "
+        "the benchmark itself adds about 2 while it runs)",
+        f"- code: laion-operator {git_revision()}",
+        f"- versions: {common.versions(VERSIONS)}, {common.java_version()}",
+        "",
+        "### Goals",
+        "",
+        *[f"- {g}" for g in goals],
+    ]
+    for title, report in sections:
+        entry += ["", f"### {title}", "", report]
+    text = "\n".join(entry) + "\n"
+    print("\n" + text)
+    if not args.no_record:
+        if not RESULTS.exists():
+            RESULTS.write_text(HEADER)
+        with RESULTS.open("a") as f:
+            f.write("\n" + text)
+        print(f"bench: appended to {RESULTS.relative_to(common.ROOT)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
