@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from typing import Callable
 
@@ -39,8 +40,11 @@ def ensure_ray(address: str | None = None) -> None:
         ray.init(log_to_driver=False)  # inside a Ray job: the job's runtime env already carries everything
     elif address:
         # Workers of an existing cluster do not share this process's environment: ship the credentials.
-        ray.init(address=address, log_to_driver=False,
-                 runtime_env={"working_dir": credentials.working_dir(credentials.from_environment())})
+        folder = credentials.working_dir(credentials.from_environment())
+        try:
+            ray.init(address=address, log_to_driver=False, runtime_env={"working_dir": folder})
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)  # uploaded to the cluster; no copy stays behind
     else:
         ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
                  configure_logging=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from dataclasses import dataclass
 
 import yaml
@@ -63,6 +64,9 @@ class JobsAPIBackend:
         except RuntimeError as err:
             if "already exists" not in str(err):  # a concurrent submit of the same id won the race
                 raise
+        finally:
+            if "working_dir" in runtime_env:  # uploaded (or not needed): no copy stays on the operator's disk
+                shutil.rmtree(runtime_env["working_dir"], ignore_errors=True)
 
     def state(self, owner: dict, job_id: str) -> JobState:
         try:
