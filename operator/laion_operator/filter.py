@@ -11,7 +11,8 @@ size whatever the file's size:
 - dedupe without shuffle: kept rows are spilled in read order, their URL hashes (8 bytes a row) find
   the first of each URL, and the spill is cut into shards.
 
-Shard files are written by a background thread while the next rows are read.
+Row groups are read and filtered by a few threads at once (in file order, a few row groups ahead), and
+shard files are written by background threads while the next rows are read.
 
 Every row read is either kept or counted under the first condition it fails, in this order:
 missing_url, minWidth, minHeight, maxPunsafe, maxPwatermark, minAesthetic, minSimilarity, languages,
@@ -44,6 +45,9 @@ from .spec import PartSpec
 from .storage import Store
 
 BATCH_ROWS = 131_072
+PARALLEL_ROW_GROUP_ROWS = 1 << 20  # row groups up to this size are filtered whole, several at once
+READ_THREADS = max(2, min(4, os.cpu_count() or 2))  # row groups read and filtered at once
+WRITE_THREADS = 2  # shard files written at once
 BUCKET_ROWS = 1_000_000  # rows read per spill bucket of the shuffle: bounds the rows sorted in memory at once
 MAX_BUCKET_BITS = 9      # at most 512 bucket files open at once
 SHARDS_DIR = "_laion/shards"
@@ -89,13 +93,16 @@ def shard_name(shard: int) -> str:
     return f"{shard:05d}"
 
 
-def open_parquet(url: str) -> pq.ParquetFile:
+def open_parquet(url: str, metadata: pq.FileMetaData | None = None, memory_map: bool = False) -> pq.ParquetFile:
+    """`memory_map`: a local file is read from a map of it rather than copied from the page cache; its
+    pages then count as the process's memory until the file is closed."""
     try:
         fs, path = fsspec.core.url_to_fs(url)
         # pre_buffer would cache every row group read so far: memory would grow with the file.
         if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
-            return pq.ParquetFile(path, pre_buffer=False)  # Arrow's own reads: no Python call per read
-        return pq.ParquetFile(fs.open(path, "rb"), pre_buffer=False)
+            # Arrow's own reads: no Python call per read
+            return pq.ParquetFile(path, pre_buffer=False, metadata=metadata, memory_map=memory_map)
+        return pq.ParquetFile(fs.open(path, "rb"), pre_buffer=False, metadata=metadata)
     except FileNotFoundError:
         raise MetadataError(f"{url}: no such metadata file") from None
     except (pa.ArrowInvalid, OSError) as err:
@@ -200,6 +207,99 @@ class Kept:
     positions: np.ndarray | None
 
 
+@dataclass
+class _Filtered:
+    """One batch filtered: its kept rows (output columns), how many rows it had, the rows each
+    condition dropped (in condition order) and, when asked, the kept rows' offsets in the batch."""
+    table: pa.Table
+    rows: int
+    dropped: list[tuple[str, int]]
+    offsets: np.ndarray | None
+
+
+def _filter_batch(batch: pa.RecordBatch, mapping: dict[str, str], spec: PartSpec, out_cols: dict[str, str],
+                  with_offsets: bool) -> _Filtered:
+    keep = None
+    dropped = []
+    remaining = batch.num_rows
+    for name, mask in _condition_masks(batch, mapping, spec):
+        mask = pc.fill_null(mask, False)
+        keep = mask if keep is None else pc.and_(keep, mask)
+        left = keep.true_count
+        dropped.append((name, remaining - left))
+        remaining = left
+    # Only the output columns are taken: the condition columns are done with. A take by index copies
+    # the kept strings about twice as fast as a filter by mask.
+    offsets = pc.indices_nonzero(keep)
+    table = _normalise(pa.Table.from_arrays([batch.column(src) for src in out_cols.values()],
+                                            names=list(out_cols)).take(offsets))
+    return _Filtered(table, batch.num_rows, dropped,
+                     offsets.to_numpy().astype(np.int64) if with_offsets else None)
+
+
+def _in_order(tasks: Iterator[Callable[[], object]], workers: int) -> Iterator:
+    """The tasks' results in task order, `workers` tasks running at once and at most one more done
+    ahead of the caller: memory holds a few tasks' results whatever the number of tasks."""
+    with ThreadPoolExecutor(workers, thread_name_prefix="metadata-reader") as pool:
+        pending: deque[Future] = deque()
+        try:
+            for task in tasks:
+                pending.append(pool.submit(task))
+                if len(pending) > workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for f in pending:
+                f.cancel()
+
+
+def _filtered_batches(url: str, pf: pq.ParquetFile, read: list[str], mapping: dict[str, str], spec: PartSpec,
+                      out_cols: dict[str, str], with_offsets: bool) -> Iterator[_Filtered]:
+    """Every batch of the file, filtered, in file order.
+
+    Row groups of at most PARALLEL_ROW_GROUP_ROWS are read and filtered whole, READ_THREADS at once,
+    each by a thread of its own with a file handle of its own (one decode thread a row group: Arrow's
+    own column threads cost more CPU for the same work). Larger row groups are streamed batch by batch,
+    Arrow decoding the next batch while this one is filtered."""
+    meta = pf.metadata
+    sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+    if READ_THREADS > 1 and sizes and max(sizes) <= PARALLEL_ROW_GROUP_ROWS:
+        local = isinstance(fsspec.core.url_to_fs(url)[0], fsspec.implementations.local.LocalFileSystem)
+        handles = threading.local()
+        opened: list[pq.ParquetFile] = []
+
+        def handle() -> pq.ParquetFile:
+            if local:
+                # Mapped for one row group only: the mapped pages do not add up over the file.
+                return open_parquet(url, metadata=meta, memory_map=True)
+            own = getattr(handles, "pf", None)
+            if own is None:  # a remote file: one handle a thread, kept
+                own = handles.pf = open_parquet(url, metadata=meta)
+                opened.append(own)
+            return own
+
+        def row_group(i: int) -> list[_Filtered]:
+            own = handle()
+            try:
+                return [_filter_batch(batch, mapping, spec, out_cols, with_offsets)
+                        for batch in own.iter_batches(batch_size=BATCH_ROWS, row_groups=[i], columns=read,
+                                                      use_threads=False)]
+            finally:
+                if local:
+                    own.close()
+
+        try:
+            for filtered in _in_order((lambda i=i: row_group(i) for i in range(len(sizes))), READ_THREADS):
+                yield from filtered
+        finally:
+            for own in opened:
+                own.close()
+        return
+    for batch in _read_ahead(pf.iter_batches(batch_size=BATCH_ROWS, columns=read)):
+        yield _filter_batch(batch, mapping, spec, out_cols, with_offsets)
+
+
 def _kept_batches(spec: PartSpec, result: FilterResult, on_batch: Callable[[FilterResult], None] | None,
                   with_hashes: bool, with_positions: bool) -> Iterator[Kept]:
     """Pass 1: stream all files and yield each batch's kept rows, counting the rows dropped."""
@@ -216,29 +316,21 @@ def _kept_batches(spec: PartSpec, result: FilterResult, on_batch: Callable[[Filt
         out_cols = _output_columns(mapping, spec, file_columns, url)
         read = sorted({*out_cols.values(), *(mapping[f] for f in needed)})
         try:
-            for batch in _read_ahead(pf.iter_batches(batch_size=BATCH_ROWS, columns=read)):
-                keep = None
-                for name, mask in _condition_masks(batch, mapping, spec):
-                    mask = pc.fill_null(mask, False)
-                    failing = pc.invert(mask) if keep is None else pc.and_not(keep, mask)
-                    result.dropped_by[name] = result.dropped_by.get(name, 0) + (pc.sum(failing).as_py() or 0)
-                    keep = mask if keep is None else pc.and_(keep, mask)
-                result.rows_read += batch.num_rows
-                # Only the output columns are filtered: the condition columns are done with.
-                kept = pa.Table.from_arrays([batch.column(src) for src in out_cols.values()],
-                                            names=list(out_cols)).filter(keep)
+            for filtered in _filtered_batches(url, pf, read, mapping, spec, out_cols, with_positions):
+                for name, count in filtered.dropped:
+                    result.dropped_by[name] = result.dropped_by.get(name, 0) + count
+                result.rows_read += filtered.rows
+                kept = filtered.table
                 h = url_hashes(kept.column("url"), spec.filter.seed) if with_hashes or sampling else None
-                seq = None
-                if with_positions:
-                    seq = np.flatnonzero(keep.to_numpy(zero_copy_only=False)).astype(np.int64) + position
-                position += batch.num_rows
+                seq = filtered.offsets + position if with_positions else None
+                position += filtered.rows
                 if sampling:
                     sampled = h < threshold
                     result.dropped_by["sampleFraction"] = (
                         result.dropped_by.get("sampleFraction", 0) + int((~sampled).sum()))
                     kept, h = kept.filter(pa.array(sampled)), h[sampled]
                     seq = seq[sampled] if seq is not None else None
-                table = _normalise(kept)
+                table = kept
                 if schema is None:
                     schema = table.schema
                 elif table.schema != schema:
@@ -260,7 +352,7 @@ class ShardWriter:
         self.pending_rows = 0
         self.shards = 0
         self.rows = 0
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
+        self._pool = ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="shard-writer")
         self._writing: deque[Future] = deque()
 
     def add(self, table: pa.Table) -> None:
@@ -279,15 +371,20 @@ class ShardWriter:
             self.pending_rows = rows.num_rows - start
 
     def _write(self, table: pa.Table) -> None:
-        while len(self._writing) >= 2:  # at most two shards in memory waiting to be written
+        while len(self._writing) >= 2 * WRITE_THREADS:  # a few shards in memory waiting to be written
             self._writing.popleft().result()
         self._writing.append(self._pool.submit(self._put, self.shards, table))
         self.shards += 1
 
     def _put(self, shard: int, table: pa.Table) -> None:
-        with self.store.fs.open(self.store.path(SHARDS_DIR, f"{shard_name(shard)}.parquet"), "wb") as f:
-            # URLs and captions are nearly all distinct, and nothing reads a shard by statistics.
-            pq.write_table(table, f, use_dictionary=False, write_statistics=False)
+        path = self.store.path(SHARDS_DIR, f"{shard_name(shard)}.parquet")
+        # URLs and captions are nearly all distinct, and nothing reads a shard by statistics.
+        options = {"use_dictionary": False, "write_statistics": False}
+        if isinstance(self.store.fs, fsspec.implementations.local.LocalFileSystem):
+            pq.write_table(table, path, **options)  # Arrow's own writes: no Python call per write
+            return
+        with self.store.fs.open(path, "wb") as f:
+            pq.write_table(table, f, **options)
 
     def close(self) -> int:
         """Write the last, partial shard and wait for every write; returns the number of shards."""
