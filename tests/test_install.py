@@ -177,3 +177,45 @@ def test_kuberay_mode_creates_valid_rayjobs_and_follows_them(api, chart_operator
     conditions = {c["type"]: c for c in failed["conditions"]}
     assert conditions["Failed"]["reason"] == "RetriesExhausted"
     assert "OOMKilled" in failed["message"]
+
+
+def test_two_replicas_with_peering_never_both_handle_a_part(api, ray_cluster, metadata, kube_namespace, tmp_path):
+    from tests.support.chart import CHART
+
+    docs = manifests(render({"replicas": 2}))
+    api.install_crd(CHART / "crds" / "kopf-peering.yaml")
+    peering = next(d for d in docs if d["kind"] == "ClusterKopfPeering")
+    api.apply({k: v for k, v in peering.items() if k != "__template__"})
+    config = operator_config(docs)
+    assert config["peeringName"] == peering["metadata"]["name"]
+    env = {**ray_cluster.client_env(), "LAION_OPERATOR_RAY_ADDRESS": ray_cluster.dashboard_url}
+    replicas = []
+    try:
+        for i in range(2):  # as the chart's Deployment runs them: with peering, not --standalone
+            workdir = tmp_path / f"replica-{i}"
+            workdir.mkdir()
+            replicas.append(OperatorProcess(workdir, api.env_vars, config, env={**env, "POD_ID": f"replica-{i}"},
+                                            args=()).start())
+        doc = part_doc("peered", metadata, {"uri": str(tmp_path / "out")})
+        api.kubectl("apply", "-n", kube_namespace, "-f", "-", input=yaml.safe_dump(doc))
+        status = wait_status(api, kube_namespace, "peered", lambda s: s.get("phase") in ("Succeeded", "Failed"))
+        assert status["phase"] == "Succeeded", status
+        from ray.job_submission import JobSubmissionClient
+
+        jobs = [j for j in JobSubmissionClient(ray_cluster.dashboard_url).list_jobs()
+                if (j.metadata or {}).get("laion-operator.io/part") == "peered"]
+        assert [j.submission_id for j in jobs] == [status["submissionId"]]
+        handled = [op for op in replicas if f"submitted job {status['submissionId']}" in op.logs()]
+        assert len(handled) == 1
+
+        def active(op) -> bool:  # kopf logs each pause and resume of a replica's peering
+            states = [line for line in op.logs().splitlines()
+                      if "Pausing operations" in line or "Resuming operations" in line]
+            return bool(states) and "Resuming" in states[-1]
+
+        assert [active(op) for op in replicas].count(True) == 1
+        idle = next(op for op in replicas if not active(op))
+        assert "laion_operator.parts" not in idle.logs()  # the paused replica never touched the part
+    finally:
+        for op in replicas:
+            op.stop()
