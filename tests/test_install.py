@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import jsonschema
@@ -14,7 +13,6 @@ from laion_operator.demo_data import write_metadata
 from laion_operator.pipeline import run_part
 from laion_operator.spec import PartSpec
 from tests.support.chart import manifests, operator_config, render
-from tests.support.kube_fixtures import kube_api, kube_namespace  # noqa: F401
 from tests.support.operator_proc import OperatorProcess
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,7 +82,7 @@ def test_part_succeeds_with_credentials_from_a_secret(api, chart_operator, ray_c
 
     summary = json.loads(s3.client().get_object(Bucket=bucket, Key="p/part_secret-part_summary.json")["Body"].read())
     assert status["images"]["ok"] == summary["images"]["ok"] > 0
-    assert f"p/part_secret-part_stats.csv" in s3.keys(bucket, "p/")
+    assert "p/part_secret-part_stats.csv" in s3.keys(bucket, "p/")
 
     # The secret's values appear nowhere users or logs can see.
     from ray.job_submission import JobSubmissionClient

@@ -18,7 +18,6 @@ import yaml
 from kopf._core.intents.registries import SmartOperatorRegistry
 from kopf.testing import KopfRunner
 
-from tests.support.kube_fixtures import kube_api, kube_env, kube_namespace  # noqa: F401
 from tests.support.kubeapi import KubeAPIError, TestAPIServer, kubectl_path
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,7 +14,6 @@ import yaml
 
 from laion_operator.demo_data import write_metadata
 from laion_operator.spec import load
-from tests.support.kube_fixtures import kube_api, kube_namespace  # noqa: F401
 from tests.support.operator_proc import OperatorProcess
 from tests.support.prometheus import Prometheus
 

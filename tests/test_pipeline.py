@@ -14,7 +14,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import fsspec
 import pyarrow.parquet as pq
 import pytest
 import yaml

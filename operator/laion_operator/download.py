@@ -167,10 +167,6 @@ def shard_outputs(store: Store, shard: int) -> list[str]:
     return [store.path(f"{name}{suffix}") for suffix in (".tar", ".parquet", ".tfrecord", "")]
 
 
-def is_done(store: Store, shard: int) -> bool:
-    return store.exists(f"{shard_name(shard)}_stats.json")
-
-
 def load_stats(store: Store, shard: int) -> ShardStats | None:
     data = store.read_json(f"{shard_name(shard)}_stats.json")
     return ShardStats.from_json(data) if data else None

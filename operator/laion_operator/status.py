@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 PHASES = ["Pending", "Queued", "Filtering", "Downloading", "Annotating", "Succeeded", "Failed", "Stopping"]
 FAILURE_REASONS = [
     "http_4xx", "http_5xx", "timeout", "tls", "dns", "connection", "decode", "too_small", "aspect_ratio",
-    "opt_out", "hash_mismatch", "other",
+    "opt_out", "other",
 ]
 
 

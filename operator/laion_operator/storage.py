@@ -103,9 +103,3 @@ class Store:
             self.fs.rm(probe)
         except Exception as err:  # noqa: BLE001 - any backend error means the same to the user
             raise StorageError(f"output {self.uri} is not writable: {type(err).__name__}: {err}") from err
-
-    def size(self, *parts: str) -> int:
-        try:
-            return int(self.fs.size(self.path(*parts)) or 0)
-        except FileNotFoundError:
-            return 0
