@@ -1,4 +1,4 @@
-"""Stage 2: download, resize and write one shard, with img2dataset's resizer and sample writers.
+"""Stage 2: download, resize and write one shard, with img2dataset's resizing and sample writers.
 
 The shard loop is ours rather than img2dataset's `Downloader` for what that class cannot do: turn off
 TLS verification without patching the library, classify every failure into a bounded set of
@@ -25,7 +25,6 @@ from typing import Callable
 
 import pyarrow as pa
 from img2dataset.downloader import compute_key, is_disallowed
-from img2dataset.resizer import Resizer
 from img2dataset.writer import (
     FilesSampleWriter,
     ParquetSampleWriter,
@@ -33,7 +32,7 @@ from img2dataset.writer import (
 )
 
 from .filter import read_shard, shard_name
-from .resize import ReducedDecodeResizer
+from .resize import Resizer
 from .spec import Download, PartSpec
 from .storage import Store
 from .writers import TFRecordSampleWriter  # img2dataset's needs tensorflow; ours writes the same files
@@ -155,10 +154,11 @@ class Fetcher:
 
 
 def make_resizer(opts: Download) -> Resizer:
-    return (ReducedDecodeResizer if opts.reduced_decode else Resizer)(
+    return Resizer(
         image_size=opts.image_size, resize_mode=opts.resize_mode, resize_only_if_bigger=opts.resize_only_if_bigger,
         encode_quality=opts.encode_quality, encode_format=opts.encode_format, skip_reencode=opts.skip_reencode,
         min_image_size=opts.min_image_size, max_aspect_ratio=opts.max_aspect_ratio or float("inf"),
+        reduced_decode=opts.reduced_decode,
     )
 
 

@@ -1,36 +1,36 @@
-"""Reduced-size JPEG decoding in front of img2dataset's Resizer (`spec.download.reducedDecode`).
+"""Resizing one image: img2dataset's Resizer, faster, and optionally at reduced size (`download.reducedDecode`).
 
-libjpeg can decode a JPEG at 1/2, 1/4 or 1/8 of its size (DCT scaling) for much less work than a full
-decode, and the smaller image is then cheaper to resize. When the resize target is at most half the
-source, `ReducedDecodeResizer` decodes at the largest of those scales that still leaves the image at
-least as large as the target, and resizes it to exactly the size a full decode would be resized to.
+`Resizer` gives the same bytes as img2dataset's for every input, for less CPU, which is where a download
+spends its time:
+- JPEGs are decoded by libjpeg-turbo's own API (simplejpeg): the same pixels as OpenCV's `imdecode`
+  in about 80 % of its time;
+- the resize, crop and border steps call OpenCV directly instead of building albumentations
+  transforms per image.
+Anything this path does not cover — skip_reencode, blurring, CMYK, 12-bit, lossless or damaged JPEGs,
+images that fail a size check — goes to img2dataset's own `__call__`, so errors read the same.
 
-Everything else is img2dataset's `Resizer` unchanged: the size, area and aspect-ratio checks and
-`original_width/height` use the original dimensions (read from the JPEG's frame header), centre crop,
-white border and encoding are the same, and every other input — PNG, WebP, CMYK or 12-bit JPEGs,
-images that fail a check, images the target is not at most half of — goes through the parent's full
-decode. The output differs from a full decode's by resampling only: `tests/test_resize.py` holds it
-to a PSNR of at least 35 dB.
+With `reduced_decode`, libjpeg's DCT scaling decodes a JPEG at 1/2, 1/4 or 1/8 of its size when the
+resize target is at most half the source: the largest of those scales that still leaves the image at
+least as large as the target, then resized to exactly the size a full decode would be resized to.
+The output differs from a full decode's by resampling only: `tests/test_resize.py` holds it to a PSNR
+of at least 35 dB.
 """
 
 from __future__ import annotations
 
 import cv2
 import numpy as np
-from img2dataset.resizer import ResizeMode, Resizer, SuppressStdoutStderr
+import simplejpeg
+from img2dataset import resizer as i2d
+
+ResizeMode = i2d.ResizeMode
 
 # Frame headers: baseline, extended and progressive Huffman JPEGs are what libjpeg decodes scaled.
 _SCALABLE_SOF = {0xC0, 0xC1, 0xC2}
 _OTHER_SOF = {0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 _STANDALONE = {0x01, 0xD8, *range(0xD0, 0xD8)}  # markers without a length field
-# (denominator, grayscale) -> imdecode flags. EXIF orientation is ignored, as IMREAD_UNCHANGED does;
-# denominator 1 (a full decode) is never planned, tests use it to compare the rest of the path.
-_FLAGS = {
-    (1, False): cv2.IMREAD_COLOR, (2, False): cv2.IMREAD_REDUCED_COLOR_2,
-    (4, False): cv2.IMREAD_REDUCED_COLOR_4, (8, False): cv2.IMREAD_REDUCED_COLOR_8,
-    (1, True): cv2.IMREAD_GRAYSCALE, (2, True): cv2.IMREAD_REDUCED_GRAYSCALE_2,
-    (4, True): cv2.IMREAD_REDUCED_GRAYSCALE_4, (8, True): cv2.IMREAD_REDUCED_GRAYSCALE_8,
-}
+_SHORT_SIDE = (ResizeMode.keep_ratio, ResizeMode.center_crop)
+_LONG_SIDE = (ResizeMode.border, ResizeMode.keep_ratio_largest)
 
 
 def jpeg_header(data: bytes) -> tuple[int, int, int] | None:
@@ -60,60 +60,119 @@ def jpeg_header(data: bytes) -> tuple[int, int, int] | None:
     return None
 
 
-class ReducedDecodeResizer(Resizer):
-    """img2dataset's Resizer that decodes large JPEGs at 1/2, 1/4 or 1/8 scale when the target allows."""
+class Resizer(i2d.Resizer):
+    """img2dataset's Resizer with the same output for less work; `reduced_decode` trades exactness for speed."""
 
-    def plan(self, width: int, height: int) -> tuple[int, int, int] | None:
-        """(denominator, target height, target width) for a reduced decode of a width x height image."""
-        if self.resize_mode in (ResizeMode.keep_ratio, ResizeMode.center_crop):
+    def __init__(self, *args, reduced_decode: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reduced_decode = reduced_decode
+
+    def target(self, width: int, height: int) -> tuple[int, int] | None:
+        """(height, width) the resize step gives a width x height image, or None when it does not resize."""
+        if self.resize_mode in _SHORT_SIDE:
             side = min(width, height)
-        elif self.resize_mode in (ResizeMode.border, ResizeMode.keep_ratio_largest):
+        elif self.resize_mode in _LONG_SIDE:
             side = max(width, height)
         else:
             return None
-        if side < 2 * self.image_size:
+        if self.resize_only_if_bigger and side <= self.image_size:
             return None
-        if min(width, height) < self.min_image_size or width * height > self.max_image_area or \
-                max(width, height) / min(width, height) > self.max_aspect_ratio:
-            return None  # the parent's full decode fails it with its own message
-        # The size albumentations' SmallestMaxSize / LongestMaxSize give the full-size image.
+        # The rounding of albumentations' SmallestMaxSize / LongestMaxSize, which the parent uses.
         scale = self.image_size / side
-        target_h, target_w = max(1, round(height * scale)), max(1, round(width * scale))
+        return max(1, round(height * scale)), max(1, round(width * scale))
+
+    def denominator(self, width: int, height: int) -> int:
+        """The DCT scaling (1, 2, 4 or 8) a width x height JPEG is decoded at."""
+        target = self.target(width, height) if self.reduced_decode else None
+        if target is None:
+            return 1
+        side = min(width, height) if self.resize_mode in _SHORT_SIDE else max(width, height)
+        if side < 2 * self.image_size:
+            return 1
         for denominator in (8, 4, 2):
-            if -(-width // denominator) >= target_w and -(-height // denominator) >= target_h:
-                return denominator, target_h, target_w
+            if -(-width // denominator) >= target[1] and -(-height // denominator) >= target[0]:
+                return denominator
+        return 1
+
+    def refusal(self, width: int, height: int) -> str | None:
+        """The parent's message for an image its size checks refuse."""
+        if min(width, height) < self.min_image_size:
+            return "image too small"
+        if width * height > self.max_image_area:
+            return "image area too large"
+        if max(width, height) / min(width, height) > self.max_aspect_ratio:
+            return "aspect ratio too large"
         return None
 
+    def decode_jpeg(self, data: bytes) -> tuple[np.ndarray, int, int] | None:
+        """(pixels, original width, original height) of a JPEG this path decodes, else None."""
+        header = jpeg_header(data)
+        if header is None or header[2] not in (1, 3) or self.refusal(header[0], header[1]):
+            return None
+        width, height, components = header
+        denominator = self.denominator(width, height)
+        shape = (-(-height // denominator), -(-width // denominator))
+        try:
+            img = simplejpeg.decode_jpeg(data, "GRAY" if components == 1 else "BGR", strict=True,
+                                         min_height=shape[0], min_width=shape[1])
+        except ValueError:  # damaged: the parent decodes what it can, or reports it
+            return None
+        if img.shape[:2] != shape:
+            return None
+        return (img.reshape(shape) if components == 1 else img), width, height
+
     def __call__(self, img_stream, blurring_bbox_list=None):
-        if self.disable_all_reencoding or blurring_bbox_list is not None:
+        if self.disable_all_reencoding or self.skip_reencode or blurring_bbox_list is not None:
             return super().__call__(img_stream, blurring_bbox_list)
         img_stream.seek(0)
         data = img_stream.read()
-        header = jpeg_header(data)
-        plan = self.plan(header[0], header[1]) if header and header[2] in (1, 3) else None
-        if plan is None:
-            return super().__call__(img_stream)
-        width, height, components = header
-        denominator, target_h, target_w = plan
         try:
-            with SuppressStdoutStderr():
-                cv2.setNumThreads(1)
-                img = cv2.imdecode(np.frombuffer(data, np.uint8), _FLAGS[denominator, components == 1]
-                                   | cv2.IMREAD_IGNORE_ORIENTATION)
-                if img is None or img.shape[:2] != (-(-height // denominator), -(-width // denominator)):
+            decoded = self.decode_jpeg(data)
+            if decoded is None:
+                if data[:3] == b"\xff\xd8\xff":
+                    return super().__call__(img_stream)
+                img = self.decode_other(data)
+                if img is None:
                     return super().__call__(img_stream)  # the parent reports the decoding error
-                img = cv2.resize(img, (target_w, target_h), interpolation=self.downscale_interpolation)
-                # From here on the parent's steps on an image already at its resized size.
-                if self.resize_mode == ResizeMode.center_crop:
-                    y, x = (target_h - self.image_size) // 2, (target_w - self.image_size) // 2
-                    img = img[y:y + self.image_size, x:x + self.image_size]
-                elif self.resize_mode == ResizeMode.border:
-                    top, left = (self.image_size - target_h) // 2, (self.image_size - target_w) // 2
-                    img = cv2.copyMakeBorder(img, top, self.image_size - target_h - top, left,
-                                             self.image_size - target_w - left, cv2.BORDER_CONSTANT,
-                                             value=[255, 255, 255])
-                out_h, out_w = img.shape[:2]
-                encoded = cv2.imencode(f".{self.encode_format}", img, params=self.encode_params)[1].tobytes()
-                return encoded, out_w, out_h, width, height, None
+                height, width = img.shape[:2]
+                refusal = self.refusal(width, height)
+                if refusal:
+                    return None, None, None, None, None, refusal
+            else:
+                img, width, height = decoded
+            img = self.resize(img, width, height)
+            encoded = cv2.imencode(f".{self.encode_format}", img, params=self.encode_params)[1].tobytes()
+            return encoded, img.shape[1], img.shape[0], width, height, None
         except Exception as err:  # noqa: BLE001 - as the parent: a bad image is a sample's failure
             return None, None, None, None, None, str(err)
+
+    def decode_other(self, data: bytes) -> np.ndarray | None:
+        """PNG, WebP, … decoded as the parent does, alpha matted onto white."""
+        with i2d.SuppressStdoutStderr():
+            cv2.setNumThreads(1)
+            img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        if img is not None and img.ndim == 3 and img.shape[-1] == 4:
+            alpha = img[:, :, 3, np.newaxis]
+            img = alpha / 255 * img[..., :3] + 255 - alpha
+            img = np.rint(img.clip(min=0, max=255)).astype(np.uint8)
+        return img
+
+    def resize(self, img: np.ndarray, width: int, height: int) -> np.ndarray:
+        """The parent's resize, crop and border steps for an image whose original size is width x height."""
+        target = self.target(width, height)
+        if target is None:
+            return img
+        cv2.setNumThreads(1)
+        if img.shape[:2] != target:
+            downscale = (min if self.resize_mode in _SHORT_SIDE else max)(width, height) > self.image_size
+            img = cv2.resize(img, target[::-1],
+                             interpolation=self.downscale_interpolation if downscale else self.upscale_interpolation)
+        size, (h, w) = self.image_size, target
+        if self.resize_mode == ResizeMode.center_crop:
+            y, x = max(h - size, 0) // 2, max(w - size, 0) // 2
+            img = img[y:y + size, x:x + size]
+        elif self.resize_mode == ResizeMode.border and (h < size or w < size):
+            top, left = max(size - h, 0) // 2, max(size - w, 0) // 2
+            img = cv2.copyMakeBorder(img, top, max(size - h, 0) - top, left, max(size - w, 0) - left,
+                                     cv2.BORDER_CONSTANT, value=[255, 255, 255])
+        return img
