@@ -2,7 +2,8 @@
 
 Every engine reads the same generated LAION2B-en aesthetics 4.5+ parquet (same columns and types),
 keeps the rows of the seeds' filter (WIDTH >= 512, HEIGHT >= 512, punsafe <= 0.98,
-AESTHETIC_SCORE >= 4.5) and writes them, every column, as snappy parquet. Each run is a fresh
+AESTHETIC_SCORE >= 4.5) and writes them, every column, as uncompressed parquet (the project's
+shards are uncompressed scratch files; every engine is told to write the same). Each run is a fresh
 process; its time is the job alone (after imports, and after SparkSession start-up, which is
 reported apart), its memory the peak resident size of its process tree (the JVM included).
 The outputs are checked to hold the same rows (count and checksums) before any number is printed.
@@ -57,7 +58,7 @@ def _polars(src: str, out: str) -> dict:
     (pl.scan_parquet(src)
      .filter((pl.col("WIDTH") >= 512) & (pl.col("HEIGHT") >= 512) & (pl.col("punsafe") <= 0.98)
              & (pl.col("AESTHETIC_SCORE") >= 4.5))
-     .sink_parquet(f"{out}/kept.parquet", compression="snappy"))
+     .sink_parquet(f"{out}/kept.parquet", compression="uncompressed"))
     return {"seconds": time.perf_counter() - start}
 
 
@@ -67,7 +68,7 @@ def _duckdb(src: str, out: str) -> dict:
     con = duckdb.connect()
     start = time.perf_counter()
     con.execute(f"COPY (SELECT * FROM read_parquet('{src}') WHERE {SQL_WHERE}) "
-                f"TO '{out}/kept.parquet' (FORMAT parquet, COMPRESSION snappy)")
+                f"TO '{out}/kept.parquet' (FORMAT parquet, COMPRESSION uncompressed)")
     return {"seconds": time.perf_counter() - start}
 
 
@@ -84,7 +85,7 @@ def _pyspark(src: str, out: str) -> dict:
     df = spark.read.parquet(src)
     (df.filter((F.col("WIDTH") >= 512) & (F.col("HEIGHT") >= 512) & (F.col("punsafe") <= 0.98)
                & (F.col("AESTHETIC_SCORE") >= 4.5))
-     .write.mode("overwrite").parquet(out))
+     .write.mode("overwrite").option("compression", "none").parquet(out))
     done = time.perf_counter()
     spark.stop()
     return {"seconds": done - started, "startup": started - start}
