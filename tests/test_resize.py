@@ -198,3 +198,16 @@ def test_spec_option_chooses_the_decode(tmp_path):
     assert spec.download.reduced_decode is True
     assert make_resizer(spec.download).reduced_decode is True
     assert spec.to_dict()["download"]["reducedDecode"] is True
+
+
+def test_spec_interpolations_reach_the_resizer(tmp_path):
+    base = {"partId": "r", "source": {"urls": ["m.parquet"]}, "output": {"uri": str(tmp_path)}}
+    download = {"imageSize": 512, "resizeMode": "keep_ratio", "downscaleInterpolation": "linear",
+                "upscaleInterpolation": "cubic"}
+    ours = make_resizer(PartSpec.from_dict({**base, "download": download}).download)
+    theirs = i2d.Resizer(**options(downscale_interpolation="linear", upscale_interpolation="cubic"))
+    default = i2d.Resizer(**options())
+    for name in ("jpeg-large", "jpeg-small"):  # one shrinks, one grows
+        got = ours(io.BytesIO(INPUTS[name]))
+        assert got == theirs(io.BytesIO(INPUTS[name]))
+        assert got[0] != default(io.BytesIO(INPUTS[name]))[0], f"{name}: the filter changed the pixels"

@@ -156,6 +156,7 @@ class Fetcher:
 def make_resizer(opts: Download) -> Resizer:
     return Resizer(
         image_size=opts.image_size, resize_mode=opts.resize_mode, resize_only_if_bigger=opts.resize_only_if_bigger,
+        downscale_interpolation=opts.downscale_interpolation, upscale_interpolation=opts.upscale_interpolation,
         encode_quality=opts.encode_quality, encode_format=opts.encode_format, skip_reencode=opts.skip_reencode,
         min_image_size=opts.min_image_size, max_aspect_ratio=opts.max_aspect_ratio or float("inf"),
         reduced_decode=opts.reduced_decode,

@@ -23,6 +23,7 @@ RESIZE_MODES = ["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border
 OUTPUT_FORMATS = ["webdataset", "files", "parquet", "tfrecord"]
 ENCODE_FORMATS = ["jpg", "png", "webp"]
 HASHES = ["none", "md5", "sha256", "sha512"]
+INTERPOLATIONS = ["nearest", "linear", "cubic", "area", "lanczos"]  # img2dataset's names, aliases aside
 
 
 def _str(description: str, **extra: Any) -> dict:
@@ -96,6 +97,10 @@ SCHEMA: dict = {
                 "resizeMode": _str("How images are resized.", enum=RESIZE_MODES, default="border"),
                 "resizeOnlyIfBigger": _bool("Never upscale.", False),
                 "skipReencode": _bool("Keep the original bytes when no resize happens.", False),
+                "downscaleInterpolation": _str("Resampling filter when shrinking.", enum=INTERPOLATIONS,
+                                               default="area"),
+                "upscaleInterpolation": _str("Resampling filter when enlarging.", enum=INTERPOLATIONS,
+                                             default="lanczos"),
                 "encodeFormat": _str("Image encoding.", enum=ENCODE_FORMATS, default="jpg"),
                 "encodeQuality": _int("JPEG/WebP quality, or PNG compression level.", minimum=0, maximum=100,
                                       default=95),
@@ -242,6 +247,8 @@ class Download:
     resize_mode: str = "border"
     resize_only_if_bigger: bool = False
     skip_reencode: bool = False
+    downscale_interpolation: str = "area"
+    upscale_interpolation: str = "lanczos"
     encode_format: str = "jpg"
     encode_quality: int = 95
     min_image_size: int = 0
