@@ -67,15 +67,18 @@ class Resizer(i2d.Resizer):
         super().__init__(*args, **kwargs)
         self.reduced_decode = reduced_decode
 
+    def side(self, width: int, height: int) -> int | None:
+        """The side of a width x height image the resize mode scales to image_size; None: no resizing."""
+        if self.resize_mode in _SHORT_SIDE:
+            return min(width, height)
+        if self.resize_mode in _LONG_SIDE:
+            return max(width, height)
+        return None
+
     def target(self, width: int, height: int) -> tuple[int, int] | None:
         """(height, width) the resize step gives a width x height image, or None when it does not resize."""
-        if self.resize_mode in _SHORT_SIDE:
-            side = min(width, height)
-        elif self.resize_mode in _LONG_SIDE:
-            side = max(width, height)
-        else:
-            return None
-        if self.resize_only_if_bigger and side <= self.image_size:
+        side = self.side(width, height)
+        if side is None or (self.resize_only_if_bigger and side <= self.image_size):
             return None
         # The rounding of albumentations' SmallestMaxSize / LongestMaxSize, which the parent uses.
         scale = self.image_size / side
@@ -84,10 +87,7 @@ class Resizer(i2d.Resizer):
     def denominator(self, width: int, height: int) -> int:
         """The DCT scaling (1, 2, 4 or 8) a width x height JPEG is decoded at."""
         target = self.target(width, height) if self.reduced_decode else None
-        if target is None:
-            return 1
-        side = min(width, height) if self.resize_mode in _SHORT_SIDE else max(width, height)
-        if side < 2 * self.image_size:
+        if target is None or self.side(width, height) < 2 * self.image_size:
             return 1
         for denominator in (8, 4, 2):
             if -(-width // denominator) >= target[1] and -(-height // denominator) >= target[0]:
@@ -164,7 +164,7 @@ class Resizer(i2d.Resizer):
             return img
         cv2.setNumThreads(1)
         if img.shape[:2] != target:
-            downscale = (min if self.resize_mode in _SHORT_SIDE else max)(width, height) > self.image_size
+            downscale = self.side(width, height) > self.image_size
             img = cv2.resize(img, target[::-1],
                              interpolation=self.downscale_interpolation if downscale else self.upscale_interpolation)
         size, (h, w) = self.image_size, target
