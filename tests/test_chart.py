@@ -36,7 +36,8 @@ ALL_ON = {
     "replicas": 2,
     "credentialsSecrets": ["laion-s3", "laion-minio"],
     "imagePullSecrets": [{"name": "regcred"}],
-    "operator": {"config": {"mode": "kuberay"}, "extraEnv": [{"name": "HTTPS_PROXY", "value": "http://proxy:3128"}]},
+    "operator": {"config": {"mode": "kuberay"}, "extraEnv": [{"name": "HTTPS_PROXY", "value": "http://proxy:3128"}],
+                 "rayAuthTokenSecret": {"name": "raycluster-auth"}},
     "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
     "prometheusRule": {"enabled": True, "labels": {"release": "prometheus"}},
     "grafanaDashboard": {"enabled": True, "namespace": "monitoring", "annotations": {"grafana_folder": "LAION"}},
@@ -170,7 +171,10 @@ def test_every_optional_feature_renders():
     assert pod["metadata"]["labels"]["team"] == "data"
     assert pod["spec"]["priorityClassName"] == "laion-high"
     assert pod["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
-    assert {"name": "HTTPS_PROXY", "value": "http://proxy:3128"} in pod["spec"]["containers"][0]["env"]
+    env = pod["spec"]["containers"][0]["env"]
+    assert {"name": "HTTPS_PROXY", "value": "http://proxy:3128"} in env
+    assert {"name": "RAY_AUTH_MODE", "value": "token"} in env
+    assert {"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {"name": "raycluster-auth", "key": "auth_token"}}} in env
     assert one(docs, "ClusterKopfPeering")["metadata"]["name"] == operator_config(docs)["peeringName"]
 
 
@@ -312,6 +316,8 @@ def pruned_fields(obj, schema: dict, path: str = "spec") -> list[str]:
     ({"serviceMonitor": {"enabled": "yes"}}, "/serviceMonitor/enabled"),
     ({"serviceMonitor": {"interval": "often"}}, "/serviceMonitor/interval"),
     ({"updateStrategy": {"type": "BlueGreen"}}, "/updateStrategy/type"),
+    ({"operator": {"rayAuthTokenSecret": {"name": "Ray Token"}}}, "/operator/rayAuthTokenSecret/name"),
+    ({"operator": {"rayAuthTokenSecret": {"key": ""}}}, "/operator/rayAuthTokenSecret/key"),
 ])
 def test_schema_refuses_wrong_values(values, where):
     with pytest.raises(HelmValuesError) as err:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import secrets
 from pathlib import Path
 
 import jsonschema
@@ -14,6 +16,7 @@ from laion_operator.pipeline import run_part
 from laion_operator.spec import PartSpec
 from tests.support.chart import manifests, operator_config, render
 from tests.support.operator_proc import OperatorProcess
+from tests.support.services import LOOPBACK_RAY, RayCluster
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUP, VERSION, PLURAL = "laion-operator.io", "v1alpha1", "laionparts"
@@ -100,6 +103,81 @@ def test_part_succeeds_with_credentials_from_a_secret(api, chart_operator, ray_c
         assert s3.SECRET_KEY not in text, where
         assert s3.ACCESS_KEY not in text, where
     assert "laion_part_images_total" in visible["metrics"]
+
+
+@pytest.fixture(scope="module")
+def token_ray():
+    """A Ray cluster of its own with token authentication on: Ray's default from 2.61."""
+    cluster = RayCluster(auth_token=f"laion-test-{secrets.token_hex(16)}").start()
+    yield cluster
+    cluster.stop()
+
+
+def container_env(docs: list[dict], api, namespace: str) -> dict[str, str]:
+    """The operator container's environment as the kubelet sets it: values, and Secret keys read from the API."""
+    env = {}
+    for item in one_of(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]:
+        ref = item.get("valueFrom", {}).get("secretKeyRef")
+        if ref:
+            secret = json.loads(api.kubectl("get", "secret", ref["name"], "-n", namespace, "-o", "json").stdout)
+            env[item["name"]] = base64.b64decode(secret["data"][ref["key"]]).decode()
+        elif "value" in item:
+            env[item["name"]] = item["value"]
+    return env
+
+
+def one_of(docs: list[dict], kind: str) -> dict:
+    found = [d for d in docs if d["kind"] == kind]
+    assert len(found) == 1, [d["kind"] for d in docs]
+    return found[0]
+
+
+def test_jobs_mode_with_ray_token_authentication(api, token_ray, metadata, kube_namespace, tmp_path):
+    token = token_ray.auth["RAY_AUTH_TOKEN"]
+    api.kubectl("create", "secret", "generic", "raycluster-auth", "-n", kube_namespace,
+                f"--from-literal=auth_token={token}")
+    docs = manifests(render({"operator": {"rayAuthTokenSecret": {"name": "raycluster-auth"}}}))
+    config = operator_config(docs)
+    ray = {**LOOPBACK_RAY, "LAION_OPERATOR_RAY_ADDRESS": token_ray.dashboard_url}
+    args = ("--standalone", "--namespace", kube_namespace)
+    doc = part_doc("token-part", metadata, {"uri": str(tmp_path / "out")})
+
+    # Without the token, the part says what is missing and where to give it.
+    (tmp_path / "without").mkdir()
+    op = OperatorProcess(tmp_path / "without", api.env_vars, config, env=ray, args=args).start()
+    try:
+        api.kubectl("apply", "-n", kube_namespace, "-f", "-", input=yaml.safe_dump(doc))
+        status = wait_status(api, kube_namespace, "token-part", lambda s: "rayAuthTokenSecret" in s.get("message", ""),
+                             timeout=120)
+        assert "refused the operator" in status["message"] and status.get("phase") != "Succeeded"
+        assert "submissionId" not in status
+    finally:
+        op.stop()
+
+    # With the environment the chart's Deployment gives the operator from that Secret, it runs.
+    env = container_env(docs, api, kube_namespace)
+    assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN"] == token
+    (tmp_path / "with").mkdir()
+    op = OperatorProcess(tmp_path / "with", api.env_vars, config, args=args,
+                         env={**ray, **{k: v for k, v in env.items() if k.startswith("RAY_AUTH")}}).start()
+    try:
+        status = wait_status(api, kube_namespace, "token-part", lambda s: s.get("phase") in ("Succeeded", "Failed"))
+        assert status["phase"] == "Succeeded", (status, op.logs())
+        assert status["images"]["ok"] > 0
+        job_id = status["submissionId"]
+        visible = {
+            "LaionPart": api.kubectl("get", "lp", "token-part", "-n", kube_namespace, "-o", "json").stdout,
+            "Ray job": json.dumps(token_ray.jobs_api(f"/api/jobs/{job_id}")),
+            "Ray job logs": json.dumps(token_ray.jobs_api(f"/api/jobs/{job_id}/logs")),
+            "operator logs": op.logs(),
+            "metrics": op.metrics(),
+        }
+        assert "laion-operator job" in visible["Ray job"] and "token-part" in visible["Ray job logs"] + \
+            visible["Ray job"]
+        for where, text in visible.items():
+            assert token not in text, where
+    finally:
+        op.stop()
 
 
 def rayjob_schema() -> dict:

@@ -45,10 +45,26 @@ class JobsAPIBackend:
     """Ray Jobs API (the RayCluster's dashboard address)."""
 
     def __init__(self, config: OperatorConfig):
-        from ray.job_submission import JobSubmissionClient
-
         self.config = config
-        self.client = JobSubmissionClient(config.ray_address)
+        self._client = None
+
+    @property
+    def client(self):
+        # Made on first use, not at start-up: a Ray cluster that is down or refuses the operator then
+        # shows on every part's status, and the operator carries on once it is fixed.
+        if self._client is None:
+            from ray.exceptions import AuthenticationError
+            from ray.job_submission import JobSubmissionClient
+
+            try:
+                self._client = JobSubmissionClient(self.config.ray_address)
+            except AuthenticationError as err:
+                raise RuntimeError(
+                    f"the Ray cluster at {self.config.ray_address} refused the operator "
+                    f"({str(err).splitlines()[0]}): give the operator the cluster's token, with the chart "
+                    "value operator.rayAuthTokenSecret or the environment RAY_AUTH_MODE=token and "
+                    "RAY_AUTH_TOKEN") from None
+        return self._client
 
     def submit(self, owner: dict, job_id: str, spec: PartSpec, secret: dict[str, str] | None) -> None:
         if self.state(owner, job_id).state != "MISSING":

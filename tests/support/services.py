@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 VENV_BIN = Path(sys.executable).parent
@@ -35,23 +37,24 @@ def wait_for_port(port: int, timeout: float = 60) -> None:
 # Ray replaces a loopback --node-ip-address by the machine's routable address unless it believes it
 # runs a single-machine cluster; this switch is how it is told so, keeping every port on loopback.
 LOOPBACK_RAY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-# The test cluster listens on loopback only; token authentication (Ray's default for `ray start`) would
-# only make every client of the suite carry the token file.
+# The session's cluster listens on loopback only and runs without token authentication, so that not
+# every client of the suite must carry a token; tests of token authentication start their own.
 NO_AUTH = {"RAY_AUTH_MODE": "disabled"}
 
 
 class RayCluster:
     """`ray start --head` on loopback, with the dashboard's Jobs API; one per test session."""
 
-    def __init__(self, num_cpus: int = 2):
+    def __init__(self, num_cpus: int = 2, auth_token: str | None = None):
         self.num_cpus = num_cpus
+        self.auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": auth_token} if auth_token else NO_AUTH
         self.temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
         self.gcs_port = free_port()
         self.dashboard_port = free_port()
         # Jobs run `laion-operator job` from this virtualenv, as a worker image has it on PATH.
         # No storage credentials: jobs must get theirs the way they would in a cluster.
-        inherited = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-        self.env = {**inherited, **LOOPBACK_RAY, **NO_AUTH,
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_AUTH"))}
+        self.env = {**inherited, **LOOPBACK_RAY, **self.auth,
                     "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
 
     @property
@@ -64,7 +67,7 @@ class RayCluster:
 
     def client_env(self) -> dict[str, str]:
         """What a Ray client (the CLI, the operator) needs to talk to this cluster."""
-        return {"RAY_ADDRESS": self.address, **LOOPBACK_RAY, **NO_AUTH}
+        return {"RAY_ADDRESS": self.address, **LOOPBACK_RAY, **self.auth}
 
     def start(self) -> "RayCluster":
         cmd = [str(VENV_BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1",
@@ -81,21 +84,30 @@ class RayCluster:
         self._wait_for_jobs_api()
         return self
 
+    def jobs_api(self, path: str, body: dict | None = None, token: str | None = None) -> dict:
+        """One call of the Jobs REST API, as a Ray client makes it (with the cluster's token, if any)."""
+        headers = {"Content-Type": "application/json"}
+        token = token or self.auth.get("RAY_AUTH_TOKEN")
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        request = urllib.request.Request(self.dashboard_url + path, headers=headers,
+                                         data=json.dumps(body).encode() if body is not None else None)
+        with urllib.request.urlopen(request, timeout=30) as response:
+            text = response.read().decode()
+        return json.loads(text) if text.lstrip().startswith(("{", "[")) else {"text": text}
+
     def _wait_for_jobs_api(self, timeout: float = 120) -> None:
         """The dashboard answers before its job agent does; a first job proves submissions work."""
-        from ray.job_submission import JobSubmissionClient
-
-        client = JobSubmissionClient(self.dashboard_url)
         deadline = time.monotonic() + timeout
         while True:
             try:
-                job = client.submit_job(entrypoint="true")
+                job = self.jobs_api("/api/jobs/", {"entrypoint": "true"})["submission_id"]
                 break
-            except RuntimeError:
+            except (OSError, KeyError):  # HTTPError included: 5xx until the job agent is up
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(1)
-        while not client.get_job_status(job).is_terminal():
+        while self.jobs_api(f"/api/jobs/{job}")["status"] not in ("SUCCEEDED", "FAILED", "STOPPED"):
             time.sleep(0.5)
 
     def _pids(self) -> list[int]:
