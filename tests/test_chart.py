@@ -25,7 +25,8 @@ OPERATOR_DIR = ROOT / "operator"
 if str(OPERATOR_DIR) not in sys.path:
     sys.path.insert(0, str(OPERATOR_DIR))
 
-from tests.support.chart import CHART, FULLNAME, NAMESPACE, RELEASE, manifests, operator_config, render  # noqa: E402,F401
+from tests.support.chart import (  # noqa: E402,F401
+    CHART, FULLNAME, NAMESPACE, RELEASE, manifests, of_kind, one, operator_config, render)
 # Validate against the oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest
 # kubernetes-validate knows.
 KUBE_VERSIONS = ["1.25", kubernetes_validate.latest_version()]
@@ -58,16 +59,6 @@ SCENARIOS = {"default": None, "all-on": ALL_ON, "namespaced": NAMESPACED}
 
 def clean(doc: dict) -> dict:
     return {k: v for k, v in doc.items() if k != "__template__"}
-
-
-def of_kind(docs: list[dict], kind: str) -> list[dict]:
-    return [d for d in docs if d["kind"] == kind]
-
-
-def one(docs: list[dict], kind: str) -> dict:
-    found = of_kind(docs, kind)
-    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
-    return found[0]
 
 
 _RENDERED: dict[str, dict[str, str]] = {}

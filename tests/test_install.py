@@ -14,7 +14,7 @@ import yaml
 from laion_operator.demo_data import write_metadata
 from laion_operator.pipeline import run_part
 from laion_operator.spec import PartSpec
-from tests.support.chart import manifests, operator_config, render
+from tests.support.chart import manifests, one, operator_config, render
 from tests.support.operator_proc import OperatorProcess
 from tests.support.services import LOOPBACK_RAY, RayCluster
 
@@ -116,7 +116,7 @@ def token_ray():
 def container_env(docs: list[dict], api, namespace: str) -> dict[str, str]:
     """The operator container's environment as the kubelet sets it: values, and Secret keys read from the API."""
     env = {}
-    for item in one_of(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]:
+    for item in one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]:
         ref = item.get("valueFrom", {}).get("secretKeyRef")
         if ref:
             secret = json.loads(api.kubectl("get", "secret", ref["name"], "-n", namespace, "-o", "json").stdout)
@@ -124,12 +124,6 @@ def container_env(docs: list[dict], api, namespace: str) -> dict[str, str]:
         elif "value" in item:
             env[item["name"]] = item["value"]
     return env
-
-
-def one_of(docs: list[dict], kind: str) -> dict:
-    found = [d for d in docs if d["kind"] == kind]
-    assert len(found) == 1, [d["kind"] for d in docs]
-    return found[0]
 
 
 def test_jobs_mode_with_ray_token_authentication(api, token_ray, metadata, kube_namespace, tmp_path):

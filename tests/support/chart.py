@@ -27,6 +27,16 @@ def manifests(rendered: dict[str, str]) -> list[dict]:
     return docs
 
 
+def of_kind(docs: list[dict], kind: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def one(docs: list[dict], kind: str) -> dict:
+    found = of_kind(docs, kind)
+    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
+    return found[0]
+
+
 def operator_config(docs: list[dict]) -> dict:
     """The operator's configuration file as the chart's ConfigMap holds it."""
     cm = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == f"{FULLNAME}-config")
