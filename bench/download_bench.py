@@ -1,7 +1,7 @@
 """Download: the project's pipeline on local Ray against the img2dataset CLI, same images, same options.
 
 The images (400–2,000 px on the long side, 85 % JPEG, 10 % PNG, 5 % WebP, photo-like content) are
-served from loopback by `laion_operator.fakeweb`, in a separate process, rendered into its cache
+served from loopback by `laion_operator.testbed.fakeweb`, in a separate process, rendered into its cache
 before any run so that every run fetches the same bytes at the same cost. Each side resizes to 512
 keep_ratio into webdataset with the same settings: 2 processes (Ray: one task per CPU) of 32
 threads, 500 samples a shard, JPEG quality 95, sha256 of each image, no EXIF extraction (the project
@@ -64,7 +64,7 @@ def image_paths(n: int, seed: int = 7) -> list[str]:
 
 def serve(port: int, specs_file: str) -> None:
     """Render every image into the cache, say so on stdout, serve until stdin closes."""
-    from laion_operator.fakeweb import ImageServer
+    from laion_operator.testbed.fakeweb import ImageServer
 
     paths = Path(specs_file).read_text().split()
     server = ImageServer(port=port, cache_bytes=16 << 30).start()
@@ -179,7 +179,7 @@ def resize_cpu(base_url: str, paths: list[str], sample: int = 1000) -> list[str]
 
     from img2dataset.resizer import Resizer as Img2datasetResizer
 
-    from laion_operator.resize import Resizer
+    from laion_operator.pipeline.resize import Resizer
 
     step = max(1, len(paths) // sample)
     data = [urllib.request.urlopen(base_url + p, timeout=30).read() for p in paths[::step]]

@@ -38,7 +38,7 @@ EXTERNAL = ["polars", "duckdb", "pyspark"]
 # --- one run, in its own process ------------------------------------------------------------------
 
 def _project(src: str, out: str, defaults: bool) -> dict:
-    from laion_operator.filter import run_filter
+    from laion_operator.pipeline.filter import run_filter
     from laion_operator.spec import PartSpec
     from laion_operator.storage import Store
 
@@ -103,7 +103,7 @@ def worker(engine: str, src: str, out: str) -> dict:
 
 def generate(rows: int) -> Path:
     """The metadata file, generated once per size and kept under bench/work/."""
-    from laion_operator.demo_data import write_metadata
+    from laion_operator.testbed.demo_data import write_metadata
 
     common.WORK.mkdir(parents=True, exist_ok=True)
     path = common.WORK / f"2B-en-4.5_{rows}.parquet"

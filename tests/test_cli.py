@@ -8,8 +8,8 @@ from pathlib import Path
 
 import yaml
 
-from laion_operator.demo_data import write_metadata
-from laion_operator.filter import plan
+from laion_operator.testbed.demo_data import write_metadata
+from laion_operator.pipeline.filter import plan
 from laion_operator.spec import PartSpec
 
 CLI = str(Path(sys.executable).parent / "laion-operator")

@@ -18,8 +18,8 @@ OPERATOR_DIR = Path(__file__).resolve().parents[1] / "operator"
 if str(OPERATOR_DIR) not in sys.path:
     sys.path.insert(0, str(OPERATOR_DIR))
 
-from laion_operator.demo_data import DEFAULT_FAILURE_MIX, TINY_MAX, write_metadata  # noqa: E402
-from laion_operator.fakeweb import ImageServer, outcome_of, parse_spec  # noqa: E402
+from laion_operator.testbed.demo_data import DEFAULT_FAILURE_MIX, TINY_MAX, write_metadata  # noqa: E402
+from laion_operator.testbed.fakeweb import ImageServer, outcome_of, parse_spec  # noqa: E402
 
 BASE = "http://127.0.0.1:9999"
 S, I, F = pa.string(), pa.int64(), pa.float64()
@@ -190,7 +190,7 @@ def test_urls_behave_as_predicted_against_a_live_server(tmp_path):
 def test_cli_writes_the_file(tmp_path):
     out = tmp_path / "laion-art.parquet"
     env = dict(os.environ, PYTHONPATH=str(OPERATOR_DIR))
-    subprocess.run([sys.executable, "-m", "laion_operator.demo_data", str(out), "--rows", "1234",
+    subprocess.run([sys.executable, "-m", "laion_operator.testbed.demo_data", str(out), "--rows", "1234",
                     "--base-url", BASE, "--variant", "laion-art", "--seed", "5", "--mix", "ok=1"],
                    check=True, env=env, capture_output=True)
     table = pq.read_table(out)

@@ -19,7 +19,7 @@ OPERATOR_DIR = Path(__file__).resolve().parents[1] / "operator"
 if str(OPERATOR_DIR) not in sys.path:
     sys.path.insert(0, str(OPERATOR_DIR))
 
-from laion_operator.fakeweb import ImageServer, outcome_of  # noqa: E402
+from laion_operator.testbed.fakeweb import ImageServer, outcome_of  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +231,7 @@ def test_stop_does_not_wait_for_slow_requests():
 
 def test_cli_serves_until_killed():
     env = dict(os.environ, PYTHONPATH=str(OPERATOR_DIR))
-    proc = subprocess.Popen([sys.executable, "-m", "laion_operator.fakeweb", "--port", "0"],
+    proc = subprocess.Popen([sys.executable, "-m", "laion_operator.testbed.fakeweb", "--port", "0"],
                             stdout=subprocess.PIPE, text=True, env=env)
     try:
         base = proc.stdout.readline().strip()

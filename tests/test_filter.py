@@ -7,9 +7,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from laion_operator.columns import ColumnError
-from laion_operator.demo_data import write_metadata
-from laion_operator.filter import MetadataError, plan, run_filter
+from laion_operator.pipeline.columns import ColumnError
+from laion_operator.testbed.demo_data import write_metadata
+from laion_operator.pipeline.filter import MetadataError, plan, run_filter
 from laion_operator.spec import PartSpec
 from laion_operator.storage import Store
 
@@ -163,7 +163,7 @@ def test_rerun_with_another_filter_is_refused_and_keeps_shards(tmp_path):
 
 
 def test_url_hash_dedupes_equal_urls_only(tmp_path):
-    from laion_operator.filter import url_hashes
+    from laion_operator.pipeline.filter import url_hashes
     import pyarrow as pa
 
     urls = pa.array([f"http://x/{i}" for i in range(50000)] + ["http://x/1"])

@@ -11,8 +11,8 @@ import jsonschema
 import pytest
 import yaml
 
-from laion_operator.demo_data import write_metadata
-from laion_operator.pipeline import run_part
+from laion_operator.testbed.demo_data import write_metadata
+from laion_operator.pipeline.driver import run_part
 from laion_operator.spec import PartSpec
 from tests.support.chart import manifests, one, operator_config, render
 from tests.support.operator_proc import OperatorProcess
@@ -285,7 +285,7 @@ def test_two_replicas_with_peering_never_both_handle_a_part(api, ray_cluster, me
 
         assert [active(op) for op in replicas].count(True) == 1
         idle = next(op for op in replicas if not active(op))
-        assert "laion_operator.parts" not in idle.logs()  # the paused replica never touched the part
+        assert "laion_operator.control.parts" not in idle.logs()  # the paused replica never touched the part
     finally:
         for op in replicas:
             op.stop()

@@ -17,9 +17,9 @@ import pytest
 import yaml
 
 from laion_operator import spec as specs
-from laion_operator.demo_data import write_metadata
-from laion_operator.metrics import Metrics
-from laion_operator.status import FAILURE_REASONS, PHASES, Progress
+from laion_operator.testbed.demo_data import write_metadata
+from laion_operator.control.metrics import Metrics
+from laion_operator.contract import FAILURE_REASONS, PHASES, Progress
 from laion_operator.storage import Store
 from tests.support.prometheus import Prometheus, binary
 
@@ -100,7 +100,7 @@ def part_spec(metadata: Path, output: Path) -> specs.PartSpec:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, ray_driver, image_server):
     """The part run end to end, its progress fed to Metrics as the operator does, scraped by Prometheus."""
-    from laion_operator.pipeline import run_part
+    from laion_operator.pipeline.driver import run_part
 
     tmp = tmp_path_factory.mktemp("monitoring")
     metrics = Metrics(handlers=["create", "resume", "delete"])
@@ -256,7 +256,7 @@ def test_alert_rules_evaluate_in_prometheus(run):
 
 def test_restart_keeps_counters_and_forget_removes_series(run):
     """A new operator process that only read progress.json serves the same values; Prometheus sees no reset."""
-    from laion_operator.pipeline import PROGRESS
+    from laion_operator.contract import PROGRESS
 
     prom, old = run["prom"], run["metrics"]
     persisted = Progress.from_json(Store(run["spec"].output).read_json(PROGRESS))

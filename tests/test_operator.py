@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from laion_operator.demo_data import write_metadata
+from laion_operator.testbed.demo_data import write_metadata
 from laion_operator.spec import load
 from tests.support.operator_proc import OperatorProcess
 from tests.support.prometheus import Prometheus

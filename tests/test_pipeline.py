@@ -18,9 +18,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from laion_operator.demo_data import write_metadata
-from laion_operator.fakeweb import outcome_of
-from laion_operator.pipeline import run_part
+from laion_operator.testbed.demo_data import write_metadata
+from laion_operator.testbed.fakeweb import outcome_of
+from laion_operator.pipeline.driver import run_part
 from laion_operator.spec import PartSpec
 
 TIMEOUT = 1.5

@@ -12,10 +12,10 @@ import simplejpeg
 from img2dataset import resizer as i2d
 from PIL import Image
 
-from laion_operator import resize
-from laion_operator.download import make_resizer
-from laion_operator.fakeweb import Spec, encode, render
-from laion_operator.resize import Resizer, jpeg_header
+from laion_operator.pipeline import resize
+from laion_operator.pipeline.download import make_resizer
+from laion_operator.testbed.fakeweb import Spec, encode, render
+from laion_operator.pipeline.resize import Resizer, jpeg_header
 from laion_operator.spec import PartSpec
 
 MODES = ["keep_ratio", "center_crop", "border", "keep_ratio_largest", "no"]

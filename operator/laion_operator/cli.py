@@ -6,61 +6,13 @@ import argparse
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
 import yaml
 
 from . import spec as specs
-from .columns import ColumnError
-from .filter import MetadataError, plan
-from .status import Progress
-from .storage import StorageError, Store
-
-
-class ProgressBar:
-    """One line that says how far along the part is: shards, images/s, success rate."""
-
-    def __init__(self, stream=sys.stderr):
-        self.stream = stream
-        self.start = time.time()
-        self.tty = stream.isatty()
-        self._last_line = ""
-
-    def __call__(self, p: Progress) -> None:
-        elapsed = max(time.time() - self.start, 1e-6)
-        if p.phase == "Filtering":
-            line = f"[filter] {p.rows_read:,} rows read, {p.rows_kept:,} kept"
-        else:
-            attempted = p.images_ok + p.images_failed
-            line = (f"[{p.phase.lower()}] shards {p.shards_done}/{p.shards_total}"
-                    f"{f' ({p.shards_failed} failed)' if p.shards_failed else ''} | "
-                    f"{attempted:,} images, {attempted / elapsed:,.1f}/s | success {p.success_rate:.1f}%")
-        if line == self._last_line:
-            return
-        self._last_line = line
-        self.stream.write(("\r\033[K" if self.tty else "") + line + ("" if self.tty else "\n"))
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
-
-
-def print_summary(summary: dict, out=sys.stdout) -> None:
-    images = summary["images"]
-    meta = summary["metadata"]
-    out.write(f"\npart {summary['partId']} -> {summary['output']} ({summary['outputFormat']})\n")
-    out.write(f"  metadata  {meta['rowsRead']:,} rows read, {meta['rowsKept']:,} kept\n")
-    for reason, n in sorted(meta["droppedBy"].items(), key=lambda kv: -kv[1]):
-        if n:
-            out.write(f"            {n:>10,} dropped by {reason}\n")
-    out.write(f"  shards    {summary['shards']['done']}/{summary['shards']['total']} done\n")
-    out.write(f"  images    {images['ok']:,} of {images['attempted']:,} ok ({summary['successRate']:.1f}%)\n")
-    for reason, n in sorted(images["failedByReason"].items(), key=lambda kv: -kv[1]):
-        out.write(f"            {n:>10,} failed: {reason}\n")
-    out.write(f"  written   {summary['bytesWritten'] / 1e6:,.1f} MB in {summary['durations']['totalSeconds']:.1f} s\n")
-    out.write(f"  index     {summary['annotations']}\n")
+from .contract import ExitCode, InputError
+from .storage import Store
 
 
 def keep_ray_on_loopback(address: str | None) -> None:
@@ -81,27 +33,14 @@ def cmd_run(args) -> int:
     if args.dry_run:
         return cmd_plan(part)
     Store(part.output).check_writable()
+    from .pipeline.local import run_with_progress
+
     return run_with_progress(part, args.ray_address)
 
 
-def run_with_progress(part: specs.PartSpec, ray_address: str | None = None) -> int:
-    """Run a part with a live progress line, then print its summary; the exit code says how it went."""
-    from .pipeline import PartFailed, ensure_ray, run_part
-
-    ensure_ray(ray_address)
-    bar = ProgressBar()
-    try:
-        summary = run_part(part, on_progress=bar)
-    except PartFailed as err:
-        bar.close()
-        print(f"laion-operator: part {part.part_id} failed: {err}", file=sys.stderr)
-        return 1
-    bar.close()
-    print_summary(summary)
-    return 0
-
-
 def cmd_plan(part: specs.PartSpec) -> int:
+    from .pipeline.filter import plan
+
     result = plan(part)
     print(f"part {part.part_id}: {result.rows_read:,} rows read, {result.rows_kept:,} kept "
           f"in {result.shards} shards of up to {part.filter.samples_per_shard:,}")
@@ -113,29 +52,31 @@ def cmd_plan(part: specs.PartSpec) -> int:
     per_image = d.image_size * d.image_size * (0.1 + 0.25 * d.encode_quality / 100)
     print(f"  output {part.output.uri} as {d.output_format}, about {result.rows_kept * per_image / 1e9:,.2f} GB "
           f"if every image downloads ({d.image_size}px {d.encode_format})")
-    return 0
+    return ExitCode.OK
 
 
 def cmd_crd(args) -> int:
-    yaml.safe_dump(specs.crd(), sys.stdout, sort_keys=False)
+    from .control.status import crd
+
+    yaml.safe_dump(crd(), sys.stdout, sort_keys=False)
     return 0
 
 
 def cmd_demo(args) -> int:
     keep_ray_on_loopback(None)
-    from .demo import run_demo
+    from .testbed.demo import run_demo
 
     return run_demo(Path(args.out), rows=args.rows)
 
 
 def cmd_operator(args) -> int:
-    from .controller import main as operator_main
+    from .control.controller import main as operator_main
 
     return operator_main(args)
 
 
 def cmd_job(args) -> int:
-    from .job import main as job_main
+    from .pipeline.job import main as job_main
 
     return job_main()
 
@@ -170,9 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.func(args)
-    except (specs.SpecError, ColumnError, MetadataError, StorageError) as err:
+    except InputError as err:
         print(f"laion-operator: {err}", file=sys.stderr)
-        return 2
+        return ExitCode.BAD_INPUT
 
 
 if __name__ == "__main__":

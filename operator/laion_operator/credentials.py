@@ -8,9 +8,11 @@ workers load it into their environment, where boto3 and s3fs look for credential
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 
 FILE = "laion-credentials.json"
@@ -29,6 +31,16 @@ def working_dir(credentials: dict[str, str]) -> str:
     path.touch(mode=0o600)
     path.write_text(json.dumps({k: v for k, v in credentials.items() if k in KEYS}))
     return folder
+
+
+def package(credentials: dict[str, str]) -> bytes:
+    """The same folder as a zip in memory, as Ray stores a working_dir (the operator uploads it)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        info = zipfile.ZipInfo(FILE, date_time=(1980, 1, 1, 0, 0, 0))  # same bytes for the same values
+        info.external_attr = 0o600 << 16
+        zf.writestr(info, json.dumps({k: v for k, v in credentials.items() if k in KEYS}, sort_keys=True))
+    return buf.getvalue()
 
 
 def load_into_environment(folder: str | Path = ".") -> bool:

@@ -16,6 +16,8 @@ from typing import Any
 import jsonschema
 import yaml
 
+from .contract import InputError
+
 LOGICAL_COLUMNS = (
     "url", "caption", "width", "height", "aesthetic", "punsafe", "pwatermark", "similarity", "language", "hash",
 )
@@ -23,6 +25,9 @@ RESIZE_MODES = ["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border
 OUTPUT_FORMATS = ["webdataset", "files", "parquet", "tfrecord"]
 ENCODE_FORMATS = ["jpg", "png", "webp"]
 HASHES = ["none", "md5", "sha256", "sha512"]
+# encodeQuality when unset, by encodeFormat: img2dataset's JPEG/WebP quality, and PNG's top compression.
+ENCODE_QUALITY = {"jpg": 95, "webp": 95, "png": 9}
+PNG_MAX_COMPRESSION = 9
 INTERPOLATIONS = ["nearest", "linear", "cubic", "area", "lanczos"]  # img2dataset's names, aliases aside
 
 
@@ -102,8 +107,10 @@ SCHEMA: dict = {
                 "upscaleInterpolation": _str("Resampling filter when enlarging.", enum=INTERPOLATIONS,
                                              default="lanczos"),
                 "encodeFormat": _str("Image encoding.", enum=ENCODE_FORMATS, default="jpg"),
-                "encodeQuality": _int("JPEG/WebP quality, or PNG compression level.", minimum=0, maximum=100,
-                                      default=95),
+                # No schema default: it depends on encodeFormat (ENCODE_QUALITY), and the API server
+                # would fill a JPEG quality into a PNG part.
+                "encodeQuality": _int("JPEG/WebP quality (unset: 95), or PNG compression level 0-9 (unset: 9).",
+                                      minimum=0, maximum=100),
                 "minImageSize": _int("Drop images whose smaller side is below this.", minimum=0, default=0),
                 "maxAspectRatio": _num("Drop images whose aspect ratio exceeds this (unset: no limit).",
                                        minimum=0, exclusiveMinimum=True),
@@ -155,12 +162,8 @@ SCHEMA: dict = {
 }
 
 
-class SpecError(ValueError):
+class SpecError(InputError):
     """A part spec that cannot run; the message names the field and what is allowed."""
-
-
-def _camel_to_snake(name: str) -> str:
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
 
 
 def _describe(error: jsonschema.ValidationError) -> str:
@@ -215,66 +218,90 @@ def validate(data: Any) -> dict:
         raise SpecError("invalid part spec:\n  " + "\n  ".join(_describe(e) for e in errors))
     spec = apply_defaults(data)
     download = spec["download"]
-    if download["encodeFormat"] == "png":
+    fmt = download["encodeFormat"]
+    download.setdefault("encodeQuality", ENCODE_QUALITY[fmt])
+    if fmt == "png" and download["encodeQuality"] > PNG_MAX_COMPRESSION:
         # For PNG the quality is OpenCV's compression level.
-        if "encodeQuality" not in data.get("download", {}):
-            download["encodeQuality"] = 9
-        elif download["encodeQuality"] > 9:
-            raise SpecError("invalid part spec:\n  spec.download.encodeQuality: "
-                            f"{download['encodeQuality']} is above 9, the highest PNG compression level")
+        raise SpecError("invalid part spec:\n  spec.download.encodeQuality: "
+                        f"{download['encodeQuality']} is above {PNG_MAX_COMPRESSION}, the highest PNG compression level")
     return spec
 
 
+def snake(name: str) -> str:
+    """A spec or config key (camelCase) as a Python name."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def camel(name: str) -> str:
+    """A Python name as its spec or config key."""
+    head, *rest = name.split("_")
+    return head + "".join(p.title() for p in rest)
+
+
+# The dataclasses below carry no defaults of their own: `from_dict` fills every field from the
+# defaulted spec, so that SCHEMA is the only place a default is written.
+
 @dataclasses.dataclass(frozen=True)
 class Filter:
-    min_width: int | None = None
-    min_height: int | None = None
-    max_punsafe: float | None = None
-    max_pwatermark: float | None = None
-    min_aesthetic: float | None = None
-    min_similarity: float | None = None
-    languages: tuple[str, ...] | None = None
-    sample_fraction: float = 1.0
-    seed: int = 0
-    dedupe_urls: bool = True
-    shuffle: bool = True
-    samples_per_shard: int = 10000
+    min_width: int | None
+    min_height: int | None
+    max_punsafe: float | None
+    max_pwatermark: float | None
+    min_aesthetic: float | None
+    min_similarity: float | None
+    languages: tuple[str, ...] | None
+    sample_fraction: float
+    seed: int
+    dedupe_urls: bool
+    shuffle: bool
+    samples_per_shard: int
 
 
 @dataclasses.dataclass(frozen=True)
 class Download:
-    image_size: int = 256
-    resize_mode: str = "border"
-    resize_only_if_bigger: bool = False
-    skip_reencode: bool = False
-    downscale_interpolation: str = "area"
-    upscale_interpolation: str = "lanczos"
-    encode_format: str = "jpg"
-    encode_quality: int = 95
-    min_image_size: int = 0
-    max_aspect_ratio: float | None = None
-    output_format: str = "webdataset"
-    timeout: float = 10
-    retries: int = 0
-    threads_per_task: int = 32
-    parallelism: int = 0
-    shard_retries: int = 2
-    user_agent_token: str = "img2dataset"
-    disallowed_header_directives: tuple[str, ...] = ("noai", "noimageai", "noindex", "noimageindex")
-    save_additional_columns: tuple[str, ...] = ()
-    compute_hash: str = "sha256"
-    verify_tls: bool = True
-    reduced_decode: bool = False
+    image_size: int
+    resize_mode: str
+    resize_only_if_bigger: bool
+    skip_reencode: bool
+    downscale_interpolation: str
+    upscale_interpolation: str
+    encode_format: str
+    encode_quality: int
+    min_image_size: int
+    max_aspect_ratio: float | None
+    output_format: str
+    timeout: float
+    retries: int
+    threads_per_task: int
+    parallelism: int
+    shard_retries: int
+    user_agent_token: str
+    disallowed_header_directives: tuple[str, ...]
+    save_additional_columns: tuple[str, ...]
+    compute_hash: str
+    verify_tls: bool
+    reduced_decode: bool
 
 
 @dataclasses.dataclass(frozen=True)
 class Output:
     uri: str
-    endpoint: str | None = None
-    region: str | None = None
-    path_style: bool = False
-    profile: str | None = None
-    credentials_secret: str | None = None
+    endpoint: str | None
+    region: str | None
+    path_style: bool
+    profile: str | None
+    credentials_secret: str | None
+
+
+def _build(kind, values: dict):
+    """A spec section's dataclass from its defaulted mapping; fields the spec leaves unset are None."""
+    given = {snake(k): tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    return kind(**{f.name: given.get(f.name) for f in dataclasses.fields(kind)})
+
+
+def _unbuild(obj) -> dict:
+    return {camel(f.name): list(v) if isinstance(v, tuple) else v
+            for f in dataclasses.fields(obj) if (v := getattr(obj, f.name)) is not None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,51 +309,33 @@ class PartSpec:
     part_id: str
     source: tuple[str, ...]
     output: Output
-    columns: dict[str, str] = dataclasses.field(default_factory=dict)
-    filter: Filter = Filter()
-    download: Download = Download()
-    max_retries: int = 3
+    columns: dict[str, str]
+    filter: Filter
+    download: Download
+    max_retries: int
 
     @classmethod
     def from_dict(cls, data: Any) -> "PartSpec":
+        """The same PartSpec for the same input, whether the API server defaulted it first or not."""
         spec = validate(data)
-
-        def build(kind, values: dict):
-            kw = {}
-            for key, value in values.items():
-                kw[_camel_to_snake(key)] = tuple(value) if isinstance(value, list) else value
-            return kind(**kw)
-
         return cls(
             part_id=spec["partId"],
             source=tuple(spec["source"]["urls"]),
-            output=build(Output, spec["output"]),
+            output=_build(Output, spec["output"]),
             columns=dict(spec.get("columns") or {}),
-            filter=build(Filter, spec["filter"]),
-            download=build(Download, spec["download"]),
+            filter=_build(Filter, spec["filter"]),
+            download=_build(Download, spec["download"]),
             max_retries=spec["maxRetries"],
         )
 
     def to_dict(self) -> dict:
         """The spec back in its YAML/CR form (what a Ray job receives)."""
-
-        def camel(obj) -> dict:
-            out = {}
-            for field in dataclasses.fields(obj):
-                value = getattr(obj, field.name)
-                if value is None:
-                    continue
-                parts = field.name.split("_")
-                key = parts[0] + "".join(p.title() for p in parts[1:])
-                out[key] = list(value) if isinstance(value, tuple) else value
-            return out
-
         data = {
             "partId": self.part_id,
             "source": {"urls": list(self.source)},
-            "filter": camel(self.filter),
-            "download": camel(self.download),
-            "output": camel(self.output),
+            "filter": _unbuild(self.filter),
+            "download": _unbuild(self.download),
+            "output": _unbuild(self.output),
             "maxRetries": self.max_retries,
         }
         if self.columns:
@@ -349,41 +358,3 @@ def load(path: str | Path) -> PartSpec:
         return PartSpec.from_dict(data)
     except SpecError as err:
         raise SpecError(f"{path}: {err}") from None
-
-
-def crd() -> dict:
-    """The LaionPart CustomResourceDefinition, generated from SCHEMA (crds/ holds its rendered copy)."""
-    from .status import STATUS_SCHEMA, PRINTER_COLUMNS
-
-    return {
-        "apiVersion": "apiextensions.k8s.io/v1",
-        "kind": "CustomResourceDefinition",
-        "metadata": {"name": "laionparts.laion-operator.io"},
-        "spec": {
-            "group": "laion-operator.io",
-            "scope": "Namespaced",
-            "names": {
-                "kind": "LaionPart", "listKind": "LaionPartList", "plural": "laionparts",
-                "singular": "laionpart", "shortNames": ["lp"], "categories": ["laion"],
-            },
-            "versions": [{
-                "name": "v1alpha1",
-                "served": True,
-                "storage": True,
-                "subresources": {"status": {}},
-                "additionalPrinterColumns": PRINTER_COLUMNS,
-                "schema": {"openAPIV3Schema": {
-                    "type": "object",
-                    "description": "One LAION metadata part turned into an image dataset in object storage.",
-                    "required": ["spec"],
-                    "properties": {
-                        "apiVersion": {"type": "string"},
-                        "kind": {"type": "string"},
-                        "metadata": {"type": "object"},
-                        "spec": SCHEMA,
-                        "status": STATUS_SCHEMA,
-                    },
-                }},
-            }],
-        },
-    }

@@ -14,10 +14,11 @@ import uuid
 import fsspec
 
 from . import credentials
+from .contract import META_DIR, InputError
 from .spec import Output
 
 
-class StorageError(RuntimeError):
+class StorageError(InputError):
     """The output cannot be reached or written."""
 
 
@@ -96,9 +97,9 @@ class Store:
 
     def check_writable(self) -> None:
         """Fail before any download starts when the output cannot take files."""
-        probe = self.path("_laion", f".write-probe-{uuid.uuid4().hex[:8]}")
+        probe = self.path(META_DIR, f".write-probe-{uuid.uuid4().hex[:8]}")
         try:
-            self.fs.makedirs(self.path("_laion"), exist_ok=True)
+            self.fs.makedirs(self.path(META_DIR), exist_ok=True)
             self.fs.pipe(probe, b"ok")
             self.fs.rm(probe)
         except Exception as err:  # noqa: BLE001 - any backend error means the same to the user

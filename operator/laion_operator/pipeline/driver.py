@@ -1,7 +1,7 @@
 """One part, end to end on Ray: filter → download (a Ray task per shard) → annotate.
 
 The CLI calls `run_part` in-process on a local Ray; the operator's Ray job calls the same function
-on a cluster. Progress is persisted to `_laion/progress.json` in the output as it changes, which is
+on a cluster. Progress is persisted to `contract.PROGRESS` in the output as it changes, which is
 what the operator, its metrics and a resumed run read.
 """
 
@@ -15,17 +15,16 @@ from typing import Callable
 
 import ray
 
-from . import credentials
+from .. import credentials
+from ..contract import PROGRESS, Phase, Progress, ShardStats
+from ..spec import PartSpec
+from ..storage import Store
 from .annotate import annotate
-from .download import ShardStats, download_shard, load_stats
 from .columns import ColumnError
+from .download import download_shard, load_stats
 from .filter import FilterResult, MetadataError, run_filter
-from .spec import PartSpec
-from .status import Progress
-from .storage import Store
 
 log = logging.getLogger(__name__)
-PROGRESS = "_laion/progress.json"
 
 
 class PartFailed(RuntimeError):
@@ -83,8 +82,8 @@ class Tracker:
         self.finished: dict[int, ShardStats] = {}
         self._last = 0.0
 
-    def phase(self, phase: str, message: str = "") -> None:
-        self.progress.phase = phase
+    def phase(self, phase: Phase, message: str = "") -> None:
+        self.progress.phase = phase.value
         self.progress.message = message
         self.publish(force=True)
 
@@ -162,26 +161,26 @@ def run_part(spec: PartSpec, on_progress: Callable[[Progress], None] | None = No
     store = Store(spec.output)
     store.check_writable()
     tracker = Tracker(store, Progress(part_id=spec.part_id), on_progress)
-    tracker.phase("Filtering")
+    tracker.phase(Phase.FILTERING)
     try:
         result = run_filter(spec, store, on_batch=tracker.filtered)
     except (ColumnError, MetadataError) as err:
         tracker.progress.finished_at = time.time()
-        tracker.phase("Failed", str(err))
+        tracker.phase(Phase.FAILED, str(err))
         raise
     tracker.filtered(result)
-    tracker.phase("Downloading")
+    tracker.phase(Phase.DOWNLOADING)
     ensure_ray()
     failed = _download_all(spec, tracker, result.shards)
     tracker.count()
     if failed:
         tracker.progress.finished_at = time.time()
-        tracker.phase("Failed", f"{len(failed)} of {result.shards} shards failed after "
+        tracker.phase(Phase.FAILED, f"{len(failed)} of {result.shards} shards failed after "
                                 f"{spec.download.shard_retries} retries: {sorted(failed)[:10]}; "
                                 "run the part again to retry them")
         raise PartFailed(tracker.progress.message)
-    tracker.phase("Annotating")
+    tracker.phase(Phase.ANNOTATING)
     tracker.progress.finished_at = time.time()
     summary = annotate(spec, store, list(tracker.finished.values()), tracker.progress)
-    tracker.phase("Succeeded", f"{tracker.progress.images_ok} images in {store.uri}")
+    tracker.phase(Phase.SUCCEEDED, f"{tracker.progress.images_ok} images in {store.uri}")
     return summary

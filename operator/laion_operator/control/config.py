@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from pathlib import Path
 
 import yaml
+
+from ..spec import camel, snake
 
 MODES = ("jobs", "kuberay")
 
@@ -43,10 +44,10 @@ class OperatorConfig:
         fields = {f.name: f for f in dataclasses.fields(cls)}
         values = {}
         for key, value in data.items():
-            name = re.sub(r"(?<!^)(?=[A-Z])", "_", key).lower()
+            name = snake(key)
             if name not in fields:
                 raise ConfigError(f"{path}: unknown key {key!r}; known keys: "
-                                  + ", ".join(_camel(n) for n in fields))
+                                  + ", ".join(camel(n) for n in fields))
             values[name] = value
         for name in fields:
             env = f"LAION_OPERATOR_{name.upper()}"
@@ -64,8 +65,3 @@ class OperatorConfig:
             raise ConfigError(f"{where}maxConcurrentParts: must be a whole number of at least 1")
         if self.mode == "kuberay" and not isinstance(self.ray_job_template, dict):
             raise ConfigError(f"{where}rayJobTemplate: kuberay mode needs a RayJob spec template")
-
-
-def _camel(name: str) -> str:
-    head, *rest = name.split("_")
-    return head + "".join(p.title() for p in rest)

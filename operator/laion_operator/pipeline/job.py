@@ -1,7 +1,6 @@
 """The entrypoint of a part's Ray job (`laion-operator job`): the spec comes in LAION_PART_SPEC.
 
-Exit codes tell the operator what a retry can do: 0 done, 1 shards failed (a retry resumes them),
-2 the input is wrong (a retry cannot help).
+Its exit code (`contract.ExitCode`) tells the operator what a retry can do.
 """
 
 from __future__ import annotations
@@ -11,15 +10,11 @@ import logging
 import os
 import sys
 
-from . import credentials
-from .columns import ColumnError
-from .filter import MetadataError
-from .spec import PartSpec, SpecError
-from .status import Progress
-from .storage import StorageError
+from .. import credentials
+from ..contract import ExitCode, InputError, Progress
+from ..spec import PartSpec
 
 log = logging.getLogger("laion_operator.job")
-INPUT_ERROR = 2
 
 
 def log_progress(p: Progress) -> None:
@@ -29,25 +24,25 @@ def log_progress(p: Progress) -> None:
 
 
 def main() -> int:
-    from .pipeline import PartFailed, ensure_ray, run_part
+    from .driver import PartFailed, ensure_ray, run_part
 
     credentials.load_into_environment()
     try:
         spec = PartSpec.from_dict(json.loads(os.environ["LAION_PART_SPEC"]))
     except KeyError:
         log.error("LAION_PART_SPEC is not set: this command runs inside a part's Ray job")
-        return INPUT_ERROR
-    except (SpecError, json.JSONDecodeError) as err:
+        return ExitCode.BAD_INPUT
+    except (InputError, json.JSONDecodeError) as err:
         log.error("LAION_PART_SPEC: %s", err)
-        return INPUT_ERROR
+        return ExitCode.BAD_INPUT
     ensure_ray()
     try:
         summary = run_part(spec, on_progress=log_progress)
     except PartFailed as err:
         log.error("part %s failed: %s", spec.part_id, err)
-        return 1
-    except (ColumnError, MetadataError, StorageError) as err:
+        return ExitCode.SHARDS_FAILED
+    except InputError as err:
         log.error("part %s cannot run: %s", spec.part_id, err)
-        return INPUT_ERROR
+        return ExitCode.BAD_INPUT
     json.dump(summary, sys.stdout, indent=2)
-    return 0
+    return ExitCode.OK

@@ -1,54 +1,17 @@
-"""A part's progress: the document the pipeline persists in its output, and the CR status made from it.
+"""The LaionPart resource: its CRD (spec schema, status schema, printer columns) and its status
+fields made from the progress the job persists (`contract.PROGRESS`).
 
-The pipeline writes `progress.json` under the output's `_laion/` folder as shards finish. Because it
-lives beside the data, the operator, its metrics and a restarted operator all read the same truth.
+Because the progress lives beside the data, the operator, its metrics and a restarted operator all
+read the same truth.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
 
-PHASES = ["Pending", "Queued", "Filtering", "Downloading", "Annotating", "Succeeded", "Failed", "Stopping"]
-FAILURE_REASONS = [
-    "http_4xx", "http_5xx", "timeout", "tls", "dns", "connection", "decode", "too_small", "aspect_ratio",
-    "opt_out", "other",
-]
-
-
-@dataclass
-class Progress:
-    part_id: str
-    phase: str = "Filtering"
-    rows_read: int = 0
-    rows_kept: int = 0
-    dropped_by: dict[str, int] = field(default_factory=dict)
-    shards_total: int = 0
-    shards_done: int = 0
-    shards_failed: int = 0
-    images_ok: int = 0
-    images_failed: int = 0
-    failed_by_reason: dict[str, int] = field(default_factory=dict)
-    bytes_written: int = 0
-    started_at: float = field(default_factory=time.time)
-    updated_at: float = field(default_factory=time.time)
-    finished_at: float | None = None
-    message: str = ""
-
-    @property
-    def success_rate(self) -> float:
-        """Percent of attempted images that made it into the dataset."""
-        attempted = self.images_ok + self.images_failed
-        return round(100.0 * self.images_ok / attempted, 2) if attempted else 0.0
-
-    def to_json(self) -> dict:
-        return {**asdict(self), "success_rate": self.success_rate}
-
-    @classmethod
-    def from_json(cls, data: dict) -> "Progress":
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
-
+from .. import spec as specs
+from ..contract import PHASES, Progress
+from . import kube
 
 def _iso(ts: float | None) -> str | None:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts)) if ts else None
@@ -126,3 +89,39 @@ PRINTER_COLUMNS = [
     {"name": "Success %", "type": "number", "jsonPath": ".status.successRate"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
+
+
+def crd() -> dict:
+    """The LaionPart CustomResourceDefinition, generated from the spec's SCHEMA (crds/ holds its copy)."""
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{kube.PLURAL}.{kube.GROUP}"},
+        "spec": {
+            "group": kube.GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": "LaionPart", "listKind": "LaionPartList", "plural": kube.PLURAL,
+                "singular": "laionpart", "shortNames": ["lp"], "categories": ["laion"],
+            },
+            "versions": [{
+                "name": kube.VERSION,
+                "served": True,
+                "storage": True,
+                "subresources": {"status": {}},
+                "additionalPrinterColumns": PRINTER_COLUMNS,
+                "schema": {"openAPIV3Schema": {
+                    "type": "object",
+                    "description": "One LAION metadata part turned into an image dataset in object storage.",
+                    "required": ["spec"],
+                    "properties": {
+                        "apiVersion": {"type": "string"},
+                        "kind": {"type": "string"},
+                        "metadata": {"type": "object"},
+                        "spec": specs.SCHEMA,
+                        "status": STATUS_SCHEMA,
+                    },
+                }},
+            }],
+        },
+    }

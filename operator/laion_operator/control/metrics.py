@@ -1,7 +1,7 @@
 """Prometheus metrics of the operator: each part's progress, and the operator's own health.
 
 Per-part values are not incremented in memory: they are *set from* the latest Progress the job
-persisted (`_laion/progress.json`), which the operator reads as it watches the part. A restarted
+persisted (`contract.PROGRESS`), which the operator reads as it watches the part. A restarted
 operator therefore exposes the same counter values as before, and a deleted part's series vanish
 with `forget_part`. Labels are bounded: namespace, part, and the fixed sets of phases, shard states
 and failure reasons; never a URL or a domain.
@@ -38,17 +38,11 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from . import __version__
-from .status import FAILURE_REASONS, PHASES, Progress
+from .. import __version__
+from ..contract import FAILURE_REASONS, PHASES, RUNNING, Progress, reason_of
 
-RUNNING = {"Filtering", "Downloading", "Annotating"}
 SHARD_STATES = ("total", "done", "failed")
 PART_LABELS = ["namespace", "part"]
-
-
-def reason_of(reason: str) -> str:
-    """The bounded label value for a failure reason the job reported."""
-    return reason if reason in FAILURE_REASONS else "other"
 
 
 @dataclasses.dataclass

@@ -19,7 +19,6 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from dataclasses import dataclass, field
 from multiprocessing.pool import ThreadPool
 from typing import Callable
 
@@ -31,10 +30,11 @@ from img2dataset.writer import (
     WebDatasetSampleWriter,
 )
 
-from .filter import read_shard, shard_name
+from ..contract import SHARD_DIGITS, ShardStats, shard_files, shard_stats
+from ..spec import Download, PartSpec
+from ..storage import Store
+from .filter import read_shard
 from .resize import Resizer
-from .spec import Download, PartSpec
-from .storage import Store
 from .writers import TFRecordSampleWriter  # img2dataset's needs tensorflow; ours writes the same files
 
 WRITERS = {
@@ -43,7 +43,6 @@ WRITERS = {
     "parquet": ParquetSampleWriter,
     "tfrecord": TFRecordSampleWriter,
 }
-OOM_SHARD_COUNT = 5  # shard names are 00000, 00001, … as img2dataset writes them
 
 
 class FetchError(Exception):
@@ -52,43 +51,8 @@ class FetchError(Exception):
         self.reason = reason
 
 
-@dataclass
-class ShardStats:
-    shard: int
-    count: int = 0
-    successes: int = 0
-    failed_to_download: int = 0
-    failed_to_resize: int = 0
-    failed_by_reason: dict[str, int] = field(default_factory=dict)
-    bytes_written: int = 0
-    start_time: float = 0.0
-    end_time: float = 0.0
-
-    @property
-    def failed(self) -> int:
-        return self.failed_to_download + self.failed_to_resize
-
-    def to_json(self) -> dict:
-        # img2dataset's own stats fields first, so its tooling reads these files too.
-        return {
-            "count": self.count, "successes": self.successes, "failed_to_download": self.failed_to_download,
-            "failed_to_resize": self.failed_to_resize, "duration": self.end_time - self.start_time,
-            "start_time": self.start_time, "end_time": self.end_time,
-            "status_dict": {"success": self.successes, **self.failed_by_reason},
-            "shard": self.shard, "failed_by_reason": self.failed_by_reason, "bytes_written": self.bytes_written,
-        }
-
-    @classmethod
-    def from_json(cls, data: dict) -> "ShardStats":
-        return cls(shard=data["shard"], count=data["count"], successes=data["successes"],
-                   failed_to_download=data["failed_to_download"], failed_to_resize=data["failed_to_resize"],
-                   failed_by_reason=dict(data.get("failed_by_reason", {})),
-                   bytes_written=data.get("bytes_written", 0), start_time=data.get("start_time", 0.0),
-                   end_time=data.get("end_time", 0.0))
-
-
 def classify(err: BaseException) -> str:
-    """One of status.FAILURE_REASONS for an exception raised while fetching."""
+    """One of contract.FAILURE_REASONS for an exception raised while fetching."""
     if isinstance(err, urllib.error.HTTPError):
         return "http_4xx" if 400 <= err.code < 500 else "http_5xx" if err.code >= 500 else "other"
     reason = err.reason if isinstance(err, urllib.error.URLError) else err
@@ -163,13 +127,8 @@ def make_resizer(opts: Download) -> Resizer:
     )
 
 
-def shard_outputs(store: Store, shard: int) -> list[str]:
-    name = shard_name(shard)
-    return [store.path(f"{name}{suffix}") for suffix in (".tar", ".parquet", ".tfrecord", "")]
-
-
 def load_stats(store: Store, shard: int) -> ShardStats | None:
-    data = store.read_json(f"{shard_name(shard)}_stats.json")
+    data = store.read_json(shard_stats(shard))
     return ShardStats.from_json(data) if data else None
 
 
@@ -189,9 +148,9 @@ def download_shard(spec: PartSpec, shard: int,
     """Download one shard into the output; returns its stats (also persisted as <shard>_stats.json)."""
     opts = spec.download
     store = Store(spec.output)
-    for stale in shard_outputs(store, shard):  # a partial earlier attempt must not leave samples behind
-        if store.fs.exists(stale):
-            store.fs.rm(stale, recursive=True)
+    for stale in shard_files(shard):  # a partial earlier attempt must not leave samples behind
+        if store.fs.exists(store.path(stale)):
+            store.fs.rm(store.path(stale), recursive=True)
     table = read_shard(store, shard)
     stats = ShardStats(shard=shard, count=table.num_rows, start_time=time.time())
     reasons: Counter[str] = Counter()
@@ -200,7 +159,7 @@ def download_shard(spec: PartSpec, shard: int,
     fetch = Fetcher(opts)
     resizer = make_resizer(opts)
     writer = WRITERS[opts.output_format](
-        shard, store.uri, "caption" in columns, OOM_SHARD_COUNT, _schema(table, opts), opts.encode_format)
+        shard, store.uri, "caption" in columns, SHARD_DIGITS, _schema(table, opts), opts.encode_format)
     oom_samples = math.ceil(math.log10(max(spec.filter.samples_per_shard, 2)))
 
     def get(index: int):
@@ -213,7 +172,7 @@ def download_shard(spec: PartSpec, shard: int,
     with ThreadPool(opts.threads_per_task) as pool:
         for index, data, err in pool.imap_unordered(get, range(len(rows))):
             row = rows[index]
-            key = compute_key(index, shard, oom_samples, OOM_SHARD_COUNT)
+            key = compute_key(index, shard, oom_samples, SHARD_DIGITS)
             meta = {**row, "key": key, "status": None, "error_message": None, "failure_reason": None,
                     "width": None, "height": None, "original_width": None, "original_height": None}
             if opts.compute_hash != "none":
@@ -244,9 +203,9 @@ def download_shard(spec: PartSpec, shard: int,
                 last_report = time.monotonic()
     writer.close()
     stats.failed_by_reason = dict(reasons)
-    stats.bytes_written = sum(_size(store, path) for path in shard_outputs(store, shard))
+    stats.bytes_written = sum(_size(store, store.path(path)) for path in shard_files(shard))
     stats.end_time = time.time()
-    store.write_json(stats.to_json(), f"{shard_name(shard)}_stats.json")
+    store.write_json(stats.to_json(), shard_stats(shard))
     return stats
 
 

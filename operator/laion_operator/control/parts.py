@@ -17,20 +17,18 @@ import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
+import kopf
+
+from ..contract import MANIFEST, PROGRESS, RUNNING, TERMINAL, ExitCode, Phase, Progress, fingerprint
+from ..spec import PartSpec, SpecError
+from ..storage import Store
 from . import kube
 from .config import OperatorConfig
-from .filter import MANIFEST, fingerprint
 from .metrics import Metrics
-from .pipeline import PROGRESS
 from .rayjobs import JobState, submission_id
-from .spec import PartSpec, SpecError
-from .status import Progress, cr_status
-from .storage import Store
+from .status import cr_status
 
 log = logging.getLogger(__name__)
-FINAL = {"Succeeded", "Failed"}
-RUNNING = {"Pending", "Filtering", "Downloading", "Annotating"}
-INPUT_ERROR_EXIT = 2
 
 
 def now() -> str:
@@ -79,7 +77,8 @@ class Slots:
 
 @dataclass
 class Operator:
-    """What every part shares: configuration, the job backend, the slots and the metrics."""
+    """What every part shares: configuration, the job backend, the slots and the metrics.
+    Made once at start-up and handed to every handler through kopf's memo."""
 
     config: OperatorConfig
     backend: object
@@ -134,13 +133,18 @@ class Part:
             raise
         self.written.update(patch)
 
+    def event(self, reason: str, message: str, warning: bool = False) -> None:
+        """A Kubernetes Event on the LaionPart (`kubectl describe lp`), posted in the background by kopf."""
+        kopf.event(self.body, type="Warning" if warning else "Normal", reason=reason, message=message[:1000])
+
     async def fail(self, reason: str, message: str) -> None:
         log.warning("part %s/%s failed: %s: %s", self.namespace, self.name, reason, message)
         conditions = self.status.get("conditions") or []
-        await self.write(phase="Failed", message=message, observedGeneration=self.generation,
+        await self.write(phase=Phase.FAILED.value, message=message, observedGeneration=self.generation,
                          conditions=[condition("Complete", False, reason, message, conditions),
                                      condition("Failed", True, reason, message, conditions)])
-        self.op.metrics.observe_part(self.namespace, self.name, "Failed", None, self.status.get("retries", 0))
+        self.event(reason, message, warning=True)
+        self.op.metrics.observe_part(self.namespace, self.name, Phase.FAILED, None, self.status.get("retries", 0))
 
     # --- the part's life -----------------------------------------------------------------------
 
@@ -149,7 +153,7 @@ class Part:
         try:
             while not self.stopped:
                 status = self.status
-                if status.get("phase") in FINAL and status.get("observedGeneration") == self.generation:
+                if status.get("phase") in TERMINAL and status.get("observedGeneration") == self.generation:
                     await self._observe_final()
                     await self.stopped.wait(self.op.config.poll_seconds)
                     continue
@@ -223,16 +227,18 @@ class Part:
             return
         if job.state == "SUCCEEDED":
             progress = await self.read_progress(spec, secret)
-            await self.publish("Succeeded", progress, job_id, generation, attempt, finished=True)
+            await self.publish(Phase.SUCCEEDED, progress, job_id, generation, attempt, finished=True)
+            self.event("Succeeded", progress.message if progress and progress.message else f"job {job_id} succeeded")
             await self.op.slots.release(self.key)
             return
-        retryable = job.state != "STOPPED" and job.exit_code != INPUT_ERROR_EXIT
+        retryable = job.state != "STOPPED" and job.exit_code != ExitCode.BAD_INPUT
         if retryable and attempt < spec.max_retries:
             delay = self.op.config.retry_backoff_seconds * 2 ** attempt
             message = f"job {job_id} {job.state.lower()}: {job.message[-300:]}; retry {attempt + 1} of " \
                       f"{spec.max_retries} in {delay:.0f}s, resuming from finished shards"
             log.warning("part %s/%s: %s", self.namespace, self.name, message)
             await self.write(retries=attempt + 1, message=message, observedGeneration=generation)
+            self.event("Retrying", message, warning=True)
             await self.stopped.wait(delay)
             return
         reason = "RetriesExhausted" if retryable else "JobFailed"
@@ -241,9 +247,10 @@ class Part:
 
     async def _queued(self) -> None:
         running = len(self.op.slots.running)
-        await self.write(phase="Queued", observedGeneration=self.generation,
-                         message=f"waiting for one of {running} running parts to finish "
-                                 f"(maxConcurrentParts {self.op.config.max_concurrent_parts})")
+        message = (f"waiting for one of {running} running parts to finish "
+                   f"(maxConcurrentParts {self.op.config.max_concurrent_parts})")
+        await self.write(phase=Phase.QUEUED.value, observedGeneration=self.generation, message=message)
+        self.event("Queued", message)
 
     async def output_matches(self, spec: PartSpec, secret) -> bool:
         """Refuse a filter change into an output that holds shards of another filter."""
@@ -279,10 +286,12 @@ class Part:
         log.info("part %s/%s: submitted job %s (generation %d, attempt %d)",
                  self.namespace, self.name, job_id, generation, attempt)
         conditions = self.status.get("conditions") or []
-        await self.write(phase="Pending", submissionId=job_id, observedGeneration=generation, retries=attempt,
-                         output=spec.output.uri, message=f"job {job_id} submitted",
+        message = f"job {job_id} submitted (generation {generation}, attempt {attempt})"
+        await self.write(phase=Phase.PENDING.value, submissionId=job_id, observedGeneration=generation,
+                         retries=attempt, output=spec.output.uri, message=message,
                          conditions=[condition("Submitted", True, "JobSubmitted", job_id, conditions),
                                      condition("Failed", False, "Running", "", conditions)])
+        self.event("Submitted", message)
 
     async def watch(self, job_id: str, spec: PartSpec, secret, generation: int, attempt: int) -> JobState | None:
         """Follow the job until it ends; None when following must stop without an outcome."""
@@ -296,23 +305,23 @@ class Part:
             if job.terminal:
                 return job
             progress = await self.read_progress(spec, secret)
-            phase = progress.phase if progress and progress.phase in RUNNING else "Pending"
-            if progress and progress.phase == "Succeeded":  # the summary is written, the job not yet done
-                phase = "Annotating"
+            phase = Phase(progress.phase) if progress and progress.phase in RUNNING else Phase.PENDING
+            if progress and progress.phase == Phase.SUCCEEDED:  # the summary is written, the job not yet done
+                phase = Phase.ANNOTATING
             await self.publish(phase, progress, job_id, generation, attempt)
             await self.stopped.wait(self.op.config.poll_seconds)
         return None
 
-    async def publish(self, phase: str, progress: Progress | None, job_id: str, generation: int, attempt: int,
+    async def publish(self, phase: Phase, progress: Progress | None, job_id: str, generation: int, attempt: int,
                       finished: bool = False) -> None:
         fields = cr_status(progress) if progress else {}
         conditions = self.status.get("conditions") or []
-        message = progress.message if progress and progress.message else f"job {job_id} {phase.lower()}"
+        message = progress.message if progress and progress.message else f"job {job_id} {phase.value.lower()}"
         extra = {}
         if finished:
             extra["conditions"] = [condition("Complete", True, "Succeeded", message, conditions),
                                    condition("Failed", False, "Succeeded", "", conditions)]
-        await self.write(phase=phase, submissionId=job_id, observedGeneration=generation, retries=attempt,
+        await self.write(phase=phase.value, submissionId=job_id, observedGeneration=generation, retries=attempt,
                          message=message, **fields, **extra)
         self.op.metrics.observe_part(self.namespace, self.name, phase, progress, attempt)
 
@@ -321,7 +330,7 @@ class Part:
         job_id = self.status.get("submissionId")
         if not job_id:
             return
-        if self.status.get("phase") not in FINAL:
-            await self.write(phase="Stopping", message=f"stopping job {job_id}; finished output is kept")
+        if self.status.get("phase") not in TERMINAL:
+            await self.write(phase=Phase.STOPPING.value, message=f"stopping job {job_id}; finished output is kept")
         await asyncio.to_thread(self.op.backend.stop, self.owner, job_id)
         log.info("part %s/%s: stopped job %s", self.namespace, self.name, job_id)

@@ -21,11 +21,8 @@ sampleFraction, duplicateUrl. A null value fails the condition that reads it.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
+import itertools
 import os
-import queue
 import tempfile
 import threading
 from collections import deque
@@ -40,9 +37,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ..contract import InputError, MANIFEST, SHARDS_DIR, fingerprint, shard_input
+from ..spec import PartSpec
+from ..storage import Store
 from . import columns as cols
-from .spec import PartSpec
-from .storage import Store
 
 BATCH_ROWS = 131_072
 PARALLEL_ROW_GROUP_ROWS = 1 << 20  # row groups up to this size are filtered whole, several at once
@@ -50,21 +48,9 @@ READ_THREADS = max(2, min(4, os.cpu_count() or 2))  # row groups read and filter
 WRITE_THREADS = 2  # shard files written at once
 BUCKET_ROWS = 1_000_000  # rows read per spill bucket of the shuffle: bounds the rows sorted in memory at once
 MAX_BUCKET_BITS = 9      # at most 512 bucket files open at once
-SHARDS_DIR = "_laion/shards"
-MANIFEST = "_laion/filter.json"
-
-# (counter name, spec attribute, logical field, comparison)
-CONDITIONS = [
-    ("minWidth", "min_width", "width", pc.greater_equal),
-    ("minHeight", "min_height", "height", pc.greater_equal),
-    ("maxPunsafe", "max_punsafe", "punsafe", pc.less_equal),
-    ("maxPwatermark", "max_pwatermark", "pwatermark", pc.less_equal),
-    ("minAesthetic", "min_aesthetic", "aesthetic", pc.greater_equal),
-    ("minSimilarity", "min_similarity", "similarity", pc.greater_equal),
-]
 
 
-class MetadataError(ValueError):
+class MetadataError(InputError):
     """A metadata file cannot be read as LAION parquet."""
 
 
@@ -79,18 +65,6 @@ class FilterResult:
 
     def to_json(self) -> dict:
         return self.__dict__.copy()
-
-
-def fingerprint(spec: PartSpec) -> str:
-    """What decides the shards' content; a resumed run must see the same value."""
-    data = spec.to_dict()
-    key = {k: data.get(k) for k in ("source", "columns", "filter")}
-    key["additional"] = data["download"]["saveAdditionalColumns"]
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def shard_name(shard: int) -> str:
-    return f"{shard:05d}"
 
 
 def open_parquet(url: str, metadata: pq.FileMetaData | None = None, memory_map: bool = False) -> pq.ParquetFile:
@@ -121,12 +95,12 @@ def _condition_masks(batch: pa.RecordBatch, mapping: dict[str, str], spec: PartS
     flt = spec.filter
     url = batch.column(mapping["url"])
     yield "missing_url", pc.and_(pc.is_valid(url), pc.greater(pc.binary_length(url), 0))  # bytes: no scan
-    for name, attr, logical, compare in CONDITIONS:
+    for name, attr, logical, compare in cols.CONDITIONS:
         threshold = getattr(flt, attr)
         if threshold is not None:
             yield name, compare(batch.column(mapping[logical]), threshold)
     if flt.languages is not None:
-        yield "languages", pc.is_in(batch.column(mapping["language"]), pa.array(list(flt.languages)))
+        yield "languages", pc.is_in(batch.column(mapping[cols.LANGUAGE_FIELD]), pa.array(list(flt.languages)))
 
 
 def _output_columns(mapping: dict[str, str], spec: PartSpec, file_columns: list[str], url: str) -> dict[str, str]:
@@ -157,46 +131,6 @@ def _normalise(table: pa.Table) -> pa.Table:
         else:
             fields.append(f)
     return table.cast(pa.schema(fields))
-
-
-def _read_ahead(items: Iterator, depth: int = 2) -> Iterator:
-    """`items`, produced by a thread up to `depth` ahead of the caller: Arrow decodes the next batch
-    without holding the GIL while this one is filtered."""
-    ready: queue.Queue = queue.Queue(depth)
-    stop = threading.Event()
-    end = object()
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                ready.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def produce():
-        try:
-            for item in items:
-                if not put((item, None)):
-                    return
-            put((end, None))
-        except BaseException as err:  # noqa: BLE001 - handed to the caller
-            put((None, err))
-
-    thread = threading.Thread(target=produce, name="metadata-reader", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item, err = ready.get()
-            if err is not None:
-                raise err
-            if item is end:
-                return
-            yield item
-    finally:
-        stop.set()
-        thread.join()
 
 
 @dataclass
@@ -296,7 +230,12 @@ def _filtered_batches(url: str, pf: pq.ParquetFile, read: list[str], mapping: di
             for own in opened:
                 own.close()
         return
-    for batch in _read_ahead(pf.iter_batches(batch_size=BATCH_ROWS, columns=read)):
+    # One reader thread a batch ahead: Arrow decodes the next batch without the GIL while this one
+    # is filtered. One worker runs the tasks in turn, so `next` is never called concurrently.
+    batches, end = pf.iter_batches(batch_size=BATCH_ROWS, columns=read), object()
+    for batch in _in_order((lambda: next(batches, end) for _ in itertools.count()), 1):
+        if batch is end:
+            return
         yield _filter_batch(batch, mapping, spec, out_cols, with_offsets)
 
 
@@ -377,7 +316,7 @@ class ShardWriter:
         self.shards += 1
 
     def _put(self, shard: int, table: pa.Table) -> None:
-        path = self.store.path(SHARDS_DIR, f"{shard_name(shard)}.parquet")
+        path = self.store.path(shard_input(shard))
         # URLs and captions are nearly all distinct, and nothing reads a shard by statistics. Shards are
         # scratch for the download tasks, read once: compressing them would cost a third of the writing.
         options = {"use_dictionary": False, "write_statistics": False, "compression": "none"}
@@ -440,9 +379,7 @@ def _shuffled(spec: PartSpec, batches: Iterator[Kept], workdir: str, result: Fil
         hashes = table.column("_hash").to_numpy()
         order = np.lexsort((table.column("_pos").to_numpy(), hashes))
         if spec.filter.dedupe_urls:
-            sorted_h = hashes[order]
-            first = np.ones(len(order), dtype=bool)
-            first[1:] = sorted_h[1:] != sorted_h[:-1]
+            first = _run_heads(hashes[order])
             duplicates += int((~first).sum())
             order = order[first]
         yield table.drop_columns(["_hash", "_pos"]).take(pa.array(order))
@@ -478,15 +415,19 @@ def _deduped_in_read_order(batches: Iterator[Kept], workdir: str, result: Filter
             yield pa.Table.from_batches([batch.filter(pa.array(keep))])
 
 
+def _run_heads(sorted_hashes: np.ndarray) -> np.ndarray:
+    """True where a run of equal hashes starts: the first row of each URL, once the rows are in
+    (hash, read position) order."""
+    head = np.ones(len(sorted_hashes), dtype=bool)
+    head[1:] = sorted_hashes[1:] != sorted_hashes[:-1]
+    return head
+
+
 def _first_of_each(hashes: np.ndarray) -> np.ndarray:
-    """True at the first occurrence of each hash."""
+    """True at the first occurrence of each hash, in read order."""
     first = np.zeros(len(hashes), dtype=bool)
-    if len(hashes):
-        order = np.argsort(hashes, kind="stable")  # equal hashes adjacent, first read first
-        sorted_h = hashes[order]
-        head = np.ones(len(hashes), dtype=bool)
-        head[1:] = sorted_h[1:] != sorted_h[:-1]
-        first[order[head]] = True
+    order = np.argsort(hashes, kind="stable")  # equal hashes adjacent, first read first
+    first[order[_run_heads(hashes[order])]] = True
     return first
 
 
@@ -502,24 +443,6 @@ def _ordered(spec: PartSpec, result: FilterResult, on_batch, workdir: str) -> It
     return (kept.table for kept in batches)
 
 
-@contextlib.contextmanager
-def _batch_friendly_allocator():
-    """Arrow allocations from jemalloc while the filter runs. Arrow's default, mimalloc, hands freed
-    batch memory back to the OS at once and faults it in again for the next batch: the filter spends
-    about 30 % more CPU that way (bench/README.md)."""
-    try:
-        pool = pa.jemalloc_memory_pool()
-    except NotImplementedError:  # an Arrow build without jemalloc
-        yield
-        return
-    previous = pa.default_memory_pool()
-    pa.set_memory_pool(pool)
-    try:
-        yield
-    finally:
-        pa.set_memory_pool(previous)
-
-
 def run_filter(spec: PartSpec, store: Store, on_batch: Callable[[FilterResult], None] | None = None) -> FilterResult:
     """Filter the part into shard files under the output, or reuse the shards of an earlier run."""
     fp = fingerprint(spec)
@@ -532,7 +455,7 @@ def run_filter(spec: PartSpec, store: Store, on_batch: Callable[[FilterResult], 
         return FilterResult(**done)
     result = FilterResult(fingerprint=fp)
     store.fs.makedirs(store.path(SHARDS_DIR), exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="laion-filter-") as workdir, _batch_friendly_allocator():
+    with tempfile.TemporaryDirectory(prefix="laion-filter-") as workdir:
         writer = ShardWriter(store, spec.filter.samples_per_shard)
         try:
             for table in _ordered(spec, result, on_batch, workdir):
@@ -548,7 +471,7 @@ def run_filter(spec: PartSpec, store: Store, on_batch: Callable[[FilterResult], 
 
 
 def read_shard(store: Store, shard: int) -> pa.Table:
-    with store.fs.open(store.path(SHARDS_DIR, f"{shard_name(shard)}.parquet"), "rb") as f:
+    with store.fs.open(store.path(shard_input(shard)), "rb") as f:
         return pq.read_table(f)
 
 
@@ -561,7 +484,7 @@ def plan(spec: PartSpec) -> FilterResult:
         if spec.filter.dedupe_urls:
             hashes.append(kept.hashes)
     if spec.filter.dedupe_urls:
-        unique = len(np.unique(np.concatenate(hashes))) if hashes else 0
+        unique = int(_first_of_each(np.concatenate(hashes)).sum()) if hashes else 0
         result.dropped_by["duplicateUrl"] = result.rows_kept - unique
         result.rows_kept = unique
     result.shards = -(-result.rows_kept // spec.filter.samples_per_shard)

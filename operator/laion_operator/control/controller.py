@@ -1,77 +1,70 @@
 """The kopf operator: thin handlers that hand each LaionPart to parts.Part.
 
-Run it with `laion-operator operator --config FILE` (or `kopf run -m laion_operator.controller`,
-with LAION_OPERATOR_CONFIG naming the file).
+Run it with `laion-operator operator --config FILE`. The configuration is read once, before kopf
+starts, and everything the parts share (config, Ray backend, slots, metrics) reaches the handlers
+through kopf's memo.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
 
 import kopf
 
+from ..contract import RUNNING
 from . import kube, rayjobs
 from .config import OperatorConfig
 from .metrics import Metrics
-from .parts import RUNNING, Operator, Part, Slots
+from .parts import Operator, Part, Slots
 
 log = logging.getLogger(__name__)
-CONFIG_ENV = "LAION_OPERATOR_CONFIG"
-NAMESPACES_ENV = "LAION_OPERATOR_NAMESPACES"
 FINALIZER = "laion-operator.io/stop-job"
-OP: Operator | None = None
 
 
 @kopf.on.startup()
-async def startup(settings: kopf.OperatorSettings, **_) -> None:
-    global OP
-    config = OperatorConfig.load(os.environ.get(CONFIG_ENV))
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
+    config: OperatorConfig = memo.config
     metrics = Metrics(handlers=["follow", "stop"])
     if config.metrics_port:
         metrics.serve(config.metrics_port)
-    OP = Operator(config, rayjobs.backend(config), Slots(config.max_concurrent_parts, metrics.set_queue_length),
-                  metrics)
+    memo.op = Operator(config, rayjobs.backend(config), Slots(config.max_concurrent_parts, metrics.set_queue_length),
+                       metrics)
     settings.persistence.finalizer = FINALIZER
-    settings.posting.level = logging.WARNING  # Kubernetes events for what a user must look at
+    settings.posting.level = logging.WARNING  # log lines become Events only when a user must look at them
     settings.execution.max_workers = 16  # blocking SDK calls run in threads; many parts poll at once
     # Parts whose jobs already run hold their slots before any queued part can take one.
-    namespaces = [n for n in os.environ.get(NAMESPACES_ENV, "").split(",") if n]
-    for part in await asyncio.to_thread(kube.list_parts, namespaces):
+    for part in await asyncio.to_thread(kube.list_parts, memo.namespaces):
         status = part.get("status") or {}
         if status.get("phase") in RUNNING and status.get("submissionId"):
-            OP.slots.adopt((part["metadata"]["namespace"], part["metadata"]["name"]))
+            memo.op.slots.adopt((part["metadata"]["namespace"], part["metadata"]["name"]))
     log.info("laion-operator started: mode %s, %s, at most %d parts at once", config.mode,
              config.ray_address if config.mode == "jobs" else "KubeRay RayJobs", config.max_concurrent_parts)
 
 
 @kopf.daemon(kube.GROUP, kube.VERSION, kube.PLURAL, id="follow", cancellation_timeout=10, backoff=5)
-async def follow(body, stopped, **_) -> None:
+async def follow(body, stopped, memo: kopf.Memo, **_) -> None:
     try:
-        await Part(OP, body, stopped).follow()
+        await Part(memo.op, body, stopped).follow()
     except Exception:
-        OP.metrics.reconcile_error("follow")
+        memo.op.metrics.reconcile_error("follow")
         raise
 
 
 @kopf.on.delete(kube.GROUP, kube.VERSION, kube.PLURAL, id="stop")
-async def stop(body, **_) -> None:
+async def stop(body, memo: kopf.Memo, **_) -> None:
     try:
-        await Part(OP, body, None).stop()
+        await Part(memo.op, body, None).stop()
     except Exception:
-        OP.metrics.reconcile_error("stop")
+        memo.op.metrics.reconcile_error("stop")
         raise
-    OP.metrics.forget_part(body["metadata"]["namespace"], body["metadata"]["name"])
+    memo.op.metrics.forget_part(body["metadata"]["namespace"], body["metadata"]["name"])
 
 
 def main(args) -> int:
     config = OperatorConfig.load(args.config)  # a bad file fails here, before kopf starts
-    if args.config:
-        os.environ[CONFIG_ENV] = os.path.abspath(args.config)
     namespaces = list(args.namespace or [])
-    os.environ[NAMESPACES_ENV] = ",".join(namespaces)
     asyncio.run(kopf.operator(
         clusterwide=not namespaces,
         namespaces=namespaces,
@@ -79,5 +72,6 @@ def main(args) -> int:
         peering_name=None if args.standalone else config.peering_name,
         # Replicas must differ in priority, or kopf pauses all of them; the highest one works.
         priority=random.randint(1, 2**31 - 1),
+        memo=kopf.Memo(config=config, namespaces=namespaces),
     ))
     return 0

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import yaml
 
-from . import spec as specs
-from .cli import run_with_progress
+from .. import spec as specs
+from ..pipeline.local import run_with_progress
 from .demo_data import write_metadata
 from .fakeweb import ImageServer
 

@@ -12,25 +12,10 @@ import io
 
 import pyarrow.parquet as pq
 
-from .download import ShardStats
-from .filter import shard_name
-from .spec import PartSpec
-from .status import Progress
-from .storage import Store
-
-SHARD_FILE = {"webdataset": ".tar", "parquet": ".parquet", "tfrecord": ".tfrecord"}
-
-
-def stats_csv_name(spec: PartSpec) -> str:
-    return f"part_{spec.part_id}_stats.csv"
-
-
-def files_csv_name(spec: PartSpec) -> str:
-    return f"part_{spec.part_id}.csv"
-
-
-def summary_name(spec: PartSpec) -> str:
-    return f"part_{spec.part_id}_summary.json"
+from .. import contract
+from ..contract import Progress, ShardStats, shard_name
+from ..spec import PartSpec
+from ..storage import Store
 
 
 def _csv(header: list[str], rows) -> str:
@@ -42,7 +27,7 @@ def _csv(header: list[str], rows) -> str:
 
 
 def _successful_keys(store: Store, shard: int) -> list[tuple[str, str]]:
-    with store.fs.open(store.path(f"{shard_name(shard)}.parquet"), "rb") as f:
+    with store.fs.open(store.path(contract.shard_metadata(shard)), "rb") as f:
         table = pq.read_table(f)
     captions = table.column("caption").to_pylist() if "caption" in table.column_names else [""] * table.num_rows
     return [(key, caption or "") for key, status, caption in
@@ -54,19 +39,18 @@ def annotate(spec: PartSpec, store: Store, shards: list[ShardStats], progress: P
     """Write the annotation files and the summary; returns the summary."""
     fmt = spec.download.output_format
     shards = sorted(shards, key=lambda s: s.shard)
+    index = contract.annotations(spec.part_id, fmt)
     if fmt == "files":
         ext = spec.download.encode_format
         rows = ((store.url(shard_name(s.shard), f"{key}.{ext}"), caption)
                 for s in shards for key, caption in _successful_keys(store, s.shard))
-        store.write_text(_csv(["image_path", "caption"], rows), files_csv_name(spec))
-        index = files_csv_name(spec)
+        store.write_text(_csv(["image_path", "caption"], rows), index)
     else:
-        rows = ((store.url(shard_name(s.shard) + SHARD_FILE[fmt]), s.successes) for s in shards)
-        store.write_text(_csv(["path", "num_samples"], rows), stats_csv_name(spec))
-        index = stats_csv_name(spec)
+        rows = ((store.url(contract.shard_data(s.shard, fmt)), s.successes) for s in shards)
+        store.write_text(_csv(["path", "num_samples"], rows), index)
     summary = summarize(spec, store, shards, progress)
     summary["annotations"] = store.url(index)
-    store.write_json(summary, summary_name(spec))
+    store.write_json(summary, contract.summary(spec.part_id))
     return summary
 
 

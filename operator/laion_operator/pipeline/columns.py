@@ -6,7 +6,10 @@ needs a `columns` mapping only for files that follow none of them.
 
 from __future__ import annotations
 
-from .spec import Filter
+import pyarrow.compute as pc
+
+from ..contract import InputError
+from ..spec import Filter
 
 # First match wins: aesthetics 4.5+ (URL TEXT WIDTH HEIGHT similarity punsafe pwatermark AESTHETIC_SCORE
 # hash), laion-art (… LANGUAGE hash pwatermark punsafe aesthetic) and lowercase laion2B (url caption …).
@@ -23,27 +26,30 @@ CANDIDATES: dict[str, tuple[str, ...]] = {
     "hash": ("hash", "HASH"),
 }
 
-# The logical field each filter condition reads.
-CONDITION_FIELDS = {
-    "min_width": "width",
-    "min_height": "height",
-    "max_punsafe": "punsafe",
-    "max_pwatermark": "pwatermark",
-    "min_aesthetic": "aesthetic",
-    "min_similarity": "similarity",
-    "languages": "language",
-}
+# The filter's threshold conditions, in the order a dropped row is counted under the first it fails:
+# (counter name, spec.filter attribute, logical field it reads, keep-when comparison).
+CONDITIONS = [
+    ("minWidth", "min_width", "width", pc.greater_equal),
+    ("minHeight", "min_height", "height", pc.greater_equal),
+    ("maxPunsafe", "max_punsafe", "punsafe", pc.less_equal),
+    ("maxPwatermark", "max_pwatermark", "pwatermark", pc.less_equal),
+    ("minAesthetic", "min_aesthetic", "aesthetic", pc.greater_equal),
+    ("minSimilarity", "min_similarity", "similarity", pc.greater_equal),
+]
+LANGUAGE_FIELD = "language"  # read by spec.filter.languages, counted after the thresholds
 
 
-class ColumnError(ValueError):
+class ColumnError(InputError):
     """A field the part needs has no column in the file."""
 
 
 def required_fields(flt: Filter) -> set[str]:
     needed = {"url"}
-    for condition, logical in CONDITION_FIELDS.items():
-        if getattr(flt, condition) is not None:
+    for _name, attr, logical, _compare in CONDITIONS:
+        if getattr(flt, attr) is not None:
             needed.add(logical)
+    if flt.languages is not None:
+        needed.add(LANGUAGE_FIELD)
     return needed
 
 
