@@ -4,7 +4,7 @@ The images (400–2,000 px on the long side, 85 % JPEG, 10 % PNG, 5 % WebP, phot
 served from loopback by `laion_operator.testbed.fakeweb`, in a separate process, rendered into its cache
 before any run so that every run fetches the same bytes at the same cost. Each side resizes to 512
 keep_ratio into webdataset with the same settings: 2 processes (Ray: one task per CPU) of 32
-threads, 500 samples a shard, JPEG quality 95, sha256 of each image, no EXIF extraction (the project
+threads (the project: 32 URLs in flight), 500 samples a shard, JPEG quality 95, sha256 of each image, no EXIF extraction (the project
 extracts none), no retries.
 
 Two times per run: the whole command (`img2dataset …` / `laion-operator run part.yaml`, start-up,
@@ -113,7 +113,8 @@ def project_cmd(meta: Path, out: Path, n: int, reduced: bool) -> list[str]:
     spec = {"partId": "bench", "source": {"urls": [str(meta)]}, "output": {"uri": str(out)},
             "filter": {"samplesPerShard": per_shard(n)},
             "download": {"imageSize": IMAGE_SIZE, "resizeMode": "keep_ratio", "outputFormat": "webdataset",
-                         "threadsPerTask": THREADS, "encodeQuality": 95, "computeHash": "sha256", "timeout": 10,
+                         "maxInFlight": THREADS, "maxPerHost": THREADS,
+                         "allowedNetworks": ["127.0.0.0/8"], "encodeQuality": 95, "computeHash": "sha256", "timeout": 10,
                          "retries": 0, "reducedDecode": reduced}}
     path = out.parent / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))

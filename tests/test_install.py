@@ -60,7 +60,8 @@ def part_doc(name: str, source: Path, output: dict, **spec) -> dict:
     return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "LaionPart", "metadata": {"name": name},
             "spec": {"partId": name, "source": {"urls": [str(source)]}, "output": output,
                      "filter": {"samplesPerShard": 20},
-                     "download": {"imageSize": 64, "timeout": 5, "threadsPerTask": 4}, **spec}}
+                     "download": {"imageSize": 64, "timeout": 5, "maxInFlight": 4,
+                                  "allowedNetworks": ["127.0.0.0/8"]}, **spec}}
 
 
 def wait_status(api, namespace, name, predicate, timeout=240) -> dict:

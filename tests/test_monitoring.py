@@ -92,7 +92,8 @@ def part_spec(metadata: Path, output: Path) -> specs.PartSpec:
         "source": {"urls": [str(metadata)]},
         "filter": {"samplesPerShard": 60, "seed": 0},
         # Small images and short timeouts: the 2 cores are shared.
-        "download": {"imageSize": 64, "minImageSize": 64, "timeout": 1, "threadsPerTask": 16, "parallelism": 2},
+        "download": {"imageSize": 64, "minImageSize": 64, "timeout": 1, "maxInFlight": 16, "maxPerHost": 16,
+                     "parallelism": 2, "allowedNetworks": ["127.0.0.0/8"]},
         "output": {"uri": str(output)},
     })
 
@@ -140,7 +141,8 @@ def test_alert_rules_check():
 
 
 def test_alert_rules_fire_when_they_should():
-    """tests/data/alerts_test.yaml: Stalled, LowSuccessRate, Failed and OperatorDown fire, and only then."""
+    """tests/data/alerts_test.yaml: Stalled, LowSuccessRate, RateLimited, Failed and OperatorDown fire, and only
+    then."""
     result = subprocess.run([binary("promtool"), "test", "rules", str(ALERT_TESTS)], capture_output=True,
                             text=True, cwd=ALERT_TESTS.parent)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -148,7 +150,8 @@ def test_alert_rules_fire_when_they_should():
 
 def test_alert_names_and_stall_window():
     rules = {r["alert"]: r for r in alert_rules()}
-    assert set(rules) == {"LaionPartStalled", "LaionPartLowSuccessRate", "LaionPartFailed", "LaionOperatorDown"}
+    assert set(rules) == {"LaionPartStalled", "LaionPartLowSuccessRate", "LaionPartRateLimited", "LaionPartFailed",
+                          "LaionOperatorDown"}
     # 15 minutes without an image: a 5 m window that stays flat for 10 m.
     assert "[5m]" in rules["LaionPartStalled"]["expr"] and rules["LaionPartStalled"]["for"] == "10m"
     assert 'job="laion-operator"' in rules["LaionOperatorDown"]["expr"]

@@ -69,7 +69,8 @@ def manifest(name: str, source: Path, output: Path, example: str = "03-trial-1-p
     spec["source"] = {"urls": [str(source)]}
     spec["output"] = {"uri": str(output)}
     spec["filter"] = {"samplesPerShard": 10, **overrides.pop("filter", {})}
-    spec["download"] = {"imageSize": 64, "timeout": 5, "threadsPerTask": 4, "outputFormat": "webdataset",
+    spec["download"] = {"imageSize": 64, "timeout": 5, "maxInFlight": 4, "outputFormat": "webdataset",
+                        "allowedNetworks": ["127.0.0.0/8"],
                         **overrides.pop("download", {})}
     spec.update(overrides)
     return doc
@@ -174,7 +175,7 @@ def test_operator_restart_mid_part_adopts_the_job(api, operators, ray_cluster, k
                                                    tmp_path):
     first = operators()
     out = tmp_path / "out"
-    apply(api, kube_namespace, manifest("restart", slow_metadata, out, download={"threadsPerTask": 2}))
+    apply(api, kube_namespace, manifest("restart", slow_metadata, out, download={"maxInFlight": 2}))
     wait_phase(api, kube_namespace, "restart", "Downloading")
     first.kill()
     job_id = part(api, kube_namespace, "restart")["status"]["submissionId"]
@@ -189,7 +190,7 @@ def test_delete_mid_part_stops_the_job_and_keeps_output(api, operators, ray_clus
                                                         slow_metadata, tmp_path):
     operators()
     out = tmp_path / "out"
-    apply(api, kube_namespace, manifest("doomed", slow_metadata, out, download={"threadsPerTask": 1}))
+    apply(api, kube_namespace, manifest("doomed", slow_metadata, out, download={"maxInFlight": 1}))
     wait_phase(api, kube_namespace, "doomed", "Downloading")
     job_id = part(api, kube_namespace, "doomed")["status"]["submissionId"]
     api.kubectl("delete", "lp", "doomed", "-n", kube_namespace, "--timeout=120s")
@@ -206,7 +207,7 @@ def test_delete_mid_part_stops_the_job_and_keeps_output(api, operators, ray_clus
 
 def test_concurrency_limit_queues_parts(api, operators, kube_namespace, metadata, slow_metadata, tmp_path):
     operators({"maxConcurrentParts": 1})
-    apply(api, kube_namespace, manifest("first", slow_metadata, tmp_path / "a", download={"threadsPerTask": 4}))
+    apply(api, kube_namespace, manifest("first", slow_metadata, tmp_path / "a", download={"maxInFlight": 4}))
     wait_phase(api, kube_namespace, "first", ("Pending", "Filtering", "Downloading"))
     apply(api, kube_namespace, manifest("second", metadata, tmp_path / "b"))
     queued = wait_phase(api, kube_namespace, "second", "Queued", timeout=30)
@@ -220,7 +221,7 @@ def test_failed_job_is_retried_and_resumes(api, operators, ray_cluster, kube_nam
     op = operators()
     out = tmp_path / "out"
     apply(api, kube_namespace, manifest("crashy", slow_metadata, out, maxRetries=2,
-                                        download={"threadsPerTask": 4, "parallelism": 1}))
+                                        download={"maxInFlight": 4, "parallelism": 1}))
     wait_phase(api, kube_namespace, "crashy", "Downloading")
     deadline = time.monotonic() + 120
     while not list(out.glob("*_stats.json")):
@@ -245,7 +246,7 @@ def test_spec_change_restarts_with_resume_and_refuses_a_filter_change(api, opera
                                                                        slow_metadata, tmp_path):
     operators()
     out = tmp_path / "out"
-    doc = manifest("changer", slow_metadata, out, download={"threadsPerTask": 4, "parallelism": 1})
+    doc = manifest("changer", slow_metadata, out, download={"maxInFlight": 4, "parallelism": 1})
     apply(api, kube_namespace, doc)
     wait_phase(api, kube_namespace, "changer", "Downloading")
     deadline = time.monotonic() + 120
@@ -255,7 +256,7 @@ def test_spec_change_restarts_with_resume_and_refuses_a_filter_change(api, opera
     first_job = part(api, kube_namespace, "changer")["status"]["submissionId"]
     finished = {p.name: p.stat().st_mtime for p in out.glob("*_stats.json")}
 
-    doc["spec"]["download"]["threadsPerTask"] = 8  # a download option: the job restarts and resumes
+    doc["spec"]["download"]["maxInFlight"] = 8  # a download option: the job restarts and resumes
     assert apply(api, kube_namespace, doc).returncode == 0
     status = wait_phase(api, kube_namespace, "changer", ("Succeeded", "Failed"))["status"]
     assert status["phase"] == "Succeeded", status

@@ -33,8 +33,8 @@ def part(source, output, **download) -> PartSpec:
         "partId": "3",
         "source": {"urls": [str(source)]},
         "filter": {"samplesPerShard": 40},
-        "download": {"imageSize": 128, "resizeMode": "keep_ratio", "timeout": TIMEOUT, "threadsPerTask": 16,
-                     "minImageSize": 64, **download},
+        "download": {"imageSize": 128, "resizeMode": "keep_ratio", "timeout": TIMEOUT, "maxInFlight": 16,
+                     "maxPerHost": 16, "minImageSize": 64, "allowedNetworks": ["127.0.0.0/8"], **download},
         "output": output if isinstance(output, dict) else {"uri": str(output)},
     })
 
@@ -152,7 +152,7 @@ def test_killed_run_resumes_with_each_sample_exactly_once(ray_driver, image_serv
     write_metadata(source, 120, image_server.base_url, seed=4, slow_seconds=1,
                    failure_mix={"ok": 0.5, "timeout": 0.5, "http_4xx": 0.0})
     out = tmp_path / "out"
-    spec = part(source, out, timeout=5, threadsPerTask=2, parallelism=2)
+    spec = part(source, out, timeout=5, maxInFlight=2, parallelism=2)
     spec = PartSpec.from_dict({**spec.to_dict(), "filter": {**spec.to_dict()["filter"], "samplesPerShard": 10}})
     spec_file = tmp_path / "part.yaml"
     spec_file.write_text(yaml.safe_dump(spec.to_dict()))

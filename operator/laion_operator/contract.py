@@ -138,7 +138,7 @@ PHASES = [p.value for p in Phase]
 
 FAILURE_REASONS = [
     "http_4xx", "http_5xx", "timeout", "tls", "dns", "connection", "decode", "too_small", "aspect_ratio",
-    "opt_out", "other",
+    "opt_out", "too_large", "blocked_address", "bad_url", "redirect", "rate_limited", "other",
 ]
 
 

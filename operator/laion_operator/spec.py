@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import ipaddress
 import re
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,8 @@ HASHES = ["none", "md5", "sha256", "sha512"]
 ENCODE_QUALITY = {"jpg": 95, "webp": 95, "png": 9}
 PNG_MAX_COMPRESSION = 9
 INTERPOLATIONS = ["nearest", "linear", "cubic", "area", "lanczos"]  # img2dataset's names, aliases aside
+MAX_IN_FLIGHT = 128  # download.maxInFlight's default: measured in bench/README.md
+MAX_PER_HOST = 6  # download.maxPerHost's default: a browser's connections per host
 
 
 def _str(description: str, **extra: Any) -> dict:
@@ -115,9 +118,49 @@ SCHEMA: dict = {
                 "maxAspectRatio": _num("Drop images whose aspect ratio exceeds this (unset: no limit).",
                                        minimum=0, exclusiveMinimum=True),
                 "outputFormat": _str("Dataset format.", enum=OUTPUT_FORMATS, default="webdataset"),
-                "timeout": _num("Seconds per HTTP request.", minimum=0, exclusiveMinimum=True, default=10),
-                "retries": _int("Retries per image.", minimum=0, maximum=10, default=0),
-                "threadsPerTask": _int("Download threads per Ray task.", minimum=1, maximum=1024, default=32),
+                "timeout": _num("Seconds one attempt at an image may take end to end: DNS, connect, TLS, headers, "
+                                "redirects and body.", minimum=0, exclusiveMinimum=True, default=10),
+                "retries": _int("Retries per image after a failure another attempt may fix (a timeout, a 5xx, "
+                                "a dropped connection). 429 and 503 with Retry-After are waited for and retried "
+                                "besides, within the image's (retries + 1) x timeout.",
+                                minimum=0, maximum=10, default=0),
+                "maxInFlight": _int(
+                    "URLs each shard task fetches at once, on one event loop (bodies then go to the task's "
+                    "decode threads). The default hides ~0.3-3 s of latency per image behind a CPU's worth of "
+                    "decoding (bench/README.md); raise it for slow hosts or more CPUs per task.",
+                    minimum=1, maximum=4096, default=MAX_IN_FLIGHT),
+                "maxPerHost": _int(
+                    "Connections (and URLs in flight) a shard task opens to one host at once. The default is "
+                    "what a browser opens to one host, which sites and CDNs are sized for; each shard task keeps "
+                    "its own count, so a host sees up to this many per task running.",
+                    minimum=1, maximum=256, default=MAX_PER_HOST),
+                "maxRedirects": _int("Redirects followed per image; more, or a loop, fail as `redirect`.",
+                                     minimum=0, maximum=30, default=5),
+                "maxImageBytes": _int(
+                    "Largest body read: refused by Content-Length before reading, and reading stops past it "
+                    "(`too_large`). With maxInFlight it bounds a task's memory for bodies.",
+                    minimum=1024, default=32 << 20),
+                "maxImagePixels": _int(
+                    "Largest image decoded, in pixels its header declares; larger ones fail as `too_large` "
+                    "before decoding (default: Pillow's decompression-bomb limit, ~0.25 GiB of RGB).",
+                    minimum=1, default=89_478_485),
+                "allowedNetworks": {
+                    "type": "array", "items": {"type": "string", "minLength": 1},
+                    "description": "CIDRs a download may connect to besides public addresses (e.g. an on-premise "
+                                   "mirror, or 127.0.0.0/8 for a test bed). Loopback, private, link-local (cloud "
+                                   "metadata), shared, multicast and reserved addresses are refused otherwise "
+                                   "(`blocked_address`), checked after DNS and on every redirect.",
+                    "default": [],
+                },
+                "dnsServers": {
+                    "type": "array", "items": {"type": "string", "minLength": 1},
+                    "description": "DNS servers to resolve image hosts with (IP or IP:port), instead of the node's "
+                                   "resolver. Answers are cached per shard task either way.",
+                    "default": [],
+                },
+                "respectRobotsTxt": _bool(
+                    "Fetch each host's robots.txt (once per shard task) and skip the URLs it disallows for "
+                    "userAgentToken (`opt_out`).", False),
                 "parallelism": _int("Shards downloaded at once (0: one per CPU of the Ray cluster).", minimum=0,
                                     default=0),
                 "shardRetries": _int("Times a failed shard is retried.", minimum=0, maximum=20, default=2),
@@ -224,7 +267,35 @@ def validate(data: Any) -> dict:
         # For PNG the quality is OpenCV's compression level.
         raise SpecError("invalid part spec:\n  spec.download.encodeQuality: "
                         f"{download['encodeQuality']} is above {PNG_MAX_COMPRESSION}, the highest PNG compression level")
+    problems = [f"spec.download.allowedNetworks[{i}]: {net!r} is not a network in CIDR notation (e.g. 10.0.0.0/8)"
+                for i, net in enumerate(download["allowedNetworks"]) if not _is_network(net)]
+    problems += [f"spec.download.dnsServers[{i}]: {server!r} is not an IP address, with an optional :port"
+                 for i, server in enumerate(download["dnsServers"]) if not _is_server(server)]
+    if problems:
+        raise SpecError("invalid part spec:\n  " + "\n  ".join(problems))
     return spec
+
+
+def _is_network(text: str) -> bool:
+    try:
+        ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_server(text: str) -> bool:
+    """An IP address, or IPv4:port, or [IPv6]:port (as c-ares takes them)."""
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([0-9.]+):(\d{1,5})|([0-9A-Fa-f:.]+)", text)
+    if not m:
+        return False
+    address = m.group(1) or m.group(3) or m.group(5)
+    port = m.group(2) or m.group(4)
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return port is None or 0 < int(port) < 65536
 
 
 def snake(name: str) -> str:
@@ -272,7 +343,14 @@ class Download:
     output_format: str
     timeout: float
     retries: int
-    threads_per_task: int
+    max_in_flight: int
+    max_per_host: int
+    max_redirects: int
+    max_image_bytes: int
+    max_image_pixels: int
+    allowed_networks: tuple[str, ...]
+    dns_servers: tuple[str, ...]
+    respect_robots_txt: bool
     parallelism: int
     shard_retries: int
     user_agent_token: str

@@ -1,29 +1,27 @@
 """Stage 2: download, resize and write one shard, with img2dataset's resizing and sample writers.
 
-The shard loop is ours rather than img2dataset's `Downloader` for what that class cannot do: turn off
-TLS verification without patching the library, classify every failure into a bounded set of
-reasons, report progress while a shard runs, and keep the shard's input so that a re-run can redo it.
-A shard is finished when its `<shard>_stats.json` exists; it is written after every other file of the
-shard, so a shard interrupted at any point is redone whole and each sample lands exactly once.
+The shard loop is ours rather than img2dataset's `Downloader` for what that class cannot do: fetch
+many URLs at once on one event loop under deadlines, size caps, an address guard and per-host limits
+(`fetch`), turn off TLS verification without patching the library, classify every failure into a
+bounded set of reasons, report progress while a shard runs, and keep the shard's input so that a
+re-run can redo it. A shard is finished when its `<shard>_stats.json` exists; it is written after
+every other file of the shard, so a shard interrupted at any point is redone whole and each sample
+lands exactly once. Samples are written in the order their downloads finish, as img2dataset does.
 """
 
 from __future__ import annotations
 
 import hashlib
-import http.client
 import io
 import math
-import socket
-import ssl
+import os
+import threading
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
-from multiprocessing.pool import ThreadPool
 from typing import Callable
 
 import pyarrow as pa
-from img2dataset.downloader import compute_key, is_disallowed
+from img2dataset.downloader import compute_key
 from img2dataset.writer import (
     FilesSampleWriter,
     ParquetSampleWriter,
@@ -33,6 +31,8 @@ from img2dataset.writer import (
 from ..contract import SHARD_DIGITS, ShardStats, shard_files, shard_stats
 from ..spec import Download, PartSpec
 from ..storage import Store
+from . import fetch
+from .fetch import FetchError, classify  # noqa: F401 - the failure vocabulary, re-exported
 from .filter import read_shard
 from .resize import Resizer
 from .writers import TFRecordSampleWriter  # img2dataset's needs tensorflow; ours writes the same files
@@ -45,30 +45,6 @@ WRITERS = {
 }
 
 
-class FetchError(Exception):
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
-
-
-def classify(err: BaseException) -> str:
-    """One of contract.FAILURE_REASONS for an exception raised while fetching."""
-    if isinstance(err, urllib.error.HTTPError):
-        return "http_4xx" if 400 <= err.code < 500 else "http_5xx" if err.code >= 500 else "other"
-    reason = err.reason if isinstance(err, urllib.error.URLError) else err
-    if isinstance(reason, (socket.timeout, TimeoutError)) or "timed out" in str(reason):
-        return "timeout"
-    if isinstance(reason, ssl.SSLError):
-        return "tls"
-    if isinstance(reason, socket.gaierror):
-        return "dns"
-    if isinstance(reason, http.client.IncompleteRead):
-        return "decode"  # a truncated body is a corrupt image
-    if isinstance(reason, (ConnectionError, http.client.HTTPException)):
-        return "connection"
-    return "other"
-
-
 def resize_reason(message: str) -> str:
     if message == "image too small":
         return "too_small"
@@ -77,44 +53,18 @@ def resize_reason(message: str) -> str:
     return "decode"
 
 
-class Fetcher:
-    """HTTP GET of one image the way img2dataset does it, with optional TLS verification."""
+def task_cpus() -> int:
+    """CPUs this shard task may use: its Ray resources inside a Ray task, else this process's CPUs."""
+    try:
+        import ray
 
-    def __init__(self, opts: Download):
-        self.timeout = opts.timeout
-        self.retries = opts.retries
-        self.token = opts.user_agent_token.strip().lower() if opts.user_agent_token else None
-        self.directives = {d.strip().lower() for d in opts.disallowed_header_directives} or None
-        agent = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
-        if self.token:
-            agent += f" (compatible; {self.token}; +https://github.com/rom1504/img2dataset)"
-        self.headers = {"User-Agent": agent}
-        self.context = None
-        if not opts.verify_tls:
-            self.context = ssl.create_default_context()
-            self.context.check_hostname = False
-            self.context.verify_mode = ssl.CERT_NONE
-
-    def once(self, url: str) -> bytes:
-        request = urllib.request.Request(url, headers=self.headers)
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout, context=self.context) as r:
-                if self.directives and is_disallowed(r.headers, self.token, self.directives):
-                    raise FetchError("opt_out", "Use of image disallowed by X-Robots-Tag directive")
-                return r.read()
-        except FetchError:
-            raise
-        except Exception as err:  # noqa: BLE001 - every network failure is a sample's failure, not the shard's
-            raise FetchError(classify(err), str(err) or type(err).__name__) from None
-
-    def __call__(self, url: str) -> bytes:
-        for attempt in range(self.retries + 1):
-            try:
-                return self.once(url)
-            except FetchError as err:
-                if attempt == self.retries or err.reason in ("opt_out", "http_4xx"):
-                    raise
-        raise AssertionError("unreachable")
+        if ray.is_initialized():
+            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+            if cpus:
+                return max(int(round(cpus)), 1)
+    except Exception:  # noqa: BLE001 - not in a task: the process's own CPUs
+        pass
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def make_resizer(opts: Download) -> Resizer:
@@ -143,9 +93,10 @@ def _schema(table: pa.Table, opts: Download) -> pa.Schema:
     return schema
 
 
-def download_shard(spec: PartSpec, shard: int,
-                   report: Callable[[ShardStats], None] | None = None, report_every: float = 2.0) -> ShardStats:
-    """Download one shard into the output; returns its stats (also persisted as <shard>_stats.json)."""
+def download_shard(spec: PartSpec, shard: int, report: Callable[[ShardStats], None] | None = None,
+                   report_every: float = 2.0, threads: int | None = None) -> ShardStats:
+    """Download one shard into the output; returns its stats (also persisted as <shard>_stats.json).
+    Decoding and resizing run on `threads` threads (default: the task's CPUs)."""
     opts = spec.download
     store = Store(spec.output)
     for stale in shard_files(shard):  # a partial earlier attempt must not leave samples behind
@@ -156,51 +107,48 @@ def download_shard(spec: PartSpec, shard: int,
     reasons: Counter[str] = Counter()
     columns = table.column_names
     rows = table.to_pylist()
-    fetch = Fetcher(opts)
     resizer = make_resizer(opts)
     writer = WRITERS[opts.output_format](
         shard, store.uri, "caption" in columns, SHARD_DIGITS, _schema(table, opts), opts.encode_format)
     oom_samples = math.ceil(math.log10(max(spec.filter.samples_per_shard, 2)))
+    lock = threading.Lock()
+    last_report = [time.monotonic()]
 
-    def get(index: int):
-        try:
-            return index, fetch(rows[index]["url"]), None
-        except FetchError as err:
-            return index, None, err
-
-    last_report = time.monotonic()
-    with ThreadPool(opts.threads_per_task) as pool:
-        for index, data, err in pool.imap_unordered(get, range(len(rows))):
-            row = rows[index]
-            key = compute_key(index, shard, oom_samples, SHARD_DIGITS)
-            meta = {**row, "key": key, "status": None, "error_message": None, "failure_reason": None,
-                    "width": None, "height": None, "original_width": None, "original_height": None}
-            if opts.compute_hash != "none":
-                meta[opts.compute_hash] = None
-            image = None
-            if err is not None:
-                stats.failed_to_download += 1
-                meta.update(status="failed_to_download", error_message=str(err), failure_reason=err.reason)
-                reasons[err.reason] += 1
+    def handle(index: int, data: bytes | None, err: FetchError | None) -> None:
+        """One URL's outcome, on a decode thread: resize, then write (one writer, under the lock)."""
+        row = rows[index]
+        key = compute_key(index, shard, oom_samples, SHARD_DIGITS)
+        meta = {**row, "key": key, "status": None, "error_message": None, "failure_reason": None,
+                "width": None, "height": None, "original_width": None, "original_height": None}
+        if opts.compute_hash != "none":
+            meta[opts.compute_hash] = None
+        image = None
+        if err is not None:
+            meta.update(status="failed_to_download", error_message=str(err), failure_reason=err.reason)
+        else:
+            image, width, height, orig_w, orig_h, message = resizer(io.BytesIO(data))
+            if message is not None:
+                image = None
+                meta.update(status="failed_to_resize", error_message=message, failure_reason=resize_reason(message))
             else:
-                image, width, height, orig_w, orig_h, message = resizer(io.BytesIO(data))
-                if message is not None:
-                    image = None
-                    reason = resize_reason(message)
-                    stats.failed_to_resize += 1
-                    meta.update(status="failed_to_resize", error_message=message, failure_reason=reason)
-                    reasons[reason] += 1
-                else:
-                    stats.successes += 1
-                    meta.update(status="success", width=width, height=height,
-                                original_width=orig_w, original_height=orig_h)
-                    if opts.compute_hash != "none":
-                        meta[opts.compute_hash] = getattr(hashlib, opts.compute_hash)(data).hexdigest()
+                meta.update(status="success", width=width, height=height, original_width=orig_w,
+                            original_height=orig_h)
+                if opts.compute_hash != "none":
+                    meta[opts.compute_hash] = getattr(hashlib, opts.compute_hash)(data).hexdigest()
+        with lock:
             writer.write(image, key, row.get("caption"), meta)
-            if report and time.monotonic() - last_report >= report_every:
+            if meta["status"] == "success":
+                stats.successes += 1
+            else:
+                stats.failed_to_download += meta["status"] == "failed_to_download"
+                stats.failed_to_resize += meta["status"] == "failed_to_resize"
+                reasons[meta["failure_reason"]] += 1
+            if report and time.monotonic() - last_report[0] >= report_every:
                 stats.failed_by_reason = dict(reasons)
                 report(stats)
-                last_report = time.monotonic()
+                last_report[0] = time.monotonic()
+
+    fetch.run([row["url"] for row in rows], opts, handle, threads or task_cpus())
     writer.close()
     stats.failed_by_reason = dict(reasons)
     stats.bytes_written = sum(_size(store, store.path(path)) for path in shard_files(shard))
