@@ -240,3 +240,65 @@ def test_cli_serves_until_killed():
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_new_failure_routes_behave_as_documented(server):
+    from urllib.parse import quote
+
+    from laion_operator.testbed.fakeweb import Silent, refused_address
+
+    b = server.base_url
+    opener = urllib.request.build_opener(NoRedirect)
+    for path, location in [("/loop/x", "/loop/x"), ("/hops/2/1_10x10.jpg", "/hops/1/1_10x10.jpg"),
+                           ("/hops/1/1_10x10.jpg", "/hops/0/1_10x10.jpg"),
+                           (f"/to/{quote('file:///etc/passwd', safe='')}", "file:///etc/passwd")]:
+        with pytest.raises(urllib.error.HTTPError) as e:
+            opener.open(b + path, timeout=5)
+        assert e.value.code == 302 and e.value.headers["Location"] == location
+    assert get(f"{b}/hops/0/1_10x10.jpg")[2] == get(f"{b}/img/1_10x10.jpg")[2]
+    status, headers, body, _ = get(f"{b}/big/100000/x")
+    assert int(headers["Content-Length"]) == len(body) == 100000 and body[:2] == b"\xff\xd8"
+    with urllib.request.urlopen(f"{b}/bigstream/70000/x", timeout=5) as r:
+        assert "Content-Length" not in r.headers and len(r.read()) == 70000
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        for fmt, size in [("jpg", (40000, 30000)), ("png", (40000, 30000))]:
+            body = get(f"{b}/bomb/1_{size[0]}x{size[1]}.{fmt}")[2]
+            assert len(body) < 100 and Image.open(io.BytesIO(body)).size == size
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    webp = get(f"{b}/bomb/1_16000x9000.webp")[2]  # a VP8X header: canvas width - 1, height - 1
+    assert webp[12:16] == b"VP8X" and webp[24:30] == (15999).to_bytes(3, "little") + (8999).to_bytes(3, "little")
+    gif = get(f"{b}/bomb/1_40000x30000.gif")[2]
+    assert gif[:6] == b"GIF89a" and gif[6:10] == (40000).to_bytes(2, "little") + (30000).to_bytes(2, "little")
+    for _ in range(2):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            get(f"{b}/retry/429/7/2/ra_10x10.jpg")
+        assert e.value.code == 429 and e.value.headers["Retry-After"] == "7"
+    assert get(f"{b}/retry/429/7/2/ra_10x10.jpg")[0] == 200
+    t = time.monotonic()
+    with pytest.raises((TimeoutError, socket.timeout)):
+        get(f"{b}/drip/1/2_64x64.jpg", timeout=0.5)  # headers at once, then a byte a second
+    assert time.monotonic() - t < 3
+    with pytest.raises(urllib.error.URLError):
+        get(f"http://{refused_address()}/img/1_10x10.jpg")
+    with Silent() as silent, pytest.raises((TimeoutError, socket.timeout, urllib.error.URLError)):
+        get(f"{silent.base_url}/img/1_10x10.jpg", timeout=0.5)
+
+
+def test_outcome_of_new_routes():
+    u = "http://127.0.0.1:1"
+    assert outcome_of(f"{u}/loop/a") == "redirect"
+    assert outcome_of(f"{u}/hops/5/1_100x100.jpg") == "ok"
+    assert outcome_of(f"{u}/hops/6/1_100x100.jpg") == "redirect"
+    assert outcome_of(f"{u}/hops/2/1_100x100.jpg", max_redirects=1) == "redirect"
+    assert outcome_of(f"{u}/drip/1/1_100x100.jpg") == "timeout"
+    assert outcome_of(f"{u}/big/40000000/x") == "too_large"
+    assert outcome_of(f"{u}/bigstream/1000/x") == "decode"
+    assert outcome_of(f"{u}/bomb/1_20000x20000.png") == "too_large"
+    assert outcome_of(f"{u}/bomb/1_200x200.png") == "decode"
+    assert outcome_of(f"{u}/retry/429/1/2/1_100x100.jpg", timeout=5) == "ok"
+    assert outcome_of(f"{u}/retry/429/1/100/1_100x100.jpg", timeout=5) == "rate_limited"
+    assert outcome_of(f"{u}/retry/503/-/1/1_100x100.jpg") == "http_5xx"
+    assert outcome_of(f"{u}/to/http%3A%2F%2F127.0.0.1%3A1%2Fstatus%2F404%2Fx") == "http_4xx"
+    assert outcome_of("file:///etc/passwd") == "bad_url"

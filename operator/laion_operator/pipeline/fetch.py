@@ -546,7 +546,7 @@ class Engine:
                                           f"({limit})")
         chunks: list[bytes] = []
         size = 0
-        probing = not truncate
+        probing = not truncate  # looking for the image's declared size in what has come so far
         async for chunk in resp.content.iter_any():
             size += len(chunk)
             if size > limit:
@@ -555,16 +555,13 @@ class Engine:
                     break
                 raise FetchError("too_large", f"body over download.maxImageBytes ({limit})")
             chunks.append(chunk)
-            if probing:  # refuse a huge declared image before reading the rest of it
-                head = b"".join(chunks)
-                size_ = header_size(head)
-                if size_ is not None:
-                    self._check_pixels(size_[0] * size_[1])
-                    probing = False
-                elif size >= HEADER_PROBE_BYTES:
+            if probing and size <= HEADER_PROBE_BYTES:  # a huge declared image: refused before the rest
+                declared = header_size(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+                if declared is not None:
+                    self._check_pixels(declared[0] * declared[1])
                     probing = False
         body = b"".join(chunks)
-        if not truncate:
+        if probing:  # formats without a fast header reader, or a header past the probe
             pixels = declared_pixels(body)
             if pixels is not None:
                 self._check_pixels(pixels)
