@@ -32,7 +32,7 @@ from ..contract import SHARD_DIGITS, ShardStats, shard_files, shard_stats
 from ..spec import Download, PartSpec
 from ..storage import Store
 from . import fetch
-from .fetch import FetchError, classify  # noqa: F401 - the failure vocabulary, re-exported
+from .fetch import FetchError
 from .filter import read_shard
 from .resize import Resizer
 from .writers import TFRecordSampleWriter  # img2dataset's needs tensorflow; ours writes the same files

@@ -41,7 +41,7 @@ import time
 import warnings
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable
 from urllib.parse import urlsplit
 from urllib.robotparser import RobotFileParser
