@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         many = rows[-1]
         goals.append(f"operator overhead: {many['parts']} parts applied at once all submitted in "
                      f"{many['submit_all_s']:.2f} s ({many['submit_all_s'] / many['baseline_s']:.1f}× the API round "
-                     f"trip of as many objects); status lag median {many['lag_median_s']:.2f} s with pollSeconds 1")
+                     f"trip of as many objects); status lag median {many['lag_median_s']:.2f} s with pollSeconds 1; operator "
+                     f"resident memory {rows[0]['rss_mb']:.0f} MB idle, {many['rss_mb']:.0f} MB with {many['parts']} parts")
 
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     entry = [

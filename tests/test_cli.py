@@ -1,7 +1,8 @@
-"""The CLI's promises that need no Ray: clear errors naming the field, file or output; the dry-run plan."""
+"""The CLI's promises: clear errors naming the field, file or output; the dry-run plan; a clean terminal."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -86,3 +87,16 @@ def test_crd_command_prints_the_shipped_crd():
     result = cli("crd")
     root = Path(__file__).resolve().parents[1]
     assert yaml.safe_load(result.stdout) == yaml.safe_load((root / "crds" / "laionpart.yaml").read_text())
+
+
+def test_a_local_run_speaks_first_and_only_of_the_part(tmp_path, image_server):
+    """A user's terminal: Ray's notices stay out of it, and no line of zeros comes before any row."""
+    write_metadata(tmp_path / "m.parquet", 30, image_server.base_url, seed=5, failure_mix={"ok": 1.0})
+    part = write_part(tmp_path, filter={"samplesPerShard": 50}, download={"imageSize": 32, "parallelism": 1})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    run = subprocess.run([CLI, "run", str(part)], capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr
+    lines = [line for line in (run.stdout + run.stderr).splitlines() if line.strip()]
+    assert lines[0].startswith("part 1: 1 metadata file -> "), lines[:5]
+    assert not [line for line in lines if "Token authentication" in line or "[filter] 0 rows" in line]
+    assert any(line.startswith("  images ") for line in lines)

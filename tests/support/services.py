@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,24 +13,23 @@ import time
 import urllib.request
 from pathlib import Path
 
+from laion_operator.testbed.loopback import free_port, wait_for_port  # noqa: F401 - shared
+
 VENV_BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def job_driver_pids(marker: str) -> list[int]:
+    """The pids of part job drivers (`laion-operator job`) whose environment mentions `marker` (say
+    the part's output path): other Ray clusters on the machine run jobs of their own."""
+    pids = []
+    for proc in Path("/proc").iterdir():
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ")
+            if b"laion-operator job" in cmdline and marker.encode() in (proc / "environ").read_bytes():
+                pids.append(int(proc.name))
+        except (OSError, ValueError):
+            continue
+    return pids
 
 
 # Ray replaces a loopback --node-ip-address by the machine's routable address unless it believes it

@@ -145,7 +145,7 @@ def _schema(table: pa.Table, opts: Download) -> pa.Schema:
 
 def download_shard(spec: PartSpec, shard: int,
                    report: Callable[[ShardStats], None] | None = None, report_every: float = 2.0) -> ShardStats:
-    """Download one shard into the output; returns its stats (also persisted as <shard>_stats.json)."""
+    """Download one shard into the output; returns its stats (also persisted: contract.shard_stats)."""
     opts = spec.download
     store = Store(spec.output)
     for stale in shard_files(shard):  # a partial earlier attempt must not leave samples behind

@@ -45,6 +45,9 @@ def ensure_ray(address: str | None = None) -> None:
         finally:
             shutil.rmtree(folder, ignore_errors=True)  # uploaded to the cluster; no copy stays behind
     else:
+        # A private cluster on loopback for this run: Ray's notice that it turned token authentication
+        # on would be the first thing the user reads, about a cluster they never see.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
                  configure_logging=False)
 
