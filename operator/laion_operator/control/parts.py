@@ -19,7 +19,7 @@ from typing import Awaitable, Callable
 
 import kopf
 
-from ..contract import MANIFEST, PROGRESS, RUNNING, TERMINAL, ExitCode, Phase, Progress, fingerprint
+from ..contract import MANIFEST, PROGRESS, RUNNING, TERMINAL, ExitCode, Phase, Progress, Verification, fingerprint
 from ..spec import PartSpec, SpecError
 from ..storage import Store
 from . import kube
@@ -317,10 +317,14 @@ class Part:
         fields = cr_status(progress) if progress else {}
         conditions = self.status.get("conditions") or []
         message = progress.message if progress and progress.message else f"job {job_id} {phase.value.lower()}"
-        extra = {}
+        extra: dict = {"conditions": []}
         if finished:
             extra["conditions"] = [condition("Complete", True, "Succeeded", message, conditions),
                                    condition("Failed", False, "Succeeded", "", conditions)]
+        if progress and progress.verified:  # the job's verify stage ran: every shard read back
+            verified = Verification.from_json(progress.verified)
+            extra["conditions"].append(condition("Verified", verified.ok, "ShardsReadBack" if verified.ok
+                                                 else "ShardMismatch", verified.message, conditions))
         await self.write(phase=phase.value, submissionId=job_id, observedGeneration=generation, retries=attempt,
                          message=message, **fields, **extra)
         self.op.metrics.observe_part(self.namespace, self.name, phase, progress, attempt)
