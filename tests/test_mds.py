@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import shutil
 from pathlib import Path
@@ -85,12 +86,12 @@ def test_mds_samples_equal_their_metadata_rows(ray_driver, metadata, tmp_path):
     assert listed == indexed and len(listed) > shards
     assert all((out / name).is_file() for name in listed)
 
-    # the root index is what streaming's own merge_index makes of the shards' indexes
+    # the root index is what streaming's own merge_index makes of the shards' folders (pointed at the
+    # output itself it would take every .json below it, _stats.json and _laion/ included)
     ours = json.loads((out / "index.json").read_text())
     copy = tmp_path / "copy"
-    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("index.json"))
     for s in range(shards):
-        shutil.copy(out / f"{s:05d}" / "index.json", copy / f"{s:05d}" / "index.json")
+        shutil.copytree(out / f"{s:05d}", copy / f"{s:05d}")
     merge_index(str(copy), keep_local=True)
     theirs = json.loads((copy / "index.json").read_text())
     by_file = lambda index: sorted(index["shards"], key=lambda e: e["raw_data"]["basename"])  # noqa: E731
@@ -108,7 +109,7 @@ def test_mds_on_s3_reads_back_through_streaming(ray_driver, s3, metadata, tmp_pa
     assert any(k.startswith("parts/7/00002/shard.") and k.endswith(".mds") for k in keys)
 
     client = s3.client()
-    rows = metadata_rows(lambda n: client.get_object(Bucket=bucket, Key=f"parts/7/{n}")["Body"],
+    rows = metadata_rows(lambda n: io.BytesIO(client.get_object(Bucket=bucket, Key=f"parts/7/{n}")["Body"].read()),
                          [f"{s:05d}.parquet" for s in range(summary["shards"]["total"])])
     # a trainer's reader: streaming's own S3 client, told the endpoint the way streaming is told
     monkeypatch.setenv("S3_ENDPOINT_URL", s3.endpoint)

@@ -128,3 +128,22 @@ def test_the_laion5b_loader_reads_the_demo_output(ray_driver, image_server, tmp_
         captions += list(batch_captions)
     assert images == len(captions) == summary["images"]["ok"]
     assert all(isinstance(c, str) for c in captions)
+
+
+def test_the_verified_condition_comes_from_the_persisted_progress(ray_driver, metadata, tmp_path):
+    """What the operator reads (contract.Progress from progress.json) says whether the part verified."""
+    from laion_operator.contract import Progress
+    from laion_operator.control.parts import verified_condition
+
+    out = tmp_path / "wds"
+    run_part(PartSpec.from_dict(part_dict(metadata, out)))
+    progress = Progress.from_json(json.loads((out / "_laion" / "progress.json").read_text()))
+    assert verified_condition(Progress(part_id="7"), []) is None  # before the verify stage ran
+    good = verified_condition(progress, [])
+    assert good["type"] == "Verified" and good["status"] == "True" and good["reason"] == "ShardsReadBack"
+
+    (out / "00000.tar").unlink()
+    assert verify_cli(out).returncode == 1
+    progress = Progress.from_json(json.loads((out / "_laion" / "progress.json").read_text()))
+    bad = verified_condition(progress, [good])
+    assert bad["status"] == "False" and bad["reason"] == "ShardMismatch" and "00000.tar" in bad["message"]

@@ -95,6 +95,15 @@ def condition(kind: str, ok: bool, reason: str, message: str, previous: list[dic
             "lastTransitionTime": since}
 
 
+def verified_condition(progress: Progress | None, previous: list[dict]) -> dict | None:
+    """The `Verified` condition once the job's verify stage has read every shard back (None before)."""
+    if not progress or not progress.verified:
+        return None
+    verified = Verification.from_json(progress.verified)
+    return condition("Verified", verified.ok, "ShardsReadBack" if verified.ok else "ShardMismatch",
+                     verified.message, previous)
+
+
 class Part:
     """One LaionPart followed by one kopf daemon; `body` is kopf's live view of the object."""
 
@@ -321,10 +330,9 @@ class Part:
         if finished:
             extra["conditions"] = [condition("Complete", True, "Succeeded", message, conditions),
                                    condition("Failed", False, "Succeeded", "", conditions)]
-        if progress and progress.verified:  # the job's verify stage ran: every shard read back
-            verified = Verification.from_json(progress.verified)
-            extra["conditions"].append(condition("Verified", verified.ok, "ShardsReadBack" if verified.ok
-                                                 else "ShardMismatch", verified.message, conditions))
+        verified = verified_condition(progress, conditions)
+        if verified:
+            extra["conditions"].append(verified)
         await self.write(phase=phase.value, submissionId=job_id, observedGeneration=generation, retries=attempt,
                          message=message, **fields, **extra)
         self.op.metrics.observe_part(self.namespace, self.name, phase, progress, attempt)

@@ -3,9 +3,10 @@
 Each download shard writes its own MDS folder (`00000/index.json`, `00000/shard.00000.mds`, …), so
 shards stay independent for resume. A trainer wants one dataset: `StreamingDataset(remote=<output>)`
 reads the root `index.json`, whose shard entries name their files relative to the root. This is what
-streaming's `merge_index` writes (basenames prefixed with their folder), done through the part's
-Store so that it reads and writes S3 with the part's credentials and endpoint rather than boto3's
-environment.
+streaming's `merge_index` writes (basenames prefixed with their folder; tests/test_mds.py compares),
+done here because `merge_index(<output>)` takes every `.json` below the root for an index (the
+shards' `_stats.json` and `_laion/` too), and through the part's Store so that S3 is reached with the
+part's credentials and endpoint rather than boto3's environment.
 """
 
 from __future__ import annotations
