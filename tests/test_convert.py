@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from laion_operator.contract import InputError
-from laion_operator.pipeline.driver import PartFailed, run_part
+from laion_operator.pipeline.driver import run_part
 from laion_operator.spec import PartSpec
 
 
@@ -186,9 +186,26 @@ def test_bad_inputs_name_the_file_and_the_sample(ray_driver, journeydb, tars, tm
         info = tarfile.TarInfo("000020001.txt")
         info.size = 4
         tar.addfile(info, io.BytesIO(b"lost"))
-    with pytest.raises(PartFailed, match=r"00002\.tar: sample 000020001: no image"):
+    # found inside a shard's Ray task: bad input all the same (a retry cannot help), file and sample named
+    with pytest.raises(InputError, match=r"00002\.tar: sample 000020001: no image"):
         run_part(convert({"uri": str(folder)}, tmp_path / "c", "webdataset", shardRetries=0))
+    progress = json.loads((tmp_path / "c" / "_laion" / "progress.json").read_text())
+    assert progress["phase"] == "Failed" and "000020001" in progress["message"]
 
     with pytest.raises(InputError, match="spec.source: give exactly one of urls"):
         PartSpec.from_dict({"partId": "x", "source": {"urls": ["a.parquet"], "dataset": {"uri": str(folder)}},
                             "output": {"uri": str(tmp_path / "d")}})
+
+
+def test_dry_run_of_a_conversion_lists_its_input_shards(tars, tmp_path):
+    import yaml
+
+    folder, _ = tars
+    spec_file = tmp_path / "part.yaml"
+    spec_file.write_text(yaml.safe_dump({"partId": "c", "source": {"dataset": {"uri": str(folder)}},
+                                         "output": {"uri": str(tmp_path / "out")},
+                                         "download": {"outputFormat": "mds"}}))
+    done = subprocess.run([str(Path(sys.executable).parent / "laion-operator"), "run", str(spec_file), "--dry-run"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"convert {folder} (webdataset) in 2 shards" in done.stdout and "as mds" in done.stdout

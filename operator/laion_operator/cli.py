@@ -82,6 +82,14 @@ def cmd_verify(args) -> int:
 
 
 def cmd_plan(part: specs.PartSpec) -> int:
+    if part.dataset:
+        from .pipeline.convert import detect, list_inputs
+
+        Store(part.output)  # registers the S3 options the input is read with
+        inputs = list_inputs(part)
+        print(f"part {part.part_id}: convert {part.dataset.uri} ({detect(part.dataset)}) in {len(inputs)} shards "
+              f"-> {part.output.uri} as {part.download.output_format}")
+        return ExitCode.OK
     from .pipeline.filter import plan
 
     result = plan(part)

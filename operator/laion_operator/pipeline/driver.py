@@ -20,7 +20,7 @@ import ray
 
 from .. import credentials
 from .. import contract
-from ..contract import PROGRESS, Phase, Progress, ShardStats
+from ..contract import PROGRESS, InputError, Phase, Progress, ShardStats
 from ..spec import PartSpec
 from ..storage import Store
 from .annotate import annotate
@@ -97,7 +97,7 @@ class Tracker:
                  every: float = 2.0):
         self.store, self.progress, self.on_progress, self.every = store, progress, on_progress, every
         self.finished: dict[int, ShardStats] = {}
-        self.errors: dict[int, str] = {}  # the last error of each failed shard
+        self.errors: dict[int, BaseException] = {}  # the last error of each failed shard
         self._last = 0.0
 
     def phase(self, phase: Phase, message: str = "") -> None:
@@ -167,7 +167,7 @@ def _download_all(spec: PartSpec, tracker: Tracker, shards: int) -> list[int]:
             except Exception as err:  # noqa: BLE001 - a shard's failure is recorded, the part goes on
                 log.error("shard %d failed after %d retries: %s", shard, spec.download.shard_retries, err)
                 failed.append(shard)
-                errors[shard] = str(getattr(err, "cause", None) or err)
+                errors[shard] = getattr(err, "cause", None) or err  # Ray wraps the task's exception
             board.forget.remote(shard)
         tracker.progress.shards_failed = len(failed)
         tracker.count(ray.get(board.snapshot.remote()))
@@ -199,12 +199,17 @@ def run_part(spec: PartSpec, on_progress: Callable[[Progress], None] | None = No
     ensure_ray()
     failed = _download_all(spec, tracker, shards)
     tracker.count()
+    if failed and all(isinstance(tracker.errors.get(s), InputError) for s in failed):
+        # a shard's input that cannot be read (convert): no retry can help, the exit code says so
+        tracker.progress.finished_at = time.time()
+        tracker.phase(Phase.FAILED, str(tracker.errors[min(failed)]))
+        raise tracker.errors[min(failed)]
     if failed:
         tracker.progress.finished_at = time.time()
         first = min(failed)
         tracker.phase(Phase.FAILED, f"{len(failed)} of {shards} shards failed after "
                                 f"{spec.download.shard_retries} retries: {sorted(failed)[:10]}; "
-                                f"shard {first}: {tracker.errors.get(first, 'unknown error')[:500]}; "
+                                f"shard {first}: {str(tracker.errors.get(first, 'unknown error'))[:500]}; "
                                 "run the part again to retry them")
         raise PartFailed(tracker.progress.message)
     if spec.dataset:  # a conversion reads no metadata: its rows are the samples it read
