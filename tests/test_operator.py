@@ -149,6 +149,7 @@ def test_part_from_apply_to_succeeded(api, operators, ray_cluster, kube_namespac
     assert status["observedGeneration"] == 1
     conditions = {c["type"]: c for c in status["conditions"]}
     assert conditions["Complete"]["status"] == "True" and conditions["Submitted"]["status"] == "True"
+    assert conditions["Verified"]["status"] == "True" and summary["verified"]["ok"]
     assert [j.submission_id for j in jobs_of(ray_cluster, kube_namespace, "trial")] == [status["submissionId"]]
 
     table = api.kubectl("get", "lp", "-n", kube_namespace).stdout

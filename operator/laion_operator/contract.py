@@ -5,10 +5,12 @@ it. This module is the one place that names what is in it, so that neither side 
 
     <output>/
       00000.tar | 00000.parquet | 00000.tfrecord | 00000/   a shard in the part's outputFormat
+                                                 (mds: 00000/ holds index.json and shard.00000.mds …)
       00000.parquet                                          every sample's metadata and status
       00000_stats.json                                       the shard is finished (written last)
       part_<id>_stats.csv | part_<id>.csv                    the annotations trainers read
-      part_<id>_summary.json                                 counts, failure reasons, durations
+      index.json                                             mds: every shard's MDS index merged
+      part_<id>_summary.json                                 counts, failure reasons, durations, verified
       _laion/filter.json                                     the filter's manifest and fingerprint
       _laion/shards/00000.parquet                            the filtered rows of each shard
       _laion/progress.json                                   the part's progress, as it runs
@@ -35,7 +37,10 @@ MANIFEST = f"{META_DIR}/filter.json"
 SHARDS_DIR = f"{META_DIR}/shards"
 
 # The file (or, for `files`, the folder) a shard's samples go to, by outputFormat.
-SHARD_SUFFIX = {"webdataset": ".tar", "parquet": ".parquet", "tfrecord": ".tfrecord", "files": ""}
+# `mds` is a folder too: MDSWriter writes a folder of shard.NNNNN.mds files and their index.json.
+SHARD_SUFFIX = {"webdataset": ".tar", "parquet": ".parquet", "tfrecord": ".tfrecord", "files": "", "mds": ""}
+# streaming's index file name, in each shard's MDS folder and (merged) at the root of the output.
+MDS_INDEX = "index.json"
 # img2dataset's writers name shards with this many digits: 00000, 00001, …
 SHARD_DIGITS = 5
 
@@ -68,8 +73,14 @@ def shard_files(shard: int) -> list[str]:
     return sorted({shard_name(shard) + suffix for suffix in SHARD_SUFFIX.values()} | {shard_metadata(shard)})
 
 
+def mds_index(shard: int | None = None) -> str:
+    """A shard's MDS index, or (no shard) the merged one a StreamingDataset reads the whole part from."""
+    return MDS_INDEX if shard is None else f"{shard_name(shard)}/{MDS_INDEX}"
+
+
 def stats_csv(part_id: str) -> str:
-    """Shard path and sample count, one row a shard (webdataset, parquet, tfrecord)."""
+    """Shard path and sample count, one row a shard (webdataset, parquet, tfrecord; mds: a row per
+    MDS shard file)."""
     return f"part_{part_id}_stats.csv"
 
 
@@ -114,7 +125,9 @@ class Phase(str, enum.Enum):
     QUEUED = "Queued"  # waiting for a slot (maxConcurrentParts)
     FILTERING = "Filtering"
     DOWNLOADING = "Downloading"
+    CONVERTING = "Converting"  # a part whose source is a dataset: its shards are written again
     ANNOTATING = "Annotating"
+    VERIFYING = "Verifying"  # every shard read back with its format's reader
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
     STOPPING = "Stopping"  # deleted; its job is being stopped
@@ -132,7 +145,8 @@ class Phase(str, enum.Enum):
 
 
 # A job has been submitted for the part and has not ended.
-RUNNING = frozenset({Phase.PENDING, Phase.FILTERING, Phase.DOWNLOADING, Phase.ANNOTATING})
+RUNNING = frozenset({Phase.PENDING, Phase.FILTERING, Phase.DOWNLOADING, Phase.CONVERTING, Phase.ANNOTATING,
+                     Phase.VERIFYING})
 TERMINAL = frozenset({Phase.SUCCEEDED, Phase.FAILED})
 PHASES = [p.value for p in Phase]
 
@@ -167,6 +181,8 @@ class Progress:
     updated_at: float = field(default_factory=time.time)
     finished_at: float | None = None
     message: str = ""
+    # The verify stage's result (Verification.to_json); empty until it ran.
+    verified: dict = field(default_factory=dict)
 
     @property
     def success_rate(self) -> float:
@@ -181,6 +197,36 @@ class Progress:
     def from_json(cls, data: dict) -> "Progress":
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         return cls(**known)
+
+
+@dataclass
+class Verification:
+    """What the verify stage found: every shard read back with its format's own reader."""
+
+    ok: bool = False
+    shards: int = 0
+    samples: int = 0
+    images_decoded: int = 0
+    problems: list[str] = field(default_factory=list)  # each names its shard (or the annotation file)
+    bad_shards: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return {"ok": self.ok, "shards": self.shards, "samples": self.samples, "imagesDecoded": self.images_decoded,
+                "problems": list(self.problems), "badShards": list(self.bad_shards), "seconds": self.seconds}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Verification":
+        return cls(ok=bool(data.get("ok")), shards=data.get("shards", 0), samples=data.get("samples", 0),
+                   images_decoded=data.get("imagesDecoded", 0), problems=list(data.get("problems", [])),
+                   bad_shards=list(data.get("badShards", [])), seconds=data.get("seconds", 0.0))
+
+    @property
+    def message(self) -> str:
+        if self.ok:
+            return f"{self.samples} samples in {self.shards} shards read back, {self.images_decoded} images decoded"
+        more = f" (and {len(self.problems) - 3} more)" if len(self.problems) > 3 else ""
+        return "; ".join(self.problems[:3]) + more
 
 
 @dataclass

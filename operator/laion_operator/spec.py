@@ -22,7 +22,10 @@ LOGICAL_COLUMNS = (
     "url", "caption", "width", "height", "aesthetic", "punsafe", "pwatermark", "similarity", "language", "hash",
 )
 RESIZE_MODES = ["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"]
-OUTPUT_FORMATS = ["webdataset", "files", "parquet", "tfrecord"]
+OUTPUT_FORMATS = ["webdataset", "files", "parquet", "tfrecord", "mds"]
+# What `source.dataset` reads: img2dataset-style tars, a `files` folder, or images plus a captions JSONL.
+DATASET_FORMATS = ["webdataset", "files", "images"]
+MDS_SHARD_SIZE = 1 << 26  # streaming's own default size_limit
 ENCODE_FORMATS = ["jpg", "png", "webp"]
 HASHES = ["none", "md5", "sha256", "sha512"]
 # encodeQuality when unset, by encodeFormat: img2dataset's JPEG/WebP quality, and PNG's top compression.
@@ -57,13 +60,34 @@ SCHEMA: dict = {
         ),
         "source": {
             "type": "object",
-            "description": "The part's parquet metadata.",
-            "required": ["urls"],
+            "description": "What the part reads: parquet metadata to download (urls) or a dataset to convert "
+                           "(dataset), exactly one of them.",
+            "x-kubernetes-validations": [{"rule": "has(self.urls) != has(self.dataset)",
+                                          "message": "give exactly one of urls or dataset"}],
             "properties": {
                 "urls": {
                     "type": "array", "minItems": 1,
                     "description": "Parquet files: local paths, http(s):// or s3:// URLs (s3 uses output's endpoint options).",
                     "items": {"type": "string", "minLength": 1},
+                },
+                "dataset": {
+                    "type": "object",
+                    "description": "An existing dataset, written again in download.outputFormat (resized as "
+                                   "download says; resizeMode no with skipReencode keeps the bytes).",
+                    "required": ["uri"],
+                    "properties": {
+                        "uri": _str("Folder: local path or s3://bucket/prefix (s3 uses output's endpoint options).",
+                                    minLength=1),
+                        "format": _str("webdataset (NNNNN.tar of key.jpg/.txt/.json), files (NNNNN/ folders of "
+                                       "key.jpg/.txt/.json) or images (image files and a captions JSONL); unset: "
+                                       "detected.", enum=DATASET_FORMATS),
+                        "captions": _str("images: the JSONL file, one object a line naming an image and its "
+                                         "caption (a path relative to uri, or absolute, or a URL).", minLength=1),
+                        "imageField": _str("images: the JSONL field holding the image path, relative to uri.",
+                                           minLength=1, default="img_path"),
+                        "captionField": _str("images: the JSONL field holding the caption.", minLength=1,
+                                             default="prompt"),
+                    },
                 },
             },
         },
@@ -115,6 +139,9 @@ SCHEMA: dict = {
                 "maxAspectRatio": _num("Drop images whose aspect ratio exceeds this (unset: no limit).",
                                        minimum=0, exclusiveMinimum=True),
                 "outputFormat": _str("Dataset format.", enum=OUTPUT_FORMATS, default="webdataset"),
+                "mdsShardSizeLimit": _int("mds: bytes of an MDS shard file before the next one starts "
+                                          "(streaming's size_limit).", minimum=1024, maximum=(1 << 32) - 1,
+                                          default=MDS_SHARD_SIZE),
                 "timeout": _num("Seconds per HTTP request.", minimum=0, exclusiveMinimum=True, default=10),
                 "retries": _int("Retries per image.", minimum=0, maximum=10, default=0),
                 "threadsPerTask": _int("Download threads per Ray task.", minimum=1, maximum=1024, default=32),
@@ -158,6 +185,8 @@ SCHEMA: dict = {
         },
         "maxRetries": _int("Times the operator resubmits a failed job, resuming from finished shards.",
                            minimum=0, maximum=100, default=3),
+        "verify": _bool("After annotating, read every shard back with its format's own reader and decode every "
+                        "image; a count that disagrees with the annotations or the summary fails the part.", True),
     },
 }
 
@@ -214,8 +243,14 @@ def validate(data: Any) -> dict:
     if not isinstance(data, dict):
         raise SpecError(f"spec: expected a mapping, got {type(data).__name__}")
     errors = sorted(_VALIDATOR.iter_errors(data), key=lambda e: list(e.absolute_path))
-    if errors:
-        raise SpecError("invalid part spec:\n  " + "\n  ".join(_describe(e) for e in errors))
+    messages = [_describe(e) for e in errors]
+    source = data.get("source")
+    if isinstance(source, dict) and ("urls" in source) == ("dataset" in source):
+        # The CRD says so with a CEL rule; JSON Schema's oneOf would only say "not valid under any".
+        messages.append("spec.source: give exactly one of urls (parquet metadata to download) or dataset "
+                        "(an existing dataset to convert)")
+    if messages:
+        raise SpecError("invalid part spec:\n  " + "\n  ".join(messages))
     spec = apply_defaults(data)
     download = spec["download"]
     fmt = download["encodeFormat"]
@@ -281,6 +316,16 @@ class Download:
     compute_hash: str
     verify_tls: bool
     reduced_decode: bool
+    mds_shard_size_limit: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    uri: str
+    format: str | None
+    captions: str | None
+    image_field: str
+    caption_field: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,12 +352,14 @@ def _unbuild(obj) -> dict:
 @dataclasses.dataclass(frozen=True)
 class PartSpec:
     part_id: str
-    source: tuple[str, ...]
+    source: tuple[str, ...]  # parquet metadata to download; empty when the part converts `dataset`
+    dataset: Dataset | None
     output: Output
     columns: dict[str, str]
     filter: Filter
     download: Download
     max_retries: int
+    verify: bool
 
     @classmethod
     def from_dict(cls, data: Any) -> "PartSpec":
@@ -320,23 +367,26 @@ class PartSpec:
         spec = validate(data)
         return cls(
             part_id=spec["partId"],
-            source=tuple(spec["source"]["urls"]),
+            source=tuple(spec["source"].get("urls") or ()),
+            dataset=_build(Dataset, spec["source"]["dataset"]) if "dataset" in spec["source"] else None,
             output=_build(Output, spec["output"]),
             columns=dict(spec.get("columns") or {}),
             filter=_build(Filter, spec["filter"]),
             download=_build(Download, spec["download"]),
             max_retries=spec["maxRetries"],
+            verify=spec["verify"],
         )
 
     def to_dict(self) -> dict:
         """The spec back in its YAML/CR form (what a Ray job receives)."""
         data = {
             "partId": self.part_id,
-            "source": {"urls": list(self.source)},
+            "source": {"dataset": _unbuild(self.dataset)} if self.dataset else {"urls": list(self.source)},
             "filter": _unbuild(self.filter),
             "download": _unbuild(self.download),
             "output": _unbuild(self.output),
             "maxRetries": self.max_retries,
+            "verify": self.verify,
         }
         if self.columns:
             data["columns"] = dict(self.columns)

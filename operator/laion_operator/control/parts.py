@@ -19,7 +19,7 @@ from typing import Awaitable, Callable
 
 import kopf
 
-from ..contract import MANIFEST, PROGRESS, RUNNING, TERMINAL, ExitCode, Phase, Progress, fingerprint
+from ..contract import MANIFEST, PROGRESS, RUNNING, TERMINAL, ExitCode, Phase, Progress, Verification, fingerprint
 from ..spec import PartSpec, SpecError
 from ..storage import Store
 from . import kube
@@ -93,6 +93,15 @@ def condition(kind: str, ok: bool, reason: str, message: str, previous: list[dic
     since = old["lastTransitionTime"] if old and old.get("status") == status else now()
     return {"type": kind, "status": status, "reason": reason, "message": message[:1000],
             "lastTransitionTime": since}
+
+
+def verified_condition(progress: Progress | None, previous: list[dict]) -> dict | None:
+    """The `Verified` condition once the job's verify stage has read every shard back (None before)."""
+    if not progress or not progress.verified:
+        return None
+    verified = Verification.from_json(progress.verified)
+    return condition("Verified", verified.ok, "ShardsReadBack" if verified.ok else "ShardMismatch",
+                     verified.message, previous)
 
 
 class Part:
@@ -317,10 +326,13 @@ class Part:
         fields = cr_status(progress) if progress else {}
         conditions = self.status.get("conditions") or []
         message = progress.message if progress and progress.message else f"job {job_id} {phase.value.lower()}"
-        extra = {}
+        extra: dict = {"conditions": []}
         if finished:
             extra["conditions"] = [condition("Complete", True, "Succeeded", message, conditions),
                                    condition("Failed", False, "Succeeded", "", conditions)]
+        verified = verified_condition(progress, conditions)
+        if verified:
+            extra["conditions"].append(verified)
         await self.write(phase=phase.value, submissionId=job_id, observedGeneration=generation, retries=attempt,
                          message=message, **fields, **extra)
         self.op.metrics.observe_part(self.namespace, self.name, phase, progress, attempt)

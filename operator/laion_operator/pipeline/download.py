@@ -35,14 +35,22 @@ from ..spec import Download, PartSpec
 from ..storage import Store
 from .filter import read_shard
 from .resize import Resizer
-from .writers import TFRecordSampleWriter  # img2dataset's needs tensorflow; ours writes the same files
+from .writers import MDSSampleWriter, TFRecordSampleWriter  # img2dataset's TFRecord one needs tensorflow
 
 WRITERS = {
     "webdataset": WebDatasetSampleWriter,
     "files": FilesSampleWriter,
     "parquet": ParquetSampleWriter,
     "tfrecord": TFRecordSampleWriter,
+    "mds": MDSSampleWriter,
 }
+
+
+def make_writer(opts: Download, shard: int, output: str, save_caption: bool, schema: pa.Schema):
+    """The outputFormat's sample writer for one shard (img2dataset's constructor, plus MDS's size)."""
+    extra = {"size_limit": opts.mds_shard_size_limit} if opts.output_format == "mds" else {}
+    return WRITERS[opts.output_format](shard, output, save_caption, SHARD_DIGITS, schema, opts.encode_format,
+                                       **extra)
 
 
 class FetchError(Exception):
@@ -158,8 +166,7 @@ def download_shard(spec: PartSpec, shard: int,
     rows = table.to_pylist()
     fetch = Fetcher(opts)
     resizer = make_resizer(opts)
-    writer = WRITERS[opts.output_format](
-        shard, store.uri, "caption" in columns, SHARD_DIGITS, _schema(table, opts), opts.encode_format)
+    writer = make_writer(opts, shard, store.uri, "caption" in columns, _schema(table, opts))
     oom_samples = math.ceil(math.log10(max(spec.filter.samples_per_shard, 2)))
 
     def get(index: int):

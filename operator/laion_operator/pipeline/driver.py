@@ -1,4 +1,7 @@
-"""One part, end to end on Ray: filter → download (a Ray task per shard) → annotate.
+"""One part, end to end on Ray: filter → download (a Ray task per shard) → annotate → verify.
+
+A part whose source is a dataset (`source.dataset`) lists its input shards instead of filtering and
+converts them, one Ray task per shard, through the same loop, progress and annotations.
 
 The CLI calls `run_part` in-process on a local Ray; the operator's Ray job calls the same function
 on a cluster. Progress is persisted to `contract.PROGRESS` in the output as it changes, which is
@@ -16,13 +19,17 @@ from typing import Callable
 import ray
 
 from .. import credentials
-from ..contract import PROGRESS, Phase, Progress, ShardStats
+from .. import contract
+from ..contract import PROGRESS, InputError, Phase, Progress, ShardStats
 from ..spec import PartSpec
 from ..storage import Store
 from .annotate import annotate
 from .columns import ColumnError
+from .convert import ConvertError, convert_shard
+from .convert import plan as plan_conversion
 from .download import download_shard, load_stats
 from .filter import FilterResult, MetadataError, run_filter
+from .verify import verify
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +77,20 @@ class Board:
 
 
 @ray.remote(num_cpus=1)
-def _download(spec_data: dict, shard: int, board) -> dict:
+def _shard(spec_data: dict, shard: int, board) -> dict:
+    """One shard's work: download its filtered rows, or convert its input shard."""
     spec = PartSpec.from_dict(spec_data)
-    stats = download_shard(spec, shard, report=lambda s: board.report.remote(shard, s.to_json()))
+    work = convert_shard if spec.dataset else download_shard
+    stats = work(spec, shard, report=lambda s: board.report.remote(shard, s.to_json()))
     return stats.to_json()
+
+
+@ray.remote(num_cpus=1)
+def _check(spec_data: dict, shard: int) -> dict:
+    from .verify import check_shard
+
+    spec = PartSpec.from_dict(spec_data)
+    return check_shard(Store(spec.output), spec.download.output_format, shard).to_json()
 
 
 class Tracker:
@@ -83,6 +100,7 @@ class Tracker:
                  every: float = 2.0):
         self.store, self.progress, self.on_progress, self.every = store, progress, on_progress, every
         self.finished: dict[int, ShardStats] = {}
+        self.errors: dict[int, BaseException] = {}  # the last error of each failed shard
         self._last = 0.0
 
     def phase(self, phase: Phase, message: str = "") -> None:
@@ -135,10 +153,11 @@ def _download_all(spec: PartSpec, tracker: Tracker, shards: int) -> list[int]:
     tracker.publish(force=True)
     parallelism = spec.download.parallelism or max(int(ray.cluster_resources().get("CPU", 1)), 1)
     board = Board.remote()
-    task = _download.options(max_retries=spec.download.shard_retries, retry_exceptions=True)
+    task = _shard.options(max_retries=spec.download.shard_retries, retry_exceptions=True)
     spec_data = spec.to_dict()
     running: dict = {}
     failed: list[int] = []
+    errors: dict[int, str] = {}
     while todo or running:
         while todo and len(running) < parallelism:
             shard = todo.pop(0)
@@ -151,11 +170,13 @@ def _download_all(spec: PartSpec, tracker: Tracker, shards: int) -> list[int]:
             except Exception as err:  # noqa: BLE001 - a shard's failure is recorded, the part goes on
                 log.error("shard %d failed after %d retries: %s", shard, spec.download.shard_retries, err)
                 failed.append(shard)
+                errors[shard] = getattr(err, "cause", None) or err  # Ray wraps the task's exception
             board.forget.remote(shard)
         tracker.progress.shards_failed = len(failed)
         tracker.count(ray.get(board.snapshot.remote()))
         tracker.publish(force=bool(ready))
     ray.kill(board)
+    tracker.errors = errors
     return failed
 
 
@@ -164,26 +185,68 @@ def run_part(spec: PartSpec, on_progress: Callable[[Progress], None] | None = No
     store = Store(spec.output)
     store.check_writable()
     tracker = Tracker(store, Progress(part_id=spec.part_id), on_progress)
-    tracker.phase(Phase.FILTERING)
+    tracker.phase(Phase.CONVERTING if spec.dataset else Phase.FILTERING)
     try:
-        result = run_filter(spec, store, on_batch=tracker.filtered)
-    except (ColumnError, MetadataError) as err:
+        if spec.dataset:
+            shards = plan_conversion(spec, store)["shards"]
+            tracker.progress.shards_total = shards
+        else:
+            result = run_filter(spec, store, on_batch=tracker.filtered)
+            tracker.filtered(result)
+            shards = result.shards
+            tracker.phase(Phase.DOWNLOADING)
+    except (ColumnError, MetadataError, ConvertError) as err:
         tracker.progress.finished_at = time.time()
         tracker.phase(Phase.FAILED, str(err))
         raise
-    tracker.filtered(result)
-    tracker.phase(Phase.DOWNLOADING)
     ensure_ray()
-    failed = _download_all(spec, tracker, result.shards)
+    failed = _download_all(spec, tracker, shards)
     tracker.count()
+    if failed and all(isinstance(tracker.errors.get(s), InputError) for s in failed):
+        # a shard's input that cannot be read (convert): no retry can help, the exit code says so
+        tracker.progress.finished_at = time.time()
+        tracker.phase(Phase.FAILED, str(tracker.errors[min(failed)]))
+        raise tracker.errors[min(failed)]
     if failed:
         tracker.progress.finished_at = time.time()
-        tracker.phase(Phase.FAILED, f"{len(failed)} of {result.shards} shards failed after "
+        first = min(failed)
+        tracker.phase(Phase.FAILED, f"{len(failed)} of {shards} shards failed after "
                                 f"{spec.download.shard_retries} retries: {sorted(failed)[:10]}; "
+                                f"shard {first}: {str(tracker.errors.get(first, 'unknown error'))[:500]}; "
                                 "run the part again to retry them")
         raise PartFailed(tracker.progress.message)
+    if spec.dataset:  # a conversion reads no metadata: its rows are the samples it read
+        tracker.progress.rows_read = tracker.progress.rows_kept = sum(s.count for s in tracker.finished.values())
     tracker.phase(Phase.ANNOTATING)
     tracker.progress.finished_at = time.time()
     summary = annotate(spec, store, list(tracker.finished.values()), tracker.progress)
+    if spec.verify:
+        summary = _verify(spec, store, tracker, summary)
     tracker.phase(Phase.SUCCEEDED, f"{tracker.progress.images_ok} images in {store.uri}")
+    return summary
+
+
+def _verify(spec: PartSpec, store: Store, tracker: Tracker, summary: dict) -> dict:
+    """Read every shard back (a Ray task each); a mismatch fails the part and un-finishes the bad
+    shards, so that running the part again redoes them."""
+    tracker.phase(Phase.VERIFYING)
+    spec_data = spec.to_dict()
+
+    def check_all(shards):
+        from .verify import ShardCheck
+
+        refs = [_check.remote(spec_data, shard) for shard in shards]
+        return [ShardCheck.from_json(ray.get(ref)) for ref in refs]
+
+    result = verify(store, spec.part_id, spec.download.output_format, check_all=check_all)
+    summary["verified"] = result.to_json()
+    store.write_json(summary, contract.summary(spec.part_id))
+    tracker.progress.verified = result.to_json()
+    if not result.ok:
+        for shard in result.bad_shards:
+            store.fs.rm(store.path(contract.shard_stats(shard)))
+        redo = f"; running the part again redoes shards {result.bad_shards[:10]}" if result.bad_shards else ""
+        tracker.progress.finished_at = time.time()
+        tracker.phase(Phase.FAILED, f"verify: {result.message}{redo}")
+        raise PartFailed(tracker.progress.message)
     return summary

@@ -55,13 +55,18 @@ def print_summary(summary: dict, out=sys.stdout) -> None:
         out.write(f"            {n:>10,} failed: {reason}\n")
     out.write(f"  written   {summary['bytesWritten'] / 1e6:,.1f} MB in {summary['durations']['totalSeconds']:.1f} s\n")
     out.write(f"  index     {summary['annotations']}\n")
+    verified = summary.get("verified")
+    if verified:
+        out.write(f"  verified  {verified['samples']:,} samples in {verified['shards']} shards read back, "
+                  f"{verified['imagesDecoded']:,} images decoded\n")
 
 
 def run_with_progress(part: PartSpec, ray_address: str | None = None, out=sys.stdout) -> int:
     """Run a part with a live progress line, then print its summary; the exit code says how it went."""
     from .driver import PartFailed, ensure_ray, run_part
 
-    sources = f"{len(part.source)} metadata file{'s' if len(part.source) > 1 else ''}"
+    sources = (f"dataset {part.dataset.uri}" if part.dataset else
+               f"{len(part.source)} metadata file{'s' if len(part.source) > 1 else ''}")
     print(f"part {part.part_id}: {sources} -> {part.output.uri} ({part.download.output_format})", file=out,
           flush=True)
     ensure_ray(ray_address)
