@@ -40,7 +40,9 @@ def cmd_run(args) -> int:
 
 def cmd_plan(part: specs.PartSpec) -> int:
     from .pipeline.filter import plan
+    from .storage import configure
 
+    configure(part.output)  # s3:// metadata and removal lists are read with the output's endpoint options
     result = plan(part)
     print(f"part {part.part_id}: {result.rows_read:,} rows read, {result.rows_kept:,} kept "
           f"in {result.shards} shards of up to {part.filter.samples_per_shard:,}")
