@@ -172,7 +172,8 @@ def bench(n: int, sweep: tuple[int, ...] = SWEEP) -> tuple[str, list[str]]:
             server_cpu = server.cpu() - cpu_before
             seconds, attempted, ok = download_bench.stage(out)
             results[side] = dict(run=r, stage=seconds, attempted=attempted, ok=ok, served=served,
-                                 server_cpu=server_cpu, reasons=reasons(out, tool == "project"), count=count)
+                                 server_cpu=server_cpu, reasons=reasons(out, tool == "project"), count=count,
+                                 load=common.load().split()[0])
             print(f"[internet] {side:<16} command {r.seconds:6.1f} s, stage {seconds:6.1f} s, {ok:,} of {attempted:,} "
                   f"ok ({ok / seconds:,.0f} ok images/s), CPU {r.cpu:6.1f} s, peak {common.mb(r.peak_rss)}, "
                   f"longest hold {served['held_max_seconds']:.1f} s, server CPU {server_cpu:.1f} s, "
@@ -201,7 +202,7 @@ def report(n: int, cfg, kinds: Counter, expected: Counter, results: dict, sides:
                      f"{rate[side]:,.1f}", f"{rate[side] / rate[seeds]:.2f}×",
                      f"{run.cpu / max(r['ok'], 1) * 1000:.1f} ms", common.mb(run.peak_rss),
                      f"{r['served']['held_max_seconds']:.1f} s",
-                     f"{r['server_cpu']:.1f} s ({r['server_cpu'] / run.seconds * 100:.0f} % of a core)"])
+                     f"{r['server_cpu']:.1f} s ({r['server_cpu'] / run.seconds * 100:.0f} % of a core)", r["load"]])
     reason_rows = [["expected (a client with deadlines, size caps, Retry-After)", *[f"{expected.get(k, 0):,}"
                                                                                     for k in reason_names]]]
     for side, r in results.items():
@@ -219,10 +220,11 @@ def report(n: int, cfg, kinds: Counter, expected: Counter, results: dict, sides:
         "download stage (first shard start to last shard end); CPU = the command's process tree per successful "
         "image (the server not); longest hold = the longest time from a URL's request reaching the server to its "
         "last byte sent or the client hanging up (measured by the server, the same for every side; refused "
-        "connections are not seen); server CPU = the loopback internet's own, during the side.",
+        "connections are not seen); server CPU = the loopback internet's own, during the side; load after = the "
+        "machine's 1-minute load average as the side ended (above 2, other work shared the 2 cores).",
         "",
         common.table(["side", "whole command", "download stage", "ok", "images/s", "vs seeds' img2dataset",
-                      "CPU per image", "peak memory", "longest hold", "server CPU"], rows),
+                      "CPU per image", "peak memory", "longest hold", "server CPU", "load after"], rows),
         "",
         "Outcomes per failure reason (img2dataset's error messages mapped to the project's reasons):",
         "",

@@ -20,10 +20,10 @@ Memory and speed: each entry is kept as a 64-bit key in a sorted numpy array (8 
 million entries are 80 MB), and rows are matched with a binary search per batch. URLs are keyed by a
 fixed-key SipHash (pandas' `hash_array`, vectorised); hashes by the first 8 bytes of the SHA-256. The
 metadata's URLs are SHA-256 hashed only when some list holds hashes, and only the rows that passed
-every earlier condition. Measured CPU (2 cores, shared): ~0.6 µs a row for URL lists, ~2 µs more when
-some list holds hashes; loading ~2-3 µs an entry (parquet, text). Two different URLs share a 64-bit key with probability
-2**-64 per pair: at ten million entries and a hundred million rows, one row in ~18,000 runs is
-dropped that should not have been, and never the other way round.
+every earlier condition. CPU measured on the 2-core test machine: ~0.6 µs a row for URL lists, ~2 µs
+more when some list holds hashes; loading ~2-3 µs an entry. Two different URLs share a 64-bit key
+with probability 2**-64 per pair: at ten million entries and a hundred million rows, one row in
+~18,000 runs is dropped that should not have been, and never the other way round.
 """
 
 from __future__ import annotations
