@@ -167,7 +167,8 @@ def bench(n: int, sweep: tuple[int, ...] = SWEEP) -> tuple[str, list[str]]:
                 source, out, count)
             server.stats()  # a new count
             cpu_before = server.cpu()
-            r = common.run(cmd, cwd=work)
+            # A Ray node on a busy machine: its agents may take longer than Ray's default to register.
+            r = common.run(cmd, cwd=work, env=common.env(RAY_agent_register_timeout_ms="300000"))
             served = server.stats()
             server_cpu = server.cpu() - cpu_before
             seconds, attempted, ok = download_bench.stage(out)
