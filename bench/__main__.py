@@ -75,16 +75,22 @@ def git_revision() -> str:
 
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
-    p.add_argument("--only", choices=["filter", "download", "operator"], help="run one benchmark only")
+    p.add_argument("--only", choices=["filter", "download", "internet", "operator"], help="run one benchmark only")
     p.add_argument("--filter-rows", type=int, default=20_000_000, help="metadata rows (default 20,000,000)")
     p.add_argument("--images", type=int, default=5000, help="images to download (default 5,000)")
+    p.add_argument("--internet-urls", type=int, default=3000,
+                   help="URLs on the loopback internet (default 3,000: a few minutes a side on 2 cores)")
+    p.add_argument("--internet-sweep", default="32,128,256,512",
+                   help="img2dataset thread counts tried besides the seeds' 64 (default 32,128,256,512)")
     p.add_argument("--repeats", type=int, default=3, help="runs per filter engine, best kept (default 3)")
     p.add_argument("--download-repeats", type=int, default=3, help="runs per download side (default 3)")
-    p.add_argument("--quick", action="store_true", help="small sizes for a try-out: 200k rows, 300 images, 1 run")
+    p.add_argument("--quick", action="store_true",
+                   help="small sizes for a try-out: 200k rows, 300 images, 400 internet URLs, 1 run")
     p.add_argument("--no-record", action="store_true", help="print only; do not append to bench/RESULTS.md")
     args = p.parse_args(argv)
     if args.quick:
         args.filter_rows, args.images, args.repeats, args.download_repeats = 200_000, 300, 1, 1
+        args.internet_urls, args.internet_sweep = 400, "128"
     return args
 
 
@@ -110,6 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.only in (None, "download"):
         report, g = download_bench.bench(args.images, args.download_repeats)
         sections.append(("Download", report))
+        goals += g
+    if args.only in (None, "internet"):
+        from . import internet_bench
+
+        report, g = internet_bench.bench(args.internet_urls,
+                                         tuple(int(t) for t in args.internet_sweep.split(",") if t))
+        sections.append(("Download on the internet on loopback", report))
         goals += g
     if args.only in (None, "operator"):
         from . import operator_bench

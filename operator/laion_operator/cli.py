@@ -91,7 +91,9 @@ def cmd_plan(part: specs.PartSpec) -> int:
               f"-> {part.output.uri} as {part.download.output_format}")
         return ExitCode.OK
     from .pipeline.filter import plan
+    from .storage import configure
 
+    configure(part.output)  # s3:// metadata and removal lists are read with the output's endpoint options
     result = plan(part)
     print(f"part {part.part_id}: {result.rows_read:,} rows read, {result.rows_kept:,} kept "
           f"in {result.shards} shards of up to {part.filter.samples_per_shard:,}")

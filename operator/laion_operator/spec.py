@@ -110,6 +110,14 @@ SCHEMA: dict = {
                     "type": "array", "items": {"type": "string", "minLength": 1},
                     "description": "Keep rows whose language is one of these.",
                 },
+                "exclude": {
+                    "type": "array", "items": {"type": "string", "minLength": 1},
+                    "description": "Removal lists: URLs or their SHA-256 that are never fetched (takedowns, opt-out "
+                                   "registries, a Re-LAION diff). Each a local path, http(s):// or s3:// URL of a "
+                                   ".parquet or .csv file (a url and/or url_sha256 column) or a text file (one URL "
+                                   "or 64-hex-digit SHA-256 a line); .gz and other compressions by name. Matching "
+                                   "rows count as droppedBy.excluded.",
+                },
                 "sampleFraction": _num("Keep this fraction of rows (a trial run), chosen by seed.",
                                        minimum=0, exclusiveMinimum=True, maximum=1, default=1.0),
                 "seed": _int("Seed of the sample and the shuffle.", minimum=0, default=0),
@@ -285,6 +293,7 @@ class Filter:
     min_aesthetic: float | None
     min_similarity: float | None
     languages: tuple[str, ...] | None
+    exclude: tuple[str, ...] | None
     sample_fraction: float
     seed: int
     dedupe_urls: bool
