@@ -1,4 +1,5 @@
-"""`laion-operator`: run a part on a local Ray, plan it, run the demo, print the CRD, run the operator."""
+"""`laion-operator`: run a part on a local Ray, plan it, precompute its latents, run the demo, print the
+CRD, run the operator."""
 
 from __future__ import annotations
 
@@ -36,6 +37,16 @@ def cmd_run(args) -> int:
     from .pipeline.local import run_with_progress
 
     return run_with_progress(part, args.ray_address)
+
+
+def cmd_latents(args) -> int:
+    keep_ray_on_loopback(args.ray_address)
+    part = specs.load(args.part)
+    if args.output:
+        part = specs.PartSpec.from_dict({**part.to_dict(), "output": {**part.to_dict()["output"], "uri": args.output}})
+    from .pipeline.local import encode_with_progress
+
+    return encode_with_progress(part, args.ray_address)
 
 
 def cmd_plan(part: specs.PartSpec) -> int:
@@ -90,6 +101,12 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--output", help="override output.uri")
     run.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     run.set_defaults(func=cmd_run)
+    latents = sub.add_parser("latents", help="precompute image latents and text embeddings (spec.latents) of an "
+                                              "output already downloaded or converted")
+    latents.add_argument("part", help="part spec YAML with spec.latents")
+    latents.add_argument("--output", help="override output.uri")
+    latents.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    latents.set_defaults(func=cmd_latents)
     demo = sub.add_parser("demo", help="generate a LAION-like part, serve its images on loopback, run it")
     demo.add_argument("--out", default="demo-output", help="folder for the metadata and the dataset")
     demo.add_argument("--rows", type=int, default=2000, help="metadata rows to generate")
