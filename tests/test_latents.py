@@ -3,6 +3,7 @@ encoded on the session's Ray, its MDS read back with the loader and with micro_d
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import tarfile
@@ -213,7 +214,8 @@ def test_a_part_ends_with_latents_of_every_image(encoded, models):
     assert first["caption_latents"].shape == (5, 77, 32) and first["caption_latents"].dtype == torch.float32
 
     images = tar_samples(out)
-    dataset = LatentsDataset(str(out))
+    dataset = loader.dataset  # streaming refuses a second live dataset over the same folder
+    assert isinstance(dataset, LatentsDataset)
     samples = [dataset[i] for i in range(len(dataset))]
     assert sorted(s["key"] for s in samples) == sorted(images)  # each downloaded image exactly once
     _, vae, text = models
@@ -234,6 +236,7 @@ def test_micro_diffusions_reader_reads_the_columns_as_they_are(encoded):
     from laion_operator.pipeline.latents import streaming
 
     out, summary = encoded
+    gc.collect()  # an earlier test's dataset over the same folder must be gone: streaming refuses two
     dataset = streaming().StreamingDataset(local=str(out / contract.LATENTS_DIR), batch_size=1)
     sample = dataset[0]
     image = np.frombuffer(sample[f"latents_{RESOLUTION}"], dtype=np.float16).reshape(-1, RESOLUTION // 4,
@@ -259,7 +262,8 @@ def test_latents_resume_per_shard_with_each_sample_once(encoded, model_dir):
     resumed = encode_part(spec)
     assert (copy / contract.latents_stats(0)).read_text() == kept  # not redone
     assert resumed["latents"]["samples"] == summary["images"]["ok"]
-    keys = [LatentsDataset(str(copy))[i]["key"] for i in range(resumed["latents"]["samples"])]
+    dataset = LatentsDataset(str(copy))
+    keys = [dataset[i]["key"] for i in range(len(dataset))]
     assert len(keys) == len(set(keys)) == summary["images"]["ok"]
 
 
@@ -283,9 +287,38 @@ def test_every_readable_output_format_gives_the_same_latents(ray_driver, source,
 
     out, _ = encoded
     summary = run_part(part(source, tmp_path / fmt, model_dir, fmt=fmt))
-    reference = {s["key"]: s for s in (LatentsDataset(str(out))[i] for i in range(summary["latents"]["samples"]))}
+    gc.collect()
+    reference = LatentsDataset(str(out))
+    reference = {s["key"]: s for s in (reference[i] for i in range(len(reference)))}
+    gc.collect()  # the reference dataset's shared memory goes with it
     dataset = LatentsDataset(str(tmp_path / fmt))
     assert len(dataset) == summary["images"]["ok"] == len(reference)
     for i in range(0, len(dataset), 4):
         sample = dataset[i]
         assert np.array_equal(sample["image_latents"].numpy(), reference[sample["key"]]["image_latents"].numpy())
+
+
+# --- what the operator shows ------------------------------------------------------------------------
+
+def test_latents_progress_shows_in_the_status_and_the_metrics():
+    from prometheus_client import generate_latest
+
+    from laion_operator.contract import Progress
+    from laion_operator.control.metrics import Metrics
+    from laion_operator.control.status import STATUS_SCHEMA, cr_status
+
+    progress = Progress(part_id="p", phase="Encoding", shards_total=3, shards_done=3, images_ok=40,
+                        latents_shards_total=3, latents_shards_done=1, latents_written=17, latents_skipped=1,
+                        latents_per_second=8.5)
+    status = cr_status(progress)
+    assert status["latents"] == {"shards": {"total": 3, "done": 1, "failed": 0}, "written": 17, "skipped": 1,
+                                 "perSecond": 8.5}
+    assert set(status["latents"]) == set(STATUS_SCHEMA["properties"]["latents"]["properties"])
+    assert "latents" not in cr_status(Progress(part_id="q", shards_total=2))  # a part without the stage
+    metrics = Metrics()
+    metrics.observe_part("ns", "p", "Encoding", progress)
+    text = generate_latest(metrics.registry).decode()
+    assert 'laion_part_latents_total{namespace="ns",part="p"} 17.0' in text
+    assert 'laion_part_latents_per_second{namespace="ns",part="p"} 8.5' in text
+    assert 'laion_part_latents_shards{namespace="ns",part="p",state="done"} 1.0' in text
+    assert 'laion_part_phase{namespace="ns",part="p",phase="Encoding"} 1.0' in text

@@ -256,6 +256,7 @@ def encode_shard(spec: PartSpec, shard: int, report: Callable[[LatentStats], Non
                     last = time.monotonic()
                     report(stats)
         if stats.written:
+            store.fs.makedirs(store.path(latents_shard(shard)), exist_ok=True)
             for path in sorted(Path(local).iterdir()):
                 store.fs.put_file(str(path), store.path(latents_shard(shard), path.name))
     stats.end_time = time.time()
