@@ -139,6 +139,11 @@ def test_a_model_that_cannot_load_names_the_field(tmp_path, model_dir):
     settings = part("s", "o", model_dir, textEncoderSubfolder="nope").latents
     with pytest.raises(models.ModelError, match=r"spec\.latents\.textEncoder: cannot load"):
         models.load_text_encoder(settings, "cpu")
+    # A hub id is looked up in the local cache only (HF_HUB_OFFLINE): nothing reaches out to a hub.
+    settings = part("s", "o", model_dir, vae="laion-operator-tests/no-such-vae").latents
+    models.go_offline(settings)
+    with pytest.raises(models.ModelError, match=r"spec\.latents\.vae: cannot load 'laion-operator-tests/no-such-vae'"):
+        models.load_vae(settings, "cpu")
 
 
 def test_decoding_runs_ahead_in_a_thread_and_skips_undecodable_images():
@@ -192,17 +197,18 @@ def test_a_part_ends_with_latents_of_every_image(encoded, models):
 
     out, summary = encoded
     ok = summary["images"]["ok"]
-    assert ok > 12 and summary["shards"]["total"] == 3
+    shards = summary["shards"]["total"]
+    assert ok > 12 and shards >= 2
     section = summary["latents"]
-    assert section["samples"] == ok and section["shards"] == 3 and section["skipped"] == 0
+    assert section["samples"] == ok and section["shards"] == shards and section["skipped"] == 0
     assert section["imageShape"] == [4, RESOLUTION // 4, RESOLUTION // 4] and section["captionShape"] == [77, 32]
     assert json.loads((out / "part_L_summary.json").read_text())["latents"] == section
-    for shard in range(3):
+    for shard in range(shards):
         assert (out / contract.latents_stats(shard)).is_file()
         assert (out / contract.latents_shard(shard) / "index.json").is_file()
     progress = json.loads((out / contract.PROGRESS).read_text())
     assert progress["phase"] == "Succeeded" and progress["latents_written"] == ok
-    assert progress["latents_shards_done"] == 3 and progress["latents_per_second"] > 0
+    assert progress["latents_shards_done"] == shards and progress["latents_per_second"] > 0
 
     # micro_diffusion's check: the loader's dataset holds as many samples as were downloaded.
     loader = build_latents_dataloader(str(out), batch_size=5)

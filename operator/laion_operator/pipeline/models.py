@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from dataclasses import dataclass
 
 from ..contract import InputError
@@ -29,6 +30,9 @@ def go_offline(settings: Latents) -> None:
     if not settings.hub_download:
         os.environ["HF_HUB_OFFLINE"] = "1"
         os.environ["TRANSFORMERS_OFFLINE"] = "1"
+        constants = sys.modules.get("huggingface_hub.constants")
+        if constants is not None:  # imported already (this Ray worker ran another task)
+            constants.HF_HUB_OFFLINE = True
 
 
 def torch_dtype(name: str, device: str):
