@@ -328,3 +328,42 @@ def test_latents_progress_shows_in_the_status_and_the_metrics():
     assert 'laion_part_latents_per_second{namespace="ns",part="p"} 8.5' in text
     assert 'laion_part_latents_shards{namespace="ns",part="p",state="done"} 1.0' in text
     assert 'laion_part_phase{namespace="ns",part="p",phase="Encoding"} 1.0' in text
+
+
+def test_the_hub_token_travels_like_the_storage_credentials(monkeypatch, tmp_path):
+    """Jobs mode: the operator reads both Secrets and ships them in the job's working_dir package; only
+    HF_TOKEN is taken from the hub token's Secret, and neither reaches the spec the job receives."""
+    import asyncio
+    import zipfile
+
+    from laion_operator import credentials
+    from laion_operator.control import kube, parts
+
+    values = {"laion-s3": {"AWS_ACCESS_KEY_ID": "AKIA-test", "AWS_SECRET_ACCESS_KEY": "s3-secret"},
+              "hf": {"HF_TOKEN": "hf_not_a_real_token", "UNRELATED": "x"}}
+    monkeypatch.setattr(kube, "read_secret", lambda namespace, name: values[name])
+    spec = PartSpec.from_dict({"partId": "p", "source": {"urls": ["s.parquet"]},
+                               "output": {"uri": "s3://b/p", "credentialsSecret": "laion-s3"},
+                               "latents": {"vae": "v", "textEncoder": "t", "hubTokenSecret": "hf"}})
+    part = parts.Part(None, {"metadata": {"namespace": "ns", "name": "p", "uid": "u"}}, None)
+    secret = asyncio.run(part.read_secret(spec))
+    assert secret == {"AWS_ACCESS_KEY_ID": "AKIA-test", "AWS_SECRET_ACCESS_KEY": "s3-secret",
+                      "HF_TOKEN": "hf_not_a_real_token"}
+    assert "hf_not_a_real_token" not in json.dumps(spec.to_dict())
+    package = tmp_path / "pkg.zip"
+    package.write_bytes(credentials.package(secret))
+    with zipfile.ZipFile(package) as zf:
+        zf.extractall(tmp_path / "job")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
+    assert credentials.load_into_environment(tmp_path / "job")
+    import os
+
+    assert os.environ["HF_TOKEN"] == "hf_not_a_real_token"  # where huggingface_hub looks for it
+
+    values.pop("hf")
+    monkeypatch.setattr(kube, "read_secret", lambda namespace, name: (_ for _ in ()).throw(
+        kube.KubeError(f"read Secret ns/{name}: not found")) if name == "hf" else values[name])
+    with pytest.raises(kube.KubeError, match=r"spec\.latents\.hubTokenSecret 'hf'"):
+        asyncio.run(part.read_secret(spec))
