@@ -11,7 +11,9 @@ the models loaded before the clock starts:
 - the project: `pipeline.latents.encode_shard`, its decoding in a thread beside the model.
 
 latents/s = samples written / seconds. The models are small (testbed.tiny_models, a wider VAE than
-the tests'), on the CPU: a GPU figure comes from a machine with one.
+the tests'), on the CPU, with torch on one thread as in the stage's Ray task on a CPU node (Ray sets
+OMP_NUM_THREADS to the task's one CPU): the model has a core, and what decodes has the other, as a
+GPU and the host's cores. A GPU figure comes from a machine with one.
 """
 
 from __future__ import annotations
@@ -128,8 +130,10 @@ def bench(n: int, repeats: int) -> tuple[str, list[str]]:
     out = work / "out"
     print(f"[latents] writing {n} JPEGs and the models", file=sys.stderr, flush=True)
     write_shard(out, n)
-    model_dir = build(work / "models", vae_blocks=(32, 64, 64, 64), text_width=128, text_layers=4)
+    model_dir = build(work / "models", vae_blocks=(8, 16, 16, 16), text_width=128, text_layers=4)
     spec = spec_for(out, model_dir)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     models = model_loading.load(spec.latents)
     results: dict[str, list[float]] = {side: [] for side in SIDES}
     for attempt in range(repeats):
@@ -147,6 +151,7 @@ def bench(n: int, repeats: int) -> tuple[str, list[str]]:
             results[side].append(seconds)
             print(f"[latents] {side:<28} run {attempt + 1}/{repeats}: {seconds:6.1f} s ({n / seconds:,.1f} latents/s), "
                   f"load {common.load()}", file=sys.stderr, flush=True)
+    torch.set_num_threads(threads)
     best = {side: min(v) for side, v in results.items()}
     base = best[SIDES[0]]
     rows = [[side, f"{best[side]:.1f} s", f"{n / best[side]:,.1f}", f"{base / best[side]:.2f}×"] for side in SIDES]
@@ -155,8 +160,8 @@ def bench(n: int, repeats: int) -> tuple[str, list[str]]:
     report = "\n".join([
         f"Latents: {n} JPEGs (320–640 px) in one webdataset shard, encoded at {RESOLUTION}×{RESOLUTION}, batch "
         f"{BATCH}, latentMode sample, saved float16 as MDS; VAE {vae_params:.1f} M parameters (4 blocks, 8× "
-        f"downsampling), CLIP text encoder {text_params:.1f} M parameters; CPU, torch {torch.__version__} with "
-        f"{torch.get_num_threads()} threads; models loaded before the clock. Best of {repeats} runs each, "
+        f"downsampling), CLIP text encoder {text_params:.1f} M parameters; CPU, torch {torch.__version__} on one "
+        "thread (a Ray CPU task's); models loaded before the clock. Best of {repeats} runs each, "
         "taken in turns.",
         "",
         common.table(["side", "seconds", "latents/s", "vs plain loop"], rows),
