@@ -86,3 +86,17 @@ def test_crd_command_prints_the_shipped_crd():
     result = cli("crd")
     root = Path(__file__).resolve().parents[1]
     assert yaml.safe_load(result.stdout) == yaml.safe_load((root / "crds" / "laionpart.yaml").read_text())
+
+
+def test_latents_command_names_what_is_missing(tmp_path):
+    without = cli("latents", str(write_part(tmp_path)))
+    assert without.returncode == 2
+    assert "spec.latents: required field is missing" in without.stderr
+    part = write_part(tmp_path, latents={"vae": "v", "textEncoder": "t", "latentMode": "median"})
+    bad = cli("latents", str(part))
+    assert bad.returncode == 2 and "spec.latents.latentMode: 'median' is not one of the allowed values: mean, sample" \
+        in bad.stderr
+    part = write_part(tmp_path, latents={"vae": "v", "textEncoder": "t"})
+    empty = cli("latents", str(part))
+    assert empty.returncode == 2
+    assert f"output {tmp_path / 'out'} holds no finished shard" in empty.stderr

@@ -281,7 +281,8 @@ def finished_shards(store: Store) -> list[int]:
     return sorted(shards)
 
 
-def encode_part(spec: PartSpec, on_progress: Callable[[Progress], None] | None = None) -> dict:
+def encode_part(spec: PartSpec, on_progress: Callable[[Progress], None] | None = None,
+                ray_address: str | None = None) -> dict:
     """The latents stage alone, over an output already downloaded or converted with this spec:
     `laion-operator latents`. Returns the part's summary with its `latents` section."""
     if not spec.latents:
@@ -294,7 +295,7 @@ def encode_part(spec: PartSpec, on_progress: Callable[[Progress], None] | None =
     previous = store.read_json(PROGRESS) or {}
     progress = Progress.from_json({**previous, "part_id": spec.part_id, "finished_at": None})
     tracker = Tracker(store, progress, on_progress)
-    ensure_ray()
+    ensure_ray(ray_address)  # after the checks: a bad input fails without starting Ray
     section = run_latents(spec, tracker, shards)
     summary = store.read_json(contract.summary(spec.part_id)) or {"partId": spec.part_id, "output": store.uri}
     summary["latents"] = section

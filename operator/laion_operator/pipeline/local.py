@@ -91,13 +91,12 @@ def run_with_progress(part: PartSpec, ray_address: str | None = None, out=sys.st
 
 def encode_with_progress(part: PartSpec, ray_address: str | None = None, out=sys.stdout) -> int:
     """`laion-operator latents`: the latents stage alone over an output already downloaded or converted."""
-    from .driver import PartFailed, encode_part, ensure_ray
+    from .driver import PartFailed, encode_part
 
     print(f"part {part.part_id}: latents of {part.output.uri}", file=out, flush=True)
-    ensure_ray(ray_address)
     bar = ProgressBar()
     try:
-        summary = encode_part(part, on_progress=bar)
+        summary = encode_part(part, on_progress=bar, ray_address=ray_address)
     except PartFailed as err:
         bar.close()
         print(f"laion-operator: part {part.part_id} failed: {err}", file=sys.stderr)
