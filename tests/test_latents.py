@@ -84,6 +84,9 @@ def test_latents_settings_are_validated_naming_the_field(model_dir):
         PartSpec.from_dict({"partId": "L", "source": {"urls": ["s"]}, "output": {"uri": "/tmp/o"},
                             "latents": {"vae": "v"}})
     assert PartSpec.from_dict({"partId": "L", "source": {"urls": ["s"]}, "output": {"uri": "/tmp/o"}}).latents is None
+    with pytest.raises(SpecError, match=r"spec\.latents: the latents stage reads outputFormat webdataset, "
+                                        r"parquet, files, not 'tfrecord'"):
+        part("s.parquet", "/tmp/o", model_dir, fmt="tfrecord")
 
 
 # --- models -----------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ INTERPOLATIONS = ["nearest", "linear", "cubic", "area", "lanczos"]  # img2datase
 MODEL_DTYPES = ["auto", "float32", "float16", "bfloat16"]
 SAVE_DTYPES = ["float16", "float32"]
 LATENT_MODES = ["mean", "sample"]
+LATENTS_FORMATS = ["webdataset", "parquet", "files"]  # the outputFormats pipeline/latents.py reads
 
 
 def _str(description: str, **extra: Any) -> dict:
@@ -264,6 +265,9 @@ def validate(data: Any) -> dict:
         # For PNG the quality is OpenCV's compression level.
         raise SpecError("invalid part spec:\n  spec.download.encodeQuality: "
                         f"{download['encodeQuality']} is above {PNG_MAX_COMPRESSION}, the highest PNG compression level")
+    if spec.get("latents") and download["outputFormat"] not in LATENTS_FORMATS:
+        raise SpecError("invalid part spec:\n  spec.latents: the latents stage reads outputFormat "
+                        f"{', '.join(LATENTS_FORMATS)}, not {download['outputFormat']!r}")
     return spec
 
 

@@ -39,8 +39,8 @@ MDS_SIZE_LIMIT = 1 << 28  # 256 MiB a file, as micro_diffusion's precompute scri
 
 
 def streaming():
-    """mosaicml-streaming, whose package __init__ imports its vision datasets (and so torchvision) even
-    for the writer and the reader, which need neither."""
+    """mosaicml-streaming, imported when used. Its package imports its vision datasets, and so
+    torchvision, even for the writer and the reader: the `latents` extra carries torchvision for that."""
     import streaming as mds
 
     return mds
