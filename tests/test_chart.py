@@ -258,6 +258,39 @@ def test_kuberay_config_carries_a_valid_rayjob_template():
     assert not pruned_fields(rayjob["spec"], schema["properties"]["spec"]), "the API server would drop these"
 
 
+def test_a_part_with_latents_gets_the_gpu_worker_group_in_a_valid_rayjob():
+    from laion_operator.control.rayjobs import build_rayjob
+    from laion_operator.spec import PartSpec
+
+    config = operator_config(manifests(rendered("all-on")))
+    group = config["latentsWorkerGroup"]
+    container = group["template"]["spec"]["containers"][0]
+    assert container["image"] == f"laion-operator/ray-worker:{chart_metadata()['appVersion']}"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"  # what Ray counts as the node's GPUs
+    base = {"partId": "p", "source": {"urls": ["s3://b/p.parquet"]},
+            "output": {"uri": "s3://b/out", "credentialsSecret": "laion-s3"}}
+    latents = {**base, "latents": {"vae": "stabilityai/sdxl-vae", "textEncoder": "openai/clip-vit-large-patch14",
+                                   "hubTokenSecret": "hf-token"}}
+    owner = {"namespace": "ns", "name": "p", "uid": "0000-1111"}
+    plain = build_rayjob(config["rayJobTemplate"], owner, "j", PartSpec.from_dict(base), "laion-operator job", group)
+    assert group["groupName"] not in [g["groupName"] for g in plain["spec"]["rayClusterSpec"]["workerGroupSpecs"]]
+    rayjob = build_rayjob(config["rayJobTemplate"], owner, "j", PartSpec.from_dict(latents), "laion-operator job",
+                          group)
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    assert [g["groupName"] for g in cluster["workerGroupSpecs"]][-1] == group["groupName"]
+    containers = [c for g in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+                  for c in g["template"]["spec"]["containers"]]
+    for c in containers:  # the token comes from its Secret, as the storage credentials do
+        assert c["envFrom"] == [{"secretRef": {"name": "laion-s3"}}, {"secretRef": {"name": "hf-token"}}]
+    assert rayjob["spec"]["entrypoint"] == "laion-operator job"
+    schema = kuberay_schema()
+    if schema is None:
+        pytest.skip("shared/kuberay/ray.io_rayjobs.yaml (KubeRay's RayJob CRD) is not beside the checkout")
+    manifest = {k: rayjob[k] for k in ("apiVersion", "kind", "spec")} | {"metadata": {"name": "j"}}
+    jsonschema.validate(manifest, schema, cls=jsonschema.Draft4Validator)
+    assert not pruned_fields(rayjob["spec"], schema["properties"]["spec"]), "the API server would drop these"
+
+
 def pruned_fields(obj, schema: dict, path: str = "spec") -> list[str]:
     """Fields of obj that a structural schema does not declare (the API server prunes them silently)."""
     if schema.get("x-kubernetes-preserve-unknown-fields"):

@@ -100,3 +100,17 @@ def test_a_local_run_speaks_first_and_only_of_the_part(tmp_path, image_server):
     assert lines[0].startswith("part 1: 1 metadata file -> "), lines[:5]
     assert not [line for line in lines if "Token authentication" in line or "[filter] 0 rows" in line]
     assert any(line.startswith("  images ") for line in lines)
+
+
+def test_latents_command_names_what_is_missing(tmp_path):
+    without = cli("latents", str(write_part(tmp_path)))
+    assert without.returncode == 2
+    assert "spec.latents: required field is missing" in without.stderr
+    part = write_part(tmp_path, latents={"vae": "v", "textEncoder": "t", "latentMode": "median"})
+    bad = cli("latents", str(part))
+    assert bad.returncode == 2 and "spec.latents.latentMode: 'median' is not one of the allowed values: mean, sample" \
+        in bad.stderr
+    part = write_part(tmp_path, latents={"vae": "v", "textEncoder": "t"})
+    empty = cli("latents", str(part))
+    assert empty.returncode == 2
+    assert f"output {tmp_path / 'out'} holds no finished shard" in empty.stderr

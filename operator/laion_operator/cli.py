@@ -1,5 +1,5 @@
-"""`laion-operator`: run a part on a local Ray, plan it, convert or verify a dataset, run the demo, print
-the CRD, run the operator."""
+"""`laion-operator`: run a part on a local Ray, plan it, convert or verify a dataset, precompute its
+latents, run the demo, print the CRD, run the operator."""
 
 from __future__ import annotations
 
@@ -42,6 +42,16 @@ def cmd_run(args) -> int:
 def _output(args) -> dict:
     return {k: v for k, v in {"uri": args.output, "endpoint": args.endpoint, "region": args.region,
                               "pathStyle": args.path_style or None, "profile": args.profile}.items() if v is not None}
+
+
+def cmd_latents(args) -> int:
+    keep_ray_on_loopback(args.ray_address)
+    part = specs.load(args.part)
+    if args.output:
+        part = specs.PartSpec.from_dict({**part.to_dict(), "output": {**part.to_dict()["output"], "uri": args.output}})
+    from .pipeline.local import encode_with_progress
+
+    return encode_with_progress(part, args.ray_address)
 
 
 def cmd_convert(args) -> int:
@@ -169,6 +179,12 @@ def parser() -> argparse.ArgumentParser:
         p_.add_argument("--profile", help="named AWS profile holding the credentials")
     conv.set_defaults(func=cmd_convert)
     ver.set_defaults(func=cmd_verify)
+    latents = sub.add_parser("latents", help="precompute image latents and text embeddings (spec.latents) of an "
+                                              "output already downloaded or converted")
+    latents.add_argument("part", help="part spec YAML with spec.latents")
+    latents.add_argument("--output", help="override output.uri")
+    latents.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    latents.set_defaults(func=cmd_latents)
     demo = sub.add_parser("demo", help="generate a LAION-like part, serve its images on loopback, run it")
     demo.add_argument("--out", default="demo-output", help="folder for the metadata and the dataset")
     demo.add_argument("--rows", type=int, default=2000, help="metadata rows to generate")

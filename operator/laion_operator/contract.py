@@ -14,6 +14,10 @@ it. This module is the one place that names what is in it, so that neither side 
       _laion/filter.json                                     the filter's manifest and fingerprint
       _laion/shards/00000.parquet                            the filtered rows of each shard
       _laion/progress.json                                   the part's progress, as it runs
+      latents/00000/                                         a shard's image latents and text embeddings (MDS)
+      latents/00000_stats.json                               that shard is encoded (written last)
+      latents/index.json                                     MDS index over every shard (StreamingDataset)
+      latents/_latents.json                                  models, shapes, dtypes, scaling of the latents
 
 It also holds what the job tells the operator besides files: its exit codes, the phases of a part,
 and the bounded set of failure reasons every count (summary, status, metrics) is keyed by.
@@ -78,6 +82,29 @@ def mds_index(shard: int | None = None) -> str:
     return MDS_INDEX if shard is None else f"{shard_name(shard)}/{MDS_INDEX}"
 
 
+LATENTS_DIR = "latents"
+LATENTS_INDEX = f"{LATENTS_DIR}/index.json"
+LATENTS_MANIFEST = f"{LATENTS_DIR}/_latents.json"
+# The MDS columns, named as micro_diffusion's precompute script names them, so that its
+# StreamingLatentsDataset reads the output as it is: image latents as `latents_<resolution>`,
+# text embeddings as `caption_latents`, both raw bytes of `saveDtype`.
+CAPTION_LATENTS = "caption_latents"
+
+
+def image_latents_column(resolution: int) -> str:
+    return f"latents_{resolution}"
+
+
+def latents_shard(shard: int) -> str:
+    """The MDS folder (index.json, shard.00000.mds, …) of one download shard's latents."""
+    return f"{LATENTS_DIR}/{shard_name(shard)}"
+
+
+def latents_stats(shard: int) -> str:
+    """Present only once the shard's MDS folder is complete."""
+    return f"{LATENTS_DIR}/{shard_name(shard)}_stats.json"
+
+
 def stats_csv(part_id: str) -> str:
     """Shard path and sample count, one row a shard (webdataset, parquet, tfrecord; mds: a row per
     MDS shard file)."""
@@ -128,6 +155,7 @@ class Phase(str, enum.Enum):
     CONVERTING = "Converting"  # a part whose source is a dataset: its shards are written again
     ANNOTATING = "Annotating"
     VERIFYING = "Verifying"  # every shard read back with its format's reader
+    ENCODING = "Encoding"  # the latents stage
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
     STOPPING = "Stopping"  # deleted; its job is being stopped
@@ -146,7 +174,7 @@ class Phase(str, enum.Enum):
 
 # A job has been submitted for the part and has not ended.
 RUNNING = frozenset({Phase.PENDING, Phase.FILTERING, Phase.DOWNLOADING, Phase.CONVERTING, Phase.ANNOTATING,
-                     Phase.VERIFYING})
+                     Phase.VERIFYING, Phase.ENCODING})
 TERMINAL = frozenset({Phase.SUCCEEDED, Phase.FAILED})
 PHASES = [p.value for p in Phase]
 
@@ -183,6 +211,13 @@ class Progress:
     message: str = ""
     # The verify stage's result (Verification.to_json); empty until it ran.
     verified: dict = field(default_factory=dict)
+    # The latents stage (spec.latents), when the part has one.
+    latents_shards_total: int = 0
+    latents_shards_done: int = 0
+    latents_shards_failed: int = 0
+    latents_written: int = 0
+    latents_skipped: int = 0
+    latents_per_second: float = 0.0
 
     @property
     def success_rate(self) -> float:
@@ -264,3 +299,28 @@ class ShardStats:
                    failed_by_reason=dict(data.get("failed_by_reason", {})),
                    bytes_written=data.get("bytes_written", 0), start_time=data.get("start_time", 0.0),
                    end_time=data.get("end_time", 0.0))
+
+
+@dataclass
+class LatentStats:
+    """`latents/<shard>_stats.json`: one shard's encoding."""
+
+    shard: int
+    count: int = 0  # samples the shard's images hold
+    written: int = 0  # samples with latents in the shard's MDS
+    skipped: int = 0  # images that did not decode
+    start_time: float = 0.0
+    end_time: float = 0.0
+    device: str = ""
+    # What a reader needs to turn the stored bytes back into tensors (the same for every shard).
+    image_shape: list[int] = field(default_factory=list)
+    caption_shape: list[int] = field(default_factory=list)
+    scaling_factor: float = 1.0
+    shift_factor: float = 0.0
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "duration": self.end_time - self.start_time}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "LatentStats":
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})

@@ -32,6 +32,11 @@ HASHES = ["none", "md5", "sha256", "sha512"]
 ENCODE_QUALITY = {"jpg": 95, "webp": 95, "png": 9}
 PNG_MAX_COMPRESSION = 9
 INTERPOLATIONS = ["nearest", "linear", "cubic", "area", "lanczos"]  # img2dataset's names, aliases aside
+# latents.dtype: what the models compute in; auto is bfloat16 on a GPU and float32 on a CPU.
+MODEL_DTYPES = ["auto", "float32", "float16", "bfloat16"]
+SAVE_DTYPES = ["float16", "float32"]
+LATENT_MODES = ["mean", "sample"]
+LATENTS_FORMATS = ["webdataset", "parquet", "files"]  # the outputFormats pipeline/latents.py reads
 
 
 def _str(description: str, **extra: Any) -> dict:
@@ -191,6 +196,42 @@ SCHEMA: dict = {
                     "AWS_SESSION_TOKEN, AWS_ENDPOINT_URL) for the Ray job (operator)."),
             },
         },
+        "latents": {
+            "type": "object",
+            "description": "Precompute VAE image latents and text-encoder embeddings of every downloaded sample "
+                           "(MDS under latents/, one Ray task per shard, on a GPU where the cluster has one).",
+            "required": ["vae", "textEncoder"],
+            "properties": {
+                "vae": _str("diffusers AutoencoderKL: a local path, or a hub id found in the mounted cache "
+                            "(or downloaded with hubDownload).", minLength=1),
+                "vaeSubfolder": _str("The VAE's folder inside `vae` (a whole pipeline's repository: vae)."),
+                "textEncoder": _str("Text encoder: a transformers model (local path or hub id), or an open_clip model "
+                                    "as openclip:hf-hub:<repo> or openclip:<architecture>/<pretrained>.",
+                                    minLength=1),
+                "textEncoderSubfolder": _str("The text encoder's folder inside `textEncoder` (a pipeline's: "
+                                             "text_encoder)."),
+                "tokenizerSubfolder": _str("The tokenizer's folder inside `textEncoder` (a pipeline's: tokenizer; "
+                                           "unset: textEncoderSubfolder)."),
+                "resolution": _int("Images are resized (shorter side) and center-cropped to this square.",
+                                   minimum=8, maximum=4096, default=256),
+                "batchSize": _int("Samples encoded at once.", minimum=1, maximum=4096, default=32),
+                "dtype": _str("The models' compute dtype (auto: bfloat16 on a GPU, float32 on a CPU).",
+                              enum=MODEL_DTYPES, default="auto"),
+                "saveDtype": _str("The stored latents' and embeddings' dtype.", enum=SAVE_DTYPES, default="float16"),
+                "latentMode": _str("Store the latent distribution's mean, or a sample drawn by seed and key.",
+                                   enum=LATENT_MODES, default="sample"),
+                "seed": _int("Seed of the latent samples (each sample's noise depends on it and the key only).",
+                             minimum=0, default=0),
+                "parallelism": _int("Shards encoded at once (0: one per GPU of the Ray cluster, or per CPU without).",
+                                    minimum=0, default=0),
+                "shardRetries": _int("Times a failed shard is retried.", minimum=0, maximum=20, default=2),
+                "hubDownload": _bool("Let the stage download models named by hub id (false: local paths and the "
+                                     "mounted cache only, HF_HUB_OFFLINE=1).", False),
+                "hubTokenSecret": _str(
+                    "Kubernetes Secret with HF_TOKEN, for gated models (operator); given to the Ray job like the "
+                    "storage credentials, never in the spec or the entrypoint."),
+            },
+        },
         "maxRetries": _int("Times the operator resubmits a failed job, resuming from finished shards.",
                            minimum=0, maximum=100, default=3),
         "verify": _bool("After annotating, read every shard back with its format's own reader and decode every "
@@ -267,6 +308,9 @@ def validate(data: Any) -> dict:
         # For PNG the quality is OpenCV's compression level.
         raise SpecError("invalid part spec:\n  spec.download.encodeQuality: "
                         f"{download['encodeQuality']} is above {PNG_MAX_COMPRESSION}, the highest PNG compression level")
+    if spec.get("latents") and download["outputFormat"] not in LATENTS_FORMATS:
+        raise SpecError("invalid part spec:\n  spec.latents: the latents stage reads outputFormat "
+                        f"{', '.join(LATENTS_FORMATS)}, not {download['outputFormat']!r}")
     return spec
 
 
@@ -347,6 +391,25 @@ class Output:
     credentials_secret: str | None
 
 
+@dataclasses.dataclass(frozen=True)
+class Latents:
+    vae: str
+    vae_subfolder: str | None
+    text_encoder: str
+    text_encoder_subfolder: str | None
+    tokenizer_subfolder: str | None
+    resolution: int
+    batch_size: int
+    dtype: str
+    save_dtype: str
+    latent_mode: str
+    seed: int
+    parallelism: int
+    shard_retries: int
+    hub_download: bool
+    hub_token_secret: str | None
+
+
 def _build(kind, values: dict):
     """A spec section's dataclass from its defaulted mapping; fields the spec leaves unset are None."""
     given = {snake(k): tuple(v) if isinstance(v, list) else v for k, v in values.items()}
@@ -369,6 +432,7 @@ class PartSpec:
     download: Download
     max_retries: int
     verify: bool
+    latents: Latents | None
 
     @classmethod
     def from_dict(cls, data: Any) -> "PartSpec":
@@ -384,6 +448,7 @@ class PartSpec:
             download=_build(Download, spec["download"]),
             max_retries=spec["maxRetries"],
             verify=spec["verify"],
+            latents=_build(Latents, spec["latents"]) if spec.get("latents") else None,
         )
 
     def to_dict(self) -> dict:
@@ -399,6 +464,8 @@ class PartSpec:
         }
         if self.columns:
             data["columns"] = dict(self.columns)
+        if self.latents:
+            data["latents"] = _unbuild(self.latents)
         return data
 
 

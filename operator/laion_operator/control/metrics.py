@@ -18,6 +18,9 @@ Series per part, about 30 (64 parts: ~2,000):
     laion_part_retries_total                     times the operator resubmitted the job
     laion_part_duration_seconds                  of the current run, growing while it runs
     laion_part_last_progress_timestamp_seconds   when the counts last moved
+    laion_part_latents_total                     samples with image latents and text embeddings (spec.latents)
+    laion_part_latents_per_second                the latents stage's rate in its current run
+    laion_part_latents_shards{state=total|done|failed}
 """
 
 from __future__ import annotations
@@ -90,6 +93,9 @@ class _PartCollector(Collector):
         duration = gauge("laion_part_duration_seconds", "Seconds the part's current run has taken so far.")
         moved = gauge("laion_part_last_progress_timestamp_seconds",
                       "Unix time at which the part's counts last changed (stall detection).")
+        latents = counter("laion_part_latents", "Samples encoded into image latents and text embeddings.")
+        latents_rate = gauge("laion_part_latents_per_second", "Samples the latents stage encodes a second.")
+        latents_shards = gauge("laion_part_latents_shards", "Shards of the latents stage, by state.", ["state"])
 
         for (namespace, name), part in sorted(parts.items()):
             labels = [namespace, name]
@@ -113,8 +119,15 @@ class _PartCollector(Collector):
             end = progress.finished_at or (now if part.phase in RUNNING else progress.updated_at)
             duration.add_metric(labels, max(end - progress.started_at, 0.0))
             moved.add_metric(labels, part.last_progress_at or progress.updated_at)
+            if progress.latents_shards_total:
+                latents.add_metric(labels, part.high.get("latents", 0))
+                latents_rate.add_metric(labels, progress.latents_per_second)
+                for state, value in zip(SHARD_STATES, (progress.latents_shards_total, progress.latents_shards_done,
+                                                       progress.latents_shards_failed)):
+                    latents_shards.add_metric(labels + [state], value)
 
-        yield from (images, failed, written, read, kept, shards, phase, retries, duration, moved)
+        yield from (images, failed, written, read, kept, shards, phase, retries, duration, moved, latents,
+                    latents_rate, latents_shards)
 
 
 class Metrics:
@@ -169,8 +182,9 @@ class Metrics:
             part.counter("bytes", progress.bytes_written)
             part.counter("rows_read", progress.rows_read)
             part.counter("rows_kept", progress.rows_kept)
+            part.counter("latents", progress.latents_written)
             counts = (progress.rows_read, progress.images_ok, progress.images_failed, progress.shards_done,
-                      progress.shards_failed)
+                      progress.shards_failed, progress.latents_written)
             if counts != part.last_counts:
                 part.last_counts = counts
                 part.last_progress_at = progress.updated_at

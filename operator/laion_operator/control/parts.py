@@ -189,9 +189,22 @@ class Part:
                                      self.status.get("retries", 0))
 
     async def read_secret(self, spec: PartSpec) -> dict[str, str] | None:
-        if not spec.output.credentials_secret:
+        """The storage credentials, and the hub token of a part with spec.latents.hubTokenSecret: both
+        go to the job as credentials do (see credentials.py), never into its spec or entrypoint."""
+        token = spec.latents.hub_token_secret if spec.latents else None
+        if not spec.output.credentials_secret and not token:
             return None
-        return await asyncio.to_thread(kube.read_secret, self.namespace, spec.output.credentials_secret)
+        secret: dict[str, str] = {}
+        if spec.output.credentials_secret:
+            secret.update(await asyncio.to_thread(kube.read_secret, self.namespace, spec.output.credentials_secret))
+        if token:
+            try:
+                values = await asyncio.to_thread(kube.read_secret, self.namespace, token)
+            except kube.KubeError as err:
+                raise kube.KubeError(f"spec.latents.hubTokenSecret {token!r}: {err}") from err
+            if values.get("HF_TOKEN"):
+                secret["HF_TOKEN"] = values["HF_TOKEN"]
+        return secret
 
     async def read_progress(self, spec: PartSpec, secret) -> Progress | None:
         def read():
@@ -211,7 +224,7 @@ class Part:
             secret = await self.read_secret(spec)
         except kube.KubeError as err:
             self.op.metrics.kube_api_errors.inc()
-            await self.fail("CredentialsUnavailable",
+            await self.fail("CredentialsUnavailable", str(err) if str(err).startswith("spec.") else
                             f"spec.output.credentialsSecret {spec.output.credentials_secret!r}: {err}")
             return
         same_generation = status.get("observedGeneration") == generation

@@ -19,7 +19,7 @@ def _iso(ts: float | None) -> str | None:
 
 def cr_status(progress: Progress) -> dict:
     """The LaionPart status fields that come from the job's persisted progress."""
-    return {
+    status = {
         "rowsRead": progress.rows_read,
         "rowsKept": progress.rows_kept,
         "shards": {"total": progress.shards_total, "done": progress.shards_done, "failed": progress.shards_failed},
@@ -34,6 +34,15 @@ def cr_status(progress: Progress) -> dict:
         "startedAt": _iso(progress.started_at),
         "finishedAt": _iso(progress.finished_at),
     }
+    if progress.latents_shards_total:
+        status["latents"] = {
+            "shards": {"total": progress.latents_shards_total, "done": progress.latents_shards_done,
+                       "failed": progress.latents_shards_failed},
+            "written": progress.latents_written,
+            "skipped": progress.latents_skipped,
+            "perSecond": progress.latents_per_second,
+        }
+    return status
 
 
 _COUNT = {"type": "integer", "minimum": 0}
@@ -61,6 +70,16 @@ STATUS_SCHEMA: dict = {
         },
         "bytesWritten": _COUNT,
         "successRate": {"type": "number", "description": "Percent of attempted images downloaded."},
+        "latents": {
+            "type": "object",
+            "description": "The latents stage (spec.latents): shards, samples encoded, undecodable images, rate.",
+            "properties": {
+                "shards": {"type": "object", "properties": {"total": _COUNT, "done": _COUNT, "failed": _COUNT}},
+                "written": _COUNT,
+                "skipped": _COUNT,
+                "perSecond": {"type": "number", "minimum": 0},
+            },
+        },
         "startedAt": {"type": "string", "format": "date-time", "nullable": True},
         "finishedAt": {"type": "string", "format": "date-time", "nullable": True},
         "conditions": {
@@ -87,6 +106,7 @@ PRINTER_COLUMNS = [
     {"name": "Shards", "type": "string", "jsonPath": ".status.shardsProgress"},
     {"name": "Images", "type": "integer", "jsonPath": ".status.images.ok"},
     {"name": "Success %", "type": "number", "jsonPath": ".status.successRate"},
+    {"name": "Latents", "type": "integer", "jsonPath": ".status.latents.written", "priority": 1},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 

@@ -1,4 +1,5 @@
-"""One part, end to end on Ray: filter → download (a Ray task per shard) → annotate → verify.
+"""One part, end to end on Ray: filter → download (a Ray task per shard) → annotate → verify → with
+`spec.latents`, encode (a Ray task per shard, on a GPU where the cluster has them).
 
 A part whose source is a dataset (`source.dataset`) lists its input shards instead of filtering and
 converts them, one Ray task per shard, through the same loop, progress and annotations.
@@ -20,7 +21,7 @@ import ray
 
 from .. import credentials
 from .. import contract
-from ..contract import PROGRESS, InputError, Phase, Progress, ShardStats
+from ..contract import PROGRESS, InputError, LatentStats, Phase, Progress, ShardStats
 from ..spec import PartSpec
 from ..storage import Store
 from .annotate import annotate
@@ -91,6 +92,19 @@ def _check(spec_data: dict, shard: int) -> dict:
 
     spec = PartSpec.from_dict(spec_data)
     return check_shard(Store(spec.output), spec.download.output_format, shard).to_json()
+
+
+@ray.remote
+def _encode(spec_data: dict, shard: int, board) -> dict:
+    from .latents import encode_shard
+    from .models import ModelError
+
+    spec = PartSpec.from_dict(spec_data)
+    try:
+        stats = encode_shard(spec, shard, report=lambda s: board.report.remote(shard, s.to_json()))
+    except ModelError as err:  # a retry cannot load it either: the driver ends the part as bad input
+        return {"bad_input": str(err)}
+    return stats.to_json()
 
 
 class Tracker:
@@ -180,6 +194,140 @@ def _download_all(spec: PartSpec, tracker: Tracker, shards: int) -> list[int]:
     return failed
 
 
+def _encode_all(spec: PartSpec, tracker: Tracker, shards: list[int]) -> tuple[list[LatentStats], list[int]]:
+    """Encode the shards not encoded yet as Ray tasks, a GPU each when the cluster has GPUs;
+    returns every encoded shard's stats and the shards that failed after their retries."""
+    from .latents import load_stats
+
+    settings = spec.latents
+    p = tracker.progress
+    finished: dict[int, LatentStats] = {}
+    for shard in shards:
+        stats = load_stats(tracker.store, shard)
+        if stats is not None:
+            finished[shard] = stats
+    todo = [s for s in shards if s not in finished]
+    if finished:
+        log.info("latents: resuming, %d of %d shards already encoded", len(finished), len(shards))
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    cpus = max(int(ray.cluster_resources().get("CPU", 1)), 1)
+    parallelism = settings.parallelism or gpus or cpus
+    # One CPU a task besides the GPU: the decode thread and the host side of the model.
+    task = _encode.options(num_cpus=1, num_gpus=1 if gpus else 0, max_retries=settings.shard_retries,
+                           retry_exceptions=True)
+    log.info("latents: %d shards on %s, %d at once", len(todo), f"{gpus} GPUs" if gpus else "CPUs", parallelism)
+    board = Board.remote()
+    spec_data = spec.to_dict()
+    running: dict = {}
+    failed: list[int] = []
+    started, base = time.time(), sum(s.written for s in finished.values())
+
+    def count(partial: dict[int, dict]) -> None:
+        live = [LatentStats.from_json(v) for k, v in partial.items() if k not in finished]
+        p.latents_shards_done = len(finished)
+        p.latents_shards_failed = len(failed)
+        p.latents_written = sum(s.written for s in finished.values()) + sum(s.written for s in live)
+        p.latents_skipped = sum(s.skipped for s in finished.values()) + sum(s.skipped for s in live)
+        p.latents_per_second = round((p.latents_written - base) / max(time.time() - started, 1e-6), 2)
+
+    p.latents_shards_total = len(shards)
+    count({})
+    tracker.publish(force=True)
+    try:
+        while todo or running:
+            while todo and len(running) < parallelism:
+                shard = todo.pop(0)
+                running[task.remote(spec_data, shard, board)] = shard
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
+            for ref in ready:
+                shard = running.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except Exception as err:  # noqa: BLE001 - a shard's failure is recorded, the part goes on
+                    log.error("latents: shard %d failed after %d retries: %s", shard, settings.shard_retries, err)
+                    failed.append(shard)
+                else:
+                    if "bad_input" in result:
+                        raise InputError(result["bad_input"])
+                    finished[shard] = LatentStats.from_json(result)
+                board.forget.remote(shard)
+            count(ray.get(board.snapshot.remote()))
+            tracker.publish(force=bool(ready))
+    finally:
+        for ref in running:
+            ray.cancel(ref, force=True)
+        ray.kill(board)
+    return list(finished.values()), failed
+
+
+def run_latents(spec: PartSpec, tracker: Tracker, shards: list[int]) -> dict:
+    """The latents stage over a part's finished shards; returns its summary section."""
+    from .latents import merge_indexes, write_manifest
+
+    tracker.phase(Phase.ENCODING)
+    try:
+        encoded, failed = _encode_all(spec, tracker, shards)
+    except InputError as err:
+        tracker.progress.finished_at = time.time()
+        tracker.phase(Phase.FAILED, str(err))
+        raise
+    if failed:
+        tracker.progress.finished_at = time.time()
+        tracker.phase(Phase.FAILED, f"latents: {len(failed)} of {len(shards)} shards failed after "
+                                    f"{spec.latents.shard_retries} retries: {sorted(failed)[:10]}; "
+                                    "run the part again to retry them")
+        raise PartFailed(tracker.progress.message)
+    samples = merge_indexes(tracker.store, encoded)
+    manifest = write_manifest(tracker.store, spec.latents, encoded)
+    p = tracker.progress
+    return {
+        "index": tracker.store.url(contract.LATENTS_INDEX),
+        "samples": samples,
+        "skipped": sum(s.skipped for s in encoded),
+        "shards": len(encoded),
+        "latentsPerSecond": p.latents_per_second,
+        "shardSecondsSum": round(sum(s.end_time - s.start_time for s in encoded), 3),
+        "devices": sorted({s.device for s in encoded if s.device}),
+        "imageShape": manifest["imageShape"],
+        "captionShape": manifest["captionShape"],
+        "dtype": manifest["dtype"],
+    }
+
+
+def finished_shards(store: Store) -> list[int]:
+    """The shards of an output whose `<shard>_stats.json` exists (a download or a conversion)."""
+    shards = []
+    for path in store.fs.glob(store.path("*_stats.json")):
+        name = path.rsplit("/", 1)[-1][: -len("_stats.json")]
+        if name.isdigit():
+            shards.append(int(name))
+    return sorted(shards)
+
+
+def encode_part(spec: PartSpec, on_progress: Callable[[Progress], None] | None = None,
+                ray_address: str | None = None) -> dict:
+    """The latents stage alone, over an output already downloaded or converted with this spec:
+    `laion-operator latents`. Returns the part's summary with its `latents` section."""
+    if not spec.latents:
+        raise InputError("spec.latents: required field is missing (the models and settings of the stage)")
+    store = Store(spec.output)
+    store.check_writable()
+    shards = finished_shards(store)
+    if not shards:
+        raise InputError(f"output {store.uri} holds no finished shard (<shard>_stats.json) to encode")
+    previous = store.read_json(PROGRESS) or {}
+    progress = Progress.from_json({**previous, "part_id": spec.part_id, "finished_at": None})
+    tracker = Tracker(store, progress, on_progress)
+    ensure_ray(ray_address)  # after the checks: a bad input fails without starting Ray
+    section = run_latents(spec, tracker, shards)
+    summary = store.read_json(contract.summary(spec.part_id)) or {"partId": spec.part_id, "output": store.uri}
+    summary["latents"] = section
+    store.write_json(summary, contract.summary(spec.part_id))
+    tracker.progress.finished_at = time.time()
+    tracker.phase(Phase.SUCCEEDED, f"{section['samples']} latents in {store.url(contract.LATENTS_DIR)}")
+    return summary
+
+
 def run_part(spec: PartSpec, on_progress: Callable[[Progress], None] | None = None) -> dict:
     """Filter, download and annotate one part; returns the summary written beside the dataset."""
     store = Store(spec.output)
@@ -222,6 +370,10 @@ def run_part(spec: PartSpec, on_progress: Callable[[Progress], None] | None = No
     summary = annotate(spec, store, list(tracker.finished.values()), tracker.progress)
     if spec.verify:
         summary = _verify(spec, store, tracker, summary)
+    if spec.latents:
+        summary["latents"] = run_latents(spec, tracker, sorted(tracker.finished))
+        tracker.progress.finished_at = time.time()
+        store.write_json(summary, contract.summary(spec.part_id))
     tracker.phase(Phase.SUCCEEDED, f"{tracker.progress.images_ok} images in {store.uri}")
     return summary
 
