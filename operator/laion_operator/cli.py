@@ -12,7 +12,7 @@ import yaml
 
 from . import spec as specs
 from .contract import ExitCode, InputError
-from .storage import Store
+from .storage import StorageUnavailable, Store
 
 
 def keep_ray_on_loopback(address: str | None) -> None:
@@ -114,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as err:
         print(f"laion-operator: {err}", file=sys.stderr)
         return ExitCode.BAD_INPUT
+    except StorageUnavailable as err:
+        print(f"laion-operator: StorageUnavailable: {err}", file=sys.stderr)
+        return ExitCode.STORAGE_UNAVAILABLE
 
 
 if __name__ == "__main__":

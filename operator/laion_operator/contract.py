@@ -105,6 +105,7 @@ class ExitCode(enum.IntEnum):
     OK = 0
     SHARDS_FAILED = 1  # a retry resumes the failed shards
     BAD_INPUT = 2  # spec, metadata or output unusable: a retry cannot help
+    STORAGE_UNAVAILABLE = 3  # the output's storage did not answer for output.retrySeconds: a retry resumes
 
 
 class Phase(str, enum.Enum):

@@ -154,6 +154,10 @@ SCHEMA: dict = {
                 "credentialsSecret": _str(
                     "Kubernetes Secret with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (and optionally "
                     "AWS_SESSION_TOKEN, AWS_ENDPOINT_URL) for the Ray job (operator)."),
+                "retrySeconds": _num(
+                    "How long reads and writes of the output are retried while its storage does not answer; "
+                    "longer, the job fails with reason StorageUnavailable and the next attempt resumes.",
+                    minimum=0, default=300),
             },
         },
         "maxRetries": _int("Times the operator resubmits a failed job, resuming from finished shards.",
@@ -291,6 +295,7 @@ class Output:
     path_style: bool
     profile: str | None
     credentials_secret: str | None
+    retry_seconds: float
 
 
 def _build(kind, values: dict):

@@ -24,6 +24,7 @@ from ..spec import PartSpec, SpecError
 from ..storage import Store
 from . import kube
 from .config import OperatorConfig
+from .crash import crash_at
 from .metrics import Metrics
 from .rayjobs import JobState, submission_id
 from .status import cr_status
@@ -163,7 +164,10 @@ class Part:
                     # Ray or the API server unreachable for a while: say so, and try again.
                     log.warning("part %s/%s: %s; retrying in %ss", self.namespace, self.name, err,
                                 self.op.config.poll_seconds)
-                    await self.write(message=f"retrying after: {str(err)[:500]}")
+                    try:
+                        await self.write(message=f"retrying after: {str(err)[:500]}")
+                    except kube.KubeError:
+                        pass  # the API server refuses this write too: the next round tries again
                     await self.stopped.wait(self.op.config.poll_seconds)
         finally:
             await self.op.slots.release(self.key)
@@ -185,9 +189,17 @@ class Part:
         return await asyncio.to_thread(kube.read_secret, self.namespace, spec.output.credentials_secret)
 
     async def read_progress(self, spec: PartSpec, secret) -> Progress | None:
+        """The job's persisted progress; None when there is none yet or it cannot be read (a damaged
+        file or an unreachable store), which the job's next write repairs."""
         def read():
-            data = Store(spec.output, secret=secret or {}).read_json(PROGRESS)
-            return Progress.from_json(data) if data else None
+            store = Store(spec.output, secret=secret or {})
+            try:
+                data = store.read_json(PROGRESS)
+                return Progress.from_json(data) if data else None
+            except Exception as err:  # noqa: BLE001 - any reason means the same: keep the status as it is
+                log.warning("part %s/%s: cannot read %s: %s: %s", self.namespace, self.name, store.url(PROGRESS),
+                            type(err).__name__, err)
+                return None
 
         return await asyncio.to_thread(read)
 
@@ -217,6 +229,7 @@ class Part:
                 return
             if not await self.output_matches(spec, secret):
                 return
+            crash_at("before-submit")
             await self.submit(job_id, spec, secret, generation, attempt)
         else:
             self.op.slots.adopt(self.key)
@@ -226,7 +239,11 @@ class Part:
         if job is None:  # operator stopping, object deleted, or a new generation took over
             return
         if job.state == "SUCCEEDED":
+            crash_at("annotating")
             progress = await self.read_progress(spec, secret)
+            if progress is None or progress.phase != Phase.SUCCEEDED:
+                # The final counts come from the job's own last word; retried until it can be read.
+                raise RuntimeError(f"job {job_id} succeeded but {spec.output.uri}/{PROGRESS} cannot be read yet")
             await self.publish(Phase.SUCCEEDED, progress, job_id, generation, attempt, finished=True)
             self.event("Succeeded", progress.message if progress and progress.message else f"job {job_id} succeeded")
             await self.op.slots.release(self.key)
@@ -242,6 +259,8 @@ class Part:
             await self.stopped.wait(delay)
             return
         reason = "RetriesExhausted" if retryable else "JobFailed"
+        if job.exit_code == ExitCode.STORAGE_UNAVAILABLE:
+            reason = "StorageUnavailable"  # the job's log, in the message, names the endpoint
         await self.fail(reason, f"job {job_id} {job.state.lower()}: {job.message[-1000:]}")
         await self.op.slots.release(self.key)
 
@@ -283,6 +302,7 @@ class Part:
         except Exception:
             self.op.metrics.ray_submission_errors.inc()
             raise
+        crash_at("after-submit")
         log.info("part %s/%s: submitted job %s (generation %d, attempt %d)",
                  self.namespace, self.name, job_id, generation, attempt)
         conditions = self.status.get("conditions") or []
@@ -308,6 +328,8 @@ class Part:
             phase = Phase(progress.phase) if progress and progress.phase in RUNNING else Phase.PENDING
             if progress and progress.phase == Phase.SUCCEEDED:  # the summary is written, the job not yet done
                 phase = Phase.ANNOTATING
+            if phase == Phase.ANNOTATING:
+                crash_at("annotating")
             await self.publish(phase, progress, job_id, generation, attempt)
             await self.stopped.wait(self.op.config.poll_seconds)
         return None

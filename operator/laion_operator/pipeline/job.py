@@ -13,6 +13,7 @@ import sys
 from .. import credentials
 from ..contract import ExitCode, InputError, Progress
 from ..spec import PartSpec
+from ..storage import StorageUnavailable
 
 log = logging.getLogger("laion_operator.job")
 
@@ -41,6 +42,9 @@ def main() -> int:
     except PartFailed as err:
         log.error("part %s failed: %s", spec.part_id, err)
         return ExitCode.SHARDS_FAILED
+    except StorageUnavailable as err:
+        log.error("part %s failed: StorageUnavailable: %s", spec.part_id, err)
+        return ExitCode.STORAGE_UNAVAILABLE
     except InputError as err:
         log.error("part %s cannot run: %s", spec.part_id, err)
         return ExitCode.BAD_INPUT
