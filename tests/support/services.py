@@ -79,7 +79,16 @@ class RayCluster:
                      "--metrics-export-port", "--runtime-env-agent-port", "--node-manager-port",
                      "--object-manager-port"):
             cmd += [flag, str(free_port())]
-        subprocess.run(cmd, env=self.env, check=True, capture_output=True, timeout=180)
+        for attempt in range(3):
+            try:
+                subprocess.run(cmd, env=self.env, check=True, capture_output=True, timeout=180)
+                break
+            except subprocess.CalledProcessError as err:
+                # Ray gives its raylet 30 s to register, which a loaded machine can miss: start afresh.
+                if attempt == 2 or b"timed out during startup" not in err.stderr:
+                    raise RuntimeError(f"ray start failed: {err.stderr.decode(errors='replace')[-2000:]}") from None
+                self.stop()
+                os.makedirs(self.temp_dir, exist_ok=True)
         wait_for_port(self.dashboard_port, timeout=120)
         self._wait_for_jobs_api()
         return self

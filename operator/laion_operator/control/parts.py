@@ -188,17 +188,19 @@ class Part:
             return None
         return await asyncio.to_thread(kube.read_secret, self.namespace, spec.output.credentials_secret)
 
-    async def read_progress(self, spec: PartSpec, secret) -> Progress | None:
-        """The job's persisted progress; None when there is none yet or it cannot be read (a damaged
-        file or an unreachable store), which the job's next write repairs."""
+    async def read_progress(self, spec: PartSpec, secret, strict: bool = False) -> Progress | None:
+        """The job's persisted progress; None when there is none yet, or when it cannot be read (a damaged
+        file or an unreachable store, which the job's next write repairs) unless `strict`, which raises."""
         def read():
             store = Store(spec.output, secret=secret or {})
             try:
                 data = store.read_json(PROGRESS)
                 return Progress.from_json(data) if data else None
             except Exception as err:  # noqa: BLE001 - any reason means the same: keep the status as it is
-                log.warning("part %s/%s: cannot read %s: %s: %s", self.namespace, self.name, store.url(PROGRESS),
-                            type(err).__name__, err)
+                message = f"cannot read {store.url(PROGRESS)}: {type(err).__name__}: {err}"
+                if strict:
+                    raise RuntimeError(message) from None
+                log.warning("part %s/%s: %s", self.namespace, self.name, message)
                 return None
 
         return await asyncio.to_thread(read)
@@ -240,10 +242,8 @@ class Part:
             return
         if job.state == "SUCCEEDED":
             crash_at("annotating")
-            progress = await self.read_progress(spec, secret)
-            if progress is None or progress.phase != Phase.SUCCEEDED:
-                # The final counts come from the job's own last word; retried until it can be read.
-                raise RuntimeError(f"job {job_id} succeeded but {spec.output.uri}/{PROGRESS} cannot be read yet")
+            # The final counts are the job's last word: an unreadable progress is retried (follow), not skipped.
+            progress = await self.read_progress(spec, secret, strict=True)
             await self.publish(Phase.SUCCEEDED, progress, job_id, generation, attempt, finished=True)
             self.event("Succeeded", progress.message if progress and progress.message else f"job {job_id} succeeded")
             await self.op.slots.release(self.key)

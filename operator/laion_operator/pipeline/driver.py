@@ -15,6 +15,7 @@ import time
 from typing import Callable
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .. import credentials
 from .. import contract
@@ -121,7 +122,7 @@ def check_no_stray_shards(store: Store, shards: int) -> None:
             f"output {store.uri} holds {', '.join(store.url(n) for n in stray[:5])}"
             f"{' and more' if len(stray) > 5 else ''}, which {'is' if len(stray) == 1 else 'are'} not a shard of "
             f"this part (it has {shards} shards, {contract.shard_name(0)} to {contract.shard_name(shards - 1)}): "
-            "remove them, or choose another output.uri")
+            f"remove {'it' if len(stray) == 1 else 'them'}, or choose another output.uri")
 
 
 class Tracker:
@@ -185,7 +186,9 @@ def _download_all(spec: PartSpec, tracker: Tracker, shards: int) -> list[int]:
     tracker.count()
     tracker.publish(force=True)
     parallelism = spec.download.parallelism or max(int(ray.cluster_resources().get("CPU", 1)), 1)
-    board = Board.remote()
+    # On the driver's node: a lost worker node must not take the running shards' counts with it.
+    board = Board.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        ray.get_runtime_context().get_node_id(), soft=True)).remote()
     task = _download.options(max_retries=spec.download.shard_retries, retry_exceptions=True)
     spec_data = spec.to_dict()
     running: dict = {}
