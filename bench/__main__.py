@@ -75,7 +75,9 @@ def git_revision() -> str:
 
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
-    p.add_argument("--only", choices=["filter", "download", "operator"], help="run one benchmark only")
+    p.add_argument("--only", choices=["filter", "download", "operator", "soak"],
+                   help="run one benchmark only (soak, 200 parts through the operator, runs only when asked)")
+    p.add_argument("--soak-parts", type=int, default=200, help="LaionParts in the soak (default 200)")
     p.add_argument("--filter-rows", type=int, default=20_000_000, help="metadata rows (default 20,000,000)")
     p.add_argument("--images", type=int, default=5000, help="images to download (default 5,000)")
     p.add_argument("--repeats", type=int, default=3, help="runs per filter engine, best kept (default 3)")
@@ -95,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("MAKELEVEL"):
         command = f"make bench ({command})"
     os.environ.update(common.QUIET_ENV)
-    ensure_python_tools()
+    if args.only != "soak":  # the soak compares against nothing
+        ensure_python_tools()
     if args.only in (None, "filter"):
         ensure_java()
 
@@ -120,6 +123,13 @@ def main(argv: list[str] | None = None) -> int:
         goals.append(f"operator overhead: {many['parts']} parts applied at once all submitted in "
                      f"{many['submit_all_s']:.2f} s ({many['submit_all_s'] / many['baseline_s']:.1f}× the API round "
                      f"trip of as many objects); status lag median {many['lag_median_s']:.2f} s with pollSeconds 1")
+
+    if args.only == "soak":
+        from . import soak_bench
+
+        result = soak_bench.run(args.soak_parts)
+        sections.append(("Operator soak", soak_bench.report(result)))
+        goals += soak_bench.goals(result)
 
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     entry = [

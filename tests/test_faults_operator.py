@@ -220,3 +220,36 @@ def test_unreachable_storage_fails_the_part_as_storage_unavailable(api, operator
     assert reasons["Failed"] == "StorageUnavailable", status
     assert outage.endpoint in status["message"], status["message"]
     assert s3.SECRET_KEY not in str(status)
+
+
+@pytest.fixture(scope="module")
+def tiny_metadata(tmp_path_factory, image_server):
+    path = tmp_path_factory.mktemp("tiny") / "part.parquet"
+    write_metadata(path, 5, image_server.base_url, seed=43, failure_mix={"ok": 0.8, "http_4xx": 0.2})
+    return path
+
+
+# The suite's version of the 200-part soak (bench/soak_bench.py); LAION_TEST_LOAD_PARTS changes the count.
+LOAD_PARTS = int(os.environ.get("LAION_TEST_LOAD_PARTS", "16"))
+
+
+def test_many_parts_at_once_run_oldest_first_within_the_limit(api, operators, ray_cluster, kube_namespace,
+                                                              tiny_metadata, tmp_path):
+    from tests.support.load import run_many
+
+    limit = 4
+    op = operators({"maxConcurrentParts": limit})
+    run = run_many(api, kube_namespace, ray_cluster, op, tiny_metadata, tmp_path, LOAD_PARTS, timeout=900,
+                   idle_seconds=10)
+    assert set(run.phases.values()) == {"Succeeded"}, run.phases
+    assert sorted(run.started) == run.names  # one job each
+    assert run.order_slip() < limit, run.started  # oldest first, give or take the parts starting together
+    # The queue metric follows the parts: all but `limit` wait at first, it only shrinks, it ends empty.
+    peak = run.queue.index(max(run.queue))
+    assert max(run.queue) >= LOAD_PARTS - 2 * limit, run.queue
+    assert all(b <= a for a, b in zip(run.queue[peak:], run.queue[peak + 1:])), run.queue
+    assert run.queue[-1] == 0
+    assert run.rss_peak < 200 * 2**20, run.rss_peak
+    assert run.idle_cpu < 0.05, run.idle_cpu
+    for name in run.names:
+        check_exactly_once(tmp_path / name, run.statuses[name])
