@@ -16,7 +16,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from .contract import InputError
+from .contract import FAILURE_REASONS, TRANSIENT_REASONS, InputError
 
 LOGICAL_COLUMNS = (
     "url", "caption", "width", "height", "aesthetic", "punsafe", "pwatermark", "similarity", "language", "hash",
@@ -162,6 +162,16 @@ SCHEMA: dict = {
         },
         "maxRetries": _int("Times the operator resubmits a failed job, resuming from finished shards.",
                            minimum=0, maximum=100, default=3),
+        "heal": {
+            "type": "object",
+            "description": "Fetch again the samples of the finished part that failed for these reasons, rewriting "
+                           "their shards (`laion-operator heal`); setting or changing it starts a heal job.",
+            "properties": {
+                "reasons": {"type": "array", "minItems": 1, "items": {"type": "string", "enum": FAILURE_REASONS},
+                            "description": "Failure reasons to fetch again.", "default": TRANSIENT_REASONS},
+                "round": _int("Raise it to heal again with the same reasons.", minimum=0, default=0),
+            },
+        },
     },
 }
 
@@ -310,6 +320,17 @@ def _unbuild(obj) -> dict:
 
 
 @dataclasses.dataclass(frozen=True)
+class Heal:
+    reasons: tuple[str, ...]
+    round: int
+
+    @property
+    def key(self) -> str:
+        """What a finished heal records: the same key again heals nothing."""
+        return f"{','.join(sorted(self.reasons))}#{self.round}"
+
+
+@dataclasses.dataclass(frozen=True)
 class PartSpec:
     part_id: str
     source: tuple[str, ...]
@@ -318,6 +339,7 @@ class PartSpec:
     filter: Filter
     download: Download
     max_retries: int
+    heal: Heal | None = None
 
     @classmethod
     def from_dict(cls, data: Any) -> "PartSpec":
@@ -331,6 +353,7 @@ class PartSpec:
             filter=_build(Filter, spec["filter"]),
             download=_build(Download, spec["download"]),
             max_retries=spec["maxRetries"],
+            heal=_build(Heal, spec["heal"]) if "heal" in spec else None,
         )
 
     def to_dict(self) -> dict:
@@ -345,6 +368,8 @@ class PartSpec:
         }
         if self.columns:
             data["columns"] = dict(self.columns)
+        if self.heal is not None:
+            data["heal"] = _unbuild(self.heal)
         return data
 
 

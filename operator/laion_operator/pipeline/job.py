@@ -39,6 +39,10 @@ def main() -> int:
     ensure_ray()
     try:
         summary = run_part(spec, on_progress=log_progress)
+        if spec.heal is not None:  # set or changed on a LaionPart: heal once the part is whole
+            from .heal import heal_part
+
+            summary = heal_part(spec) or summary
     except PartFailed as err:
         log.error("part %s failed: %s", spec.part_id, err)
         return ExitCode.SHARDS_FAILED
