@@ -85,9 +85,9 @@ class RayCluster:
                 break
             except subprocess.CalledProcessError as err:
                 # Ray gives its raylet 30 s to register, which a loaded machine can miss: start afresh.
+                self.stop()  # what this try started, whatever happens next
                 if attempt == 2 or b"timed out during startup" not in err.stderr:
                     raise RuntimeError(f"ray start failed: {err.stderr.decode(errors='replace')[-2000:]}") from None
-                self.stop()
                 os.makedirs(self.temp_dir, exist_ok=True)
         wait_for_port(self.dashboard_port, timeout=120)
         self._wait_for_jobs_api()
