@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -18,7 +16,7 @@ from laion_operator.spec import PartSpec
 from laion_operator.storage import StorageUnavailable
 from laion_operator.testbed.demo_data import write_metadata
 from tests.support.exactly_once import check_exactly_once
-from tests.support.faults import Outage, SecondNode, loopback_download
+from tests.support.faults import Outage, SecondNode, cmdline, loopback_download, shard_workers
 
 # The outage is ~30 s; LAION_TEST_OUTAGE_SECONDS makes it shorter on a slow machine.
 OUTAGE_SECONDS = float(os.environ.get("LAION_TEST_OUTAGE_SECONDS", "30"))
@@ -127,19 +125,14 @@ def test_outage_longer_than_the_retries_fails_naming_the_endpoint_and_resumes(ra
     check_exactly_once(part.output)
 
 
-def _download_workers() -> list[int]:
-    found = subprocess.run(["pgrep", "-f", "^ray::_download"], capture_output=True, text=True).stdout.split()
-    return [int(p) for p in found]
-
-
 def test_killed_shard_worker_is_retried_exactly_once(ray_driver, slow_metadata, tmp_path):
     out = tmp_path / "out"
     part = spec(slow_metadata, out)
     run = Background(part)
     # A shard half-way: its tar is open, its stats not yet written.
-    wait_until(lambda: _download_workers() and list(out.glob("*.tar")) or run.error, what="a running shard")
+    wait_until(lambda: shard_workers(ray_driver) and list(out.glob("*.tar")) or run.error, what="a running shard")
     time.sleep(1.5)
-    killed = _download_workers()[0]
+    killed = shard_workers(ray_driver)[0]
     os.kill(killed, signal.SIGKILL)
     run.wait()
     assert run.error is None, run.error
@@ -156,7 +149,7 @@ def test_lost_worker_node_runs_its_shards_elsewhere(ray_driver, slow_metadata, t
         part = spec(slow_metadata, out, parallelism=4)
 
         def on_second_node():
-            return [pid for pid in node.processes() if _cmdline(pid).startswith("ray::_download")]
+            return [pid for pid in node.processes() if cmdline(pid).startswith("ray::_download")]
 
         run = Background(part)
         wait_until(lambda: on_second_node() or run.error, what="a shard on the second node")
@@ -167,13 +160,6 @@ def test_lost_worker_node_runs_its_shards_elsewhere(ray_driver, slow_metadata, t
         check_exactly_once(out)
     finally:
         node.kill()
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def test_damaged_output_is_repaired_or_refused_naming_the_file(ray_driver, fast_metadata, tmp_path):

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import io
-import json
 import re
 import tarfile
 from collections import Counter

@@ -106,6 +106,40 @@ class Outage:
                     pass
 
 
+def cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def process_tree(mark: str) -> list[int]:
+    """The pids of the processes whose command line holds `mark`, and of every process under them."""
+    parents: dict[int, int] = {}
+    roots = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            continue
+        if mark in cmdline(int(entry)):
+            roots.append(int(entry))
+    found = list(roots)
+    for pid in found:  # grows while it is walked: children of children
+        found += [child for child, parent in parents.items() if parent == pid and child not in found]
+    return found
+
+
+def shard_workers(cluster) -> list[int]:
+    """This cluster's worker processes running a shard right now (never another cluster's on the machine)."""
+    return [pid for pid in process_tree(f"raylet --raylet_socket_name={cluster.temp_dir}")
+            if cmdline(pid).startswith("ray::_download")]
+
+
 class SecondNode:
     """A second raylet joined to the session's cluster, with its own ports; `kill()` loses it whole
     (SIGKILL to its raylet and everything under it), as a node that dies."""
@@ -123,30 +157,19 @@ class SecondNode:
         for flag in ("--object-manager-port", "--metrics-export-port", "--runtime-env-agent-port",
                      "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port"):
             cmd += [flag, str(free_port())]
-        subprocess.run(cmd, env=self.cluster.env, check=True, capture_output=True, timeout=180)
+        for attempt in range(3):
+            try:
+                subprocess.run(cmd, env=self.cluster.env, check=True, capture_output=True, timeout=180)
+                return self
+            except subprocess.CalledProcessError as err:
+                self.kill()  # Ray gives a raylet 30 s to register; a loaded machine can miss that
+                if attempt == 2:
+                    raise RuntimeError(f"ray start (second node) failed: {err.stderr.decode()[-2000:]}") from None
         return self
 
     def processes(self) -> list[int]:
         """The pids of this node's raylet and of every process under it (workers, agents)."""
-        mark = f"--node_manager_port={self.node_manager_port}"
-        parents: dict[int, int] = {}
-        roots = []
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    cmdline = f.read().split(b"\0")
-                with open(f"/proc/{entry}/stat") as f:
-                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-            if mark.encode() in cmdline:
-                roots.append(int(entry))
-        found = list(roots)
-        for pid in found:  # grows while it is walked: children of children
-            found += [child for child, parent in parents.items() if parent == pid and child not in found]
-        return found
+        return process_tree(f"--node_manager_port={self.node_manager_port}")
 
     def kill(self) -> None:
         for pid in self.processes():

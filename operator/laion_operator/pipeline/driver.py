@@ -194,6 +194,22 @@ def _download_all(spec: PartSpec, tracker: Tracker, shards: int) -> list[int]:
     running: dict = {}
     failed: list[int] = []
     unavailable = ""
+    try:
+        unavailable = _run_shards(spec, tracker, todo, running, failed, task, spec_data, board, parallelism)
+    finally:
+        # A driver that gives up (an unreachable store, an interrupt) stops its shards: none may write on
+        # behind the next attempt's back.
+        for ref in running:
+            ray.cancel(ref, force=True)
+        ray.kill(board)
+    if unavailable:
+        raise StorageUnavailable(unavailable)
+    return failed
+
+
+def _run_shards(spec, tracker, todo, running, failed, task, spec_data, board, parallelism) -> str:
+    """Keep `parallelism` shards running until none is left; returns why the store was unreachable, if it was."""
+    unavailable = ""
     while todo or running:
         while todo and len(running) < parallelism:
             shard = todo.pop(0)
@@ -217,10 +233,7 @@ def _download_all(spec: PartSpec, tracker: Tracker, shards: int) -> list[int]:
         tracker.progress.shards_failed = len(failed)
         tracker.count(ray.get(board.snapshot.remote()))
         tracker.publish(force=bool(ready))
-    ray.kill(board)
-    if unavailable:
-        raise StorageUnavailable(unavailable)
-    return failed
+    return unavailable
 
 
 def run_part(spec: PartSpec, on_progress: Callable[[Progress], None] | None = None) -> dict:
