@@ -253,3 +253,40 @@ def test_many_parts_at_once_run_oldest_first_within_the_limit(api, operators, ra
     assert run.idle_cpu < 0.05, run.idle_cpu
     for name in run.names:
         check_exactly_once(tmp_path / name, run.statuses[name])
+
+
+@pytest.fixture(scope="module")
+def timing_out_metadata(tmp_path_factory, image_server):
+    """Slow images: they time out at a 1 s timeout and come at 5 s — the transient failures a heal is for."""
+    path = tmp_path_factory.mktemp("heal") / "part.parquet"
+    write_metadata(path, 30, image_server.base_url, seed=44, slow_seconds=2,
+                   failure_mix={"ok": 0.5, "timeout": 0.3, "http_4xx": 0.2})
+    return path
+
+
+def test_heal_field_starts_a_heal_job_and_the_status_follows(api, operators, ray_cluster, kube_namespace,
+                                                             timing_out_metadata, tmp_path):
+    ns, out = kube_namespace, tmp_path / "out"
+    op = operators()
+    doc = manifest("healed", timing_out_metadata, out, download={"timeout": 1, "threadsPerTask": 8})
+    apply(api, ns, doc)
+    first = wait_phase(api, ns, "healed", ("Succeeded", "Failed"))
+    assert first["phase"] == "Succeeded", first
+    timeouts = first["images"]["failedByReason"]["timeout"]
+    assert timeouts > 0
+
+    doc["spec"]["download"]["timeout"] = 5  # the network is better now
+    doc["spec"]["heal"] = {"reasons": ["timeout"]}
+    apply(api, ns, doc)
+    status = api.wait_for(GROUP, VERSION, PLURAL, ns, "healed",
+                          lambda o: o["status"].get("observedGeneration") == 2
+                          and o["status"].get("phase") in ("Succeeded", "Failed"), timeout=240)["status"]
+    assert status["phase"] == "Succeeded", status
+    assert status["images"]["ok"] == first["images"]["ok"] + timeouts
+    assert "timeout" not in status["images"]["failedByReason"]
+    assert "healed" in status["message"]
+    assert [j["submission_id"] for j in jobs_of(ray_cluster, ns, "healed")] == [first["submissionId"],
+                                                                                status["submissionId"]]
+    time.sleep(2)
+    summary = check_exactly_once(out, status, op.metrics(), ns, "healed")
+    assert summary["heal"]["refetched"] == timeouts

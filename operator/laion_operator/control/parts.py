@@ -337,6 +337,11 @@ class Part:
     async def publish(self, phase: Phase, progress: Progress | None, job_id: str, generation: int, attempt: int,
                       finished: bool = False) -> None:
         fields = cr_status(progress) if progress else {}
+        if fields:
+            # A merge patch keeps keys it does not name: a reason no longer counted (after a heal) is removed.
+            old = ((self.status.get("images") or {}).get("failedByReason") or {})
+            gone = {reason: None for reason in old if reason not in fields["images"]["failedByReason"]}
+            fields["images"]["failedByReason"].update(gone)
         conditions = self.status.get("conditions") or []
         message = progress.message if progress and progress.message else f"job {job_id} {phase.value.lower()}"
         extra = {}
