@@ -137,7 +137,7 @@ def test_operator_killed_at_each_step_ends_with_one_job(api, operators, ray_clus
     watch = JobWatch(ray_cluster, ns, "crashy")
     apply(api, ns, manifest("crashy", metadata, out))
     for point in crash.POINTS:
-        op = operators(env={crash.ENV: point})
+        op = operators(env={crash.ENV: point}, wait=False).launch()
         assert wait_exit(op) == crash.EXIT_CODE, op.logs()[-3000:]
         assert f"{crash.ENV}={point}" in op.logs()
         jobs = jobs_of(ray_cluster, ns, "crashy")
@@ -285,8 +285,8 @@ def test_heal_field_starts_a_heal_job_and_the_status_follows(api, operators, ray
     assert status["images"]["ok"] == first["images"]["ok"] + timeouts
     assert "timeout" not in status["images"]["failedByReason"]
     assert "healed" in status["message"]
-    assert [j["submission_id"] for j in jobs_of(ray_cluster, ns, "healed")] == [first["submissionId"],
-                                                                                status["submissionId"]]
+    assert sorted(j["submission_id"] for j in jobs_of(ray_cluster, ns, "healed")) == sorted(
+        [first["submissionId"], status["submissionId"]])
     time.sleep(2)
     summary = check_exactly_once(out, status, op.metrics(), ns, "healed")
     assert summary["heal"]["refetched"] == timeouts
