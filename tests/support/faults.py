@@ -11,7 +11,7 @@ import threading
 import time
 
 from laion_operator import spec as specs
-from tests.support.services import VENV_BIN, free_port, wait_for_port
+from tests.support.services import free_port, ray_start, wait_for_port
 
 
 def loopback_download(download: dict) -> dict:
@@ -151,9 +151,9 @@ class SecondNode:
         self.node_manager_port = free_port()
 
     def start(self) -> "SecondNode":
-        cmd = [str(VENV_BIN / "ray"), "start", "--address", self.cluster.address, "--node-ip-address", "127.0.0.1",
-               "--num-cpus", str(self.num_cpus), "--resources", f'{{"{self.resource}": 100}}',
-               "--node-manager-port", str(self.node_manager_port), "--disable-usage-stats"]
+        cmd = ray_start("--address", self.cluster.address, "--node-ip-address", "127.0.0.1",
+                        "--num-cpus", str(self.num_cpus), "--resources", f'{{"{self.resource}": 100}}',
+                        "--node-manager-port", str(self.node_manager_port), "--disable-usage-stats")
         for flag in ("--object-manager-port", "--metrics-export-port", "--runtime-env-agent-port",
                      "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port"):
             cmd += [flag, str(free_port())]
