@@ -112,8 +112,11 @@ class RayCluster:
             cmd += [flag, str(free_port())]
         for attempt in range(3):
             try:
-                subprocess.run(cmd, env=self.env, check=True, capture_output=True, timeout=180)
+                subprocess.run(cmd, env=self.env, check=True, capture_output=True, timeout=420)
                 break
+            except subprocess.TimeoutExpired:
+                self.stop()
+                raise
             except subprocess.CalledProcessError as err:
                 # Ray gives its raylet 30 s to register, which a loaded machine can miss: start afresh.
                 self.stop()  # what this try started, whatever happens next
