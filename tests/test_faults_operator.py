@@ -79,7 +79,7 @@ def status_of(api, namespace: str, name: str) -> dict:
     return (api.get(GROUP, VERSION, PLURAL, namespace, name) or {}).get("status") or {}
 
 
-def wait_phase(api, namespace: str, name: str, phases, timeout: float = 240) -> dict:
+def wait_phase(api, namespace: str, name: str, phases, timeout: float = 600) -> dict:
     phases = {phases} if isinstance(phases, str) else set(phases)
     return api.wait_for(GROUP, VERSION, PLURAL, namespace, name,
                         lambda o: o is not None and (o.get("status") or {}).get("phase") in phases,
@@ -122,7 +122,7 @@ class JobWatch:
         return self.most_at_once
 
 
-def wait_exit(op: OperatorProcess, timeout: float = 180) -> int:
+def wait_exit(op: OperatorProcess, timeout: float = 600) -> int:
     deadline = time.monotonic() + timeout
     while op.proc.poll() is None:
         assert time.monotonic() < deadline, f"the operator did not crash:\n{op.logs()[-3000:]}"
