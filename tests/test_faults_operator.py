@@ -187,7 +187,6 @@ def test_api_server_faults_converge_without_a_second_job(api, operators, ray_clu
     # kmock's slices count the matching requests: the first 3 status writes get 500, the next 3 get 409.
     api.call(lambda: status_writes[:3] << 500)
     api.call(lambda: status_writes[3:6] << 409)
-    api.call(lambda: api.emulator["get", parts, kmock.namespace(ns), kmock.name("shaky")][:2] << 503)
     op = operators()
     watch = JobWatch(ray_cluster, ns, "shaky")
     apply(api, ns, manifest("shaky", metadata, out))
