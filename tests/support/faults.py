@@ -159,7 +159,10 @@ class SecondNode:
             cmd += [flag, str(free_port())]
         for attempt in range(3):
             try:
-                subprocess.run(cmd, env=self.cluster.env, check=True, capture_output=True, timeout=180)
+                # The head runs as a single-machine cluster (services.LOOPBACK_RAY); a second raylet on the
+                # same machine must be allowed to join it explicitly.
+                env = {**self.cluster.env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
+                subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=420)
                 return self
             except subprocess.CalledProcessError as err:
                 self.kill()  # Ray gives a raylet 30 s to register; a loaded machine can miss that

@@ -68,7 +68,8 @@ def run_many(api, namespace: str, ray_cluster, operator, source, workdir, n: int
     run = LoadRun(names)
     docs = [part_doc(name, source, workdir / name) for name in names]
     start = time.monotonic()
-    result = api.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump_all(docs), check=False)
+    result = api.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump_all(docs), check=False,
+                         timeout=600)  # one kubectl for all: minutes on a machine shared with other test runs
     assert result.returncode == 0, result.stderr
     deadline = start + timeout
     while True:
