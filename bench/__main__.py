@@ -76,8 +76,9 @@ def git_revision() -> str:
 
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
-    p.add_argument("--only", choices=["filter", "download", "internet", "operator", "latents"],
-                   help="run one benchmark only")
+    p.add_argument("--only", choices=["filter", "download", "internet", "operator", "latents", "soak"],
+                   help="run one benchmark only (soak, 200 parts through the operator, runs only when asked)")
+    p.add_argument("--soak-parts", type=int, default=200, help="LaionParts in the soak (default 200)")
     p.add_argument("--filter-rows", type=int, default=20_000_000, help="metadata rows (default 20,000,000)")
     p.add_argument("--images", type=int, default=5000, help="images to download (default 5,000)")
     p.add_argument("--internet-urls", type=int, default=3000,
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("MAKELEVEL"):
         command = f"make bench ({command})"
     os.environ.update(common.QUIET_ENV)
-    if args.only != "latents":  # the latents benchmark compares against plain torch: nothing to install
+    if args.only not in ("latents", "soak"):  # these compare against plain torch, or nothing: nothing to install
         ensure_python_tools()
     if args.only in (None, "filter"):
         ensure_java()
@@ -147,6 +148,13 @@ def main(argv: list[str] | None = None) -> int:
         report, g = latents_bench.bench(args.latents_images, args.latents_repeats)
         sections.append(("Latents", report))
         goals += g
+
+    if args.only == "soak":
+        from . import soak_bench
+
+        result = soak_bench.run(args.soak_parts)
+        sections.append(("Operator soak", soak_bench.report(result)))
+        goals += soak_bench.goals(result)
 
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     entry = [

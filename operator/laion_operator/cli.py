@@ -13,7 +13,7 @@ import yaml
 
 from . import spec as specs
 from .contract import ExitCode, InputError
-from .storage import Store
+from .storage import StorageUnavailable, Store
 
 
 def keep_ray_on_loopback(address: str | None) -> None:
@@ -42,6 +42,25 @@ def cmd_run(args) -> int:
 def _output(args) -> dict:
     return {k: v for k, v in {"uri": args.output, "endpoint": args.endpoint, "region": args.region,
                               "pathStyle": args.path_style or None, "profile": args.profile}.items() if v is not None}
+
+
+def cmd_heal(args) -> int:
+    from .contract import FAILURE_REASONS, TRANSIENT_REASONS
+    from .pipeline.heal import heal_part
+    from .pipeline.local import print_summary
+
+    part = specs.load(args.part)
+    reasons = [r.strip() for r in args.reasons.split(",") if r.strip()] if args.reasons else None
+    unknown = sorted(set(reasons or []) - set(FAILURE_REASONS))
+    if unknown:
+        raise InputError(f"--reasons: {', '.join(unknown)} not among the failure reasons {', '.join(FAILURE_REASONS)}")
+    shown = reasons or (list(part.heal.reasons) if part.heal else TRANSIENT_REASONS)
+    print(f"part {part.part_id}: healing samples that failed for {', '.join(shown)} in {part.output.uri}", flush=True)
+    summary = heal_part(part, reasons, force=True)
+    heal = summary["heal"]
+    print(f"  {heal['refetched']:,} samples fetched again in {heal['shards']} shards")
+    print_summary(summary)
+    return ExitCode.OK
 
 
 def cmd_latents(args) -> int:
@@ -185,6 +204,12 @@ def parser() -> argparse.ArgumentParser:
     latents.add_argument("--output", help="override output.uri")
     latents.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     latents.set_defaults(func=cmd_latents)
+    heal = sub.add_parser("heal", help="fetch again the samples of a finished part that failed for transient "
+                                       "reasons, rewriting their shards")
+    heal.add_argument("part", help="part spec YAML (a bare spec or a LaionPart manifest)")
+    heal.add_argument("--reasons", help="comma-separated failure reasons (default: spec.heal.reasons, or "
+                                        "timeout, dns, connection, http_5xx, rate_limited)")
+    heal.set_defaults(func=cmd_heal)
     demo = sub.add_parser("demo", help="generate a LAION-like part, serve its images on loopback, run it")
     demo.add_argument("--out", default="demo-output", help="folder for the metadata and the dataset")
     demo.add_argument("--rows", type=int, default=2000, help="metadata rows to generate")
@@ -209,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as err:
         print(f"laion-operator: {err}", file=sys.stderr)
         return ExitCode.BAD_INPUT
+    except StorageUnavailable as err:
+        print(f"laion-operator: StorageUnavailable: {err}", file=sys.stderr)
+        return ExitCode.STORAGE_UNAVAILABLE
 
 
 if __name__ == "__main__":

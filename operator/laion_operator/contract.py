@@ -39,6 +39,8 @@ META_DIR = "_laion"
 PROGRESS = f"{META_DIR}/progress.json"
 MANIFEST = f"{META_DIR}/filter.json"
 SHARDS_DIR = f"{META_DIR}/shards"
+HEAL = f"{META_DIR}/heal.json"  # a heal's plan and how far it got (pipeline/heal.py)
+HEAL_DIR = f"{META_DIR}/heal"  # each shard's earlier samples while the heal rewrites it
 
 # The file (or, for `files`, the folder) a shard's samples go to, by outputFormat.
 # `mds` is a folder too: MDSWriter writes a folder of shard.NNNNN.mds files and their index.json.
@@ -143,6 +145,7 @@ class ExitCode(enum.IntEnum):
     OK = 0
     SHARDS_FAILED = 1  # a retry resumes the failed shards
     BAD_INPUT = 2  # spec, metadata or output unusable: a retry cannot help
+    STORAGE_UNAVAILABLE = 3  # the output's storage did not answer for output.retrySeconds: a retry resumes
 
 
 class Phase(str, enum.Enum):
@@ -182,6 +185,14 @@ FAILURE_REASONS = [
     "http_4xx", "http_5xx", "timeout", "tls", "dns", "connection", "decode", "too_small", "aspect_ratio",
     "opt_out", "other",
 ]
+
+
+# Failures worth fetching again later (a heal's default): the server or the network, not the image.
+TRANSIENT_REASONS = [r for r in ("timeout", "dns", "connection", "http_5xx", "rate_limited") if r in FAILURE_REASONS]
+
+
+def heal_backup(shard: int) -> str:
+    return f"{HEAL_DIR}/{shard_name(shard)}.parquet"
 
 
 def reason_of(reason: str) -> str:

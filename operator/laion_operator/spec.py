@@ -16,7 +16,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from .contract import InputError
+from .contract import FAILURE_REASONS, TRANSIENT_REASONS, InputError
 
 LOGICAL_COLUMNS = (
     "url", "caption", "width", "height", "aesthetic", "punsafe", "pwatermark", "similarity", "language", "hash",
@@ -194,6 +194,10 @@ SCHEMA: dict = {
                 "credentialsSecret": _str(
                     "Kubernetes Secret with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (and optionally "
                     "AWS_SESSION_TOKEN, AWS_ENDPOINT_URL) for the Ray job (operator)."),
+                "retrySeconds": _num(
+                    "How long reads and writes of the output are retried while its storage does not answer; "
+                    "longer, the job fails with reason StorageUnavailable and the next attempt resumes.",
+                    minimum=0, default=300),
             },
         },
         "latents": {
@@ -236,6 +240,16 @@ SCHEMA: dict = {
                            minimum=0, maximum=100, default=3),
         "verify": _bool("After annotating, read every shard back with its format's own reader and decode every "
                         "image; a count that disagrees with the annotations or the summary fails the part.", True),
+        "heal": {
+            "type": "object",
+            "description": "Fetch again the samples of the finished part that failed for these reasons, rewriting "
+                           "their shards (`laion-operator heal`); setting or changing it starts a heal job.",
+            "properties": {
+                "reasons": {"type": "array", "minItems": 1, "items": {"type": "string", "enum": FAILURE_REASONS},
+                            "description": "Failure reasons to fetch again.", "default": TRANSIENT_REASONS},
+                "round": _int("Raise it to heal again with the same reasons.", minimum=0, default=0),
+            },
+        },
     },
 }
 
@@ -389,6 +403,7 @@ class Output:
     path_style: bool
     profile: str | None
     credentials_secret: str | None
+    retry_seconds: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -422,6 +437,17 @@ def _unbuild(obj) -> dict:
 
 
 @dataclasses.dataclass(frozen=True)
+class Heal:
+    reasons: tuple[str, ...]
+    round: int
+
+    @property
+    def key(self) -> str:
+        """What a finished heal records: the same key again heals nothing."""
+        return f"{','.join(sorted(self.reasons))}#{self.round}"
+
+
+@dataclasses.dataclass(frozen=True)
 class PartSpec:
     part_id: str
     source: tuple[str, ...]  # parquet metadata to download; empty when the part converts `dataset`
@@ -433,6 +459,7 @@ class PartSpec:
     max_retries: int
     verify: bool
     latents: Latents | None
+    heal: Heal | None
 
     @classmethod
     def from_dict(cls, data: Any) -> "PartSpec":
@@ -449,6 +476,7 @@ class PartSpec:
             max_retries=spec["maxRetries"],
             verify=spec["verify"],
             latents=_build(Latents, spec["latents"]) if spec.get("latents") else None,
+            heal=_build(Heal, spec["heal"]) if "heal" in spec else None,
         )
 
     def to_dict(self) -> dict:
@@ -466,6 +494,8 @@ class PartSpec:
             data["columns"] = dict(self.columns)
         if self.latents:
             data["latents"] = _unbuild(self.latents)
+        if self.heal is not None:
+            data["heal"] = _unbuild(self.heal)
         return data
 
 

@@ -737,6 +737,20 @@ class ConformantEmulator(kmock.KubernetesEmulator):
         """End all watch-streams (at shutdown)."""
         self._closing.set()
 
+    def drop_streams(self) -> None:
+        """End the open watch-streams, as a restarted API server or a proxy timeout does; new ones are served."""
+        closing, self._closing = self._closing, asyncio.Event()
+        closing.set()
+
+    def expire_history(self) -> None:
+        """Forget every watch event so far (as etcd's compaction does) and drop the streams: a watcher that
+        resumes from its last resourceVersion gets 410 Gone and must list again."""
+        rv = self._next_rv()  # a list made now has this version, and a watch from it is not too old
+        for log in self._logs.values():
+            log.expired_rv = rv
+            log.entries.clear()
+        self.drop_streams()
+
     @property
     def resource_version(self) -> int:
         return self._rv
@@ -1550,10 +1564,11 @@ class ConformantEmulator(kmock.KubernetesEmulator):
             response.headers['Warning'] = f'299 - {json.dumps(t.deprecation_warning)}'
         response.enable_chunked_encoding()
         await response.prepare(request._raw_request)
+        closing_event = self._closing  # drop_streams() replaces it for the streams opened later
         try:
             for chunk in chunks:
                 await response.write(chunk)
-            while not self._closing.is_set():
+            while not closing_event.is_set():
                 while position < len(log.entries):
                     rv, etype, obj, old = log.entries[position]
                     position += 1
@@ -1571,7 +1586,7 @@ class ConformantEmulator(kmock.KubernetesEmulator):
                 if remaining is not None and remaining <= 0:
                     break
                 changed = log.changed
-                closing = asyncio.ensure_future(self._closing.wait())
+                closing = asyncio.ensure_future(closing_event.wait())
                 waiting = asyncio.ensure_future(changed.wait())
                 try:
                     await asyncio.wait([closing, waiting], timeout=remaining, return_when=asyncio.FIRST_COMPLETED)

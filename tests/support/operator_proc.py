@@ -33,11 +33,16 @@ class OperatorProcess:
         self.log_path = workdir / "operator.log"
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "OperatorProcess":
+    def launch(self) -> "OperatorProcess":
+        """Start the process without waiting for it to serve (it may be meant to die early)."""
         log = open(self.log_path, "a")
         self.proc = subprocess.Popen(
             [str(VENV_BIN / "laion-operator"), "operator", "--config", str(self.config_path), *self.args],
             env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def start(self) -> "OperatorProcess":
+        self.launch()
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:  # /metrics answers once the startup handler ran
             assert self.proc.poll() is None, f"operator exited:\n{self.logs()}"

@@ -24,6 +24,7 @@ from ..spec import PartSpec, SpecError
 from ..storage import Store
 from . import kube
 from .config import OperatorConfig
+from .crash import crash_at
 from .metrics import Metrics
 from .rayjobs import JobState, submission_id
 from .status import cr_status
@@ -172,7 +173,10 @@ class Part:
                     # Ray or the API server unreachable for a while: say so, and try again.
                     log.warning("part %s/%s: %s; retrying in %ss", self.namespace, self.name, err,
                                 self.op.config.poll_seconds)
-                    await self.write(message=f"retrying after: {str(err)[:500]}")
+                    try:
+                        await self.write(message=f"retrying after: {str(err)[:500]}")
+                    except kube.KubeError:
+                        pass  # the API server refuses this write too: the next round tries again
                     await self.stopped.wait(self.op.config.poll_seconds)
         finally:
             await self.op.slots.release(self.key)
@@ -206,10 +210,20 @@ class Part:
                 secret["HF_TOKEN"] = values["HF_TOKEN"]
         return secret
 
-    async def read_progress(self, spec: PartSpec, secret) -> Progress | None:
+    async def read_progress(self, spec: PartSpec, secret, strict: bool = False) -> Progress | None:
+        """The job's persisted progress; None when there is none yet, or when it cannot be read (a damaged
+        file or an unreachable store, which the job's next write repairs) unless `strict`, which raises."""
         def read():
-            data = Store(spec.output, secret=secret or {}).read_json(PROGRESS)
-            return Progress.from_json(data) if data else None
+            store = Store(spec.output, secret=secret or {})
+            try:
+                data = store.read_json(PROGRESS)
+                return Progress.from_json(data) if data else None
+            except Exception as err:  # noqa: BLE001 - any reason means the same: keep the status as it is
+                message = f"cannot read {store.url(PROGRESS)}: {type(err).__name__}: {err}"
+                if strict:
+                    raise RuntimeError(message) from None
+                log.warning("part %s/%s: %s", self.namespace, self.name, message)
+                return None
 
         return await asyncio.to_thread(read)
 
@@ -239,6 +253,7 @@ class Part:
                 return
             if not await self.output_matches(spec, secret):
                 return
+            crash_at("before-submit")
             await self.submit(job_id, spec, secret, generation, attempt)
         else:
             self.op.slots.adopt(self.key)
@@ -248,7 +263,9 @@ class Part:
         if job is None:  # operator stopping, object deleted, or a new generation took over
             return
         if job.state == "SUCCEEDED":
-            progress = await self.read_progress(spec, secret)
+            crash_at("annotating")
+            # The final counts are the job's last word: an unreadable progress is retried (follow), not skipped.
+            progress = await self.read_progress(spec, secret, strict=True)
             await self.publish(Phase.SUCCEEDED, progress, job_id, generation, attempt, finished=True)
             self.event("Succeeded", progress.message if progress and progress.message else f"job {job_id} succeeded")
             await self.op.slots.release(self.key)
@@ -264,6 +281,8 @@ class Part:
             await self.stopped.wait(delay)
             return
         reason = "RetriesExhausted" if retryable else "JobFailed"
+        if job.exit_code == ExitCode.STORAGE_UNAVAILABLE:
+            reason = "StorageUnavailable"  # the job's log, in the message, names the endpoint
         await self.fail(reason, f"job {job_id} {job.state.lower()}: {job.message[-1000:]}")
         await self.op.slots.release(self.key)
 
@@ -305,6 +324,7 @@ class Part:
         except Exception:
             self.op.metrics.ray_submission_errors.inc()
             raise
+        crash_at("after-submit")
         log.info("part %s/%s: submitted job %s (generation %d, attempt %d)",
                  self.namespace, self.name, job_id, generation, attempt)
         conditions = self.status.get("conditions") or []
@@ -330,6 +350,8 @@ class Part:
             phase = Phase(progress.phase) if progress and progress.phase in RUNNING else Phase.PENDING
             if progress and progress.phase == Phase.SUCCEEDED:  # the summary is written, the job not yet done
                 phase = Phase.ANNOTATING
+            if phase == Phase.ANNOTATING:
+                crash_at("annotating")
             await self.publish(phase, progress, job_id, generation, attempt)
             await self.stopped.wait(self.op.config.poll_seconds)
         return None
@@ -337,6 +359,11 @@ class Part:
     async def publish(self, phase: Phase, progress: Progress | None, job_id: str, generation: int, attempt: int,
                       finished: bool = False) -> None:
         fields = cr_status(progress) if progress else {}
+        if fields:
+            # A merge patch keeps keys it does not name: a reason no longer counted (after a heal) is removed.
+            old = ((self.status.get("images") or {}).get("failedByReason") or {})
+            gone = {reason: None for reason in old if reason not in fields["images"]["failedByReason"]}
+            fields["images"]["failedByReason"].update(gone)
         conditions = self.status.get("conditions") or []
         message = progress.message if progress and progress.message else f"job {job_id} {phase.value.lower()}"
         extra: dict = {"conditions": []}

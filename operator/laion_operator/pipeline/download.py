@@ -53,6 +53,9 @@ def make_writer(opts: Download, shard: int, output: str, save_caption: bool, sch
                                        **extra)
 
 
+_REUSED = object()  # a row whose earlier sample is written again (download_shard's `reuse`)
+
+
 class FetchError(Exception):
     def __init__(self, reason: str, message: str):
         super().__init__(message)
@@ -152,8 +155,12 @@ def _schema(table: pa.Table, opts: Download) -> pa.Schema:
 
 
 def download_shard(spec: PartSpec, shard: int,
-                   report: Callable[[ShardStats], None] | None = None, report_every: float = 2.0) -> ShardStats:
-    """Download one shard into the output; returns its stats (also persisted: contract.shard_stats)."""
+                   report: Callable[[ShardStats], None] | None = None, report_every: float = 2.0,
+                   reuse: dict[str, tuple[bytes | None, dict]] | None = None) -> ShardStats:
+    """Download one shard into the output; returns its stats (also persisted: contract.shard_stats).
+
+    `reuse` (a heal, pipeline/heal.py): key → the sample's earlier image bytes (None if it failed) and
+    metadata row, written again as they were instead of fetched; the other rows are fetched."""
     opts = spec.download
     store = Store(spec.output)
     for stale in shard_files(shard):  # a partial earlier attempt must not leave samples behind
@@ -170,6 +177,8 @@ def download_shard(spec: PartSpec, shard: int,
     oom_samples = math.ceil(math.log10(max(spec.filter.samples_per_shard, 2)))
 
     def get(index: int):
+        if reuse and compute_key(index, shard, oom_samples, SHARD_DIGITS) in reuse:
+            return index, _REUSED, None
         try:
             return index, fetch(rows[index]["url"]), None
         except FetchError as err:
@@ -185,7 +194,19 @@ def download_shard(spec: PartSpec, shard: int,
             if opts.compute_hash != "none":
                 meta[opts.compute_hash] = None
             image = None
-            if err is not None:
+            if data is _REUSED:
+                image, earlier = reuse[key]
+                meta.update({k: earlier.get(k) for k in meta if k in earlier})
+                if meta["status"] == "success":
+                    stats.successes += 1
+                else:
+                    reason = meta["failure_reason"] or "other"
+                    reasons[reason] += 1
+                    if meta["status"] == "failed_to_resize":
+                        stats.failed_to_resize += 1
+                    else:
+                        stats.failed_to_download += 1
+            elif err is not None:
                 stats.failed_to_download += 1
                 meta.update(status="failed_to_download", error_message=str(err), failure_reason=err.reason)
                 reasons[err.reason] += 1

@@ -13,17 +13,19 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import time
 from typing import Callable
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .. import credentials
 from .. import contract
 from ..contract import PROGRESS, InputError, LatentStats, Phase, Progress, ShardStats
 from ..spec import PartSpec
-from ..storage import Store
+from ..storage import Store, StorageUnavailable
 from .annotate import annotate
 from .columns import ColumnError
 from .convert import ConvertError, convert_shard
@@ -77,12 +79,22 @@ class Board:
         return dict(self.partial)
 
 
+class DamagedOutput(InputError):
+    """The output holds files this part did not write and cannot account for; the message names them."""
+
+
 @ray.remote(num_cpus=1)
 def _shard(spec_data: dict, shard: int, board) -> dict:
     """One shard's work: download its filtered rows, or convert its input shard."""
     spec = PartSpec.from_dict(spec_data)
     work = convert_shard if spec.dataset else download_shard
-    stats = work(spec, shard, report=lambda s: board.report.remote(shard, s.to_json()))
+    store = Store(spec.output)
+    try:
+        # The whole shard again while the storage is away: it starts by removing what a try left.
+        stats = store.retrying(f"writing shard {shard}", lambda: work(
+            spec, shard, report=lambda s: board.report.remote(shard, s.to_json())))
+    except StorageUnavailable as err:
+        return {STORAGE_UNAVAILABLE: str(err)}  # not raised: Ray's shard retries would only wait longer
     return stats.to_json()
 
 
@@ -105,6 +117,45 @@ def _encode(spec_data: dict, shard: int, board) -> dict:
     except ModelError as err:  # a retry cannot load it either: the driver ends the part as bad input
         return {"bad_input": str(err)}
     return stats.to_json()
+
+
+STORAGE_UNAVAILABLE = "storageUnavailable"
+# A shard's files, whatever the format: 00042, 00042.tar, 00042.parquet, 00042_stats.json, …
+_SHARD_FILE = re.compile(r"^(\d{%d})(_stats\.json|\.tar|\.parquet|\.tfrecord)?$" % contract.SHARD_DIGITS)
+
+
+def finished_shard(store: Store, shard: int, output_format: str) -> ShardStats | None:
+    """The stats of a finished shard, or None when it must be (re)done: a `_stats.json` that cannot be
+    read, or whose shard files are gone, is a damaged shard and is redone whole, never counted."""
+    name = contract.shard_stats(shard)
+    try:
+        data = store.read_json(name)
+        if data is None:
+            return None
+        stats = ShardStats.from_json(data)
+    except (ValueError, KeyError, TypeError) as err:
+        log.warning("%s: unreadable (%s); shard %d is redone", store.url(name), err, shard)
+        return None
+    for needed in (contract.shard_metadata(shard), contract.shard_data(shard, output_format)):
+        if not store.exists(needed):
+            log.warning("%s is missing beside %s; shard %d is redone", store.url(needed), name, shard)
+            return None
+    return stats
+
+
+def check_no_stray_shards(store: Store, shards: int) -> None:
+    """Refuse shard files numbered beyond this part's shards: they would be read as part of the dataset."""
+    try:
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in store.fs.ls(store.root, detail=False)]
+    except FileNotFoundError:
+        return
+    stray = sorted(n for n in names if (m := _SHARD_FILE.match(n)) and int(m.group(1)) >= shards)
+    if stray:
+        raise DamagedOutput(
+            f"output {store.uri} holds {', '.join(store.url(n) for n in stray[:5])}"
+            f"{' and more' if len(stray) > 5 else ''}, which {'is' if len(stray) == 1 else 'are'} not a shard of "
+            f"this part (it has {shards} shards, {contract.shard_name(0)} to {contract.shard_name(shards - 1)}): "
+            f"remove {'it' if len(stray) == 1 else 'them'}, or choose another output.uri")
 
 
 class Tracker:
@@ -149,15 +200,18 @@ class Tracker:
             return
         self._last = now
         self.progress.updated_at = now
-        self.store.write_json(self.progress.to_json(), PROGRESS)
+        self.store.retrying("writing the progress", lambda: self.store.write_json(self.progress.to_json(), PROGRESS))
         if self.on_progress:
             self.on_progress(self.progress)
 
 
 def _download_all(spec: PartSpec, tracker: Tracker, shards: int) -> list[int]:
     """Run the unfinished shards as Ray tasks; returns the shards that failed after their retries."""
+    store, fmt = tracker.store, spec.download.output_format
+    store.retrying("checking the output for stray shards", lambda: check_no_stray_shards(store, shards))
     for shard in range(shards):
-        stats = load_stats(tracker.store, shard)
+        stats = store.retrying(f"reading shard {shard}'s stats",
+                               lambda shard=shard: finished_shard(store, shard, fmt))
         if stats is not None:
             tracker.finished[shard] = stats
     todo = [s for s in range(shards) if s not in tracker.finished]
@@ -166,12 +220,33 @@ def _download_all(spec: PartSpec, tracker: Tracker, shards: int) -> list[int]:
     tracker.count()
     tracker.publish(force=True)
     parallelism = spec.download.parallelism or max(int(ray.cluster_resources().get("CPU", 1)), 1)
-    board = Board.remote()
+    # On the driver's node: a lost worker node must not take the running shards' counts with it.
+    board = Board.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        ray.get_runtime_context().get_node_id(), soft=True)).remote()
     task = _shard.options(max_retries=spec.download.shard_retries, retry_exceptions=True)
     spec_data = spec.to_dict()
     running: dict = {}
     failed: list[int] = []
     errors: dict[int, str] = {}
+    unavailable = ""
+    try:
+        unavailable = _run_shards(spec, tracker, todo, running, failed, errors, task, spec_data, board,
+                                  parallelism)
+    finally:
+        # A driver that gives up (an unreachable store, an interrupt) stops its shards: none may write on
+        # behind the next attempt's back.
+        for ref in running:
+            ray.cancel(ref, force=True)
+        ray.kill(board)
+    tracker.errors = errors
+    if unavailable:
+        raise StorageUnavailable(unavailable)
+    return failed
+
+
+def _run_shards(spec, tracker, todo, running, failed, errors, task, spec_data, board, parallelism) -> str:
+    """Keep `parallelism` shards running until none is left; returns why the store was unreachable, if it was."""
+    unavailable = ""
     while todo or running:
         while todo and len(running) < parallelism:
             shard = todo.pop(0)
@@ -180,7 +255,14 @@ def _download_all(spec: PartSpec, tracker: Tracker, shards: int) -> list[int]:
         for ref in ready:
             shard = running.pop(ref)
             try:
-                tracker.finished[shard] = ShardStats.from_json(ray.get(ref))
+                result = ray.get(ref)
+                if STORAGE_UNAVAILABLE in result:
+                    unavailable = result[STORAGE_UNAVAILABLE]
+                    log.error("shard %d: %s", shard, unavailable)
+                    failed.append(shard)
+                    todo.clear()  # no point starting more shards against an unreachable store
+                else:
+                    tracker.finished[shard] = ShardStats.from_json(result)
             except Exception as err:  # noqa: BLE001 - a shard's failure is recorded, the part goes on
                 log.error("shard %d failed after %d retries: %s", shard, spec.download.shard_retries, err)
                 failed.append(shard)
@@ -189,9 +271,7 @@ def _download_all(spec: PartSpec, tracker: Tracker, shards: int) -> list[int]:
         tracker.progress.shards_failed = len(failed)
         tracker.count(ray.get(board.snapshot.remote()))
         tracker.publish(force=bool(ready))
-    ray.kill(board)
-    tracker.errors = errors
-    return failed
+    return unavailable
 
 
 def _encode_all(spec: PartSpec, tracker: Tracker, shards: list[int]) -> tuple[list[LatentStats], list[int]]:
@@ -339,7 +419,7 @@ def run_part(spec: PartSpec, on_progress: Callable[[Progress], None] | None = No
             shards = plan_conversion(spec, store)["shards"]
             tracker.progress.shards_total = shards
         else:
-            result = run_filter(spec, store, on_batch=tracker.filtered)
+            result = store.retrying("filtering", lambda: run_filter(spec, store, on_batch=tracker.filtered))
             tracker.filtered(result)
             shards = result.shards
             tracker.phase(Phase.DOWNLOADING)
@@ -348,7 +428,16 @@ def run_part(spec: PartSpec, on_progress: Callable[[Progress], None] | None = No
         tracker.phase(Phase.FAILED, str(err))
         raise
     ensure_ray()
-    failed = _download_all(spec, tracker, shards)
+    try:
+        failed = _download_all(spec, tracker, shards)
+    except (StorageUnavailable, DamagedOutput) as err:
+        tracker.progress.finished_at = time.time()
+        tracker.count()
+        try:
+            tracker.phase(Phase.FAILED, str(err))
+        except StorageUnavailable:
+            pass  # the progress cannot say so; the job's exit code and log do
+        raise
     tracker.count()
     if failed and all(isinstance(tracker.errors.get(s), InputError) for s in failed):
         # a shard's input that cannot be read (convert): no retry can help, the exit code says so
@@ -367,7 +456,8 @@ def run_part(spec: PartSpec, on_progress: Callable[[Progress], None] | None = No
         tracker.progress.rows_read = tracker.progress.rows_kept = sum(s.count for s in tracker.finished.values())
     tracker.phase(Phase.ANNOTATING)
     tracker.progress.finished_at = time.time()
-    summary = annotate(spec, store, list(tracker.finished.values()), tracker.progress)
+    summary = store.retrying("writing the annotations", lambda: annotate(
+        spec, store, list(tracker.finished.values()), tracker.progress))
     if spec.verify:
         summary = _verify(spec, store, tracker, summary)
     if spec.latents:

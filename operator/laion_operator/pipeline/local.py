@@ -8,6 +8,7 @@ import time
 
 from ..contract import ExitCode, Phase, Progress
 from ..spec import PartSpec
+from ..storage import StorageUnavailable
 
 
 class ProgressBar:
@@ -89,6 +90,11 @@ def run_with_progress(part: PartSpec, ray_address: str | None = None, out=sys.st
         bar.close()
         print(f"laion-operator: part {part.part_id} failed: {err}", file=sys.stderr)
         return ExitCode.SHARDS_FAILED
+    except StorageUnavailable as err:
+        bar.close()
+        print(f"laion-operator: part {part.part_id} failed: StorageUnavailable: {err}; run it again to resume",
+              file=sys.stderr)
+        return ExitCode.STORAGE_UNAVAILABLE
     bar.close()
     print_summary(summary, out)
     return ExitCode.OK
