@@ -29,7 +29,7 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
-from urllib.parse import urlsplit
+
 
 from . import common, download_bench
 

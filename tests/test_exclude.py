@@ -3,7 +3,6 @@ filter and counted as `droppedBy.excluded`, each remaining row exactly once; bad
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import gzip
 import hashlib

@@ -30,7 +30,7 @@ from .annotate import annotate
 from .columns import ColumnError
 from .convert import ConvertError, convert_shard
 from .convert import plan as plan_conversion
-from .download import download_shard, load_stats
+from .download import download_shard
 from .filter import FilterResult, MetadataError, run_filter
 from .verify import verify
 
