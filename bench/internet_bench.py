@@ -30,7 +30,6 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-
 from . import common, download_bench
 
 SEEDS_THREADS = 64
