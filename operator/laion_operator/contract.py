@@ -60,9 +60,19 @@ def shard_input(shard: int) -> str:
     return f"{SHARDS_DIR}/{shard_name(shard)}.parquet"
 
 
+STATS_SUFFIX = "_stats.json"
+SHARD_STATS_GLOB = "*" + STATS_SUFFIX
+
+
 def shard_stats(shard: int) -> str:
     """Present only once every other file of the shard is complete."""
-    return f"{shard_name(shard)}_stats.json"
+    return shard_name(shard) + STATS_SUFFIX
+
+
+def shard_of_stats(file_name: str) -> int | None:
+    """The shard whose stats file this is, or None for any other file."""
+    head = file_name[: -len(STATS_SUFFIX)] if file_name.endswith(STATS_SUFFIX) else ""
+    return int(head) if head.isdigit() else None
 
 
 def shard_metadata(shard: int) -> str:

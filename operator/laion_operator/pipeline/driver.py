@@ -375,13 +375,10 @@ def run_latents(spec: PartSpec, tracker: Tracker, shards: list[int]) -> dict:
 
 
 def finished_shards(store: Store) -> list[int]:
-    """The shards of an output whose `<shard>_stats.json` exists (a download or a conversion)."""
-    shards = []
-    for path in store.fs.glob(store.path("*_stats.json")):
-        name = path.rsplit("/", 1)[-1][: -len("_stats.json")]
-        if name.isdigit():
-            shards.append(int(name))
-    return sorted(shards)
+    """The shards of an output whose stats file exists (a download or a conversion)."""
+    found = (contract.shard_of_stats(path.rsplit("/", 1)[-1])
+             for path in store.fs.glob(store.path(contract.SHARD_STATS_GLOB)))
+    return sorted(shard for shard in found if shard is not None)
 
 
 def encode_part(spec: PartSpec, on_progress: Callable[[Progress], None] | None = None,
@@ -394,7 +391,7 @@ def encode_part(spec: PartSpec, on_progress: Callable[[Progress], None] | None =
     store.check_writable()
     shards = finished_shards(store)
     if not shards:
-        raise InputError(f"output {store.uri} holds no finished shard (<shard>_stats.json) to encode")
+        raise InputError(f"output {store.uri} holds no finished shard ({contract.shard_stats(0)}, …) to encode")
     previous = store.read_json(PROGRESS) or {}
     progress = Progress.from_json({**previous, "part_id": spec.part_id, "finished_at": None})
     tracker = Tracker(store, progress, on_progress)
