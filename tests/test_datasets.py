@@ -1,0 +1,299 @@
+"""LaionDataset end to end, and the part's suspend, priority and deadline: kubectl against the test
+API server, the operator in its own process, parts run as real Ray jobs."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from laion_operator import spec as specs
+from laion_operator.testbed.demo_data import write_metadata
+from tests.support.operator_proc import OperatorProcess
+from tests.test_operator import GROUP, PLURAL, RAYJOB_CRD, VERSION, apply, jobs_of, part, wait_phase
+
+ROOT = Path(__file__).resolve().parents[1]
+DATASETS = "laiondatasets"
+
+
+@pytest.fixture(scope="module")
+def api(kube_api):
+    kube_api.install_crd(ROOT / "crds" / "laionpart.yaml")
+    kube_api.install_crd(ROOT / "crds" / "laiondataset.yaml")
+    kube_api.install_crd(RAYJOB_CRD)
+    return kube_api
+
+
+@pytest.fixture
+def operator(api, ray_cluster, tmp_path):
+    started: list[OperatorProcess] = []
+
+    def start(config: dict | None = None) -> OperatorProcess:
+        op = OperatorProcess(tmp_path, {**api.env_vars, **ray_cluster.client_env()},
+                             {"rayAddress": ray_cluster.dashboard_url, **(config or {})})
+        started.append(op)
+        return op.start()
+
+    yield start
+    for op in started:
+        op.stop()
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory, image_server):
+    """Five small parts, meta_1.parquet to meta_5.parquet."""
+    folder = tmp_path_factory.mktemp("dataset-meta")
+    for n in range(1, 6):
+        write_metadata(folder / f"meta_{n}.parquet", 20, image_server.base_url, seed=40 + n,
+                       failure_mix={"ok": 0.8, "http_4xx": 0.2})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def slow_source(tmp_path_factory, image_server):
+    """Every image answers after a second: a part still downloading when the test acts."""
+    path = tmp_path_factory.mktemp("slow-meta") / "slow.parquet"
+    write_metadata(path, 60, image_server.base_url, seed=23, slow_seconds=1, failure_mix={"timeout": 1.0})
+    return path
+
+
+def download(**extra) -> dict:
+    d = {"imageSize": 64, "timeout": 5, "threadsPerTask": 4, "parallelism": 1, "outputFormat": "webdataset", **extra}
+    if "allowedNetworks" in specs.SCHEMA["properties"]["download"]["properties"]:
+        d["allowedNetworks"] = ["127.0.0.0/8"]  # the fake web is on loopback
+    return d
+
+
+def part_doc(name: str, source: Path, out: Path, **spec) -> dict:
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "LaionPart", "metadata": {"name": name},
+            "spec": {"partId": name, "source": {"urls": [str(source)]}, "output": {"uri": str(out)},
+                     "filter": {"samplesPerShard": 10}, "download": download(), "maxRetries": 0, **spec}}
+
+
+def dataset_doc(name: str, sources: Path, out: Path, **spec) -> dict:
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "LaionDataset", "metadata": {"name": name},
+            "spec": {"source": {"pattern": str(sources / "meta_{part}.parquet"), "first": 1, "last": 5},
+                     "template": {"filter": {"samplesPerShard": 10}, "download": download(),
+                                  "output": {"uri": str(out)}, "maxRetries": 0},
+                     **spec}}
+
+
+def dataset(api, namespace: str, name: str) -> dict | None:
+    return api.get(GROUP, VERSION, DATASETS, namespace, name)
+
+
+def parts_of(api, namespace: str, name: str) -> list[dict]:
+    return api.list(GROUP, VERSION, PLURAL, namespace, label_selector=f"laion-operator.io/dataset={name}")
+
+
+def wait_dataset(api, namespace: str, name: str, predicate, timeout: float = 300) -> dict:
+    return api.wait_for(GROUP, VERSION, DATASETS, namespace, name,
+                        lambda o: o is not None and predicate(o.get("status") or {}), timeout=timeout, interval=0.3)
+
+
+def job_status(ray_cluster, job_id: str) -> str:
+    from ray.job_submission import JobSubmissionClient
+
+    return str(JobSubmissionClient(ray_cluster.dashboard_url).get_job_status(job_id).value)
+
+
+def wait_job_ended(ray_cluster, job_id: str, timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    while (state := job_status(ray_cluster, job_id)) not in ("STOPPED", "FAILED", "SUCCEEDED"):
+        assert time.monotonic() < deadline, state
+        time.sleep(0.5)
+    return state
+
+
+def wait_for_finished_shard(out: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not list(out.glob("*_stats.json")):
+        assert time.monotonic() < deadline, "no shard finished"
+        time.sleep(0.2)
+
+
+def test_dataset_of_five_parts(api, operator, kube_namespace, sources, tmp_path):
+    op = operator({"maxConcurrentParts": 2})
+    out = tmp_path / "dataset"
+    result = apply(api, kube_namespace, dataset_doc("aes", sources, out))
+    assert result.returncode == 0, result.stderr
+
+    status = wait_dataset(api, kube_namespace, "aes", lambda s: s.get("phase") in ("Succeeded", "Failed"))["status"]
+    assert status["phase"] == "Succeeded", status
+    owner = dataset(api, kube_namespace, "aes")
+    parts = sorted(parts_of(api, kube_namespace, "aes"), key=lambda p: p["spec"]["partId"])
+    assert [p["metadata"]["name"] for p in parts] == [f"aes-{n}" for n in range(1, 6)]
+    summaries = []
+    for n, p in enumerate(parts, start=1):
+        assert p["spec"]["partId"] == str(n)
+        assert p["spec"]["source"] == {"urls": [str(sources / f"meta_{n}.parquet")]}
+        assert p["spec"]["output"]["uri"] == str(out / f"part_{n}")  # the seeds' data_dir layout
+        [ref] = p["metadata"]["ownerReferences"]
+        assert (ref["kind"], ref["name"], ref["uid"], ref["controller"]) == ("LaionDataset", "aes",
+                                                                             owner["metadata"]["uid"], True)
+        assert p["status"]["phase"] == "Succeeded"
+        summaries.append(json.loads((out / f"part_{n}" / f"part_{n}_summary.json").read_text()))
+
+    # The dataset's status adds up its parts'.
+    ok = sum(s["images"]["ok"] for s in summaries)
+    failed = sum(s["images"]["failed"] for s in summaries)
+    assert status["partsTotal"] == 5 and status["partsSucceeded"] == 5 and status["partsProgress"] == "5/5"
+    assert status["partsByPhase"] == {"Succeeded": 5}
+    assert status["images"]["ok"] == ok > 0 and status["images"]["failed"] == failed > 0
+    reasons: dict[str, int] = {}
+    for s in summaries:
+        for reason, n in s["images"]["failedByReason"].items():
+            reasons[reason] = reasons.get(reason, 0) + n
+    assert status["images"]["failedByReason"] == reasons
+    assert status["bytesWritten"] == sum(s["bytesWritten"] for s in summaries)
+    assert status["successRate"] == round(100.0 * ok / (ok + failed), 2)
+
+    table = api.kubectl("get", "lds", "-n", kube_namespace).stdout
+    header, row = table.splitlines()[:2]
+    assert header.split()[:6] == ["NAME", "PHASE", "PARTS", "IMAGES", "SUCCESS", "%"]
+    assert row.split()[:5] == ["aes", "Succeeded", "5/5", str(ok), str(status["successRate"])]
+
+    # The index lists every part's annotation files, and they are there.
+    index = json.loads((out / "dataset_index.json").read_text())
+    assert status["index"] == str(out / "dataset_index.json")
+    assert [e["partId"] for e in index["parts"]] == ["1", "2", "3", "4", "5"]
+    for entry in index["parts"]:
+        assert entry["ready"] and entry["phase"] == "Succeeded"
+        assert (out / entry["annotations"]).is_file() and (out / entry["summary"]).is_file()
+        assert entry["annotations"] == f"part_{entry['partId']}/part_{entry['partId']}_stats.csv"
+
+    # Events on the dataset's transitions, as kubectl describe shows them.
+    described = api.kubectl("describe", "lds", "aes", "-n", kube_namespace).stdout
+    for reason in ("PartsCreated", "PartSucceeded", "Running", "Succeeded"):
+        assert reason in described, described
+
+    metrics = op.metrics()
+    assert f'laion_dataset_parts{{dataset="aes",namespace="{kube_namespace}",phase="Succeeded"}} 5.0' in metrics
+    assert f'laion_dataset_images{{dataset="aes",namespace="{kube_namespace}"}} {float(ok)}' in metrics
+
+    # A template change reaches the parts as their own spec change would: a filter change into the
+    # same output cannot resume, so every part refuses it (FilterChanged) and its output is untouched.
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.name != "dataset_index.json")
+    changed = dataset_doc("aes", sources, out)
+    changed["spec"]["template"]["filter"]["minWidth"] = 100
+    assert apply(api, kube_namespace, changed).returncode == 0
+    status = wait_dataset(api, kube_namespace, "aes", lambda s: s.get("phase") == "Failed"
+                          and s.get("partsByPhase") == {"Failed": 5}, timeout=120)["status"]
+    for p in parts_of(api, kube_namespace, "aes"):
+        assert p["spec"]["filter"]["minWidth"] == 100 and p["metadata"]["generation"] == 2
+        assert {c["type"]: c.get("reason") for c in p["status"]["conditions"]}["Failed"] == "FilterChanged"
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.name != "dataset_index.json") == before
+    assert "PartFailed" in api.kubectl("describe", "lds", "aes", "-n", kube_namespace).stdout
+
+    # Deleting the dataset deletes its parts (ownerReferences) and leaves their output.
+    api.kubectl("delete", "lds", "aes", "-n", kube_namespace, "--timeout=60s")
+    deadline = time.monotonic() + 60
+    while parts_of(api, kube_namespace, "aes"):
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    assert all((out / f"part_{n}" / f"part_{n}_stats.csv").is_file() for n in range(1, 6))
+    assert 'dataset="aes"' not in op.metrics()
+
+
+def test_suspend_and_resume_mid_download_exactly_once(api, operator, ray_cluster, kube_namespace, slow_source,
+                                                      tmp_path):
+    operator()
+    out = tmp_path / "out"
+    doc = part_doc("pausing", slow_source, out, download=download(threadsPerTask=2))
+    assert apply(api, kube_namespace, doc).returncode == 0
+    wait_phase(api, kube_namespace, "pausing", "Downloading")
+    wait_for_finished_shard(out)
+    first_job = part(api, kube_namespace, "pausing")["status"]["submissionId"]
+
+    api.kubectl("patch", "lp", "pausing", "-n", kube_namespace, "--type=merge", "-p", '{"spec": {"suspend": true}}')
+    status = wait_phase(api, kube_namespace, "pausing", ("Suspended", "Succeeded", "Failed"), timeout=120)["status"]
+    assert status["phase"] == "Suspended", status
+    assert job_status(ray_cluster, first_job) == "STOPPED"  # Suspended means the job has ended
+    finished = {p.name: p.stat().st_mtime for p in out.glob("*_stats.json")}
+    total = json.loads((out / "_laion" / "filter.json").read_text())["shards"]
+    assert 0 < len(finished) < total, "suspended mid-way"
+    time.sleep(3)  # nothing runs while suspended
+    assert part(api, kube_namespace, "pausing")["status"]["phase"] == "Suspended"
+    assert len(jobs_of(ray_cluster, kube_namespace, "pausing")) == 1
+
+    api.kubectl("patch", "lp", "pausing", "-n", kube_namespace, "--type=merge", "-p", '{"spec": {"suspend": false}}')
+    status = wait_phase(api, kube_namespace, "pausing", ("Succeeded", "Failed"), timeout=300)["status"]
+    assert status["phase"] == "Succeeded", status
+    assert status["observedGeneration"] == 3 and "-g3-" in status["submissionId"]
+    for name, mtime in finished.items():  # resumed: the shards finished before the suspend stayed
+        assert (out / name).stat().st_mtime == mtime
+    kept = [u for s in range(total) for u in
+            pq.read_table(out / "_laion" / "shards" / f"{s:05d}.parquet").column("url").to_pylist()]
+    written = [r for p in sorted(out.glob("0*.parquet")) for r in pq.read_table(p).to_pylist()]
+    assert sorted(r["url"] for r in written) == sorted(kept)  # each sample exactly once
+    keys = []
+    for tar in sorted(out.glob("*.tar")):
+        with tarfile.open(tar) as t:
+            keys += [m.name.split(".")[0] for m in t.getmembers() if m.name.endswith(".jpg")]
+    assert len(keys) == len(set(keys)) == sum(r["status"] == "success" for r in written) > 0
+    reasons = [e for e in api.list("", "v1", "events", kube_namespace,
+                                   field_selector="involvedObject.name=pausing")]
+    assert "Suspended" in {e["reason"] for e in reasons}
+
+
+def test_priority_orders_the_queue_and_a_dataset_suspends_all_parts(api, operator, ray_cluster, kube_namespace,
+                                                                    sources, slow_source, tmp_path):
+    operator({"maxConcurrentParts": 1})
+    assert apply(api, kube_namespace, part_doc("blocker", slow_source, tmp_path / "blocker")).returncode == 0
+    wait_phase(api, kube_namespace, "blocker", ("Pending", "Filtering", "Downloading"))
+    # Older but lower: it waits behind the newer, higher one.
+    assert apply(api, kube_namespace, part_doc("low", sources / "meta_1.parquet", tmp_path / "low")).returncode == 0
+    wait_phase(api, kube_namespace, "low", "Queued", timeout=30)
+    time.sleep(1.1)  # creationTimestamp has a resolution of a second
+    assert apply(api, kube_namespace, part_doc("high", sources / "meta_2.parquet", tmp_path / "high",
+                                               priority=10)).returncode == 0
+    wait_phase(api, kube_namespace, "high", "Queued", timeout=30)
+
+    # Suspending the running part frees its slot: the higher priority takes it.
+    api.kubectl("patch", "lp", "blocker", "-n", kube_namespace, "--type=merge", "-p", '{"spec": {"suspend": true}}')
+    wait_phase(api, kube_namespace, "blocker", "Suspended", timeout=120)
+    high = wait_phase(api, kube_namespace, "high", ("Pending", "Filtering", "Downloading", "Annotating",
+                                                   "Succeeded"), timeout=60)
+    assert part(api, kube_namespace, "low")["status"]["phase"] == "Queued"
+    assert wait_phase(api, kube_namespace, "high", ("Succeeded", "Failed"))["status"]["phase"] == "Succeeded"
+    low = wait_phase(api, kube_namespace, "low", ("Succeeded", "Failed"))["status"]
+    assert low["phase"] == "Succeeded"
+    assert low["activeSince"] > high["status"]["activeSince"]
+
+    # A suspended dataset makes its parts suspended, without running any.
+    doc = dataset_doc("held", sources, tmp_path / "held", suspend=True)
+    assert apply(api, kube_namespace, doc).returncode == 0
+    status = wait_dataset(api, kube_namespace, "held", lambda s: s.get("phase") == "Suspended"
+                          and s.get("partsByPhase") == {"Suspended": 5}, timeout=60)["status"]
+    assert status["partsProgress"] == "0/5"
+    assert all(p["spec"]["suspend"] for p in parts_of(api, kube_namespace, "held"))
+    assert not any(jobs_of(ray_cluster, kube_namespace, f"held-{n}") for n in range(1, 6))
+    assert "Suspended" in api.kubectl("describe", "lds", "held", "-n", kube_namespace).stdout
+    api.kubectl("delete", "lds", "held", "-n", kube_namespace)
+
+
+def test_deadline_fails_a_running_part_and_keeps_its_shards(api, operator, ray_cluster, kube_namespace, slow_source,
+                                                            tmp_path):
+    operator()
+    out = tmp_path / "out"
+    doc = part_doc("late", slow_source, out, activeDeadlineSeconds=8, download=download(threadsPerTask=2))
+    assert apply(api, kube_namespace, doc).returncode == 0
+    status = wait_phase(api, kube_namespace, "late", ("Succeeded", "Failed"), timeout=120)["status"]
+    assert status["phase"] == "Failed", status
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["Failed"]["reason"] == "DeadlineExceeded"
+    assert "spec.activeDeadlineSeconds (8s)" in status["message"]
+    assert wait_job_ended(ray_cluster, status["submissionId"]) == "STOPPED"
+    assert (out / "_laion" / "filter.json").is_file()  # what was done stays
+    shards = {p.name: p.stat().st_mtime for p in out.glob("*_stats.json")}
+    time.sleep(3)  # and the part stays failed: no retry, no new job
+    assert part(api, kube_namespace, "late")["status"]["phase"] == "Failed"
+    assert len(jobs_of(ray_cluster, kube_namespace, "late")) == 1
+    assert {p.name: p.stat().st_mtime for p in out.glob("*_stats.json")} == shards
+    events = api.list("", "v1", "events", kube_namespace, field_selector="involvedObject.name=late")
+    assert "DeadlineExceeded" in {e["reason"] for e in events}
