@@ -147,9 +147,8 @@ SCHEMA: dict = {
                 # For PNG the quality is OpenCV's compression level.
                 "rule": f"!has(self.encodeQuality) || self.encodeFormat != 'png' || "
                         f"self.encodeQuality <= {PNG_MAX_COMPRESSION}",
-                "message": f"must be at most {PNG_MAX_COMPRESSION} when encodeFormat is png "
+                "message": f"encodeQuality must be at most {PNG_MAX_COMPRESSION} when encodeFormat is png "
                            "(the PNG compression level)",
-                "fieldPath": ".encodeQuality",
             }],
         },
         "output": {
@@ -476,11 +475,11 @@ DATASET_SCHEMA: dict = {
                  "message": "set either urls or pattern (with first and last), not both"},
                 {"rule": "!has(self.pattern) || (self.pattern.contains('{part}') && has(self.first) && "
                          "has(self.last))",
-                 "message": "a pattern needs {part} in it, and first and last", "fieldPath": ".pattern"},
+                 "message": "a pattern needs {part} in it, and first and last"},
                 {"rule": "!has(self.first) || !has(self.last) || self.first <= self.last",
-                 "message": "must not be above last", "fieldPath": ".first"},
+                 "message": "first must not be above last"},
                 {"rule": f"!has(self.first) || !has(self.last) || self.last - self.first < {MAX_DATASET_PARTS}",
-                 "message": f"a dataset has at most {MAX_DATASET_PARTS} parts", "fieldPath": ".last"},
+                 "message": f"a dataset has at most {MAX_DATASET_PARTS} parts (first to last)"},
             ],
         },
         "template": _template_schema(),
