@@ -150,3 +150,15 @@ def test_api_server_answers_422_with_causes(api, kube_namespace):
     assert body["reason"] == "Invalid"
     assert body["details"]["causes"] == [{"reason": "FieldValueInvalid", "field": "spec.source",
                                           "message": 'Invalid value: "object": first must not be above last'}]
+
+
+def test_dataset_example_is_valid_and_makes_64_parts(api, kube_namespace):
+    doc = yaml.safe_load((ROOT / "examples" / "datasets" / "laion2b-en-aesthetics.yaml").read_text())
+    parts = specs.dataset_parts(specs.validate_dataset(doc["spec"]))
+    assert list(parts) == [str(n) for n in range(64)]
+    assert parts["7"]["source"]["urls"] == ["s3://laion-metadata/laion2B-en-aesthetic/2B-en-4.5_7.parquet"]
+    assert parts["7"]["output"]["uri"] == "s3://laion-datasets/2B-en-4.5/part_7"
+    assert all(specs.PartSpec.from_dict(p).part_id == i for i, p in parts.items())
+    result = api.kubectl("apply", "--dry-run=server", "-n", kube_namespace, "-f", "-", input=yaml.safe_dump(doc),
+                         check=False)
+    assert result.returncode == 0, result.stderr
