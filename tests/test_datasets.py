@@ -30,12 +30,14 @@ def api(kube_api):
 
 
 @pytest.fixture
-def operator(api, ray_cluster, tmp_path):
+def operator(api, tmp_path):
+    """Start the operator on a Ray cluster (or on none: then only suspended parts make sense)."""
     started: list[OperatorProcess] = []
 
-    def start(config: dict | None = None) -> OperatorProcess:
-        op = OperatorProcess(tmp_path, {**api.env_vars, **ray_cluster.client_env()},
-                             {"rayAddress": ray_cluster.dashboard_url, **(config or {})})
+    def start(config: dict | None = None, ray=None) -> OperatorProcess:
+        ray_env = ray.client_env() if ray else {}
+        address = ray.dashboard_url if ray else "http://127.0.0.1:9"  # nothing listens there
+        op = OperatorProcess(tmp_path, {**api.env_vars, **ray_env}, {"rayAddress": address, **(config or {})})
         started.append(op)
         return op.start()
 
@@ -117,8 +119,8 @@ def wait_for_finished_shard(out: Path, timeout: float = 120) -> None:
         time.sleep(0.2)
 
 
-def test_dataset_of_five_parts(api, operator, kube_namespace, sources, tmp_path):
-    op = operator({"maxConcurrentParts": 2})
+def test_dataset_of_five_parts(api, operator, ray_cluster, kube_namespace, sources, tmp_path):
+    op = operator({"maxConcurrentParts": 2}, ray=ray_cluster)
     out = tmp_path / "dataset"
     result = apply(api, kube_namespace, dataset_doc("aes", sources, out))
     assert result.returncode == 0, result.stderr
@@ -200,9 +202,62 @@ def test_dataset_of_five_parts(api, operator, kube_namespace, sources, tmp_path)
     assert 'dataset="aes"' not in op.metrics()
 
 
+def test_suspended_dataset_fans_out_follows_its_template_and_goes_with_its_parts(api, operator, kube_namespace,
+                                                                                 sources, tmp_path):
+    """No Ray at all: a suspended dataset's parts never submit a job."""
+    op = operator()
+    doc = dataset_doc("held", sources, tmp_path / "held", suspend=True)
+    doc["spec"]["source"]["digits"] = 2
+    assert apply(api, kube_namespace, doc).returncode == 0
+    status = wait_dataset(api, kube_namespace, "held", lambda s: s.get("phase") == "Suspended"
+                          and s.get("partsByPhase") == {"Suspended": 5}, timeout=60)["status"]
+    assert status["partsProgress"] == "0/5" and status["partPhases"] == {f"0{n}": "Suspended" for n in range(1, 6)}
+    parts = sorted(parts_of(api, kube_namespace, "held"), key=lambda p: p["metadata"]["name"])
+    assert [p["metadata"]["name"] for p in parts] == [f"held-0{n}" for n in range(1, 6)]
+    assert all(p["spec"]["suspend"] and "submissionId" not in p["status"] for p in parts)
+    assert parts[0]["spec"]["source"]["urls"] == [str(sources / "meta_01.parquet")]  # zero-padded
+    assert parts[0]["spec"]["output"]["uri"] == str(tmp_path / "held" / "part_01")
+    index = json.loads((tmp_path / "held" / "dataset_index.json").read_text())
+    assert [(e["partId"], e["ready"]) for e in index["parts"]] == [(f"0{n}", False) for n in range(1, 6)]
+    table = api.kubectl("get", "lds", "held", "-n", kube_namespace).stdout.splitlines()
+    assert table[1].split()[:4] == ["held", "Suspended", "0/5", "0"]
+
+    # A template change reaches every part's spec.
+    doc["spec"]["template"]["download"]["imageSize"] = 32
+    doc["spec"]["template"]["priority"] = 7
+    assert apply(api, kube_namespace, doc).returncode == 0
+    deadline = time.monotonic() + 30
+    while {(p["spec"]["download"]["imageSize"], p["spec"]["priority"], p["status"].get("observedGeneration"))
+           for p in parts_of(api, kube_namespace, "held")} != {(32, 7, 2)}:
+        assert time.monotonic() < deadline, [(p["spec"]["download"]["imageSize"], p["spec"]["priority"], p["metadata"].get("generation"), p["status"]) for p in parts_of(api, kube_namespace, "held")]
+        time.sleep(0.3)
+    assert all(p["status"]["phase"] == "Suspended" for p in parts_of(api, kube_namespace, "held"))
+
+    events = {e["reason"] for e in api.list("", "v1", "events", kube_namespace,
+                                            field_selector="involvedObject.kind=LaionDataset,"
+                                                           "involvedObject.name=held")}
+    assert {"PartsCreated", "PartsUpdated", "Suspended"} <= events
+    described = api.kubectl("describe", "lds", "held", "-n", kube_namespace).stdout
+    assert "PartsCreated" in described and "PartsUpdated" in described
+    assert f'laion_dataset_parts{{dataset="held",namespace="{kube_namespace}",phase="Suspended"}} 5.0' in op.metrics()
+
+    # A dataset a rule refuses never reaches the operator.
+    bad = dataset_doc("bad", sources, tmp_path / "bad")
+    bad["spec"]["template"]["download"] = {"encodeFormat": "png", "encodeQuality": 50}
+    result = apply(api, kube_namespace, bad)
+    assert result.returncode != 0 and "encodeQuality must be at most 9" in result.stderr
+
+    api.kubectl("delete", "lds", "held", "-n", kube_namespace, "--timeout=60s")
+    deadline = time.monotonic() + 60
+    while parts_of(api, kube_namespace, "held"):
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    assert (tmp_path / "held" / "dataset_index.json").is_file()  # the output stays
+
+
 def test_suspend_and_resume_mid_download_exactly_once(api, operator, ray_cluster, kube_namespace, slow_source,
                                                       tmp_path):
-    operator()
+    operator(ray=ray_cluster)
     out = tmp_path / "out"
     doc = part_doc("pausing", slow_source, out, download=download(threadsPerTask=2))
     assert apply(api, kube_namespace, doc).returncode == 0
@@ -241,9 +296,9 @@ def test_suspend_and_resume_mid_download_exactly_once(api, operator, ray_cluster
     assert "Suspended" in {e["reason"] for e in reasons}
 
 
-def test_priority_orders_the_queue_and_a_dataset_suspends_all_parts(api, operator, ray_cluster, kube_namespace,
+def test_priority_orders_the_queue(api, operator, ray_cluster, kube_namespace,
                                                                     sources, slow_source, tmp_path):
-    operator({"maxConcurrentParts": 1})
+    operator({"maxConcurrentParts": 1}, ray=ray_cluster)
     assert apply(api, kube_namespace, part_doc("blocker", slow_source, tmp_path / "blocker")).returncode == 0
     wait_phase(api, kube_namespace, "blocker", ("Pending", "Filtering", "Downloading"))
     # Older but lower: it waits behind the newer, higher one.
@@ -265,21 +320,10 @@ def test_priority_orders_the_queue_and_a_dataset_suspends_all_parts(api, operato
     assert low["phase"] == "Succeeded"
     assert low["activeSince"] > high["status"]["activeSince"]
 
-    # A suspended dataset makes its parts suspended, without running any.
-    doc = dataset_doc("held", sources, tmp_path / "held", suspend=True)
-    assert apply(api, kube_namespace, doc).returncode == 0
-    status = wait_dataset(api, kube_namespace, "held", lambda s: s.get("phase") == "Suspended"
-                          and s.get("partsByPhase") == {"Suspended": 5}, timeout=60)["status"]
-    assert status["partsProgress"] == "0/5"
-    assert all(p["spec"]["suspend"] for p in parts_of(api, kube_namespace, "held"))
-    assert not any(jobs_of(ray_cluster, kube_namespace, f"held-{n}") for n in range(1, 6))
-    assert "Suspended" in api.kubectl("describe", "lds", "held", "-n", kube_namespace).stdout
-    api.kubectl("delete", "lds", "held", "-n", kube_namespace)
-
 
 def test_deadline_fails_a_running_part_and_keeps_its_shards(api, operator, ray_cluster, kube_namespace, slow_source,
                                                             tmp_path):
-    operator()
+    operator(ray=ray_cluster)
     out = tmp_path / "out"
     doc = part_doc("late", slow_source, out, activeDeadlineSeconds=8, download=download(threadsPerTask=2))
     assert apply(api, kube_namespace, doc).returncode == 0

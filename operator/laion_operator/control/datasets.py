@@ -168,6 +168,13 @@ def dataset_phase(by_phase: dict[str, int], total: int, suspend: bool) -> str:
     return FAILED
 
 
+def _removing(old, new):
+    """`new` as a merge patch over `old`: map keys that `new` drops become null."""
+    if not isinstance(new, dict) or not isinstance(old, dict):
+        return new
+    return {**{k: None for k in old if k not in new}, **{k: _removing(old.get(k), v) for k, v in new.items()}}
+
+
 class Dataset:
     """One LaionDataset followed by one kopf daemon; `body` is kopf's live view of the object."""
 
@@ -186,8 +193,10 @@ class Dataset:
         for new in fields.pop("conditions", []):
             conditions = [c for c in conditions if c.get("type") != new["type"]] + [new]
         fields["conditions"] = conditions
+        # A merge patch merges maps: keys gone from partsByPhase (a phase no part is in any more) are nulled.
+        patch = {k: _removing(self.status.get(k), v) for k, v in fields.items()}
         try:
-            await asyncio.to_thread(kube.patch_status, self.namespace, self.name, fields, kube.DATASET_PLURAL)
+            await asyncio.to_thread(kube.patch_status, self.namespace, self.name, patch, kube.DATASET_PLURAL)
         except kube.KubeError as err:
             self.op.metrics.kube_api_errors.inc()
             if err.status == 404:

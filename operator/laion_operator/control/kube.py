@@ -118,4 +118,5 @@ def replace_part_spec(namespace: str, name: str, spec: dict) -> dict:
     """Set a part's whole spec (a JSON patch: fields the template dropped go too)."""
     api = kubernetes.client.CustomObjectsApi(_client())
     return _call(f"update spec of LaionPart {namespace}/{name}", api.patch_namespaced_custom_object,
-                 GROUP, VERSION, namespace, PLURAL, name, [{"op": "replace", "path": "/spec", "value": spec}])
+                 GROUP, VERSION, namespace, PLURAL, name, [{"op": "replace", "path": "/spec", "value": spec}],
+                 _content_type="application/json-patch+json")  # the client would send a merge patch
