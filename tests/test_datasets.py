@@ -15,7 +15,8 @@ import yaml
 from laion_operator import spec as specs
 from laion_operator.testbed.demo_data import write_metadata
 from tests.support.operator_proc import OperatorProcess
-from tests.test_operator import GROUP, PLURAL, RAYJOB_CRD, VERSION, apply, jobs_of, part, wait_phase
+from tests.test_operator import GROUP, PLURAL, RAYJOB_CRD, VERSION, apply, jobs_of, part
+from tests.test_operator import wait_phase as _wait_phase
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = "laiondatasets"
@@ -85,6 +86,11 @@ def dataset_doc(name: str, sources: Path, out: Path, **spec) -> dict:
                      **spec}}
 
 
+def wait_phase(api, namespace: str, name: str, phases, timeout: float = 600) -> dict:
+    """Generous: the machine running the tests may be busy; no test asserts a speed."""
+    return _wait_phase(api, namespace, name, phases, timeout=timeout)
+
+
 def dataset(api, namespace: str, name: str) -> dict | None:
     return api.get(GROUP, VERSION, DATASETS, namespace, name)
 
@@ -93,7 +99,7 @@ def parts_of(api, namespace: str, name: str) -> list[dict]:
     return api.list(GROUP, VERSION, PLURAL, namespace, label_selector=f"laion-operator.io/dataset={name}")
 
 
-def wait_dataset(api, namespace: str, name: str, predicate, timeout: float = 300) -> dict:
+def wait_dataset(api, namespace: str, name: str, predicate, timeout: float = 900) -> dict:
     return api.wait_for(GROUP, VERSION, DATASETS, namespace, name,
                         lambda o: o is not None and predicate(o.get("status") or {}), timeout=timeout, interval=0.3)
 
@@ -104,7 +110,7 @@ def job_status(ray_cluster, job_id: str) -> str:
     return str(JobSubmissionClient(ray_cluster.dashboard_url).get_job_status(job_id).value)
 
 
-def wait_job_ended(ray_cluster, job_id: str, timeout: float = 60) -> str:
+def wait_job_ended(ray_cluster, job_id: str, timeout: float = 300) -> str:
     deadline = time.monotonic() + timeout
     while (state := job_status(ray_cluster, job_id)) not in ("STOPPED", "FAILED", "SUCCEEDED"):
         assert time.monotonic() < deadline, state
@@ -112,7 +118,7 @@ def wait_job_ended(ray_cluster, job_id: str, timeout: float = 60) -> str:
     return state
 
 
-def wait_for_finished_shard(out: Path, timeout: float = 120) -> None:
+def wait_for_finished_shard(out: Path, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     while not list(out.glob("*_stats.json")):
         assert time.monotonic() < deadline, "no shard finished"
@@ -185,7 +191,7 @@ def test_dataset_of_five_parts(api, operator, ray_cluster, kube_namespace, sourc
     changed["spec"]["template"]["filter"]["minWidth"] = 100
     assert apply(api, kube_namespace, changed).returncode == 0
     status = wait_dataset(api, kube_namespace, "aes", lambda s: s.get("phase") == "Failed"
-                          and s.get("partsByPhase") == {"Failed": 5}, timeout=120)["status"]
+                          and s.get("partsByPhase") == {"Failed": 5}, timeout=600)["status"]
     for p in parts_of(api, kube_namespace, "aes"):
         assert p["spec"]["filter"]["minWidth"] == 100 and p["metadata"]["generation"] == 2
         assert {c["type"]: c.get("reason") for c in p["status"]["conditions"]}["Failed"] == "FilterChanged"
@@ -193,8 +199,8 @@ def test_dataset_of_five_parts(api, operator, ray_cluster, kube_namespace, sourc
     assert "PartFailed" in api.kubectl("describe", "lds", "aes", "-n", kube_namespace).stdout
 
     # Deleting the dataset deletes its parts (ownerReferences) and leaves their output.
-    api.kubectl("delete", "lds", "aes", "-n", kube_namespace, "--timeout=60s")
-    deadline = time.monotonic() + 60
+    api.kubectl("delete", "lds", "aes", "-n", kube_namespace, "--timeout=300s")
+    deadline = time.monotonic() + 300
     while parts_of(api, kube_namespace, "aes"):
         assert time.monotonic() < deadline
         time.sleep(0.3)
@@ -210,7 +216,7 @@ def test_suspended_dataset_fans_out_follows_its_template_and_goes_with_its_parts
     doc["spec"]["source"]["digits"] = 2
     assert apply(api, kube_namespace, doc).returncode == 0
     status = wait_dataset(api, kube_namespace, "held", lambda s: s.get("phase") == "Suspended"
-                          and s.get("partsByPhase") == {"Suspended": 5}, timeout=60)["status"]
+                          and s.get("partsByPhase") == {"Suspended": 5}, timeout=300)["status"]
     assert status["partsProgress"] == "0/5" and status["partPhases"] == {f"0{n}": "Suspended" for n in range(1, 6)}
     parts = sorted(parts_of(api, kube_namespace, "held"), key=lambda p: p["metadata"]["name"])
     assert [p["metadata"]["name"] for p in parts] == [f"held-0{n}" for n in range(1, 6)]
@@ -226,7 +232,7 @@ def test_suspended_dataset_fans_out_follows_its_template_and_goes_with_its_parts
     doc["spec"]["template"]["download"]["imageSize"] = 32
     doc["spec"]["template"]["priority"] = 7
     assert apply(api, kube_namespace, doc).returncode == 0
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 300
     while {(p["spec"]["download"]["imageSize"], p["spec"]["priority"], p["status"].get("observedGeneration"))
            for p in parts_of(api, kube_namespace, "held")} != {(32, 7, 2)}:
         assert time.monotonic() < deadline, [(p["spec"]["download"]["imageSize"], p["spec"]["priority"], p["metadata"].get("generation"), p["status"]) for p in parts_of(api, kube_namespace, "held")]
@@ -247,8 +253,8 @@ def test_suspended_dataset_fans_out_follows_its_template_and_goes_with_its_parts
     result = apply(api, kube_namespace, bad)
     assert result.returncode != 0 and "encodeQuality must be at most 9" in result.stderr
 
-    api.kubectl("delete", "lds", "held", "-n", kube_namespace, "--timeout=60s")
-    deadline = time.monotonic() + 60
+    api.kubectl("delete", "lds", "held", "-n", kube_namespace, "--timeout=300s")
+    deadline = time.monotonic() + 300
     while parts_of(api, kube_namespace, "held"):
         assert time.monotonic() < deadline
         time.sleep(0.3)
@@ -266,7 +272,7 @@ def test_suspend_and_resume_mid_download_exactly_once(api, operator, ray_cluster
     first_job = part(api, kube_namespace, "pausing")["status"]["submissionId"]
 
     api.kubectl("patch", "lp", "pausing", "-n", kube_namespace, "--type=merge", "-p", '{"spec": {"suspend": true}}')
-    status = wait_phase(api, kube_namespace, "pausing", ("Suspended", "Succeeded", "Failed"), timeout=120)["status"]
+    status = wait_phase(api, kube_namespace, "pausing", ("Suspended", "Succeeded", "Failed"))["status"]
     assert status["phase"] == "Suspended", status
     assert job_status(ray_cluster, first_job) == "STOPPED"  # Suspended means the job has ended
     finished = {p.name: p.stat().st_mtime for p in out.glob("*_stats.json")}
@@ -277,7 +283,7 @@ def test_suspend_and_resume_mid_download_exactly_once(api, operator, ray_cluster
     assert len(jobs_of(ray_cluster, kube_namespace, "pausing")) == 1
 
     api.kubectl("patch", "lp", "pausing", "-n", kube_namespace, "--type=merge", "-p", '{"spec": {"suspend": false}}')
-    status = wait_phase(api, kube_namespace, "pausing", ("Succeeded", "Failed"), timeout=300)["status"]
+    status = wait_phase(api, kube_namespace, "pausing", ("Succeeded", "Failed"))["status"]
     assert status["phase"] == "Succeeded", status
     assert status["observedGeneration"] == 3 and "-g3-" in status["submissionId"]
     for name, mtime in finished.items():  # resumed: the shards finished before the suspend stayed
@@ -303,17 +309,17 @@ def test_priority_orders_the_queue(api, operator, ray_cluster, kube_namespace,
     wait_phase(api, kube_namespace, "blocker", ("Pending", "Filtering", "Downloading"))
     # Older but lower: it waits behind the newer, higher one.
     assert apply(api, kube_namespace, part_doc("low", sources / "meta_1.parquet", tmp_path / "low")).returncode == 0
-    wait_phase(api, kube_namespace, "low", "Queued", timeout=30)
+    wait_phase(api, kube_namespace, "low", "Queued")
     time.sleep(1.1)  # creationTimestamp has a resolution of a second
     assert apply(api, kube_namespace, part_doc("high", sources / "meta_2.parquet", tmp_path / "high",
                                                priority=10)).returncode == 0
-    wait_phase(api, kube_namespace, "high", "Queued", timeout=30)
+    wait_phase(api, kube_namespace, "high", "Queued")
 
     # Suspending the running part frees its slot: the higher priority takes it.
     api.kubectl("patch", "lp", "blocker", "-n", kube_namespace, "--type=merge", "-p", '{"spec": {"suspend": true}}')
-    wait_phase(api, kube_namespace, "blocker", "Suspended", timeout=120)
+    wait_phase(api, kube_namespace, "blocker", "Suspended")
     high = wait_phase(api, kube_namespace, "high", ("Pending", "Filtering", "Downloading", "Annotating",
-                                                   "Succeeded"), timeout=60)
+                                                   "Succeeded"))
     assert part(api, kube_namespace, "low")["status"]["phase"] == "Queued"
     assert wait_phase(api, kube_namespace, "high", ("Succeeded", "Failed"))["status"]["phase"] == "Succeeded"
     low = wait_phase(api, kube_namespace, "low", ("Succeeded", "Failed"))["status"]
@@ -325,19 +331,25 @@ def test_deadline_fails_a_running_part_and_keeps_its_shards(api, operator, ray_c
                                                             tmp_path):
     operator(ray=ray_cluster)
     out = tmp_path / "out"
-    doc = part_doc("late", slow_source, out, activeDeadlineSeconds=8, download=download(threadsPerTask=2))
+    doc = part_doc("late", slow_source, out, activeDeadlineSeconds=3600, download=download(threadsPerTask=2))
     assert apply(api, kube_namespace, doc).returncode == 0
-    status = wait_phase(api, kube_namespace, "late", ("Succeeded", "Failed"), timeout=120)["status"]
+    wait_phase(api, kube_namespace, "late", "Downloading")
+    wait_for_finished_shard(out)
+    # A tighter deadline is a spec change: the job restarts (resuming) and its new run soon overruns it.
+    api.kubectl("patch", "lp", "late", "-n", kube_namespace, "--type=merge",
+                "-p", '{"spec": {"activeDeadlineSeconds": 2}}')
+    status = wait_phase(api, kube_namespace, "late", ("Succeeded", "Failed"))["status"]
     assert status["phase"] == "Failed", status
+    assert status["observedGeneration"] == 2
     conditions = {c["type"]: c for c in status["conditions"]}
     assert conditions["Failed"]["reason"] == "DeadlineExceeded"
-    assert "spec.activeDeadlineSeconds (8s)" in status["message"]
+    assert "spec.activeDeadlineSeconds (2s)" in status["message"]
     assert wait_job_ended(ray_cluster, status["submissionId"]) == "STOPPED"
-    assert (out / "_laion" / "filter.json").is_file()  # what was done stays
     shards = {p.name: p.stat().st_mtime for p in out.glob("*_stats.json")}
+    assert shards  # what was done stays
     time.sleep(3)  # and the part stays failed: no retry, no new job
     assert part(api, kube_namespace, "late")["status"]["phase"] == "Failed"
-    assert len(jobs_of(ray_cluster, kube_namespace, "late")) == 1
+    assert len(jobs_of(ray_cluster, kube_namespace, "late")) == 2  # generation 1's, and generation 2's
     assert {p.name: p.stat().st_mtime for p in out.glob("*_stats.json")} == shards
     events = api.list("", "v1", "events", kube_namespace, field_selector="involvedObject.name=late")
     assert "DeadlineExceeded" in {e["reason"] for e in events}

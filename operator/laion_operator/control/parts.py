@@ -273,7 +273,8 @@ class Part:
             await asyncio.to_thread(self.op.backend.stop, self.owner, job_id)
             # Suspended means nothing writes into the output any more: a resume must not race the old job.
             for _ in range(120):
-                if self.stopped or (await self.job_state(job_id)).terminal:
+                job = await self.job_state(job_id)
+                if self.stopped or job.terminal or job.state == "MISSING":  # kuberay: the RayJob is deleted
                     break
                 await self.stopped.wait(1)
         if self.status.get("phase") == Phase.SUCCEEDED.value:
