@@ -4,6 +4,7 @@ operator uses. Also: the CRD has one source, and the images agree with the chart
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import re
@@ -77,23 +78,26 @@ def scenario(request):
 
 # --- one CRD source ---------------------------------------------------------------------------------
 
-def test_crd_copies_match_the_generator():
+@pytest.mark.parametrize("kind", ["LaionPart", "LaionDataset"])
+def test_crd_copies_match_the_generator(kind):
     from laion_operator import cli
 
     out = io.StringIO()
     with redirect_stdout(out):
-        assert cli.cmd_crd(None) == 0
-    source = (ROOT / "crds" / "laionpart.yaml").read_text()
-    chart_copy = (CHART / "crds" / "laionpart.yaml").read_text()
-    assert source == out.getvalue(), "crds/laionpart.yaml is stale: run scripts/sync-crd"
-    assert chart_copy == source, "charts/laion-operator/crds/laionpart.yaml differs from crds/: run scripts/sync-crd"
+        assert cli.cmd_crd(argparse.Namespace(kind=kind)) == 0
+    name = f"{kind.lower()}.yaml"
+    source = (ROOT / "crds" / name).read_text()
+    chart_copy = (CHART / "crds" / name).read_text()
+    assert source == out.getvalue(), f"crds/{name} is stale: run scripts/sync-crd"
+    assert chart_copy == source, f"charts/laion-operator/crds/{name} differs from crds/: run scripts/sync-crd"
 
 
 def test_chart_ships_the_crds_and_they_are_valid():
     with helm.Chart.load(CHART) as chart:
         crds = [doc for c in chart.crds for doc in yaml.safe_load_all(c["data"]) if doc]
     assert {c["metadata"]["name"] for c in crds} == {
-        "laionparts.laion-operator.io", "kopfpeerings.kopf.dev", "clusterkopfpeerings.kopf.dev"}
+        "laionparts.laion-operator.io", "laiondatasets.laion-operator.io", "kopfpeerings.kopf.dev",
+        "clusterkopfpeerings.kopf.dev"}
     for crd in crds:
         for version in KUBE_VERSIONS:
             problem = None
@@ -112,7 +116,8 @@ def test_chart_ships_the_crds_and_they_are_valid():
 def test_sync_crd_script_is_executable():
     script = ROOT / "scripts" / "sync-crd"
     assert script.stat().st_mode & 0o111
-    assert "charts/laion-operator/crds/laionpart.yaml" in script.read_text()
+    assert "charts/laion-operator/crds/$file" in script.read_text()
+    assert "LaionPart LaionDataset" in script.read_text()
 
 
 # --- what gets rendered -----------------------------------------------------------------------------
@@ -446,7 +451,10 @@ ALLOWED = {
     ("", "namespaces"): {"list", "watch"},  # kopf: namespaces coming and going (all namespaces only)
     ("kopf.dev", "clusterkopfpeerings"): {"get", "list", "watch", "patch"},  # kopf: peering, all namespaces
     ("kopf.dev", "kopfpeerings"): {"get", "list", "watch", "patch"},  # kopf: peering per namespace
-    ("laion-operator.io", "laionparts"): {"get", "list", "watch", "patch", "update"},
+    ("laion-operator.io", "laionparts"): {"get", "list", "watch", "patch", "update", "create"},  # create: datasets
+    ("laion-operator.io", "laiondatasets"): {"get", "list", "watch", "patch", "update"},
+    ("laion-operator.io", "laiondatasets/status"): {"get", "patch", "update"},
+    ("laion-operator.io", "laiondatasets/finalizers"): {"update"},  # blockOwnerDeletion on the dataset's parts
     ("laion-operator.io", "laionparts/status"): {"get", "patch", "update"},
     ("laion-operator.io", "laionparts/finalizers"): {"update"},  # kuberay: blockOwnerDeletion on RayJobs
     ("", "events"): {"create"},
@@ -512,7 +520,9 @@ def test_rbac_grants_nothing_beyond_the_allow_list(values):
         assert not of_kind(docs, "Role")
     # What the operator needs is there (the allow-list is not just an upper bound on nothing).
     scope = "Role" if namespaces else "ClusterRole"
-    assert got[(scope, "laion-operator.io", "laionparts")] == {"get", "list", "watch", "patch", "update"}
+    assert got[(scope, "laion-operator.io", "laionparts")] == {"get", "list", "watch", "patch", "update", "create"}
+    assert got[(scope, "laion-operator.io", "laiondatasets")] == {"get", "list", "watch", "patch", "update"}
+    assert got[(scope, "laion-operator.io", "laiondatasets/status")] == {"get", "patch", "update"}
     assert got[(scope, "laion-operator.io", "laionparts/status")] == {"get", "patch", "update"}
     assert got[(scope, "", "events")] == {"create"}
     assert got[("ClusterRole", "apiextensions.k8s.io", "customresourcedefinitions")] == {"list", "watch"}

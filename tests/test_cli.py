@@ -45,7 +45,7 @@ def test_png_quality_is_a_compression_level(tmp_path):
     spec = {"partId": "1", "source": {"urls": ["m.parquet"]}, "output": {"uri": "o"}}
     assert PartSpec.from_dict({**spec, "download": {"encodeFormat": "png"}}).download.encode_quality == 9
     result = cli("run", str(write_part(tmp_path, download={"encodeFormat": "png", "encodeQuality": 50})))
-    assert result.returncode == 2 and "spec.download.encodeQuality: 50 is above 9" in result.stderr
+    assert result.returncode == 2 and "spec.download: encodeQuality must be at most 9 when encodeFormat is png" in result.stderr
 
 
 def test_missing_file_and_bad_yaml_name_the_file(tmp_path):
@@ -87,6 +87,8 @@ def test_crd_command_prints_the_shipped_crd():
     result = cli("crd")
     root = Path(__file__).resolve().parents[1]
     assert yaml.safe_load(result.stdout) == yaml.safe_load((root / "crds" / "laionpart.yaml").read_text())
+    result = cli("crd", "--kind", "LaionDataset")
+    assert yaml.safe_load(result.stdout) == yaml.safe_load((root / "crds" / "laiondataset.yaml").read_text())
 
 
 def test_a_local_run_speaks_first_and_only_of_the_part(tmp_path, image_server):

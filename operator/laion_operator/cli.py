@@ -138,8 +138,9 @@ def cmd_plan(part: specs.PartSpec) -> int:
 
 
 def cmd_crd(args) -> int:
-    from .control.status import crd
+    from .control import datasets, status
 
+    crd = datasets.crd if getattr(args, "kind", None) == "LaionDataset" else status.crd
     yaml.safe_dump(crd(), sys.stdout, sort_keys=False)
     return 0
 
@@ -214,7 +215,8 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo-output", help="folder for the metadata and the dataset")
     demo.add_argument("--rows", type=int, default=2000, help="metadata rows to generate")
     demo.set_defaults(func=cmd_demo)
-    crd = sub.add_parser("crd", help="print the LaionPart CustomResourceDefinition")
+    crd = sub.add_parser("crd", help="print the LaionPart (or LaionDataset) CustomResourceDefinition")
+    crd.add_argument("--kind", choices=["LaionPart", "LaionDataset"], default="LaionPart")
     crd.set_defaults(func=cmd_crd)
     op = sub.add_parser("operator", help="run the Kubernetes operator")
     op.add_argument("--config", help="operator configuration YAML")

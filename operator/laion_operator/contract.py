@@ -136,6 +136,18 @@ def summary(part_id: str) -> str:
     return f"part_{part_id}_summary.json"
 
 
+# A LaionDataset's output holds one part folder per part (the seeds' data_dir layout) and an index
+# of every part's annotation files, written by the operator:
+#
+#     <dataset output>/part_<id>/…        one part's output folder, as above
+#     <dataset output>/dataset_index.json  {"parts": [{"partId", "output", "annotations", "phase", …}]}
+DATASET_INDEX = "dataset_index.json"
+
+
+def part_dir(part_id: str) -> str:
+    return f"part_{part_id}"
+
+
 def fingerprint(spec: "PartSpec") -> str:
     """What decides the shards' content; a resumed run into the same output must see the same value."""
     data = spec.to_dict()
@@ -172,6 +184,7 @@ class Phase(str, enum.Enum):
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
     STOPPING = "Stopping"  # deleted; its job is being stopped
+    SUSPENDED = "Suspended"  # spec.suspend: its job is stopped, its finished shards kept until resumed
 
     def __str__(self) -> str:
         return self.value
@@ -189,6 +202,8 @@ class Phase(str, enum.Enum):
 RUNNING = frozenset({Phase.PENDING, Phase.FILTERING, Phase.DOWNLOADING, Phase.CONVERTING, Phase.ANNOTATING,
                      Phase.VERIFYING, Phase.ENCODING})
 TERMINAL = frozenset({Phase.SUCCEEDED, Phase.FAILED})
+# No job runs and none will until the spec changes again: terminal, or suspended.
+SETTLED = TERMINAL | {Phase.SUSPENDED}
 PHASES = [p.value for p in Phase]
 
 FAILURE_REASONS = [

@@ -11,12 +11,12 @@ import copy
 import dataclasses
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jsonschema
 import yaml
 
-from .contract import FAILURE_REASONS, TRANSIENT_REASONS, InputError
+from .contract import FAILURE_REASONS, TRANSIENT_REASONS, InputError, part_dir
 
 LOGICAL_COLUMNS = (
     "url", "caption", "width", "height", "aesthetic", "punsafe", "pwatermark", "similarity", "language", "hash",
@@ -62,6 +62,8 @@ SCHEMA: dict = {
         "partId": _str(
             "Part identifier, used in annotation file names (part_<id>_stats.csv).",
             pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", maxLength=63,
+            **{"x-kubernetes-validations": [
+                {"rule": "self == oldSelf", "message": "partId is immutable: its files are named after it"}]},
         ),
         "source": {
             "type": "object",
@@ -181,6 +183,13 @@ SCHEMA: dict = {
                     "source: faster, output within 35 dB PSNR of a full decode; sizes and checks use the original.",
                     False),
             },
+            "x-kubernetes-validations": [{
+                # For PNG the quality is OpenCV's compression level.
+                "rule": f"!has(self.encodeQuality) || self.encodeFormat != 'png' || "
+                        f"self.encodeQuality <= {PNG_MAX_COMPRESSION}",
+                "message": f"encodeQuality must be at most {PNG_MAX_COMPRESSION} when encodeFormat is png "
+                           "(the PNG compression level)",
+            }],
         },
         "output": {
             "type": "object",
@@ -250,8 +259,63 @@ SCHEMA: dict = {
                 "round": _int("Raise it to heal again with the same reasons.", minimum=0, default=0),
             },
         },
+        "suspend": _bool("true stops the part's job and keeps its finished shards (phase Suspended); false "
+                         "resumes from them (Kueue's convention).", False),
+        "priority": _int("Parts waiting for a slot run higher priority first, then oldest first.", default=0),
+        "activeDeadlineSeconds": _int("Seconds a part may run (from submission, reset on resume) before it fails "
+                                      "with reason DeadlineExceeded; its finished shards stay.", minimum=1),
     },
 }
+
+
+# --- cross-field rules ----------------------------------------------------------------------------
+# The CRD carries them as CEL (`x-kubernetes-validations`, evaluated by the API server); the CLI and
+# the operator evaluate the same rules through the Python twin registered here under the rule's
+# CEL text, and report the same message at the same field. A CEL library is not a dependency of the
+# shared core (the ones on PyPI bring native regex and date libraries or a CLI along); instead
+# tests/test_cel.py evaluates every rule with both a real CEL implementation and its twin on the
+# same objects, so the two cannot drift apart.
+
+def _has(obj: Any, key: str) -> bool:
+    return isinstance(obj, dict) and obj.get(key) is not None
+
+
+RULES: dict[str, Callable[[Any, Any], bool]] = {
+    "self == oldSelf": lambda self, old: self == old,
+    "has(self.urls) != has(self.pattern)": lambda self, old: _has(self, "urls") != _has(self, "pattern"),
+    "!has(self.pattern) || (self.pattern.contains('{part}') && has(self.first) && has(self.last))":
+        lambda self, old: not _has(self, "pattern") or (
+            "{part}" in self["pattern"] and _has(self, "first") and _has(self, "last")),
+    "!has(self.first) || !has(self.last) || self.first <= self.last":
+        lambda self, old: not _has(self, "first") or not _has(self, "last") or self["first"] <= self["last"],
+    f"!has(self.first) || !has(self.last) || self.last - self.first < {1000}":
+        lambda self, old: not _has(self, "first") or not _has(self, "last") or self["last"] - self["first"] < 1000,
+    f"!has(self.encodeQuality) || self.encodeFormat != 'png' || self.encodeQuality <= {PNG_MAX_COMPRESSION}":
+        lambda self, old: (not _has(self, "encodeQuality") or self.get("encodeFormat") != "png"
+                           or self["encodeQuality"] <= PNG_MAX_COMPRESSION),
+}
+
+
+def rule_errors(value: Any, schema: dict, old: Any = None, path: str = "spec") -> list[str]:
+    """Every failing `x-kubernetes-validations` rule under `schema`, as "field: message".
+
+    As the API server: a rule runs only where its value is present, and a transition rule (one that
+    reads oldSelf) only where an old value exists too."""
+    errors: list[str] = []
+    if value is None:
+        return errors
+    for rule in schema.get("x-kubernetes-validations", []):
+        transition = "oldSelf" in rule["rule"]
+        if transition and old is None:
+            continue
+        if not RULES[rule["rule"]](value, old):
+            errors.append(f"{path}{rule.get('fieldPath', '')}: {rule['message']}")
+    if isinstance(value, dict):
+        for name, sub in schema.get("properties", {}).items():
+            if name in value:
+                errors += rule_errors(value[name], sub, old.get(name) if isinstance(old, dict) else None,
+                                      f"{path}.{name}")
+    return errors
 
 
 class SpecError(InputError):
@@ -315,13 +379,11 @@ def validate(data: Any) -> dict:
     if messages:
         raise SpecError("invalid part spec:\n  " + "\n  ".join(messages))
     spec = apply_defaults(data)
+    errors = rule_errors(spec, SCHEMA)  # after defaulting, as the API server evaluates them
+    if errors:
+        raise SpecError("invalid part spec:\n  " + "\n  ".join(errors))
     download = spec["download"]
-    fmt = download["encodeFormat"]
-    download.setdefault("encodeQuality", ENCODE_QUALITY[fmt])
-    if fmt == "png" and download["encodeQuality"] > PNG_MAX_COMPRESSION:
-        # For PNG the quality is OpenCV's compression level.
-        raise SpecError("invalid part spec:\n  spec.download.encodeQuality: "
-                        f"{download['encodeQuality']} is above {PNG_MAX_COMPRESSION}, the highest PNG compression level")
+    download.setdefault("encodeQuality", ENCODE_QUALITY[download["encodeFormat"]])
     if spec.get("latents") and download["outputFormat"] not in LATENTS_FORMATS:
         raise SpecError("invalid part spec:\n  spec.latents: the latents stage reads outputFormat "
                         f"{', '.join(LATENTS_FORMATS)}, not {download['outputFormat']!r}")
@@ -460,6 +522,9 @@ class PartSpec:
     verify: bool
     latents: Latents | None
     heal: Heal | None
+    suspend: bool
+    priority: int
+    active_deadline_seconds: int | None
 
     @classmethod
     def from_dict(cls, data: Any) -> "PartSpec":
@@ -477,6 +542,9 @@ class PartSpec:
             verify=spec["verify"],
             latents=_build(Latents, spec["latents"]) if spec.get("latents") else None,
             heal=_build(Heal, spec["heal"]) if "heal" in spec else None,
+            suspend=spec["suspend"],
+            priority=spec["priority"],
+            active_deadline_seconds=spec.get("activeDeadlineSeconds"),
         )
 
     def to_dict(self) -> dict:
@@ -489,7 +557,11 @@ class PartSpec:
             "output": _unbuild(self.output),
             "maxRetries": self.max_retries,
             "verify": self.verify,
+            "suspend": self.suspend,
+            "priority": self.priority,
         }
+        if self.active_deadline_seconds is not None:
+            data["activeDeadlineSeconds"] = self.active_deadline_seconds
         if self.columns:
             data["columns"] = dict(self.columns)
         if self.latents:
@@ -514,3 +586,96 @@ def load(path: str | Path) -> PartSpec:
         return PartSpec.from_dict(data)
     except SpecError as err:
         raise SpecError(f"{path}: {err}") from None
+
+
+# --- the dataset: many parts from one template ------------------------------------------------------
+
+MAX_DATASET_PARTS = 1000
+
+
+def _template_schema() -> dict:
+    """The part spec without what differs per part (partId, source) or is the dataset's (suspend)."""
+    template = copy.deepcopy(SCHEMA)
+    for name in ("partId", "source", "suspend"):
+        template["properties"].pop(name)
+    template["required"] = ["output"]
+    template["description"] = ("The spec of every part; each part's output goes to <output.uri>/part_<id>, "
+                               "and a change reaches the parts as a change of their own spec would.")
+    template["properties"]["output"]["properties"]["uri"]["description"] = \
+        "The dataset's folder (local path or s3://bucket/prefix): part <id> writes to <uri>/part_<id>."
+    return template
+
+
+DATASET_SCHEMA: dict = {
+    "type": "object",
+    "required": ["source", "template"],
+    "properties": {
+        "source": {
+            "type": "object",
+            "description": "One part per parquet file: a list of files, or a pattern with a range.",
+            "properties": {
+                "urls": {
+                    "type": "array", "minItems": 1, "maxItems": MAX_DATASET_PARTS,
+                    "description": "Parquet files, one part each; part ids are the positions, from 0.",
+                    "items": {"type": "string", "minLength": 1},
+                },
+                "pattern": _str("A parquet URL with {part} in it, e.g. s3://laion/2B-en-4.5_{part}.parquet; "
+                                "part ids are the numbers first to last.", minLength=1),
+                "first": _int("The pattern's first part number.", minimum=0),
+                "last": _int("The pattern's last part number (included).", minimum=0),
+                "digits": _int("Zero-pad part numbers (in the pattern and the part ids) to this many digits.",
+                               minimum=0, maximum=10, default=0),
+            },
+            "x-kubernetes-validations": [
+                {"rule": "has(self.urls) != has(self.pattern)",
+                 "message": "set either urls or pattern (with first and last), not both"},
+                {"rule": "!has(self.pattern) || (self.pattern.contains('{part}') && has(self.first) && "
+                         "has(self.last))",
+                 "message": "a pattern needs {part} in it, and first and last"},
+                {"rule": "!has(self.first) || !has(self.last) || self.first <= self.last",
+                 "message": "first must not be above last"},
+                {"rule": f"!has(self.first) || !has(self.last) || self.last - self.first < {MAX_DATASET_PARTS}",
+                 "message": f"a dataset has at most {MAX_DATASET_PARTS} parts (first to last)"},
+            ],
+        },
+        "template": _template_schema(),
+        "suspend": _bool("true suspends every part (their jobs stop, finished shards stay); false resumes them.",
+                         False),
+    },
+}
+
+_DATASET_VALIDATOR = jsonschema.Draft4Validator(_closed(DATASET_SCHEMA))
+
+
+def validate_dataset(data: Any) -> dict:
+    """Validate a raw LaionDataset spec, return it with defaults applied; SpecError names every bad field."""
+    if not isinstance(data, dict):
+        raise SpecError(f"spec: expected a mapping, got {type(data).__name__}")
+    errors = [_describe(e) for e in sorted(_DATASET_VALIDATOR.iter_errors(data), key=lambda e: list(e.absolute_path))]
+    if not errors:
+        data = apply_defaults(data, DATASET_SCHEMA)
+        errors = rule_errors(data, DATASET_SCHEMA)
+    if errors:
+        raise SpecError("invalid dataset spec:\n  " + "\n  ".join(errors))
+    return data
+
+
+def dataset_parts(data: dict) -> dict[str, dict]:
+    """The part specs of a (validated) dataset spec, by part id, in order."""
+    source = data["source"]
+    digits = source.get("digits", 0)
+    if source.get("urls"):
+        urls = {f"{i:0{digits}d}": url for i, url in enumerate(source["urls"])}
+    else:
+        urls = {f"{n:0{digits}d}": source["pattern"].replace("{part}", f"{n:0{digits}d}")
+                for n in range(source["first"], source["last"] + 1)}
+    base = data["template"]["output"]["uri"].rstrip("/")
+    parts = {}
+    for part_id, url in urls.items():
+        part = copy.deepcopy(data["template"])
+        part["partId"] = part_id
+        part["source"] = {"urls": [url]}
+        part["output"]["uri"] = f"{base}/{part_dir(part_id)}"
+        part["suspend"] = bool(data.get("suspend"))
+        parts[part_id] = part
+    return parts

@@ -25,6 +25,7 @@ Series per part, about 30 (64 parts: ~2,000):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 import time
@@ -157,6 +158,16 @@ class Metrics:
         self.queue_length = Gauge("laion_operator_queue_length",
                                   "Parts waiting for a free slot before their job is submitted.",
                                   registry=self.registry)
+        # A LaionDataset's view: its parts' statuses added up (gauges: a deleted part takes its share along).
+        self.dataset_parts = Gauge("laion_dataset_parts", "Parts of a LaionDataset, by phase.",
+                                   ["namespace", "dataset", "phase"], registry=self.registry)
+        self.dataset_images = Gauge("laion_dataset_images", "Images written by a LaionDataset's parts.",
+                                    ["namespace", "dataset"], registry=self.registry)
+        self.dataset_images_failed = Gauge("laion_dataset_images_failed",
+                                           "Images a LaionDataset's parts failed to get, by reason.",
+                                           ["namespace", "dataset", "reason"], registry=self.registry)
+        self.dataset_bytes_written = Gauge("laion_dataset_bytes_written", "Bytes written by a LaionDataset's parts.",
+                                           ["namespace", "dataset"], registry=self.registry)
 
     # --- parts -----------------------------------------------------------------------------------
 
@@ -197,6 +208,29 @@ class Metrics:
     def parts(self) -> list[tuple[str, str]]:
         with self._lock:
             return sorted(self._parts)
+
+    # --- datasets --------------------------------------------------------------------------------
+
+    def observe_dataset(self, namespace: str, name: str, status: dict) -> None:
+        """Record a dataset's added-up status (datasets.summarize)."""
+        for phase in PHASES:
+            self.dataset_parts.labels(namespace, name, phase).set(status["partsByPhase"].get(phase, 0))
+        self.dataset_images.labels(namespace, name).set(status["images"]["ok"])
+        for reason in FAILURE_REASONS:
+            self.dataset_images_failed.labels(namespace, name, reason).set(
+                status["images"]["failedByReason"].get(reason, 0))
+        self.dataset_bytes_written.labels(namespace, name).set(status["bytesWritten"])
+
+    def forget_dataset(self, namespace: str, name: str) -> None:
+        for phase in PHASES:
+            with contextlib.suppress(KeyError):
+                self.dataset_parts.remove(namespace, name, phase)
+        for reason in FAILURE_REASONS:
+            with contextlib.suppress(KeyError):
+                self.dataset_images_failed.remove(namespace, name, reason)
+        for gauge in (self.dataset_images, self.dataset_bytes_written):
+            with contextlib.suppress(KeyError):
+                gauge.remove(namespace, name)
 
     # --- operator health -------------------------------------------------------------------------
 

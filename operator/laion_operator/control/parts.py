@@ -7,11 +7,17 @@ A part moves through: validate → wait for a slot (Queued) → check its output
 A spec change (new generation) of a running part stops its job and starts the new generation's job,
 which resumes from the shards already finished; a change of source, columns or filter into the
 same output cannot resume and is refused (phase Failed, reason FilterChanged) without touching it.
+
+`spec.suspend: true` is such a change too: the job is stopped and the part waits in phase Suspended
+until `false` resumes it from its finished shards. `spec.activeDeadlineSeconds` bounds a run (from its
+first submission, retries included, reset on resume); past it the job is stopped and the part fails
+with reason DeadlineExceeded.
 """
 
 from __future__ import annotations
 
 import asyncio
+import calendar
 import logging
 import time
 from dataclasses import dataclass
@@ -19,7 +25,8 @@ from typing import Awaitable, Callable
 
 import kopf
 
-from ..contract import MANIFEST, PROGRESS, RUNNING, TERMINAL, ExitCode, Phase, Progress, Verification, fingerprint
+from ..contract import (MANIFEST, PROGRESS, RUNNING, SETTLED, TERMINAL, ExitCode, Phase, Progress, Verification,
+                        fingerprint)
 from ..spec import PartSpec, SpecError
 from ..storage import Store
 from . import kube
@@ -37,7 +44,8 @@ def now() -> str:
 
 
 class Slots:
-    """The operator-wide limit on running parts; the others wait, oldest first (phase Queued)."""
+    """The operator-wide limit on running parts; the others wait, higher spec.priority first, then
+    oldest first (phase Queued)."""
 
     def __init__(self, limit: int, on_change: Callable[[int], None] = lambda n: None):
         self.limit = limit
@@ -50,23 +58,32 @@ class Slots:
         """A part whose job already runs (found at start-up) holds a slot without queueing."""
         self.running.add(key)
 
-    async def acquire(self, key, created: str, on_queued: Callable[[], Awaitable[None]]) -> None:
+    async def acquire(self, key, created: str, on_queued: Callable[[], Awaitable[None]], priority: int = 0,
+                      give_up: Callable[[], bool] = lambda: False) -> bool:
+        """Take a slot; False if `give_up()` turned true while waiting (a spec change, suspend, shutdown)."""
         async with self._cond:
             if key in self.running:
-                return
-            self.waiting[key] = (created, key)
+                return True
+            self.waiting[key] = (-priority, created, key)
             self.on_change(len(self.waiting))
             queued = False
             try:
-                while len(self.running) >= self.limit or min(self.waiting.values())[1] != key:
+                while len(self.running) >= self.limit or min(self.waiting.values())[-1] != key:
+                    if give_up():
+                        return False
                     if not queued:
                         queued = True
                         await on_queued()
-                    await self._cond.wait()
+                    try:  # woken by a release, or after a while to look at give_up() again
+                        await asyncio.wait_for(self._cond.wait(), timeout=1.0)
+                    except asyncio.TimeoutError:
+                        pass
             finally:
                 self.waiting.pop(key, None)
                 self.on_change(len(self.waiting))
+                self._cond.notify_all()  # the next in line may be another part now
             self.running.add(key)
+            return True
 
     async def release(self, key) -> None:
         async with self._cond:
@@ -163,7 +180,7 @@ class Part:
         try:
             while not self.stopped:
                 status = self.status
-                if status.get("phase") in TERMINAL and status.get("observedGeneration") == self.generation:
+                if status.get("phase") in SETTLED and status.get("observedGeneration") == self.generation:
                     await self._observe_final()
                     await self.stopped.wait(self.op.config.poll_seconds)
                     continue
@@ -234,6 +251,9 @@ class Part:
         except SpecError as err:
             await self.fail("InvalidSpec", str(err))
             return
+        if spec.suspend:
+            await self.suspend(generation)
+            return
         try:
             secret = await self.read_secret(spec)
         except kube.KubeError as err:
@@ -247,9 +267,10 @@ class Part:
 
         job = await self.job_state(job_id)
         if job.state == "MISSING":
-            await self.op.slots.acquire(self.key, self.body["metadata"].get("creationTimestamp", ""),
-                                        on_queued=self._queued)
-            if self.stopped or self.generation != generation:
+            acquired = await self.op.slots.acquire(
+                self.key, self.body["metadata"].get("creationTimestamp", ""), on_queued=self._queued,
+                priority=spec.priority, give_up=lambda: bool(self.stopped) or self.generation != generation)
+            if not acquired or self.stopped or self.generation != generation:
                 return
             if not await self.output_matches(spec, secret):
                 return
@@ -285,6 +306,35 @@ class Part:
             reason = "StorageUnavailable"  # the job's log, in the message, names the endpoint
         await self.fail(reason, f"job {job_id} {job.state.lower()}: {job.message[-1000:]}")
         await self.op.slots.release(self.key)
+
+    async def suspend(self, generation: int) -> None:
+        """Stop the job (if any) and wait in phase Suspended; a finished part stays Succeeded."""
+        await self.op.slots.release(self.key)
+        job_id = self.status.get("submissionId")
+        if job_id:
+            await asyncio.to_thread(self.op.backend.stop, self.owner, job_id)
+            # Suspended means nothing writes into the output any more: a resume must not race the old job.
+            for _ in range(120):
+                job = await self.job_state(job_id)
+                if self.stopped or job.terminal or job.state == "MISSING":  # kuberay: the RayJob is deleted
+                    break
+                await self.stopped.wait(1)
+        if self.status.get("phase") == Phase.SUCCEEDED.value:
+            await self.write(observedGeneration=generation)
+            return
+        message = f"suspended (spec.suspend); job {job_id} stopped, finished shards kept" if job_id else \
+            "suspended (spec.suspend) before its job started"
+        await self.write(phase=Phase.SUSPENDED.value, observedGeneration=generation, message=message,
+                         activeSince=None)
+        self.event("Suspended", message)
+        self.op.metrics.observe_part(self.namespace, self.name, Phase.SUSPENDED, None, self.status.get("retries", 0))
+
+    def deadline_passed(self, spec: PartSpec) -> bool:
+        since = self.status.get("activeSince")
+        if not spec.active_deadline_seconds or not since:
+            return False
+        started = calendar.timegm(time.strptime(since, "%Y-%m-%dT%H:%M:%SZ"))
+        return time.time() - started > spec.active_deadline_seconds
 
     async def _queued(self) -> None:
         running = len(self.op.slots.running)
@@ -329,8 +379,10 @@ class Part:
                  self.namespace, self.name, job_id, generation, attempt)
         conditions = self.status.get("conditions") or []
         message = f"job {job_id} submitted (generation {generation}, attempt {attempt})"
+        # The deadline counts from the generation's first submission: retries spend it, a resume resets it.
+        since = {"activeSince": now()} if attempt == 0 else {}
         await self.write(phase=Phase.PENDING.value, submissionId=job_id, observedGeneration=generation,
-                         retries=attempt, output=spec.output.uri, message=message,
+                         retries=attempt, output=spec.output.uri, message=message, **since,
                          conditions=[condition("Submitted", True, "JobSubmitted", job_id, conditions),
                                      condition("Failed", False, "Running", "", conditions)])
         self.event("Submitted", message)
@@ -346,6 +398,13 @@ class Part:
             job = await self.job_state(job_id)
             if job.terminal:
                 return job
+            if self.deadline_passed(spec):
+                await asyncio.to_thread(self.op.backend.stop, self.owner, job_id)
+                await self.op.slots.release(self.key)
+                await self.fail("DeadlineExceeded",
+                                f"ran longer than spec.activeDeadlineSeconds ({spec.active_deadline_seconds}s); "
+                                f"job {job_id} stopped, its finished shards are kept")
+                return None
             progress = await self.read_progress(spec, secret)
             phase = Phase(progress.phase) if progress and progress.phase in RUNNING else Phase.PENDING
             if progress and progress.phase == Phase.SUCCEEDED:  # the summary is written, the job not yet done

@@ -56,6 +56,8 @@ STATUS_SCHEMA: dict = {
         "submissionId": {"type": "string"},
         "retries": _COUNT,
         "output": {"type": "string"},
+        "activeSince": {"type": "string", "format": "date-time", "nullable": True,
+                        "description": "When the current run was first submitted (spec.activeDeadlineSeconds)."},
         "rowsRead": _COUNT,
         "rowsKept": _COUNT,
         "shards": {"type": "object", "properties": {"total": _COUNT, "done": _COUNT, "failed": _COUNT}},
