@@ -43,6 +43,7 @@ SAMPLES = {
         {"pattern": "x_{part}", "last": 3}, {"urls": ["a"], "pattern": "x_{part}", "first": 0, "last": 0}, {},
         {"pattern": "x_{part}", "first": 5, "last": 4}, {"pattern": "x_{part}", "first": 0, "last": 999},
         {"pattern": "x_{part}", "first": 0, "last": 1000}, {"urls": ["a"], "first": 3, "last": 1},
+        {"dataset": {"uri": "/d"}}, {"urls": ["a"], "dataset": {"uri": "/d"}},
     ],
 }
 

@@ -98,7 +98,7 @@ def test_png_quality_defaults_to_the_png_level_on_both_paths():
 def test_png_quality_above_nine_is_refused_on_both_paths():
     for spec in (base(encodeFormat="png", encodeQuality=95), server_defaulted(base(encodeFormat="png",
                                                                                   encodeQuality=95))):
-        with pytest.raises(SpecError, match=r"spec.download.encodeQuality: 95 is above 9"):
+        with pytest.raises(SpecError, match=r"spec.download: encodeQuality must be at most 9 when encodeFormat is png"):
             PartSpec.from_dict(spec)
 
 

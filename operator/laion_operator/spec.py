@@ -69,8 +69,10 @@ SCHEMA: dict = {
             "type": "object",
             "description": "What the part reads: parquet metadata to download (urls) or a dataset to convert "
                            "(dataset), exactly one of them.",
+            # A CEL rule, not JSON Schema's oneOf, which would only say "not valid under any".
             "x-kubernetes-validations": [{"rule": "has(self.urls) != has(self.dataset)",
-                                          "message": "give exactly one of urls or dataset"}],
+                                          "message": "give exactly one of urls (parquet metadata to download) "
+                                                     "or dataset (an existing dataset to convert)"}],
             "properties": {
                 "urls": {
                     "type": "array", "minItems": 1,
@@ -283,6 +285,7 @@ def _has(obj: Any, key: str) -> bool:
 RULES: dict[str, Callable[[Any, Any], bool]] = {
     "self == oldSelf": lambda self, old: self == old,
     "has(self.urls) != has(self.pattern)": lambda self, old: _has(self, "urls") != _has(self, "pattern"),
+    "has(self.urls) != has(self.dataset)": lambda self, old: _has(self, "urls") != _has(self, "dataset"),
     "!has(self.pattern) || (self.pattern.contains('{part}') && has(self.first) && has(self.last))":
         lambda self, old: not _has(self, "pattern") or (
             "{part}" in self["pattern"] and _has(self, "first") and _has(self, "last")),
@@ -371,11 +374,6 @@ def validate(data: Any) -> dict:
         raise SpecError(f"spec: expected a mapping, got {type(data).__name__}")
     errors = sorted(_VALIDATOR.iter_errors(data), key=lambda e: list(e.absolute_path))
     messages = [_describe(e) for e in errors]
-    source = data.get("source")
-    if isinstance(source, dict) and ("urls" in source) == ("dataset" in source):
-        # The CRD says so with a CEL rule; JSON Schema's oneOf would only say "not valid under any".
-        messages.append("spec.source: give exactly one of urls (parquet metadata to download) or dataset "
-                        "(an existing dataset to convert)")
     if messages:
         raise SpecError("invalid part spec:\n  " + "\n  ".join(messages))
     spec = apply_defaults(data)
