@@ -21,6 +21,7 @@ from ..contract import DATASET_INDEX, FAILURE_REASONS, Phase, annotations, part_
 from ..storage import Store
 from . import kube
 from .parts import Operator, condition, now
+from .status import custom_resource_definition
 
 log = logging.getLogger(__name__)
 
@@ -84,38 +85,9 @@ PRINTER_COLUMNS = [
 
 def crd() -> dict:
     """The LaionDataset CustomResourceDefinition, generated from spec.DATASET_SCHEMA."""
-    return {
-        "apiVersion": "apiextensions.k8s.io/v1",
-        "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{kube.DATASET_PLURAL}.{kube.GROUP}"},
-        "spec": {
-            "group": kube.GROUP,
-            "scope": "Namespaced",
-            "names": {
-                "kind": KIND, "listKind": f"{KIND}List", "plural": kube.DATASET_PLURAL,
-                "singular": "laiondataset", "shortNames": ["lds"], "categories": ["laion"],
-            },
-            "versions": [{
-                "name": kube.VERSION,
-                "served": True,
-                "storage": True,
-                "subresources": {"status": {}},
-                "additionalPrinterColumns": PRINTER_COLUMNS,
-                "schema": {"openAPIV3Schema": {
-                    "type": "object",
-                    "description": "A LAION dataset of many parts (LaionParts made from one template).",
-                    "required": ["spec"],
-                    "properties": {
-                        "apiVersion": {"type": "string"},
-                        "kind": {"type": "string"},
-                        "metadata": {"type": "object"},
-                        "spec": specs.DATASET_SCHEMA,
-                        "status": STATUS_SCHEMA,
-                    },
-                }},
-            }],
-        },
-    }
+    return custom_resource_definition(
+        KIND, kube.DATASET_PLURAL, "lds", "A LAION dataset of many parts (LaionParts made from one template).",
+        specs.DATASET_SCHEMA, STATUS_SCHEMA, PRINTER_COLUMNS)
 
 
 def part_name(dataset: str, part_id: str) -> str:

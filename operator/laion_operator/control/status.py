@@ -113,37 +113,45 @@ PRINTER_COLUMNS = [
 ]
 
 
-def crd() -> dict:
-    """The LaionPart CustomResourceDefinition, generated from the spec's SCHEMA (crds/ holds its copy)."""
+def custom_resource_definition(kind: str, plural: str, short_name: str, description: str, spec_schema: dict,
+                               status_schema: dict, printer_columns: list[dict]) -> dict:
+    """A namespaced CRD of this operator's group with a status subresource (LaionPart, LaionDataset)."""
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{kube.PLURAL}.{kube.GROUP}"},
+        "metadata": {"name": f"{plural}.{kube.GROUP}"},
         "spec": {
             "group": kube.GROUP,
             "scope": "Namespaced",
             "names": {
-                "kind": "LaionPart", "listKind": "LaionPartList", "plural": kube.PLURAL,
-                "singular": "laionpart", "shortNames": ["lp"], "categories": ["laion"],
+                "kind": kind, "listKind": f"{kind}List", "plural": plural,
+                "singular": kind.lower(), "shortNames": [short_name], "categories": ["laion"],
             },
             "versions": [{
                 "name": kube.VERSION,
                 "served": True,
                 "storage": True,
                 "subresources": {"status": {}},
-                "additionalPrinterColumns": PRINTER_COLUMNS,
+                "additionalPrinterColumns": printer_columns,
                 "schema": {"openAPIV3Schema": {
                     "type": "object",
-                    "description": "One LAION metadata part turned into an image dataset in object storage.",
+                    "description": description,
                     "required": ["spec"],
                     "properties": {
                         "apiVersion": {"type": "string"},
                         "kind": {"type": "string"},
                         "metadata": {"type": "object"},
-                        "spec": specs.SCHEMA,
-                        "status": STATUS_SCHEMA,
+                        "spec": spec_schema,
+                        "status": status_schema,
                     },
                 }},
             }],
         },
     }
+
+
+def crd() -> dict:
+    """The LaionPart CustomResourceDefinition, generated from the spec's SCHEMA (crds/ holds its copy)."""
+    return custom_resource_definition(
+        "LaionPart", kube.PLURAL, "lp", "One LAION metadata part turned into an image dataset in object storage.",
+        specs.SCHEMA, STATUS_SCHEMA, PRINTER_COLUMNS)
