@@ -225,53 +225,66 @@ def _download_all(spec: PartSpec, tracker: Tracker, shards: int) -> list[int]:
         ray.get_runtime_context().get_node_id(), soft=True)).remote()
     task = _shard.options(max_retries=spec.download.shard_retries, retry_exceptions=True)
     spec_data = spec.to_dict()
-    running: dict = {}
     failed: list[int] = []
-    errors: dict[int, str] = {}
+    errors: dict[int, BaseException] = {}
     unavailable = ""
+
+    def settle(shard: int, result: dict | None, err: BaseException | None) -> bool:
+        nonlocal unavailable
+        if err is not None:  # a shard's failure is recorded, the part goes on
+            log.error("shard %d failed after %d retries: %s", shard, spec.download.shard_retries, err)
+            failed.append(shard)
+            errors[shard] = err
+            return True
+        if STORAGE_UNAVAILABLE in result:
+            unavailable = result[STORAGE_UNAVAILABLE]
+            log.error("shard %d: %s", shard, unavailable)
+            failed.append(shard)
+            return False  # no point starting more shards against an unreachable store
+        tracker.finished[shard] = ShardStats.from_json(result)
+        return True
+
+    def tick(partial: dict[int, dict], moved: bool) -> None:
+        tracker.progress.shards_failed = len(failed)
+        tracker.count(partial)
+        tracker.publish(force=moved)
+
     try:
-        unavailable = _run_shards(spec, tracker, todo, running, failed, errors, task, spec_data, board,
-                                  parallelism)
+        _run_tasks(lambda shard: task.remote(spec_data, shard, board), todo, parallelism, board, settle, tick)
     finally:
-        # A driver that gives up (an unreachable store, an interrupt) stops its shards: none may write on
-        # behind the next attempt's back.
-        for ref in running:
-            ray.cancel(ref, force=True)
-        ray.kill(board)
-    tracker.errors = errors
+        tracker.errors = errors
     if unavailable:
         raise StorageUnavailable(unavailable)
     return failed
 
 
-def _run_shards(spec, tracker, todo, running, failed, errors, task, spec_data, board, parallelism) -> str:
-    """Keep `parallelism` shards running until none is left; returns why the store was unreachable, if it was."""
-    unavailable = ""
-    while todo or running:
-        while todo and len(running) < parallelism:
-            shard = todo.pop(0)
-            running[task.remote(spec_data, shard, board)] = shard
-        ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
-        for ref in ready:
-            shard = running.pop(ref)
-            try:
-                result = ray.get(ref)
-                if STORAGE_UNAVAILABLE in result:
-                    unavailable = result[STORAGE_UNAVAILABLE]
-                    log.error("shard %d: %s", shard, unavailable)
-                    failed.append(shard)
-                    todo.clear()  # no point starting more shards against an unreachable store
-                else:
-                    tracker.finished[shard] = ShardStats.from_json(result)
-            except Exception as err:  # noqa: BLE001 - a shard's failure is recorded, the part goes on
-                log.error("shard %d failed after %d retries: %s", shard, spec.download.shard_retries, err)
-                failed.append(shard)
-                errors[shard] = getattr(err, "cause", None) or err  # Ray wraps the task's exception
-            board.forget.remote(shard)
-        tracker.progress.shards_failed = len(failed)
-        tracker.count(ray.get(board.snapshot.remote()))
-        tracker.publish(force=bool(ready))
-    return unavailable
+def _run_tasks(submit: Callable, todo: list[int], parallelism: int, board, settle: Callable, tick: Callable) -> None:
+    """Keep `parallelism` shard tasks running until `todo` is done. `submit(shard)` starts one;
+    `settle(shard, result, error)` takes each outcome and returns False to start no more; `tick(partial,
+    moved)` sees the running shards' counts after every wait. However it ends (an unreachable store,
+    bad input, an interrupt), the tasks still running are cancelled — none may write on behind the
+    next attempt's back — and the board goes."""
+    running: dict = {}
+    try:
+        while todo or running:
+            while todo and len(running) < parallelism:
+                shard = todo.pop(0)
+                running[submit(shard)] = shard
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
+            for ref in ready:
+                shard = running.pop(ref)
+                try:
+                    result, err = ray.get(ref), None
+                except Exception as raised:  # noqa: BLE001 - the task's failure, after its retries
+                    result, err = None, getattr(raised, "cause", None) or raised  # Ray wraps the task's exception
+                if not settle(shard, result, err):
+                    todo.clear()
+                board.forget.remote(shard)
+            tick(ray.get(board.snapshot.remote()), bool(ready))
+    finally:
+        for ref in running:
+            ray.cancel(ref, force=True)
+        ray.kill(board)
 
 
 def _encode_all(spec: PartSpec, tracker: Tracker, shards: list[int]) -> tuple[list[LatentStats], list[int]]:
@@ -298,7 +311,6 @@ def _encode_all(spec: PartSpec, tracker: Tracker, shards: list[int]) -> tuple[li
     log.info("latents: %d shards on %s, %d at once", len(todo), f"{gpus} GPUs" if gpus else "CPUs", parallelism)
     board = Board.remote()
     spec_data = spec.to_dict()
-    running: dict = {}
     failed: list[int] = []
     started, base = time.time(), sum(s.written for s in finished.values())
 
@@ -310,33 +322,24 @@ def _encode_all(spec: PartSpec, tracker: Tracker, shards: list[int]) -> tuple[li
         p.latents_skipped = sum(s.skipped for s in finished.values()) + sum(s.skipped for s in live)
         p.latents_per_second = round((p.latents_written - base) / max(time.time() - started, 1e-6), 2)
 
+    def settle(shard: int, result: dict | None, err: BaseException | None) -> bool:
+        if err is not None:  # a shard's failure is recorded, the part goes on
+            log.error("latents: shard %d failed after %d retries: %s", shard, settings.shard_retries, err)
+            failed.append(shard)
+        elif "bad_input" in result:
+            raise InputError(result["bad_input"])
+        else:
+            finished[shard] = LatentStats.from_json(result)
+        return True
+
+    def tick(partial: dict[int, dict], moved: bool) -> None:
+        count(partial)
+        tracker.publish(force=moved)
+
     p.latents_shards_total = len(shards)
     count({})
     tracker.publish(force=True)
-    try:
-        while todo or running:
-            while todo and len(running) < parallelism:
-                shard = todo.pop(0)
-                running[task.remote(spec_data, shard, board)] = shard
-            ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
-            for ref in ready:
-                shard = running.pop(ref)
-                try:
-                    result = ray.get(ref)
-                except Exception as err:  # noqa: BLE001 - a shard's failure is recorded, the part goes on
-                    log.error("latents: shard %d failed after %d retries: %s", shard, settings.shard_retries, err)
-                    failed.append(shard)
-                else:
-                    if "bad_input" in result:
-                        raise InputError(result["bad_input"])
-                    finished[shard] = LatentStats.from_json(result)
-                board.forget.remote(shard)
-            count(ray.get(board.snapshot.remote()))
-            tracker.publish(force=bool(ready))
-    finally:
-        for ref in running:
-            ray.cancel(ref, force=True)
-        ray.kill(board)
+    _run_tasks(lambda shard: task.remote(spec_data, shard, board), todo, parallelism, board, settle, tick)
     return list(finished.values()), failed
 
 
