@@ -149,7 +149,7 @@ def test_lost_worker_node_runs_its_shards_elsewhere(ray_driver, slow_metadata, t
         part = spec(slow_metadata, out, parallelism=4)
 
         def on_second_node():
-            return [pid for pid in node.processes() if cmdline(pid).startswith("ray::_download")]
+            return [pid for pid in node.processes() if cmdline(pid).startswith("ray::_shard")]
 
         run = Background(part)
         wait_until(lambda: on_second_node() or run.error, what="a shard on the second node")

@@ -137,7 +137,7 @@ def process_tree(mark: str) -> list[int]:
 def shard_workers(cluster) -> list[int]:
     """This cluster's worker processes running a shard right now (never another cluster's on the machine)."""
     return [pid for pid in process_tree(f"raylet --raylet_socket_name={cluster.temp_dir}")
-            if cmdline(pid).startswith("ray::_download")]
+            if cmdline(pid).startswith("ray::_shard")]
 
 
 class SecondNode:
