@@ -96,8 +96,7 @@ def cmd_convert(args) -> int:
 
 def cmd_verify(args) -> int:
     """Read a finished output back; exit 1 when a shard disagrees with what the part says it wrote."""
-    store = Store(specs.Output(uri=args.output, endpoint=args.endpoint, region=args.region,
-                               path_style=args.path_style, profile=args.profile, credentials_secret=None))
+    store = Store(specs.output_of(_output(args)))
     from .pipeline.verify import verify_output
 
     summary, result = verify_output(store)

@@ -507,6 +507,11 @@ class Heal:
         return f"{','.join(sorted(self.reasons))}#{self.round}"
 
 
+def output_of(data: dict) -> Output:
+    """An output section on its own (`laion-operator verify`), with the schema's defaults."""
+    return _build(Output, apply_defaults(data, SCHEMA["properties"]["output"]))
+
+
 @dataclasses.dataclass(frozen=True)
 class PartSpec:
     part_id: str
