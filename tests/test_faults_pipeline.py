@@ -16,7 +16,7 @@ from laion_operator.spec import PartSpec
 from laion_operator.storage import StorageUnavailable
 from laion_operator.testbed.demo_data import write_metadata
 from tests.support.exactly_once import check_exactly_once
-from tests.support.faults import Outage, SecondNode, cmdline, loopback_download, shard_workers
+from tests.support.faults import Outage, loopback_download, shard_workers
 
 # The outage is ~30 s; LAION_TEST_OUTAGE_SECONDS makes it shorter on a slow machine.
 OUTAGE_SECONDS = float(os.environ.get("LAION_TEST_OUTAGE_SECONDS", "30"))
@@ -137,29 +137,6 @@ def test_killed_shard_worker_is_retried_exactly_once(ray_driver, slow_metadata, 
     run.wait()
     assert run.error is None, run.error
     check_exactly_once(out)
-
-
-def test_lost_worker_node_runs_its_shards_elsewhere(ray_driver, slow_metadata, tmp_path):
-    node = SecondNode(ray_driver).start()
-    try:
-        import ray
-
-        wait_until(lambda: ray.cluster_resources().get("second_node"), timeout=60, what="the second node")
-        out = tmp_path / "out"
-        part = spec(slow_metadata, out, parallelism=4)
-
-        def on_second_node():
-            return [pid for pid in node.processes() if cmdline(pid).startswith("ray::_shard")]
-
-        run = Background(part)
-        wait_until(lambda: on_second_node() or run.error, what="a shard on the second node")
-        time.sleep(1)
-        node.kill()
-        run.wait()
-        assert run.error is None, run.error
-        check_exactly_once(out)
-    finally:
-        node.kill()
 
 
 def test_damaged_output_is_repaired_or_refused_naming_the_file(ray_driver, fast_metadata, tmp_path):
