@@ -13,7 +13,7 @@ import pytest
 
 from laion_operator import spec as specs
 from laion_operator.testbed.demo_data import write_metadata
-from tests.support.operator_proc import OperatorProcess
+from tests.support.operator_proc import operator_starter
 from tests.test_operator import GROUP, PLURAL, RAYJOB_CRD, VERSION, apply, jobs_of, part
 from tests.test_operator import wait_phase as _wait_phase
 
@@ -32,18 +32,8 @@ def api(kube_api):
 @pytest.fixture
 def operator(api, tmp_path):
     """Start the operator on a Ray cluster (or on none: then only suspended parts make sense)."""
-    started: list[OperatorProcess] = []
-
-    def start(config: dict | None = None, ray=None) -> OperatorProcess:
-        ray_env = ray.client_env() if ray else {}
-        address = ray.dashboard_url if ray else "http://127.0.0.1:9"  # nothing listens there
-        op = OperatorProcess(tmp_path, {**api.env_vars, **ray_env}, {"rayAddress": address, **(config or {})})
-        started.append(op)
-        return op.start()
-
-    yield start
-    for op in started:
-        op.stop()
+    with operator_starter(tmp_path, api) as start:
+        yield start
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from laion_operator.control import crash
 from laion_operator.testbed.demo_data import write_metadata
 from tests.support.exactly_once import check_exactly_once
 from tests.support.faults import Outage, loopback_download
-from tests.support.operator_proc import OperatorProcess
+from tests.support.operator_proc import OperatorProcess, operator_starter
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUP, VERSION, PLURAL = "laion-operator.io", "v1alpha1", "laionparts"
@@ -32,17 +32,9 @@ def api(kube_api):
 
 @pytest.fixture
 def operators(api, ray_cluster, tmp_path):
-    started: list[OperatorProcess] = []
-
-    def start(config: dict | None = None, wait: bool = True, **kw) -> OperatorProcess:
-        op = OperatorProcess(tmp_path, {**api.env_vars, **ray_cluster.client_env()},
-                             {"rayAddress": ray_cluster.dashboard_url, **(config or {})}, **kw)
-        started.append(op)
-        return op.start() if wait else op
-
-    yield start
-    for op in started:
-        op.stop()
+    """Start operators (`wait=False`: without waiting for them to serve); all are stopped after the test."""
+    with operator_starter(tmp_path, api, ray_cluster) as start:
+        yield start
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import yaml
 
 from laion_operator.testbed.demo_data import write_metadata
 from laion_operator.spec import load
-from tests.support.operator_proc import OperatorProcess
+from tests.support.operator_proc import operator_starter
 from tests.support.prometheus import Prometheus
 from tests.support.services import job_driver_pids
 
@@ -35,17 +35,8 @@ def api(kube_api):
 @pytest.fixture
 def operators(api, ray_cluster, tmp_path):
     """Start operators with a given configuration; all are stopped after the test."""
-    started: list[OperatorProcess] = []
-
-    def start(config: dict | None = None, **kw) -> OperatorProcess:
-        op = OperatorProcess(tmp_path, {**api.env_vars, **ray_cluster.client_env()},
-                             {"rayAddress": ray_cluster.dashboard_url, **(config or {})}, **kw)
-        started.append(op)
-        return op.start()
-
-    yield start
-    for op in started:
-        op.stop()
+    with operator_starter(tmp_path, api, ray_cluster) as start:
+        yield start
 
 
 @pytest.fixture(scope="module")

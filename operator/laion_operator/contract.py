@@ -255,6 +255,19 @@ class Progress:
     latents_skipped: int = 0
     latents_per_second: float = 0.0
 
+    def count_images(self, finished: list["ShardStats"], running: list["ShardStats"] = ()) -> None:
+        """Images by outcome from the shards (the finished ones and the running ones' counts so far);
+        bytes from the finished ones only."""
+        shards = [*finished, *running]
+        self.images_ok = sum(s.successes for s in shards)
+        self.images_failed = sum(s.failed for s in shards)
+        reasons: dict[str, int] = {}
+        for s in shards:
+            for reason, n in s.failed_by_reason.items():
+                reasons[reason] = reasons.get(reason, 0) + n
+        self.failed_by_reason = reasons
+        self.bytes_written = sum(s.bytes_written for s in finished)
+
     @property
     def success_rate(self) -> float:
         """Percent of attempted images that made it into the dataset."""

@@ -1895,7 +1895,7 @@ class TestAPIServer:
             self.emulator.close_streams()
             await asyncio.sleep(0.1)  # let the watch-streams end gracefully
 
-    def call(self, fn: Callable[[], Any], timeout: float = 10) -> Any:
+    def call(self, fn: Callable[[], Any], timeout: float = 60) -> Any:
         """Run a callable in the server's event loop (e.g. to touch ``emulator`` safely)."""
         assert self._loop is not None
 

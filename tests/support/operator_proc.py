@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -72,3 +73,25 @@ class OperatorProcess:
 
     def logs(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
+
+
+@contextlib.contextmanager
+def operator_starter(workdir: Path, api, ray_cluster=None):
+    """`start(config, ray=…, wait=True, **kw)` runs an operator against the test API server and a Ray
+    cluster (`ray`, else `ray_cluster`, else none: then nothing answers at rayAddress); every operator
+    started is stopped at the end."""
+    started: list[OperatorProcess] = []
+
+    def start(config: dict | None = None, ray=None, wait: bool = True, **kw) -> OperatorProcess:
+        ray = ray or ray_cluster
+        ray_env = ray.client_env() if ray else {}
+        address = ray.dashboard_url if ray else "http://127.0.0.1:9"  # nothing listens there
+        op = OperatorProcess(workdir, {**api.env_vars, **ray_env}, {"rayAddress": address, **(config or {})}, **kw)
+        started.append(op)
+        return op.start() if wait else op
+
+    try:
+        yield start
+    finally:
+        for op in started:
+            op.stop()

@@ -21,7 +21,7 @@ from ..contract import DATASET_INDEX, FAILURE_REASONS, Phase, annotations, part_
 from ..storage import Store
 from . import kube
 from .parts import Operator, condition, now
-from .status import custom_resource_definition
+from .status import COUNT_SCHEMA, CONDITIONS_SCHEMA, IMAGES_SCHEMA, custom_resource_definition
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,6 @@ KIND = "LaionDataset"
 PENDING, RUNNING_, SUCCEEDED, FAILED, SUSPENDED = "Pending", "Running", "Succeeded", "Failed", "Suspended"
 DATASET_PHASES = [PENDING, RUNNING_, SUCCEEDED, FAILED, SUSPENDED]
 
-_COUNT = {"type": "integer", "minimum": 0}
 
 STATUS_SCHEMA: dict = {
     "type": "object",
@@ -39,37 +38,17 @@ STATUS_SCHEMA: dict = {
         "phase": {"type": "string", "enum": DATASET_PHASES},
         "message": {"type": "string"},
         "observedGeneration": {"type": "integer"},
-        "partsTotal": _COUNT,
-        "partsSucceeded": _COUNT,
+        "partsTotal": COUNT_SCHEMA,
+        "partsSucceeded": COUNT_SCHEMA,
         "partsProgress": {"type": "string", "description": "Parts succeeded / parts in all."},
-        "partsByPhase": {"type": "object", "additionalProperties": _COUNT},
+        "partsByPhase": {"type": "object", "additionalProperties": COUNT_SCHEMA},
         "partPhases": {"type": "object", "additionalProperties": {"type": "string"},
                        "description": "Each part's phase, by part id."},
-        "images": {
-            "type": "object",
-            "properties": {
-                "ok": _COUNT,
-                "failed": _COUNT,
-                "failedByReason": {"type": "object", "additionalProperties": _COUNT},
-            },
-        },
-        "bytesWritten": _COUNT,
+        "images": IMAGES_SCHEMA,
+        "bytesWritten": COUNT_SCHEMA,
         "successRate": {"type": "number", "description": "Percent of attempted images downloaded, all parts."},
         "index": {"type": "string", "description": "The dataset's index of every part's annotation files."},
-        "conditions": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "required": ["type", "status"],
-                "properties": {
-                    "type": {"type": "string"},
-                    "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
-                    "reason": {"type": "string"},
-                    "message": {"type": "string"},
-                    "lastTransitionTime": {"type": "string", "format": "date-time"},
-                },
-            },
-        },
+        "conditions": CONDITIONS_SCHEMA,
     },
     "x-kubernetes-preserve-unknown-fields": True,  # kopf's bookkeeping
 }

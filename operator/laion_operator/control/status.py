@@ -45,7 +45,30 @@ def cr_status(progress: Progress) -> dict:
     return status
 
 
-_COUNT = {"type": "integer", "minimum": 0}
+COUNT_SCHEMA = {"type": "integer", "minimum": 0}
+# Shared by the LaionPart's and the LaionDataset's status.
+IMAGES_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "ok": COUNT_SCHEMA,
+        "failed": COUNT_SCHEMA,
+        "failedByReason": {"type": "object", "additionalProperties": COUNT_SCHEMA},
+    },
+}
+CONDITIONS_SCHEMA = {
+    "type": "array",
+    "items": {
+        "type": "object",
+        "required": ["type", "status"],
+        "properties": {
+            "type": {"type": "string"},
+            "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
+            "reason": {"type": "string"},
+            "message": {"type": "string"},
+            "lastTransitionTime": {"type": "string", "format": "date-time"},
+        },
+    },
+}
 
 STATUS_SCHEMA: dict = {
     "type": "object",
@@ -54,50 +77,30 @@ STATUS_SCHEMA: dict = {
         "message": {"type": "string"},
         "observedGeneration": {"type": "integer"},
         "submissionId": {"type": "string"},
-        "retries": _COUNT,
+        "retries": COUNT_SCHEMA,
         "output": {"type": "string"},
         "activeSince": {"type": "string", "format": "date-time", "nullable": True,
                         "description": "When the current run was first submitted (spec.activeDeadlineSeconds)."},
-        "rowsRead": _COUNT,
-        "rowsKept": _COUNT,
-        "shards": {"type": "object", "properties": {"total": _COUNT, "done": _COUNT, "failed": _COUNT}},
+        "rowsRead": COUNT_SCHEMA,
+        "rowsKept": COUNT_SCHEMA,
+        "shards": {"type": "object", "properties": {"total": COUNT_SCHEMA, "done": COUNT_SCHEMA, "failed": COUNT_SCHEMA}},
         "shardsProgress": {"type": "string"},
-        "images": {
-            "type": "object",
-            "properties": {
-                "ok": _COUNT,
-                "failed": _COUNT,
-                "failedByReason": {"type": "object", "additionalProperties": _COUNT},
-            },
-        },
-        "bytesWritten": _COUNT,
+        "images": IMAGES_SCHEMA,
+        "bytesWritten": COUNT_SCHEMA,
         "successRate": {"type": "number", "description": "Percent of attempted images downloaded."},
         "latents": {
             "type": "object",
             "description": "The latents stage (spec.latents): shards, samples encoded, undecodable images, rate.",
             "properties": {
-                "shards": {"type": "object", "properties": {"total": _COUNT, "done": _COUNT, "failed": _COUNT}},
-                "written": _COUNT,
-                "skipped": _COUNT,
+                "shards": {"type": "object", "properties": {"total": COUNT_SCHEMA, "done": COUNT_SCHEMA, "failed": COUNT_SCHEMA}},
+                "written": COUNT_SCHEMA,
+                "skipped": COUNT_SCHEMA,
                 "perSecond": {"type": "number", "minimum": 0},
             },
         },
         "startedAt": {"type": "string", "format": "date-time", "nullable": True},
         "finishedAt": {"type": "string", "format": "date-time", "nullable": True},
-        "conditions": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "required": ["type", "status"],
-                "properties": {
-                    "type": {"type": "string"},
-                    "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
-                    "reason": {"type": "string"},
-                    "message": {"type": "string"},
-                    "lastTransitionTime": {"type": "string", "format": "date-time"},
-                },
-            },
-        },
+        "conditions": CONDITIONS_SCHEMA,
     },
     # kopf keeps its own bookkeeping under status (handler progress) unless told otherwise.
     "x-kubernetes-preserve-unknown-fields": True,

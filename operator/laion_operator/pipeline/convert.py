@@ -33,10 +33,10 @@ import fsspec
 import pyarrow as pa
 from img2dataset.downloader import compute_key
 
-from ..contract import MANIFEST, SHARD_DIGITS, InputError, ShardStats, fingerprint, shard_files, shard_stats
+from ..contract import MANIFEST, SHARD_DIGITS, InputError, ShardStats, fingerprint
 from ..spec import Dataset, PartSpec
 from ..storage import Store
-from .download import _size, make_resizer, make_writer, resize_reason
+from .download import clear_shard, finish_shard, make_resizer, make_writer, resize_reason
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 CAPTION_EXTENSIONS = ("txt", "caption")
@@ -282,9 +282,7 @@ def convert_shard(spec: PartSpec, shard: int,
     """Convert input shard `shard` into output shard `shard`; returns its stats (also its _stats.json)."""
     opts = spec.download
     store = Store(spec.output)
-    for stale in shard_files(shard):  # a partial earlier attempt must not leave samples behind
-        if store.fs.exists(store.path(stale)):
-            store.fs.rm(store.path(stale), recursive=True)
+    clear_shard(store, shard)
     entry = store.read_json(MANIFEST)["inputs"][shard]
     stats = ShardStats(shard=shard, start_time=time.time())
     reasons: Counter[str] = Counter()
@@ -319,8 +317,4 @@ def convert_shard(spec: PartSpec, shard: int,
                 last_report = time.monotonic()
     finally:
         writer.close()
-    stats.failed_by_reason = dict(reasons)
-    stats.bytes_written = sum(_size(store, store.path(path)) for path in shard_files(shard))
-    stats.end_time = time.time()
-    store.write_json(stats.to_json(), shard_stats(shard))
-    return stats
+    return finish_shard(store, stats, reasons)

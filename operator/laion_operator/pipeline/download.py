@@ -163,9 +163,7 @@ def download_shard(spec: PartSpec, shard: int,
     metadata row, written again as they were instead of fetched; the other rows are fetched."""
     opts = spec.download
     store = Store(spec.output)
-    for stale in shard_files(shard):  # a partial earlier attempt must not leave samples behind
-        if store.fs.exists(store.path(stale)):
-            store.fs.rm(store.path(stale), recursive=True)
+    clear_shard(store, shard)
     table = read_shard(store, shard)
     stats = ShardStats(shard=shard, count=table.num_rows, start_time=time.time())
     reasons: Counter[str] = Counter()
@@ -230,10 +228,22 @@ def download_shard(spec: PartSpec, shard: int,
                 report(stats)
                 last_report = time.monotonic()
     writer.close()
+    return finish_shard(store, stats, reasons)
+
+
+def clear_shard(store: Store, shard: int) -> None:
+    """Remove whatever an earlier attempt at the shard wrote: a redone shard must not leave samples behind."""
+    for stale in shard_files(shard):
+        if store.fs.exists(store.path(stale)):
+            store.fs.rm(store.path(stale), recursive=True)
+
+
+def finish_shard(store: Store, stats: ShardStats, reasons: dict[str, int]) -> ShardStats:
+    """Count what the shard wrote and mark it finished: its stats file goes last, after every other file."""
     stats.failed_by_reason = dict(reasons)
-    stats.bytes_written = sum(_size(store, store.path(path)) for path in shard_files(shard))
+    stats.bytes_written = sum(_size(store, store.path(path)) for path in shard_files(stats.shard))
     stats.end_time = time.time()
-    store.write_json(stats.to_json(), shard_stats(shard))
+    store.write_json(stats.to_json(), shard_stats(stats.shard))
     return stats
 
 

@@ -181,18 +181,9 @@ class Tracker:
         self.publish()
 
     def count(self, running: dict[int, dict] | None = None) -> None:
-        shards = list(self.finished.values())
-        shards += [ShardStats.from_json(s) for k, s in (running or {}).items() if k not in self.finished]
-        p = self.progress
-        p.shards_done = len(self.finished)
-        p.images_ok = sum(s.successes for s in shards)
-        p.images_failed = sum(s.failed for s in shards)
-        reasons: dict[str, int] = {}
-        for s in shards:
-            for reason, n in s.failed_by_reason.items():
-                reasons[reason] = reasons.get(reason, 0) + n
-        p.failed_by_reason = reasons
-        p.bytes_written = sum(s.bytes_written for s in self.finished.values())
+        live = [ShardStats.from_json(s) for k, s in (running or {}).items() if k not in self.finished]
+        self.progress.shards_done = len(self.finished)
+        self.progress.count_images(list(self.finished.values()), live)
 
     def publish(self, force: bool = False) -> None:
         now = time.time()

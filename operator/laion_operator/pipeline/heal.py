@@ -160,14 +160,7 @@ def heal_part(spec: PartSpec, reasons: list[str] | None = None, force: bool = Fa
     progress.rows_kept = manifest.get("rows_kept", progress.rows_kept)
     progress.rows_read = manifest.get("rows_read", progress.rows_read)
     progress.dropped_by = manifest.get("dropped_by", progress.dropped_by)
-    progress.images_ok = sum(s.successes for s in stats)
-    progress.images_failed = sum(s.failed for s in stats)
-    by_reason: dict[str, int] = {}
-    for s in stats:
-        for reason, n in s.failed_by_reason.items():
-            by_reason[reason] = by_reason.get(reason, 0) + n
-    progress.failed_by_reason = by_reason
-    progress.bytes_written = sum(s.bytes_written for s in stats)
+    progress.count_images(stats)
     progress.finished_at = progress.updated_at = time.time()
     summary = annotate(spec, store, stats, progress)
     summary["heal"] = {"reasons": plan["reasons"], "shards": len(plan["shards"]), "refetched": refetched}
