@@ -21,7 +21,8 @@ from . import common
 
 RESULTS = common.ROOT / "bench" / "RESULTS.md"
 REQUIREMENTS = common.ROOT / "bench" / "requirements.txt"
-VERSIONS = ["pyarrow", "polars", "duckdb", "pyspark", "img2dataset", "opencv-python-headless", "ray"]
+VERSIONS = ["pyarrow", "polars", "duckdb", "pyspark", "img2dataset", "opencv-python-headless", "ray", "torch",
+            "diffusers", "transformers", "mosaicml-streaming"]
 HEADER = """# Benchmark results
 
 Appended by `make bench` (`python -m bench`), newest last; bench/README.md says what each number
@@ -75,16 +76,27 @@ def git_revision() -> str:
 
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
-    p.add_argument("--only", choices=["filter", "download", "operator"], help="run one benchmark only")
+    p.add_argument("--only", choices=["filter", "download", "internet", "operator", "latents", "soak"],
+                   help="run one benchmark only (soak, 200 parts through the operator, runs only when asked)")
+    p.add_argument("--soak-parts", type=int, default=200, help="LaionParts in the soak (default 200)")
     p.add_argument("--filter-rows", type=int, default=20_000_000, help="metadata rows (default 20,000,000)")
     p.add_argument("--images", type=int, default=5000, help="images to download (default 5,000)")
+    p.add_argument("--internet-urls", type=int, default=3000,
+                   help="URLs on the loopback internet (default 3,000: a few minutes a side on 2 cores)")
+    p.add_argument("--internet-sweep", default="32,128,256,512",
+                   help="img2dataset thread counts tried besides the seeds' 64 (default 32,128,256,512)")
     p.add_argument("--repeats", type=int, default=3, help="runs per filter engine, best kept (default 3)")
     p.add_argument("--download-repeats", type=int, default=3, help="runs per download side (default 3)")
-    p.add_argument("--quick", action="store_true", help="small sizes for a try-out: 200k rows, 300 images, 1 run")
+    p.add_argument("--quick", action="store_true",
+                   help="small sizes for a try-out: 200k rows, 300 images, 400 internet URLs, 64 latents, 1 run")
+    p.add_argument("--latents-images", type=int, default=512, help="images the latents benchmark encodes (default 512)")
+    p.add_argument("--latents-repeats", type=int, default=3, help="runs per latents side (default 3)")
     p.add_argument("--no-record", action="store_true", help="print only; do not append to bench/RESULTS.md")
     args = p.parse_args(argv)
     if args.quick:
         args.filter_rows, args.images, args.repeats, args.download_repeats = 200_000, 300, 1, 1
+        args.internet_urls, args.internet_sweep = 400, "128"
+        args.latents_images, args.latents_repeats = 64, 1
     return args
 
 
@@ -95,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("MAKELEVEL"):
         command = f"make bench ({command})"
     os.environ.update(common.QUIET_ENV)
-    ensure_python_tools()
+    if args.only not in ("latents", "soak"):  # these compare against plain torch, or nothing: nothing to install
+        ensure_python_tools()
     if args.only in (None, "filter"):
         ensure_java()
 
@@ -111,6 +124,13 @@ def main(argv: list[str] | None = None) -> int:
         report, g = download_bench.bench(args.images, args.download_repeats)
         sections.append(("Download", report))
         goals += g
+    if args.only in (None, "internet"):
+        from . import internet_bench
+
+        report, g = internet_bench.bench(args.internet_urls,
+                                         tuple(int(t) for t in args.internet_sweep.split(",") if t))
+        sections.append(("Download on the internet on loopback", report))
+        goals += g
     if args.only in (None, "operator"):
         from . import operator_bench
 
@@ -119,7 +139,22 @@ def main(argv: list[str] | None = None) -> int:
         many = rows[-1]
         goals.append(f"operator overhead: {many['parts']} parts applied at once all submitted in "
                      f"{many['submit_all_s']:.2f} s ({many['submit_all_s'] / many['baseline_s']:.1f}× the API round "
-                     f"trip of as many objects); status lag median {many['lag_median_s']:.2f} s with pollSeconds 1")
+                     f"trip of as many objects); status lag median {many['lag_median_s']:.2f} s with pollSeconds 1; operator "
+                     f"resident memory {rows[0]['rss_mb']:.0f} MB idle, {many['rss_mb']:.0f} MB with {many['parts']} parts")
+
+    if args.only in (None, "latents"):
+        from . import latents_bench
+
+        report, g = latents_bench.bench(args.latents_images, args.latents_repeats)
+        sections.append(("Latents", report))
+        goals += g
+
+    if args.only == "soak":
+        from . import soak_bench
+
+        result = soak_bench.run(args.soak_parts)
+        sections.append(("Operator soak", soak_bench.report(result)))
+        goals += soak_bench.goals(result)
 
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     entry = [

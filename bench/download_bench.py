@@ -22,13 +22,13 @@ import io
 import json
 import math
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
 
 import numpy as np
+from laion_operator.testbed.loopback import free_port
 
 from . import common
 
@@ -72,12 +72,6 @@ def serve(port: int, specs_file: str) -> None:
     print("ready", flush=True)
     sys.stdin.read()
     server.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_metadata(path: Path, base_url: str, paths: list[str]) -> None:

@@ -5,7 +5,8 @@ Measured on the test API server (tests/support/kubeapi.py) with the operator in 
 baseline, measured in the same run, is the API round trip itself: `kubectl apply` of the same number
 of objects and the time until they can be read back. Status lag is the time from a RayJob's status
 turning SUCCEEDED to its LaionPart's phase saying so; the operator looks every pollSeconds (here 1 s),
-so half a poll is the floor.
+so half a poll is the floor. The operator's resident memory is read from /proc, idle and once a
+batch of parts has succeeded.
 """
 
 from __future__ import annotations
@@ -57,7 +58,14 @@ def _wait_all(check, names: list[str], timeout: float = 300) -> dict[str, float]
     return seen
 
 
-def measure(api, n: int) -> dict:
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def measure(api, n: int, pid: int) -> dict:
     names = [f"p{i}" for i in range(n)]
     api.create_namespace(f"baseline-{n}")
     t0 = time.monotonic()
@@ -86,7 +94,8 @@ def measure(api, n: int) -> dict:
                      .get("phase") == "Succeeded", names)
     lag = [done[m] - flipped[m] for m in names]
     return {"parts": n, "baseline_s": baseline_s, "submit_median_s": statistics.median(to_submit),
-            "submit_all_s": max(to_submit), "lag_median_s": statistics.median(lag), "lag_max_s": max(lag)}
+            "submit_all_s": max(to_submit), "lag_median_s": statistics.median(lag), "lag_max_s": max(lag),
+            "rss_mb": rss_mb(pid)}
 
 
 def run() -> list[dict]:
@@ -100,8 +109,10 @@ def run() -> list[dict]:
         op = OperatorProcess(Path(tmp), api.env_vars,
                              {"mode": "kuberay", "rayJobTemplate": TEMPLATE, "maxConcurrentParts": 64}).start()
         try:
+            time.sleep(3)  # past start-up: the idle operator
+            rows.append({"parts": 0, "rss_mb": rss_mb(op.proc.pid)})
             for n in (1, 64):
-                rows.append(measure(api, n))
+                rows.append(measure(api, n, op.proc.pid))
         finally:
             op.stop()
     return rows
@@ -109,11 +120,14 @@ def run() -> list[dict]:
 
 def report(rows: list[dict]) -> list[str]:
     lines = ["| parts | API round trip (baseline) | apply → submitted, median | all submitted | ratio to baseline "
-             "| status lag, median | status lag, max |", "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| status lag, median | status lag, max | operator RSS |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
+        if "baseline_s" not in r:
+            lines.append(f"| {r['parts']} (idle) | | | | | | | {r['rss_mb']:.0f} MB |")
+            continue
         lines.append(f"| {r['parts']} | {r['baseline_s']:.2f} s | {r['submit_median_s']:.2f} s | "
                      f"{r['submit_all_s']:.2f} s | {r['submit_all_s'] / r['baseline_s']:.1f}× | "
-                     f"{r['lag_median_s']:.2f} s | {r['lag_max_s']:.2f} s |")
+                     f"{r['lag_median_s']:.2f} s | {r['lag_max_s']:.2f} s | {r['rss_mb']:.0f} MB |")
     return lines
 
 

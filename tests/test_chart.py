@@ -4,6 +4,7 @@ operator uses. Also: the CRD has one source, and the images agree with the chart
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import re
@@ -77,23 +78,26 @@ def scenario(request):
 
 # --- one CRD source ---------------------------------------------------------------------------------
 
-def test_crd_copies_match_the_generator():
+@pytest.mark.parametrize("kind", ["LaionPart", "LaionDataset"])
+def test_crd_copies_match_the_generator(kind):
     from laion_operator import cli
 
     out = io.StringIO()
     with redirect_stdout(out):
-        assert cli.cmd_crd(None) == 0
-    source = (ROOT / "crds" / "laionpart.yaml").read_text()
-    chart_copy = (CHART / "crds" / "laionpart.yaml").read_text()
-    assert source == out.getvalue(), "crds/laionpart.yaml is stale: run scripts/sync-crd"
-    assert chart_copy == source, "charts/laion-operator/crds/laionpart.yaml differs from crds/: run scripts/sync-crd"
+        assert cli.cmd_crd(argparse.Namespace(kind=kind)) == 0
+    name = f"{kind.lower()}.yaml"
+    source = (ROOT / "crds" / name).read_text()
+    chart_copy = (CHART / "crds" / name).read_text()
+    assert source == out.getvalue(), f"crds/{name} is stale: run scripts/sync-crd"
+    assert chart_copy == source, f"charts/laion-operator/crds/{name} differs from crds/: run scripts/sync-crd"
 
 
 def test_chart_ships_the_crds_and_they_are_valid():
     with helm.Chart.load(CHART) as chart:
         crds = [doc for c in chart.crds for doc in yaml.safe_load_all(c["data"]) if doc]
     assert {c["metadata"]["name"] for c in crds} == {
-        "laionparts.laion-operator.io", "kopfpeerings.kopf.dev", "clusterkopfpeerings.kopf.dev"}
+        "laionparts.laion-operator.io", "laiondatasets.laion-operator.io", "kopfpeerings.kopf.dev",
+        "clusterkopfpeerings.kopf.dev"}
     for crd in crds:
         for version in KUBE_VERSIONS:
             problem = None
@@ -112,7 +116,8 @@ def test_chart_ships_the_crds_and_they_are_valid():
 def test_sync_crd_script_is_executable():
     script = ROOT / "scripts" / "sync-crd"
     assert script.stat().st_mode & 0o111
-    assert "charts/laion-operator/crds/laionpart.yaml" in script.read_text()
+    assert "charts/laion-operator/crds/$file" in script.read_text()
+    assert "LaionPart LaionDataset" in script.read_text()
 
 
 # --- what gets rendered -----------------------------------------------------------------------------
@@ -255,6 +260,39 @@ def test_kuberay_config_carries_a_valid_rayjob_template():
     rayjob = {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": {"name": "part-00000"},
               "spec": {**template, "entrypoint": "laion-operator job"}}
     jsonschema.validate(rayjob, schema, cls=jsonschema.Draft4Validator)  # OpenAPI v3.0 is draft 4
+    assert not pruned_fields(rayjob["spec"], schema["properties"]["spec"]), "the API server would drop these"
+
+
+def test_a_part_with_latents_gets_the_gpu_worker_group_in_a_valid_rayjob():
+    from laion_operator.control.rayjobs import build_rayjob
+    from laion_operator.spec import PartSpec
+
+    config = operator_config(manifests(rendered("all-on")))
+    group = config["latentsWorkerGroup"]
+    container = group["template"]["spec"]["containers"][0]
+    assert container["image"] == f"laion-operator/ray-worker:{chart_metadata()['appVersion']}"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"  # what Ray counts as the node's GPUs
+    base = {"partId": "p", "source": {"urls": ["s3://b/p.parquet"]},
+            "output": {"uri": "s3://b/out", "credentialsSecret": "laion-s3"}}
+    latents = {**base, "latents": {"vae": "stabilityai/sdxl-vae", "textEncoder": "openai/clip-vit-large-patch14",
+                                   "hubTokenSecret": "hf-token"}}
+    owner = {"namespace": "ns", "name": "p", "uid": "0000-1111"}
+    plain = build_rayjob(config["rayJobTemplate"], owner, "j", PartSpec.from_dict(base), "laion-operator job", group)
+    assert group["groupName"] not in [g["groupName"] for g in plain["spec"]["rayClusterSpec"]["workerGroupSpecs"]]
+    rayjob = build_rayjob(config["rayJobTemplate"], owner, "j", PartSpec.from_dict(latents), "laion-operator job",
+                          group)
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    assert [g["groupName"] for g in cluster["workerGroupSpecs"]][-1] == group["groupName"]
+    containers = [c for g in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+                  for c in g["template"]["spec"]["containers"]]
+    for c in containers:  # the token comes from its Secret, as the storage credentials do
+        assert c["envFrom"] == [{"secretRef": {"name": "laion-s3"}}, {"secretRef": {"name": "hf-token"}}]
+    assert rayjob["spec"]["entrypoint"] == "laion-operator job"
+    schema = kuberay_schema()
+    if schema is None:
+        pytest.skip("shared/kuberay/ray.io_rayjobs.yaml (KubeRay's RayJob CRD) is not beside the checkout")
+    manifest = {k: rayjob[k] for k in ("apiVersion", "kind", "spec")} | {"metadata": {"name": "j"}}
+    jsonschema.validate(manifest, schema, cls=jsonschema.Draft4Validator)
     assert not pruned_fields(rayjob["spec"], schema["properties"]["spec"]), "the API server would drop these"
 
 
@@ -413,7 +451,10 @@ ALLOWED = {
     ("", "namespaces"): {"list", "watch"},  # kopf: namespaces coming and going (all namespaces only)
     ("kopf.dev", "clusterkopfpeerings"): {"get", "list", "watch", "patch"},  # kopf: peering, all namespaces
     ("kopf.dev", "kopfpeerings"): {"get", "list", "watch", "patch"},  # kopf: peering per namespace
-    ("laion-operator.io", "laionparts"): {"get", "list", "watch", "patch", "update"},
+    ("laion-operator.io", "laionparts"): {"get", "list", "watch", "patch", "update", "create"},  # create: datasets
+    ("laion-operator.io", "laiondatasets"): {"get", "list", "watch", "patch", "update"},
+    ("laion-operator.io", "laiondatasets/status"): {"get", "patch", "update"},
+    ("laion-operator.io", "laiondatasets/finalizers"): {"update"},  # blockOwnerDeletion on the dataset's parts
     ("laion-operator.io", "laionparts/status"): {"get", "patch", "update"},
     ("laion-operator.io", "laionparts/finalizers"): {"update"},  # kuberay: blockOwnerDeletion on RayJobs
     ("", "events"): {"create"},
@@ -479,7 +520,9 @@ def test_rbac_grants_nothing_beyond_the_allow_list(values):
         assert not of_kind(docs, "Role")
     # What the operator needs is there (the allow-list is not just an upper bound on nothing).
     scope = "Role" if namespaces else "ClusterRole"
-    assert got[(scope, "laion-operator.io", "laionparts")] == {"get", "list", "watch", "patch", "update"}
+    assert got[(scope, "laion-operator.io", "laionparts")] == {"get", "list", "watch", "patch", "update", "create"}
+    assert got[(scope, "laion-operator.io", "laiondatasets")] == {"get", "list", "watch", "patch", "update"}
+    assert got[(scope, "laion-operator.io", "laiondatasets/status")] == {"get", "patch", "update"}
     assert got[(scope, "laion-operator.io", "laionparts/status")] == {"get", "patch", "update"}
     assert got[(scope, "", "events")] == {"create"}
     assert got[("ClusterRole", "apiextensions.k8s.io", "customresourcedefinitions")] == {"list", "watch"}

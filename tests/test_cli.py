@@ -1,7 +1,8 @@
-"""The CLI's promises that need no Ray: clear errors naming the field, file or output; the dry-run plan."""
+"""The CLI's promises: clear errors naming the field, file or output; the dry-run plan; a clean terminal."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -44,7 +45,7 @@ def test_png_quality_is_a_compression_level(tmp_path):
     spec = {"partId": "1", "source": {"urls": ["m.parquet"]}, "output": {"uri": "o"}}
     assert PartSpec.from_dict({**spec, "download": {"encodeFormat": "png"}}).download.encode_quality == 9
     result = cli("run", str(write_part(tmp_path, download={"encodeFormat": "png", "encodeQuality": 50})))
-    assert result.returncode == 2 and "spec.download.encodeQuality: 50 is above 9" in result.stderr
+    assert result.returncode == 2 and "spec.download: encodeQuality must be at most 9 when encodeFormat is png" in result.stderr
 
 
 def test_missing_file_and_bad_yaml_name_the_file(tmp_path):
@@ -86,3 +87,32 @@ def test_crd_command_prints_the_shipped_crd():
     result = cli("crd")
     root = Path(__file__).resolve().parents[1]
     assert yaml.safe_load(result.stdout) == yaml.safe_load((root / "crds" / "laionpart.yaml").read_text())
+    result = cli("crd", "--kind", "LaionDataset")
+    assert yaml.safe_load(result.stdout) == yaml.safe_load((root / "crds" / "laiondataset.yaml").read_text())
+
+
+def test_a_local_run_speaks_first_and_only_of_the_part(tmp_path, image_server):
+    """A user's terminal: Ray's notices stay out of it, and no line of zeros comes before any row."""
+    write_metadata(tmp_path / "m.parquet", 30, image_server.base_url, seed=5, failure_mix={"ok": 1.0})
+    part = write_part(tmp_path, filter={"samplesPerShard": 50}, download={"imageSize": 32, "parallelism": 1})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    run = subprocess.run([CLI, "run", str(part)], capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr
+    lines = [line for line in (run.stdout + run.stderr).splitlines() if line.strip()]
+    assert lines[0].startswith("part 1: 1 metadata file -> "), lines[:5]
+    assert not [line for line in lines if "Token authentication" in line or "[filter] 0 rows" in line]
+    assert any(line.startswith("  images ") for line in lines)
+
+
+def test_latents_command_names_what_is_missing(tmp_path):
+    without = cli("latents", str(write_part(tmp_path)))
+    assert without.returncode == 2
+    assert "spec.latents: required field is missing" in without.stderr
+    part = write_part(tmp_path, latents={"vae": "v", "textEncoder": "t", "latentMode": "median"})
+    bad = cli("latents", str(part))
+    assert bad.returncode == 2 and "spec.latents.latentMode: 'median' is not one of the allowed values: mean, sample" \
+        in bad.stderr
+    part = write_part(tmp_path, latents={"vae": "v", "textEncoder": "t"})
+    empty = cli("latents", str(part))
+    assert empty.returncode == 2
+    assert f"output {tmp_path / 'out'} holds no finished shard" in empty.stderr

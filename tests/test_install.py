@@ -27,6 +27,7 @@ SECRET = "laion-s3"
 @pytest.fixture(scope="module")
 def api(kube_api):
     kube_api.install_crd(ROOT / "crds" / "laionpart.yaml")
+    kube_api.install_crd(ROOT / "crds" / "laiondataset.yaml")  # the operator serves both kinds
     kube_api.install_crd(RAYJOB_CRD)
     return kube_api
 

@@ -19,7 +19,7 @@ import yaml
 from laion_operator import spec as specs
 from laion_operator.testbed.demo_data import write_metadata
 from laion_operator.control.metrics import Metrics
-from laion_operator.contract import FAILURE_REASONS, PHASES, Progress
+from laion_operator.contract import FAILURE_REASONS, PHASES, PROGRESS, Progress
 from laion_operator.storage import Store
 from tests.support.prometheus import Prometheus, binary
 
@@ -30,12 +30,13 @@ DASHBOARD = FILES / "dashboard.json"
 ALERTS = FILES / "alerts.yaml"
 ALERT_TESTS = ROOT / "tests" / "data" / "alerts_test.yaml"
 NAMESPACE, PART, QUEUED = "laion", "part-0", "part-1"
+DATASET = "dataset-0"
 SEL = f'namespace="{NAMESPACE}", part="{PART}"'
 
 # Debian's prometheus and promtool are installed by `scripts/setup --test`; without them these tests fail.
 
 # Grafana's variables, as the test evaluates them: every namespace and part, fixed intervals.
-GRAFANA_VARIABLES = {"$namespace": ".*", "$part": ".*", "$__rate_interval": "30s", "$__interval": "5s",
+GRAFANA_VARIABLES = {"$namespace": ".*", "$part": ".*", "$dataset": ".*", "$__rate_interval": "30s", "$__interval": "5s",
                      "$__range": "5m"}
 
 
@@ -125,6 +126,16 @@ def run(tmp_path_factory, ray_driver, image_server):
             summary = run_part(spec, on_progress=lambda p: metrics.observe_part(NAMESPACE, PART, p.phase, p))
             # The last snapshot (Succeeded) carries the final counts; wait until Prometheus has it.
             prom.wait_until(f'laion_part_phase{{{SEL}, phase="Succeeded"}} == 1')
+            # The part as the only part of a LaionDataset: the operator's dataset view of its status.
+            from laion_operator.control.datasets import summarize
+            from laion_operator.control.status import cr_status
+
+            final = Progress.from_json(Store(spec.output).read_json(PROGRESS))
+            metrics.observe_dataset(NAMESPACE, DATASET, summarize([{"spec": {"partId": spec.part_id},
+                                                                    "status": {"phase": "Succeeded",
+                                                                               **cr_status(final)}}]))
+            prom.wait_until(f'laion_dataset_parts{{namespace="{NAMESPACE}", dataset="{DATASET}", '
+                            'phase="Succeeded"} == 1')
             state.update(prom=prom, spec=spec, summary=summary)
             yield state
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -14,8 +15,9 @@ import yaml
 
 from laion_operator.testbed.demo_data import write_metadata
 from laion_operator.spec import load
-from tests.support.operator_proc import OperatorProcess
+from tests.support.operator_proc import operator_starter
 from tests.support.prometheus import Prometheus
+from tests.support.services import job_driver_pids
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUP, VERSION, PLURAL = "laion-operator.io", "v1alpha1", "laionparts"
@@ -25,6 +27,7 @@ RAYJOB_CRD = ROOT.parent / "shared" / "kuberay" / "ray.io_rayjobs.yaml"
 @pytest.fixture(scope="module")
 def api(kube_api):
     kube_api.install_crd(ROOT / "crds" / "laionpart.yaml")
+    kube_api.install_crd(ROOT / "crds" / "laiondataset.yaml")  # the operator serves both kinds
     kube_api.install_crd(RAYJOB_CRD)
     return kube_api
 
@@ -32,17 +35,8 @@ def api(kube_api):
 @pytest.fixture
 def operators(api, ray_cluster, tmp_path):
     """Start operators with a given configuration; all are stopped after the test."""
-    started: list[OperatorProcess] = []
-
-    def start(config: dict | None = None, **kw) -> OperatorProcess:
-        op = OperatorProcess(tmp_path, {**api.env_vars, **ray_cluster.client_env()},
-                             {"rayAddress": ray_cluster.dashboard_url, **(config or {})}, **kw)
-        started.append(op)
-        return op.start()
-
-    yield start
-    for op in started:
-        op.stop()
+    with operator_starter(tmp_path, api, ray_cluster) as start:
+        yield start
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +84,19 @@ def wait_phase(api, namespace: str, name: str, phases, timeout: float = 240) -> 
                         lambda o: o is not None and (o.get("status") or {}).get("phase") in phases, timeout=timeout)
 
 
+def wait_events(api, namespace: str, name: str, reasons: list[str], timeout: float = 30) -> str:
+    """`kubectl describe lp` once its Events section lists every reason, in that order."""
+    deadline = time.monotonic() + timeout
+    while True:
+        described = api.kubectl("describe", "lp", name, "-n", namespace).stdout
+        events = described.split("Events:", 1)[-1]
+        found = [line.split()[1] for line in events.splitlines()[2:] if len(line.split()) > 1]
+        if [r for r in found if r in reasons] == reasons or time.monotonic() > deadline:
+            assert [r for r in found if r in reasons] == reasons, described
+            return described
+        time.sleep(0.5)
+
+
 def jobs_of(ray_cluster, namespace: str, name: str) -> list:
     from ray.job_submission import JobSubmissionClient
 
@@ -135,6 +142,7 @@ def test_part_from_apply_to_succeeded(api, operators, ray_cluster, kube_namespac
     assert status["observedGeneration"] == 1
     conditions = {c["type"]: c for c in status["conditions"]}
     assert conditions["Complete"]["status"] == "True" and conditions["Submitted"]["status"] == "True"
+    assert conditions["Verified"]["status"] == "True" and summary["verified"]["ok"]
     assert [j.submission_id for j in jobs_of(ray_cluster, kube_namespace, "trial")] == [status["submissionId"]]
 
     table = api.kubectl("get", "lp", "-n", kube_namespace).stdout
@@ -157,6 +165,12 @@ def test_part_from_apply_to_succeeded(api, operators, ray_cluster, kube_namespac
         assert prom.value('up{job="laion-operator"}') == 1
     finally:
         prom.stop()
+    # The part's story is on the object, for `kubectl describe`.
+    described = wait_events(api, kube_namespace, "trial", ["Submitted", "Succeeded"])
+    assert f"job {status['submissionId']} submitted" in described
+    # The operator followed the part to the end without loading the pipeline (Ray, Arrow, pandas).
+    maps = Path(f"/proc/{op.proc.pid}/maps").read_text()
+    assert not re.search(r"_raylet|libarrow|pandas|img2dataset|cv2", maps)
     api.kubectl("delete", "lp", "trial", "-n", kube_namespace)
     assert 'part="trial"' not in op.metrics()  # a deleted part's series go away
 
@@ -212,6 +226,7 @@ def test_concurrency_limit_queues_parts(api, operators, kube_namespace, metadata
     apply(api, kube_namespace, manifest("second", metadata, tmp_path / "b"))
     queued = wait_phase(api, kube_namespace, "second", "Queued", timeout=30)
     assert "maxConcurrentParts 1" in queued["status"]["message"]
+    assert "maxConcurrentParts 1" in wait_events(api, kube_namespace, "second", ["Queued"])
     assert part(api, kube_namespace, "first")["status"]["phase"] != "Succeeded"
     wait_phase(api, kube_namespace, "first", "Succeeded")
     assert wait_phase(api, kube_namespace, "second", ("Succeeded", "Failed"))["status"]["phase"] == "Succeeded"
@@ -229,13 +244,14 @@ def test_failed_job_is_retried_and_resumes(api, operators, ray_cluster, kube_nam
         time.sleep(0.2)
     finished = {p.name: p.stat().st_mtime for p in out.glob("*_stats.json")}
     # The job's driver dies as on a node failure.
-    pids = subprocess.run(["pgrep", "-f", "laion-operator job"], capture_output=True, text=True).stdout.split()
+    pids = job_driver_pids(str(out))
     assert pids
     for pid in pids:
-        os.kill(int(pid), signal.SIGKILL)
+        os.kill(pid, signal.SIGKILL)
     status = wait_phase(api, kube_namespace, "crashy", ("Succeeded", "Failed"))["status"]
     assert status["phase"] == "Succeeded", status
     assert status["retries"] == 1 and status["submissionId"].endswith("-a1")
+    wait_events(api, kube_namespace, "crashy", ["Submitted", "Retrying", "Submitted", "Succeeded"])
     assert len(jobs_of(ray_cluster, kube_namespace, "crashy")) == 2
     for name, mtime in finished.items():  # the retry resumed: finished shards were not redone
         assert (out / name).stat().st_mtime == mtime

@@ -5,13 +5,19 @@ it. This module is the one place that names what is in it, so that neither side 
 
     <output>/
       00000.tar | 00000.parquet | 00000.tfrecord | 00000/   a shard in the part's outputFormat
+                                                 (mds: 00000/ holds index.json and shard.00000.mds …)
       00000.parquet                                          every sample's metadata and status
       00000_stats.json                                       the shard is finished (written last)
       part_<id>_stats.csv | part_<id>.csv                    the annotations trainers read
-      part_<id>_summary.json                                 counts, failure reasons, durations
+      index.json                                             mds: every shard's MDS index merged
+      part_<id>_summary.json                                 counts, failure reasons, durations, verified
       _laion/filter.json                                     the filter's manifest and fingerprint
       _laion/shards/00000.parquet                            the filtered rows of each shard
       _laion/progress.json                                   the part's progress, as it runs
+      latents/00000/                                         a shard's image latents and text embeddings (MDS)
+      latents/00000_stats.json                               that shard is encoded (written last)
+      latents/index.json                                     MDS index over every shard (StreamingDataset)
+      latents/_latents.json                                  models, shapes, dtypes, scaling of the latents
 
 It also holds what the job tells the operator besides files: its exit codes, the phases of a part,
 and the bounded set of failure reasons every count (summary, status, metrics) is keyed by.
@@ -33,9 +39,14 @@ META_DIR = "_laion"
 PROGRESS = f"{META_DIR}/progress.json"
 MANIFEST = f"{META_DIR}/filter.json"
 SHARDS_DIR = f"{META_DIR}/shards"
+HEAL = f"{META_DIR}/heal.json"  # a heal's plan and how far it got (pipeline/heal.py)
+HEAL_DIR = f"{META_DIR}/heal"  # each shard's earlier samples while the heal rewrites it
 
 # The file (or, for `files`, the folder) a shard's samples go to, by outputFormat.
-SHARD_SUFFIX = {"webdataset": ".tar", "parquet": ".parquet", "tfrecord": ".tfrecord", "files": ""}
+# `mds` is a folder too: MDSWriter writes a folder of shard.NNNNN.mds files and their index.json.
+SHARD_SUFFIX = {"webdataset": ".tar", "parquet": ".parquet", "tfrecord": ".tfrecord", "files": "", "mds": ""}
+# streaming's index file name, in each shard's MDS folder and (merged) at the root of the output.
+MDS_INDEX = "index.json"
 # img2dataset's writers name shards with this many digits: 00000, 00001, …
 SHARD_DIGITS = 5
 
@@ -49,9 +60,19 @@ def shard_input(shard: int) -> str:
     return f"{SHARDS_DIR}/{shard_name(shard)}.parquet"
 
 
+STATS_SUFFIX = "_stats.json"
+SHARD_STATS_GLOB = "*" + STATS_SUFFIX
+
+
 def shard_stats(shard: int) -> str:
     """Present only once every other file of the shard is complete."""
-    return f"{shard_name(shard)}_stats.json"
+    return shard_name(shard) + STATS_SUFFIX
+
+
+def shard_of_stats(file_name: str) -> int | None:
+    """The shard whose stats file this is, or None for any other file."""
+    head = file_name[: -len(STATS_SUFFIX)] if file_name.endswith(STATS_SUFFIX) else ""
+    return int(head) if head.isdigit() else None
 
 
 def shard_metadata(shard: int) -> str:
@@ -68,8 +89,37 @@ def shard_files(shard: int) -> list[str]:
     return sorted({shard_name(shard) + suffix for suffix in SHARD_SUFFIX.values()} | {shard_metadata(shard)})
 
 
+def mds_index(shard: int | None = None) -> str:
+    """A shard's MDS index, or (no shard) the merged one a StreamingDataset reads the whole part from."""
+    return MDS_INDEX if shard is None else f"{shard_name(shard)}/{MDS_INDEX}"
+
+
+LATENTS_DIR = "latents"
+LATENTS_INDEX = f"{LATENTS_DIR}/index.json"
+LATENTS_MANIFEST = f"{LATENTS_DIR}/_latents.json"
+# The MDS columns, named as micro_diffusion's precompute script names them, so that its
+# StreamingLatentsDataset reads the output as it is: image latents as `latents_<resolution>`,
+# text embeddings as `caption_latents`, both raw bytes of `saveDtype`.
+CAPTION_LATENTS = "caption_latents"
+
+
+def image_latents_column(resolution: int) -> str:
+    return f"latents_{resolution}"
+
+
+def latents_shard(shard: int) -> str:
+    """The MDS folder (index.json, shard.00000.mds, …) of one download shard's latents."""
+    return f"{LATENTS_DIR}/{shard_name(shard)}"
+
+
+def latents_stats(shard: int) -> str:
+    """Present only once the shard's MDS folder is complete."""
+    return f"{LATENTS_DIR}/{shard_name(shard)}_stats.json"
+
+
 def stats_csv(part_id: str) -> str:
-    """Shard path and sample count, one row a shard (webdataset, parquet, tfrecord)."""
+    """Shard path and sample count, one row a shard (webdataset, parquet, tfrecord; mds: a row per
+    MDS shard file)."""
     return f"part_{part_id}_stats.csv"
 
 
@@ -84,6 +134,18 @@ def annotations(part_id: str, output_format: str) -> str:
 
 def summary(part_id: str) -> str:
     return f"part_{part_id}_summary.json"
+
+
+# A LaionDataset's output holds one part folder per part (the seeds' data_dir layout) and an index
+# of every part's annotation files, written by the operator:
+#
+#     <dataset output>/part_<id>/…        one part's output folder, as above
+#     <dataset output>/dataset_index.json  {"parts": [{"partId", "output", "annotations", "phase", …}]}
+DATASET_INDEX = "dataset_index.json"
+
+
+def part_dir(part_id: str) -> str:
+    return f"part_{part_id}"
 
 
 def fingerprint(spec: "PartSpec") -> str:
@@ -105,6 +167,7 @@ class ExitCode(enum.IntEnum):
     OK = 0
     SHARDS_FAILED = 1  # a retry resumes the failed shards
     BAD_INPUT = 2  # spec, metadata or output unusable: a retry cannot help
+    STORAGE_UNAVAILABLE = 3  # the output's storage did not answer for output.retrySeconds: a retry resumes
 
 
 class Phase(str, enum.Enum):
@@ -114,10 +177,14 @@ class Phase(str, enum.Enum):
     QUEUED = "Queued"  # waiting for a slot (maxConcurrentParts)
     FILTERING = "Filtering"
     DOWNLOADING = "Downloading"
+    CONVERTING = "Converting"  # a part whose source is a dataset: its shards are written again
     ANNOTATING = "Annotating"
+    VERIFYING = "Verifying"  # every shard read back with its format's reader
+    ENCODING = "Encoding"  # the latents stage
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
     STOPPING = "Stopping"  # deleted; its job is being stopped
+    SUSPENDED = "Suspended"  # spec.suspend: its job is stopped, its finished shards kept until resumed
 
     def __str__(self) -> str:
         return self.value
@@ -132,14 +199,25 @@ class Phase(str, enum.Enum):
 
 
 # A job has been submitted for the part and has not ended.
-RUNNING = frozenset({Phase.PENDING, Phase.FILTERING, Phase.DOWNLOADING, Phase.ANNOTATING})
+RUNNING = frozenset({Phase.PENDING, Phase.FILTERING, Phase.DOWNLOADING, Phase.CONVERTING, Phase.ANNOTATING,
+                     Phase.VERIFYING, Phase.ENCODING})
 TERMINAL = frozenset({Phase.SUCCEEDED, Phase.FAILED})
+# No job runs and none will until the spec changes again: terminal, or suspended.
+SETTLED = TERMINAL | {Phase.SUSPENDED}
 PHASES = [p.value for p in Phase]
 
 FAILURE_REASONS = [
     "http_4xx", "http_5xx", "timeout", "tls", "dns", "connection", "decode", "too_small", "aspect_ratio",
     "opt_out", "too_large", "blocked_address", "bad_url", "redirect", "rate_limited", "other",
 ]
+
+
+# Failures worth fetching again later (a heal's default): the server or the network, not the image.
+TRANSIENT_REASONS = [r for r in ("timeout", "dns", "connection", "http_5xx", "rate_limited") if r in FAILURE_REASONS]
+
+
+def heal_backup(shard: int) -> str:
+    return f"{HEAL_DIR}/{shard_name(shard)}.parquet"
 
 
 def reason_of(reason: str) -> str:
@@ -167,6 +245,28 @@ class Progress:
     updated_at: float = field(default_factory=time.time)
     finished_at: float | None = None
     message: str = ""
+    # The verify stage's result (Verification.to_json); empty until it ran.
+    verified: dict = field(default_factory=dict)
+    # The latents stage (spec.latents), when the part has one.
+    latents_shards_total: int = 0
+    latents_shards_done: int = 0
+    latents_shards_failed: int = 0
+    latents_written: int = 0
+    latents_skipped: int = 0
+    latents_per_second: float = 0.0
+
+    def count_images(self, finished: list["ShardStats"], running: list["ShardStats"] = ()) -> None:
+        """Images by outcome from the shards (the finished ones and the running ones' counts so far);
+        bytes from the finished ones only."""
+        shards = [*finished, *running]
+        self.images_ok = sum(s.successes for s in shards)
+        self.images_failed = sum(s.failed for s in shards)
+        reasons: dict[str, int] = {}
+        for s in shards:
+            for reason, n in s.failed_by_reason.items():
+                reasons[reason] = reasons.get(reason, 0) + n
+        self.failed_by_reason = reasons
+        self.bytes_written = sum(s.bytes_written for s in finished)
 
     @property
     def success_rate(self) -> float:
@@ -181,6 +281,36 @@ class Progress:
     def from_json(cls, data: dict) -> "Progress":
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         return cls(**known)
+
+
+@dataclass
+class Verification:
+    """What the verify stage found: every shard read back with its format's own reader."""
+
+    ok: bool = False
+    shards: int = 0
+    samples: int = 0
+    images_decoded: int = 0
+    problems: list[str] = field(default_factory=list)  # each names its shard (or the annotation file)
+    bad_shards: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return {"ok": self.ok, "shards": self.shards, "samples": self.samples, "imagesDecoded": self.images_decoded,
+                "problems": list(self.problems), "badShards": list(self.bad_shards), "seconds": self.seconds}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Verification":
+        return cls(ok=bool(data.get("ok")), shards=data.get("shards", 0), samples=data.get("samples", 0),
+                   images_decoded=data.get("imagesDecoded", 0), problems=list(data.get("problems", [])),
+                   bad_shards=list(data.get("badShards", [])), seconds=data.get("seconds", 0.0))
+
+    @property
+    def message(self) -> str:
+        if self.ok:
+            return f"{self.samples} samples in {self.shards} shards read back, {self.images_decoded} images decoded"
+        more = f" (and {len(self.problems) - 3} more)" if len(self.problems) > 3 else ""
+        return "; ".join(self.problems[:3]) + more
 
 
 @dataclass
@@ -218,3 +348,28 @@ class ShardStats:
                    failed_by_reason=dict(data.get("failed_by_reason", {})),
                    bytes_written=data.get("bytes_written", 0), start_time=data.get("start_time", 0.0),
                    end_time=data.get("end_time", 0.0))
+
+
+@dataclass
+class LatentStats:
+    """`latents/<shard>_stats.json`: one shard's encoding."""
+
+    shard: int
+    count: int = 0  # samples the shard's images hold
+    written: int = 0  # samples with latents in the shard's MDS
+    skipped: int = 0  # images that did not decode
+    start_time: float = 0.0
+    end_time: float = 0.0
+    device: str = ""
+    # What a reader needs to turn the stored bytes back into tensors (the same for every shard).
+    image_shape: list[int] = field(default_factory=list)
+    caption_shape: list[int] = field(default_factory=list)
+    scaling_factor: float = 1.0
+    shift_factor: float = 0.0
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "duration": self.end_time - self.start_time}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "LatentStats":
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})

@@ -8,8 +8,12 @@ through fsspec by URL, so the S3 options are registered process-wide in fsspec's
 from __future__ import annotations
 
 import json
+import logging
 import os
+import socket
+import time
 import uuid
+from typing import Callable, TypeVar
 
 import fsspec
 
@@ -17,9 +21,74 @@ from . import credentials
 from .contract import META_DIR, InputError
 from .spec import Output
 
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
 
 class StorageError(InputError):
-    """The output cannot be reached or written."""
+    """The output cannot be written (refused, not missing): a retry cannot help."""
+
+
+class StorageUnavailable(RuntimeError):
+    """The output's storage did not answer for output.retrySeconds; the message names the endpoint.
+    A job ends with ExitCode.STORAGE_UNAVAILABLE, and the next attempt resumes from the finished shards."""
+
+
+# Names of the exceptions that mean "nobody answered", whichever client raised them (s3fs wraps
+# botocore's and aiohttp's; local files raise the builtins): matched by name so that neither is imported.
+_UNREACHABLE_NAMES = {
+    "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+    "ClientConnectorError", "ServerDisconnectedError", "ClientOSError", "ServerTimeoutError",
+    "FSTimeoutError", "HTTPClientError", "ResponseStreamingError", "IncompleteReadError",
+}
+
+
+def unreachable(err: BaseException) -> bool:
+    """Whether an error (or one it was raised from) says the storage did not answer."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, (ConnectionError, socket.timeout, TimeoutError)):
+            return True
+        if any(cls.__name__ in _UNREACHABLE_NAMES for cls in type(err).__mro__):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def endpoint_of(output: Output) -> str:
+    if not output.uri.startswith("s3://"):
+        return output.uri
+    return (output.endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+            or "AWS S3")
+
+
+def retrying(output: Output, what: str, fn: Callable[[], T], budget: float | None = None,
+             on_retry: Callable[[], None] | None = None) -> T:
+    """`fn()`, called again with backoff while the storage does not answer, for up to `budget` seconds
+    (output.retrySeconds); after that StorageUnavailable naming the endpoint. Other errors pass through.
+    `fn` must be safe to call again (a whole shard is: it removes what an earlier try left)."""
+    budget = output.retry_seconds if budget is None else budget
+    budget = 300.0 if budget is None else float(budget)
+    deadline = time.monotonic() + budget
+    delay = 0.5
+    while True:
+        try:
+            return fn()
+        except Exception as err:  # noqa: BLE001 - classified right below
+            if not unreachable(err):
+                raise
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise StorageUnavailable(
+                    f"the output's storage at {endpoint_of(output)} did not answer for {budget:g} s "
+                    f"(output.retrySeconds) while {what}: {type(err).__name__}: {err}") from err
+            log.warning("storage at %s did not answer while %s (%s); retrying for %.0f s more",
+                        endpoint_of(output), what, type(err).__name__, left)
+            time.sleep(min(delay, max(left, 0.1)))
+            delay = min(delay * 2, 10.0)
+            if on_retry:
+                on_retry()
 
 
 def s3_options(output: Output, secret: dict[str, str] | None = None) -> dict:
@@ -63,6 +132,7 @@ class Store:
         self.output = output
         self.uri = output.uri.rstrip("/")
         options = s3_options(output, secret) if self.uri.startswith("s3://") and secret is not None else {}
+        self._options = options
         self.fs, self.root = fsspec.core.url_to_fs(self.uri, **options)
 
     def url(self, *parts: str) -> str:
@@ -95,12 +165,28 @@ class Store:
             f.write(text)
         self.fs.mv(tmp, path)  # readers never see half a file
 
+    def retrying(self, what: str, fn: Callable[[], T]) -> T:
+        """`fn()` retried while the storage does not answer (see `retrying`)."""
+        return retrying(self.output, what, fn, on_retry=self.reconnect)
+
+    def reconnect(self) -> None:
+        """A new client after an outage: the old one may hold connections to a server that went away."""
+        if self.uri.startswith("s3://"):
+            fsspec.get_filesystem_class("s3").clear_instance_cache()
+            self.fs, self.root = fsspec.core.url_to_fs(self.uri, **self._options)
+
     def check_writable(self) -> None:
         """Fail before any download starts when the output cannot take files."""
         probe = self.path(META_DIR, f".write-probe-{uuid.uuid4().hex[:8]}")
-        try:
-            self.fs.makedirs(self.path(META_DIR), exist_ok=True)
-            self.fs.pipe(probe, b"ok")
-            self.fs.rm(probe)
-        except Exception as err:  # noqa: BLE001 - any backend error means the same to the user
-            raise StorageError(f"output {self.uri} is not writable: {type(err).__name__}: {err}") from err
+
+        def probe_once():
+            try:
+                self.fs.makedirs(self.path(META_DIR), exist_ok=True)
+                self.fs.pipe(probe, b"ok")
+                self.fs.rm(probe)
+            except Exception as err:  # noqa: BLE001 - any backend error means the same to the user
+                if unreachable(err):
+                    raise
+                raise StorageError(f"output {self.uri} is not writable: {type(err).__name__}: {err}") from err
+
+        self.retrying(f"checking that {self.uri} takes files", probe_once)

@@ -30,8 +30,13 @@ This module adds what a real API server has and kopf/kubectl rely on:
 * a minimal ``/openapi/v3`` (paths + CRD schemas) so that plain
   ``kubectl apply -f`` works (server-side field validation), without --validate=false.
 
-Not emulated: authn/authz, admission webhooks, CEL rules
-(``x-kubernetes-validations``), CRD conversion webhooks (all served versions
+* CEL validation rules (``x-kubernetes-validations``) of CRD schemas, evaluated with a real CEL
+  implementation (PyPI ``common-expression-language``) after defaulting, as the apiserver does:
+  ``self`` is the value at the rule's node, ``oldSelf`` the stored one (transition rules run on
+  updates only, where both exist); a false rule is a 422 whose cause names the field (with the rule's
+  ``fieldPath``) and carries the rule's ``message``. No cost budget is enforced.
+
+Not emulated: authn/authz, admission webhooks, CRD conversion webhooks (all served versions
 share one storage, only ``apiVersion`` is rewritten), real server-side apply
 field ownership, pod/job/deployment controllers (nothing runs pods), protobuf
 (except decoding the few kinds that ``kubectl create namespace|configmap|secret|serviceaccount`` send).
@@ -66,6 +71,7 @@ from typing import Any
 import aiohttp.test_utils
 import aiohttp.web
 import attrs
+import cel
 import jsonpatch
 import jsonschema
 import kmock
@@ -619,6 +625,48 @@ def _schema_causes(validator: jsonschema.protocols.Validator, obj: JSON) -> list
     return unique
 
 
+_CEL_PROGRAMS: dict[str, Any] = {}
+
+
+def _cel_causes(value: Any, schema: Any, old: Any, parts: list[Any]) -> list[JSON]:
+    """Evaluate every ``x-kubernetes-validations`` rule where its value is present (in place of the
+    apiserver's CEL admission); ``old`` is the stored value at the same path, or None."""
+    if not isinstance(schema, dict) or value is None:
+        return []
+    causes: list[JSON] = []
+    for rule in schema.get('x-kubernetes-validations') or []:
+        expr = rule['rule']
+        context = {'self': value}
+        if 'oldSelf' in expr:
+            if old is None:
+                continue  # a transition rule: only on updates of an existing value
+            context['oldSelf'] = old
+        program = _CEL_PROGRAMS.get(expr)
+        if program is None:
+            program = _CEL_PROGRAMS[expr] = cel.compile(expr)
+        field = _field_path(parts) + (rule.get('fieldPath') or '')
+        try:
+            ok = program.execute(context)
+        except Exception as e:  # noqa: BLE001 - the apiserver reports an evaluation error as invalid
+            causes.append({'reason': 'FieldValueInvalid', 'field': field,
+                           'message': f'Invalid value: "{_json_type(value)}": {expr}: evaluation error: {e}'})
+            continue
+        if ok is not True:
+            message = rule.get('message') or f'failed rule: {expr}'
+            causes.append({'reason': rule.get('reason', 'FieldValueInvalid'), 'field': field,
+                           'message': f'Invalid value: "{_json_type(value)}": {message}'})
+    if isinstance(value, dict):
+        props = schema.get('properties') if isinstance(schema.get('properties'), dict) else {}
+        addl = schema.get('additionalProperties')
+        for key, sub in value.items():
+            sub_schema = props.get(key, addl if isinstance(addl, dict) else None)
+            causes += _cel_causes(sub, sub_schema, old.get(key) if isinstance(old, dict) else None, parts + [key])
+    elif isinstance(value, list) and isinstance(schema.get('items'), dict):
+        for i, item in enumerate(value):  # atomic lists: no oldSelf for their items
+            causes += _cel_causes(item, schema['items'], None, parts + [i])
+    return causes
+
+
 # ---------------------------------------------------------------------------------------------------
 # Served resource types (builtins & CRD versions).
 # ---------------------------------------------------------------------------------------------------
@@ -736,6 +784,20 @@ class ConformantEmulator(kmock.KubernetesEmulator):
     def close_streams(self) -> None:
         """End all watch-streams (at shutdown)."""
         self._closing.set()
+
+    def drop_streams(self) -> None:
+        """End the open watch-streams, as a restarted API server or a proxy timeout does; new ones are served."""
+        closing, self._closing = self._closing, asyncio.Event()
+        closing.set()
+
+    def expire_history(self) -> None:
+        """Forget every watch event so far (as etcd's compaction does) and drop the streams: a watcher that
+        resumes from its last resourceVersion gets 410 Gone and must list again."""
+        rv = self._next_rv()  # a list made now has this version, and a watch from it is not too old
+        for log in self._logs.values():
+            log.expired_rv = rv
+            log.entries.clear()
+        self.drop_streams()
 
     @property
     def resource_version(self) -> int:
@@ -1096,7 +1158,7 @@ class ConformantEmulator(kmock.KubernetesEmulator):
             if unknown and directive.lower() == 'warn':
                 warnings.extend(f'unknown field "{u}"' for u in unknown)
             _apply_defaults(obj, t.schema, root=True)
-            causes = _schema_causes(t.validator, obj)
+            causes = _schema_causes(t.validator, obj) or _cel_causes(obj, t.schema, old, [])
             if causes:
                 raise self._invalid(t, name, causes)
         return warnings
@@ -1550,10 +1612,11 @@ class ConformantEmulator(kmock.KubernetesEmulator):
             response.headers['Warning'] = f'299 - {json.dumps(t.deprecation_warning)}'
         response.enable_chunked_encoding()
         await response.prepare(request._raw_request)
+        closing_event = self._closing  # drop_streams() replaces it for the streams opened later
         try:
             for chunk in chunks:
                 await response.write(chunk)
-            while not self._closing.is_set():
+            while not closing_event.is_set():
                 while position < len(log.entries):
                     rv, etype, obj, old = log.entries[position]
                     position += 1
@@ -1571,7 +1634,7 @@ class ConformantEmulator(kmock.KubernetesEmulator):
                 if remaining is not None and remaining <= 0:
                     break
                 changed = log.changed
-                closing = asyncio.ensure_future(self._closing.wait())
+                closing = asyncio.ensure_future(closing_event.wait())
                 waiting = asyncio.ensure_future(changed.wait())
                 try:
                     await asyncio.wait([closing, waiting], timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
@@ -1832,7 +1895,7 @@ class TestAPIServer:
             self.emulator.close_streams()
             await asyncio.sleep(0.1)  # let the watch-streams end gracefully
 
-    def call(self, fn: Callable[[], Any], timeout: float = 10) -> Any:
+    def call(self, fn: Callable[[], Any], timeout: float = 60) -> Any:
         """Run a callable in the server's event loop (e.g. to touch ``emulator`` safely)."""
         assert self._loop is not None
 

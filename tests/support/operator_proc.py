@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -33,11 +34,16 @@ class OperatorProcess:
         self.log_path = workdir / "operator.log"
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "OperatorProcess":
+    def launch(self) -> "OperatorProcess":
+        """Start the process without waiting for it to serve (it may be meant to die early)."""
         log = open(self.log_path, "a")
         self.proc = subprocess.Popen(
             [str(VENV_BIN / "laion-operator"), "operator", "--config", str(self.config_path), *self.args],
             env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def start(self) -> "OperatorProcess":
+        self.launch()
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:  # /metrics answers once the startup handler ran
             assert self.proc.poll() is None, f"operator exited:\n{self.logs()}"
@@ -67,3 +73,25 @@ class OperatorProcess:
 
     def logs(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
+
+
+@contextlib.contextmanager
+def operator_starter(workdir: Path, api, ray_cluster=None):
+    """`start(config, ray=…, wait=True, **kw)` runs an operator against the test API server and a Ray
+    cluster (`ray`, else `ray_cluster`, else none: then nothing answers at rayAddress); every operator
+    started is stopped at the end."""
+    started: list[OperatorProcess] = []
+
+    def start(config: dict | None = None, ray=None, wait: bool = True, **kw) -> OperatorProcess:
+        ray = ray or ray_cluster
+        ray_env = ray.client_env() if ray else {}
+        address = ray.dashboard_url if ray else "http://127.0.0.1:9"  # nothing listens there
+        op = OperatorProcess(workdir, {**api.env_vars, **ray_env}, {"rayAddress": address, **(config or {})}, **kw)
+        started.append(op)
+        return op.start() if wait else op
+
+    try:
+        yield start
+    finally:
+        for op in started:
+            op.stop()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
+from laion_operator.testbed.loopback import free_port
 import subprocess
 import tempfile
 import time
@@ -31,12 +31,6 @@ class PromQLError(RuntimeError):
 def binary(name: str = "prometheus") -> str | None:
     return shutil.which(name) or next((p for p in (f"/usr/bin/{name}", f"/usr/local/bin/{name}")
                                        if Path(p).exists()), None)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Prometheus:

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,32 +13,62 @@ import time
 import urllib.request
 from pathlib import Path
 
+from laion_operator.testbed.loopback import free_port, wait_for_port  # noqa: F401 - shared
+
 VENV_BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def job_driver_pids(marker: str) -> list[int]:
+    """The pids of part job drivers (`laion-operator job`) whose environment mentions `marker` (say
+    the part's output path): other Ray clusters on the machine run jobs of their own."""
+    pids = []
+    for proc in Path("/proc").iterdir():
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ")
+            if b"laion-operator job" in cmdline and marker.encode() in (proc / "environ").read_bytes():
+                pids.append(int(proc.name))
+        except (OSError, ValueError):
+            continue
+    return pids
 
 
 # Ray replaces a loopback --node-ip-address by the machine's routable address unless it believes it
 # runs a single-machine cluster; this switch is how it is told so, keeping every port on loopback.
 LOOPBACK_RAY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+# A machine shared by many test sessions starts a dashboard in minutes, not Ray's 60 s.
+PATIENT_RAY = {"RAY_DASHBOARD_STARTUP_TIMEOUT_S": "300"}
 # The session's cluster listens on loopback only and runs without token authentication, so that not
 # every client of the suite must carry a token; tests of token authentication start their own.
 NO_AUTH = {"RAY_AUTH_MODE": "disabled"}
+
+
+# `ray start`, but waiting up to 3 minutes (not Ray's fixed 30 s) for the new raylet to register with
+# the GCS: on a machine shared by many Ray clusters, the GCS answers late and the start fails otherwise.
+PATIENT_RAY_START = """
+import sys, time
+import ray._private.services as services
+from ray.scripts.scripts import main
+
+_get_node = services.get_node
+
+def get_node(*args, **kwargs):
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            return _get_node(*args, **kwargs)
+        except RuntimeError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+services.get_node = get_node
+sys.exit(main())
+"""
+
+
+def ray_start(*args: str) -> list[str]:
+    """The command line of a patient `ray start` (see PATIENT_RAY_START)."""
+    return [sys.executable, "-c", PATIENT_RAY_START, "start", *args]
 
 
 class RayCluster:
@@ -54,7 +83,7 @@ class RayCluster:
         # Jobs run `laion-operator job` from this virtualenv, as a worker image has it on PATH.
         # No storage credentials: jobs must get theirs the way they would in a cluster.
         inherited = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_AUTH"))}
-        self.env = {**inherited, **LOOPBACK_RAY, **self.auth,
+        self.env = {**inherited, **LOOPBACK_RAY, **PATIENT_RAY, **self.auth,
                     "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
 
     @property
@@ -69,17 +98,33 @@ class RayCluster:
         """What a Ray client (the CLI, the operator) needs to talk to this cluster."""
         return {"RAY_ADDRESS": self.address, **LOOPBACK_RAY, **self.auth}
 
-    def start(self) -> "RayCluster":
-        cmd = [str(VENV_BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1",
-               "--port", str(self.gcs_port), "--dashboard-host", "127.0.0.1",
-               "--dashboard-port", str(self.dashboard_port), "--include-dashboard", "true",
-               "--num-cpus", str(self.num_cpus), "--temp-dir", self.temp_dir, "--disable-usage-stats"]
+    def _command(self) -> list[str]:
+        cmd = ray_start("--head", "--node-ip-address", "127.0.0.1",
+                        "--port", str(self.gcs_port), "--dashboard-host", "127.0.0.1",
+                        "--dashboard-port", str(self.dashboard_port), "--include-dashboard", "true",
+                        "--num-cpus", str(self.num_cpus), "--temp-dir", self.temp_dir, "--disable-usage-stats")
         # Ray's fixed default ports would collide with any other Ray on the machine.
         for flag in ("--ray-client-server-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
                      "--metrics-export-port", "--runtime-env-agent-port", "--node-manager-port",
                      "--object-manager-port"):
             cmd += [flag, str(free_port())]
-        subprocess.run(cmd, env=self.env, check=True, capture_output=True, timeout=180)
+        return cmd
+
+    def start(self) -> "RayCluster":
+        for attempt in range(3):
+            try:
+                subprocess.run(self._command(), env=self.env, check=True, capture_output=True, timeout=420)
+                break
+            except subprocess.TimeoutExpired:
+                self.stop()
+                raise
+            except subprocess.CalledProcessError as err:
+                # A loaded machine can miss Ray's start-up deadlines: start afresh, in a new folder on new ports.
+                self.stop()  # what this try started, whatever happens next
+                if attempt == 2:
+                    raise RuntimeError(f"ray start failed: {err.stderr.decode(errors='replace')[-2000:]}") from None
+                self.temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+                self.gcs_port, self.dashboard_port = free_port(), free_port()
         wait_for_port(self.dashboard_port, timeout=120)
         self._wait_for_jobs_api()
         return self

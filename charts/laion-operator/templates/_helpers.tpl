@@ -64,10 +64,23 @@ each watched namespace (Role). tests/test_chart.py holds the same list: a rule a
 tests until it is added there, with the reason.
 */}}
 {{- define "laion-operator.partRules" -}}
-# kopf: watch the parts, patch their finalizers and handler progress.
+# kopf: watch the parts, patch their finalizers and handler progress; the operator: create a
+# dataset's parts and set their spec from its template.
 - apiGroups: [laion-operator.io]
   resources: [laionparts]
+  verbs: [get, list, watch, patch, update, create]
+# kopf: watch the datasets, patch their finalizers and handler progress.
+- apiGroups: [laion-operator.io]
+  resources: [laiondatasets]
   verbs: [get, list, watch, patch, update]
+# The operator: write each dataset's status.
+- apiGroups: [laion-operator.io]
+  resources: [laiondatasets/status]
+  verbs: [get, patch, update]
+# The operator: parts name their dataset as owner with blockOwnerDeletion (OwnerReferencesPermissionEnforcement).
+- apiGroups: [laion-operator.io]
+  resources: [laiondatasets/finalizers]
+  verbs: [update]
 # The operator: write each part's status.
 - apiGroups: [laion-operator.io]
   resources: [laionparts/status]

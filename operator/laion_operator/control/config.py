@@ -30,6 +30,7 @@ class OperatorConfig:
     metrics_port: int = 8080  # /metrics; 0 disables the endpoint
     peering_name: str | None = None  # kopf peering object shared by the replicas; None: standalone
     ray_job_template: dict | None = None  # RayJob spec the kuberay mode fills in per part
+    latents_worker_group: dict | None = None  # KubeRay worker group added for parts with spec.latents
     job_entrypoint: str = "laion-operator job"  # the command a Ray job runs (from the worker image)
 
     @classmethod
@@ -65,3 +66,6 @@ class OperatorConfig:
             raise ConfigError(f"{where}maxConcurrentParts: must be a whole number of at least 1")
         if self.mode == "kuberay" and not isinstance(self.ray_job_template, dict):
             raise ConfigError(f"{where}rayJobTemplate: kuberay mode needs a RayJob spec template")
+        if self.latents_worker_group is not None and not (
+                isinstance(self.latents_worker_group, dict) and self.latents_worker_group.get("groupName")):
+            raise ConfigError(f"{where}latentsWorkerGroup: must be a KubeRay worker group with a groupName")

@@ -1,4 +1,5 @@
-"""The kopf operator: thin handlers that hand each LaionPart to parts.Part.
+"""The kopf operator: thin handlers that hand each LaionPart to parts.Part, each LaionDataset to
+datasets.Dataset.
 
 Run it with `laion-operator operator --config FILE`. The configuration is read once, before kopf
 starts, and everything the parts share (config, Ray backend, slots, metrics) reaches the handlers
@@ -16,6 +17,7 @@ import kopf
 from ..contract import RUNNING
 from . import kube, rayjobs
 from .config import OperatorConfig
+from .datasets import Dataset
 from .metrics import Metrics
 from .parts import Operator, Part, Slots
 
@@ -26,7 +28,7 @@ FINALIZER = "laion-operator.io/stop-job"
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     config: OperatorConfig = memo.config
-    metrics = Metrics(handlers=["follow", "stop"])
+    metrics = Metrics(handlers=["follow", "stop", "dataset"])
     if config.metrics_port:
         metrics.serve(config.metrics_port)
     memo.op = Operator(config, rayjobs.backend(config), Slots(config.max_concurrent_parts, metrics.set_queue_length),
@@ -60,6 +62,21 @@ async def stop(body, memo: kopf.Memo, **_) -> None:
         memo.op.metrics.reconcile_error("stop")
         raise
     memo.op.metrics.forget_part(body["metadata"]["namespace"], body["metadata"]["name"])
+
+
+@kopf.daemon(kube.GROUP, kube.VERSION, kube.DATASET_PLURAL, id="dataset", cancellation_timeout=10, backoff=5)
+async def dataset(body, stopped, memo: kopf.Memo, **_) -> None:
+    try:
+        await Dataset(memo.op, body, stopped).follow()
+    except Exception:
+        memo.op.metrics.reconcile_error("dataset")
+        raise
+
+
+@kopf.on.delete(kube.GROUP, kube.VERSION, kube.DATASET_PLURAL, id="forget-dataset", optional=True)
+async def forget_dataset(body, memo: kopf.Memo, **_) -> None:
+    """Its parts go by garbage collection (ownerReferences); only its metrics are the operator's to drop."""
+    memo.op.metrics.forget_dataset(body["metadata"]["namespace"], body["metadata"]["name"])
 
 
 def main(args) -> int:

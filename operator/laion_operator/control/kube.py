@@ -9,6 +9,8 @@ import kubernetes
 from kubernetes.client.rest import ApiException
 
 GROUP, VERSION, PLURAL = "laion-operator.io", "v1alpha1", "laionparts"
+DATASET_PLURAL = "laiondatasets"
+DATASET_LABEL = f"{GROUP}/dataset"  # on every part a LaionDataset made: the dataset's name
 RAY_GROUP, RAY_VERSION, RAY_PLURAL = "ray.io", "v1", "rayjobs"
 
 
@@ -36,10 +38,10 @@ def _call(what: str, fn, *args, **kwargs):
         raise KubeError(f"{what}: {err.status} {err.reason}", err.status) from None
 
 
-def patch_status(namespace: str, name: str, status: dict) -> dict:
+def patch_status(namespace: str, name: str, status: dict, plural: str = PLURAL) -> dict:
     api = kubernetes.client.CustomObjectsApi(_client())
-    return _call(f"patch status of LaionPart {namespace}/{name}", api.patch_namespaced_custom_object_status,
-                 GROUP, VERSION, namespace, PLURAL, name, {"status": status})
+    return _call(f"patch status of {plural} {namespace}/{name}", api.patch_namespaced_custom_object_status,
+                 GROUP, VERSION, namespace, plural, name, {"status": status})
 
 
 def read_secret(namespace: str, name: str) -> dict[str, str]:
@@ -89,3 +91,32 @@ def list_parts(namespaces: list[str]) -> list[dict]:
                       GROUP, VERSION, namespace, PLURAL)
         items += found.get("items", [])
     return items
+
+
+# --- a LaionDataset's parts ----------------------------------------------------------------------
+
+def list_dataset_parts(namespace: str, dataset: str) -> list[dict]:
+    api = kubernetes.client.CustomObjectsApi(_client())
+    found = _call(f"list LaionParts of LaionDataset {namespace}/{dataset}", api.list_namespaced_custom_object,
+                  GROUP, VERSION, namespace, PLURAL, label_selector=f"{DATASET_LABEL}={dataset}")
+    return found.get("items", [])
+
+
+def create_part(namespace: str, body: dict) -> dict | None:
+    """Create a LaionPart; None if one of that name exists already (made by an earlier reconcile)."""
+    api = kubernetes.client.CustomObjectsApi(_client())
+    try:
+        return api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+    except ApiException as err:
+        if err.status == 409:
+            return None
+        raise KubeError(f"create LaionPart {namespace}/{body['metadata']['name']}: {err.status} {err.reason}: "
+                        f"{err.body}", err.status) from None
+
+
+def replace_part_spec(namespace: str, name: str, spec: dict) -> dict:
+    """Set a part's whole spec (a JSON patch: fields the template dropped go too)."""
+    api = kubernetes.client.CustomObjectsApi(_client())
+    return _call(f"update spec of LaionPart {namespace}/{name}", api.patch_namespaced_custom_object,
+                 GROUP, VERSION, namespace, PLURAL, name, [{"op": "replace", "path": "/spec", "value": spec}],
+                 _content_type="application/json-patch+json")  # the client would send a merge patch

@@ -18,10 +18,14 @@ Series per part, about 30 (64 parts: ~2,000):
     laion_part_retries_total                     times the operator resubmitted the job
     laion_part_duration_seconds                  of the current run, growing while it runs
     laion_part_last_progress_timestamp_seconds   when the counts last moved
+    laion_part_latents_total                     samples with image latents and text embeddings (spec.latents)
+    laion_part_latents_per_second                the latents stage's rate in its current run
+    laion_part_latents_shards{state=total|done|failed}
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 import time
@@ -90,6 +94,9 @@ class _PartCollector(Collector):
         duration = gauge("laion_part_duration_seconds", "Seconds the part's current run has taken so far.")
         moved = gauge("laion_part_last_progress_timestamp_seconds",
                       "Unix time at which the part's counts last changed (stall detection).")
+        latents = counter("laion_part_latents", "Samples encoded into image latents and text embeddings.")
+        latents_rate = gauge("laion_part_latents_per_second", "Samples the latents stage encodes a second.")
+        latents_shards = gauge("laion_part_latents_shards", "Shards of the latents stage, by state.", ["state"])
 
         for (namespace, name), part in sorted(parts.items()):
             labels = [namespace, name]
@@ -113,8 +120,15 @@ class _PartCollector(Collector):
             end = progress.finished_at or (now if part.phase in RUNNING else progress.updated_at)
             duration.add_metric(labels, max(end - progress.started_at, 0.0))
             moved.add_metric(labels, part.last_progress_at or progress.updated_at)
+            if progress.latents_shards_total:
+                latents.add_metric(labels, part.high.get("latents", 0))
+                latents_rate.add_metric(labels, progress.latents_per_second)
+                for state, value in zip(SHARD_STATES, (progress.latents_shards_total, progress.latents_shards_done,
+                                                       progress.latents_shards_failed)):
+                    latents_shards.add_metric(labels + [state], value)
 
-        yield from (images, failed, written, read, kept, shards, phase, retries, duration, moved)
+        yield from (images, failed, written, read, kept, shards, phase, retries, duration, moved, latents,
+                    latents_rate, latents_shards)
 
 
 class Metrics:
@@ -144,6 +158,16 @@ class Metrics:
         self.queue_length = Gauge("laion_operator_queue_length",
                                   "Parts waiting for a free slot before their job is submitted.",
                                   registry=self.registry)
+        # A LaionDataset's view: its parts' statuses added up (gauges: a deleted part takes its share along).
+        self.dataset_parts = Gauge("laion_dataset_parts", "Parts of a LaionDataset, by phase.",
+                                   ["namespace", "dataset", "phase"], registry=self.registry)
+        self.dataset_images = Gauge("laion_dataset_images", "Images written by a LaionDataset's parts.",
+                                    ["namespace", "dataset"], registry=self.registry)
+        self.dataset_images_failed = Gauge("laion_dataset_images_failed",
+                                           "Images a LaionDataset's parts failed to get, by reason.",
+                                           ["namespace", "dataset", "reason"], registry=self.registry)
+        self.dataset_bytes_written = Gauge("laion_dataset_bytes_written", "Bytes written by a LaionDataset's parts.",
+                                           ["namespace", "dataset"], registry=self.registry)
 
     # --- parts -----------------------------------------------------------------------------------
 
@@ -169,8 +193,9 @@ class Metrics:
             part.counter("bytes", progress.bytes_written)
             part.counter("rows_read", progress.rows_read)
             part.counter("rows_kept", progress.rows_kept)
+            part.counter("latents", progress.latents_written)
             counts = (progress.rows_read, progress.images_ok, progress.images_failed, progress.shards_done,
-                      progress.shards_failed)
+                      progress.shards_failed, progress.latents_written)
             if counts != part.last_counts:
                 part.last_counts = counts
                 part.last_progress_at = progress.updated_at
@@ -183,6 +208,29 @@ class Metrics:
     def parts(self) -> list[tuple[str, str]]:
         with self._lock:
             return sorted(self._parts)
+
+    # --- datasets --------------------------------------------------------------------------------
+
+    def observe_dataset(self, namespace: str, name: str, status: dict) -> None:
+        """Record a dataset's added-up status (datasets.summarize)."""
+        for phase in PHASES:
+            self.dataset_parts.labels(namespace, name, phase).set(status["partsByPhase"].get(phase, 0))
+        self.dataset_images.labels(namespace, name).set(status["images"]["ok"])
+        for reason in FAILURE_REASONS:
+            self.dataset_images_failed.labels(namespace, name, reason).set(
+                status["images"]["failedByReason"].get(reason, 0))
+        self.dataset_bytes_written.labels(namespace, name).set(status["bytesWritten"])
+
+    def forget_dataset(self, namespace: str, name: str) -> None:
+        for phase in PHASES:
+            with contextlib.suppress(KeyError):
+                self.dataset_parts.remove(namespace, name, phase)
+        for reason in FAILURE_REASONS:
+            with contextlib.suppress(KeyError):
+                self.dataset_images_failed.remove(namespace, name, reason)
+        for gauge in (self.dataset_images, self.dataset_bytes_written):
+            with contextlib.suppress(KeyError):
+                gauge.remove(namespace, name)
 
     # --- operator health -------------------------------------------------------------------------
 

@@ -7,11 +7,17 @@ A part moves through: validate → wait for a slot (Queued) → check its output
 A spec change (new generation) of a running part stops its job and starts the new generation's job,
 which resumes from the shards already finished; a change of source, columns or filter into the
 same output cannot resume and is refused (phase Failed, reason FilterChanged) without touching it.
+
+`spec.suspend: true` is such a change too: the job is stopped and the part waits in phase Suspended
+until `false` resumes it from its finished shards. `spec.activeDeadlineSeconds` bounds a run (from its
+first submission, retries included, reset on resume); past it the job is stopped and the part fails
+with reason DeadlineExceeded.
 """
 
 from __future__ import annotations
 
 import asyncio
+import calendar
 import logging
 import time
 from dataclasses import dataclass
@@ -19,11 +25,13 @@ from typing import Awaitable, Callable
 
 import kopf
 
-from ..contract import MANIFEST, PROGRESS, RUNNING, TERMINAL, ExitCode, Phase, Progress, fingerprint
+from ..contract import (MANIFEST, PROGRESS, RUNNING, SETTLED, TERMINAL, ExitCode, Phase, Progress, Verification,
+                        fingerprint)
 from ..spec import PartSpec, SpecError
 from ..storage import Store
 from . import kube
 from .config import OperatorConfig
+from .crash import crash_at
 from .metrics import Metrics
 from .rayjobs import JobState, submission_id
 from .status import cr_status
@@ -36,7 +44,8 @@ def now() -> str:
 
 
 class Slots:
-    """The operator-wide limit on running parts; the others wait, oldest first (phase Queued)."""
+    """The operator-wide limit on running parts; the others wait, higher spec.priority first, then
+    oldest first (phase Queued)."""
 
     def __init__(self, limit: int, on_change: Callable[[int], None] = lambda n: None):
         self.limit = limit
@@ -49,23 +58,32 @@ class Slots:
         """A part whose job already runs (found at start-up) holds a slot without queueing."""
         self.running.add(key)
 
-    async def acquire(self, key, created: str, on_queued: Callable[[], Awaitable[None]]) -> None:
+    async def acquire(self, key, created: str, on_queued: Callable[[], Awaitable[None]], priority: int = 0,
+                      give_up: Callable[[], bool] = lambda: False) -> bool:
+        """Take a slot; False if `give_up()` turned true while waiting (a spec change, suspend, shutdown)."""
         async with self._cond:
             if key in self.running:
-                return
-            self.waiting[key] = (created, key)
+                return True
+            self.waiting[key] = (-priority, created, key)
             self.on_change(len(self.waiting))
             queued = False
             try:
-                while len(self.running) >= self.limit or min(self.waiting.values())[1] != key:
+                while len(self.running) >= self.limit or min(self.waiting.values())[-1] != key:
+                    if give_up():
+                        return False
                     if not queued:
                         queued = True
                         await on_queued()
-                    await self._cond.wait()
+                    try:  # woken by a release, or after a while to look at give_up() again
+                        await asyncio.wait_for(self._cond.wait(), timeout=1.0)
+                    except asyncio.TimeoutError:
+                        pass
             finally:
                 self.waiting.pop(key, None)
                 self.on_change(len(self.waiting))
+                self._cond.notify_all()  # the next in line may be another part now
             self.running.add(key)
+            return True
 
     async def release(self, key) -> None:
         async with self._cond:
@@ -93,6 +111,15 @@ def condition(kind: str, ok: bool, reason: str, message: str, previous: list[dic
     since = old["lastTransitionTime"] if old and old.get("status") == status else now()
     return {"type": kind, "status": status, "reason": reason, "message": message[:1000],
             "lastTransitionTime": since}
+
+
+def verified_condition(progress: Progress | None, previous: list[dict]) -> dict | None:
+    """The `Verified` condition once the job's verify stage has read every shard back (None before)."""
+    if not progress or not progress.verified:
+        return None
+    verified = Verification.from_json(progress.verified)
+    return condition("Verified", verified.ok, "ShardsReadBack" if verified.ok else "ShardMismatch",
+                     verified.message, previous)
 
 
 class Part:
@@ -153,7 +180,7 @@ class Part:
         try:
             while not self.stopped:
                 status = self.status
-                if status.get("phase") in TERMINAL and status.get("observedGeneration") == self.generation:
+                if status.get("phase") in SETTLED and status.get("observedGeneration") == self.generation:
                     await self._observe_final()
                     await self.stopped.wait(self.op.config.poll_seconds)
                     continue
@@ -163,7 +190,10 @@ class Part:
                     # Ray or the API server unreachable for a while: say so, and try again.
                     log.warning("part %s/%s: %s; retrying in %ss", self.namespace, self.name, err,
                                 self.op.config.poll_seconds)
-                    await self.write(message=f"retrying after: {str(err)[:500]}")
+                    try:
+                        await self.write(message=f"retrying after: {str(err)[:500]}")
+                    except kube.KubeError:
+                        pass  # the API server refuses this write too: the next round tries again
                     await self.stopped.wait(self.op.config.poll_seconds)
         finally:
             await self.op.slots.release(self.key)
@@ -180,14 +210,37 @@ class Part:
                                      self.status.get("retries", 0))
 
     async def read_secret(self, spec: PartSpec) -> dict[str, str] | None:
-        if not spec.output.credentials_secret:
+        """The storage credentials, and the hub token of a part with spec.latents.hubTokenSecret: both
+        go to the job as credentials do (see credentials.py), never into its spec or entrypoint."""
+        token = spec.latents.hub_token_secret if spec.latents else None
+        if not spec.output.credentials_secret and not token:
             return None
-        return await asyncio.to_thread(kube.read_secret, self.namespace, spec.output.credentials_secret)
+        secret: dict[str, str] = {}
+        if spec.output.credentials_secret:
+            secret.update(await asyncio.to_thread(kube.read_secret, self.namespace, spec.output.credentials_secret))
+        if token:
+            try:
+                values = await asyncio.to_thread(kube.read_secret, self.namespace, token)
+            except kube.KubeError as err:
+                raise kube.KubeError(f"spec.latents.hubTokenSecret {token!r}: {err}") from err
+            if values.get("HF_TOKEN"):
+                secret["HF_TOKEN"] = values["HF_TOKEN"]
+        return secret
 
-    async def read_progress(self, spec: PartSpec, secret) -> Progress | None:
+    async def read_progress(self, spec: PartSpec, secret, strict: bool = False) -> Progress | None:
+        """The job's persisted progress; None when there is none yet, or when it cannot be read (a damaged
+        file or an unreachable store, which the job's next write repairs) unless `strict`, which raises."""
         def read():
-            data = Store(spec.output, secret=secret or {}).read_json(PROGRESS)
-            return Progress.from_json(data) if data else None
+            store = Store(spec.output, secret=secret or {})
+            try:
+                data = store.read_json(PROGRESS)
+                return Progress.from_json(data) if data else None
+            except Exception as err:  # noqa: BLE001 - any reason means the same: keep the status as it is
+                message = f"cannot read {store.url(PROGRESS)}: {type(err).__name__}: {err}"
+                if strict:
+                    raise RuntimeError(message) from None
+                log.warning("part %s/%s: %s", self.namespace, self.name, message)
+                return None
 
         return await asyncio.to_thread(read)
 
@@ -198,11 +251,14 @@ class Part:
         except SpecError as err:
             await self.fail("InvalidSpec", str(err))
             return
+        if spec.suspend:
+            await self.suspend(generation)
+            return
         try:
             secret = await self.read_secret(spec)
         except kube.KubeError as err:
             self.op.metrics.kube_api_errors.inc()
-            await self.fail("CredentialsUnavailable",
+            await self.fail("CredentialsUnavailable", str(err) if str(err).startswith("spec.") else
                             f"spec.output.credentialsSecret {spec.output.credentials_secret!r}: {err}")
             return
         same_generation = status.get("observedGeneration") == generation
@@ -211,12 +267,14 @@ class Part:
 
         job = await self.job_state(job_id)
         if job.state == "MISSING":
-            await self.op.slots.acquire(self.key, self.body["metadata"].get("creationTimestamp", ""),
-                                        on_queued=self._queued)
-            if self.stopped or self.generation != generation:
+            acquired = await self.op.slots.acquire(
+                self.key, self.body["metadata"].get("creationTimestamp", ""), on_queued=self._queued,
+                priority=spec.priority, give_up=lambda: bool(self.stopped) or self.generation != generation)
+            if not acquired or self.stopped or self.generation != generation:
                 return
             if not await self.output_matches(spec, secret):
                 return
+            crash_at("before-submit")
             await self.submit(job_id, spec, secret, generation, attempt)
         else:
             self.op.slots.adopt(self.key)
@@ -226,7 +284,9 @@ class Part:
         if job is None:  # operator stopping, object deleted, or a new generation took over
             return
         if job.state == "SUCCEEDED":
-            progress = await self.read_progress(spec, secret)
+            crash_at("annotating")
+            # The final counts are the job's last word: an unreadable progress is retried (follow), not skipped.
+            progress = await self.read_progress(spec, secret, strict=True)
             await self.publish(Phase.SUCCEEDED, progress, job_id, generation, attempt, finished=True)
             self.event("Succeeded", progress.message if progress and progress.message else f"job {job_id} succeeded")
             await self.op.slots.release(self.key)
@@ -242,8 +302,39 @@ class Part:
             await self.stopped.wait(delay)
             return
         reason = "RetriesExhausted" if retryable else "JobFailed"
+        if job.exit_code == ExitCode.STORAGE_UNAVAILABLE:
+            reason = "StorageUnavailable"  # the job's log, in the message, names the endpoint
         await self.fail(reason, f"job {job_id} {job.state.lower()}: {job.message[-1000:]}")
         await self.op.slots.release(self.key)
+
+    async def suspend(self, generation: int) -> None:
+        """Stop the job (if any) and wait in phase Suspended; a finished part stays Succeeded."""
+        await self.op.slots.release(self.key)
+        job_id = self.status.get("submissionId")
+        if job_id:
+            await asyncio.to_thread(self.op.backend.stop, self.owner, job_id)
+            # Suspended means nothing writes into the output any more: a resume must not race the old job.
+            for _ in range(120):
+                job = await self.job_state(job_id)
+                if self.stopped or job.terminal or job.state == "MISSING":  # kuberay: the RayJob is deleted
+                    break
+                await self.stopped.wait(1)
+        if self.status.get("phase") == Phase.SUCCEEDED.value:
+            await self.write(observedGeneration=generation)
+            return
+        message = f"suspended (spec.suspend); job {job_id} stopped, finished shards kept" if job_id else \
+            "suspended (spec.suspend) before its job started"
+        await self.write(phase=Phase.SUSPENDED.value, observedGeneration=generation, message=message,
+                         activeSince=None)
+        self.event("Suspended", message)
+        self.op.metrics.observe_part(self.namespace, self.name, Phase.SUSPENDED, None, self.status.get("retries", 0))
+
+    def deadline_passed(self, spec: PartSpec) -> bool:
+        since = self.status.get("activeSince")
+        if not spec.active_deadline_seconds or not since:
+            return False
+        started = calendar.timegm(time.strptime(since, "%Y-%m-%dT%H:%M:%SZ"))
+        return time.time() - started > spec.active_deadline_seconds
 
     async def _queued(self) -> None:
         running = len(self.op.slots.running)
@@ -283,12 +374,15 @@ class Part:
         except Exception:
             self.op.metrics.ray_submission_errors.inc()
             raise
+        crash_at("after-submit")
         log.info("part %s/%s: submitted job %s (generation %d, attempt %d)",
                  self.namespace, self.name, job_id, generation, attempt)
         conditions = self.status.get("conditions") or []
         message = f"job {job_id} submitted (generation {generation}, attempt {attempt})"
+        # The deadline counts from the generation's first submission: retries spend it, a resume resets it.
+        since = {"activeSince": now()} if attempt == 0 else {}
         await self.write(phase=Phase.PENDING.value, submissionId=job_id, observedGeneration=generation,
-                         retries=attempt, output=spec.output.uri, message=message,
+                         retries=attempt, output=spec.output.uri, message=message, **since,
                          conditions=[condition("Submitted", True, "JobSubmitted", job_id, conditions),
                                      condition("Failed", False, "Running", "", conditions)])
         self.event("Submitted", message)
@@ -304,10 +398,19 @@ class Part:
             job = await self.job_state(job_id)
             if job.terminal:
                 return job
+            if self.deadline_passed(spec):
+                await asyncio.to_thread(self.op.backend.stop, self.owner, job_id)
+                await self.op.slots.release(self.key)
+                await self.fail("DeadlineExceeded",
+                                f"ran longer than spec.activeDeadlineSeconds ({spec.active_deadline_seconds}s); "
+                                f"job {job_id} stopped, its finished shards are kept")
+                return None
             progress = await self.read_progress(spec, secret)
             phase = Phase(progress.phase) if progress and progress.phase in RUNNING else Phase.PENDING
             if progress and progress.phase == Phase.SUCCEEDED:  # the summary is written, the job not yet done
                 phase = Phase.ANNOTATING
+            if phase == Phase.ANNOTATING:
+                crash_at("annotating")
             await self.publish(phase, progress, job_id, generation, attempt)
             await self.stopped.wait(self.op.config.poll_seconds)
         return None
@@ -315,12 +418,20 @@ class Part:
     async def publish(self, phase: Phase, progress: Progress | None, job_id: str, generation: int, attempt: int,
                       finished: bool = False) -> None:
         fields = cr_status(progress) if progress else {}
+        if fields:
+            # A merge patch keeps keys it does not name: a reason no longer counted (after a heal) is removed.
+            old = ((self.status.get("images") or {}).get("failedByReason") or {})
+            gone = {reason: None for reason in old if reason not in fields["images"]["failedByReason"]}
+            fields["images"]["failedByReason"].update(gone)
         conditions = self.status.get("conditions") or []
         message = progress.message if progress and progress.message else f"job {job_id} {phase.value.lower()}"
-        extra = {}
+        extra: dict = {"conditions": []}
         if finished:
             extra["conditions"] = [condition("Complete", True, "Succeeded", message, conditions),
                                    condition("Failed", False, "Succeeded", "", conditions)]
+        verified = verified_condition(progress, conditions)
+        if verified:
+            extra["conditions"].append(verified)
         await self.write(phase=phase.value, submissionId=job_id, observedGeneration=generation, retries=attempt,
                          message=message, **fields, **extra)
         self.op.metrics.observe_part(self.namespace, self.name, phase, progress, attempt)

@@ -143,16 +143,23 @@ class JobsAPIBackend:
             self.api.stop(job_id)
 
 
-def build_rayjob(template: dict, owner: dict, job_id: str, spec: PartSpec, entrypoint: str) -> dict:
-    """A ray.io/v1 RayJob for one attempt of one part, owned by its LaionPart."""
+def build_rayjob(template: dict, owner: dict, job_id: str, spec: PartSpec, entrypoint: str,
+                 latents_group: dict | None = None) -> dict:
+    """A ray.io/v1 RayJob for one attempt of one part, owned by its LaionPart. A part with
+    spec.latents also gets `latents_group` (the GPU workers its encoding tasks ask for)."""
     body = copy.deepcopy(template)
     body["entrypoint"] = entrypoint
     body["runtimeEnvYAML"] = yaml.safe_dump({"env_vars": _spec_env(spec)})
     body.setdefault("shutdownAfterJobFinishes", True)
-    secret = spec.output.credentials_secret
-    if secret:
-        cluster = body.get("rayClusterSpec", {})
-        groups = [cluster.get("headGroupSpec", {})] + list(cluster.get("workerGroupSpecs", []))
+    cluster = body.setdefault("rayClusterSpec", {})
+    if spec.latents and latents_group:
+        workers = cluster.setdefault("workerGroupSpecs", [])
+        if all(g.get("groupName") != latents_group["groupName"] for g in workers):
+            workers.append(copy.deepcopy(latents_group))
+    # The hub token reaches the Ray containers as the storage credentials do: from its Secret.
+    secrets = [s for s in (spec.output.credentials_secret, spec.latents and spec.latents.hub_token_secret) if s]
+    groups = [cluster.get("headGroupSpec", {})] + list(cluster.get("workerGroupSpecs", []))
+    for secret in dict.fromkeys(secrets):
         for group in groups:
             for container in group.get("template", {}).get("spec", {}).get("containers", []):
                 container.setdefault("envFrom", []).append({"secretRef": {"name": secret}})
@@ -183,7 +190,8 @@ class KubeRayBackend:
         self.config = config
 
     def submit(self, owner: dict, job_id: str, spec: PartSpec, secret: dict[str, str] | None) -> None:
-        body = build_rayjob(self.config.ray_job_template or {}, owner, job_id, spec, self.config.job_entrypoint)
+        body = build_rayjob(self.config.ray_job_template or {}, owner, job_id, spec, self.config.job_entrypoint,
+                            self.config.latents_worker_group)
         kube.create_rayjob(owner["namespace"], body)
 
     def state(self, owner: dict, job_id: str) -> JobState:

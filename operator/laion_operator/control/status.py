@@ -19,7 +19,7 @@ def _iso(ts: float | None) -> str | None:
 
 def cr_status(progress: Progress) -> dict:
     """The LaionPart status fields that come from the job's persisted progress."""
-    return {
+    status = {
         "rowsRead": progress.rows_read,
         "rowsKept": progress.rows_kept,
         "shards": {"total": progress.shards_total, "done": progress.shards_done, "failed": progress.shards_failed},
@@ -34,9 +34,41 @@ def cr_status(progress: Progress) -> dict:
         "startedAt": _iso(progress.started_at),
         "finishedAt": _iso(progress.finished_at),
     }
+    if progress.latents_shards_total:
+        status["latents"] = {
+            "shards": {"total": progress.latents_shards_total, "done": progress.latents_shards_done,
+                       "failed": progress.latents_shards_failed},
+            "written": progress.latents_written,
+            "skipped": progress.latents_skipped,
+            "perSecond": progress.latents_per_second,
+        }
+    return status
 
 
-_COUNT = {"type": "integer", "minimum": 0}
+COUNT_SCHEMA = {"type": "integer", "minimum": 0}
+# Shared by the LaionPart's and the LaionDataset's status.
+IMAGES_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "ok": COUNT_SCHEMA,
+        "failed": COUNT_SCHEMA,
+        "failedByReason": {"type": "object", "additionalProperties": COUNT_SCHEMA},
+    },
+}
+CONDITIONS_SCHEMA = {
+    "type": "array",
+    "items": {
+        "type": "object",
+        "required": ["type", "status"],
+        "properties": {
+            "type": {"type": "string"},
+            "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
+            "reason": {"type": "string"},
+            "message": {"type": "string"},
+            "lastTransitionTime": {"type": "string", "format": "date-time"},
+        },
+    },
+}
 
 STATUS_SCHEMA: dict = {
     "type": "object",
@@ -45,38 +77,30 @@ STATUS_SCHEMA: dict = {
         "message": {"type": "string"},
         "observedGeneration": {"type": "integer"},
         "submissionId": {"type": "string"},
-        "retries": _COUNT,
+        "retries": COUNT_SCHEMA,
         "output": {"type": "string"},
-        "rowsRead": _COUNT,
-        "rowsKept": _COUNT,
-        "shards": {"type": "object", "properties": {"total": _COUNT, "done": _COUNT, "failed": _COUNT}},
+        "activeSince": {"type": "string", "format": "date-time", "nullable": True,
+                        "description": "When the current run was first submitted (spec.activeDeadlineSeconds)."},
+        "rowsRead": COUNT_SCHEMA,
+        "rowsKept": COUNT_SCHEMA,
+        "shards": {"type": "object", "properties": {"total": COUNT_SCHEMA, "done": COUNT_SCHEMA, "failed": COUNT_SCHEMA}},
         "shardsProgress": {"type": "string"},
-        "images": {
+        "images": IMAGES_SCHEMA,
+        "bytesWritten": COUNT_SCHEMA,
+        "successRate": {"type": "number", "description": "Percent of attempted images downloaded."},
+        "latents": {
             "type": "object",
+            "description": "The latents stage (spec.latents): shards, samples encoded, undecodable images, rate.",
             "properties": {
-                "ok": _COUNT,
-                "failed": _COUNT,
-                "failedByReason": {"type": "object", "additionalProperties": _COUNT},
+                "shards": {"type": "object", "properties": {"total": COUNT_SCHEMA, "done": COUNT_SCHEMA, "failed": COUNT_SCHEMA}},
+                "written": COUNT_SCHEMA,
+                "skipped": COUNT_SCHEMA,
+                "perSecond": {"type": "number", "minimum": 0},
             },
         },
-        "bytesWritten": _COUNT,
-        "successRate": {"type": "number", "description": "Percent of attempted images downloaded."},
         "startedAt": {"type": "string", "format": "date-time", "nullable": True},
         "finishedAt": {"type": "string", "format": "date-time", "nullable": True},
-        "conditions": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "required": ["type", "status"],
-                "properties": {
-                    "type": {"type": "string"},
-                    "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
-                    "reason": {"type": "string"},
-                    "message": {"type": "string"},
-                    "lastTransitionTime": {"type": "string", "format": "date-time"},
-                },
-            },
-        },
+        "conditions": CONDITIONS_SCHEMA,
     },
     # kopf keeps its own bookkeeping under status (handler progress) unless told otherwise.
     "x-kubernetes-preserve-unknown-fields": True,
@@ -87,41 +111,50 @@ PRINTER_COLUMNS = [
     {"name": "Shards", "type": "string", "jsonPath": ".status.shardsProgress"},
     {"name": "Images", "type": "integer", "jsonPath": ".status.images.ok"},
     {"name": "Success %", "type": "number", "jsonPath": ".status.successRate"},
+    {"name": "Latents", "type": "integer", "jsonPath": ".status.latents.written", "priority": 1},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 
 
-def crd() -> dict:
-    """The LaionPart CustomResourceDefinition, generated from the spec's SCHEMA (crds/ holds its copy)."""
+def custom_resource_definition(kind: str, plural: str, short_name: str, description: str, spec_schema: dict,
+                               status_schema: dict, printer_columns: list[dict]) -> dict:
+    """A namespaced CRD of this operator's group with a status subresource (LaionPart, LaionDataset)."""
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{kube.PLURAL}.{kube.GROUP}"},
+        "metadata": {"name": f"{plural}.{kube.GROUP}"},
         "spec": {
             "group": kube.GROUP,
             "scope": "Namespaced",
             "names": {
-                "kind": "LaionPart", "listKind": "LaionPartList", "plural": kube.PLURAL,
-                "singular": "laionpart", "shortNames": ["lp"], "categories": ["laion"],
+                "kind": kind, "listKind": f"{kind}List", "plural": plural,
+                "singular": kind.lower(), "shortNames": [short_name], "categories": ["laion"],
             },
             "versions": [{
                 "name": kube.VERSION,
                 "served": True,
                 "storage": True,
                 "subresources": {"status": {}},
-                "additionalPrinterColumns": PRINTER_COLUMNS,
+                "additionalPrinterColumns": printer_columns,
                 "schema": {"openAPIV3Schema": {
                     "type": "object",
-                    "description": "One LAION metadata part turned into an image dataset in object storage.",
+                    "description": description,
                     "required": ["spec"],
                     "properties": {
                         "apiVersion": {"type": "string"},
                         "kind": {"type": "string"},
                         "metadata": {"type": "object"},
-                        "spec": specs.SCHEMA,
-                        "status": STATUS_SCHEMA,
+                        "spec": spec_schema,
+                        "status": status_schema,
                     },
                 }},
             }],
         },
     }
+
+
+def crd() -> dict:
+    """The LaionPart CustomResourceDefinition, generated from the spec's SCHEMA (crds/ holds its copy)."""
+    return custom_resource_definition(
+        "LaionPart", kube.PLURAL, "lp", "One LAION metadata part turned into an image dataset in object storage.",
+        specs.SCHEMA, STATUS_SCHEMA, PRINTER_COLUMNS)

@@ -1,6 +1,8 @@
 """Stage 3: the files trainers read beside the dataset, and the part's summary.
 
 - webdataset, parquet, tfrecord: `part_<id>_stats.csv` — one row per shard file and its sample count;
+- mds: `part_<id>_stats.csv` — one row per MDS shard file (`00000/shard.00000.mds`, …), and the merged
+  `index.json` at the root that a StreamingDataset reads the whole part from;
 - files: `part_<id>.csv` — one row per image with its caption;
 - all formats: `part_<id>_summary.json` — counts by status and failure reason, bytes, rate, durations.
 """
@@ -16,6 +18,7 @@ from .. import contract
 from ..contract import Progress, ShardStats, shard_name
 from ..spec import PartSpec
 from ..storage import Store
+from . import mds
 
 
 def _csv(header: list[str], rows) -> str:
@@ -45,6 +48,12 @@ def annotate(spec: PartSpec, store: Store, shards: list[ShardStats], progress: P
         rows = ((store.url(shard_name(s.shard), f"{key}.{ext}"), caption)
                 for s in shards for key, caption in _successful_keys(store, s.shard))
         store.write_text(_csv(["image_path", "caption"], rows), index)
+    elif fmt == "mds":
+        indexes = {s.shard: mds.read_index(store, s.shard) for s in shards}
+        rows = ((store.url(shard_name(shard), name), samples)
+                for shard, entry in sorted(indexes.items()) for name, samples in mds.shard_files(entry))
+        store.write_text(_csv(["path", "num_samples"], rows), index)
+        mds.write_merged_index(store, indexes)
     else:
         rows = ((store.url(contract.shard_data(s.shard, fmt)), s.successes) for s in shards)
         store.write_text(_csv(["path", "num_samples"], rows), index)

@@ -35,14 +35,25 @@ from . import fetch
 from .fetch import FetchError
 from .filter import read_shard
 from .resize import Resizer
-from .writers import TFRecordSampleWriter  # img2dataset's needs tensorflow; ours writes the same files
+from .writers import MDSSampleWriter, TFRecordSampleWriter  # img2dataset's TFRecord one needs tensorflow
 
 WRITERS = {
     "webdataset": WebDatasetSampleWriter,
     "files": FilesSampleWriter,
     "parquet": ParquetSampleWriter,
     "tfrecord": TFRecordSampleWriter,
+    "mds": MDSSampleWriter,
 }
+
+
+def make_writer(opts: Download, shard: int, output: str, save_caption: bool, schema: pa.Schema):
+    """The outputFormat's sample writer for one shard (img2dataset's constructor, plus MDS's size)."""
+    extra = {"size_limit": opts.mds_shard_size_limit} if opts.output_format == "mds" else {}
+    return WRITERS[opts.output_format](shard, output, save_caption, SHARD_DIGITS, schema, opts.encode_format,
+                                       **extra)
+
+
+_REUSED = object()  # a row whose earlier sample is written again (download_shard's `reuse`)
 
 
 def resize_reason(message: str) -> str:
@@ -93,35 +104,55 @@ def _schema(table: pa.Table, opts: Download) -> pa.Schema:
     return schema
 
 
-def download_shard(spec: PartSpec, shard: int, report: Callable[[ShardStats], None] | None = None,
-                   report_every: float = 2.0, threads: int | None = None) -> ShardStats:
-    """Download one shard into the output; returns its stats (also persisted as <shard>_stats.json).
-    Decoding and resizing run on `threads` threads (default: the task's CPUs)."""
+def download_shard(spec: PartSpec, shard: int,
+                   report: Callable[[ShardStats], None] | None = None, report_every: float = 2.0,
+                   reuse: dict[str, tuple[bytes | None, dict]] | None = None, threads: int | None = None) -> ShardStats:
+    """Download one shard into the output; returns its stats (also persisted: contract.shard_stats).
+
+    Decoding and resizing run on `threads` threads (default: the task's CPUs). `reuse` (a heal,
+    pipeline/heal.py): key → the sample's earlier image bytes (None if it failed) and metadata row,
+    written again as they were instead of fetched; the other rows are fetched."""
     opts = spec.download
     store = Store(spec.output)
-    for stale in shard_files(shard):  # a partial earlier attempt must not leave samples behind
-        if store.fs.exists(store.path(stale)):
-            store.fs.rm(store.path(stale), recursive=True)
+    clear_shard(store, shard)
     table = read_shard(store, shard)
     stats = ShardStats(shard=shard, count=table.num_rows, start_time=time.time())
     reasons: Counter[str] = Counter()
     columns = table.column_names
     rows = table.to_pylist()
     resizer = make_resizer(opts)
-    writer = WRITERS[opts.output_format](
-        shard, store.uri, "caption" in columns, SHARD_DIGITS, _schema(table, opts), opts.encode_format)
+    writer = make_writer(opts, shard, store.uri, "caption" in columns, _schema(table, opts))
     oom_samples = math.ceil(math.log10(max(spec.filter.samples_per_shard, 2)))
     lock = threading.Lock()
     last_report = [time.monotonic()]
 
-    def handle(index: int, data: bytes | None, err: FetchError | None) -> None:
-        """One URL's outcome, on a decode thread: resize, then write (one writer, under the lock)."""
+    def blank(index: int) -> dict:
         row = rows[index]
-        key = compute_key(index, shard, oom_samples, SHARD_DIGITS)
-        meta = {**row, "key": key, "status": None, "error_message": None, "failure_reason": None,
+        meta = {**row, "key": compute_key(index, shard, oom_samples, SHARD_DIGITS), "status": None,
+                "error_message": None, "failure_reason": None,
                 "width": None, "height": None, "original_width": None, "original_height": None}
         if opts.compute_hash != "none":
             meta[opts.compute_hash] = None
+        return meta
+
+    def write(index: int, image: bytes | None, meta: dict) -> None:
+        """One sample into the shard's one writer, counted (under the lock: decode threads call it)."""
+        with lock:
+            writer.write(image, meta["key"], rows[index].get("caption"), meta)
+            if meta["status"] == "success":
+                stats.successes += 1
+            else:
+                stats.failed_to_resize += meta["status"] == "failed_to_resize"
+                stats.failed_to_download += meta["status"] != "failed_to_resize"
+                reasons[meta["failure_reason"] or "other"] += 1
+            if report and time.monotonic() - last_report[0] >= report_every:
+                stats.failed_by_reason = dict(reasons)
+                report(stats)
+                last_report[0] = time.monotonic()
+
+    def handle(index: int, data: bytes | None, err: FetchError | None) -> None:
+        """One URL's outcome, on a decode thread: resize, then write."""
+        meta = blank(index)
         image = None
         if err is not None:
             meta.update(status="failed_to_download", error_message=str(err), failure_reason=err.reason)
@@ -135,25 +166,36 @@ def download_shard(spec: PartSpec, shard: int, report: Callable[[ShardStats], No
                             original_height=orig_h)
                 if opts.compute_hash != "none":
                     meta[opts.compute_hash] = getattr(hashlib, opts.compute_hash)(data).hexdigest()
-        with lock:
-            writer.write(image, key, row.get("caption"), meta)
-            if meta["status"] == "success":
-                stats.successes += 1
-            else:
-                stats.failed_to_download += meta["status"] == "failed_to_download"
-                stats.failed_to_resize += meta["status"] == "failed_to_resize"
-                reasons[meta["failure_reason"]] += 1
-            if report and time.monotonic() - last_report[0] >= report_every:
-                stats.failed_by_reason = dict(reasons)
-                report(stats)
-                last_report[0] = time.monotonic()
+        write(index, image, meta)
 
-    fetch.run([row["url"] for row in rows], opts, handle, threads or task_cpus())
+    fetched = []
+    for index in range(len(rows)):
+        meta = blank(index)
+        if reuse and meta["key"] in reuse:
+            image, earlier = reuse[meta["key"]]
+            meta.update({k: earlier.get(k) for k in meta if k in earlier})
+            write(index, image, meta)
+        else:
+            fetched.append(index)
+    fetch.run([rows[i]["url"] for i in fetched], opts, lambda j, data, err: handle(fetched[j], data, err),
+              threads or task_cpus())
     writer.close()
+    return finish_shard(store, stats, reasons)
+
+
+def clear_shard(store: Store, shard: int) -> None:
+    """Remove whatever an earlier attempt at the shard wrote: a redone shard must not leave samples behind."""
+    for stale in shard_files(shard):
+        if store.fs.exists(store.path(stale)):
+            store.fs.rm(store.path(stale), recursive=True)
+
+
+def finish_shard(store: Store, stats: ShardStats, reasons: dict[str, int]) -> ShardStats:
+    """Count what the shard wrote and mark it finished: its stats file goes last, after every other file."""
     stats.failed_by_reason = dict(reasons)
-    stats.bytes_written = sum(_size(store, store.path(path)) for path in shard_files(shard))
+    stats.bytes_written = sum(_size(store, store.path(path)) for path in shard_files(stats.shard))
     stats.end_time = time.time()
-    store.write_json(stats.to_json(), shard_stats(shard))
+    store.write_json(stats.to_json(), shard_stats(stats.shard))
     return stats
 
 

@@ -16,7 +16,10 @@ shard files are written by background threads while the next rows are read.
 
 Every row read is either kept or counted under the first condition it fails, in this order:
 missing_url, minWidth, minHeight, maxPunsafe, maxPwatermark, minAesthetic, minSimilarity, languages,
-sampleFraction, duplicateUrl. A null value fails the condition that reads it.
+excluded, sampleFraction, duplicateUrl. A null value fails the condition that reads it. `excluded` (the
+removal lists of `filter.exclude`, read once before the metadata: see `exclude`) comes after the column
+conditions so that only their survivors' URLs are hashed; a listed URL is dropped whatever came first,
+and `droppedBy.excluded` counts the listed rows that the other conditions would have kept.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from ..contract import InputError, MANIFEST, SHARDS_DIR, fingerprint, shard_inpu
 from ..spec import PartSpec
 from ..storage import Store
 from . import columns as cols
+from .exclude import Exclusions, load as load_exclusions
 
 BATCH_ROWS = 131_072
 PARALLEL_ROW_GROUP_ROWS = 1 << 20  # row groups up to this size are filtered whole, several at once
@@ -152,7 +156,7 @@ class _Filtered:
 
 
 def _filter_batch(batch: pa.RecordBatch, mapping: dict[str, str], spec: PartSpec, out_cols: dict[str, str],
-                  with_offsets: bool) -> _Filtered:
+                  with_offsets: bool, exclusions: Exclusions | None = None) -> _Filtered:
     keep = None
     dropped = []
     remaining = batch.num_rows
@@ -165,6 +169,11 @@ def _filter_batch(batch: pa.RecordBatch, mapping: dict[str, str], spec: PartSpec
     # Only the output columns are taken: the condition columns are done with. A take by index copies
     # the kept strings about twice as fast as a filter by mask.
     offsets = pc.indices_nonzero(keep)
+    if exclusions is not None:
+        listed = exclusions.matches(batch.column(mapping["url"]).take(offsets))
+        dropped.append(("excluded", int(listed.sum())))
+        if listed.any():
+            offsets = pa.array(offsets.to_numpy()[~listed])
     table = _normalise(pa.Table.from_arrays([batch.column(src) for src in out_cols.values()],
                                             names=list(out_cols)).take(offsets))
     return _Filtered(table, batch.num_rows, dropped,
@@ -189,7 +198,8 @@ def _in_order(tasks: Iterator[Callable[[], object]], workers: int) -> Iterator:
 
 
 def _filtered_batches(url: str, pf: pq.ParquetFile, read: list[str], mapping: dict[str, str], spec: PartSpec,
-                      out_cols: dict[str, str], with_offsets: bool) -> Iterator[_Filtered]:
+                      out_cols: dict[str, str], with_offsets: bool,
+                      exclusions: Exclusions | None = None) -> Iterator[_Filtered]:
     """Every batch of the file, filtered, in file order.
 
     Row groups of at most PARALLEL_ROW_GROUP_ROWS are read and filtered whole, READ_THREADS at once,
@@ -216,7 +226,7 @@ def _filtered_batches(url: str, pf: pq.ParquetFile, read: list[str], mapping: di
         def row_group(i: int) -> list[_Filtered]:
             own = handle()
             try:
-                return [_filter_batch(batch, mapping, spec, out_cols, with_offsets)
+                return [_filter_batch(batch, mapping, spec, out_cols, with_offsets, exclusions)
                         for batch in own.iter_batches(batch_size=BATCH_ROWS, row_groups=[i], columns=read,
                                                       use_threads=False)]
             finally:
@@ -236,7 +246,7 @@ def _filtered_batches(url: str, pf: pq.ParquetFile, read: list[str], mapping: di
     for batch in _in_order((lambda: next(batches, end) for _ in itertools.count()), 1):
         if batch is end:
             return
-        yield _filter_batch(batch, mapping, spec, out_cols, with_offsets)
+        yield _filter_batch(batch, mapping, spec, out_cols, with_offsets, exclusions)
 
 
 def _kept_batches(spec: PartSpec, result: FilterResult, on_batch: Callable[[FilterResult], None] | None,
@@ -247,6 +257,10 @@ def _kept_batches(spec: PartSpec, result: FilterResult, on_batch: Callable[[Filt
     threshold = np.uint64(min(int(spec.filter.sample_fraction * 2**64), 2**64 - 1))
     schema = None
     position = 0
+    # Read before any metadata: a bad list fails the run at once, and every batch matches against it.
+    exclusions = load_exclusions(spec.filter.exclude) if spec.filter.exclude else None
+    if exclusions is not None:
+        result.dropped_by["excluded"] = 0
     for url in spec.source:
         pf = open_parquet(url)
         file_columns = pf.schema_arrow.names
@@ -255,7 +269,7 @@ def _kept_batches(spec: PartSpec, result: FilterResult, on_batch: Callable[[Filt
         out_cols = _output_columns(mapping, spec, file_columns, url)
         read = sorted({*out_cols.values(), *(mapping[f] for f in needed)})
         try:
-            for filtered in _filtered_batches(url, pf, read, mapping, spec, out_cols, with_positions):
+            for filtered in _filtered_batches(url, pf, read, mapping, spec, out_cols, with_positions, exclusions):
                 for name, count in filtered.dropped:
                     result.dropped_by[name] = result.dropped_by.get(name, 0) + count
                 result.rows_read += filtered.rows

@@ -13,6 +13,7 @@ import sys
 from .. import credentials
 from ..contract import ExitCode, InputError, Progress
 from ..spec import PartSpec
+from ..storage import StorageUnavailable
 
 log = logging.getLogger("laion_operator.job")
 
@@ -38,9 +39,16 @@ def main() -> int:
     ensure_ray()
     try:
         summary = run_part(spec, on_progress=log_progress)
+        if spec.heal is not None:  # set or changed on a LaionPart: heal once the part is whole
+            from .heal import heal_part
+
+            summary = heal_part(spec) or summary
     except PartFailed as err:
         log.error("part %s failed: %s", spec.part_id, err)
         return ExitCode.SHARDS_FAILED
+    except StorageUnavailable as err:
+        log.error("part %s failed: StorageUnavailable: %s", spec.part_id, err)
+        return ExitCode.STORAGE_UNAVAILABLE
     except InputError as err:
         log.error("part %s cannot run: %s", spec.part_id, err)
         return ExitCode.BAD_INPUT

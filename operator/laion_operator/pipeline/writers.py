@@ -1,4 +1,5 @@
-"""A TensorFlow-free drop-in for img2dataset's `TFRecordSampleWriter`.
+"""Sample writers img2dataset does not have, in its writers' shape: a TensorFlow-free drop-in for its
+`TFRecordSampleWriter`, and `MDSSampleWriter` (MosaicML streaming's format) at the end.
 
 img2dataset's TFRecord writer imports tensorflow and tensorflow_io (gigabytes) only to build
 `tf.train.Example` messages and to frame them as TFRecords. Both are small, stable formats, so this
@@ -24,7 +25,10 @@ where masked_crc32c(x) = ((c >> 15 | c << 17) + 0xa282ead8) mod 2**32 with c the
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import struct
+import tempfile
 from typing import Any, Mapping
 
 import fsspec
@@ -32,7 +36,7 @@ import google_crc32c
 import numpy as np
 from img2dataset.writer import BufferedParquetWriter
 
-__all__ = ["TFRecordSampleWriter", "encode_example", "feature_for", "frame_record", "masked_crc32c"]
+__all__ = ["MDSSampleWriter", "TFRecordSampleWriter", "encode_example", "feature_for", "frame_record", "masked_crc32c"]
 
 _LEN = 2  # protobuf wire type of length-delimited fields
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
@@ -197,3 +201,61 @@ class TFRecordSampleWriter:
         finally:
             if not self.tf_writer.closed:
                 self.tf_writer.close()
+
+
+class MDSSampleWriter:
+    """MosaicML streaming's MDS format, written by streaming's own `MDSWriter`, in img2dataset's
+    writer shape: `<shard>/` holds the shard's MDS files (index.json, shard.00000.mds, …) and
+    `<shard>.parquet` the metadata of every sample, as img2dataset's writers do.
+
+    Columns: the image (`jpg`/`png`/`webp`, encoded bytes), `key` and `caption` (str), and every other
+    metadata field as `json` (MDS's scalar encodings cannot hold a missing value; json keeps None,
+    ints and floats as they were). The MDS files are written to a local folder and, for an s3://
+    output, put into the bucket through the process's fsspec options, so they travel with the same
+    credentials, endpoint and addressing as every other file of the part (streaming's own uploader
+    reads only boto3's environment).
+    """
+
+    def __init__(self, shard_id, output_folder, save_caption, oom_shard_count, schema, encode_format,
+                 size_limit=None):
+        from streaming import MDSWriter  # torch and streaming: only for parts that write MDS
+
+        from ..spec import MDS_SHARD_SIZE
+
+        self.shard_name = "{shard_id:0{oom_shard_count}d}".format(  # pylint: disable=consider-using-f-string
+            shard_id=shard_id, oom_shard_count=oom_shard_count)
+        self.output_folder = output_folder
+        self.remote = "://" in output_folder
+        self.local = tempfile.mkdtemp(prefix="laion-mds-") if self.remote else f"{output_folder}/{self.shard_name}"
+        self.encode_format = encode_format
+        self.save_caption = save_caption
+        self.columns = {encode_format: "bytes", "key": "str"}
+        if save_caption:
+            self.columns["caption"] = "str"
+        for name in schema.names:
+            self.columns.setdefault(name, "json")
+        self.buffered_parquet_writer = BufferedParquetWriter(
+            output_folder + "/" + self.shard_name + ".parquet", schema, 100)
+        self.mds = MDSWriter(columns=self.columns, out=self.local, size_limit=size_limit or MDS_SHARD_SIZE,
+                             exist_ok=True)
+
+    def write(self, img_str, key, caption, meta):
+        if img_str is not None:
+            sample = {name: meta.get(name) for name, kind in self.columns.items() if kind == "json"}
+            sample.update({self.encode_format: bytes(img_str), "key": key})
+            if self.save_caption:
+                sample["caption"] = str(caption) if caption is not None else ""
+            self.mds.write(sample)
+        self.buffered_parquet_writer.write(meta)
+
+    def close(self):
+        try:
+            self.buffered_parquet_writer.close()
+            self.mds.finish()
+            if self.remote:
+                fs, root = fsspec.core.url_to_fs(f"{self.output_folder}/{self.shard_name}")
+                for name in sorted(os.listdir(self.local)):
+                    fs.put_file(os.path.join(self.local, name), f"{root}/{name}")
+        finally:
+            if self.remote:
+                shutil.rmtree(self.local, ignore_errors=True)

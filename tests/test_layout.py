@@ -1,0 +1,80 @@
+"""The two wings meet only at the output folder's contract: the control plane never loads the
+pipeline, and only `contract` spells the output folder's names."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "operator" / "laion_operator"
+PIPELINE_ONLY = {"ray", "pyarrow", "pandas", "img2dataset", "cv2", "numpy", "torch", "simplejpeg"}
+
+
+def loaded_after_import(module: str) -> set[str]:
+    code = (f"import json, sys; import {module}; "
+            "print(json.dumps(sorted(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=ROOT, env={"PYTHONPATH": str(ROOT / "operator"), "PATH": "/usr/bin:/bin"})
+    return set(json.loads(out.stdout))
+
+
+def test_the_operators_entry_module_loads_no_pipeline_package():
+    loaded = loaded_after_import("laion_operator.control.controller")
+    top = {m.split(".")[0] for m in loaded}
+    assert "kopf" in top  # the import did happen
+    assert not top & PIPELINE_ONLY, sorted(top & PIPELINE_ONLY)
+    assert not {m for m in loaded if m.startswith(("laion_operator.pipeline", "laion_operator.testbed"))}
+
+
+def test_the_cli_loads_the_pipeline_only_for_commands_that_run_it():
+    assert not {m.split(".")[0] for m in loaded_after_import("laion_operator.cli")} & PIPELINE_ONLY
+
+
+def test_control_plane_sources_never_import_the_pipeline():
+    for path in (PACKAGE / "control").glob("*.py"):
+        text = path.read_text()
+        assert not re.search(r"^\s*(from|import)\s+(\.\.pipeline|laion_operator\.pipeline|ray\b|pyarrow|pandas)",
+                             text, re.M), path
+
+
+def test_the_operator_image_installs_no_pipeline_package():
+    project = tomllib.loads((ROOT / "operator" / "pyproject.toml").read_text())["project"]
+    names = {re.split(r"[\[<>=; ]", d)[0].lower() for d in
+             project["dependencies"] + project["optional-dependencies"]["operator"]}
+    assert names.isdisjoint({"ray", "pyarrow", "pandas", "img2dataset", "opencv-python-headless", "numpy",
+                             "torch"}), names
+    dockerfile = (ROOT / "images" / "operator" / "Dockerfile").read_text()
+    assert "['optional-dependencies']['operator']" in dockerfile
+    assert "pipeline" not in re.sub(r"#.*", "", dockerfile)
+
+
+def test_only_the_contract_spells_the_output_folders_names():
+    # String literals that build a name (prose in docstrings and messages may mention them).
+    names = re.compile(r"""["'](_laion\b|[^"'\s]*_stats\.json|[^"'\s]*progress\.json|[^"'\s]*filter\.json|part_\{)""")
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "contract.py":
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if names.search(line) and not line.lstrip().startswith("#"):
+                offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert offenders == []
+
+
+def test_exit_codes_and_phases_are_spelled_once():
+    offenders = []
+    # A phase compared or assigned as a bare string (event and condition reasons may share the word).
+    phase_literal = re.compile(r"""phase\W{1,5}["'](Pending|Queued|Filtering|Downloading|Annotating|Succeeded|Failed|"""
+                               r"""Stopping)["']""")
+    for path in PACKAGE.rglob("*.py"):
+        if path.name in ("contract.py",):
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if re.search(r"INPUT_ERROR|EXIT\s*=\s*2|return 2\b", line) or phase_literal.search(line):
+                offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert offenders == []
