@@ -625,3 +625,25 @@ def test_broken_certificates_are_tls_unless_verification_is_off(tls_files):
         assert url.startswith("https://")
         assert fetch_one(url, timeout=5).reason == "tls"
         assert fetch_one(url, timeout=5, verifyTls=False).reason == "ok"
+
+
+@pytest.mark.parametrize("values", [
+    [], ["noai"], ["NoAI, noindex"], ["nofollow"], ["img2dataset: noai"], ["otherbot: noai"],
+    ["otherbot: noai", "img2dataset: noimageai"], ["unavailable_after: 25 Jun 2010 15:00:00 PST"],
+    ["all"], ["noimageindex,nofollow"], ["IMG2DATASET: noai"],
+])
+def test_x_robots_tag_is_read_as_img2dataset_reads_it(values):
+    from email.message import Message
+
+    from img2dataset.downloader import is_disallowed
+
+    from laion_operator.pipeline.fetch import robots_tag_disallows
+
+    headers = Message()
+    for value in values:
+        headers["X-Robots-Tag"] = value
+    directives = ["noai", "noimageai", "noindex", "noimageindex"]
+    ours = robots_tag_disallows(values, "img2dataset", directives)
+    assert ours == is_disallowed(headers, "img2dataset", directives)
+    assert ours == (values not in ([], ["nofollow"], ["otherbot: noai"], ["all"],
+                                   ["unavailable_after: 25 Jun 2010 15:00:00 PST"]))

@@ -78,3 +78,19 @@ def test_exit_codes_and_phases_are_spelled_once():
             if re.search(r"INPUT_ERROR|EXIT\s*=\s*2|return 2\b", line) or phase_literal.search(line):
                 offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
     assert offenders == []
+
+
+def test_a_ray_worker_loads_the_pipeline_without_img2datasets_cli_or_torch():
+    """Every Ray worker of a part pays these imports: torch (through webdataset) and img2dataset's CLI
+    (wandb, fire) took most of 7-11 s a process."""
+    loaded = {m.split(".")[0] for m in loaded_after_import(
+        "laion_operator.pipeline.driver, laion_operator.pipeline.download, laion_operator.pipeline.convert, "
+        "laion_operator.pipeline.verify")}
+    assert {"img2dataset", "webdataset", "cv2", "pyarrow"} <= loaded  # the imports did happen
+    assert not loaded & {"torch", "wandb", "fire", "pyspark", "albumentations.pytorch"}, sorted(loaded)
+    # torch is still there for the stages that use it, after the pipeline is loaded
+    code = ("import laion_operator.pipeline.download, torch; from img2dataset import writer; "
+            "print(int(torch.ones(2).sum()), writer.WebDatasetSampleWriter.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
+                         env={"PYTHONPATH": str(ROOT / "operator"), "PATH": "/usr/bin:/bin"})
+    assert out.stdout.split() == ["2", "WebDatasetSampleWriter"]

@@ -237,3 +237,17 @@ def test_failed_sample_writes_nothing(tmp_path):
 def test_empty_example_round_trips():
     assert example_pb2.Example.FromString(encode_example({})) == example_pb2.Example(
         features=example_pb2.Features())
+
+
+def test_sample_keys_are_img2datasets():
+    from img2dataset.downloader import compute_key
+
+    from laion_operator.contract import SHARD_DIGITS, sample_key
+
+    for samples_per_shard in (2, 10, 11, 100, 1000, 10_000):
+        digits = math.ceil(math.log10(samples_per_shard))
+        for shard in (0, 1, 7, 123, 99_999):
+            for index in {0, 1, 9, samples_per_shard // 2, samples_per_shard - 1}:
+                if index < samples_per_shard:
+                    assert sample_key(shard, index, samples_per_shard) == \
+                        compute_key(index, shard, digits, SHARD_DIGITS), (samples_per_shard, shard, index)

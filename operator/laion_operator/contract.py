@@ -28,6 +28,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
@@ -53,6 +54,14 @@ SHARD_DIGITS = 5
 
 def shard_name(shard: int) -> str:
     return f"{shard:0{SHARD_DIGITS}d}"
+
+
+def sample_key(shard: int, index: int, samples_per_shard: int) -> str:
+    """A sample's key, as img2dataset writes it: the shard's number, then the sample's place in it
+    zero-padded to the digits samplesPerShard needs (or the index's own, in a converted shard that
+    holds more)."""
+    digits = max(math.ceil(math.log10(max(samples_per_shard, 2))), len(str(index)))
+    return f"{shard * 10 ** digits + index:0{digits + SHARD_DIGITS}d}"
 
 
 def shard_input(shard: int) -> str:

@@ -13,3 +13,30 @@ _os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 # memory back to the OS at once and faults it in again for the next batch, about 30 % more CPU in the
 # filter (bench/README.md). Arrow reads this when it is first imported, which is below this package.
 _os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "jemalloc")
+
+
+def _load_light() -> None:
+    """Import img2dataset's writers and resizer without what a Ray worker never runs.
+
+    Every Ray worker of a part imports this package, and on a busy node the imports below took 7-11 s
+    a process (bench/README.md): img2dataset's `__init__` loads its CLI (fire, wandb, both
+    distributors), and webdataset loads torch, where it is installed, for a DataLoader the pipeline
+    never builds. The package's modules are found through its `__path__` without running its
+    `__init__`, and webdataset falls back to its stand-ins for torch's classes.
+    """
+    import importlib.util
+    import sys
+
+    if "img2dataset" not in sys.modules:
+        spec = importlib.util.find_spec("img2dataset")
+        if spec is not None:
+            sys.modules["img2dataset"] = importlib.util.module_from_spec(spec)  # not executed
+    if "webdataset" not in sys.modules and "torch" not in sys.modules:
+        sys.modules["torch"] = None  # an import of torch now fails, as where it is not installed
+        try:
+            import webdataset  # noqa: F401
+        finally:
+            del sys.modules["torch"]
+
+
+_load_light()

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import tarfile
 import time
 from collections import Counter
@@ -31,9 +30,8 @@ from typing import Callable, Iterator
 
 import fsspec
 import pyarrow as pa
-from img2dataset.downloader import compute_key
 
-from ..contract import MANIFEST, SHARD_DIGITS, InputError, ShardStats, fingerprint
+from ..contract import InputError, MANIFEST, ShardStats, fingerprint, sample_key
 from ..spec import Dataset, PartSpec
 from ..storage import Store
 from .download import clear_shard, finish_shard, make_resizer, make_writer, resize_reason
@@ -288,13 +286,11 @@ def convert_shard(spec: PartSpec, shard: int,
     reasons: Counter[str] = Counter()
     resizer = make_resizer(opts)
     writer = make_writer(opts, shard, store.uri, True, SCHEMA)
-    # keys as a download's: shard number then the sample's place in it
-    oom_samples = math.ceil(math.log10(max(spec.filter.samples_per_shard, 2)))
     last_report = time.monotonic()
     try:
         for index, sample in enumerate(read_input(spec, entry)):
             stats.count += 1
-            key = compute_key(index, shard, max(oom_samples, len(str(index))), SHARD_DIGITS)
+            key = sample_key(shard, index, spec.filter.samples_per_shard)
             meta = {"key": key, "caption": sample.caption, "url": sample.url, "source_file": sample.file,
                     "source_key": sample.key, "status": None, "error_message": None, "failure_reason": None,
                     "width": None, "height": None, "original_width": None, "original_height": None}

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import math
 import os
 import threading
 import time
@@ -21,14 +20,13 @@ from collections import Counter
 from typing import Callable
 
 import pyarrow as pa
-from img2dataset.downloader import compute_key
 from img2dataset.writer import (
     FilesSampleWriter,
     ParquetSampleWriter,
     WebDatasetSampleWriter,
 )
 
-from ..contract import SHARD_DIGITS, ShardStats, shard_files, shard_stats
+from ..contract import SHARD_DIGITS, ShardStats, sample_key, shard_files, shard_stats
 from ..spec import Download, PartSpec
 from ..storage import Store
 from . import fetch
@@ -122,13 +120,12 @@ def download_shard(spec: PartSpec, shard: int,
     rows = table.to_pylist()
     resizer = make_resizer(opts)
     writer = make_writer(opts, shard, store.uri, "caption" in columns, _schema(table, opts))
-    oom_samples = math.ceil(math.log10(max(spec.filter.samples_per_shard, 2)))
     lock = threading.Lock()
     last_report = [time.monotonic()]
 
     def blank(index: int) -> dict:
         row = rows[index]
-        meta = {**row, "key": compute_key(index, shard, oom_samples, SHARD_DIGITS), "status": None,
+        meta = {**row, "key": sample_key(shard, index, spec.filter.samples_per_shard), "status": None,
                 "error_message": None, "failure_reason": None,
                 "width": None, "height": None, "original_width": None, "original_height": None}
         if opts.compute_hash != "none":

@@ -48,7 +48,6 @@ from urllib.robotparser import RobotFileParser
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
-from img2dataset.downloader import is_disallowed
 from PIL import Image
 from yarl import URL
 
@@ -324,14 +323,17 @@ def _tracing() -> aiohttp.TraceConfig:
     return trace
 
 
-class _Headers:
-    """aiohttp's headers as img2dataset's X-Robots-Tag check reads them (email.message's get_all)."""
-
-    def __init__(self, headers):
-        self.headers = headers
-
-    def get_all(self, name, default=None):
-        return self.headers.getall(name, default)
+def robots_tag_disallows(values: Iterable[str], token: str, directives: Iterable[str]) -> bool:
+    """Whether X-Robots-Tag header values opt an image out, read as img2dataset reads them:
+    "noai, noimageai" for every agent, "<token>: noai" for the one whose userAgentToken it names."""
+    wanted = {d.lower() for d in directives}
+    for value in values:
+        agent, colon, rules = value.partition(":")
+        if colon and agent.strip().lower() != token.lower():
+            continue
+        if wanted & {rule.strip().lower() for rule in (rules if colon else agent).split(",")}:
+            return True
+    return False
 
 
 def _retry_after(value: str | None, now: float) -> float | None:
@@ -536,7 +538,8 @@ class Engine:
                     raise FetchError(reason, f"HTTP Error {resp.status}: {resp.reason or ''}".strip())
                 if resp.status >= 300 or resp.status < 200:
                     raise FetchError("other", f"HTTP {resp.status} {resp.reason or ''}".strip())
-                if self.directives and is_disallowed(_Headers(resp.headers), self.token, self.directives):
+                if self.directives and robots_tag_disallows(resp.headers.getall("X-Robots-Tag", ()), self.token,
+                                                               self.directives):
                     raise FetchError("opt_out", "Use of image disallowed by X-Robots-Tag directive")
                 return await self._read(resp, self.opts.max_image_bytes)
 
