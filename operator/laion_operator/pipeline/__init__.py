@@ -18,8 +18,9 @@ _os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "jemalloc")
 def _load_light() -> None:
     """Import img2dataset's writers and resizer without what a Ray worker never runs.
 
-    Every Ray worker of a part imports this package, and on a busy node the imports below took 7-11 s
-    a process (bench/README.md): img2dataset's `__init__` loads its CLI (fire, wandb, both
+    Every Ray worker of a part imports this package, and on a busy 2-core node the pipeline took 11 s
+    a process to import, 3 s without these (`python -X importtime`): img2dataset's `__init__` loads
+    its CLI (fire, wandb, both
     distributors), and webdataset loads torch, where it is installed, for a DataLoader the pipeline
     never builds. The package's modules are found through its `__path__` without running its
     `__init__`, and webdataset falls back to its stand-ins for torch's classes.
