@@ -20,9 +20,8 @@ def _load_light() -> None:
 
     Every Ray worker of a part imports this package, and on a busy 2-core node the pipeline took 11 s
     a process to import, 3 s without these (`python -X importtime`): img2dataset's `__init__` loads
-    its CLI (fire, wandb, both
-    distributors), and webdataset loads torch, where it is installed, for a DataLoader the pipeline
-    never builds. The package's modules are found through its `__path__` without running its
+    its CLI (fire, wandb, both distributors), and webdataset loads torch, where it is installed, for a
+    DataLoader the pipeline never builds. The package's modules are found through its `__path__` without running its
     `__init__`, and webdataset falls back to its stand-ins for torch's classes.
     """
     import importlib.util
