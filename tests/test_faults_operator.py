@@ -59,7 +59,7 @@ def manifest(name: str, source, output, **spec) -> dict:
                      "output": output if isinstance(output, dict) else {"uri": str(output)},
                      "filter": {"samplesPerShard": 10},
                      "download": loopback({"imageSize": 64, "timeout": 5, "maxInFlight": 4,
-                                                    **spec.pop("download", {})}),
+                                           **spec.pop("download", {})}),
                      **spec}}
 
 

@@ -15,9 +15,9 @@ from laion_operator.pipeline.driver import DamagedOutput, run_part
 from laion_operator.spec import PartSpec
 from laion_operator.storage import StorageUnavailable
 from laion_operator.testbed.demo_data import write_metadata
-from tests.support.specs import loopback
 from tests.support.exactly_once import check_exactly_once
-from tests.support.faults import Outage, shard_workers
+from tests.support.faults import Outage, SecondNode, cmdline, shard_workers
+from tests.support.specs import loopback
 
 # The outage is ~30 s; LAION_TEST_OUTAGE_SECONDS makes it shorter on a slow machine.
 OUTAGE_SECONDS = float(os.environ.get("LAION_TEST_OUTAGE_SECONDS", "30"))
@@ -29,7 +29,7 @@ def spec(source, output, rows_per_shard: int = 10, **download) -> PartSpec:
         "source": {"urls": [str(source)]},
         "filter": {"samplesPerShard": rows_per_shard},
         "download": loopback({"imageSize": 64, "timeout": 5, "maxInFlight": 2, "parallelism": 2,
-                                       "shardRetries": 3, **download}),
+                              "shardRetries": 3, **download}),
         "output": output if isinstance(output, dict) else {"uri": str(output)},
     })
 
@@ -138,6 +138,29 @@ def test_killed_shard_worker_is_retried_exactly_once(ray_driver, slow_metadata, 
     run.wait()
     assert run.error is None, run.error
     check_exactly_once(out)
+
+
+def test_lost_worker_node_runs_its_shards_elsewhere(ray_driver, slow_metadata, tmp_path):
+    node = SecondNode(ray_driver).start()
+    try:
+        import ray
+
+        wait_until(lambda: ray.cluster_resources().get("second_node"), timeout=60, what="the second node")
+        out = tmp_path / "out"
+        part = spec(slow_metadata, out, parallelism=4)
+
+        def on_second_node():
+            return [pid for pid in node.processes() if cmdline(pid).startswith("ray::_shard")]
+
+        run = Background(part)
+        wait_until(lambda: on_second_node() or run.error, what="a shard on the second node")
+        time.sleep(1)
+        node.kill()
+        run.wait()
+        assert run.error is None, run.error
+        check_exactly_once(out)
+    finally:
+        node.kill()
 
 
 def test_damaged_output_is_repaired_or_refused_naming_the_file(ray_driver, fast_metadata, tmp_path):

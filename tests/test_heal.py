@@ -31,7 +31,7 @@ def spec(source, output, timeout: float, heal: dict | None = None) -> PartSpec:
         "source": {"urls": [str(source)]},
         "filter": {"samplesPerShard": 10},
         "download": loopback({"imageSize": 64, "timeout": timeout, "maxInFlight": 8,
-                                       "parallelism": 2}),
+                              "parallelism": 2}),
         "output": {"uri": str(output)},
     }
     if heal is not None:
