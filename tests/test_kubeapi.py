@@ -264,7 +264,7 @@ def test_finalizers_and_kubectl_watch(widgets: TestAPIServer, kube_namespace: st
     reader = threading.Thread(target=lambda: lines.extend(iter(watcher.stdout.readline, '')), daemon=True)
     reader.start()
     try:
-        widgets.wait_for_request(lambda r: r.params.get('watch') == 'true' and r.namespace == ns)
+        widgets.wait_for_request(lambda r: r.params.get('watch') == 'true' and r.namespace == ns, timeout=60)
         widgets.create(GROUP, VERSION, PLURAL, {**widget('w'), 'metadata': {'name': 'w', 'finalizers': ['a/b']}}, ns)
 
         deleting = widgets.delete(GROUP, VERSION, PLURAL, ns, 'w')  # held by the finalizer

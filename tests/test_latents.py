@@ -304,7 +304,10 @@ def test_every_readable_output_format_gives_the_same_latents(ray_driver, source,
     assert len(dataset) == summary["images"]["ok"] == len(reference)
     for i in range(0, len(dataset), 4):
         sample = dataset[i]
-        assert np.array_equal(sample["image_latents"].numpy(), reference[sample["key"]]["image_latents"].numpy())
+        # The same image, in a batch made up by the order its shard's downloads finished in: float32
+        # results may move in their last bits with the batch, not more.
+        np.testing.assert_allclose(sample["image_latents"].numpy(), reference[sample["key"]]["image_latents"].numpy(),
+                                   rtol=1e-4, atol=1e-5)
 
 
 # --- what the operator shows ------------------------------------------------------------------------

@@ -211,3 +211,13 @@ class S3Server:
     def keys(self, bucket: str, prefix: str = "") -> list[str]:
         pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
         return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []))
+
+
+def loaded_packages(*modules: str) -> list[str]:
+    """Import `modules`, then the top-level packages this process has loaded (run as a Ray task to see
+    what a worker loads)."""
+    import importlib
+
+    for module in modules:
+        importlib.import_module(module)
+    return sorted({m.split(".")[0] for m in sys.modules})

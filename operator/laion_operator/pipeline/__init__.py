@@ -15,14 +15,16 @@ _os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 _os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "jemalloc")
 
 
-def _load_light() -> None:
+def load_light() -> None:
     """Import img2dataset's writers and resizer without what a Ray worker never runs.
 
     Every Ray worker of a part imports this package, and on a busy 2-core node the pipeline took 11 s
     a process to import, 3 s without these (`python -X importtime`): img2dataset's `__init__` loads
     its CLI (fire, wandb, both distributors), and webdataset loads torch, where it is installed, for a
-    DataLoader the pipeline never builds. The package's modules are found through its `__path__` without running its
-    `__init__`, and webdataset falls back to its stand-ins for torch's classes.
+    DataLoader the pipeline never builds. The package's modules are found through its `__path__`
+    without running its `__init__`, and webdataset falls back to its stand-ins for torch's classes.
+    Only for processes that are the pipeline's alone (Ray workers, the job's driver): elsewhere, as in
+    a notebook that also trains, webdataset and img2dataset stay whole.
     """
     import importlib.util
     import sys
@@ -39,4 +41,15 @@ def _load_light() -> None:
             del sys.modules["torch"]
 
 
-_load_light()
+def _in_ray_worker() -> bool:
+    import sys
+
+    ray = sys.modules.get("ray")  # a Ray worker has imported it before it unpickles a task
+    try:
+        return ray is not None and ray.get_runtime_context().worker.mode == ray.WORKER_MODE
+    except Exception:  # noqa: BLE001 - no Ray runtime here
+        return False
+
+
+if _in_ray_worker():
+    load_light()

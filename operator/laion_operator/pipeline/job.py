@@ -25,6 +25,9 @@ def log_progress(p: Progress) -> None:
 
 
 def main() -> int:
+    from . import load_light
+
+    load_light()  # this process only runs the part
     from .driver import PartFailed, ensure_ray, run_part
 
     credentials.load_into_environment()
