@@ -17,15 +17,30 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # as the test cluster (services.NO_AUTH)
 
 from tests.support.kube_fixtures import kube_api, kube_env, kube_namespace  # noqa: E402,F401 - one API server per session
-from tests.support.services import RayCluster, S3Server  # noqa: E402
+from tests.support.services import RayCluster, S3Server, stop_running_jobs  # noqa: E402
+
+_SHARED: list[RayCluster] = []
 
 
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A real `ray start --head` cluster with its Jobs API, shared by every test of the session."""
     cluster = RayCluster(num_cpus=2).start()
+    _SHARED.append(cluster)
     yield cluster
+    _SHARED.remove(cluster)
     cluster.stop()
+
+
+@pytest.fixture(autouse=True)
+def no_job_outlives_its_test():
+    """A job a test leaves running (a deleted or suspended part's, a killed operator's) would take the
+    two CPUs from the tests after it."""
+    yield
+    for cluster in _SHARED:
+        left = stop_running_jobs(cluster)
+        if left:
+            print(f"\nstopped jobs the test left running: {', '.join(left)}", file=sys.stderr)
 
 
 @pytest.fixture(scope="session")

@@ -221,3 +221,19 @@ def loaded_packages(*modules: str) -> list[str]:
     for module in modules:
         importlib.import_module(module)
     return sorted({m.split(".")[0] for m in sys.modules})
+
+
+def stop_running_jobs(cluster, timeout: float = 30) -> list[str]:
+    """Stop the cluster's jobs that have not ended, and wait until they have; returns their ids."""
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(cluster.dashboard_url)
+    running = [j.submission_id for j in client.list_jobs() if j.type == "SUBMISSION" and not j.status.is_terminal()]
+    for job in running:
+        client.stop_job(job)
+    deadline = time.monotonic() + timeout
+    while running and time.monotonic() < deadline:
+        if all(client.get_job_status(job).is_terminal() for job in running):
+            break
+        time.sleep(0.5)
+    return running
