@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import secrets
+import time
 from pathlib import Path
 
 import jsonschema
@@ -269,6 +270,19 @@ def test_two_replicas_with_peering_never_both_handle_a_part(api, ray_cluster, me
             workdir.mkdir()
             replicas.append(OperatorProcess(workdir, api.env_vars, config, env={**env, "POD_ID": f"replica-{i}"},
                                             args=()).start())
+
+        def paused(op) -> bool:  # kopf logs each pause and resume of a replica's peering
+            states = [line for line in op.logs().splitlines()
+                      if "Pausing operations" in line or "Resuming operations" in line]
+            return bool(states) and "Pausing" in states[-1]
+
+        # Replicas that start together each act alone until they see the other's keep-alive (kopf's
+        # peering is eventual; a part applied then gets the same job id from both, so one job). Once
+        # they have seen each other, one only waits:
+        deadline = time.monotonic() + 60
+        while [paused(op) for op in replicas].count(True) != 1:
+            assert time.monotonic() < deadline, [op.logs()[-2000:] for op in replicas]
+            time.sleep(0.5)
         doc = part_doc("peered", metadata, {"uri": str(tmp_path / "out")})
         api.kubectl("apply", "-n", kube_namespace, "-f", "-", input=yaml.safe_dump(doc))
         status = wait_status(api, kube_namespace, "peered", lambda s: s.get("phase") in ("Succeeded", "Failed"))
@@ -281,13 +295,8 @@ def test_two_replicas_with_peering_never_both_handle_a_part(api, ray_cluster, me
         handled = [op for op in replicas if f"submitted job {status['submissionId']}" in op.logs()]
         assert len(handled) == 1
 
-        def active(op) -> bool:  # kopf logs each pause and resume of a replica's peering
-            states = [line for line in op.logs().splitlines()
-                      if "Pausing operations" in line or "Resuming operations" in line]
-            return bool(states) and "Resuming" in states[-1]
-
-        assert [active(op) for op in replicas].count(True) == 1
-        idle = next(op for op in replicas if not active(op))
+        assert [paused(op) for op in replicas].count(True) == 1
+        idle = next(op for op in replicas if paused(op))
         assert "laion_operator.control.parts" not in idle.logs()  # the paused replica never touched the part
     finally:
         for op in replicas:

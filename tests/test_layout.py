@@ -87,12 +87,17 @@ def test_a_ray_worker_loads_the_pipeline_without_img2datasets_cli_or_torch(ray_d
 
     import ray
 
-    from tests.support.services import loaded_packages
+    def loaded_packages() -> list[str]:  # a local function: pickled whole, nothing of the tests imported
+        import importlib
+        import sys
+
+        for stage in ("driver", "download", "convert", "verify"):
+            importlib.import_module(f"laion_operator.pipeline.{stage}")
+        return sorted({m.split(".")[0] for m in sys.modules})
 
     # A runtime env of its own: a fresh worker process, not one that ran other tests' tasks.
     fresh = ray.remote(runtime_env={"env_vars": {"LAION_TEST_WORKER": uuid.uuid4().hex}})(loaded_packages)
-    loaded = set(ray.get(fresh.remote(*(f"laion_operator.pipeline.{m}" for m in ("driver", "download", "convert",
-                                                                               "verify"))), timeout=300))
+    loaded = set(ray.get(fresh.remote(), timeout=300))
     assert {"img2dataset", "webdataset", "cv2", "pyarrow"} <= loaded  # the imports did happen
     assert not loaded & {"torch", "wandb", "fire", "pyspark"}, sorted(loaded)
 

@@ -202,6 +202,23 @@ def test_rerun_never_lowers_a_counter():
     assert samples(metrics, "laion_part_retries_total")[key] == 1
 
 
+def test_a_heal_lowers_the_failures_once_at_its_end():
+    metrics = Metrics()
+    key = (("namespace", "ns"), ("part", "p"))
+    done = dict(part_id="0", phase="Succeeded", rows_read=300, shards_total=3, shards_done=3)
+    metrics.observe_part("ns", "p", "Succeeded", Progress(**done, images_ok=200, failed_by_reason={"timeout": 10,
+                                                                                                  "http_4xx": 5}))
+    healing = Progress(part_id="0", phase="Downloading", images_ok=40, failed_by_reason={"timeout": 1})
+    metrics.observe_part("ns", "p", "Downloading", healing)  # a rewritten shard climbs back: no dip yet
+    failed = samples(metrics, "laion_part_images_failed_total")
+    assert failed[key + (("reason", "timeout"),)] == 10 and failed[key + (("reason", "http_4xx"),)] == 5
+    metrics.observe_part("ns", "p", "Succeeded", Progress(**done, images_ok=206, failed_by_reason={"timeout": 4,
+                                                                                                  "http_4xx": 5}))
+    failed = samples(metrics, "laion_part_images_failed_total")
+    assert failed[key + (("reason", "timeout"),)] == 4 and failed[key + (("reason", "http_4xx"),)] == 5
+    assert samples(metrics, "laion_part_images_total")[key] == 206
+
+
 def test_part_without_progress_has_phase_only():
     metrics = Metrics()
     metrics.observe_part("ns", "new", "Queued", None)

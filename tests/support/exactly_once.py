@@ -113,8 +113,9 @@ def check_exactly_once(output, status: dict | None = None, metrics: str | None =
     if metrics is not None:
         sel = f'namespace="{namespace}",part="{name}"'
         assert _metric(metrics, "laion_part_images_total", sel) == ok
-        for reason, n in reasons.items():
-            assert _metric(metrics, "laion_part_images_failed_total", sel + f',reason="{reason}"') == n
+        for reason in contract.FAILURE_REASONS:  # a reason a heal removed is back at 0
+            assert _metric(metrics, "laion_part_images_failed_total", sel + f',reason="{reason}"') == \
+                reasons.get(reason, 0), reason
         assert _metric(metrics, "laion_part_metadata_rows_kept_total", sel) == kept_rows
         assert _metric(metrics, "laion_part_phase", sel + ',phase="Succeeded"') == 1
     return summary

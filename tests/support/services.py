@@ -44,6 +44,8 @@ NO_AUTH = {"RAY_AUTH_MODE": "disabled"}
 
 # `ray start`, but waiting up to 3 minutes (not Ray's fixed 30 s) for the new raylet to register with
 # the GCS: on a machine shared by many Ray clusters, the GCS answers late and the start fails otherwise.
+# A node joining a cluster (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1) keeps the head's loopback address:
+# Ray would swap 127.0.0.1 for this machine's outward address, where the loopback-only head is not.
 PATIENT_RAY_START = """
 import sys, time
 import ray._private.services as services
@@ -62,6 +64,7 @@ def get_node(*args, **kwargs):
             time.sleep(1)
 
 services.get_node = get_node
+services.resolve_ip_for_localhost = lambda host: host
 sys.exit(main())
 """
 
@@ -211,16 +214,6 @@ class S3Server:
     def keys(self, bucket: str, prefix: str = "") -> list[str]:
         pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
         return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []))
-
-
-def loaded_packages(*modules: str) -> list[str]:
-    """Import `modules`, then the top-level packages this process has loaded (run as a Ray task to see
-    what a worker loads)."""
-    import importlib
-
-    for module in modules:
-        importlib.import_module(module)
-    return sorted({m.split(".")[0] for m in sys.modules})
 
 
 def stop_running_jobs(cluster, timeout: float = 30) -> list[str]:

@@ -43,7 +43,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from .. import __version__
-from ..contract import FAILURE_REASONS, PHASES, RUNNING, Progress, reason_of
+from ..contract import FAILURE_REASONS, PHASES, RUNNING, Phase, Progress, reason_of
 
 SHARD_STATES = ("total", "done", "failed")
 PART_LABELS = ["namespace", "part"]
@@ -190,6 +190,12 @@ class Metrics:
                 reasons[reason_of(reason)] = reasons.get(reason_of(reason), 0) + n
             for reason, n in reasons.items():
                 part.counter(f"failed:{reason}", n)
+            if progress.phase == Phase.SUCCEEDED.value:
+                # A finished part's counts are its shards' own. A heal lowers failed ones: they are set
+                # rather than kept at their highest, once, at its end (a counter reset, as rate() reads
+                # it), so that the metrics agree with the summary and the status.
+                for key in [k for k in part.high if k.startswith("failed:")]:
+                    part.high[key] = reasons.get(key.split(":", 1)[1], 0)
             part.counter("bytes", progress.bytes_written)
             part.counter("rows_read", progress.rows_read)
             part.counter("rows_kept", progress.rows_kept)
