@@ -167,8 +167,8 @@ def download_shard(spec: PartSpec, shard: int,
 
     fetched = []
     for index in range(len(rows)):
-        meta = blank(index)
-        if reuse and meta["key"] in reuse:
+        if reuse and sample_key(shard, index, spec.filter.samples_per_shard) in reuse:
+            meta = blank(index)
             image, earlier = reuse[meta["key"]]
             meta.update({k: earlier.get(k) for k in meta if k in earlier})
             write(index, image, meta)
