@@ -224,6 +224,57 @@ def test_bodies_are_decoded_on_the_task_threads_not_the_loop(web):
     assert peak[0] <= 2
 
 
+def test_the_network_runs_ahead_of_slow_decoding(web):
+    """A URL that only ends at its deadline starts while earlier bodies wait for the decode thread, so
+    its wait overlaps the decoding instead of following it (a shard's tail)."""
+    handled = []
+
+    def handle(index, data, error):
+        time.sleep(0.1)  # a slow decode: 40 bodies take 4 s on the one thread
+        handled.append((index, error.reason if error else "ok"))
+
+    with Silent() as silent:
+        urls = [f"{web.base_url}/img/ahead{i}_64x64.jpg" for i in range(40)] + [f"{silent.base_url}/x.jpg"]
+        start = time.monotonic()
+        fetch.run(urls, options(maxInFlight=2, maxPerHost=4, timeout=3), handle, 1)
+        seconds = time.monotonic() - start
+    assert sorted(handled) == [(i, "ok") for i in range(40)] + [(40, "timeout")]
+    # Were a slot held until its body was decoded, the silent URL would start after ~4 s of decoding
+    # and end 3 s later; started at once, its deadline passes while the bodies are decoded.
+    assert seconds < 4 + SLACK
+
+
+def test_queued_bodies_are_bounded_in_bytes(monkeypatch):
+    """While the decode thread is stuck, fetching stops once the queue is full: the bodies a task holds
+    stay bounded, whatever the network could deliver."""
+    monkeypatch.setattr(fetch, "DECODE_BACKLOG_BYTES", 1)  # one body at a time
+    release = threading.Event()
+    fetched_while_stuck = []
+
+    def handle(index, data, error):
+        if index == 0 or not release.is_set():
+            time.sleep(0.5)  # the fetch slots fill and wait meanwhile
+            fetched_while_stuck.append(server.hits["img"])
+            release.set()
+
+    with ImageServer() as server:
+        urls = [f"{server.base_url}/img/bound{i}_64x64.jpg" for i in range(20)]
+        fetch.run(urls, options(maxInFlight=3, maxPerHost=10), handle, 1)
+        assert server.hits["img"] == 20
+    # One body being handled, and each of the 3 slots holding the body it fetched.
+    assert fetched_while_stuck[0] <= 1 + 3
+
+
+def test_a_handler_error_ends_the_shard(web):
+    def handle(index, data, error):
+        if index == 3:
+            raise OSError("disk full")
+
+    urls = [f"{web.base_url}/img/err{i}_64x64.jpg" for i in range(40)]
+    with pytest.raises(OSError, match="disk full"):
+        fetch.run(urls, options(maxInFlight=4), handle, 2)
+
+
 # --- 2. deadlines -------------------------------------------------------------------------------
 
 def test_a_drip_fed_body_ends_at_the_deadline_as_timeout(web):

@@ -34,6 +34,9 @@ ENCODE_QUALITY = {"jpg": 95, "webp": 95, "png": 9}
 PNG_MAX_COMPRESSION = 9
 INTERPOLATIONS = ["nearest", "linear", "cubic", "area", "lanczos"]  # img2dataset's names, aliases aside
 MAX_IN_FLIGHT = 128  # download.maxInFlight's default: measured in bench/README.md
+# Fetched bodies waiting for a shard task's decode threads: about a deadline's worth of decoding
+# (10 s × ~30 images/s per CPU × ~300 KB on LAION's mix) for a task of a few CPUs.
+DECODE_BACKLOG_BYTES = 256 << 20
 MAX_PER_HOST = 6  # download.maxPerHost's default: a browser's connections per host
 # latents.dtype: what the models compute in; auto is bfloat16 on a GPU and float32 on a CPU.
 MODEL_DTYPES = ["auto", "float32", "float16", "bfloat16"]
@@ -182,7 +185,9 @@ SCHEMA: dict = {
                                      minimum=0, maximum=30, default=5),
                 "maxImageBytes": _int(
                     "Largest body read: refused by Content-Length before reading, and reading stops past it "
-                    "(`too_large`). With maxInFlight it bounds a task's memory for bodies.",
+                    "(`too_large`). With maxInFlight it bounds a task's memory for bodies being read "
+                    "(fetched bodies waiting for a decode thread are bounded apart, to "
+                    f"{DECODE_BACKLOG_BYTES >> 20} MiB a task).",
                     minimum=1024, default=32 << 20),
                 "maxImagePixels": _int(
                     "Largest image decoded, in pixels its header declares; larger ones fail as `too_large` "

@@ -4,8 +4,11 @@ cap, an address guard and per-host politeness.
 A shard task runs one `Engine` (aiohttp) on one event loop through `run`: `maxInFlight` URLs at once,
 keep-alive connections reused per host, at most `maxPerHost` URLs and connections to one host at a
 time. Every fetched body goes to a small pool of decode/resize threads, so that the CPU works while
-the network waits; a fetch slot stays taken until its body is handed over, which bounds the bodies
-in memory to `maxInFlight` of at most `maxImageBytes` each.
+the network waits. A fetch slot is free again as soon as its body is queued for those threads, so the
+network runs ahead of the CPU: a URL that will only end at its deadline (a silent host, a drip-fed
+body) starts early and waits alongside the decoding instead of after it, at a shard's end. The bodies
+in memory are bounded: `maxInFlight` being read, of at most `maxImageBytes` each, and the queued ones
+up to `spec.DECODE_BACKLOG_BYTES`.
 
 What happens to one URL, and the failure reason (contract.FAILURE_REASONS) each step can give:
 - only http and https URLs are fetched, with no I/O for anything else (`bad_url`);
@@ -51,7 +54,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from PIL import Image
 from yarl import URL
 
-from ..spec import Download
+from ..spec import DECODE_BACKLOG_BYTES, Download
 
 SCHEMES = ("http", "https")
 REDIRECTS = (301, 302, 303, 307, 308)
@@ -685,33 +688,79 @@ def host_key(url: str):
 Handler = Callable[[int, "bytes | None", "FetchError | None"], None]
 
 
+class Backlog:
+    """Fetched bodies handed to the decode threads and not yet handled, bounded in bytes: a fetch slot
+    with a body waits here while the queue is full (one body always fits, however large). The first
+    handler error is kept, and ends the shard."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.held = 0
+        self.space = asyncio.Event()
+        self.handlers: set[asyncio.Future] = set()
+        self.error: BaseException | None = None
+
+    async def hand_over(self, size: int, run: Callable[[], "asyncio.Future"]) -> None:
+        while self.held and self.held + size > self.limit and self.error is None:
+            self.space.clear()
+            await self.space.wait()
+        if self.error is not None:
+            raise self.error
+        self.held += size
+        handler = run()
+        self.handlers.add(handler)
+        handler.add_done_callback(lambda done: self._handled(done, size))
+
+    def _handled(self, handler: asyncio.Future, size: int) -> None:
+        self.handlers.discard(handler)
+        self.held -= size
+        if not handler.cancelled() and handler.exception() is not None and self.error is None:
+            self.error = handler.exception()
+        self.space.set()
+
+    async def drain(self) -> None:
+        """Wait for every handler; raise the first error (say, the writer's)."""
+        if self.handlers:
+            await asyncio.wait(list(self.handlers))
+        if self.error is not None:
+            raise self.error
+
+
 async def fetch_all(urls: list[str], opts: Download, handle: Handler, threads: int) -> Engine:
     """Fetch every URL; `handle(index, body, error)` runs on one of `threads` threads, in completion
-    order. A fetch slot waits for its handler, which bounds the bodies held to maxInFlight (and lets the
-    network wait for the CPU, never the other way round). Returns the engine, closed."""
+    order. Returns the engine, closed."""
     loop = asyncio.get_running_loop()
     # getaddrinfo runs on the loop's default executor: enough threads for the lookups in flight.
     loop.set_default_executor(ThreadPoolExecutor(min(max(opts.max_in_flight, 4), 64), thread_name_prefix="dns"))
     scheduler = Scheduler([host_key(u) for u in urls], opts.max_per_host)
+    backlog = Backlog(DECODE_BACKLOG_BYTES)
     with ThreadPoolExecutor(max(threads, 1), thread_name_prefix="decode") as pool:
         async with Engine(opts) as engine:
             async def worker():
                 while (index := await scheduler.take()) is not None:
+                    if backlog.error is not None:
+                        raise backlog.error
                     try:
                         data, error = await engine.fetch(urls[index]), None
                     except FetchError as err:
                         data, error = None, err
                     await scheduler.done(index)
-                    await loop.run_in_executor(pool, handle, index, data, error)
+                    await backlog.hand_over(len(data or b""), lambda: loop.run_in_executor(
+                        pool, handle, index, data, error))
 
             tasks = [asyncio.ensure_future(worker()) for _ in range(min(opts.max_in_flight, len(urls)))]
-            if tasks:
-                done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-                for task in pending:
-                    task.cancel()
-                await asyncio.gather(*pending, return_exceptions=True)
-                for task in done:
-                    task.result()  # a handler's error (say, the writer's) fails the shard
+            try:
+                if tasks:
+                    done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+                    for task in pending:
+                        task.cancel()
+                    await asyncio.gather(*pending, return_exceptions=True)
+                    for task in done:
+                        task.result()
+                await backlog.drain()
+            finally:
+                for handler in backlog.handlers:  # an error: the queued bodies are not handled
+                    handler.cancel()
     return engine
 
 
