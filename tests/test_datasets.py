@@ -195,6 +195,24 @@ def test_dataset_of_five_parts(api, operator, ray_cluster, kube_namespace, sourc
     assert 'dataset="aes"' not in op.metrics()
 
 
+def test_a_settled_part_wakes_on_a_change_without_polling(api, operator, kube_namespace, sources, tmp_path):
+    """A settled part sleeps until its object changes: with polling ten minutes apart, a spec change
+    still reaches it at once (so many finished parts cost an idle operator nothing)."""
+    op = operator(env={"LAION_OPERATOR_POLL_SECONDS": "600"})
+    doc = part_doc("sleeper", sources / "meta_1.parquet", tmp_path / "out", suspend=True)
+    assert apply(api, kube_namespace, doc).returncode == 0
+    api.wait_for(GROUP, VERSION, PLURAL, kube_namespace, "sleeper",
+                 lambda o: (o.get("status") or {}).get("phase") == "Suspended", timeout=60)
+    doc["spec"]["priority"] = 5  # still suspended: a new generation the part must take in
+    assert apply(api, kube_namespace, doc).returncode == 0
+    changed = time.monotonic()
+    status = api.wait_for(GROUP, VERSION, PLURAL, kube_namespace, "sleeper",
+                          lambda o: (o.get("status") or {}).get("observedGeneration") == 2, timeout=60)["status"]
+    assert time.monotonic() - changed < 15  # not the 600 s poll
+    assert status["phase"] == "Suspended"
+    assert "Handler 'wake'" not in op.logs()  # one line per watch event would drown the log
+
+
 def test_suspended_dataset_fans_out_follows_its_template_and_goes_with_its_parts(api, operator, kube_namespace,
                                                                                  sources, tmp_path):
     """No Ray at all: a suspended dataset's parts never submit a job."""

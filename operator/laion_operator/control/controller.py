@@ -45,6 +45,20 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None
              config.ray_address if config.mode == "jobs" else "KubeRay RayJobs", config.max_concurrent_parts)
 
 
+@kopf.on.event(kube.GROUP, kube.VERSION, kube.PLURAL, id="wake")
+async def wake(body, memo: kopf.Memo, **_) -> None:
+    """Every watch event of a part wakes its daemon if it sleeps settled (parts.Part.follow)."""
+    if hasattr(memo, "op"):
+        memo.op.changed((body["metadata"].get("namespace"), body["metadata"]["name"]))
+
+
+class _QuietWake(logging.Filter):
+    """kopf logs each watching handler's success; for `wake`, that is a line for every watch event."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "Handler 'wake' succeeded."
+
+
 @kopf.daemon(kube.GROUP, kube.VERSION, kube.PLURAL, id="follow", cancellation_timeout=10, backoff=5)
 async def follow(body, stopped, memo: kopf.Memo, **_) -> None:
     try:
@@ -81,6 +95,7 @@ async def forget_dataset(body, memo: kopf.Memo, **_) -> None:
 
 def main(args) -> int:
     config = OperatorConfig.load(args.config)  # a bad file fails here, before kopf starts
+    logging.getLogger("kopf.objects").addFilter(_QuietWake())
     namespaces = list(args.namespace or [])
     asyncio.run(kopf.operator(
         clusterwide=not namespaces,

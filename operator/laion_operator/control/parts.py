@@ -20,7 +20,7 @@ import asyncio
 import calendar
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 import kopf
@@ -37,6 +37,8 @@ from .rayjobs import JobState, submission_id
 from .status import cr_status
 
 log = logging.getLogger(__name__)
+# A settled part also looks again this often, should a watch event ever be missed.
+SETTLED_RECHECK_SECONDS = 60.0
 
 
 def now() -> str:
@@ -102,6 +104,14 @@ class Operator:
     backend: object
     slots: Slots
     metrics: Metrics
+    # Settled parts sleep until their object changes: a watch event sets the part's event.
+    changes: dict = field(default_factory=dict)
+
+    def changed(self, key) -> None:
+        """A watch event for the part `key` (controller.wake): a settled part looks again."""
+        event = self.changes.get(key)
+        if event is not None:
+            event.set()
 
 
 def condition(kind: str, ok: bool, reason: str, message: str, previous: list[dict]) -> dict:
@@ -177,12 +187,14 @@ class Part:
 
     async def follow(self) -> None:
         """Run until the operator stops or the object goes away; final parts wait for spec changes."""
+        change = self.op.changes.setdefault(self.key, asyncio.Event())
         try:
             while not self.stopped:
+                change.clear()  # before reading the object: a change from here on wakes the wait below
                 status = self.status
                 if status.get("phase") in SETTLED and status.get("observedGeneration") == self.generation:
                     await self._observe_final()
-                    await self.stopped.wait(self.op.config.poll_seconds)
+                    await self._wait_for_change(change)
                     continue
                 try:
                     await self.run_generation(self.generation)
@@ -196,7 +208,20 @@ class Part:
                         pass  # the API server refuses this write too: the next round tries again
                     await self.stopped.wait(self.op.config.poll_seconds)
         finally:
+            if self.op.changes.get(self.key) is change:
+                del self.op.changes[self.key]
             await self.op.slots.release(self.key)
+
+    async def _wait_for_change(self, change: asyncio.Event) -> None:
+        """Sleep until the object changes (a spec edit, suspend or resume), the operator stops, or
+        SETTLED_RECHECK_SECONDS pass: a settled part never polls, so many finished parts cost an idle
+        operator nothing."""
+        waits = [asyncio.ensure_future(change.wait()), asyncio.ensure_future(self.stopped.wait())]
+        try:
+            await asyncio.wait(waits, timeout=SETTLED_RECHECK_SECONDS, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
 
     async def _observe_final(self) -> None:
         if self.key in self.op.metrics.parts():
