@@ -16,7 +16,7 @@ from laion_operator.spec import PartSpec
 from laion_operator.storage import StorageUnavailable
 from laion_operator.testbed.demo_data import write_metadata
 from tests.support.exactly_once import check_exactly_once
-from tests.support.faults import Outage, SecondNode, cmdline, shard_workers
+from tests.support.faults import Outage, SecondNode, cmdline, ray_workers
 from tests.support.specs import loopback
 
 # The issue's outage is ~30 s; LAION_TEST_OUTAGE_SECONDS makes it shorter on a slow machine.
@@ -131,12 +131,28 @@ def test_killed_shard_worker_is_retried_exactly_once(ray_driver, slow_metadata, 
     part = spec(slow_metadata, out)
     run = Background(part)
     # A shard half-way: its tar is open, its stats not yet written.
-    wait_until(lambda: shard_workers(ray_driver) and list(out.glob("*.tar")) or run.error, what="a running shard")
+    wait_until(lambda: ray_workers(ray_driver) and list(out.glob("*.tar")) or run.error, what="a running shard")
     time.sleep(1.5)
-    killed = shard_workers(ray_driver)[0]
+    killed = ray_workers(ray_driver)[0]
     os.kill(killed, signal.SIGKILL)
     run.wait()
     assert run.error is None, run.error
+    check_exactly_once(out)
+
+
+def test_lost_progress_board_comes_back_and_the_part_goes_on(ray_driver, slow_metadata, tmp_path):
+    """The actor that gathers running shards' counts is only progress: lost mid-part, it restarts and
+    the part ends as if nothing happened."""
+    out = tmp_path / "out"
+    run = Background(spec(slow_metadata, out))
+    wait_until(lambda: (ray_workers(ray_driver) and ray_workers(ray_driver, "Board")) or run.error,
+               what="a running shard and its board")
+    time.sleep(1)
+    for pid in ray_workers(ray_driver, "Board"):
+        os.kill(pid, signal.SIGKILL)
+    run.wait()
+    assert run.error is None, run.error
+    assert run.result["shards"]["done"] == 6
     check_exactly_once(out)
 
 

@@ -125,10 +125,11 @@ def process_tree(mark: str) -> list[int]:
     return found
 
 
-def shard_workers(cluster) -> list[int]:
-    """This cluster's worker processes running a shard right now (never another cluster's on the machine)."""
+def ray_workers(cluster, name: str = "_shard") -> list[int]:
+    """This cluster's worker processes (never another cluster's on the machine) running the task or
+    actor class `name` right now: a shard, or the progress `Board`."""
     return [pid for pid in process_tree(f"raylet --raylet_socket_name={cluster.temp_dir}")
-            if cmdline(pid).startswith("ray::_shard")]
+            if cmdline(pid).startswith(f"ray::{name}")]
 
 
 class SecondNode:

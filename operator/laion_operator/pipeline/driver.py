@@ -211,9 +211,6 @@ def _download_all(spec: PartSpec, tracker: Tracker, shards: int) -> list[int]:
     tracker.count()
     tracker.publish(force=True)
     parallelism = spec.download.parallelism or max(int(ray.cluster_resources().get("CPU", 1)), 1)
-    # On the driver's node: a lost worker node must not take the running shards' counts with it.
-    board = Board.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-        ray.get_runtime_context().get_node_id(), soft=True)).remote()
     task = _shard.options(max_retries=spec.download.shard_retries, retry_exceptions=True)
     spec_data = spec.to_dict()
     failed: list[int] = []
@@ -241,7 +238,7 @@ def _download_all(spec: PartSpec, tracker: Tracker, shards: int) -> list[int]:
         tracker.publish(force=moved)
 
     try:
-        _run_tasks(lambda shard: task.remote(spec_data, shard, board), todo, parallelism, board, settle, tick)
+        _run_tasks(lambda shard, board: task.remote(spec_data, shard, board), todo, parallelism, settle, tick)
     finally:
         tracker.errors = errors
     if unavailable:
@@ -249,18 +246,23 @@ def _download_all(spec: PartSpec, tracker: Tracker, shards: int) -> list[int]:
     return failed
 
 
-def _run_tasks(submit: Callable, todo: list[int], parallelism: int, board, settle: Callable, tick: Callable) -> None:
-    """Keep `parallelism` shard tasks running until `todo` is done. `submit(shard)` starts one;
-    `settle(shard, result, error)` takes each outcome and returns False to start no more; `tick(partial,
-    moved)` sees the running shards' counts after every wait. However it ends (an unreachable store,
-    bad input, an interrupt), the tasks still running are cancelled — none may write on behind the
-    next attempt's back — and the board goes."""
+def _run_tasks(submit: Callable, todo: list[int], parallelism: int, settle: Callable, tick: Callable) -> None:
+    """Keep `parallelism` shard tasks running until `todo` is done. `submit(shard, board)` starts one,
+    which reports its counts to the board as it goes; `settle(shard, result, error)` takes each outcome
+    and returns False to start no more; `tick(partial, moved)` sees the running shards' counts after
+    every wait. However it ends (an unreachable store, bad input, an interrupt), the tasks still
+    running are cancelled — none may write on behind the next attempt's back — and the board goes."""
+    # On the driver's node where it can be; should its node go anyway, it starts again elsewhere and
+    # the running shards report to it again (their finished counts come from the tasks' results).
+    board = Board.options(max_restarts=-1, scheduling_strategy=NodeAffinitySchedulingStrategy(
+        ray.get_runtime_context().get_node_id(), soft=True)).remote()
     running: dict = {}
+    partial: dict[int, dict] = {}
     try:
         while todo or running:
             while todo and len(running) < parallelism:
                 shard = todo.pop(0)
-                running[submit(shard)] = shard
+                running[submit(shard, board)] = shard
             ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
             for ref in ready:
                 shard = running.pop(ref)
@@ -271,7 +273,13 @@ def _run_tasks(submit: Callable, todo: list[int], parallelism: int, board, settl
                 if not settle(shard, result, err):
                     todo.clear()
                 board.forget.remote(shard)
-            tick(ray.get(board.snapshot.remote()), bool(ready))
+                partial.pop(shard, None)
+            try:
+                partial = ray.get(board.snapshot.remote(), timeout=30)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as err:
+                # The board is restarting (its node was lost) or slow: the last counts stand a while.
+                log.warning("running shards' counts unavailable for now: %s", type(err).__name__)
+            tick(partial, bool(ready))
     finally:
         for ref in running:
             ray.cancel(ref, force=True)
@@ -300,7 +308,6 @@ def _encode_all(spec: PartSpec, tracker: Tracker, shards: list[int]) -> tuple[li
     task = _encode.options(num_cpus=1, num_gpus=1 if gpus else 0, max_retries=settings.shard_retries,
                            retry_exceptions=True)
     log.info("latents: %d shards on %s, %d at once", len(todo), f"{gpus} GPUs" if gpus else "CPUs", parallelism)
-    board = Board.remote()
     spec_data = spec.to_dict()
     failed: list[int] = []
     started, base = time.time(), sum(s.written for s in finished.values())
@@ -330,7 +337,7 @@ def _encode_all(spec: PartSpec, tracker: Tracker, shards: list[int]) -> tuple[li
     p.latents_shards_total = len(shards)
     count({})
     tracker.publish(force=True)
-    _run_tasks(lambda shard: task.remote(spec_data, shard, board), todo, parallelism, board, settle, tick)
+    _run_tasks(lambda shard, board: task.remote(spec_data, shard, board), todo, parallelism, settle, tick)
     return list(finished.values()), failed
 
 
