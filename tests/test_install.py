@@ -271,17 +271,25 @@ def test_two_replicas_with_peering_never_both_handle_a_part(api, ray_cluster, me
             replicas.append(OperatorProcess(workdir, api.env_vars, config, env={**env, "POD_ID": f"replica-{i}"},
                                             args=()).start())
 
-        def paused(op) -> bool:  # kopf logs each pause and resume of a replica's peering
+        def working(op) -> bool:
+            # kopf starts a replica paused until its first peering event and logs each change after;
+            # a replica whose first event already shows a higher peer stays paused without a line.
             states = [line for line in op.logs().splitlines()
                       if "Pausing operations" in line or "Resuming operations" in line]
-            return bool(states) and "Pausing" in states[-1]
+            return bool(states) and "Resuming" in states[-1]
 
-        # Replicas that start together each act alone until they see the other's keep-alive (kopf's
-        # peering is eventual; a part applied then gets the same job id from both, so one job). Once
-        # they have seen each other, one only waits. A replica that missed the other's first
-        # keep-alive sees its next one, 50-55 s later (kopf's lifetime of 60 s less jitter): allow two.
+        # Once both keep-alives are in the peering object, the replica of the highest priority works
+        # and the other waits (kopf's peering is eventual: until then both may act, and a part applied
+        # meanwhile would get the same job id from both, so one job).
+        ids = [f"replica-{i}" for i in range(2)]
         deadline = time.monotonic() + 150
-        while [paused(op) for op in replicas].count(True) != 1:
+        while True:
+            peers = (api.get("kopf.dev", "v1", "clusterkopfpeerings", None, peering["metadata"]["name"])
+                     or {}).get("status") or {}
+            if set(ids) <= set(peers):
+                leader = max(ids, key=lambda i: peers[i]["priority"])
+                if [working(op) for op in replicas] == [i == leader for i in ids]:
+                    break
             assert time.monotonic() < deadline, "\n\n".join(op.logs() for op in replicas)
             time.sleep(0.5)
         doc = part_doc("peered", metadata, {"uri": str(tmp_path / "out")})
@@ -296,8 +304,8 @@ def test_two_replicas_with_peering_never_both_handle_a_part(api, ray_cluster, me
         handled = [op for op in replicas if f"submitted job {status['submissionId']}" in op.logs()]
         assert len(handled) == 1
 
-        assert [paused(op) for op in replicas].count(True) == 1
-        idle = next(op for op in replicas if paused(op))
+        assert [working(op) for op in replicas] == [i == leader for i in ids]
+        idle = replicas[1 - ids.index(leader)]
         assert "laion_operator.control.parts" not in idle.logs()  # the paused replica never touched the part
     finally:
         for op in replicas:
