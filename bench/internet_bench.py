@@ -29,11 +29,13 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from . import common, download_bench
 
 SEEDS_THREADS = 64
 SWEEP = (32, 128, 256, 512)
+PER_HOST_SWEEP = (6, 8, 12)  # maxPerHost below the default: how its default was chosen
 TIMEOUT = 10
 SEED = 11
 
@@ -53,7 +55,7 @@ def img2dataset_cmd(meta: Path, out: Path, n: int, threads: int) -> list[str]:
     return cmd
 
 
-def project_cmd(meta: Path, out: Path, n: int) -> list[str]:
+def project_cmd(meta: Path, out: Path, n: int, per_host: int | None = None) -> list[str]:
     import yaml
 
     from laion_operator import spec as specs
@@ -62,6 +64,8 @@ def project_cmd(meta: Path, out: Path, n: int) -> list[str]:
                 "encodeQuality": 95, "computeHash": "sha256", "timeout": TIMEOUT, "retries": 0}
     if "allowedNetworks" in specs.SCHEMA["properties"]["download"]["properties"]:
         download["allowedNetworks"] = ["127.0.0.0/8"]  # the test bed is loopback, refused by default
+    if per_host is not None:
+        download["maxPerHost"] = per_host
     spec = {"partId": "internet", "source": {"urls": [str(meta)]}, "output": {"uri": str(out)},
             "filter": {"samplesPerShard": shard_size(n), "shuffle": False}, "download": download}
     path = out.parent / f"{out.name}.yaml"
@@ -129,7 +133,8 @@ class Server:
         self.proc.wait(timeout=60)
 
 
-def bench(n: int, sweep: tuple[int, ...] = SWEEP) -> tuple[str, list[str]]:
+def bench(n: int, sweep: tuple[int, ...] = SWEEP, per_host_sweep: tuple[int, ...] = PER_HOST_SWEEP,
+          ) -> tuple[str, list[str]]:
     from laion_operator.testbed import internet
 
     work = common.WORK / "internet"
@@ -142,6 +147,7 @@ def bench(n: int, sweep: tuple[int, ...] = SWEEP) -> tuple[str, list[str]]:
     try:
         url_list = internet.urls(cfg, n, specs, server.port)
         kinds = Counter(internet.kind_of(cfg, hosts, u) for u in url_list)
+        top_share = Counter(urlsplit(u).hostname for u in url_list).most_common(1)[0][1] / n
         expected = Counter()
         for k, c in kinds.items():
             expected[internet.EXPECTED_REASON[k]] += c
@@ -155,15 +161,17 @@ def bench(n: int, sweep: tuple[int, ...] = SWEEP) -> tuple[str, list[str]]:
         for t in sweep:
             if t != SEEDS_THREADS:
                 sides[f"img2dataset-{t}"] = ("img2dataset", t, meta)
-        sides["project"] = ("project", 0, meta)
-        sides["project-calm"] = ("project", 0, calm_meta)
+        sides["project"] = ("project", None, meta)
+        sides["project-calm"] = ("project", None, calm_meta)
+        for h in per_host_sweep:
+            sides[f"project-per-host-{h}"] = ("project", h, meta)
         results = {}
         for side, (tool, threads, source) in sides.items():
             out = work / side
             shutil.rmtree(out, ignore_errors=True)
             count = n if source == meta else len(ok_urls)
             cmd = img2dataset_cmd(source, out, count, threads) if tool == "img2dataset" else project_cmd(
-                source, out, count)
+                source, out, count, threads)
             server.stats()  # a new count
             cpu_before = server.cpu()
             # A Ray node on a busy machine: its agents may take longer than Ray's default to register.
@@ -181,10 +189,13 @@ def bench(n: int, sweep: tuple[int, ...] = SWEEP) -> tuple[str, list[str]]:
             shutil.rmtree(out, ignore_errors=True)
     finally:
         server.close()
-    return report(n, cfg, kinds, expected, results, sides)
+    return report(n, cfg, kinds, expected, results, sides, top_share)
 
 
-def report(n: int, cfg, kinds: Counter, expected: Counter, results: dict, sides: dict) -> tuple[str, list[str]]:
+def report(n: int, cfg, kinds: Counter, expected: Counter, results: dict, sides: dict, top_share: float,
+           ) -> tuple[str, list[str]]:
+    from laion_operator.spec import MAX_PER_HOST
+
     rate = {s: r["ok"] / r["stage"] for s, r in results.items()}
     seeds = f"img2dataset-{SEEDS_THREADS}"
     i2d = [s for s in results if s.startswith("img2dataset")]
@@ -196,8 +207,9 @@ def report(n: int, cfg, kinds: Counter, expected: Counter, results: dict, sides:
         run = r["run"]
         label = (f"img2dataset CLI, {os.cpu_count()} processes × {sides[side][1]} threads"
                  + (" (the seeds' settings)" if side == seeds else " (best of the sweep)" if side == best else "")
-                 if side in i2d else "project, defaults, local Ray" if side == "project"
-                 else "project, zero latency (/calm/, the same images)")
+                 if side in i2d else f"project, defaults (maxPerHost {MAX_PER_HOST}), local Ray" if side == "project"
+                 else "project, zero latency (/calm/, the same images)" if side == "project-calm"
+                 else f"project, maxPerHost {sides[side][1]}")
         rows.append([label, f"{run.seconds:.1f} s", f"{r['stage']:.1f} s", f"{r['ok']:,} of {r['attempted']:,}",
                      f"{rate[side]:,.1f}", f"{rate[side] / rate[seeds]:.2f}×",
                      f"{run.cpu / max(r['ok'], 1) * 1000:.1f} ms", common.mb(run.peak_rss),
@@ -211,8 +223,8 @@ def report(n: int, cfg, kinds: Counter, expected: Counter, results: dict, sides:
     mix = ", ".join(f"{k} {v:,}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
     text = [
         f"Download on the internet on loopback: {n:,} URLs (the download benchmark's images) over {cfg.hosts} hosts on "
-        f"distinct 127.{77}.x.y addresses (+{cfg.refused_hosts} refusing, {cfg.silent_hosts} silent, 1 busy: 429 past "
-        f"{cfg.busy_rate:g} requests/s); latency to the first byte lognormal, median {cfg.latency_median:g} s, "
+        f"distinct 127.{77}.x.y addresses, the busiest with {top_share:.0%} of the URLs (+{cfg.refused_hosts} "
+        f"refusing, {cfg.silent_hosts} silent, 1 busy: 429 past {cfg.busy_rate:g} requests/s); latency to the first byte lognormal, median {cfg.latency_median:g} s, "
         f"p99 {cfg.latency_p99:g} s; {cfg.bandwidth / 2**20:g} MiB/s per connection; drip-fed bodies one byte every "
         f"{cfg.drip_interval:g} s for {cfg.drip_seconds:g} s; oversized bodies {cfg.big_bytes / 2**20:g} MiB. "
         f"URL kinds: {mix}. Resized to {download_bench.IMAGE_SIZE} keep_ratio into webdataset, timeout {TIMEOUT} s, no "
@@ -226,6 +238,7 @@ def report(n: int, cfg, kinds: Counter, expected: Counter, results: dict, sides:
         common.table(["side", "whole command", "download stage", "ok", "images/s", "vs seeds' img2dataset",
                       "CPU per image", "peak memory", "longest hold", "server CPU", "load after"], rows),
         "",
+        *per_host_line(results, sides, rate, MAX_PER_HOST),
         "Outcomes per failure reason (img2dataset's error messages mapped to the project's reasons):",
         "",
         common.table(["side", *reason_names], reason_rows),
@@ -248,9 +261,22 @@ def report(n: int, cfg, kinds: Counter, expected: Counter, results: dict, sides:
     return "\n".join(text), goals
 
 
+def per_host_line(results: dict, sides: dict, rate: dict, default: int) -> list[str]:
+    """The maxPerHost sweep, as shares of the zero-latency rate: the reason for its default."""
+    swept = sorted([(sides[s][1], rate[s]) for s in results if s.startswith("project-per-host-")]
+                   + [(default, rate["project"])])
+    if len(swept) < 2:
+        return []
+    shares = ", ".join(f"{h}{' (default)' if h == default else ''} → {r / rate['project-calm'] * 100:.0f} %"
+                       for h, r in swept)
+    return [f"maxPerHost against the zero-latency rate: {shares}. The busiest host's URLs go at most "
+            "maxPerHost at a time, each for its latency, so below some maxPerHost that host's queue, not the CPU, "
+            "is what a shard waits for.", ""]
+
+
 def main(argv: list[str]) -> None:
     n = int(argv[0]) if argv else 400
-    text, goals = bench(n, sweep=(128,))
+    text, goals = bench(n, sweep=(128,), per_host_sweep=(6,))
     print(text)
     print("\n".join(goals))
 

@@ -37,7 +37,10 @@ MAX_IN_FLIGHT = 128  # download.maxInFlight's default: measured in bench/README.
 # Fetched bodies waiting for a shard task's decode threads: about a deadline's worth of decoding
 # (10 s × ~30 images/s per CPU × ~300 KB on LAION's mix) for a task of a few CPUs.
 DECODE_BACKLOG_BYTES = 256 << 20
-MAX_PER_HOST = 6  # download.maxPerHost's default: a browser's connections per host
+# download.maxPerHost's default, from the internet benchmark's sweep (bench/README.md): a host with a
+# large share of a shard (a CDN) is fetched at maxPerHost / latency URLs a second, and below 16 that
+# host's queue, not the CPU, was what a shard waited for.
+MAX_PER_HOST = 16
 # latents.dtype: what the models compute in; auto is bfloat16 on a GPU and float32 on a CPU.
 MODEL_DTYPES = ["auto", "float32", "float16", "bfloat16"]
 SAVE_DTYPES = ["float16", "float32"]
@@ -177,9 +180,11 @@ SCHEMA: dict = {
                     "decoding (bench/README.md); raise it for slow hosts or more CPUs per task.",
                     minimum=1, maximum=4096, default=MAX_IN_FLIGHT),
                 "maxPerHost": _int(
-                    "Connections (and URLs in flight) a shard task opens to one host at once. The default is "
-                    "what a browser opens to one host, which sites and CDNs are sized for; each shard task keeps "
-                    "its own count, so a host sees up to this many per task running.",
+                    "Connections (and URLs in flight) a shard task opens to one host at once. Only a host with "
+                    "many URLs in a shard (a CDN, in practice) reaches it; the default is the least that kept "
+                    "such a host from bounding a shard's time in the benchmark (bench/README.md). Each shard "
+                    "task keeps its own count, so a host sees up to this many per task running; lower it for "
+                    "a host of your own that cannot take that.",
                     minimum=1, maximum=256, default=MAX_PER_HOST),
                 "maxRedirects": _int("Redirects followed per image; more, or a loop, fail as `redirect`.",
                                      minimum=0, maximum=30, default=5),
