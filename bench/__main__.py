@@ -85,6 +85,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    help="URLs on the loopback internet (default 3,000: a few minutes a side on 2 cores)")
     p.add_argument("--internet-sweep", default="32,128,256,512",
                    help="img2dataset thread counts tried besides the seeds' 64 (default 32,128,256,512)")
+    p.add_argument("--per-host-sweep", default="6,8,12",
+                   help="download.maxPerHost values the project is tried at besides its default (default 6,8,12)")
     p.add_argument("--repeats", type=int, default=3, help="runs per filter engine, best kept (default 3)")
     p.add_argument("--download-repeats", type=int, default=3, help="runs per download side (default 3)")
     p.add_argument("--quick", action="store_true",
@@ -95,7 +97,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.filter_rows, args.images, args.repeats, args.download_repeats = 200_000, 300, 1, 1
-        args.internet_urls, args.internet_sweep = 400, "128"
+        args.internet_urls, args.internet_sweep, args.per_host_sweep = 400, "128", "6"
         args.latents_images, args.latents_repeats = 64, 1
     return args
 
@@ -128,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         from . import internet_bench
 
         report, g = internet_bench.bench(args.internet_urls,
-                                         tuple(int(t) for t in args.internet_sweep.split(",") if t))
+                                         tuple(int(t) for t in args.internet_sweep.split(",") if t),
+                                         tuple(int(h) for h in args.per_host_sweep.split(",") if h))
         sections.append(("Download on the internet on loopback", report))
         goals += g
     if args.only in (None, "operator"):

@@ -47,9 +47,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None
 
 @kopf.on.event(kube.GROUP, kube.VERSION, kube.PLURAL, id="wake")
 async def wake(body, memo: kopf.Memo, **_) -> None:
-    """Every watch event of a part wakes its daemon if it sleeps settled (parts.Part.follow)."""
-    if hasattr(memo, "op"):
-        memo.op.changed((body["metadata"].get("namespace"), body["metadata"]["name"]))
+    """Every watch event of a part wakes its daemon if it sleeps settled (parts.Part.follow). kopf
+    watches only once the startup handler has set `memo.op`."""
+    memo.op.changed((body["metadata"].get("namespace"), body["metadata"]["name"]))
 
 
 class _QuietWake(logging.Filter):
