@@ -166,12 +166,12 @@ def bench(n: int, sweep: tuple[int, ...] = SWEEP, per_host_sweep: tuple[int, ...
         for h in per_host_sweep:
             sides[f"project-per-host-{h}"] = ("project", h, meta)
         results = {}
-        for side, (tool, threads, source) in sides.items():
+        for side, (tool, setting, source) in sides.items():  # setting: img2dataset's threads, or maxPerHost
             out = work / side
             shutil.rmtree(out, ignore_errors=True)
             count = n if source == meta else len(ok_urls)
-            cmd = img2dataset_cmd(source, out, count, threads) if tool == "img2dataset" else project_cmd(
-                source, out, count, threads)
+            cmd = img2dataset_cmd(source, out, count, setting) if tool == "img2dataset" else project_cmd(
+                source, out, count, setting)
             server.stats()  # a new count
             cpu_before = server.cpu()
             # A Ray node on a busy machine: its agents may take longer than Ray's default to register.
@@ -205,12 +205,7 @@ def report(n: int, cfg, kinds: Counter, expected: Counter, results: dict, sides:
     rows = []
     for side, r in results.items():
         run = r["run"]
-        label = (f"img2dataset CLI, {os.cpu_count()} processes × {sides[side][1]} threads"
-                 + (" (the seeds' settings)" if side == seeds else " (best of the sweep)" if side == best else "")
-                 if side in i2d else f"project, defaults (maxPerHost {MAX_PER_HOST}), local Ray" if side == "project"
-                 else "project, zero latency (/calm/, the same images)" if side == "project-calm"
-                 else f"project, maxPerHost {sides[side][1]}")
-        rows.append([label, f"{run.seconds:.1f} s", f"{r['stage']:.1f} s", f"{r['ok']:,} of {r['attempted']:,}",
+        rows.append([side_label(side, sides[side][1], seeds, best, i2d, MAX_PER_HOST), f"{run.seconds:.1f} s", f"{r['stage']:.1f} s", f"{r['ok']:,} of {r['attempted']:,}",
                      f"{rate[side]:,.1f}", f"{rate[side] / rate[seeds]:.2f}×",
                      f"{run.cpu / max(r['ok'], 1) * 1000:.1f} ms", common.mb(run.peak_rss),
                      f"{r['served']['held_max_seconds']:.1f} s",
@@ -224,7 +219,8 @@ def report(n: int, cfg, kinds: Counter, expected: Counter, results: dict, sides:
     text = [
         f"Download on the internet on loopback: {n:,} URLs (the download benchmark's images) over {cfg.hosts} hosts on "
         f"distinct 127.{77}.x.y addresses, the busiest with {top_share:.0%} of the URLs (+{cfg.refused_hosts} "
-        f"refusing, {cfg.silent_hosts} silent, 1 busy: 429 past {cfg.busy_rate:g} requests/s); latency to the first byte lognormal, median {cfg.latency_median:g} s, "
+        f"refusing, {cfg.silent_hosts} silent, 1 busy: 429 past {cfg.busy_rate:g} requests/s); latency to the first "
+        f"byte lognormal, median {cfg.latency_median:g} s, "
         f"p99 {cfg.latency_p99:g} s; {cfg.bandwidth / 2**20:g} MiB/s per connection; drip-fed bodies one byte every "
         f"{cfg.drip_interval:g} s for {cfg.drip_seconds:g} s; oversized bodies {cfg.big_bytes / 2**20:g} MiB. "
         f"URL kinds: {mix}. Resized to {download_bench.IMAGE_SIZE} keep_ratio into webdataset, timeout {TIMEOUT} s, no "
@@ -259,6 +255,17 @@ def report(n: int, cfg, kinds: Counter, expected: Counter, results: dict, sides:
         f"{common.mb(ref_peak)} — {common.goal(peak <= ref_peak)}",
     ]
     return "\n".join(text), goals
+
+
+def side_label(side: str, setting, seeds: str, best: str, i2d: list[str], default_per_host: int) -> str:
+    if side in i2d:
+        mark = " (the seeds' settings)" if side == seeds else " (best of the sweep)" if side == best else ""
+        return f"img2dataset CLI, {os.cpu_count()} processes × {setting} threads{mark}"
+    if side == "project":
+        return f"project, defaults (maxPerHost {default_per_host}), local Ray"
+    if side == "project-calm":
+        return "project, zero latency (/calm/, the same images)"
+    return f"project, maxPerHost {setting}"
 
 
 def per_host_line(results: dict, sides: dict, rate: dict, default: int) -> list[str]:

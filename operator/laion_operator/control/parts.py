@@ -187,7 +187,8 @@ class Part:
 
     async def follow(self) -> None:
         """Run until the operator stops or the object goes away; final parts wait for spec changes."""
-        change = self.op.changes.setdefault(self.key, asyncio.Event())
+        # This daemon's own event: one for the same name still stopping must not keep or drop it.
+        change = self.op.changes[self.key] = asyncio.Event()
         try:
             while not self.stopped:
                 change.clear()  # before reading the object: a change from here on wakes the wait below
