@@ -1,5 +1,5 @@
 # The README's two commands.
-.PHONY: demo test bench setup
+.PHONY: demo test test-fast bench setup
 
 setup:
 	scripts/setup
@@ -10,6 +10,11 @@ demo: setup
 test:
 	scripts/setup --test
 	.venv/bin/python -m pytest
+
+# The tests that need neither Ray nor the Kubernetes test bed: minutes, for a quick look while working.
+test-fast:
+	scripts/setup --test
+	.venv/bin/python -m pytest -m "not testbed"
 
 bench: setup
 	.venv/bin/python -m bench

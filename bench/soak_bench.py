@@ -25,20 +25,21 @@ PARTS, LIMIT = 200, 4
 def run(parts: int = PARTS, limit: int = LIMIT) -> dict:
     from laion_operator.testbed.demo_data import write_metadata
     from laion_operator.testbed.fakeweb import ImageServer
-    from tests.support.kubeapi import TestAPIServer
+    from tests.support.chart import install
+    from tests.support.cluster import Cluster
     from tests.support.load import run_many
     from tests.support.operator_proc import OperatorProcess
     from tests.support.services import RayCluster
 
     cluster = RayCluster(num_cpus=2).start()
     try:
-        with TestAPIServer() as api, ImageServer() as images, tempfile.TemporaryDirectory(prefix="laion-soak-") as tmp:
+        with Cluster() as api, ImageServer() as images, tempfile.TemporaryDirectory(prefix="laion-soak-") as tmp:
             tmp = Path(tmp)
             api.install_crd(common.ROOT / "crds" / "laionpart.yaml")
             api.create_namespace("soak")
             source = tmp / "part.parquet"
             write_metadata(source, 5, images.base_url, seed=7, failure_mix={"ok": 0.8, "http_4xx": 0.2})
-            op = OperatorProcess(tmp, {**api.env_vars, **cluster.client_env()},
+            op = OperatorProcess(tmp, {**install(api), **cluster.client_env()},
                                  {"rayAddress": cluster.dashboard_url, "maxConcurrentParts": limit}).start()
             try:
                 result = run_many(api, "soak", cluster, op, source, tmp, parts, timeout=6 * 3600, idle_seconds=60)

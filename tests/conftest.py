@@ -16,7 +16,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # as the test cluster (services.NO_AUTH)
 
-from tests.support.kube_fixtures import kube_api, kube_env, kube_namespace  # noqa: E402,F401 - one API server per session
+from tests.support.kube_fixtures import kube_api, kube_env, kube_namespace  # noqa: E402,F401 - one real API server per session
 from tests.support.services import RayCluster, S3Server, stop_running_jobs  # noqa: E402
 
 _SHARED: list[RayCluster] = []
@@ -78,3 +78,15 @@ def image_server():
 
     with ImageServer() as server:
         yield server
+
+
+# The fixtures that start the heavy parts of the test bed (Ray takes 20-80 s, the Kubernetes control
+# plane some seconds more): a test that uses any of them is marked `testbed`, and `make test-fast`
+# (`pytest -m "not testbed"`) runs the others alone in a few minutes.
+TESTBED_FIXTURES = {"ray_cluster", "ray_driver", "kube_api", "kube_env", "kube_namespace"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if TESTBED_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.testbed)

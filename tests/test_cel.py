@@ -141,7 +141,7 @@ def test_dataset_source_rules(api, kube_namespace, source, field, message):
 
 
 def test_api_server_answers_422_with_causes(api, kube_namespace):
-    from tests.support.kubeapi import KubeAPIError
+    from tests.support.cluster import KubeAPIError
 
     with pytest.raises(KubeAPIError) as err:
         api.create(GROUP, VERSION, "laiondatasets", dataset("bad", {"pattern": "x_{part}", "first": 3, "last": 1}),

@@ -10,7 +10,6 @@ import threading
 import time
 from pathlib import Path
 
-import kmock
 import pytest
 import yaml
 
@@ -172,28 +171,30 @@ def test_killed_job_driver_is_retried_never_two_jobs_at_once(api, operators, ray
     check_exactly_once(out, status, op.metrics(), ns, "driverless")
 
 
-def test_api_server_faults_converge_without_a_second_job(api, operators, ray_cluster, kube_namespace, metadata,
-                                                          tmp_path):
+def test_api_server_faults_converge_without_a_second_job(api, ray_cluster, kube_namespace, metadata, tmp_path):
+    """The operator reaches the real API server through the fault proxy: status writes answered 500
+    and 409, watch streams cut and a watch answered 410 Gone."""
+    from tests.support.faultproxy import FaultProxy
+
     ns, out = kube_namespace, tmp_path / "out"
-    parts = kmock.resource(GROUP, VERSION, PLURAL)
-    status_writes = api.emulator["patch", parts, kmock.namespace(ns), kmock.subresource("status")]
-    # kmock's slices count the matching requests: the first 3 status writes get 500, the next 3 get 409.
-    api.call(lambda: status_writes[:3] << 500)
-    api.call(lambda: status_writes[3:6] << 409)
-    op = operators()
-    watch = JobWatch(ray_cluster, ns, "shaky")
-    apply(api, ns, manifest("shaky", metadata, out))
-    wait_phase(api, ns, "shaky", ("Pending", "Filtering", "Downloading", "Annotating", "Succeeded"))
-    api.call(api.emulator.drop_streams)  # dropped watch streams: kopf reconnects from where it was
-    time.sleep(1)
-    api.call(api.emulator.expire_history)  # 410 Gone on reconnect: kopf lists again
-    status = wait_phase(api, ns, "shaky", ("Succeeded", "Failed"))
-    assert status["phase"] == "Succeeded", status
-    assert [j["submission_id"] for j in jobs_of(ray_cluster, ns, "shaky")] == [status["submissionId"]]
-    assert watch.stop() <= 1
-    assert "500" in op.logs() or "409" in op.logs()  # the faults reached the operator
-    time.sleep(2)
-    check_exactly_once(out, status, op.metrics(), ns, "shaky")
+    status = rf"^/apis/{GROUP}/{VERSION}/namespaces/{ns}/{PLURAL}/shaky/status$"
+    with FaultProxy(api) as proxy, operator_starter(tmp_path, api, ray_cluster) as start:
+        proxy.fail("PATCH", status, 500, times=3)
+        proxy.fail("PATCH", status, 409, times=3)
+        op = start(env=proxy.kubeconfig_env(api.operator_env))
+        watch = JobWatch(ray_cluster, ns, "shaky")
+        apply(api, ns, manifest("shaky", metadata, out))
+        wait_phase(api, ns, "shaky", ("Pending", "Filtering", "Downloading", "Annotating", "Succeeded"))
+        proxy.expire(rf"/{PLURAL}$")
+        proxy.drop_streams()  # cut watch streams: kopf reconnects, gets 410 Gone, and lists again
+        status = wait_phase(api, ns, "shaky", ("Succeeded", "Failed"))
+        assert status["phase"] == "Succeeded", status
+        assert [j["submission_id"] for j in jobs_of(ray_cluster, ns, "shaky")] == [status["submissionId"]]
+        assert watch.stop() <= 1
+        assert [r.hits for r in proxy.rules] == [3, 3, 1], proxy.seen[-20:]  # every fault reached the operator
+        assert "500" in op.logs() or "409" in op.logs()
+        time.sleep(2)
+        check_exactly_once(out, status, op.metrics(), ns, "shaky")
 
 
 def test_unreachable_storage_fails_the_part_as_storage_unavailable(api, operators, ray_cluster, s3,

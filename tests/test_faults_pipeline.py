@@ -16,7 +16,7 @@ from laion_operator.spec import PartSpec
 from laion_operator.storage import StorageUnavailable
 from laion_operator.testbed.demo_data import write_metadata
 from tests.support.exactly_once import check_exactly_once
-from tests.support.faults import Outage, SecondNode, cmdline, ray_workers
+from tests.support.faults import SecondNode, cmdline, ray_workers
 from tests.support.specs import loopback
 
 # The outage is ~30 s; LAION_TEST_OUTAGE_SECONDS makes it shorter on a slow machine.
@@ -77,8 +77,8 @@ def wait_until(predicate, timeout: float = 180, what: str = "condition"):
         time.sleep(0.2)
 
 
-def s3_output(s3, outage: Outage, bucket: str, retry_seconds: float) -> dict:
-    return {"uri": f"s3://{bucket}/part", "endpoint": outage.endpoint, "region": "us-east-1", "pathStyle": True,
+def s3_output(s3, bucket: str, retry_seconds: float) -> dict:
+    return {"uri": f"s3://{bucket}/part", "endpoint": s3.endpoint, "region": "us-east-1", "pathStyle": True,
             "retrySeconds": retry_seconds}
 
 
@@ -90,13 +90,12 @@ def stats_files(s3, bucket: str) -> dict[str, bytes]:
 
 def test_object_store_outage_is_ridden_out_exactly_once(ray_driver, s3, slow_metadata):
     bucket = s3.create_bucket("outage-ok")
-    outage = Outage(s3.port).up()
-    part = spec(slow_metadata, s3_output(s3, outage, bucket, retry_seconds=OUTAGE_SECONDS * 3))
+    part = spec(slow_metadata, s3_output(s3, bucket, retry_seconds=OUTAGE_SECONDS * 3))
     run = Background(part)
     wait_until(lambda: stats_files(s3, bucket) or run.error, what="a first finished shard")
     assert run.error is None, run.error
     before = stats_files(s3, bucket)
-    outage.outage(OUTAGE_SECONDS).join()  # writes fail meanwhile; shards keep downloading
+    s3.outage(OUTAGE_SECONDS).join()  # the server's process killed and started again; shards keep downloading
     run.wait()
     assert run.error is None, run.error
     assert run.result["shards"]["done"] == 6
@@ -107,15 +106,16 @@ def test_object_store_outage_is_ridden_out_exactly_once(ray_driver, s3, slow_met
 
 def test_outage_longer_than_the_retries_fails_naming_the_endpoint_and_resumes(ray_driver, s3, slow_metadata):
     bucket = s3.create_bucket("outage-long")
-    outage = Outage(s3.port).up()
-    part = spec(slow_metadata, s3_output(s3, outage, bucket, retry_seconds=3))
+    part = spec(slow_metadata, s3_output(s3, bucket, retry_seconds=3))
     run = Background(part)
     wait_until(lambda: stats_files(s3, bucket) or run.error, what="a first finished shard")
-    outage.down()
-    run.wait()
-    outage.up()
+    s3.down()
+    try:
+        run.wait()
+    finally:
+        s3.up()
     assert isinstance(run.error, StorageUnavailable), run.error
-    assert outage.endpoint in str(run.error) and "output.retrySeconds" in str(run.error)
+    assert s3.endpoint in str(run.error) and "output.retrySeconds" in str(run.error)
     finished = stats_files(s3, bucket)
     assert 0 < len(finished) < 6
 

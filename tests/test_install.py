@@ -13,15 +13,15 @@ import pytest
 import yaml
 
 from laion_operator.testbed.demo_data import write_metadata
-from laion_operator.pipeline.driver import run_part
 from laion_operator.spec import PartSpec
-from tests.support.chart import manifests, one, operator_config, render
+from tests.support.cluster import kuberay_crd
+from tests.support.chart import install, manifests, one, operator_config, render
 from tests.support.operator_proc import OperatorProcess
 from tests.support.services import LOOPBACK_RAY, RayCluster
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUP, VERSION, PLURAL = "laion-operator.io", "v1alpha1", "laionparts"
-RAYJOB_CRD = ROOT.parent / "shared" / "kuberay" / "ray.io_rayjobs.yaml"
+RAYJOB_CRD = kuberay_crd("rayjobs")  # the pinned KubeRay release's, as its operator runs with
 SECRET = "laion-s3"
 
 
@@ -49,7 +49,7 @@ def chart_operator(api, ray_cluster, tmp_path):
         config = operator_config(manifests(render(values)))
         # As the chart's operator.extraEnv would: this test bed's Ray instead of the in-cluster Service.
         env = {**ray_cluster.client_env(), "LAION_OPERATOR_RAY_ADDRESS": ray_cluster.dashboard_url}
-        op = OperatorProcess(tmp_path, api.env_vars, config, env=env)
+        op = OperatorProcess(tmp_path, install(api, values), config, env=env)
         started.append(op)
         return op.start()
 
@@ -141,7 +141,8 @@ def test_jobs_mode_with_ray_token_authentication(api, token_ray, metadata, kube_
 
     # Without the token, the part says what is missing and where to give it.
     (tmp_path / "without").mkdir()
-    op = OperatorProcess(tmp_path / "without", api.env_vars, config, env=ray, args=args).start()
+    operator_env = install(api, {"operator": {"rayAuthTokenSecret": {"name": "raycluster-auth"}}})
+    op = OperatorProcess(tmp_path / "without", operator_env, config, env=ray, args=args).start()
     try:
         api.kubectl("apply", "-n", kube_namespace, "-f", "-", input=yaml.safe_dump(doc))
         status = wait_status(api, kube_namespace, "token-part", lambda s: "rayAuthTokenSecret" in s.get("message", ""),
@@ -155,7 +156,7 @@ def test_jobs_mode_with_ray_token_authentication(api, token_ray, metadata, kube_
     env = container_env(docs, api, kube_namespace)
     assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN"] == token
     (tmp_path / "with").mkdir()
-    op = OperatorProcess(tmp_path / "with", api.env_vars, config, args=args,
+    op = OperatorProcess(tmp_path / "with", operator_env, config, args=args,
                          env={**ray, **{k: v for k, v in env.items() if k.startswith("RAY_AUTH")}}).start()
     try:
         status = wait_status(api, kube_namespace, "token-part", lambda s: s.get("phase") in ("Succeeded", "Failed"))
@@ -195,22 +196,71 @@ def closed(schema: dict) -> dict:
     return schema
 
 
-def patch_rayjob(api, namespace, name, **status):
-    api.patch_status("ray.io", "v1", "rayjobs", namespace, name, status)
+def rayjob_status(api, namespace, name) -> dict:
+    return (api.get("ray.io", "v1", "rayjobs", namespace, name) or {}).get("status") or {}
 
 
-def test_kuberay_mode_creates_valid_rayjobs_and_follows_them(api, chart_operator, ray_driver, metadata,
-                                                             kube_namespace, tmp_path):
+def wait_rayjob(api, namespace, name, deployment: str, timeout: float = 120) -> dict:
+    """Until KubeRay itself has written `deployment` as the RayJob's jobDeploymentStatus."""
+    deadline = time.monotonic() + timeout
+    while (status := rayjob_status(api, namespace, name)).get("jobDeploymentStatus") != deployment:
+        assert time.monotonic() < deadline, (deployment, status, api.components["kuberay-operator"].logs()[-3000:])
+        time.sleep(0.5)
+    return status
+
+
+def pods_of(api, namespace: str, selector: str) -> list[dict]:
+    return api.list("", "v1", "pods", namespace, label_selector=selector)
+
+
+def kubelet_sets(api, pod: dict, phase: str, ready: bool = False, exit_code: int | None = None) -> None:
+    """What the kubelet of the pod's node would write, and nothing else: phase, conditions, container states."""
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    containers = pod["spec"]["containers"]
+    if phase == "Running":
+        states = [{"name": c["name"], "ready": ready, "restartCount": 0, "image": c["image"], "imageID": "",
+                   "started": True, "state": {"running": {"startedAt": now}}} for c in containers]
+    else:
+        states = [{"name": c["name"], "ready": False, "restartCount": 0, "image": c["image"], "imageID": "",
+                   "state": {"terminated": {"exitCode": exit_code or 0, "startedAt": now, "finishedAt": now,
+                                            "reason": "Error" if exit_code else "Completed"}}} for c in containers]
+    conditions = [{"type": t, "status": "True" if (ready or t == "PodScheduled") else "False",
+                   "lastTransitionTime": now} for t in ("PodScheduled", "Initialized", "ContainersReady", "Ready")]
+    api.patch_status("", "v1", "pods", pod["metadata"]["namespace"], pod["metadata"]["name"],
+                     {"phase": phase, "conditions": conditions, "containerStatuses": states, "startTime": now})
+
+
+def fail_submitter(api, namespace: str, rayjob: str, timeout: float = 120) -> None:
+    """The submitter Job's pods fail, each as the Job controller makes it, until KubeRay sees the Job fail."""
+    deadline = time.monotonic() + timeout
+    failed: set[str] = set()
+    while rayjob_status(api, namespace, rayjob).get("jobDeploymentStatus") == "Running":
+        for pod in pods_of(api, namespace, f"job-name={rayjob}"):
+            if pod["metadata"]["name"] not in failed and not pod["metadata"].get("deletionTimestamp"):
+                kubelet_sets(api, pod, "Failed", exit_code=1)
+                failed.add(pod["metadata"]["name"])
+        assert time.monotonic() < deadline, rayjob_status(api, namespace, rayjob)
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def kuberay(api):
+    """The real KubeRay operator, built from its pinned release, reconciling the operator's RayJobs."""
+    return api.start_kuberay()
+
+
+def test_kuberay_mode_rayjobs_pass_kuberays_validation_and_its_states_reach_the_part(
+        api, kuberay, chart_operator, metadata, kube_namespace, tmp_path):
+    """There is no kubelet and no Ray in these pods: the test sets only what a kubelet would (pod
+    phases and readiness), and every RayJob state the part reacts to is one KubeRay itself wrote. A
+    RayJob cannot complete here (KubeRay reads a job's end from the Ray dashboard behind the head
+    Service, which needs pod networking), so the failure path is the one followed to its end."""
     chart_operator({"operator": {"config": {"mode": "kuberay"}}, "credentialsSecrets": [SECRET]})
     api.kubectl("create", "secret", "generic", SECRET, "-n", kube_namespace, "--from-literal=AWS_ACCESS_KEY_ID=x")
-    out = tmp_path / "out"
-    doc = part_doc("kr", metadata, {"uri": str(out), "credentialsSecret": SECRET}, maxRetries=1)
+    doc = part_doc("kr", metadata, {"uri": str(tmp_path / "out"), "credentialsSecret": SECRET}, maxRetries=1)
     api.kubectl("apply", "-n", kube_namespace, "-f", "-", input=yaml.safe_dump(doc))
-    status = wait_status(api, kube_namespace, "kr", lambda s: bool(s.get("submissionId")))
-    name = status["submissionId"]
+    name = wait_status(api, kube_namespace, "kr", lambda s: bool(s.get("submissionId")))["submissionId"]
     rayjob = api.get("ray.io", "v1", "rayjobs", kube_namespace, name)
-    assert rayjob is not None
-
     manifest = {k: rayjob[k] for k in ("apiVersion", "kind", "spec")}
     manifest["metadata"] = {"name": name, "namespace": kube_namespace}
     jsonschema.validate(manifest, closed(rayjob_schema()), cls=jsonschema.Draft4Validator)
@@ -221,45 +271,55 @@ def test_kuberay_mode_creates_valid_rayjobs_and_follows_them(api, chart_operator
     containers = [c for g in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
                   for c in g["template"]["spec"]["containers"]]
     assert all({"secretRef": {"name": SECRET}} in c["envFrom"] for c in containers)
-    assert rayjob["spec"]["entrypoint"] == "laion-operator job"
     env = yaml.safe_load(rayjob["spec"]["runtimeEnvYAML"])["env_vars"]
-    spec = PartSpec.from_dict(json.loads(env["LAION_PART_SPEC"]))
-    assert spec.to_dict() == PartSpec.from_dict(doc["spec"]).to_dict()
+    assert PartSpec.from_dict(json.loads(env["LAION_PART_SPEC"])).to_dict() == PartSpec.from_dict(doc["spec"]).to_dict()
 
-    # What KubeRay would do: run the job (here, the same pipeline in-process) and report its status.
-    patch_rayjob(api, kube_namespace, name, jobDeploymentStatus="Running", jobStatus="RUNNING")
-    summary = run_part(spec)
-    # The job still runs after its summary is written: the part shows Annotating, with the summary's counts.
-    running = wait_status(api, kube_namespace, "kr", lambda s: s.get("phase") == "Annotating")
-    assert running["images"]["ok"] == summary["images"]["ok"]
-    patch_rayjob(api, kube_namespace, name, jobDeploymentStatus="Complete", jobStatus="SUCCEEDED")
-    done = wait_status(api, kube_namespace, "kr", lambda s: s.get("phase") == "Succeeded")
-    assert done["shards"] == summary["shards"] and done["rowsKept"] == summary["metadata"]["rowsKept"]
+    # KubeRay takes the RayJob: its validation passes, it makes the RayCluster and the head pod.
+    status = wait_rayjob(api, kube_namespace, name, "Initializing")
+    raycluster = api.get("ray.io", "v1", "rayclusters", kube_namespace, status["rayClusterName"])
+    assert raycluster["metadata"]["ownerReferences"][0]["name"] == name
+    deadline = time.monotonic() + 60
+    while not (pods := pods_of(api, kube_namespace, f"ray.io/cluster={status['rayClusterName']}")):
+        assert time.monotonic() < deadline, "KubeRay made no pod"
+        time.sleep(0.5)
+    assert wait_status(api, kube_namespace, "kr", lambda s: s.get("phase") == "Pending")["submissionId"] == name
 
-    # A failed RayJob is retried as a new RayJob; past maxRetries the part fails with the reason.
-    doc = part_doc("kr-fail", metadata, {"uri": str(tmp_path / "fail")}, maxRetries=1)
-    api.kubectl("apply", "-n", kube_namespace, "-f", "-", input=yaml.safe_dump(doc))
-    first = wait_status(api, kube_namespace, "kr-fail", lambda s: bool(s.get("submissionId")))["submissionId"]
-    patch_rayjob(api, kube_namespace, first, jobDeploymentStatus="Failed", jobStatus="FAILED",
-                 message="worker pod OOMKilled")
-    retry = wait_status(api, kube_namespace, "kr-fail",
-                        lambda s: s.get("submissionId", first) != first)["submissionId"]
-    assert retry.endswith("-a1") and api.get("ray.io", "v1", "rayjobs", kube_namespace, retry) is not None
-    patch_rayjob(api, kube_namespace, retry, jobDeploymentStatus="Failed", jobStatus="FAILED",
-                 message="worker pod OOMKilled")
-    failed = wait_status(api, kube_namespace, "kr-fail", lambda s: s.get("phase") == "Failed")
-    conditions = {c["type"]: c for c in failed["conditions"]}
-    assert conditions["Failed"]["reason"] == "RetriesExhausted"
-    assert "OOMKilled" in failed["message"]
+    # The kubelet starts the Ray pods: the cluster is ready, KubeRay creates the submitter Job.
+    deadline = time.monotonic() + 90
+    while rayjob_status(api, kube_namespace, name).get("jobDeploymentStatus") != "Running":
+        for pod in pods_of(api, kube_namespace, f"ray.io/cluster={status['rayClusterName']}"):
+            if pod.get("status", {}).get("phase") != "Running":
+                kubelet_sets(api, pod, "Running", ready=True)
+        assert time.monotonic() < deadline, (rayjob_status(api, kube_namespace, name), kuberay.logs()[-3000:])
+        time.sleep(1)
+    assert api.get("batch", "v1", "jobs", kube_namespace, name) is not None  # the submitter
+
+    # The submitter's pods fail: KubeRay marks the RayJob Failed, the part retries as a new RayJob ...
+    fail_submitter(api, kube_namespace, name)
+    failed = wait_rayjob(api, kube_namespace, name, "Failed")
+    assert failed["reason"] == "SubmissionFailed", failed
+    retry = wait_status(api, kube_namespace, "kr", lambda s: s.get("submissionId", name) != name)["submissionId"]
+    assert retry.endswith("-a1")
+    # ... whose submitter fails too: past maxRetries the part fails, with KubeRay's reason in its message.
+    status = wait_rayjob(api, kube_namespace, retry, "Initializing")
+    deadline = time.monotonic() + 90
+    while rayjob_status(api, kube_namespace, retry).get("jobDeploymentStatus") != "Running":
+        for pod in pods_of(api, kube_namespace, f"ray.io/cluster={status['rayClusterName']}"):
+            if pod.get("status", {}).get("phase") != "Running":
+                kubelet_sets(api, pod, "Running", ready=True)
+        assert time.monotonic() < deadline, rayjob_status(api, kube_namespace, retry)
+        time.sleep(1)
+    fail_submitter(api, kube_namespace, retry)
+    part = wait_status(api, kube_namespace, "kr", lambda s: s.get("phase") == "Failed")
+    conditions = {c["type"]: c for c in part["conditions"]}
+    assert conditions["Failed"]["reason"] == "RetriesExhausted", part
+    assert "SubmissionFailed" in part["message"] or "submitter" in part["message"].lower(), part["message"]
 
 
 def test_two_replicas_with_peering_never_both_handle_a_part(api, ray_cluster, metadata, kube_namespace, tmp_path):
-    from tests.support.chart import CHART
-
     docs = manifests(render({"replicas": 2}))
-    api.install_crd(CHART / "crds" / "kopf-peering.yaml")
+    operator_env = install(api, {"replicas": 2})  # the peering CRD and object come with the chart
     peering = next(d for d in docs if d["kind"] == "ClusterKopfPeering")
-    api.apply({k: v for k, v in peering.items() if k != "__template__"})
     config = operator_config(docs)
     assert config["peeringName"] == peering["metadata"]["name"]
     env = {**ray_cluster.client_env(), "LAION_OPERATOR_RAY_ADDRESS": ray_cluster.dashboard_url}
@@ -268,7 +328,7 @@ def test_two_replicas_with_peering_never_both_handle_a_part(api, ray_cluster, me
         for i in range(2):  # as the chart's Deployment runs them: with peering, not --standalone
             workdir = tmp_path / f"replica-{i}"
             workdir.mkdir()
-            replicas.append(OperatorProcess(workdir, api.env_vars, config, env={**env, "POD_ID": f"replica-{i}"},
+            replicas.append(OperatorProcess(workdir, operator_env, config, env={**env, "POD_ID": f"replica-{i}"},
                                             args=()).start())
 
         def working(op) -> bool:

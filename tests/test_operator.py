@@ -15,13 +15,14 @@ import yaml
 
 from laion_operator.testbed.demo_data import write_metadata
 from laion_operator.spec import load
+from tests.support.cluster import kuberay_crd
 from tests.support.operator_proc import operator_starter
 from tests.support.prometheus import Prometheus
 from tests.support.services import job_driver_pids
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUP, VERSION, PLURAL = "laion-operator.io", "v1alpha1", "laionparts"
-RAYJOB_CRD = ROOT.parent / "shared" / "kuberay" / "ray.io_rayjobs.yaml"
+RAYJOB_CRD = kuberay_crd("rayjobs")  # the pinned KubeRay release's, as its operator runs with
 
 
 @pytest.fixture(scope="module")

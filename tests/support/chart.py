@@ -41,3 +41,29 @@ def operator_config(docs: list[dict]) -> dict:
     """The operator's configuration file as the chart's ConfigMap holds it."""
     cm = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == f"{FULLNAME}-config")
     return yaml.safe_load(cm["data"]["config.yaml"])
+
+
+# What `helm install` creates that the operator's own access rests on; the Deployment, Service and
+# monitoring objects are left out: the operator runs as a process, and no kubelet would start its pod.
+INSTALLED_KINDS = ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "ConfigMap",
+                   "ClusterKopfPeering", "KopfPeering")
+
+
+def install(cluster, values: dict | None = None, edit=None) -> dict[str, str]:
+    """Install the chart's CRDs and RBAC for `values` on the real API server and return the operator's
+    environment: a KUBECONFIG holding a token of the chart's ServiceAccount, never an admin's.
+    `edit(docs)` may change the rendered manifests first (a test that takes a verb away)."""
+    cluster.create_namespace(NAMESPACE)
+    for crd in sorted((CHART / "crds").glob("*.yaml")):
+        cluster.install_crd(crd)
+    docs = [d for d in manifests(render(values)) if d["kind"] in INSTALLED_KINDS]
+    if edit:
+        edit(docs)
+    for namespace in (values or {}).get("watchNamespaces") or []:
+        cluster.create_namespace(namespace)
+    cluster.apply(docs, namespace=NAMESPACE)
+    account = one(docs, "ServiceAccount")["metadata"]["name"]
+    token = cluster.token(account, NAMESPACE)
+    path = cluster.workdir / f"operator-{len(list(cluster.workdir.glob('operator-*.kubeconfig')))}.kubeconfig"
+    path.write_text(yaml.safe_dump(cluster.kubeconfig(account, token)))
+    return {"KUBECONFIG": str(path)}

@@ -1,5 +1,4 @@
-"""
-Pytest fixtures for the emulated Kubernetes API (see ``tests/support/kubeapi.py``).
+"""Pytest fixtures for the real Kubernetes control plane (see ``tests/support/cluster.py``).
 
 Import them in ``tests/conftest.py``::
 
@@ -13,28 +12,31 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support.kubeapi import TestAPIServer
+from tests.support.chart import install
+from tests.support.cluster import Cluster
 
 
-@pytest.fixture(scope='session')
-def kube_api() -> Iterator[TestAPIServer]:
-    """One emulated API server for the whole test session (CRDs installed by tests stay installed)."""
-    with TestAPIServer() as api:
-        yield api
+@pytest.fixture(scope="session")
+def kube_api() -> Iterator[Cluster]:
+    """One real API server (etcd, kube-apiserver, kube-controller-manager) for the whole session, the
+    chart installed: `kube_api.operator_env` is the operator's environment (the ServiceAccount's token)."""
+    with Cluster() as cluster:
+        cluster.operator_env = install(cluster)
+        yield cluster
 
 
 @pytest.fixture()
-def kube_env(kube_api: TestAPIServer) -> Iterator[TestAPIServer]:
-    """``KUBECONFIG`` (and the kubernetes client's default config path) point to ``kube_api`` in this test."""
+def kube_env(kube_api: Cluster) -> Iterator[Cluster]:
+    """KUBECONFIG (and the kubernetes client's default config path) point at `kube_api` as admin."""
     with kube_api.env():
         yield kube_api
 
 
 @pytest.fixture()
-def kube_namespace(kube_api: TestAPIServer, request: pytest.FixtureRequest) -> Iterator[str]:
-    """A fresh namespace per test; deleted afterwards with all its content (finalizers are dropped)."""
-    base = re.sub(r'[^a-z0-9-]+', '-', request.node.name.lower()).strip('-')[:40].strip('-') or 'test'
-    name = f'{base}-{uuid.uuid4().hex[:6]}'
+def kube_namespace(kube_api: Cluster, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh namespace per test; deleted afterwards (the namespace controller removes its content)."""
+    base = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower()).strip("-")[:40].strip("-") or "test"
+    name = f"{base}-{uuid.uuid4().hex[:6]}"
     kube_api.create_namespace(name, exist_ok=False)
     yield name
-    kube_api.delete_namespace(name, force=True)
+    kube_api.delete_namespace(name)

@@ -86,7 +86,7 @@ def operator_starter(workdir: Path, api, ray_cluster=None):
         ray = ray or ray_cluster
         ray_env = ray.client_env() if ray else {}
         address = ray.dashboard_url if ray else "http://127.0.0.1:9"  # nothing listens there
-        op = OperatorProcess(workdir, {**api.env_vars, **ray_env}, {"rayAddress": address, **(config or {})}, **kw)
+        op = OperatorProcess(workdir, {**api.operator_env, **ray_env}, {"rayAddress": address, **(config or {})}, **kw)
         started.append(op)
         return op.start() if wait else op
 

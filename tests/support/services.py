@@ -1,4 +1,4 @@
-"""Loopback services the tests share: a Ray cluster with its Jobs API, and an S3-protocol server."""
+"""Loopback services the tests share: a Ray cluster with its Jobs API, and a real S3-compatible server."""
 
 from __future__ import annotations
 
@@ -178,28 +178,64 @@ class RayCluster:
 
 
 class S3Server:
-    """moto's S3 server on loopback, reached through the same client code as real S3 or MinIO."""
+    """A real S3-compatible server on loopback: versitygw's gateway over a local folder, built from
+    source by scripts/build-testbed and reached through the same client code as S3 or MinIO.
+    `down()` stops the process and `up()` starts it again on the same port and data, as a storage
+    endpoint that crashes and comes back."""
 
     ACCESS_KEY = "test-access-key"
     SECRET_KEY = "test-secret-key-not-real"
 
     def __init__(self):
-        from moto.server import ThreadedMotoServer
+        from tests.support.cluster import testbed_binaries
 
+        self.binary = testbed_binaries()["VERSITYGW"]
         self.port = free_port()
-        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.root = Path(tempfile.mkdtemp(prefix="s3-"))
+        (self.root / "data").mkdir()
+        self.proc: subprocess.Popen | None = None
 
     @property
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> "S3Server":
-        self.server.start()
-        wait_for_port(self.port)
+        return self.up()
+
+    def up(self) -> "S3Server":
+        env = {**os.environ, "ROOT_ACCESS_KEY": self.ACCESS_KEY, "ROOT_SECRET_KEY": self.SECRET_KEY}
+        log = open(self.root / "versitygw.log", "ab")
+        self.proc = subprocess.Popen([self.binary, "--port", f"127.0.0.1:{self.port}", "--region", "us-east-1",
+                                      "posix", str(self.root / "data")],
+                                     env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_for_port(self.port, timeout=30)
+        except Exception:
+            raise RuntimeError(f"versitygw did not start:\n{self.logs()}") from None
         return self
 
+    def down(self) -> None:
+        """A crash: the process is killed, connections in flight end."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def outage(self, seconds: float) -> "threading.Thread":
+        """Down now, up again after `seconds`, in the background."""
+        import threading
+
+        self.down()
+        thread = threading.Thread(target=lambda: (time.sleep(seconds), self.up()), daemon=True)
+        thread.start()
+        return thread
+
+    def logs(self) -> str:
+        path = self.root / "versitygw.log"
+        return path.read_text(errors="replace")[-3000:] if path.exists() else ""
+
     def stop(self) -> None:
-        self.server.stop()
+        self.down()
+        shutil.rmtree(self.root, ignore_errors=True)
 
     def client(self):
         import boto3
