@@ -243,6 +243,20 @@ def fail_submitter(api, namespace: str, rayjob: str, timeout: float = 120) -> No
         time.sleep(0.5)
 
 
+def kubelet_starts_ray_pods(api, namespace: str, rayjob: str, timeout: float = 90) -> None:
+    """The kubelet runs the RayCluster's pods, ready, until KubeRay moves the RayJob to Running (it
+    then has created the submitter Job)."""
+    cluster = wait_rayjob(api, namespace, rayjob, "Initializing")["rayClusterName"]
+    deadline = time.monotonic() + timeout
+    while rayjob_status(api, namespace, rayjob).get("jobDeploymentStatus") != "Running":
+        for pod in pods_of(api, namespace, f"ray.io/cluster={cluster}"):
+            if pod.get("status", {}).get("phase") != "Running":
+                kubelet_sets(api, pod, "Running", ready=True)
+        assert time.monotonic() < deadline, (rayjob_status(api, namespace, rayjob),
+                                             api.components["kuberay-operator"].logs()[-3000:])
+        time.sleep(1)
+
+
 @pytest.fixture(scope="module")
 def kuberay(api):
     """The real KubeRay operator, built from its pinned release, reconciling the operator's RayJobs."""
@@ -285,13 +299,7 @@ def test_kuberay_mode_rayjobs_pass_kuberays_validation_and_its_states_reach_the_
     assert wait_status(api, kube_namespace, "kr", lambda s: s.get("phase") == "Pending")["submissionId"] == name
 
     # The kubelet starts the Ray pods: the cluster is ready, KubeRay creates the submitter Job.
-    deadline = time.monotonic() + 90
-    while rayjob_status(api, kube_namespace, name).get("jobDeploymentStatus") != "Running":
-        for pod in pods_of(api, kube_namespace, f"ray.io/cluster={status['rayClusterName']}"):
-            if pod.get("status", {}).get("phase") != "Running":
-                kubelet_sets(api, pod, "Running", ready=True)
-        assert time.monotonic() < deadline, (rayjob_status(api, kube_namespace, name), kuberay.logs()[-3000:])
-        time.sleep(1)
+    kubelet_starts_ray_pods(api, kube_namespace, name)
     assert api.get("batch", "v1", "jobs", kube_namespace, name) is not None  # the submitter
 
     # The submitter's pods fail: KubeRay marks the RayJob Failed, the part retries as a new RayJob ...
@@ -301,14 +309,7 @@ def test_kuberay_mode_rayjobs_pass_kuberays_validation_and_its_states_reach_the_
     retry = wait_status(api, kube_namespace, "kr", lambda s: s.get("submissionId", name) != name)["submissionId"]
     assert retry.endswith("-a1")
     # ... whose submitter fails too: past maxRetries the part fails, with KubeRay's reason in its message.
-    status = wait_rayjob(api, kube_namespace, retry, "Initializing")
-    deadline = time.monotonic() + 90
-    while rayjob_status(api, kube_namespace, retry).get("jobDeploymentStatus") != "Running":
-        for pod in pods_of(api, kube_namespace, f"ray.io/cluster={status['rayClusterName']}"):
-            if pod.get("status", {}).get("phase") != "Running":
-                kubelet_sets(api, pod, "Running", ready=True)
-        assert time.monotonic() < deadline, rayjob_status(api, kube_namespace, retry)
-        time.sleep(1)
+    kubelet_starts_ray_pods(api, kube_namespace, retry)
     fail_submitter(api, kube_namespace, retry)
     part = wait_status(api, kube_namespace, "kr", lambda s: s.get("phase") == "Failed")
     conditions = {c["type"]: c for c in part["conditions"]}

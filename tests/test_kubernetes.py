@@ -121,7 +121,8 @@ def test_printer_columns_and_events_through_kubectl(kube_api, ray_cluster, kube_
                           lambda o: (o.get("status") or {}).get("phase") in ("Succeeded", "Failed"), timeout=240)
         table = kube_api.kubectl("get", "lp", "-n", kube_namespace).stdout.splitlines()
         crd = yaml.safe_load((ROOT / "crds" / "laionpart.yaml").read_text())
-        columns = [c["name"].upper() for c in crd["spec"]["versions"][0]["additionalPrinterColumns"]]
+        columns = [c["name"].upper() for c in crd["spec"]["versions"][0]["additionalPrinterColumns"]
+                   if not c.get("priority")]  # the others show with -o wide
         assert table[0].split() == ["NAME", *[w for c in columns for w in c.split()]], table[0]
         assert table[1].split()[0] == "shown" and "Succeeded" in table[1].split(), table
         # Events posted by the operator show in `kubectl describe`, from the real events API.
@@ -147,6 +148,11 @@ def test_a_deleted_dataset_takes_its_parts_by_garbage_collection(kube_api, ray_c
             time.sleep(0.5)
         parts = kube_api.list(GROUP, VERSION, PLURAL, kube_namespace, label_selector=f"{GROUP}/dataset=gc")
         owner = parts[0]["metadata"]["ownerReferences"][0]
+        crd = yaml.safe_load((ROOT / "crds" / "laiondataset.yaml").read_text())
+        columns = [c["name"].upper() for c in crd["spec"]["versions"][0]["additionalPrinterColumns"]
+                   if not c.get("priority")]  # the others show with -o wide
+        header = kube_api.kubectl("get", "lds", "-n", kube_namespace).stdout.splitlines()[0]
+        assert header.split() == ["NAME", *[w for c in columns for w in c.split()]], header
         assert owner["kind"] == "LaionDataset" and owner["name"] == "gc"
         kube_api.kubectl("delete", "lds", "gc", "-n", kube_namespace, "--wait=false")
         deadline = time.monotonic() + 90

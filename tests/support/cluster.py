@@ -9,6 +9,7 @@ no kubelet and no scheduler: pods stay Pending unless a test sets what a kubelet
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import secrets
@@ -115,7 +116,7 @@ class Cluster:
         self.admin_token = secrets.token_hex(16)
         self.port = free_port()
         self.url = f"https://127.0.0.1:{self.port}"
-        self.ca_file = self.workdir / "certs" / "apiserver.crt"
+        self.ca_file = self.workdir / "certs" / "apiserver.crt"  # until the server is up: then its CA alone
         self.kubeconfig_path = self.workdir / "admin.kubeconfig"
         self.components: dict[str, Process] = {}
         self._ssl: ssl.SSLContext | None = None
@@ -155,6 +156,12 @@ class Cluster:
             "--service-cluster-ip-range", "10.96.0.0/24", "--endpoint-reconciler-type", "none",
             "--profiling=false", "--enable-priority-and-fairness=false", "-v", "1"], w).start()
         self._wait_ready()
+        # The API server's generated bundle is its serving certificate, then the CA that signed it:
+        # clients and the controller-manager's root CA publisher get the CA alone.
+        blocks = self.ca_file.read_text().split("-----END CERTIFICATE-----")
+        self.ca_file = w / "ca.crt"
+        self.ca_file.write_text(blocks[-2].strip() + "\n-----END CERTIFICATE-----\n")
+        self._ssl = None
         self.kubeconfig_path.write_text(yaml.safe_dump(self.kubeconfig("admin", self.admin_token)))
         self.components["kube-controller-manager"] = Process("kube-controller-manager", [
             self.bins["KUBE_CONTROLLER_MANAGER"], "--kubeconfig", str(self.kubeconfig_path),
@@ -386,23 +393,27 @@ class Cluster:
         self.delete("", "v1", "namespaces", None, name)
 
     def install_crd(self, source: str | os.PathLike | Mapping | Iterable[Mapping]) -> list[str]:
-        """Install (or replace) CRDs and wait until the API server serves them (Established)."""
+        """Install (or replace) CRDs and wait until the API server serves them (Established). A CRD
+        already installed from the same text is left as it is (a digest in an annotation says so)."""
         names = []
         for doc in load_documents(source):
             if doc.get("kind") != "CustomResourceDefinition":
                 continue
             name = doc["metadata"]["name"]
+            digest = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+            doc = {**doc, "metadata": {**doc["metadata"], "annotations": {
+                **(doc["metadata"].get("annotations") or {}), "laion-testbed/digest": digest}}}
             existing = self.get(*CRD_RESOURCE, None, name)
             if existing is None:
                 self.request("POST", self.path(*CRD_RESOURCE), doc)
-            else:
-                body = {**doc, "metadata": {**doc["metadata"], "resourceVersion": existing["metadata"]["resourceVersion"]}}
-                self.request("PUT", self.path(*CRD_RESOURCE, None, name), body)
+            elif (existing["metadata"].get("annotations") or {}).get("laion-testbed/digest") != digest:
+                doc["metadata"]["resourceVersion"] = existing["metadata"]["resourceVersion"]
+                self.request("PUT", self.path(*CRD_RESOURCE, None, name), doc)
             names.append(name)
         for name in names:
             self.wait_for(*CRD_RESOURCE, None, name, lambda o: any(
                 c["type"] == "Established" and c["status"] == "True"
-                for c in ((o or {}).get("status") or {}).get("conditions", [])), timeout=30)
+                for c in ((o or {}).get("status") or {}).get("conditions") or []), timeout=30)
         return names
 
     def apply(self, docs: Iterable[Mapping], namespace: str | None = None) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import json
 
 import kubernetes
 from kubernetes.client.rest import ApiException
@@ -31,11 +32,20 @@ def _client() -> kubernetes.client.ApiClient:
     return kubernetes.client.ApiClient()
 
 
+def api_message(err: ApiException) -> str:
+    """The API server's own words (a 403 names the user, verb and resource the role lacks)."""
+    try:
+        return json.loads(err.body or "{}").get("message", "")
+    except (ValueError, AttributeError):
+        return ""
+
+
 def _call(what: str, fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except ApiException as err:
-        raise KubeError(f"{what}: {err.status} {err.reason}", err.status) from None
+        said = api_message(err)
+        raise KubeError(f"{what}: {err.status} {err.reason}" + (f": {said}" if said else ""), err.status) from None
 
 
 def patch_status(namespace: str, name: str, status: dict, plural: str = PLURAL) -> dict:
