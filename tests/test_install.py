@@ -314,7 +314,7 @@ def test_kuberay_mode_rayjobs_pass_kuberays_validation_and_its_states_reach_the_
     part = wait_status(api, kube_namespace, "kr", lambda s: s.get("phase") == "Failed")
     conditions = {c["type"]: c for c in part["conditions"]}
     assert conditions["Failed"]["reason"] == "RetriesExhausted", part
-    assert "SubmissionFailed" in part["message"] or "submitter" in part["message"].lower(), part["message"]
+    assert "Job submission has failed" in part["message"] and "BackoffLimitExceeded" in part["message"], part["message"]
 
 
 def test_two_replicas_with_peering_never_both_handle_a_part(api, ray_cluster, metadata, kube_namespace, tmp_path):
