@@ -12,7 +12,8 @@ from pathlib import Path
 import yaml
 
 from . import spec as specs
-from .contract import ExitCode, InputError
+from .contract import ExitCode
+from .errors import InputError
 from .storage import StorageUnavailable, Store
 
 

@@ -23,7 +23,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .. import credentials
 from .. import contract
-from ..contract import PROGRESS, InputError, LatentStats, Phase, Progress, ShardStats
+from ..contract import PROGRESS, LatentStats, Phase, Progress, ShardStats
+from ..errors import InputError
 from ..spec import PartSpec
 from ..storage import Store, StorageUnavailable
 from .annotate import annotate

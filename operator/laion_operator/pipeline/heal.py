@@ -24,7 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import contract
-from ..contract import HEAL, MANIFEST, PROGRESS, InputError, Phase, Progress, ShardStats
+from ..contract import HEAL, MANIFEST, PROGRESS, Phase, Progress, ShardStats
+from ..errors import InputError
 from ..spec import PartSpec
 from ..storage import Store
 from .annotate import annotate

@@ -11,7 +11,8 @@ import os
 import sys
 
 from .. import credentials
-from ..contract import ExitCode, InputError, Progress
+from ..contract import ExitCode, Progress
+from ..errors import InputError
 from ..spec import PartSpec
 from ..storage import StorageUnavailable
 
