@@ -46,6 +46,7 @@ def _output(args) -> dict:
 
 
 def cmd_heal(args) -> int:
+    keep_ray_on_loopback(None)  # the shards to heal run as Ray tasks, on a local Ray
     from .contract import FAILURE_REASONS, TRANSIENT_REASONS
     from .pipeline.heal import heal_part
     from .pipeline.local import print_summary
