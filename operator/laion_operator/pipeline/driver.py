@@ -31,7 +31,7 @@ from .download import download_shard
 from .filter import MetadataError, run_filter
 from .heal import heal
 from .resume import DamagedOutput, check_no_stray_shards, finished_shard, finished_shards
-from .runtime import Outcome, PartFailed, Pool, ensure_ray
+from .runtime import Outcome, PartFailed, Pool, cpus, ensure_ray, store_work
 from .tracker import Tracker
 from .verify import verify
 
@@ -45,12 +45,7 @@ log = logging.getLogger(__name__)
 def _write_shard(spec: PartSpec, shard: int, report) -> Outcome:
     """One shard's work: download its filtered rows, or convert its input shard."""
     work = convert_shard if spec.dataset else download_shard
-    store = Store(spec.output)
-    try:
-        # The whole shard again while the storage is away: it starts by removing what a try left.
-        return Outcome(store.retrying(f"writing shard {shard}", lambda: work(spec, shard, report=report)))
-    except StorageUnavailable as err:
-        return Outcome(unavailable=str(err))  # not raised: Ray's shard retries would only wait longer
+    return store_work(spec, f"writing shard {shard}", lambda: work(spec, shard, report=report))
 
 
 def _encode_shard(spec: PartSpec, shard: int, report) -> Outcome:
@@ -131,14 +126,9 @@ def _run_shards(spec: PartSpec, tracker: Tracker, shards: int) -> Pool:
     tracker.count()
     tracker.publish(force=True)
 
-    def tick(partial: dict[int, dict], moved: bool) -> None:
-        tracker.progress.shards_failed = len(pool.failed)
-        tracker.count(partial)
-        tracker.publish(force=moved)
-
-    pool = Pool("", _write_shard, spec, spec.download.shard_retries,
-                spec.download.parallelism or max(int(ray.cluster_resources().get("CPU", 1)), 1),
-                on_value=tracker.finished.__setitem__, tick=tick)
+    pool = Pool("", _write_shard, spec, spec.download.shard_retries, spec.download.parallelism or cpus(),
+                on_value=tracker.finished.__setitem__,
+                tick=lambda partial, moved: tracker.tick(partial, moved, len(pool.failed)))
     pool.run(todo)
     return pool
 
@@ -192,8 +182,7 @@ def _encode_all(spec: PartSpec, tracker: Tracker, shards: list[int]) -> tuple[li
     if finished:
         log.info("latents: resuming, %d of %d shards already encoded", len(finished), len(shards))
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    cpus = max(int(ray.cluster_resources().get("CPU", 1)), 1)
-    parallelism = settings.parallelism or gpus or cpus
+    parallelism = settings.parallelism or gpus or cpus()
     log.info("latents: %d shards on %s, %d at once", len(todo), f"{gpus} GPUs" if gpus else "CPUs", parallelism)
     started, base = time.time(), sum(s.written for s in finished.values())
 

@@ -3,8 +3,10 @@ timeouts, 5xx), so that a 20-hour part need not be redone for them.
 
 Each shard holding such samples is rewritten whole by `download_shard`, which writes every other
 sample again as it was (its `reuse`) and fetches the chosen ones: afterwards every sample is in the
-shard exactly once, with its new status. Then the annotations, the summary and the progress are made
-again from the shards' stats.
+shard exactly once, with its new status. The shards are rewritten in parallel, a Ray task each
+(`heal_shard`), through the pool and Tracker a download runs on: `heal` is the last stage of
+`driver.run_part` when `spec.heal` is set, and `heal_part` runs it alone (`laion-operator heal`).
+Then the annotations, the summary and the progress are made again from the shards' stats.
 
 A heal interrupted at any point resumes like a download. Its plan is `_laion/heal.json`; before a
 shard is rewritten its earlier samples are saved to `_laion/heal/<shard>.parquet` and its
@@ -24,7 +26,6 @@ from typing import Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import ray
 
 from .. import contract
 from ..contract import HEAL, MANIFEST, PROGRESS, Phase, Progress, ShardStats
@@ -33,7 +34,7 @@ from ..spec import PartSpec
 from ..storage import Store, StorageUnavailable
 from .annotate import annotate
 from .download import download_shard
-from .runtime import Outcome, PartFailed, Pool, ensure_ray
+from .runtime import Outcome, PartFailed, Pool, cpus, ensure_ray, store_work
 from .tracker import Tracker
 
 log = logging.getLogger(__name__)
@@ -133,11 +134,7 @@ def heal_shard(spec: PartSpec, shard: int, reasons: set[str], report=None) -> He
 
 def _heal_shard(spec: PartSpec, shard: int, report, reasons: list[str]) -> Outcome:
     """`heal_shard` in its Ray task: the whole shard again while the storage is away, as a download's."""
-    store = Store(spec.output)
-    try:
-        return Outcome(store.retrying(f"healing shard {shard}", lambda: heal_shard(spec, shard, set(reasons), report)))
-    except StorageUnavailable as err:
-        return Outcome(unavailable=str(err))  # not raised: Ray's shard retries would only wait longer
+    return store_work(spec, f"healing shard {shard}", lambda: heal_shard(spec, shard, set(reasons), report))
 
 
 def _plan(spec: PartSpec, store: Store, reasons: list[str] | None, force: bool) -> tuple[dict, dict] | None:
@@ -196,14 +193,9 @@ def _heal(spec: PartSpec, tracker: Tracker, plan: dict, manifest: dict) -> dict:
         plan["done"].append(shard)
         store.write_json(plan, HEAL)
 
-    def tick(partial: dict[int, dict], moved: bool) -> None:
-        tracker.progress.shards_failed = len(pool.failed)
-        tracker.count(partial)
-        tracker.publish(force=moved)
-
-    pool = Pool("heal: ", _heal_shard, spec, spec.download.shard_retries,
-                spec.download.parallelism or max(int(ray.cluster_resources().get("CPU", 1)), 1),
-                on_value=healed, tick=tick, args=(plan["reasons"],))
+    pool = Pool("heal: ", _heal_shard, spec, spec.download.shard_retries, spec.download.parallelism or cpus(),
+                on_value=healed, tick=lambda partial, moved: tracker.tick(partial, moved, len(pool.failed)),
+                args=(plan["reasons"],))
     try:
         pool.run(todo)
     except StorageUnavailable as err:

@@ -21,7 +21,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from .. import credentials
 from ..errors import InputError
 from ..spec import PartSpec
-from ..storage import StorageUnavailable
+from ..storage import StorageUnavailable, Store
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,20 @@ class Outcome:
 
 
 Work = Callable[..., Outcome]
+
+
+def store_work(spec: PartSpec, what: str, work: Callable[[], Any]) -> Outcome:
+    """`work()`'s value, the whole of it again while the storage is away (a shard's work starts by
+    removing what a try left); a store still away after `output.retrySeconds` is the outcome."""
+    try:
+        return Outcome(Store(spec.output).retrying(what, work))
+    except StorageUnavailable as err:
+        return Outcome(unavailable=str(err))  # not raised: Ray's shard retries would only wait longer
+
+
+def cpus() -> int:
+    """The cluster's CPUs: a shard stage's parallelism when its spec leaves it unset."""
+    return max(int(ray.cluster_resources().get("CPU", 1)), 1)
 
 
 @ray.remote(num_cpus=1)

@@ -57,6 +57,13 @@ class Tracker:
         self.progress.shards_done = len(self.finished)
         self.progress.count_images(list(self.finished.values()), live)
 
+    def tick(self, partial: dict[int, dict], moved: bool, failed: int) -> None:
+        """After each wait of a shard stage: the running shards' counts so far and the failed shards;
+        published at once when a shard ended (`moved`), else throttled."""
+        self.progress.shards_failed = failed
+        self.count(partial)
+        self.publish(force=moved)
+
     def publish(self, force: bool = False) -> None:
         now = time.time()
         if not force and now - self._last < self.every:
