@@ -64,7 +64,7 @@ def ray_driver(ray_cluster, s3):
     """This test process as a Ray driver on the session's cluster (as the CLI with --ray-address)."""
     import ray
 
-    from laion_operator.pipeline.driver import ensure_ray
+    from laion_operator.pipeline.runtime import ensure_ray
 
     os.environ.update({k: v for k, v in ray_cluster.client_env().items() if k != "RAY_ADDRESS"})
     ensure_ray(ray_cluster.address)

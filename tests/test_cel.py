@@ -1,5 +1,5 @@
 """The CRDs' CEL validation rules: the API server (the test API server, with a real CEL library) and the
-CLI (spec.py's Python twin of each rule) accept and refuse the same specs, with the same message at
+CLI (spec/validation.py's Python twin of each rule) accept and refuse the same specs, with the same message at
 the same field."""
 
 from __future__ import annotations

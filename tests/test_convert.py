@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from laion_operator.contract import InputError
+from laion_operator.errors import InputError
 from laion_operator.pipeline.driver import run_part
 from laion_operator.spec import PartSpec
 

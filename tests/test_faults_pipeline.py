@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from laion_operator.pipeline.driver import DamagedOutput, run_part
+from laion_operator.pipeline.driver import run_part
+from laion_operator.pipeline.resume import DamagedOutput
 from laion_operator.spec import PartSpec
 from laion_operator.storage import StorageUnavailable
 from laion_operator.testbed.demo_data import write_metadata
@@ -166,7 +167,7 @@ def test_lost_worker_node_runs_its_shards_elsewhere(ray_driver, slow_metadata, t
         part = spec(slow_metadata, out, parallelism=4)
 
         def on_second_node():
-            return [pid for pid in node.processes() if cmdline(pid).startswith("ray::_shard")]
+            return [pid for pid in node.processes() if cmdline(pid).startswith("ray::_write_shard")]
 
         run = Background(part)
         wait_until(lambda: on_second_node() or run.error, what="a shard on the second node")

@@ -1,4 +1,4 @@
-"""The fetch engine (pipeline/fetch.py) against the fake web on loopback: many URLs in flight, deadlines,
+"""The fetch engine (pipeline/fetch/) against the fake web on loopback: many URLs in flight, deadlines,
 size caps, the address guard, redirects, per-host politeness, DNS, robots.txt and failure reasons.
 
 Times are asserted as bounds only ("ended within the deadline plus 2 s"), never as speed.
@@ -28,7 +28,10 @@ from PIL import Image
 
 from laion_operator.contract import FAILURE_REASONS
 from laion_operator.pipeline import fetch
-from laion_operator.pipeline.fetch import AddressGuard, Engine, FetchError, classify, declared_pixels
+from laion_operator.pipeline.fetch import AddressGuard, Engine, FetchError, classify
+from laion_operator.pipeline.fetch import engine as fetch_engine
+from laion_operator.pipeline.fetch import shard as fetch_shard
+from laion_operator.pipeline.image_header import declared_pixels
 from laion_operator.spec import PartSpec, SpecError
 from laion_operator.testbed.fakeweb import ImageServer, Silent, outcome_of, refused_address
 
@@ -247,7 +250,7 @@ def test_the_network_runs_ahead_of_slow_decoding(web):
 def test_queued_bodies_are_bounded_in_bytes(monkeypatch):
     """While the decode thread is stuck, fetching stops once the queue is full: the bodies a task holds
     stay bounded, whatever the network could deliver."""
-    monkeypatch.setattr(fetch, "DECODE_BACKLOG_BYTES", 1)  # one body at a time
+    monkeypatch.setattr(fetch_shard, "DECODE_BACKLOG_BYTES", 1)  # one body at a time
     release = threading.Event()
     fetched_while_stuck = []
 
@@ -494,7 +497,7 @@ def test_retry_after_is_honoured(web):
     assert fetch_one(f"{web.base_url}/retry/429/-/1/ra3_64x64.jpg", timeout=5).reason == "ok"  # backoff
     date = (datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=2)).strftime(
         "%a, %d %b %Y %H:%M:%S GMT")
-    assert fetch._retry_after(date, 0) == pytest.approx(2, abs=1.1)
+    assert fetch_engine.retry_after(date, 0) == pytest.approx(2, abs=1.1)
 
 
 def test_rate_limits_past_the_budget_are_rate_limited(web):

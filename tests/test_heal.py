@@ -120,3 +120,21 @@ def test_interrupted_heal_resumes_exactly_once(finished_part, metadata, tmp_path
     summary = check_exactly_once(out)
     assert summary["images"]["ok"] == first["images"]["ok"] + first["images"]["failedByReason"]["timeout"]
     assert "timeout" not in summary["images"]["failedByReason"]
+
+
+def test_a_part_with_heal_set_heals_as_its_last_stage(finished_part, metadata):
+    """spec.heal on a finished part (a LaionPart's heal job): run_part resumes it, then heals through
+    the same shard pool, and its progress ends Succeeded with the heal's counts."""
+    out, first = finished_part
+    timeouts = first["images"]["failedByReason"]["timeout"]
+    summary = run_part(spec(metadata, out, timeout=5, heal={}))
+    assert summary["heal"]["refetched"] == timeouts
+    assert summary["images"]["ok"] == first["images"]["ok"] + timeouts
+    progress = json.loads((out / "_laion" / "progress.json").read_text())
+    assert progress["phase"] == "Succeeded" and progress["message"].startswith("healed ")
+    assert progress["images_ok"] == summary["images"]["ok"] and progress["shards_done"] == progress["shards_total"]
+    assert progress["finished_at"] is not None
+    assert json.loads((out / "_laion" / "heal.json").read_text())["finished"]
+    check_exactly_once(out)
+    again = run_part(spec(metadata, out, timeout=5, heal={}))  # the same heal is done once
+    assert "heal" not in again

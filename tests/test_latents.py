@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from laion_operator import contract
-from laion_operator.contract import InputError
+from laion_operator.errors import InputError
 from laion_operator.spec import PartSpec, SpecError
 from laion_operator.testbed.demo_data import write_metadata
 from tests.support.specs import loopback

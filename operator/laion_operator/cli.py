@@ -12,7 +12,8 @@ from pathlib import Path
 import yaml
 
 from . import spec as specs
-from .contract import ExitCode, InputError
+from .contract import ExitCode
+from .errors import InputError
 from .storage import StorageUnavailable, Store
 
 
@@ -45,6 +46,7 @@ def _output(args) -> dict:
 
 
 def cmd_heal(args) -> int:
+    keep_ray_on_loopback(None)  # the shards to heal run as Ray tasks, on a local Ray
     from .contract import FAILURE_REASONS, TRANSIENT_REASONS
     from .pipeline.heal import heal_part
     from .pipeline.local import print_summary

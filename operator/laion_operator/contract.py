@@ -31,10 +31,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .spec import PartSpec
+from typing import Protocol
 
 META_DIR = "_laion"
 PROGRESS = f"{META_DIR}/progress.json"
@@ -157,17 +154,18 @@ def part_dir(part_id: str) -> str:
     return f"part_{part_id}"
 
 
-def fingerprint(spec: "PartSpec") -> str:
+class _Spec(Protocol):
+    """A part spec as this module reads it (spec.PartSpec, which sits above this module)."""
+
+    def to_dict(self) -> dict: ...
+
+
+def fingerprint(spec: _Spec) -> str:
     """What decides the shards' content; a resumed run into the same output must see the same value."""
     data = spec.to_dict()
     key = {k: data.get(k) for k in ("source", "columns", "filter")}
     key["additional"] = data["download"]["saveAdditionalColumns"]
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-
-
-class InputError(ValueError):
-    """Bad input — spec, metadata, columns or an unusable output — named in the message; the job ends
-    with ExitCode.BAD_INPUT, the CLI with the same code."""
 
 
 class ExitCode(enum.IntEnum):

@@ -18,7 +18,8 @@ from typing import Callable, TypeVar
 import fsspec
 
 from . import credentials
-from .contract import META_DIR, InputError
+from .contract import META_DIR
+from .errors import InputError
 from .spec import Output
 
 log = logging.getLogger(__name__)

@@ -125,7 +125,7 @@ def process_tree(mark: str) -> list[int]:
     return found
 
 
-def ray_workers(cluster, name: str = "_shard") -> list[int]:
+def ray_workers(cluster, name: str = "_write_shard") -> list[int]:
     """This cluster's worker processes (never another cluster's on the machine) running the task or
     actor class `name` right now: a shard, or the progress `Board`."""
     return [pid for pid in process_tree(f"raylet --raylet_socket_name={cluster.temp_dir}")

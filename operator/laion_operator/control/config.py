@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from ..spec import camel, snake
+from ..names import camel, snake
 
 MODES = ("jobs", "kuberay")
 

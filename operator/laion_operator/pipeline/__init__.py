@@ -1,7 +1,10 @@
-"""The pipeline: what runs inside Ray for a part — filter → download (resize, writers) → annotate.
+"""The pipeline: what runs inside Ray for a part — filter → download (fetch, resize, writers) or convert
+→ annotate → verify → latents → heal.
 
-`driver.run_part` runs the stages; `job` is the Ray job's entry point; `local` runs a part on this
-machine with a progress line. Nothing here is imported by the operator (`control/`).
+`driver.run_part` runs the stages, each shard stage through `runtime.Pool` (Ray tasks returning a
+typed `Outcome`) with its progress kept by `tracker.Tracker`; `job` is the Ray job's entry point;
+`local` runs a part on this machine with a progress line. Nothing here is imported by the operator
+(`control/`).
 """
 
 import os as _os

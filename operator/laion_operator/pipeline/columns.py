@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pyarrow.compute as pc
 
-from ..contract import InputError
+from ..errors import InputError
 from ..spec import Filter
 
 # First match wins: aesthetics 4.5+ (URL TEXT WIDTH HEIGHT similarity punsafe pwatermark AESTHETIC_SCORE

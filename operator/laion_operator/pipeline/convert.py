@@ -31,7 +31,8 @@ from typing import Callable, Iterator
 import fsspec
 import pyarrow as pa
 
-from ..contract import InputError, MANIFEST, ShardStats, fingerprint, sample_key
+from ..contract import MANIFEST, ShardStats, fingerprint, sample_key
+from ..errors import InputError
 from ..spec import Dataset, PartSpec
 from ..storage import Store
 from .download import clear_shard, finish_shard, make_resizer, make_writer, resize_reason

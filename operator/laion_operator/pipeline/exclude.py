@@ -39,7 +39,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from ..contract import InputError
+from ..errors import InputError
 
 URL_COLUMNS = ("url",)
 HASH_COLUMNS = ("url_sha256", "sha256")

@@ -40,7 +40,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..contract import InputError, MANIFEST, SHARDS_DIR, fingerprint, shard_input
+from ..contract import MANIFEST, SHARDS_DIR, fingerprint, shard_input
+from ..errors import InputError
 from ..spec import PartSpec
 from ..storage import Store
 from . import columns as cols

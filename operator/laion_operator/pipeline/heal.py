@@ -3,8 +3,10 @@ timeouts, 5xx), so that a 20-hour part need not be redone for them.
 
 Each shard holding such samples is rewritten whole by `download_shard`, which writes every other
 sample again as it was (its `reuse`) and fetches the chosen ones: afterwards every sample is in the
-shard exactly once, with its new status. Then the annotations, the summary and the progress are made
-again from the shards' stats.
+shard exactly once, with its new status. The shards are rewritten in parallel, a Ray task each
+(`heal_shard`), through the pool and Tracker a download runs on: `heal` is the last stage of
+`driver.run_part` when `spec.heal` is set, and `heal_part` runs it alone (`laion-operator heal`).
+Then the annotations, the summary and the progress are made again from the shards' stats.
 
 A heal interrupted at any point resumes like a download. Its plan is `_laion/heal.json`; before a
 shard is rewritten its earlier samples are saved to `_laion/heal/<shard>.parquet` and its
@@ -19,16 +21,21 @@ import json
 import logging
 import tarfile
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import contract
-from ..contract import HEAL, MANIFEST, PROGRESS, InputError, Phase, Progress, ShardStats
+from ..contract import HEAL, MANIFEST, PROGRESS, Phase, Progress, ShardStats
+from ..errors import InputError
 from ..spec import PartSpec
-from ..storage import Store
+from ..storage import Store, StorageUnavailable
 from .annotate import annotate
 from .download import download_shard
+from .runtime import Outcome, PartFailed, Pool, cpus, ensure_ray, store_work
+from .tracker import Tracker
 
 log = logging.getLogger(__name__)
 HEALABLE_FORMATS = ("webdataset", "parquet", "files")
@@ -90,9 +97,9 @@ def _affected(store: Store, shard: int, reasons: set[str]) -> int:
                if status != "success" and reason in reasons)
 
 
-def _finished_stats(store: Store, shards: int) -> list[ShardStats]:
+def _finished_stats(store: Store, shards: int, skip: set[int] = frozenset()) -> list[ShardStats]:
     stats = []
-    for shard in range(shards):
+    for shard in (s for s in range(shards) if s not in skip):
         data = store.read_json(contract.shard_stats(shard))
         if data is None:
             raise NotHealable(f"{store.url(contract.shard_stats(shard))} is missing: the part is not finished; "
@@ -101,10 +108,38 @@ def _finished_stats(store: Store, shards: int) -> list[ShardStats]:
     return stats
 
 
-def heal_part(spec: PartSpec, reasons: list[str] | None = None, force: bool = False) -> dict | None:
-    """Heal the finished part in spec.output; returns its new summary, or None when this heal
-    (spec.heal's reasons and round) was done already and `force` is not set."""
+@dataclass(frozen=True)
+class HealedShard:
+    """A shard rewritten by `heal_shard`: its new stats, and how many of its samples were fetched again."""
+
+    stats: ShardStats
+    refetched: int
+
+
+def heal_shard(spec: PartSpec, shard: int, reasons: set[str], report=None) -> HealedShard:
+    """Rewrite one shard: its samples failed for `reasons` fetched again, every other written as it was.
+    Its samples are saved first and its `_stats.json` removed, so an interrupted rewrite is redone
+    from the saved samples; the saved file goes once the new `_stats.json` is written."""
     store = Store(spec.output)
+    if not store.exists(contract.heal_backup(shard)):
+        save_samples(store, spec, shard)
+    if store.exists(contract.shard_stats(shard)):
+        store.fs.rm(store.path(contract.shard_stats(shard)))  # the shard is being rewritten from here on
+    samples = saved_samples(store, shard)
+    reuse = {k: v for k, v in samples.items() if not to_heal(v[1], reasons)}
+    stats = download_shard(spec, shard, reuse=reuse, report=report)
+    store.fs.rm(store.path(contract.heal_backup(shard)))
+    return HealedShard(stats, len(samples) - len(reuse))
+
+
+def _heal_shard(spec: PartSpec, shard: int, report, reasons: list[str]) -> Outcome:
+    """`heal_shard` in its Ray task: the whole shard again while the storage is away, as a download's."""
+    return store_work(spec, f"healing shard {shard}", lambda: heal_shard(spec, shard, set(reasons), report))
+
+
+def _plan(spec: PartSpec, store: Store, reasons: list[str] | None, force: bool) -> tuple[dict, dict] | None:
+    """This heal's plan (`contract.HEAL`), made or resumed, and the part's manifest; None when this heal
+    (its reasons and round) was done already and `force` is not set."""
     heal = spec.heal
     reasons = sorted(set(reasons or (heal.reasons if heal else contract.TRANSIENT_REASONS)))
     key = f"{','.join(reasons)}#{heal.round if heal else 0}"
@@ -129,49 +164,81 @@ def heal_part(spec: PartSpec, reasons: list[str] | None = None, force: bool = Fa
         plan = {"key": key, "reasons": reasons, "shards": todo, "done": [], "finished": False,
                 "started_at": time.time()}
         store.write_json(plan, HEAL)
-    reasons_set = set(plan["reasons"])
-    running = store.read_json(PROGRESS) or {}
-    store.write_json({**running, "phase": Phase.DOWNLOADING.value, "updated_at": time.time(), "finished_at": None,
-                      "message": f"healing {len(plan['shards'])} shards: fetching again what failed for "
-                                 f"{', '.join(plan['reasons'])}"}, PROGRESS)
+    return plan, manifest
+
+
+def heal(spec: PartSpec, tracker: Tracker, reasons: list[str] | None = None, force: bool = False) -> dict | None:
+    """The heal stage over the finished part in spec.output, its shards to heal as Ray tasks; returns
+    the part's new summary, or None when this heal was done already and `force` is not set."""
+    planned = _plan(spec, tracker.store, reasons, force)
+    return None if planned is None else _heal(spec, tracker, *planned)
+
+
+def _heal(spec: PartSpec, tracker: Tracker, plan: dict, manifest: dict) -> dict:
+    store = tracker.store
+    shards = manifest["shards"]
+    todo = [s for s in plan["shards"] if s not in plan["done"]]
+    tracker.progress.finished_at = None
+    tracker.phase(Phase.DOWNLOADING, f"healing {len(plan['shards'])} shards: fetching again what failed for "
+                                     f"{', '.join(plan['reasons'])}")
     log.info("healing %s: %d of %d shards hold samples that failed for %s", store.uri, len(plan["shards"]),
              shards, ", ".join(plan["reasons"]))
-
+    tracker.finished = {s.shard: s for s in _finished_stats(store, shards, skip=set(todo))}
     refetched = 0
-    for shard in plan["shards"]:
-        if shard in plan["done"]:
-            continue
-        if not store.exists(contract.heal_backup(shard)):
-            save_samples(store, spec, shard)
-        if store.exists(contract.shard_stats(shard)):
-            store.fs.rm(store.path(contract.shard_stats(shard)))  # the shard is being rewritten from here on
-        samples = saved_samples(store, shard)
-        reuse = {k: v for k, v in samples.items() if not to_heal(v[1], reasons_set)}
-        refetched += len(samples) - len(reuse)
-        download_shard(spec, shard, reuse=reuse)
-        store.fs.rm(store.path(contract.heal_backup(shard)))
+
+    def healed(shard: int, result: HealedShard) -> None:
+        nonlocal refetched
+        tracker.finished[shard] = result.stats
+        refetched += result.refetched
         plan["done"].append(shard)
         store.write_json(plan, HEAL)
 
+    pool = Pool("heal: ", _heal_shard, spec, spec.download.shard_retries, spec.download.parallelism or cpus(),
+                on_value=healed, tick=lambda partial, moved: tracker.tick(partial, moved, len(pool.failed)),
+                args=(plan["reasons"],))
+    try:
+        pool.run(todo)
+    except StorageUnavailable as err:
+        tracker.fail(str(err), store_away=True)
+        raise
+    if pool.failed:
+        first = min(pool.failed)
+        tracker.fail(f"heal: {len(pool.failed)} of {len(todo)} shards failed after {spec.download.shard_retries} "
+                     f"retries: {sorted(pool.failed)[:10]}; shard {first}: {str(pool.errors.get(first))[:500]}; "
+                     "heal again to retry them")
+        raise PartFailed(tracker.progress.message)
+
     stats = _finished_stats(store, shards)
-    old = store.read_json(PROGRESS) or {}
-    progress = Progress.from_json({**old, "part_id": spec.part_id})
-    progress.shards_total, progress.shards_done, progress.shards_failed = shards, shards, 0
+    progress = tracker.progress
+    tracker.finished = {s.shard: s for s in stats}
+    progress.shards_total, progress.shards_failed = shards, 0
+    tracker.count()
     progress.rows_kept = manifest.get("rows_kept", progress.rows_kept)
     progress.rows_read = manifest.get("rows_read", progress.rows_read)
     progress.dropped_by = manifest.get("dropped_by", progress.dropped_by)
-    progress.count_images(stats)
-    progress.finished_at = progress.updated_at = time.time()
+    tracker.end()
     summary = annotate(spec, store, stats, progress)
     summary["heal"] = {"reasons": plan["reasons"], "shards": len(plan["shards"]), "refetched": refetched}
     store.write_json(summary, contract.summary(spec.part_id))
-    progress.phase = Phase.SUCCEEDED.value
-    progress.message = (f"healed {len(plan['shards'])} shards ({', '.join(plan['reasons'])}): "
-                        f"{progress.images_ok} images in {store.uri}")
-    store.write_json(progress.to_json(), PROGRESS)
+    tracker.finish(f"healed {len(plan['shards'])} shards ({', '.join(plan['reasons'])}): "
+                   f"{progress.images_ok} images in {store.uri}")
     plan["finished"] = True
     store.write_json(plan, HEAL)
     return summary
+
+
+def heal_part(spec: PartSpec, reasons: list[str] | None = None, force: bool = False,
+              on_progress: Callable[[Progress], None] | None = None, ray_address: str | None = None) -> dict | None:
+    """Heal the finished part in spec.output on its own (`laion-operator heal`); returns its new summary,
+    or None when this heal (spec.heal's reasons and round) was done already and `force` is not set."""
+    store = Store(spec.output)
+    planned = _plan(spec, store, reasons, force)
+    if planned is None:
+        return None
+    previous = store.read_json(PROGRESS) or {}
+    tracker = Tracker(store, Progress.from_json({**previous, "part_id": spec.part_id}), on_progress)
+    ensure_ray(ray_address)  # after the checks: a part that cannot heal starts no Ray
+    return _heal(spec, tracker, *planned)
 
 
 def _finished_stats_or_saved(store: Store, shards: int, saved: list[int]) -> None:

@@ -11,7 +11,8 @@ import os
 import sys
 
 from .. import credentials
-from ..contract import ExitCode, InputError, Progress
+from ..contract import ExitCode, Progress
+from ..errors import InputError
 from ..spec import PartSpec
 from ..storage import StorageUnavailable
 
@@ -28,7 +29,8 @@ def main() -> int:
     from . import load_light
 
     load_light()  # this process only runs the part
-    from .driver import PartFailed, ensure_ray, run_part
+    from .driver import PartFailed, run_part
+    from .runtime import ensure_ray
 
     credentials.load_into_environment()
     try:
@@ -42,10 +44,6 @@ def main() -> int:
     ensure_ray()
     try:
         summary = run_part(spec, on_progress=log_progress)
-        if spec.heal is not None:  # set or changed on a LaionPart: heal once the part is whole
-            from .heal import heal_part
-
-            summary = heal_part(spec) or summary
     except PartFailed as err:
         log.error("part %s failed: %s", spec.part_id, err)
         return ExitCode.SHARDS_FAILED

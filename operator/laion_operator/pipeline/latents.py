@@ -28,7 +28,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from .. import contract
-from ..contract import InputError, LatentStats, latents_shard, latents_stats, shard_name
+from ..contract import LatentStats, latents_shard, latents_stats, shard_name
+from ..errors import InputError
 from ..spec import Latents, PartSpec
 from ..storage import Store
 

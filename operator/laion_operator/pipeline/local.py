@@ -76,7 +76,8 @@ def print_summary(summary: dict, out=sys.stdout) -> None:
 
 def run_with_progress(part: PartSpec, ray_address: str | None = None, out=sys.stdout) -> int:
     """Run a part with a live progress line, then print its summary; the exit code says how it went."""
-    from .driver import PartFailed, ensure_ray, run_part
+    from .driver import PartFailed, run_part
+    from .runtime import ensure_ray
 
     sources = (f"dataset {part.dataset.uri}" if part.dataset else
                f"{len(part.source)} metadata file{'s' if len(part.source) > 1 else ''}")

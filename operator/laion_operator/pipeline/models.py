@@ -15,7 +15,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-from ..contract import InputError
+from ..errors import InputError
 from ..spec import Latents
 
 OPEN_CLIP = "openclip:"

@@ -23,41 +23,22 @@ import numpy as np
 import simplejpeg
 from img2dataset import resizer as i2d
 
+from .image_header import jpeg_frame
+
 ResizeMode = i2d.ResizeMode
 
 # Frame headers: baseline, extended and progressive Huffman JPEGs are what libjpeg decodes scaled.
 _SCALABLE_SOF = {0xC0, 0xC1, 0xC2}
-_OTHER_SOF = {0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-_STANDALONE = {0x01, 0xD8, *range(0xD0, 0xD8)}  # markers without a length field
 _SHORT_SIDE = (ResizeMode.keep_ratio, ResizeMode.center_crop)
 _LONG_SIDE = (ResizeMode.border, ResizeMode.keep_ratio_largest)
 
 
 def jpeg_header(data: bytes) -> tuple[int, int, int] | None:
     """(width, height, components) of an 8-bit Huffman JPEG, or None for anything else."""
-    if data[:3] != b"\xff\xd8\xff":
+    frame = jpeg_frame(data)
+    if frame is None or frame.marker not in _SCALABLE_SOF or frame.precision != 8 or frame.components is None:
         return None
-    i, n = 2, len(data)
-    while i + 4 <= n:
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker in _STANDALONE:
-            i += 2
-            continue
-        if marker in _SCALABLE_SOF:
-            if i + 10 > n or data[i + 4] != 8:
-                return None
-            height = int.from_bytes(data[i + 5:i + 7], "big")
-            width = int.from_bytes(data[i + 7:i + 9], "big")
-            return (width, height, data[i + 9]) if width and height else None
-        if marker in _OTHER_SOF or marker in (0xDA, 0xD9):  # lossless/arithmetic, or a scan before any frame
-            return None
-        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
-    return None
+    return frame.width, frame.height, frame.components
 
 
 class Resizer(i2d.Resizer):

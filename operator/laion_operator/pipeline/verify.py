@@ -25,6 +25,7 @@ from typing import Callable, Iterable, Iterator
 
 from .. import contract
 from ..contract import MANIFEST, ShardStats, Verification, shard_data, shard_metadata, shard_name
+from ..errors import InputError
 from ..storage import Store
 
 IMAGE_COLUMNS = ("jpg", "png", "webp")
@@ -254,7 +255,7 @@ def verify_output(store: Store) -> tuple[dict, Verification]:
     its summary (and progress.json, for the operator); returns the summary and the result."""
     summaries = list(_iter_summaries(store))
     if len(summaries) != 1:
-        raise contract.InputError(f"{store.uri}: expected one part_<id>_summary.json (a finished part), "
+        raise InputError(f"{store.uri}: expected one part_<id>_summary.json (a finished part), "
                                   f"found {len(summaries)}")
     summary = summaries[0]
     result = verify(store, summary["partId"], summary["outputFormat"])
