@@ -1,0 +1,246 @@
+"""`laion-operator`: run a part on a local Ray, plan it, convert or verify a dataset, precompute its
+latents, run the demo, print the CRD, run the operator."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+from . import spec as specs
+from .contract import ExitCode
+from .errors import InputError
+from .storage import StorageUnavailable, Store
+
+
+def keep_ray_on_loopback(address: str | None) -> None:
+    """A local Ray (or one at a loopback address) needs no routable node address.
+
+    Ray reads this switch when it is imported, so it is set before the pipeline module loads.
+    """
+    host = (address or "127.0.0.1").split("://")[-1].rsplit(":", 1)[0]
+    if host in ("127.0.0.1", "localhost", "::1"):
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+def cmd_run(args) -> int:
+    keep_ray_on_loopback(args.ray_address)
+    part = specs.load(args.part)
+    if args.output:
+        part = specs.PartSpec.from_dict({**part.to_dict(), "output": {**part.to_dict()["output"], "uri": args.output}})
+    if args.dry_run:
+        return cmd_plan(part)
+    Store(part.output).check_writable()
+    from .pipeline.local import run_with_progress
+
+    return run_with_progress(part, args.ray_address)
+
+
+def _output(args) -> dict:
+    return {k: v for k, v in {"uri": args.output, "endpoint": args.endpoint, "region": args.region,
+                              "pathStyle": args.path_style or None, "profile": args.profile}.items() if v is not None}
+
+
+def cmd_heal(args) -> int:
+    keep_ray_on_loopback(None)  # the shards to heal run as Ray tasks, on a local Ray
+    from .contract import FAILURE_REASONS, TRANSIENT_REASONS
+    from .pipeline.heal import heal_part
+    from .pipeline.local import print_summary
+
+    part = specs.load(args.part)
+    reasons = [r.strip() for r in args.reasons.split(",") if r.strip()] if args.reasons else None
+    unknown = sorted(set(reasons or []) - set(FAILURE_REASONS))
+    if unknown:
+        raise InputError(f"--reasons: {', '.join(unknown)} not among the failure reasons {', '.join(FAILURE_REASONS)}")
+    shown = reasons or (list(part.heal.reasons) if part.heal else TRANSIENT_REASONS)
+    print(f"part {part.part_id}: healing samples that failed for {', '.join(shown)} in {part.output.uri}", flush=True)
+    summary = heal_part(part, reasons, force=True)
+    heal = summary["heal"]
+    print(f"  {heal['refetched']:,} samples fetched again in {heal['shards']} shards")
+    print_summary(summary)
+    return ExitCode.OK
+
+
+def cmd_latents(args) -> int:
+    keep_ray_on_loopback(args.ray_address)
+    part = specs.load(args.part)
+    if args.output:
+        part = specs.PartSpec.from_dict({**part.to_dict(), "output": {**part.to_dict()["output"], "uri": args.output}})
+    from .pipeline.local import encode_with_progress
+
+    return encode_with_progress(part, args.ray_address)
+
+
+def cmd_convert(args) -> int:
+    """An existing dataset written again in another format: a part whose source is that dataset."""
+    keep_ray_on_loopback(args.ray_address)
+    dataset = {k: v for k, v in {"uri": args.input, "format": args.input_format, "captions": args.captions,
+                                 "imageField": args.image_field, "captionField": args.caption_field}.items()
+               if v is not None}
+    # Unless a size is asked for, images keep their bytes: a conversion changes the format only.
+    download = {"outputFormat": args.output_format, "resizeMode": "no", "skipReencode": True}
+    if args.image_size:
+        download.update(imageSize=args.image_size, resizeMode=args.resize_mode, skipReencode=False)
+    if args.mds_shard_size_limit:
+        download["mdsShardSizeLimit"] = args.mds_shard_size_limit
+    part = specs.PartSpec.from_dict({
+        "partId": args.part_id, "source": {"dataset": dataset}, "output": _output(args), "download": download,
+        "filter": {"samplesPerShard": args.samples_per_shard}, "verify": not args.no_verify})
+    Store(part.output).check_writable()
+    from .pipeline.local import run_with_progress
+
+    return run_with_progress(part, args.ray_address)
+
+
+def cmd_verify(args) -> int:
+    """Read a finished output back; exit 1 when a shard disagrees with what the part says it wrote."""
+    store = Store(specs.output_of(_output(args)))
+    from .pipeline.verify import verify_output
+
+    summary, result = verify_output(store)
+    print(f"part {summary['partId']} -> {store.uri} ({summary['outputFormat']}): "
+          f"{'verified' if result.ok else 'NOT verified'}")
+    print(f"  {result.samples:,} samples in {result.shards} shards read back, {result.images_decoded:,} images "
+          f"decoded in {result.seconds:.1f} s")
+    for problem in result.problems:
+        print(f"  {problem}")
+    return ExitCode.OK if result.ok else ExitCode.SHARDS_FAILED
+
+
+def cmd_plan(part: specs.PartSpec) -> int:
+    if part.dataset:
+        from .pipeline.convert import detect, list_inputs
+
+        Store(part.output)  # registers the S3 options the input is read with
+        inputs = list_inputs(part)
+        print(f"part {part.part_id}: convert {part.dataset.uri} ({detect(part.dataset)}) in {len(inputs)} shards "
+              f"-> {part.output.uri} as {part.download.output_format}")
+        return ExitCode.OK
+    from .pipeline.filter import plan
+    from .storage import configure
+
+    configure(part.output)  # s3:// metadata and removal lists are read with the output's endpoint options
+    result = plan(part)
+    print(f"part {part.part_id}: {result.rows_read:,} rows read, {result.rows_kept:,} kept "
+          f"in {result.shards} shards of up to {part.filter.samples_per_shard:,}")
+    for reason, n in sorted(result.dropped_by.items(), key=lambda kv: -kv[1]):
+        if n:
+            print(f"  {n:>10,} dropped by {reason}")
+    d = part.download
+    # A resized JPEG of side s at quality q is roughly s*s*(q/100)*0.25 bytes; the estimate says so.
+    per_image = d.image_size * d.image_size * (0.1 + 0.25 * d.encode_quality / 100)
+    print(f"  output {part.output.uri} as {d.output_format}, about {result.rows_kept * per_image / 1e9:,.2f} GB "
+          f"if every image downloads ({d.image_size}px {d.encode_format})")
+    return ExitCode.OK
+
+
+def cmd_crd(args) -> int:
+    from .control import datasets, status
+
+    crd = datasets.crd if getattr(args, "kind", None) == "LaionDataset" else status.crd
+    yaml.safe_dump(crd(), sys.stdout, sort_keys=False)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    keep_ray_on_loopback(None)
+    from .testbed.demo import run_demo
+
+    return run_demo(Path(args.out), rows=args.rows)
+
+
+def cmd_operator(args) -> int:
+    from .control.controller import main as operator_main
+
+    return operator_main(args)
+
+
+def cmd_job(args) -> int:
+    from .pipeline.job import main as job_main
+
+    return job_main()
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="laion-operator", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="filter, download and annotate one part on Ray")
+    run.add_argument("part", help="part spec YAML (a bare spec or a LaionPart manifest)")
+    run.add_argument("--dry-run", action="store_true", help="print the plan without downloading")
+    run.add_argument("--output", help="override output.uri")
+    run.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    run.set_defaults(func=cmd_run)
+    conv = sub.add_parser("convert", help="write an existing dataset (webdataset tars, a files folder, images "
+                                          "and a captions JSONL) in another output format, on Ray")
+    conv.add_argument("input", help="the dataset's folder: a local path or s3://bucket/prefix")
+    conv.add_argument("output", help="the new dataset's folder: a local path or s3://bucket/prefix")
+    conv.add_argument("--output-format", required=True, choices=specs.OUTPUT_FORMATS)
+    conv.add_argument("--input-format", choices=specs.DATASET_FORMATS, help="default: detected")
+    conv.add_argument("--captions", help="images: the captions JSONL (relative to INPUT unless absolute)")
+    conv.add_argument("--image-field", help="images: the JSONL field naming the image (default img_path)")
+    conv.add_argument("--caption-field", help="images: the JSONL field holding the caption (default prompt)")
+    conv.add_argument("--part-id", default="0", help="names the annotation files (part_<id>_stats.csv)")
+    conv.add_argument("--samples-per-shard", type=int, default=10000, help="images: JSONL lines per shard")
+    conv.add_argument("--image-size", type=int, help="resize to this side (default: keep the images' bytes)")
+    conv.add_argument("--resize-mode", default="keep_ratio", choices=specs.RESIZE_MODES)
+    conv.add_argument("--mds-shard-size-limit", type=int, help="mds: bytes per MDS shard file")
+    conv.add_argument("--no-verify", action="store_true", help="do not read the shards back afterwards")
+    conv.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    ver = sub.add_parser("verify", help="read every shard of a finished output back, decode every image, "
+                                        "compare the counts with the annotations and the summary")
+    ver.add_argument("output", help="the part's output folder: a local path or s3://bucket/prefix")
+    for p_ in (conv, ver):
+        p_.add_argument("--endpoint", help="S3 endpoint URL (MinIO and the like)")
+        p_.add_argument("--region", help="S3 region")
+        p_.add_argument("--path-style", action="store_true", help="path-style S3 addressing (MinIO)")
+        p_.add_argument("--profile", help="named AWS profile holding the credentials")
+    conv.set_defaults(func=cmd_convert)
+    ver.set_defaults(func=cmd_verify)
+    latents = sub.add_parser("latents", help="precompute image latents and text embeddings (spec.latents) of an "
+                                              "output already downloaded or converted")
+    latents.add_argument("part", help="part spec YAML with spec.latents")
+    latents.add_argument("--output", help="override output.uri")
+    latents.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    latents.set_defaults(func=cmd_latents)
+    heal = sub.add_parser("heal", help="fetch again the samples of a finished part that failed for transient "
+                                       "reasons, rewriting their shards")
+    heal.add_argument("part", help="part spec YAML (a bare spec or a LaionPart manifest)")
+    heal.add_argument("--reasons", help="comma-separated failure reasons (default: spec.heal.reasons, or "
+                                        "timeout, dns, connection, http_5xx, rate_limited)")
+    heal.set_defaults(func=cmd_heal)
+    demo = sub.add_parser("demo", help="generate a LAION-like part, serve its images on loopback, run it")
+    demo.add_argument("--out", default="demo-output", help="folder for the metadata and the dataset")
+    demo.add_argument("--rows", type=int, default=2000, help="metadata rows to generate")
+    demo.set_defaults(func=cmd_demo)
+    crd = sub.add_parser("crd", help="print the LaionPart (or LaionDataset) CustomResourceDefinition")
+    crd.add_argument("--kind", choices=["LaionPart", "LaionDataset"], default="LaionPart")
+    crd.set_defaults(func=cmd_crd)
+    op = sub.add_parser("operator", help="run the Kubernetes operator")
+    op.add_argument("--config", help="operator configuration YAML")
+    op.add_argument("--namespace", action="append", help="watch only these namespaces (default: all)")
+    op.add_argument("--standalone", action="store_true", help="no peering with other operator replicas")
+    op.set_defaults(func=cmd_operator)
+    job = sub.add_parser("job", help="(inside a Ray job) run the part given by LAION_PART_SPEC")
+    job.set_defaults(func=cmd_job)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except InputError as err:
+        print(f"laion-operator: {err}", file=sys.stderr)
+        return ExitCode.BAD_INPUT
+    except StorageUnavailable as err:
+        print(f"laion-operator: StorageUnavailable: {err}", file=sys.stderr)
+        return ExitCode.STORAGE_UNAVAILABLE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

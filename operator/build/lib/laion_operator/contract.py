@@ -1,0 +1,382 @@
+"""The output folder's contract: where the pipeline meets the operator.
+
+The pipeline (inside Ray) writes a part's output folder; the control plane (the operator) only reads
+it. This module is the one place that names what is in it, so that neither side imports the other:
+
+    <output>/
+      00000.tar | 00000.parquet | 00000.tfrecord | 00000/   a shard in the part's outputFormat
+                                                 (mds: 00000/ holds index.json and shard.00000.mds …)
+      00000.parquet                                          every sample's metadata and status
+      00000_stats.json                                       the shard is finished (written last)
+      part_<id>_stats.csv | part_<id>.csv                    the annotations trainers read
+      index.json                                             mds: every shard's MDS index merged
+      part_<id>_summary.json                                 counts, failure reasons, durations, verified
+      _laion/filter.json                                     the filter's manifest and fingerprint
+      _laion/shards/00000.parquet                            the filtered rows of each shard
+      _laion/progress.json                                   the part's progress, as it runs
+      latents/00000/                                         a shard's image latents and text embeddings (MDS)
+      latents/00000_stats.json                               that shard is encoded (written last)
+      latents/index.json                                     MDS index over every shard (StreamingDataset)
+      latents/_latents.json                                  models, shapes, dtypes, scaling of the latents
+
+It also holds what the job tells the operator besides files: its exit codes, the phases of a part,
+and the bounded set of failure reasons every count (summary, status, metrics) is keyed by.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Protocol
+
+META_DIR = "_laion"
+PROGRESS = f"{META_DIR}/progress.json"
+MANIFEST = f"{META_DIR}/filter.json"
+SHARDS_DIR = f"{META_DIR}/shards"
+HEAL = f"{META_DIR}/heal.json"  # a heal's plan and how far it got (pipeline/heal.py)
+HEAL_DIR = f"{META_DIR}/heal"  # each shard's earlier samples while the heal rewrites it
+
+# The file (or, for `files`, the folder) a shard's samples go to, by outputFormat.
+# `mds` is a folder too: MDSWriter writes a folder of shard.NNNNN.mds files and their index.json.
+SHARD_SUFFIX = {"webdataset": ".tar", "parquet": ".parquet", "tfrecord": ".tfrecord", "files": "", "mds": ""}
+# streaming's index file name, in each shard's MDS folder and (merged) at the root of the output.
+MDS_INDEX = "index.json"
+# img2dataset's writers name shards with this many digits: 00000, 00001, …
+SHARD_DIGITS = 5
+
+
+def shard_name(shard: int) -> str:
+    return f"{shard:0{SHARD_DIGITS}d}"
+
+
+def sample_key(shard: int, index: int, samples_per_shard: int) -> str:
+    """A sample's key, as img2dataset writes it: the shard's number, then the sample's place in it
+    zero-padded to the digits samplesPerShard needs (or the index's own, in a converted shard that
+    holds more)."""
+    digits = max(math.ceil(math.log10(max(samples_per_shard, 2))), len(str(index)))
+    return f"{shard * 10 ** digits + index:0{digits + SHARD_DIGITS}d}"
+
+
+def shard_input(shard: int) -> str:
+    """The filtered rows a shard downloads."""
+    return f"{SHARDS_DIR}/{shard_name(shard)}.parquet"
+
+
+STATS_SUFFIX = "_stats.json"
+SHARD_STATS_GLOB = "*" + STATS_SUFFIX
+
+
+def shard_stats(shard: int) -> str:
+    """Present only once every other file of the shard is complete."""
+    return shard_name(shard) + STATS_SUFFIX
+
+
+def shard_of_stats(file_name: str) -> int | None:
+    """The shard whose stats file this is, or None for any other file."""
+    head = file_name[: -len(STATS_SUFFIX)] if file_name.endswith(STATS_SUFFIX) else ""
+    return int(head) if head.isdigit() else None
+
+
+def shard_metadata(shard: int) -> str:
+    """Every sample of the shard: its metadata row, key, status and failure reason."""
+    return f"{shard_name(shard)}.parquet"
+
+
+def shard_data(shard: int, output_format: str) -> str:
+    return shard_name(shard) + SHARD_SUFFIX[output_format]
+
+
+def shard_files(shard: int) -> list[str]:
+    """Everything a shard may have written, whatever the format: removed before it is redone."""
+    return sorted({shard_name(shard) + suffix for suffix in SHARD_SUFFIX.values()} | {shard_metadata(shard)})
+
+
+def mds_index(shard: int | None = None) -> str:
+    """A shard's MDS index, or (no shard) the merged one a StreamingDataset reads the whole part from."""
+    return MDS_INDEX if shard is None else f"{shard_name(shard)}/{MDS_INDEX}"
+
+
+LATENTS_DIR = "latents"
+LATENTS_INDEX = f"{LATENTS_DIR}/index.json"
+LATENTS_MANIFEST = f"{LATENTS_DIR}/_latents.json"
+# The MDS columns, named as micro_diffusion's precompute script names them, so that its
+# StreamingLatentsDataset reads the output as it is: image latents as `latents_<resolution>`,
+# text embeddings as `caption_latents`, both raw bytes of `saveDtype`.
+CAPTION_LATENTS = "caption_latents"
+
+
+def image_latents_column(resolution: int) -> str:
+    return f"latents_{resolution}"
+
+
+def latents_shard(shard: int) -> str:
+    """The MDS folder (index.json, shard.00000.mds, …) of one download shard's latents."""
+    return f"{LATENTS_DIR}/{shard_name(shard)}"
+
+
+def latents_stats(shard: int) -> str:
+    """Present only once the shard's MDS folder is complete."""
+    return f"{LATENTS_DIR}/{shard_name(shard)}_stats.json"
+
+
+def stats_csv(part_id: str) -> str:
+    """Shard path and sample count, one row a shard (webdataset, parquet, tfrecord; mds: a row per
+    MDS shard file)."""
+    return f"part_{part_id}_stats.csv"
+
+
+def files_csv(part_id: str) -> str:
+    """Image path and caption, one row an image (files)."""
+    return f"part_{part_id}.csv"
+
+
+def annotations(part_id: str, output_format: str) -> str:
+    return files_csv(part_id) if output_format == "files" else stats_csv(part_id)
+
+
+def summary(part_id: str) -> str:
+    return f"part_{part_id}_summary.json"
+
+
+# A LaionDataset's output holds one part folder per part (the seeds' data_dir layout) and an index
+# of every part's annotation files, written by the operator:
+#
+#     <dataset output>/part_<id>/…        one part's output folder, as above
+#     <dataset output>/dataset_index.json  {"parts": [{"partId", "output", "annotations", "phase", …}]}
+DATASET_INDEX = "dataset_index.json"
+
+
+def part_dir(part_id: str) -> str:
+    return f"part_{part_id}"
+
+
+class _Spec(Protocol):
+    """A part spec as this module reads it (spec.PartSpec, which sits above this module)."""
+
+    def to_dict(self) -> dict: ...
+
+
+def fingerprint(spec: _Spec) -> str:
+    """What decides the shards' content; a resumed run into the same output must see the same value."""
+    data = spec.to_dict()
+    key = {k: data.get(k) for k in ("source", "columns", "filter")}
+    key["additional"] = data["download"]["saveAdditionalColumns"]
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class ExitCode(enum.IntEnum):
+    """How a part's job ends, which tells the operator what a retry can do."""
+
+    OK = 0
+    SHARDS_FAILED = 1  # a retry resumes the failed shards
+    BAD_INPUT = 2  # spec, metadata or output unusable: a retry cannot help
+    STORAGE_UNAVAILABLE = 3  # the output's storage did not answer for output.retrySeconds: a retry resumes
+
+
+class Phase(str, enum.Enum):
+    """A part's phase: the job writes the middle ones into progress.json, the operator the others."""
+
+    PENDING = "Pending"  # submitted, the job has not reported yet
+    QUEUED = "Queued"  # waiting for a slot (maxConcurrentParts)
+    FILTERING = "Filtering"
+    DOWNLOADING = "Downloading"
+    CONVERTING = "Converting"  # a part whose source is a dataset: its shards are written again
+    ANNOTATING = "Annotating"
+    VERIFYING = "Verifying"  # every shard read back with its format's reader
+    ENCODING = "Encoding"  # the latents stage
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    STOPPING = "Stopping"  # deleted; its job is being stopped
+    SUSPENDED = "Suspended"  # spec.suspend: its job is stopped, its finished shards kept until resumed
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+    @property
+    def running(self) -> bool:
+        return self in RUNNING
+
+
+# A job has been submitted for the part and has not ended.
+RUNNING = frozenset({Phase.PENDING, Phase.FILTERING, Phase.DOWNLOADING, Phase.CONVERTING, Phase.ANNOTATING,
+                     Phase.VERIFYING, Phase.ENCODING})
+TERMINAL = frozenset({Phase.SUCCEEDED, Phase.FAILED})
+# No job runs and none will until the spec changes again: terminal, or suspended.
+SETTLED = TERMINAL | {Phase.SUSPENDED}
+PHASES = [p.value for p in Phase]
+
+FAILURE_REASONS = [
+    "http_4xx", "http_5xx", "timeout", "tls", "dns", "connection", "decode", "too_small", "aspect_ratio",
+    "opt_out", "too_large", "blocked_address", "bad_url", "redirect", "rate_limited", "other",
+]
+
+
+# Failures worth fetching again later (a heal's default): the server or the network, not the image.
+TRANSIENT_REASONS = [r for r in ("timeout", "dns", "connection", "http_5xx", "rate_limited") if r in FAILURE_REASONS]
+
+
+def heal_backup(shard: int) -> str:
+    return f"{HEAL_DIR}/{shard_name(shard)}.parquet"
+
+
+def reason_of(reason: str) -> str:
+    """The bounded value for a failure reason a job reported (an older or newer job's may differ)."""
+    return reason if reason in FAILURE_REASONS else "other"
+
+
+@dataclass
+class Progress:
+    """`_laion/progress.json`: written by the job as it runs, read by the operator and a resumed run."""
+
+    part_id: str
+    phase: str = Phase.FILTERING.value
+    rows_read: int = 0
+    rows_kept: int = 0
+    dropped_by: dict[str, int] = field(default_factory=dict)
+    shards_total: int = 0
+    shards_done: int = 0
+    shards_failed: int = 0
+    images_ok: int = 0
+    images_failed: int = 0
+    failed_by_reason: dict[str, int] = field(default_factory=dict)
+    bytes_written: int = 0
+    started_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
+    finished_at: float | None = None
+    message: str = ""
+    # The verify stage's result (Verification.to_json); empty until it ran.
+    verified: dict = field(default_factory=dict)
+    # The latents stage (spec.latents), when the part has one.
+    latents_shards_total: int = 0
+    latents_shards_done: int = 0
+    latents_shards_failed: int = 0
+    latents_written: int = 0
+    latents_skipped: int = 0
+    latents_per_second: float = 0.0
+
+    def count_images(self, finished: list["ShardStats"], running: list["ShardStats"] = ()) -> None:
+        """Images by outcome from the shards (the finished ones and the running ones' counts so far);
+        bytes from the finished ones only."""
+        shards = [*finished, *running]
+        self.images_ok = sum(s.successes for s in shards)
+        self.images_failed = sum(s.failed for s in shards)
+        reasons: dict[str, int] = {}
+        for s in shards:
+            for reason, n in s.failed_by_reason.items():
+                reasons[reason] = reasons.get(reason, 0) + n
+        self.failed_by_reason = reasons
+        self.bytes_written = sum(s.bytes_written for s in finished)
+
+    @property
+    def success_rate(self) -> float:
+        """Percent of attempted images that made it into the dataset."""
+        attempted = self.images_ok + self.images_failed
+        return round(100.0 * self.images_ok / attempted, 2) if attempted else 0.0
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "success_rate": self.success_rate}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Progress":
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+@dataclass
+class Verification:
+    """What the verify stage found: every shard read back with its format's own reader."""
+
+    ok: bool = False
+    shards: int = 0
+    samples: int = 0
+    images_decoded: int = 0
+    problems: list[str] = field(default_factory=list)  # each names its shard (or the annotation file)
+    bad_shards: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return {"ok": self.ok, "shards": self.shards, "samples": self.samples, "imagesDecoded": self.images_decoded,
+                "problems": list(self.problems), "badShards": list(self.bad_shards), "seconds": self.seconds}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Verification":
+        return cls(ok=bool(data.get("ok")), shards=data.get("shards", 0), samples=data.get("samples", 0),
+                   images_decoded=data.get("imagesDecoded", 0), problems=list(data.get("problems", [])),
+                   bad_shards=list(data.get("badShards", [])), seconds=data.get("seconds", 0.0))
+
+    @property
+    def message(self) -> str:
+        if self.ok:
+            return f"{self.samples} samples in {self.shards} shards read back, {self.images_decoded} images decoded"
+        more = f" (and {len(self.problems) - 3} more)" if len(self.problems) > 3 else ""
+        return "; ".join(self.problems[:3]) + more
+
+
+@dataclass
+class ShardStats:
+    """`<shard>_stats.json`: img2dataset's stats fields, plus failure reasons and bytes."""
+
+    shard: int
+    count: int = 0
+    successes: int = 0
+    failed_to_download: int = 0
+    failed_to_resize: int = 0
+    failed_by_reason: dict[str, int] = field(default_factory=dict)
+    bytes_written: int = 0
+    start_time: float = 0.0
+    end_time: float = 0.0
+
+    @property
+    def failed(self) -> int:
+        return self.failed_to_download + self.failed_to_resize
+
+    def to_json(self) -> dict:
+        # img2dataset's own stats fields first, so its tooling reads these files too.
+        return {
+            "count": self.count, "successes": self.successes, "failed_to_download": self.failed_to_download,
+            "failed_to_resize": self.failed_to_resize, "duration": self.end_time - self.start_time,
+            "start_time": self.start_time, "end_time": self.end_time,
+            "status_dict": {"success": self.successes, **self.failed_by_reason},
+            "shard": self.shard, "failed_by_reason": self.failed_by_reason, "bytes_written": self.bytes_written,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ShardStats":
+        return cls(shard=data["shard"], count=data["count"], successes=data["successes"],
+                   failed_to_download=data["failed_to_download"], failed_to_resize=data["failed_to_resize"],
+                   failed_by_reason=dict(data.get("failed_by_reason", {})),
+                   bytes_written=data.get("bytes_written", 0), start_time=data.get("start_time", 0.0),
+                   end_time=data.get("end_time", 0.0))
+
+
+@dataclass
+class LatentStats:
+    """`latents/<shard>_stats.json`: one shard's encoding."""
+
+    shard: int
+    count: int = 0  # samples the shard's images hold
+    written: int = 0  # samples with latents in the shard's MDS
+    skipped: int = 0  # images that did not decode
+    start_time: float = 0.0
+    end_time: float = 0.0
+    device: str = ""
+    # What a reader needs to turn the stored bytes back into tensors (the same for every shard).
+    image_shape: list[int] = field(default_factory=list)
+    caption_shape: list[int] = field(default_factory=list)
+    scaling_factor: float = 1.0
+    shift_factor: float = 0.0
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "duration": self.end_time - self.start_time}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "LatentStats":
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})

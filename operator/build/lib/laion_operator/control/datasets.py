@@ -1,0 +1,280 @@
+"""The LaionDataset resource: many parts from one template, and one status adding them up.
+
+A dataset makes one LaionPart per source file (`spec.dataset_parts`), owned by it, so that deleting
+the dataset deletes its parts (their own finalizer stops their jobs; the output stays). Each reconcile
+brings every part's spec in line with the template (a change then reaches each part as a change of
+its own spec: resume, or FilterChanged), adds up the parts' statuses, posts an Event on every
+transition and writes the dataset's index of annotation files (`contract.DATASET_INDEX`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import re
+
+import kopf
+
+from .. import spec as specs
+from ..contract import DATASET_INDEX, FAILURE_REASONS, Phase, annotations, part_dir, summary
+from ..storage import Store
+from . import kube
+from .parts import Operator, condition, now
+from .status import COUNT_SCHEMA, CONDITIONS_SCHEMA, IMAGES_SCHEMA, custom_resource_definition
+
+log = logging.getLogger(__name__)
+
+KIND = "LaionDataset"
+# A dataset's own phases: parts are made and run (Running), all are Succeeded, some ended Failed,
+# or every unfinished part is Suspended.
+PENDING, RUNNING_, SUCCEEDED, FAILED, SUSPENDED = "Pending", "Running", "Succeeded", "Failed", "Suspended"
+DATASET_PHASES = [PENDING, RUNNING_, SUCCEEDED, FAILED, SUSPENDED]
+
+
+STATUS_SCHEMA: dict = {
+    "type": "object",
+    "properties": {
+        "phase": {"type": "string", "enum": DATASET_PHASES},
+        "message": {"type": "string"},
+        "observedGeneration": {"type": "integer"},
+        "partsTotal": COUNT_SCHEMA,
+        "partsSucceeded": COUNT_SCHEMA,
+        "partsProgress": {"type": "string", "description": "Parts succeeded / parts in all."},
+        "partsByPhase": {"type": "object", "additionalProperties": COUNT_SCHEMA},
+        "partPhases": {"type": "object", "additionalProperties": {"type": "string"},
+                       "description": "Each part's phase, by part id."},
+        "images": IMAGES_SCHEMA,
+        "bytesWritten": COUNT_SCHEMA,
+        "successRate": {"type": "number", "description": "Percent of attempted images downloaded, all parts."},
+        "index": {"type": "string", "description": "The dataset's index of every part's annotation files."},
+        "conditions": CONDITIONS_SCHEMA,
+    },
+    "x-kubernetes-preserve-unknown-fields": True,  # kopf's bookkeeping
+}
+
+PRINTER_COLUMNS = [
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+    {"name": "Parts", "type": "string", "jsonPath": ".status.partsProgress"},
+    {"name": "Images", "type": "integer", "jsonPath": ".status.images.ok"},
+    {"name": "Success %", "type": "number", "jsonPath": ".status.successRate"},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+
+def crd() -> dict:
+    """The LaionDataset CustomResourceDefinition, generated from spec.DATASET_SCHEMA."""
+    return custom_resource_definition(
+        KIND, kube.DATASET_PLURAL, "lds", "A LAION dataset of many parts (LaionParts made from one template).",
+        specs.DATASET_SCHEMA, STATUS_SCHEMA, PRINTER_COLUMNS)
+
+
+def part_name(dataset: str, part_id: str) -> str:
+    """The LaionPart's name: the dataset's, then the part id (a DNS label's characters only)."""
+    return f"{dataset}-" + re.sub(r"[^a-z0-9-]+", "-", part_id.lower()).strip("-")
+
+
+def summarize(parts: list[dict]) -> dict:
+    """The dataset status fields that add up its parts' statuses."""
+    by_phase: dict[str, int] = {}
+    phases: dict[str, str] = {}
+    ok = failed = written = 0
+    reasons: dict[str, int] = {}
+    for part in parts:
+        status = part.get("status") or {}
+        phase = status.get("phase") or Phase.PENDING.value
+        phases[part["spec"]["partId"]] = phase
+        by_phase[phase] = by_phase.get(phase, 0) + 1
+        images = status.get("images") or {}
+        ok += images.get("ok", 0)
+        failed += images.get("failed", 0)
+        for reason, n in (images.get("failedByReason") or {}).items():
+            reason = reason if reason in FAILURE_REASONS else "other"
+            reasons[reason] = reasons.get(reason, 0) + n
+        written += status.get("bytesWritten", 0)
+    succeeded = by_phase.get(Phase.SUCCEEDED.value, 0)
+    return {
+        "partsTotal": len(parts),
+        "partsSucceeded": succeeded,
+        "partsProgress": f"{succeeded}/{len(parts)}",
+        "partsByPhase": by_phase,
+        "partPhases": phases,
+        "images": {"ok": ok, "failed": failed, "failedByReason": reasons},
+        "bytesWritten": written,
+        "successRate": round(100.0 * ok / (ok + failed), 2) if ok + failed else 0.0,
+    }
+
+
+def dataset_phase(by_phase: dict[str, int], total: int, suspend: bool) -> str:
+    if not total:
+        return PENDING
+    if by_phase.get(Phase.SUCCEEDED.value, 0) == total:
+        return SUCCEEDED
+    active = sum(n for p, n in by_phase.items() if p not in (Phase.SUCCEEDED.value, Phase.FAILED.value,
+                                                             Phase.SUSPENDED.value))
+    if active:
+        return RUNNING_
+    if suspend or by_phase.get(Phase.SUSPENDED.value):
+        return SUSPENDED
+    return FAILED
+
+
+def _removing(old, new):
+    """`new` as a merge patch over `old`: map keys that `new` drops become null."""
+    if not isinstance(new, dict) or not isinstance(old, dict):
+        return new
+    return {**{k: None for k in old if k not in new}, **{k: _removing(old.get(k), v) for k, v in new.items()}}
+
+
+class Dataset:
+    """One LaionDataset followed by one kopf daemon; `body` is kopf's live view of the object."""
+
+    def __init__(self, op: Operator, body, stopped):
+        self.op, self.body, self.stopped = op, body, stopped
+        self.namespace = body["metadata"]["namespace"]
+        self.name = body["metadata"]["name"]
+        self.written: dict = {}
+
+    @property
+    def status(self) -> dict:
+        return {**(self.body.get("status") or {}), **self.written}
+
+    async def write(self, fields: dict) -> None:
+        conditions = list(self.status.get("conditions") or [])
+        for new in fields.pop("conditions", []):
+            conditions = [c for c in conditions if c.get("type") != new["type"]] + [new]
+        fields["conditions"] = conditions
+        # A merge patch merges maps: keys gone from partsByPhase (a phase no part is in any more) are nulled.
+        patch = {k: _removing(self.status.get(k), v) for k, v in fields.items()}
+        try:
+            await asyncio.to_thread(kube.patch_status, self.namespace, self.name, patch, kube.DATASET_PLURAL)
+        except kube.KubeError as err:
+            self.op.metrics.kube_api_errors.inc()
+            if err.status == 404:
+                return
+            raise
+        self.written.update(fields)
+
+    def event(self, reason: str, message: str, warning: bool = False) -> None:
+        """A Kubernetes Event on the LaionDataset (`kubectl describe lds`)."""
+        kopf.event(self.body, type="Warning" if warning else "Normal", reason=reason, message=message[:1000])
+
+    async def follow(self) -> None:
+        while not self.stopped:
+            try:
+                await self.reconcile()
+            except (RuntimeError, OSError, kube.KubeError) as err:
+                log.warning("dataset %s/%s: %s; retrying in %ss", self.namespace, self.name, err,
+                            self.op.config.poll_seconds)
+            await self.stopped.wait(self.op.config.poll_seconds)
+
+    async def reconcile(self) -> None:
+        generation = int(self.body["metadata"].get("generation") or 1)
+        try:
+            data = specs.validate_dataset(self.body["spec"])
+        except specs.SpecError as err:
+            if self.status.get("phase") != FAILED or self.status.get("observedGeneration") != generation:
+                await self.write({"phase": FAILED, "message": str(err), "observedGeneration": generation,
+                                  "conditions": [condition("Ready", False, "InvalidSpec", str(err),
+                                                           self.status.get("conditions") or [])]})
+                self.event("InvalidSpec", str(err), warning=True)
+            return
+        parts = await self.converge(data, generation)
+        await self.publish(data, parts, generation)
+
+    async def converge(self, data: dict, generation: int) -> list[dict]:
+        """Create the missing parts and bring every part's spec in line with the template."""
+        existing = {p["spec"].get("partId"): p
+                    for p in await asyncio.to_thread(kube.list_dataset_parts, self.namespace, self.name)}
+        created, changed = [], []
+        for part_id, part_spec in specs.dataset_parts(data).items():
+            want = specs.apply_defaults(part_spec)  # as the API server stores it, so that equal compares equal
+            have = existing.get(part_id)
+            if have is None:
+                await asyncio.to_thread(kube.create_part, self.namespace, self.part_body(part_id, want))
+                created.append(part_id)
+            elif have["spec"] != want:
+                await asyncio.to_thread(kube.replace_part_spec, self.namespace, have["metadata"]["name"], want)
+                changed.append(part_id)
+        if created:
+            self.event("PartsCreated", f"created {len(created)} parts: {', '.join(created)}")
+        if changed:
+            what = "suspend" if data["suspend"] else "template"
+            self.event("PartsUpdated", f"generation {generation}: the {what} reached {len(changed)} parts: "
+                                       f"{', '.join(changed)}")
+        if created or changed:
+            return await asyncio.to_thread(kube.list_dataset_parts, self.namespace, self.name)
+        return list(existing.values())
+
+    def part_body(self, part_id: str, part_spec: dict) -> dict:
+        meta = self.body["metadata"]
+        return {
+            "apiVersion": f"{kube.GROUP}/{kube.VERSION}",
+            "kind": "LaionPart",
+            "metadata": {
+                "name": part_name(self.name, part_id),
+                "namespace": self.namespace,
+                "labels": {kube.DATASET_LABEL: self.name},
+                "ownerReferences": [{"apiVersion": f"{kube.GROUP}/{kube.VERSION}", "kind": KIND,
+                                     "name": self.name, "uid": meta["uid"], "controller": True,
+                                     "blockOwnerDeletion": True}],
+            },
+            "spec": part_spec,
+        }
+
+    async def publish(self, data: dict, parts: list[dict], generation: int) -> None:
+        fields = summarize(parts)
+        phase = dataset_phase(fields["partsByPhase"], fields["partsTotal"], data["suspend"])
+        before = self.status
+        old_phases = before.get("partPhases") or {}
+        for part_id, part_phase in sorted(fields["partPhases"].items()):
+            if part_phase != old_phases.get(part_id) and part_phase in (Phase.SUCCEEDED.value, Phase.FAILED.value):
+                message = (f"part {part_id} {part_phase.lower()} ({fields['partsProgress']} parts succeeded)")
+                self.event(f"Part{part_phase}", message, warning=part_phase == Phase.FAILED.value)
+        if fields["partPhases"] != old_phases and fields["partsTotal"]:
+            try:
+                fields["index"] = await self.write_index(data, parts)
+            except Exception as err:  # noqa: BLE001 - the index is rewritten on the next change
+                log.warning("dataset %s/%s: index not written: %s", self.namespace, self.name, err)
+        message = (f"{fields['partsProgress']} parts succeeded, "
+                   + ", ".join(f"{n} {p}" for p, n in sorted(fields["partsByPhase"].items())))
+        conditions = before.get("conditions") or []
+        fields.update(phase=phase, message=message, observedGeneration=generation,
+                      conditions=[condition("Complete", phase == SUCCEEDED, phase, message, conditions),
+                                  condition("Suspended", phase == SUSPENDED, "Suspend" if data["suspend"] else "Resume",
+                                            "", conditions)])
+        self.op.metrics.observe_dataset(self.namespace, self.name, fields)
+        unchanged = all(before.get(k) == v for k, v in fields.items() if k != "conditions")
+        if unchanged:
+            return
+        await self.write(fields)
+        if phase != before.get("phase"):
+            self.event(phase, message, warning=phase == FAILED)
+
+    async def write_index(self, data: dict, parts: list[dict]) -> str:
+        """`<output>/dataset_index.json`: every part's folder and annotation files, and whether they are ready."""
+        first = specs.PartSpec.from_dict(specs.apply_defaults(next(iter(specs.dataset_parts(data).values()))))
+        output = dataclasses.replace(first.output, uri=data["template"]["output"]["uri"].rstrip("/"))
+        secret = None
+        if output.credentials_secret:
+            secret = await asyncio.to_thread(kube.read_secret, self.namespace, output.credentials_secret)
+        fmt = first.download.output_format
+        entries = []
+        for part in sorted(parts, key=lambda p: p["spec"]["partId"]):
+            part_id = part["spec"]["partId"]
+            status = part.get("status") or {}
+            entries.append({
+                "partId": part_id,
+                "part": part["metadata"]["name"],
+                "output": part_dir(part_id),
+                "annotations": f"{part_dir(part_id)}/{annotations(part_id, fmt)}",
+                "summary": f"{part_dir(part_id)}/{summary(part_id)}",
+                "phase": status.get("phase") or Phase.PENDING.value,
+                "ready": status.get("phase") == Phase.SUCCEEDED.value,
+                "images": (status.get("images") or {}).get("ok", 0),
+            })
+        index = {"dataset": self.name, "namespace": self.namespace, "outputFormat": fmt, "updatedAt": now(),
+                 "parts": entries}
+        await asyncio.to_thread(lambda: Store(output, secret=secret or {}).write_json(index, DATASET_INDEX))
+        return f"{output.uri}/{DATASET_INDEX}"
+

@@ -1,0 +1,132 @@
+"""The few Kubernetes API calls the operator makes besides kopf's own: status, Secrets, RayJobs."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import json
+
+import kubernetes
+from kubernetes.client.rest import ApiException
+
+GROUP, VERSION, PLURAL = "laion-operator.io", "v1alpha1", "laionparts"
+DATASET_PLURAL = "laiondatasets"
+DATASET_LABEL = f"{GROUP}/dataset"  # on every part a LaionDataset made: the dataset's name
+RAY_GROUP, RAY_VERSION, RAY_PLURAL = "ray.io", "v1", "rayjobs"
+
+
+class KubeError(RuntimeError):
+    """A Kubernetes API call failed; the message says which object and why."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+@functools.lru_cache(maxsize=1)
+def _client() -> kubernetes.client.ApiClient:
+    try:
+        kubernetes.config.load_incluster_config()
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config()
+    return kubernetes.client.ApiClient()
+
+
+def api_message(err: ApiException) -> str:
+    """The API server's own words (a 403 names the user, verb and resource the role lacks)."""
+    try:
+        return json.loads(err.body or "{}").get("message", "")
+    except (ValueError, AttributeError):
+        return ""
+
+
+def _call(what: str, fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except ApiException as err:
+        said = api_message(err)
+        raise KubeError(f"{what}: {err.status} {err.reason}" + (f": {said}" if said else ""), err.status) from None
+
+
+def patch_status(namespace: str, name: str, status: dict, plural: str = PLURAL) -> dict:
+    api = kubernetes.client.CustomObjectsApi(_client())
+    return _call(f"patch status of {plural} {namespace}/{name}", api.patch_namespaced_custom_object_status,
+                 GROUP, VERSION, namespace, plural, name, {"status": status})
+
+
+def read_secret(namespace: str, name: str) -> dict[str, str]:
+    api = kubernetes.client.CoreV1Api(_client())
+    secret = _call(f"read Secret {namespace}/{name}", api.read_namespaced_secret, name, namespace)
+    return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+
+
+def create_rayjob(namespace: str, body: dict) -> dict:
+    api = kubernetes.client.CustomObjectsApi(_client())
+    try:
+        return api.create_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL, body)
+    except ApiException as err:
+        if err.status == 409:  # already created by an earlier attempt of this operator: adopt it
+            return get_rayjob(namespace, body["metadata"]["name"])
+        raise KubeError(f"create RayJob {namespace}/{body['metadata']['name']}: {err.status} {err.reason}: "
+                        f"{err.body}", err.status) from None
+
+
+def get_rayjob(namespace: str, name: str) -> dict | None:
+    api = kubernetes.client.CustomObjectsApi(_client())
+    try:
+        return api.get_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL, name)
+    except ApiException as err:
+        if err.status == 404:
+            return None
+        raise KubeError(f"read RayJob {namespace}/{name}: {err.status} {err.reason}", err.status) from None
+
+
+def delete_rayjob(namespace: str, name: str) -> None:
+    api = kubernetes.client.CustomObjectsApi(_client())
+    try:
+        api.delete_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL, name)
+    except ApiException as err:
+        if err.status != 404:
+            raise KubeError(f"delete RayJob {namespace}/{name}: {err.status} {err.reason}", err.status) from None
+
+
+def list_parts(namespaces: list[str]) -> list[dict]:
+    api = kubernetes.client.CustomObjectsApi(_client())
+    if not namespaces:
+        found = _call("list LaionParts", api.list_cluster_custom_object, GROUP, VERSION, PLURAL)
+        return found.get("items", [])
+    items = []
+    for namespace in namespaces:
+        found = _call(f"list LaionParts in {namespace}", api.list_namespaced_custom_object,
+                      GROUP, VERSION, namespace, PLURAL)
+        items += found.get("items", [])
+    return items
+
+
+# --- a LaionDataset's parts ----------------------------------------------------------------------
+
+def list_dataset_parts(namespace: str, dataset: str) -> list[dict]:
+    api = kubernetes.client.CustomObjectsApi(_client())
+    found = _call(f"list LaionParts of LaionDataset {namespace}/{dataset}", api.list_namespaced_custom_object,
+                  GROUP, VERSION, namespace, PLURAL, label_selector=f"{DATASET_LABEL}={dataset}")
+    return found.get("items", [])
+
+
+def create_part(namespace: str, body: dict) -> dict | None:
+    """Create a LaionPart; None if one of that name exists already (made by an earlier reconcile)."""
+    api = kubernetes.client.CustomObjectsApi(_client())
+    try:
+        return api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+    except ApiException as err:
+        if err.status == 409:
+            return None
+        raise KubeError(f"create LaionPart {namespace}/{body['metadata']['name']}: {err.status} {err.reason}: "
+                        f"{err.body}", err.status) from None
+
+
+def replace_part_spec(namespace: str, name: str, spec: dict) -> dict:
+    """Set a part's whole spec (a JSON patch: fields the template dropped go too)."""
+    api = kubernetes.client.CustomObjectsApi(_client())
+    return _call(f"update spec of LaionPart {namespace}/{name}", api.patch_namespaced_custom_object,
+                 GROUP, VERSION, namespace, PLURAL, name, [{"op": "replace", "path": "/spec", "value": spec}],
+                 _content_type="application/json-patch+json")  # the client would send a merge patch

@@ -1,0 +1,160 @@
+"""The LaionPart resource: its CRD (spec schema, status schema, printer columns) and its status
+fields made from the progress the job persists (`contract.PROGRESS`).
+
+Because the progress lives beside the data, the operator, its metrics and a restarted operator all
+read the same truth.
+"""
+
+from __future__ import annotations
+
+import time
+
+from .. import spec as specs
+from ..contract import PHASES, Progress
+from . import kube
+
+def _iso(ts: float | None) -> str | None:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts)) if ts else None
+
+
+def cr_status(progress: Progress) -> dict:
+    """The LaionPart status fields that come from the job's persisted progress."""
+    status = {
+        "rowsRead": progress.rows_read,
+        "rowsKept": progress.rows_kept,
+        "shards": {"total": progress.shards_total, "done": progress.shards_done, "failed": progress.shards_failed},
+        "shardsProgress": f"{progress.shards_done}/{progress.shards_total}",
+        "images": {
+            "ok": progress.images_ok,
+            "failed": progress.images_failed,
+            "failedByReason": dict(progress.failed_by_reason),
+        },
+        "bytesWritten": progress.bytes_written,
+        "successRate": progress.success_rate,
+        "startedAt": _iso(progress.started_at),
+        "finishedAt": _iso(progress.finished_at),
+    }
+    if progress.latents_shards_total:
+        status["latents"] = {
+            "shards": {"total": progress.latents_shards_total, "done": progress.latents_shards_done,
+                       "failed": progress.latents_shards_failed},
+            "written": progress.latents_written,
+            "skipped": progress.latents_skipped,
+            "perSecond": progress.latents_per_second,
+        }
+    return status
+
+
+COUNT_SCHEMA = {"type": "integer", "minimum": 0}
+# Shared by the LaionPart's and the LaionDataset's status.
+IMAGES_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "ok": COUNT_SCHEMA,
+        "failed": COUNT_SCHEMA,
+        "failedByReason": {"type": "object", "additionalProperties": COUNT_SCHEMA},
+    },
+}
+CONDITIONS_SCHEMA = {
+    "type": "array",
+    "items": {
+        "type": "object",
+        "required": ["type", "status"],
+        "properties": {
+            "type": {"type": "string"},
+            "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
+            "reason": {"type": "string"},
+            "message": {"type": "string"},
+            "lastTransitionTime": {"type": "string", "format": "date-time"},
+        },
+    },
+}
+
+STATUS_SCHEMA: dict = {
+    "type": "object",
+    "properties": {
+        "phase": {"type": "string", "enum": PHASES},
+        "message": {"type": "string"},
+        "observedGeneration": {"type": "integer"},
+        "submissionId": {"type": "string"},
+        "retries": COUNT_SCHEMA,
+        "output": {"type": "string"},
+        "activeSince": {"type": "string", "format": "date-time", "nullable": True,
+                        "description": "When the current run was first submitted (spec.activeDeadlineSeconds)."},
+        "rowsRead": COUNT_SCHEMA,
+        "rowsKept": COUNT_SCHEMA,
+        "shards": {"type": "object", "properties": {"total": COUNT_SCHEMA, "done": COUNT_SCHEMA, "failed": COUNT_SCHEMA}},
+        "shardsProgress": {"type": "string"},
+        "images": IMAGES_SCHEMA,
+        "bytesWritten": COUNT_SCHEMA,
+        "successRate": {"type": "number", "description": "Percent of attempted images downloaded."},
+        "latents": {
+            "type": "object",
+            "description": "The latents stage (spec.latents): shards, samples encoded, undecodable images, rate.",
+            "properties": {
+                "shards": {"type": "object", "properties": {"total": COUNT_SCHEMA, "done": COUNT_SCHEMA, "failed": COUNT_SCHEMA}},
+                "written": COUNT_SCHEMA,
+                "skipped": COUNT_SCHEMA,
+                "perSecond": {"type": "number", "minimum": 0},
+            },
+        },
+        "startedAt": {"type": "string", "format": "date-time", "nullable": True},
+        "finishedAt": {"type": "string", "format": "date-time", "nullable": True},
+        "conditions": CONDITIONS_SCHEMA,
+    },
+    # kopf keeps its own bookkeeping under status (handler progress) unless told otherwise.
+    "x-kubernetes-preserve-unknown-fields": True,
+}
+
+PRINTER_COLUMNS = [
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+    {"name": "Shards", "type": "string", "jsonPath": ".status.shardsProgress"},
+    {"name": "Images", "type": "integer", "jsonPath": ".status.images.ok"},
+    {"name": "Success %", "type": "number", "jsonPath": ".status.successRate"},
+    {"name": "Latents", "type": "integer", "jsonPath": ".status.latents.written", "priority": 1},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+
+def custom_resource_definition(kind: str, plural: str, short_name: str, description: str, spec_schema: dict,
+                               status_schema: dict, printer_columns: list[dict]) -> dict:
+    """A namespaced CRD of this operator's group with a status subresource (LaionPart, LaionDataset)."""
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{plural}.{kube.GROUP}"},
+        "spec": {
+            "group": kube.GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": kind, "listKind": f"{kind}List", "plural": plural,
+                "singular": kind.lower(), "shortNames": [short_name], "categories": ["laion"],
+            },
+            "versions": [{
+                "name": kube.VERSION,
+                "served": True,
+                "storage": True,
+                "subresources": {"status": {}},
+                "additionalPrinterColumns": printer_columns,
+                "schema": {"openAPIV3Schema": {
+                    "type": "object",
+                    "description": description,
+                    "required": ["spec"],
+                    "properties": {
+                        "apiVersion": {"type": "string"},
+                        "kind": {"type": "string"},
+                        "metadata": {"type": "object"},
+                        "spec": spec_schema,
+                        "status": status_schema,
+                    },
+                }},
+            }],
+        },
+    }
+
+
+def crd() -> dict:
+    """The LaionPart CustomResourceDefinition, generated from the spec's SCHEMA (crds/ holds its copy)."""
+    return custom_resource_definition(
+        "LaionPart", kube.PLURAL, "lp", "One LAION metadata part turned into an image dataset in object storage.",
+        specs.SCHEMA, STATUS_SCHEMA, PRINTER_COLUMNS)

@@ -1,0 +1,58 @@
+"""The pipeline: what runs inside Ray for a part — filter → download (fetch, resize, writers) or convert
+→ annotate → verify → latents → heal.
+
+`driver.run_part` runs the stages, each shard stage through `runtime.Pool` (Ray tasks returning a
+typed `Outcome`) with its progress kept by `tracker.Tracker`; `job` is the Ray job's entry point;
+`local` runs a part on this machine with a progress line. Nothing here is imported by the operator
+(`control/`).
+"""
+
+import os as _os
+
+# albumentations (through img2dataset) asks PyPI for a newer version on import: a network call per
+# process that hangs where egress is closed, as on most clusters.
+_os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+# Arrow allocations from jemalloc rather than mimalloc, Arrow's default: mimalloc hands freed batch
+# memory back to the OS at once and faults it in again for the next batch, about 30 % more CPU in the
+# filter (bench/README.md). Arrow reads this when it is first imported, which is below this package.
+_os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "jemalloc")
+
+
+def load_light() -> None:
+    """Import img2dataset's writers and resizer without what a Ray worker never runs.
+
+    Every Ray worker of a part imports this package, and on a busy 2-core node the pipeline took 11 s
+    a process to import, 3 s without these (`python -X importtime`): img2dataset's `__init__` loads
+    its CLI (fire, wandb, both distributors), and webdataset loads torch, where it is installed, for a
+    DataLoader the pipeline never builds. The package's modules are found through its `__path__`
+    without running its `__init__`, and webdataset falls back to its stand-ins for torch's classes.
+    Only for processes that are the pipeline's alone (Ray workers, the job's driver): elsewhere, as in
+    a notebook that also trains, webdataset and img2dataset stay whole.
+    """
+    import importlib.util
+    import sys
+
+    if "img2dataset" not in sys.modules:
+        spec = importlib.util.find_spec("img2dataset")
+        if spec is not None:
+            sys.modules["img2dataset"] = importlib.util.module_from_spec(spec)  # not executed
+    if "webdataset" not in sys.modules and "torch" not in sys.modules:
+        sys.modules["torch"] = None  # an import of torch now fails, as where it is not installed
+        try:
+            import webdataset  # noqa: F401
+        finally:
+            del sys.modules["torch"]
+
+
+def _in_ray_worker() -> bool:
+    import sys
+
+    ray = sys.modules.get("ray")  # a Ray worker has imported it before it unpickles a task
+    try:
+        return ray is not None and ray.get_runtime_context().worker.mode == ray.WORKER_MODE
+    except Exception:  # noqa: BLE001 - no Ray runtime here
+        return False
+
+
+if _in_ray_worker():
+    load_light()

@@ -1,0 +1,49 @@
+"""Fetching a shard's images: many URLs in flight on one event loop, each under a deadline, a size
+cap, an address guard and per-host politeness.
+
+A shard task runs one `Engine` (aiohttp) on one event loop through `run`: `maxInFlight` URLs at once,
+keep-alive connections reused per host, at most `maxPerHost` URLs and connections to one host at a
+time. Every fetched body goes to a small pool of decode/resize threads, so that the CPU works while
+the network waits. A fetch slot is free again as soon as its body is queued for those threads, so the
+network runs ahead of the CPU: a URL that will only end at its deadline (a silent host, a drip-fed
+body) starts early and waits alongside the decoding instead of after it, at a shard's end. The bodies
+in memory are bounded: `maxInFlight` being read, of at most `maxImageBytes` each, and the queued ones
+up to `spec.DECODE_BACKLOG_BYTES`.
+
+What happens to one URL, and the failure reason (contract.FAILURE_REASONS) each step can give:
+- only http and https URLs are fetched, with no I/O for anything else (`bad_url`);
+- a host marked dead — several connections in a row refused or unanswered, none answered since —
+  fails at once (`connection`), for the rest of the shard;
+- with `respectRobotsTxt`, the host's robots.txt, fetched once per task under its own deadline
+  (`opt_out`);
+- attempts, 1 + `retries`: each is bounded as a whole — DNS, connect, TLS, headers, redirects and body —
+  by `timeout` (`timeout`; `dns` if the deadline passes while resolving). 429, and 503 with a
+  Retry-After, wait and try again for as long as the URL's budget (its attempts' deadlines) lasts,
+  and this host's other URLs wait too (`rate_limited` once the budget is spent);
+- on every hop: the address connected to, after DNS, must be public unless `allowedNetworks` opens it
+  (`blocked_address`); redirects are followed here, at most `maxRedirects` and never in a loop
+  (`redirect`); X-Robots-Tag (`opt_out`); `maxImageBytes` by Content-Length before reading and while
+  reading, and the pixels the image's header declares against `maxImagePixels` (`too_large`).
+
+So a URL holds its slot for at most its attempts' deadlines plus backoff, and with robots.txt on, plus
+that file's deadline once per host.
+
+By layer, as aiohttp splits its client:
+
+    errors  FetchError and its reason; BlockedAddress; `classify`, an exception's failure reason
+    guard   the address guard and the caching resolver it sits behind
+    robots  X-Robots-Tag and robots.txt
+    engine  one URL: host state, attempts, redirects, the caps (`Engine`)
+    shard   a shard's URLs: the per-host scheduler, the decode backlog, `run`
+
+The image headers the caps read are `pipeline.image_header`'s, which the resizer reads too.
+"""
+
+from .engine import Engine
+from .errors import BlockedAddress, FetchError, classify
+from .guard import AddressGuard
+from .robots import robots_tag_disallows
+from .shard import Handler, fetch_all, run
+
+__all__ = ["AddressGuard", "BlockedAddress", "Engine", "FetchError", "Handler", "classify", "fetch_all",
+           "robots_tag_disallows", "run"]

@@ -1,0 +1,317 @@
+"""The per-URL engine: one aiohttp session of a shard task, what it knows of each host (answers, a dead
+host, Retry-After), attempts under their deadlines with the phase each one reached, redirects checked
+hop by hop, bodies read under the size and pixel caps, robots.txt once per host."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import math
+import time
+from dataclasses import dataclass
+from urllib.robotparser import RobotFileParser
+
+import aiohttp
+from yarl import URL
+
+from ...spec import Download
+from ..image_header import declared_pixels, header_size
+from .errors import FINAL, BlockedAddress, FetchError, RetryLater, classify, message_of
+from .guard import AddressGuard, GuardedResolver, is_ip, make_resolver
+from .robots import ROBOTS_MAX_BYTES, robots_parser, robots_tag_disallows
+
+SCHEMES = ("http", "https")
+REDIRECTS = (301, 302, 303, 307, 308)
+DEAD_AFTER = 3  # connections in a row refused or unanswered, with no answer since, before a host is dead
+HEADER_PROBE_BYTES = 256 << 10  # while reading, look for the image's declared size in this much
+MAX_BACKOFF = 60.0  # a 429 without Retry-After waits 1, 2, 4 … seconds, at most this
+AGENT = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
+
+
+@dataclass
+class Host:
+    """What a task knows of one host (name and port)."""
+
+    streak: int = 0  # connections in a row refused or unanswered
+    last_answer: float = -math.inf  # when the host last answered a request (loop time)
+    dead: bool = False
+    not_before: float = 0.0  # Retry-After: no request before this (loop time)
+
+    def answered(self, now: float) -> None:
+        self.streak = 0
+        self.last_answer = now
+
+    def failed(self, started: float) -> None:
+        """A connection begun at `started` was refused or not answered: evidence only if the host has
+        not answered anything since (a slow URL on a live host is not a dead host)."""
+        if self.last_answer < started:
+            self.streak += 1
+            self.dead = self.dead or self.streak >= DEAD_AFTER
+
+
+@dataclass
+class _Attempt:
+    """One attempt's progress, kept current by aiohttp's tracing: which phase a deadline ended."""
+
+    phase: str = "start"  # queued dns connect request headers body
+    host: Host | None = None
+    hop_started: float = 0.0
+
+
+def _tracing() -> aiohttp.TraceConfig:
+    trace = aiohttp.TraceConfig()
+
+    def phase(name):
+        async def set_phase(session, ctx, params):
+            if isinstance(ctx.trace_request_ctx, _Attempt):
+                ctx.trace_request_ctx.phase = name
+        return set_phase
+
+    trace.on_connection_queued_start.append(phase("queued"))
+    trace.on_connection_create_start.append(phase("connect"))
+    trace.on_dns_resolvehost_start.append(phase("dns"))
+    trace.on_dns_resolvehost_end.append(phase("connect"))
+    trace.on_connection_create_end.append(phase("request"))
+    trace.on_connection_reuseconn.append(phase("request"))
+    trace.on_request_headers_sent.append(phase("headers"))
+    return trace
+
+
+
+def retry_after(value: str | None, now: float) -> float | None:
+    """Seconds a Retry-After header asks for (delta-seconds or an HTTP date); None if absent or bad."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return max(when.timestamp() - time.time(), 0.0) if when else None
+
+
+
+class Engine:
+    """Fetches URLs with one aiohttp session; use `async with Engine(opts) as e: await e.fetch(url)`."""
+
+    def __init__(self, opts: Download):
+        self.opts = opts
+        self.timeout = float(opts.timeout)
+        self.retries = opts.retries
+        self.budget = (opts.retries + 1) * self.timeout  # the attempts' deadlines, end to end
+        self.token = opts.user_agent_token.strip().lower() if opts.user_agent_token else None
+        self.directives = {d.strip().lower() for d in opts.disallowed_header_directives} or None
+        agent = AGENT
+        if self.token:
+            agent += f" (compatible; {self.token}; +https://github.com/rom1504/img2dataset)"
+        # identity: the bytes the server stores are the bytes hashed and decoded, as with urllib.
+        self.headers = {"User-Agent": agent, "Accept-Encoding": "identity"}
+        self.guard = AddressGuard(opts.allowed_networks or ())
+        self.hosts: dict[tuple[str, int], Host] = {}
+        self._robots: dict[tuple, asyncio.Future] = {}
+        self.session: aiohttp.ClientSession | None = None
+        self.resolver: GuardedResolver | None = None
+
+    async def __aenter__(self) -> "Engine":
+        self.loop = asyncio.get_running_loop()
+        self.resolver = make_resolver(self.opts.dns_servers or (), self.guard)
+        connector = aiohttp.TCPConnector(
+            limit=max(self.opts.max_in_flight * 2, 16), limit_per_host=self.opts.max_per_host,
+            resolver=self.resolver, use_dns_cache=False,  # the resolver caches, with the guard after it
+            ssl=True if self.opts.verify_tls else False, keepalive_timeout=30)
+        self.session = aiohttp.ClientSession(
+            connector=connector, headers=self.headers, auto_decompress=False, trust_env=False,
+            cookie_jar=aiohttp.DummyCookieJar(), timeout=aiohttp.ClientTimeout(total=None),
+            trace_configs=[_tracing()], max_line_size=65536, max_field_size=65536)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.session.close()
+
+    def host(self, url: URL) -> Host:
+        key = (url.host or "", url.port or 0)
+        state = self.hosts.get(key)
+        if state is None:
+            state = self.hosts[key] = Host()
+        return state
+
+    def check_url(self, url: URL) -> None:
+        """Raise FetchError for a URL that must not be fetched, before any I/O."""
+        if url.scheme not in SCHEMES:
+            raise FetchError("bad_url", f"not an http(s) URL: {str(url)[:200]}")
+        if not url.host:
+            raise FetchError("bad_url", f"no host in URL: {str(url)[:200]}")
+        if is_ip(url.host) and not self.guard.allows(url.host):
+            raise FetchError("blocked_address", f"{url.host} is not a public address (download.allowedNetworks)")
+
+    async def fetch(self, text: str) -> bytes:
+        """The image bytes at `text`, or FetchError with its reason."""
+        start = self.loop.time()
+        budget_end = start + self.budget
+        try:
+            url = URL(text)
+        except (ValueError, TypeError) as err:
+            raise FetchError("bad_url", f"not a URL: {err}") from None
+        self.check_url(url)
+        if self.opts.respect_robots_txt:
+            await self._check_robots(url)
+        failures, rate_limits = 0, 0
+        while True:
+            host = self.host(url)
+            if host.dead:
+                raise FetchError("connection", f"{url.host}: host not answering ({DEAD_AFTER} connections in a "
+                                               "row refused or timed out); not tried again in this shard")
+            now = self.loop.time()
+            if host.not_before > now:
+                if host.not_before + self._least_attempt() > budget_end:
+                    raise FetchError("rate_limited", f"{url.host} asked to wait past this URL's time budget")
+                await asyncio.sleep(host.not_before - now)
+                now = self.loop.time()
+            remaining = budget_end - now
+            attempt = _Attempt()
+            try:
+                return await asyncio.wait_for(self._attempt(url, attempt), min(self.timeout, remaining))
+            except RetryLater as later:
+                rate_limits += 1
+                wait = later.wait if later.wait is not None else min(2.0 ** (rate_limits - 1), MAX_BACKOFF)
+                until = self.loop.time() + wait
+                if attempt.host is not None:
+                    attempt.host.not_before = max(attempt.host.not_before, until)
+                if until + self._least_attempt() > budget_end:
+                    raise FetchError("rate_limited", f"{later}; waiting {wait:g} s more is past this URL's "
+                                                     f"time budget of {self.budget:g} s") from None
+                await asyncio.sleep(wait)
+                continue
+            except FetchError as err:
+                error = err
+            except asyncio.TimeoutError:
+                error = FetchError("dns" if attempt.phase == "dns" else "timeout",
+                                   f"no {'DNS answer' if attempt.phase == 'dns' else 'complete answer'} "
+                                   f"within {min(self.timeout, remaining):g} s ({attempt.phase})")
+                if attempt.phase in ("connect", "request", "headers") and attempt.host is not None:
+                    attempt.host.failed(attempt.hop_started)
+            except Exception as err:  # noqa: BLE001 - every network failure is a sample's failure, not the shard's
+                error = FetchError(classify(err, attempt.phase), message_of(err))
+                if (isinstance(err, aiohttp.ClientConnectorError) and error.reason == "connection"
+                        and attempt.host is not None):
+                    attempt.host.failed(attempt.hop_started)
+            failures += 1
+            if error.reason in FINAL or failures > self.retries or self.loop.time() >= budget_end:
+                raise error
+
+    def _least_attempt(self) -> float:
+        """The least time worth starting an attempt with after waiting for a rate limit."""
+        return min(self.timeout, 1.0)
+
+    async def _attempt(self, url: URL, attempt: _Attempt, robots: bool = False):
+        """One attempt: follow redirects, check every hop, read the body under the caps. For robots.txt,
+        (status, body) instead of raising for an HTTP status."""
+        seen = {str(url)}
+        hops = 0
+        while True:
+            self.check_url(url)
+            host = self.host(url)
+            if host.dead and not robots:
+                raise FetchError("connection", f"{url.host}: host not answering (redirect target)")
+            attempt.host, attempt.hop_started, attempt.phase = host, self.loop.time(), "queued"
+            async with self.session.get(url, allow_redirects=False, trace_request_ctx=attempt) as resp:
+                host.answered(self.loop.time())
+                attempt.phase = "body"
+                location = resp.headers.get("Location")
+                if resp.status in REDIRECTS and location:
+                    hops += 1
+                    try:
+                        target = resp.url.join(URL(location))
+                    except (ValueError, TypeError):
+                        raise FetchError("redirect", f"bad redirect Location {location[:200]!r}") from None
+                    if hops > self.opts.max_redirects:
+                        raise FetchError("redirect", f"more than {self.opts.max_redirects} redirects")
+                    if str(target) in seen:
+                        raise FetchError("redirect", f"redirect loop at {str(target)[:200]}")
+                    seen.add(str(target))
+                    await self._drain(resp)
+                    url = target
+                    continue
+                if robots:
+                    if resp.status != 200:
+                        return resp.status, b""
+                    return resp.status, await self._read(resp, ROBOTS_MAX_BYTES, truncate=True)
+                if resp.status == 429 or (resp.status == 503 and "Retry-After" in resp.headers):
+                    wait = retry_after(resp.headers.get("Retry-After"), self.loop.time())
+                    if resp.status == 503 and wait is None:
+                        raise FetchError("http_5xx", f"HTTP 503 {resp.reason or ''}".strip())
+                    raise RetryLater(wait, f"HTTP {resp.status} from {url.host}")
+                if resp.status >= 400:
+                    await self._drain(resp)
+                    reason = "http_4xx" if resp.status < 500 else "http_5xx"
+                    raise FetchError(reason, f"HTTP Error {resp.status}: {resp.reason or ''}".strip())
+                if resp.status >= 300 or resp.status < 200:
+                    raise FetchError("other", f"HTTP {resp.status} {resp.reason or ''}".strip())
+                if self.directives and robots_tag_disallows(resp.headers.getall("X-Robots-Tag", ()), self.token,
+                                                               self.directives):
+                    raise FetchError("opt_out", "Use of image disallowed by X-Robots-Tag directive")
+                return await self._read(resp, self.opts.max_image_bytes)
+
+    async def _read(self, resp: aiohttp.ClientResponse, limit: int, truncate: bool = False) -> bytes:
+        if resp.content_length is not None and resp.content_length > limit and not truncate:
+            raise FetchError("too_large", f"Content-Length {resp.content_length} is over download.maxImageBytes "
+                                          f"({limit})")
+        chunks: list[bytes] = []
+        size = 0
+        probing = not truncate  # looking for the image's declared size in what has come so far
+        async for chunk in resp.content.iter_any():
+            size += len(chunk)
+            if size > limit:
+                if truncate:
+                    chunks.append(chunk[:len(chunk) - (size - limit)])
+                    break
+                raise FetchError("too_large", f"body over download.maxImageBytes ({limit})")
+            chunks.append(chunk)
+            if probing and size <= HEADER_PROBE_BYTES:  # a huge declared image: refused before the rest
+                declared = header_size(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+                if declared is not None:
+                    self._check_pixels(declared[0] * declared[1])
+                    probing = False
+        body = b"".join(chunks)
+        if probing:  # formats without a fast header reader, or a header past the probe
+            pixels = declared_pixels(body)
+            if pixels is not None:
+                self._check_pixels(pixels)
+        return body
+
+    def _check_pixels(self, pixels: int) -> None:
+        if pixels > self.opts.max_image_pixels:
+            raise FetchError("too_large", f"image declares {pixels} pixels, over download.maxImagePixels "
+                                          f"({self.opts.max_image_pixels})")
+
+    @staticmethod
+    async def _drain(resp: aiohttp.ClientResponse) -> None:
+        """Read a small error or redirect body so that its connection can be reused."""
+        if resp.content_length is not None and resp.content_length <= 65536:
+            try:
+                await resp.read()
+            except aiohttp.ClientError:
+                pass
+
+    async def _check_robots(self, url: URL) -> None:
+        key = (url.scheme, url.host, url.port)
+        future = self._robots.get(key)
+        if future is None:
+            future = self._robots[key] = asyncio.ensure_future(self._robots_txt(url))
+        parser = await asyncio.shield(future)
+        if parser is not None and not parser.can_fetch(self.token or "*", str(url)):
+            raise FetchError("opt_out", f"disallowed by {url.origin()}/robots.txt")
+
+    async def _robots_txt(self, url: URL) -> RobotFileParser | None:
+        """The host's robots.txt, under its own deadline (`timeout`): None allows everything.
+        As RFC 9309 says: 4xx allows everything, 5xx disallows everything. A robots.txt that cannot be
+        fetched at all allows everything: the image's own fetch then fails with its own reason."""
+        robots_url = url.origin().with_path("/robots.txt")
+        try:
+            status, body = await asyncio.wait_for(self._attempt(robots_url, _Attempt(), robots=True),
+                                                  self.timeout)
+        except (FetchError, asyncio.TimeoutError, aiohttp.ClientError, OSError, BlockedAddress):
+            return None
+        return robots_parser(str(robots_url), status, body)

@@ -1,0 +1,249 @@
+"""Heal a finished part: fetch again only the samples that failed for transient reasons (a DNS outage,
+timeouts, 5xx), so that a 20-hour part need not be redone for them.
+
+Each shard holding such samples is rewritten whole by `download_shard`, which writes every other
+sample again as it was (its `reuse`) and fetches the chosen ones: afterwards every sample is in the
+shard exactly once, with its new status. The shards are rewritten in parallel, a Ray task each
+(`heal_shard`), through the pool and Tracker a download runs on: `heal` is the last stage of
+`driver.run_part` when `spec.heal` is set, and `heal_part` runs it alone (`laion-operator heal`).
+Then the annotations, the summary and the progress are made again from the shards' stats.
+
+A heal interrupted at any point resumes like a download. Its plan is `_laion/heal.json`; before a
+shard is rewritten its earlier samples are saved to `_laion/heal/<shard>.parquet` and its
+`_stats.json` removed, so an interrupted rewrite is redone from the saved samples, never from a half
+written shard; the saved file goes once the shard's new `_stats.json` is written.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import tarfile
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .. import contract
+from ..contract import HEAL, MANIFEST, PROGRESS, Phase, Progress, ShardStats
+from ..errors import InputError
+from ..spec import PartSpec
+from ..storage import Store, StorageUnavailable
+from .annotate import annotate
+from .download import download_shard
+from .runtime import Outcome, PartFailed, Pool, cpus, ensure_ray, store_work
+from .tracker import Tracker
+
+log = logging.getLogger(__name__)
+HEALABLE_FORMATS = ("webdataset", "parquet", "files")
+
+
+class NotHealable(InputError):
+    """The part cannot be healed as it is; the message says why and names the file."""
+
+
+def _read_parquet(store: Store, name: str) -> pa.Table:
+    with store.fs.open(store.path(name), "rb") as f:
+        return pq.read_table(f)
+
+
+def _images(store: Store, shard: int, fmt: str, ext: str, table: pa.Table) -> dict[str, bytes]:
+    """The image bytes of the shard's successful samples, by key, as its data file holds them."""
+    if fmt == "webdataset":
+        with store.fs.open(store.path(contract.shard_data(shard, fmt)), "rb") as f:
+            with tarfile.open(fileobj=io.BytesIO(f.read())) as tar:
+                return {m.name.rsplit(".", 1)[0]: tar.extractfile(m).read()
+                        for m in tar.getmembers() if m.name.endswith("." + ext)}
+    if fmt == "parquet":
+        return {k: v for k, v in zip(table.column("key").to_pylist(), table.column(ext).to_pylist()) if v}
+    folder = contract.shard_name(shard)
+    keys = [k for k, status in zip(table.column("key").to_pylist(), table.column("status").to_pylist())
+            if status == "success"]
+    return {k: store.fs.cat_file(store.path(folder, f"{k}.{ext}")) for k in keys}
+
+
+def save_samples(store: Store, spec: PartSpec, shard: int) -> None:
+    """The shard's samples (metadata row and image) into `_laion/heal/<shard>.parquet`, written at once."""
+    fmt, ext = spec.download.output_format, spec.download.encode_format
+    table = _read_parquet(store, contract.shard_metadata(shard))
+    images = _images(store, shard, fmt, ext, table)
+    rows = [{k: v for k, v in row.items() if k != ext} for row in table.to_pylist()]
+    saved = pa.table({"key": [r["key"] for r in rows],
+                      "image": pa.array([images.get(r["key"]) for r in rows], pa.binary()),
+                      "meta": [json.dumps(r, default=str) for r in rows]})
+    buf = io.BytesIO()
+    pq.write_table(saved, buf)
+    store.fs.makedirs(store.path(contract.HEAL_DIR), exist_ok=True)
+    store.fs.pipe(store.path(contract.heal_backup(shard)), buf.getvalue())
+
+
+def saved_samples(store: Store, shard: int) -> dict[str, tuple[bytes | None, dict]]:
+    table = _read_parquet(store, contract.heal_backup(shard))
+    return {key: (image, json.loads(meta)) for key, image, meta in
+            zip(*(table.column(c).to_pylist() for c in ("key", "image", "meta")))}
+
+
+def to_heal(meta: dict, reasons: set[str]) -> bool:
+    return meta.get("status") != "success" and meta.get("failure_reason") in reasons
+
+
+def _affected(store: Store, shard: int, reasons: set[str]) -> int:
+    table = _read_parquet(store, contract.shard_metadata(shard))
+    return sum(1 for status, reason in zip(table.column("status").to_pylist(),
+                                           table.column("failure_reason").to_pylist())
+               if status != "success" and reason in reasons)
+
+
+def _finished_stats(store: Store, shards: int, skip: set[int] = frozenset()) -> list[ShardStats]:
+    stats = []
+    for shard in (s for s in range(shards) if s not in skip):
+        data = store.read_json(contract.shard_stats(shard))
+        if data is None:
+            raise NotHealable(f"{store.url(contract.shard_stats(shard))} is missing: the part is not finished; "
+                              "run it to the end first (laion-operator run, or its LaionPart)")
+        stats.append(ShardStats.from_json(data))
+    return stats
+
+
+@dataclass(frozen=True)
+class HealedShard:
+    """A shard rewritten by `heal_shard`: its new stats, and how many of its samples were fetched again."""
+
+    stats: ShardStats
+    refetched: int
+
+
+def heal_shard(spec: PartSpec, shard: int, reasons: set[str], report=None) -> HealedShard:
+    """Rewrite one shard: its samples failed for `reasons` fetched again, every other written as it was.
+    Its samples are saved first and its `_stats.json` removed, so an interrupted rewrite is redone
+    from the saved samples; the saved file goes once the new `_stats.json` is written."""
+    store = Store(spec.output)
+    if not store.exists(contract.heal_backup(shard)):
+        save_samples(store, spec, shard)
+    if store.exists(contract.shard_stats(shard)):
+        store.fs.rm(store.path(contract.shard_stats(shard)))  # the shard is being rewritten from here on
+    samples = saved_samples(store, shard)
+    reuse = {k: v for k, v in samples.items() if not to_heal(v[1], reasons)}
+    stats = download_shard(spec, shard, reuse=reuse, report=report)
+    store.fs.rm(store.path(contract.heal_backup(shard)))
+    return HealedShard(stats, len(samples) - len(reuse))
+
+
+def _heal_shard(spec: PartSpec, shard: int, report, reasons: list[str]) -> Outcome:
+    """`heal_shard` in its Ray task: the whole shard again while the storage is away, as a download's."""
+    return store_work(spec, f"healing shard {shard}", lambda: heal_shard(spec, shard, set(reasons), report))
+
+
+def _plan(spec: PartSpec, store: Store, reasons: list[str] | None, force: bool) -> tuple[dict, dict] | None:
+    """This heal's plan (`contract.HEAL`), made or resumed, and the part's manifest; None when this heal
+    (its reasons and round) was done already and `force` is not set."""
+    heal = spec.heal
+    reasons = sorted(set(reasons or (heal.reasons if heal else contract.TRANSIENT_REASONS)))
+    key = f"{','.join(reasons)}#{heal.round if heal else 0}"
+    fmt = spec.download.output_format
+    if fmt not in HEALABLE_FORMATS:
+        raise NotHealable(f"download.outputFormat {fmt}: heal rewrites {', '.join(HEALABLE_FORMATS)} shards only")
+    manifest = store.read_json(MANIFEST)
+    if manifest is None:
+        raise NotHealable(f"{store.url(MANIFEST)} is missing: {store.uri} holds no part to heal")
+    shards = manifest["shards"]
+
+    plan = store.read_json(HEAL)
+    if plan and plan.get("finished") and plan.get("key") == key and not force:
+        log.info("heal %s of %s was done already", key, store.uri)
+        return None
+    if not plan or plan.get("finished") or plan.get("key") != key:
+        if plan and not plan.get("finished"):
+            log.warning("%s: an unfinished heal (%s) is replaced by this one (%s)", store.url(HEAL), plan["key"], key)
+        saved = [s for s in range(shards) if store.exists(contract.heal_backup(s))]
+        _finished_stats_or_saved(store, shards, saved)
+        todo = sorted(set(saved) | {s for s in range(shards) if s not in saved and _affected(store, s, set(reasons))})
+        plan = {"key": key, "reasons": reasons, "shards": todo, "done": [], "finished": False,
+                "started_at": time.time()}
+        store.write_json(plan, HEAL)
+    return plan, manifest
+
+
+def heal(spec: PartSpec, tracker: Tracker, reasons: list[str] | None = None, force: bool = False) -> dict | None:
+    """The heal stage over the finished part in spec.output, its shards to heal as Ray tasks; returns
+    the part's new summary, or None when this heal was done already and `force` is not set."""
+    planned = _plan(spec, tracker.store, reasons, force)
+    return None if planned is None else _heal(spec, tracker, *planned)
+
+
+def _heal(spec: PartSpec, tracker: Tracker, plan: dict, manifest: dict) -> dict:
+    store = tracker.store
+    shards = manifest["shards"]
+    todo = [s for s in plan["shards"] if s not in plan["done"]]
+    tracker.progress.finished_at = None
+    tracker.phase(Phase.DOWNLOADING, f"healing {len(plan['shards'])} shards: fetching again what failed for "
+                                     f"{', '.join(plan['reasons'])}")
+    log.info("healing %s: %d of %d shards hold samples that failed for %s", store.uri, len(plan["shards"]),
+             shards, ", ".join(plan["reasons"]))
+    tracker.finished = {s.shard: s for s in _finished_stats(store, shards, skip=set(todo))}
+    refetched = 0
+
+    def healed(shard: int, result: HealedShard) -> None:
+        nonlocal refetched
+        tracker.finished[shard] = result.stats
+        refetched += result.refetched
+        plan["done"].append(shard)
+        store.write_json(plan, HEAL)
+
+    pool = Pool("heal: ", _heal_shard, spec, spec.download.shard_retries, spec.download.parallelism or cpus(),
+                on_value=healed, tick=lambda partial, moved: tracker.tick(partial, moved, len(pool.failed)),
+                args=(plan["reasons"],))
+    try:
+        pool.run(todo)
+    except StorageUnavailable as err:
+        tracker.fail(str(err), store_away=True)
+        raise
+    if pool.failed:
+        first = min(pool.failed)
+        tracker.fail(f"heal: {len(pool.failed)} of {len(todo)} shards failed after {spec.download.shard_retries} "
+                     f"retries: {sorted(pool.failed)[:10]}; shard {first}: {str(pool.errors.get(first))[:500]}; "
+                     "heal again to retry them")
+        raise PartFailed(tracker.progress.message)
+
+    stats = _finished_stats(store, shards)
+    progress = tracker.progress
+    tracker.finished = {s.shard: s for s in stats}
+    progress.shards_total, progress.shards_failed = shards, 0
+    tracker.count()
+    progress.rows_kept = manifest.get("rows_kept", progress.rows_kept)
+    progress.rows_read = manifest.get("rows_read", progress.rows_read)
+    progress.dropped_by = manifest.get("dropped_by", progress.dropped_by)
+    tracker.end()
+    summary = annotate(spec, store, stats, progress)
+    summary["heal"] = {"reasons": plan["reasons"], "shards": len(plan["shards"]), "refetched": refetched}
+    store.write_json(summary, contract.summary(spec.part_id))
+    tracker.finish(f"healed {len(plan['shards'])} shards ({', '.join(plan['reasons'])}): "
+                   f"{progress.images_ok} images in {store.uri}")
+    plan["finished"] = True
+    store.write_json(plan, HEAL)
+    return summary
+
+
+def heal_part(spec: PartSpec, reasons: list[str] | None = None, force: bool = False,
+              on_progress: Callable[[Progress], None] | None = None, ray_address: str | None = None) -> dict | None:
+    """Heal the finished part in spec.output on its own (`laion-operator heal`); returns its new summary,
+    or None when this heal (spec.heal's reasons and round) was done already and `force` is not set."""
+    store = Store(spec.output)
+    planned = _plan(spec, store, reasons, force)
+    if planned is None:
+        return None
+    previous = store.read_json(PROGRESS) or {}
+    tracker = Tracker(store, Progress.from_json({**previous, "part_id": spec.part_id}), on_progress)
+    ensure_ray(ray_address)  # after the checks: a part that cannot heal starts no Ray
+    return _heal(spec, tracker, *planned)
+
+
+def _finished_stats_or_saved(store: Store, shards: int, saved: list[int]) -> None:
+    """Every shard is finished, or is one an interrupted heal saved before rewriting it."""
+    for shard in range(shards):
+        if shard not in saved and not store.exists(contract.shard_stats(shard)):
+            raise NotHealable(f"{store.url(contract.shard_stats(shard))} is missing: the part is not finished; "
+                              "run it to the end first (laion-operator run, or its LaionPart)")

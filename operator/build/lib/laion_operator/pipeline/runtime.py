@@ -1,0 +1,183 @@
+"""The pipeline's runtime on Ray: joining or starting the cluster, and a pool that keeps a stage's
+shard tasks running, each returning a typed `Outcome`, while a board actor collects the running
+shards' counts so that progress moves between shard completions.
+
+A stage gives the pool a shard's work, `work(spec, shard, report, *args) -> Outcome`, a module-level
+function that runs in a Ray task; the stage's own bookkeeping stays in the driver process, in the
+pool's `on_value` and `tick` callbacks (`driver`, `heal`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from .. import credentials
+from ..errors import InputError
+from ..spec import PartSpec
+from ..storage import StorageUnavailable, Store
+
+log = logging.getLogger(__name__)
+
+
+class PartFailed(RuntimeError):
+    """The part ended with shards that failed after all their retries."""
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Join the Ray cluster of a Ray job, or the given address, or start a local one on loopback."""
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_JOB_ID") or (not address and os.environ.get("RAY_ADDRESS")):
+        ray.init(log_to_driver=False)  # inside a Ray job: the job's runtime env already carries everything
+    elif address:
+        # Workers of an existing cluster do not share this process's environment: ship the credentials.
+        folder = credentials.working_dir(credentials.from_environment())
+        try:
+            ray.init(address=address, log_to_driver=False, runtime_env={"working_dir": folder})
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)  # uploaded to the cluster; no copy stays behind
+    else:
+        # A private cluster on loopback for this run: Ray's notice that it turned token authentication
+        # on would be the first thing the user reads, about a cluster they never see.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+        ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
+                 configure_logging=False)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a shard task returns: its work's value, or why it stopped without raising. A raised error
+    is Ray's to retry (`shardRetries`); these are not, as no retry can help."""
+
+    value: Any = None
+    # The storage stayed away through the shard's own retries: the stage starts no more shards and,
+    # once the running ones end, the part fails with StorageUnavailable.
+    unavailable: str = ""
+    # Input no retry can read (a model that does not load): the part fails as bad input at once.
+    bad_input: str = ""
+
+
+Work = Callable[..., Outcome]
+
+
+def store_work(spec: PartSpec, what: str, work: Callable[[], Any]) -> Outcome:
+    """`work()`'s value, the whole of it again while the storage is away (a shard's work starts by
+    removing what a try left); a store still away after `output.retrySeconds` is the outcome."""
+    try:
+        return Outcome(Store(spec.output).retrying(what, work))
+    except StorageUnavailable as err:
+        return Outcome(unavailable=str(err))  # not raised: Ray's shard retries would only wait longer
+
+
+def cpus() -> int:
+    """The cluster's CPUs: a shard stage's parallelism when its spec leaves it unset."""
+    return max(int(ray.cluster_resources().get("CPU", 1)), 1)
+
+
+@ray.remote(num_cpus=1)
+def shard_task(work: Work, spec_data: dict, shard: int, board, *args) -> Outcome:
+    """One shard of a stage: `work(spec, shard, report, *args)`, its running counts sent to the board."""
+    spec = PartSpec.from_dict(spec_data)
+    return work(spec, shard, lambda stats: board.report.remote(shard, stats.to_json()), *args)
+
+
+@ray.remote(num_cpus=0)
+class Board:
+    """Counts of the shards still running, so that progress moves between shard completions."""
+
+    def __init__(self):
+        self.partial: dict[int, dict] = {}
+
+    def report(self, shard: int, stats: dict) -> None:
+        self.partial[shard] = stats
+
+    def forget(self, shard: int) -> None:
+        self.partial.pop(shard, None)
+
+    def snapshot(self) -> dict[int, dict]:
+        return dict(self.partial)
+
+
+class Pool:
+    """A stage's shard tasks, `parallelism` at a time. `on_value(shard, value)` takes each finished
+    shard's value; `tick(partial, moved)` sees the running shards' counts after every wait. A shard
+    that failed after its retries is recorded in `failed` and `errors` (its last error), and the
+    stage goes on."""
+
+    def __init__(self, stage: str, work: Work, spec: PartSpec, retries: int, parallelism: int,
+                 on_value: Callable[[int, Any], None], tick: Callable[[dict[int, dict], bool], None],
+                 args: tuple = (), **resources: Any):
+        self.stage, self.retries, self.parallelism = stage, retries, parallelism
+        self.on_value, self.tick = on_value, tick
+        self.failed: list[int] = []
+        self.errors: dict[int, BaseException] = {}
+        # Named after the work: its worker's process reads ray::_write_shard, ray::_heal_shard, …
+        task = shard_task.options(name=work.__name__, max_retries=retries, retry_exceptions=True, **resources)
+        spec_data = spec.to_dict()
+        self._submit = lambda shard, board: task.remote(work, spec_data, shard, board, *args)
+
+    def _settle(self, shard: int, outcome: Outcome | None, err: BaseException | None) -> bool:
+        """Record one shard's end; False: start no more shards."""
+        if err is not None:  # a shard's failure is recorded, the part goes on
+            log.error("%sshard %d failed after %d retries: %s", self.stage, shard, self.retries, err)
+            self.failed.append(shard)
+            self.errors[shard] = err
+            return True
+        if outcome.bad_input:
+            raise InputError(outcome.bad_input)
+        if outcome.unavailable:
+            self.unavailable = outcome.unavailable
+            log.error("%sshard %d: %s", self.stage, shard, outcome.unavailable)
+            self.failed.append(shard)
+            return False  # no point starting more shards against an unreachable store
+        self.on_value(shard, outcome.value)
+        return True
+
+    def run(self, todo: list[int]) -> None:
+        """Run every shard in `todo`. However it ends (an unreachable store, bad input, an interrupt),
+        the tasks still running are cancelled — none may write on behind the next attempt's back —
+        and the board goes. Raises StorageUnavailable once the running shards ended, when one said
+        the store was away."""
+        self.unavailable = ""
+        todo = list(todo)
+        # On the driver's node where it can be; should its node go anyway, it starts again elsewhere and
+        # the running shards report to it again (their finished counts come from the tasks' results).
+        board = Board.options(max_restarts=-1, scheduling_strategy=NodeAffinitySchedulingStrategy(
+            ray.get_runtime_context().get_node_id(), soft=True)).remote()
+        running: dict = {}
+        partial: dict[int, dict] = {}
+        try:
+            while todo or running:
+                while todo and len(running) < self.parallelism:
+                    shard = todo.pop(0)
+                    running[self._submit(shard, board)] = shard
+                ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
+                for ref in ready:
+                    shard = running.pop(ref)
+                    try:
+                        outcome, err = ray.get(ref), None
+                    except Exception as raised:  # noqa: BLE001 - the task's failure, after its retries
+                        outcome, err = None, getattr(raised, "cause", None) or raised  # Ray wraps the task's exception
+                    if not self._settle(shard, outcome, err):
+                        todo.clear()
+                    board.forget.remote(shard)
+                    partial.pop(shard, None)
+                try:
+                    partial = ray.get(board.snapshot.remote(), timeout=30)
+                except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as err:
+                    # The board is restarting (its node was lost) or slow: the last counts stand a while.
+                    log.warning("running shards' counts unavailable for now: %s", type(err).__name__)
+                self.tick(partial, bool(ready))
+        finally:
+            for ref in running:
+                ray.cancel(ref, force=True)
+            ray.kill(board)
+        if self.unavailable:
+            raise StorageUnavailable(self.unavailable)

@@ -1,0 +1,75 @@
+"""A part's progress as its stages run: kept current from the finished and running shards, published
+(throttled) to `contract.PROGRESS`, which the operator, its metrics and a resumed run read."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from ..contract import PROGRESS, Phase, Progress, ShardStats
+from ..storage import Store, StorageUnavailable
+from .filter import FilterResult
+
+
+class Tracker:
+    """Keeps a Progress current from finished and running shards, and publishes it (throttled)."""
+
+    def __init__(self, store: Store, progress: Progress, on_progress: Callable[[Progress], None] | None,
+                 every: float = 2.0):
+        self.store, self.progress, self.on_progress, self.every = store, progress, on_progress, every
+        self.finished: dict[int, ShardStats] = {}
+        self._last = 0.0
+
+    def phase(self, phase: Phase, message: str = "") -> None:
+        self.progress.phase = phase.value
+        self.progress.message = message
+        self.publish(force=True)
+
+    def end(self) -> None:
+        """The part's work is over, as far as its summary's duration goes."""
+        self.progress.finished_at = time.time()
+
+    def fail(self, message: str, store_away: bool = False) -> None:
+        """End the part as Failed with `message`. With `store_away` the failure may be the store's
+        itself: a progress that cannot be written stays as it was (the job's exit code and log say it)."""
+        self.end()
+        try:
+            self.phase(Phase.FAILED, message)
+        except StorageUnavailable:
+            if not store_away:
+                raise
+
+    def finish(self, message: str) -> None:
+        """End the part as Succeeded with `message` (its end stays where a stage set it)."""
+        if self.progress.finished_at is None:
+            self.end()
+        self.phase(Phase.SUCCEEDED, message)
+
+    def filtered(self, result: FilterResult) -> None:
+        self.progress.rows_read = result.rows_read
+        self.progress.rows_kept = result.rows_kept
+        self.progress.dropped_by = dict(result.dropped_by)
+        self.progress.shards_total = result.shards
+        self.publish()
+
+    def count(self, running: dict[int, dict] | None = None) -> None:
+        live = [ShardStats.from_json(s) for k, s in (running or {}).items() if k not in self.finished]
+        self.progress.shards_done = len(self.finished)
+        self.progress.count_images(list(self.finished.values()), live)
+
+    def tick(self, partial: dict[int, dict], moved: bool, failed: int) -> None:
+        """After each wait of a shard stage: the running shards' counts so far and the failed shards;
+        published at once when a shard ended (`moved`), else throttled."""
+        self.progress.shards_failed = failed
+        self.count(partial)
+        self.publish(force=moved)
+
+    def publish(self, force: bool = False) -> None:
+        now = time.time()
+        if not force and now - self._last < self.every:
+            return
+        self._last = now
+        self.progress.updated_at = now
+        self.store.retrying("writing the progress", lambda: self.store.write_json(self.progress.to_json(), PROGRESS))
+        if self.on_progress:
+            self.on_progress(self.progress)

@@ -1,0 +1,268 @@
+"""Verify: every shard of a finished part read back with its format's own reader, every image decoded,
+and the counts compared with the shards' stats, the annotations and the summary.
+
+Readers: webdataset's tar iterators for `.tar`, pyarrow for `.parquet`, the `tfrecord` package for
+`.tfrecord`, streaming's MDS reader for `mds`, and for `files` the shard's folder beside the
+`part_<id>.csv` that lists it. What a trainer would trip over is what this looks for: a shard that
+does not open, an image that does not decode, a key twice, a count that differs from what the part
+says it wrote. Every problem names its shard.
+
+Runs after annotating (the driver spreads `check_shard` over Ray tasks) and on demand with
+`laion-operator verify OUTPUT`; the result goes into the summary as `verified` and into progress.json,
+from which the operator sets the part's `Verified` condition.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable, Iterator
+
+from .. import contract
+from ..contract import MANIFEST, ShardStats, Verification, shard_data, shard_metadata, shard_name
+from ..errors import InputError
+from ..storage import Store
+
+IMAGE_COLUMNS = ("jpg", "png", "webp")
+MAX_PROBLEMS_PER_SHARD = 5
+
+
+@dataclass
+class ShardCheck:
+    """What reading one shard back found."""
+
+    shard: int
+    samples: int = 0
+    decoded: int = 0
+    # samples per data file, named relative to the output (mds: one entry per MDS shard file)
+    files: dict[str, int] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    def problem(self, message: str) -> None:
+        if len(self.problems) < MAX_PROBLEMS_PER_SHARD:
+            self.problems.append(message)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ShardCheck":
+        return cls(**data)
+
+
+def decode(image: bytes) -> None:
+    """Decode an image fully (not only its header); raises if it does not."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(image)) as im:
+        im.load()
+
+
+class _Reading:
+    """Counts, decodes and checks the keys of the samples of one shard file."""
+
+    def __init__(self, check: ShardCheck, name: str):
+        self.check, self.name, self.keys = check, name, Counter()
+        check.files.setdefault(name, 0)
+
+    def sample(self, key: str, image: bytes | None) -> None:
+        self.check.samples += 1
+        self.check.files[self.name] += 1
+        self.keys[key] += 1
+        if self.keys[key] == 2:
+            self.check.problem(f"{self.name}: key {key} appears more than once")
+        if not image:
+            self.check.problem(f"{self.name}: sample {key} has no image")
+            return
+        try:
+            decode(image)
+            self.check.decoded += 1
+        except Exception as err:  # noqa: BLE001 - any decoder error is the same finding
+            self.check.problem(f"{self.name}: sample {key}: image does not decode: {err}")
+
+
+def _local_copy(store: Store, relative: str, workdir: str) -> str:
+    """A local path to read a file or folder of the output from (readers that take paths only)."""
+    if "://" not in store.uri:
+        return store.path(relative)
+    target = os.path.join(workdir, relative)
+    store.fs.get(store.path(relative), target, recursive=store.fs.isdir(store.path(relative)))
+    return target
+
+
+def _read_tar(store: Store, shard: int, check: ShardCheck) -> None:
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    name = shard_data(shard, "webdataset")
+    reading = _Reading(check, name)
+    with store.fs.open(store.path(name), "rb") as f:
+        for sample in group_by_keys(tar_file_expander([{"url": store.url(name), "stream": f}])):
+            reading.sample(sample["__key__"], next((sample[c] for c in IMAGE_COLUMNS if c in sample), None))
+
+
+def _read_parquet(store: Store, shard: int, check: ShardCheck) -> None:
+    import pyarrow.parquet as pq
+
+    name = shard_metadata(shard)
+    with store.fs.open(store.path(name), "rb") as f:
+        table = pq.read_table(f)
+    image = next((c for c in IMAGE_COLUMNS if c in table.column_names), None)
+    reading = _Reading(check, name)
+    rows = zip(table.column("key").to_pylist(), table.column("status").to_pylist(),
+               table.column(image).to_pylist() if image else [None] * table.num_rows)
+    for key, status, data in rows:
+        if status == "success":
+            reading.sample(key, data)
+
+
+def _read_tfrecord(store: Store, shard: int, check: ShardCheck) -> None:
+    from tfrecord.reader import tfrecord_loader
+
+    name = shard_data(shard, "tfrecord")
+    reading = _Reading(check, name)
+    with tempfile.TemporaryDirectory(prefix="laion-verify-") as workdir:
+        for record in tfrecord_loader(_local_copy(store, name, workdir), None):
+            image = next((bytes(record[c]) for c in IMAGE_COLUMNS if c in record), None)
+            reading.sample(bytes(record["key"]).decode(), image)
+
+
+def _read_mds(store: Store, shard: int, check: ShardCheck) -> None:
+    from streaming.base.format import reader_from_json
+
+    from . import mds
+
+    index = mds.read_index(store, shard)
+    with tempfile.TemporaryDirectory(prefix="laion-verify-") as workdir:
+        folder = _local_copy(store, shard_name(shard), workdir)
+        for entry in index["shards"]:
+            reading = _Reading(check, f"{shard_name(shard)}/{entry['raw_data']['basename']}")
+            reader = reader_from_json(folder, None, entry)
+            for i in range(reader.samples):
+                sample = reader.get_item(i)
+                reading.sample(sample["key"], next((sample[c] for c in IMAGE_COLUMNS if c in sample), None))
+
+
+def _read_files(store: Store, shard: int, check: ShardCheck) -> None:
+    folder = shard_name(shard)
+    reading = _Reading(check, folder)
+    for path in sorted(store.fs.ls(store.path(folder), detail=False)):
+        base = path.rsplit("/", 1)[-1]
+        key, _, ext = base.partition(".")
+        if ext in IMAGE_COLUMNS:
+            with store.fs.open(path, "rb") as f:
+                reading.sample(key, f.read())
+
+
+READERS = {"webdataset": _read_tar, "parquet": _read_parquet, "tfrecord": _read_tfrecord, "mds": _read_mds,
+           "files": _read_files}
+
+
+def check_shard(store: Store, fmt: str, shard: int) -> ShardCheck:
+    check = ShardCheck(shard=shard)
+    try:
+        READERS[fmt](store, shard, check)
+    except Exception as err:  # noqa: BLE001 - a shard that does not open is a finding, named
+        check.problem(f"{shard_data(shard, fmt) or shard_name(shard)}: cannot be read: {type(err).__name__}: {err}")
+    return check
+
+
+def _annotated(store: Store, part_id: str, fmt: str) -> Counter:
+    """Samples per shard file (files: per shard folder) as the annotation file lists them."""
+    name = contract.annotations(part_id, fmt)
+    with store.fs.open(store.path(name), "r", newline="") as f:
+        rows = list(csv.DictReader(f))
+    prefix = store.uri + "/"
+    counts: Counter = Counter()
+    for row in rows:
+        if fmt == "files":
+            counts[row["image_path"].removeprefix(prefix).rsplit("/", 1)[0]] += 1
+        else:
+            counts[row["path"].removeprefix(prefix)] += int(row["num_samples"])
+    return counts
+
+
+def verify(store: Store, part_id: str, fmt: str,
+           check_all: Callable[[list[int]], Iterable[ShardCheck]] | None = None) -> Verification:
+    """Read every shard of the part back and compare; `check_all` spreads check_shard (default: here)."""
+    from .download import load_stats
+
+    started = time.time()
+    result = Verification()
+    bad: set[int] = set()
+    manifest = store.read_json(MANIFEST) or {}
+    shards = list(range(manifest.get("shards", 0)))
+    stats: dict[int, ShardStats] = {}
+    for shard in shards:
+        found = load_stats(store, shard)
+        if found is None:
+            result.problems.append(f"{shard_name(shard)}: not finished (no {contract.shard_stats(shard)})")
+            bad.add(shard)
+        else:
+            stats[shard] = found
+    checks: list[ShardCheck] = list((check_all or (lambda s: (check_shard(store, fmt, x) for x in s)))(
+        sorted(stats)))
+    try:
+        annotated = _annotated(store, part_id, fmt)
+    except FileNotFoundError:
+        annotated = None
+        result.problems.append(f"{contract.annotations(part_id, fmt)}: missing")
+    for check in checks:
+        where = shard_data(check.shard, fmt) or shard_name(check.shard)
+        result.problems += check.problems
+        if check.problems:
+            bad.add(check.shard)
+        wrote = stats[check.shard].successes
+        if check.samples != wrote:
+            result.problems.append(f"{where}: {check.samples} samples read back, "
+                                   f"{contract.shard_stats(check.shard)} says {wrote}")
+            bad.add(check.shard)
+        if annotated is not None:
+            listed = annotated.get(shard_name(check.shard), 0) if fmt == "files" else \
+                sum(annotated.get(name, 0) for name in check.files)
+            if listed != check.samples:
+                result.problems.append(f"{where}: {check.samples} samples read back, "
+                                       f"{contract.annotations(part_id, fmt)} lists {listed}")
+                bad.add(check.shard)
+        result.samples += check.samples
+        result.images_decoded += check.decoded
+    summary = store.read_json(contract.summary(part_id))
+    if summary is None:
+        result.problems.append(f"{contract.summary(part_id)}: missing")
+    elif summary["images"]["ok"] != result.samples:
+        result.problems.append(f"{contract.summary(part_id)}: says {summary['images']['ok']} images, "
+                               f"{result.samples} read back")
+    result.shards = len(checks)
+    result.bad_shards = sorted(bad)
+    result.ok = not result.problems
+    result.seconds = round(time.time() - started, 3)
+    return result
+
+
+def _iter_summaries(store: Store) -> Iterator[dict]:
+    for path in sorted(store.fs.glob(store.path("part_*_summary.json"))):
+        data = store.read_json(path.rsplit("/", 1)[-1])
+        if data:
+            yield data
+
+
+def verify_output(store: Store) -> tuple[dict, Verification]:
+    """`laion-operator verify OUTPUT`: verify the part found in a finished output, record the result in
+    its summary (and progress.json, for the operator); returns the summary and the result."""
+    summaries = list(_iter_summaries(store))
+    if len(summaries) != 1:
+        raise InputError(f"{store.uri}: expected one part_<id>_summary.json (a finished part), "
+                                  f"found {len(summaries)}")
+    summary = summaries[0]
+    result = verify(store, summary["partId"], summary["outputFormat"])
+    summary["verified"] = result.to_json()
+    store.write_json(summary, contract.summary(summary["partId"]))
+    progress = store.read_json(contract.PROGRESS)
+    if progress is not None:
+        progress["verified"] = result.to_json()
+        store.write_json(progress, contract.PROGRESS)
+    return summary, result

@@ -1,0 +1,100 @@
+"""The LaionDataset spec: many parts from one template, each part's spec made from it."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from ..contract import part_dir
+from .schema import SCHEMA, _bool, _int, _str
+from .validation import SpecError, apply_defaults, closed_validator, rule_errors, schema_errors
+
+MAX_DATASET_PARTS = 1000
+
+
+def _template_schema() -> dict:
+    """The part spec without what differs per part (partId, source) or is the dataset's (suspend)."""
+    template = copy.deepcopy(SCHEMA)
+    for name in ("partId", "source", "suspend"):
+        template["properties"].pop(name)
+    template["required"] = ["output"]
+    template["description"] = ("The spec of every part; each part's output goes to <output.uri>/part_<id>, "
+                               "and a change reaches the parts as a change of their own spec would.")
+    template["properties"]["output"]["properties"]["uri"]["description"] = \
+        "The dataset's folder (local path or s3://bucket/prefix): part <id> writes to <uri>/part_<id>."
+    return template
+
+
+DATASET_SCHEMA: dict = {
+    "type": "object",
+    "required": ["source", "template"],
+    "properties": {
+        "source": {
+            "type": "object",
+            "description": "One part per parquet file: a list of files, or a pattern with a range.",
+            "properties": {
+                "urls": {
+                    "type": "array", "minItems": 1, "maxItems": MAX_DATASET_PARTS,
+                    "description": "Parquet files, one part each; part ids are the positions, from 0.",
+                    "items": {"type": "string", "minLength": 1},
+                },
+                "pattern": _str("A parquet URL with {part} in it, e.g. s3://laion/2B-en-4.5_{part}.parquet; "
+                                "part ids are the numbers first to last.", minLength=1),
+                "first": _int("The pattern's first part number.", minimum=0),
+                "last": _int("The pattern's last part number (included).", minimum=0),
+                "digits": _int("Zero-pad part numbers (in the pattern and the part ids) to this many digits.",
+                               minimum=0, maximum=10, default=0),
+            },
+            "x-kubernetes-validations": [
+                {"rule": "has(self.urls) != has(self.pattern)",
+                 "message": "set either urls or pattern (with first and last), not both"},
+                {"rule": "!has(self.pattern) || (self.pattern.contains('{part}') && has(self.first) && "
+                         "has(self.last))",
+                 "message": "a pattern needs {part} in it, and first and last"},
+                {"rule": "!has(self.first) || !has(self.last) || self.first <= self.last",
+                 "message": "first must not be above last"},
+                {"rule": f"!has(self.first) || !has(self.last) || self.last - self.first < {MAX_DATASET_PARTS}",
+                 "message": f"a dataset has at most {MAX_DATASET_PARTS} parts (first to last)"},
+            ],
+        },
+        "template": _template_schema(),
+        "suspend": _bool("true suspends every part (their jobs stop, finished shards stay); false resumes them.",
+                         False),
+    },
+}
+
+_DATASET_VALIDATOR = closed_validator(DATASET_SCHEMA)
+
+
+def validate_dataset(data: Any) -> dict:
+    """Validate a raw LaionDataset spec, return it with defaults applied; SpecError names every bad field."""
+    if not isinstance(data, dict):
+        raise SpecError(f"spec: expected a mapping, got {type(data).__name__}")
+    errors = schema_errors(_DATASET_VALIDATOR, data)
+    if not errors:
+        data = apply_defaults(data, DATASET_SCHEMA)
+        errors = rule_errors(data, DATASET_SCHEMA)
+    if errors:
+        raise SpecError("invalid dataset spec:\n  " + "\n  ".join(errors))
+    return data
+
+
+def dataset_parts(data: dict) -> dict[str, dict]:
+    """The part specs of a (validated) dataset spec, by part id, in order."""
+    source = data["source"]
+    digits = source.get("digits", 0)
+    if source.get("urls"):
+        urls = {f"{i:0{digits}d}": url for i, url in enumerate(source["urls"])}
+    else:
+        urls = {f"{n:0{digits}d}": source["pattern"].replace("{part}", f"{n:0{digits}d}")
+                for n in range(source["first"], source["last"] + 1)}
+    base = data["template"]["output"]["uri"].rstrip("/")
+    parts = {}
+    for part_id, url in urls.items():
+        part = copy.deepcopy(data["template"])
+        part["partId"] = part_id
+        part["source"] = {"urls": [url]}
+        part["output"]["uri"] = f"{base}/{part_dir(part_id)}"
+        part["suspend"] = bool(data.get("suspend"))
+        parts[part_id] = part
+    return parts

@@ -1,0 +1,215 @@
+"""The typed part: `PartSpec` and its sections, built from a validated, defaulted spec and back."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..names import camel, snake
+from .schema import SCHEMA
+from .validation import SpecError, apply_defaults, validate
+
+
+
+# The dataclasses below carry no defaults of their own: `from_dict` fills every field from the
+# defaulted spec, so that SCHEMA is the only place a default is written.
+
+@dataclasses.dataclass(frozen=True)
+class Filter:
+    min_width: int | None
+    min_height: int | None
+    max_punsafe: float | None
+    max_pwatermark: float | None
+    min_aesthetic: float | None
+    min_similarity: float | None
+    languages: tuple[str, ...] | None
+    exclude: tuple[str, ...] | None
+    sample_fraction: float
+    seed: int
+    dedupe_urls: bool
+    shuffle: bool
+    samples_per_shard: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Download:
+    image_size: int
+    resize_mode: str
+    resize_only_if_bigger: bool
+    skip_reencode: bool
+    downscale_interpolation: str
+    upscale_interpolation: str
+    encode_format: str
+    encode_quality: int
+    min_image_size: int
+    max_aspect_ratio: float | None
+    output_format: str
+    timeout: float
+    retries: int
+    max_in_flight: int
+    max_per_host: int
+    max_redirects: int
+    max_image_bytes: int
+    max_image_pixels: int
+    allowed_networks: tuple[str, ...]
+    dns_servers: tuple[str, ...]
+    respect_robots_txt: bool
+    parallelism: int
+    shard_retries: int
+    user_agent_token: str
+    disallowed_header_directives: tuple[str, ...]
+    save_additional_columns: tuple[str, ...]
+    compute_hash: str
+    verify_tls: bool
+    reduced_decode: bool
+    mds_shard_size_limit: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    uri: str
+    format: str | None
+    captions: str | None
+    image_field: str
+    caption_field: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Output:
+    uri: str
+    endpoint: str | None
+    region: str | None
+    path_style: bool
+    profile: str | None
+    credentials_secret: str | None
+    retry_seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Latents:
+    vae: str
+    vae_subfolder: str | None
+    text_encoder: str
+    text_encoder_subfolder: str | None
+    tokenizer_subfolder: str | None
+    resolution: int
+    batch_size: int
+    dtype: str
+    save_dtype: str
+    latent_mode: str
+    seed: int
+    parallelism: int
+    shard_retries: int
+    hub_download: bool
+    hub_token_secret: str | None
+
+
+def _build(kind, values: dict):
+    """A spec section's dataclass from its defaulted mapping; fields the spec leaves unset are None."""
+    given = {snake(k): tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    return kind(**{f.name: given.get(f.name) for f in dataclasses.fields(kind)})
+
+
+def _unbuild(obj) -> dict:
+    return {camel(f.name): list(v) if isinstance(v, tuple) else v
+            for f in dataclasses.fields(obj) if (v := getattr(obj, f.name)) is not None}
+
+
+@dataclasses.dataclass(frozen=True)
+class Heal:
+    reasons: tuple[str, ...]
+    round: int
+
+    @property
+    def key(self) -> str:
+        """What a finished heal records: the same key again heals nothing."""
+        return f"{','.join(sorted(self.reasons))}#{self.round}"
+
+
+def output_of(data: dict) -> Output:
+    """An output section on its own (`laion-operator verify`), with the schema's defaults."""
+    return _build(Output, apply_defaults(data, SCHEMA["properties"]["output"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class PartSpec:
+    part_id: str
+    source: tuple[str, ...]  # parquet metadata to download; empty when the part converts `dataset`
+    dataset: Dataset | None
+    output: Output
+    columns: dict[str, str]
+    filter: Filter
+    download: Download
+    max_retries: int
+    verify: bool
+    latents: Latents | None
+    heal: Heal | None
+    suspend: bool
+    priority: int
+    active_deadline_seconds: int | None
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "PartSpec":
+        """The same PartSpec for the same input, whether the API server defaulted it first or not."""
+        spec = validate(data)
+        return cls(
+            part_id=spec["partId"],
+            source=tuple(spec["source"].get("urls") or ()),
+            dataset=_build(Dataset, spec["source"]["dataset"]) if "dataset" in spec["source"] else None,
+            output=_build(Output, spec["output"]),
+            columns=dict(spec.get("columns") or {}),
+            filter=_build(Filter, spec["filter"]),
+            download=_build(Download, spec["download"]),
+            max_retries=spec["maxRetries"],
+            verify=spec["verify"],
+            latents=_build(Latents, spec["latents"]) if spec.get("latents") else None,
+            heal=_build(Heal, spec["heal"]) if "heal" in spec else None,
+            suspend=spec["suspend"],
+            priority=spec["priority"],
+            active_deadline_seconds=spec.get("activeDeadlineSeconds"),
+        )
+
+    def to_dict(self) -> dict:
+        """The spec back in its YAML/CR form (what a Ray job receives)."""
+        data = {
+            "partId": self.part_id,
+            "source": {"dataset": _unbuild(self.dataset)} if self.dataset else {"urls": list(self.source)},
+            "filter": _unbuild(self.filter),
+            "download": _unbuild(self.download),
+            "output": _unbuild(self.output),
+            "maxRetries": self.max_retries,
+            "verify": self.verify,
+            "suspend": self.suspend,
+            "priority": self.priority,
+        }
+        if self.active_deadline_seconds is not None:
+            data["activeDeadlineSeconds"] = self.active_deadline_seconds
+        if self.columns:
+            data["columns"] = dict(self.columns)
+        if self.latents:
+            data["latents"] = _unbuild(self.latents)
+        if self.heal is not None:
+            data["heal"] = _unbuild(self.heal)
+        return data
+
+
+def load(path: str | Path) -> PartSpec:
+    """Read a part YAML file: either a bare spec or a whole LaionPart manifest."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such file") from None
+    except yaml.YAMLError as err:
+        raise SpecError(f"{path}: not valid YAML: {err}") from None
+    if isinstance(data, dict) and data.get("kind") == "LaionPart":
+        data = data.get("spec")
+    try:
+        return PartSpec.from_dict(data)
+    except SpecError as err:
+        raise SpecError(f"{path}: {err}") from None
+
+

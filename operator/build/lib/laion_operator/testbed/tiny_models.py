@@ -1,0 +1,71 @@
+"""Small, randomly initialised models laid out like a diffusion pipeline's repository, for the tests and
+the benchmark of the latents stage (nothing here can reach a model hub):
+
+    <root>/vae/            diffusers AutoencoderKL (config.json + safetensors)
+    <root>/text_encoder/   transformers CLIPTextModel
+    <root>/tokenizer/      a CLIP BPE tokenizer over a byte-level vocabulary, built from files written here
+
+They are loaded by the stage exactly as a downloaded model is: `from_pretrained(root, subfolder=…)`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _byte_chars() -> list[str]:
+    """GPT-2/CLIP's printable stand-ins for the 256 byte values (the BPE alphabet)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def write_tokenizer(folder: Path) -> None:
+    from transformers import CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = _byte_chars()
+    # A few merges, so that common words become one token as in a real vocabulary.
+    merges = [("t", "h"), ("th", "e</w>"), ("a", "n"), ("i", "n"), ("o", "n</w>")]
+    tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+    tokenizer.save_pretrained(str(folder))
+
+
+def build(root: str | Path, vae_blocks: tuple[int, ...] = (8, 8, 16), text_width: int = 32,
+          text_layers: int = 2, seed: int = 0) -> Path:
+    """Write the three models under `root`; returns it. The VAE halves the image side per extra block
+    (three blocks: 4×, where Stable Diffusion's four give 8×)."""
+    import torch
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    root = Path(root)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+        block_out_channels=vae_blocks, norm_num_groups=min(vae_blocks),
+        down_block_types=("DownEncoderBlock2D",) * len(vae_blocks),
+        up_block_types=("UpDecoderBlock2D",) * len(vae_blocks),
+        scaling_factor=0.5,
+    )
+    vae.save_pretrained(str(root / "vae"))
+    write_tokenizer(root / "tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(str(root / "tokenizer"))
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=text_width, intermediate_size=2 * text_width,
+        num_hidden_layers=text_layers, num_attention_heads=4, max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    CLIPTextModel(config).save_pretrained(str(root / "text_encoder"))
+    return root
