@@ -1,0 +1,69 @@
+"""webdataset: img2dataset's `<shard>.tar` of `key.jpg` / `key.txt` / `key.json` per sample.
+
+Written by img2dataset's `WebDatasetSampleWriter`; read as webdataset reads a tar (members grouped by
+key), the project's own shards and, for convert, anyone's.
+"""
+
+from __future__ import annotations
+
+import tarfile
+from typing import BinaryIO, Iterator
+
+import fsspec
+
+from ...contract import shard_data
+from ...storage import Store
+from .base import IMAGE_FILES, BrokenShard, Format, Sample, group
+
+_BLOCK = 512  # a tar header, and the unit its members' data is padded to
+
+
+class WebDataset(Format):
+    name = "webdataset"
+
+    def sample_writer(self) -> type:
+        from img2dataset.writer import WebDatasetSampleWriter
+
+        return WebDatasetSampleWriter
+    image_extensions = IMAGE_FILES
+    reads_datasets = True
+
+    def read_samples(self, store: Store, shard: int) -> Iterator[Sample]:
+        name = shard_data(shard, self.name)
+        with store.fs.open(store.path(name), "rb") as f:
+            yield from read_tar(f, name, store.fs.size(store.path(name)), self.image_extensions)
+
+    def read_dataset(self, path: str) -> Iterator[Sample]:
+        fs, file = fsspec.core.url_to_fs(path)
+        with fs.open(file, "rb") as f:
+            yield from read_tar(f, path, fs.size(file), self.image_extensions)
+
+
+def read_tar(f: BinaryIO, where: str, size: int, image_extensions: tuple[str, ...]) -> Iterator[Sample]:
+    last: list[tarfile.TarInfo] = []  # the member read last, to say where a broken tar breaks
+
+    def members(tar: tarfile.TarFile):
+        for info in tar:
+            last[:] = [info]
+            if info.isfile():
+                yield info.name, tar.extractfile(info).read()
+
+    try:
+        with tarfile.open(fileobj=f, mode="r|*") as tar:
+            yield from group(members(tar), where, image_extensions)
+    except tarfile.TarError as err:
+        raise BrokenShard(describe(where, size, last[0] if last else None, err)) from None
+
+
+def describe(where: str, size: int, last: tarfile.TarInfo | None, err: Exception) -> str:
+    if last is not None and last.offset_data + last.size > size:
+        return (f"{where}: cut short: {size} bytes, but its member {last.name} (header at byte {last.offset}) "
+                f"holds {last.size} bytes up to byte {last.offset_data + last.size}")
+    after = 0 if last is None else last.offset_data + -(-last.size // _BLOCK) * _BLOCK
+    if size - after < _BLOCK:
+        return (f"{where}: cut short: {size} bytes, ending {size - after} bytes into the {_BLOCK}-byte header "
+                f"expected at byte {after}")
+    return f"{where}: {size} bytes, not a readable tar after byte {after}: {err}"
+
+
+FORMAT = WebDataset()
