@@ -18,7 +18,6 @@ from typing import Any, Iterator, Mapping
 import fsspec
 import google_crc32c
 import numpy as np
-from tfrecord import example_pb2
 
 from ...contract import shard_data
 from ...storage import Store
@@ -40,6 +39,14 @@ def frame_record(data: bytes) -> bytes:
                      struct.pack("<I", masked_crc32c(data))))
 
 
+def pb():
+    """The tfrecord package's generated tf.train.Example classes, imported when used: the package
+    imports torch where it can, which the pipeline's processes need not (pipeline.load_light)."""
+    from tfrecord import example_pb2
+
+    return example_pb2
+
+
 def _as_bytes(value: Any) -> bytes:
     if value is None:
         return b""
@@ -51,7 +58,7 @@ def _as_bytes(value: Any) -> bytes:
     raise TypeError(f"cannot store {type(value).__name__} {value!r} in a tf.train.BytesList")
 
 
-def feature_for(value: Any) -> example_pb2.Feature:
+def feature_for(value: Any):
     """The tf.train.Feature of one value, typed as img2dataset's `_feature` types it.
 
     list → by its first element: int → int64_list, float → float_list, else bytes_list (str UTF-8
@@ -61,6 +68,7 @@ def feature_for(value: Any) -> example_pb2.Feature:
     scalars/arrays as their Python values, bytearray/memoryview as bytes, bools as 0 and 1. What protobuf rejects
     otherwise (a dict, an int beyond int64) raises its TypeError/ValueError.
     """
+    example_pb2 = pb()
     if isinstance(value, np.ndarray):
         value = value.tolist()
     elif isinstance(value, np.generic) and not isinstance(value, (np.bytes_, np.str_)):
@@ -77,11 +85,12 @@ def feature_for(value: Any) -> example_pb2.Feature:
     return example_pb2.Feature(bytes_list=example_pb2.BytesList(value=[_as_bytes(v) for v in value]))
 
 
-def example_for(features: Mapping[str, example_pb2.Feature]) -> example_pb2.Example:
-    return example_pb2.Example(features=example_pb2.Features(feature=features))
+def example_for(features: Mapping[str, Any]):
+    """A tf.train.Example of feature name → tf.train.Feature."""
+    return pb().Example(features=pb().Features(feature=features))
 
 
-def serialize(example: example_pb2.Example) -> bytes:
+def serialize(example) -> bytes:
     return example.SerializeToString(deterministic=True)
 
 
@@ -122,7 +131,7 @@ class TFRecordSampleWriter:
                 self.tf_writer.close()
 
 
-def value_of(feature: example_pb2.Feature) -> Any:
+def value_of(feature) -> Any:
     """A feature's value: one value as itself (bytes as str where they are UTF-8), several as a list."""
     kind = feature.WhichOneof("kind")
     values = list(getattr(feature, kind).value) if kind else []
@@ -152,7 +161,7 @@ class TFRecord(Format):
             offset, count = 0, 0
             try:
                 for record in tfrecord_iterator(path, None):
-                    example = example_pb2.Example.FromString(bytes(record))
+                    example = pb().Example.FromString(bytes(record))
                     offset, count = offset + _HEADER + len(record) + _FOOTER, count + 1
                     features = dict(example.features.feature)
                     image = self.image_of({k: f.bytes_list.value[0] for k, f in features.items()

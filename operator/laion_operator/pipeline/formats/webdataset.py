@@ -16,6 +16,7 @@ from ...storage import Store
 from .base import IMAGE_FILES, BrokenShard, Format, Sample, group
 
 _BLOCK = 512  # a tar header, and the unit its members' data is padded to
+_HEADERS = 4 * _BLOCK  # a member's headers: its own, and a PAX header with its data before it
 
 
 class WebDataset(Format):
@@ -60,10 +61,11 @@ def describe(where: str, size: int, last: tarfile.TarInfo | None, err: Exception
         return (f"{where}: cut short: {size} bytes, but its member {last.name} (header at byte {last.offset}) "
                 f"holds {last.size} bytes up to byte {last.offset_data + last.size}")
     after = 0 if last is None else last.offset_data + -(-last.size // _BLOCK) * _BLOCK
-    if size - after < _BLOCK:
-        return (f"{where}: cut short: {size} bytes, ending {size - after} bytes into the {_BLOCK}-byte header "
-                f"expected at byte {after}")
-    return f"{where}: {size} bytes, not a readable tar after byte {after}: {err}"
+    member = f"the member after {last.name}" if last else "its first member"
+    if size - after < _HEADERS:
+        return (f"{where}: cut short: {size} bytes, ending {size - after} bytes into the headers of {member}, "
+                f"which start at byte {after}")
+    return f"{where}: {size} bytes, whose headers of {member}, at byte {after}, do not read as a tar's: {err}"
 
 
 FORMAT = WebDataset()
