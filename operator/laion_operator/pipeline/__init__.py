@@ -1,6 +1,8 @@
-"""The pipeline: what runs inside Ray for a part — filter → download (resize, writers) → annotate.
+"""The pipeline: what runs inside Ray for a part — filter → download or convert (each sample recorded
+by `record`: resized, its metadata row, counted) → annotate → verify → latents.
 
-`driver.run_part` runs the stages; `job` is the Ray job's entry point; `local` runs a part on this
+`formats/` holds the output formats, one module each (writer, reader, annotation rows); every stage
+asks the format rather than branching on its name. `driver.run_part` runs the stages; `job` is the Ray job's entry point; `local` runs a part on this
 machine with a progress line. Nothing here is imported by the operator (`control/`).
 """
 

@@ -5,17 +5,19 @@ Inputs, one Ray task per input shard:
 
 - `webdataset`: img2dataset-style `NNNNN.tar` files of `key.jpg` / `key.txt` / `key.json` (the
   project's own output, or anyone's): each tar is a shard;
-- `files`: img2dataset's `files` layout, `NNNNN/` folders of the same three files: each folder a shard;
+- `files`: img2dataset's `files` layout, `NNNNN/` folders of the same three files: each folder a shard
+  (both read by their output formats' `read_dataset`, pipeline/formats/);
 - `images`: image files and a captions JSONL naming them (micro_diffusion's JourneyDB style,
   `{"img_path": "./000/abc.jpg", "prompt": "…"}`): every `filter.samplesPerShard` lines a shard.
 
 The input shards are listed once into the part's manifest (`contract.MANIFEST`), so that a resumed run
 maps shard N to the same input; a shard is finished when its `_stats.json` exists, exactly as for a
-download, and a redone shard starts from nothing. Images go through the same Resizer as downloaded
-ones (`resizeMode: no` with `skipReencode: true` keeps their bytes). A sample whose image does not
-decode is counted as a failure with reason `decode`, its error message naming the file and sample; an
-input that cannot be read at all (a broken tar, a JSONL line without its fields, a missing image
-file) raises ConvertError naming the file and the sample.
+download, and a redone shard starts from nothing. Samples are recorded as downloaded ones are
+(record.Recorder: the same Resizer, metadata columns and counts; `resizeMode: no` with
+`skipReencode: true` keeps their bytes). A sample whose image does not decode is counted as a failure
+with reason `decode`, its error message naming the file and sample; an input that cannot be read at
+all raises an InputError naming the file and the sample: formats.BrokenShard for a broken tar,
+ConvertError for a sample without an image, a JSONL line without its fields, a missing image file.
 """
 
 from __future__ import annotations
@@ -183,7 +185,8 @@ def read_captioned(dataset: Dataset, entry: dict) -> Iterator[Sample]:
 
 
 def read_input(spec: PartSpec, entry: dict) -> Iterator[Sample]:
-    """The samples of one input shard; each has its image (ConvertError naming the sample otherwise)."""
+    """The samples of one input shard, keyed by their base names; each has its image (ConvertError
+    naming the sample otherwise)."""
     if entry["format"] == "images":
         yield from read_captioned(spec.dataset, entry)
         return
@@ -191,12 +194,8 @@ def read_input(spec: PartSpec, entry: dict) -> Iterator[Sample]:
     for sample in fmt.read_dataset(entry["path"]):
         key = sample.key.rsplit("/", 1)[-1]
         if sample.image is None:
-            files = ", ".join(f"{sample.key}.{e}" for e in (*(["txt"] if sample.caption is not None else []),
-                                                             *(["json"] if sample.meta else [])))
-            raise ConvertError(f"{sample.file}: sample {key}: no image (one of .{', .'.join(fmt.image_extensions)}); "
-                               f"it has {files or 'no file'}")
-        url = sample.meta.get("url")
-        yield sample._replace(key=key, meta={"url": url if isinstance(url, str) else None})
+            raise ConvertError(f"{sample.file}: sample {key}: no image (one of .{', .'.join(fmt.image_extensions)})")
+        yield sample._replace(key=key)
 
 
 # --- writing one output shard ------------------------------------------------------------------
@@ -214,8 +213,9 @@ def convert_shard(spec: PartSpec, shard: int,
         for index, sample in enumerate(read_input(spec, entry)):
             stats.count += 1
             key = sample_key(shard, index, spec.filter.samples_per_shard)
-            leading = {"key": key, "caption": sample.caption, "url": sample.meta["url"], "source_file": sample.file,
-                       "source_key": sample.key}
+            url = sample.meta.get("url")
+            leading = {"key": key, "caption": sample.caption, "url": url if isinstance(url, str) else None,
+                       "source_file": sample.file, "source_key": sample.key}
             recorder.image(leading, sample.caption, sample.image, where=f"{sample.file}: sample {sample.key}: ")
     except BaseException:
         recorder.close()

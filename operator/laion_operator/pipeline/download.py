@@ -1,4 +1,5 @@
-"""Stage 2: download, resize and write one shard, with img2dataset's resizing and sample writers.
+"""Stage 2: download, resize and write one shard: each sample recorded by `record.Recorder` (img2dataset's
+resizing, the metadata row, the counts) into the outputFormat's sample writer (pipeline/formats/).
 
 The shard loop is ours rather than img2dataset's `Downloader` for what that class cannot do: fetch
 many URLs at once on one event loop under deadlines, size caps, an address guard and per-host limits

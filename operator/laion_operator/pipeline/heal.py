@@ -2,7 +2,8 @@
 timeouts, 5xx), so that a 20-hour part need not be redone for them.
 
 Each shard holding such samples is rewritten whole by `download_shard`, which writes every other
-sample again as it was (its `reuse`) and fetches the chosen ones: afterwards every sample is in the
+sample again as it was (its `reuse`: the image as the output format reads it back, whichever of
+the formats it is, and its metadata row) and fetches the chosen ones: afterwards every sample is in the
 shard exactly once, with its new status. Then the annotations, the summary and the progress are made
 again from the shards' stats.
 

@@ -1,7 +1,8 @@
 """Stage 4 (spec.latents): VAE image latents and text-encoder embeddings of one shard's samples.
 
 What micro_diffusion's precompute script does with `accelerate launch` on 8 GPUs, as one Ray task
-per download shard: its images are read and decoded by a thread that fills a short queue of batches
+per download shard: its images are read back by the shard's output format (any of them:
+pipeline/formats/) and decoded by a thread that fills a short queue of batches
 while the models run, so that neither the accelerator nor the CPU waits for the other. The shard's
 samples go to an MDS folder (`contract.latents_shard`), written with mosaicml-streaming's own
 `MDSWriter` into a local folder and then copied to the output through the same store as the images;
