@@ -20,6 +20,8 @@ import os
 import tempfile
 from typing import Iterable, Iterator, NamedTuple
 
+import fsspec
+
 from ...contract import SHARD_DIGITS, InputError, ShardStats, shard_data, shard_metadata
 from ...spec import ENCODE_FORMATS, Download
 from ...storage import Store
@@ -49,10 +51,14 @@ class Format:
     image_extensions: tuple[str, ...] = tuple(ENCODE_FORMATS)
     reads_datasets = False  # convert reads existing datasets in this format (spec.source.dataset.format)
 
+    img2dataset_writer = ""  # the name of img2dataset's sample writer for the format, where it has one
+
     def sample_writer(self) -> type:
         """The class of the format's sample writers, in img2dataset's shape: its constructor,
         `write(img_str, key, caption, meta)` and `close()` (imported when a shard is written)."""
-        raise NotImplementedError
+        from img2dataset import writer
+
+        return getattr(writer, self.img2dataset_writer)
 
     def writer(self, opts: Download, shard: int, output: str, save_caption: bool, schema):
         """The sample writer of one shard."""
@@ -80,6 +86,26 @@ class Format:
     def image_of(self, fields: dict) -> bytes | None:
         """The image among a sample's fields (named by extension or column), or None."""
         return next((fields[e] for e in self.image_extensions if fields.get(e) is not None), None)
+
+
+class Grouped(Format):
+    """A format whose shard is a group of files per sample (a tar's members, a folder's files), read
+    as webdataset groups them; convert reads anyone's datasets in it too."""
+
+    image_extensions = IMAGE_FILES
+    reads_datasets = True
+
+    def read(self, fs, path: str, where: str) -> Iterator[Sample]:
+        """The samples of the shard at `path` on `fs`, their `file` being `where`."""
+        raise NotImplementedError
+
+    def read_samples(self, store: Store, shard: int) -> Iterator[Sample]:
+        name = shard_data(shard, self.name)
+        return self.read(store.fs, store.path(name), name)
+
+    def read_dataset(self, path: str) -> Iterator[Sample]:
+        fs, local = fsspec.core.url_to_fs(path.rstrip("/"))
+        return self.read(fs, local, path)
 
 
 def read_metadata(store: Store, shard: int):

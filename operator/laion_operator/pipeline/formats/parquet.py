@@ -13,11 +13,7 @@ from .base import Format, Sample, read_metadata, successes
 
 class Parquet(Format):
     name = "parquet"
-
-    def sample_writer(self) -> type:
-        from img2dataset.writer import ParquetSampleWriter
-
-        return ParquetSampleWriter
+    img2dataset_writer = "ParquetSampleWriter"
 
     def read_samples(self, store: Store, shard: int) -> Iterator[Sample]:
         table = read_metadata(store, shard)

@@ -9,35 +9,19 @@ from __future__ import annotations
 import tarfile
 from typing import BinaryIO, Iterator
 
-import fsspec
-
-from ...contract import shard_data
-from ...storage import Store
-from .base import IMAGE_FILES, BrokenShard, Format, Sample, group
+from .base import BrokenShard, Grouped, Sample, group
 
 _BLOCK = 512  # a tar header, and the unit its members' data is padded to
 _HEADERS = 4 * _BLOCK  # a member's headers: its own, and a PAX header with its data before it
 
 
-class WebDataset(Format):
+class WebDataset(Grouped):
     name = "webdataset"
+    img2dataset_writer = "WebDatasetSampleWriter"
 
-    def sample_writer(self) -> type:
-        from img2dataset.writer import WebDatasetSampleWriter
-
-        return WebDatasetSampleWriter
-    image_extensions = IMAGE_FILES
-    reads_datasets = True
-
-    def read_samples(self, store: Store, shard: int) -> Iterator[Sample]:
-        name = shard_data(shard, self.name)
-        with store.fs.open(store.path(name), "rb") as f:
-            yield from read_tar(f, name, store.fs.size(store.path(name)), self.image_extensions)
-
-    def read_dataset(self, path: str) -> Iterator[Sample]:
-        fs, file = fsspec.core.url_to_fs(path)
-        with fs.open(file, "rb") as f:
-            yield from read_tar(f, path, fs.size(file), self.image_extensions)
+    def read(self, fs, path: str, where: str) -> Iterator[Sample]:
+        with fs.open(path, "rb") as f:
+            yield from read_tar(f, where, fs.size(path), self.image_extensions)
 
 
 def read_tar(f: BinaryIO, where: str, size: int, image_extensions: tuple[str, ...]) -> Iterator[Sample]:
