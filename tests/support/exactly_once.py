@@ -61,7 +61,8 @@ def _image_keys(store: Store, shard: int, fmt: str, table) -> list[str]:
         if fmt == "mds":
             from streaming.base.format import reader_from_json
 
-            index = json.loads(open(os.path.join(local, name, "index.json")).read())
+            with open(os.path.join(local, name, "index.json")) as f:
+                index = json.load(f)
             readers = [reader_from_json(os.path.join(local, name), None, entry) for entry in index["shards"]]
             return [r.get_item(i)["key"] for r in readers for i in range(r.samples)]
     raise ValueError(f"no key reader for {fmt}")

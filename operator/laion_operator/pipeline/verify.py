@@ -26,6 +26,7 @@ from ..contract import MANIFEST, ShardStats, Verification, shard_data, shard_nam
 from ..storage import Store
 from . import formats
 from .formats import BrokenShard
+
 MAX_PROBLEMS_PER_SHARD = 5
 
 
@@ -146,7 +147,8 @@ def verify(store: Store, part_id: str, fmt: str,
                                    f"{contract.shard_stats(check.shard)} says {wrote}")
             bad.add(check.shard)
         if annotated is not None:
-            listed = sum(annotated.get(name, 0) for name in check.files)
+            # the shard's data file, or the files in its folder (mds)
+            listed = sum(n for name, n in annotated.items() if name == where or name.startswith(where + "/"))
             if listed != check.samples:
                 result.problems.append(f"{where}: {check.samples} samples read back, "
                                        f"{contract.annotations(part_id, fmt)} lists {listed}")

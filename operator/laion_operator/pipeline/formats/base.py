@@ -50,7 +50,6 @@ class Format:
     name = ""
     image_extensions: tuple[str, ...] = tuple(ENCODE_FORMATS)
     reads_datasets = False  # convert reads existing datasets in this format (spec.source.dataset.format)
-
     img2dataset_writer = ""  # the name of img2dataset's sample writer for the format, where it has one
 
     def sample_writer(self) -> type:
