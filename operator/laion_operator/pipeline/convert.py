@@ -75,12 +75,13 @@ def detect(dataset: Dataset) -> str:
         names = [p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
     except FileNotFoundError:
         raise ConvertError(f"spec.source.dataset.uri: {dataset.uri} does not exist") from None
-    if any(n.endswith(".tar") for n in names):
-        return "webdataset"
-    if any(n.isdigit() and fs.isdir(_join(root, n)) for n in names):
-        return "files"
-    raise ConvertError(f"spec.source.dataset: cannot tell the format of {dataset.uri} (no NNNNN.tar files, no "
-                       f"NNNNN/ folders, no captions JSONL); found {sorted(names)[:10]}; set format")
+    readers = [f for f in formats.FORMATS.values() if f.reads_datasets]
+    for fmt in readers:
+        if any(fmt.is_dataset_shard(fs, _join(root, n)) for n in names):
+            return fmt.name
+    looked = "".join(f"no {fmt.dataset_shards}, " for fmt in readers)
+    raise ConvertError(f"spec.source.dataset: cannot tell the format of {dataset.uri} ({looked}no captions "
+                       f"JSONL); found {sorted(names)[:10]}; set format")
 
 
 def list_inputs(spec: PartSpec) -> list[dict]:
@@ -103,13 +104,10 @@ def list_inputs(spec: PartSpec) -> list[dict]:
     except FileNotFoundError:
         raise ConvertError(f"spec.source.dataset.uri: {dataset.uri} does not exist") from None
     names = sorted(p.rsplit("/", 1)[-1] for p in entries)
-    if fmt == "webdataset":
-        shards = [n for n in names if n.endswith(".tar")]
-    else:
-        shards = [n for n in names if n.isdigit() and fs.isdir(_join(root, n))]
+    reader = formats.get(fmt)
+    shards = [n for n in names if reader.is_dataset_shard(fs, _join(root, n))]
     if not shards:
-        what = "NNNNN.tar files" if fmt == "webdataset" else "NNNNN/ folders"
-        raise ConvertError(f"spec.source.dataset.uri: no {what} in {dataset.uri}")
+        raise ConvertError(f"spec.source.dataset.uri: no {reader.dataset_shards} in {dataset.uri}")
     return [{"format": fmt, "path": _join(dataset.uri, n)} for n in shards]
 
 

@@ -93,6 +93,11 @@ class Grouped(Format):
 
     image_extensions = IMAGE_FILES
     reads_datasets = True
+    dataset_shards = ""  # what a dataset's shards are, in words
+
+    def is_dataset_shard(self, fs, path: str) -> bool:
+        """Whether `path`, an entry of a dataset's folder, is one of its shards."""
+        raise NotImplementedError
 
     def read(self, fs, path: str, where: str) -> Iterator[Sample]:
         """The samples of the shard at `path` on `fs`, their `file` being `where`."""

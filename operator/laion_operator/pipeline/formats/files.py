@@ -18,6 +18,10 @@ from .base import Grouped, Sample, group, read_metadata, successes
 class Files(Grouped):
     name = "files"
     img2dataset_writer = "FilesSampleWriter"
+    dataset_shards = "NNNNN/ folders"
+
+    def is_dataset_shard(self, fs, path: str) -> bool:
+        return path.rsplit("/", 1)[-1].isdigit() and fs.isdir(path)
 
     def read(self, fs, path: str, where: str) -> Iterator[Sample]:
         def members():

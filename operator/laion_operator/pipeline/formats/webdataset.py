@@ -18,6 +18,10 @@ _HEADERS = 4 * _BLOCK  # a member's headers: its own, and a PAX header with its 
 class WebDataset(Grouped):
     name = "webdataset"
     img2dataset_writer = "WebDatasetSampleWriter"
+    dataset_shards = "NNNNN.tar files"
+
+    def is_dataset_shard(self, fs, path: str) -> bool:
+        return path.endswith(".tar")
 
     def read(self, fs, path: str, where: str) -> Iterator[Sample]:
         with fs.open(path, "rb") as f:
