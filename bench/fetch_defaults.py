@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
 
     sys.path.insert(0, str(common.ROOT / "operator"))
     from laion_operator.pipeline import fetch
-    from laion_operator.pipeline.download import make_resizer
+    from laion_operator.pipeline.record import make_resizer
     from laion_operator.spec import PartSpec
 
     server = subprocess.Popen([common.PYTHON, "-c", SERVE, str(args.hosts)], stdout=subprocess.PIPE, text=True,

@@ -25,13 +25,13 @@ from tests.support.exactly_once import check_exactly_once
 SLOW = 2  # seconds the "timeout" images take: they time out at 1 s and come at 5 s
 
 
-def spec(source, output, timeout: float, heal: dict | None = None) -> PartSpec:
+def spec(source, output, timeout: float, heal: dict | None = None, fmt: str = "webdataset") -> PartSpec:
     data = {
         "partId": "h",
         "source": {"urls": [str(source)]},
         "filter": {"samplesPerShard": 10},
         "download": loopback({"imageSize": 64, "timeout": timeout, "maxInFlight": 8,
-                              "parallelism": 2}),
+                              "parallelism": 2, "outputFormat": fmt}),
         "output": {"uri": str(output)},
     }
     if heal is not None:
@@ -80,6 +80,24 @@ def test_heal_refetches_only_transient_failures_exactly_once(finished_part, meta
     healed_again = heal_part(spec(metadata, out, timeout=5, heal={"round": 1}))  # unless asked again
     assert healed_again["heal"]["refetched"] == 0  # nothing transient left
     check_exactly_once(out)
+
+
+@pytest.mark.parametrize("fmt", ["files", "parquet", "tfrecord", "mds"])
+def test_heal_rewrites_every_output_format(ray_driver, metadata, tmp_path, fmt):
+    """The samples kept are read back from the format's shards and written again; verify reads the result."""
+    from laion_operator.pipeline.verify import verify
+    from laion_operator.storage import Store
+
+    out = tmp_path / fmt
+    first = run_part(spec(metadata, out, timeout=1, fmt=fmt))
+    timeouts = first["images"]["failedByReason"]["timeout"]
+    healed = spec(metadata, out, timeout=5, fmt=fmt)
+    summary = heal_part(healed)
+    assert summary["images"]["ok"] == first["images"]["ok"] + timeouts
+    assert summary["heal"]["refetched"] == timeouts and "timeout" not in summary["images"]["failedByReason"]
+    check_exactly_once(out)
+    result = verify(Store(healed.output), "h", fmt)
+    assert result.ok and result.samples == result.images_decoded == summary["images"]["ok"], result.problems
 
 
 def test_heal_refuses_an_unfinished_part_naming_the_file(finished_part, metadata):

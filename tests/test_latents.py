@@ -84,9 +84,8 @@ def test_latents_settings_are_validated_naming_the_field(model_dir):
         PartSpec.from_dict({"partId": "L", "source": {"urls": ["s"]}, "output": {"uri": "/tmp/o"},
                             "latents": {"vae": "v"}})
     assert PartSpec.from_dict({"partId": "L", "source": {"urls": ["s"]}, "output": {"uri": "/tmp/o"}}).latents is None
-    with pytest.raises(SpecError, match=r"spec\.latents: the latents stage reads outputFormat webdataset, "
-                                        r"parquet, files, not 'tfrecord'"):
-        part("s.parquet", "/tmp/o", model_dir, fmt="tfrecord")
+    for fmt in ("webdataset", "files", "parquet", "tfrecord", "mds"):  # the stage reads every format
+        assert part("s.parquet", "/tmp/o", model_dir, fmt=fmt).download.output_format == fmt
 
 
 # --- models -----------------------------------------------------------------------------------------
@@ -289,8 +288,8 @@ def test_a_model_that_cannot_load_fails_the_part_as_bad_input(encoded, model_dir
     assert json.loads((copy / contract.PROGRESS).read_text())["phase"] == "Failed"
 
 
-@pytest.mark.parametrize("fmt", ["parquet", "files"])
-def test_every_readable_output_format_gives_the_same_latents(ray_driver, source, model_dir, encoded, tmp_path, fmt):
+@pytest.mark.parametrize("fmt", ["parquet", "files", "tfrecord", "mds"])
+def test_every_output_format_gives_the_same_latents(ray_driver, source, model_dir, encoded, tmp_path, fmt):
     from laion_operator.latents_loader import LatentsDataset
     from laion_operator.pipeline.driver import run_part
 

@@ -13,7 +13,7 @@ from img2dataset import resizer as i2d
 from PIL import Image
 
 from laion_operator.pipeline import resize
-from laion_operator.pipeline.download import make_resizer
+from laion_operator.pipeline.record import make_resizer
 from laion_operator.testbed.fakeweb import Spec, encode, render
 from laion_operator.pipeline.resize import Resizer, jpeg_header
 from laion_operator.spec import PartSpec

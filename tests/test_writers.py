@@ -1,8 +1,8 @@
 """Our TensorFlow-free TFRecord writer writes what img2dataset's TFRecordSampleWriter would.
 
-Read back with independent code: the `tfrecord` package (its own protobuf-generated tf.train.Example
-classes, no TensorFlow), CRCs checked with the `crc32c` package (not google-crc32c, which the writer
-uses), and the expected Examples built by img2dataset's own writer code running on those classes.
+Read back with independent code: the `tfrecord` package's reader, records split and CRCs checked
+with the `crc32c` package (not google-crc32c, which the writer uses), and the expected Examples built
+by img2dataset's own writer code running on the tfrecord package's protobuf classes.
 """
 
 import math
@@ -24,7 +24,12 @@ OPERATOR_DIR = Path(__file__).resolve().parents[1] / "operator"
 if str(OPERATOR_DIR) not in sys.path:
     sys.path.insert(0, str(OPERATOR_DIR))
 
-from laion_operator.pipeline.writers import TFRecordSampleWriter, encode_example, feature_for  # noqa: E402
+from laion_operator.pipeline.formats.tfrecord import (  # noqa: E402
+    TFRecordSampleWriter,
+    example_for,
+    feature_for,
+    serialize,
+)
 
 SCHEMA = pa.schema([
     ("url", pa.string()),
@@ -187,10 +192,6 @@ def test_corrupted_byte_is_detected(tmp_path, where):
         check_records(bytes(blob))
 
 
-def parse_feature(serialized: bytes) -> example_pb2.Feature:
-    return example_pb2.Feature.FromString(serialized)
-
-
 @pytest.mark.parametrize("value,expected", [
     (5, example_pb2.Feature(int64_list=example_pb2.Int64List(value=[5]))),
     (-1, example_pb2.Feature(int64_list=example_pb2.Int64List(value=[-1]))),
@@ -211,7 +212,7 @@ def parse_feature(serialized: bytes) -> example_pb2.Feature:
     (np.array([1, 2]), example_pb2.Feature(int64_list=example_pb2.Int64List(value=[1, 2]))),
 ])
 def test_feature_types(value, expected):
-    got = parse_feature(feature_for(value))
+    got = example_pb2.Feature.FromString(feature_for(value).SerializeToString())
     assert got == expected
     assert got.WhichOneof("kind") == expected.WhichOneof("kind")
 
@@ -235,7 +236,7 @@ def test_failed_sample_writes_nothing(tmp_path):
 
 
 def test_empty_example_round_trips():
-    assert example_pb2.Example.FromString(encode_example({})) == example_pb2.Example(
+    assert example_pb2.Example.FromString(serialize(example_for({}))) == example_pb2.Example(
         features=example_pb2.Features())
 
 
@@ -251,3 +252,19 @@ def test_sample_keys_are_img2datasets():
                 if index < samples_per_shard:
                     assert sample_key(shard, index, samples_per_shard) == \
                         compute_key(index, shard, digits, SHARD_DIGITS), (samples_per_shard, shard, index)
+
+
+def test_the_same_samples_give_the_same_bytes_in_every_process():
+    """protobuf orders a map's entries (an Example's features) by a hash seeded per process unless it
+    serializes deterministically: two runs of one part would otherwise differ byte for byte."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    code = ("from laion_operator.pipeline.formats.tfrecord import example_for, feature_for, serialize; "
+            "print(serialize(example_for({n: feature_for(n) for n in %r})).hex())" % (list(SCHEMA.names),))
+    runs = [subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                           env={"PYTHONPATH": str(root / "operator"), "PATH": "/usr/bin:/bin"}).stdout
+            for _ in range(3)]
+    assert runs[0] == runs[1] == runs[2]
+    example = example_pb2.Example.FromString(bytes.fromhex(runs[0]))
+    assert set(example.features.feature) == set(SCHEMA.names)

@@ -9,8 +9,11 @@
 from __future__ import annotations
 
 import io
+import json
+import os
 import re
 import tarfile
+import tempfile
 from collections import Counter
 
 import pyarrow.parquet as pq
@@ -35,7 +38,7 @@ def _parquet(store: Store, name: str):
 
 
 def _image_keys(store: Store, shard: int, fmt: str, table) -> list[str]:
-    """The keys of the images actually in the shard's data file(s)."""
+    """The keys of the images actually in the shard's data file(s), read with each format's own library."""
     if fmt == "webdataset":
         with store.fs.open(store.path(contract.shard_data(shard, fmt)), "rb") as f:
             with tarfile.open(fileobj=io.BytesIO(f.read())) as tar:
@@ -47,6 +50,21 @@ def _image_keys(store: Store, shard: int, fmt: str, table) -> list[str]:
     if fmt == "parquet":  # the data file is the metadata file: images are the non-null image column
         image = next(c for c in ("jpg", "png", "webp") if c in table.column_names)
         return [k for k, img in zip(table.column("key").to_pylist(), table.column(image).to_pylist()) if img]
+    with tempfile.TemporaryDirectory() as local:
+        name = contract.shard_data(shard, fmt)
+        store.fs.get(store.path(name), os.path.join(local, name), recursive=fmt == "mds")
+        if fmt == "tfrecord":
+            from tfrecord.reader import tfrecord_loader
+
+            return [bytes(r["key"]).decode() for r in tfrecord_loader(os.path.join(local, name), None)
+                    if any(c in r for c in ("jpg", "png", "webp"))]
+        if fmt == "mds":
+            from streaming.base.format import reader_from_json
+
+            with open(os.path.join(local, name, "index.json")) as f:
+                index = json.load(f)
+            readers = [reader_from_json(os.path.join(local, name), None, entry) for entry in index["shards"]]
+            return [r.get_item(i)["key"] for r in readers for i in range(r.samples)]
     raise ValueError(f"no key reader for {fmt}")
 
 

@@ -1,10 +1,12 @@
-"""The pipeline: what runs inside Ray for a part — filter → download (fetch, resize, writers) or convert
-→ annotate → verify → latents → heal.
+"""The pipeline: what runs inside Ray for a part — filter → download (fetch, resize) or convert, each
+sample recorded by `record` (resized, its metadata row, counted, written) → annotate → verify → latents
+→ heal.
 
-`driver.run_part` runs the stages, each shard stage through `runtime.Pool` (Ray tasks returning a
-typed `Outcome`) with its progress kept by `tracker.Tracker`; `job` is the Ray job's entry point;
-`local` runs a part on this machine with a progress line. Nothing here is imported by the operator
-(`control/`).
+`formats/` holds the output formats, one module each (writer, reader, annotation rows): every stage
+asks the format rather than branching on its name. `driver.run_part` runs the stages, each shard
+stage through `runtime.Pool` (Ray tasks returning a typed `Outcome`) with its progress kept by
+`tracker.Tracker`; `job` is the Ray job's entry point; `local` runs a part on this machine with a
+progress line. Nothing here is imported by the operator (`control/`).
 """
 
 import os as _os
@@ -23,8 +25,8 @@ def load_light() -> None:
 
     Every Ray worker of a part imports this package, and on a busy 2-core node the pipeline took 11 s
     a process to import, 3 s without these (`python -X importtime`): img2dataset's `__init__` loads
-    its CLI (fire, wandb, both distributors), and webdataset loads torch, where it is installed, for a
-    DataLoader the pipeline never builds. The package's modules are found through its `__path__`
+    its CLI (fire, wandb, both distributors), and webdataset and tfrecord load torch, where it is
+    installed, for DataLoaders the pipeline never builds. The package's modules are found through its `__path__`
     without running its `__init__`, and webdataset falls back to its stand-ins for torch's classes.
     Only for processes that are the pipeline's alone (Ray workers, the job's driver): elsewhere, as in
     a notebook that also trains, webdataset and img2dataset stay whole.
@@ -36,9 +38,10 @@ def load_light() -> None:
         spec = importlib.util.find_spec("img2dataset")
         if spec is not None:
             sys.modules["img2dataset"] = importlib.util.module_from_spec(spec)  # not executed
-    if "webdataset" not in sys.modules and "torch" not in sys.modules:
+    if "torch" not in sys.modules:
         sys.modules["torch"] = None  # an import of torch now fails, as where it is not installed
         try:
+            import tfrecord  # noqa: F401 - the TFRecord format's protobuf classes; its torch glue goes
             import webdataset  # noqa: F401
         finally:
             del sys.modules["torch"]

@@ -5,27 +5,25 @@ Inputs, one Ray task per input shard:
 
 - `webdataset`: img2dataset-style `NNNNN.tar` files of `key.jpg` / `key.txt` / `key.json` (the
   project's own output, or anyone's): each tar is a shard;
-- `files`: img2dataset's `files` layout, `NNNNN/` folders of the same three files: each folder a shard;
+- `files`: img2dataset's `files` layout, `NNNNN/` folders of the same three files: each folder a shard
+  (both read by their output formats' `read_dataset`, pipeline/formats/);
 - `images`: image files and a captions JSONL naming them (micro_diffusion's JourneyDB style,
   `{"img_path": "./000/abc.jpg", "prompt": "…"}`): every `filter.samplesPerShard` lines a shard.
 
 The input shards are listed once into the part's manifest (`contract.MANIFEST`), so that a resumed run
 maps shard N to the same input; a shard is finished when its `_stats.json` exists, exactly as for a
-download, and a redone shard starts from nothing. Images go through the same Resizer as downloaded
-ones (`resizeMode: no` with `skipReencode: true` keeps their bytes). A sample whose image does not
-decode is counted as a failure with reason `decode`, its error message naming the file and sample; an
-input that cannot be read at all (a broken tar, a JSONL line without its fields, a missing image
-file) raises ConvertError naming the file and the sample.
+download, and a redone shard starts from nothing. Samples are recorded as downloaded ones are
+(record.Recorder: the same Resizer, metadata columns and counts; `resizeMode: no` with
+`skipReencode: true` keeps their bytes). A sample whose image does not decode is counted as a failure
+with reason `decode`, its error message naming the file and sample; an input that cannot be read at
+all raises an InputError naming the file and the sample: formats.BrokenShard for a broken tar,
+ConvertError for a sample without an image, a JSONL line without its fields, a missing image file.
 """
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 import time
-from collections import Counter
-from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import fsspec
@@ -35,31 +33,18 @@ from ..contract import MANIFEST, ShardStats, fingerprint, sample_key
 from ..errors import InputError
 from ..spec import Dataset, PartSpec
 from ..storage import Store
-from .download import clear_shard, finish_shard, make_resizer, make_writer, resize_reason
+from . import formats
+from .formats import Sample
+from .record import KEY, Recorder, clear_shard
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
-CAPTION_EXTENSIONS = ("txt", "caption")
-
-# Every sample's metadata row (the shard's `.parquet`), whatever the input's own json held.
-SCHEMA = pa.schema([
-    ("key", pa.string()), ("caption", pa.string()), ("url", pa.string()), ("source_file", pa.string()),
-    ("source_key", pa.string()), ("status", pa.string()), ("error_message", pa.string()),
-    ("failure_reason", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
-    ("original_width", pa.int32()), ("original_height", pa.int32()),
-])
+# The leading columns of every sample's metadata row (the shard's `.parquet`), whatever the input's
+# own json held; record.OUTCOME follows them.
+SOURCE = pa.schema([KEY, ("caption", pa.string()), ("url", pa.string()), ("source_file", pa.string()),
+                    ("source_key", pa.string())])
 
 
 class ConvertError(InputError):
     """An input dataset that cannot be read; the message names the file and the sample."""
-
-
-@dataclass
-class Sample:
-    key: str  # the key in the input (a tar member's or file's base name, or the JSONL line)
-    file: str  # where it came from, as a person finds it: the tar, folder or JSONL line
-    image: bytes
-    caption: str | None
-    url: str | None
 
 
 def _fs(uri: str):
@@ -91,12 +76,13 @@ def detect(dataset: Dataset) -> str:
         names = [p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
     except FileNotFoundError:
         raise ConvertError(f"spec.source.dataset.uri: {dataset.uri} does not exist") from None
-    if any(n.endswith(".tar") for n in names):
-        return "webdataset"
-    if any(n.isdigit() and fs.isdir(_join(root, n)) for n in names):
-        return "files"
-    raise ConvertError(f"spec.source.dataset: cannot tell the format of {dataset.uri} (no NNNNN.tar files, no "
-                       f"NNNNN/ folders, no captions JSONL); found {sorted(names)[:10]}; set format")
+    readers = [f for f in formats.FORMATS.values() if f.reads_datasets]
+    for fmt in readers:
+        if any(fmt.is_dataset_shard(fs, _join(root, n)) for n in names):
+            return fmt.name
+    looked = "".join(f"no {fmt.dataset_shards}, " for fmt in readers)
+    raise ConvertError(f"spec.source.dataset: cannot tell the format of {dataset.uri} ({looked}no captions "
+                       f"JSONL); found {sorted(names)[:10]}; set format")
 
 
 def list_inputs(spec: PartSpec) -> list[dict]:
@@ -119,13 +105,10 @@ def list_inputs(spec: PartSpec) -> list[dict]:
     except FileNotFoundError:
         raise ConvertError(f"spec.source.dataset.uri: {dataset.uri} does not exist") from None
     names = sorted(p.rsplit("/", 1)[-1] for p in entries)
-    if fmt == "webdataset":
-        shards = [n for n in names if n.endswith(".tar")]
-    else:
-        shards = [n for n in names if n.isdigit() and fs.isdir(_join(root, n))]
+    reader = formats.get(fmt)
+    shards = [n for n in names if reader.is_dataset_shard(fs, _join(root, n))]
     if not shards:
-        what = "NNNNN.tar files" if fmt == "webdataset" else "NNNNN/ folders"
-        raise ConvertError(f"spec.source.dataset.uri: no {what} in {dataset.uri}")
+        raise ConvertError(f"spec.source.dataset.uri: no {reader.dataset_shards} in {dataset.uri}")
     return [{"format": fmt, "path": _join(dataset.uri, n)} for n in shards]
 
 
@@ -183,72 +166,6 @@ def plan(spec: PartSpec, store: Store) -> dict:
 # --- reading one input shard -------------------------------------------------------------------
 
 
-def _group(members: Iterator[tuple[str, bytes]], where: str) -> Iterator[dict]:
-    """Files grouped by key (all before the first dot of the base name), as webdataset groups them."""
-    current: dict | None = None
-    for name, data in members:
-        prefix, _, base = name.rpartition("/")
-        if "." not in base or base.startswith("_"):
-            continue  # img2dataset's own _stats.json and the like
-        stem, ext = base.split(".", 1)
-        key, ext = (f"{prefix}/{stem}" if prefix else stem), ext.lower()
-        if current is None or current["__key__"] != key:
-            if current is not None:
-                yield current
-            current = {"__key__": key}
-        if ext in current:
-            raise ConvertError(f"{where}: sample {key}: two files named {key}.{ext}")
-        current[ext] = data
-    if current is not None:
-        yield current
-
-
-def _sample(files: dict, where: str) -> Sample:
-    key = files["__key__"]
-    image_ext = next((e for e in IMAGE_EXTENSIONS if e in files), None)
-    if image_ext is None:
-        raise ConvertError(f"{where}: sample {key}: no image (one of .{', .'.join(IMAGE_EXTENSIONS)}); "
-                           f"it has {sorted(k for k in files if k != '__key__')}")
-    meta = {}
-    if "json" in files:
-        try:
-            meta = json.loads(files["json"])
-        except ValueError as err:
-            raise ConvertError(f"{where}: sample {key}: {key}.json is not JSON: {err}") from None
-    caption = next((files[e].decode("utf-8", "replace") for e in CAPTION_EXTENSIONS if e in files), None)
-    if caption is None and isinstance(meta, dict):
-        caption = meta.get("caption")
-    url = meta.get("url") if isinstance(meta, dict) else None
-    return Sample(key=key.rsplit("/", 1)[-1], file=where, image=files[image_ext], caption=caption,
-                  url=url if isinstance(url, str) else None)
-
-
-def read_tar(path: str) -> Iterator[Sample]:
-    fs, file = _fs(path)
-    try:
-        with fs.open(file, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-            def members():
-                for info in tar:
-                    if info.isfile():
-                        yield info.name, tar.extractfile(info).read()
-            for files in _group(members(), path):
-                yield _sample(files, path)
-    except tarfile.TarError as err:
-        raise ConvertError(f"{path}: not a readable tar: {err}") from None
-
-
-def read_folder(path: str) -> Iterator[Sample]:
-    fs, folder = _fs(path)
-
-    def members():
-        for name in sorted(p.rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False)):
-            with fs.open(_join(folder, name), "rb") as f:
-                yield name, f.read()
-
-    for files in _group(members(), path):
-        yield _sample(files, path)
-
-
 def read_captioned(dataset: Dataset, entry: dict) -> Iterator[Sample]:
     path = entry["path"]
     data = _read_bytes(path, "spec.source.dataset.captions", entry["offset"], entry["end"])
@@ -261,16 +178,23 @@ def read_captioned(dataset: Dataset, entry: dict) -> Iterator[Sample]:
         except FileNotFoundError:
             raise ConvertError(f"{path} line {row['line']}: image {image} does not exist") from None
         caption = row["caption"]
-        yield Sample(key=str(row["image"]).rsplit("/", 1)[-1].rsplit(".", 1)[0], file=f"{path} line {row['line']}",
-                     image=content, caption=caption if caption is None else str(caption), url=None)
+        yield Sample(key=str(row["image"]).rsplit("/", 1)[-1].rsplit(".", 1)[0],
+                     caption=caption if caption is None else str(caption), image=content, meta={},
+                     file=f"{path} line {row['line']}")
 
 
 def read_input(spec: PartSpec, entry: dict) -> Iterator[Sample]:
-    if entry["format"] == "webdataset":
-        return read_tar(entry["path"])
-    if entry["format"] == "files":
-        return read_folder(entry["path"])
-    return read_captioned(spec.dataset, entry)
+    """The samples of one input shard, keyed by their base names; each has its image (ConvertError
+    naming the sample otherwise)."""
+    if entry["format"] == "images":
+        yield from read_captioned(spec.dataset, entry)
+        return
+    fmt = formats.get(entry["format"])
+    for sample in fmt.read_dataset(entry["path"]):
+        key = sample.key.rsplit("/", 1)[-1]
+        if sample.image is None:
+            raise ConvertError(f"{sample.file}: sample {key}: no image (one of .{', .'.join(fmt.image_extensions)})")
+        yield sample._replace(key=key)
 
 
 # --- writing one output shard ------------------------------------------------------------------
@@ -279,39 +203,20 @@ def read_input(spec: PartSpec, entry: dict) -> Iterator[Sample]:
 def convert_shard(spec: PartSpec, shard: int,
                   report: Callable[[ShardStats], None] | None = None, report_every: float = 2.0) -> ShardStats:
     """Convert input shard `shard` into output shard `shard`; returns its stats (also its _stats.json)."""
-    opts = spec.download
     store = Store(spec.output)
     clear_shard(store, shard)
     entry = store.read_json(MANIFEST)["inputs"][shard]
     stats = ShardStats(shard=shard, start_time=time.time())
-    reasons: Counter[str] = Counter()
-    resizer = make_resizer(opts)
-    writer = make_writer(opts, shard, store.uri, True, SCHEMA)
-    last_report = time.monotonic()
+    recorder = Recorder(spec.download, store, stats, True, SOURCE, report=report, report_every=report_every)
     try:
         for index, sample in enumerate(read_input(spec, entry)):
             stats.count += 1
             key = sample_key(shard, index, spec.filter.samples_per_shard)
-            meta = {"key": key, "caption": sample.caption, "url": sample.url, "source_file": sample.file,
-                    "source_key": sample.key, "status": None, "error_message": None, "failure_reason": None,
-                    "width": None, "height": None, "original_width": None, "original_height": None}
-            image, width, height, orig_w, orig_h, message = resizer(io.BytesIO(sample.image))
-            if message is not None:
-                image = None
-                reason = resize_reason(message)
-                stats.failed_to_resize += 1
-                meta.update(status="failed_to_resize", failure_reason=reason,
-                            error_message=f"{sample.file}: sample {sample.key}: {message}")
-                reasons[reason] += 1
-            else:
-                stats.successes += 1
-                meta.update(status="success", width=width, height=height, original_width=orig_w,
-                            original_height=orig_h)
-            writer.write(image, key, sample.caption, meta)
-            if report and time.monotonic() - last_report >= report_every:
-                stats.failed_by_reason = dict(reasons)
-                report(stats)
-                last_report = time.monotonic()
-    finally:
-        writer.close()
-    return finish_shard(store, stats, reasons)
+            url = sample.meta.get("url")
+            leading = {"key": key, "caption": sample.caption, "url": url if isinstance(url, str) else None,
+                       "source_file": sample.file, "source_key": sample.key}
+            recorder.image(leading, sample.caption, sample.image, where=f"{sample.file}: sample {sample.key}: ")
+    except BaseException:
+        recorder.close()
+        raise
+    return recorder.finish()

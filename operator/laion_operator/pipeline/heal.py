@@ -2,8 +2,9 @@
 timeouts, 5xx), so that a 20-hour part need not be redone for them.
 
 Each shard holding such samples is rewritten whole by `download_shard`, which writes every other
-sample again as it was (its `reuse`) and fetches the chosen ones: afterwards every sample is in the
-shard exactly once, with its new status. The shards are rewritten in parallel, a Ray task each
+sample again as it was (its `reuse`: the image as the output format reads it back, whichever of
+the formats it is, and its metadata row) and fetches the chosen ones: afterwards every sample is in
+the shard exactly once, with its new status. The shards are rewritten in parallel, a Ray task each
 (`heal_shard`), through the pool and Tracker a download runs on: `heal` is the last stage of
 `driver.run_part` when `spec.heal` is set, and `heal_part` runs it alone (`laion-operator heal`).
 Then the annotations, the summary and the progress are made again from the shards' stats.
@@ -19,7 +20,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import tarfile
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -32,45 +32,26 @@ from ..contract import HEAL, MANIFEST, PROGRESS, Phase, Progress, ShardStats
 from ..errors import InputError
 from ..spec import PartSpec
 from ..storage import Store, StorageUnavailable
+from . import formats
 from .annotate import annotate
 from .download import download_shard
+from .formats import read_metadata
 from .runtime import Outcome, PartFailed, Pool, cpus, ensure_ray, store_work
 from .tracker import Tracker
 
 log = logging.getLogger(__name__)
-HEALABLE_FORMATS = ("webdataset", "parquet", "files")
 
 
 class NotHealable(InputError):
     """The part cannot be healed as it is; the message says why and names the file."""
 
 
-def _read_parquet(store: Store, name: str) -> pa.Table:
-    with store.fs.open(store.path(name), "rb") as f:
-        return pq.read_table(f)
-
-
-def _images(store: Store, shard: int, fmt: str, ext: str, table: pa.Table) -> dict[str, bytes]:
-    """The image bytes of the shard's successful samples, by key, as its data file holds them."""
-    if fmt == "webdataset":
-        with store.fs.open(store.path(contract.shard_data(shard, fmt)), "rb") as f:
-            with tarfile.open(fileobj=io.BytesIO(f.read())) as tar:
-                return {m.name.rsplit(".", 1)[0]: tar.extractfile(m).read()
-                        for m in tar.getmembers() if m.name.endswith("." + ext)}
-    if fmt == "parquet":
-        return {k: v for k, v in zip(table.column("key").to_pylist(), table.column(ext).to_pylist()) if v}
-    folder = contract.shard_name(shard)
-    keys = [k for k, status in zip(table.column("key").to_pylist(), table.column("status").to_pylist())
-            if status == "success"]
-    return {k: store.fs.cat_file(store.path(folder, f"{k}.{ext}")) for k in keys}
-
-
 def save_samples(store: Store, spec: PartSpec, shard: int) -> None:
     """The shard's samples (metadata row and image) into `_laion/heal/<shard>.parquet`, written at once."""
-    fmt, ext = spec.download.output_format, spec.download.encode_format
-    table = _read_parquet(store, contract.shard_metadata(shard))
-    images = _images(store, shard, fmt, ext, table)
-    rows = [{k: v for k, v in row.items() if k != ext} for row in table.to_pylist()]
+    fmt = formats.get(spec.download.output_format)
+    table = read_metadata(store, shard)
+    images = {sample.key: sample.image for sample in fmt.read_samples(store, shard)}
+    rows = [{k: v for k, v in row.items() if k != spec.download.encode_format} for row in table.to_pylist()]
     saved = pa.table({"key": [r["key"] for r in rows],
                       "image": pa.array([images.get(r["key"]) for r in rows], pa.binary()),
                       "meta": [json.dumps(r, default=str) for r in rows]})
@@ -81,7 +62,8 @@ def save_samples(store: Store, spec: PartSpec, shard: int) -> None:
 
 
 def saved_samples(store: Store, shard: int) -> dict[str, tuple[bytes | None, dict]]:
-    table = _read_parquet(store, contract.heal_backup(shard))
+    with store.fs.open(store.path(contract.heal_backup(shard)), "rb") as f:
+        table = pq.read_table(f)
     return {key: (image, json.loads(meta)) for key, image, meta in
             zip(*(table.column(c).to_pylist() for c in ("key", "image", "meta")))}
 
@@ -91,7 +73,7 @@ def to_heal(meta: dict, reasons: set[str]) -> bool:
 
 
 def _affected(store: Store, shard: int, reasons: set[str]) -> int:
-    table = _read_parquet(store, contract.shard_metadata(shard))
+    table = read_metadata(store, shard)
     return sum(1 for status, reason in zip(table.column("status").to_pylist(),
                                            table.column("failure_reason").to_pylist())
                if status != "success" and reason in reasons)
@@ -143,9 +125,6 @@ def _plan(spec: PartSpec, store: Store, reasons: list[str] | None, force: bool) 
     heal = spec.heal
     reasons = sorted(set(reasons or (heal.reasons if heal else contract.TRANSIENT_REASONS)))
     key = f"{','.join(reasons)}#{heal.round if heal else 0}"
-    fmt = spec.download.output_format
-    if fmt not in HEALABLE_FORMATS:
-        raise NotHealable(f"download.outputFormat {fmt}: heal rewrites {', '.join(HEALABLE_FORMATS)} shards only")
     manifest = store.read_json(MANIFEST)
     if manifest is None:
         raise NotHealable(f"{store.url(MANIFEST)} is missing: {store.uri} holds no part to heal")

@@ -1,7 +1,8 @@
 """Stage 4 (spec.latents): VAE image latents and text-encoder embeddings of one shard's samples.
 
 What micro_diffusion's precompute script does with `accelerate launch` on 8 GPUs, as one Ray task
-per download shard: its images are read and decoded by a thread that fills a short queue of batches
+per download shard: its images are read back by the shard's output format (any of them:
+pipeline/formats/) and decoded by a thread that fills a short queue of batches
 while the models run, so that neither the accelerator nor the CPU waits for the other. The shard's
 samples go to an MDS folder (`contract.latents_shard`), written with mosaicml-streaming's own
 `MDSWriter` into a local folder and then copied to the output through the same store as the images;
@@ -13,9 +14,7 @@ which StreamingDataset reads (see `laion_operator.latents_loader`).
 from __future__ import annotations
 
 import io
-import json
 import queue
-import tarfile
 import tempfile
 import threading
 import time
@@ -23,17 +22,14 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from PIL import Image
 
 from .. import contract
 from ..contract import LatentStats, latents_shard, latents_stats, shard_name
-from ..errors import InputError
 from ..spec import Latents, PartSpec
 from ..storage import Store
-
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+from . import formats
+from .formats.mds import merge
 # Batches decoded ahead of the model: enough to hide a slow decode, little memory.
 PREFETCH = 2
 MDS_SIZE_LIMIT = 1 << 28  # 256 MiB a file, as micro_diffusion's precompute script writes them
@@ -52,66 +48,11 @@ def streaming():
 Sample = tuple[str, str, bytes]  # key, caption, encoded image
 
 
-def _webdataset(store: Store, shard: int, spec: PartSpec) -> Iterator[Sample]:
-    """img2dataset's tars hold each sample's files one after another: <key>.jpg, <key>.txt, <key>.json."""
-    current: dict = {}
-    key = None
-    with store.fs.open(store.path(contract.shard_data(shard, "webdataset")), "rb") as f:
-        with tarfile.open(fileobj=f, mode="r|") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                stem, _, ext = member.name.rpartition(".")
-                if stem != key:
-                    if key is not None and "image" in current:
-                        yield key, current.get("txt", ""), current["image"]
-                    key, current = stem, {}
-                data = tar.extractfile(member).read()
-                if ext in IMAGE_EXTENSIONS:
-                    current["image"] = data
-                elif ext == "txt":
-                    current["txt"] = data.decode("utf-8")
-    if key is not None and "image" in current:
-        yield key, current.get("txt", ""), current["image"]
-
-
-def _successes(store: Store, shard: int, columns: list[str]):
-    with store.fs.open(store.path(contract.shard_metadata(shard)), "rb") as f:
-        table = pq.read_table(f)
-    table = table.filter(pc.equal(table.column("status"), "success"))
-    return table.select([c for c in columns if c in table.column_names])
-
-
-def _parquet(store: Store, shard: int, spec: PartSpec) -> Iterator[Sample]:
-    ext = spec.download.encode_format
-    table = _successes(store, shard, ["key", "caption", ext])
-    for key, caption, image in zip(table.column("key").to_pylist(),
-                                   table.column("caption").to_pylist() if "caption" in table.column_names
-                                   else [""] * table.num_rows,
-                                   table.column(ext).to_pylist()):
-        yield key, caption or "", image
-
-
-def _files(store: Store, shard: int, spec: PartSpec) -> Iterator[Sample]:
-    ext = spec.download.encode_format
-    table = _successes(store, shard, ["key", "caption"])
-    captions = table.column("caption").to_pylist() if "caption" in table.column_names else [""] * table.num_rows
-    for key, caption in zip(table.column("key").to_pylist(), captions):
-        with store.fs.open(store.path(shard_name(shard), f"{key}.{ext}"), "rb") as f:
-            yield key, caption or "", f.read()
-
-
-READERS: dict[str, Callable[[Store, int, PartSpec], Iterator[Sample]]] = {
-    "webdataset": _webdataset, "parquet": _parquet, "files": _files,
-}
-
-
 def read_samples(store: Store, shard: int, spec: PartSpec) -> Iterator[Sample]:
-    fmt = spec.download.output_format
-    if fmt not in READERS:
-        raise InputError(f"spec.latents: outputFormat {fmt!r} cannot be read by the latents stage yet; "
-                         f"use one of {', '.join(READERS)}")
-    return READERS[fmt](store, shard, spec)
+    """The shard's samples with an image, whatever its outputFormat, as the format reads them back."""
+    for sample in formats.get(spec.download.output_format).read_samples(store, shard):
+        if sample.image is not None:
+            yield sample.key, sample.caption or "", sample.image
 
 
 # --- decoding, in a thread beside the model -----------------------------------------------------
@@ -270,21 +211,17 @@ def encode_shard(spec: PartSpec, shard: int, report: Callable[[LatentStats], Non
 def merge_indexes(store: Store, shards: list[LatentStats]) -> int:
     """latents/index.json over every shard's MDS files (what streaming's merge_index writes: each
     shard entry with its folder prefixed), so that one StreamingDataset reads the whole part."""
-    merged: list[dict] = []
-    for stats in sorted(shards, key=lambda s: s.shard):
+    indexes = {}
+    for stats in shards:
         if not stats.written:
             continue  # no sample, no MDS folder
         index = store.read_json(latents_shard(stats.shard), "index.json")
         if index is None:
             raise RuntimeError(f"{store.url(latents_shard(stats.shard), 'index.json')} is missing")
-        for entry in index["shards"]:
-            entry = json.loads(json.dumps(entry))
-            for part in ("raw_data", "zip_data"):
-                if entry.get(part):
-                    entry[part]["basename"] = f"{shard_name(stats.shard)}/{entry[part]['basename']}"
-            merged.append(entry)
-    store.write_json({"version": 2, "shards": merged}, contract.LATENTS_INDEX)
-    return sum(entry["samples"] for entry in merged)
+        indexes[stats.shard] = index
+    merged = merge(indexes)
+    store.write_json(merged, contract.LATENTS_INDEX)
+    return sum(entry["samples"] for entry in merged["shards"])
 
 
 def write_manifest(store: Store, settings: Latents, shards: list[LatentStats]) -> dict:

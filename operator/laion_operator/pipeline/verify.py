@@ -1,9 +1,9 @@
 """Verify: every shard of a finished part read back with its format's own reader, every image decoded,
 and the counts compared with the shards' stats, the annotations and the summary.
 
-Readers: webdataset's tar iterators for `.tar`, pyarrow for `.parquet`, the `tfrecord` package for
-`.tfrecord`, streaming's MDS reader for `mds`, and for `files` the shard's folder beside the
-`part_<id>.csv` that lists it. What a trainer would trip over is what this looks for: a shard that
+Readers: the formats' `read_samples` (pipeline/formats/): a `.tar` grouped by key as webdataset
+groups it, pyarrow for `.parquet`, the `tfrecord` package for `.tfrecord`, streaming's MDS reader
+for `mds`, and for `files` the shard's folder beside the `part_<id>.csv` that lists it. What a trainer would trip over is what this looks for: a shard that
 does not open, an image that does not decode, a key twice, a count that differs from what the part
 says it wrote. Every problem names its shard.
 
@@ -16,19 +16,18 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Iterator
 
 from .. import contract
-from ..contract import MANIFEST, ShardStats, Verification, shard_data, shard_metadata, shard_name
+from ..contract import MANIFEST, ShardStats, Verification, shard_data, shard_name
 from ..errors import InputError
 from ..storage import Store
+from . import formats
+from .formats import BrokenShard
 
-IMAGE_COLUMNS = ("jpg", "png", "webp")
 MAX_PROBLEMS_PER_SHARD = 5
 
 
@@ -83,91 +82,21 @@ class _Reading:
             decode(image)
             self.check.decoded += 1
         except Exception as err:  # noqa: BLE001 - any decoder error is the same finding
-            self.check.problem(f"{self.name}: sample {key}: image does not decode: {err}")
-
-
-def _local_copy(store: Store, relative: str, workdir: str) -> str:
-    """A local path to read a file or folder of the output from (readers that take paths only)."""
-    if "://" not in store.uri:
-        return store.path(relative)
-    target = os.path.join(workdir, relative)
-    store.fs.get(store.path(relative), target, recursive=store.fs.isdir(store.path(relative)))
-    return target
-
-
-def _read_tar(store: Store, shard: int, check: ShardCheck) -> None:
-    from webdataset.tariterators import group_by_keys, tar_file_expander
-
-    name = shard_data(shard, "webdataset")
-    reading = _Reading(check, name)
-    with store.fs.open(store.path(name), "rb") as f:
-        for sample in group_by_keys(tar_file_expander([{"url": store.url(name), "stream": f}])):
-            reading.sample(sample["__key__"], next((sample[c] for c in IMAGE_COLUMNS if c in sample), None))
-
-
-def _read_parquet(store: Store, shard: int, check: ShardCheck) -> None:
-    import pyarrow.parquet as pq
-
-    name = shard_metadata(shard)
-    with store.fs.open(store.path(name), "rb") as f:
-        table = pq.read_table(f)
-    image = next((c for c in IMAGE_COLUMNS if c in table.column_names), None)
-    reading = _Reading(check, name)
-    rows = zip(table.column("key").to_pylist(), table.column("status").to_pylist(),
-               table.column(image).to_pylist() if image else [None] * table.num_rows)
-    for key, status, data in rows:
-        if status == "success":
-            reading.sample(key, data)
-
-
-def _read_tfrecord(store: Store, shard: int, check: ShardCheck) -> None:
-    from tfrecord.reader import tfrecord_loader
-
-    name = shard_data(shard, "tfrecord")
-    reading = _Reading(check, name)
-    with tempfile.TemporaryDirectory(prefix="laion-verify-") as workdir:
-        for record in tfrecord_loader(_local_copy(store, name, workdir), None):
-            image = next((bytes(record[c]) for c in IMAGE_COLUMNS if c in record), None)
-            reading.sample(bytes(record["key"]).decode(), image)
-
-
-def _read_mds(store: Store, shard: int, check: ShardCheck) -> None:
-    from streaming.base.format import reader_from_json
-
-    from . import mds
-
-    index = mds.read_index(store, shard)
-    with tempfile.TemporaryDirectory(prefix="laion-verify-") as workdir:
-        folder = _local_copy(store, shard_name(shard), workdir)
-        for entry in index["shards"]:
-            reading = _Reading(check, f"{shard_name(shard)}/{entry['raw_data']['basename']}")
-            reader = reader_from_json(folder, None, entry)
-            for i in range(reader.samples):
-                sample = reader.get_item(i)
-                reading.sample(sample["key"], next((sample[c] for c in IMAGE_COLUMNS if c in sample), None))
-
-
-def _read_files(store: Store, shard: int, check: ShardCheck) -> None:
-    folder = shard_name(shard)
-    reading = _Reading(check, folder)
-    for path in sorted(store.fs.ls(store.path(folder), detail=False)):
-        base = path.rsplit("/", 1)[-1]
-        key, _, ext = base.partition(".")
-        if ext in IMAGE_COLUMNS:
-            with store.fs.open(path, "rb") as f:
-                reading.sample(key, f.read())
-
-
-READERS = {"webdataset": _read_tar, "parquet": _read_parquet, "tfrecord": _read_tfrecord, "mds": _read_mds,
-           "files": _read_files}
+            self.check.problem(f"{self.name}: sample {key}: image does not decode ({len(image)} bytes): {err}")
 
 
 def check_shard(store: Store, fmt: str, shard: int) -> ShardCheck:
     check = ShardCheck(shard=shard)
+    readings: dict[str, _Reading] = {}
     try:
-        READERS[fmt](store, shard, check)
+        for sample in formats.get(fmt).read_samples(store, shard):
+            if sample.file not in readings:
+                readings[sample.file] = _Reading(check, sample.file)
+            readings[sample.file].sample(sample.key, sample.image)
+    except BrokenShard as err:  # names the file and what is wrong with it
+        check.problem(str(err))
     except Exception as err:  # noqa: BLE001 - a shard that does not open is a finding, named
-        check.problem(f"{shard_data(shard, fmt) or shard_name(shard)}: cannot be read: {type(err).__name__}: {err}")
+        check.problem(f"{shard_data(shard, fmt)}: cannot be read: {type(err).__name__}: {err}")
     return check
 
 
@@ -176,13 +105,10 @@ def _annotated(store: Store, part_id: str, fmt: str) -> Counter:
     name = contract.annotations(part_id, fmt)
     with store.fs.open(store.path(name), "r", newline="") as f:
         rows = list(csv.DictReader(f))
-    prefix = store.uri + "/"
     counts: Counter = Counter()
     for row in rows:
-        if fmt == "files":
-            counts[row["image_path"].removeprefix(prefix).rsplit("/", 1)[0]] += 1
-        else:
-            counts[row["path"].removeprefix(prefix)] += int(row["num_samples"])
+        file, samples = formats.get(fmt).annotated(row, store.uri + "/")
+        counts[file] += samples
     return counts
 
 
@@ -212,7 +138,7 @@ def verify(store: Store, part_id: str, fmt: str,
         annotated = None
         result.problems.append(f"{contract.annotations(part_id, fmt)}: missing")
     for check in checks:
-        where = shard_data(check.shard, fmt) or shard_name(check.shard)
+        where = shard_data(check.shard, fmt)
         result.problems += check.problems
         if check.problems:
             bad.add(check.shard)
@@ -222,8 +148,8 @@ def verify(store: Store, part_id: str, fmt: str,
                                    f"{contract.shard_stats(check.shard)} says {wrote}")
             bad.add(check.shard)
         if annotated is not None:
-            listed = annotated.get(shard_name(check.shard), 0) if fmt == "files" else \
-                sum(annotated.get(name, 0) for name in check.files)
+            # the shard's data file, or the files in its folder (mds)
+            listed = sum(n for name, n in annotated.items() if name == where or name.startswith(where + "/"))
             if listed != check.samples:
                 result.problems.append(f"{where}: {check.samples} samples read back, "
                                        f"{contract.annotations(part_id, fmt)} lists {listed}")

@@ -33,7 +33,6 @@ MAX_PER_HOST = 16
 MODEL_DTYPES = ["auto", "float32", "float16", "bfloat16"]
 SAVE_DTYPES = ["float16", "float32"]
 LATENT_MODES = ["mean", "sample"]
-LATENTS_FORMATS = ["webdataset", "parquet", "files"]  # the outputFormats pipeline/latents.py reads
 
 
 
@@ -153,7 +152,8 @@ SCHEMA: dict = {
                 "minImageSize": _int("Drop images whose smaller side is below this.", minimum=0, default=0),
                 "maxAspectRatio": _num("Drop images whose aspect ratio exceeds this (unset: no limit).",
                                        minimum=0, exclusiveMinimum=True),
-                "outputFormat": _str("Dataset format.", enum=OUTPUT_FORMATS, default="webdataset"),
+                "outputFormat": _str("Dataset format; verify, heal and latents read every one of them.",
+                                     enum=OUTPUT_FORMATS, default="webdataset"),
                 "mdsShardSizeLimit": _int("mds: bytes of an MDS shard file before the next one starts "
                                           "(streaming's size_limit).", minimum=1024, maximum=(1 << 32) - 1,
                                           default=MDS_SHARD_SIZE),
@@ -255,8 +255,9 @@ SCHEMA: dict = {
         },
         "latents": {
             "type": "object",
-            "description": "Precompute VAE image latents and text-encoder embeddings of every downloaded sample "
-                           "(MDS under latents/, one Ray task per shard, on a GPU where the cluster has one).",
+            "description": "Precompute VAE image latents and text-encoder embeddings of every downloaded sample, "
+                           "read back from its shard in any download.outputFormat (MDS under latents/, one Ray "
+                           "task per shard, on a GPU where the cluster has one).",
             "required": ["vae", "textEncoder"],
             "properties": {
                 "vae": _str("diffusers AutoencoderKL: a local path, or a hub id found in the mounted cache "

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import jsonschema
 
 from ..errors import InputError
-from .schema import ENCODE_QUALITY, LATENTS_FORMATS, PNG_MAX_COMPRESSION, SCHEMA
+from .schema import ENCODE_QUALITY, PNG_MAX_COMPRESSION, SCHEMA
 
 
 
@@ -140,9 +140,6 @@ def validate(data: Any) -> dict:
                 for i, net in enumerate(download["allowedNetworks"]) if not _is_network(net)]
     problems += [f"spec.download.dnsServers[{i}]: {server!r} is not an IP address, with an optional :port"
                  for i, server in enumerate(download["dnsServers"]) if not _is_server(server)]
-    if spec.get("latents") and download["outputFormat"] not in LATENTS_FORMATS:
-        problems.append("spec.latents: the latents stage reads outputFormat "
-                        f"{', '.join(LATENTS_FORMATS)}, not {download['outputFormat']!r}")
     if problems:
         raise SpecError("invalid part spec:\n  " + "\n  ".join(problems))
     return spec

@@ -1,0 +1,204 @@
+"""What every output format is, and the pieces the formats share.
+
+A format (one module beside this one) knows everything about its shards: the sample writer that
+makes them, `read_samples` that reads them back as `Sample`s, the rows of its annotation file, the
+extensions its images go under and whether convert reads datasets in it. A stage asks the format
+(`formats.get(spec.download.output_format)`) instead of branching on its name.
+
+Every format also writes img2dataset's `<shard>.parquet` beside its data, the metadata and status of
+every sample; `read_metadata` reads it. A shard that cannot be read raises `BrokenShard`, whose
+message says in words which file is broken and how: its size, what the reader expected there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+import tempfile
+from typing import Iterable, Iterator, NamedTuple
+
+import fsspec
+
+from ...contract import SHARD_DIGITS, ShardStats, shard_data, shard_metadata
+from ...errors import InputError
+from ...spec import ENCODE_FORMATS, Download
+from ...storage import Store
+
+# What an image file in a dataset may be called (convert reads anyone's tars and folders); our writers
+# name images by download.encodeFormat, one of spec.ENCODE_FORMATS.
+IMAGE_FILES = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
+CAPTION_FILES = ("txt", "caption")
+
+
+class Sample(NamedTuple):
+    key: str
+    caption: str | None
+    image: bytes | None  # None: the shard holds the sample without an image
+    meta: dict  # the metadata the shard stores with the sample (empty where it stores none)
+    file: str  # what it was read from: a data file relative to the output, or an input's path
+
+
+class BrokenShard(InputError):
+    """A shard that cannot be read: the message names the file and what is wrong with it."""
+
+
+class Format:
+    """The base of every format; a subclass names itself, gives its sample writer and reads its shards."""
+
+    name = ""
+    image_extensions: tuple[str, ...] = tuple(ENCODE_FORMATS)
+    reads_datasets = False  # convert reads existing datasets in this format (spec.source.dataset.format)
+    img2dataset_writer = ""  # the name of img2dataset's sample writer for the format, where it has one
+
+    def sample_writer(self) -> type:
+        """The class of the format's sample writers, in img2dataset's shape: its constructor,
+        `write(img_str, key, caption, meta)` and `close()` (imported when a shard is written)."""
+        from img2dataset import writer
+
+        return getattr(writer, self.img2dataset_writer)
+
+    def writer(self, opts: Download, shard: int, output: str, save_caption: bool, schema):
+        """The sample writer of one shard."""
+        return self.sample_writer()(shard, output, save_caption, SHARD_DIGITS, schema, opts.encode_format)
+
+    def read_samples(self, store: Store, shard: int) -> Iterator[Sample]:
+        """The samples one shard of the output holds, as its data file(s) hold them."""
+        raise NotImplementedError
+
+    def read_dataset(self, path: str) -> Iterator[Sample]:
+        """The samples of one shard of an existing dataset (`reads_datasets` formats only)."""
+        raise NotImplementedError(f"convert does not read {self.name} datasets")
+
+    def annotation_rows(self, store: Store, opts: Download, shards: list[ShardStats]) -> tuple[list[str], Iterable]:
+        """The header and rows of the part's annotation file (contract.annotations): a row a data file."""
+        return ["path", "num_samples"], ((store.url(shard_data(s.shard, self.name)), s.successes) for s in shards)
+
+    def annotated(self, row: dict, prefix: str) -> tuple[str, int]:
+        """What an annotation row says: the data file it lists (relative to the output) and its samples."""
+        return row["path"].removeprefix(prefix), int(row["num_samples"])
+
+    def annotate(self, store: Store, shards: list[ShardStats]) -> None:
+        """Whatever else the format writes for the whole part once its shards are done (mds: the root index)."""
+
+    def image_of(self, fields: dict) -> bytes | None:
+        """The image among a sample's fields (named by extension or column), or None."""
+        return next((fields[e] for e in self.image_extensions if fields.get(e) is not None), None)
+
+
+class Grouped(Format):
+    """A format whose shard is a group of files per sample (a tar's members, a folder's files), read
+    as webdataset groups them; convert reads anyone's datasets in it too."""
+
+    image_extensions = IMAGE_FILES
+    reads_datasets = True
+    dataset_shards = ""  # what a dataset's shards are, in words
+
+    def is_dataset_shard(self, fs, path: str) -> bool:
+        """Whether `path`, an entry of a dataset's folder, is one of its shards."""
+        raise NotImplementedError
+
+    def read(self, fs, path: str, where: str) -> Iterator[Sample]:
+        """The samples of the shard at `path` on `fs`, their `file` being `where`."""
+        raise NotImplementedError
+
+    def read_samples(self, store: Store, shard: int) -> Iterator[Sample]:
+        name = shard_data(shard, self.name)
+        return self.read(store.fs, store.path(name), name)
+
+    def read_dataset(self, path: str) -> Iterator[Sample]:
+        fs, local = fsspec.core.url_to_fs(path.rstrip("/"))
+        return self.read(fs, local, path)
+
+
+def read_metadata(store: Store, shard: int):
+    """The shard's `<shard>.parquet`: every sample's metadata row and status."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    name = shard_metadata(shard)
+    with store.fs.open(store.path(name), "rb") as f:
+        data = f.read()
+    try:
+        return pq.read_table(io.BytesIO(data))
+    except pa.ArrowException as err:
+        raise BrokenShard(describe_parquet(name, data, err)) from None
+
+
+def describe_parquet(name: str, data: bytes, err: Exception) -> str:
+    # A parquet file ends with its footer, the footer's 4-byte length and the marker PAR1.
+    if len(data) < 12 or data[:4] != b"PAR1":
+        return f"{name}: {len(data)} bytes, not a parquet file (it does not start with the PAR1 marker)"
+    if data[-4:] != b"PAR1":
+        return (f"{name}: cut short: {len(data)} bytes, ending without the footer and PAR1 marker that end a "
+                f"parquet file")
+    footer = int.from_bytes(data[-8:-4], "little")
+    if footer + 12 > len(data):
+        return f"{name}: {len(data)} bytes, but its footer says it is {footer} bytes long: the file is damaged"
+    return f"{name}: {len(data)} bytes, unreadable as parquet: {err}"
+
+
+def successes(table) -> list[dict]:
+    """The rows of the samples that were written with an image."""
+    return [row for row in table.to_pylist() if row["status"] == "success"]
+
+
+def group(members: Iterable[tuple[str, bytes]], where: str, image_extensions: tuple[str, ...]) -> Iterator[Sample]:
+    """Files grouped into samples by key (the base name up to its first dot), as webdataset groups a
+    tar's members: the image, the caption (`.txt`) and the metadata (`.json`) of each sample."""
+    current: dict | None = None
+    for name, data in members:
+        prefix, _, base = name.rpartition("/")
+        if "." not in base or base.startswith("_"):
+            continue  # img2dataset's own _stats.json and the like
+        stem, ext = base.split(".", 1)
+        key, ext = (f"{prefix}/{stem}" if prefix else stem), ext.lower()
+        if current is None or current["__key__"] != key:
+            if current is not None:
+                yield _sample(current, where, image_extensions)
+            current = {"__key__": key}
+        if ext in current:
+            raise BrokenShard(f"{where}: sample {key}: two files named {key}.{ext}")
+        current[ext] = data
+    if current is not None:
+        yield _sample(current, where, image_extensions)
+
+
+def _sample(files: dict, where: str, image_extensions: tuple[str, ...]) -> Sample:
+    key = files["__key__"]
+    meta = {}
+    if "json" in files:
+        try:
+            meta = json.loads(files["json"])
+        except ValueError as err:
+            raise BrokenShard(f"{where}: sample {key}: {key}.json ({len(files['json'])} bytes) is not JSON: "
+                              f"{err}") from None
+    meta = meta if isinstance(meta, dict) else {}
+    caption = next((files[e].decode("utf-8", "replace") for e in CAPTION_FILES if e in files), None)
+    if caption is None and isinstance(meta.get("caption"), str):
+        caption = meta["caption"]
+    image = next((files[e] for e in image_extensions if e in files), None)
+    return Sample(key=key, caption=caption, image=image, meta=meta, file=where)
+
+
+@contextlib.contextmanager
+def local_copy(store: Store, relative: str) -> Iterator[str]:
+    """A local path to a file or folder of the output, for readers that take paths only (a copy, for
+    an output in an object store)."""
+    if "://" not in store.uri:
+        yield store.path(relative)
+        return
+    with tempfile.TemporaryDirectory(prefix="laion-read-") as workdir:
+        target = os.path.join(workdir, relative)
+        store.fs.get(store.path(relative), target, recursive=store.fs.isdir(store.path(relative)))
+        yield target
+
+
+def csv_text(header: list[str], rows: Iterable) -> str:
+    buf = io.StringIO()
+    out = csv.writer(buf, lineterminator="\n")
+    out.writerow(header)
+    out.writerows(rows)
+    return buf.getvalue()
