@@ -319,9 +319,9 @@ class Cluster:
             raise
 
     def list(self, group: str, version: str, plural: str, namespace: str | None = None, *,
-             label_selector: str | None = None) -> list[JSON]:
+             label_selector: str | None = None, field_selector: str | None = None) -> list[JSON]:
         found = self.request("GET", self.path(group, version, plural, namespace),
-                             params={"labelSelector": label_selector})
+                             params={"labelSelector": label_selector, "fieldSelector": field_selector})
         return list(found["items"])
 
     def create(self, group: str, version: str, plural: str, body: Mapping[str, Any],
