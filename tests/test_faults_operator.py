@@ -199,16 +199,19 @@ def test_api_server_faults_converge_without_a_second_job(api, ray_cluster, kube_
 
 def test_unreachable_storage_fails_the_part_as_storage_unavailable(api, operators, ray_cluster, s3,
                                                                    kube_namespace, metadata):
+    from tests.support.chart import installed
+
     ns = kube_namespace
     bucket = s3.create_bucket(f"gone-{ns[-6:]}")
     outage = Outage(s3.port)  # never up: the endpoint refuses every connection
     api.kubectl("create", "secret", "generic", "s3", "-n", ns, f"--from-literal=AWS_ACCESS_KEY_ID={s3.ACCESS_KEY}",
                 f"--from-literal=AWS_SECRET_ACCESS_KEY={s3.SECRET_KEY}")
-    operators()
-    output = {"uri": f"s3://{bucket}/part", "endpoint": outage.endpoint, "region": "us-east-1", "pathStyle": True,
-              "credentialsSecret": "s3", "retrySeconds": 3}
-    apply(api, ns, manifest("nostore", metadata, output, maxRetries=0))
-    status = wait_phase(api, ns, "nostore", "Failed")
+    with installed(api, {"credentialsSecrets": ["s3"]}) as env:  # the chart lets the operator read this Secret
+        operators(env=env)
+        output = {"uri": f"s3://{bucket}/part", "endpoint": outage.endpoint, "region": "us-east-1",
+                  "pathStyle": True, "credentialsSecret": "s3", "retrySeconds": 3}
+        apply(api, ns, manifest("nostore", metadata, output, maxRetries=0))
+        status = wait_phase(api, ns, "nostore", "Failed")
     reasons = {c["type"]: c.get("reason") for c in status["conditions"]}
     assert reasons["Failed"] == "StorageUnavailable", status
     assert outage.endpoint in status["message"], status["message"]

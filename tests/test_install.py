@@ -40,6 +40,13 @@ def metadata(tmp_path_factory, image_server):
     return path
 
 
+@pytest.fixture(autouse=True)
+def default_chart_after(api):
+    """Each test here installs the chart with values of its own: the default install again after it."""
+    yield
+    api.operator_env = install(api)
+
+
 @pytest.fixture
 def chart_operator(api, ray_cluster, tmp_path):
     """The operator run with the configuration file the chart renders for the given values."""

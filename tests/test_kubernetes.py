@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from laion_operator.testbed.demo_data import write_metadata
-from tests.support.chart import NAMESPACE, install, one
+from tests.support.chart import NAMESPACE, installed, one
 from tests.support.cluster import KubeAPIError
 from tests.support.operator_proc import OperatorProcess, operator_starter
 
@@ -61,24 +61,21 @@ def without_verb(resource: str, verb: str):
 
 def test_a_verb_the_cluster_role_lacks_fails_with_a_message_naming_it(kube_api, ray_cluster, kube_namespace,
                                                                       metadata, tmp_path):
-    env = install(kube_api, edit=without_verb("laionparts/status", "patch"))
-    try:
-        with operator_starter(tmp_path, kube_api, ray_cluster) as start:
-            op = start(env=env)
-            kube_api.kubectl("apply", "-n", kube_namespace, "-f", "-",
-                             input=yaml.safe_dump(part_doc("forbidden", metadata, tmp_path / "out")))
-            deadline = time.monotonic() + 60
-            while "cannot patch resource" not in op.logs():
-                assert time.monotonic() < deadline, op.logs()
-                time.sleep(0.5)
-            line = next(l for l in op.logs().splitlines() if "cannot patch resource" in l)
-            assert '"laionparts/status"' in line and "forbidden" in line.lower(), line
-            assert f"system:serviceaccount:{NAMESPACE}:laion-laion-operator" in line, line
-            # Nothing was written that the role does not allow: the part has no status.
-            assert not (kube_api.get(GROUP, VERSION, PLURAL, kube_namespace, "forbidden").get("status") or {}) \
-                .get("phase")
-    finally:
-        kube_api.operator_env = install(kube_api)  # the chart's own role again, for the tests after
+    with installed(kube_api, edit=without_verb("laionparts/status", "patch")) as env, \
+            operator_starter(tmp_path, kube_api, ray_cluster) as start:
+        op = start(env=env)
+        kube_api.kubectl("apply", "-n", kube_namespace, "-f", "-",
+                         input=yaml.safe_dump(part_doc("forbidden", metadata, tmp_path / "out")))
+        deadline = time.monotonic() + 60
+        while "cannot patch resource" not in op.logs():
+            assert time.monotonic() < deadline, op.logs()
+            time.sleep(0.5)
+        line = next(l for l in op.logs().splitlines() if "cannot patch resource" in l)
+        assert '"laionparts/status"' in line and "forbidden" in line.lower(), line
+        assert f"system:serviceaccount:{NAMESPACE}:laion-laion-operator" in line, line
+        # Nothing was written that the role does not allow: the part has no status.
+        assert not (kube_api.get(GROUP, VERSION, PLURAL, kube_namespace, "forbidden").get("status") or {}) \
+            .get("phase")
 
 
 def test_the_api_server_admits_the_crds_as_written(kube_api):

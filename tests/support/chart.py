@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from pathlib import Path
 
 import helm_python as helm
@@ -67,3 +69,13 @@ def install(cluster, values: dict | None = None, edit=None) -> dict[str, str]:
     path = cluster.workdir / f"operator-{len(list(cluster.workdir.glob('operator-*.kubeconfig')))}.kubeconfig"
     path.write_text(yaml.safe_dump(cluster.kubeconfig(account, token)))
     return {"KUBECONFIG": str(path)}
+
+
+@contextlib.contextmanager
+def installed(cluster, values: dict | None = None, edit=None):
+    """The chart installed with `values` (or edited) for one test; its default install again after,
+    so that no test inherits another's rights."""
+    try:
+        yield install(cluster, values, edit)
+    finally:
+        cluster.operator_env = install(cluster)
