@@ -22,7 +22,7 @@ from laion_operator.testbed.demo_data import DEFAULT_FAILURE_MIX, TINY_MAX, writ
 from laion_operator.testbed.fakeweb import ImageServer, outcome_of, parse_spec  # noqa: E402
 
 BASE = "http://127.0.0.1:9999"
-S, I, F = pa.string(), pa.int64(), pa.float64()
+S, I, F = pa.string(), pa.int64(), pa.float64()  # noqa: E741 - one letter a type, to keep the schemas one line each
 EXPECTED_SCHEMAS = {
     "aesthetics": [("URL", S), ("TEXT", S), ("WIDTH", I), ("HEIGHT", I), ("similarity", F), ("hash", I),
                    ("punsafe", F), ("pwatermark", F), ("AESTHETIC_SCORE", F)],
@@ -170,7 +170,7 @@ def test_urls_behave_as_predicted_against_a_live_server(tmp_path):
         try:
             img = Image.open(stream)
             img.load()
-        except Exception:
+        except Exception:  # noqa: BLE001 - whatever Pillow raises, the image does not decode
             return "decode"
         return "too_small" if min(img.size) < TINY_MAX else "ok"
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Iterable
 
 import pyarrow.parquet as pq
 
@@ -45,7 +46,7 @@ def annotate(spec: PartSpec, store: Store, shards: list[ShardStats], progress: P
     index = contract.annotations(spec.part_id, fmt)
     if fmt == "files":
         ext = spec.download.encode_format
-        rows = ((store.url(shard_name(s.shard), f"{key}.{ext}"), caption)
+        rows: Iterable[tuple[str, str | int]] = ((store.url(shard_name(s.shard), f"{key}.{ext}"), caption)
                 for s in shards for key, caption in _successful_keys(store, s.shard))
         store.write_text(_csv(["image_path", "caption"], rows), index)
     elif fmt == "mds":

@@ -32,7 +32,7 @@ def go_offline(settings: Latents) -> None:
         os.environ["TRANSFORMERS_OFFLINE"] = "1"
         constants = sys.modules.get("huggingface_hub.constants")
         if constants is not None:  # imported already (this Ray worker ran another task)
-            constants.HF_HUB_OFFLINE = True
+            constants.HF_HUB_OFFLINE = True  # type: ignore[attr-defined]  # a module found by name, untyped
 
 
 def torch_dtype(name: str, device: str):

@@ -142,7 +142,7 @@ async def fetch_all(urls: list[str], opts: Download, handle: Handler, threads: i
                     except FetchError as err:
                         data, error = None, err
                     await scheduler.done(index)
-                    await backlog.hand_over(len(data or b""), lambda: loop.run_in_executor(
+                    await backlog.hand_over(len(data or b""), lambda data=data, error=error: loop.run_in_executor(
                         pool, handle, index, data, error))
 
             tasks = [asyncio.ensure_future(worker()) for _ in range(min(opts.max_in_flight, len(urls)))]
