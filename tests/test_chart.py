@@ -26,7 +26,7 @@ OPERATOR_DIR = ROOT / "operator"
 if str(OPERATOR_DIR) not in sys.path:
     sys.path.insert(0, str(OPERATOR_DIR))
 
-from tests.support.chart import (  # noqa: E402,F401
+from tests.support.chart import (  # noqa: E402 - once operator/ is on sys.path
     CHART, FULLNAME, NAMESPACE, RELEASE, manifests, of_kind, one, operator_config, render)
 # Validate against the oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest
 # kubernetes-validate knows.

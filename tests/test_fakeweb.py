@@ -19,7 +19,7 @@ OPERATOR_DIR = Path(__file__).resolve().parents[1] / "operator"
 if str(OPERATOR_DIR) not in sys.path:
     sys.path.insert(0, str(OPERATOR_DIR))
 
-from laion_operator.testbed.fakeweb import ImageServer, outcome_of  # noqa: E402
+from laion_operator.testbed.fakeweb import ImageServer, outcome_of  # noqa: E402 - once operator/ is on sys.path
 
 
 @pytest.fixture(scope="module")

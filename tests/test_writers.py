@@ -24,7 +24,7 @@ OPERATOR_DIR = Path(__file__).resolve().parents[1] / "operator"
 if str(OPERATOR_DIR) not in sys.path:
     sys.path.insert(0, str(OPERATOR_DIR))
 
-from laion_operator.pipeline.writers import TFRecordSampleWriter, encode_example, feature_for  # noqa: E402
+from laion_operator.pipeline.writers import TFRecordSampleWriter, encode_example, feature_for  # noqa: E402 - once operator/ is on sys.path
 
 SCHEMA = pa.schema([
     ("url", pa.string()),

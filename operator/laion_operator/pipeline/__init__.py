@@ -39,7 +39,7 @@ def load_light() -> None:
     if "webdataset" not in sys.modules and "torch" not in sys.modules:
         sys.modules["torch"] = None  # an import of torch now fails, as where it is not installed
         try:
-            import webdataset  # noqa: F401
+            import webdataset  # noqa: F401 - loaded now, while torch is hidden, for the stages that import it later
         finally:
             del sys.modules["torch"]
 

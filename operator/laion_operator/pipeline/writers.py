@@ -166,9 +166,7 @@ class TFRecordSampleWriter:
         encode_format,
     ):
         self.oom_shard_count = oom_shard_count
-        shard_name = "{shard_id:0{oom_shard_count}d}".format(  # pylint: disable=consider-using-f-string
-            shard_id=shard_id, oom_shard_count=oom_shard_count
-        )
+        shard_name = f"{shard_id:0{oom_shard_count}d}"
         self.shard_id = shard_id
         # fsspec.open creates the local parent folder, which BufferedParquetWriter below relies on
         self.tf_writer = fsspec.open(f"{output_folder}/{shard_name}.tfrecord", "wb").open()
@@ -222,8 +220,7 @@ class MDSSampleWriter:
 
         from ..spec import MDS_SHARD_SIZE
 
-        self.shard_name = "{shard_id:0{oom_shard_count}d}".format(  # pylint: disable=consider-using-f-string
-            shard_id=shard_id, oom_shard_count=oom_shard_count)
+        self.shard_name = f"{shard_id:0{oom_shard_count}d}"
         self.output_folder = output_folder
         self.remote = "://" in output_folder
         self.local = tempfile.mkdtemp(prefix="laion-mds-") if self.remote else f"{output_folder}/{self.shard_name}"
