@@ -14,7 +14,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from laion_operator.testbed.loopback import free_port, wait_for_port  # noqa: F401 - shared
+from laion_operator.testbed.loopback import free_port, wait_for_port  # the other support modules import them from here
 
 VENV_BIN = Path(sys.executable).parent
 
