@@ -123,7 +123,7 @@ class TransformersTextEncoder:
         dtype = torch_dtype(settings.dtype, device)
         try:
             config = transformers.AutoConfig.from_pretrained(name, subfolder=sub)
-            kind = {"clip": transformers.CLIPTextModel, "clip_text_model": transformers.CLIPTextModel,
+            kind: type[transformers.PreTrainedModel] = {"clip": transformers.CLIPTextModel, "clip_text_model": transformers.CLIPTextModel,
                     "t5": transformers.T5EncoderModel, "mt5": transformers.T5EncoderModel,
                     "umt5": transformers.UMT5EncoderModel}.get(config.model_type, transformers.AutoModel)
             self.model = kind.from_pretrained(name, subfolder=sub, dtype=dtype).to(device).eval()
