@@ -108,10 +108,11 @@ def last_json(text: str) -> dict:
 
 
 def _version(module: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
-        from importlib.metadata import version
         return version(module)
-    except Exception:  # noqa: BLE001
+    except PackageNotFoundError:
         return "-"
 
 

@@ -4,8 +4,8 @@ The images (400–2,000 px on the long side, 85 % JPEG, 10 % PNG, 5 % WebP, phot
 served from loopback by `laion_operator.testbed.fakeweb`, in a separate process, rendered into its cache
 before any run so that every run fetches the same bytes at the same cost. Each side resizes to 512
 keep_ratio into webdataset with the same settings: 2 processes (Ray: one task per CPU) of 32
-threads (the project: 32 URLs in flight), 500 samples a shard, JPEG quality 95, sha256 of each image, no EXIF extraction (the project
-extracts none), no retries.
+threads (the project: 32 URLs in flight), 500 samples a shard, JPEG quality 95, sha256 of each image, no
+EXIF extraction (the project extracts none), no retries.
 
 Two times per run: the whole command (`img2dataset …` / `laion-operator run part.yaml`, start-up,
 the project's filter stage and Ray start included) and the download stage alone (first shard start

@@ -245,8 +245,8 @@ def report(n: int, cfg, kinds: Counter, expected: Counter, results: dict, sides:
     goals = [
         f"internet: ≥ 2× img2dataset at the seeds' settings ({os.cpu_count()} × {SEEDS_THREADS} threads): "
         f"{project / rate[seeds]:.2f}× — {common.goal(project >= 2 * rate[seeds])}",
-        f"internet: ≥ 1.3× img2dataset at its best thread count ({sides[best][1]} threads): {project / rate[best]:.2f}× — "
-        f"{common.goal(project >= 1.3 * rate[best])}",
+        f"internet: ≥ 1.3× img2dataset at its best thread count ({sides[best][1]} threads): "
+        f"{project / rate[best]:.2f}× — {common.goal(project >= 1.3 * rate[best])}",
         f"internet: ≥ 85 % of the project's own zero-latency rate on the same images: "
         f"{project / rate['project-calm'] * 100:.0f} % — {common.goal(project >= 0.85 * rate['project-calm'])}",
         f"internet: no URL held past its deadline + 1 s ({TIMEOUT + 1} s, no retries): longest {held:.1f} s — "

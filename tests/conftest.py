@@ -16,8 +16,8 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # as the test cluster (services.NO_AUTH)
 
-from tests.support.kube_fixtures import kube_api, kube_env, kube_namespace  # noqa: E402,F401 - one real API server per session
-from tests.support.services import RayCluster, S3Server, stop_running_jobs  # noqa: E402
+from tests.support.kube_fixtures import kube_api, kube_env, kube_namespace  # noqa: E402,F401 - fixtures, found by name; one real API server per session
+from tests.support.services import RayCluster, S3Server, stop_running_jobs  # noqa: E402 - after the environment Ray reads on import
 
 _SHARED: list[RayCluster] = []
 

@@ -26,7 +26,7 @@ OPERATOR_DIR = ROOT / "operator"
 if str(OPERATOR_DIR) not in sys.path:
     sys.path.insert(0, str(OPERATOR_DIR))
 
-from tests.support.chart import (  # noqa: E402,F401
+from tests.support.chart import (  # noqa: E402 - once operator/ is on sys.path
     CHART, FULLNAME, NAMESPACE, RELEASE, manifests, of_kind, one, operator_config, render)
 # Validate against the oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest
 # kubernetes-validate knows.
@@ -580,8 +580,8 @@ def locked_version(package: str) -> str:
 def dockerfile(name: str) -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
     text = (ROOT / "images" / name / "Dockerfile").read_text()
-    text = re.sub(r"\\\n", " ", "\n".join(l for l in text.splitlines() if not l.lstrip().startswith("#")))
-    return [(l.split(None, 1)[0].upper(), l.split(None, 1)[1]) for l in text.splitlines() if l.strip()]
+    text = re.sub(r"\\\n", " ", "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#")))
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in text.splitlines() if line.strip()]
 
 
 def make_variable(name: str) -> str:

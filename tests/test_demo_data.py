@@ -18,11 +18,11 @@ OPERATOR_DIR = Path(__file__).resolve().parents[1] / "operator"
 if str(OPERATOR_DIR) not in sys.path:
     sys.path.insert(0, str(OPERATOR_DIR))
 
-from laion_operator.testbed.demo_data import DEFAULT_FAILURE_MIX, TINY_MAX, write_metadata  # noqa: E402
-from laion_operator.testbed.fakeweb import ImageServer, outcome_of, parse_spec  # noqa: E402
+from laion_operator.testbed.demo_data import DEFAULT_FAILURE_MIX, TINY_MAX, write_metadata  # noqa: E402 - once operator/ is on sys.path
+from laion_operator.testbed.fakeweb import ImageServer, outcome_of, parse_spec  # noqa: E402 - once operator/ is on sys.path
 
 BASE = "http://127.0.0.1:9999"
-S, I, F = pa.string(), pa.int64(), pa.float64()
+S, I, F = pa.string(), pa.int64(), pa.float64()  # noqa: E741 - one letter a type, to keep the schemas one line each
 EXPECTED_SCHEMAS = {
     "aesthetics": [("URL", S), ("TEXT", S), ("WIDTH", I), ("HEIGHT", I), ("similarity", F), ("hash", I),
                    ("punsafe", F), ("pwatermark", F), ("AESTHETIC_SCORE", F)],
@@ -54,7 +54,10 @@ def test_columns_and_types_per_variant(tmp_path, variant):
 def test_language_distribution_per_variant(tmp_path):
     art = write_metadata(tmp_path / "a.parquet", 5000, BASE, variant="laion-art").column("LANGUAGE")
     low = write_metadata(tmp_path / "l.parquet", 5000, BASE, variant="lowercase").column("language")
-    share_en = lambda col: pc.sum(pc.equal(col, "en")).as_py() / len(col)  # noqa: E731
+
+    def share_en(col):
+        return pc.sum(pc.equal(col, "en")).as_py() / len(col)
+
     assert 0.4 < share_en(art) < 0.65 and len(pc.unique(art)) > 10
     assert share_en(low) > 0.85
 
@@ -170,7 +173,7 @@ def test_urls_behave_as_predicted_against_a_live_server(tmp_path):
         try:
             img = Image.open(stream)
             img.load()
-        except Exception:
+        except Exception:  # noqa: BLE001 - whatever Pillow raises, the image does not decode
             return "decode"
         return "too_small" if min(img.size) < TINY_MAX else "ok"
 

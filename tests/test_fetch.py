@@ -328,7 +328,7 @@ def test_declared_pixels_over_the_cap_are_refused_before_decoding(web, fmt):
 
 
 def test_declared_pixels_reads_headers_only():
-    for fmt, pil in [("JPEG", "jpg"), ("PNG", "png"), ("GIF", "gif"), ("WEBP", "webp"), ("BMP", "bmp"),
+    for fmt, _extension in [("JPEG", "jpg"), ("PNG", "png"), ("GIF", "gif"), ("WEBP", "webp"), ("BMP", "bmp"),
                      ("TIFF", "tif")]:
         buf = io.BytesIO()
         Image.new("RGB", (123, 45)).save(buf, fmt)

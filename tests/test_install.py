@@ -300,7 +300,7 @@ def test_kuberay_mode_rayjobs_pass_kuberays_validation_and_its_states_reach_the_
     raycluster = api.get("ray.io", "v1", "rayclusters", kube_namespace, status["rayClusterName"])
     assert raycluster["metadata"]["ownerReferences"][0]["name"] == name
     deadline = time.monotonic() + 60
-    while not (pods := pods_of(api, kube_namespace, f"ray.io/cluster={status['rayClusterName']}")):
+    while not pods_of(api, kube_namespace, f"ray.io/cluster={status['rayClusterName']}"):
         assert time.monotonic() < deadline, "KubeRay made no pod"
         time.sleep(0.5)
     assert wait_status(api, kube_namespace, "kr", lambda s: s.get("phase") == "Pending")["submissionId"] == name

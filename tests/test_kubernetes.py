@@ -70,7 +70,7 @@ def test_a_verb_the_cluster_role_lacks_fails_with_a_message_naming_it(kube_api, 
         while "cannot patch resource" not in op.logs():
             assert time.monotonic() < deadline, op.logs()
             time.sleep(0.5)
-        line = next(l for l in op.logs().splitlines() if "cannot patch resource" in l)
+        line = next(entry for entry in op.logs().splitlines() if "cannot patch resource" in entry)
         assert '"laionparts/status"' in line and "forbidden" in line.lower(), line
         assert f"system:serviceaccount:{NAMESPACE}:laion-laion-operator" in line, line
         # Nothing was written that the role does not allow: the part has no status.

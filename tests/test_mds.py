@@ -94,7 +94,10 @@ def test_mds_samples_equal_their_metadata_rows(ray_driver, metadata, tmp_path):
         shutil.copytree(out / f"{s:05d}", copy / f"{s:05d}")
     merge_index(str(copy), keep_local=True)
     theirs = json.loads((copy / "index.json").read_text())
-    by_file = lambda index: sorted(index["shards"], key=lambda e: e["raw_data"]["basename"])  # noqa: E731
+
+    def by_file(index):
+        return sorted(index["shards"], key=lambda e: e["raw_data"]["basename"])
+
     assert by_file(ours) == by_file(theirs)
 
 

@@ -24,7 +24,7 @@ OPERATOR_DIR = Path(__file__).resolve().parents[1] / "operator"
 if str(OPERATOR_DIR) not in sys.path:
     sys.path.insert(0, str(OPERATOR_DIR))
 
-from laion_operator.pipeline.formats.tfrecord import (  # noqa: E402
+from laion_operator.pipeline.formats.tfrecord import (  # noqa: E402 - once operator/ is on sys.path
     TFRecordSampleWriter,
     example_for,
     feature_for,

@@ -23,13 +23,12 @@ It also holds what the job tells the operator besides files: its exit codes, the
 and the bounded set of failure reasons every count (summary, status, metrics) is keyed by.
 """
 
-from __future__ import annotations
-
 import enum
 import hashlib
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
@@ -262,7 +261,7 @@ class Progress:
     latents_skipped: int = 0
     latents_per_second: float = 0.0
 
-    def count_images(self, finished: list["ShardStats"], running: list["ShardStats"] = ()) -> None:
+    def count_images(self, finished: Sequence["ShardStats"], running: Sequence["ShardStats"] = ()) -> None:
         """Images by outcome from the shards (the finished ones and the running ones' counts so far);
         bytes from the finished ones only."""
         shards = [*finished, *running]

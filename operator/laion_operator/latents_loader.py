@@ -41,7 +41,7 @@ def read_manifest(output: str) -> dict:
         raise FileNotFoundError(f"{url}: no latents here (a part with spec.latents writes them)") from None
 
 
-class LatentsDataset(_mds.StreamingDataset):
+class LatentsDataset(_mds.StreamingDataset):  # type: ignore[name-defined]  # mosaicml-streaming, loaded at run time
     """Each sample as tensors: image_latents, caption_latents (float32), caption and key."""
 
     def __init__(self, output: str, local: str | None = None, **kwargs: Any):

@@ -76,7 +76,7 @@ def retrying(output: Output, what: str, fn: Callable[[], T], budget: float | Non
     while True:
         try:
             return fn()
-        except Exception as err:  # noqa: BLE001 - classified right below
+        except Exception as err:  # classified right below
             if not unreachable(err):
                 raise
             left = deadline - time.monotonic()
@@ -185,7 +185,7 @@ class Store:
                 self.fs.makedirs(self.path(META_DIR), exist_ok=True)
                 self.fs.pipe(probe, b"ok")
                 self.fs.rm(probe)
-            except Exception as err:  # noqa: BLE001 - any backend error means the same to the user
+            except Exception as err:  # any backend error means the same to the user
                 if unreachable(err):
                     raise
                 raise StorageError(f"output {self.uri} is not writable: {type(err).__name__}: {err}") from err

@@ -249,19 +249,25 @@ class Cluster:
             else:
                 os.environ["KUBECONFIG"] = old
 
-    def kubectl(self, *args: str, input: str | bytes | None = None, check: bool = True, timeout: float = 60,
-                namespace: str | None = None, kubeconfig: Path | None = None) -> subprocess.CompletedProcess:
+    def kubectl(
+        self,
+        *args: str,
+        input: str | bytes | None = None,  # noqa: A002 - subprocess.run's name for it
+        check: bool = True,
+        timeout: float = 60,
+        namespace: str | None = None,
+        kubeconfig: Path | None = None,
+    ) -> subprocess.CompletedProcess:
         """The real kubectl (built with the API server) as admin, or with another kubeconfig."""
         cmd = [self.bins["KUBECTL"], f"--kubeconfig={kubeconfig or self.kubeconfig_path}",
                f"--cache-dir={self.workdir / 'kube-cache'}"]
         if namespace is not None:
             cmd.append(f"--namespace={namespace}")
         cmd += [str(a) for a in args]
-        if isinstance(input, bytes):
-            input = input.decode()
         env = {**os.environ, "HOME": str(self.workdir)}
         env.pop("KUBECONFIG", None)
-        result = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=timeout, env=env)
+        text = input.decode() if isinstance(input, bytes) else input
+        result = subprocess.run(cmd, input=text, capture_output=True, text=True, timeout=timeout, env=env)
         if check and result.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(map(str, args))} failed with exit code {result.returncode}:\n"
                                  f"--- stdout:\n{result.stdout}\n--- stderr:\n{result.stderr}")

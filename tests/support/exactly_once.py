@@ -80,7 +80,7 @@ def check_exactly_once(output, status: dict | None = None, metrics: str | None =
     shard_names = {contract.shard_name(s) for s in range(total)}
     for entry in store.fs.ls(store.root, detail=False):
         base = entry.rstrip("/").rsplit("/", 1)[-1]
-        m = re.match(r"^(\d{%d})\b" % contract.SHARD_DIGITS, base)
+        m = re.match(rf"^(\d{{{contract.SHARD_DIGITS}}})\b", base)
         assert not m or m.group(1) in shard_names, f"stray shard file {base} in {store.uri}"
 
     summaries = [p for p in store.fs.ls(store.root, detail=False) if p.endswith("_summary.json")]

@@ -9,11 +9,12 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
 
-from laion_operator.testbed.loopback import free_port, wait_for_port  # noqa: F401 - shared
+from laion_operator.testbed.loopback import free_port, wait_for_port  # the other support modules import them from here
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -210,7 +211,7 @@ class S3Server:
                                      env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             wait_for_port(self.port, timeout=30)
-        except Exception:
+        except TimeoutError:
             raise RuntimeError(f"versitygw did not start:\n{self.logs()}") from None
         return self
 
@@ -222,8 +223,6 @@ class S3Server:
 
     def outage(self, seconds: float) -> "threading.Thread":
         """Down now, up again after `seconds`, in the background."""
-        import threading
-
         self.down()
         thread = threading.Thread(target=lambda: (time.sleep(seconds), self.up()), daemon=True)
         thread.start()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import yaml
@@ -34,7 +35,7 @@ class OperatorConfig:
     job_entrypoint: str = "laion-operator job"  # the command a Ray job runs (from the worker image)
 
     @classmethod
-    def load(cls, path: str | Path | None = None, environ: dict | None = None) -> "OperatorConfig":
+    def load(cls, path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> "OperatorConfig":
         data: dict = {}
         if path:
             try:

@@ -17,7 +17,9 @@ import re
 import kopf
 
 from .. import spec as specs
-from ..contract import DATASET_INDEX, FAILURE_REASONS, Phase, annotations, part_dir, summary
+# (`annotations` renamed: `from __future__ import annotations` holds the name here)
+from ..contract import DATASET_INDEX, FAILURE_REASONS, Phase, part_dir, summary
+from ..contract import annotations as annotations_file
 from ..storage import Store
 from . import kube
 from .parts import Operator, condition, now
@@ -267,7 +269,7 @@ class Dataset:
                 "partId": part_id,
                 "part": part["metadata"]["name"],
                 "output": part_dir(part_id),
-                "annotations": f"{part_dir(part_id)}/{annotations(part_id, fmt)}",
+                "annotations": f"{part_dir(part_id)}/{annotations_file(part_id, fmt)}",
                 "summary": f"{part_dir(part_id)}/{summary(part_id)}",
                 "phase": status.get("phase") or Phase.PENDING.value,
                 "ready": status.get("phase") == Phase.SUCCEEDED.value,

@@ -33,7 +33,7 @@ from . import kube
 from .config import OperatorConfig
 from .crash import crash_at
 from .metrics import Metrics
-from .rayjobs import JobState, submission_id
+from .rayjobs import JobsAPIBackend, JobState, KubeRayBackend, submission_id
 from .status import cr_status
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ class Operator:
     Made once at start-up and handed to every handler through kopf's memo."""
 
     config: OperatorConfig
-    backend: object
+    backend: JobsAPIBackend | KubeRayBackend
     slots: Slots
     metrics: Metrics
     # Settled parts sleep until their object changes: a watch event sets the part's event.

@@ -106,7 +106,7 @@ STATUS_SCHEMA: dict = {
     "x-kubernetes-preserve-unknown-fields": True,
 }
 
-PRINTER_COLUMNS = [
+PRINTER_COLUMNS: list[dict] = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
     {"name": "Shards", "type": "string", "jsonPath": ".status.shardsProgress"},
     {"name": "Images", "type": "integer", "jsonPath": ".status.images.ok"},

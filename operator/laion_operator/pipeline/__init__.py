@@ -42,7 +42,7 @@ def load_light() -> None:
         sys.modules["torch"] = None  # an import of torch now fails, as where it is not installed
         try:
             import tfrecord  # noqa: F401 - the TFRecord format's protobuf classes; its torch glue goes
-            import webdataset  # noqa: F401
+            import webdataset  # noqa: F401 - loaded now, while torch is hidden, for the stages that import it later
         finally:
             del sys.modules["torch"]
 

@@ -12,6 +12,7 @@ to `contract.PROGRESS` as it changes, which is what the operator, its metrics an
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Callable
@@ -117,7 +118,7 @@ def _run_shards(spec: PartSpec, tracker: Tracker, shards: int) -> Pool:
     store.retrying("checking the output for stray shards", lambda: check_no_stray_shards(store, shards))
     for shard in range(shards):
         stats = store.retrying(f"reading shard {shard}'s stats",
-                               lambda shard=shard: finished_shard(store, shard, fmt))
+                               functools.partial(finished_shard, store, shard, fmt))
         if stats is not None:
             tracker.finished[shard] = stats
     todo = [s for s in range(shards) if s not in tracker.finished]

@@ -177,11 +177,15 @@ def _read_parquet(source: str, f, into: _Collector) -> None:
         if hashed:
             column = batch.column(hashed)
             start = row
+
+            def where(i: int, start: int = start) -> str:
+                return f"column {hashed!r}, row {start + i + 1}"
+
             if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-                into.add_hex(column, lambda i: f"column {hashed!r}, row {start + i + 1}")
+                into.add_hex(column, where)
             elif pa.types.is_binary(column.type) or pa.types.is_fixed_size_binary(column.type) or \
                     pa.types.is_large_binary(column.type):
-                into.add_digests(column.cast(pa.binary()), lambda i: f"column {hashed!r}, row {start + i + 1}")
+                into.add_digests(column.cast(pa.binary()), where)
             else:
                 raise ExclusionListError(f"{source}: column {hashed!r} holds {column.type}, not SHA-256 hashes "
                                          "(hex strings or 32-byte digests)")
@@ -204,7 +208,7 @@ def _read_csv(source: str, opener, into: _Collector) -> None:
             if hashed:
                 start = row
                 # Line numbers count the header and assume no quoted line breaks (URLs and hashes have none).
-                into.add_hex(batch.column(hashed), lambda i: f"line {start + i + 2}, column {hashed!r}")
+                into.add_hex(batch.column(hashed), lambda i, start=start: f"line {start + i + 2}, column {hashed!r}")
             row += batch.num_rows
 
 
@@ -237,7 +241,7 @@ def load(sources: tuple[str, ...] | list[str]) -> Exclusions:
         into = _Collector(source)
         shape = _shape(source)
 
-        def opener(mode="rb"):
+        def opener(mode="rb", source=source):
             return fsspec.open(source, mode, compression="infer",
                                **({"encoding": "utf-8", "newline": None} if mode == "r" else {}))
 

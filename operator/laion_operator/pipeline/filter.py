@@ -24,6 +24,7 @@ and `droppedBy.excluded` counts the listed rows that the other conditions would 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import tempfile
@@ -235,7 +236,7 @@ def _filtered_batches(url: str, pf: pq.ParquetFile, read: list[str], mapping: di
                     own.close()
 
         try:
-            for filtered in _in_order((lambda i=i: row_group(i) for i in range(len(sizes))), READ_THREADS):
+            for filtered in _in_order((functools.partial(row_group, i) for i in range(len(sizes))), READ_THREADS):
                 yield from filtered
         finally:
             for own in opened:

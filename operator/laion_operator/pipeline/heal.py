@@ -22,6 +22,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from collections.abc import Set as AbstractSet
 from typing import Callable
 
 import pyarrow as pa
@@ -79,7 +80,7 @@ def _affected(store: Store, shard: int, reasons: set[str]) -> int:
                if status != "success" and reason in reasons)
 
 
-def _finished_stats(store: Store, shards: int, skip: set[int] = frozenset()) -> list[ShardStats]:
+def _finished_stats(store: Store, shards: int, skip: AbstractSet[int] = frozenset()) -> list[ShardStats]:
     stats = []
     for shard in (s for s in range(shards) if s not in skip):
         data = store.read_json(contract.shard_stats(shard))

@@ -66,7 +66,7 @@ def preprocess(data: bytes, resolution: int) -> np.ndarray:
         w, h = image.size
         s = resolution / min(w, h)
         size = (max(resolution, round(w * s)), max(resolution, round(h * s)))
-        image = image.resize(size, Image.BICUBIC, reducing_gap=None)
+        image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=None)
         left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
         return np.asarray(image.crop((left, top, left + resolution, top + resolution)))
 

@@ -32,7 +32,7 @@ def go_offline(settings: Latents) -> None:
         os.environ["TRANSFORMERS_OFFLINE"] = "1"
         constants = sys.modules.get("huggingface_hub.constants")
         if constants is not None:  # imported already (this Ray worker ran another task)
-            constants.HF_HUB_OFFLINE = True
+            constants.HF_HUB_OFFLINE = True  # type: ignore[attr-defined]  # a module found by name, untyped
 
 
 def torch_dtype(name: str, device: str):
@@ -123,7 +123,7 @@ class TransformersTextEncoder:
         dtype = torch_dtype(settings.dtype, device)
         try:
             config = transformers.AutoConfig.from_pretrained(name, subfolder=sub)
-            kind = {"clip": transformers.CLIPTextModel, "clip_text_model": transformers.CLIPTextModel,
+            kind: type[transformers.PreTrainedModel] = {"clip": transformers.CLIPTextModel, "clip_text_model": transformers.CLIPTextModel,
                     "t5": transformers.T5EncoderModel, "mt5": transformers.T5EncoderModel,
                     "umt5": transformers.UMT5EncoderModel}.get(config.model_type, transformers.AutoModel)
             self.model = kind.from_pretrained(name, subfolder=sub, dtype=dtype).to(device).eval()

@@ -19,7 +19,7 @@ class DamagedOutput(InputError):
 
 
 # A shard's files, whatever the format: 00042, 00042.tar, 00042.parquet, 00042_stats.json, …
-_SHARD_FILE = re.compile(r"^(\d{%d})(_stats\.json|\.tar|\.parquet|\.tfrecord)?$" % contract.SHARD_DIGITS)
+_SHARD_FILE = re.compile(rf"^(\d{{{contract.SHARD_DIGITS}}})(_stats\.json|\.tar|\.parquet|\.tfrecord)?$")
 
 
 def finished_shard(store: Store, shard: int, output_format: str) -> ShardStats | None:

@@ -149,8 +149,11 @@ class Pool:
         todo = list(todo)
         # On the driver's node where it can be; should its node go anyway, it starts again elsewhere and
         # the running shards report to it again (their finished counts come from the tasks' results).
-        board = Board.options(max_restarts=-1, scheduling_strategy=NodeAffinitySchedulingStrategy(
-            ray.get_runtime_context().get_node_id(), soft=True)).remote()
+        # (`options`: @ray.remote made the class an actor class, which mypy does not see)
+        board = Board.options(  # type: ignore[attr-defined]
+            max_restarts=-1,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True),
+        ).remote()
         running: dict = {}
         partial: dict[int, dict] = {}
         try:

@@ -66,7 +66,8 @@ class _Reading:
     """Counts, decodes and checks the keys of the samples of one shard file."""
 
     def __init__(self, check: ShardCheck, name: str):
-        self.check, self.name, self.keys = check, name, Counter()
+        self.check, self.name = check, name
+        self.keys: Counter[str] = Counter()
         check.files.setdefault(name, 0)
 
     def sample(self, key: str, image: bytes | None) -> None:

@@ -73,7 +73,8 @@ SCHEMA: dict = {
             "properties": {
                 "urls": {
                     "type": "array", "minItems": 1,
-                    "description": "Parquet files: local paths, http(s):// or s3:// URLs (s3 uses output's endpoint options).",
+                    "description": "Parquet files: local paths, http(s):// or s3:// URLs "
+                                   "(s3 uses output's endpoint options).",
                     "items": {"type": "string", "minLength": 1},
                 },
                 "dataset": {

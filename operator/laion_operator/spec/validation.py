@@ -73,13 +73,13 @@ class SpecError(InputError):
 def _describe(error: jsonschema.ValidationError) -> str:
     path = ".".join(["spec", *[str(p) for p in error.absolute_path]])
     if error.validator == "enum":
-        allowed = ", ".join(str(v) for v in error.validator_value)
+        allowed = ", ".join(str(v) for v in error.validator_value)  # type: ignore[union-attr]  # an enum error holds its list
         return f"{path}: {error.instance!r} is not one of the allowed values: {allowed}"
     if error.validator == "required":
         missing = error.message.split("'")[1]
         return f"{path}.{missing}: required field is missing"
     if error.validator == "additionalProperties":
-        known = ", ".join(sorted(error.schema.get("properties", {})))
+        known = ", ".join(sorted(error.schema.get("properties", {})))  # type: ignore[union-attr]  # an object's schema
         return f"{path}: {error.message}; known fields: {known}"
     return f"{path}: {error.message}"
 

@@ -274,8 +274,8 @@ def main(argv: list[str] | None = None):
     p.add_argument("--slow-seconds", type=float, default=3)
     p.add_argument("--row-group-size", type=int, default=100_000)
     p.add_argument("--mix", type=_parse_mix, default=None,
-                   help="outcome fractions, e.g. ok=0.9,http_4xx=0.1 (default: %s)"
-                        % ",".join(f"{k}={v}" for k, v in DEFAULT_FAILURE_MIX.items()))
+                   help="outcome fractions, e.g. ok=0.9,http_4xx=0.1 "
+                        f"(default: {','.join(f'{k}={v}' for k, v in DEFAULT_FAILURE_MIX.items())})")
     args = p.parse_args(argv)
     write_metadata(args.out, args.rows, args.base_url, args.variant, args.seed, args.mix,
                    args.row_group_size, args.slow_seconds, return_table=False)

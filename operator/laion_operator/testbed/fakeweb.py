@@ -45,7 +45,7 @@ import zlib
 from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import NamedTuple
+from typing import Any, NamedTuple
 from urllib.parse import unquote, urlsplit
 
 import numpy as np
@@ -73,7 +73,7 @@ class Route(NamedTuple):
     spec: Spec | None = None
     status: int = 200
     seconds: float = 0.0
-    count: int = 0  # big: bytes; hops: redirects to go; retry: refusals
+    count: int = 0  # type: ignore[assignment]  # shadows tuple.count; big: bytes, hops: redirects to go, retry: refusals
     target: str = ""  # to: where it redirects
     retry_after: str | None = None
 
@@ -133,10 +133,10 @@ def route(path: str) -> Route:
             if not 0 <= value <= MAX_HOPS:
                 return Route("status", status=400)
             inner_route = _spec_route("hops", inner)
-            return inner_route._replace(count=value) if inner_route.kind == "hops" else inner_route
+            return inner_route._replace(count=int(value)) if inner_route.kind == "hops" else inner_route
         if not 16 <= value <= MAX_BIG_BYTES:
             return Route("status", status=400)
-        return Route(head, count=value)
+        return Route(head, count=int(value))
     if head == "loop":
         return Route("loop")
     if head == "to":
@@ -185,7 +185,7 @@ def outcome_of(url: str, timeout: float = 10, min_image_size: int = 0,
     /retry/'s total wait against the URL's (retries + 1) x timeout. /to/ is the outcome of its target
     (on this server's routes); the client's address guard is not modelled.
     """
-    settings = dict(timeout=timeout, min_image_size=min_image_size, max_aspect_ratio=max_aspect_ratio,
+    settings: dict[str, Any] = dict(timeout=timeout, min_image_size=min_image_size, max_aspect_ratio=max_aspect_ratio,
                     max_redirects=max_redirects, max_image_bytes=max_image_bytes,
                     max_image_pixels=max_image_pixels, retries=retries)
     if urlsplit(url).scheme not in ("http", "https"):
@@ -266,7 +266,7 @@ def render(spec: Spec) -> Image.Image:
     w, h = spec.width, spec.height
     rng = np.random.default_rng(zlib.crc32(spec.id.encode()))
     grid = rng.integers(0, 256, (int(rng.integers(2, 5)), int(rng.integers(2, 5)), 3), dtype=np.uint8)
-    img = Image.fromarray(grid, "RGB").resize((w, h), Image.BILINEAR)
+    img = Image.fromarray(grid, "RGB").resize((w, h), Image.Resampling.BILINEAR)
     draw = ImageDraw.Draw(img)
     for _ in range(int(rng.integers(2, 7))):
         x0, x1 = sorted(int(v) for v in rng.integers(0, w, 2))

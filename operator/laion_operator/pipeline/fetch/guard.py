@@ -88,7 +88,7 @@ class GuardedResolver(AbstractResolver):
         self._failed_at: dict[tuple, float] = {}
         self.lookups = 0  # lookups that went to the resolver (the rest came from the cache)
 
-    def _lookup(self, host: str, family: int) -> asyncio.Future:
+    def _lookup(self, host: str, family: socket.AddressFamily) -> asyncio.Future:
         key = (host, family)
         loop = asyncio.get_running_loop()
         future = self._cache.get(key)
@@ -103,12 +103,13 @@ class GuardedResolver(AbstractResolver):
             future.add_done_callback(finished)
         return future
 
-    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list[ResolveResult]:
+    async def resolve(self, host: str, port: int = 0,
+                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
         try:
-            infos = await asyncio.shield(self._lookup(host, family))
+            infos: list[ResolveResult] = await asyncio.shield(self._lookup(host, family))
         except OSError as err:  # a fresh error each time: aiohttp wraps it as ClientConnectorDNSError
             raise socket.gaierror(err.errno, err.strerror or str(err)) from None
-        allowed = [{**i, "port": port} for i in infos if self.guard.allows(i["host"])]
+        allowed: list[ResolveResult] = [{**i, "port": port} for i in infos if self.guard.allows(i["host"])]
         if not allowed:
             shown = ", ".join(sorted({i["host"] for i in infos})[:3])
             raise BlockedAddress(f"{host} resolves to {shown}: not a public address (download.allowedNetworks)")
@@ -121,7 +122,7 @@ class GuardedResolver(AbstractResolver):
 def make_resolver(dns_servers: Iterable[str], guard: AddressGuard) -> GuardedResolver:
     servers = list(dns_servers)
     if servers:
-        inner = aiohttp.AsyncResolver(nameservers=servers)  # c-ares, through aiodns
+        inner: AbstractResolver = aiohttp.AsyncResolver(nameservers=servers)  # c-ares, through aiodns
     else:
         inner = aiohttp.ThreadedResolver()  # the system's resolver (getaddrinfo)
     return GuardedResolver(inner, guard)

@@ -30,7 +30,7 @@ def robots_parser(url: str, status: int, body: bytes) -> RobotFileParser | None:
     if 400 <= status < 500:
         return None
     if status >= 500:
-        parser.disallow_all = True
+        parser.disallow_all = True  # type: ignore[attr-defined]  # read() sets it on a 401/403; typeshed omits it
         return parser
     parser.parse(body.decode("utf-8", "replace").splitlines())
     return parser

@@ -5,6 +5,7 @@ bytes (the backlog), so that the network runs ahead of the CPU."""
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
@@ -142,8 +143,8 @@ async def fetch_all(urls: list[str], opts: Download, handle: Handler, threads: i
                     except FetchError as err:
                         data, error = None, err
                     await scheduler.done(index)
-                    await backlog.hand_over(len(data or b""), lambda: loop.run_in_executor(
-                        pool, handle, index, data, error))
+                    await backlog.hand_over(len(data or b""), functools.partial(
+                        loop.run_in_executor, pool, handle, index, data, error))
 
             tasks = [asyncio.ensure_future(worker()) for _ in range(min(opts.max_in_flight, len(urls)))]
             try:
