@@ -51,6 +51,7 @@ class Format:
     name = ""
     image_extensions: tuple[str, ...] = tuple(ENCODE_FORMATS)
     reads_datasets = False  # convert reads existing datasets in this format (spec.source.dataset.format)
+    dataset_shards = ""  # what a dataset's shards are, in words (`reads_datasets` formats only)
     img2dataset_writer = ""  # the name of img2dataset's sample writer for the format, where it has one
 
     def sample_writer(self) -> type:
@@ -67,6 +68,10 @@ class Format:
     def read_samples(self, store: Store, shard: int) -> Iterator[Sample]:
         """The samples one shard of the output holds, as its data file(s) hold them."""
         raise NotImplementedError
+
+    def is_dataset_shard(self, fs, path: str) -> bool:
+        """Whether `path`, an entry of a dataset's folder, is one of its shards (`reads_datasets` formats only)."""
+        return False
 
     def read_dataset(self, path: str) -> Iterator[Sample]:
         """The samples of one shard of an existing dataset (`reads_datasets` formats only)."""
@@ -94,7 +99,6 @@ class Grouped(Format):
 
     image_extensions = IMAGE_FILES
     reads_datasets = True
-    dataset_shards = ""  # what a dataset's shards are, in words
 
     def is_dataset_shard(self, fs, path: str) -> bool:
         """Whether `path`, an entry of a dataset's folder, is one of its shards."""
