@@ -42,6 +42,9 @@ DECODE_BACKLOG_BYTES = 256 << 20
 # host's queue, not the CPU, was what a shard waited for.
 MAX_PER_HOST = 16
 # latents.dtype: what the models compute in; auto is bfloat16 on a GPU and float32 on a CPU.
+# spec.stallSeconds' default: long enough for the quiet stretches of a healthy part (filtering a large
+# metadata file publishes its counts only per batch), short enough that a hung job shows the same hour.
+STALL_SECONDS = 900
 MODEL_DTYPES = ["auto", "float32", "float16", "bfloat16"]
 SAVE_DTYPES = ["float16", "float32"]
 LATENT_MODES = ["mean", "sample"]
@@ -319,6 +322,9 @@ SCHEMA: dict = {
         "priority": _int("Parts waiting for a slot run higher priority first, then oldest first.", default=0),
         "activeDeadlineSeconds": _int("Seconds a part may run (from submission, reset on resume) before it fails "
                                       "with reason DeadlineExceeded; its finished shards stay.", minimum=1),
+        "stallSeconds": _int(f"Seconds a running part's counts may stand still before it gets the condition "
+                             f"Stalled, a Warning Event and laion_part_stalled 1 (default {STALL_SECONDS}); the "
+                             "job keeps running.", minimum=1),
     },
 }
 
@@ -616,6 +622,7 @@ class PartSpec:
     suspend: bool
     priority: int
     active_deadline_seconds: int | None
+    stall_seconds: int = STALL_SECONDS
 
     @classmethod
     def from_dict(cls, data: Any) -> "PartSpec":
@@ -636,6 +643,7 @@ class PartSpec:
             suspend=spec["suspend"],
             priority=spec["priority"],
             active_deadline_seconds=spec.get("activeDeadlineSeconds"),
+            stall_seconds=spec.get("stallSeconds", STALL_SECONDS),
         )
 
     def to_dict(self) -> dict:
@@ -653,6 +661,8 @@ class PartSpec:
         }
         if self.active_deadline_seconds is not None:
             data["activeDeadlineSeconds"] = self.active_deadline_seconds
+        if self.stall_seconds != STALL_SECONDS:
+            data["stallSeconds"] = self.stall_seconds
         if self.columns:
             data["columns"] = dict(self.columns)
         if self.latents:

@@ -21,7 +21,7 @@ from ..contract import DATASET_INDEX, FAILURE_REASONS, Phase, annotations, part_
 from ..storage import Store
 from . import kube
 from .parts import Operator, condition, now
-from .status import COUNT_SCHEMA, CONDITIONS_SCHEMA, IMAGES_SCHEMA, custom_resource_definition
+from .status import COUNT_SCHEMA, CONDITIONS_SCHEMA, IMAGES_SCHEMA
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +60,6 @@ PRINTER_COLUMNS = [
     {"name": "Success %", "type": "number", "jsonPath": ".status.successRate"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
-
-
-def crd() -> dict:
-    """The LaionDataset CustomResourceDefinition, generated from spec.DATASET_SCHEMA."""
-    return custom_resource_definition(
-        KIND, kube.DATASET_PLURAL, "lds", "A LAION dataset of many parts (LaionParts made from one template).",
-        specs.DATASET_SCHEMA, STATUS_SCHEMA, PRINTER_COLUMNS)
 
 
 def part_name(dataset: str, part_id: str) -> str:
