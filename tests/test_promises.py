@@ -1,0 +1,338 @@
+"""The operator keeps its promises under the faults a cluster has (issue 20): one job per part, a
+status that tells the truth, a queue that always moves, finished work never redone. Each test is one
+fault: a job that vanishes (Jobs API 404, a RayJob deleted by hand), an edit or a delete while the
+operator is down, a standby taking over, suspend and resume of a finished dataset, an API server
+connection that hangs, a dataset range shrunk. Each failed on the operator before issue 20."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from laion_operator.testbed.demo_data import write_metadata
+from tests.support.operator_proc import operator_starter
+from tests.support.services import free_port
+from tests.test_datasets import dataset_doc, parts_of, wait_dataset, wait_for_finished_shard
+from tests.test_faults_operator import JobWatch, apply, jobs_of, manifest, status_of, wait_phase
+from tests.test_operator import RAYJOB_CRD
+
+ROOT = Path(__file__).resolve().parents[1]
+GROUP, VERSION, PLURAL = "laion-operator.io", "v1alpha1", "laionparts"
+ACTIVE = ("PENDING", "RUNNING")
+
+
+@pytest.fixture(scope="module")
+def api(kube_api):
+    kube_api.install_crd(ROOT / "crds" / "laionpart.yaml")
+    kube_api.install_crd(ROOT / "crds" / "laiondataset.yaml")
+    if RAYJOB_CRD.exists():
+        kube_api.install_crd(RAYJOB_CRD)
+    return kube_api
+
+
+@pytest.fixture
+def operators(api, ray_cluster, tmp_path):
+    with operator_starter(tmp_path, api, ray_cluster) as start:
+        yield start
+
+
+@pytest.fixture(scope="module")
+def slow(tmp_path_factory, image_server):
+    """Every image answers after a second: a part still downloading when the test acts."""
+    path = tmp_path_factory.mktemp("slow") / "slow.parquet"
+    write_metadata(path, 40, image_server.base_url, seed=61, slow_seconds=1, failure_mix={"ok": 0.5, "timeout": 0.5})
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, image_server):
+    folder = tmp_path_factory.mktemp("tiny")
+    for n in range(1, 6):
+        write_metadata(folder / f"meta_{n}.parquet", 5, image_server.base_url, seed=62 + n,
+                       failure_mix={"ok": 0.8, "http_4xx": 0.2})
+    return folder
+
+
+def jobs_client(ray_cluster):
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(ray_cluster.dashboard_url)
+
+
+def job_ids(ray_cluster, namespace: str, name: str) -> list[str]:
+    return sorted(j["submission_id"] for j in jobs_of(ray_cluster, namespace, name))
+
+
+def reason(status: dict, kind: str = "Failed") -> str | None:
+    return next((c.get("reason") for c in status.get("conditions") or [] if c["type"] == kind), None)
+
+
+def test_a_job_the_ray_head_forgot_fails_the_part_and_frees_its_slot(api, operators, ray_cluster, kube_namespace,
+                                                                     slow, tiny, tmp_path):
+    """The Jobs API answers 404 for the part's job (a head restarted without GCS persistence): the part
+    stops reading Downloading within two polls, and the part queued behind it runs."""
+    ns = kube_namespace
+    operators({"maxConcurrentParts": 1})
+    apply(api, ns, manifest("lost", slow, tmp_path / "lost", maxRetries=0, download={"parallelism": 1}))
+    job_id = wait_phase(api, ns, "lost", "Downloading")["submissionId"]
+    time.sleep(1.1)  # creationTimestamp has a resolution of a second: "behind" is younger
+    apply(api, ns, manifest("behind", tiny / "meta_1.parquet", tmp_path / "behind"))
+    wait_phase(api, ns, "behind", "Queued")
+    client = jobs_client(ray_cluster)
+    client.stop_job(job_id)
+    while str(client.get_job_status(job_id).value) in ACTIVE:
+        time.sleep(0.2)
+    client.delete_job(job_id)  # from here on: 404
+    forgotten = time.monotonic()
+    status = wait_phase(api, ns, "lost", "Failed", timeout=60)
+    assert time.monotonic() - forgotten < 20, "not noticed within two polls (1 s each, on a busy machine)"
+    assert reason(status) == "JobVanished" and job_id in status["message"], status
+    assert wait_phase(api, ns, "behind", ("Succeeded", "Failed"), timeout=300)["phase"] == "Succeeded"
+
+
+def test_a_vanished_job_with_retries_left_is_run_again(api, operators, ray_cluster, kube_namespace, slow, tmp_path):
+    ns = kube_namespace
+    operators()
+    watch = JobWatch(ray_cluster, ns, "again")
+    apply(api, ns, manifest("again", slow, tmp_path / "again", maxRetries=1, download={"parallelism": 1}))
+    job_id = wait_phase(api, ns, "again", "Downloading")["submissionId"]
+    client = jobs_client(ray_cluster)
+    client.stop_job(job_id)
+    while str(client.get_job_status(job_id).value) in ACTIVE:
+        time.sleep(0.2)
+    client.delete_job(job_id)
+    status = api.wait_for(GROUP, VERSION, PLURAL, ns, "again",
+                          lambda o: (o.get("status") or {}).get("submissionId", job_id) != job_id, timeout=60)["status"]
+    assert status["submissionId"].endswith("-g1-a1") and status["retries"] == 1, status
+    assert wait_phase(api, ns, "again", ("Succeeded", "Failed"))["phase"] == "Succeeded"
+    assert watch.stop() == 1
+
+
+def patch_rayjob(api, namespace: str, name: str, **status) -> None:
+    api.patch_status("ray.io", "v1", "rayjobs", namespace, name, status)
+
+
+@pytest.mark.skipif(not RAYJOB_CRD.exists(), reason="shared/kuberay/ray.io_rayjobs.yaml is not beside the checkout")
+def test_a_rayjob_deleted_by_hand_is_noticed(api, kube_namespace, tiny, tmp_path):
+    """KubeRay mode, no Ray: the RayJob goes (`kubectl delete rayjob`); the part resubmits it as a new
+    attempt, and a RayJob that Kueue suspends reads as suspended, not as Pending forever."""
+    from tests.support.chart import manifests, operator_config, render
+
+    ns = kube_namespace
+    config = operator_config(manifests(render({"operator": {"config": {"mode": "kuberay"}}})))
+    with operator_starter(tmp_path, api) as start:
+        start(config)
+        apply(api, ns, manifest("kr", tiny / "meta_1.parquet", tmp_path / "kr", maxRetries=1))
+        first = api.wait_for(GROUP, VERSION, PLURAL, ns, "kr",
+                             lambda o: bool((o.get("status") or {}).get("submissionId")), timeout=120)["status"]
+        name = first["submissionId"]
+        patch_rayjob(api, ns, name, jobDeploymentStatus="Suspended")
+        suspended = api.wait_for(GROUP, VERSION, PLURAL, ns, "kr",
+                                 lambda o: "suspended" in (o.get("status") or {}).get("message", ""),
+                                 timeout=60)["status"]
+        assert suspended["phase"] == "Pending", suspended
+        api.kubectl("delete", "rayjob", name, "-n", ns)
+        status = api.wait_for(GROUP, VERSION, PLURAL, ns, "kr",
+                              lambda o: (o.get("status") or {}).get("submissionId", name) != name, timeout=60)["status"]
+        assert status["submissionId"].endswith("-a1") and status["retries"] == 1, status
+        assert api.get("ray.io", "v1", "rayjobs", ns, status["submissionId"]) is not None
+
+
+def test_a_spec_change_while_the_operator_is_down_never_runs_two_jobs(api, operators, ray_cluster, kube_namespace,
+                                                                      slow, tmp_path):
+    ns, out = kube_namespace, tmp_path / "out"
+    op = operators()
+    doc = manifest("edited", slow, out, download={"parallelism": 1})
+    apply(api, ns, doc)
+    first = wait_phase(api, ns, "edited", "Downloading")["submissionId"]
+    wait_for_finished_shard(out)
+    watch = JobWatch(ray_cluster, ns, "edited")
+    op.kill()
+    doc["spec"]["download"]["timeout"] = 4  # what the output depends on: a new generation must run
+    apply(api, ns, doc)
+    operators()
+    status = wait_phase(api, ns, "edited", ("Succeeded", "Failed"))
+    assert status["phase"] == "Succeeded", status
+    assert status["submissionId"].endswith("-g2-a0")
+    assert watch.stop() == 1, f"two jobs ran at once: {watch.running}"
+    assert str(jobs_client(ray_cluster).get_job_status(first).value) == "STOPPED"
+
+
+def test_a_part_deleted_while_the_operator_is_down_frees_its_slot(api, operators, ray_cluster, kube_namespace,
+                                                                  slow, tiny, tmp_path):
+    ns = kube_namespace
+    op = operators({"maxConcurrentParts": 1})
+    apply(api, ns, manifest("gone", slow, tmp_path / "gone", download={"parallelism": 1}))
+    job_id = wait_phase(api, ns, "gone", "Downloading")["submissionId"]
+    op.kill()
+    api.kubectl("delete", "lp", "gone", "-n", ns, "--wait=false")
+    apply(api, ns, manifest("next", tiny / "meta_2.parquet", tmp_path / "next"))
+    operators({"maxConcurrentParts": 1})
+    api.wait_for_deletion(GROUP, VERSION, PLURAL, ns, "gone", timeout=120)
+    assert str(jobs_client(ray_cluster).get_job_status(job_id).value) == "STOPPED"
+    status = wait_phase(api, ns, "next", ("Succeeded", "Failed"), timeout=300)
+    assert status["phase"] == "Succeeded", status
+
+
+def test_a_standby_taking_over_keeps_one_job_and_the_queue_moving(api, ray_cluster, kube_namespace, slow, tiny,
+                                                                  tmp_path):
+    """Two replicas with peering: the standby, started while the first replica ran a part (and so once
+    counting it as running), takes over after the part finished and the first replica died: the next
+    part runs, with one job. (kopf picks the leader by a random priority: the standby may also take
+    over while the first part runs, which it must then follow, not run again.)"""
+    from tests.support.chart import CHART, manifests, operator_config, render
+    from tests.support.operator_proc import OperatorProcess
+
+    ns = kube_namespace
+    docs = manifests(render({"replicas": 2}))
+    api.install_crd(CHART / "crds" / "kopf-peering.yaml")
+    peering = next(d for d in docs if d["kind"] == "ClusterKopfPeering")
+    api.apply({k: v for k, v in peering.items() if k != "__template__"})
+    config = {**operator_config(docs), "maxConcurrentParts": 1}
+    env = {**ray_cluster.client_env(), "LAION_OPERATOR_RAY_ADDRESS": ray_cluster.dashboard_url}
+
+    def replica(i: int) -> OperatorProcess:
+        workdir = tmp_path / f"replica-{i}"
+        workdir.mkdir()
+        return OperatorProcess(workdir, api.env_vars, config, args=(), env={**env, "POD_ID": f"replica-{i}"}).start()
+
+    replicas = [replica(0)]
+    try:
+        first_watch = JobWatch(ray_cluster, ns, "first")
+        apply(api, ns, manifest("first", slow, tmp_path / "first", download={"parallelism": 1}))
+        wait_phase(api, ns, "first", "Downloading")
+        replicas.append(replica(1))
+        watch = JobWatch(ray_cluster, ns, "second")
+        assert wait_phase(api, ns, "first", ("Succeeded", "Failed"))["phase"] == "Succeeded"
+        replicas[0].kill()
+        apply(api, ns, manifest("second", tiny / "meta_4.parquet", tmp_path / "second"))
+        status = wait_phase(api, ns, "second", ("Succeeded", "Failed"), timeout=300)
+        assert status["phase"] == "Succeeded", status
+        assert watch.stop() == 1 and first_watch.stop() == 1
+        assert len(jobs_of(ray_cluster, ns, "first")) == 1
+        assert f"submitted job {status['submissionId']}" in replicas[1].logs()
+    finally:
+        for op in replicas:
+            op.stop()
+
+
+def test_suspend_and_resume_of_a_succeeded_dataset_runs_nothing_again(api, operators, ray_cluster, kube_namespace,
+                                                                     tiny, tmp_path):
+    ns = kube_namespace
+    operators()
+    doc = dataset_doc("finished", tiny, tmp_path / "finished")
+    doc["spec"]["source"]["last"] = 2
+    apply(api, ns, doc)
+    wait_dataset(api, ns, "finished", lambda s: s.get("phase") in ("Succeeded", "Failed"), timeout=600)
+    before = {p["metadata"]["name"]: p["status"] for p in parts_of(api, ns, "finished")}
+    assert {s["phase"] for s in before.values()} == {"Succeeded"}, before
+    jobs = {name: job_ids(ray_cluster, ns, name) for name in before}
+
+    for generation, suspend in ((2, True), (3, False)):
+        doc["spec"]["suspend"] = suspend
+        apply(api, ns, doc)
+        deadline = time.monotonic() + 120
+        while {p["status"].get("observedGeneration") for p in parts_of(api, ns, "finished")} != {generation}:
+            assert time.monotonic() < deadline, [p["status"] for p in parts_of(api, ns, "finished")]
+            time.sleep(0.3)
+    time.sleep(5)  # five polls: nothing starts
+    after = {p["metadata"]["name"]: p["status"] for p in parts_of(api, ns, "finished")}
+    assert {s["phase"] for s in after.values()} == {"Succeeded"}, after
+    assert {n: s["submissionId"] for n, s in after.items()} == {n: s["submissionId"] for n, s in before.items()}
+    assert {name: job_ids(ray_cluster, ns, name) for name in before} == jobs
+    assert wait_dataset(api, ns, "finished", lambda s: s.get("observedGeneration") == 3)["status"]["phase"] == \
+        "Succeeded"
+
+
+class Hang:
+    """A TCP forwarder in front of the API server: while `hanging`, a request sent on any connection
+    is swallowed and that connection never answers again (an API server half-dead for it)."""
+
+    def __init__(self, target: str):
+        self.host, port = target.rsplit("//", 1)[-1].rsplit(":", 1)
+        self.target = int(port)
+        self.port = free_port()
+        self.hanging = False
+        self.hung = 0
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def _accept(self, listener) -> None:
+        while True:
+            client, _ = listener.accept()
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            dead = threading.Event()
+            threading.Thread(target=self._pump, args=(client, upstream, dead, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, dead, False), daemon=True).start()
+
+    def _pump(self, src, dst, dead: threading.Event, request: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if request and self.hanging and not dead.is_set():
+                    dead.set()
+                    self.hung += 1
+                if dead.is_set():
+                    continue  # swallowed, both ways, for good
+                dst.sendall(data)
+        except OSError:
+            pass
+
+
+def test_a_hung_api_server_connection_never_freezes_the_queue(api, ray_cluster, kube_namespace, slow, tiny,
+                                                              tmp_path):
+    """Requests sent while the API server hangs never get an answer: every Kubernetes call the
+    operator makes times out and is retried, and no lock is held meanwhile, so the queue moves."""
+    ns = kube_namespace
+    kubeconfig = yaml.safe_load(Path(api.env_vars["KUBECONFIG"]).read_text())
+    hang = Hang(kubeconfig["clusters"][0]["cluster"]["server"])
+    kubeconfig["clusters"][0]["cluster"]["server"] = f"http://127.0.0.1:{hang.port}"
+    path = tmp_path / "kubeconfig-hang"
+    path.write_text(yaml.safe_dump(kubeconfig))
+
+    class Proxied:  # the operator talks to the API server through the proxy; the test does not
+        env_vars = {"KUBECONFIG": str(path)}
+
+    with operator_starter(tmp_path, Proxied, ray_cluster) as start:
+        start({"maxConcurrentParts": 1})
+        apply(api, ns, manifest("running", tiny / "meta_5.parquet", tmp_path / "running", download={"parallelism": 1}))
+        wait_phase(api, ns, "running", ("Pending", "Filtering", "Downloading", "Annotating"))
+        hang.hanging = True
+        time.sleep(1.1)
+        apply(api, ns, manifest("waiting", tiny / "meta_1.parquet", tmp_path / "waiting"))
+        deadline = time.monotonic() + 60
+        while hang.hung < 2:  # requests of the operator went into the hang
+            assert time.monotonic() < deadline, hang.hung
+            time.sleep(0.2)
+        time.sleep(3)
+        hang.hanging = False
+        for name in ("running", "waiting"):
+            status = wait_phase(api, ns, name, ("Succeeded", "Failed"), timeout=400)
+            assert status["phase"] == "Succeeded", status
+
+
+def test_a_shrunk_range_deletes_the_parts_left_outside(api, kube_namespace, tiny, tmp_path):
+    """No Ray: a suspended dataset's parts. `last` 5 → 3 deletes parts 4 and 5 (their output stays)."""
+    ns = kube_namespace
+    with operator_starter(tmp_path, api) as start:
+        start()
+        doc = dataset_doc("shrinking", tiny, tmp_path / "shrinking", suspend=True)
+        apply(api, ns, doc)
+        wait_dataset(api, ns, "shrinking", lambda s: s.get("partsByPhase") == {"Suspended": 5}, timeout=120)
+        doc["spec"]["source"]["last"] = 3
+        apply(api, ns, doc)
+        deadline = time.monotonic() + 120
+        while sorted(p["spec"]["partId"] for p in parts_of(api, ns, "shrinking")) != ["1", "2", "3"]:
+            assert time.monotonic() < deadline, [p["spec"]["partId"] for p in parts_of(api, ns, "shrinking")]
+            time.sleep(0.3)
+        status = wait_dataset(api, ns, "shrinking", lambda s: s.get("partsTotal") == 3, timeout=60)["status"]
+        assert status["partsByPhase"] == {"Suspended": 3}
+        events = {e["reason"] for e in api.events(ns, involved_name="shrinking")}
+        assert "PartsDeleted" in events
