@@ -380,11 +380,20 @@ class Part(Resource):
 
     async def stop_others(self, keep: str | None) -> None:
         """Stop every job of this part but `keep`, and return once none of them is active: whatever a
-        crash, a failover or an edit while the operator was down left behind, one job at most runs."""
+        crash, a failover or an edit while the operator was down left behind, one job at most runs.
+        A part whose status names no job is let go when the backend cannot be asked (no Ray at all):
+        only a crash between a submission and its status write leaves a job behind such a part."""
         deadline = time.monotonic() + STOP_WAIT_SECONDS
         asked: set[str] = set()
         while True:
-            jobs = await asyncio.to_thread(self.op.backend.jobs, self.owner)
+            try:
+                jobs = await asyncio.to_thread(self.op.backend.jobs, self.owner)
+            except BackendError as err:
+                if self.status.get("submissionId") or keep:
+                    raise
+                log.info("part %s/%s: no job to stop known, and the backend cannot be asked: %s",
+                         self.namespace, self.name, err)
+                return
             active = [j for j in jobs if j.id != keep and j.state.active]
             if not active:
                 return
@@ -400,15 +409,13 @@ class Part(Resource):
             await asyncio.sleep(1)
 
     async def stop(self) -> None:
-        """On delete: stop every job of the part, and give its slot back; the output stays."""
+        """On delete: stop every job of the part and see them stopped (the finalizer goes only then),
+        and give its slot back; the output stays."""
         self.op.slots.release(self.key)
         job_id = self.status.get("submissionId")
         if self.status.get("phase") not in (Phase.SUCCEEDED.value, Phase.FAILED.value, None) and job_id:
             await self.write(phase=Phase.STOPPING.value, message=f"stopping job {job_id}; finished output is kept")
-        for job in await asyncio.to_thread(self.op.backend.jobs, self.owner):
-            if job.state.active:
-                await asyncio.to_thread(self.op.backend.stop, self.owner, job.id)
-                log.info("part %s/%s: stopped job %s", self.namespace, self.name, job.id)
+        await self.stop_others(keep=None)
 
     def deadline_passed(self, spec: PartSpec) -> bool:
         since = self.status.get("activeSince")
