@@ -207,3 +207,73 @@ def test_slots_count_the_parts_the_cluster_says_run():
         assert slots.running == set()
 
     asyncio.run(scenario())
+
+
+class Recorded:
+    """The API server's side of status writes: what the operator patched."""
+
+    def __init__(self, monkeypatch):
+        import kopf
+
+        self.patches: list[dict] = []
+        self.events: list[str] = []
+        monkeypatch.setattr(kube, "patch_status", lambda ns, name, patch, plural=kube.PLURAL: self.patches.append(patch))
+        monkeypatch.setattr(kopf, "event", lambda body, type, reason, message: self.events.append(reason))
+
+
+def running_part(status: dict):
+    from laion_operator.control.metrics import Metrics
+    from laion_operator.control.parts import Operator, Part
+
+    op = Operator(OperatorConfig(), None, Slots(1), Metrics())
+    body = {"metadata": {"namespace": "ns", "name": "p", "uid": "u", "generation": 1},
+            "spec": spec(), "status": status}
+    return Part(op, body, None)
+
+
+def test_counts_never_go_backwards_while_a_new_attempt_filters(monkeypatch):
+    from laion_operator.contract import Progress
+    from laion_operator.spec import PartSpec
+
+    api = Recorded(monkeypatch)
+    part = running_part({"phase": "Downloading", "output": "/o", "rowsRead": 100, "rowsKept": 90,
+                         "images": {"ok": 40, "failed": 5, "failedByReason": {"timeout": 5}},
+                         "shards": {"total": 9, "done": 4, "failed": 0}, "bytesWritten": 1000})
+    fresh = Progress(part_id="p", phase="Filtering", rows_read=10)  # attempt 2 has read 10 rows so far
+    asyncio.run(part.publish(Phase.FILTERING, fresh, "job", stalled=False))
+    written = api.patches[-1]
+    assert (written["rowsRead"], written["rowsKept"], written["images"]["ok"], written["shards"]["done"],
+            written["bytesWritten"]) == (100, 90, 40, 4, 1000)
+    assert written["shardsProgress"] == "4/9"
+    final = Progress(part_id="p", phase="Succeeded", rows_read=100, rows_kept=90, images_ok=38, shards_total=9,
+                     shards_done=9)
+    asyncio.run(part.publish(Phase.SUCCEEDED, final, "job", finished=True))
+    assert api.patches[-1]["images"]["ok"] == 38  # the finished part's count is its shards' own
+    assert PartSpec.from_dict(spec()).stall_seconds == 900
+
+
+def test_a_part_whose_counts_stand_still_is_stalled_once(monkeypatch):
+    from laion_operator.contract import Progress
+    from laion_operator.spec import PartSpec
+
+    api = Recorded(monkeypatch)
+    part = running_part({"phase": "Downloading", "output": "/o"})
+    still = Progress(part_id="p", phase="Downloading", rows_read=10)
+    quick = PartSpec.from_dict(spec(stallSeconds=1))
+    assert not part.stalled(quick, still)
+    part.moved_at -= 5  # five seconds without a count moving
+    for _ in range(2):
+        asyncio.run(part.publish(Phase.DOWNLOADING, still, "job", stalled=part.stalled(quick, still)))
+    stalled = [c for c in api.patches[-1]["conditions"] if c["type"] == "Stalled"]
+    assert stalled and stalled[0]["status"] == "True" and stalled[0]["reason"] == "NoProgress"
+    assert api.events.count("Stalled") == 1
+    assert 'laion_part_stalled{namespace="ns",part="p"} 1.0' in prometheus_text(part.op.metrics)
+    moved = Progress(part_id="p", phase="Downloading", rows_read=20)
+    asyncio.run(part.publish(Phase.DOWNLOADING, moved, "job", stalled=part.stalled(quick, moved)))
+    assert [c["status"] for c in api.patches[-1]["conditions"] if c["type"] == "Stalled"] == ["False"]
+
+
+def prometheus_text(metrics) -> str:
+    from prometheus_client import generate_latest
+
+    return generate_latest(metrics.registry).decode()

@@ -396,3 +396,45 @@ def test_a_shrunk_range_deletes_the_parts_left_outside(api, kube_namespace, tiny
         assert status["partsByPhase"] == {"Suspended": 3}
         events = {e["reason"] for e in api.events(ns, involved_name="shrinking")}
         assert "PartsDeleted" in events
+
+
+def test_a_backoff_ends_when_the_part_is_suspended(api, operators, forgetful, kube_namespace, slow, tmp_path):
+    """A retry waits retryBackoffSeconds × 2^attempt (here 10 minutes) in phase Queued, its slot free;
+    a suspend ends the wait at once."""
+    ns = kube_namespace
+    operators(ray=forgetful, env={"LAION_OPERATOR_RETRY_BACKOFF_SECONDS": "600"})
+    apply(api, ns, manifest("patient", slow, tmp_path / "patient", maxRetries=2, download={"parallelism": 1}))
+    job_id = wait_phase(api, ns, "patient", "Downloading")["submissionId"]
+    forgetful.forget(job_id)
+    waiting = wait_phase(api, ns, "patient", "Queued", timeout=60)
+    assert "retry 1 of 2 in 600s" in waiting["message"], waiting
+    api.kubectl("patch", "lp", "patient", "-n", ns, "--type=merge", "-p", '{"spec": {"suspend": true}}')
+    suspended = time.monotonic()
+    wait_phase(api, ns, "patient", "Suspended", timeout=60)
+    assert time.monotonic() - suspended < 20
+
+
+def test_credentials_a_secret_brings_later_are_waited_for(api, operators, kube_namespace, tiny, tmp_path):
+    """A Secret an external-secrets controller makes seconds later: the part waits, saying so, and runs
+    once it is there; it never fails for it."""
+    ns = kube_namespace
+    operators()
+    output = {"uri": str(tmp_path / "late"), "credentialsSecret": "made-later"}
+    apply(api, ns, manifest("late", tiny / "meta_2.parquet", output))
+    status = api.wait_for(GROUP, VERSION, PLURAL, ns, "late",
+                          lambda o: "waiting for credentials" in (o.get("status") or {}).get("message", ""),
+                          timeout=60)["status"]
+    assert reason(status, "CredentialsAvailable") == "CredentialsUnavailable" and status.get("phase") != "Failed"
+    api.kubectl("create", "secret", "generic", "made-later", "-n", ns, "--from-literal=UNUSED=x")
+    assert wait_phase(api, ns, "late", ("Succeeded", "Failed"), timeout=300)["phase"] == "Succeeded"
+
+
+def test_jobs_mode_sends_no_credentials_to_a_ray_cluster_without_token_auth(api, operators, ray_cluster,
+                                                                           kube_namespace, tiny, tmp_path):
+    ns = kube_namespace
+    operators(env={"LAION_OPERATOR_ALLOW_CREDENTIALS_WITHOUT_RAY_AUTH": "false"})
+    api.kubectl("create", "secret", "generic", "s3", "-n", ns, "--from-literal=AWS_SECRET_ACCESS_KEY=not-shown")
+    apply(api, ns, manifest("exposed", tiny / "meta_3.parquet", {"uri": str(tmp_path / "x"), "credentialsSecret": "s3"}))
+    status = wait_phase(api, ns, "exposed", "Failed", timeout=120)
+    assert reason(status) == "CredentialsRefused" and "allowCredentialsWithoutRayAuth" in status["message"]
+    assert jobs_of(ray_cluster, ns, "exposed") == []
