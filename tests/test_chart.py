@@ -207,7 +207,8 @@ def test_config_is_mounted_and_passed_with_config():
     config = operator_config(docs)
     assert config == {
         "mode": "jobs", "rayAddress": "http://raycluster-head-svc.ray.svc:8265", "maxConcurrentParts": 4,
-        "pollSeconds": 10, "retryBackoffSeconds": 30, "metricsPort": 8080, "peeringName": FULLNAME}
+        "pollSeconds": 10, "retryBackoffSeconds": 30, "retryBackoffMaxSeconds": 600,
+        "allowCredentialsWithoutRayAuth": False, "metricsPort": 8080, "peeringName": FULLNAME}
     pod = one(docs, "Deployment")["spec"]["template"]
     container = pod["spec"]["containers"][0]
     assert container["args"][:2] == ["--config", "/etc/laion-operator/config.yaml"]

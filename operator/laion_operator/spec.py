@@ -622,7 +622,7 @@ class PartSpec:
     suspend: bool
     priority: int
     active_deadline_seconds: int | None
-    stall_seconds: int = STALL_SECONDS
+    stall_seconds: int
 
     @classmethod
     def from_dict(cls, data: Any) -> "PartSpec":
