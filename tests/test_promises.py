@@ -18,27 +18,12 @@ from laion_operator.testbed.demo_data import write_metadata
 from tests.support.operator_proc import operator_starter
 from tests.support.services import free_port
 from tests.test_datasets import dataset_doc, parts_of, wait_dataset, wait_for_finished_shard
-from tests.test_faults_operator import JobWatch, apply, jobs_of, manifest, status_of, wait_phase
-from tests.test_operator import RAYJOB_CRD
+from tests.test_datasets import sources as tiny  # noqa: F401 - a fixture: five small parts, meta_1 … meta_5
+from tests.test_faults_operator import JobWatch, apply, jobs_of, manifest, wait_phase
+from tests.test_operator import RAYJOB_CRD, api, operators  # noqa: F401 - fixtures: the CRDs, operators
 
-ROOT = Path(__file__).resolve().parents[1]
 GROUP, VERSION, PLURAL = "laion-operator.io", "v1alpha1", "laionparts"
 ACTIVE = ("PENDING", "RUNNING")
-
-
-@pytest.fixture(scope="module")
-def api(kube_api):
-    kube_api.install_crd(ROOT / "crds" / "laionpart.yaml")
-    kube_api.install_crd(ROOT / "crds" / "laiondataset.yaml")
-    if RAYJOB_CRD.exists():
-        kube_api.install_crd(RAYJOB_CRD)
-    return kube_api
-
-
-@pytest.fixture
-def operators(api, ray_cluster, tmp_path):
-    with operator_starter(tmp_path, api, ray_cluster) as start:
-        yield start
 
 
 @pytest.fixture(scope="module")
@@ -47,15 +32,6 @@ def slow(tmp_path_factory, image_server):
     path = tmp_path_factory.mktemp("slow") / "slow.parquet"
     write_metadata(path, 40, image_server.base_url, seed=61, slow_seconds=1, failure_mix={"ok": 0.5, "timeout": 0.5})
     return path
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, image_server):
-    folder = tmp_path_factory.mktemp("tiny")
-    for n in range(1, 6):
-        write_metadata(folder / f"meta_{n}.parquet", 5, image_server.base_url, seed=62 + n,
-                       failure_mix={"ok": 0.8, "http_4xx": 0.2})
-    return folder
 
 
 def jobs_client(ray_cluster):

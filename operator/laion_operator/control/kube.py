@@ -53,6 +53,16 @@ def _call(what: str, fn, *args, **kwargs):
         raise KubeError(f"{what}: {type(err).__name__}: {err}") from None
 
 
+def _unless(status: int, what: str, fn, *args, **kwargs):
+    """`_call`, but None where the API server answers `status` (404: gone already; 409: made already)."""
+    try:
+        return _call(what, fn, *args, **kwargs)
+    except KubeError as err:
+        if err.status == status:
+            return None
+        raise
+
+
 def patch_status(namespace: str, name: str, status: dict, plural: str = PLURAL) -> dict:
     api = kubernetes.client.CustomObjectsApi(_client())
     return _call(f"patch status of {plural} {namespace}/{name}", api.patch_namespaced_custom_object_status,
@@ -67,34 +77,22 @@ def read_secret(namespace: str, name: str) -> dict[str, str]:
 
 def create_rayjob(namespace: str, body: dict) -> dict:
     api = kubernetes.client.CustomObjectsApi(_client())
-    try:
-        return _call(f"create RayJob {namespace}/{body['metadata']['name']}", api.create_namespaced_custom_object,
-                     RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL, body)
-    except KubeError as err:
-        if err.status == 409:  # already created by an earlier attempt of this operator: adopt it
-            return get_rayjob(namespace, body["metadata"]["name"])
-        raise
+    made = _unless(409, f"create RayJob {namespace}/{body['metadata']['name']}", api.create_namespaced_custom_object,
+                   RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL, body)
+    # None: already created by an earlier attempt of this operator: adopt it
+    return made if made is not None else get_rayjob(namespace, body["metadata"]["name"])
 
 
 def get_rayjob(namespace: str, name: str) -> dict | None:
     api = kubernetes.client.CustomObjectsApi(_client())
-    try:
-        return _call(f"read RayJob {namespace}/{name}", api.get_namespaced_custom_object,
-                     RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL, name)
-    except KubeError as err:
-        if err.status == 404:
-            return None
-        raise
+    return _unless(404, f"read RayJob {namespace}/{name}", api.get_namespaced_custom_object,
+                   RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL, name)
 
 
 def delete_rayjob(namespace: str, name: str) -> None:
     api = kubernetes.client.CustomObjectsApi(_client())
-    try:
-        _call(f"delete RayJob {namespace}/{name}", api.delete_namespaced_custom_object,
-              RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL, name)
-    except KubeError as err:
-        if err.status != 404:
-            raise
+    _unless(404, f"delete RayJob {namespace}/{name}", api.delete_namespaced_custom_object,
+            RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL, name)
 
 
 def list_rayjobs(namespace: str, part: str) -> list[dict]:
@@ -117,23 +115,14 @@ def list_dataset_parts(namespace: str, dataset: str) -> list[dict]:
 def create_part(namespace: str, body: dict) -> dict | None:
     """Create a LaionPart; None if one of that name exists already (made by an earlier reconcile)."""
     api = kubernetes.client.CustomObjectsApi(_client())
-    try:
-        return _call(f"create LaionPart {namespace}/{body['metadata']['name']}", api.create_namespaced_custom_object,
-                     GROUP, VERSION, namespace, PLURAL, body)
-    except KubeError as err:
-        if err.status == 409:
-            return None
-        raise
+    return _unless(409, f"create LaionPart {namespace}/{body['metadata']['name']}",
+                   api.create_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, body)
 
 
 def delete_part(namespace: str, name: str) -> None:
     api = kubernetes.client.CustomObjectsApi(_client())
-    try:
-        _call(f"delete LaionPart {namespace}/{name}", api.delete_namespaced_custom_object,
-              GROUP, VERSION, namespace, PLURAL, name)
-    except KubeError as err:
-        if err.status != 404:
-            raise
+    _unless(404, f"delete LaionPart {namespace}/{name}", api.delete_namespaced_custom_object,
+            GROUP, VERSION, namespace, PLURAL, name)
 
 
 def replace_part_spec(namespace: str, name: str, spec: dict) -> dict:
