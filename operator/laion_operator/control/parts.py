@@ -295,6 +295,8 @@ class Part(Resource):
             await self.write(observedGeneration=generation, message=f"generation {generation} taken in; "
                                                                     f"job {job.id} keeps running")
             self.event("SpecApplied", f"generation {generation} applies to the running job {job.id}")
+        elif not self.status.get("specHash"):  # a run submitted before the operator kept it
+            await self.write(specHash=output_hash(self.body["spec"]))
         secret = await self.credentials(spec, quiet=True)
         progress = await self.read_progress(spec, secret)
         phase = Phase(progress.phase) if progress and progress.phase in RUNNING else Phase.PENDING

@@ -233,7 +233,8 @@ class KubeRayBackend:
 
     def jobs(self, owner: dict) -> list[Job]:
         prefix = submission_prefix(owner["uid"])
-        return [self.state(owner, job["metadata"]["name"]) for job in kube.list_rayjobs(owner["namespace"], owner["name"])
+        return [kuberay_state(job["metadata"]["name"], job.get("status") or {})
+                for job in kube.list_rayjobs(owner["namespace"], owner["name"])
                 if job["metadata"]["name"].startswith(prefix)]
 
     def stop(self, owner: dict, job_id: str) -> None:
