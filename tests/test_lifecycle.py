@@ -245,6 +245,7 @@ def test_counts_never_go_backwards_while_a_new_attempt_filters(monkeypatch):
     assert (written["rowsRead"], written["rowsKept"], written["images"]["ok"], written["shards"]["done"],
             written["bytesWritten"]) == (100, 90, 40, 4, 1000)
     assert written["shardsProgress"] == "4/9"
+    assert (written["images"]["failed"], written["images"]["failedByReason"]) == (5, {"timeout": 5})
     final = Progress(part_id="p", phase="Succeeded", rows_read=100, rows_kept=90, images_ok=38, shards_total=9,
                      shards_done=9)
     asyncio.run(part.publish(Phase.SUCCEEDED, final, "job", finished=True))

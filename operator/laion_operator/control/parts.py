@@ -45,8 +45,9 @@ SETTLED_RECHECK_SECONDS = 60.0
 # How long a stopped job may take to be seen stopped before the operator says so and tries again later.
 STOP_WAIT_SECONDS = 120.0
 # Counts that only grow within one output: a new attempt's filtering must not show them dropping to 0.
-_MONOTONE = (("rowsRead",), ("rowsKept",), ("bytesWritten",), ("images", "ok"), ("shards", "total"),
-             ("shards", "done"))
+# (A heal lowers failed counts: its final status, written unfloored, says so.)
+_MONOTONE = (("rowsRead",), ("rowsKept",), ("bytesWritten",), ("images", "ok"), ("images", "failed"),
+             ("shards", "total"), ("shards", "done"))
 
 __all__ = ["Operator", "Part", "Slots", "condition", "now", "verified_condition"]
 
@@ -526,6 +527,9 @@ class Part(Resource):
             # A new attempt counts up again from the finished shards: show what was done meanwhile.
             for path in _MONOTONE:
                 _set(fields, path, max(_get(fields, path) or 0, _get(status, path) or 0))
+            reasons = fields["images"]["failedByReason"]
+            for reason, n in (_get(status, ("images", "failedByReason")) or {}).items():
+                reasons[reason] = max(reasons.get(reason, 0), n or 0)
             fields["shardsProgress"] = f"{fields['shards']['done']}/{fields['shards']['total']}"
         conditions = status.get("conditions") or []
         message = message or (progress.message if progress and progress.message else
