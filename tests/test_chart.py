@@ -207,7 +207,8 @@ def test_config_is_mounted_and_passed_with_config():
     config = operator_config(docs)
     assert config == {
         "mode": "jobs", "rayAddress": "http://raycluster-head-svc.ray.svc:8265", "maxConcurrentParts": 4,
-        "pollSeconds": 10, "retryBackoffSeconds": 30, "metricsPort": 8080, "peeringName": FULLNAME}
+        "pollSeconds": 10, "retryBackoffSeconds": 30, "retryBackoffMaxSeconds": 600,
+        "allowCredentialsWithoutRayAuth": False, "metricsPort": 8080, "peeringName": FULLNAME}
     pod = one(docs, "Deployment")["spec"]["template"]
     container = pod["spec"]["containers"][0]
     assert container["args"][:2] == ["--config", "/etc/laion-operator/config.yaml"]
@@ -451,7 +452,7 @@ ALLOWED = {
     ("", "namespaces"): {"list", "watch"},  # kopf: namespaces coming and going (all namespaces only)
     ("kopf.dev", "clusterkopfpeerings"): {"get", "list", "watch", "patch"},  # kopf: peering, all namespaces
     ("kopf.dev", "kopfpeerings"): {"get", "list", "watch", "patch"},  # kopf: peering per namespace
-    ("laion-operator.io", "laionparts"): {"get", "list", "watch", "patch", "update", "create"},  # create: datasets
+    ("laion-operator.io", "laionparts"): {"get", "list", "watch", "patch", "update", "create", "delete"},  # datasets
     ("laion-operator.io", "laiondatasets"): {"get", "list", "watch", "patch", "update"},
     ("laion-operator.io", "laiondatasets/status"): {"get", "patch", "update"},
     ("laion-operator.io", "laiondatasets/finalizers"): {"update"},  # blockOwnerDeletion on the dataset's parts
@@ -520,7 +521,8 @@ def test_rbac_grants_nothing_beyond_the_allow_list(values):
         assert not of_kind(docs, "Role")
     # What the operator needs is there (the allow-list is not just an upper bound on nothing).
     scope = "Role" if namespaces else "ClusterRole"
-    assert got[(scope, "laion-operator.io", "laionparts")] == {"get", "list", "watch", "patch", "update", "create"}
+    assert got[(scope, "laion-operator.io", "laionparts")] == {"get", "list", "watch", "patch", "update", "create",
+                                                               "delete"}
     assert got[(scope, "laion-operator.io", "laiondatasets")] == {"get", "list", "watch", "patch", "update"}
     assert got[(scope, "laion-operator.io", "laiondatasets/status")] == {"get", "patch", "update"}
     assert got[(scope, "laion-operator.io", "laionparts/status")] == {"get", "patch", "update"}

@@ -139,9 +139,9 @@ def cmd_plan(part: specs.PartSpec) -> int:
 
 
 def cmd_crd(args) -> int:
-    from .control import datasets, status
+    from .control import crds
 
-    crd = datasets.crd if getattr(args, "kind", None) == "LaionDataset" else status.crd
+    crd = crds.dataset_crd if getattr(args, "kind", None) == "LaionDataset" else crds.part_crd
     yaml.safe_dump(crd(), sys.stdout, sort_keys=False)
     return 0
 

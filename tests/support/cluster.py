@@ -375,6 +375,10 @@ class Cluster:
                                      f"the last state: {json.dumps(obj, indent=2)}")
             time.sleep(interval)
 
+    def wait_for_deletion(self, group: str, version: str, plural: str, namespace: str | None, name: str, *,
+                          timeout: float = 10) -> None:
+        self.wait_for(group, version, plural, namespace, name, lambda obj: obj is None, timeout=timeout)
+
     def events(self, namespace: str, involved_name: str | None = None) -> list[JSON]:
         found = self.list("", "v1", "events", namespace)
         return [e for e in found if involved_name is None or e["involvedObject"].get("name") == involved_name]

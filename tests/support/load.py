@@ -45,6 +45,9 @@ class LoadRun:
     phases: dict[str, str] = field(default_factory=dict)
     statuses: dict[str, dict] = field(default_factory=dict)
     started: list[str] = field(default_factory=list)  # parts in the order their jobs started
+    ray_jobs: int = 0  # the Ray jobs of the namespace's parts, all attempts
+    retries: int = 0  # the parts' status.retries, added up
+    most_at_once: int = 0  # the most jobs of one part seen running at the same moment
     queue: list[float] = field(default_factory=list)  # the queue metric, sampled while the parts ran
     rss_peak: int = 0
     idle_cpu: float = 0.0  # fraction of one core while every part had ended
@@ -53,6 +56,27 @@ class LoadRun:
     def order_slip(self) -> int:
         """How far, at most, a part's start is from its place in creation order (oldest first)."""
         return max(abs(self.started.index(name) - i) for i, name in enumerate(self.names))
+
+
+def jobs_in(ray_cluster, namespace: str) -> list[dict]:
+    """The Ray jobs of the namespace's parts (as the operator labels them)."""
+    listed = ray_cluster.jobs_api("/api/jobs/")
+    jobs = listed if isinstance(listed, list) else listed.get("jobs", [])
+    return [j for j in jobs if (j.get("metadata") or {}).get("laion-operator.io/namespace") == namespace]
+
+
+def most_jobs_of_a_part(ray_cluster, namespace: str) -> int:
+    """The most jobs any one part has running (or pending) right now."""
+    try:
+        jobs = jobs_in(ray_cluster, namespace)
+    except OSError:  # a dashboard too busy to answer: the next sample counts
+        return 0
+    running: dict[str, int] = {}
+    for job in jobs:
+        if job.get("status") in ("PENDING", "RUNNING"):
+            part = job["metadata"].get("laion-operator.io/part")
+            running[part] = running.get(part, 0) + 1
+    return max(running.values(), default=0)
 
 
 def part_doc(name: str, source, output) -> dict:
@@ -80,6 +104,7 @@ def run_many(api, namespace: str, ray_cluster, operator, source, workdir, n: int
             length = None
         if length is not None:
             run.queue.append(length)
+        run.most_at_once = max(run.most_at_once, most_jobs_of_a_part(ray_cluster, namespace))
         items = api.list(GROUP, VERSION, PLURAL, namespace)
         run.phases = {o["metadata"]["name"]: (o.get("status") or {}).get("phase") for o in items}
         if all(run.phases.get(name) in ("Succeeded", "Failed") for name in names):
@@ -89,9 +114,9 @@ def run_many(api, namespace: str, ray_cluster, operator, source, workdir, n: int
     run.seconds = time.monotonic() - start
     run.statuses = {o["metadata"]["name"]: o.get("status") or {} for o in items}
     run.queue.append(queue_length(operator.metrics()) or 0.0)
-    listed = ray_cluster.jobs_api("/api/jobs/")
-    jobs = listed if isinstance(listed, list) else listed.get("jobs", [])
-    mine = [j for j in jobs if (j.get("metadata") or {}).get("laion-operator.io/namespace") == namespace]
+    mine = jobs_in(ray_cluster, namespace)
+    run.ray_jobs = len(mine)
+    run.retries = sum(int(s.get("retries") or 0) for s in run.statuses.values())
     run.started = [j["metadata"]["laion-operator.io/part"] for j in sorted(mine, key=lambda j: j["start_time"])]
     before, t0 = cpu_seconds(operator.proc.pid), time.monotonic()
     time.sleep(idle_seconds)

@@ -28,7 +28,9 @@ class OperatorProcess:
         # Storage credentials reach the operator only through Secrets, as in a cluster.
         inherited = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         # Environment overrides the file (config.py): tests poll and retry faster than production.
-        fast = {"LAION_OPERATOR_POLL_SECONDS": "1", "LAION_OPERATOR_RETRY_BACKOFF_SECONDS": "1"}
+        fast = {"LAION_OPERATOR_POLL_SECONDS": "1", "LAION_OPERATOR_RETRY_BACKOFF_SECONDS": "1",
+                # The test bed's Ray cluster has no token authentication (services.NO_AUTH).
+                "LAION_OPERATOR_ALLOW_CREDENTIALS_WITHOUT_RAY_AUTH": "true"}
         self.env = {**inherited, **fast, **kube_env, **(env or {})}
         self.args = args
         self.log_path = workdir / "operator.log"

@@ -65,10 +65,10 @@ tests until it is added there, with the reason.
 */}}
 {{- define "laion-operator.partRules" -}}
 # kopf: watch the parts, patch their finalizers and handler progress; the operator: create a
-# dataset's parts and set their spec from its template.
+# dataset's parts, set their spec from its template, and delete those a shrunk range leaves outside.
 - apiGroups: [laion-operator.io]
   resources: [laionparts]
-  verbs: [get, list, watch, patch, update, create]
+  verbs: [get, list, watch, patch, update, create, delete]
 # kopf: watch the datasets, patch their finalizers and handler progress.
 - apiGroups: [laion-operator.io]
   resources: [laiondatasets]

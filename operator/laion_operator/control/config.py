@@ -28,6 +28,10 @@ class OperatorConfig:
     max_concurrent_parts: int = 4  # parts running at once; the rest wait in phase Queued
     poll_seconds: float = 10.0  # how often a running part's job and progress are read
     retry_backoff_seconds: float = 30.0  # first retry delay of a failed job, doubled per retry
+    retry_backoff_max_seconds: float = 600.0  # ... up to this
+    # Jobs mode sends storage credentials in the job's working_dir package, which any client of the Ray
+    # dashboard can download unless the cluster requires a token; true sends them anyway.
+    allow_credentials_without_ray_auth: bool = False
     metrics_port: int = 8080  # /metrics; 0 disables the endpoint
     peering_name: str | None = None  # kopf peering object shared by the replicas; None: standalone
     ray_job_template: dict | None = None  # RayJob spec the kuberay mode fills in per part
@@ -67,6 +71,9 @@ class OperatorConfig:
             raise ConfigError(f"{where}maxConcurrentParts: must be a whole number of at least 1")
         if self.mode == "kuberay" and not isinstance(self.ray_job_template, dict):
             raise ConfigError(f"{where}rayJobTemplate: kuberay mode needs a RayJob spec template")
+        if self.mode == "kuberay" and (self.ray_job_template or {}).get("backoffLimit"):
+            raise ConfigError(f"{where}rayJobTemplate.backoffLimit: the operator retries a part's job itself "
+                              "(spec.maxRetries, resuming from finished shards); remove backoffLimit")
         if self.latents_worker_group is not None and not (
                 isinstance(self.latents_worker_group, dict) and self.latents_worker_group.get("groupName")):
             raise ConfigError(f"{where}latentsWorkerGroup: must be a KubeRay worker group with a groupName")

@@ -9,17 +9,19 @@ through kopf's memo.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import random
 
 import kopf
 
-from ..contract import RUNNING
 from . import kube, rayjobs
 from .config import OperatorConfig
 from .datasets import Dataset
+from .lifecycle import SUBMITTED
 from .metrics import Metrics
-from .parts import Operator, Part, Slots
+from .parts import Operator, Part
+from .slots import Slots
 
 log = logging.getLogger(__name__)
 FINALIZER = "laion-operator.io/stop-job"
@@ -31,18 +33,43 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None
     metrics = Metrics(handlers=["follow", "stop", "dataset"])
     if config.metrics_port:
         metrics.serve(config.metrics_port)
+    # The parts holding a slot are those the cluster says run (the `slot_holders` index, complete
+    # before any daemon starts): one deleted while the operator was down, or that a previous leader
+    # ran and finished, holds none.
     memo.op = Operator(config, rayjobs.backend(config), Slots(config.max_concurrent_parts, metrics.set_queue_length),
                        metrics)
     settings.persistence.finalizer = FINALIZER
     settings.posting.level = logging.WARNING  # log lines become Events only when a user must look at them
     settings.execution.max_workers = 16  # blocking SDK calls run in threads; many parts poll at once
-    # Parts whose jobs already run hold their slots before any queued part can take one.
-    for part in await asyncio.to_thread(kube.list_parts, memo.namespaces):
-        status = part.get("status") or {}
-        if status.get("phase") in RUNNING and status.get("submissionId"):
-            memo.op.slots.adopt((part["metadata"]["namespace"], part["metadata"]["name"]))
+    # kopf's own calls, as the operator's (kube.REQUEST_TIMEOUT): a hung connection is cut and retried.
+    settings.networking.connect_timeout = kube.REQUEST_TIMEOUT[0]
+    settings.networking.request_timeout = sum(kube.REQUEST_TIMEOUT)
+    settings.watching.server_timeout = 300  # a watch stream the API server ends, and kopf opens again...
+    settings.watching.client_timeout = 330  # ... or one that went silent, which kopf cuts
     log.info("laion-operator started: mode %s, %s, at most %d parts at once", config.mode,
              config.ray_address if config.mode == "jobs" else "KubeRay RayJobs", config.max_concurrent_parts)
+
+
+_HOLDING = frozenset(p.value for p in SUBMITTED)
+
+
+def _holds_slot(status, **_) -> bool:
+    return (status or {}).get("phase") in _HOLDING
+
+
+@kopf.index(kube.GROUP, kube.VERSION, kube.PLURAL, id="slot_holders", when=_holds_slot)
+def slot_holders(namespace, name, status, **_):
+    """The parts whose status says a job of theirs runs (lifecycle.SUBMITTED), for slots.Slots; kopf
+    drops a part from the index once the filter stops matching or the part is gone."""
+    return {(namespace, name): status.get("phase")}
+
+
+@kopf.index(kube.GROUP, kube.VERSION, kube.PLURAL, id="dataset_parts", labels={kube.DATASET_LABEL: kopf.PRESENT})
+def dataset_parts(namespace, name, body, labels, **_):
+    """Each LaionDataset's parts as the watch last showed them: a dataset's poll lists nothing."""
+    part = {"metadata": {"name": name, "ownerReferences": list(body["metadata"].get("ownerReferences") or [])},
+            "spec": copy.deepcopy(dict(body.get("spec") or {})), "status": copy.deepcopy(dict(body.get("status") or {}))}
+    return {(namespace, labels[kube.DATASET_LABEL]): part}
 
 
 @kopf.on.event(kube.GROUP, kube.VERSION, kube.PLURAL, id="wake")
@@ -60,7 +87,8 @@ class _QuietWake(logging.Filter):
 
 
 @kopf.daemon(kube.GROUP, kube.VERSION, kube.PLURAL, id="follow", cancellation_timeout=10, backoff=5)
-async def follow(body, stopped, memo: kopf.Memo, **_) -> None:
+async def follow(body, stopped, memo: kopf.Memo, slot_holders: kopf.Index, **_) -> None:
+    memo.op.slots.held = slot_holders.keys  # the live index: kopf keeps it current from the watch
     try:
         await Part(memo.op, body, stopped).follow()
     except Exception:
@@ -79,9 +107,9 @@ async def stop(body, memo: kopf.Memo, **_) -> None:
 
 
 @kopf.daemon(kube.GROUP, kube.VERSION, kube.DATASET_PLURAL, id="dataset", cancellation_timeout=10, backoff=5)
-async def dataset(body, stopped, memo: kopf.Memo, **_) -> None:
+async def dataset(body, stopped, memo: kopf.Memo, dataset_parts: kopf.Index, **_) -> None:
     try:
-        await Dataset(memo.op, body, stopped).follow()
+        await Dataset(memo.op, body, stopped, dataset_parts).follow()
     except Exception:
         memo.op.metrics.reconcile_error("dataset")
         raise

@@ -13,8 +13,7 @@ import asyncio
 import dataclasses
 import logging
 import re
-
-import kopf
+import time
 
 from .. import spec as specs
 # (`annotations` renamed: `from __future__ import annotations` holds the name here)
@@ -22,8 +21,9 @@ from ..contract import DATASET_INDEX, FAILURE_REASONS, Phase, part_dir, summary
 from ..contract import annotations as annotations_file
 from ..storage import Store
 from . import kube
-from .parts import Operator, condition, now
-from .status import COUNT_SCHEMA, CONDITIONS_SCHEMA, IMAGES_SCHEMA, custom_resource_definition
+from .parts import Operator
+from .resource import Resource, condition, now
+from .status import COUNT_SCHEMA, CONDITIONS_SCHEMA, IMAGES_SCHEMA
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +64,6 @@ PRINTER_COLUMNS = [
 ]
 
 
-def crd() -> dict:
-    """The LaionDataset CustomResourceDefinition, generated from spec.DATASET_SCHEMA."""
-    return custom_resource_definition(
-        KIND, kube.DATASET_PLURAL, "lds", "A LAION dataset of many parts (LaionParts made from one template).",
-        specs.DATASET_SCHEMA, STATUS_SCHEMA, PRINTER_COLUMNS)
-
-
 def part_name(dataset: str, part_id: str) -> str:
     """The LaionPart's name: the dataset's, then the part id (a DNS label's characters only)."""
     return f"{dataset}-" + re.sub(r"[^a-z0-9-]+", "-", part_id.lower()).strip("-")
@@ -107,6 +100,27 @@ def summarize(parts: list[dict]) -> dict:
     }
 
 
+# A part spec replaced but not seen changed is sent again after this long (the CRD may have been fixed).
+RESEND_SECONDS = 600.0
+
+
+def dropped_fields(sent: dict, stored: dict, prefix: str = "spec") -> list[str]:
+    """The fields of `sent` the API server did not store: an older CRD pruned them."""
+    missing = []
+    for key, value in sent.items():
+        if key not in stored:
+            missing.append(f"{prefix}.{key}")
+        elif isinstance(value, dict) and isinstance(stored[key], dict):
+            missing += dropped_fields(value, stored[key], f"{prefix}.{key}")
+    return missing
+
+
+def stale_message(fields: list[str]) -> str:
+    return (f"the API server drops {', '.join(fields[:10])} from the parts' specs: its LaionPart CRD is older "
+            "than the operator (Helm never upgrades crds/); apply the chart's CRDs with "
+            "`kubectl apply --server-side -f crds/`")
+
+
 def dataset_phase(by_phase: dict[str, int], total: int, suspend: bool) -> str:
     if not total:
         return PENDING
@@ -121,45 +135,19 @@ def dataset_phase(by_phase: dict[str, int], total: int, suspend: bool) -> str:
     return FAILED
 
 
-def _removing(old, new):
-    """`new` as a merge patch over `old`: map keys that `new` drops become null."""
-    if not isinstance(new, dict) or not isinstance(old, dict):
-        return new
-    return {**{k: None for k in old if k not in new}, **{k: _removing(old.get(k), v) for k, v in new.items()}}
+class Dataset(Resource):
+    """One LaionDataset followed by one kopf daemon; `parts` is the kopf index of the parts by dataset
+    (controller.dataset_parts), so that a poll lists nothing."""
 
+    plural = kube.DATASET_PLURAL
 
-class Dataset:
-    """One LaionDataset followed by one kopf daemon; `body` is kopf's live view of the object."""
-
-    def __init__(self, op: Operator, body, stopped):
-        self.op, self.body, self.stopped = op, body, stopped
-        self.namespace = body["metadata"]["namespace"]
-        self.name = body["metadata"]["name"]
-        self.written: dict = {}
-
-    @property
-    def status(self) -> dict:
-        return {**(self.body.get("status") or {}), **self.written}
-
-    async def write(self, fields: dict) -> None:
-        conditions = list(self.status.get("conditions") or [])
-        for new in fields.pop("conditions", []):
-            conditions = [c for c in conditions if c.get("type") != new["type"]] + [new]
-        fields["conditions"] = conditions
-        # A merge patch merges maps: keys gone from partsByPhase (a phase no part is in any more) are nulled.
-        patch = {k: _removing(self.status.get(k), v) for k, v in fields.items()}
-        try:
-            await asyncio.to_thread(kube.patch_status, self.namespace, self.name, patch, kube.DATASET_PLURAL)
-        except kube.KubeError as err:
-            self.op.metrics.kube_api_errors.inc()
-            if err.status == 404:
-                return
-            raise
-        self.written.update(fields)
-
-    def event(self, reason: str, message: str, warning: bool = False) -> None:
-        """A Kubernetes Event on the LaionDataset (`kubectl describe lds`)."""
-        kopf.event(self.body, type="Warning" if warning else "Normal", reason=reason, message=message[:1000])
+    def __init__(self, op: Operator, body, stopped, parts=None):
+        super().__init__(op, body, stopped)
+        self.parts = parts
+        # Part specs this process replaced, and when: the index may not show the change yet, and an
+        # API server whose CRD is older than the operator prunes fields it does not know (`stale`).
+        self.sent: dict[str, tuple[dict, float]] = {}
+        self.stale: dict[str, list[str]] = {}
 
     async def follow(self) -> None:
         while not self.stopped:
@@ -176,37 +164,70 @@ class Dataset:
             data = specs.validate_dataset(self.body["spec"])
         except specs.SpecError as err:
             if self.status.get("phase") != FAILED or self.status.get("observedGeneration") != generation:
-                await self.write({"phase": FAILED, "message": str(err), "observedGeneration": generation,
-                                  "conditions": [condition("Ready", False, "InvalidSpec", str(err),
-                                                           self.status.get("conditions") or [])]})
+                await self.write(phase=FAILED, message=str(err), observedGeneration=generation,
+                                 conditions=[condition("Ready", False, "InvalidSpec", str(err),
+                                                       self.status.get("conditions") or [])])
                 self.event("InvalidSpec", str(err), warning=True)
             return
         parts = await self.converge(data, generation)
         await self.publish(data, parts, generation)
 
+    def current_parts(self) -> dict[str, dict]:
+        """This dataset's parts by part id, from the index (or a list, without one: tests, the CLI)."""
+        if self.parts is None:
+            found = kube.list_dataset_parts(self.namespace, self.name)
+        else:
+            found = list(self.parts.get((self.namespace, kube.label_value(self.name)), ()))
+        uid = self.body["metadata"].get("uid")
+        return {p["spec"].get("partId"): p for p in found
+                if not uid or any(o.get("uid") == uid for o in p["metadata"].get("ownerReferences") or [])}
+
     async def converge(self, data: dict, generation: int) -> list[dict]:
-        """Create the missing parts and bring every part's spec in line with the template."""
-        existing = {p["spec"].get("partId"): p
-                    for p in await asyncio.to_thread(kube.list_dataset_parts, self.namespace, self.name)}
-        created, changed = [], []
-        for part_id, part_spec in specs.dataset_parts(data).items():
+        """Create the missing parts, bring every part's spec in line with the template, and delete the
+        parts a shrunk range left outside (their own finalizers stop their jobs; the output stays)."""
+        existing = self.current_parts() if self.parts is not None else \
+            await asyncio.to_thread(self.current_parts)
+        wanted = specs.dataset_parts(data)
+        created, changed, pruned = [], [], {}
+        for part_id, part_spec in wanted.items():
             want = specs.apply_defaults(part_spec)  # as the API server stores it, so that equal compares equal
             have = existing.get(part_id)
             if have is None:
-                await asyncio.to_thread(kube.create_part, self.namespace, self.part_body(part_id, want))
-                created.append(part_id)
+                if await asyncio.to_thread(kube.create_part, self.namespace, self.part_body(part_id, want)):
+                    created.append(part_id)
             elif have["spec"] != want:
-                await asyncio.to_thread(kube.replace_part_spec, self.namespace, have["metadata"]["name"], want)
+                sent, at = self.sent.get(part_id, (None, 0.0))
+                if sent == want and time.monotonic() - at < RESEND_SECONDS:
+                    continue  # replaced already: the index has not caught up, or the CRD prunes it
+                stored = await asyncio.to_thread(kube.replace_part_spec, self.namespace, have["metadata"]["name"],
+                                                 want)
+                self.sent[part_id] = (want, time.monotonic())
                 changed.append(part_id)
+                missing = dropped_fields(want, (stored or {}).get("spec") or {})
+                if missing:
+                    pruned[part_id] = missing
+        gone = [p for part_id, p in existing.items() if part_id not in wanted]
+        for part in gone:
+            await asyncio.to_thread(kube.delete_part, self.namespace, part["metadata"]["name"])
         if created:
             self.event("PartsCreated", f"created {len(created)} parts: {', '.join(created)}")
         if changed:
             what = "suspend" if data["suspend"] else "template"
             self.event("PartsUpdated", f"generation {generation}: the {what} reached {len(changed)} parts: "
                                        f"{', '.join(changed)}")
-        if created or changed:
-            return await asyncio.to_thread(kube.list_dataset_parts, self.namespace, self.name)
-        return list(existing.values())
+        if gone:
+            ids = ", ".join(sorted(p["spec"].get("partId", "") for p in gone))
+            self.event("PartsDeleted", f"generation {generation}: {len(gone)} parts outside the range deleted "
+                                       f"(their output stays): {ids}")
+        if pruned and pruned != self.stale:
+            fields = sorted({f for fs in pruned.values() for f in fs})
+            self.event("StaleCRD", stale_message(fields), warning=True)
+        self.stale = pruned or (self.stale if changed == [] else {})
+        parts = {k: v for k, v in existing.items() if k in wanted}
+        if created or changed or gone:
+            if self.parts is None:  # no index to catch up: read the parts as they are now
+                parts = {k: v for k, v in (await asyncio.to_thread(self.current_parts)).items() if k in wanted}
+        return list(parts.values())
 
     def part_body(self, part_id: str, part_spec: dict) -> dict:
         meta = self.body["metadata"]
@@ -216,7 +237,7 @@ class Dataset:
             "metadata": {
                 "name": part_name(self.name, part_id),
                 "namespace": self.namespace,
-                "labels": {kube.DATASET_LABEL: self.name},
+                "labels": {kube.DATASET_LABEL: kube.label_value(self.name)},
                 "ownerReferences": [{"apiVersion": f"{kube.GROUP}/{kube.VERSION}", "kind": KIND,
                                      "name": self.name, "uid": meta["uid"], "controller": True,
                                      "blockOwnerDeletion": True}],
@@ -241,15 +262,18 @@ class Dataset:
         message = (f"{fields['partsProgress']} parts succeeded, "
                    + ", ".join(f"{n} {p}" for p, n in sorted(fields["partsByPhase"].items())))
         conditions = before.get("conditions") or []
+        stale = sorted({f for fs in self.stale.values() for f in fs})
         fields.update(phase=phase, message=message, observedGeneration=generation,
                       conditions=[condition("Complete", phase == SUCCEEDED, phase, message, conditions),
                                   condition("Suspended", phase == SUSPENDED, "Suspend" if data["suspend"] else "Resume",
-                                            "", conditions)])
+                                            "", conditions),
+                                  condition("CRDCurrent", not stale, "StaleCRD" if stale else "Current",
+                                            stale_message(stale) if stale else "", conditions)])
         self.op.metrics.observe_dataset(self.namespace, self.name, fields)
         unchanged = all(before.get(k) == v for k, v in fields.items() if k != "conditions")
         if unchanged:
             return
-        await self.write(fields)
+        await self.write(**fields)
         if phase != before.get("phase"):
             self.event(phase, message, warning=phase == FAILED)
 

@@ -4,15 +4,27 @@ from __future__ import annotations
 
 import base64
 import functools
+import hashlib
 import json
 
 import kubernetes
+import urllib3
 from kubernetes.client.rest import ApiException
 
 GROUP, VERSION, PLURAL = "laion-operator.io", "v1alpha1", "laionparts"
 DATASET_PLURAL = "laiondatasets"
 DATASET_LABEL = f"{GROUP}/dataset"  # on every part a LaionDataset made: the dataset's name
 RAY_GROUP, RAY_VERSION, RAY_PLURAL = "ray.io", "v1", "rayjobs"
+PART_LABEL = f"{GROUP}/part"  # on every RayJob: its LaionPart's name
+# (connect, read) seconds of every call: one hung connection must not hold a part, or the queue, for good.
+REQUEST_TIMEOUT = (10, 30)
+
+
+def label_value(name: str) -> str:
+    """`name` as a label value (at most 63 characters): long names keep a readable head and a hash."""
+    if len(name) <= 63:
+        return name
+    return f"{name[:52].rstrip('-.')}-{hashlib.sha256(name.encode()).hexdigest()[:10]}"
 
 
 class KubeError(RuntimeError):
@@ -42,10 +54,22 @@ def api_message(err: ApiException) -> str:
 
 def _call(what: str, fn, *args, **kwargs):
     try:
-        return fn(*args, **kwargs)
+        return fn(*args, _request_timeout=REQUEST_TIMEOUT, **kwargs)
     except ApiException as err:
-        said = api_message(err)
+        said = api_message(err)  # the API server's own words: which field, or which verb the role lacks
         raise KubeError(f"{what}: {err.status} {err.reason}" + (f": {said}" if said else ""), err.status) from None
+    except (urllib3.exceptions.HTTPError, OSError) as err:  # a timeout, a refused or cut connection
+        raise KubeError(f"{what}: {type(err).__name__}: {err}") from None
+
+
+def _unless(status: int, what: str, fn, *args, **kwargs):
+    """`_call`, but None where the API server answers `status` (404: gone already; 409: made already)."""
+    try:
+        return _call(what, fn, *args, **kwargs)
+    except KubeError as err:
+        if err.status == status:
+            return None
+        raise
 
 
 def patch_status(namespace: str, name: str, status: dict, plural: str = PLURAL) -> dict:
@@ -62,45 +86,30 @@ def read_secret(namespace: str, name: str) -> dict[str, str]:
 
 def create_rayjob(namespace: str, body: dict) -> dict:
     api = kubernetes.client.CustomObjectsApi(_client())
-    try:
-        return api.create_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL, body)
-    except ApiException as err:
-        if err.status == 409:  # already created by an earlier attempt of this operator: adopt it
-            return get_rayjob(namespace, body["metadata"]["name"])
-        raise KubeError(f"create RayJob {namespace}/{body['metadata']['name']}: {err.status} {err.reason}: "
-                        f"{err.body}", err.status) from None
+    made = _unless(409, f"create RayJob {namespace}/{body['metadata']['name']}", api.create_namespaced_custom_object,
+                   RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL, body)
+    # None: already created by an earlier attempt of this operator: adopt it
+    return made if made is not None else get_rayjob(namespace, body["metadata"]["name"])
 
 
 def get_rayjob(namespace: str, name: str) -> dict | None:
     api = kubernetes.client.CustomObjectsApi(_client())
-    try:
-        return api.get_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL, name)
-    except ApiException as err:
-        if err.status == 404:
-            return None
-        raise KubeError(f"read RayJob {namespace}/{name}: {err.status} {err.reason}", err.status) from None
+    return _unless(404, f"read RayJob {namespace}/{name}", api.get_namespaced_custom_object,
+                   RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL, name)
 
 
 def delete_rayjob(namespace: str, name: str) -> None:
     api = kubernetes.client.CustomObjectsApi(_client())
-    try:
-        api.delete_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL, name)
-    except ApiException as err:
-        if err.status != 404:
-            raise KubeError(f"delete RayJob {namespace}/{name}: {err.status} {err.reason}", err.status) from None
+    _unless(404, f"delete RayJob {namespace}/{name}", api.delete_namespaced_custom_object,
+            RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL, name)
 
 
-def list_parts(namespaces: list[str]) -> list[dict]:
+def list_rayjobs(namespace: str, part: str) -> list[dict]:
+    """The RayJobs of one LaionPart (by the label build_rayjob sets)."""
     api = kubernetes.client.CustomObjectsApi(_client())
-    if not namespaces:
-        found = _call("list LaionParts", api.list_cluster_custom_object, GROUP, VERSION, PLURAL)
-        return found.get("items", [])
-    items = []
-    for namespace in namespaces:
-        found = _call(f"list LaionParts in {namespace}", api.list_namespaced_custom_object,
-                      GROUP, VERSION, namespace, PLURAL)
-        items += found.get("items", [])
-    return items
+    found = _call(f"list RayJobs of LaionPart {namespace}/{part}", api.list_namespaced_custom_object,
+                  RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL, label_selector=f"{PART_LABEL}={label_value(part)}")
+    return found.get("items", [])
 
 
 # --- a LaionDataset's parts ----------------------------------------------------------------------
@@ -108,20 +117,21 @@ def list_parts(namespaces: list[str]) -> list[dict]:
 def list_dataset_parts(namespace: str, dataset: str) -> list[dict]:
     api = kubernetes.client.CustomObjectsApi(_client())
     found = _call(f"list LaionParts of LaionDataset {namespace}/{dataset}", api.list_namespaced_custom_object,
-                  GROUP, VERSION, namespace, PLURAL, label_selector=f"{DATASET_LABEL}={dataset}")
+                  GROUP, VERSION, namespace, PLURAL, label_selector=f"{DATASET_LABEL}={label_value(dataset)}")
     return found.get("items", [])
 
 
 def create_part(namespace: str, body: dict) -> dict | None:
     """Create a LaionPart; None if one of that name exists already (made by an earlier reconcile)."""
     api = kubernetes.client.CustomObjectsApi(_client())
-    try:
-        return api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
-    except ApiException as err:
-        if err.status == 409:
-            return None
-        raise KubeError(f"create LaionPart {namespace}/{body['metadata']['name']}: {err.status} {err.reason}: "
-                        f"{err.body}", err.status) from None
+    return _unless(409, f"create LaionPart {namespace}/{body['metadata']['name']}",
+                   api.create_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, body)
+
+
+def delete_part(namespace: str, name: str) -> None:
+    api = kubernetes.client.CustomObjectsApi(_client())
+    _unless(404, f"delete LaionPart {namespace}/{name}", api.delete_namespaced_custom_object,
+            GROUP, VERSION, namespace, PLURAL, name)
 
 
 def replace_part_spec(namespace: str, name: str, spec: dict) -> dict:

@@ -18,6 +18,7 @@ Series per part, about 30 (64 parts: ~2,000):
     laion_part_retries_total                     times the operator resubmitted the job
     laion_part_duration_seconds                  of the current run, growing while it runs
     laion_part_last_progress_timestamp_seconds   when the counts last moved
+    laion_part_stalled                           1 while the counts have not moved for spec.stallSeconds
     laion_part_latents_total                     samples with image latents and text embeddings (spec.latents)
     laion_part_latents_per_second                the latents stage's rate in its current run
     laion_part_latents_shards{state=total|done|failed}
@@ -60,6 +61,7 @@ class _Part:
     high: dict[str, float] = dataclasses.field(default_factory=dict)
     last_progress_at: float | None = None
     last_counts: tuple = ()
+    stalled: bool = False
 
     def counter(self, key: str, value: float) -> float:
         self.high[key] = max(self.high.get(key, 0), value)
@@ -97,12 +99,14 @@ class _PartCollector(Collector):
         latents = counter("laion_part_latents", "Samples encoded into image latents and text embeddings.")
         latents_rate = gauge("laion_part_latents_per_second", "Samples the latents stage encodes a second.")
         latents_shards = gauge("laion_part_latents_shards", "Shards of the latents stage, by state.", ["state"])
+        stalled = gauge("laion_part_stalled", "1 while the part's counts have not moved for spec.stallSeconds.")
 
         for (namespace, name), part in sorted(parts.items()):
             labels = [namespace, name]
             for p in PHASES:
                 phase.add_metric(labels + [p], 1.0 if p == part.phase else 0.0)
             retries.add_metric(labels, part.retries)
+            stalled.add_metric(labels, 1.0 if part.stalled else 0.0)
             progress = part.progress
             if progress is None:
                 # Nothing read yet (a new part, or a restarted operator that has not read the output):
@@ -128,7 +132,7 @@ class _PartCollector(Collector):
                     latents_shards.add_metric(labels + [state], value)
 
         yield from (images, failed, written, read, kept, shards, phase, retries, duration, moved, latents,
-                    latents_rate, latents_shards)
+                    latents_rate, latents_shards, stalled)
 
 
 class Metrics:
@@ -172,11 +176,12 @@ class Metrics:
     # --- parts -----------------------------------------------------------------------------------
 
     def observe_part(self, namespace: str, name: str, phase: str, progress: Progress | None,
-                     retries: int = 0) -> None:
+                     retries: int = 0, stalled: bool = False) -> None:
         """Record a part's phase and its latest persisted progress (None: not read yet, keep the last)."""
         with self._lock:
             part = self._parts.setdefault((namespace, name), _Part(phase=phase))
             part.phase = phase
+            part.stalled = stalled
             part.retries = max(part.retries, retries)
             if progress is None:
                 return

@@ -20,26 +20,9 @@ import yaml
 from .. import credentials
 from ..spec import PartSpec
 from . import kube
+from .backend import (BackendRefused, BackendUnavailable, CredentialsRefused, Job, JobState, SubmissionFailed,
+                      submission_prefix)
 from .config import OperatorConfig
-
-TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
-
-
-def submission_id(uid: str, generation: int, attempt: int) -> str:
-    """The same object, generation and attempt always name the same job: resubmitting is a no-op."""
-    return f"lp-{uid.replace('-', '')[:16]}-g{generation}-a{attempt}"
-
-
-@dataclass
-class JobState:
-    state: str  # PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED, or MISSING (no such job)
-    message: str = ""
-    exit_code: int | None = None  # the entrypoint's, where the backend knows it
-
-    @property
-    def terminal(self) -> bool:
-        return self.state in TERMINAL
-
 
 def _spec_env(spec: PartSpec) -> dict[str, str]:
     return {"LAION_PART_SPEC": json.dumps(spec.to_dict(), sort_keys=True)}
@@ -72,14 +55,14 @@ class JobsAPI:
         except urllib.error.HTTPError as err:
             text = err.read()
             if err.code in (401, 403):
-                raise RuntimeError(
+                raise BackendRefused(
                     f"the Ray cluster at {self.address} refused the operator ({err.code} "
                     f"{text.decode(errors='replace').strip()[:200]}): give the operator the cluster's token, with "
                     "the chart value operator.rayAuthTokenSecret or the environment RAY_AUTH_MODE=token and "
                     "RAY_AUTH_TOKEN") from None
             return err.code, text
         except (urllib.error.URLError, OSError) as err:
-            raise RuntimeError(f"the Ray Jobs API at {self.address} cannot be reached: {err}") from None
+            raise BackendUnavailable(f"the Ray Jobs API at {self.address} cannot be reached: {err}") from None
 
     def upload_package(self, content: bytes) -> str:
         """A working_dir package in the cluster's store; returns its URI for the runtime env."""
@@ -89,26 +72,50 @@ class JobsAPI:
         if code == 404:
             code, text = self.call("PUT", path, content)
             if code != 200:
-                raise RuntimeError(f"Ray Jobs API: upload of the job's package failed: {code} {text[:300]!r}")
+                raise SubmissionFailed(f"Ray Jobs API: upload of the job's package failed: {code} {text[:300]!r}")
         return uri
 
     def submit(self, body: dict) -> None:
         code, text = self.call("POST", "/api/jobs/", body)
         if code != 200 and b"already exists" not in text:  # a concurrent submit of the same id won the race
-            raise RuntimeError(f"Ray Jobs API: submission {body['submission_id']} failed: {code} {text[:500]!r}")
+            raise SubmissionFailed(f"Ray Jobs API: submission {body['submission_id']} failed: {code} {text[:500]!r}")
 
     def info(self, job_id: str) -> dict | None:
         code, text = self.call("GET", f"/api/jobs/{job_id}")
         if code == 404:
             return None
         if code != 200:
-            raise RuntimeError(f"Ray Jobs API: job {job_id}: {code} {text[:300]!r}")
+            raise SubmissionFailed(f"Ray Jobs API: job {job_id}: {code} {text[:300]!r}")
         return json.loads(text)
 
     def stop(self, job_id: str) -> None:
         code, text = self.call("POST", f"/api/jobs/{job_id}/stop")
         if code not in (200, 404):
-            raise RuntimeError(f"Ray Jobs API: stopping job {job_id}: {code} {text[:300]!r}")
+            raise SubmissionFailed(f"Ray Jobs API: stopping job {job_id}: {code} {text[:300]!r}")
+
+    def list(self) -> list[dict]:
+        code, text = self.call("GET", "/api/jobs/")
+        if code != 200:
+            raise SubmissionFailed(f"Ray Jobs API: listing jobs: {code} {text[:300]!r}")
+        listed = json.loads(text)
+        return listed if isinstance(listed, list) else listed.get("jobs", [])
+
+    def open_to_anyone(self) -> bool:
+        """Whether the cluster answers a client without a token: then anyone who reaches the dashboard
+        can read every job's runtime_env and download its working_dir package."""
+        request = urllib.request.Request(self.address + "/api/version", method="GET")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout):
+                return True
+        except urllib.error.HTTPError as err:
+            return err.code not in (401, 403)
+        except (urllib.error.URLError, OSError) as err:
+            raise BackendUnavailable(f"the Ray Jobs API at {self.address} cannot be reached: {err}") from None
+
+
+def _job(info: dict) -> Job:
+    return Job(str(info.get("submission_id") or info.get("job_id")), JobState.of_ray(info.get("status")),
+               info.get("message") or "", info.get("driver_exit_code"))
 
 
 class JobsAPIBackend:
@@ -121,10 +128,16 @@ class JobsAPIBackend:
         self.api = JobsAPI(config.ray_address)
 
     def submit(self, owner: dict, job_id: str, spec: PartSpec, secret: dict[str, str] | None) -> None:
-        if self.state(owner, job_id).state != "MISSING":
+        if self.state(owner, job_id).state != JobState.MISSING:
             return
         runtime_env: dict = {"env_vars": _spec_env(spec)}
         if secret:
+            if not self.config.allow_credentials_without_ray_auth and self.api.open_to_anyone():
+                raise CredentialsRefused(
+                    f"the Ray cluster at {self.api.address} answers clients without a token, and the job's "
+                    "credentials package would be readable by any of them: enable Ray token authentication "
+                    "(chart value operator.rayAuthTokenSecret), or accept the risk with the chart value "
+                    "operator.config.allowCredentialsWithoutRayAuth")
             # Built in memory and uploaded: no copy of the credentials touches the operator's disk.
             runtime_env["working_dir"] = self.api.upload_package(credentials.package(secret))
         self.api.submit({"entrypoint": self.config.job_entrypoint, "submission_id": job_id,
@@ -132,11 +145,13 @@ class JobsAPIBackend:
                          "metadata": {"laion-operator.io/part": owner["name"],
                                       "laion-operator.io/namespace": owner["namespace"]}})
 
-    def state(self, owner: dict, job_id: str) -> JobState:
+    def state(self, owner: dict, job_id: str) -> Job:
         info = self.api.info(job_id)
-        if info is None:
-            return JobState("MISSING")
-        return JobState(str(info.get("status")), info.get("message") or "", info.get("driver_exit_code"))
+        return Job(job_id, JobState.MISSING) if info is None else _job({**info, "submission_id": job_id})
+
+    def jobs(self, owner: dict) -> list[Job]:
+        prefix = submission_prefix(owner["uid"])
+        return [_job(info) for info in self.api.list() if str(info.get("submission_id") or "").startswith(prefix)]
 
     def stop(self, owner: dict, job_id: str) -> None:
         if not self.state(owner, job_id).terminal:
@@ -169,7 +184,7 @@ def build_rayjob(template: dict, owner: dict, job_id: str, spec: PartSpec, entry
         "metadata": {
             "name": job_id,
             "namespace": owner["namespace"],
-            "labels": {"app.kubernetes.io/managed-by": "laion-operator", "laion-operator.io/part": owner["name"]},
+            "labels": {"app.kubernetes.io/managed-by": "laion-operator", kube.PART_LABEL: kube.label_value(owner["name"])},
             "ownerReferences": [{
                 "apiVersion": f"{kube.GROUP}/{kube.VERSION}", "kind": "LaionPart", "name": owner["name"],
                 "uid": owner["uid"], "controller": True, "blockOwnerDeletion": True,
@@ -179,8 +194,23 @@ def build_rayjob(template: dict, owner: dict, job_id: str, spec: PartSpec, entry
     }
 
 
-# RayJob status.jobDeploymentStatus values that settle the outcome whatever jobStatus says.
-_DEPLOYMENT_FAILED = {"Failed", "ValidationFailed"}
+def kuberay_state(job_id: str, status: dict) -> Job:
+    """A RayJob's status as a Job: its jobDeploymentStatus settles what the Ray job's own jobStatus
+    cannot say (a cluster that never came up, a Kueue suspension, KubeRay's own retries)."""
+    deployment = status.get("jobDeploymentStatus") or ""
+    ray = JobState.of_ray(status.get("jobStatus"))
+    message = status.get("message") or ""
+    if deployment in ("Failed", "ValidationFailed"):
+        reason = status.get("reason")
+        return Job(job_id, JobState.FAILED, message or f"RayJob {deployment}" + (f" ({reason})" if reason else ""))
+    if deployment in ("Suspending", "Suspended"):
+        return Job(job_id, JobState.SUSPENDED, message or f"RayJob {deployment.lower()} (spec.suspend, e.g. by Kueue)")
+    if deployment == "Retrying":
+        return Job(job_id, JobState.RETRYING, message or "KubeRay retries the RayJob")
+    if deployment == "Complete":
+        return Job(job_id, ray if ray.terminal else JobState.SUCCEEDED, message)
+    # "" (new), Initializing, Waiting (for its submitter), Running: the Ray job's own state tells the rest
+    return Job(job_id, ray, message)
 
 
 class KubeRayBackend:
@@ -194,15 +224,18 @@ class KubeRayBackend:
                             self.config.latents_worker_group)
         kube.create_rayjob(owner["namespace"], body)
 
-    def state(self, owner: dict, job_id: str) -> JobState:
+    def state(self, owner: dict, job_id: str) -> Job:
         job = kube.get_rayjob(owner["namespace"], job_id)
         if job is None:
-            return JobState("MISSING")
-        status = job.get("status") or {}
-        message = status.get("message", "")
-        if status.get("jobDeploymentStatus") in _DEPLOYMENT_FAILED:
-            return JobState("FAILED", message or f"RayJob {status['jobDeploymentStatus']}")
-        return JobState(status.get("jobStatus") or "PENDING", message)
+            return Job(job_id, JobState.MISSING, f"RayJob {owner['namespace']}/{job_id} does not exist")
+        # One being deleted counts as what it was until it is gone: its Ray cluster may still run the job.
+        return kuberay_state(job_id, job.get("status") or {})
+
+    def jobs(self, owner: dict) -> list[Job]:
+        prefix = submission_prefix(owner["uid"])
+        return [kuberay_state(job["metadata"]["name"], job.get("status") or {})
+                for job in kube.list_rayjobs(owner["namespace"], owner["name"])
+                if job["metadata"]["name"].startswith(prefix)]
 
     def stop(self, owner: dict, job_id: str) -> None:
         kube.delete_rayjob(owner["namespace"], job_id)

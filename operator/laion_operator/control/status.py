@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import time
 
-from .. import spec as specs
 from ..contract import PHASES, Progress
-from . import kube
 
 def _iso(ts: float | None) -> str | None:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts)) if ts else None
@@ -78,6 +76,8 @@ STATUS_SCHEMA: dict = {
         "observedGeneration": {"type": "integer"},
         "submissionId": {"type": "string"},
         "retries": COUNT_SCHEMA,
+        "specHash": {"type": "string",
+                     "description": "Digest of the spec fields the output depends on, of the run that made it."},
         "output": {"type": "string"},
         "activeSince": {"type": "string", "format": "date-time", "nullable": True,
                         "description": "When the current run was first submitted (spec.activeDeadlineSeconds)."},
@@ -114,47 +114,3 @@ PRINTER_COLUMNS: list[dict] = [
     {"name": "Latents", "type": "integer", "jsonPath": ".status.latents.written", "priority": 1},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
-
-
-def custom_resource_definition(kind: str, plural: str, short_name: str, description: str, spec_schema: dict,
-                               status_schema: dict, printer_columns: list[dict]) -> dict:
-    """A namespaced CRD of this operator's group with a status subresource (LaionPart, LaionDataset)."""
-    return {
-        "apiVersion": "apiextensions.k8s.io/v1",
-        "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{plural}.{kube.GROUP}"},
-        "spec": {
-            "group": kube.GROUP,
-            "scope": "Namespaced",
-            "names": {
-                "kind": kind, "listKind": f"{kind}List", "plural": plural,
-                "singular": kind.lower(), "shortNames": [short_name], "categories": ["laion"],
-            },
-            "versions": [{
-                "name": kube.VERSION,
-                "served": True,
-                "storage": True,
-                "subresources": {"status": {}},
-                "additionalPrinterColumns": printer_columns,
-                "schema": {"openAPIV3Schema": {
-                    "type": "object",
-                    "description": description,
-                    "required": ["spec"],
-                    "properties": {
-                        "apiVersion": {"type": "string"},
-                        "kind": {"type": "string"},
-                        "metadata": {"type": "object"},
-                        "spec": spec_schema,
-                        "status": status_schema,
-                    },
-                }},
-            }],
-        },
-    }
-
-
-def crd() -> dict:
-    """The LaionPart CustomResourceDefinition, generated from the spec's SCHEMA (crds/ holds its copy)."""
-    return custom_resource_definition(
-        "LaionPart", kube.PLURAL, "lp", "One LAION metadata part turned into an image dataset in object storage.",
-        specs.SCHEMA, STATUS_SCHEMA, PRINTER_COLUMNS)

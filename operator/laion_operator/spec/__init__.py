@@ -17,7 +17,7 @@ from .model import Dataset, Download, Filter, Heal, Latents, Output, PartSpec, l
 from .schema import (
     DATASET_FORMATS, DECODE_BACKLOG_BYTES, ENCODE_FORMATS, ENCODE_QUALITY, HASHES, INTERPOLATIONS, LATENT_MODES,
     LOGICAL_COLUMNS, MAX_IN_FLIGHT, MAX_PER_HOST, MDS_SHARD_SIZE, MODEL_DTYPES, OUTPUT_FORMATS,
-    PNG_MAX_COMPRESSION, RESIZE_MODES, SAVE_DTYPES, SCHEMA,
+    PNG_MAX_COMPRESSION, RESIZE_MODES, SAVE_DTYPES, SCHEMA, STALL_SECONDS,
 )
 from .validation import RULES, SpecError, apply_defaults, rule_errors, validate
 
@@ -25,7 +25,7 @@ __all__ = [
     "DATASET_FORMATS", "DATASET_SCHEMA", "DECODE_BACKLOG_BYTES", "ENCODE_FORMATS", "ENCODE_QUALITY", "HASHES",
     "INTERPOLATIONS", "LATENT_MODES", "LOGICAL_COLUMNS", "MAX_DATASET_PARTS", "MAX_IN_FLIGHT",
     "MAX_PER_HOST", "MDS_SHARD_SIZE", "MODEL_DTYPES", "OUTPUT_FORMATS", "PNG_MAX_COMPRESSION", "RESIZE_MODES",
-    "RULES", "SAVE_DTYPES", "SCHEMA", "Dataset", "Download", "Filter", "Heal", "Latents", "Output", "PartSpec",
+    "RULES", "SAVE_DTYPES", "SCHEMA", "STALL_SECONDS", "Dataset", "Download", "Filter", "Heal", "Latents", "Output", "PartSpec",
     "SpecError", "apply_defaults", "dataset_parts", "load", "output_of", "rule_errors", "validate",
     "validate_dataset",
 ]

@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 
 from ..names import camel, snake
-from .schema import SCHEMA
+from .schema import SCHEMA, STALL_SECONDS
 from .validation import SpecError, apply_defaults, validate
 
 
@@ -150,6 +150,7 @@ class PartSpec:
     suspend: bool
     priority: int
     active_deadline_seconds: int | None
+    stall_seconds: int
 
     @classmethod
     def from_dict(cls, data: Any) -> "PartSpec":
@@ -170,6 +171,7 @@ class PartSpec:
             suspend=spec["suspend"],
             priority=spec["priority"],
             active_deadline_seconds=spec.get("activeDeadlineSeconds"),
+            stall_seconds=spec.get("stallSeconds", STALL_SECONDS),
         )
 
     def to_dict(self) -> dict:
@@ -187,6 +189,8 @@ class PartSpec:
         }
         if self.active_deadline_seconds is not None:
             data["activeDeadlineSeconds"] = self.active_deadline_seconds
+        if self.stall_seconds != STALL_SECONDS:
+            data["stallSeconds"] = self.stall_seconds
         if self.columns:
             data["columns"] = dict(self.columns)
         if self.latents:

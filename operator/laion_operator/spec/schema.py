@@ -30,6 +30,9 @@ DECODE_BACKLOG_BYTES = 256 << 20
 # host's queue, not the CPU, was what a shard waited for.
 MAX_PER_HOST = 16
 # latents.dtype: what the models compute in; auto is bfloat16 on a GPU and float32 on a CPU.
+# spec.stallSeconds' default: long enough for the quiet stretches of a healthy part (filtering a large
+# metadata file publishes its counts only per batch), short enough that a hung job shows the same hour.
+STALL_SECONDS = 900
 MODEL_DTYPES = ["auto", "float32", "float16", "bfloat16"]
 SAVE_DTYPES = ["float16", "float32"]
 LATENT_MODES = ["mean", "sample"]
@@ -310,5 +313,8 @@ SCHEMA: dict = {
         "priority": _int("Parts waiting for a slot run higher priority first, then oldest first.", default=0),
         "activeDeadlineSeconds": _int("Seconds a part may run (from submission, reset on resume) before it fails "
                                       "with reason DeadlineExceeded; its finished shards stay.", minimum=1),
+        "stallSeconds": _int(f"Seconds a running part's counts may stand still before it gets the condition "
+                             f"Stalled, a Warning Event and laion_part_stalled 1 (default {STALL_SECONDS}); the "
+                             "job keeps running.", minimum=1),
     },
 }

@@ -1,0 +1,134 @@
+"""A part's life as one transition function: what to do next, from the phase its status says, the
+state of its job and how its spec changed. Every path of parts.Part goes through `transition`, once a
+poll, so that the operator's promises are properties of this one function (tests/test_lifecycle.py
+checks them over every input):
+
+- at most one job per part: SUBMIT is the only action that starts a job, and its executor stops and
+  sees stopped every other job of the part first;
+- the status tells the truth: a running part whose job the backend no longer knows is never followed;
+- the queue moves: every action but SUBMIT and FOLLOW gives the slot back, in the same step;
+- finished work stays finished: a Succeeded part runs again only for a change of what its output
+  depends on (Change.OUTPUT).
+
+No I/O here: parts.Part reads the facts and carries out the step.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+from dataclasses import dataclass
+
+from ..contract import RUNNING, Phase
+from .backend import JobState
+
+
+class Change(str, enum.Enum):
+    """How the spec differs from the one the status last observed."""
+
+    NONE = "None"  # the generation the status observed
+    POLICY = "Policy"  # only fields the output does not depend on (priority, maxRetries, deadline, suspend: false…)
+    OUTPUT = "Output"  # a field the output depends on (OUTPUT_FIELDS): the part must run again
+    SUSPEND = "Suspend"  # spec.suspend turned true
+    INVALID = "Invalid"  # the spec does not validate
+
+
+class Action(str, enum.Enum):
+    WAIT = "Wait"  # settled: nothing runs until the spec changes
+    SUBMIT = "Submit"  # take a slot, stop every other job of the part, check the output, submit
+    FOLLOW = "Follow"  # the job runs: publish its progress
+    SUCCEED = "Succeed"  # the job succeeded: publish the final counts
+    RETRY = "Retry"  # a new attempt of the same run, after a backoff
+    FAIL = "Fail"  # stop every job of the part; final until the spec changes
+    SUSPEND = "Suspend"  # stop every job of the part; phase Suspended (a Succeeded part stays Succeeded)
+
+
+class Slot(str, enum.Enum):
+    TAKE = "Take"  # queue for a slot (a part that holds one keeps it)
+    HOLD = "Hold"  # keep it, taking it without queueing if the operator just (re)started
+    RELEASE = "Release"
+
+
+SLOT = {Action.SUBMIT: Slot.TAKE, Action.FOLLOW: Slot.HOLD}  # every other action releases
+
+
+@dataclass(frozen=True)
+class Facts:
+    phase: Phase | None  # the status' phase; None for a part never looked at
+    job: JobState  # of the status' submissionId; MISSING when there is none
+    change: Change
+    retries_left: bool = True  # status.retries < spec.maxRetries
+    retryable: bool = True  # the job's failure is one a retry can mend (not stopped, not bad input)
+    deadline_passed: bool = False  # the run is older than spec.activeDeadlineSeconds
+
+
+@dataclass(frozen=True)
+class Step:
+    action: Action
+    reason: str = ""  # a Failed condition's reason, or why a retry happens
+    new_run: bool = False  # SUBMIT: attempt 0 of the current generation, retries and deadline clock fresh
+
+    @property
+    def slot(self) -> Slot:
+        return SLOT.get(self.action, Slot.RELEASE)
+
+
+SETTLED = (Phase.SUCCEEDED, Phase.FAILED, Phase.SUSPENDED)
+# Phases in which the status names a submitted job (Stopping: being deleted, its job still stopping).
+SUBMITTED = frozenset(RUNNING) | {Phase.STOPPING}
+
+
+def transition(facts: Facts) -> Step:
+    phase, job, change = facts.phase, facts.job, facts.change
+    if change is Change.INVALID:
+        return Step(Action.FAIL, "InvalidSpec")
+    if change is Change.SUSPEND:
+        return Step(Action.SUSPEND)
+    if phase in SETTLED:
+        if change is Change.NONE or (phase is Phase.SUCCEEDED and change is Change.POLICY):
+            return Step(Action.WAIT)  # finished work stays finished
+        return Step(Action.SUBMIT, new_run=True)  # a resume, or a re-run of a failed or changed part
+    if change is Change.OUTPUT:
+        return Step(Action.SUBMIT, new_run=True)  # the running job (if any) is stopped first
+    if phase not in SUBMITTED:  # new, or Queued: a first submission or a retry that is due
+        if job.active:
+            return Step(Action.FOLLOW)  # submitted, and the operator died before the status said so
+        return Step(Action.SUBMIT, new_run=phase is None)
+    # The status names a submitted job.
+    if job.active:
+        if facts.deadline_passed:
+            return Step(Action.FAIL, "DeadlineExceeded")
+        return Step(Action.FOLLOW)
+    if job is JobState.SUCCEEDED:
+        return Step(Action.SUCCEED)
+    vanished = job is JobState.MISSING
+    if (vanished or facts.retryable) and facts.retries_left:
+        return Step(Action.RETRY, "JobVanished" if vanished else "JobFailed")
+    if vanished:
+        return Step(Action.FAIL, "JobVanished")
+    return Step(Action.FAIL, "RetriesExhausted" if facts.retryable else "JobFailed")
+
+
+# The spec fields a part's output depends on: a change of any of them runs a Succeeded part again
+# (heal: setting or raising it is the request to fetch again). The others (suspend, priority,
+# maxRetries, activeDeadlineSeconds, stallSeconds) change how the operator runs the part, never what it makes.
+OUTPUT_FIELDS = ("partId", "source", "columns", "filter", "download", "output", "latents", "verify", "heal")
+
+
+def output_hash(spec: dict) -> str:
+    """A digest of the spec's OUTPUT_FIELDS (as the API server stores the spec, defaults applied)."""
+    data = json.dumps({k: spec.get(k) for k in OUTPUT_FIELDS}, sort_keys=True)
+    return hashlib.sha256(data.encode()).hexdigest()[:16]
+
+
+def change_of(spec: dict, suspend: bool, generation: int, status: dict) -> Change:
+    """How `spec` (of `generation`) differs from what the status observed. A status without
+    specHash (written before the operator recorded it) counts any new generation as OUTPUT."""
+    if status.get("observedGeneration") == generation:
+        return Change.NONE
+    if suspend:
+        return Change.SUSPEND
+    if status.get("specHash") and status["specHash"] == output_hash(spec):
+        return Change.POLICY
+    return Change.OUTPUT

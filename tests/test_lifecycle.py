@@ -1,0 +1,280 @@
+"""The part's state machine (control/lifecycle.py) over every input, the slots, and the backends' state
+mapping: no cluster, no Ray. The operator's four promises are checked here as properties of the one
+transition function every path goes through."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import pytest
+
+from laion_operator.contract import Phase
+from laion_operator.control import kube
+from laion_operator.control.backend import JobState, submission_id, submission_prefix
+from laion_operator.control.config import ConfigError, OperatorConfig
+from laion_operator.control.datasets import dropped_fields
+from laion_operator.control.lifecycle import (SUBMITTED, Action, Change, Facts, Slot, change_of, output_hash,
+                                              transition)
+from laion_operator.control.rayjobs import kuberay_state
+from laion_operator.control.slots import Slots
+from laion_operator.spec import apply_defaults
+
+PHASES = [None, *Phase]
+ALL = [Facts(phase, job, change, retries_left, retryable, deadline)
+       for phase, job, change, retries_left, retryable, deadline in itertools.product(
+           PHASES, JobState, Change, (True, False), (True, False), (True, False))]
+
+
+def test_every_input_has_one_step_and_the_slot_follows_the_action():
+    for facts in ALL:
+        step = transition(facts)
+        assert isinstance(step.action, Action), facts
+        assert step.slot is {Action.SUBMIT: Slot.TAKE, Action.FOLLOW: Slot.HOLD}.get(step.action, Slot.RELEASE)
+
+
+def test_finished_work_stays_finished():
+    """A Succeeded part runs again only for a change of what its output depends on."""
+    for facts in ALL:
+        if facts.phase is Phase.SUCCEEDED and facts.change in (Change.NONE, Change.POLICY):
+            assert transition(facts).action is Action.WAIT, facts
+        if facts.phase is Phase.SUCCEEDED and facts.change is Change.OUTPUT:
+            assert transition(facts).action is Action.SUBMIT and transition(facts).new_run, facts
+
+
+def test_a_vanished_job_is_never_followed():
+    for facts in ALL:
+        if facts.phase in SUBMITTED and facts.job is JobState.MISSING and facts.change in (Change.NONE, Change.POLICY):
+            step = transition(facts)
+            assert step.action is (Action.RETRY if facts.retries_left else Action.FAIL), facts
+            assert step.reason == "JobVanished"
+
+
+def test_follow_only_an_active_job_and_submit_only_over_a_stoppable_one():
+    for facts in ALL:
+        step = transition(facts)
+        if step.action is Action.FOLLOW:
+            assert facts.job.active and facts.change in (Change.NONE, Change.POLICY), facts
+            assert not (facts.deadline_passed and facts.phase in SUBMITTED)
+        if step.action is Action.SUBMIT and facts.job.active:
+            # Only a change of output or a re-run replaces a running job (its executor stops it first).
+            assert facts.change is Change.OUTPUT or facts.phase in (Phase.FAILED, Phase.SUSPENDED), facts
+
+
+def test_retries_are_bounded_and_suspend_always_wins():
+    for facts in ALL:
+        step = transition(facts)
+        if step.action is Action.RETRY:
+            assert facts.retries_left and (facts.job is JobState.MISSING or facts.retryable), facts
+        if facts.change is Change.SUSPEND:
+            assert step.action is Action.SUSPEND
+        if facts.change is Change.INVALID:
+            assert step.action is Action.FAIL and step.reason == "InvalidSpec"
+
+
+@pytest.mark.parametrize("phase, job, change, expected", [
+    (None, JobState.MISSING, Change.NONE, Action.SUBMIT),
+    (Phase.QUEUED, JobState.FAILED, Change.NONE, Action.SUBMIT),  # a retry whose backoff ended
+    (Phase.QUEUED, JobState.RUNNING, Change.NONE, Action.FOLLOW),  # submitted, then the operator died
+    (Phase.DOWNLOADING, JobState.RUNNING, Change.POLICY, Action.FOLLOW),  # priority: no restart
+    (Phase.DOWNLOADING, JobState.RUNNING, Change.OUTPUT, Action.SUBMIT),
+    (Phase.DOWNLOADING, JobState.SUSPENDED, Change.NONE, Action.FOLLOW),  # a RayJob Kueue holds back
+    (Phase.DOWNLOADING, JobState.SUCCEEDED, Change.NONE, Action.SUCCEED),
+    (Phase.DOWNLOADING, JobState.FAILED, Change.NONE, Action.RETRY),
+    (Phase.SUSPENDED, JobState.STOPPED, Change.POLICY, Action.SUBMIT),  # resume
+    (Phase.SUSPENDED, JobState.STOPPED, Change.NONE, Action.WAIT),
+    (Phase.FAILED, JobState.FAILED, Change.POLICY, Action.SUBMIT),  # e.g. maxRetries raised
+    (Phase.SUCCEEDED, JobState.SUCCEEDED, Change.POLICY, Action.WAIT),  # resume of a finished part
+])
+def test_named_transitions(phase, job, change, expected):
+    assert transition(Facts(phase, job, change)).action is expected
+
+
+def test_deadline_and_exhausted_retries_name_their_reason():
+    assert transition(Facts(Phase.DOWNLOADING, JobState.RUNNING, Change.NONE, deadline_passed=True)).reason == \
+        "DeadlineExceeded"
+    assert transition(Facts(Phase.DOWNLOADING, JobState.FAILED, Change.NONE, retries_left=False)).reason == \
+        "RetriesExhausted"
+    assert transition(Facts(Phase.DOWNLOADING, JobState.STOPPED, Change.NONE, retryable=False)).reason == "JobFailed"
+
+
+def spec(**extra) -> dict:
+    return apply_defaults({"partId": "p", "source": {"urls": ["s.parquet"]}, "output": {"uri": "/o"}, **extra})
+
+
+def test_only_output_fields_make_an_output_change():
+    base = spec()
+    status = {"observedGeneration": 1, "specHash": output_hash(base)}
+    assert change_of(base, False, 1, status) is Change.NONE
+    for policy in ({"priority": 5}, {"maxRetries": 9}, {"activeDeadlineSeconds": 60}, {"stallSeconds": 30},
+                   {"suspend": False}):
+        assert change_of(spec(**policy), False, 2, status) is Change.POLICY, policy
+    for output in ({"download": {"timeout": 3}}, {"filter": {"minWidth": 10}}, {"verify": False},
+                   {"heal": {"reasons": ["timeout"]}}):
+        assert change_of(spec(**output), False, 2, status) is Change.OUTPUT, output
+    assert change_of(spec(suspend=True), True, 2, status) is Change.SUSPEND
+    assert change_of(spec(priority=5), False, 2, {"observedGeneration": 1}) is Change.OUTPUT  # no hash: re-run
+
+
+def test_job_ids_share_the_parts_prefix():
+    uid = "0a1b2c3d-4e5f-6789-abcd-ef0123456789"
+    assert submission_id(uid, 3, 2) == "lp-0a1b2c3d4e5f6789-g3-a2"
+    assert submission_id(uid, 3, 2).startswith(submission_prefix(uid))
+
+
+@pytest.mark.parametrize("status, state", [
+    ({}, JobState.PENDING),
+    ({"jobDeploymentStatus": "Initializing"}, JobState.PENDING),
+    ({"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}, JobState.RUNNING),
+    ({"jobDeploymentStatus": "Waiting"}, JobState.PENDING),
+    ({"jobDeploymentStatus": "Suspended"}, JobState.SUSPENDED),  # Kueue holds it: not Pending forever
+    ({"jobDeploymentStatus": "Suspending", "jobStatus": "RUNNING"}, JobState.SUSPENDED),
+    ({"jobDeploymentStatus": "Retrying", "jobStatus": "FAILED"}, JobState.RETRYING),
+    ({"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}, JobState.SUCCEEDED),
+    ({"jobDeploymentStatus": "Complete", "jobStatus": "FAILED"}, JobState.FAILED),
+    ({"jobDeploymentStatus": "Complete", "jobStatus": "STOPPED"}, JobState.STOPPED),
+    ({"jobDeploymentStatus": "Failed", "reason": "DeadlineExceeded"}, JobState.FAILED),
+    ({"jobDeploymentStatus": "ValidationFailed", "message": "bad"}, JobState.FAILED),
+    ({"jobDeploymentStatus": "Running", "jobStatus": "SOMETHING_NEW"}, JobState.PENDING),
+])
+def test_every_rayjob_state_maps(status, state):
+    job = kuberay_state("j", status)
+    assert job.state is state
+    if status.get("reason"):
+        assert status["reason"] in job.message
+
+
+def test_a_template_backoff_limit_is_refused():
+    with pytest.raises(ConfigError, match="rayJobTemplate.backoffLimit"):
+        OperatorConfig(mode="kuberay", ray_job_template={"backoffLimit": 2}).check()
+
+
+def test_long_names_make_valid_label_values():
+    name = "d" * 70
+    value = kube.label_value(name)
+    assert len(value) <= 63 and value != kube.label_value("d" * 71)
+    assert kube.label_value("short") == "short"
+
+
+def test_dropped_fields_name_what_a_stale_crd_pruned():
+    assert dropped_fields({"a": 1, "b": {"c": 2, "d": 3}}, {"a": 1, "b": {"c": 2}}) == ["spec.b.d"]
+
+
+def test_slots_run_higher_priority_first_then_oldest_and_let_a_waiter_give_up():
+    async def scenario() -> tuple[list[str], list[str]]:
+        slots, order, queued = Slots(1), [], []
+        await slots.acquire("running", "2026-01-01T00:00:00Z", on_queued=None)
+        gone = asyncio.Event()
+
+        async def part(name: str, created: str, priority: int, give_up=lambda: False):
+            async def on_queued():
+                queued.append(name)
+
+            if await slots.acquire(name, created, on_queued, priority=priority, give_up=give_up):
+                order.append(name)
+                await asyncio.sleep(0.05)
+                slots.release(name)
+
+        waiters = [asyncio.create_task(part("old-low", "2026-01-01T00:00:01Z", 0)),
+                   asyncio.create_task(part("new-low", "2026-01-01T00:00:03Z", 0)),
+                   asyncio.create_task(part("new-high", "2026-01-01T00:00:04Z", 5)),
+                   asyncio.create_task(part("top-but-suspended", "2026-01-01T00:00:00Z", 9, gone.is_set))]
+        while len(queued) < 4:
+            await asyncio.sleep(0.01)
+        gone.set()  # e.g. suspended while queued: it leaves the queue without a slot
+        await asyncio.sleep(1.5)
+        slots.release("running")
+        await asyncio.gather(*waiters)
+        return order, sorted(slots.waiting)
+
+    order, left = asyncio.run(scenario())
+    assert order == ["new-high", "old-low", "new-low"]
+    assert left == []
+
+
+def test_slots_count_the_parts_the_cluster_says_run():
+    """A part the index shows running holds a slot this process never gave; once the index drops it
+    (deleted while the operator was down, finished under another leader), the slot is free."""
+    held = {("ns", "elsewhere")}
+
+    async def scenario():
+        slots = Slots(1, held=lambda: held)
+        assert not slots.take(("ns", "queued"), "2026-01-01T00:00:00Z")
+        held.clear()
+        assert await asyncio.wait_for(slots.acquire(("ns", "queued"), "2026-01-01T00:00:00Z"), 5)
+        assert slots.running == {("ns", "queued")}
+        slots.release(("ns", "queued"))
+        assert slots.running == set()
+
+    asyncio.run(scenario())
+
+
+class Recorded:
+    """The API server's side of status writes: what the operator patched."""
+
+    def __init__(self, monkeypatch):
+        import kopf
+
+        self.patches: list[dict] = []
+        self.events: list[str] = []
+        monkeypatch.setattr(kube, "patch_status", lambda ns, name, patch, plural=kube.PLURAL: self.patches.append(patch))
+        monkeypatch.setattr(kopf, "event", lambda body, type, reason, message: self.events.append(reason))
+
+
+def running_part(status: dict):
+    from laion_operator.control.metrics import Metrics
+    from laion_operator.control.parts import Operator, Part
+
+    op = Operator(OperatorConfig(), None, Slots(1), Metrics())
+    body = {"metadata": {"namespace": "ns", "name": "p", "uid": "u", "generation": 1},
+            "spec": spec(), "status": status}
+    return Part(op, body, None)
+
+
+def test_counts_never_go_backwards_while_a_new_attempt_filters(monkeypatch):
+    from laion_operator.contract import Progress
+    from laion_operator.spec import PartSpec
+
+    api = Recorded(monkeypatch)
+    part = running_part({"phase": "Downloading", "output": "/o", "rowsRead": 100, "rowsKept": 90,
+                         "images": {"ok": 40, "failed": 5, "failedByReason": {"timeout": 5}},
+                         "shards": {"total": 9, "done": 4, "failed": 0}, "bytesWritten": 1000})
+    fresh = Progress(part_id="p", phase="Filtering", rows_read=10)  # attempt 2 has read 10 rows so far
+    asyncio.run(part.publish(Phase.FILTERING, fresh, "job", stalled=False))
+    written = api.patches[-1]
+    assert (written["rowsRead"], written["rowsKept"], written["images"]["ok"], written["shards"]["done"],
+            written["bytesWritten"]) == (100, 90, 40, 4, 1000)
+    assert written["shardsProgress"] == "4/9"
+    assert (written["images"]["failed"], written["images"]["failedByReason"]) == (5, {"timeout": 5})
+    final = Progress(part_id="p", phase="Succeeded", rows_read=100, rows_kept=90, images_ok=38, shards_total=9,
+                     shards_done=9)
+    asyncio.run(part.publish(Phase.SUCCEEDED, final, "job", finished=True))
+    assert api.patches[-1]["images"]["ok"] == 38  # the finished part's count is its shards' own
+    assert PartSpec.from_dict(spec()).stall_seconds == 900
+
+
+def test_a_part_whose_counts_stand_still_is_stalled_once(monkeypatch):
+    from laion_operator.contract import Progress
+    from laion_operator.spec import PartSpec
+
+    api = Recorded(monkeypatch)
+    part = running_part({"phase": "Downloading", "output": "/o"})
+    still = Progress(part_id="p", phase="Downloading", rows_read=10)
+    quick = PartSpec.from_dict(spec(stallSeconds=1))
+    assert not part.stalled(quick, still)
+    part.moved_at -= 5  # five seconds without a count moving
+    for _ in range(2):
+        asyncio.run(part.publish(Phase.DOWNLOADING, still, "job", stalled=part.stalled(quick, still)))
+    stalled = [c for c in api.patches[-1]["conditions"] if c["type"] == "Stalled"]
+    assert stalled and stalled[0]["status"] == "True" and stalled[0]["reason"] == "NoProgress"
+    assert api.events.count("Stalled") == 1
+    assert 'laion_part_stalled{namespace="ns",part="p"} 1.0' in prometheus_text(part.op.metrics)
+    moved = Progress(part_id="p", phase="Downloading", rows_read=20)
+    asyncio.run(part.publish(Phase.DOWNLOADING, moved, "job", stalled=part.stalled(quick, moved)))
+    assert [c["status"] for c in api.patches[-1]["conditions"] if c["type"] == "Stalled"] == ["False"]
+
+
+def prometheus_text(metrics) -> str:
+    from prometheus_client import generate_latest
+
+    return generate_latest(metrics.registry).decode()
