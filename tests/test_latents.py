@@ -157,7 +157,7 @@ def test_decoding_runs_ahead_in_a_thread_and_skips_undecodable_images():
     batches = list(decoded_batches(iter(samples), RESOLUTION, batch_size=3))
     assert [b.keys for b in batches] == [["k0", "k1", "k2"], ["k3", "k4", "k5"], ["k6"]]
     assert sum(b.skipped for b in batches) == 1
-    assert batches[0].pixels.shape == (3, 3, RESOLUTION, RESOLUTION)
+    assert batches[0].pixels[RESOLUTION].shape == (3, 3, RESOLUTION, RESOLUTION)
 
     def failing():
         yield samples[0]

@@ -17,7 +17,7 @@ import re
 import kopf
 
 from .. import spec as specs
-from ..contract import DATASET_INDEX, FAILURE_REASONS, Phase, annotations, part_dir, summary
+from ..contract import DATASET_INDEX, FAILURE_REASONS, Phase, annotations, dataset_latents, part_dir, part_latents, summary
 from ..storage import Store
 from . import kube
 from .parts import Operator, condition, now
@@ -272,9 +272,12 @@ class Dataset:
                 "phase": status.get("phase") or Phase.PENDING.value,
                 "ready": status.get("phase") == Phase.SUCCEEDED.value,
                 "images": (status.get("images") or {}).get("ok", 0),
+                **({"latents": part_latents(part_id)} if first.latents else {}),
             })
         index = {"dataset": self.name, "namespace": self.namespace, "outputFormat": fmt, "updatedAt": now(),
                  "parts": entries}
+        if first.latents:  # one manifest for every part: they all encode with the template's settings
+            index["latents"] = dataset_latents(first.latents)
         await asyncio.to_thread(lambda: Store(output, secret=secret or {}).write_json(index, DATASET_INDEX))
         return f"{output.uri}/{DATASET_INDEX}"
 

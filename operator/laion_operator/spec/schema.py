@@ -33,6 +33,9 @@ MAX_PER_HOST = 16
 MODEL_DTYPES = ["auto", "float32", "float16", "bfloat16"]
 SAVE_DTYPES = ["float16", "float32"]
 LATENT_MODES = ["mean", "sample"]
+# latents.reducedDecode's bound against a whole decode, in dB PSNR of the preprocessed pixels: the
+# worst measured on photo-like JPEGs was 33.9 (median 43.8); tests/test_latents.py holds it.
+REDUCED_DECODE_PSNR = 30
 
 
 
@@ -270,8 +273,21 @@ SCHEMA: dict = {
                                              "text_encoder)."),
                 "tokenizerSubfolder": _str("The tokenizer's folder inside `textEncoder` (a pipeline's: tokenizer; "
                                            "unset: textEncoderSubfolder)."),
-                "resolution": _int("Images are resized (shorter side) and center-cropped to this square.",
-                                   minimum=8, maximum=4096, default=256),
+                "resolution": _int("Images are resized (shorter side) and center-cropped to this square "
+                                   "(the one-item form of resolutions).", minimum=8, maximum=4096, default=256),
+                "resolutions": {
+                    "type": "array", "minItems": 1, "maxItems": 8, "uniqueItems": True,
+                    "items": {"type": "integer", "minimum": 8, "maximum": 4096},
+                    "description": "Several squares from one decode (micro_diffusion's [256, 512]): one VAE pass "
+                                   "and one column latents_<r> each; set, it replaces resolution.",
+                },
+                "saveImages": _bool("Store each sample's image bytes too (column `jpg`, as micro_diffusion's "
+                                    "--save_images).", False),
+                "reducedDecode": _bool(
+                    "Decode JPEGs at 1/2, 1/4 or 1/8 scale (libjpeg DCT scaling) before the bicubic resize: "
+                    f"faster, pixels within {REDUCED_DECODE_PSNR} dB PSNR of the reference's whole decode "
+                    "(false: torchvision's Resize(r, BICUBIC) + CenterCrop(r) on the whole image, as "
+                    "micro_diffusion prepares its images).", False),
                 "batchSize": _int("Samples encoded at once.", minimum=1, maximum=4096, default=32),
                 "dtype": _str("The models' compute dtype (auto: bfloat16 on a GPU, float32 on a CPU).",
                               enum=MODEL_DTYPES, default="auto"),
