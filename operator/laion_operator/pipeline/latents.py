@@ -143,13 +143,18 @@ def preprocess_all(data: bytes, resolutions: tuple[int, ...], reduced: bool = Fa
     `reduced` (latents.reducedDecode) lets libjpeg decode at the smallest DCT scale still at least the
     largest resolution on both sides, first: faster, and within spec.REDUCED_DECODE_PSNR of the whole decode."""
     with Image.open(io.BytesIO(data)) as image:
+        whole = image.size  # sizes and offsets from the image's own size, however it was decoded
+        box = None
         if reduced:
-            image.draft("RGB", (max(resolutions), max(resolutions)))
+            # A side that is not a multiple of the DCT scale decodes to a partly covered last pixel:
+            # `box` (the whole image in the reduced one's coordinates) keeps the geometry exact.
+            drafted = image.draft("RGB", (max(resolutions), max(resolutions)))
+            box = drafted[1] if drafted else None
         image = image.convert("RGB")
         out = {}
         for r in resolutions:
-            size = resized_size(*image.size, r)
-            resized = image if size == image.size else image.resize(size, Image.BICUBIC)
+            size = resized_size(*whole, r)
+            resized = image if size == image.size else image.resize(size, Image.BICUBIC, box=box)
             out[r] = np.asarray(resized.crop(center_box(*size, r)))
         return out
 
