@@ -166,10 +166,20 @@ def preprocess(data: bytes, resolution: int, reduced: bool = False) -> np.ndarra
 
 def to_pixels(images: list[np.ndarray]):
     """uint8 (N, H, W, 3) to the VAE's input: float (N, 3, H, W) in [-1, 1]."""
+    return normalize(to_uint8(images))
+
+
+def to_uint8(images: list[np.ndarray]):
+    """uint8 (N, H, W, 3) as a uint8 (N, 3, H, W) tensor: a quarter of float32's bytes to copy to a
+    GPU, where `models.encode_images` normalizes it."""
     import torch
 
-    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
-    return batch.div_(127.5).sub_(1.0)
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+
+
+def normalize(pixels):
+    """uint8 (N, 3, H, W) to [-1, 1] float32 (torchvision's ToTensor + Normalize(0.5, 0.5))."""
+    return pixels.float().div_(127.5).sub_(1.0)
 
 
 class Batch:
@@ -189,7 +199,7 @@ class Batch:
             self.images.setdefault(r, []).append(image)
 
     def seal(self) -> "Batch":
-        self.pixels = {r: to_pixels(images) for r, images in self.images.items()}
+        self.pixels = {r: to_uint8(images) for r, images in self.images.items()}
         self.images = {}
         return self
 
@@ -198,10 +208,13 @@ _END = object()
 
 
 def decoded_batches(samples: Iterator[Sample], resolutions: int | tuple[int, ...], batch_size: int,
-                    prefetch: int = PREFETCH, reduced: bool = False) -> Iterator[Batch]:
-    """Batches of decoded images (`pixels[r]` for every resolution), made by a thread while the caller
+                    prefetch: int = PREFETCH, reduced: bool = False, threads: int = 1) -> Iterator[Batch]:
+    """Batches of decoded images (`pixels[r]`, uint8, for every resolution), made by a thread (and
+    `threads` decoding beside it: Pillow lets go of the GIL to decode and resize) while the caller
     encodes the previous ones. An image that does not decode is counted in its batch's `skipped` and
     left out."""
+    from concurrent.futures import ThreadPoolExecutor
+
     resolutions = (resolutions,) if isinstance(resolutions, int) else tuple(resolutions)
     out: queue.Queue = queue.Queue(maxsize=prefetch)
     stop = threading.Event()
@@ -215,20 +228,36 @@ def decoded_batches(samples: Iterator[Sample], resolutions: int | tuple[int, ...
                 continue
         return False
 
+    def decode(sample: Sample):
+        try:
+            return sample, preprocess_all(sample[2], resolutions, reduced)
+        except (OSError, ValueError, Image.DecompressionBombError):
+            return sample, None
+
+    def chunks() -> Iterator[list[Sample]]:
+        chunk = []
+        for sample in samples:
+            chunk.append(sample)
+            if len(chunk) == batch_size:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
     def work() -> None:
         batch = Batch()
         try:
-            for key, caption, data in samples:
-                try:
-                    images = preprocess_all(data, resolutions, reduced)
-                except (OSError, ValueError, Image.DecompressionBombError):
-                    batch.skipped += 1
-                    continue
-                batch.add(key, caption, data, images)
-                if len(batch.keys) == batch_size:
-                    if not put(batch.seal()):
-                        return
-                    batch = Batch()
+            with ThreadPoolExecutor(max(1, threads), thread_name_prefix="latents-decode") as pool:
+                for chunk in chunks():
+                    for (key, caption, data), images in pool.map(decode, chunk):
+                        if images is None:
+                            batch.skipped += 1
+                            continue
+                        batch.add(key, caption, data, images)
+                        if len(batch.keys) == batch_size:
+                            if not put(batch.seal()):
+                                return
+                            batch = Batch()
             if batch.keys or batch.skipped:
                 put(batch.seal())
             put(_END)
@@ -268,7 +297,9 @@ def load_stats(store: Store, shard: int) -> LatentStats | None:
 
 
 class Encoder:
-    """A batch's rows: one VAE pass per resolution, one text pass, cast to saveDtype on the host."""
+    """A batch's latents: one VAE pass per resolution and one text pass, cast to saveDtype on the
+    device and copied back without waiting (`launch`), so that the previous batch is written
+    (`rows`) while the accelerator computes this one."""
 
     def __init__(self, settings: Latents, models):
         import torch
@@ -280,24 +311,61 @@ class Encoder:
         self.scale = model_loading.LatentScale.of(self.vae)
         self.save = getattr(torch, settings.save_dtype)
         self.encode_images = model_loading.encode_images
+        self.cuda = str(self.device).startswith("cuda")
 
-    def rows(self, batch: Batch) -> tuple[list[dict], dict[int, list[int]], list[int]]:
-        """The MDS rows of a batch, with each resolution's latent shape and the caption's."""
+    def _to_host(self, tensor):
+        import torch
+
+        tensor = tensor.to(self.save)
+        if not self.cuda:
+            return tensor
+        host = torch.empty(tensor.shape, dtype=self.save, pin_memory=True)
+        return host.copy_(tensor, non_blocking=True)
+
+    def launch(self, batch: Batch) -> tuple[Batch, dict, object, object]:
+        import torch
+
         s = self.settings
-        rows = [{"key": key, "caption": batch.captions[i]} for i, key in enumerate(batch.keys)]
-        shapes = {}
-        for r in s.sizes:
-            z = self.encode_images(self.vae, batch.pixels[r], batch.keys, s.latent_mode, s.seed,
-                                   self.scale).to("cpu", self.save).numpy()
-            shapes[r] = list(z.shape[1:])
-            for i, row in enumerate(rows):
-                row[contract.image_latents_column(r)] = z[i].tobytes()
-        e = self.text(batch.captions).to("cpu", self.save).numpy()
-        for i, row in enumerate(rows):
+        z = {r: self._to_host(self.encode_images(self.vae, batch.pixels[r], batch.keys, s.latent_mode, s.seed,
+                                                 self.scale)) for r in s.sizes}
+        e = self._to_host(self.text(batch.captions))
+        done = None
+        if self.cuda:
+            done = torch.cuda.Event()
+            done.record()
+        return batch, z, e, done
+
+    def rows(self, pending) -> tuple[list[dict], dict[int, list[int]], list[int]]:
+        """The MDS rows of a launched batch, with each resolution's latent shape and the caption's."""
+        batch, z, e, done = pending
+        if done is not None:
+            done.synchronize()
+        z = {r: v.numpy() for r, v in z.items()}
+        e = e.numpy()
+        rows = []
+        for i, key in enumerate(batch.keys):
+            row = {"key": key, "caption": batch.captions[i]}
+            for r, latents in z.items():
+                row[contract.image_latents_column(r)] = latents[i].tobytes()
             row[contract.CAPTION_LATENTS] = e[i].tobytes()
-            if s.save_images:
+            if self.settings.save_images:
                 row[contract.LATENTS_IMAGE] = batch.data[i]
-        return rows, shapes, list(e.shape[1:])
+            rows.append(row)
+        return rows, {r: list(v.shape[1:]) for r, v in z.items()}, list(e.shape[1:])
+
+
+def decode_threads(settings: Latents, device: str) -> int:
+    """latents.decodeThreads, or (0) the node's CPUs shared among its GPUs: on a GPU the decode must
+    keep up with the model; on a CPU node every core already runs a shard task."""
+    import os
+
+    if settings.decode_threads:
+        return settings.decode_threads
+    if not str(device).startswith("cuda"):
+        return 1
+    import torch
+
+    return max(1, (os.cpu_count() or 1) // max(1, torch.cuda.device_count()))
 
 
 def encode_shard(spec: PartSpec, shard: int, report: Callable[[LatentStats], None] | None = None,
@@ -320,13 +388,10 @@ def encode_shard(spec: PartSpec, shard: int, report: Callable[[LatentStats], Non
     with tempfile.TemporaryDirectory(prefix=f"latents-{shard_name(shard)}-") as local:
         with mds.MDSWriter(out=local, columns=columns(settings), compression=None,
                            size_limit=MDS_SIZE_LIMIT) as writer:
-            for batch in decoded_batches(samples, settings.sizes, settings.batch_size,
-                                         reduced=settings.reduced_decode):
-                stats.skipped += batch.skipped
-                stats.count += batch.skipped + len(batch.keys)
-                if not batch.keys:
-                    continue
-                rows, shapes, stats.caption_shape = encoder.rows(batch)
+
+            def write(pending) -> None:
+                nonlocal last
+                rows, shapes, stats.caption_shape = encoder.rows(pending)
                 stats.image_shapes = {str(r): shape for r, shape in shapes.items()}
                 stats.image_shape = shapes[settings.sizes[0]]
                 for row in rows:
@@ -335,6 +400,21 @@ def encode_shard(spec: PartSpec, shard: int, report: Callable[[LatentStats], Non
                 if report and time.monotonic() - last >= report_every:
                     last = time.monotonic()
                     report(stats)
+
+            pending = None
+            for batch in decoded_batches(samples, settings.sizes, settings.batch_size,
+                                         reduced=settings.reduced_decode,
+                                         threads=decode_threads(settings, encoder.device)):
+                stats.skipped += batch.skipped
+                stats.count += batch.skipped + len(batch.keys)
+                if not batch.keys:
+                    continue
+                launched = encoder.launch(batch)
+                if pending is not None:
+                    write(pending)
+                pending = launched
+            if pending is not None:
+                write(pending)
         if stats.written:
             store.fs.makedirs(store.path(latents_shard(shard)), exist_ok=True)
             for path in sorted(Path(local).iterdir()):

@@ -100,6 +100,7 @@ class Latents:
     save_images: bool
     reduced_decode: bool
     batch_size: int
+    decode_threads: int
     dtype: str
     save_dtype: str
     latent_mode: str

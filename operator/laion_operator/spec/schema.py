@@ -290,6 +290,8 @@ SCHEMA: dict = {
                     "(false: torchvision's Resize(r, BICUBIC) + CenterCrop(r) on the whole image, as "
                     "micro_diffusion prepares its images).", False),
                 "batchSize": _int("Samples encoded at once.", minimum=1, maximum=4096, default=32),
+                "decodeThreads": _int("Threads decoding images beside the model (0: the node's CPUs shared "
+                                      "among its GPUs on a GPU, one on a CPU).", minimum=0, maximum=256, default=0),
                 "dtype": _str("The models' compute dtype (auto: bfloat16 on a GPU, float32 on a CPU).",
                               enum=MODEL_DTYPES, default="auto"),
                 "saveDtype": _str("The stored latents' and embeddings' dtype.", enum=SAVE_DTYPES, default="float16"),
