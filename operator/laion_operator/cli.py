@@ -73,6 +73,8 @@ def cmd_latents(args) -> int:
 
         # Over an MDS folder the YAML needs only latents and output: the folder is the source.
         data = specs.load_data(args.part)
+        if not isinstance(data, dict):
+            raise specs.SpecError(f"{args.part}: expected a mapping with output and latents")
         data.setdefault("partId", "latents")
         data.setdefault("source", {"dataset": {"uri": args.mds}})
         try:

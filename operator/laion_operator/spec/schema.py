@@ -277,7 +277,8 @@ SCHEMA: dict = {
                 "resolution": _int("Images are resized (shorter side) and center-cropped to this square "
                                    "(the one-item form of resolutions).", minimum=8, maximum=4096, default=256),
                 "resolutions": {
-                    "type": "array", "minItems": 1, "maxItems": 8, "uniqueItems": True,
+                    # A set: the API server refuses repeats (it forbids uniqueItems); validation.py's twin.
+                    "type": "array", "minItems": 1, "maxItems": 8, "x-kubernetes-list-type": "set",
                     "items": {"type": "integer", "minimum": 8, "maximum": 4096},
                     "description": "Several squares from one decode (micro_diffusion's [256, 512]): one VAE pass "
                                    "and one column latents_<r> each; set, it replaces resolution.",
