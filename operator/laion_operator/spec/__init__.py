@@ -24,7 +24,8 @@ from .validation import RULES, SpecError, apply_defaults, rule_errors, validate
 __all__ = [
     "DATASET_FORMATS", "DATASET_SCHEMA", "DECODE_BACKLOG_BYTES", "ENCODE_FORMATS", "ENCODE_QUALITY", "HASHES",
     "INTERPOLATIONS", "LATENT_MODES", "LOGICAL_COLUMNS", "MAX_DATASET_PARTS", "MAX_IN_FLIGHT",
-    "MAX_PER_HOST", "MDS_SHARD_SIZE", "MODEL_DTYPES", "OUTPUT_FORMATS", "PNG_MAX_COMPRESSION", "REDUCED_DECODE_PSNR", "RESIZE_MODES",
+    "MAX_PER_HOST", "MDS_SHARD_SIZE", "MODEL_DTYPES", "OUTPUT_FORMATS", "PNG_MAX_COMPRESSION",
+    "REDUCED_DECODE_PSNR", "RESIZE_MODES",
     "RULES", "SAVE_DTYPES", "SCHEMA", "Dataset", "Download", "Filter", "Heal", "Latents", "Output", "PartSpec",
     "SpecError", "apply_defaults", "dataset_parts", "load", "load_data", "output_of", "rule_errors", "validate",
     "validate_dataset",
