@@ -132,6 +132,16 @@ def plain(spec, models, workers: int) -> int:
     return written
 
 
+def decode_alone(spec, threads: int) -> int:
+    """The stage's decoding with no model: how fast the device could be fed."""
+    from laion_operator.pipeline.latents import decoded_batches, read_samples
+    from laion_operator.storage import Store
+
+    s = spec.latents
+    return sum(len(b.keys) for b in decoded_batches(read_samples(Store(spec.output), 0, spec), s.sizes,
+                                                     s.batch_size, threads=threads))
+
+
 def project(spec, models) -> int:
     from laion_operator.pipeline.latents import encode_shard
 
@@ -229,6 +239,9 @@ def bench(n: int, repeats: int, device: str = "cpu", model_size: str | None = No
             shown = f", GPU {gpu.mean:.0f} %" if gpu.mean is not None else ""
             print(f"[latents] {side:<28} run {attempt + 1}/{repeats}: {took:6.2f} s ({n / took:,.1f} images/s"
                   f"{shown}), load {common.load()}", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    decoded = decode_alone(spec, threads)
+    decode_rate = decoded / (time.perf_counter() - start)
     torch.set_num_threads(torch_threads)
     best = {side: min(v) for side, v in seconds.items()}
     baseline = min(sides[:2], key=lambda side: best[side])  # the faster plain-PyTorch side
@@ -249,9 +262,16 @@ def bench(n: int, repeats: int, device: str = "cpu", model_size: str | None = No
         f"the faster plain side ({baseline}), the median of the rounds' ratios, seconds the best.",
         "",
         common.table(["side", "best seconds", "images/s", f"vs {baseline}", "GPU utilisation"], rows),
+        "",
+        f"Decoding alone (the project's {threads} decode thread(s), no model): {decode_rate:,.1f} images/s, "
+        f"{decode_rate * best[PROJECT] / n:.1f}× the project's rate.",
     ])
     goals = [f"latents ≥ {GOAL_RATIO}× a plain PyTorch loop ({device}, {model_size} models): "
              f"{ratio[PROJECT]:.2f}× — {common.goal(ratio[PROJECT] >= GOAL_RATIO)}"]
+    if device.startswith("cuda"):
+        fed = decode_rate * best[PROJECT] / n
+        goals.append(f"latents decode never the bottleneck (decoding alone ≥ 1.2× the stage's rate): "
+                     f"{fed:.1f}× — {common.goal(fed >= 1.2)}")
     if utilisation[PROJECT]:
         mean = float(np.mean(utilisation[PROJECT]))
         goals.append(f"latents GPU utilisation ≥ {GOAL_UTILISATION:.0f} %: {mean:.0f} % — "

@@ -18,6 +18,7 @@ def test_the_latents_bench_runs_small_on_the_cpu(tmp_path):
     for side in (latents_bench.PLAIN, "torch DataLoader, 1 worker", latents_bench.PROJECT):
         assert f"| {side} " in report, report
     assert "n/a" in report  # no GPU utilisation on a CPU
+    assert "Decoding alone (the project's 1 decode thread(s), no model)" in report
     assert len(goals) == 1 and goals[0].startswith("latents ≥ 0.9× a plain PyTorch loop (cpu, tiny models)")
     assert torch.get_num_threads() >= 1
     if not torch.cuda.is_available():

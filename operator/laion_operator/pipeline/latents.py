@@ -1,15 +1,16 @@
 """Stage 4 (spec.latents): VAE image latents and text-encoder embeddings of one shard's samples.
 
 What micro_diffusion's precompute script does with `accelerate launch` on 8 GPUs, as one Ray task
-per download shard: its images are read back by the shard's output format (any of them:
-pipeline/formats/) and decoded by a thread that fills a short queue of batches
-while the models run, so that neither the accelerator nor the CPU waits for the other. The shard's
-samples go to an MDS folder (`contract.latents_shard`), written with mosaicml-streaming's own
+per download shard (or per file of an MDS folder anyone wrote, `MDSFolder`): its images are read
+back by the shard's output format (any of them: pipeline/formats/), decoded once and prepared at
+every resolution as torchvision's Resize + CenterCrop prepare them, by threads that fill a short
+queue of batches while the models run; each batch's latents are copied back and written while the
+device computes the next, so that neither the accelerator nor the CPU waits for the other. The
+shard's samples go to an MDS folder (`contract.latents_shard`), written with mosaicml-streaming's own
 `MDSWriter` into a local folder and then copied to the output through the same store as the images;
 `latents/<shard>_stats.json` is written last, so that a shard cut short is redone whole and every
 sample is written exactly once. The driver merges the shards' indexes into `latents/index.json`,
-which StreamingDataset reads (see `laion_operator.latents_loader`).
-"""
+which StreamingDataset reads (see `laion_operator.latents_loader`)."""
 
 from __future__ import annotations
 
