@@ -260,29 +260,34 @@ def test_a_mix_of_incompatible_latents_is_refused_naming_both(two_resolutions, o
 
 
 def test_the_loader_reads_a_whole_laion_dataset_from_its_root(one_resolution, model_dir, tmp_path):
-    """A LaionDataset's output: part folders and the operator's dataset_index.json, whose `latents`
-    section is the dataset's one manifest."""
+    """A LaionDataset's output: part folders and the dataset_index.json the operator writes, whose
+    `latents` section is the dataset's one manifest."""
+    import asyncio
     import shutil
 
+    from laion_operator.control.datasets import Dataset
     from laion_operator.latents_loader import build_latents_dataloader
+    from laion_operator.spec import validate_dataset
 
     root = tmp_path / "dataset"
-    spec = latents_spec(model_dir, root, resolution=32)
+    latents = latents_spec(model_dir, root, resolution=32).to_dict()["latents"]
+    data = validate_dataset({"source": {"urls": ["a.parquet", "b.parquet", "c.parquet"]},
+                             "template": {"output": {"uri": str(root)}, "latents": latents}})
     parts = []
-    for part_id, ready in (("0", True), ("1", True), ("2", False)):
+    for part_id, phase in (("0", "Succeeded"), ("1", "Succeeded"), ("2", "Running")):
         shutil.copytree(one_resolution, root / contract.part_dir(part_id))
-        parts.append({"partId": part_id, "output": contract.part_dir(part_id), "ready": ready,
-                      "latents": contract.part_latents(part_id)})
-    (root / contract.DATASET_INDEX).write_text(json.dumps(
-        {"dataset": "d", "parts": parts, "latents": contract.dataset_latents(spec.latents)}))
+        parts.append({"metadata": {"name": f"d-{part_id}"}, "spec": {"partId": part_id}, "status": {"phase": phase}})
+    operator_side = Dataset(None, {"metadata": {"namespace": "ns", "name": "d"}}, None)
+    asyncio.run(operator_side.write_index(data, parts))
+    index = json.loads((root / contract.DATASET_INDEX).read_text())
+    assert index["latents"]["resolutions"] == [32] and index["parts"][0]["latents"] == "part_0/latents"
     gc.collect()
     loader = build_latents_dataloader([str(root)], batch_size=4)
-    assert len(loader.dataset) == 16  # the two ready parts
+    assert len(loader.dataset) == 16  # the two finished parts
     assert {s.name for s in loader.dataset.sources} == {f"{root}/part_0", f"{root}/part_1"}
     del loader
     gc.collect()
-    index = json.loads((root / contract.DATASET_INDEX).read_text())
-    index["latents"]["dtype"] = "float32"
+    index["latents"]["dtype"] = "float32"  # a part whose latents are not what the dataset says
     (root / contract.DATASET_INDEX).write_text(json.dumps(index))
     with pytest.raises(ValueError, match=r"dataset_index\.json has dtype 'float32', .*part_0 'float16'"):
         build_latents_dataloader(str(root), batch_size=4)
