@@ -8,7 +8,6 @@ from __future__ import annotations
 import gc
 import io
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -142,7 +141,7 @@ def two_resolutions(model_dir, mds_folder, tmp_path_factory):
     from laion_operator.pipeline import models
     from laion_operator.pipeline.latents import MDSFolder
 
-    root, images = mds_folder
+    root, _ = mds_folder
     out = tmp_path_factory.mktemp("latents-2r")
     spec = latents_spec(model_dir, out, resolutions=[64, 32], saveImages=True)
     loaded = models.load(spec.latents)

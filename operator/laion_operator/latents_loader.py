@@ -28,7 +28,7 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -39,7 +39,7 @@ from .pipeline.latents import streaming
 
 _mds = streaming()
 
-Dataset = Union[str, dict]  # a path or URL, or {"path": …, "proportion" | "repeat" | "choose": …}
+Dataset = str | dict  # a path or URL, or {"path": …, "proportion" | "repeat" | "choose": …}
 MIX_KEYS = ("proportion", "repeat", "choose")
 # What two streams must agree on to share a batch (and a model's training).
 COMPATIBLE = ("dtype", "captionShape", "scalingFactor", "shiftFactor", "vae", "vaeSubfolder", "textEncoder")
@@ -201,7 +201,7 @@ class LatentsDataset(_mds.StreamingDataset):
 
 def build_latents_dataloader(datasets: Dataset | list[Dataset], batch_size: int, local: str | None = None,
                              shuffle: bool = False, drop_last: bool = False, seed: int = 0,
-                             resolution: int | None = None, captionDropProbability: float = 0.0,  # noqa: N803
+                             resolution: int | None = None, captionDropProbability: float = 0.0,
                              **dataloader_kwargs: Any):
     """A torch DataLoader of LatentsDataset batches over one dataset or a mix (a list; each a path or
     URL, or a mapping with `proportion`, `repeat` or `choose`); `local` is the cache folder for

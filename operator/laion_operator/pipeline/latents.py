@@ -134,7 +134,7 @@ def resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:
 
 def center_box(width: int, height: int, resolution: int) -> tuple[int, int, int, int]:
     """torchvision's CenterCrop(resolution) box: offsets rounded as it rounds them (`int(round(d / 2.0))`)."""
-    left, top = int(round((width - resolution) / 2.0)), int(round((height - resolution) / 2.0))
+    left, top = round((width - resolution) / 2.0), round((height - resolution) / 2.0)  # half to even, as there
     return left, top, left + resolution, top + resolution
 
 
