@@ -221,10 +221,20 @@ def test_the_loader_mixes_datasets_as_streams_with_caption_dropout(two_resolutio
     del loader
     gc.collect()
 
+    # Relative mixing (streaming's proportion): three quarters of an epoch from the first dataset.
+    loader = build_latents_dataloader([{"path": a, "proportion": 0.75}, {"path": b, "proportion": 0.25}],
+                                      batch_size=4, resolution=32)
+    streams = [int(s) for batch in loader for s in batch["stream"]]
+    assert len(streams) == 16 and streams.count(0) == 12 and streams.count(1) == 4
+    del loader
+    gc.collect()
+
     # Absolute mixing (streaming's repeat): the first dataset twice, the second once.
     loader = build_latents_dataloader([{"path": a, "repeat": 2}, {"path": b, "repeat": 1}], batch_size=4,
                                       resolution=32)
     assert len(loader.dataset) == 24
+    streams = [int(s) for batch in loader for s in batch["stream"]]
+    assert streams.count(0) == 16 and streams.count(1) == 8
     del loader
     gc.collect()
 

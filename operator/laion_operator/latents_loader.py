@@ -10,7 +10,7 @@
     for batch in loader:
         batch["image_latents"]    # (64, C, 256/f, 256/f) float32, scaled as the diffusion model expects
         batch["caption_latents"]  # (64, tokens, width) float32; zeros where the caption was dropped
-        batch["caption"], batch["key"], batch["caption_dropped"]
+        batch["caption"], batch["key"], batch["caption_dropped"], batch["stream"]
 
 As micro_diffusion's `build_streaming_latents_dataloader`, every dataset is a stream (mosaicml-
 streaming's `Stream`; a LaionDataset's root gives one a finished part) of one StreamingDataset, so
@@ -189,6 +189,7 @@ class LatentsDataset(_mds.StreamingDataset):
             "caption": "" if drop else sample["caption"],
             "caption_dropped": drop,
             "key": sample["key"],
+            "stream": stream,  # which dataset of the mix (the place of its stream in `sources`)
         }
 
     @staticmethod
