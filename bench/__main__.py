@@ -93,6 +93,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    help="small sizes for a try-out: 200k rows, 300 images, 400 internet URLs, 64 latents, 1 run")
     p.add_argument("--latents-images", type=int, default=512, help="images the latents benchmark encodes (default 512)")
     p.add_argument("--latents-repeats", type=int, default=3, help="runs per latents side (default 3)")
+    p.add_argument("--device", default="cpu", help="latents: cpu or cuda[:N] (default cpu)")
+    p.add_argument("--latents-models", choices=["sd", "tiny"],
+                   help="latents: Stable Diffusion's VAE and CLIP-L shapes or tiny ones (default: sd on cuda, tiny on cpu)")
+    p.add_argument("--latents-resolutions", default="256,512", help="latents: resolutions (default 256,512)")
+    p.add_argument("--latents-batch", type=int, default=32, help="latents: batch size (default 32)")
     p.add_argument("--no-record", action="store_true", help="print only; do not append to bench/RESULTS.md")
     args = p.parse_args(argv)
     if args.quick:
@@ -148,7 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.only in (None, "latents"):
         from . import latents_bench
 
-        report, g = latents_bench.bench(args.latents_images, args.latents_repeats)
+        report, g = latents_bench.bench(args.latents_images, args.latents_repeats, device=args.device,
+                                        model_size=args.latents_models,
+                                        resolutions=tuple(int(r) for r in args.latents_resolutions.split(",")),
+                                        batch=args.latents_batch)
         sections.append(("Latents", report))
         goals += g
 

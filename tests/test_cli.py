@@ -104,6 +104,21 @@ def test_a_local_run_speaks_first_and_only_of_the_part(tmp_path, image_server):
     assert any(line.startswith("  images ") for line in lines)
 
 
+def test_latents_over_an_mds_folder_needs_only_output_and_latents_and_names_its_columns(tmp_path):
+    from streaming import MDSWriter
+
+    with MDSWriter(out=str(tmp_path / "theirs"), columns={"image": "bytes", "text": "str"}) as writer:
+        writer.write({"image": b"\xff\xd8", "text": "a cat"})
+    spec = tmp_path / "latents.yaml"
+    spec.write_text(yaml.safe_dump({"output": {"uri": str(tmp_path / "out")},
+                                    "latents": {"vae": "v", "textEncoder": "t", "resolutions": [256, 512]}}))
+    wrong = cli("latents", str(spec), "--mds", str(tmp_path / "theirs"))
+    assert wrong.returncode == 2
+    assert "no column 'jpg' (its columns: image, text); name it with --image-column" in wrong.stderr, wrong.stderr
+    missing = cli("latents", str(spec), "--mds", str(tmp_path / "nowhere"), "--image-column", "image")
+    assert missing.returncode == 2 and f"{tmp_path / 'nowhere'}/index.json: missing" in missing.stderr
+
+
 def test_latents_command_names_what_is_missing(tmp_path):
     without = cli("latents", str(write_part(tmp_path)))
     assert without.returncode == 2

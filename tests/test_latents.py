@@ -157,7 +157,7 @@ def test_decoding_runs_ahead_in_a_thread_and_skips_undecodable_images():
     batches = list(decoded_batches(iter(samples), RESOLUTION, batch_size=3))
     assert [b.keys for b in batches] == [["k0", "k1", "k2"], ["k3", "k4", "k5"], ["k6"]]
     assert sum(b.skipped for b in batches) == 1
-    assert batches[0].pixels.shape == (3, 3, RESOLUTION, RESOLUTION)
+    assert batches[0].pixels[RESOLUTION].shape == (3, 3, RESOLUTION, RESOLUTION)
 
     def failing():
         yield samples[0]
@@ -372,3 +372,43 @@ def test_the_hub_token_travels_like_the_storage_credentials(monkeypatch, tmp_pat
         kube.KubeError(f"read Secret ns/{name}: not found")) if name == "hf" else values[name])
     with pytest.raises(kube.KubeError, match=r"spec\.latents\.hubTokenSecret 'hf'"):
         asyncio.run(part.read_secret(spec))
+
+
+def test_an_mds_folder_anyone_wrote_is_encoded_on_ray(encoded, model_dir, tmp_path):
+    """`laion-operator latents --mds`: an MDS folder written by someone else's converter (its own column
+    names, a merged index naming files in subfolders) gives the same latents as the part's own shards."""
+    import shutil
+
+    from streaming import MDSWriter
+
+    from laion_operator.latents_loader import LatentsDataset
+    from laion_operator.pipeline.driver import encode_mds
+    from laion_operator.pipeline.formats.mds import merge
+    from laion_operator.pipeline.latents import MDSFolder
+
+    out, summary = encoded
+    theirs = tmp_path / "theirs"
+    images = sorted(tar_samples(out).items())
+    indexes = {}
+    for n, chunk in enumerate((images[: len(images) // 2], images[len(images) // 2:])):
+        with MDSWriter(out=str(theirs / f"{n:05d}"), columns={"key": "str", "img": "bytes", "txt": "str"}) as writer:
+            for key, (caption, data) in chunk:
+                writer.write({"key": key, "img": data, "txt": caption})
+        indexes[n] = json.loads((theirs / f"{n:05d}" / "index.json").read_text())
+    (theirs / "index.json").write_text(json.dumps(merge(indexes)))
+    spec = part("unused.parquet", tmp_path / "latents-out", model_dir)
+    result = encode_mds(spec, MDSFolder(str(theirs), image_column="img", caption_column="txt"))
+    assert result["latents"]["samples"] == len(images) == summary["images"]["ok"]
+    assert result["latents"]["shards"] == 2
+    shutil.rmtree(theirs / "00000")  # the input is read once; the latents stand alone
+    gc.collect()
+    reference = LatentsDataset(str(out))
+    reference = {s["key"]: s for s in (reference[i] for i in range(len(reference)))}
+    gc.collect()
+    dataset = LatentsDataset(str(tmp_path / "latents-out"))
+    assert sorted(dataset[i]["key"] for i in range(len(dataset))) == sorted(reference)
+    for i in range(0, len(dataset), 3):
+        sample = dataset[i]
+        assert sample["caption"] == reference[sample["key"]]["caption"]
+        np.testing.assert_allclose(sample["image_latents"].numpy(), reference[sample["key"]]["image_latents"].numpy(),
+                                   rtol=1e-3, atol=1e-4)

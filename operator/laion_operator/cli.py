@@ -67,12 +67,28 @@ def cmd_heal(args) -> int:
 
 def cmd_latents(args) -> int:
     keep_ray_on_loopback(args.ray_address)
-    part = specs.load(args.part)
+    source = None
+    if args.mds:
+        from .pipeline.latents import MDSFolder
+
+        # Over an MDS folder the YAML needs only latents and output: the folder is the source.
+        data = specs.load_data(args.part)
+        if not isinstance(data, dict):
+            raise specs.SpecError(f"{args.part}: expected a mapping with output and latents")
+        data.setdefault("partId", "latents")
+        data.setdefault("source", {"dataset": {"uri": args.mds}})
+        try:
+            part = specs.PartSpec.from_dict(data)
+        except specs.SpecError as err:
+            raise specs.SpecError(f"{args.part}: {err}") from None
+        source = MDSFolder(args.mds, image_column=args.image_column, caption_column=args.caption_column)
+    else:
+        part = specs.load(args.part)
     if args.output:
         part = specs.PartSpec.from_dict({**part.to_dict(), "output": {**part.to_dict()["output"], "uri": args.output}})
     from .pipeline.local import encode_with_progress
 
-    return encode_with_progress(part, args.ray_address)
+    return encode_with_progress(part, args.ray_address, source=source)
 
 
 def cmd_convert(args) -> int:
@@ -202,8 +218,12 @@ def parser() -> argparse.ArgumentParser:
     ver.set_defaults(func=cmd_verify)
     latents = sub.add_parser("latents", help="precompute image latents and text embeddings (spec.latents) of an "
                                               "output already downloaded or converted")
-    latents.add_argument("part", help="part spec YAML with spec.latents")
+    latents.add_argument("part", help="part spec YAML with spec.latents (with --mds: latents and output only)")
     latents.add_argument("--output", help="override output.uri")
+    latents.add_argument("--mds", metavar="FOLDER", help="read an MDS folder anyone wrote (index.json and its shard "
+                                                          "files, local or s3://) instead of the part's output")
+    latents.add_argument("--image-column", default="jpg", help="--mds: the column holding encoded images (default jpg)")
+    latents.add_argument("--caption-column", default="caption", help="--mds: the caption column (default caption)")
     latents.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     latents.set_defaults(func=cmd_latents)
     heal = sub.add_parser("heal", help="fetch again the samples of a finished part that failed for transient "

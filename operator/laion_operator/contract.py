@@ -106,6 +106,7 @@ LATENTS_MANIFEST = f"{LATENTS_DIR}/_latents.json"
 # StreamingLatentsDataset reads the output as it is: image latents as `latents_<resolution>`,
 # text embeddings as `caption_latents`, both raw bytes of `saveDtype`.
 CAPTION_LATENTS = "caption_latents"
+LATENTS_IMAGE = "jpg"  # latents.saveImages: the encoded image bytes, in the column --save_images names
 
 
 def image_latents_column(resolution: int) -> str:
@@ -146,11 +147,38 @@ def summary(part_id: str) -> str:
 #
 #     <dataset output>/part_<id>/…        one part's output folder, as above
 #     <dataset output>/dataset_index.json  {"parts": [{"partId", "output", "annotations", "phase", …}]}
+#
+# With spec.latents, each part entry also names its latents folder and the index holds the one
+# manifest of the dataset's latents (`dataset_latents`), which every part's `_latents.json` matches:
+# the loader reads the whole dataset from its root.
 DATASET_INDEX = "dataset_index.json"
 
 
 def part_dir(part_id: str) -> str:
     return f"part_{part_id}"
+
+
+def part_latents(part_id: str) -> str:
+    """A part's latents folder, relative to its dataset's root."""
+    return f"{part_dir(part_id)}/{LATENTS_DIR}"
+
+
+def dataset_latents(settings) -> dict:
+    """The dataset index's `latents` section: the columns, dtype and models every part's latents share
+    (a spec.Latents; shapes are each part's manifest's, known once encoded)."""
+    return {
+        "columns": {"images": {str(r): image_latents_column(r) for r in settings.sizes},
+                    "caption": CAPTION_LATENTS, **({"imageBytes": LATENTS_IMAGE} if settings.save_images else {})},
+        "resolutions": list(settings.sizes),
+        "dtype": settings.save_dtype,
+        "latentMode": settings.latent_mode,
+        "seed": settings.seed,
+        "preprocessing": "reduced-decode" if settings.reduced_decode else "torchvision",
+        "vae": settings.vae,
+        "vaeSubfolder": settings.vae_subfolder,
+        "textEncoder": settings.text_encoder,
+        "manifest": LATENTS_MANIFEST,
+    }
 
 
 class _Spec(Protocol):
@@ -368,7 +396,8 @@ class LatentStats:
     end_time: float = 0.0
     device: str = ""
     # What a reader needs to turn the stored bytes back into tensors (the same for every shard).
-    image_shape: list[int] = field(default_factory=list)
+    image_shape: list[int] = field(default_factory=list)  # the smallest resolution's
+    image_shapes: dict[str, list[int]] = field(default_factory=dict)  # every resolution's, by resolution
     caption_shape: list[int] = field(default_factory=list)
     scaling_factor: float = 1.0
     shift_factor: float = 0.0

@@ -17,7 +17,7 @@ import time
 
 from .. import spec as specs
 # (`annotations` renamed: `from __future__ import annotations` holds the name here)
-from ..contract import DATASET_INDEX, FAILURE_REASONS, Phase, part_dir, summary
+from ..contract import DATASET_INDEX, FAILURE_REASONS, Phase, dataset_latents, part_dir, part_latents, summary
 from ..contract import annotations as annotations_file
 from ..storage import Store
 from . import kube
@@ -298,9 +298,12 @@ class Dataset(Resource):
                 "phase": status.get("phase") or Phase.PENDING.value,
                 "ready": status.get("phase") == Phase.SUCCEEDED.value,
                 "images": (status.get("images") or {}).get("ok", 0),
+                **({"latents": part_latents(part_id)} if first.latents else {}),
             })
         index = {"dataset": self.name, "namespace": self.namespace, "outputFormat": fmt, "updatedAt": now(),
                  "parts": entries}
+        if first.latents:  # one manifest for every part: they all encode with the template's settings
+            index["latents"] = dataset_latents(first.latents)
         await asyncio.to_thread(lambda: Store(output, secret=secret or {}).write_json(index, DATASET_INDEX))
         return f"{output.uri}/{DATASET_INDEX}"
 

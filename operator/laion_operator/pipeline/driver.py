@@ -49,12 +49,12 @@ def _write_shard(spec: PartSpec, shard: int, report) -> Outcome:
     return store_work(spec, f"writing shard {shard}", lambda: work(spec, shard, report=report))
 
 
-def _encode_shard(spec: PartSpec, shard: int, report) -> Outcome:
+def _encode_shard(spec: PartSpec, shard: int, report, source=None) -> Outcome:
     from .latents import encode_shard
     from .models import ModelError
 
     try:
-        return Outcome(encode_shard(spec, shard, report=report))
+        return Outcome(encode_shard(spec, shard, report=report, source=source))
     except ModelError as err:  # a retry cannot load it either: the driver ends the part as bad input
         return Outcome(bad_input=str(err))
 
@@ -167,7 +167,8 @@ def _verify(spec: PartSpec, tracker: Tracker, summary: dict) -> dict:
     return summary
 
 
-def _encode_all(spec: PartSpec, tracker: Tracker, shards: list[int]) -> tuple[list[LatentStats], list[int]]:
+def _encode_all(spec: PartSpec, tracker: Tracker, shards: list[int],
+                source=None) -> tuple[list[LatentStats], list[int]]:
     """Encode the shards not encoded yet as Ray tasks, a GPU each when the cluster has GPUs;
     returns every encoded shard's stats and the shards that failed after their retries."""
     from .latents import load_stats
@@ -201,7 +202,7 @@ def _encode_all(spec: PartSpec, tracker: Tracker, shards: list[int]) -> tuple[li
 
     # One CPU a task besides the GPU: the decode thread and the host side of the model.
     pool = Pool("latents: ", _encode_shard, spec, settings.shard_retries, parallelism,
-                on_value=finished.__setitem__, tick=tick, num_cpus=1, num_gpus=1 if gpus else 0)
+                on_value=finished.__setitem__, tick=tick, args=(source,), num_cpus=1, num_gpus=1 if gpus else 0)
     p.latents_shards_total = len(shards)
     count({})
     tracker.publish(force=True)
@@ -209,13 +210,14 @@ def _encode_all(spec: PartSpec, tracker: Tracker, shards: list[int]) -> tuple[li
     return list(finished.values()), pool.failed
 
 
-def run_latents(spec: PartSpec, tracker: Tracker, shards: list[int]) -> dict:
-    """The latents stage over a part's finished shards; returns its summary section."""
+def run_latents(spec: PartSpec, tracker: Tracker, shards: list[int], source=None) -> dict:
+    """The latents stage over a part's finished shards (or an MDS folder's files, `source`); returns
+    its summary section."""
     from .latents import merge_indexes, write_manifest
 
     tracker.phase(Phase.ENCODING)
     try:
-        encoded, failed = _encode_all(spec, tracker, shards)
+        encoded, failed = _encode_all(spec, tracker, shards, source)
     except InputError as err:
         tracker.fail(str(err))
         raise
@@ -236,6 +238,7 @@ def run_latents(spec: PartSpec, tracker: Tracker, shards: list[int]) -> dict:
         "shardSecondsSum": round(sum(s.end_time - s.start_time for s in encoded), 3),
         "devices": sorted({s.device for s in encoded if s.device}),
         "imageShape": manifest["imageShape"],
+        "imageShapes": manifest["imageShapes"],
         "captionShape": manifest["captionShape"],
         "dtype": manifest["dtype"],
     }
@@ -287,6 +290,24 @@ def encode_part(spec: PartSpec, on_progress: Callable[[Progress], None] | None =
     section = run_latents(spec, tracker, shards)
     summary = store.read_json(contract.summary(spec.part_id)) or {"partId": spec.part_id, "output": store.uri}
     summary["latents"] = section
+    store.write_json(summary, contract.summary(spec.part_id))
+    tracker.finish(f"{section['samples']} latents in {store.url(contract.LATENTS_DIR)}")
+    return summary
+
+
+def encode_mds(spec: PartSpec, source, on_progress: Callable[[Progress], None] | None = None,
+               ray_address: str | None = None) -> dict:
+    """The latents stage over an MDS folder anyone wrote (`source`, a latents.MDSFolder), into
+    <output>/latents/: `laion-operator latents --mds`. A file of its index is a shard of the stage."""
+    if not spec.latents:
+        raise InputError("spec.latents: required field is missing (the models and settings of the stage)")
+    store = Store(spec.output)
+    store.check_writable()
+    shards = source.shards()
+    tracker = Tracker(store, Progress(part_id=spec.part_id), on_progress)
+    ensure_ray(ray_address)
+    section = run_latents(spec, tracker, shards, source)
+    summary = {"partId": spec.part_id, "output": store.uri, "input": source.uri, "latents": section}
     store.write_json(summary, contract.summary(spec.part_id))
     tracker.finish(f"{section['samples']} latents in {store.url(contract.LATENTS_DIR)}")
     return summary

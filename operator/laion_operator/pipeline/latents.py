@@ -1,15 +1,16 @@
 """Stage 4 (spec.latents): VAE image latents and text-encoder embeddings of one shard's samples.
 
 What micro_diffusion's precompute script does with `accelerate launch` on 8 GPUs, as one Ray task
-per download shard: its images are read back by the shard's output format (any of them:
-pipeline/formats/) and decoded by a thread that fills a short queue of batches
-while the models run, so that neither the accelerator nor the CPU waits for the other. The shard's
-samples go to an MDS folder (`contract.latents_shard`), written with mosaicml-streaming's own
+per download shard (or per file of an MDS folder anyone wrote, `MDSFolder`): its images are read
+back by the shard's output format (any of them: pipeline/formats/), decoded once and prepared at
+every resolution as torchvision's Resize + CenterCrop prepare them, by threads that fill a short
+queue of batches while the models run; each batch's latents are copied back and written while the
+device computes the next, so that neither the accelerator nor the CPU waits for the other. The
+shard's samples go to an MDS folder (`contract.latents_shard`), written with mosaicml-streaming's own
 `MDSWriter` into a local folder and then copied to the output through the same store as the images;
 `latents/<shard>_stats.json` is written last, so that a shard cut short is redone whole and every
 sample is written exactly once. The driver merges the shards' indexes into `latents/index.json`,
-which StreamingDataset reads (see `laion_operator.latents_loader`).
-"""
+which StreamingDataset reads (see `laion_operator.latents_loader`)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import queue
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -26,6 +28,7 @@ from PIL import Image
 
 from .. import contract
 from ..contract import LatentStats, latents_shard, latents_stats, shard_name
+from ..errors import InputError
 from ..spec import Latents, PartSpec
 from ..storage import Store
 from . import formats
@@ -55,46 +58,165 @@ def read_samples(store: Store, shard: int, spec: PartSpec) -> Iterator[Sample]:
             yield sample.key, sample.caption or "", sample.image
 
 
+@dataclass(frozen=True)
+class MDSFolder:
+    """An MDS dataset anyone wrote (`index.json` and the shard files it lists, as MDSWriter or
+    streaming's merge_index leave them), read as the stage's input: each file the index lists is one
+    shard of the stage. Its image and caption columns are named by the caller; a sample without a
+    `key` column is keyed by its file and place, as img2dataset keys a shard's samples."""
+
+    uri: str
+    image_column: str = "jpg"
+    caption_column: str = "caption"
+
+    def store(self) -> Store:
+        from ..spec import output_of
+
+        return Store(output_of({"uri": self.uri}))
+
+    def index(self) -> dict:
+        try:
+            index = self.store().read_json(contract.MDS_INDEX)
+        except ValueError as err:
+            raise InputError(f"{self.uri}/{contract.MDS_INDEX}: not JSON, as streaming's index is: {err}") from None
+        if index is None:
+            raise InputError(f"{self.uri}/{contract.MDS_INDEX}: missing (an MDS folder holds its index.json)")
+        entries = index.get("shards") or []
+        if not entries:
+            raise InputError(f"{self.uri}/{contract.MDS_INDEX}: lists no shard file")
+        for column in (self.image_column, self.caption_column):
+            if column not in entries[0].get("column_names", []):
+                raise InputError(f"{self.uri}: no column {column!r} (its columns: "
+                                 f"{', '.join(entries[0].get('column_names', []))}); name it with "
+                                 f"--image-column / --caption-column")
+        return index
+
+    def shards(self) -> list[int]:
+        return list(range(len(self.index()["shards"])))
+
+    def samples(self, shard: int) -> Iterator[Sample]:
+        from streaming.base.format import reader_from_json
+
+        from .formats.mds import check_size
+
+        entry = self.index()["shards"][shard]
+        store = self.store()
+        name = entry["raw_data"]["basename"]
+        with tempfile.TemporaryDirectory(prefix="latents-input-") as local:
+            # Its basename may name a folder (a merged index): the reader finds it below `local` the same way.
+            target = Path(local, name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            store.fs.get_file(store.path(name), str(target))
+            check_size(str(target), f"{self.uri}/{name}", entry)
+            reader = reader_from_json(local, None, entry)
+            for i in range(reader.samples):
+                fields = reader.get_item(i)
+                image = fields.get(self.image_column)
+                if image is None:
+                    continue
+                if not isinstance(image, (bytes, bytearray)):  # a `pil` column: encode it back for the decoder
+                    buf = io.BytesIO()
+                    image.save(buf, "PNG")
+                    image = buf.getvalue()
+                key = fields.get("key") or contract.sample_key(shard, i, reader.samples)
+                yield str(key), str(fields.get(self.caption_column) or ""), bytes(image)
+
+
 # --- decoding, in a thread beside the model -----------------------------------------------------
 
-def preprocess(data: bytes, resolution: int) -> np.ndarray:
-    """An encoded image as (resolution, resolution, 3) uint8: the shorter side resized to the
-    resolution (bicubic, antialiased), then the center square, as micro_diffusion prepares its images."""
+def resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:
+    """torchvision's Resize(resolution) on a (width, height) image: the shorter side to the resolution,
+    the longer one scaled and truncated (`int(r * long / short)`, its `_compute_resized_output_size`)."""
+    if width <= height:
+        return resolution, int(resolution * height / width)
+    return int(resolution * width / height), resolution
+
+
+def center_box(width: int, height: int, resolution: int) -> tuple[int, int, int, int]:
+    """torchvision's CenterCrop(resolution) box: offsets rounded as it rounds them (`int(round(d / 2.0))`)."""
+    left, top = round((width - resolution) / 2.0), round((height - resolution) / 2.0)  # half to even, as there
+    return left, top, left + resolution, top + resolution
+
+
+def preprocess_all(data: bytes, resolutions: tuple[int, ...], reduced: bool = False) -> dict[int, np.ndarray]:
+    """An encoded image as (r, r, 3) uint8 for every resolution, from one decode: torchvision's
+    `Resize(r, BICUBIC)` then `CenterCrop(r)` on the RGB image, as micro_diffusion prepares its images.
+    `reduced` (latents.reducedDecode) lets libjpeg decode at the smallest DCT scale still at least the
+    largest resolution on both sides, first: faster, and within spec.REDUCED_DECODE_PSNR of the whole decode."""
     with Image.open(io.BytesIO(data)) as image:
-        image.draft("RGB", (resolution, resolution))  # JPEG: decode at the smallest scale still large enough
+        whole = image.size  # sizes and offsets from the image's own size, however it was decoded
+        box = None
+        if reduced:
+            # A side that is not a multiple of the DCT scale decodes to a partly covered last pixel:
+            # `box` (the whole image in the reduced one's coordinates) keeps the geometry exact.
+            drafted = image.draft("RGB", (max(resolutions), max(resolutions)))
+            box = drafted[1] if drafted else None
         image = image.convert("RGB")
-        w, h = image.size
-        s = resolution / min(w, h)
-        size = (max(resolution, round(w * s)), max(resolution, round(h * s)))
-        image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=None)
-        left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-        return np.asarray(image.crop((left, top, left + resolution, top + resolution)))
+        out = {}
+        for r in resolutions:
+            size = resized_size(*whole, r)
+            resized = image if size == image.size else image.resize(size, Image.Resampling.BICUBIC, box=box)
+            out[r] = np.asarray(resized.crop(center_box(*size, r)))
+        return out
+
+
+def preprocess(data: bytes, resolution: int, reduced: bool = False) -> np.ndarray:
+    """One resolution of `preprocess_all`."""
+    return preprocess_all(data, (resolution,), reduced)[resolution]
 
 
 def to_pixels(images: list[np.ndarray]):
     """uint8 (N, H, W, 3) to the VAE's input: float (N, 3, H, W) in [-1, 1]."""
+    return normalize(to_uint8(images))
+
+
+def to_uint8(images: list[np.ndarray]):
+    """uint8 (N, H, W, 3) as a uint8 (N, 3, H, W) tensor: a quarter of float32's bytes to copy to a
+    GPU, where `models.encode_images` normalizes it."""
     import torch
 
-    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
-    return batch.div_(127.5).sub_(1.0)
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+
+
+def normalize(pixels):
+    """uint8 (N, 3, H, W) to [-1, 1] float32 (torchvision's ToTensor + Normalize(0.5, 0.5))."""
+    return pixels.float().div_(127.5).sub_(1.0)
 
 
 class Batch:
     def __init__(self):
         self.keys: list[str] = []
         self.captions: list[str] = []
-        self.images: list[np.ndarray] = []
-        self.pixels = None
+        self.data: list[bytes] = []  # the encoded images, for saveImages
+        self.images: dict[int, list[np.ndarray]] = {}
+        self.pixels: dict = {}  # resolution -> the VAE's input
         self.skipped = 0
+
+    def add(self, key: str, caption: str, data: bytes, images: dict[int, np.ndarray]) -> None:
+        self.keys.append(key)
+        self.captions.append(caption)
+        self.data.append(data)
+        for r, image in images.items():
+            self.images.setdefault(r, []).append(image)
+
+    def seal(self) -> "Batch":
+        self.pixels = {r: to_uint8(images) for r, images in self.images.items()}
+        self.images = {}
+        return self
 
 
 _END = object()
 
 
-def decoded_batches(samples: Iterator[Sample], resolution: int, batch_size: int,
-                    prefetch: int = PREFETCH) -> Iterator[Batch]:
-    """Batches of decoded images, made by a thread while the caller encodes the previous ones. An image
-    that does not decode is counted in its batch's `skipped` and left out."""
+def decoded_batches(samples: Iterator[Sample], resolutions: int | tuple[int, ...], batch_size: int,
+                    prefetch: int = PREFETCH, reduced: bool = False, threads: int = 1) -> Iterator[Batch]:
+    """Batches of decoded images (`pixels[r]`, uint8, for every resolution), made by a thread (and
+    `threads` decoding beside it: Pillow lets go of the GIL to decode and resize) while the caller
+    encodes the previous ones. An image that does not decode is counted in its batch's `skipped` and
+    left out."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    resolutions = (resolutions,) if isinstance(resolutions, int) else tuple(resolutions)
     out: queue.Queue = queue.Queue(maxsize=prefetch)
     stop = threading.Event()
 
@@ -107,26 +229,38 @@ def decoded_batches(samples: Iterator[Sample], resolution: int, batch_size: int,
                 continue
         return False
 
+    def decode(sample: Sample):
+        try:
+            return sample, preprocess_all(sample[2], resolutions, reduced)
+        except (OSError, ValueError, Image.DecompressionBombError):
+            return sample, None
+
+    def chunks() -> Iterator[list[Sample]]:
+        chunk = []
+        for sample in samples:
+            chunk.append(sample)
+            if len(chunk) == batch_size:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
     def work() -> None:
         batch = Batch()
         try:
-            for key, caption, data in samples:
-                try:
-                    image = preprocess(data, resolution)
-                except (OSError, ValueError, Image.DecompressionBombError):
-                    batch.skipped += 1
-                    continue
-                batch.keys.append(key)
-                batch.captions.append(caption)
-                batch.images.append(image)
-                if len(batch.keys) == batch_size:
-                    batch.pixels = to_pixels(batch.images)
-                    if not put(batch):
-                        return
-                    batch = Batch()
+            with ThreadPoolExecutor(max(1, threads), thread_name_prefix="latents-decode") as pool:
+                for chunk in chunks():
+                    for (key, caption, data), images in pool.map(decode, chunk):
+                        if images is None:
+                            batch.skipped += 1
+                            continue
+                        batch.add(key, caption, data, images)
+                        if len(batch.keys) == batch_size:
+                            if not put(batch.seal()):
+                                return
+                            batch = Batch()
             if batch.keys or batch.skipped:
-                batch.pixels = to_pixels(batch.images) if batch.images else None
-                put(batch)
+                put(batch.seal())
             put(_END)
         except BaseException as err:  # noqa: BLE001 - handed to the consumer, which raises it
             put(err)
@@ -149,8 +283,13 @@ def decoded_batches(samples: Iterator[Sample], resolution: int, batch_size: int,
 # --- one shard ----------------------------------------------------------------------------------
 
 def columns(settings: Latents) -> dict[str, str]:
-    return {"key": "str", "caption": "str", contract.image_latents_column(settings.resolution): "bytes",
-            contract.CAPTION_LATENTS: "bytes"}
+    """The MDS columns, as micro_diffusion's precompute script writes them."""
+    cols = {"key": "str", "caption": "str"}
+    cols.update({contract.image_latents_column(r): "bytes" for r in settings.sizes})
+    cols[contract.CAPTION_LATENTS] = "bytes"
+    if settings.save_images:
+        cols[contract.LATENTS_IMAGE] = "bytes"
+    return cols
 
 
 def load_stats(store: Store, shard: int) -> LatentStats | None:
@@ -158,11 +297,82 @@ def load_stats(store: Store, shard: int) -> LatentStats | None:
     return LatentStats.from_json(data) if data else None
 
 
-def encode_shard(spec: PartSpec, shard: int, report: Callable[[LatentStats], None] | None = None,
-                 report_every: float = 2.0, models=None) -> LatentStats:
-    """Encode one download shard into latents/<shard>/; returns its stats (also persisted, last)."""
+class Encoder:
+    """A batch's latents: one VAE pass per resolution and one text pass, cast to saveDtype on the
+    device and copied back without waiting (`launch`), so that the previous batch is written
+    (`rows`) while the accelerator computes this one."""
+
+    def __init__(self, settings: Latents, models):
+        import torch
+
+        from . import models as model_loading
+
+        self.settings = settings
+        self.device, self.vae, self.text = models
+        self.scale = model_loading.LatentScale.of(self.vae)
+        self.save = getattr(torch, settings.save_dtype)
+        self.encode_images = model_loading.encode_images
+        self.cuda = str(self.device).startswith("cuda")
+
+    def _to_host(self, tensor):
+        import torch
+
+        tensor = tensor.to(self.save)
+        if not self.cuda:
+            return tensor
+        host = torch.empty(tensor.shape, dtype=self.save, pin_memory=True)
+        return host.copy_(tensor, non_blocking=True)
+
+    def launch(self, batch: Batch) -> tuple[Batch, dict, object, object]:
+        import torch
+
+        s = self.settings
+        z = {r: self._to_host(self.encode_images(self.vae, batch.pixels[r], batch.keys, s.latent_mode, s.seed,
+                                                 self.scale)) for r in s.sizes}
+        e = self._to_host(self.text(batch.captions))
+        done = None
+        if self.cuda:
+            done = torch.cuda.Event()
+            done.record()
+        return batch, z, e, done
+
+    def rows(self, pending) -> tuple[list[dict], dict[int, list[int]], list[int]]:
+        """The MDS rows of a launched batch, with each resolution's latent shape and the caption's."""
+        batch, z, e, done = pending
+        if done is not None:
+            done.synchronize()
+        z = {r: v.numpy() for r, v in z.items()}
+        e = e.numpy()
+        rows = []
+        for i, key in enumerate(batch.keys):
+            row = {"key": key, "caption": batch.captions[i]}
+            for r, latents in z.items():
+                row[contract.image_latents_column(r)] = latents[i].tobytes()
+            row[contract.CAPTION_LATENTS] = e[i].tobytes()
+            if self.settings.save_images:
+                row[contract.LATENTS_IMAGE] = batch.data[i]
+            rows.append(row)
+        return rows, {r: list(v.shape[1:]) for r, v in z.items()}, list(e.shape[1:])
+
+
+def decode_threads(settings: Latents, device: str) -> int:
+    """latents.decodeThreads, or (0) the node's CPUs shared among its GPUs: on a GPU the decode must
+    keep up with the model; on a CPU node every core already runs a shard task."""
+    import os
+
+    if settings.decode_threads:
+        return settings.decode_threads
+    if not str(device).startswith("cuda"):
+        return 1
     import torch
 
+    return max(1, (os.cpu_count() or 1) // max(1, torch.cuda.device_count()))
+
+
+def encode_shard(spec: PartSpec, shard: int, report: Callable[[LatentStats], None] | None = None,
+                 report_every: float = 2.0, models=None, source: MDSFolder | None = None) -> LatentStats:
+    """Encode one shard into latents/<shard>/; returns its stats (also persisted, last). The shard is
+    one of the part's download shards, or with `source` one file of an MDS folder."""
     from . import models as model_loading
 
     settings = spec.latents
@@ -170,33 +380,42 @@ def encode_shard(spec: PartSpec, shard: int, report: Callable[[LatentStats], Non
     for stale in (latents_stats(shard), latents_shard(shard)):  # an earlier attempt's partial output
         if store.exists(stale):
             store.fs.rm(store.path(stale), recursive=True)
-    device, vae, text = models or model_loading.load(settings)
-    scale = model_loading.LatentScale.of(vae)
-    save = getattr(torch, settings.save_dtype)
-    stats = LatentStats(shard=shard, start_time=time.time(), device=device, scaling_factor=scale.scale,
-                        shift_factor=scale.shift)
+    encoder = Encoder(settings, models or model_loading.load(settings))
+    stats = LatentStats(shard=shard, start_time=time.time(), device=encoder.device,
+                        scaling_factor=encoder.scale.scale, shift_factor=encoder.scale.shift)
     last = time.monotonic()
+    samples = source.samples(shard) if source else read_samples(store, shard, spec)
     mds = streaming()
     with tempfile.TemporaryDirectory(prefix=f"latents-{shard_name(shard)}-") as local:
         with mds.MDSWriter(out=local, columns=columns(settings), compression=None,
                            size_limit=MDS_SIZE_LIMIT) as writer:
-            for batch in decoded_batches(read_samples(store, shard, spec), settings.resolution, settings.batch_size):
+
+            def write(pending) -> None:
+                nonlocal last
+                rows, shapes, stats.caption_shape = encoder.rows(pending)
+                stats.image_shapes = {str(r): shape for r, shape in shapes.items()}
+                stats.image_shape = shapes[settings.sizes[0]]
+                for row in rows:
+                    writer.write(row)
+                stats.written += len(rows)
+                if report and time.monotonic() - last >= report_every:
+                    last = time.monotonic()
+                    report(stats)
+
+            pending = None
+            for batch in decoded_batches(samples, settings.sizes, settings.batch_size,
+                                         reduced=settings.reduced_decode,
+                                         threads=decode_threads(settings, encoder.device)):
                 stats.skipped += batch.skipped
                 stats.count += batch.skipped + len(batch.keys)
                 if not batch.keys:
                     continue
-                z = model_loading.encode_images(vae, batch.pixels, batch.keys, settings.latent_mode, settings.seed,
-                                                scale).to("cpu", save).numpy()
-                e = text(batch.captions).to("cpu", save).numpy()
-                stats.image_shape, stats.caption_shape = list(z.shape[1:]), list(e.shape[1:])
-                for i, key in enumerate(batch.keys):
-                    writer.write({"key": key, "caption": batch.captions[i],
-                                  contract.image_latents_column(settings.resolution): z[i].tobytes(),
-                                  contract.CAPTION_LATENTS: e[i].tobytes()})
-                stats.written += len(batch.keys)
-                if report and time.monotonic() - last >= report_every:
-                    last = time.monotonic()
-                    report(stats)
+                launched = encoder.launch(batch)
+                if pending is not None:
+                    write(pending)
+                pending = launched
+            if pending is not None:
+                write(pending)
         if stats.written:
             store.fs.makedirs(store.path(latents_shard(shard)), exist_ok=True)
             for path in sorted(Path(local).iterdir()):
@@ -227,20 +446,23 @@ def merge_indexes(store: Store, shards: list[LatentStats]) -> int:
 def write_manifest(store: Store, settings: Latents, shards: list[LatentStats]) -> dict:
     """latents/_latents.json: what a reader needs to turn the bytes back into tensors."""
     found = next((s for s in shards if s.written), LatentStats(shard=-1))
-    manifest = {
-        "columns": {"image": contract.image_latents_column(settings.resolution),
-                    "caption": contract.CAPTION_LATENTS},
-        "dtype": settings.save_dtype,
-        "imageShape": found.image_shape,
-        "captionShape": found.caption_shape,
-        "resolution": settings.resolution,
-        "latentMode": settings.latent_mode,
-        "seed": settings.seed,
-        "scalingFactor": found.scaling_factor,
-        "shiftFactor": found.shift_factor,
-        "vae": settings.vae,
-        "vaeSubfolder": settings.vae_subfolder,
-        "textEncoder": settings.text_encoder,
-    }
+    manifest = manifest_of(settings, found)
     store.write_json(manifest, contract.LATENTS_MANIFEST)
     return manifest
+
+
+def manifest_of(settings: Latents, found: LatentStats) -> dict:
+    shapes = found.image_shapes or ({str(settings.sizes[0]): found.image_shape} if found.image_shape else {})
+    shared = contract.dataset_latents(settings)
+    shared.pop("manifest")
+    return {
+        **shared,
+        # `image`, `imageShape` and `resolution`: the smallest resolution's, as before there were several.
+        "columns": {**shared["columns"], "image": contract.image_latents_column(settings.sizes[0])},
+        "imageShape": found.image_shape,
+        "imageShapes": shapes,
+        "captionShape": found.caption_shape,
+        "resolution": settings.sizes[0],
+        "scalingFactor": found.scaling_factor,
+        "shiftFactor": found.shift_factor,
+    }

@@ -101,14 +101,18 @@ def run_with_progress(part: PartSpec, ray_address: str | None = None, out=sys.st
     return ExitCode.OK
 
 
-def encode_with_progress(part: PartSpec, ray_address: str | None = None, out=sys.stdout) -> int:
-    """`laion-operator latents`: the latents stage alone over an output already downloaded or converted."""
-    from .driver import PartFailed, encode_part
+def encode_with_progress(part: PartSpec, ray_address: str | None = None, out=sys.stdout, source=None) -> int:
+    """`laion-operator latents`: the latents stage alone over an output already downloaded or converted,
+    or over an MDS folder (`source`, a latents.MDSFolder) into the part's output."""
+    from .driver import PartFailed, encode_mds, encode_part
 
-    print(f"part {part.part_id}: latents of {part.output.uri}", file=out, flush=True)
+    print(f"part {part.part_id}: latents of {source.uri if source else part.output.uri}", file=out, flush=True)
     bar = ProgressBar()
     try:
-        summary = encode_part(part, on_progress=bar, ray_address=ray_address)
+        if source is not None:
+            summary = encode_mds(part, source, on_progress=bar, ray_address=ray_address)
+        else:
+            summary = encode_part(part, on_progress=bar, ray_address=ray_address)
     except PartFailed as err:
         bar.close()
         print(f"laion-operator: part {part.part_id} failed: {err}", file=sys.stderr)

@@ -92,10 +92,14 @@ def sample_noise(keys: list[str], shape: tuple[int, ...], seed: int):
 
 
 def encode_images(vae, pixels, keys: list[str], mode: str, seed: int, scale: LatentScale):
-    """Latents of a batch of images in [-1, 1] (N, 3, H, W): the distribution's mean or a sample."""
+    """Latents of a batch of images (N, 3, H, W), in [-1, 1] or uint8: the distribution's mean or a sample."""
     import torch
 
     with torch.inference_mode():
+        if pixels.dtype == torch.uint8:  # normalized on the device: a quarter of the bytes cross
+            from .latents import normalize
+
+            pixels = normalize(pixels.to(vae.device, non_blocking=True))
         dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
         z = dist.mean
         if mode == "sample":

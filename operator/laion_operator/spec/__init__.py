@@ -13,19 +13,20 @@ Below it sit `contract` and `errors`/`names`; nothing here imports the pipeline 
 """
 
 from .dataset import DATASET_SCHEMA, MAX_DATASET_PARTS, dataset_parts, validate_dataset
-from .model import Dataset, Download, Filter, Heal, Latents, Output, PartSpec, load, output_of
+from .model import Dataset, Download, Filter, Heal, Latents, Output, PartSpec, load, load_data, output_of
 from .schema import (
     DATASET_FORMATS, DECODE_BACKLOG_BYTES, ENCODE_FORMATS, ENCODE_QUALITY, HASHES, INTERPOLATIONS, LATENT_MODES,
     LOGICAL_COLUMNS, MAX_IN_FLIGHT, MAX_PER_HOST, MDS_SHARD_SIZE, MODEL_DTYPES, OUTPUT_FORMATS,
-    PNG_MAX_COMPRESSION, RESIZE_MODES, SAVE_DTYPES, SCHEMA, STALL_SECONDS,
+    PNG_MAX_COMPRESSION, REDUCED_DECODE_PSNR, RESIZE_MODES, SAVE_DTYPES, SCHEMA, STALL_SECONDS,
 )
 from .validation import RULES, SpecError, apply_defaults, rule_errors, validate
 
 __all__ = [
     "DATASET_FORMATS", "DATASET_SCHEMA", "DECODE_BACKLOG_BYTES", "ENCODE_FORMATS", "ENCODE_QUALITY", "HASHES",
     "INTERPOLATIONS", "LATENT_MODES", "LOGICAL_COLUMNS", "MAX_DATASET_PARTS", "MAX_IN_FLIGHT",
-    "MAX_PER_HOST", "MDS_SHARD_SIZE", "MODEL_DTYPES", "OUTPUT_FORMATS", "PNG_MAX_COMPRESSION", "RESIZE_MODES",
+    "MAX_PER_HOST", "MDS_SHARD_SIZE", "MODEL_DTYPES", "OUTPUT_FORMATS", "PNG_MAX_COMPRESSION",
+    "REDUCED_DECODE_PSNR", "RESIZE_MODES",
     "RULES", "SAVE_DTYPES", "SCHEMA", "STALL_SECONDS", "Dataset", "Download", "Filter", "Heal", "Latents", "Output", "PartSpec",
-    "SpecError", "apply_defaults", "dataset_parts", "load", "output_of", "rule_errors", "validate",
+    "SpecError", "apply_defaults", "dataset_parts", "load", "load_data", "output_of", "rule_errors", "validate",
     "validate_dataset",
 ]

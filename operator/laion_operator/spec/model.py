@@ -96,7 +96,11 @@ class Latents:
     text_encoder_subfolder: str | None
     tokenizer_subfolder: str | None
     resolution: int
+    resolutions: tuple[int, ...] | None
+    save_images: bool
+    reduced_decode: bool
     batch_size: int
+    decode_threads: int
     dtype: str
     save_dtype: str
     latent_mode: str
@@ -105,6 +109,11 @@ class Latents:
     shard_retries: int
     hub_download: bool
     hub_token_secret: str | None
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """Every square the stage encodes, ascending: `resolutions`, or `resolution` alone."""
+        return tuple(sorted(self.resolutions)) if self.resolutions else (self.resolution,)
 
 
 def _build(kind, values: dict):
@@ -200,8 +209,8 @@ class PartSpec:
         return data
 
 
-def load(path: str | Path) -> PartSpec:
-    """Read a part YAML file: either a bare spec or a whole LaionPart manifest."""
+def load_data(path: str | Path) -> Any:
+    """A part YAML file's spec mapping, not validated: a bare spec or a whole LaionPart manifest's."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
@@ -211,6 +220,12 @@ def load(path: str | Path) -> PartSpec:
         raise SpecError(f"{path}: not valid YAML: {err}") from None
     if isinstance(data, dict) and data.get("kind") == "LaionPart":
         data = data.get("spec")
+    return data
+
+
+def load(path: str | Path) -> PartSpec:
+    """Read a part YAML file: either a bare spec or a whole LaionPart manifest."""
+    data = load_data(path)
     try:
         return PartSpec.from_dict(data)
     except SpecError as err:

@@ -36,6 +36,10 @@ STALL_SECONDS = 900
 MODEL_DTYPES = ["auto", "float32", "float16", "bfloat16"]
 SAVE_DTYPES = ["float16", "float32"]
 LATENT_MODES = ["mean", "sample"]
+# latents.reducedDecode's bound against a whole decode, in dB PSNR of the preprocessed pixels. The
+# worst measured: 33.9 on photo-like JPEGs (median 43.8), 30.2 on tests/test_latents_recipe.py's
+# harsher ones (hard 8-pixel edges and noise, odd sides), which hold it.
+REDUCED_DECODE_PSNR = 28
 
 
 
@@ -274,9 +278,25 @@ SCHEMA: dict = {
                                              "text_encoder)."),
                 "tokenizerSubfolder": _str("The tokenizer's folder inside `textEncoder` (a pipeline's: tokenizer; "
                                            "unset: textEncoderSubfolder)."),
-                "resolution": _int("Images are resized (shorter side) and center-cropped to this square.",
-                                   minimum=8, maximum=4096, default=256),
+                "resolution": _int("Images are resized (shorter side) and center-cropped to this square "
+                                   "(the one-item form of resolutions).", minimum=8, maximum=4096, default=256),
+                "resolutions": {
+                    # A set: the API server refuses repeats (it forbids uniqueItems); validation.py's twin.
+                    "type": "array", "minItems": 1, "maxItems": 8, "x-kubernetes-list-type": "set",
+                    "items": {"type": "integer", "minimum": 8, "maximum": 4096},
+                    "description": "Several squares from one decode (micro_diffusion's [256, 512]): one VAE pass "
+                                   "and one column latents_<r> each; set, it replaces resolution.",
+                },
+                "saveImages": _bool("Store each sample's image bytes too (column `jpg`, as micro_diffusion's "
+                                    "--save_images).", False),
+                "reducedDecode": _bool(
+                    "Decode JPEGs at 1/2, 1/4 or 1/8 scale (libjpeg DCT scaling) before the bicubic resize: "
+                    f"faster, pixels within {REDUCED_DECODE_PSNR} dB PSNR of the reference's whole decode "
+                    "(false: torchvision's Resize(r, BICUBIC) + CenterCrop(r) on the whole image, as "
+                    "micro_diffusion prepares its images).", False),
                 "batchSize": _int("Samples encoded at once.", minimum=1, maximum=4096, default=32),
+                "decodeThreads": _int("Threads decoding images beside the model (0: the node's CPUs shared "
+                                      "among its GPUs on a GPU, one on a CPU).", minimum=0, maximum=256, default=0),
                 "dtype": _str("The models' compute dtype (auto: bfloat16 on a GPU, float32 on a CPU).",
                               enum=MODEL_DTYPES, default="auto"),
                 "saveDtype": _str("The stored latents' and embeddings' dtype.", enum=SAVE_DTYPES, default="float16"),

@@ -85,7 +85,8 @@ def _describe(error: jsonschema.ValidationError) -> str:
 
 
 def _closed(schema: dict) -> dict:
-    """The schema with unknown fields refused, as the API server prunes them silently."""
+    """The schema with unknown fields refused, as the API server prunes them silently, and a list of
+    type set without repeats, as it refuses them."""
     schema = copy.deepcopy(schema)
     stack = [schema]
     while stack:
@@ -94,6 +95,8 @@ def _closed(schema: dict) -> dict:
             node.setdefault("additionalProperties", False)
             stack.extend(node["properties"].values())
         if node.get("type") == "array":
+            if node.get("x-kubernetes-list-type") == "set":  # what the API server checks of a set
+                node["uniqueItems"] = True
             stack.append(node["items"])
     return schema
 
