@@ -21,8 +21,19 @@ from . import common
 
 RESULTS = common.ROOT / "bench" / "RESULTS.md"
 REQUIREMENTS = common.ROOT / "bench" / "requirements.txt"
-VERSIONS = ["pyarrow", "polars", "duckdb", "pyspark", "img2dataset", "opencv-python-headless", "ray", "torch",
-            "diffusers", "transformers", "mosaicml-streaming"]
+VERSIONS = [
+    "pyarrow",
+    "polars",
+    "duckdb",
+    "pyspark",
+    "img2dataset",
+    "opencv-python-headless",
+    "ray",
+    "torch",
+    "diffusers",
+    "transformers",
+    "mosaicml-streaming",
+]
 HEADER = """# Benchmark results
 
 Appended by `make bench` (`python -m bench`), newest last; bench/README.md says what each number
@@ -47,8 +58,21 @@ def ensure_python_tools() -> None:
             missing.append(name)
     if missing:
         print(f"bench: installing {', '.join(missing)} (bench/requirements.txt)", file=sys.stderr, flush=True)
-        subprocess.run([common.PYTHON, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                        "-r", str(REQUIREMENTS), "-c", str(common.ROOT / "requirements.lock")], check=True)
+        subprocess.run(
+            [
+                common.PYTHON,
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "-r",
+                str(REQUIREMENTS),
+                "-c",
+                str(common.ROOT / "requirements.lock"),
+            ],
+            check=True,
+        )
 
 
 def ensure_java() -> None:
@@ -59,16 +83,22 @@ def ensure_java() -> None:
     sudo = [] if os.geteuid() == 0 else ["sudo"]
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run([*sudo, "apt-get", "update", "-qq"], check=True, env=env, stdout=subprocess.DEVNULL)
-    subprocess.run([*sudo, "apt-get", "install", "-y", "-qq", "--no-install-recommends", "default-jre-headless"],
-                   check=True, env=env, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [*sudo, "apt-get", "install", "-y", "-qq", "--no-install-recommends", "default-jre-headless"],
+        check=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
 
 
 def git_revision() -> str:
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=common.ROOT, capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=common.ROOT,
-                               capture_output=True, text=True).stdout.strip()
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=common.ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=common.ROOT, capture_output=True, text=True
+        ).stdout.strip()
         return rev + (" with local changes" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown revision"
@@ -76,26 +106,45 @@ def git_revision() -> str:
 
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
-    p.add_argument("--only", choices=["filter", "download", "internet", "operator", "latents", "soak"],
-                   help="run one benchmark only (soak, 200 parts through the operator, runs only when asked)")
+    p.add_argument(
+        "--only",
+        choices=["filter", "download", "internet", "operator", "latents", "soak"],
+        help="run one benchmark only (soak, 200 parts through the operator, runs only when asked)",
+    )
     p.add_argument("--soak-parts", type=int, default=200, help="LaionParts in the soak (default 200)")
     p.add_argument("--filter-rows", type=int, default=20_000_000, help="metadata rows (default 20,000,000)")
     p.add_argument("--images", type=int, default=5000, help="images to download (default 5,000)")
-    p.add_argument("--internet-urls", type=int, default=3000,
-                   help="URLs on the loopback internet (default 3,000: a few minutes a side on 2 cores)")
-    p.add_argument("--internet-sweep", default="32,128,256,512",
-                   help="img2dataset thread counts tried besides the seeds' 64 (default 32,128,256,512)")
-    p.add_argument("--per-host-sweep", default="6,8,12",
-                   help="download.maxPerHost values the project is tried at besides its default (default 6,8,12)")
+    p.add_argument(
+        "--internet-urls",
+        type=int,
+        default=3000,
+        help="URLs on the loopback internet (default 3,000: a few minutes a side on 2 cores)",
+    )
+    p.add_argument(
+        "--internet-sweep",
+        default="32,128,256,512",
+        help="img2dataset thread counts tried besides the seeds' 64 (default 32,128,256,512)",
+    )
+    p.add_argument(
+        "--per-host-sweep",
+        default="6,8,12",
+        help="download.maxPerHost values the project is tried at besides its default (default 6,8,12)",
+    )
     p.add_argument("--repeats", type=int, default=3, help="runs per filter engine, best kept (default 3)")
     p.add_argument("--download-repeats", type=int, default=3, help="runs per download side (default 3)")
-    p.add_argument("--quick", action="store_true",
-                   help="small sizes for a try-out: 200k rows, 300 images, 400 internet URLs, 64 latents, 1 run")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="small sizes for a try-out: 200k rows, 300 images, 400 internet URLs, 64 latents, 1 run",
+    )
     p.add_argument("--latents-images", type=int, default=512, help="images the latents benchmark encodes (default 512)")
     p.add_argument("--latents-repeats", type=int, default=3, help="runs per latents side (default 3)")
     p.add_argument("--device", default="cpu", help="latents: cpu or cuda[:N] (default cpu)")
-    p.add_argument("--latents-models", choices=["sd", "tiny"],
-                   help="latents: Stable Diffusion's VAE and CLIP-L shapes or tiny ones (default: sd on cuda, tiny on cpu)")
+    p.add_argument(
+        "--latents-models",
+        choices=["sd", "tiny"],
+        help="latents: Stable Diffusion's VAE and CLIP-L shapes or tiny ones (default: sd on cuda, tiny on cpu)",
+    )
     p.add_argument("--latents-resolutions", default="256,512", help="latents: resolutions (default 256,512)")
     p.add_argument("--latents-batch", type=int, default=32, help="latents: batch size (default 32)")
     p.add_argument("--no-record", action="store_true", help="print only; do not append to bench/RESULTS.md")
@@ -134,9 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.only in (None, "internet"):
         from . import internet_bench
 
-        report, g = internet_bench.bench(args.internet_urls,
-                                         tuple(int(t) for t in args.internet_sweep.split(",") if t),
-                                         tuple(int(h) for h in args.per_host_sweep.split(",") if h))
+        report, g = internet_bench.bench(
+            args.internet_urls,
+            tuple(int(t) for t in args.internet_sweep.split(",") if t),
+            tuple(int(h) for h in args.per_host_sweep.split(",") if h),
+        )
         sections.append(("Download on the internet on loopback", report))
         goals += g
     if args.only in (None, "operator"):
@@ -145,18 +196,24 @@ def main(argv: list[str] | None = None) -> int:
         rows = operator_bench.run()
         sections.append(("Operator overhead", "\n".join(operator_bench.report(rows))))
         many = rows[-1]
-        goals.append(f"operator overhead: {many['parts']} parts applied at once all submitted in "
-                     f"{many['submit_all_s']:.2f} s ({many['submit_all_s'] / many['baseline_s']:.1f}× the API round "
-                     f"trip of as many objects); status lag median {many['lag_median_s']:.2f} s with pollSeconds 1; operator "
-                     f"resident memory {rows[0]['rss_mb']:.0f} MB idle, {many['rss_mb']:.0f} MB with {many['parts']} parts")
+        goals.append(
+            f"operator overhead: {many['parts']} parts applied at once all submitted in "
+            f"{many['submit_all_s']:.2f} s ({many['submit_all_s'] / many['baseline_s']:.1f}× the API round "
+            f"trip of as many objects); status lag median {many['lag_median_s']:.2f} s with pollSeconds 1; operator "
+            f"resident memory {rows[0]['rss_mb']:.0f} MB idle, {many['rss_mb']:.0f} MB with {many['parts']} parts"
+        )
 
     if args.only in (None, "latents"):
         from . import latents_bench
 
-        report, g = latents_bench.bench(args.latents_images, args.latents_repeats, device=args.device,
-                                        model_size=args.latents_models,
-                                        resolutions=tuple(int(r) for r in args.latents_resolutions.split(",")),
-                                        batch=args.latents_batch)
+        report, g = latents_bench.bench(
+            args.latents_images,
+            args.latents_repeats,
+            device=args.device,
+            model_size=args.latents_models,
+            resolutions=tuple(int(r) for r in args.latents_resolutions.split(",")),
+            batch=args.latents_batch,
+        )
         sections.append(("Latents", report))
         goals += g
 

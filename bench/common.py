@@ -16,8 +16,13 @@ ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "bench" / "work"  # generated data and outputs; git-ignored
 PYTHON = sys.executable
 # No update checks or usage reports to the internet from the tools under test.
-QUIET_ENV = {"NO_ALBUMENTATIONS_UPDATE": "1", "RAY_USAGE_STATS_ENABLED": "0", "WANDB_MODE": "disabled",
-             "PYTHONUNBUFFERED": "1", "SPARK_LOCAL_IP": "127.0.0.1"}
+QUIET_ENV = {
+    "NO_ALBUMENTATIONS_UPDATE": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "WANDB_MODE": "disabled",
+    "PYTHONUNBUFFERED": "1",
+    "SPARK_LOCAL_IP": "127.0.0.1",
+}
 
 
 def env(**extra: str) -> dict:
@@ -60,9 +65,9 @@ def tree_sample(pid: int, cpu: dict[int, float]) -> int:
 
 @dataclass
 class Run:
-    seconds: float       # wall time of the whole command
-    peak_rss: int        # peak resident bytes of the command's process tree, sampled every 50 ms
-    cpu: float           # CPU seconds of the process tree (sampled: a process's last 50 ms may be missed)
+    seconds: float  # wall time of the whole command
+    peak_rss: int  # peak resident bytes of the command's process tree, sampled every 50 ms
+    cpu: float  # CPU seconds of the process tree (sampled: a process's last 50 ms may be missed)
     stdout: str
     returncode: int
 
@@ -70,8 +75,9 @@ class Run:
 def run(cmd: list[str], timeout: float = 3600, **kwargs) -> Run:
     """Run `cmd`, return its wall time, its process tree's peak memory and its output."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=kwargs.pop("env", env()), **kwargs)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=kwargs.pop("env", env()), **kwargs
+    )
     peak = 0
     cpu: dict[int, float] = {}
     done = threading.Event()
@@ -126,8 +132,10 @@ def machine() -> str:
     except OSError:
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"{platform.node() or 'host'}: {os.cpu_count()} cores ({cpu}), {mem:.0f} GiB, "
-            f"{platform.system()} {platform.release()}, Python {platform.python_version()}")
+    return (
+        f"{platform.node() or 'host'}: {os.cpu_count()} cores ({cpu}), {mem:.0f} GiB, "
+        f"{platform.system()} {platform.release()}, Python {platform.python_version()}"
+    )
 
 
 def versions(names: list[str]) -> str:

@@ -28,6 +28,7 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+
 from laion_operator.testbed.loopback import free_port
 
 from . import common
@@ -79,12 +80,17 @@ def write_metadata(path: Path, base_url: str, paths: list[str]) -> None:
     import pyarrow.parquet as pq
 
     sizes = [p.rsplit("_", 1)[1].split(".")[0].split("x") for p in paths]
-    pq.write_table(pa.table({
-        "URL": [base_url + p for p in paths],
-        "TEXT": [f"benchmark image {i}" for i in range(len(paths))],
-        "WIDTH": [int(w) for w, _ in sizes],
-        "HEIGHT": [int(h) for _, h in sizes],
-    }), path)
+    pq.write_table(
+        pa.table(
+            {
+                "URL": [base_url + p for p in paths],
+                "TEXT": [f"benchmark image {i}" for i in range(len(paths))],
+                "WIDTH": [int(w) for w, _ in sizes],
+                "HEIGHT": [int(h) for _, h in sizes],
+            }
+        ),
+        path,
+    )
 
 
 def per_shard(n: int) -> int:
@@ -92,24 +98,71 @@ def per_shard(n: int) -> int:
 
 
 def img2dataset_cmd(meta: Path, out: Path, n: int) -> list[str]:
-    return [str(Path(common.PYTHON).parent / "img2dataset"), "--url_list", str(meta), "--input_format", "parquet",
-            "--url_col", "URL", "--caption_col", "TEXT", "--output_format", "webdataset", "--output_folder", str(out),
-            "--image_size", str(IMAGE_SIZE), "--resize_mode", "keep_ratio", "--processes_count", str(PROCESSES),
-            "--thread_count", str(THREADS), "--number_sample_per_shard", str(per_shard(n)),
-            "--distributor", "multiprocessing", "--timeout", "10", "--retries", "0", "--encode_quality", "95",
-            "--compute_hash", "sha256", "--extract_exif", "False", "--user_agent_token", "img2dataset",
-            "--enable_wandb", "False"]
+    return [
+        str(Path(common.PYTHON).parent / "img2dataset"),
+        "--url_list",
+        str(meta),
+        "--input_format",
+        "parquet",
+        "--url_col",
+        "URL",
+        "--caption_col",
+        "TEXT",
+        "--output_format",
+        "webdataset",
+        "--output_folder",
+        str(out),
+        "--image_size",
+        str(IMAGE_SIZE),
+        "--resize_mode",
+        "keep_ratio",
+        "--processes_count",
+        str(PROCESSES),
+        "--thread_count",
+        str(THREADS),
+        "--number_sample_per_shard",
+        str(per_shard(n)),
+        "--distributor",
+        "multiprocessing",
+        "--timeout",
+        "10",
+        "--retries",
+        "0",
+        "--encode_quality",
+        "95",
+        "--compute_hash",
+        "sha256",
+        "--extract_exif",
+        "False",
+        "--user_agent_token",
+        "img2dataset",
+        "--enable_wandb",
+        "False",
+    ]
 
 
 def project_cmd(meta: Path, out: Path, n: int, reduced: bool) -> list[str]:
     import yaml
 
-    spec = {"partId": "bench", "source": {"urls": [str(meta)]}, "output": {"uri": str(out)},
-            "filter": {"samplesPerShard": per_shard(n)},
-            "download": {"imageSize": IMAGE_SIZE, "resizeMode": "keep_ratio", "outputFormat": "webdataset",
-                         "maxInFlight": THREADS, "maxPerHost": THREADS,
-                         "allowedNetworks": ["127.0.0.0/8"], "encodeQuality": 95, "computeHash": "sha256", "timeout": 10,
-                         "retries": 0, "reducedDecode": reduced}}
+    spec = {
+        "partId": "bench",
+        "source": {"urls": [str(meta)]},
+        "output": {"uri": str(out)},
+        "filter": {"samplesPerShard": per_shard(n)},
+        "download": {
+            "imageSize": IMAGE_SIZE,
+            "resizeMode": "keep_ratio",
+            "outputFormat": "webdataset",
+            "maxInFlight": THREADS,
+            "maxPerHost": THREADS,
+            "allowedNetworks": ["127.0.0.0/8"],
+            "encodeQuality": 95,
+            "computeHash": "sha256",
+            "timeout": 10,
+            "retries": 0,
+            "reducedDecode": reduced,
+        },
+    }
     path = out.parent / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return [str(Path(common.PYTHON).parent / "laion-operator"), "run", str(path)]
@@ -180,8 +233,11 @@ def resize_cpu(base_url: str, paths: list[str], sample: int = 1000) -> list[str]
     data = [urllib.request.urlopen(base_url + p, timeout=30).read() for p in paths[::step]]
     options = {"image_size": IMAGE_SIZE, "resize_mode": "keep_ratio", "resize_only_if_bigger": False}
     theirs, full, reduced = Img2datasetResizer(**options), Resizer(**options), Resizer(**options, reduced_decode=True)
-    eligible = [d for d, p in zip(data, paths[::step]) if p.endswith(".jpg") and min(
-        map(int, p.rsplit("_", 1)[1].split(".")[0].split("x"))) >= 2 * IMAGE_SIZE]
+    eligible = [
+        d
+        for d, p in zip(data, paths[::step])
+        if p.endswith(".jpg") and min(map(int, p.rsplit("_", 1)[1].split(".")[0].split("x"))) >= 2 * IMAGE_SIZE
+    ]
 
     def ms(resizer, items) -> float:
         best = float("inf")
@@ -194,19 +250,23 @@ def resize_cpu(base_url: str, paths: list[str], sample: int = 1000) -> list[str]
 
     a, b, c = ms(theirs, data), ms(full, data), ms(reduced, data)
     d, e, f = ms(theirs, eligible), ms(full, eligible), ms(reduced, eligible)
-    lines = [f"resize CPU per image (decode, resize, encode; one thread, {len(data):,} of the images): img2dataset's "
-             f"Resizer {a:.1f} ms, the project's {b:.1f} ms ({a / b:.2f}×, same bytes), with reducedDecode {c:.1f} ms "
-             f"({a / c:.2f}×); on the {len(eligible):,} JPEGs whose short side is at least {2 * IMAGE_SIZE} px "
-             f"(the ones reducedDecode shrinks): {d:.1f} ms, {e:.1f} ms, {f:.1f} ms ({d / f:.2f}×)"]
+    lines = [
+        f"resize CPU per image (decode, resize, encode; one thread, {len(data):,} of the images): img2dataset's "
+        f"Resizer {a:.1f} ms, the project's {b:.1f} ms ({a / b:.2f}×, same bytes), with reducedDecode {c:.1f} ms "
+        f"({a / c:.2f}×); on the {len(eligible):,} JPEGs whose short side is at least {2 * IMAGE_SIZE} px "
+        f"(the ones reducedDecode shrinks): {d:.1f} ms, {e:.1f} ms, {f:.1f} ms ({d / f:.2f}×)"
+    ]
     # The other lever, for whoever sets the goals: the filters themselves (both tools have the options).
     cheap = {**options, "downscale_interpolation": "linear", "upscale_interpolation": "cubic"}
     fastest = Resizer(**cheap, reduced_decode=True)
     g, h = ms(Img2datasetResizer(**cheap), data), ms(fastest, data)
     quality = [psnr(theirs(io.BytesIO(x))[0], fastest(io.BytesIO(x))[0]) for x in data]
-    lines.append(f"the same {len(data):,} images with cheaper filters (downscaleInterpolation: linear, "
-                 f"upscaleInterpolation: cubic; img2dataset has the same options): img2dataset's Resizer {g:.1f} ms, "
-                 f"the project's with reducedDecode {h:.1f} ms ({a / h:.2f}× img2dataset's defaults); PSNR against "
-                 f"img2dataset's default filters: min {min(quality):.1f} dB, median {np.median(quality):.1f} dB")
+    lines.append(
+        f"the same {len(data):,} images with cheaper filters (downscaleInterpolation: linear, "
+        f"upscaleInterpolation: cubic; img2dataset has the same options): img2dataset's Resizer {g:.1f} ms, "
+        f"the project's with reducedDecode {h:.1f} ms ({a / h:.2f}× img2dataset's defaults); PSNR against "
+        f"img2dataset's default filters: min {min(quality):.1f} dB, median {np.median(quality):.1f} dB"
+    )
     # What reduced decoding can give at most: img2dataset's run with the eligible images' resizing free.
     return lines, len(eligible) / len(data) * d / 1000
 
@@ -219,9 +279,14 @@ def bench(n: int, repeats: int) -> tuple[str, list[str]]:
     specs.write_text("\n".join(paths))
     port = free_port()
     print(f"[download] rendering {n:,} images into the loopback server's cache", file=sys.stderr, flush=True)
-    server = subprocess.Popen([common.PYTHON, "-m", "bench.download_bench", "serve", str(port), str(specs)],
-                              cwd=common.ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                              env=common.env())
+    server = subprocess.Popen(
+        [common.PYTHON, "-m", "bench.download_bench", "serve", str(port), str(specs)],
+        cwd=common.ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=common.env(),
+    )
     try:
         if server.stdout.readline().strip() != "ready":
             raise SystemExit("[download] the image server did not start")
@@ -232,17 +297,23 @@ def bench(n: int, repeats: int) -> tuple[str, list[str]]:
             for side in SIDES:
                 out = work / side
                 subprocess.run(["rm", "-rf", str(out)], check=True)
-                cmd = img2dataset_cmd(meta, out, n) if side == "img2dataset" else project_cmd(
-                    meta, out, n, reduced=side == "project-reduced")
+                cmd = (
+                    img2dataset_cmd(meta, out, n)
+                    if side == "img2dataset"
+                    else project_cmd(meta, out, n, reduced=side == "project-reduced")
+                )
                 r = common.run(cmd, cwd=work)
                 seconds, attempted, ok = stage(out)
                 if attempted != n or ok != n:
                     raise SystemExit(f"[download] {side}: {ok} of {attempted} images succeeded, expected {n}")
                 results[side].append((r.seconds, seconds, r))
-                print(f"[download] {side:<16} run {attempt + 1}/{repeats}: command {r.seconds:6.1f} s, "
-                      f"stage {seconds:6.1f} s ({n / seconds:,.0f} images/s), CPU {r.cpu:6.1f} s, "
-                      f"peak {common.mb(r.peak_rss)}, load {common.load()}",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"[download] {side:<16} run {attempt + 1}/{repeats}: command {r.seconds:6.1f} s, "
+                    f"stage {seconds:6.1f} s ({n / seconds:,.0f} images/s), CPU {r.cpu:6.1f} s, "
+                    f"peak {common.mb(r.peak_rss)}, load {common.load()}",
+                    file=sys.stderr,
+                    flush=True,
+                )
         cpu_lines, eligible_seconds = resize_cpu(f"http://127.0.0.1:{port}", paths)
     finally:
         server.stdin.close()
@@ -251,15 +322,33 @@ def bench(n: int, repeats: int) -> tuple[str, list[str]]:
     checks += cpu_lines
     for side in SIDES:  # the outputs are checked; the image list and metadata stay
         shutil.rmtree(work / side, ignore_errors=True)
-    best = {side: (min(r[0] for r in runs), min(r[1] for r in runs), max(r[2].peak_rss for r in runs),
-                   min(r[2].cpu for r in runs)) for side, runs in results.items()}
+    best = {
+        side: (
+            min(r[0] for r in runs),
+            min(r[1] for r in runs),
+            max(r[2].peak_rss for r in runs),
+            min(r[2].cpu for r in runs),
+        )
+        for side, runs in results.items()
+    }
     ref_cmd, ref_stage, _, ref_cpu = best["img2dataset"]
     rows = []
     for side, label in SIDES.items():
         cmd_s, stage_s, peak, cpu = best[side]
-        rows.append([label, f"{cmd_s:.1f} s", f"{n / cmd_s:,.0f}", f"{ref_cmd / cmd_s:.2f}×", f"{stage_s:.1f} s",
-                     f"{n / stage_s:,.0f}", f"{ref_stage / stage_s:.2f}×", f"{cpu / n * 1000:.1f} ms",
-                     f"{ref_cpu / cpu:.2f}×", common.mb(peak)])
+        rows.append(
+            [
+                label,
+                f"{cmd_s:.1f} s",
+                f"{n / cmd_s:,.0f}",
+                f"{ref_cmd / cmd_s:.2f}×",
+                f"{stage_s:.1f} s",
+                f"{n / stage_s:,.0f}",
+                f"{ref_stage / stage_s:.2f}×",
+                f"{cpu / n * 1000:.1f} ms",
+                f"{ref_cpu / cpu:.2f}×",
+                common.mb(peak),
+            ]
+        )
     fmts = {f: sum(p.endswith(f) for p in paths) for f in FORMATS}
     report = [
         f"Download: {n:,} images ({fmts['jpg']:,} JPEG, {fmts['png']:,} PNG, {fmts['webp']:,} WebP; long side "
@@ -269,17 +358,32 @@ def bench(n: int, repeats: int) -> tuple[str, list[str]]:
         "(Ray's and img2dataset's helper processes included, the image server not; least of the runs: it "
         "moves less than wall time when other work shares the cores); memory = peak resident size of that tree.",
         "",
-        common.table(["side", "whole command", "images/s", "vs img2dataset", "download stage", "images/s",
-                      "vs img2dataset", "CPU per image", "vs img2dataset", "peak memory"], rows),
+        common.table(
+            [
+                "side",
+                "whole command",
+                "images/s",
+                "vs img2dataset",
+                "download stage",
+                "images/s",
+                "vs img2dataset",
+                "CPU per image",
+                "vs img2dataset",
+                "peak memory",
+            ],
+            rows,
+        ),
         "",
         *[f"- {c}" for c in checks],
     ]
     full = ref_stage / best["project"][1]
     fast = ref_stage / best["project-reduced"][1]
     ceiling = ref_stage / max(ref_stage - eligible_seconds * n / PROCESSES, 1e-9)
-    report.append(f"- what decoding at reduced size can give on this mix: img2dataset's download stage with the "
-                  f"decoding and resizing of every image it shrinks taking no time at all would be {ceiling:.2f}× "
-                  "faster; the rest comes from doing the same work for less")
+    report.append(
+        f"- what decoding at reduced size can give on this mix: img2dataset's download stage with the "
+        f"decoding and resizing of every image it shrinks taking no time at all would be {ceiling:.2f}× "
+        "faster; the rest comes from doing the same work for less"
+    )
     goals = [
         f"download ≥ 1.0× img2dataset (download stage, full decode): {full:.2f}× — {common.goal(full >= 1.0)}; "
         f"whole command {ref_cmd / best['project'][0]:.2f}×",

@@ -52,8 +52,12 @@ def main(argv: list[str] | None = None) -> None:
     from laion_operator.pipeline.record import make_resizer
     from laion_operator.spec import PartSpec
 
-    server = subprocess.Popen([common.PYTHON, "-c", SERVE, str(args.hosts)], stdout=subprocess.PIPE, text=True,
-                              env={**__import__("os").environ, "PYTHONPATH": str(common.ROOT / "operator")})
+    server = subprocess.Popen(
+        [common.PYTHON, "-c", SERVE, str(args.hosts)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**__import__("os").environ, "PYTHONPATH": str(common.ROOT / "operator")},
+    )
     bases = server.stdout.readline().split()
     rng = np.random.default_rng(1)
     n = args.images
@@ -64,12 +68,20 @@ def main(argv: list[str] | None = None) -> None:
     image = rng.integers(0, 200, n)
 
     def urls(with_latency: bool) -> list[str]:
-        return [f"{bases[h]}/slow/{s:.3f}/m{i}_640x480.jpg" if with_latency else f"{bases[h]}/img/m{i}_640x480.jpg"
-                for h, s, i in zip(host, latency, image)]
+        return [
+            f"{bases[h]}/slow/{s:.3f}/m{i}_640x480.jpg" if with_latency else f"{bases[h]}/img/m{i}_640x480.jpg"
+            for h, s, i in zip(host, latency, image)
+        ]
 
     def run(batch: list[str], **download) -> str:
-        opts = PartSpec.from_dict({"partId": "b", "source": {"urls": ["m"]}, "output": {"uri": "o"},
-                                   "download": {"allowedNetworks": ["127.0.0.0/8"], **download}}).download
+        opts = PartSpec.from_dict(
+            {
+                "partId": "b",
+                "source": {"urls": ["m"]},
+                "output": {"uri": "o"},
+                "download": {"allowedNetworks": ["127.0.0.0/8"], **download},
+            }
+        ).download
         resizer = make_resizer(opts)
         spans = []
 
@@ -84,19 +96,25 @@ def main(argv: list[str] | None = None) -> None:
         fetch.run(batch, opts, handle, 1)
         wall = time.monotonic() - start
         idle = spans[0][0] - start + sum(max(0.0, b[0] - a[1]) for a, b in zip(spans, spans[1:]))
-        return (f"{len(batch) / wall:6.1f} images/s, {(time.process_time() - cpu) / len(batch) * 1e3:.2f} ms CPU "
-                f"an image, decode thread waiting for bodies {100 * idle / wall:.0f} % of the time")
+        return (
+            f"{len(batch) / wall:6.1f} images/s, {(time.process_time() - cpu) / len(batch) * 1e3:.2f} ms CPU "
+            f"an image, decode thread waiting for bodies {100 * idle / wall:.0f} % of the time"
+        )
 
     try:
         run(urls(False)[:200])  # warm-up
         for _ in range(args.repeats):
             print("zero latency, maxInFlight 32:       ", run(urls(False), maxInFlight=32, maxPerHost=32), flush=True)
             for m in [int(x) for x in args.in_flight.split(",") if x]:
-                print(f"maxInFlight {m:4d}, maxPerHost 6:     ", run(urls(True), maxInFlight=m, maxPerHost=6),
-                      flush=True)
+                print(
+                    f"maxInFlight {m:4d}, maxPerHost 6:     ", run(urls(True), maxInFlight=m, maxPerHost=6), flush=True
+                )
             for h in [int(x) for x in args.per_host.split(",") if x]:
-                print(f"maxInFlight  128, maxPerHost {h:2d}:    ", run(urls(True), maxInFlight=128, maxPerHost=h),
-                      flush=True)
+                print(
+                    f"maxInFlight  128, maxPerHost {h:2d}:    ",
+                    run(urls(True), maxInFlight=128, maxPerHost=h),
+                    flush=True,
+                )
     finally:
         server.kill()
 

@@ -37,28 +37,46 @@ EXTERNAL = ["polars", "duckdb", "pyspark"]
 
 # --- one run, in its own process ------------------------------------------------------------------
 
+
 def _project(src: str, out: str, defaults: bool) -> dict:
     from laion_operator.pipeline.filter import run_filter
     from laion_operator.spec import PartSpec
     from laion_operator.storage import Store
 
     flt = dict(FILTER) if defaults else {**FILTER, "dedupeUrls": False, "shuffle": False}
-    spec = PartSpec.from_dict({"partId": "bench", "source": {"urls": [src]}, "output": {"uri": out},
-                               "filter": flt, "download": {"saveAdditionalColumns": ADDITIONAL}})
+    spec = PartSpec.from_dict(
+        {
+            "partId": "bench",
+            "source": {"urls": [src]},
+            "output": {"uri": out},
+            "filter": flt,
+            "download": {"saveAdditionalColumns": ADDITIONAL},
+        }
+    )
     start = time.perf_counter()
     result = run_filter(spec, Store(spec.output))
-    return {"seconds": time.perf_counter() - start, "rows_read": result.rows_read, "rows_kept": result.rows_kept,
-            "dropped_by": result.dropped_by}
+    return {
+        "seconds": time.perf_counter() - start,
+        "rows_read": result.rows_read,
+        "rows_kept": result.rows_kept,
+        "dropped_by": result.dropped_by,
+    }
 
 
 def _polars(src: str, out: str) -> dict:
     import polars as pl
 
     start = time.perf_counter()
-    (pl.scan_parquet(src)
-     .filter((pl.col("WIDTH") >= 512) & (pl.col("HEIGHT") >= 512) & (pl.col("punsafe") <= 0.98)
-             & (pl.col("AESTHETIC_SCORE") >= 4.5))
-     .sink_parquet(f"{out}/kept.parquet", compression="uncompressed"))
+    (
+        pl.scan_parquet(src)
+        .filter(
+            (pl.col("WIDTH") >= 512)
+            & (pl.col("HEIGHT") >= 512)
+            & (pl.col("punsafe") <= 0.98)
+            & (pl.col("AESTHETIC_SCORE") >= 4.5)
+        )
+        .sink_parquet(f"{out}/kept.parquet", compression="uncompressed")
+    )
     return {"seconds": time.perf_counter() - start}
 
 
@@ -67,8 +85,10 @@ def _duckdb(src: str, out: str) -> dict:
 
     con = duckdb.connect()
     start = time.perf_counter()
-    con.execute(f"COPY (SELECT * FROM read_parquet('{src}') WHERE {SQL_WHERE}) "
-                f"TO '{out}/kept.parquet' (FORMAT parquet, COMPRESSION uncompressed)")
+    con.execute(
+        f"COPY (SELECT * FROM read_parquet('{src}') WHERE {SQL_WHERE}) "
+        f"TO '{out}/kept.parquet' (FORMAT parquet, COMPRESSION uncompressed)"
+    )
     return {"seconds": time.perf_counter() - start}
 
 
@@ -77,15 +97,28 @@ def _pyspark(src: str, out: str) -> dict:
     from pyspark.sql import functions as F
 
     start = time.perf_counter()
-    spark = (SparkSession.builder.master("local[*]").appName("laion-bench")
-             .config("spark.ui.enabled", "false").config("spark.driver.host", "127.0.0.1")
-             .config("spark.driver.bindAddress", "127.0.0.1").getOrCreate())
+    spark = (
+        SparkSession.builder.master("local[*]")
+        .appName("laion-bench")
+        .config("spark.ui.enabled", "false")
+        .config("spark.driver.host", "127.0.0.1")
+        .config("spark.driver.bindAddress", "127.0.0.1")
+        .getOrCreate()
+    )
     spark.sparkContext.setLogLevel("ERROR")
     started = time.perf_counter()
     df = spark.read.parquet(src)
-    (df.filter((F.col("WIDTH") >= 512) & (F.col("HEIGHT") >= 512) & (F.col("punsafe") <= 0.98)
-               & (F.col("AESTHETIC_SCORE") >= 4.5))
-     .write.mode("overwrite").option("compression", "none").parquet(out))
+    (
+        df.filter(
+            (F.col("WIDTH") >= 512)
+            & (F.col("HEIGHT") >= 512)
+            & (F.col("punsafe") <= 0.98)
+            & (F.col("AESTHETIC_SCORE") >= 4.5)
+        )
+        .write.mode("overwrite")
+        .option("compression", "none")
+        .parquet(out)
+    )
     done = time.perf_counter()
     spark.stop()
     return {"seconds": done - started, "startup": started - start}
@@ -100,6 +133,7 @@ def worker(engine: str, src: str, out: str) -> dict:
 
 
 # --- the driver ---------------------------------------------------------------------------------
+
 
 def generate(rows: int) -> Path:
     """The metadata file, generated once per size and kept under bench/work/."""
@@ -126,8 +160,11 @@ def output_checksum(engine: str, out: str) -> tuple[int, int, int]:
     rows = hashes = lengths = 0
     for batch in ds.dataset(folder, format="parquet").to_batches(columns=[url, "hash"]):
         rows += batch.num_rows
-        hashes += int(np.asarray(batch.column("hash").to_numpy(zero_copy_only=False), dtype=np.int64)
-                      .view(np.uint64).sum(dtype=np.uint64))
+        hashes += int(
+            np.asarray(batch.column("hash").to_numpy(zero_copy_only=False), dtype=np.int64)
+            .view(np.uint64)
+            .sum(dtype=np.uint64)
+        )
         lengths += pc.sum(pc.binary_length(batch.column(url))).as_py() or 0
     return rows, hashes % 2**64, lengths
 
@@ -150,9 +187,12 @@ def bench(rows: int, repeats: int, small_rows: int | None = None) -> tuple[str, 
     for attempt in range(repeats):
         for engine in ENGINES:
             r, result = run_engine(engine, src)
-            print(f"[filter] {engine:<16} run {attempt + 1}/{repeats}: {result['seconds']:6.2f} s, "
-                  f"CPU {r.cpu:6.1f} s, peak {common.mb(r.peak_rss)}, load {common.load()}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[filter] {engine:<16} run {attempt + 1}/{repeats}: {result['seconds']:6.2f} s, "
+                f"CPU {r.cpu:6.1f} s, peak {common.mb(r.peak_rss)}, load {common.load()}",
+                file=sys.stderr,
+                flush=True,
+            )
             best[engine] = min(best.get(engine, float("inf")), result["seconds"])
             peak[engine] = max(peak.get(engine, 0), r.peak_rss)
             cpu[engine] = min(cpu.get(engine, float("inf")), r.cpu)
@@ -177,9 +217,17 @@ def bench(rows: int, repeats: int, small_rows: int | None = None) -> tuple[str, 
     lines = []
     for engine, label in ENGINES.items():
         extra = f" (+{startup[engine]:.1f} s session start-up)" if engine in startup else ""
-        lines.append([label, f"{best[engine]:.2f} s{extra}", f"{rows / best[engine] / 1e6:,.2f} M",
-                      common.mb(peak[engine]), f"{cpu[engine]:.1f} s", f"{best['pyspark'] / best[engine]:.1f}×",
-                      f"{best[engine] / best[fastest]:.2f}×"])
+        lines.append(
+            [
+                label,
+                f"{best[engine]:.2f} s{extra}",
+                f"{rows / best[engine] / 1e6:,.2f} M",
+                common.mb(peak[engine]),
+                f"{cpu[engine]:.1f} s",
+                f"{best['pyspark'] / best[engine]:.1f}×",
+                f"{best[engine] / best[fastest]:.2f}×",
+            ]
+        )
     report = [
         f"Filter: {rows:,} generated LAION2B-en aesthetics 4.5+ rows ({src.stat().st_size / 2**30:.2f} GiB parquet), "
         f"{rows_kept:,} kept by the seeds' filter; every engine wrote the same rows, all columns (count and "
@@ -188,12 +236,25 @@ def bench(rows: int, repeats: int, small_rows: int | None = None) -> tuple[str, 
         f"runs each; rows/s = rows read / job seconds; memory = peak resident size of the process tree; "
         f"process CPU = CPU seconds of the whole run (imports and start-up included; least of the runs).",
         "",
-        common.table(["engine", "job time", "rows/s", "peak memory", "process CPU", "speed vs pyspark",
-                      f"time vs fastest other ({fastest})"], lines),
+        common.table(
+            [
+                "engine",
+                "job time",
+                "rows/s",
+                "peak memory",
+                "process CPU",
+                "speed vs pyspark",
+                f"time vs fastest other ({fastest})",
+            ],
+            lines,
+        ),
     ]
     if small is not None:
-        report += ["", f"Project filter peak memory: {common.mb(small)} on {small_rows:,} rows, "
-                       f"{common.mb(peak['project'])} on {rows:,} rows ({rows // small_rows}× the rows, same shape)."]
+        report += [
+            "",
+            f"Project filter peak memory: {common.mb(small)} on {small_rows:,} rows, "
+            f"{common.mb(peak['project'])} on {rows:,} rows ({rows // small_rows}× the rows, same shape).",
+        ]
     p = best["project"]
     goals = [
         f"filter ≥ 5× pyspark: {best['pyspark'] / p:.1f}× — {common.goal(best['pyspark'] / p >= 5)}",
@@ -201,9 +262,11 @@ def bench(rows: int, repeats: int, small_rows: int | None = None) -> tuple[str, 
         f"{common.goal(p / best[fastest] <= 1.2)}",
     ]
     if small is not None:
-        goals.append(f"filter memory bounded independent of file size: {common.mb(small)} at {small_rows:,} rows, "
-                     f"{common.mb(peak['project'])} at {rows:,} — "
-                     f"{common.goal(peak['project'] <= 1.25 * small + 64 * 2**20)}")
+        goals.append(
+            f"filter memory bounded independent of file size: {common.mb(small)} at {small_rows:,} rows, "
+            f"{common.mb(peak['project'])} at {rows:,} — "
+            f"{common.goal(peak['project'] <= 1.25 * small + 64 * 2**20)}"
+        )
     return "\n".join(report), goals
 
 

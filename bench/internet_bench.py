@@ -60,14 +60,26 @@ def project_cmd(meta: Path, out: Path, n: int, per_host: int | None = None) -> l
 
     from laion_operator import spec as specs
 
-    download = {"imageSize": download_bench.IMAGE_SIZE, "resizeMode": "keep_ratio", "outputFormat": "webdataset",
-                "encodeQuality": 95, "computeHash": "sha256", "timeout": TIMEOUT, "retries": 0}
+    download = {
+        "imageSize": download_bench.IMAGE_SIZE,
+        "resizeMode": "keep_ratio",
+        "outputFormat": "webdataset",
+        "encodeQuality": 95,
+        "computeHash": "sha256",
+        "timeout": TIMEOUT,
+        "retries": 0,
+    }
     if "allowedNetworks" in specs.SCHEMA["properties"]["download"]["properties"]:
         download["allowedNetworks"] = ["127.0.0.0/8"]  # the test bed is loopback, refused by default
     if per_host is not None:
         download["maxPerHost"] = per_host
-    spec = {"partId": "internet", "source": {"urls": [str(meta)]}, "output": {"uri": str(out)},
-            "filter": {"samplesPerShard": shard_size(n), "shuffle": False}, "download": download}
+    spec = {
+        "partId": "internet",
+        "source": {"urls": [str(meta)]},
+        "output": {"uri": str(out)},
+        "filter": {"samplesPerShard": shard_size(n), "shuffle": False},
+        "download": download,
+    }
     path = out.parent / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return [str(Path(common.PYTHON).parent / "laion-operator"), "run", str(path)]
@@ -112,9 +124,14 @@ class Server:
         warm = work / "warm.txt"
         warm.write_text("\n".join(f"http://x/img/{s}" for s in specs))
         self._cpu = process_cpu_seconds
-        self.proc = subprocess.Popen([common.PYTHON, "-m", "laion_operator.testbed.internet", *cfg.to_args(),
-                                      "--urls", str(warm)], cwd=common.ROOT, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, env=common.env())
+        self.proc = subprocess.Popen(
+            [common.PYTHON, "-m", "laion_operator.testbed.internet", *cfg.to_args(), "--urls", str(warm)],
+            cwd=common.ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=common.env(),
+        )
         line = self.proc.stdout.readline().split()
         if line[:1] != ["ready"]:
             raise SystemExit("[internet] the loopback internet did not start")
@@ -133,8 +150,11 @@ class Server:
         self.proc.wait(timeout=60)
 
 
-def bench(n: int, sweep: tuple[int, ...] = SWEEP, per_host_sweep: tuple[int, ...] = PER_HOST_SWEEP,
-          ) -> tuple[str, list[str]]:
+def bench(
+    n: int,
+    sweep: tuple[int, ...] = SWEEP,
+    per_host_sweep: tuple[int, ...] = PER_HOST_SWEEP,
+) -> tuple[str, list[str]]:
     from laion_operator.testbed import internet
 
     work = common.WORK / "internet"
@@ -170,8 +190,11 @@ def bench(n: int, sweep: tuple[int, ...] = SWEEP, per_host_sweep: tuple[int, ...
             out = work / side
             shutil.rmtree(out, ignore_errors=True)
             count = n if source == meta else len(ok_urls)
-            cmd = img2dataset_cmd(source, out, count, setting) if tool == "img2dataset" else project_cmd(
-                source, out, count, setting)
+            cmd = (
+                img2dataset_cmd(source, out, count, setting)
+                if tool == "img2dataset"
+                else project_cmd(source, out, count, setting)
+            )
             server.stats()  # a new count
             cpu_before = server.cpu()
             # A Ray node on a busy machine: its agents may take longer than Ray's default to register.
@@ -179,39 +202,73 @@ def bench(n: int, sweep: tuple[int, ...] = SWEEP, per_host_sweep: tuple[int, ...
             served = server.stats()
             server_cpu = server.cpu() - cpu_before
             seconds, attempted, ok = download_bench.stage(out)
-            results[side] = dict(run=r, stage=seconds, attempted=attempted, ok=ok, served=served,
-                                 server_cpu=server_cpu, reasons=reasons(out, tool == "project"), count=count,
-                                 load=common.load().split()[0])
-            print(f"[internet] {side:<16} command {r.seconds:6.1f} s, stage {seconds:6.1f} s, {ok:,} of {attempted:,} "
-                  f"ok ({ok / seconds:,.0f} ok images/s), CPU {r.cpu:6.1f} s, peak {common.mb(r.peak_rss)}, "
-                  f"longest hold {served['held_max_seconds']:.1f} s, server CPU {server_cpu:.1f} s, "
-                  f"load {common.load()}", file=sys.stderr, flush=True)
+            results[side] = dict(
+                run=r,
+                stage=seconds,
+                attempted=attempted,
+                ok=ok,
+                served=served,
+                server_cpu=server_cpu,
+                reasons=reasons(out, tool == "project"),
+                count=count,
+                load=common.load().split()[0],
+            )
+            print(
+                f"[internet] {side:<16} command {r.seconds:6.1f} s, stage {seconds:6.1f} s, {ok:,} of {attempted:,} "
+                f"ok ({ok / seconds:,.0f} ok images/s), CPU {r.cpu:6.1f} s, peak {common.mb(r.peak_rss)}, "
+                f"longest hold {served['held_max_seconds']:.1f} s, server CPU {server_cpu:.1f} s, "
+                f"load {common.load()}",
+                file=sys.stderr,
+                flush=True,
+            )
             shutil.rmtree(out, ignore_errors=True)
     finally:
         server.close()
     return report(n, cfg, kinds, expected, results, sides, top_share)
 
 
-def report(n: int, cfg, kinds: Counter, expected: Counter, results: dict, sides: dict, top_share: float,
-           ) -> tuple[str, list[str]]:
+def report(
+    n: int,
+    cfg,
+    kinds: Counter,
+    expected: Counter,
+    results: dict,
+    sides: dict,
+    top_share: float,
+) -> tuple[str, list[str]]:
     from laion_operator.spec import MAX_PER_HOST
 
     rate = {s: r["ok"] / r["stage"] for s, r in results.items()}
     seeds = f"img2dataset-{SEEDS_THREADS}"
     i2d = [s for s in results if s.startswith("img2dataset")]
     best = max(i2d, key=lambda s: rate[s])
-    reason_names = sorted({k for r in results.values() for k in r["reasons"]} | set(expected),
-                          key=lambda k: (k != "ok", k))
+    reason_names = sorted(
+        {k for r in results.values() for k in r["reasons"]} | set(expected), key=lambda k: (k != "ok", k)
+    )
     rows = []
     for side, r in results.items():
         run = r["run"]
-        rows.append([side_label(side, sides[side][1], seeds, best, i2d, MAX_PER_HOST), f"{run.seconds:.1f} s", f"{r['stage']:.1f} s", f"{r['ok']:,} of {r['attempted']:,}",
-                     f"{rate[side]:,.1f}", f"{rate[side] / rate[seeds]:.2f}×",
-                     f"{run.cpu / max(r['ok'], 1) * 1000:.1f} ms", common.mb(run.peak_rss),
-                     f"{r['served']['held_max_seconds']:.1f} s",
-                     f"{r['server_cpu']:.1f} s ({r['server_cpu'] / run.seconds * 100:.0f} % of a core)", r["load"]])
-    reason_rows = [["expected (a client with deadlines, size caps, Retry-After)", *[f"{expected.get(k, 0):,}"
-                                                                                    for k in reason_names]]]
+        rows.append(
+            [
+                side_label(side, sides[side][1], seeds, best, i2d, MAX_PER_HOST),
+                f"{run.seconds:.1f} s",
+                f"{r['stage']:.1f} s",
+                f"{r['ok']:,} of {r['attempted']:,}",
+                f"{rate[side]:,.1f}",
+                f"{rate[side] / rate[seeds]:.2f}×",
+                f"{run.cpu / max(r['ok'], 1) * 1000:.1f} ms",
+                common.mb(run.peak_rss),
+                f"{r['served']['held_max_seconds']:.1f} s",
+                f"{r['server_cpu']:.1f} s ({r['server_cpu'] / run.seconds * 100:.0f} % of a core)",
+                r["load"],
+            ]
+        )
+    reason_rows = [
+        [
+            "expected (a client with deadlines, size caps, Retry-After)",
+            *[f"{expected.get(k, 0):,}" for k in reason_names],
+        ]
+    ]
     for side, r in results.items():
         if side != "project-calm":
             reason_rows.append([side, *[f"{r['reasons'].get(k, 0):,}" for k in reason_names]])
@@ -231,8 +288,22 @@ def report(n: int, cfg, kinds: Counter, expected: Counter, results: dict, sides:
         "connections are not seen); server CPU = the loopback internet's own, during the side; load after = the "
         "machine's 1-minute load average as the side ended (above 2, other work shared the 2 cores).",
         "",
-        common.table(["side", "whole command", "download stage", "ok", "images/s", "vs seeds' img2dataset",
-                      "CPU per image", "peak memory", "longest hold", "server CPU", "load after"], rows),
+        common.table(
+            [
+                "side",
+                "whole command",
+                "download stage",
+                "ok",
+                "images/s",
+                "vs seeds' img2dataset",
+                "CPU per image",
+                "peak memory",
+                "longest hold",
+                "server CPU",
+                "load after",
+            ],
+            rows,
+        ),
         "",
         *per_host_line(results, sides, rate, MAX_PER_HOST),
         "Outcomes per failure reason (img2dataset's error messages mapped to the project's reasons):",
@@ -270,15 +341,20 @@ def side_label(side: str, setting, seeds: str, best: str, i2d: list[str], defaul
 
 def per_host_line(results: dict, sides: dict, rate: dict, default: int) -> list[str]:
     """The maxPerHost sweep, as shares of the zero-latency rate: the reason for its default."""
-    swept = sorted([(sides[s][1], rate[s]) for s in results if s.startswith("project-per-host-")]
-                   + [(default, rate["project"])])
+    swept = sorted(
+        [(sides[s][1], rate[s]) for s in results if s.startswith("project-per-host-")] + [(default, rate["project"])]
+    )
     if len(swept) < 2:
         return []
-    shares = ", ".join(f"{h}{' (default)' if h == default else ''} → {r / rate['project-calm'] * 100:.0f} %"
-                       for h, r in swept)
-    return [f"maxPerHost against the zero-latency rate: {shares}. The busiest host's URLs go at most "
-            "maxPerHost at a time, each for its latency, so below some maxPerHost that host's queue, not the CPU, "
-            "is what a shard waits for.", ""]
+    shares = ", ".join(
+        f"{h}{' (default)' if h == default else ''} → {r / rate['project-calm'] * 100:.0f} %" for h, r in swept
+    )
+    return [
+        f"maxPerHost against the zero-latency rate: {shares}. The busiest host's URLs go at most "
+        "maxPerHost at a time, each for its latency, so below some maxPerHost that host's queue, not the CPU, "
+        "is what a shard waits for.",
+        "",
+    ]
 
 
 def main(argv: list[str]) -> None:

@@ -41,8 +41,16 @@ from . import common
 PLAIN, WORKERS, PROJECT = "plain loop", "torch DataLoader", "project"
 # Stable Diffusion's shapes (stabilityai/sd-vae-ft-mse's and openai/clip-vit-large-patch14's configs).
 MODELS = {
-    "sd": {"vae_blocks": (128, 256, 512, 512), "layers_per_block": 2, "norm_groups": 32, "scaling_factor": 0.18215,
-           "text_width": 768, "text_layers": 12, "text_heads": 12, "text_intermediate": 3072},
+    "sd": {
+        "vae_blocks": (128, 256, 512, 512),
+        "layers_per_block": 2,
+        "norm_groups": 32,
+        "scaling_factor": 0.18215,
+        "text_width": 768,
+        "text_layers": 12,
+        "text_heads": 12,
+        "text_intermediate": 3072,
+    },
     "tiny": {"vae_blocks": (8, 16, 16, 16), "text_width": 128, "text_layers": 4},
 }
 BATCH = 32
@@ -72,13 +80,24 @@ def write_shard(out: Path, n: int, seed: int = 0, sides: tuple[int, int] = (320,
 def spec_for(out: Path, models: Path, resolutions: tuple[int, ...], batch: int, threads: int):
     from laion_operator.spec import PartSpec
 
-    return PartSpec.from_dict({
-        "partId": "bench", "source": {"urls": ["unused.parquet"]}, "output": {"uri": str(out)},
-        "latents": {"vae": str(models), "vaeSubfolder": "vae", "textEncoder": str(models),
-                    "textEncoderSubfolder": "text_encoder", "tokenizerSubfolder": "tokenizer",
-                    "resolutions": list(resolutions), "batchSize": batch, "latentMode": "sample",
-                    "decodeThreads": threads},
-    })
+    return PartSpec.from_dict(
+        {
+            "partId": "bench",
+            "source": {"urls": ["unused.parquet"]},
+            "output": {"uri": str(out)},
+            "latents": {
+                "vae": str(models),
+                "vaeSubfolder": "vae",
+                "textEncoder": str(models),
+                "textEncoderSubfolder": "text_encoder",
+                "tokenizerSubfolder": "tokenizer",
+                "resolutions": list(resolutions),
+                "batchSize": batch,
+                "latentMode": "sample",
+                "decodeThreads": threads,
+            },
+        }
+    )
 
 
 class _Decoded:
@@ -115,19 +134,34 @@ def plain(spec, models, workers: int) -> int:
     scale = LatentScale.of(vae)
     sizes = spec.latents.sizes
     samples = list(read_samples(Store(spec.output), 0, spec))
-    loader = torch.utils.data.DataLoader(_Decoded(samples, sizes), batch_size=spec.latents.batch_size,
-                                         num_workers=workers, collate_fn=_collate,
-                                         prefetch_factor=2 if workers else None, pin_memory=device.startswith("cuda"))
+    loader = torch.utils.data.DataLoader(
+        _Decoded(samples, sizes),
+        batch_size=spec.latents.batch_size,
+        num_workers=workers,
+        collate_fn=_collate,
+        prefetch_factor=2 if workers else None,
+        pin_memory=device.startswith("cuda"),
+    )
     written = 0
     with tempfile.TemporaryDirectory() as local:
         with streaming().MDSWriter(out=local, columns=columns(spec.latents), compression=None) as writer:
             for keys, captions, images in loader:
-                z = {r: encode_images(vae, to_pixels([im[r] for im in images]), keys, "sample", 0, scale)
-                     .to("cpu", torch.float16).numpy() for r in sizes}
+                z = {
+                    r: encode_images(vae, to_pixels([im[r] for im in images]), keys, "sample", 0, scale)
+                    .to("cpu", torch.float16)
+                    .numpy()
+                    for r in sizes
+                }
                 e = text(captions).to("cpu", torch.float16).numpy()
                 for i, key in enumerate(keys):
-                    writer.write({"key": key, "caption": captions[i], contract.CAPTION_LATENTS: e[i].tobytes(),
-                                  **{contract.image_latents_column(r): z[r][i].tobytes() for r in sizes}})
+                    writer.write(
+                        {
+                            "key": key,
+                            "caption": captions[i],
+                            contract.CAPTION_LATENTS: e[i].tobytes(),
+                            **{contract.image_latents_column(r): z[r][i].tobytes() for r in sizes},
+                        }
+                    )
                 written += len(keys)
     return written
 
@@ -138,8 +172,10 @@ def decode_alone(spec, threads: int) -> int:
     from laion_operator.storage import Store
 
     s = spec.latents
-    return sum(len(b.keys) for b in decoded_batches(read_samples(Store(spec.output), 0, spec), s.sizes,
-                                                     s.batch_size, threads=threads))
+    return sum(
+        len(b.keys)
+        for b in decoded_batches(read_samples(Store(spec.output), 0, spec), s.sizes, s.batch_size, threads=threads)
+    )
 
 
 def project(spec, models) -> int:
@@ -161,8 +197,18 @@ class Utilisation:
 
             index = torch.cuda.current_device()
             self.proc = subprocess.Popen(
-                ["nvidia-smi", f"--id={index}", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
-                 "-lms", "100"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                [
+                    "nvidia-smi",
+                    f"--id={index}",
+                    "--query-gpu=utilization.gpu",
+                    "--format=csv,noheader,nounits",
+                    "-lms",
+                    "100",
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
             self.reader = threading.Thread(target=self._read, daemon=True)
             self.reader.start()
         return self
@@ -187,9 +233,17 @@ class Utilisation:
         return float(np.mean(kept)) if kept else None
 
 
-def bench(n: int, repeats: int, device: str = "cpu", model_size: str | None = None,
-          resolutions: tuple[int, ...] = (256, 512), batch: int = BATCH, threads: int = 0,
-          work: Path | None = None, sides_px: tuple[int, int] = (320, 640)) -> tuple[str, list[str]]:
+def bench(
+    n: int,
+    repeats: int,
+    device: str = "cpu",
+    model_size: str | None = None,
+    resolutions: tuple[int, ...] = (256, 512),
+    batch: int = BATCH,
+    threads: int = 0,
+    work: Path | None = None,
+    sides_px: tuple[int, int] = (320, 640),
+) -> tuple[str, list[str]]:
     import os
 
     import torch
@@ -216,8 +270,11 @@ def bench(n: int, repeats: int, device: str = "cpu", model_size: str | None = No
     loaded = (device, model_loading.load_vae(settings, device), model_loading.load_text_encoder(settings, device))
     workers_side = f"{WORKERS}, {threads} worker{'s' if threads > 1 else ''}"
     sides = [PLAIN, workers_side, PROJECT]
-    runs = {PLAIN: lambda: plain(spec, loaded, 0), workers_side: lambda: plain(spec, loaded, threads),
-            PROJECT: lambda: project(spec, loaded)}
+    runs = {
+        PLAIN: lambda: plain(spec, loaded, 0),
+        workers_side: lambda: plain(spec, loaded, threads),
+        PROJECT: lambda: project(spec, loaded),
+    }
     seconds: dict[str, list[float]] = {side: [] for side in sides}
     utilisation: dict[str, list[float]] = {side: [] for side in sides}
     runs[PROJECT]()  # warm-up: cuDNN's algorithm search and the allocator, outside the clock
@@ -237,8 +294,12 @@ def bench(n: int, repeats: int, device: str = "cpu", model_size: str | None = No
             if gpu.mean is not None:
                 utilisation[side].append(gpu.mean)
             shown = f", GPU {gpu.mean:.0f} %" if gpu.mean is not None else ""
-            print(f"[latents] {side:<28} run {attempt + 1}/{repeats}: {took:6.2f} s ({n / took:,.1f} images/s"
-                  f"{shown}), load {common.load()}", file=sys.stderr, flush=True)
+            print(
+                f"[latents] {side:<28} run {attempt + 1}/{repeats}: {took:6.2f} s ({n / took:,.1f} images/s"
+                f"{shown}), load {common.load()}",
+                file=sys.stderr,
+                flush=True,
+            )
     start = time.perf_counter()
     decoded = decode_alone(spec, threads)
     decode_rate = decoded / (time.perf_counter() - start)
@@ -247,33 +308,42 @@ def bench(n: int, repeats: int, device: str = "cpu", model_size: str | None = No
     baseline = min(sides[:2], key=lambda side: best[side])  # the faster plain-PyTorch side
     ratio = {side: float(np.median([b / s for b, s in zip(seconds[baseline], seconds[side])])) for side in sides}
     util = {side: (f"{np.mean(v):.0f} %" if v else "n/a") for side, v in utilisation.items()}
-    rows = [[side, f"{best[side]:.2f} s", f"{n / best[side]:,.1f}", f"{ratio[side]:.2f}×", util[side]]
-            for side in sides]
+    rows = [
+        [side, f"{best[side]:.2f} s", f"{n / best[side]:,.1f}", f"{ratio[side]:.2f}×", util[side]] for side in sides
+    ]
     vae_params = sum(p.numel() for p in loaded[1].parameters()) / 1e6
     text_params = sum(p.numel() for p in loaded[2].model.parameters()) / 1e6
     name = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
-    report = "\n".join([
-        f"Latents on {name}: {n} JPEGs ({sides_px[0]}–{sides_px[1]} px) in one webdataset shard, encoded at "
-        f"{' and '.join(f'{r}×{r}' for r in settings.sizes)} from one decode, batch {batch}, latentMode "
-        f"sample, model dtype {loaded[1].dtype}, saved float16 as MDS; {model_size} shapes: VAE "
-        f"{vae_params:.1f} M parameters, CLIP text encoder {text_params:.1f} M, random weights; {threads} "
-        f"decode thread(s) for the project and as many DataLoader workers; torch {torch.__version__}. "
-        f"{repeats} rounds after a warm-up, each running the sides back to back; the ratio is against "
-        f"the faster plain side ({baseline}), the median of the rounds' ratios, seconds the best.",
-        "",
-        common.table(["side", "best seconds", "images/s", f"vs {baseline}", "GPU utilisation"], rows),
-        "",
-        f"Decoding alone (the project's {threads} decode thread(s), no model): {decode_rate:,.1f} images/s, "
-        f"{decode_rate * best[PROJECT] / n:.1f}× the project's rate.",
-    ])
-    goals = [f"latents ≥ {GOAL_RATIO}× a plain PyTorch loop ({device}, {model_size} models): "
-             f"{ratio[PROJECT]:.2f}× — {common.goal(ratio[PROJECT] >= GOAL_RATIO)}"]
+    report = "\n".join(
+        [
+            f"Latents on {name}: {n} JPEGs ({sides_px[0]}–{sides_px[1]} px) in one webdataset shard, encoded at "
+            f"{' and '.join(f'{r}×{r}' for r in settings.sizes)} from one decode, batch {batch}, latentMode "
+            f"sample, model dtype {loaded[1].dtype}, saved float16 as MDS; {model_size} shapes: VAE "
+            f"{vae_params:.1f} M parameters, CLIP text encoder {text_params:.1f} M, random weights; {threads} "
+            f"decode thread(s) for the project and as many DataLoader workers; torch {torch.__version__}. "
+            f"{repeats} rounds after a warm-up, each running the sides back to back; the ratio is against "
+            f"the faster plain side ({baseline}), the median of the rounds' ratios, seconds the best.",
+            "",
+            common.table(["side", "best seconds", "images/s", f"vs {baseline}", "GPU utilisation"], rows),
+            "",
+            f"Decoding alone (the project's {threads} decode thread(s), no model): {decode_rate:,.1f} images/s, "
+            f"{decode_rate * best[PROJECT] / n:.1f}× the project's rate.",
+        ]
+    )
+    goals = [
+        f"latents ≥ {GOAL_RATIO}× a plain PyTorch loop ({device}, {model_size} models): "
+        f"{ratio[PROJECT]:.2f}× — {common.goal(ratio[PROJECT] >= GOAL_RATIO)}"
+    ]
     if device.startswith("cuda"):
         fed = decode_rate * best[PROJECT] / n
-        goals.append(f"latents decode never the bottleneck (decoding alone ≥ 1.2× the stage's rate): "
-                     f"{fed:.1f}× — {common.goal(fed >= 1.2)}")
+        goals.append(
+            f"latents decode never the bottleneck (decoding alone ≥ 1.2× the stage's rate): "
+            f"{fed:.1f}× — {common.goal(fed >= 1.2)}"
+        )
     if utilisation[PROJECT]:
         mean = float(np.mean(utilisation[PROJECT]))
-        goals.append(f"latents GPU utilisation ≥ {GOAL_UTILISATION:.0f} %: {mean:.0f} % — "
-                     f"{common.goal(mean >= GOAL_UTILISATION)}")
+        goals.append(
+            f"latents GPU utilisation ≥ {GOAL_UTILISATION:.0f} %: {mean:.0f} % — "
+            f"{common.goal(mean >= GOAL_UTILISATION)}"
+        )
     return report, goals

@@ -23,24 +23,46 @@ from . import common
 
 sys.path.insert(0, str(common.ROOT))
 GROUP, VERSION, PLURAL = "laion-operator.io", "v1alpha1", "laionparts"
-TEMPLATE = {"rayClusterSpec": {
-    "headGroupSpec": {"rayStartParams": {}, "template": {"spec": {"containers": [
-        {"name": "ray-head", "image": "laion-operator/ray-worker:0.1.0"}]}}},
-    "workerGroupSpecs": [{"groupName": "workers", "replicas": 1, "rayStartParams": {}, "template": {"spec": {
-        "containers": [{"name": "ray-worker", "image": "laion-operator/ray-worker:0.1.0"}]}}}],
-}}
+TEMPLATE = {
+    "rayClusterSpec": {
+        "headGroupSpec": {
+            "rayStartParams": {},
+            "template": {"spec": {"containers": [{"name": "ray-head", "image": "laion-operator/ray-worker:0.1.0"}]}},
+        },
+        "workerGroupSpecs": [
+            {
+                "groupName": "workers",
+                "replicas": 1,
+                "rayStartParams": {},
+                "template": {
+                    "spec": {"containers": [{"name": "ray-worker", "image": "laion-operator/ray-worker:0.1.0"}]}
+                },
+            }
+        ],
+    }
+}
 
 
 def parts_yaml(n: int, kind: str = "LaionPart") -> str:
     docs = []
     for i in range(n):
         if kind == "LaionPart":
-            docs.append({"apiVersion": f"{GROUP}/{VERSION}", "kind": "LaionPart", "metadata": {"name": f"p{i}"},
-                         "spec": {"partId": str(i), "source": {"urls": [f"/data/2B-en-4.5_{i}.parquet"]},
-                                  "output": {"uri": f"/tmp/laion-bench-out/{i}"}}})
+            docs.append(
+                {
+                    "apiVersion": f"{GROUP}/{VERSION}",
+                    "kind": "LaionPart",
+                    "metadata": {"name": f"p{i}"},
+                    "spec": {
+                        "partId": str(i),
+                        "source": {"urls": [f"/data/2B-en-4.5_{i}.parquet"]},
+                        "output": {"uri": f"/tmp/laion-bench-out/{i}"},
+                    },
+                }
+            )
         else:
-            docs.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": f"p{i}"},
-                         "data": {"partId": str(i)}})
+            docs.append(
+                {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": f"p{i}"}, "data": {"partId": str(i)}}
+            )
     return yaml.safe_dump_all(docs)
 
 
@@ -87,15 +109,24 @@ def measure(api, n: int, pid: int) -> dict:
 
     flipped = {}
     for name in names:
-        api.patch_status("ray.io", "v1", "rayjobs", ns, job_of(name),
-                         {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"})
+        api.patch_status(
+            "ray.io", "v1", "rayjobs", ns, job_of(name), {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}
+        )
         flipped[name] = time.monotonic()
-    done = _wait_all(lambda m: ((api.get(GROUP, VERSION, PLURAL, ns, m) or {}).get("status") or {})
-                     .get("phase") == "Succeeded", names)
+    done = _wait_all(
+        lambda m: ((api.get(GROUP, VERSION, PLURAL, ns, m) or {}).get("status") or {}).get("phase") == "Succeeded",
+        names,
+    )
     lag = [done[m] - flipped[m] for m in names]
-    return {"parts": n, "baseline_s": baseline_s, "submit_median_s": statistics.median(to_submit),
-            "submit_all_s": max(to_submit), "lag_median_s": statistics.median(lag), "lag_max_s": max(lag),
-            "rss_mb": rss_mb(pid)}
+    return {
+        "parts": n,
+        "baseline_s": baseline_s,
+        "submit_median_s": statistics.median(to_submit),
+        "submit_all_s": max(to_submit),
+        "lag_median_s": statistics.median(lag),
+        "lag_max_s": max(lag),
+        "rss_mb": rss_mb(pid),
+    }
 
 
 def run() -> list[dict]:
@@ -108,8 +139,11 @@ def run() -> list[dict]:
         api.install_crd(common.ROOT / "crds" / "laionpart.yaml")
         api.install_crd(kuberay_crd("rayjobs"))
         # No KubeRay runs here: the bench writes the RayJobs' status itself, to time the operator alone.
-        op = OperatorProcess(Path(tmp), install(api, {"operator": {"config": {"mode": "kuberay"}}}),
-                             {"mode": "kuberay", "rayJobTemplate": TEMPLATE, "maxConcurrentParts": 64}).start()
+        op = OperatorProcess(
+            Path(tmp),
+            install(api, {"operator": {"config": {"mode": "kuberay"}}}),
+            {"mode": "kuberay", "rayJobTemplate": TEMPLATE, "maxConcurrentParts": 64},
+        ).start()
         try:
             time.sleep(3)  # past start-up: the idle operator
             rows.append({"parts": 0, "rss_mb": rss_mb(op.proc.pid)})
@@ -121,15 +155,20 @@ def run() -> list[dict]:
 
 
 def report(rows: list[dict]) -> list[str]:
-    lines = ["| parts | API round trip (baseline) | apply → submitted, median | all submitted | ratio to baseline "
-             "| status lag, median | status lag, max | operator RSS |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| parts | API round trip (baseline) | apply → submitted, median | all submitted | ratio to baseline "
+        "| status lag, median | status lag, max | operator RSS |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
         if "baseline_s" not in r:
             lines.append(f"| {r['parts']} (idle) | | | | | | | {r['rss_mb']:.0f} MB |")
             continue
-        lines.append(f"| {r['parts']} | {r['baseline_s']:.2f} s | {r['submit_median_s']:.2f} s | "
-                     f"{r['submit_all_s']:.2f} s | {r['submit_all_s'] / r['baseline_s']:.1f}× | "
-                     f"{r['lag_median_s']:.2f} s | {r['lag_max_s']:.2f} s | {r['rss_mb']:.0f} MB |")
+        lines.append(
+            f"| {r['parts']} | {r['baseline_s']:.2f} s | {r['submit_median_s']:.2f} s | "
+            f"{r['submit_all_s']:.2f} s | {r['submit_all_s'] / r['baseline_s']:.1f}× | "
+            f"{r['lag_median_s']:.2f} s | {r['lag_max_s']:.2f} s | {r['rss_mb']:.0f} MB |"
+        )
     return lines
 
 

@@ -40,8 +40,11 @@ def run(parts: int = PARTS, limit: int = LIMIT) -> dict:
             api.create_namespace("soak")
             source = tmp / "part.parquet"
             write_metadata(source, 5, images.base_url, seed=7, failure_mix={"ok": 0.8, "http_4xx": 0.2})
-            op = OperatorProcess(tmp, {**install(api), **cluster.client_env()},
-                                 {"rayAddress": cluster.dashboard_url, "maxConcurrentParts": limit}).start()
+            op = OperatorProcess(
+                tmp,
+                {**install(api), **cluster.client_env()},
+                {"rayAddress": cluster.dashboard_url, "maxConcurrentParts": limit},
+            ).start()
             try:
                 result = run_many(api, "soak", cluster, op, source, tmp, parts, timeout=6 * 3600, idle_seconds=60)
             finally:
@@ -50,13 +53,20 @@ def run(parts: int = PARTS, limit: int = LIMIT) -> dict:
         cluster.stop()
     peak = result.queue.index(max(result.queue))
     return {
-        "parts": parts, "limit": limit, "seconds": result.seconds,
+        "parts": parts,
+        "limit": limit,
+        "seconds": result.seconds,
         "succeeded": sum(p == "Succeeded" for p in result.phases.values()),
-        "jobs": len(result.started), "order_slip": result.order_slip(),
-        "ray_jobs": result.ray_jobs, "retries": result.retries, "most_jobs_at_once": result.most_at_once,
-        "queue_peak": max(result.queue), "queue_end": result.queue[-1],
-        "queue_monotone": all(b <= a for a, b in zip(result.queue[peak:], result.queue[peak + 1:])),
-        "rss_peak_mb": result.rss_peak / 2**20, "idle_cpu_percent": 100 * result.idle_cpu,
+        "jobs": len(result.started),
+        "order_slip": result.order_slip(),
+        "ray_jobs": result.ray_jobs,
+        "retries": result.retries,
+        "most_jobs_at_once": result.most_at_once,
+        "queue_peak": max(result.queue),
+        "queue_end": result.queue[-1],
+        "queue_monotone": all(b <= a for a, b in zip(result.queue[peak:], result.queue[peak + 1 :])),
+        "rss_peak_mb": result.rss_peak / 2**20,
+        "idle_cpu_percent": 100 * result.idle_cpu,
     }
 
 
@@ -75,15 +85,18 @@ def goals(r: dict) -> list[str]:
 
 
 def report(r: dict) -> str:
-    return "\n".join([
-        "| parts | maxConcurrentParts | all ended after | Succeeded | jobs (retries) | most of a part at once "
-        "| start order slip (max) | queue peak | queue only shrank, ended at | operator peak RSS | operator idle CPU |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-        f"| {r['parts']} | {r['limit']} | {r['seconds'] / 60:.1f} min | {r['succeeded']} | {r['ray_jobs']} "
-        f"({r['retries']}) | {r['most_jobs_at_once']} | "
-        f"{r['order_slip']} | {r['queue_peak']:.0f} | {'yes' if r['queue_monotone'] else 'no'}, "
-        f"{r['queue_end']:.0f} | {r['rss_peak_mb']:.0f} MB | {r['idle_cpu_percent']:.2f} % of a core |",
-    ])
+    return "\n".join(
+        [
+            "| parts | maxConcurrentParts | all ended after | Succeeded | jobs (retries) | most of a part at once "
+            "| start order slip (max) | queue peak | queue only shrank, ended at | operator peak RSS "
+            "| operator idle CPU |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            f"| {r['parts']} | {r['limit']} | {r['seconds'] / 60:.1f} min | {r['succeeded']} | {r['ray_jobs']} "
+            f"({r['retries']}) | {r['most_jobs_at_once']} | "
+            f"{r['order_slip']} | {r['queue_peak']:.0f} | {'yes' if r['queue_monotone'] else 'no'}, "
+            f"{r['queue_end']:.0f} | {r['rss_peak_mb']:.0f} MB | {r['idle_cpu_percent']:.2f} % of a core |",
+        ]
+    )
 
 
 if __name__ == "__main__":

@@ -48,8 +48,9 @@ def s3(tmp_path_factory):
     """An S3-protocol server on loopback; its credentials are in the environment, as on a workstation."""
     server = S3Server().start()
     saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    os.environ.update(AWS_ACCESS_KEY_ID=server.ACCESS_KEY, AWS_SECRET_ACCESS_KEY=server.SECRET_KEY,
-                      AWS_DEFAULT_REGION="us-east-1")
+    os.environ.update(
+        AWS_ACCESS_KEY_ID=server.ACCESS_KEY, AWS_SECRET_ACCESS_KEY=server.SECRET_KEY, AWS_DEFAULT_REGION="us-east-1"
+    )
     yield server
     for key, value in saved.items():
         if value is None:

@@ -27,7 +27,17 @@ if str(OPERATOR_DIR) not in sys.path:
     sys.path.insert(0, str(OPERATOR_DIR))
 
 from tests.support.chart import (  # noqa: E402 - once operator/ is on sys.path
-    CHART, FULLNAME, NAMESPACE, RELEASE, manifests, of_kind, one, operator_config, render)
+    CHART,
+    FULLNAME,
+    NAMESPACE,
+    RELEASE,
+    manifests,
+    of_kind,
+    one,
+    operator_config,
+    render,
+)
+
 # Validate against the oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest
 # kubernetes-validate knows.
 KUBE_VERSIONS = ["1.25", kubernetes_validate.latest_version()]
@@ -38,8 +48,11 @@ ALL_ON = {
     "replicas": 2,
     "credentialsSecrets": ["laion-s3", "laion-minio"],
     "imagePullSecrets": [{"name": "regcred"}],
-    "operator": {"config": {"mode": "kuberay"}, "extraEnv": [{"name": "HTTPS_PROXY", "value": "http://proxy:3128"}],
-                 "rayAuthTokenSecret": {"name": "raycluster-auth"}},
+    "operator": {
+        "config": {"mode": "kuberay"},
+        "extraEnv": [{"name": "HTTPS_PROXY", "value": "http://proxy:3128"}],
+        "rayAuthTokenSecret": {"name": "raycluster-auth"},
+    },
     "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
     "prometheusRule": {"enabled": True, "labels": {"release": "prometheus"}},
     "grafanaDashboard": {"enabled": True, "namespace": "monitoring", "annotations": {"grafana_folder": "LAION"}},
@@ -48,8 +61,15 @@ ALL_ON = {
     "priorityClassName": "laion-high",
     "nodeSelector": {"kubernetes.io/os": "linux"},
     "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ops", "effect": "NoSchedule"}],
-    "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
-        {"matchExpressions": [{"key": "kubernetes.io/arch", "operator": "In", "values": ["amd64"]}]}]}}},
+    "affinity": {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": "kubernetes.io/arch", "operator": "In", "values": ["amd64"]}]}
+                ]
+            }
+        }
+    },
     "metrics": {"service": {"annotations": {"example.com/scrape": "true"}}},
     "serviceAccount": {"annotations": {"example.com/role": "laion"}},
 }
@@ -78,6 +98,7 @@ def scenario(request):
 
 # --- one CRD source ---------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("kind", ["LaionPart", "LaionDataset"])
 def test_crd_copies_match_the_generator(kind):
     from laion_operator import cli
@@ -96,8 +117,11 @@ def test_chart_ships_the_crds_and_they_are_valid():
     with helm.Chart.load(CHART) as chart:
         crds = [doc for c in chart.crds for doc in yaml.safe_load_all(c["data"]) if doc]
     assert {c["metadata"]["name"] for c in crds} == {
-        "laionparts.laion-operator.io", "laiondatasets.laion-operator.io", "kopfpeerings.kopf.dev",
-        "clusterkopfpeerings.kopf.dev"}
+        "laionparts.laion-operator.io",
+        "laiondatasets.laion-operator.io",
+        "kopfpeerings.kopf.dev",
+        "clusterkopfpeerings.kopf.dev",
+    }
     for crd in crds:
         for version in KUBE_VERSIONS:
             problem = None
@@ -107,7 +131,8 @@ def test_chart_ships_the_crds_and_they_are_valid():
                 problem = f"{err.message} at {'.'.join(map(str, err.absolute_path))}"
             assert problem is None, (
                 f"{crd['metadata']['name']} is not a valid CRD for Kubernetes {version} (the API server speaks "
-                f"OpenAPI v3.0: e.g. exclusiveMinimum is a boolean beside minimum): {problem}")
+                f"OpenAPI v3.0: e.g. exclusiveMinimum is a boolean beside minimum): {problem}"
+            )
     scopes = {c["spec"]["names"]["kind"]: (c["spec"]["group"], c["spec"]["scope"]) for c in crds}
     assert scopes["KopfPeering"] == ("kopf.dev", "Namespaced")
     assert scopes["ClusterKopfPeering"] == ("kopf.dev", "Cluster")
@@ -122,11 +147,20 @@ def test_sync_crd_script_is_executable():
 
 # --- what gets rendered -----------------------------------------------------------------------------
 
+
 def test_default_values_render_the_operator_only():
     docs = manifests(rendered("default"))
-    assert sorted(d["kind"] for d in docs) == sorted([
-        "ClusterKopfPeering", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "Deployment", "Service",
-        "ServiceAccount"])
+    assert sorted(d["kind"] for d in docs) == sorted(
+        [
+            "ClusterKopfPeering",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "ConfigMap",
+            "Deployment",
+            "Service",
+            "ServiceAccount",
+        ]
+    )
     assert one(docs, "Deployment")["spec"]["replicas"] == 1
     for doc in docs:
         labels = doc["metadata"]["labels"]
@@ -157,7 +191,7 @@ def test_every_optional_feature_renders():
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert dashboard["metadata"]["namespace"] == "monitoring"
     assert dashboard["metadata"]["annotations"] == {"grafana_folder": "LAION"}
-    (name, text), = dashboard["data"].items()
+    ((name, text),) = dashboard["data"].items()
     assert name.endswith(".json")
     assert json.loads(text) == json.loads((CHART / "files" / "dashboard.json").read_text())
 
@@ -170,7 +204,10 @@ def test_every_optional_feature_renders():
     env = pod["spec"]["containers"][0]["env"]
     assert {"name": "HTTPS_PROXY", "value": "http://proxy:3128"} in env
     assert {"name": "RAY_AUTH_MODE", "value": "token"} in env
-    assert {"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {"name": "raycluster-auth", "key": "auth_token"}}} in env
+    assert {
+        "name": "RAY_AUTH_TOKEN",
+        "valueFrom": {"secretKeyRef": {"name": "raycluster-auth", "key": "auth_token"}},
+    } in env
     assert one(docs, "ClusterKopfPeering")["metadata"]["name"] == operator_config(docs)["peeringName"]
 
 
@@ -180,7 +217,9 @@ def test_namespaced_install_peers_and_grants_per_namespace():
     config = operator_config(docs)
     peerings = of_kind(docs, "KopfPeering")
     assert {(p["metadata"]["namespace"], p["metadata"]["name"]) for p in peerings} == {
-        ("team-a", config["peeringName"]), ("team-b", config["peeringName"])}
+        ("team-a", config["peeringName"]),
+        ("team-b", config["peeringName"]),
+    }
     assert {r["metadata"]["namespace"] for r in of_kind(docs, "Role")} == {"team-a", "team-b"}
     assert {b["metadata"]["namespace"] for b in of_kind(docs, "RoleBinding")} == {"team-a", "team-b"}
     args = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
@@ -202,13 +241,21 @@ def test_two_replicas_without_peering_fail_with_a_clear_message():
 
 # --- the operator's configuration -------------------------------------------------------------------
 
+
 def test_config_is_mounted_and_passed_with_config():
     docs = manifests(rendered("default"))
     config = operator_config(docs)
     assert config == {
-        "mode": "jobs", "rayAddress": "http://raycluster-head-svc.ray.svc:8265", "maxConcurrentParts": 4,
-        "pollSeconds": 10, "retryBackoffSeconds": 30, "retryBackoffMaxSeconds": 600,
-        "allowCredentialsWithoutRayAuth": False, "metricsPort": 8080, "peeringName": FULLNAME}
+        "mode": "jobs",
+        "rayAddress": "http://raycluster-head-svc.ray.svc:8265",
+        "maxConcurrentParts": 4,
+        "pollSeconds": 10,
+        "retryBackoffSeconds": 30,
+        "retryBackoffMaxSeconds": 600,
+        "allowCredentialsWithoutRayAuth": False,
+        "metricsPort": 8080,
+        "peeringName": FULLNAME,
+    }
     pod = one(docs, "Deployment")["spec"]["template"]
     container = pod["spec"]["containers"][0]
     assert container["args"][:2] == ["--config", "/etc/laion-operator/config.yaml"]
@@ -224,13 +271,17 @@ def test_config_is_mounted_and_passed_with_config():
 def test_config_changes_roll_the_pods():
     def checksum(values):
         return one(manifests(render(values)), "Deployment")["spec"]["template"]["metadata"]["annotations"][
-            "checksum/config"]
+            "checksum/config"
+        ]
+
     assert checksum(None) != checksum({"operator": {"config": {"maxConcurrentParts": 8}}})
 
 
 def kuberay_schema() -> dict | None:
-    for path in (ROOT / "shared" / "kuberay" / "ray.io_rayjobs.yaml",
-                 ROOT.parent / "shared" / "kuberay" / "ray.io_rayjobs.yaml"):
+    for path in (
+        ROOT / "shared" / "kuberay" / "ray.io_rayjobs.yaml",
+        ROOT.parent / "shared" / "kuberay" / "ray.io_rayjobs.yaml",
+    ):
         if path.exists():
             crd = yaml.load(path.read_text(), Loader=SafeLoader)
             return next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
@@ -243,8 +294,9 @@ def test_kuberay_config_carries_a_valid_rayjob_template():
     assert config["mode"] == "kuberay" and "rayAddress" not in config
     template = config["rayJobTemplate"]
     cluster = template["rayClusterSpec"]
-    pods = ([cluster["headGroupSpec"]["template"], template["submitterPodTemplate"]]
-            + [g["template"] for g in cluster["workerGroupSpecs"]])
+    pods = [cluster["headGroupSpec"]["template"], template["submitterPodTemplate"]] + [
+        g["template"] for g in cluster["workerGroupSpecs"]
+    ]
     images = {c["image"] for p in pods for c in p["spec"]["containers"]}
     assert images == {f"laion-operator/ray-worker:{chart_metadata()['appVersion']}"}
     assert cluster["rayVersion"] == locked_version("ray")
@@ -258,8 +310,12 @@ def test_kuberay_config_carries_a_valid_rayjob_template():
     schema = kuberay_schema()
     if schema is None:
         pytest.skip("shared/kuberay/ray.io_rayjobs.yaml (KubeRay's RayJob CRD) is not beside the checkout")
-    rayjob = {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": {"name": "part-00000"},
-              "spec": {**template, "entrypoint": "laion-operator job"}}
+    rayjob = {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayJob",
+        "metadata": {"name": "part-00000"},
+        "spec": {**template, "entrypoint": "laion-operator job"},
+    }
     jsonschema.validate(rayjob, schema, cls=jsonschema.Draft4Validator)  # OpenAPI v3.0 is draft 4
     assert not pruned_fields(rayjob["spec"], schema["properties"]["spec"]), "the API server would drop these"
 
@@ -273,19 +329,30 @@ def test_a_part_with_latents_gets_the_gpu_worker_group_in_a_valid_rayjob():
     container = group["template"]["spec"]["containers"][0]
     assert container["image"] == f"laion-operator/ray-worker:{chart_metadata()['appVersion']}"
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"  # what Ray counts as the node's GPUs
-    base = {"partId": "p", "source": {"urls": ["s3://b/p.parquet"]},
-            "output": {"uri": "s3://b/out", "credentialsSecret": "laion-s3"}}
-    latents = {**base, "latents": {"vae": "stabilityai/sdxl-vae", "textEncoder": "openai/clip-vit-large-patch14",
-                                   "hubTokenSecret": "hf-token"}}
+    base = {
+        "partId": "p",
+        "source": {"urls": ["s3://b/p.parquet"]},
+        "output": {"uri": "s3://b/out", "credentialsSecret": "laion-s3"},
+    }
+    latents = {
+        **base,
+        "latents": {
+            "vae": "stabilityai/sdxl-vae",
+            "textEncoder": "openai/clip-vit-large-patch14",
+            "hubTokenSecret": "hf-token",
+        },
+    }
     owner = {"namespace": "ns", "name": "p", "uid": "0000-1111"}
     plain = build_rayjob(config["rayJobTemplate"], owner, "j", PartSpec.from_dict(base), "laion-operator job", group)
     assert group["groupName"] not in [g["groupName"] for g in plain["spec"]["rayClusterSpec"]["workerGroupSpecs"]]
-    rayjob = build_rayjob(config["rayJobTemplate"], owner, "j", PartSpec.from_dict(latents), "laion-operator job",
-                          group)
+    rayjob = build_rayjob(
+        config["rayJobTemplate"], owner, "j", PartSpec.from_dict(latents), "laion-operator job", group
+    )
     cluster = rayjob["spec"]["rayClusterSpec"]
     assert [g["groupName"] for g in cluster["workerGroupSpecs"]][-1] == group["groupName"]
-    containers = [c for g in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
-                  for c in g["template"]["spec"]["containers"]]
+    containers = [
+        c for g in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]] for c in g["template"]["spec"]["containers"]
+    ]
     for c in containers:  # the token comes from its Secret, as the storage credentials do
         assert c["envFrom"] == [{"secretRef": {"name": "laion-s3"}}, {"secretRef": {"name": "hf-token"}}]
     assert rayjob["spec"]["entrypoint"] == "laion-operator job"
@@ -304,8 +371,11 @@ def pruned_fields(obj, schema: dict, path: str = "spec") -> list[str]:
     if isinstance(obj, dict):
         if "properties" not in schema:
             extra = schema.get("additionalProperties")
-            return [p for k, v in obj.items() for p in pruned_fields(v, extra, f"{path}.{k}")] \
-                if isinstance(extra, dict) else []
+            return (
+                [p for k, v in obj.items() for p in pruned_fields(v, extra, f"{path}.{k}")]
+                if isinstance(extra, dict)
+                else []
+            )
         out = []
         for key, value in obj.items():
             if key not in schema["properties"]:
@@ -320,35 +390,41 @@ def pruned_fields(obj, schema: dict, path: str = "spec") -> list[str]:
 
 # --- values the schema refuses ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("values, where", [
-    ({"replicas": -1}, "/replicas"),
-    ({"replicas": "two"}, "/replicas"),
-    ({"replicaCount": 2}, "'replicaCount' not allowed"),
-    ({"operator": {"config": {"mode": "nope"}}}, "/operator/config/mode"),
-    ({"operator": {"config": {"maxConcurrentParts": "x"}}}, "/operator/config/maxConcurrentParts"),
-    ({"operator": {"config": {"maxConcurrentParts": 0}}}, "/operator/config/maxConcurrentParts"),
-    ({"operator": {"config": {"pollSeconds": 0}}}, "/operator/config/pollSeconds"),
-    ({"operator": {"config": {"rayAddress": "raycluster-head-svc:8265"}}}, "/operator/config/rayAddress"),
-    ({"operator": {"config": {"rayAddress": None}}}, "missing property 'rayAddress'"),
-    ({"operator": {"config": {"mode": "kuberay", "rayJobTemplate": {"entrypoint": "python x.py"}}}},
-     "/operator/config/rayJobTemplate/entrypoint"),
-    ({"operator": {"config": {"concurrency": 3}}}, "'concurrency' not allowed"),
-    ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
-    ({"image": {"repository": ""}}, "/image/repository"),
-    ({"credentialsSecrets": ["Not_A_Secret"]}, "/credentialsSecrets/0"),
-    ({"credentialsSecrets": "laion-s3"}, "/credentialsSecrets"),
-    ({"watchNamespaces": ["Team A"]}, "/watchNamespaces/0"),
-    ({"podSecurityContext": {"runAsUser": 0}}, "/podSecurityContext/runAsUser"),
-    ({"podSecurityContext": {"runAsNonRoot": False}}, "'runAsNonRoot' not allowed"),
-    ({"resources": {"limits": None}}, "missing property 'limits'"),
-    ({"resources": {"requests": {"cpu": "lots", "memory": "1Gi"}}}, "/resources/requests/cpu"),
-    ({"metrics": {"port": 80}}, "/metrics/port"),
-    ({"serviceMonitor": {"enabled": "yes"}}, "/serviceMonitor/enabled"),
-    ({"serviceMonitor": {"interval": "often"}}, "/serviceMonitor/interval"),
-    ({"updateStrategy": {"type": "BlueGreen"}}, "/updateStrategy/type"),
-    ({"operator": {"rayAuthTokenSecret": {"name": "Ray Token"}}}, "/operator/rayAuthTokenSecret/name"),
-    ({"operator": {"rayAuthTokenSecret": {"key": ""}}}, "/operator/rayAuthTokenSecret/key"),
-])
+
+@pytest.mark.parametrize(
+    "values, where",
+    [
+        ({"replicas": -1}, "/replicas"),
+        ({"replicas": "two"}, "/replicas"),
+        ({"replicaCount": 2}, "'replicaCount' not allowed"),
+        ({"operator": {"config": {"mode": "nope"}}}, "/operator/config/mode"),
+        ({"operator": {"config": {"maxConcurrentParts": "x"}}}, "/operator/config/maxConcurrentParts"),
+        ({"operator": {"config": {"maxConcurrentParts": 0}}}, "/operator/config/maxConcurrentParts"),
+        ({"operator": {"config": {"pollSeconds": 0}}}, "/operator/config/pollSeconds"),
+        ({"operator": {"config": {"rayAddress": "raycluster-head-svc:8265"}}}, "/operator/config/rayAddress"),
+        ({"operator": {"config": {"rayAddress": None}}}, "missing property 'rayAddress'"),
+        (
+            {"operator": {"config": {"mode": "kuberay", "rayJobTemplate": {"entrypoint": "python x.py"}}}},
+            "/operator/config/rayJobTemplate/entrypoint",
+        ),
+        ({"operator": {"config": {"concurrency": 3}}}, "'concurrency' not allowed"),
+        ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
+        ({"image": {"repository": ""}}, "/image/repository"),
+        ({"credentialsSecrets": ["Not_A_Secret"]}, "/credentialsSecrets/0"),
+        ({"credentialsSecrets": "laion-s3"}, "/credentialsSecrets"),
+        ({"watchNamespaces": ["Team A"]}, "/watchNamespaces/0"),
+        ({"podSecurityContext": {"runAsUser": 0}}, "/podSecurityContext/runAsUser"),
+        ({"podSecurityContext": {"runAsNonRoot": False}}, "'runAsNonRoot' not allowed"),
+        ({"resources": {"limits": None}}, "missing property 'limits'"),
+        ({"resources": {"requests": {"cpu": "lots", "memory": "1Gi"}}}, "/resources/requests/cpu"),
+        ({"metrics": {"port": 80}}, "/metrics/port"),
+        ({"serviceMonitor": {"enabled": "yes"}}, "/serviceMonitor/enabled"),
+        ({"serviceMonitor": {"interval": "often"}}, "/serviceMonitor/interval"),
+        ({"updateStrategy": {"type": "BlueGreen"}}, "/updateStrategy/type"),
+        ({"operator": {"rayAuthTokenSecret": {"name": "Ray Token"}}}, "/operator/rayAuthTokenSecret/name"),
+        ({"operator": {"rayAuthTokenSecret": {"key": ""}}}, "/operator/rayAuthTokenSecret/key"),
+    ],
+)
 def test_schema_refuses_wrong_values(values, where):
     with pytest.raises(HelmValuesError) as err:
         render(values)
@@ -363,11 +439,13 @@ def test_helm_lint_finds_no_errors():
 
 # --- valid Kubernetes objects -----------------------------------------------------------------------
 
+
 def _all_manifests():
     for name in SCENARIOS:
         for doc in manifests(rendered(name)):
-            yield pytest.param(doc, id=f"{name}:{doc['kind']}/{doc['metadata'].get('namespace', '')}/"
-                                       f"{doc['metadata']['name']}")
+            yield pytest.param(
+                doc, id=f"{name}:{doc['kind']}/{doc['metadata'].get('namespace', '')}/{doc['metadata']['name']}"
+            )
 
 
 CUSTOM_KINDS = {
@@ -382,16 +460,23 @@ CUSTOM_KINDS = {
 def test_manifest_is_valid_kubernetes(doc):
     obj = clean(doc)
     assert isinstance(obj.get("apiVersion"), str) and isinstance(obj.get("kind"), str)
-    assert re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", obj["metadata"]["name"]) and len(obj["metadata"]["name"]) <= 63
+    assert (
+        re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", obj["metadata"]["name"]) and len(obj["metadata"]["name"]) <= 63
+    )
     key = (obj["apiVersion"], obj["kind"])
     if key in CUSTOM_KINDS:
         for version in KUBE_VERSIONS:
             with pytest.raises(SchemaNotFoundError):
                 kubernetes_validate.validate(obj, version, strict=True)
         if obj["kind"].endswith("KopfPeering"):
-            crd = next(c for c in yaml.safe_load_all((CHART / "crds" / "kopf-peering.yaml").read_text())
-                       if c and c["spec"]["names"]["kind"] == obj["kind"])
-            jsonschema.validate(obj, crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"], cls=jsonschema.Draft4Validator)  # OpenAPI v3.0 is draft 4
+            crd = next(
+                c
+                for c in yaml.safe_load_all((CHART / "crds" / "kopf-peering.yaml").read_text())
+                if c and c["spec"]["names"]["kind"] == obj["kind"]
+            )
+            jsonschema.validate(
+                obj, crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"], cls=jsonschema.Draft4Validator
+            )  # OpenAPI v3.0 is draft 4
             assert ("namespace" in obj["metadata"]) == (crd["spec"]["scope"] == "Namespaced")
             return
         # No schema for Prometheus Operator kinds offline: check what they carry instead.
@@ -415,6 +500,7 @@ def test_manifest_is_valid_kubernetes(doc):
 
 
 # --- Pod Security "restricted" ----------------------------------------------------------------------
+
 
 def test_operator_pod_is_restricted(scenario):
     _, docs = scenario
@@ -462,13 +548,17 @@ ALLOWED = {
     ("", "secrets"): {"get"},  # only with resourceNames = credentialsSecrets
     ("ray.io", "rayjobs"): {"create", "get", "list", "watch", "patch", "delete"},  # kuberay mode only
 }
-CLUSTER_ONLY = {("apiextensions.k8s.io", "customresourcedefinitions"), ("", "namespaces"),
-                ("kopf.dev", "clusterkopfpeerings")}
+CLUSTER_ONLY = {
+    ("apiextensions.k8s.io", "customresourcedefinitions"),
+    ("", "namespaces"),
+    ("kopf.dev", "clusterkopfpeerings"),
+}
 
 
 def rbac_rules(docs: list[dict]) -> list[tuple[dict, dict]]:
-    return [(role, rule) for role in docs if role["kind"] in ("ClusterRole", "Role")
-            for rule in role.get("rules") or []]
+    return [
+        (role, rule) for role in docs if role["kind"] in ("ClusterRole", "Role") for rule in role.get("rules") or []
+    ]
 
 
 def grants(docs: list[dict]) -> dict[tuple[str, str, str], set[str]]:
@@ -481,8 +571,11 @@ def grants(docs: list[dict]) -> dict[tuple[str, str, str], set[str]]:
     return out
 
 
-@pytest.mark.parametrize("values", [*SCENARIOS.values(), {"operator": {"config": {"mode": "kuberay"}}}],
-                         ids=[*SCENARIOS, "kuberay-no-secrets"])
+@pytest.mark.parametrize(
+    "values",
+    [*SCENARIOS.values(), {"operator": {"config": {"mode": "kuberay"}}}],
+    ids=[*SCENARIOS, "kuberay-no-secrets"],
+)
 def test_rbac_grants_nothing_beyond_the_allow_list(values):
     values = values or {}
     docs = manifests(render(values))
@@ -515,14 +608,22 @@ def test_rbac_grants_nothing_beyond_the_allow_list(values):
     if namespaces:
         # A ClusterRole for CRD discovery only; everything else is granted per watched namespace.
         assert {k for k in got if k[0] == "ClusterRole"} == {
-            ("ClusterRole", "apiextensions.k8s.io", "customresourcedefinitions")}
+            ("ClusterRole", "apiextensions.k8s.io", "customresourcedefinitions")
+        }
         assert {r["metadata"]["namespace"] for r in of_kind(docs, "Role")} == set(namespaces)
     else:
         assert not of_kind(docs, "Role")
     # What the operator needs is there (the allow-list is not just an upper bound on nothing).
     scope = "Role" if namespaces else "ClusterRole"
-    assert got[(scope, "laion-operator.io", "laionparts")] == {"get", "list", "watch", "patch", "update", "create",
-                                                               "delete"}
+    assert got[(scope, "laion-operator.io", "laionparts")] == {
+        "get",
+        "list",
+        "watch",
+        "patch",
+        "update",
+        "create",
+        "delete",
+    }
     assert got[(scope, "laion-operator.io", "laiondatasets")] == {"get", "list", "watch", "patch", "update"}
     assert got[(scope, "laion-operator.io", "laiondatasets/status")] == {"get", "patch", "update"}
     assert got[(scope, "laion-operator.io", "laionparts/status")] == {"get", "patch", "update"}
@@ -535,21 +636,26 @@ def test_rbac_grants_nothing_beyond_the_allow_list(values):
 def test_bindings_bind_only_the_chart_roles_to_its_service_account(scenario):
     _, docs = scenario
     account = one(docs, "ServiceAccount")
-    roles = {(r["kind"], r["metadata"].get("namespace"), r["metadata"]["name"]) for r in docs
-             if r["kind"] in ("ClusterRole", "Role")}
+    roles = {
+        (r["kind"], r["metadata"].get("namespace"), r["metadata"]["name"])
+        for r in docs
+        if r["kind"] in ("ClusterRole", "Role")
+    }
     bindings = of_kind(docs, "ClusterRoleBinding") + of_kind(docs, "RoleBinding")
     assert bindings
     for b in bindings:
         ref = b["roleRef"]
         namespace = b["metadata"].get("namespace") if ref["kind"] == "Role" else None
         assert (ref["kind"], namespace, ref["name"]) in roles, b
-        assert b["subjects"] == [{"kind": "ServiceAccount", "name": account["metadata"]["name"],
-                                  "namespace": NAMESPACE}]
+        assert b["subjects"] == [
+            {"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": NAMESPACE}
+        ]
     deployment = one(docs, "Deployment")
     assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == account["metadata"]["name"]
 
 
 # --- NOTES.txt --------------------------------------------------------------------------------------
+
 
 def test_notes_show_a_first_part_that_the_crd_accepts():
     notes = rendered("default")["laion-operator/templates/NOTES.txt"]
@@ -558,7 +664,9 @@ def test_notes_show_a_first_part_that_the_crd_accepts():
     part = yaml.safe_load(textwrap.dedent(block.group(1)))
     assert part["apiVersion"] == "laion-operator.io/v1alpha1" and part["kind"] == "LaionPart"
     crd = yaml.safe_load((ROOT / "crds" / "laionpart.yaml").read_text())
-    jsonschema.validate(part, crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"], cls=jsonschema.Draft4Validator)  # OpenAPI v3.0 is draft 4
+    jsonschema.validate(
+        part, crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"], cls=jsonschema.Draft4Validator
+    )  # OpenAPI v3.0 is draft 4
     secret = part["spec"]["output"]["credentialsSecret"]
     assert f"create secret generic {secret}" in notes
     assert f"credentialsSecrets={{{secret}}}" in notes, "NOTES must say how to let the operator read it"
@@ -566,6 +674,7 @@ def test_notes_show_a_first_part_that_the_crd_accepts():
 
 
 # --- images -----------------------------------------------------------------------------------------
+
 
 def chart_metadata() -> dict:
     return yaml.safe_load((CHART / "Chart.yaml").read_text())
@@ -623,8 +732,9 @@ def test_images_run_as_non_root_with_locked_packages(name, uid):
     else:
         template = values["operator"]["config"]["rayJobTemplate"]["rayClusterSpec"]
         job = values["operator"]["config"]["rayJobTemplate"]
-        pods = ([template["headGroupSpec"]["template"], job["submitterPodTemplate"]]
-                + [g["template"] for g in template["workerGroupSpecs"]])
+        pods = [template["headGroupSpec"]["template"], job["submitterPodTemplate"]] + [
+            g["template"] for g in template["workerGroupSpecs"]
+        ]
         assert {p["spec"]["securityContext"]["runAsUser"] for p in pods} == {uid}
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import yaml
 
-from laion_operator.testbed.demo_data import write_metadata
 from laion_operator.pipeline.filter import plan
 from laion_operator.spec import PartSpec
+from laion_operator.testbed.demo_data import write_metadata
 
 CLI = str(Path(sys.executable).parent / "laion-operator")
 
@@ -22,22 +22,36 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 
 def write_part(tmp_path: Path, **spec) -> Path:
     path = tmp_path / "part.yaml"
-    path.write_text(yaml.safe_dump({"partId": "1", "source": {"urls": [str(tmp_path / "m.parquet")]},
-                                    "output": {"uri": str(tmp_path / "out")}, **spec}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "partId": "1",
+                "source": {"urls": [str(tmp_path / "m.parquet")]},
+                "output": {"uri": str(tmp_path / "out")},
+                **spec,
+            }
+        )
+    )
     return path
 
 
 def test_invalid_spec_names_each_field_and_the_allowed_values(tmp_path):
-    part = write_part(tmp_path, filter={"minWidth": "wide", "sampleFraction": 0},
-                      download={"outputFormat": "zip", "encodeFormat": "png", "encodeQuality": 50},
-                      extra=1)
+    part = write_part(
+        tmp_path,
+        filter={"minWidth": "wide", "sampleFraction": 0},
+        download={"outputFormat": "zip", "encodeFormat": "png", "encodeQuality": 50},
+        extra=1,
+    )
     result = cli("run", str(part))
     assert result.returncode == 2
     err = result.stderr
     assert str(part) in err
     assert "spec.filter.minWidth: 'wide' is not of type 'integer'" in err
     assert "spec.filter.sampleFraction" in err
-    assert "spec.download.outputFormat: 'zip' is not one of the allowed values: webdataset, files, parquet, tfrecord" in err
+    assert (
+        "spec.download.outputFormat: 'zip' is not one of the allowed values: webdataset, files, parquet, tfrecord"
+        in err
+    )
     assert "'extra' was unexpected" in err and "known fields:" in err
 
 
@@ -45,7 +59,10 @@ def test_png_quality_is_a_compression_level(tmp_path):
     spec = {"partId": "1", "source": {"urls": ["m.parquet"]}, "output": {"uri": "o"}}
     assert PartSpec.from_dict({**spec, "download": {"encodeFormat": "png"}}).download.encode_quality == 9
     result = cli("run", str(write_part(tmp_path, download={"encodeFormat": "png", "encodeQuality": 50})))
-    assert result.returncode == 2 and "spec.download: encodeQuality must be at most 9 when encodeFormat is png" in result.stderr
+    assert (
+        result.returncode == 2
+        and "spec.download: encodeQuality must be at most 9 when encodeFormat is png" in result.stderr
+    )
 
 
 def test_missing_file_and_bad_yaml_name_the_file(tmp_path):
@@ -110,8 +127,14 @@ def test_latents_over_an_mds_folder_needs_only_output_and_latents_and_names_its_
     with MDSWriter(out=str(tmp_path / "theirs"), columns={"image": "bytes", "text": "str"}) as writer:
         writer.write({"image": b"\xff\xd8", "text": "a cat"})
     spec = tmp_path / "latents.yaml"
-    spec.write_text(yaml.safe_dump({"output": {"uri": str(tmp_path / "out")},
-                                    "latents": {"vae": "v", "textEncoder": "t", "resolutions": [256, 512]}}))
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "output": {"uri": str(tmp_path / "out")},
+                "latents": {"vae": "v", "textEncoder": "t", "resolutions": [256, 512]},
+            }
+        )
+    )
     wrong = cli("latents", str(spec), "--mds", str(tmp_path / "theirs"))
     assert wrong.returncode == 2
     assert "no column 'jpg' (its columns: image, text); name it with --image-column" in wrong.stderr, wrong.stderr
@@ -125,8 +148,10 @@ def test_latents_command_names_what_is_missing(tmp_path):
     assert "spec.latents: required field is missing" in without.stderr
     part = write_part(tmp_path, latents={"vae": "v", "textEncoder": "t", "latentMode": "median"})
     bad = cli("latents", str(part))
-    assert bad.returncode == 2 and "spec.latents.latentMode: 'median' is not one of the allowed values: mean, sample" \
-        in bad.stderr
+    assert (
+        bad.returncode == 2
+        and "spec.latents.latentMode: 'median' is not one of the allowed values: mean, sample" in bad.stderr
+    )
     part = write_part(tmp_path, latents={"vae": "v", "textEncoder": "t"})
     empty = cli("latents", str(part))
     assert empty.returncode == 2

@@ -30,8 +30,11 @@ def write_tar(path: Path, samples: list[tuple[str, bytes, str]]) -> None:
     """An img2dataset-style shard: key.jpg, key.txt, key.json per sample."""
     with tarfile.open(path, "w") as tar:
         for key, image, caption in samples:
-            for ext, data in (("jpg", image), ("txt", caption.encode()),
-                              ("json", json.dumps({"key": key, "caption": caption, "url": f"http://x/{key}"}).encode())):
+            for ext, data in (
+                ("jpg", image),
+                ("txt", caption.encode()),
+                ("json", json.dumps({"key": key, "caption": caption, "url": f"http://x/{key}"}).encode()),
+            ):
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
@@ -51,11 +54,15 @@ def tars(tmp_path):
 
 
 def convert(source: dict, output: Path, fmt: str, part_id: str = "c", per_shard: int = 10000, **download):
-    return PartSpec.from_dict({
-        "partId": part_id, "source": {"dataset": source}, "output": {"uri": str(output)},
-        "filter": {"samplesPerShard": per_shard},
-        "download": {"outputFormat": fmt, "resizeMode": "no", "skipReencode": True, **download},
-    })
+    return PartSpec.from_dict(
+        {
+            "partId": part_id,
+            "source": {"dataset": source},
+            "output": {"uri": str(output)},
+            "filter": {"samplesPerShard": per_shard},
+            "download": {"outputFormat": fmt, "resizeMode": "no", "skipReencode": True, **download},
+        }
+    )
 
 
 def read_tars(folder: Path) -> list[dict]:
@@ -114,9 +121,13 @@ def journeydb(tmp_path):
 
 def _cli(args: list[str], ray_cluster) -> subprocess.CompletedProcess:
     env = {**os.environ, **{k: v for k, v in ray_cluster.client_env().items() if k != "RAY_ADDRESS"}}
-    return subprocess.run([str(Path(sys.executable).parent / "laion-operator"), *args,
-                           "--ray-address", ray_cluster.address],
-                          env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "laion-operator"), *args, "--ray-address", ray_cluster.address],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_images_and_captions_to_mds_from_the_cli(ray_driver, journeydb, tmp_path):
@@ -125,8 +136,22 @@ def test_images_and_captions_to_mds_from_the_cli(ray_driver, journeydb, tmp_path
 
     root, images = journeydb
     out = tmp_path / "mds"
-    done = _cli(["convert", str(root), str(out), "--output-format", "mds", "--captions", "train_anno.jsonl",
-                 "--samples-per-shard", "4", "--part-id", "jdb"], ray_driver)
+    done = _cli(
+        [
+            "convert",
+            str(root),
+            str(out),
+            "--output-format",
+            "mds",
+            "--captions",
+            "train_anno.jsonl",
+            "--samples-per-shard",
+            "4",
+            "--part-id",
+            "jdb",
+        ],
+        ray_driver,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "verified" in done.stdout
     summary = json.loads((out / "part_jdb_summary.json").read_text())
@@ -147,8 +172,9 @@ def test_images_and_captions_to_mds_from_the_cli(ray_driver, journeydb, tmp_path
     # the broken image is a counted failure that names its file and sample
     import pyarrow.parquet as pq
 
-    failed = [r for s in range(3) for r in pq.read_table(out / f"{s:05d}.parquet").to_pylist()
-              if r["status"] != "success"]
+    failed = [
+        r for s in range(3) for r in pq.read_table(out / f"{s:05d}.parquet").to_pylist() if r["status"] != "success"
+    ]
     assert len(failed) == 1
     assert "train_anno.jsonl line 8" in failed[0]["error_message"] and "0007" in failed[0]["error_message"]
 
@@ -176,8 +202,10 @@ def test_bad_inputs_name_the_file_and_the_sample(ray_driver, journeydb, tars, tm
     anno.write_text("\n".join(lines) + "\n")
     with pytest.raises(InputError, match=r"train_anno\.jsonl line 6: no 'img_path' field"):
         run_part(convert({"uri": str(root), "captions": "train_anno.jsonl"}, tmp_path / "a", "mds"))
-    done = _cli(["convert", str(root), str(tmp_path / "b"), "--output-format", "parquet", "--captions",
-                 "train_anno.jsonl"], ray_driver)
+    done = _cli(
+        ["convert", str(root), str(tmp_path / "b"), "--output-format", "parquet", "--captions", "train_anno.jsonl"],
+        ray_driver,
+    )
     assert done.returncode == 2 and "train_anno.jsonl line 6" in done.stderr
 
     folder, _ = tars
@@ -193,8 +221,13 @@ def test_bad_inputs_name_the_file_and_the_sample(ray_driver, journeydb, tars, tm
     assert progress["phase"] == "Failed" and "000020001" in progress["message"]
 
     with pytest.raises(InputError, match="spec.source: give exactly one of urls"):
-        PartSpec.from_dict({"partId": "x", "source": {"urls": ["a.parquet"], "dataset": {"uri": str(folder)}},
-                            "output": {"uri": str(tmp_path / "d")}})
+        PartSpec.from_dict(
+            {
+                "partId": "x",
+                "source": {"urls": ["a.parquet"], "dataset": {"uri": str(folder)}},
+                "output": {"uri": str(tmp_path / "d")},
+            }
+        )
 
 
 def test_dry_run_of_a_conversion_lists_its_input_shards(tars, tmp_path):
@@ -202,10 +235,21 @@ def test_dry_run_of_a_conversion_lists_its_input_shards(tars, tmp_path):
 
     folder, _ = tars
     spec_file = tmp_path / "part.yaml"
-    spec_file.write_text(yaml.safe_dump({"partId": "c", "source": {"dataset": {"uri": str(folder)}},
-                                         "output": {"uri": str(tmp_path / "out")},
-                                         "download": {"outputFormat": "mds"}}))
-    done = subprocess.run([str(Path(sys.executable).parent / "laion-operator"), "run", str(spec_file), "--dry-run"],
-                          capture_output=True, text=True, timeout=300)
+    spec_file.write_text(
+        yaml.safe_dump(
+            {
+                "partId": "c",
+                "source": {"dataset": {"uri": str(folder)}},
+                "output": {"uri": str(tmp_path / "out")},
+                "download": {"outputFormat": "mds"},
+            }
+        )
+    )
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "laion-operator"), "run", str(spec_file), "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert f"convert {folder} (webdataset) in 2 shards" in done.stdout and "as mds" in done.stdout

@@ -36,14 +36,23 @@ def operator(api, tmp_path):
         yield start
 
 
+def five_small_parts(folder, image_server):
+    """Five small parts' metadata, meta_1.parquet to meta_5.parquet, in `folder`."""
+    for n in range(1, 6):
+        write_metadata(
+            folder / f"meta_{n}.parquet",
+            20,
+            image_server.base_url,
+            seed=40 + n,
+            failure_mix={"ok": 0.8, "http_4xx": 0.2},
+        )
+    return folder
+
+
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory, image_server):
     """Five small parts, meta_1.parquet to meta_5.parquet."""
-    folder = tmp_path_factory.mktemp("dataset-meta")
-    for n in range(1, 6):
-        write_metadata(folder / f"meta_{n}.parquet", 20, image_server.base_url, seed=40 + n,
-                       failure_mix={"ok": 0.8, "http_4xx": 0.2})
-    return folder
+    return five_small_parts(tmp_path_factory.mktemp("dataset-meta"), image_server)
 
 
 @pytest.fixture(scope="module")
@@ -55,22 +64,44 @@ def slow_source(tmp_path_factory, image_server):
 
 
 def download(**extra) -> dict:
-    return loopback({"imageSize": 64, "timeout": 5, "maxInFlight": 4, "parallelism": 1, "outputFormat": "webdataset",
-                     **extra})
+    return loopback(
+        {"imageSize": 64, "timeout": 5, "maxInFlight": 4, "parallelism": 1, "outputFormat": "webdataset", **extra}
+    )
 
 
 def part_doc(name: str, source: Path, out: Path, **spec) -> dict:
-    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "LaionPart", "metadata": {"name": name},
-            "spec": {"partId": name, "source": {"urls": [str(source)]}, "output": {"uri": str(out)},
-                     "filter": {"samplesPerShard": 10}, "download": download(), "maxRetries": 0, **spec}}
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "LaionPart",
+        "metadata": {"name": name},
+        "spec": {
+            "partId": name,
+            "source": {"urls": [str(source)]},
+            "output": {"uri": str(out)},
+            "filter": {"samplesPerShard": 10},
+            "download": download(),
+            "maxRetries": 0,
+            **spec,
+        },
+    }
 
 
 def dataset_doc(name: str, sources: Path, out: Path, **spec) -> dict:
-    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "LaionDataset", "metadata": {"name": name},
-            "spec": {"source": {"pattern": str(sources / "meta_{part}.parquet"), "first": 1, "last": 5},
-                     "template": {"filter": {"samplesPerShard": 10}, "download": download(),
-                                  "output": {"uri": str(out)}, "maxRetries": 0},
-                     **spec}}
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "LaionDataset",
+        "metadata": {"name": name},
+        "spec": {
+            "source": {"pattern": str(sources / "meta_{part}.parquet"), "first": 1, "last": 5},
+            "template": {
+                "filter": {"samplesPerShard": 10},
+                "download": download(),
+                "output": {"uri": str(out)},
+                "maxRetries": 0,
+            },
+            **spec,
+        },
+    }
 
 
 def wait_phase(api, namespace: str, name: str, phases, timeout: float = 600) -> dict:
@@ -87,8 +118,16 @@ def parts_of(api, namespace: str, name: str) -> list[dict]:
 
 
 def wait_dataset(api, namespace: str, name: str, predicate, timeout: float = 900) -> dict:
-    return api.wait_for(GROUP, VERSION, DATASETS, namespace, name,
-                        lambda o: o is not None and predicate(o.get("status") or {}), timeout=timeout, interval=0.3)
+    return api.wait_for(
+        GROUP,
+        VERSION,
+        DATASETS,
+        namespace,
+        name,
+        lambda o: o is not None and predicate(o.get("status") or {}),
+        timeout=timeout,
+        interval=0.3,
+    )
 
 
 def job_status(ray_cluster, job_id: str) -> str:
@@ -129,8 +168,12 @@ def test_dataset_of_five_parts(api, operator, ray_cluster, kube_namespace, sourc
         assert p["spec"]["source"] == {"urls": [str(sources / f"meta_{n}.parquet")]}
         assert p["spec"]["output"]["uri"] == str(out / f"part_{n}")  # the seeds' data_dir layout
         [ref] = p["metadata"]["ownerReferences"]
-        assert (ref["kind"], ref["name"], ref["uid"], ref["controller"]) == ("LaionDataset", "aes",
-                                                                             owner["metadata"]["uid"], True)
+        assert (ref["kind"], ref["name"], ref["uid"], ref["controller"]) == (
+            "LaionDataset",
+            "aes",
+            owner["metadata"]["uid"],
+            True,
+        )
         assert p["status"]["phase"] == "Succeeded"
         summaries.append(json.loads((out / f"part_{n}" / f"part_{n}_summary.json").read_text()))
 
@@ -177,8 +220,13 @@ def test_dataset_of_five_parts(api, operator, ray_cluster, kube_namespace, sourc
     changed = dataset_doc("aes", sources, out)
     changed["spec"]["template"]["filter"]["minWidth"] = 100
     assert apply(api, kube_namespace, changed).returncode == 0
-    status = wait_dataset(api, kube_namespace, "aes", lambda s: s.get("phase") == "Failed"
-                          and s.get("partsByPhase") == {"Failed": 5}, timeout=600)["status"]
+    status = wait_dataset(
+        api,
+        kube_namespace,
+        "aes",
+        lambda s: s.get("phase") == "Failed" and s.get("partsByPhase") == {"Failed": 5},
+        timeout=600,
+    )["status"]
     for p in parts_of(api, kube_namespace, "aes"):
         assert p["spec"]["filter"]["minWidth"] == 100 and p["metadata"]["generation"] == 2
         assert {c["type"]: c.get("reason") for c in p["status"]["conditions"]}["Failed"] == "FilterChanged"
@@ -201,27 +249,47 @@ def test_a_settled_part_wakes_on_a_change_without_polling(api, operator, kube_na
     op = operator(env={"LAION_OPERATOR_POLL_SECONDS": "600"})
     doc = part_doc("sleeper", sources / "meta_1.parquet", tmp_path / "out", suspend=True)
     assert apply(api, kube_namespace, doc).returncode == 0
-    api.wait_for(GROUP, VERSION, PLURAL, kube_namespace, "sleeper",
-                 lambda o: (o.get("status") or {}).get("phase") == "Suspended", timeout=60)
+    api.wait_for(
+        GROUP,
+        VERSION,
+        PLURAL,
+        kube_namespace,
+        "sleeper",
+        lambda o: (o.get("status") or {}).get("phase") == "Suspended",
+        timeout=60,
+    )
     doc["spec"]["priority"] = 5  # still suspended: a new generation the part must take in
     assert apply(api, kube_namespace, doc).returncode == 0
     changed = time.monotonic()
-    status = api.wait_for(GROUP, VERSION, PLURAL, kube_namespace, "sleeper",
-                          lambda o: (o.get("status") or {}).get("observedGeneration") == 2, timeout=60)["status"]
+    status = api.wait_for(
+        GROUP,
+        VERSION,
+        PLURAL,
+        kube_namespace,
+        "sleeper",
+        lambda o: (o.get("status") or {}).get("observedGeneration") == 2,
+        timeout=60,
+    )["status"]
     assert time.monotonic() - changed < 15  # not the 600 s poll
     assert status["phase"] == "Suspended"
     assert "Handler 'wake'" not in op.logs()  # one line per watch event would drown the log
 
 
-def test_suspended_dataset_fans_out_follows_its_template_and_goes_with_its_parts(api, operator, kube_namespace,
-                                                                                 sources, tmp_path):
+def test_suspended_dataset_fans_out_follows_its_template_and_goes_with_its_parts(
+    api, operator, kube_namespace, sources, tmp_path
+):
     """No Ray at all: a suspended dataset's parts never submit a job."""
     op = operator()
     doc = dataset_doc("held", sources, tmp_path / "held", suspend=True)
     doc["spec"]["source"]["digits"] = 2
     assert apply(api, kube_namespace, doc).returncode == 0
-    status = wait_dataset(api, kube_namespace, "held", lambda s: s.get("phase") == "Suspended"
-                          and s.get("partsByPhase") == {"Suspended": 5}, timeout=300)["status"]
+    status = wait_dataset(
+        api,
+        kube_namespace,
+        "held",
+        lambda s: s.get("phase") == "Suspended" and s.get("partsByPhase") == {"Suspended": 5},
+        timeout=300,
+    )["status"]
     assert status["partsProgress"] == "0/5" and status["partPhases"] == {f"0{n}": "Suspended" for n in range(1, 6)}
     parts = sorted(parts_of(api, kube_namespace, "held"), key=lambda p: p["metadata"]["name"])
     assert [p["metadata"]["name"] for p in parts] == [f"held-0{n}" for n in range(1, 6)]
@@ -238,15 +306,27 @@ def test_suspended_dataset_fans_out_follows_its_template_and_goes_with_its_parts
     doc["spec"]["template"]["priority"] = 7
     assert apply(api, kube_namespace, doc).returncode == 0
     deadline = time.monotonic() + 300
-    while {(p["spec"]["download"]["imageSize"], p["spec"]["priority"], p["status"].get("observedGeneration"))
-           for p in parts_of(api, kube_namespace, "held")} != {(32, 7, 2)}:
-        assert time.monotonic() < deadline, [(p["spec"]["download"]["imageSize"], p["spec"]["priority"], p["metadata"].get("generation"), p["status"]) for p in parts_of(api, kube_namespace, "held")]
+    while {
+        (p["spec"]["download"]["imageSize"], p["spec"]["priority"], p["status"].get("observedGeneration"))
+        for p in parts_of(api, kube_namespace, "held")
+    } != {(32, 7, 2)}:
+        assert time.monotonic() < deadline, [
+            (p["spec"]["download"]["imageSize"], p["spec"]["priority"], p["metadata"].get("generation"), p["status"])
+            for p in parts_of(api, kube_namespace, "held")
+        ]
         time.sleep(0.3)
     assert all(p["status"]["phase"] == "Suspended" for p in parts_of(api, kube_namespace, "held"))
 
-    events = {e["reason"] for e in api.list("", "v1", "events", kube_namespace,
-                                            field_selector="involvedObject.kind=LaionDataset,"
-                                                           "involvedObject.name=held")}
+    events = {
+        e["reason"]
+        for e in api.list(
+            "",
+            "v1",
+            "events",
+            kube_namespace,
+            field_selector="involvedObject.kind=LaionDataset,involvedObject.name=held",
+        )
+    }
     assert {"PartsCreated", "PartsUpdated", "Suspended"} <= events
     described = api.kubectl("describe", "lds", "held", "-n", kube_namespace).stdout
     assert "PartsCreated" in described and "PartsUpdated" in described
@@ -266,8 +346,9 @@ def test_suspended_dataset_fans_out_follows_its_template_and_goes_with_its_parts
     assert (tmp_path / "held" / "dataset_index.json").is_file()  # the output stays
 
 
-def test_suspend_and_resume_mid_download_exactly_once(api, operator, ray_cluster, kube_namespace, slow_source,
-                                                      tmp_path):
+def test_suspend_and_resume_mid_download_exactly_once(
+    api, operator, ray_cluster, kube_namespace, slow_source, tmp_path
+):
     operator(ray=ray_cluster)
     out = tmp_path / "out"
     doc = part_doc("pausing", slow_source, out, download=download(maxInFlight=2))
@@ -293,8 +374,11 @@ def test_suspend_and_resume_mid_download_exactly_once(api, operator, ray_cluster
     assert status["observedGeneration"] == 3 and "-g3-" in status["submissionId"]
     for name, mtime in finished.items():  # resumed: the shards finished before the suspend stayed
         assert (out / name).stat().st_mtime == mtime
-    kept = [u for s in range(total) for u in
-            pq.read_table(out / "_laion" / "shards" / f"{s:05d}.parquet").column("url").to_pylist()]
+    kept = [
+        u
+        for s in range(total)
+        for u in pq.read_table(out / "_laion" / "shards" / f"{s:05d}.parquet").column("url").to_pylist()
+    ]
     written = [r for p in sorted(out.glob("0*.parquet")) for r in pq.read_table(p).to_pylist()]
     assert sorted(r["url"] for r in written) == sorted(kept)  # each sample exactly once
     keys = []
@@ -302,13 +386,11 @@ def test_suspend_and_resume_mid_download_exactly_once(api, operator, ray_cluster
         with tarfile.open(tar) as t:
             keys += [m.name.split(".")[0] for m in t.getmembers() if m.name.endswith(".jpg")]
     assert len(keys) == len(set(keys)) == sum(r["status"] == "success" for r in written) > 0
-    reasons = [e for e in api.list("", "v1", "events", kube_namespace,
-                                   field_selector="involvedObject.name=pausing")]
+    reasons = [e for e in api.list("", "v1", "events", kube_namespace, field_selector="involvedObject.name=pausing")]
     assert "Suspended" in {e["reason"] for e in reasons}
 
 
-def test_priority_orders_the_queue(api, operator, ray_cluster, kube_namespace,
-                                                                    sources, slow_source, tmp_path):
+def test_priority_orders_the_queue(api, operator, ray_cluster, kube_namespace, sources, slow_source, tmp_path):
     operator({"maxConcurrentParts": 1}, ray=ray_cluster)
     assert apply(api, kube_namespace, part_doc("blocker", slow_source, tmp_path / "blocker")).returncode == 0
     wait_phase(api, kube_namespace, "blocker", ("Pending", "Filtering", "Downloading"))
@@ -316,15 +398,18 @@ def test_priority_orders_the_queue(api, operator, ray_cluster, kube_namespace,
     assert apply(api, kube_namespace, part_doc("low", sources / "meta_1.parquet", tmp_path / "low")).returncode == 0
     wait_phase(api, kube_namespace, "low", "Queued")
     time.sleep(1.1)  # creationTimestamp has a resolution of a second
-    assert apply(api, kube_namespace, part_doc("high", sources / "meta_2.parquet", tmp_path / "high",
-                                               priority=10)).returncode == 0
+    assert (
+        apply(
+            api, kube_namespace, part_doc("high", sources / "meta_2.parquet", tmp_path / "high", priority=10)
+        ).returncode
+        == 0
+    )
     wait_phase(api, kube_namespace, "high", "Queued")
 
     # Suspending the running part frees its slot: the higher priority takes it.
     api.kubectl("patch", "lp", "blocker", "-n", kube_namespace, "--type=merge", "-p", '{"spec": {"suspend": true}}')
     wait_phase(api, kube_namespace, "blocker", "Suspended")
-    high = wait_phase(api, kube_namespace, "high", ("Pending", "Filtering", "Downloading", "Annotating",
-                                                   "Succeeded"))
+    high = wait_phase(api, kube_namespace, "high", ("Pending", "Filtering", "Downloading", "Annotating", "Succeeded"))
     assert part(api, kube_namespace, "low")["status"]["phase"] == "Queued"
     assert wait_phase(api, kube_namespace, "high", ("Succeeded", "Failed"))["status"]["phase"] == "Succeeded"
     low = wait_phase(api, kube_namespace, "low", ("Succeeded", "Failed"))["status"]
@@ -332,8 +417,9 @@ def test_priority_orders_the_queue(api, operator, ray_cluster, kube_namespace,
     assert low["activeSince"] > high["status"]["activeSince"]
 
 
-def test_deadline_fails_a_running_part_and_keeps_its_shards(api, operator, ray_cluster, kube_namespace, slow_source,
-                                                            tmp_path):
+def test_deadline_fails_a_running_part_and_keeps_its_shards(
+    api, operator, ray_cluster, kube_namespace, slow_source, tmp_path
+):
     operator(ray=ray_cluster)
     out = tmp_path / "out"
     doc = part_doc("late", slow_source, out, activeDeadlineSeconds=3600, download=download(maxInFlight=2))
@@ -341,8 +427,9 @@ def test_deadline_fails_a_running_part_and_keeps_its_shards(api, operator, ray_c
     wait_phase(api, kube_namespace, "late", "Downloading")
     wait_for_finished_shard(out)
     # A tighter deadline applies to the running job, as a Job's or Kueue's does: no restart, it overruns it.
-    api.kubectl("patch", "lp", "late", "-n", kube_namespace, "--type=merge",
-                "-p", '{"spec": {"activeDeadlineSeconds": 2}}')
+    api.kubectl(
+        "patch", "lp", "late", "-n", kube_namespace, "--type=merge", "-p", '{"spec": {"activeDeadlineSeconds": 2}}'
+    )
     status = wait_phase(api, kube_namespace, "late", ("Succeeded", "Failed"))["status"]
     assert status["phase"] == "Failed", status
     assert status["observedGeneration"] == 2

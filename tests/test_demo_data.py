@@ -24,12 +24,41 @@ from laion_operator.testbed.fakeweb import ImageServer, outcome_of, parse_spec  
 BASE = "http://127.0.0.1:9999"
 S, I, F = pa.string(), pa.int64(), pa.float64()  # noqa: E741 - one letter a type, to keep the schemas one line each
 EXPECTED_SCHEMAS = {
-    "aesthetics": [("URL", S), ("TEXT", S), ("WIDTH", I), ("HEIGHT", I), ("similarity", F), ("hash", I),
-                   ("punsafe", F), ("pwatermark", F), ("AESTHETIC_SCORE", F)],
-    "laion-art": [("URL", S), ("TEXT", S), ("WIDTH", I), ("HEIGHT", I), ("similarity", F), ("LANGUAGE", S),
-                  ("hash", I), ("pwatermark", F), ("punsafe", F), ("aesthetic", F)],
-    "lowercase": [("url", S), ("caption", S), ("width", I), ("height", I), ("similarity", F), ("hash", I),
-                  ("punsafe", F), ("pwatermark", F), ("language", S), ("aesthetic", F)],
+    "aesthetics": [
+        ("URL", S),
+        ("TEXT", S),
+        ("WIDTH", I),
+        ("HEIGHT", I),
+        ("similarity", F),
+        ("hash", I),
+        ("punsafe", F),
+        ("pwatermark", F),
+        ("AESTHETIC_SCORE", F),
+    ],
+    "laion-art": [
+        ("URL", S),
+        ("TEXT", S),
+        ("WIDTH", I),
+        ("HEIGHT", I),
+        ("similarity", F),
+        ("LANGUAGE", S),
+        ("hash", I),
+        ("pwatermark", F),
+        ("punsafe", F),
+        ("aesthetic", F),
+    ],
+    "lowercase": [
+        ("url", S),
+        ("caption", S),
+        ("width", I),
+        ("height", I),
+        ("similarity", F),
+        ("hash", I),
+        ("punsafe", F),
+        ("pwatermark", F),
+        ("language", S),
+        ("aesthetic", F),
+    ],
 }
 
 
@@ -128,8 +157,9 @@ def test_failure_mix_matches_outcomes(big):
 
 def test_declared_size_matches_url_for_most_served_images(big):
     hits = total = 0
-    for url, w, h in zip(big.column("URL").to_pylist(), big.column("WIDTH").to_pylist(),
-                         big.column("HEIGHT").to_pylist()):
+    for url, w, h in zip(
+        big.column("URL").to_pylist(), big.column("WIDTH").to_pylist(), big.column("HEIGHT").to_pylist()
+    ):
         if "/img/" in url and w is not None and h is not None:
             spec = parse_spec(url.rsplit("/", 1)[1])
             total += 1
@@ -178,8 +208,14 @@ def test_urls_behave_as_predicted_against_a_live_server(tmp_path):
         return "too_small" if min(img.size) < TINY_MAX else "ok"
 
     with ImageServer() as server:
-        table = write_metadata(tmp_path / "m.parquet", 200, server.base_url, seed=2, slow_seconds=3,
-                               failure_mix={**DEFAULT_FAILURE_MIX, "connection": 0.02})
+        table = write_metadata(
+            tmp_path / "m.parquet",
+            200,
+            server.base_url,
+            seed=2,
+            slow_seconds=3,
+            failure_mix={**DEFAULT_FAILURE_MIX, "connection": 0.02},
+        )
         urls = table.column("URL").to_pylist()
         # Pre-rendered, so a busy machine's render time cannot turn an "ok" into a timeout.
         assert server.warm(urls) > 150
@@ -193,10 +229,29 @@ def test_urls_behave_as_predicted_against_a_live_server(tmp_path):
 def test_cli_writes_the_file(tmp_path):
     out = tmp_path / "laion-art.parquet"
     env = dict(os.environ, PYTHONPATH=str(OPERATOR_DIR))
-    subprocess.run([sys.executable, "-m", "laion_operator.testbed.demo_data", str(out), "--rows", "1234",
-                    "--base-url", BASE, "--variant", "laion-art", "--seed", "5", "--mix", "ok=1"],
-                   check=True, env=env, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "laion_operator.testbed.demo_data",
+            str(out),
+            "--rows",
+            "1234",
+            "--base-url",
+            BASE,
+            "--variant",
+            "laion-art",
+            "--seed",
+            "5",
+            "--mix",
+            "ok=1",
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
     table = pq.read_table(out)
     assert table.num_rows == 1234 and "LANGUAGE" in table.column_names
-    assert table.equals(write_metadata(tmp_path / "same.parquet", 1234, BASE, variant="laion-art", seed=5,
-                                       failure_mix={"ok": 1}))
+    assert table.equals(
+        write_metadata(tmp_path / "same.parquet", 1234, BASE, variant="laion-art", seed=5, failure_mix={"ok": 1})
+    )

@@ -50,16 +50,26 @@ def listed_urls(df: pd.DataFrame) -> tuple[list[str], list[str]]:
 def expected(df: pd.DataFrame, listed: set[str]) -> tuple[set[str], int]:
     """Independently: the URLs the filter must keep, and the rows `excluded` must count (rows that pass
     the column conditions and are listed; counted before the dedupe)."""
-    ok = (df["URL"].notna() & (df["URL"].str.len() > 0) & (df["WIDTH"] >= FILTER["minWidth"]).fillna(False)
-          & (df["punsafe"] <= FILTER["maxPunsafe"]).fillna(False)).astype(bool)
+    ok = (
+        df["URL"].notna()
+        & (df["URL"].str.len() > 0)
+        & (df["WIDTH"] >= FILTER["minWidth"]).fillna(False)
+        & (df["punsafe"] <= FILTER["maxPunsafe"]).fillna(False)
+    ).astype(bool)
     survivors = df[ok]
     hit = survivors["URL"].isin(listed)
     return set(survivors[~hit]["URL"]), int(hit.sum())
 
 
 def spec_for(source: Path, out, exclude: list[str], **output) -> PartSpec:
-    return PartSpec.from_dict({"partId": "x", "source": {"urls": [str(source)]},
-                               "filter": {**FILTER, "exclude": exclude}, "output": {"uri": str(out), **output}})
+    return PartSpec.from_dict(
+        {
+            "partId": "x",
+            "source": {"urls": [str(source)]},
+            "filter": {**FILTER, "exclude": exclude},
+            "output": {"uri": str(out), **output},
+        }
+    )
 
 
 def shard_urls(store: Store, shards: int) -> list[str]:
@@ -86,8 +96,14 @@ def check_run(spec: PartSpec, df: pd.DataFrame, listed: set[str]) -> None:
 def write_lists(tmp: Path, by_url: list[str], by_hash: list[str]) -> dict[str, list[Path]]:
     """The same entries in each accepted shape: URLs in one file, hashes in another (or one file, both)."""
     text = tmp / "takedowns.txt"
-    text.write_text("# takedown requests\n\n" + "\n".join(f"  {u}  " for u in by_url) + "\n"
-                    + "\n".join(sha(u).upper() for u in by_hash[:5]) + "\n" + "\n".join(sha(u) for u in by_hash[5:]))
+    text.write_text(
+        "# takedown requests\n\n"
+        + "\n".join(f"  {u}  " for u in by_url)
+        + "\n"
+        + "\n".join(sha(u).upper() for u in by_hash[:5])
+        + "\n"
+        + "\n".join(sha(u) for u in by_hash[5:])
+    )
     gz = tmp / "takedowns.txt.gz"
     gz.write_bytes(gzip.compress(text.read_bytes()))
     csv_urls = tmp / "urls.csv"
@@ -95,13 +111,24 @@ def write_lists(tmp: Path, by_url: list[str], by_hash: list[str]) -> dict[str, l
     csv_hashes = tmp / "optout.csv"
     pd.DataFrame({"url_sha256": [sha(u) for u in by_hash]}).to_csv(csv_hashes, index=False)
     pq_both = tmp / "relaion-diff.parquet"
-    pq.write_table(pa.table({"url": by_url + [None] * len(by_hash),
-                             "url_sha256": [None] * len(by_url) + [sha(u) for u in by_hash]}), pq_both)
+    pq.write_table(
+        pa.table(
+            {"url": by_url + [None] * len(by_hash), "url_sha256": [None] * len(by_url) + [sha(u) for u in by_hash]}
+        ),
+        pq_both,
+    )
     pq_digest = tmp / "digests.parquet"
-    pq.write_table(pa.table({"sha256": pa.array([hashlib.sha256(u.encode()).digest() for u in by_hash + by_url],
-                                                pa.binary(32))}), pq_digest)
-    return {"text": [text], "text.gz": [gz], "csv": [csv_urls, csv_hashes], "parquet": [pq_both],
-            "parquet digests": [pq_digest]}
+    pq.write_table(
+        pa.table({"sha256": pa.array([hashlib.sha256(u.encode()).digest() for u in by_hash + by_url], pa.binary(32))}),
+        pq_digest,
+    )
+    return {
+        "text": [text],
+        "text.gz": [gz],
+        "csv": [csv_urls, csv_hashes],
+        "parquet": [pq_both],
+        "parquet digests": [pq_digest],
+    }
 
 
 @pytest.mark.parametrize("shape", ["text", "text.gz", "csv", "parquet", "parquet digests"])
@@ -127,8 +154,7 @@ def test_lists_from_s3_and_http(tmp_path, metadata, s3):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         exclude = [f"s3://{bucket}/lists/urls.csv", f"http://127.0.0.1:{server.server_address[1]}/optout.txt"]
-        spec = spec_for(source, f"s3://{bucket}/out", exclude, endpoint=s3.endpoint, region="us-east-1",
-                        pathStyle=True)
+        spec = spec_for(source, f"s3://{bucket}/out", exclude, endpoint=s3.endpoint, region="us-east-1", pathStyle=True)
         check_run(spec, df, set(by_url) | set(by_hash))
     finally:
         server.shutdown()
@@ -139,9 +165,14 @@ def test_excluded_count_without_dedupe_or_shuffle_counts_every_listed_row(tmp_pa
     source, df = metadata
     by_url, _ = listed_urls(df)
     lists = write_lists(tmp_path, by_url, [])
-    spec = PartSpec.from_dict({"partId": "x", "source": {"urls": [str(source)]},
-                               "filter": {**FILTER, "exclude": [str(lists["text"][0])], "dedupeUrls": False,
-                                          "shuffle": False}, "output": {"uri": str(tmp_path / "out")}})
+    spec = PartSpec.from_dict(
+        {
+            "partId": "x",
+            "source": {"urls": [str(source)]},
+            "filter": {**FILTER, "exclude": [str(lists["text"][0])], "dedupeUrls": False, "shuffle": False},
+            "output": {"uri": str(tmp_path / "out")},
+        }
+    )
     keep, excluded = expected(df, set(by_url))
     store = Store(spec.output)
     result = run_filter(spec, store)
@@ -181,8 +212,10 @@ def test_bad_lists_are_named_with_the_line_or_column(tmp_path, metadata):
     cases[binary] = ["list.lst", "not UTF-8"]
     for path, words in cases.items():
         with pytest.raises(ExclusionListError) as err:
-            run_filter(spec_for(source, tmp_path / f"out-{path.name}", [str(path)]),
-                       Store(spec_for(source, tmp_path / f"out-{path.name}", []).output))
+            run_filter(
+                spec_for(source, tmp_path / f"out-{path.name}", [str(path)]),
+                Store(spec_for(source, tmp_path / f"out-{path.name}", []).output),
+            )
         for word in words:
             assert word in str(err.value), (path, str(err.value))
 
@@ -192,9 +225,16 @@ def test_dry_run_plan_shows_the_excluded_rows(tmp_path, metadata):
     by_url, by_hash = listed_urls(df)
     lists = write_lists(tmp_path, by_url, by_hash)
     part = tmp_path / "part.yaml"
-    part.write_text(yaml.safe_dump({"partId": "x", "source": {"urls": [str(source)]},
-                                    "filter": {**FILTER, "exclude": [str(p) for p in lists["csv"]]},
-                                    "output": {"uri": str(tmp_path / "out")}}))
+    part.write_text(
+        yaml.safe_dump(
+            {
+                "partId": "x",
+                "source": {"urls": [str(source)]},
+                "filter": {**FILTER, "exclude": [str(p) for p in lists["csv"]]},
+                "output": {"uri": str(tmp_path / "out")},
+            }
+        )
+    )
     _, excluded = expected(df, set(by_url) | set(by_hash))
     done = subprocess.run([CLI, "run", "--dry-run", str(part)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -202,8 +242,15 @@ def test_dry_run_plan_shows_the_excluded_rows(tmp_path, metadata):
     assert not (tmp_path / "out").exists()
 
     (tmp_path / "bad.txt").write_text("nonsense\n")
-    part.write_text(yaml.safe_dump({"partId": "x", "source": {"urls": [str(source)]},
-                                    "filter": {"exclude": [str(tmp_path / "bad.txt")]},
-                                    "output": {"uri": str(tmp_path / "out")}}))
+    part.write_text(
+        yaml.safe_dump(
+            {
+                "partId": "x",
+                "source": {"urls": [str(source)]},
+                "filter": {"exclude": [str(tmp_path / "bad.txt")]},
+                "output": {"uri": str(tmp_path / "out")},
+            }
+        )
+    )
     done = subprocess.run([CLI, "run", "--dry-run", str(part)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "bad.txt: line 1" in done.stderr, (done.returncode, done.stderr)

@@ -15,10 +15,10 @@ import yaml
 
 from laion_operator.control import crash
 from laion_operator.testbed.demo_data import write_metadata
-from tests.support.specs import loopback
 from tests.support.exactly_once import check_exactly_once
 from tests.support.faults import Outage
 from tests.support.operator_proc import OperatorProcess, operator_starter
+from tests.support.specs import loopback
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUP, VERSION, PLURAL = "laion-operator.io", "v1alpha1", "laionparts"
@@ -47,19 +47,24 @@ def metadata(tmp_path_factory, image_server):
 @pytest.fixture(scope="module")
 def slow_metadata(tmp_path_factory, image_server):
     path = tmp_path_factory.mktemp("slow") / "part.parquet"
-    write_metadata(path, 40, image_server.base_url, seed=42, slow_seconds=1,
-                   failure_mix={"ok": 0.5, "timeout": 0.5})
+    write_metadata(path, 40, image_server.base_url, seed=42, slow_seconds=1, failure_mix={"ok": 0.5, "timeout": 0.5})
     return path
 
 
 def manifest(name: str, source, output, **spec) -> dict:
-    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "LaionPart", "metadata": {"name": name},
-            "spec": {"partId": name, "source": {"urls": [str(source)]},
-                     "output": output if isinstance(output, dict) else {"uri": str(output)},
-                     "filter": {"samplesPerShard": 10},
-                     "download": loopback({"imageSize": 64, "timeout": 5, "maxInFlight": 4,
-                                           **spec.pop("download", {})}),
-                     **spec}}
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "LaionPart",
+        "metadata": {"name": name},
+        "spec": {
+            "partId": name,
+            "source": {"urls": [str(source)]},
+            "output": output if isinstance(output, dict) else {"uri": str(output)},
+            "filter": {"samplesPerShard": 10},
+            "download": loopback({"imageSize": 64, "timeout": 5, "maxInFlight": 4, **spec.pop("download", {})}),
+            **spec,
+        },
+    }
 
 
 def apply(api, namespace: str, *docs: dict) -> None:
@@ -73,17 +78,27 @@ def status_of(api, namespace: str, name: str) -> dict:
 
 def wait_phase(api, namespace: str, name: str, phases, timeout: float = 600) -> dict:
     phases = {phases} if isinstance(phases, str) else set(phases)
-    return api.wait_for(GROUP, VERSION, PLURAL, namespace, name,
-                        lambda o: o is not None and (o.get("status") or {}).get("phase") in phases,
-                        timeout=timeout)["status"]
+    return api.wait_for(
+        GROUP,
+        VERSION,
+        PLURAL,
+        namespace,
+        name,
+        lambda o: o is not None and (o.get("status") or {}).get("phase") in phases,
+        timeout=timeout,
+    )["status"]
 
 
 def jobs_of(ray_cluster, namespace: str, name: str) -> list[dict]:
     """The part's jobs, from the Jobs API's list (as the operator labels them)."""
     listed = ray_cluster.jobs_api("/api/jobs/")
     jobs = listed if isinstance(listed, list) else listed.get("jobs", [])
-    return [j for j in jobs if (j.get("metadata") or {}).get("laion-operator.io/part") == name
-            and j["metadata"].get("laion-operator.io/namespace") == namespace]
+    return [
+        j
+        for j in jobs
+        if (j.get("metadata") or {}).get("laion-operator.io/part") == name
+        and j["metadata"].get("laion-operator.io/namespace") == namespace
+    ]
 
 
 class JobWatch:
@@ -122,8 +137,9 @@ def wait_exit(op: OperatorProcess, timeout: float = 600) -> int:
     return op.proc.returncode
 
 
-def test_operator_killed_at_each_step_ends_with_one_job(api, operators, ray_cluster, kube_namespace, metadata,
-                                                         tmp_path):
+def test_operator_killed_at_each_step_ends_with_one_job(
+    api, operators, ray_cluster, kube_namespace, metadata, tmp_path
+):
     """One part walked through every crash point, a new operator after each: one job, then Succeeded."""
     ns, out = kube_namespace, tmp_path / "out"
     watch = JobWatch(ray_cluster, ns, "crashy")
@@ -148,8 +164,9 @@ def test_operator_killed_at_each_step_ends_with_one_job(api, operators, ray_clus
     check_exactly_once(out, status, final.metrics(), ns, "crashy")
 
 
-def test_killed_job_driver_is_retried_never_two_jobs_at_once(api, operators, ray_cluster, kube_namespace,
-                                                              slow_metadata, tmp_path):
+def test_killed_job_driver_is_retried_never_two_jobs_at_once(
+    api, operators, ray_cluster, kube_namespace, slow_metadata, tmp_path
+):
     ns, out = kube_namespace, tmp_path / "out"
     op = operators()
     watch = JobWatch(ray_cluster, ns, "driverless")
@@ -197,19 +214,34 @@ def test_api_server_faults_converge_without_a_second_job(api, ray_cluster, kube_
         check_exactly_once(out, status, op.metrics(), ns, "shaky")
 
 
-def test_unreachable_storage_fails_the_part_as_storage_unavailable(api, operators, ray_cluster, s3,
-                                                                   kube_namespace, metadata):
+def test_unreachable_storage_fails_the_part_as_storage_unavailable(
+    api, operators, ray_cluster, s3, kube_namespace, metadata
+):
     from tests.support.chart import installed
 
     ns = kube_namespace
     bucket = s3.create_bucket(f"gone-{ns[-6:]}")
     outage = Outage(s3.port)  # never up: the endpoint refuses every connection
-    api.kubectl("create", "secret", "generic", "s3", "-n", ns, f"--from-literal=AWS_ACCESS_KEY_ID={s3.ACCESS_KEY}",
-                f"--from-literal=AWS_SECRET_ACCESS_KEY={s3.SECRET_KEY}")
+    api.kubectl(
+        "create",
+        "secret",
+        "generic",
+        "s3",
+        "-n",
+        ns,
+        f"--from-literal=AWS_ACCESS_KEY_ID={s3.ACCESS_KEY}",
+        f"--from-literal=AWS_SECRET_ACCESS_KEY={s3.SECRET_KEY}",
+    )
     with installed(api, {"credentialsSecrets": ["s3"]}) as env:  # the chart lets the operator read this Secret
         operators(env=env)
-        output = {"uri": f"s3://{bucket}/part", "endpoint": outage.endpoint, "region": "us-east-1",
-                  "pathStyle": True, "credentialsSecret": "s3", "retrySeconds": 3}
+        output = {
+            "uri": f"s3://{bucket}/part",
+            "endpoint": outage.endpoint,
+            "region": "us-east-1",
+            "pathStyle": True,
+            "credentialsSecret": "s3",
+            "retrySeconds": 3,
+        }
         apply(api, ns, manifest("nostore", metadata, output, maxRetries=0))
         status = wait_phase(api, ns, "nostore", "Failed")
     reasons = {c["type"]: c.get("reason") for c in status["conditions"]}
@@ -229,21 +261,23 @@ def tiny_metadata(tmp_path_factory, image_server):
 LOAD_PARTS = int(os.environ.get("LAION_TEST_LOAD_PARTS", "6"))  # the soak (bench/soak_bench.py) runs 200
 
 
-def test_many_parts_at_once_run_oldest_first_within_the_limit(api, operators, ray_cluster, kube_namespace,
-                                                              tiny_metadata, tmp_path):
+def test_many_parts_at_once_run_oldest_first_within_the_limit(
+    api, operators, ray_cluster, kube_namespace, tiny_metadata, tmp_path
+):
     from tests.support.load import run_many
 
     limit = 2  # below the parts, so that most of them queue
     op = operators({"maxConcurrentParts": limit})
-    run = run_many(api, kube_namespace, ray_cluster, op, tiny_metadata, tmp_path, LOAD_PARTS, timeout=900,
-                   idle_seconds=10)
+    run = run_many(
+        api, kube_namespace, ray_cluster, op, tiny_metadata, tmp_path, LOAD_PARTS, timeout=900, idle_seconds=10
+    )
     assert set(run.phases.values()) == {"Succeeded"}, run.phases
     assert sorted(run.started) == run.names  # one job each
     assert run.order_slip() < limit, run.started  # oldest first, give or take the parts starting together
     # The queue metric follows the parts: all but `limit` wait at first, it only shrinks, it ends empty.
     peak = run.queue.index(max(run.queue))
     assert max(run.queue) >= LOAD_PARTS - 2 * limit, run.queue
-    assert all(b <= a for a, b in zip(run.queue[peak:], run.queue[peak + 1:])), run.queue
+    assert all(b <= a for a, b in zip(run.queue[peak:], run.queue[peak + 1 :])), run.queue
     assert run.queue[-1] == 0
     assert run.rss_peak < 200 * 2**20, run.rss_peak
     assert run.idle_cpu < 0.05, run.idle_cpu
@@ -255,13 +289,20 @@ def test_many_parts_at_once_run_oldest_first_within_the_limit(api, operators, ra
 def timing_out_metadata(tmp_path_factory, image_server):
     """Slow images: they time out at a 1 s timeout and come at 5 s — the transient failures a heal is for."""
     path = tmp_path_factory.mktemp("heal") / "part.parquet"
-    write_metadata(path, 30, image_server.base_url, seed=44, slow_seconds=2,
-                   failure_mix={"ok": 0.5, "timeout": 0.3, "http_4xx": 0.2})
+    write_metadata(
+        path,
+        30,
+        image_server.base_url,
+        seed=44,
+        slow_seconds=2,
+        failure_mix={"ok": 0.5, "timeout": 0.3, "http_4xx": 0.2},
+    )
     return path
 
 
-def test_heal_field_starts_a_heal_job_and_the_status_follows(api, operators, ray_cluster, kube_namespace,
-                                                             timing_out_metadata, tmp_path):
+def test_heal_field_starts_a_heal_job_and_the_status_follows(
+    api, operators, ray_cluster, kube_namespace, timing_out_metadata, tmp_path
+):
     ns, out = kube_namespace, tmp_path / "out"
     op = operators()
     doc = manifest("healed", timing_out_metadata, out, download={"timeout": 1, "maxInFlight": 8})
@@ -274,15 +315,22 @@ def test_heal_field_starts_a_heal_job_and_the_status_follows(api, operators, ray
     doc["spec"]["download"]["timeout"] = 5  # the network is better now
     doc["spec"]["heal"] = {"reasons": ["timeout"]}
     apply(api, ns, doc)
-    status = api.wait_for(GROUP, VERSION, PLURAL, ns, "healed",
-                          lambda o: o["status"].get("observedGeneration") == 2
-                          and o["status"].get("phase") in ("Succeeded", "Failed"), timeout=240)["status"]
+    status = api.wait_for(
+        GROUP,
+        VERSION,
+        PLURAL,
+        ns,
+        "healed",
+        lambda o: o["status"].get("observedGeneration") == 2 and o["status"].get("phase") in ("Succeeded", "Failed"),
+        timeout=240,
+    )["status"]
     assert status["phase"] == "Succeeded", status
     assert status["images"]["ok"] == first["images"]["ok"] + timeouts
     assert "timeout" not in status["images"]["failedByReason"]
     assert "healed" in status["message"]
     assert sorted(j["submission_id"] for j in jobs_of(ray_cluster, ns, "healed")) == sorted(
-        [first["submissionId"], status["submissionId"]])
+        [first["submissionId"], status["submissionId"]]
+    )
     time.sleep(2)
     summary = check_exactly_once(out, status, op.metrics(), ns, "healed")
     assert summary["heal"]["refetched"] == timeouts

@@ -25,22 +25,31 @@ OUTAGE_SECONDS = float(os.environ.get("LAION_TEST_OUTAGE_SECONDS", "30"))
 
 
 def spec(source, output, rows_per_shard: int = 10, **download) -> PartSpec:
-    return PartSpec.from_dict({
-        "partId": "f",
-        "source": {"urls": [str(source)]},
-        "filter": {"samplesPerShard": rows_per_shard},
-        "download": loopback({"imageSize": 64, "timeout": 5, "maxInFlight": 2, "parallelism": 2,
-                              "shardRetries": 3, **download}),
-        "output": output if isinstance(output, dict) else {"uri": str(output)},
-    })
+    return PartSpec.from_dict(
+        {
+            "partId": "f",
+            "source": {"urls": [str(source)]},
+            "filter": {"samplesPerShard": rows_per_shard},
+            "download": loopback(
+                {"imageSize": 64, "timeout": 5, "maxInFlight": 2, "parallelism": 2, "shardRetries": 3, **download}
+            ),
+            "output": output if isinstance(output, dict) else {"uri": str(output)},
+        }
+    )
 
 
 @pytest.fixture(scope="module")
 def slow_metadata(tmp_path_factory, image_server):
     """Half the images answer after a second: shards run long enough to be hit mid-way."""
     path = tmp_path_factory.mktemp("slow") / "part.parquet"
-    write_metadata(path, 60, image_server.base_url, seed=31, slow_seconds=1,
-                   failure_mix={"ok": 0.5, "timeout": 0.4, "http_4xx": 0.1})
+    write_metadata(
+        path,
+        60,
+        image_server.base_url,
+        seed=31,
+        slow_seconds=1,
+        failure_mix={"ok": 0.5, "timeout": 0.4, "http_4xx": 0.1},
+    )
     return path
 
 
@@ -79,14 +88,22 @@ def wait_until(predicate, timeout: float = 180, what: str = "condition"):
 
 
 def s3_output(s3, bucket: str, retry_seconds: float) -> dict:
-    return {"uri": f"s3://{bucket}/part", "endpoint": s3.endpoint, "region": "us-east-1", "pathStyle": True,
-            "retrySeconds": retry_seconds}
+    return {
+        "uri": f"s3://{bucket}/part",
+        "endpoint": s3.endpoint,
+        "region": "us-east-1",
+        "pathStyle": True,
+        "retrySeconds": retry_seconds,
+    }
 
 
 def stats_files(s3, bucket: str) -> dict[str, bytes]:
     client = s3.client()
-    return {k: client.get_object(Bucket=bucket, Key=k)["Body"].read()
-            for k in s3.keys(bucket, "part/") if k.endswith("_stats.json")}
+    return {
+        k: client.get_object(Bucket=bucket, Key=k)["Body"].read()
+        for k in s3.keys(bucket, "part/")
+        if k.endswith("_stats.json")
+    }
 
 
 def test_object_store_outage_is_ridden_out_exactly_once(ray_driver, s3, slow_metadata):
@@ -146,8 +163,10 @@ def test_lost_progress_board_comes_back_and_the_part_goes_on(ray_driver, slow_me
     the part ends as if nothing happened."""
     out = tmp_path / "out"
     run = Background(spec(slow_metadata, out))
-    wait_until(lambda: (ray_workers(ray_driver) and ray_workers(ray_driver, "Board")) or run.error,
-               what="a running shard and its board")
+    wait_until(
+        lambda: (ray_workers(ray_driver) and ray_workers(ray_driver, "Board")) or run.error,
+        what="a running shard and its board",
+    )
     time.sleep(1)
     for pid in ray_workers(ray_driver, "Board"):
         os.kill(pid, signal.SIGKILL)

@@ -16,8 +16,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections import Counter
 import urllib.request
+from collections import Counter
 from pathlib import Path
 from urllib.parse import quote
 
@@ -41,8 +41,9 @@ SLACK = 2.0  # seconds a bound allows past a deadline
 
 def options(**download):
     download.setdefault("allowedNetworks", LOOPBACK)
-    return PartSpec.from_dict({"partId": "t", "source": {"urls": ["m.parquet"]}, "output": {"uri": "out"},
-                               "download": download}).download
+    return PartSpec.from_dict(
+        {"partId": "t", "source": {"urls": ["m.parquet"]}, "output": {"uri": "out"}, "download": download}
+    ).download
 
 
 class Result:
@@ -60,12 +61,14 @@ def fetch_each(urls, **download) -> list[Result]:
 
     async def main():
         async with Engine(opts) as engine:
+
             async def one(url):
                 start = time.monotonic()
                 try:
                     return Result(url, await engine.fetch(url), None, time.monotonic() - start)
                 except FetchError as err:
                     return Result(url, None, err, time.monotonic() - start)
+
             return await asyncio.gather(*(one(u) for u in urls)), engine
 
     results, engine = asyncio.run(main())
@@ -104,23 +107,53 @@ def web2():
 
 # --- failure reasons ----------------------------------------------------------------------------
 
+
 def test_every_route_ends_as_the_fake_web_predicts(web):
     b = web.base_url
-    urls = [f"{b}/img/1_640x480.jpg", f"{b}/img/2_300x200.png", f"{b}/img/3_200x300.webp",
-            f"{b}/redirect/4_300x300.jpg", f"{b}/noai/5_300x300.jpg", f"{b}/truncated/6_600x400.jpg",
-            f"{b}/garbage/7.jpg", f"{b}/status/404/8", f"{b}/status/503/9", f"{b}/reset/10",
-            f"{b}/slow/4/11_64x64.jpg", f"{b}/drip/0.5/12_64x64.jpg", f"{b}/big/40000000/13",
-            f"{b}/bigstream/40000000/14", f"{b}/bomb/15_30000x30000.png", f"{b}/bomb/16_20x20.gif",
-            f"{b}/hops/5/17_64x64.jpg", f"{b}/hops/6/18_64x64.jpg", f"{b}/loop/19",
-            f"{b}/to/{quote('file:///etc/hostname', safe='')}", "file:///etc/hostname", "ftp://example.com/a.jpg",
-            f"{b}/retry/429/3600/1/20_64x64.jpg", f"{b}/retry/503/-/5/21_64x64.jpg"]
+    urls = [
+        f"{b}/img/1_640x480.jpg",
+        f"{b}/img/2_300x200.png",
+        f"{b}/img/3_200x300.webp",
+        f"{b}/redirect/4_300x300.jpg",
+        f"{b}/noai/5_300x300.jpg",
+        f"{b}/truncated/6_600x400.jpg",
+        f"{b}/garbage/7.jpg",
+        f"{b}/status/404/8",
+        f"{b}/status/503/9",
+        f"{b}/reset/10",
+        f"{b}/slow/4/11_64x64.jpg",
+        f"{b}/drip/0.5/12_64x64.jpg",
+        f"{b}/big/40000000/13",
+        f"{b}/bigstream/40000000/14",
+        f"{b}/bomb/15_30000x30000.png",
+        f"{b}/bomb/16_20x20.gif",
+        f"{b}/hops/5/17_64x64.jpg",
+        f"{b}/hops/6/18_64x64.jpg",
+        f"{b}/loop/19",
+        f"{b}/to/{quote('file:///etc/hostname', safe='')}",
+        "file:///etc/hostname",
+        "ftp://example.com/a.jpg",
+        f"{b}/retry/429/3600/1/20_64x64.jpg",
+        f"{b}/retry/503/-/5/21_64x64.jpg",
+    ]
     results = fetch_each(urls, timeout=2)
     expected = [outcome_of(u, timeout=2) for u in urls]
     # The engine hands undecodable bodies over as bytes: only a truncated body is `decode` already.
     fetched = [e if e != "decode" or "/truncated/" in u else "ok" for u, e in zip(urls, expected)]
     assert [r.reason for r in results] == fetched
-    assert set(expected) >= {"ok", "opt_out", "decode", "http_4xx", "http_5xx", "connection", "timeout",
-                             "too_large", "redirect", "bad_url", "rate_limited"}
+    assert set(expected) >= {
+        "ok",
+        "opt_out",
+        "decode",
+        "http_4xx",
+        "http_5xx",
+        "connection",
+        "timeout",
+        "too_large",
+        "redirect",
+        "bad_url",
+        "rate_limited",
+    }
     assert {r.reason for r in results} <= set(FAILURE_REASONS) | {"ok"}
 
 
@@ -134,6 +167,7 @@ def test_classify_names_aiohttp_failures():
     refused = aiohttp.ClientConnectorError(key, ConnectionRefusedError(111, "refused"))
     dns = aiohttp.ClientConnectorDNSError(key, socket.gaierror(-2, "Name or service not known"))
     import ssl
+
     cert = aiohttp.ClientConnectorCertificateError(key, ssl.SSLCertVerificationError("bad cert"))
     assert classify(refused) == "connection"
     assert classify(dns) == "dns"
@@ -164,13 +198,26 @@ def test_shard_writes_every_reason_per_sample(web, tmp_path):
     from laion_operator.storage import Store
 
     b = web.base_url
-    urls = [f"{b}/img/1_300x200.jpg", f"{b}/bomb/2_30000x30000.jpg", f"{b}/loop/3", "file:///etc/hostname",
-            f"{b}/retry/429/3600/1/4_64x64.jpg", f"{b}/big/40000000/5", f"{b}/status/404/6"]
+    urls = [
+        f"{b}/img/1_300x200.jpg",
+        f"{b}/bomb/2_30000x30000.jpg",
+        f"{b}/loop/3",
+        "file:///etc/hostname",
+        f"{b}/retry/429/3600/1/4_64x64.jpg",
+        f"{b}/big/40000000/5",
+        f"{b}/status/404/6",
+    ]
     meta = tmp_path / "m.parquet"
     pq.write_table(pa.table({"URL": urls, "TEXT": [f"c{i}" for i in range(len(urls))]}), meta)
-    spec = PartSpec.from_dict({"partId": "t", "source": {"urls": [str(meta)]}, "output": {"uri": str(tmp_path / "o")},
-                               "filter": {"shuffle": False},
-                               "download": {"allowedNetworks": LOOPBACK, "outputFormat": "parquet", "timeout": 3}})
+    spec = PartSpec.from_dict(
+        {
+            "partId": "t",
+            "source": {"urls": [str(meta)]},
+            "output": {"uri": str(tmp_path / "o")},
+            "filter": {"shuffle": False},
+            "download": {"allowedNetworks": LOOPBACK, "outputFormat": "parquet", "timeout": 3},
+        }
+    )
     store = Store(spec.output)
     run_filter(spec, store)
     stats = download_shard(spec, 0, threads=2)
@@ -184,6 +231,7 @@ def test_shard_writes_every_reason_per_sample(web, tmp_path):
 
 
 # --- 1. many URLs in flight, keep-alive, decode threads -------------------------------------------
+
 
 def test_many_urls_are_in_flight_at_once(web):
     urls = [f"{web.base_url}/slow/1/inflight{i}_64x64.jpg" for i in range(40)]
@@ -280,6 +328,7 @@ def test_a_handler_error_ends_the_shard(web):
 
 # --- 2. deadlines -------------------------------------------------------------------------------
 
+
 def test_a_drip_fed_body_ends_at_the_deadline_as_timeout(web):
     r = fetch_one(f"{web.base_url}/drip/0.5/drip_256x256.jpg", timeout=2)
     assert r.reason == "timeout"
@@ -292,8 +341,14 @@ def test_a_drip_fed_body_ends_at_the_deadline_as_timeout(web):
 def test_no_url_holds_its_slot_past_its_deadlines_and_backoff(web):
     with Silent() as silent:
         b = web.base_url
-        urls = [f"{b}/drip/0.3/h1_256x256.jpg", f"{silent.base_url}/img/h2_64x64.jpg", f"{b}/slow/20/h3_64x64.jpg",
-                f"{b}/retry/429/1/100/h4_64x64.jpg", f"{b}/hops/3/h5_64x64.jpg", f"{b}/bigstream/2000000000/h6"]
+        urls = [
+            f"{b}/drip/0.3/h1_256x256.jpg",
+            f"{silent.base_url}/img/h2_64x64.jpg",
+            f"{b}/slow/20/h3_64x64.jpg",
+            f"{b}/retry/429/1/100/h4_64x64.jpg",
+            f"{b}/hops/3/h5_64x64.jpg",
+            f"{b}/bigstream/2000000000/h6",
+        ]
         results = fetch_each(urls, timeout=2, retries=1)
     for r in results:
         assert r.seconds < 2 * 2 + SLACK, (r.url, r.seconds, r.reason)
@@ -301,6 +356,7 @@ def test_no_url_holds_its_slot_past_its_deadlines_and_backoff(web):
 
 
 # --- 3. size caps and memory ----------------------------------------------------------------------
+
 
 def test_content_length_over_the_cap_is_refused_before_reading(web):
     sent = web.bytes_sent["big"]
@@ -328,8 +384,14 @@ def test_declared_pixels_over_the_cap_are_refused_before_decoding(web, fmt):
 
 
 def test_declared_pixels_reads_headers_only():
-    for fmt, _extension in [("JPEG", "jpg"), ("PNG", "png"), ("GIF", "gif"), ("WEBP", "webp"), ("BMP", "bmp"),
-                     ("TIFF", "tif")]:
+    for fmt, _extension in [
+        ("JPEG", "jpg"),
+        ("PNG", "png"),
+        ("GIF", "gif"),
+        ("WEBP", "webp"),
+        ("BMP", "bmp"),
+        ("TIFF", "tif"),
+    ]:
         buf = io.BytesIO()
         Image.new("RGB", (123, 45)).save(buf, fmt)
         assert declared_pixels(buf.getvalue()) == 123 * 45, fmt
@@ -376,8 +438,12 @@ print(json.dumps({"before": before, "peak": status("VmHWM"), "reasons": stats.fa
 def test_a_shard_of_huge_bodies_stays_small_in_memory(web, tmp_path):
     """Two 600 MB bodies without Content-Length and one with: the shard's peak memory grows by far less."""
     operator_dir = str(Path(__file__).resolve().parents[1] / "operator")
-    done = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, operator_dir, web.base_url, str(tmp_path)],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT, operator_dir, web.base_url, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["reasons"] == {"too_large": 3} and result["ok"] == 1
@@ -387,17 +453,46 @@ def test_a_shard_of_huge_bodies_stays_small_in_memory(web, tmp_path):
 
 # --- 4. the address guard -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("address", [
-    "127.0.0.1", "127.255.0.9", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1",
-    "224.0.0.1", "239.255.255.250", "240.0.0.1", "0.0.0.0", "255.255.255.255", "192.0.2.5", "198.18.0.1",
-    "::1", "::", "fe80::1", "fc00::1", "fd12:3456::1", "ff02::1", "::ffff:127.0.0.1", "::ffff:169.254.169.254",
-    "::ffff:10.0.0.1", "64:ff9b::a9fe:a9fe", "2002:7f00:1::", "2001:db8::1", "not-an-address"])
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "127.0.0.1",
+        "127.255.0.9",
+        "10.1.2.3",
+        "172.16.0.1",
+        "192.168.1.1",
+        "169.254.169.254",
+        "100.64.0.1",
+        "224.0.0.1",
+        "239.255.255.250",
+        "240.0.0.1",
+        "0.0.0.0",
+        "255.255.255.255",
+        "192.0.2.5",
+        "198.18.0.1",
+        "::1",
+        "::",
+        "fe80::1",
+        "fc00::1",
+        "fd12:3456::1",
+        "ff02::1",
+        "::ffff:127.0.0.1",
+        "::ffff:169.254.169.254",
+        "::ffff:10.0.0.1",
+        "64:ff9b::a9fe:a9fe",
+        "2002:7f00:1::",
+        "2001:db8::1",
+        "not-an-address",
+    ],
+)
 def test_guard_refuses_non_public_addresses(address):
     assert not AddressGuard().allows(address)
 
 
-@pytest.mark.parametrize("address", ["8.8.8.8", "1.1.1.1", "93.184.216.34", "2606:4700:4700::1111",
-                                     "::ffff:8.8.8.8", "64:ff9b::808:808"])
+@pytest.mark.parametrize(
+    "address", ["8.8.8.8", "1.1.1.1", "93.184.216.34", "2606:4700:4700::1111", "::ffff:8.8.8.8", "64:ff9b::808:808"]
+)
 def test_guard_allows_public_addresses(address):
     assert AddressGuard().allows(address)
 
@@ -433,16 +528,24 @@ def test_a_redirect_into_loopback_is_blocked(web, web2):
     assert r.reason == "blocked_address"
     assert sum(web.hits.values()) == hits
     assert web2.hits["to"] >= 1
-    r = fetch_one(f"http://localhost:{web2.port}/img/g5_64x64.jpg".replace("localhost", "127.0.0.2"),
-                  allowedNetworks=allowed)
+    r = fetch_one(
+        f"http://localhost:{web2.port}/img/g5_64x64.jpg".replace("localhost", "127.0.0.2"), allowedNetworks=allowed
+    )
     assert r.reason == "ok"
 
 
 def test_only_http_and_https_are_fetched(tmp_path):
     image = tmp_path / "secret.jpg"
     Image.new("RGB", (64, 64)).save(image)
-    for url in [image.as_uri(), "ftp://example.com/a.jpg", "data:image/png;base64,AAAA", "gopher://x/", "/relative.jpg",
-                "http:///no-host.jpg", "not a url at all"]:
+    for url in [
+        image.as_uri(),
+        "ftp://example.com/a.jpg",
+        "data:image/png;base64,AAAA",
+        "gopher://x/",
+        "/relative.jpg",
+        "http:///no-host.jpg",
+        "not a url at all",
+    ]:
         r = fetch_one(url)
         assert r.reason == "bad_url", (url, r.reason)
         assert r.seconds < 1
@@ -456,6 +559,7 @@ def test_guard_applies_to_every_redirect_hop_and_scheme(web):
 
 
 # --- 5. redirects ---------------------------------------------------------------------------------
+
 
 def test_redirects_are_limited_and_loops_caught(web, web2):
     b = web.base_url
@@ -472,6 +576,7 @@ def test_redirects_are_limited_and_loops_caught(web, web2):
 
 
 # --- 6. politeness --------------------------------------------------------------------------------
+
 
 def test_at_most_max_per_host_connections_at_once():
     with ImageServer() as server:
@@ -496,7 +601,8 @@ def test_retry_after_is_honoured(web):
     assert fetch_one(f"{web.base_url}/retry/503/1/1/ra2_64x64.jpg", timeout=5).reason == "ok"
     assert fetch_one(f"{web.base_url}/retry/429/-/1/ra3_64x64.jpg", timeout=5).reason == "ok"  # backoff
     date = (datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=2)).strftime(
-        "%a, %d %b %Y %H:%M:%S GMT")
+        "%a, %d %b %Y %H:%M:%S GMT"
+    )
     assert fetch_engine.retry_after(date, 0) == pytest.approx(2, abs=1.1)
 
 
@@ -535,6 +641,7 @@ def test_a_live_host_with_slow_urls_is_not_marked_dead(web):
 
 # --- 7. DNS ---------------------------------------------------------------------------------------
 
+
 class TinyDNS:
     """A DNS server on loopback UDP answering A queries for `records` (name -> IPv4), NXDOMAIN otherwise."""
 
@@ -555,9 +662,9 @@ class TinyDNS:
             qid = struct.unpack(">H", data[:2])[0]
             i, labels = 12, []
             while data[i]:
-                labels.append(data[i + 1:i + 1 + data[i]].decode())
+                labels.append(data[i + 1 : i + 1 + data[i]].decode())
                 i += 1 + data[i]
-            qtype = struct.unpack(">H", data[i + 1:i + 3])[0]
+            qtype = struct.unpack(">H", data[i + 1 : i + 3])[0]
             name = ".".join(labels).lower()
             self.queries.append((name, qtype))
             ip = self.records.get(name)
@@ -566,7 +673,7 @@ class TinyDNS:
                 answer = b"\xc0\x0c" + struct.pack(">HHIH", 1, 1, 60, 4) + socket.inet_aton(ip)
             flags = 0x8180 | (0 if ip else 3)
             header = struct.pack(">HHHHHH", qid, flags, 1, 1 if answer else 0, 0, 0)
-            self.sock.sendto(header + data[12:i + 5] + answer, peer)
+            self.sock.sendto(header + data[12 : i + 5] + answer, peer)
 
     def close(self):
         self.sock.close()
@@ -620,6 +727,7 @@ def test_spec_checks_networks_and_dns_servers():
 
 # --- 9. opt-out -----------------------------------------------------------------------------------
 
+
 def test_robots_txt_is_respected_when_asked_and_fetched_once():
     robots = "User-agent: img2dataset\nDisallow: /small/\n\nUser-agent: *\nDisallow:\n"
     with ImageServer(robots=robots) as server:
@@ -649,6 +757,7 @@ def test_x_robots_tag_still_opts_out(web):
 
 # --- 10. TLS --------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def tls_files(tmp_path_factory):
     import ipaddress
@@ -661,15 +770,22 @@ def tls_files(tmp_path_factory):
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fakeweb")])
     now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(1).not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .sign(key, hashes.SHA256())
+    )
     folder = tmp_path_factory.mktemp("tls")
     (folder / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (folder / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                       serialization.NoEncryption()))
+    (folder / "key.pem").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return str(folder / "cert.pem"), str(folder / "key.pem")
 
 
@@ -681,11 +797,22 @@ def test_broken_certificates_are_tls_unless_verification_is_off(tls_files):
         assert fetch_one(url, timeout=5, verifyTls=False).reason == "ok"
 
 
-@pytest.mark.parametrize("values", [
-    [], ["noai"], ["NoAI, noindex"], ["nofollow"], ["img2dataset: noai"], ["otherbot: noai"],
-    ["otherbot: noai", "img2dataset: noimageai"], ["unavailable_after: 25 Jun 2010 15:00:00 PST"],
-    ["all"], ["noimageindex,nofollow"], ["IMG2DATASET: noai"],
-])
+@pytest.mark.parametrize(
+    "values",
+    [
+        [],
+        ["noai"],
+        ["NoAI, noindex"],
+        ["nofollow"],
+        ["img2dataset: noai"],
+        ["otherbot: noai"],
+        ["otherbot: noai", "img2dataset: noimageai"],
+        ["unavailable_after: 25 Jun 2010 15:00:00 PST"],
+        ["all"],
+        ["noimageindex,nofollow"],
+        ["IMG2DATASET: noai"],
+    ],
+)
 def test_x_robots_tag_is_read_as_img2dataset_reads_it(values):
     from email.message import Message
 
@@ -699,5 +826,6 @@ def test_x_robots_tag_is_read_as_img2dataset_reads_it(values):
     directives = ["noai", "noimageai", "noindex", "noimageindex"]
     ours = robots_tag_disallows(values, "img2dataset", directives)
     assert ours == is_disallowed(headers, "img2dataset", directives)
-    assert ours == (values not in ([], ["nofollow"], ["otherbot: noai"], ["all"],
-                                   ["unavailable_after: 25 Jun 2010 15:00:00 PST"]))
+    assert ours == (
+        values not in ([], ["nofollow"], ["otherbot: noai"], ["all"], ["unavailable_after: 25 Jun 2010 15:00:00 PST"])
+    )

@@ -8,29 +8,66 @@ import pyarrow.parquet as pq
 import pytest
 
 from laion_operator.pipeline.columns import ColumnError
-from laion_operator.testbed.demo_data import write_metadata
 from laion_operator.pipeline.filter import MetadataError, plan, run_filter
 from laion_operator.spec import PartSpec
 from laion_operator.storage import Store
+from laion_operator.testbed.demo_data import write_metadata
 
 BASE = "http://127.0.0.1:9"  # never contacted: the filter reads metadata only
 LOGICAL = {
-    "aesthetics": {"url": "URL", "caption": "TEXT", "width": "WIDTH", "height": "HEIGHT", "punsafe": "punsafe",
-                   "pwatermark": "pwatermark", "aesthetic": "AESTHETIC_SCORE", "similarity": "similarity"},
-    "laion-art": {"url": "URL", "caption": "TEXT", "width": "WIDTH", "height": "HEIGHT", "punsafe": "punsafe",
-                  "pwatermark": "pwatermark", "aesthetic": "aesthetic", "similarity": "similarity",
-                  "language": "LANGUAGE"},
-    "lowercase": {"url": "url", "caption": "caption", "width": "width", "height": "height", "punsafe": "punsafe",
-                  "pwatermark": "pwatermark", "aesthetic": "aesthetic", "similarity": "similarity",
-                  "language": "language"},
+    "aesthetics": {
+        "url": "URL",
+        "caption": "TEXT",
+        "width": "WIDTH",
+        "height": "HEIGHT",
+        "punsafe": "punsafe",
+        "pwatermark": "pwatermark",
+        "aesthetic": "AESTHETIC_SCORE",
+        "similarity": "similarity",
+    },
+    "laion-art": {
+        "url": "URL",
+        "caption": "TEXT",
+        "width": "WIDTH",
+        "height": "HEIGHT",
+        "punsafe": "punsafe",
+        "pwatermark": "pwatermark",
+        "aesthetic": "aesthetic",
+        "similarity": "similarity",
+        "language": "LANGUAGE",
+    },
+    "lowercase": {
+        "url": "url",
+        "caption": "caption",
+        "width": "width",
+        "height": "height",
+        "punsafe": "punsafe",
+        "pwatermark": "pwatermark",
+        "aesthetic": "aesthetic",
+        "similarity": "similarity",
+        "language": "language",
+    },
 }
-FILTER = {"minWidth": 512, "minHeight": 400, "maxPunsafe": 0.9, "maxPwatermark": 0.8, "minAesthetic": 4.5,
-          "minSimilarity": 0.28, "samplesPerShard": 400}
+FILTER = {
+    "minWidth": 512,
+    "minHeight": 400,
+    "maxPunsafe": 0.9,
+    "maxPwatermark": 0.8,
+    "minAesthetic": 4.5,
+    "minSimilarity": 0.28,
+    "samplesPerShard": 400,
+}
 
 
 def make_spec(source, out, **filter_overrides) -> PartSpec:
-    return PartSpec.from_dict({"partId": "7", "source": {"urls": [str(s) for s in source]},
-                               "filter": {**FILTER, **filter_overrides}, "output": {"uri": str(out)}})
+    return PartSpec.from_dict(
+        {
+            "partId": "7",
+            "source": {"urls": [str(s) for s in source]},
+            "filter": {**FILTER, **filter_overrides},
+            "output": {"uri": str(out)},
+        }
+    )
 
 
 def expected(frames: list[pd.DataFrame], variant: str, flt: dict) -> tuple[list[str], dict[str, int]]:
@@ -124,12 +161,15 @@ def test_explicit_columns_and_missing_column_message(tmp_path):
     renamed = table.rename_columns(["link" if n == "URL" else n for n in table.column_names])
     pq.write_table(renamed, tmp_path / "r.parquet")
     with pytest.raises(ColumnError) as err:
-        run_filter(make_spec([tmp_path / "r.parquet"], tmp_path / "o1"), Store(make_spec([src], tmp_path / "o1").output))
+        run_filter(
+            make_spec([tmp_path / "r.parquet"], tmp_path / "o1"), Store(make_spec([src], tmp_path / "o1").output)
+        )
     message = str(err.value)
     assert "r.parquet" in message and "'url'" in message and "link" in message and "spec.columns.url" in message
 
-    spec = PartSpec.from_dict({**make_spec([tmp_path / "r.parquet"], tmp_path / "o2").to_dict(),
-                               "columns": {"url": "link"}})
+    spec = PartSpec.from_dict(
+        {**make_spec([tmp_path / "r.parquet"], tmp_path / "o2").to_dict(), "columns": {"url": "link"}}
+    )
     assert run_filter(spec, Store(spec.output)).rows_read == 100
 
     bad = PartSpec.from_dict({**spec.to_dict(), "columns": {"url": "nope"}, "output": {"uri": str(tmp_path / "o3")}})
@@ -163,8 +203,9 @@ def test_rerun_with_another_filter_is_refused_and_keeps_shards(tmp_path):
 
 
 def test_url_hash_dedupes_equal_urls_only(tmp_path):
-    from laion_operator.pipeline.filter import url_hashes
     import pyarrow as pa
+
+    from laion_operator.pipeline.filter import url_hashes
 
     urls = pa.array([f"http://x/{i}" for i in range(50000)] + ["http://x/1"])
     h = url_hashes(urls, seed=0)

@@ -30,8 +30,14 @@ def jpeg(seed: int) -> bytes:
 
 
 def part(out: Path, fmt: str) -> PartSpec:
-    return PartSpec.from_dict({"partId": "f", "source": {"urls": ["unused.parquet"]}, "output": {"uri": str(out)},
-                               "download": {"outputFormat": fmt, "mdsShardSizeLimit": 1500}})
+    return PartSpec.from_dict(
+        {
+            "partId": "f",
+            "source": {"urls": ["unused.parquet"]},
+            "output": {"uri": str(out)},
+            "download": {"outputFormat": fmt, "mdsShardSizeLimit": 1500},
+        }
+    )
 
 
 def write_shard(out: Path, fmt: str, n: int = 8) -> tuple[Store, list[tuple[str, str, bytes | None, dict]]]:
@@ -44,10 +50,18 @@ def write_shard(out: Path, fmt: str, n: int = 8) -> tuple[Store, list[tuple[str,
     samples = []
     for i in range(n):
         image = None if i % 3 == 2 else jpeg(i)
-        meta = {"url": f"http://x/{i}", "caption": f"caption {i} ✓", "key": f"{i:09d}",
-                "status": "success" if image else "failed_to_download", "error_message": None if image else "404",
-                "failure_reason": None if image else "http_4xx", "width": 24 + i if image else None,
-                "height": 16 if image else None, "original_width": None, "original_height": None}
+        meta = {
+            "url": f"http://x/{i}",
+            "caption": f"caption {i} ✓",
+            "key": f"{i:09d}",
+            "status": "success" if image else "failed_to_download",
+            "error_message": None if image else "404",
+            "failure_reason": None if image else "http_4xx",
+            "width": 24 + i if image else None,
+            "height": 16 if image else None,
+            "original_width": None,
+            "original_height": None,
+        }
         writer.write(image, meta["key"], meta["caption"], meta)
         samples.append((meta["key"], meta["caption"], image, meta))
     writer.close()
@@ -59,8 +73,7 @@ def write_shard(out: Path, fmt: str, n: int = 8) -> tuple[Store, list[tuple[str,
 def test_every_output_format_has_its_module():
     assert list(formats.FORMATS) == specs.OUTPUT_FORMATS
     assert all(formats.get(name).name == name for name in specs.OUTPUT_FORMATS)
-    assert {name for name, f in formats.FORMATS.items() if f.reads_datasets} == \
-        set(specs.DATASET_FORMATS) - {"images"}
+    assert {name for name, f in formats.FORMATS.items() if f.reads_datasets} == set(specs.DATASET_FORMATS) - {"images"}
     with pytest.raises(ValueError, match="no output format 'avro'"):
         formats.get("avro")
 
@@ -86,16 +99,35 @@ def _truncate(path: Path, keep: float = 0.51) -> tuple[int, int]:
     return int(len(data) * keep), len(data)
 
 
-@pytest.mark.parametrize("fmt,data_file,expected", [
-    ("webdataset", "00000.tar", r"00000\.tar: cut short: {kept} bytes, ending \d+ bytes into the headers of the "
-                                r"member after 000000003\.txt, which start at byte 19968"),
-    ("tfrecord", "00000.tfrecord", r"00000\.tfrecord: cut short: {kept} bytes, after \d+ whole records: record \d+ "
-                                   r"at byte \d+ needs \d+ bytes .*, \d+ are there"),
-    ("mds", "00000/shard.00000.mds", r"00000/shard\.00000\.mds: cut short: {kept} of {size} bytes \(its index\.json "
-                                     r"lists \d+ samples in {size} bytes\)"),
-    ("parquet", "00000.parquet", r"00000\.parquet: cut short: {kept} bytes, ending without the footer and PAR1 "
-                                 r"marker that end a parquet file"),
-])
+@pytest.mark.parametrize(
+    "fmt,data_file,expected",
+    [
+        (
+            "webdataset",
+            "00000.tar",
+            r"00000\.tar: cut short: {kept} bytes, ending \d+ bytes into the headers of the "
+            r"member after 000000003\.txt, which start at byte 19968",
+        ),
+        (
+            "tfrecord",
+            "00000.tfrecord",
+            r"00000\.tfrecord: cut short: {kept} bytes, after \d+ whole records: record \d+ "
+            r"at byte \d+ needs \d+ bytes .*, \d+ are there",
+        ),
+        (
+            "mds",
+            "00000/shard.00000.mds",
+            r"00000/shard\.00000\.mds: cut short: {kept} of {size} bytes \(its index\.json "
+            r"lists \d+ samples in {size} bytes\)",
+        ),
+        (
+            "parquet",
+            "00000.parquet",
+            r"00000\.parquet: cut short: {kept} bytes, ending without the footer and PAR1 "
+            r"marker that end a parquet file",
+        ),
+    ],
+)
 def test_a_truncated_shard_is_named_with_its_size_and_what_was_expected(tmp_path, fmt, data_file, expected):
     store, _ = write_shard(tmp_path / fmt, fmt)
     kept, size = _truncate(tmp_path / fmt / data_file)
@@ -109,8 +141,11 @@ def test_a_tar_cut_inside_a_member_names_the_member(tmp_path):
     store, _ = write_shard(tmp_path / "wds", "webdataset")
     tar = tmp_path / "wds" / "00000.tar"
     tar.write_bytes(tar.read_bytes()[:15000])  # inside 000000003.jpg's data, bytes 14848 to 15484
-    with pytest.raises(BrokenShard, match=r"00000\.tar: cut short: 15000 bytes, but its member 000000003\.jpg "
-                                          r"\(header at byte 13312\) holds 636 bytes up to byte 15484"):
+    with pytest.raises(
+        BrokenShard,
+        match=r"00000\.tar: cut short: 15000 bytes, but its member 000000003\.jpg "
+        r"\(header at byte 13312\) holds 636 bytes up to byte 15484",
+    ):
         list(formats.get("webdataset").read_samples(store, 0))
 
 

@@ -18,9 +18,8 @@ from laion_operator.pipeline.driver import run_part
 from laion_operator.pipeline.heal import NotHealable, heal_part
 from laion_operator.spec import PartSpec
 from laion_operator.testbed.demo_data import write_metadata
-from tests.support.specs import loopback
 from tests.support.exactly_once import check_exactly_once
-
+from tests.support.specs import loopback
 
 SLOW = 2  # seconds the "timeout" images take: they time out at 1 s and come at 5 s
 
@@ -30,8 +29,9 @@ def spec(source, output, timeout: float, heal: dict | None = None, fmt: str = "w
         "partId": "h",
         "source": {"urls": [str(source)]},
         "filter": {"samplesPerShard": 10},
-        "download": loopback({"imageSize": 64, "timeout": timeout, "maxInFlight": 8,
-                              "parallelism": 2, "outputFormat": fmt}),
+        "download": loopback(
+            {"imageSize": 64, "timeout": timeout, "maxInFlight": 8, "parallelism": 2, "outputFormat": fmt}
+        ),
         "output": {"uri": str(output)},
     }
     if heal is not None:
@@ -42,8 +42,14 @@ def spec(source, output, timeout: float, heal: dict | None = None, fmt: str = "w
 @pytest.fixture(scope="module")
 def metadata(tmp_path_factory, image_server):
     path = tmp_path_factory.mktemp("heal") / "part.parquet"
-    write_metadata(path, 50, image_server.base_url, seed=51, slow_seconds=SLOW,
-                   failure_mix={"ok": 0.5, "timeout": 0.3, "http_4xx": 0.2})
+    write_metadata(
+        path,
+        50,
+        image_server.base_url,
+        seed=51,
+        slow_seconds=SLOW,
+        failure_mix={"ok": 0.5, "timeout": 0.3, "http_4xx": 0.2},
+    )
     return path
 
 
@@ -64,8 +70,7 @@ def test_heal_refetches_only_transient_failures_exactly_once(finished_part, meta
     out, first = finished_part
     before = stats_of(out)
     timeouts = first["images"]["failedByReason"]["timeout"]
-    clean = {name for name in before
-             if "timeout" not in json.loads(before[name])["failed_by_reason"]}
+    clean = {name for name in before if "timeout" not in json.loads(before[name])["failed_by_reason"]}
     summary = heal_part(spec(metadata, out, timeout=5))  # the network is better now
     assert summary["images"]["ok"] == first["images"]["ok"] + timeouts
     assert "timeout" not in summary["images"]["failedByReason"]
@@ -108,8 +113,12 @@ def test_heal_refuses_an_unfinished_part_naming_the_file(finished_part, metadata
 
 
 def _heal_cli(spec_file: Path) -> subprocess.Popen:
-    return subprocess.Popen([str(Path(sys.executable).parent / "laion-operator"), "heal", str(spec_file)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [str(Path(sys.executable).parent / "laion-operator"), "heal", str(spec_file)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def test_interrupted_heal_resumes_exactly_once(finished_part, metadata, tmp_path):

@@ -12,10 +12,10 @@ import jsonschema
 import pytest
 import yaml
 
-from laion_operator.testbed.demo_data import write_metadata
 from laion_operator.spec import PartSpec
-from tests.support.cluster import kuberay_crd
+from laion_operator.testbed.demo_data import write_metadata
 from tests.support.chart import install, manifests, one, operator_config, render
+from tests.support.cluster import kuberay_crd
 from tests.support.operator_proc import OperatorProcess
 from tests.support.services import LOOPBACK_RAY, RayCluster
 
@@ -66,29 +66,53 @@ def chart_operator(api, ray_cluster, tmp_path):
 
 
 def part_doc(name: str, source: Path, output: dict, **spec) -> dict:
-    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "LaionPart", "metadata": {"name": name},
-            "spec": {"partId": name, "source": {"urls": [str(source)]}, "output": output,
-                     "filter": {"samplesPerShard": 20},
-                     "download": {"imageSize": 64, "timeout": 5, "maxInFlight": 4,
-                                  "allowedNetworks": ["127.0.0.0/8"]}, **spec}}
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "LaionPart",
+        "metadata": {"name": name},
+        "spec": {
+            "partId": name,
+            "source": {"urls": [str(source)]},
+            "output": output,
+            "filter": {"samplesPerShard": 20},
+            "download": {"imageSize": 64, "timeout": 5, "maxInFlight": 4, "allowedNetworks": ["127.0.0.0/8"]},
+            **spec,
+        },
+    }
 
 
 def wait_status(api, namespace, name, predicate, timeout=240) -> dict:
-    obj = api.wait_for(GROUP, VERSION, PLURAL, namespace, name,
-                       lambda o: o is not None and predicate(o.get("status") or {}), timeout=timeout)
+    obj = api.wait_for(
+        GROUP,
+        VERSION,
+        PLURAL,
+        namespace,
+        name,
+        lambda o: o is not None and predicate(o.get("status") or {}),
+        timeout=timeout,
+    )
     return obj["status"]
 
 
-def test_part_succeeds_with_credentials_from_a_secret(api, chart_operator, ray_cluster, s3, metadata,
-                                                      kube_namespace):
+def test_part_succeeds_with_credentials_from_a_secret(api, chart_operator, ray_cluster, s3, metadata, kube_namespace):
     op = chart_operator({"credentialsSecrets": [SECRET]})
     bucket = s3.create_bucket("secret-parts")
-    api.kubectl("create", "secret", "generic", SECRET, "-n", kube_namespace,
-                f"--from-literal=AWS_ACCESS_KEY_ID={s3.ACCESS_KEY}",
-                f"--from-literal=AWS_SECRET_ACCESS_KEY={s3.SECRET_KEY}",
-                f"--from-literal=AWS_ENDPOINT_URL={s3.endpoint}")
-    doc = part_doc("secret-part", metadata, {"uri": f"s3://{bucket}/p", "region": "us-east-1", "pathStyle": True,
-                                             "credentialsSecret": SECRET})
+    api.kubectl(
+        "create",
+        "secret",
+        "generic",
+        SECRET,
+        "-n",
+        kube_namespace,
+        f"--from-literal=AWS_ACCESS_KEY_ID={s3.ACCESS_KEY}",
+        f"--from-literal=AWS_SECRET_ACCESS_KEY={s3.SECRET_KEY}",
+        f"--from-literal=AWS_ENDPOINT_URL={s3.endpoint}",
+    )
+    doc = part_doc(
+        "secret-part",
+        metadata,
+        {"uri": f"s3://{bucket}/p", "region": "us-east-1", "pathStyle": True, "credentialsSecret": SECRET},
+    )
     api.kubectl("apply", "-n", kube_namespace, "-f", "-", input=yaml.safe_dump(doc))
     status = wait_status(api, kube_namespace, "secret-part", lambda s: s.get("phase") in ("Succeeded", "Failed"))
     assert status["phase"] == "Succeeded", (status, op.logs())
@@ -138,8 +162,9 @@ def container_env(docs: list[dict], api, namespace: str) -> dict[str, str]:
 
 def test_jobs_mode_with_ray_token_authentication(api, token_ray, metadata, kube_namespace, tmp_path):
     token = token_ray.auth["RAY_AUTH_TOKEN"]
-    api.kubectl("create", "secret", "generic", "raycluster-auth", "-n", kube_namespace,
-                f"--from-literal=auth_token={token}")
+    api.kubectl(
+        "create", "secret", "generic", "raycluster-auth", "-n", kube_namespace, f"--from-literal=auth_token={token}"
+    )
     docs = manifests(render({"operator": {"rayAuthTokenSecret": {"name": "raycluster-auth"}}}))
     config = operator_config(docs)
     ray = {**LOOPBACK_RAY, "LAION_OPERATOR_RAY_ADDRESS": token_ray.dashboard_url}
@@ -152,8 +177,9 @@ def test_jobs_mode_with_ray_token_authentication(api, token_ray, metadata, kube_
     op = OperatorProcess(tmp_path / "without", operator_env, config, env=ray, args=args).start()
     try:
         api.kubectl("apply", "-n", kube_namespace, "-f", "-", input=yaml.safe_dump(doc))
-        status = wait_status(api, kube_namespace, "token-part", lambda s: "rayAuthTokenSecret" in s.get("message", ""),
-                             timeout=120)
+        status = wait_status(
+            api, kube_namespace, "token-part", lambda s: "rayAuthTokenSecret" in s.get("message", ""), timeout=120
+        )
         assert "refused the operator" in status["message"] and status.get("phase") != "Succeeded"
         assert "submissionId" not in status
     finally:
@@ -163,8 +189,13 @@ def test_jobs_mode_with_ray_token_authentication(api, token_ray, metadata, kube_
     env = container_env(docs, api, kube_namespace)
     assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN"] == token
     (tmp_path / "with").mkdir()
-    op = OperatorProcess(tmp_path / "with", operator_env, config, args=args,
-                         env={**ray, **{k: v for k, v in env.items() if k.startswith("RAY_AUTH")}}).start()
+    op = OperatorProcess(
+        tmp_path / "with",
+        operator_env,
+        config,
+        args=args,
+        env={**ray, **{k: v for k, v in env.items() if k.startswith("RAY_AUTH")}},
+    ).start()
     try:
         status = wait_status(api, kube_namespace, "token-part", lambda s: s.get("phase") in ("Succeeded", "Failed"))
         assert status["phase"] == "Succeeded", (status, op.logs())
@@ -177,8 +208,9 @@ def test_jobs_mode_with_ray_token_authentication(api, token_ray, metadata, kube_
             "operator logs": op.logs(),
             "metrics": op.metrics(),
         }
-        assert "laion-operator job" in visible["Ray job"] and "token-part" in visible["Ray job logs"] + \
-            visible["Ray job"]
+        assert (
+            "laion-operator job" in visible["Ray job"] and "token-part" in visible["Ray job logs"] + visible["Ray job"]
+        )
         for where, text in visible.items():
             assert token not in text, where
     finally:
@@ -194,8 +226,11 @@ def rayjob_schema() -> dict:
 def closed(schema: dict) -> dict:
     """The schema refusing fields it does not declare, which the API server would silently drop."""
     schema = dict(schema)
-    if schema.get("type") == "object" and "properties" in schema and not schema.get(
-            "x-kubernetes-preserve-unknown-fields"):
+    if (
+        schema.get("type") == "object"
+        and "properties" in schema
+        and not schema.get("x-kubernetes-preserve-unknown-fields")
+    ):
         schema["additionalProperties"] = False
         schema["properties"] = {k: closed(v) for k, v in schema["properties"].items()}
     if "items" in schema:
@@ -225,16 +260,49 @@ def kubelet_sets(api, pod: dict, phase: str, ready: bool = False, exit_code: int
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     containers = pod["spec"]["containers"]
     if phase == "Running":
-        states = [{"name": c["name"], "ready": ready, "restartCount": 0, "image": c["image"], "imageID": "",
-                   "started": True, "state": {"running": {"startedAt": now}}} for c in containers]
+        states = [
+            {
+                "name": c["name"],
+                "ready": ready,
+                "restartCount": 0,
+                "image": c["image"],
+                "imageID": "",
+                "started": True,
+                "state": {"running": {"startedAt": now}},
+            }
+            for c in containers
+        ]
     else:
-        states = [{"name": c["name"], "ready": False, "restartCount": 0, "image": c["image"], "imageID": "",
-                   "state": {"terminated": {"exitCode": exit_code or 0, "startedAt": now, "finishedAt": now,
-                                            "reason": "Error" if exit_code else "Completed"}}} for c in containers]
-    conditions = [{"type": t, "status": "True" if (ready or t == "PodScheduled") else "False",
-                   "lastTransitionTime": now} for t in ("PodScheduled", "Initialized", "ContainersReady", "Ready")]
-    api.patch_status("", "v1", "pods", pod["metadata"]["namespace"], pod["metadata"]["name"],
-                     {"phase": phase, "conditions": conditions, "containerStatuses": states, "startTime": now})
+        states = [
+            {
+                "name": c["name"],
+                "ready": False,
+                "restartCount": 0,
+                "image": c["image"],
+                "imageID": "",
+                "state": {
+                    "terminated": {
+                        "exitCode": exit_code or 0,
+                        "startedAt": now,
+                        "finishedAt": now,
+                        "reason": "Error" if exit_code else "Completed",
+                    }
+                },
+            }
+            for c in containers
+        ]
+    conditions = [
+        {"type": t, "status": "True" if (ready or t == "PodScheduled") else "False", "lastTransitionTime": now}
+        for t in ("PodScheduled", "Initialized", "ContainersReady", "Ready")
+    ]
+    api.patch_status(
+        "",
+        "v1",
+        "pods",
+        pod["metadata"]["namespace"],
+        pod["metadata"]["name"],
+        {"phase": phase, "conditions": conditions, "containerStatuses": states, "startTime": now},
+    )
 
 
 def fail_submitter(api, namespace: str, rayjob: str, timeout: float = 120) -> None:
@@ -259,8 +327,10 @@ def kubelet_starts_ray_pods(api, namespace: str, rayjob: str, timeout: float = 9
         for pod in pods_of(api, namespace, f"ray.io/cluster={cluster}"):
             if pod.get("status", {}).get("phase") != "Running":
                 kubelet_sets(api, pod, "Running", ready=True)
-        assert time.monotonic() < deadline, (rayjob_status(api, namespace, rayjob),
-                                             api.components["kuberay-operator"].logs()[-3000:])
+        assert time.monotonic() < deadline, (
+            rayjob_status(api, namespace, rayjob),
+            api.components["kuberay-operator"].logs()[-3000:],
+        )
         time.sleep(1)
 
 
@@ -271,7 +341,8 @@ def kuberay(api):
 
 
 def test_kuberay_mode_rayjobs_pass_kuberays_validation_and_its_states_reach_the_part(
-        api, kuberay, chart_operator, metadata, kube_namespace, tmp_path):
+    api, kuberay, chart_operator, metadata, kube_namespace, tmp_path
+):
     """There is no kubelet and no Ray in these pods: the test sets only what a kubelet would (pod
     phases and readiness), and every RayJob state the part reacts to is one KubeRay itself wrote. A
     RayJob cannot complete here (KubeRay reads a job's end from the Ray dashboard behind the head
@@ -289,8 +360,9 @@ def test_kuberay_mode_rayjobs_pass_kuberays_validation_and_its_states_reach_the_
     owner = rayjob["metadata"]["ownerReferences"][0]
     assert (owner["kind"], owner["uid"], owner["controller"]) == ("LaionPart", lp["metadata"]["uid"], True)
     cluster = rayjob["spec"]["rayClusterSpec"]
-    containers = [c for g in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
-                  for c in g["template"]["spec"]["containers"]]
+    containers = [
+        c for g in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]] for c in g["template"]["spec"]["containers"]
+    ]
     assert all({"secretRef": {"name": SECRET}} in c["envFrom"] for c in containers)
     env = yaml.safe_load(rayjob["spec"]["runtimeEnvYAML"])["env_vars"]
     assert PartSpec.from_dict(json.loads(env["LAION_PART_SPEC"])).to_dict() == PartSpec.from_dict(doc["spec"]).to_dict()
@@ -336,14 +408,16 @@ def test_two_replicas_with_peering_never_both_handle_a_part(api, ray_cluster, me
         for i in range(2):  # as the chart's Deployment runs them: with peering, not --standalone
             workdir = tmp_path / f"replica-{i}"
             workdir.mkdir()
-            replicas.append(OperatorProcess(workdir, operator_env, config, env={**env, "POD_ID": f"replica-{i}"},
-                                            args=()).start())
+            replicas.append(
+                OperatorProcess(workdir, operator_env, config, env={**env, "POD_ID": f"replica-{i}"}, args=()).start()
+            )
 
         def working(op) -> bool:
             # kopf starts a replica paused until its first peering event and logs each change after;
             # a replica whose first event already shows a higher peer stays paused without a line.
-            states = [line for line in op.logs().splitlines()
-                      if "Pausing operations" in line or "Resuming operations" in line]
+            states = [
+                line for line in op.logs().splitlines() if "Pausing operations" in line or "Resuming operations" in line
+            ]
             return bool(states) and "Resuming" in states[-1]
 
         # Once both keep-alives are in the peering object, the replica of the highest priority works
@@ -352,8 +426,9 @@ def test_two_replicas_with_peering_never_both_handle_a_part(api, ray_cluster, me
         ids = [f"replica-{i}" for i in range(2)]
         deadline = time.monotonic() + 150
         while True:
-            peers = (api.get("kopf.dev", "v1", "clusterkopfpeerings", None, peering["metadata"]["name"])
-                     or {}).get("status") or {}
+            peers = (api.get("kopf.dev", "v1", "clusterkopfpeerings", None, peering["metadata"]["name"]) or {}).get(
+                "status"
+            ) or {}
             if set(ids) <= set(peers):
                 leader = max(ids, key=lambda i: peers[i]["priority"])
                 if [working(op) for op in replicas] == [i == leader for i in ids]:
@@ -366,8 +441,11 @@ def test_two_replicas_with_peering_never_both_handle_a_part(api, ray_cluster, me
         assert status["phase"] == "Succeeded", status
         from ray.job_submission import JobSubmissionClient
 
-        jobs = [j for j in JobSubmissionClient(ray_cluster.dashboard_url).list_jobs()
-                if (j.metadata or {}).get("laion-operator.io/part") == "peered"]
+        jobs = [
+            j
+            for j in JobSubmissionClient(ray_cluster.dashboard_url).list_jobs()
+            if (j.metadata or {}).get("laion-operator.io/part") == "peered"
+        ]
         assert [j.submission_id for j in jobs] == [status["submissionId"]]
         handled = [op for op in replicas if f"submitted job {status['submissionId']}" in op.logs()]
         assert len(handled) == 1

@@ -16,8 +16,18 @@ from laion_operator.testbed import internet
 from laion_operator.testbed.internet import Config, Hosts, InternetServer, kind_of, latency
 
 SPECS = [f"t{i:03d}_{64 + i}x{48 + i}.{fmt}" for i, fmt in enumerate(["jpg", "png", "webp"] * 4)]
-CFG = Config(seed=5, hosts=12, refused_hosts=2, silent_hosts=2, latency_median=0.15, latency_p99=0.8,
-             drip_interval=0.2, drip_seconds=1.0, big_bytes=3 << 20, busy_rate=2.0)
+CFG = Config(
+    seed=5,
+    hosts=12,
+    refused_hosts=2,
+    silent_hosts=2,
+    latency_median=0.15,
+    latency_p99=0.8,
+    drip_interval=0.2,
+    drip_seconds=1.0,
+    big_bytes=3 << 20,
+    busy_rate=2.0,
+)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import yaml
 from laion_operator.testbed.demo_data import write_metadata
 from tests.support.chart import NAMESPACE, installed, one
 from tests.support.cluster import KubeAPIError
-from tests.support.operator_proc import OperatorProcess, operator_starter
+from tests.support.operator_proc import operator_starter
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUP, VERSION, PLURAL = "laion-operator.io", "v1alpha1", "laionparts"
@@ -28,11 +28,19 @@ def metadata(tmp_path_factory, image_server):
 
 
 def part_doc(name: str, source: Path, output: Path, **spec) -> dict:
-    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "LaionPart", "metadata": {"name": name},
-            "spec": {"partId": name, "source": {"urls": [str(source)]}, "output": {"uri": str(output)},
-                     "filter": {"samplesPerShard": 10},
-                     "download": {"imageSize": 64, "timeout": 5, "maxInFlight": 4,
-                                  "allowedNetworks": ["127.0.0.0/8"]}, **spec}}
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "LaionPart",
+        "metadata": {"name": name},
+        "spec": {
+            "partId": name,
+            "source": {"urls": [str(source)]},
+            "output": {"uri": str(output)},
+            "filter": {"samplesPerShard": 10},
+            "download": {"imageSize": 64, "timeout": 5, "maxInFlight": 4, "allowedNetworks": ["127.0.0.0/8"]},
+            **spec,
+        },
+    }
 
 
 def test_the_operator_acts_as_the_charts_service_account_only(kube_api, kube_namespace):
@@ -50,21 +58,32 @@ def test_the_operator_acts_as_the_charts_service_account_only(kube_api, kube_nam
 
 def without_verb(resource: str, verb: str):
     """An edit of the rendered chart: `verb` taken away from the ClusterRole rule for `resource`."""
+
     def edit(docs: list[dict]) -> None:
         role = one(docs, "ClusterRole")
         for rule in role["rules"]:
             if resource in rule.get("resources", []):
                 rule["verbs"] = [v for v in rule["verbs"] if v != verb]
+
     return edit
 
 
-def test_a_verb_the_cluster_role_lacks_fails_with_a_message_naming_it(kube_api, ray_cluster, kube_namespace,
-                                                                      metadata, tmp_path):
-    with installed(kube_api, edit=without_verb("laionparts/status", "patch")) as env, \
-            operator_starter(tmp_path, kube_api, ray_cluster) as start:
+def test_a_verb_the_cluster_role_lacks_fails_with_a_message_naming_it(
+    kube_api, ray_cluster, kube_namespace, metadata, tmp_path
+):
+    with (
+        installed(kube_api, edit=without_verb("laionparts/status", "patch")) as env,
+        operator_starter(tmp_path, kube_api, ray_cluster) as start,
+    ):
         op = start(env=env)
-        kube_api.kubectl("apply", "-n", kube_namespace, "-f", "-",
-                         input=yaml.safe_dump(part_doc("forbidden", metadata, tmp_path / "out")))
+        kube_api.kubectl(
+            "apply",
+            "-n",
+            kube_namespace,
+            "-f",
+            "-",
+            input=yaml.safe_dump(part_doc("forbidden", metadata, tmp_path / "out")),
+        )
         deadline = time.monotonic() + 60
         while "cannot patch resource" not in op.logs():
             assert time.monotonic() < deadline, op.logs()
@@ -73,8 +92,7 @@ def test_a_verb_the_cluster_role_lacks_fails_with_a_message_naming_it(kube_api, 
         assert '"laionparts/status"' in line and "forbidden" in line.lower(), line
         assert f"system:serviceaccount:{NAMESPACE}:laion-laion-operator" in line, line
         # Nothing was written that the role does not allow: the part has no status.
-        assert not (kube_api.get(GROUP, VERSION, PLURAL, kube_namespace, "forbidden").get("status") or {}) \
-            .get("phase")
+        assert not (kube_api.get(GROUP, VERSION, PLURAL, kube_namespace, "forbidden").get("status") or {}).get("phase")
 
 
 def test_the_api_server_admits_the_crds_as_written(kube_api):
@@ -82,8 +100,9 @@ def test_the_api_server_admits_the_crds_as_written(kube_api):
     here: the stored CRD is the file, and both kinds are served."""
     for name in ("laionpart", "laiondataset"):
         written = yaml.safe_load((ROOT / "crds" / f"{name}.yaml").read_text())
-        stored = kube_api.get("apiextensions.k8s.io", "v1", "customresourcedefinitions", None,
-                              written["metadata"]["name"])
+        stored = kube_api.get(
+            "apiextensions.k8s.io", "v1", "customresourcedefinitions", None, written["metadata"]["name"]
+        )
         conditions = {c["type"]: c for c in stored["status"]["conditions"]}
         assert conditions["Established"]["status"] == "True", conditions
         assert conditions["NamesAccepted"]["status"] == "True", conditions
@@ -97,12 +116,17 @@ def test_a_crd_the_api_server_refuses_is_refused(kube_api):
     """The check above is not vacuous: the same API server refuses a CEL rule without a cost bound."""
     crd = yaml.safe_load((ROOT / "crds" / "laionpart.yaml").read_text())
     crd["metadata"]["name"] = "costlyparts.laion-operator.io"
-    crd["spec"]["names"] = {"kind": "CostlyPart", "plural": "costlyparts", "singular": "costlypart",
-                            "listKind": "CostlyPartList"}
+    crd["spec"]["names"] = {
+        "kind": "CostlyPart",
+        "plural": "costlyparts",
+        "singular": "costlypart",
+        "listKind": "CostlyPartList",
+    }
     schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
     schema["properties"]["tags"] = {"type": "array", "items": {"type": "string"}}
     schema.setdefault("x-kubernetes-validations", []).append(
-        {"rule": "self.tags.all(a, self.tags.all(b, self.tags.all(c, a + b + c != '')))", "message": "costly"})
+        {"rule": "self.tags.all(a, self.tags.all(b, self.tags.all(c, a + b + c != '')))", "message": "costly"}
+    )
     with pytest.raises(KubeAPIError) as err:
         kube_api.install_crd(crd)
     assert err.value.code == 422 and "cost" in json.dumps(err.value.body).lower(), err.value.body
@@ -111,14 +135,28 @@ def test_a_crd_the_api_server_refuses_is_refused(kube_api):
 def test_printer_columns_and_events_through_kubectl(kube_api, ray_cluster, kube_namespace, metadata, tmp_path):
     with operator_starter(tmp_path, kube_api, ray_cluster) as start:
         start()
-        kube_api.kubectl("apply", "-n", kube_namespace, "-f", "-",
-                         input=yaml.safe_dump(part_doc("shown", metadata, tmp_path / "out")))
-        kube_api.wait_for(GROUP, VERSION, PLURAL, kube_namespace, "shown",
-                          lambda o: (o.get("status") or {}).get("phase") in ("Succeeded", "Failed"), timeout=240)
+        kube_api.kubectl(
+            "apply",
+            "-n",
+            kube_namespace,
+            "-f",
+            "-",
+            input=yaml.safe_dump(part_doc("shown", metadata, tmp_path / "out")),
+        )
+        kube_api.wait_for(
+            GROUP,
+            VERSION,
+            PLURAL,
+            kube_namespace,
+            "shown",
+            lambda o: (o.get("status") or {}).get("phase") in ("Succeeded", "Failed"),
+            timeout=240,
+        )
         table = kube_api.kubectl("get", "lp", "-n", kube_namespace).stdout.splitlines()
         crd = yaml.safe_load((ROOT / "crds" / "laionpart.yaml").read_text())
-        columns = [c["name"].upper() for c in crd["spec"]["versions"][0]["additionalPrinterColumns"]
-                   if not c.get("priority")]  # the others show with -o wide
+        columns = [
+            c["name"].upper() for c in crd["spec"]["versions"][0]["additionalPrinterColumns"] if not c.get("priority")
+        ]  # the others show with -o wide
         assert table[0].split() == ["NAME", *[w for c in columns for w in c.split()]], table[0]
         assert table[1].split()[0] == "shown" and "Succeeded" in table[1].split(), table
         # Events posted by the operator show in `kubectl describe`, from the real events API.
@@ -127,14 +165,25 @@ def test_printer_columns_and_events_through_kubectl(kube_api, ray_cluster, kube_
         assert "Submitted" in events or "Succeeded" in events, described
 
 
-def test_a_deleted_dataset_takes_its_parts_by_garbage_collection(kube_api, ray_cluster, kube_namespace,
-                                                                 metadata, tmp_path):
+def test_a_deleted_dataset_takes_its_parts_by_garbage_collection(
+    kube_api, ray_cluster, kube_namespace, metadata, tmp_path
+):
     """The controller-manager's garbage collector deletes a dataset's parts (their ownerReferences):
     the operator's handler of a dataset's deletion deletes nothing."""
-    doc = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "LaionDataset", "metadata": {"name": "gc"},
-           "spec": {"source": {"urls": [str(metadata)]}, "suspend": True,
-                    "template": {"output": {"uri": str(tmp_path / "ds")}, "filter": {"samplesPerShard": 10},
-                                 "download": {"allowedNetworks": ["127.0.0.0/8"]}}}}
+    doc = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "LaionDataset",
+        "metadata": {"name": "gc"},
+        "spec": {
+            "source": {"urls": [str(metadata)]},
+            "suspend": True,
+            "template": {
+                "output": {"uri": str(tmp_path / "ds")},
+                "filter": {"samplesPerShard": 10},
+                "download": {"allowedNetworks": ["127.0.0.0/8"]},
+            },
+        },
+    }
     with operator_starter(tmp_path, kube_api, ray_cluster) as start:
         start()
         kube_api.kubectl("apply", "-n", kube_namespace, "-f", "-", input=yaml.safe_dump(doc))
@@ -145,8 +194,9 @@ def test_a_deleted_dataset_takes_its_parts_by_garbage_collection(kube_api, ray_c
         parts = kube_api.list(GROUP, VERSION, PLURAL, kube_namespace, label_selector=f"{GROUP}/dataset=gc")
         owner = parts[0]["metadata"]["ownerReferences"][0]
         crd = yaml.safe_load((ROOT / "crds" / "laiondataset.yaml").read_text())
-        columns = [c["name"].upper() for c in crd["spec"]["versions"][0]["additionalPrinterColumns"]
-                   if not c.get("priority")]  # the others show with -o wide
+        columns = [
+            c["name"].upper() for c in crd["spec"]["versions"][0]["additionalPrinterColumns"] if not c.get("priority")
+        ]  # the others show with -o wide
         header = kube_api.kubectl("get", "lds", "-n", kube_namespace).stdout.splitlines()[0]
         assert header.split() == ["NAME", *[w for c in columns for w in c.split()]], header
         assert owner["kind"] == "LaionDataset" and owner["name"] == "gc"

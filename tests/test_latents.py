@@ -30,19 +30,31 @@ def model_dir(tmp_path_factory):
 
 
 def latents_spec(model_dir, **extra) -> dict:
-    return {"vae": str(model_dir), "vaeSubfolder": "vae", "textEncoder": str(model_dir),
-            "textEncoderSubfolder": "text_encoder", "tokenizerSubfolder": "tokenizer", "resolution": RESOLUTION,
-            "batchSize": 4, **extra}
+    return {
+        "vae": str(model_dir),
+        "vaeSubfolder": "vae",
+        "textEncoder": str(model_dir),
+        "textEncoderSubfolder": "text_encoder",
+        "tokenizerSubfolder": "tokenizer",
+        "resolution": RESOLUTION,
+        "batchSize": 4,
+        **extra,
+    }
 
 
 def part(source, output, model_dir, fmt="webdataset", **latents) -> PartSpec:
-    download = {"imageSize": 48, "resizeMode": "center_crop", "timeout": 2, "maxInFlight": 8,
-                "outputFormat": fmt}
+    download = {"imageSize": 48, "resizeMode": "center_crop", "timeout": 2, "maxInFlight": 8, "outputFormat": fmt}
     download = loopback(download)
-    return PartSpec.from_dict({
-        "partId": "L", "source": {"urls": [str(source)]}, "filter": {"samplesPerShard": 12},
-        "download": download, "output": {"uri": str(output)}, "latents": latents_spec(model_dir, **latents),
-    })
+    return PartSpec.from_dict(
+        {
+            "partId": "L",
+            "source": {"urls": [str(source)]},
+            "filter": {"samplesPerShard": 12},
+            "download": download,
+            "output": {"uri": str(output)},
+            "latents": latents_spec(model_dir, **latents),
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +86,7 @@ def pictures(n, size=40, seed=0) -> list[bytes]:
 
 # --- spec -------------------------------------------------------------------------------------------
 
+
 def test_latents_settings_are_validated_naming_the_field(model_dir):
     spec = part("s.parquet", "/tmp/o", model_dir)
     assert spec.latents.latent_mode == "sample" and spec.latents.save_dtype == "float16"
@@ -81,14 +94,16 @@ def test_latents_settings_are_validated_naming_the_field(model_dir):
     with pytest.raises(SpecError, match=r"spec\.latents\.latentMode: 'median' is not one of"):
         part("s.parquet", "/tmp/o", model_dir, latentMode="median")
     with pytest.raises(SpecError, match=r"spec\.latents\.textEncoder: required field is missing"):
-        PartSpec.from_dict({"partId": "L", "source": {"urls": ["s"]}, "output": {"uri": "/tmp/o"},
-                            "latents": {"vae": "v"}})
+        PartSpec.from_dict(
+            {"partId": "L", "source": {"urls": ["s"]}, "output": {"uri": "/tmp/o"}, "latents": {"vae": "v"}}
+        )
     assert PartSpec.from_dict({"partId": "L", "source": {"urls": ["s"]}, "output": {"uri": "/tmp/o"}}).latents is None
     for fmt in ("webdataset", "files", "parquet", "tfrecord", "mds"):  # the stage reads every format
         assert part("s.parquet", "/tmp/o", model_dir, fmt=fmt).download.output_format == fmt
 
 
 # --- models -----------------------------------------------------------------------------------------
+
 
 def test_latents_have_the_vaes_shape_and_decode_back_to_the_image_size(models):
     import torch
@@ -169,6 +184,7 @@ def test_decoding_runs_ahead_in_a_thread_and_skips_undecodable_images():
 
 # --- the stage on Ray -------------------------------------------------------------------------------
 
+
 def tar_samples(out: Path) -> dict[str, tuple[str, bytes]]:
     found = {}
     for path in sorted(out.glob("*.tar")):
@@ -247,8 +263,9 @@ def test_micro_diffusions_reader_reads_the_columns_as_they_are(encoded):
     gc.collect()  # an earlier test's dataset over the same folder must be gone: streaming refuses two
     dataset = streaming().StreamingDataset(local=str(out / contract.LATENTS_DIR), batch_size=1)
     sample = dataset[0]
-    image = np.frombuffer(sample[f"latents_{RESOLUTION}"], dtype=np.float16).reshape(-1, RESOLUTION // 4,
-                                                                                      RESOLUTION // 4)
+    image = np.frombuffer(sample[f"latents_{RESOLUTION}"], dtype=np.float16).reshape(
+        -1, RESOLUTION // 4, RESOLUTION // 4
+    )
     caption = np.frombuffer(sample["caption_latents"], dtype=np.float16).reshape(1, 77, 32)
     assert image.shape == (4, RESOLUTION // 4, RESOLUTION // 4) and np.isfinite(caption).all()
     assert json.loads((out / contract.LATENTS_MANIFEST).read_text())["dtype"] == "float16"
@@ -305,11 +322,13 @@ def test_every_output_format_gives_the_same_latents(ray_driver, source, model_di
         sample = dataset[i]
         # The same image, in a batch made up by the order its shard's downloads finished in: float32
         # results may move in their last bits with the batch, not more.
-        np.testing.assert_allclose(sample["image_latents"].numpy(), reference[sample["key"]]["image_latents"].numpy(),
-                                   rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(
+            sample["image_latents"].numpy(), reference[sample["key"]]["image_latents"].numpy(), rtol=1e-3, atol=1e-4
+        )
 
 
 # --- what the operator shows ------------------------------------------------------------------------
+
 
 def test_latents_progress_shows_in_the_status_and_the_metrics():
     from prometheus_client import generate_latest
@@ -318,12 +337,25 @@ def test_latents_progress_shows_in_the_status_and_the_metrics():
     from laion_operator.control.metrics import Metrics
     from laion_operator.control.status import STATUS_SCHEMA, cr_status
 
-    progress = Progress(part_id="p", phase="Encoding", shards_total=3, shards_done=3, images_ok=40,
-                        latents_shards_total=3, latents_shards_done=1, latents_written=17, latents_skipped=1,
-                        latents_per_second=8.5)
+    progress = Progress(
+        part_id="p",
+        phase="Encoding",
+        shards_total=3,
+        shards_done=3,
+        images_ok=40,
+        latents_shards_total=3,
+        latents_shards_done=1,
+        latents_written=17,
+        latents_skipped=1,
+        latents_per_second=8.5,
+    )
     status = cr_status(progress)
-    assert status["latents"] == {"shards": {"total": 3, "done": 1, "failed": 0}, "written": 17, "skipped": 1,
-                                 "perSecond": 8.5}
+    assert status["latents"] == {
+        "shards": {"total": 3, "done": 1, "failed": 0},
+        "written": 17,
+        "skipped": 1,
+        "perSecond": 8.5,
+    }
     assert set(status["latents"]) == set(STATUS_SCHEMA["properties"]["latents"]["properties"])
     assert "latents" not in cr_status(Progress(part_id="q", shards_total=2))  # a part without the stage
     metrics = Metrics()
@@ -344,16 +376,26 @@ def test_the_hub_token_travels_like_the_storage_credentials(monkeypatch, tmp_pat
     from laion_operator import credentials
     from laion_operator.control import kube, parts
 
-    values = {"laion-s3": {"AWS_ACCESS_KEY_ID": "AKIA-test", "AWS_SECRET_ACCESS_KEY": "s3-secret"},
-              "hf": {"HF_TOKEN": "hf_not_a_real_token", "UNRELATED": "x"}}
+    values = {
+        "laion-s3": {"AWS_ACCESS_KEY_ID": "AKIA-test", "AWS_SECRET_ACCESS_KEY": "s3-secret"},
+        "hf": {"HF_TOKEN": "hf_not_a_real_token", "UNRELATED": "x"},
+    }
     monkeypatch.setattr(kube, "read_secret", lambda namespace, name: values[name])
-    spec = PartSpec.from_dict({"partId": "p", "source": {"urls": ["s.parquet"]},
-                               "output": {"uri": "s3://b/p", "credentialsSecret": "laion-s3"},
-                               "latents": {"vae": "v", "textEncoder": "t", "hubTokenSecret": "hf"}})
+    spec = PartSpec.from_dict(
+        {
+            "partId": "p",
+            "source": {"urls": ["s.parquet"]},
+            "output": {"uri": "s3://b/p", "credentialsSecret": "laion-s3"},
+            "latents": {"vae": "v", "textEncoder": "t", "hubTokenSecret": "hf"},
+        }
+    )
     part = parts.Part(None, {"metadata": {"namespace": "ns", "name": "p", "uid": "u"}}, None)
     secret = asyncio.run(part.read_secret(spec))
-    assert secret == {"AWS_ACCESS_KEY_ID": "AKIA-test", "AWS_SECRET_ACCESS_KEY": "s3-secret",
-                      "HF_TOKEN": "hf_not_a_real_token"}
+    assert secret == {
+        "AWS_ACCESS_KEY_ID": "AKIA-test",
+        "AWS_SECRET_ACCESS_KEY": "s3-secret",
+        "HF_TOKEN": "hf_not_a_real_token",
+    }
     assert "hf_not_a_real_token" not in json.dumps(spec.to_dict())
     package = tmp_path / "pkg.zip"
     package.write_bytes(credentials.package(secret))
@@ -368,8 +410,13 @@ def test_the_hub_token_travels_like_the_storage_credentials(monkeypatch, tmp_pat
     assert os.environ["HF_TOKEN"] == "hf_not_a_real_token"  # where huggingface_hub looks for it
 
     values.pop("hf")
-    monkeypatch.setattr(kube, "read_secret", lambda namespace, name: (_ for _ in ()).throw(
-        kube.KubeError(f"read Secret ns/{name}: not found")) if name == "hf" else values[name])
+    monkeypatch.setattr(
+        kube,
+        "read_secret",
+        lambda namespace, name: (
+            (_ for _ in ()).throw(kube.KubeError(f"read Secret ns/{name}: not found")) if name == "hf" else values[name]
+        ),
+    )
     with pytest.raises(kube.KubeError, match=r"spec\.latents\.hubTokenSecret 'hf'"):
         asyncio.run(part.read_secret(spec))
 
@@ -390,7 +437,7 @@ def test_an_mds_folder_anyone_wrote_is_encoded_on_ray(encoded, model_dir, tmp_pa
     theirs = tmp_path / "theirs"
     images = sorted(tar_samples(out).items())
     indexes = {}
-    for n, chunk in enumerate((images[: len(images) // 2], images[len(images) // 2:])):
+    for n, chunk in enumerate((images[: len(images) // 2], images[len(images) // 2 :])):
         with MDSWriter(out=str(theirs / f"{n:05d}"), columns={"key": "str", "img": "bytes", "txt": "str"}) as writer:
             for key, (caption, data) in chunk:
                 writer.write({"key": key, "img": data, "txt": caption})
@@ -410,5 +457,6 @@ def test_an_mds_folder_anyone_wrote_is_encoded_on_ray(encoded, model_dir, tmp_pa
     for i in range(0, len(dataset), 3):
         sample = dataset[i]
         assert sample["caption"] == reference[sample["key"]]["caption"]
-        np.testing.assert_allclose(sample["image_latents"].numpy(), reference[sample["key"]]["image_latents"].numpy(),
-                                   rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(
+            sample["image_latents"].numpy(), reference[sample["key"]]["image_latents"].numpy(), rtol=1e-3, atol=1e-4
+        )

@@ -12,8 +12,9 @@ def test_the_latents_bench_runs_small_on_the_cpu(tmp_path):
 
     from bench import latents_bench
 
-    report, goals = latents_bench.bench(6, 1, device="cpu", model_size="tiny", resolutions=(32, 64), batch=4,
-                                        work=tmp_path, sides_px=(40, 90))
+    report, goals = latents_bench.bench(
+        6, 1, device="cpu", model_size="tiny", resolutions=(32, 64), batch=4, work=tmp_path, sides_px=(40, 90)
+    )
     assert "32×32 and 64×64 from one decode" in report
     for side in (latents_bench.PLAIN, "torch DataLoader, 1 worker", latents_bench.PROJECT):
         assert f"| {side} " in report, report

@@ -36,10 +36,11 @@ def encoded(array: np.ndarray, fmt: str = "PNG", **kw) -> bytes:
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 # --- preprocessing -----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("resolution", [16, 31, 32])
 def test_preprocessing_is_torchvisions_resize_and_center_crop(resolution):
@@ -51,9 +52,9 @@ def test_preprocessing_is_torchvisions_resize_and_center_crop(resolution):
         data = encoded(photo(w, h, i))
         ours = preprocess_all(data, (resolution, 2 * resolution))  # one decode, both resolutions
         for r in (resolution, 2 * resolution):
-            reference = transforms.Compose([
-                transforms.Resize(r, interpolation=transforms.InterpolationMode.BICUBIC),
-                transforms.CenterCrop(r)])
+            reference = transforms.Compose(
+                [transforms.Resize(r, interpolation=transforms.InterpolationMode.BICUBIC), transforms.CenterCrop(r)]
+            )
             expected = np.asarray(reference(Image.open(io.BytesIO(data)).convert("RGB")))
             assert ours[r].shape == (r, r, 3), (w, h, r)
             assert np.array_equal(ours[r], expected), f"{w}x{h} at {r}: not torchvision's pixels"
@@ -83,6 +84,7 @@ def test_reduced_decode_stays_within_its_documented_psnr():
 
 # --- the stage, in-process ---------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     from laion_operator.testbed.tiny_models import build
@@ -99,11 +101,23 @@ def wide_text_dir(tmp_path_factory):
 
 
 def latents_spec(model_dir, out, **extra) -> PartSpec:
-    return PartSpec.from_dict({
-        "partId": "m", "source": {"dataset": {"uri": "unused"}}, "output": {"uri": str(out)},
-        "latents": {"vae": str(model_dir), "vaeSubfolder": "vae", "textEncoder": str(model_dir),
-                    "textEncoderSubfolder": "text_encoder", "tokenizerSubfolder": "tokenizer",
-                    "batchSize": 3, "latentMode": "mean", **extra}})
+    return PartSpec.from_dict(
+        {
+            "partId": "m",
+            "source": {"dataset": {"uri": "unused"}},
+            "output": {"uri": str(out)},
+            "latents": {
+                "vae": str(model_dir),
+                "vaeSubfolder": "vae",
+                "textEncoder": str(model_dir),
+                "textEncoderSubfolder": "text_encoder",
+                "tokenizerSubfolder": "tokenizer",
+                "batchSize": 3,
+                "latentMode": "mean",
+                **extra,
+            },
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +128,9 @@ def mds_folder(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("their-mds")
     images = {}
-    with MDSWriter(out=str(root), columns={"image": "bytes", "text": "str", "width": "int"},
-                   size_limit=1 << 14, compression=None) as writer:
+    with MDSWriter(
+        out=str(root), columns={"image": "bytes", "text": "str", "width": "int"}, size_limit=1 << 14, compression=None
+    ) as writer:
         for i in range(9):
             w, h = SIZES[i]
             data = b"not an image" if i == 4 else encoded(photo(w * 2, h * 2, 50 + i), "JPEG", quality=92)
@@ -194,6 +209,7 @@ def test_an_mds_folder_names_its_columns_or_is_refused(mds_folder):
 
 # --- the loader --------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def one_resolution(model_dir, mds_folder, tmp_path_factory):
     from laion_operator.pipeline import models
@@ -222,16 +238,16 @@ def test_the_loader_mixes_datasets_as_streams_with_caption_dropout(two_resolutio
     gc.collect()
 
     # Relative mixing (streaming's proportion): three quarters of an epoch from the first dataset.
-    loader = build_latents_dataloader([{"path": a, "proportion": 0.75}, {"path": b, "proportion": 0.25}],
-                                      batch_size=4, resolution=32)
+    loader = build_latents_dataloader(
+        [{"path": a, "proportion": 0.75}, {"path": b, "proportion": 0.25}], batch_size=4, resolution=32
+    )
     streams = [int(s) for batch in loader for s in batch["stream"]]
     assert len(streams) == 16 and streams.count(0) == 12 and streams.count(1) == 4
     del loader
     gc.collect()
 
     # Absolute mixing (streaming's repeat): the first dataset twice, the second once.
-    loader = build_latents_dataloader([{"path": a, "repeat": 2}, {"path": b, "repeat": 1}], batch_size=4,
-                                      resolution=32)
+    loader = build_latents_dataloader([{"path": a, "repeat": 2}, {"path": b, "repeat": 1}], batch_size=4, resolution=32)
     assert len(loader.dataset) == 24
     streams = [int(s) for batch in loader for s in batch["stream"]]
     assert streams.count(0) == 16 and streams.count(1) == 8
@@ -239,8 +255,11 @@ def test_the_loader_mixes_datasets_as_streams_with_caption_dropout(two_resolutio
     gc.collect()
 
     loader = build_latents_dataloader([a, b], batch_size=8, resolution=32, captionDropProbability=0.5, seed=3)
-    samples = [s for batch in loader for s in zip(batch["key"], batch["caption_dropped"], batch["caption"],
-                                                    batch["caption_latents"])]
+    samples = [
+        s
+        for batch in loader
+        for s in zip(batch["key"], batch["caption_dropped"], batch["caption"], batch["caption_latents"])
+    ]
     dropped = [s for s in samples if s[1]]
     assert 0 < len(dropped) < len(samples)
     assert all(caption == "" and not latents.any() for _, _, caption, latents in dropped)
@@ -251,8 +270,9 @@ def test_the_loader_mixes_datasets_as_streams_with_caption_dropout(two_resolutio
     gc.collect()
 
 
-def test_a_mix_of_incompatible_latents_is_refused_naming_both(two_resolutions, one_resolution, model_dir,
-                                                                wide_text_dir, mds_folder, tmp_path):
+def test_a_mix_of_incompatible_latents_is_refused_naming_both(
+    two_resolutions, one_resolution, model_dir, wide_text_dir, mds_folder, tmp_path
+):
     from laion_operator.latents_loader import build_latents_dataloader
     from laion_operator.pipeline import models
     from laion_operator.pipeline.latents import MDSFolder
@@ -280,8 +300,12 @@ def test_the_loader_reads_a_whole_laion_dataset_from_its_root(one_resolution, mo
 
     root = tmp_path / "dataset"
     latents = latents_spec(model_dir, root, resolution=32).to_dict()["latents"]
-    data = validate_dataset({"source": {"urls": ["a.parquet", "b.parquet", "c.parquet"]},
-                             "template": {"output": {"uri": str(root)}, "latents": latents}})
+    data = validate_dataset(
+        {
+            "source": {"urls": ["a.parquet", "b.parquet", "c.parquet"]},
+            "template": {"output": {"uri": str(root)}, "latents": latents},
+        }
+    )
     parts = []
     for part_id, phase in (("0", "Succeeded"), ("1", "Succeeded"), ("2", "Running")):
         shutil.copytree(one_resolution, root / contract.part_dir(part_id))

@@ -10,8 +10,9 @@ import json
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "operator" / "laion_operator"
@@ -22,10 +23,15 @@ PIPELINE_ONLY = set(CONTRACTS["The control plane loads no pipeline package"]["fo
 
 
 def loaded_after_import(module: str) -> set[str]:
-    code = (f"import json, sys; import {module}; "
-            "print(json.dumps(sorted(sys.modules)))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=ROOT, env={"PYTHONPATH": str(ROOT / "operator"), "PATH": "/usr/bin:/bin"})
+    code = f"import json, sys; import {module}; print(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT / "operator"), "PATH": "/usr/bin:/bin"},
+    )
     return set(json.loads(out.stdout))
 
 
@@ -43,19 +49,30 @@ def test_the_cli_loads_the_pipeline_only_for_commands_that_run_it():
 
 def test_every_module_of_the_package_has_a_layer():
     """A module the layers contract does not name is free to import anything, and to be imported by all."""
-    layered = {name.strip() for contract in CONTRACTS.values() if contract["type"] == "layers"
-               for layer in contract["layers"] for name in re.split(r"[|:]", layer)}
-    modules = {p.stem if p.is_file() else p.name for p in PACKAGE.iterdir()
-               if (p.suffix == ".py" and p.name != "__init__.py") or (p / "__init__.py").is_file()}
+    layered = {
+        name.strip()
+        for contract in CONTRACTS.values()
+        if contract["type"] == "layers"
+        for layer in contract["layers"]
+        for name in re.split(r"[|:]", layer)
+    }
+    modules = {
+        p.stem if p.is_file() else p.name
+        for p in PACKAGE.iterdir()
+        if (p.suffix == ".py" and p.name != "__init__.py") or (p / "__init__.py").is_file()
+    }
     assert modules == layered, (sorted(modules - layered), sorted(layered - modules))
 
 
 def test_the_operator_image_installs_no_pipeline_package():
     project = PYPROJECT["project"]
-    names = {re.split(r"[\[<>=; ]", d)[0].lower() for d in
-             project["dependencies"] + project["optional-dependencies"]["operator"]}
-    assert names.isdisjoint({"ray", "pyarrow", "pandas", "img2dataset", "opencv-python-headless", "numpy",
-                             "torch"}), names
+    names = {
+        re.split(r"[\[<>=; ]", d)[0].lower()
+        for d in project["dependencies"] + project["optional-dependencies"]["operator"]
+    }
+    assert names.isdisjoint({"ray", "pyarrow", "pandas", "img2dataset", "opencv-python-headless", "numpy", "torch"}), (
+        names
+    )
     dockerfile = (ROOT / "images" / "operator" / "Dockerfile").read_text()
     assert "['optional-dependencies']['operator']" in dockerfile
     assert "pipeline" not in re.sub(r"#.*", "", dockerfile)
@@ -77,8 +94,10 @@ def test_only_the_contract_spells_the_output_folders_names():
 def test_exit_codes_and_phases_are_spelled_once():
     offenders = []
     # A phase compared or assigned as a bare string (event and condition reasons may share the word).
-    phase_literal = re.compile(r"""phase\W{1,5}["'](Pending|Queued|Filtering|Downloading|Annotating|Succeeded|Failed|"""
-                               r"""Stopping)["']""")
+    phase_literal = re.compile(
+        r"""phase\W{1,5}["'](Pending|Queued|Filtering|Downloading|Annotating|Succeeded|Failed|"""
+        r"""Stopping)["']"""
+    )
     for path in PACKAGE.rglob("*.py"):
         if path.name in ("contract.py",):
             continue
@@ -111,16 +130,28 @@ def test_a_ray_worker_loads_the_pipeline_without_img2datasets_cli_or_torch(ray_d
 
 
 def test_the_job_driver_loads_the_pipeline_light_and_other_processes_whole():
-    light = ("from laion_operator.pipeline import load_light; load_light(); "
-             "import laion_operator.pipeline.driver, laion_operator.pipeline.download, torch; "
-             "from img2dataset import writer; import webdataset.pytorch as p; "
-             "print(int(torch.ones(2).sum()), writer.WebDatasetSampleWriter.__name__, "
-             "p.IterableDataset is torch.utils.data.IterableDataset)")
-    whole = ("import laion_operator.pipeline.download, torch, img2dataset; import webdataset.pytorch as p; "
-             "print(p.IterableDataset is torch.utils.data.IterableDataset, callable(img2dataset.download))")
-    outputs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
-                              env={"PYTHONPATH": str(ROOT / "operator"), "PATH": "/usr/bin:/bin"}).stdout.split()
-               for code in (light, whole)]
+    light = (
+        "from laion_operator.pipeline import load_light; load_light(); "
+        "import laion_operator.pipeline.driver, laion_operator.pipeline.download, torch; "
+        "from img2dataset import writer; import webdataset.pytorch as p; "
+        "print(int(torch.ones(2).sum()), writer.WebDatasetSampleWriter.__name__, "
+        "p.IterableDataset is torch.utils.data.IterableDataset)"
+    )
+    whole = (
+        "import laion_operator.pipeline.download, torch, img2dataset; import webdataset.pytorch as p; "
+        "print(p.IterableDataset is torch.utils.data.IterableDataset, callable(img2dataset.download))"
+    )
+    outputs = [
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=ROOT,
+            env={"PYTHONPATH": str(ROOT / "operator"), "PATH": "/usr/bin:/bin"},
+        ).stdout.split()
+        for code in (light, whole)
+    ]
     # torch is still there for the stages that use it; webdataset then lacks only its DataLoader glue
     assert outputs[0] == ["2", "WebDatasetSampleWriter", "False"]
     # a process that is not the pipeline's alone (a notebook, the tests) keeps both libraries whole

@@ -14,16 +14,18 @@ from laion_operator.control import kube
 from laion_operator.control.backend import JobState, submission_id, submission_prefix
 from laion_operator.control.config import ConfigError, OperatorConfig
 from laion_operator.control.datasets import dropped_fields
-from laion_operator.control.lifecycle import (SUBMITTED, Action, Change, Facts, Slot, change_of, output_hash,
-                                              transition)
+from laion_operator.control.lifecycle import SUBMITTED, Action, Change, Facts, Slot, change_of, output_hash, transition
 from laion_operator.control.rayjobs import kuberay_state
 from laion_operator.control.slots import Slots
 from laion_operator.spec import apply_defaults
 
 PHASES = [None, *Phase]
-ALL = [Facts(phase, job, change, retries_left, retryable, deadline)
-       for phase, job, change, retries_left, retryable, deadline in itertools.product(
-           PHASES, JobState, Change, (True, False), (True, False), (True, False))]
+ALL = [
+    Facts(phase, job, change, retries_left, retryable, deadline)
+    for phase, job, change, retries_left, retryable, deadline in itertools.product(
+        PHASES, JobState, Change, (True, False), (True, False), (True, False)
+    )
+]
 
 
 def test_every_input_has_one_step_and_the_slot_follows_the_action():
@@ -72,29 +74,36 @@ def test_retries_are_bounded_and_suspend_always_wins():
             assert step.action is Action.FAIL and step.reason == "InvalidSpec"
 
 
-@pytest.mark.parametrize("phase, job, change, expected", [
-    (None, JobState.MISSING, Change.NONE, Action.SUBMIT),
-    (Phase.QUEUED, JobState.FAILED, Change.NONE, Action.SUBMIT),  # a retry whose backoff ended
-    (Phase.QUEUED, JobState.RUNNING, Change.NONE, Action.FOLLOW),  # submitted, then the operator died
-    (Phase.DOWNLOADING, JobState.RUNNING, Change.POLICY, Action.FOLLOW),  # priority: no restart
-    (Phase.DOWNLOADING, JobState.RUNNING, Change.OUTPUT, Action.SUBMIT),
-    (Phase.DOWNLOADING, JobState.SUSPENDED, Change.NONE, Action.FOLLOW),  # a RayJob Kueue holds back
-    (Phase.DOWNLOADING, JobState.SUCCEEDED, Change.NONE, Action.SUCCEED),
-    (Phase.DOWNLOADING, JobState.FAILED, Change.NONE, Action.RETRY),
-    (Phase.SUSPENDED, JobState.STOPPED, Change.POLICY, Action.SUBMIT),  # resume
-    (Phase.SUSPENDED, JobState.STOPPED, Change.NONE, Action.WAIT),
-    (Phase.FAILED, JobState.FAILED, Change.POLICY, Action.SUBMIT),  # e.g. maxRetries raised
-    (Phase.SUCCEEDED, JobState.SUCCEEDED, Change.POLICY, Action.WAIT),  # resume of a finished part
-])
+@pytest.mark.parametrize(
+    "phase, job, change, expected",
+    [
+        (None, JobState.MISSING, Change.NONE, Action.SUBMIT),
+        (Phase.QUEUED, JobState.FAILED, Change.NONE, Action.SUBMIT),  # a retry whose backoff ended
+        (Phase.QUEUED, JobState.RUNNING, Change.NONE, Action.FOLLOW),  # submitted, then the operator died
+        (Phase.DOWNLOADING, JobState.RUNNING, Change.POLICY, Action.FOLLOW),  # priority: no restart
+        (Phase.DOWNLOADING, JobState.RUNNING, Change.OUTPUT, Action.SUBMIT),
+        (Phase.DOWNLOADING, JobState.SUSPENDED, Change.NONE, Action.FOLLOW),  # a RayJob Kueue holds back
+        (Phase.DOWNLOADING, JobState.SUCCEEDED, Change.NONE, Action.SUCCEED),
+        (Phase.DOWNLOADING, JobState.FAILED, Change.NONE, Action.RETRY),
+        (Phase.SUSPENDED, JobState.STOPPED, Change.POLICY, Action.SUBMIT),  # resume
+        (Phase.SUSPENDED, JobState.STOPPED, Change.NONE, Action.WAIT),
+        (Phase.FAILED, JobState.FAILED, Change.POLICY, Action.SUBMIT),  # e.g. maxRetries raised
+        (Phase.SUCCEEDED, JobState.SUCCEEDED, Change.POLICY, Action.WAIT),  # resume of a finished part
+    ],
+)
 def test_named_transitions(phase, job, change, expected):
     assert transition(Facts(phase, job, change)).action is expected
 
 
 def test_deadline_and_exhausted_retries_name_their_reason():
-    assert transition(Facts(Phase.DOWNLOADING, JobState.RUNNING, Change.NONE, deadline_passed=True)).reason == \
-        "DeadlineExceeded"
-    assert transition(Facts(Phase.DOWNLOADING, JobState.FAILED, Change.NONE, retries_left=False)).reason == \
-        "RetriesExhausted"
+    assert (
+        transition(Facts(Phase.DOWNLOADING, JobState.RUNNING, Change.NONE, deadline_passed=True)).reason
+        == "DeadlineExceeded"
+    )
+    assert (
+        transition(Facts(Phase.DOWNLOADING, JobState.FAILED, Change.NONE, retries_left=False)).reason
+        == "RetriesExhausted"
+    )
     assert transition(Facts(Phase.DOWNLOADING, JobState.STOPPED, Change.NONE, retryable=False)).reason == "JobFailed"
 
 
@@ -106,11 +115,20 @@ def test_only_output_fields_make_an_output_change():
     base = spec()
     status = {"observedGeneration": 1, "specHash": output_hash(base)}
     assert change_of(base, False, 1, status) is Change.NONE
-    for policy in ({"priority": 5}, {"maxRetries": 9}, {"activeDeadlineSeconds": 60}, {"stallSeconds": 30},
-                   {"suspend": False}):
+    for policy in (
+        {"priority": 5},
+        {"maxRetries": 9},
+        {"activeDeadlineSeconds": 60},
+        {"stallSeconds": 30},
+        {"suspend": False},
+    ):
         assert change_of(spec(**policy), False, 2, status) is Change.POLICY, policy
-    for output in ({"download": {"timeout": 3}}, {"filter": {"minWidth": 10}}, {"verify": False},
-                   {"heal": {"reasons": ["timeout"]}}):
+    for output in (
+        {"download": {"timeout": 3}},
+        {"filter": {"minWidth": 10}},
+        {"verify": False},
+        {"heal": {"reasons": ["timeout"]}},
+    ):
         assert change_of(spec(**output), False, 2, status) is Change.OUTPUT, output
     assert change_of(spec(suspend=True), True, 2, status) is Change.SUSPEND
     assert change_of(spec(priority=5), False, 2, {"observedGeneration": 1}) is Change.OUTPUT  # no hash: re-run
@@ -122,21 +140,24 @@ def test_job_ids_share_the_parts_prefix():
     assert submission_id(uid, 3, 2).startswith(submission_prefix(uid))
 
 
-@pytest.mark.parametrize("status, state", [
-    ({}, JobState.PENDING),
-    ({"jobDeploymentStatus": "Initializing"}, JobState.PENDING),
-    ({"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}, JobState.RUNNING),
-    ({"jobDeploymentStatus": "Waiting"}, JobState.PENDING),
-    ({"jobDeploymentStatus": "Suspended"}, JobState.SUSPENDED),  # Kueue holds it: not Pending forever
-    ({"jobDeploymentStatus": "Suspending", "jobStatus": "RUNNING"}, JobState.SUSPENDED),
-    ({"jobDeploymentStatus": "Retrying", "jobStatus": "FAILED"}, JobState.RETRYING),
-    ({"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}, JobState.SUCCEEDED),
-    ({"jobDeploymentStatus": "Complete", "jobStatus": "FAILED"}, JobState.FAILED),
-    ({"jobDeploymentStatus": "Complete", "jobStatus": "STOPPED"}, JobState.STOPPED),
-    ({"jobDeploymentStatus": "Failed", "reason": "DeadlineExceeded"}, JobState.FAILED),
-    ({"jobDeploymentStatus": "ValidationFailed", "message": "bad"}, JobState.FAILED),
-    ({"jobDeploymentStatus": "Running", "jobStatus": "SOMETHING_NEW"}, JobState.PENDING),
-])
+@pytest.mark.parametrize(
+    "status, state",
+    [
+        ({}, JobState.PENDING),
+        ({"jobDeploymentStatus": "Initializing"}, JobState.PENDING),
+        ({"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}, JobState.RUNNING),
+        ({"jobDeploymentStatus": "Waiting"}, JobState.PENDING),
+        ({"jobDeploymentStatus": "Suspended"}, JobState.SUSPENDED),  # Kueue holds it: not Pending forever
+        ({"jobDeploymentStatus": "Suspending", "jobStatus": "RUNNING"}, JobState.SUSPENDED),
+        ({"jobDeploymentStatus": "Retrying", "jobStatus": "FAILED"}, JobState.RETRYING),
+        ({"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}, JobState.SUCCEEDED),
+        ({"jobDeploymentStatus": "Complete", "jobStatus": "FAILED"}, JobState.FAILED),
+        ({"jobDeploymentStatus": "Complete", "jobStatus": "STOPPED"}, JobState.STOPPED),
+        ({"jobDeploymentStatus": "Failed", "reason": "DeadlineExceeded"}, JobState.FAILED),
+        ({"jobDeploymentStatus": "ValidationFailed", "message": "bad"}, JobState.FAILED),
+        ({"jobDeploymentStatus": "Running", "jobStatus": "SOMETHING_NEW"}, JobState.PENDING),
+    ],
+)
 def test_every_rayjob_state_maps(status, state):
     job = kuberay_state("j", status)
     assert job.state is state
@@ -175,10 +196,12 @@ def test_slots_run_higher_priority_first_then_oldest_and_let_a_waiter_give_up():
                 await asyncio.sleep(0.05)
                 slots.release(name)
 
-        waiters = [asyncio.create_task(part("old-low", "2026-01-01T00:00:01Z", 0)),
-                   asyncio.create_task(part("new-low", "2026-01-01T00:00:03Z", 0)),
-                   asyncio.create_task(part("new-high", "2026-01-01T00:00:04Z", 5)),
-                   asyncio.create_task(part("top-but-suspended", "2026-01-01T00:00:00Z", 9, gone.is_set))]
+        waiters = [
+            asyncio.create_task(part("old-low", "2026-01-01T00:00:01Z", 0)),
+            asyncio.create_task(part("new-low", "2026-01-01T00:00:03Z", 0)),
+            asyncio.create_task(part("new-high", "2026-01-01T00:00:04Z", 5)),
+            asyncio.create_task(part("top-but-suspended", "2026-01-01T00:00:00Z", 9, gone.is_set)),
+        ]
         while len(queued) < 4:
             await asyncio.sleep(0.01)
         gone.set()  # e.g. suspended while queued: it leaves the queue without a slot
@@ -217,8 +240,10 @@ class Recorded:
 
         self.patches: list[dict] = []
         self.events: list[str] = []
-        monkeypatch.setattr(kube, "patch_status", lambda ns, name, patch, plural=kube.PLURAL: self.patches.append(patch))
-        monkeypatch.setattr(kopf, "event", lambda body, type, reason, message: self.events.append(reason))
+        monkeypatch.setattr(
+            kube, "patch_status", lambda ns, name, patch, plural=kube.PLURAL: self.patches.append(patch)
+        )
+        monkeypatch.setattr(kopf, "event", lambda body, reason, message, **_: self.events.append(reason))
 
 
 def running_part(status: dict):
@@ -226,8 +251,7 @@ def running_part(status: dict):
     from laion_operator.control.parts import Operator, Part
 
     op = Operator(OperatorConfig(), None, Slots(1), Metrics())
-    body = {"metadata": {"namespace": "ns", "name": "p", "uid": "u", "generation": 1},
-            "spec": spec(), "status": status}
+    body = {"metadata": {"namespace": "ns", "name": "p", "uid": "u", "generation": 1}, "spec": spec(), "status": status}
     return Part(op, body, None)
 
 
@@ -236,18 +260,32 @@ def test_counts_never_go_backwards_while_a_new_attempt_filters(monkeypatch):
     from laion_operator.spec import PartSpec
 
     api = Recorded(monkeypatch)
-    part = running_part({"phase": "Downloading", "output": "/o", "rowsRead": 100, "rowsKept": 90,
-                         "images": {"ok": 40, "failed": 5, "failedByReason": {"timeout": 5}},
-                         "shards": {"total": 9, "done": 4, "failed": 0}, "bytesWritten": 1000})
+    part = running_part(
+        {
+            "phase": "Downloading",
+            "output": "/o",
+            "rowsRead": 100,
+            "rowsKept": 90,
+            "images": {"ok": 40, "failed": 5, "failedByReason": {"timeout": 5}},
+            "shards": {"total": 9, "done": 4, "failed": 0},
+            "bytesWritten": 1000,
+        }
+    )
     fresh = Progress(part_id="p", phase="Filtering", rows_read=10)  # attempt 2 has read 10 rows so far
     asyncio.run(part.publish(Phase.FILTERING, fresh, "job", stalled=False))
     written = api.patches[-1]
-    assert (written["rowsRead"], written["rowsKept"], written["images"]["ok"], written["shards"]["done"],
-            written["bytesWritten"]) == (100, 90, 40, 4, 1000)
+    assert (
+        written["rowsRead"],
+        written["rowsKept"],
+        written["images"]["ok"],
+        written["shards"]["done"],
+        written["bytesWritten"],
+    ) == (100, 90, 40, 4, 1000)
     assert written["shardsProgress"] == "4/9"
     assert (written["images"]["failed"], written["images"]["failedByReason"]) == (5, {"timeout": 5})
-    final = Progress(part_id="p", phase="Succeeded", rows_read=100, rows_kept=90, images_ok=38, shards_total=9,
-                     shards_done=9)
+    final = Progress(
+        part_id="p", phase="Succeeded", rows_read=100, rows_kept=90, images_ok=38, shards_total=9, shards_done=9
+    )
     asyncio.run(part.publish(Phase.SUCCEEDED, final, "job", finished=True))
     assert api.patches[-1]["images"]["ok"] == 38  # the finished part's count is its shards' own
     assert PartSpec.from_dict(spec()).stall_seconds == 900

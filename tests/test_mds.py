@@ -81,8 +81,11 @@ def test_mds_samples_equal_their_metadata_rows(ray_driver, metadata, tmp_path):
     # part_<id>_stats.csv lists every MDS file with its samples, as the shards' own indexes say
     with open(out / "part_7_stats.csv") as f:
         listed = {Path(r["path"]).relative_to(out).as_posix(): int(r["num_samples"]) for r in csv.DictReader(f)}
-    indexed = {f"{s:05d}/{e['raw_data']['basename']}": e["samples"] for s in range(shards)
-               for e in json.loads((out / f"{s:05d}" / "index.json").read_text())["shards"]}
+    indexed = {
+        f"{s:05d}/{e['raw_data']['basename']}": e["samples"]
+        for s in range(shards)
+        for e in json.loads((out / f"{s:05d}" / "index.json").read_text())["shards"]
+    }
     assert listed == indexed and len(listed) > shards
     assert all((out / name).is_file() for name in listed)
 
@@ -104,16 +107,21 @@ def test_mds_samples_equal_their_metadata_rows(ray_driver, metadata, tmp_path):
 def test_mds_on_s3_reads_back_through_streaming(ray_driver, s3, metadata, tmp_path, monkeypatch):
     source, table = metadata
     bucket = s3.create_bucket("laion-mds")
-    summary = run_part(mds_part(source, {"uri": f"s3://{bucket}/parts/7", "endpoint": s3.endpoint,
-                                         "region": "us-east-1", "pathStyle": True}))
+    summary = run_part(
+        mds_part(
+            source, {"uri": f"s3://{bucket}/parts/7", "endpoint": s3.endpoint, "region": "us-east-1", "pathStyle": True}
+        )
+    )
     assert summary["verified"]["ok"], summary["verified"]
     keys = s3.keys(bucket, "parts/7/")
     assert "parts/7/index.json" in keys and "parts/7/00000/index.json" in keys
     assert any(k.startswith("parts/7/00002/shard.") and k.endswith(".mds") for k in keys)
 
     client = s3.client()
-    rows = metadata_rows(lambda n: io.BytesIO(client.get_object(Bucket=bucket, Key=f"parts/7/{n}")["Body"].read()),
-                         [f"{s:05d}.parquet" for s in range(summary["shards"]["total"])])
+    rows = metadata_rows(
+        lambda n: io.BytesIO(client.get_object(Bucket=bucket, Key=f"parts/7/{n}")["Body"].read()),
+        [f"{s:05d}.parquet" for s in range(summary["shards"]["total"])],
+    )
     # a trainer's reader: streaming's own S3 client, told the endpoint the way streaming is told
     monkeypatch.setenv("S3_ENDPOINT_URL", s3.endpoint)
     samples = stream(tmp_path / "cache", remote=f"s3://{bucket}/parts/7")

@@ -17,10 +17,10 @@ import pytest
 import yaml
 
 from laion_operator import spec as specs
-from laion_operator.testbed.demo_data import write_metadata
-from laion_operator.control.metrics import Metrics
 from laion_operator.contract import FAILURE_REASONS, PHASES, PROGRESS, Progress
+from laion_operator.control.metrics import Metrics
 from laion_operator.storage import Store
+from laion_operator.testbed.demo_data import write_metadata
 from tests.support.prometheus import Prometheus, binary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,11 +36,18 @@ SEL = f'namespace="{NAMESPACE}", part="{PART}"'
 # Debian's prometheus and promtool are installed by `scripts/setup --test`; without them these tests fail.
 
 # Grafana's variables, as the test evaluates them: every namespace and part, fixed intervals.
-GRAFANA_VARIABLES = {"$namespace": ".*", "$part": ".*", "$dataset": ".*", "$__rate_interval": "30s", "$__interval": "5s",
-                     "$__range": "5m"}
+GRAFANA_VARIABLES = {
+    "$namespace": ".*",
+    "$part": ".*",
+    "$dataset": ".*",
+    "$__rate_interval": "30s",
+    "$__interval": "5s",
+    "$__range": "5m",
+}
 
 
 # --- the expressions under test ------------------------------------------------------------------
+
 
 def dashboard_exprs() -> list[tuple[str, str]]:
     """(where, PromQL) for every panel target and query variable of the dashboard."""
@@ -87,16 +94,26 @@ def without_thresholds(expr: str) -> str:
 
 # --- fixtures ------------------------------------------------------------------------------------
 
+
 def part_spec(metadata: Path, output: Path) -> specs.PartSpec:
-    return specs.PartSpec.from_dict({
-        "partId": "0",
-        "source": {"urls": [str(metadata)]},
-        "filter": {"samplesPerShard": 60, "seed": 0},
-        # Small images and short timeouts: the 2 cores are shared.
-        "download": {"imageSize": 64, "minImageSize": 64, "timeout": 1, "maxInFlight": 16, "maxPerHost": 16,
-                     "parallelism": 2, "allowedNetworks": ["127.0.0.0/8"]},
-        "output": {"uri": str(output)},
-    })
+    return specs.PartSpec.from_dict(
+        {
+            "partId": "0",
+            "source": {"urls": [str(metadata)]},
+            "filter": {"samplesPerShard": 60, "seed": 0},
+            # Small images and short timeouts: the 2 cores are shared.
+            "download": {
+                "imageSize": 64,
+                "minImageSize": 64,
+                "timeout": 1,
+                "maxInFlight": 16,
+                "maxPerHost": 16,
+                "parallelism": 2,
+                "allowedNetworks": ["127.0.0.0/8"],
+            },
+            "output": {"uri": str(output)},
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -111,10 +128,19 @@ def run(tmp_path_factory, ray_driver, image_server):
     try:
         with Prometheus([f"127.0.0.1:{server.server_port}"], rule_files=[ALERTS]) as prom:
             prom.wait_for_target()
-            mix = {"ok": 0.7, "http_4xx": 0.08, "http_5xx": 0.05, "timeout": 0.03, "decode": 0.05,
-                   "opt_out": 0.04, "too_small": 0.03, "connection": 0.02}
-            write_metadata(tmp / "meta.parquet", 300, image_server.base_url, failure_mix=mix, slow_seconds=2,
-                           return_table=False)
+            mix = {
+                "ok": 0.7,
+                "http_4xx": 0.08,
+                "http_5xx": 0.05,
+                "timeout": 0.03,
+                "decode": 0.05,
+                "opt_out": 0.04,
+                "too_small": 0.03,
+                "connection": 0.02,
+            }
+            write_metadata(
+                tmp / "meta.parquet", 300, image_server.base_url, failure_mix=mix, slow_seconds=2, return_table=False
+            )
             spec = part_spec(tmp / "meta.parquet", tmp / "dataset")
             # What the operator does around a job: a waiting part, a queue, a few errors.
             metrics.observe_part(NAMESPACE, QUEUED, "Queued", None)
@@ -131,11 +157,14 @@ def run(tmp_path_factory, ray_driver, image_server):
             from laion_operator.control.status import cr_status
 
             final = Progress.from_json(Store(spec.output).read_json(PROGRESS))
-            metrics.observe_dataset(NAMESPACE, DATASET, summarize([{"spec": {"partId": spec.part_id},
-                                                                    "status": {"phase": "Succeeded",
-                                                                               **cr_status(final)}}]))
-            prom.wait_until(f'laion_dataset_parts{{namespace="{NAMESPACE}", dataset="{DATASET}", '
-                            'phase="Succeeded"} == 1')
+            metrics.observe_dataset(
+                NAMESPACE,
+                DATASET,
+                summarize([{"spec": {"partId": spec.part_id}, "status": {"phase": "Succeeded", **cr_status(final)}}]),
+            )
+            prom.wait_until(
+                f'laion_dataset_parts{{namespace="{NAMESPACE}", dataset="{DATASET}", phase="Succeeded"}} == 1'
+            )
             state.update(prom=prom, spec=spec, summary=summary)
             yield state
     finally:
@@ -144,6 +173,7 @@ def run(tmp_path_factory, ray_driver, image_server):
 
 
 # --- tests ---------------------------------------------------------------------------------------
+
 
 def test_alert_rules_check():
     result = subprocess.run([binary("promtool"), "check", "rules", str(ALERTS)], capture_output=True, text=True)
@@ -154,15 +184,21 @@ def test_alert_rules_check():
 def test_alert_rules_fire_when_they_should():
     """tests/data/alerts_test.yaml: Stalled, LowSuccessRate, RateLimited, Failed and OperatorDown fire, and only
     then."""
-    result = subprocess.run([binary("promtool"), "test", "rules", str(ALERT_TESTS)], capture_output=True,
-                            text=True, cwd=ALERT_TESTS.parent)
+    result = subprocess.run(
+        [binary("promtool"), "test", "rules", str(ALERT_TESTS)], capture_output=True, text=True, cwd=ALERT_TESTS.parent
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_alert_names_and_stall_window():
     rules = {r["alert"]: r for r in alert_rules()}
-    assert set(rules) == {"LaionPartStalled", "LaionPartLowSuccessRate", "LaionPartRateLimited", "LaionPartFailed",
-                          "LaionOperatorDown"}
+    assert set(rules) == {
+        "LaionPartStalled",
+        "LaionPartLowSuccessRate",
+        "LaionPartRateLimited",
+        "LaionPartFailed",
+        "LaionOperatorDown",
+    }
     # 15 minutes without an image: a 5 m window that stays flat for 10 m.
     assert "[5m]" in rules["LaionPartStalled"]["expr"] and rules["LaionPartStalled"]["for"] == "10m"
     assert 'job="laion-operator"' in rules["LaionOperatorDown"]["expr"]
@@ -179,8 +215,12 @@ def test_dashboard_uses_a_datasource_variable():
 
 
 def samples(metrics: Metrics, name: str) -> dict:
-    return {tuple(sorted(s.labels.items())): s.value for f in metrics.registry.collect() for s in f.samples
-            if s.name == name}
+    return {
+        tuple(sorted(s.labels.items())): s.value
+        for f in metrics.registry.collect()
+        for s in f.samples
+        if s.name == name
+    }
 
 
 def test_rerun_never_lowers_a_counter():
@@ -191,8 +231,13 @@ def test_rerun_never_lowers_a_counter():
     metrics.observe_part("ns", "p", "Filtering", Progress(part_id="0", rows_read=50), retries=1)
     assert samples(metrics, "laion_part_images_total") == {(("namespace", "ns"), ("part", "p")): 120}
     assert samples(metrics, "laion_part_metadata_rows_read_total")[(("namespace", "ns"), ("part", "p"))] == 300
-    resumed = Progress(part_id="0", phase="Downloading", rows_read=300, images_ok=150,
-                       failed_by_reason={"timeout": 10, "some new reason": 2})
+    resumed = Progress(
+        part_id="0",
+        phase="Downloading",
+        rows_read=300,
+        images_ok=150,
+        failed_by_reason={"timeout": 10, "some new reason": 2},
+    )
     metrics.observe_part("ns", "p", "Downloading", resumed, retries=1)
     failed = samples(metrics, "laion_part_images_failed_total")
     key = (("namespace", "ns"), ("part", "p"))
@@ -206,14 +251,16 @@ def test_a_heal_lowers_the_failures_once_at_its_end():
     metrics = Metrics()
     key = (("namespace", "ns"), ("part", "p"))
     done = dict(part_id="0", phase="Succeeded", rows_read=300, shards_total=3, shards_done=3)
-    metrics.observe_part("ns", "p", "Succeeded", Progress(**done, images_ok=200, failed_by_reason={"timeout": 10,
-                                                                                                  "http_4xx": 5}))
+    metrics.observe_part(
+        "ns", "p", "Succeeded", Progress(**done, images_ok=200, failed_by_reason={"timeout": 10, "http_4xx": 5})
+    )
     healing = Progress(part_id="0", phase="Downloading", images_ok=40, failed_by_reason={"timeout": 1})
     metrics.observe_part("ns", "p", "Downloading", healing)  # a rewritten shard climbs back: no dip yet
     failed = samples(metrics, "laion_part_images_failed_total")
     assert failed[key + (("reason", "timeout"),)] == 10 and failed[key + (("reason", "http_4xx"),)] == 5
-    metrics.observe_part("ns", "p", "Succeeded", Progress(**done, images_ok=206, failed_by_reason={"timeout": 4,
-                                                                                                  "http_4xx": 5}))
+    metrics.observe_part(
+        "ns", "p", "Succeeded", Progress(**done, images_ok=206, failed_by_reason={"timeout": 4, "http_4xx": 5})
+    )
     failed = samples(metrics, "laion_part_images_failed_total")
     assert failed[key + (("reason", "timeout"),)] == 4 and failed[key + (("reason", "http_4xx"),)] == 5
     assert samples(metrics, "laion_part_images_total")[key] == 206
@@ -238,8 +285,9 @@ def test_series_equal_the_summary(run):
     assert images["ok"] > 0 and sum(images["failedByReason"].values()) > 0  # the run exercised both
     assert value("laion_part_images_total") == images["ok"]
     for reason in FAILURE_REASONS:
-        assert value("laion_part_images_failed_total", f', reason="{reason}"') == \
-            images["failedByReason"].get(reason, 0), reason
+        assert value("laion_part_images_failed_total", f', reason="{reason}"') == images["failedByReason"].get(
+            reason, 0
+        ), reason
     assert value("laion_part_bytes_written_total") == summary["bytesWritten"] > 0
     assert value("laion_part_metadata_rows_read_total") == summary["metadata"]["rowsRead"] == 300
     assert value("laion_part_metadata_rows_kept_total") == summary["metadata"]["rowsKept"]

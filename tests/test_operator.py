@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from laion_operator.testbed.demo_data import write_metadata
 from laion_operator.spec import load
+from laion_operator.testbed.demo_data import write_metadata
 from tests.support.cluster import kuberay_crd
 from tests.support.operator_proc import operator_starter
 from tests.support.prometheus import Prometheus
@@ -43,8 +43,7 @@ def operators(api, ray_cluster, tmp_path):
 @pytest.fixture(scope="module")
 def metadata(tmp_path_factory, image_server):
     path = tmp_path_factory.mktemp("meta") / "part.parquet"
-    write_metadata(path, 60, image_server.base_url, seed=21,
-                   failure_mix={"ok": 0.8, "http_4xx": 0.1, "decode": 0.1})
+    write_metadata(path, 60, image_server.base_url, seed=21, failure_mix={"ok": 0.8, "http_4xx": 0.1, "decode": 0.1})
     return path
 
 
@@ -64,9 +63,14 @@ def manifest(name: str, source: Path, output: Path, example: str = "03-trial-1-p
     spec["source"] = {"urls": [str(source)]}
     spec["output"] = {"uri": str(output)}
     spec["filter"] = {"samplesPerShard": 10, **overrides.pop("filter", {})}
-    spec["download"] = {"imageSize": 64, "timeout": 5, "maxInFlight": 4, "outputFormat": "webdataset",
-                        "allowedNetworks": ["127.0.0.0/8"],
-                        **overrides.pop("download", {})}
+    spec["download"] = {
+        "imageSize": 64,
+        "timeout": 5,
+        "maxInFlight": 4,
+        "outputFormat": "webdataset",
+        "allowedNetworks": ["127.0.0.0/8"],
+        **overrides.pop("download", {}),
+    }
     spec.update(overrides)
     return doc
 
@@ -81,8 +85,15 @@ def part(api, namespace: str, name: str) -> dict:
 
 def wait_phase(api, namespace: str, name: str, phases, timeout: float = 240) -> dict:
     phases = {phases} if isinstance(phases, str) else set(phases)
-    return api.wait_for(GROUP, VERSION, PLURAL, namespace, name,
-                        lambda o: o is not None and (o.get("status") or {}).get("phase") in phases, timeout=timeout)
+    return api.wait_for(
+        GROUP,
+        VERSION,
+        PLURAL,
+        namespace,
+        name,
+        lambda o: o is not None and (o.get("status") or {}).get("phase") in phases,
+        timeout=timeout,
+    )
 
 
 def wait_events(api, namespace: str, name: str, reasons: list[str], timeout: float = 30) -> str:
@@ -102,8 +113,12 @@ def jobs_of(ray_cluster, namespace: str, name: str) -> list:
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(ray_cluster.dashboard_url)
-    return [j for j in client.list_jobs() if (j.metadata or {}).get("laion-operator.io/part") == name
-            and j.metadata.get("laion-operator.io/namespace") == namespace]
+    return [
+        j
+        for j in client.list_jobs()
+        if (j.metadata or {}).get("laion-operator.io/part") == name
+        and j.metadata.get("laion-operator.io/namespace") == namespace
+    ]
 
 
 def test_examples_are_valid_parts():
@@ -150,8 +165,13 @@ def test_part_from_apply_to_succeeded(api, operators, ray_cluster, kube_namespac
     header, row = table.splitlines()[:2]
     assert header.split()[:6] == ["NAME", "PHASE", "SHARDS", "IMAGES", "SUCCESS", "%"]
     total = summary["shards"]["total"]
-    assert row.split()[:5] == ["trial", "Succeeded", f"{total}/{total}", str(summary["images"]["ok"]),
-                               str(summary["successRate"])]
+    assert row.split()[:5] == [
+        "trial",
+        "Succeeded",
+        f"{total}/{total}",
+        str(summary["images"]["ok"]),
+        str(summary["successRate"]),
+    ]
 
     # Prometheus scraped the operator while the part ran; its series end equal to the summary.
     try:
@@ -177,8 +197,7 @@ def test_part_from_apply_to_succeeded(api, operators, ray_cluster, kube_namespac
 
 
 def test_bad_spec_is_refused_at_apply(api, kube_namespace, metadata, tmp_path):
-    doc = manifest("bad", metadata, tmp_path / "out", filter={"minWidth": -5},
-                   download={"resizeMode": "stretch"})
+    doc = manifest("bad", metadata, tmp_path / "out", filter={"minWidth": -5}, download={"resizeMode": "stretch"})
     result = apply(api, kube_namespace, doc)
     assert result.returncode != 0
     assert "spec.filter.minWidth" in result.stderr and "greater than or equal to 0" in result.stderr
@@ -186,8 +205,7 @@ def test_bad_spec_is_refused_at_apply(api, kube_namespace, metadata, tmp_path):
     assert part(api, kube_namespace, "bad") is None
 
 
-def test_operator_restart_mid_part_adopts_the_job(api, operators, ray_cluster, kube_namespace, slow_metadata,
-                                                   tmp_path):
+def test_operator_restart_mid_part_adopts_the_job(api, operators, ray_cluster, kube_namespace, slow_metadata, tmp_path):
     first = operators()
     out = tmp_path / "out"
     apply(api, kube_namespace, manifest("restart", slow_metadata, out, download={"maxInFlight": 2}))
@@ -201,8 +219,9 @@ def test_operator_restart_mid_part_adopts_the_job(api, operators, ray_cluster, k
     assert [j.submission_id for j in jobs_of(ray_cluster, kube_namespace, "restart")] == [job_id]
 
 
-def test_delete_mid_part_stops_the_job_and_keeps_output(api, operators, ray_cluster, kube_namespace,
-                                                        slow_metadata, tmp_path):
+def test_delete_mid_part_stops_the_job_and_keeps_output(
+    api, operators, ray_cluster, kube_namespace, slow_metadata, tmp_path
+):
     operators()
     out = tmp_path / "out"
     apply(api, kube_namespace, manifest("doomed", slow_metadata, out, download={"maxInFlight": 1}))
@@ -236,8 +255,11 @@ def test_concurrency_limit_queues_parts(api, operators, kube_namespace, metadata
 def test_failed_job_is_retried_and_resumes(api, operators, ray_cluster, kube_namespace, slow_metadata, tmp_path):
     op = operators()
     out = tmp_path / "out"
-    apply(api, kube_namespace, manifest("crashy", slow_metadata, out, maxRetries=2,
-                                        download={"maxInFlight": 4, "parallelism": 1}))
+    apply(
+        api,
+        kube_namespace,
+        manifest("crashy", slow_metadata, out, maxRetries=2, download={"maxInFlight": 4, "parallelism": 1}),
+    )
     wait_phase(api, kube_namespace, "crashy", "Downloading")
     deadline = time.monotonic() + 120
     while not list(out.glob("*_stats.json")):
@@ -259,8 +281,9 @@ def test_failed_job_is_retried_and_resumes(api, operators, ray_cluster, kube_nam
     assert "retry 1 of 2" in op.logs()
 
 
-def test_spec_change_restarts_with_resume_and_refuses_a_filter_change(api, operators, ray_cluster, kube_namespace,
-                                                                       slow_metadata, tmp_path):
+def test_spec_change_restarts_with_resume_and_refuses_a_filter_change(
+    api, operators, ray_cluster, kube_namespace, slow_metadata, tmp_path
+):
     operators()
     out = tmp_path / "out"
     doc = manifest("changer", slow_metadata, out, download={"maxInFlight": 4, "parallelism": 1})
@@ -287,9 +310,15 @@ def test_spec_change_restarts_with_resume_and_refuses_a_filter_change(api, opera
     doc["spec"]["filter"]["minWidth"] = 100  # a filter change into the same output cannot resume
     before = sorted(p.name for p in out.iterdir())
     assert apply(api, kube_namespace, doc).returncode == 0
-    status = api.wait_for(GROUP, VERSION, PLURAL, kube_namespace, "changer",
-                          lambda o: o["status"].get("observedGeneration") == 3
-                          and o["status"].get("phase") == "Failed", timeout=60)["status"]
+    status = api.wait_for(
+        GROUP,
+        VERSION,
+        PLURAL,
+        kube_namespace,
+        "changer",
+        lambda o: o["status"].get("observedGeneration") == 3 and o["status"].get("phase") == "Failed",
+        timeout=60,
+    )["status"]
     reasons = {c["type"]: c.get("reason") for c in status["conditions"]}
     assert reasons["Failed"] == "FilterChanged" and "spec.output.uri" in status["message"]
     assert sorted(p.name for p in out.iterdir()) == before

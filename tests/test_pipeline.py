@@ -18,25 +18,44 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from laion_operator.testbed.demo_data import write_metadata
-from laion_operator.testbed.fakeweb import outcome_of
 from laion_operator.pipeline.driver import run_part
 from laion_operator.spec import PartSpec
+from laion_operator.testbed.demo_data import write_metadata
+from laion_operator.testbed.fakeweb import outcome_of
 
 TIMEOUT = 3.0  # a loaded 2-core machine answers a loopback request in well under this
-MIX = {"ok": 0.6, "redirect": 0.05, "too_small": 0.05, "http_4xx": 0.08, "http_5xx": 0.05, "timeout": 0.04,
-       "decode": 0.05, "opt_out": 0.05, "connection": 0.03}
+MIX = {
+    "ok": 0.6,
+    "redirect": 0.05,
+    "too_small": 0.05,
+    "http_4xx": 0.08,
+    "http_5xx": 0.05,
+    "timeout": 0.04,
+    "decode": 0.05,
+    "opt_out": 0.05,
+    "connection": 0.03,
+}
 
 
 def part(source, output, **download) -> PartSpec:
-    return PartSpec.from_dict({
-        "partId": "3",
-        "source": {"urls": [str(source)]},
-        "filter": {"samplesPerShard": 40},
-        "download": {"imageSize": 128, "resizeMode": "keep_ratio", "timeout": TIMEOUT, "maxInFlight": 16,
-                     "maxPerHost": 16, "minImageSize": 64, "allowedNetworks": ["127.0.0.0/8"], **download},
-        "output": output if isinstance(output, dict) else {"uri": str(output)},
-    })
+    return PartSpec.from_dict(
+        {
+            "partId": "3",
+            "source": {"urls": [str(source)]},
+            "filter": {"samplesPerShard": 40},
+            "download": {
+                "imageSize": 128,
+                "resizeMode": "keep_ratio",
+                "timeout": TIMEOUT,
+                "maxInFlight": 16,
+                "maxPerHost": 16,
+                "minImageSize": 64,
+                "allowedNetworks": ["127.0.0.0/8"],
+                **download,
+            },
+            "output": output if isinstance(output, dict) else {"uri": str(output)},
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +99,7 @@ def test_webdataset_samples_agree_with_metadata(ray_driver, metadata, tmp_path):
     with open(tmp_path / "wds" / "part_3_stats.csv") as f:
         index = list(csv.DictReader(f))
     per_tar = Counter(s["__url__"] for s in samples)
-    assert {Path(r["path"]).name: int(r["num_samples"]) for r in index} == {
-        Path(k).name: v for k, v in per_tar.items()}
+    assert {Path(r["path"]).name: int(r["num_samples"]) for r in index} == {Path(k).name: v for k, v in per_tar.items()}
     assert json.loads((tmp_path / "wds" / "part_3_summary.json").read_text()) == summary
 
 
@@ -89,9 +107,11 @@ def test_failure_reasons_match_the_servers_known_failures(ray_driver, metadata, 
     source, _ = metadata
     spec = part(source, tmp_path / "out", outputFormat="parquet")
     summary = run_part(spec)
-    shard_urls = [u for s in range(summary["shards"]["total"])
-                  for u in pq.read_table(tmp_path / "out" / "_laion" / "shards" / f"{s:05d}.parquet")
-                  .column("url").to_pylist()]
+    shard_urls = [
+        u
+        for s in range(summary["shards"]["total"])
+        for u in pq.read_table(tmp_path / "out" / "_laion" / "shards" / f"{s:05d}.parquet").column("url").to_pylist()
+    ]
     want = expected_reasons(shard_urls)
     assert summary["images"]["ok"] == want.pop("ok")
     assert summary["images"]["failedByReason"] == dict(want)
@@ -141,16 +161,32 @@ def test_every_output_format_is_readable(ray_driver, metadata, tmp_path, fmt):
 def _cli(spec_file: Path, ray_cluster, **kw) -> subprocess.Popen:
     env = {**os.environ, **{k: v for k, v in ray_cluster.client_env().items() if k != "RAY_ADDRESS"}}
     return subprocess.Popen(
-        [str(Path(sys.executable).parent / "laion-operator"), "run", str(spec_file),
-         "--ray-address", ray_cluster.address],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, **kw)
+        [
+            str(Path(sys.executable).parent / "laion-operator"),
+            "run",
+            str(spec_file),
+            "--ray-address",
+            ray_cluster.address,
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        **kw,
+    )
 
 
 def test_killed_run_resumes_with_each_sample_exactly_once(ray_driver, image_server, tmp_path):
     source = tmp_path / "slow.parquet"
     # Half the images answer after a second: shards take long enough to be killed mid-way.
-    write_metadata(source, 120, image_server.base_url, seed=4, slow_seconds=1,
-                   failure_mix={"ok": 0.5, "timeout": 0.5, "http_4xx": 0.0})
+    write_metadata(
+        source,
+        120,
+        image_server.base_url,
+        seed=4,
+        slow_seconds=1,
+        failure_mix={"ok": 0.5, "timeout": 0.5, "http_4xx": 0.0},
+    )
     out = tmp_path / "out"
     spec = part(source, out, timeout=5, maxInFlight=2, parallelism=2)
     spec = PartSpec.from_dict({**spec.to_dict(), "filter": {**spec.to_dict()["filter"], "samplesPerShard": 10}})
@@ -178,8 +214,11 @@ def test_killed_run_resumes_with_each_sample_exactly_once(ray_driver, image_serv
 
     for name, mtime in finished.items():  # finished shards were not redone
         assert (out / name).stat().st_mtime == mtime
-    kept = [u for s in range(total) for u in
-            pq.read_table(out / "_laion" / "shards" / f"{s:05d}.parquet").column("url").to_pylist()]
+    kept = [
+        u
+        for s in range(total)
+        for u in pq.read_table(out / "_laion" / "shards" / f"{s:05d}.parquet").column("url").to_pylist()
+    ]
     written = [r for p in sorted(out.glob("0*.parquet")) for r in pq.read_table(p).to_pylist()]
     assert sorted(r["url"] for r in written) == sorted(kept)  # each sample exactly once
     tar_keys = []
@@ -195,9 +234,12 @@ def test_s3_output_has_the_local_layout(ray_driver, s3, metadata, tmp_path):
     bucket = s3.create_bucket("laion-out")
     s3.client().upload_file(str(source), bucket, "metadata/part.parquet")  # metadata read from S3 too
     local = run_part(part(source, tmp_path / "local"))
-    remote = run_part(part(f"s3://{bucket}/metadata/part.parquet",
-                           {"uri": f"s3://{bucket}/parts/3", "endpoint": s3.endpoint, "region": "us-east-1",
-                            "pathStyle": True}))
+    remote = run_part(
+        part(
+            f"s3://{bucket}/metadata/part.parquet",
+            {"uri": f"s3://{bucket}/parts/3", "endpoint": s3.endpoint, "region": "us-east-1", "pathStyle": True},
+        )
+    )
     local_files = sorted(str(p.relative_to(tmp_path / "local")) for p in (tmp_path / "local").rglob("*") if p.is_file())
     remote_files = [k.removeprefix("parts/3/") for k in s3.keys(bucket, "parts/3/")]
     assert remote_files == local_files

@@ -14,13 +14,31 @@ import pytest
 from laion_operator.testbed.demo_data import write_metadata
 from tests.support.operator_proc import operator_starter
 from tests.support.services import free_port
-from tests.test_datasets import dataset_doc, parts_of, wait_dataset, wait_for_finished_shard
-from tests.test_datasets import sources as tiny  # noqa: F401 - a fixture: five small parts, meta_1 … meta_5
+from tests.test_datasets import dataset_doc, five_small_parts, parts_of, wait_dataset, wait_for_finished_shard
 from tests.test_faults_operator import JobWatch, apply, jobs_of, manifest, wait_phase
-from tests.test_operator import RAYJOB_CRD, api, operators  # noqa: F401 - fixtures: the CRDs, operators
+from tests.test_operator import RAYJOB_CRD
 
 GROUP, VERSION, PLURAL = "laion-operator.io", "v1alpha1", "laionparts"
 ACTIVE = ("PENDING", "RUNNING")
+
+
+@pytest.fixture(scope="module")
+def api(kube_api):
+    kube_api.install_crd(RAYJOB_CRD)  # the parts' CRDs come with the chart, installed for the session
+    return kube_api
+
+
+@pytest.fixture
+def operators(api, ray_cluster, tmp_path):
+    """Start operators with a given configuration; all are stopped after the test."""
+    with operator_starter(tmp_path, api, ray_cluster) as start:
+        yield start
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, image_server):
+    """Five small parts, meta_1.parquet to meta_5.parquet."""
+    return five_small_parts(tmp_path_factory.mktemp("dataset-meta"), image_server)
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +104,7 @@ class Forgetful:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
-                request = urllib.request.Request(upstream + self.path, data=body, method=self.command,
-                                                 headers=headers)
+                request = urllib.request.Request(upstream + self.path, data=body, method=self.command, headers=headers)
                 try:
                     with urllib.request.urlopen(request, timeout=30) as response:
                         code, data = response.status, response.read()
@@ -127,8 +144,9 @@ def forgetful(ray_cluster):
     proxy.close()
 
 
-def test_a_job_the_ray_head_forgot_fails_the_part_and_frees_its_slot(api, operators, forgetful, kube_namespace,
-                                                                     slow, tiny, tmp_path):
+def test_a_job_the_ray_head_forgot_fails_the_part_and_frees_its_slot(
+    api, operators, forgetful, kube_namespace, slow, tiny, tmp_path
+):
     """The Jobs API answers 404 for the part's job: the part stops reading Downloading within two
     polls (Failed, reason JobVanished: no retries left), and the part queued behind it runs."""
     ns = kube_namespace
@@ -146,15 +164,23 @@ def test_a_job_the_ray_head_forgot_fails_the_part_and_frees_its_slot(api, operat
     assert wait_phase(api, ns, "behind", ("Succeeded", "Failed"), timeout=300)["phase"] == "Succeeded"
 
 
-def test_a_vanished_job_with_retries_left_is_run_again(api, operators, forgetful, ray_cluster, kube_namespace, slow,
-                                                       tmp_path):
+def test_a_vanished_job_with_retries_left_is_run_again(
+    api, operators, forgetful, ray_cluster, kube_namespace, slow, tmp_path
+):
     ns = kube_namespace
     operators(ray=forgetful)
     apply(api, ns, manifest("again", slow, tmp_path / "again", maxRetries=1, download={"parallelism": 1}))
     job_id = wait_phase(api, ns, "again", "Downloading")["submissionId"]
     forgetful.forget(job_id)
-    status = api.wait_for(GROUP, VERSION, PLURAL, ns, "again",
-                          lambda o: (o.get("status") or {}).get("submissionId", job_id) != job_id, timeout=60)["status"]
+    status = api.wait_for(
+        GROUP,
+        VERSION,
+        PLURAL,
+        ns,
+        "again",
+        lambda o: (o.get("status") or {}).get("submissionId", job_id) != job_id,
+        timeout=60,
+    )["status"]
     assert status["submissionId"].endswith("-g1-a1") and status["retries"] == 1, status
     assert "vanished" in " ".join(e.get("message", "") for e in api.events(ns, involved_name="again"))
     assert wait_phase(api, ns, "again", ("Succeeded", "Failed"))["phase"] == "Succeeded"
@@ -175,25 +201,47 @@ def test_a_rayjob_deleted_by_hand_is_noticed(api, kube_namespace, tiny, tmp_path
     with installed(api, values) as env, operator_starter(tmp_path, api) as start:
         start(config, env=env)
         apply(api, ns, manifest("kr", tiny / "meta_1.parquet", tmp_path / "kr", maxRetries=1))
-        first = api.wait_for(GROUP, VERSION, PLURAL, ns, "kr",
-                             lambda o: bool((o.get("status") or {}).get("submissionId")), timeout=120)["status"]
+        first = api.wait_for(
+            GROUP, VERSION, PLURAL, ns, "kr", lambda o: bool((o.get("status") or {}).get("submissionId")), timeout=120
+        )["status"]
         name = first["submissionId"]
         api.patch("ray.io", "v1", "rayjobs", ns, name, {"spec": {"suspend": True}})  # what Kueue does
-        api.wait_for("ray.io", "v1", "rayjobs", ns, name,
-                     lambda o: (o.get("status") or {}).get("jobDeploymentStatus") == "Suspended", timeout=120)
-        suspended = api.wait_for(GROUP, VERSION, PLURAL, ns, "kr",
-                                 lambda o: "suspended" in (o.get("status") or {}).get("message", ""),
-                                 timeout=60)["status"]
+        api.wait_for(
+            "ray.io",
+            "v1",
+            "rayjobs",
+            ns,
+            name,
+            lambda o: (o.get("status") or {}).get("jobDeploymentStatus") == "Suspended",
+            timeout=120,
+        )
+        suspended = api.wait_for(
+            GROUP,
+            VERSION,
+            PLURAL,
+            ns,
+            "kr",
+            lambda o: "suspended" in (o.get("status") or {}).get("message", ""),
+            timeout=60,
+        )["status"]
         assert suspended["phase"] == "Pending", suspended
         api.kubectl("delete", "rayjob", name, "-n", ns)
-        status = api.wait_for(GROUP, VERSION, PLURAL, ns, "kr",
-                              lambda o: (o.get("status") or {}).get("submissionId", name) != name, timeout=60)["status"]
+        status = api.wait_for(
+            GROUP,
+            VERSION,
+            PLURAL,
+            ns,
+            "kr",
+            lambda o: (o.get("status") or {}).get("submissionId", name) != name,
+            timeout=60,
+        )["status"]
         assert status["submissionId"].endswith("-a1") and status["retries"] == 1, status
         assert api.get("ray.io", "v1", "rayjobs", ns, status["submissionId"]) is not None
 
 
-def test_a_spec_change_while_the_operator_is_down_never_runs_two_jobs(api, operators, ray_cluster, kube_namespace,
-                                                                      slow, tmp_path):
+def test_a_spec_change_while_the_operator_is_down_never_runs_two_jobs(
+    api, operators, ray_cluster, kube_namespace, slow, tmp_path
+):
     ns, out = kube_namespace, tmp_path / "out"
     op = operators()
     doc = manifest("edited", slow, out, download={"parallelism": 1})
@@ -212,8 +260,9 @@ def test_a_spec_change_while_the_operator_is_down_never_runs_two_jobs(api, opera
     assert str(jobs_client(ray_cluster).get_job_status(first).value) == "STOPPED"
 
 
-def test_a_part_deleted_while_the_operator_is_down_frees_its_slot(api, operators, ray_cluster, kube_namespace,
-                                                                  slow, tiny, tmp_path):
+def test_a_part_deleted_while_the_operator_is_down_frees_its_slot(
+    api, operators, ray_cluster, kube_namespace, slow, tiny, tmp_path
+):
     ns = kube_namespace
     op = operators({"maxConcurrentParts": 1})
     apply(api, ns, manifest("gone", slow, tmp_path / "gone", download={"parallelism": 1}))
@@ -228,8 +277,9 @@ def test_a_part_deleted_while_the_operator_is_down_frees_its_slot(api, operators
     assert status["phase"] == "Succeeded", status
 
 
-def test_a_standby_taking_over_keeps_one_job_and_the_queue_moving(api, ray_cluster, kube_namespace, slow, tiny,
-                                                                  tmp_path):
+def test_a_standby_taking_over_keeps_one_job_and_the_queue_moving(
+    api, ray_cluster, kube_namespace, slow, tiny, tmp_path
+):
     """Two replicas with peering: the standby, started while the first replica ran a part (and so once
     counting it as running), takes over after the part finished and the first replica died: the next
     part runs, with one job. (kopf picks the leader by a random priority: the standby may also take
@@ -268,8 +318,9 @@ def test_a_standby_taking_over_keeps_one_job_and_the_queue_moving(api, ray_clust
             op.stop()
 
 
-def test_suspend_and_resume_of_a_succeeded_dataset_runs_nothing_again(api, operators, ray_cluster, kube_namespace,
-                                                                     tiny, tmp_path):
+def test_suspend_and_resume_of_a_succeeded_dataset_runs_nothing_again(
+    api, operators, ray_cluster, kube_namespace, tiny, tmp_path
+):
     ns = kube_namespace
     operators()
     doc = dataset_doc("finished", tiny, tmp_path / "finished")
@@ -292,12 +343,12 @@ def test_suspend_and_resume_of_a_succeeded_dataset_runs_nothing_again(api, opera
     assert {s["phase"] for s in after.values()} == {"Succeeded"}, after
     assert {n: s["submissionId"] for n, s in after.items()} == {n: s["submissionId"] for n, s in before.items()}
     assert {name: job_ids(ray_cluster, ns, name) for name in before} == jobs
-    assert wait_dataset(api, ns, "finished", lambda s: s.get("observedGeneration") == 3)["status"]["phase"] == \
-        "Succeeded"
+    assert (
+        wait_dataset(api, ns, "finished", lambda s: s.get("observedGeneration") == 3)["status"]["phase"] == "Succeeded"
+    )
 
 
-def test_a_hung_api_server_connection_never_freezes_the_queue(api, ray_cluster, kube_namespace, slow, tiny,
-                                                              tmp_path):
+def test_a_hung_api_server_connection_never_freezes_the_queue(api, ray_cluster, kube_namespace, slow, tiny, tmp_path):
     """Requests sent while the API server hangs (the fault proxy holds them, unanswered) never get an
     answer: every Kubernetes call the operator makes times out and is retried, and no lock is held
     meanwhile, so the queue moves once the server answers again."""
@@ -365,20 +416,29 @@ def test_credentials_a_secret_brings_later_are_waited_for(api, operators, kube_n
     operators(env=chart_allows(api, "made-later"))
     output = {"uri": str(tmp_path / "late"), "credentialsSecret": "made-later"}
     apply(api, ns, manifest("late", tiny / "meta_2.parquet", output))
-    status = api.wait_for(GROUP, VERSION, PLURAL, ns, "late",
-                          lambda o: "waiting for credentials" in (o.get("status") or {}).get("message", ""),
-                          timeout=60)["status"]
+    status = api.wait_for(
+        GROUP,
+        VERSION,
+        PLURAL,
+        ns,
+        "late",
+        lambda o: "waiting for credentials" in (o.get("status") or {}).get("message", ""),
+        timeout=60,
+    )["status"]
     assert reason(status, "CredentialsAvailable") == "CredentialsUnavailable" and status.get("phase") != "Failed"
     api.kubectl("create", "secret", "generic", "made-later", "-n", ns, "--from-literal=UNUSED=x")
     assert wait_phase(api, ns, "late", ("Succeeded", "Failed"), timeout=300)["phase"] == "Succeeded"
 
 
-def test_jobs_mode_sends_no_credentials_to_a_ray_cluster_without_token_auth(api, operators, ray_cluster,
-                                                                           kube_namespace, tiny, tmp_path):
+def test_jobs_mode_sends_no_credentials_to_a_ray_cluster_without_token_auth(
+    api, operators, ray_cluster, kube_namespace, tiny, tmp_path
+):
     ns = kube_namespace
     operators(env={**chart_allows(api, "s3"), "LAION_OPERATOR_ALLOW_CREDENTIALS_WITHOUT_RAY_AUTH": "false"})
     api.kubectl("create", "secret", "generic", "s3", "-n", ns, "--from-literal=AWS_SECRET_ACCESS_KEY=not-shown")
-    apply(api, ns, manifest("exposed", tiny / "meta_3.parquet", {"uri": str(tmp_path / "x"), "credentialsSecret": "s3"}))
+    apply(
+        api, ns, manifest("exposed", tiny / "meta_3.parquet", {"uri": str(tmp_path / "x"), "credentialsSecret": "s3"})
+    )
     status = wait_phase(api, ns, "exposed", "Failed", timeout=120)
     assert reason(status) == "CredentialsRefused" and "allowCredentialsWithoutRayAuth" in status["message"]
     assert jobs_of(ray_cluster, ns, "exposed") == []

@@ -14,9 +14,9 @@ from PIL import Image
 
 from laion_operator.pipeline import resize
 from laion_operator.pipeline.record import make_resizer
-from laion_operator.testbed.fakeweb import Spec, encode, render
 from laion_operator.pipeline.resize import Resizer, jpeg_header
 from laion_operator.spec import PartSpec
+from laion_operator.testbed.fakeweb import Spec, encode, render
 
 MODES = ["keep_ratio", "center_crop", "border", "keep_ratio_largest", "no"]
 
@@ -46,15 +46,21 @@ def inputs() -> dict[str, bytes]:
     rgba.putalpha(128)
     photo = render(Spec("p", 2100, 1100, "jpg"))
     return {
-        "jpeg-large": jpeg(1600, 1100), "jpeg-small": jpeg(400, 300), "jpeg-tall": jpeg(600, 1400),
-        "jpeg-exact": jpeg(512, 700), "jpeg-444": jpeg(1000, 800, subsampling=0, quality=92),
+        "jpeg-large": jpeg(1600, 1100),
+        "jpeg-small": jpeg(400, 300),
+        "jpeg-tall": jpeg(600, 1400),
+        "jpeg-exact": jpeg(512, 700),
+        "jpeg-444": jpeg(1000, 800, subsampling=0, quality=92),
         "jpeg-grey": saved(photo.convert("L"), "JPEG", quality=90),
         "jpeg-progressive": saved(photo, "JPEG", progressive=True, quality=85),
         "jpeg-exif": saved(photo, "JPEG", exif=exif.tobytes(), quality=85),
         "jpeg-cmyk": saved(photo.convert("CMYK"), "JPEG"),
-        "png": encode(Spec("png", 1200, 800, "png")), "png-alpha": saved(rgba, "PNG"),
-        "png-grey": saved(photo.convert("L"), "PNG"), "webp": encode(Spec("webp", 800, 1200, "webp")),
-        "jpeg-truncated": jpeg(1600, 1100)[:20000], "jpeg-garbage": jpeg(1600, 1100)[:600] + b"\x00" * 64,
+        "png": encode(Spec("png", 1200, 800, "png")),
+        "png-alpha": saved(rgba, "PNG"),
+        "png-grey": saved(photo.convert("L"), "PNG"),
+        "webp": encode(Spec("webp", 800, 1200, "webp")),
+        "jpeg-truncated": jpeg(1600, 1100)[:20000],
+        "jpeg-garbage": jpeg(1600, 1100)[:600] + b"\x00" * 64,
         "html": b"<html>not an image</html>",
     }
 
@@ -81,21 +87,38 @@ def decoders(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("mode, only_bigger, encode_format, quality", [
-    *[(mode, only_bigger, "jpg", 95) for mode in MODES for only_bigger in (False, True)],
-    *[(mode, False, fmt, quality) for mode in ("keep_ratio", "border") for fmt, quality in (("png", 3), ("webp", 80))],
-])
+@pytest.mark.parametrize(
+    "mode, only_bigger, encode_format, quality",
+    [
+        *[(mode, only_bigger, "jpg", 95) for mode in MODES for only_bigger in (False, True)],
+        *[
+            (mode, False, fmt, quality)
+            for mode in ("keep_ratio", "border")
+            for fmt, quality in (("png", 3), ("webp", 80))
+        ],
+    ],
+)
 def test_same_bytes_as_img2dataset(mode, only_bigger, encode_format, quality):
-    opts = options(resize_mode=mode, resize_only_if_bigger=only_bigger, encode_format=encode_format,
-                   encode_quality=quality)
+    opts = options(
+        resize_mode=mode, resize_only_if_bigger=only_bigger, encode_format=encode_format, encode_quality=quality
+    )
     ours, theirs = Resizer(**opts), i2d.Resizer(**opts)
     for name, data in INPUTS.items():
         assert ours(io.BytesIO(data)) == theirs(io.BytesIO(data)), name
 
 
-@pytest.mark.parametrize("extra", [{"min_image_size": 1101}, {"max_aspect_ratio": 1.4}, {"max_image_area": 2100 * 1100 - 1},
-                                   {"image_size": 256, "resize_mode": "border"}, {"downscale_interpolation": "cubic"},
-                                   {"upscale_interpolation": "linear"}, {"skip_reencode": True}])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"min_image_size": 1101},
+        {"max_aspect_ratio": 1.4},
+        {"max_image_area": 2100 * 1100 - 1},
+        {"image_size": 256, "resize_mode": "border"},
+        {"downscale_interpolation": "cubic"},
+        {"upscale_interpolation": "linear"},
+        {"skip_reencode": True},
+    ],
+)
 def test_same_bytes_as_img2dataset_with_other_options(extra):
     ours, theirs = Resizer(**options(**extra)), i2d.Resizer(**options(**extra))
     for name, data in INPUTS.items():
@@ -116,9 +139,11 @@ def test_jpegs_skip_opencv_and_the_rest_use_it(decoders):
 
 def test_checks_refuse_before_decoding(decoders):
     data = jpeg(3000, 1400)
-    for extra, message in [({"min_image_size": 1401}, "image too small"),
-                           ({"max_aspect_ratio": 2.1}, "aspect ratio too large"),
-                           ({"max_image_area": 3000 * 1400 - 1}, "image area too large")]:
+    for extra, message in [
+        ({"min_image_size": 1401}, "image too small"),
+        ({"max_aspect_ratio": 2.1}, "aspect ratio too large"),
+        ({"max_image_area": 3000 * 1400 - 1}, "image area too large"),
+    ]:
         for reduced in (False, True):
             assert Resizer(**options(**extra), reduced_decode=reduced)(io.BytesIO(data)) == (None,) * 5 + (message,)
 
@@ -133,10 +158,17 @@ def psnr(a: bytes, b: bytes) -> float:
 
 
 @pytest.mark.parametrize("mode", MODES[:4])
-@pytest.mark.parametrize("size, image_size, denominator", [
-    ((1100, 1030), 512, 2), ((1600, 1200), 512, 2), ((1200, 2200), 512, 2), ((2000, 1500), 256, 4),
-    ((2100, 2100), 256, 8), ((1000, 900), 512, 1),
-])
+@pytest.mark.parametrize(
+    "size, image_size, denominator",
+    [
+        ((1100, 1030), 512, 2),
+        ((1600, 1200), 512, 2),
+        ((1200, 2200), 512, 2),
+        ((2000, 1500), 256, 4),
+        ((2100, 2100), 256, 8),
+        ((1000, 900), 512, 1),
+    ],
+)
 def test_reduced_decode_is_close_to_full_decode(decoders, mode, size, image_size, denominator):
     w, h = size
     full = Resizer(**options(image_size=image_size, resize_mode=mode))
@@ -202,8 +234,12 @@ def test_spec_option_chooses_the_decode(tmp_path):
 
 def test_spec_interpolations_reach_the_resizer(tmp_path):
     base = {"partId": "r", "source": {"urls": ["m.parquet"]}, "output": {"uri": str(tmp_path)}}
-    download = {"imageSize": 512, "resizeMode": "keep_ratio", "downscaleInterpolation": "linear",
-                "upscaleInterpolation": "cubic"}
+    download = {
+        "imageSize": 512,
+        "resizeMode": "keep_ratio",
+        "downscaleInterpolation": "linear",
+        "upscaleInterpolation": "cubic",
+    }
     ours = make_resizer(PartSpec.from_dict({**base, "download": download}).download)
     theirs = i2d.Resizer(**options(downscale_interpolation="linear", upscale_interpolation="cubic"))
     default = i2d.Resizer(**options())

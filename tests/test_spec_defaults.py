@@ -37,11 +37,16 @@ def api_server(kube_api):
 def server_defaulted(spec: dict) -> dict:
     """The spec as the API server would store it: a server-side dry-run create returns it defaulted."""
     api = _API[-1]
-    obj = {"apiVersion": "laion-operator.io/v1alpha1", "kind": "LaionPart", "metadata": {"name": "p"},
-           "spec": copy.deepcopy(spec)}
+    obj = {
+        "apiVersion": "laion-operator.io/v1alpha1",
+        "kind": "LaionPart",
+        "metadata": {"name": "p"},
+        "spec": copy.deepcopy(spec),
+    }
     try:
-        return api.request("POST", api.path("laion-operator.io", "v1alpha1", "laionparts", "default"), obj,
-                           params={"dryRun": "All"})["spec"]
+        return api.request(
+            "POST", api.path("laion-operator.io", "v1alpha1", "laionparts", "default"), obj, params={"dryRun": "All"}
+        )["spec"]
     except KubeAPIError as err:
         if err.code == 422:
             raise ServerRefused(err.body.get("message", "")) from None
@@ -76,11 +81,12 @@ def section(name: str):
 
 
 partial_specs = st.fixed_dictionaries(
-    {"partId": st.sampled_from(["0", "part-7"]),
-     "source": st.just({"urls": ["/data/part.parquet"]}),
-     "output": st.fixed_dictionaries({"uri": st.sampled_from(["/out", "s3://bucket/prefix"])})},
-    optional={"filter": section("filter"), "download": section("download"),
-              "maxRetries": st.integers(0, 100)},
+    {
+        "partId": st.sampled_from(["0", "part-7"]),
+        "source": st.just({"urls": ["/data/part.parquet"]}),
+        "output": st.fixed_dictionaries({"uri": st.sampled_from(["/out", "s3://bucket/prefix"])}),
+    },
+    optional={"filter": section("filter"), "download": section("download"), "maxRetries": st.integers(0, 100)},
 )
 
 
@@ -125,7 +131,7 @@ def test_png_quality_above_nine_is_refused_on_both_paths():
     message = "encodeQuality must be at most 9 when encodeFormat is png"
     with pytest.raises(SpecError, match=rf"spec.download: {message}"):
         PartSpec.from_dict(base(encodeFormat="png", encodeQuality=95))
-    with pytest.raises(ServerRefused, match=rf'spec.download: Invalid value: {message}'):
+    with pytest.raises(ServerRefused, match=rf"spec.download: Invalid value: {message}"):
         server_defaulted(base(encodeFormat="png", encodeQuality=95))
 
 
@@ -133,8 +139,12 @@ def test_a_png_part_applied_with_kubectl_parses_as_png(kube_env, kube_namespace,
     """The defect: the API server used to fill encodeQuality 95 into every PNG part."""
     api = kube_env
     api.kubectl("apply", "-f", str(ROOT / "crds" / "laionpart.yaml"))
-    manifest = {"apiVersion": "laion-operator.io/v1alpha1", "kind": "LaionPart",
-                "metadata": {"name": "png", "namespace": kube_namespace}, "spec": base(encodeFormat="png")}
+    manifest = {
+        "apiVersion": "laion-operator.io/v1alpha1",
+        "kind": "LaionPart",
+        "metadata": {"name": "png", "namespace": kube_namespace},
+        "spec": base(encodeFormat="png"),
+    }
     path = tmp_path / "png.yaml"
     path.write_text(yaml.safe_dump(manifest))
     api.kubectl("apply", "-f", str(path))
@@ -149,6 +159,9 @@ def test_dataclasses_carry_no_defaults_of_their_own():
     from laion_operator import spec as specs
 
     for kind in (specs.Filter, specs.Download, specs.Output, specs.PartSpec):
-        defaults = [f.name for f in dataclasses.fields(kind)
-                    if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING]
+        defaults = [
+            f.name
+            for f in dataclasses.fields(kind)
+            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        ]
         assert defaults == [], f"{kind.__name__} writes defaults of its own: {defaults}"

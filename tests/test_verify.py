@@ -31,8 +31,12 @@ def metadata(tmp_path_factory, image_server):
 
 
 def verify_cli(output: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([str(Path(sys.executable).parent / "laion-operator"), "verify", str(output)],
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "laion-operator"), "verify", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def rewrite_tar(path: Path, change) -> None:

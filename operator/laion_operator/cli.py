@@ -41,8 +41,17 @@ def cmd_run(args) -> int:
 
 
 def _output(args) -> dict:
-    return {k: v for k, v in {"uri": args.output, "endpoint": args.endpoint, "region": args.region,
-                              "pathStyle": args.path_style or None, "profile": args.profile}.items() if v is not None}
+    return {
+        k: v
+        for k, v in {
+            "uri": args.output,
+            "endpoint": args.endpoint,
+            "region": args.region,
+            "pathStyle": args.path_style or None,
+            "profile": args.profile,
+        }.items()
+        if v is not None
+    }
 
 
 def cmd_heal(args) -> int:
@@ -94,18 +103,33 @@ def cmd_latents(args) -> int:
 def cmd_convert(args) -> int:
     """An existing dataset written again in another format: a part whose source is that dataset."""
     keep_ray_on_loopback(args.ray_address)
-    dataset = {k: v for k, v in {"uri": args.input, "format": args.input_format, "captions": args.captions,
-                                 "imageField": args.image_field, "captionField": args.caption_field}.items()
-               if v is not None}
+    dataset = {
+        k: v
+        for k, v in {
+            "uri": args.input,
+            "format": args.input_format,
+            "captions": args.captions,
+            "imageField": args.image_field,
+            "captionField": args.caption_field,
+        }.items()
+        if v is not None
+    }
     # Unless a size is asked for, images keep their bytes: a conversion changes the format only.
     download = {"outputFormat": args.output_format, "resizeMode": "no", "skipReencode": True}
     if args.image_size:
         download.update(imageSize=args.image_size, resizeMode=args.resize_mode, skipReencode=False)
     if args.mds_shard_size_limit:
         download["mdsShardSizeLimit"] = args.mds_shard_size_limit
-    part = specs.PartSpec.from_dict({
-        "partId": args.part_id, "source": {"dataset": dataset}, "output": _output(args), "download": download,
-        "filter": {"samplesPerShard": args.samples_per_shard}, "verify": not args.no_verify})
+    part = specs.PartSpec.from_dict(
+        {
+            "partId": args.part_id,
+            "source": {"dataset": dataset},
+            "output": _output(args),
+            "download": download,
+            "filter": {"samplesPerShard": args.samples_per_shard},
+            "verify": not args.no_verify,
+        }
+    )
     Store(part.output).check_writable()
     from .pipeline.local import run_with_progress
 
@@ -118,10 +142,14 @@ def cmd_verify(args) -> int:
     from .pipeline.verify import verify_output
 
     summary, result = verify_output(store)
-    print(f"part {summary['partId']} -> {store.uri} ({summary['outputFormat']}): "
-          f"{'verified' if result.ok else 'NOT verified'}")
-    print(f"  {result.samples:,} samples in {result.shards} shards read back, {result.images_decoded:,} images "
-          f"decoded in {result.seconds:.1f} s")
+    print(
+        f"part {summary['partId']} -> {store.uri} ({summary['outputFormat']}): "
+        f"{'verified' if result.ok else 'NOT verified'}"
+    )
+    print(
+        f"  {result.samples:,} samples in {result.shards} shards read back, {result.images_decoded:,} images "
+        f"decoded in {result.seconds:.1f} s"
+    )
     for problem in result.problems:
         print(f"  {problem}")
     return ExitCode.OK if result.ok else ExitCode.SHARDS_FAILED
@@ -133,24 +161,30 @@ def cmd_plan(part: specs.PartSpec) -> int:
 
         Store(part.output)  # registers the S3 options the input is read with
         inputs = list_inputs(part)
-        print(f"part {part.part_id}: convert {part.dataset.uri} ({detect(part.dataset)}) in {len(inputs)} shards "
-              f"-> {part.output.uri} as {part.download.output_format}")
+        print(
+            f"part {part.part_id}: convert {part.dataset.uri} ({detect(part.dataset)}) in {len(inputs)} shards "
+            f"-> {part.output.uri} as {part.download.output_format}"
+        )
         return ExitCode.OK
     from .pipeline.filter import plan
     from .storage import configure
 
     configure(part.output)  # s3:// metadata and removal lists are read with the output's endpoint options
     result = plan(part)
-    print(f"part {part.part_id}: {result.rows_read:,} rows read, {result.rows_kept:,} kept "
-          f"in {result.shards} shards of up to {part.filter.samples_per_shard:,}")
+    print(
+        f"part {part.part_id}: {result.rows_read:,} rows read, {result.rows_kept:,} kept "
+        f"in {result.shards} shards of up to {part.filter.samples_per_shard:,}"
+    )
     for reason, n in sorted(result.dropped_by.items(), key=lambda kv: -kv[1]):
         if n:
             print(f"  {n:>10,} dropped by {reason}")
     d = part.download
     # A resized JPEG of side s at quality q is roughly s*s*(q/100)*0.25 bytes; the estimate says so.
     per_image = d.image_size * d.image_size * (0.1 + 0.25 * d.encode_quality / 100)
-    print(f"  output {part.output.uri} as {d.output_format}, about {result.rows_kept * per_image / 1e9:,.2f} GB "
-          f"if every image downloads ({d.image_size}px {d.encode_format})")
+    print(
+        f"  output {part.output.uri} as {d.output_format}, about {result.rows_kept * per_image / 1e9:,.2f} GB "
+        f"if every image downloads ({d.image_size}px {d.encode_format})"
+    )
     return ExitCode.OK
 
 
@@ -190,8 +224,11 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--output", help="override output.uri")
     run.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     run.set_defaults(func=cmd_run)
-    conv = sub.add_parser("convert", help="write an existing dataset (webdataset tars, a files folder, images "
-                                          "and a captions JSONL) in another output format, on Ray")
+    conv = sub.add_parser(
+        "convert",
+        help="write an existing dataset (webdataset tars, a files folder, images "
+        "and a captions JSONL) in another output format, on Ray",
+    )
     conv.add_argument("input", help="the dataset's folder: a local path or s3://bucket/prefix")
     conv.add_argument("output", help="the new dataset's folder: a local path or s3://bucket/prefix")
     conv.add_argument("--output-format", required=True, choices=specs.OUTPUT_FORMATS)
@@ -206,8 +243,11 @@ def parser() -> argparse.ArgumentParser:
     conv.add_argument("--mds-shard-size-limit", type=int, help="mds: bytes per MDS shard file")
     conv.add_argument("--no-verify", action="store_true", help="do not read the shards back afterwards")
     conv.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
-    ver = sub.add_parser("verify", help="read every shard of a finished output back, decode every image, "
-                                        "compare the counts with the annotations and the summary")
+    ver = sub.add_parser(
+        "verify",
+        help="read every shard of a finished output back, decode every image, "
+        "compare the counts with the annotations and the summary",
+    )
     ver.add_argument("output", help="the part's output folder: a local path or s3://bucket/prefix")
     for p_ in (conv, ver):
         p_.add_argument("--endpoint", help="S3 endpoint URL (MinIO and the like)")
@@ -216,21 +256,32 @@ def parser() -> argparse.ArgumentParser:
         p_.add_argument("--profile", help="named AWS profile holding the credentials")
     conv.set_defaults(func=cmd_convert)
     ver.set_defaults(func=cmd_verify)
-    latents = sub.add_parser("latents", help="precompute image latents and text embeddings (spec.latents) of an "
-                                              "output already downloaded or converted")
+    latents = sub.add_parser(
+        "latents",
+        help="precompute image latents and text embeddings (spec.latents) of an output already downloaded or converted",
+    )
     latents.add_argument("part", help="part spec YAML with spec.latents (with --mds: latents and output only)")
     latents.add_argument("--output", help="override output.uri")
-    latents.add_argument("--mds", metavar="FOLDER", help="read an MDS folder anyone wrote (index.json and its shard "
-                                                          "files, local or s3://) instead of the part's output")
+    latents.add_argument(
+        "--mds",
+        metavar="FOLDER",
+        help="read an MDS folder anyone wrote (index.json and its shard "
+        "files, local or s3://) instead of the part's output",
+    )
     latents.add_argument("--image-column", default="jpg", help="--mds: the column holding encoded images (default jpg)")
     latents.add_argument("--caption-column", default="caption", help="--mds: the caption column (default caption)")
     latents.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     latents.set_defaults(func=cmd_latents)
-    heal = sub.add_parser("heal", help="fetch again the samples of a finished part that failed for transient "
-                                       "reasons, rewriting their shards")
+    heal = sub.add_parser(
+        "heal",
+        help="fetch again the samples of a finished part that failed for transient reasons, rewriting their shards",
+    )
     heal.add_argument("part", help="part spec YAML (a bare spec or a LaionPart manifest)")
-    heal.add_argument("--reasons", help="comma-separated failure reasons (default: spec.heal.reasons, or "
-                                        "timeout, dns, connection, http_5xx, rate_limited)")
+    heal.add_argument(
+        "--reasons",
+        help="comma-separated failure reasons (default: spec.heal.reasons, or "
+        "timeout, dns, connection, http_5xx, rate_limited)",
+    )
     heal.set_defaults(func=cmd_heal)
     demo = sub.add_parser("demo", help="generate a LAION-like part, serve its images on loopback, run it")
     demo.add_argument("--out", default="demo-output", help="folder for the metadata and the dataset")

@@ -57,7 +57,7 @@ def sample_key(shard: int, index: int, samples_per_shard: int) -> str:
     zero-padded to the digits samplesPerShard needs (or the index's own, in a converted shard that
     holds more)."""
     digits = max(math.ceil(math.log10(max(samples_per_shard, 2))), len(str(index)))
-    return f"{shard * 10 ** digits + index:0{digits + SHARD_DIGITS}d}"
+    return f"{shard * 10**digits + index:0{digits + SHARD_DIGITS}d}"
 
 
 def shard_input(shard: int) -> str:
@@ -167,8 +167,11 @@ def dataset_latents(settings) -> dict:
     """The dataset index's `latents` section: the columns, dtype and models every part's latents share
     (a spec.Latents; shapes are each part's manifest's, known once encoded)."""
     return {
-        "columns": {"images": {str(r): image_latents_column(r) for r in settings.sizes},
-                    "caption": CAPTION_LATENTS, **({"imageBytes": LATENTS_IMAGE} if settings.save_images else {})},
+        "columns": {
+            "images": {str(r): image_latents_column(r) for r in settings.sizes},
+            "caption": CAPTION_LATENTS,
+            **({"imageBytes": LATENTS_IMAGE} if settings.save_images else {}),
+        },
         "resolutions": list(settings.sizes),
         "dtype": settings.save_dtype,
         "latentMode": settings.latent_mode,
@@ -233,16 +236,39 @@ class Phase(str, enum.Enum):
 
 
 # A job has been submitted for the part and has not ended.
-RUNNING = frozenset({Phase.PENDING, Phase.FILTERING, Phase.DOWNLOADING, Phase.CONVERTING, Phase.ANNOTATING,
-                     Phase.VERIFYING, Phase.ENCODING})
+RUNNING = frozenset(
+    {
+        Phase.PENDING,
+        Phase.FILTERING,
+        Phase.DOWNLOADING,
+        Phase.CONVERTING,
+        Phase.ANNOTATING,
+        Phase.VERIFYING,
+        Phase.ENCODING,
+    }
+)
 TERMINAL = frozenset({Phase.SUCCEEDED, Phase.FAILED})
 # No job runs and none will until the spec changes again: terminal, or suspended.
 SETTLED = TERMINAL | {Phase.SUSPENDED}
 PHASES = [p.value for p in Phase]
 
 FAILURE_REASONS = [
-    "http_4xx", "http_5xx", "timeout", "tls", "dns", "connection", "decode", "too_small", "aspect_ratio",
-    "opt_out", "too_large", "blocked_address", "bad_url", "redirect", "rate_limited", "other",
+    "http_4xx",
+    "http_5xx",
+    "timeout",
+    "tls",
+    "dns",
+    "connection",
+    "decode",
+    "too_small",
+    "aspect_ratio",
+    "opt_out",
+    "too_large",
+    "blocked_address",
+    "bad_url",
+    "redirect",
+    "rate_limited",
+    "other",
 ]
 
 
@@ -330,14 +356,27 @@ class Verification:
     seconds: float = 0.0
 
     def to_json(self) -> dict:
-        return {"ok": self.ok, "shards": self.shards, "samples": self.samples, "imagesDecoded": self.images_decoded,
-                "problems": list(self.problems), "badShards": list(self.bad_shards), "seconds": self.seconds}
+        return {
+            "ok": self.ok,
+            "shards": self.shards,
+            "samples": self.samples,
+            "imagesDecoded": self.images_decoded,
+            "problems": list(self.problems),
+            "badShards": list(self.bad_shards),
+            "seconds": self.seconds,
+        }
 
     @classmethod
     def from_json(cls, data: dict) -> "Verification":
-        return cls(ok=bool(data.get("ok")), shards=data.get("shards", 0), samples=data.get("samples", 0),
-                   images_decoded=data.get("imagesDecoded", 0), problems=list(data.get("problems", [])),
-                   bad_shards=list(data.get("badShards", [])), seconds=data.get("seconds", 0.0))
+        return cls(
+            ok=bool(data.get("ok")),
+            shards=data.get("shards", 0),
+            samples=data.get("samples", 0),
+            images_decoded=data.get("imagesDecoded", 0),
+            problems=list(data.get("problems", [])),
+            bad_shards=list(data.get("badShards", [])),
+            seconds=data.get("seconds", 0.0),
+        )
 
     @property
     def message(self) -> str:
@@ -368,20 +407,32 @@ class ShardStats:
     def to_json(self) -> dict:
         # img2dataset's own stats fields first, so its tooling reads these files too.
         return {
-            "count": self.count, "successes": self.successes, "failed_to_download": self.failed_to_download,
-            "failed_to_resize": self.failed_to_resize, "duration": self.end_time - self.start_time,
-            "start_time": self.start_time, "end_time": self.end_time,
+            "count": self.count,
+            "successes": self.successes,
+            "failed_to_download": self.failed_to_download,
+            "failed_to_resize": self.failed_to_resize,
+            "duration": self.end_time - self.start_time,
+            "start_time": self.start_time,
+            "end_time": self.end_time,
             "status_dict": {"success": self.successes, **self.failed_by_reason},
-            "shard": self.shard, "failed_by_reason": self.failed_by_reason, "bytes_written": self.bytes_written,
+            "shard": self.shard,
+            "failed_by_reason": self.failed_by_reason,
+            "bytes_written": self.bytes_written,
         }
 
     @classmethod
     def from_json(cls, data: dict) -> "ShardStats":
-        return cls(shard=data["shard"], count=data["count"], successes=data["successes"],
-                   failed_to_download=data["failed_to_download"], failed_to_resize=data["failed_to_resize"],
-                   failed_by_reason=dict(data.get("failed_by_reason", {})),
-                   bytes_written=data.get("bytes_written", 0), start_time=data.get("start_time", 0.0),
-                   end_time=data.get("end_time", 0.0))
+        return cls(
+            shard=data["shard"],
+            count=data["count"],
+            successes=data["successes"],
+            failed_to_download=data["failed_to_download"],
+            failed_to_resize=data["failed_to_resize"],
+            failed_by_reason=dict(data.get("failed_by_reason", {})),
+            bytes_written=data.get("bytes_written", 0),
+            start_time=data.get("start_time", 0.0),
+            end_time=data.get("end_time", 0.0),
+        )
 
 
 @dataclass

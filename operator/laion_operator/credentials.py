@@ -16,9 +16,16 @@ import zipfile
 from pathlib import Path
 
 FILE = "laion-credentials.json"
-KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
-        "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
-        "HF_TOKEN")  # the Hugging Face hub's token, for a gated model (spec.latents.hubTokenSecret)
+KEYS = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "HF_TOKEN",
+)  # the Hugging Face hub's token, for a gated model (spec.latents.hubTokenSecret)
 
 
 def from_environment() -> dict[str, str]:

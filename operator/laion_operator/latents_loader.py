@@ -93,20 +93,29 @@ def sources(dataset: Dataset) -> list[Source]:
     parts = [p for p in index.get("parts", []) if p.get("ready")]
     if not parts:
         raise FileNotFoundError(f"{path}/{contract.DATASET_INDEX}: no part is ready yet")
-    found = [Source(f"{path}/{p['output']}", f"{path}/{p.get('latents') or p['output'] + '/' + contract.LATENTS_DIR}",
-                    read_manifest(f"{path}/{p['output']}"), dict(mix)) for p in parts]
+    found = [
+        Source(
+            f"{path}/{p['output']}",
+            f"{path}/{p.get('latents') or p['output'] + '/' + contract.LATENTS_DIR}",
+            read_manifest(f"{path}/{p['output']}"),
+            dict(mix),
+        )
+        for p in parts
+    ]
     shared = index.get("latents")
     if shared is None:
         raise FileNotFoundError(f"{path}/{contract.DATASET_INDEX}: the dataset has no spec.latents")
     for source in found:  # each part as the dataset's one manifest says
         for key in ("dtype", "resolutions", "vae", "vaeSubfolder", "textEncoder"):
             if source.manifest.get(key) != shared.get(key):
-                raise ValueError(f"incompatible latents: {path}/{contract.DATASET_INDEX} has {key} "
-                                 f"{shared.get(key)!r}, {source.name} {source.manifest.get(key)!r}")
+                raise ValueError(
+                    f"incompatible latents: {path}/{contract.DATASET_INDEX} has {key} "
+                    f"{shared.get(key)!r}, {source.name} {source.manifest.get(key)!r}"
+                )
     if "proportion" in mix:
         counts = [_samples(s.root) for s in found]
         for source, count in zip(found, counts):
-            source.mix["proportion"] = mix["proportion"] * count / max(sum(counts), 1)
+            source.mix["proportion"] = float(mix["proportion"]) * count / max(sum(counts), 1)
     return found
 
 
@@ -117,7 +126,9 @@ def image_column(source: Source, resolution: int | None) -> tuple[str, tuple[int
     columns = m["columns"].get("images") or {str(m["resolution"]): m["columns"]["image"]}
     r = str(resolution if resolution is not None else m["resolution"])
     if r not in columns:
-        raise ValueError(f"{source.name}: no latents at resolution {r} (it holds {', '.join(sorted(columns, key=int))})")
+        raise ValueError(
+            f"{source.name}: no latents at resolution {r} (it holds {', '.join(sorted(columns, key=int))})"
+        )
     return columns[r], tuple(shapes[r])
 
 
@@ -128,12 +139,15 @@ def check_compatible(found: list[Source], resolution: int | None) -> None:
     for other in found[1:]:
         _, other_shape = image_column(other, resolution)
         if other_shape != shape:
-            raise ValueError(f"incompatible latents: {first.name} has image latents {list(shape)}, "
-                             f"{other.name} {list(other_shape)}")
+            raise ValueError(
+                f"incompatible latents: {first.name} has image latents {list(shape)}, {other.name} {list(other_shape)}"
+            )
         for key in COMPATIBLE:
             if first.manifest.get(key) != other.manifest.get(key):
-                raise ValueError(f"incompatible latents: {first.name} has {key} {first.manifest.get(key)!r}, "
-                                 f"{other.name} {other.manifest.get(key)!r}")
+                raise ValueError(
+                    f"incompatible latents: {first.name} has {key} {first.manifest.get(key)!r}, "
+                    f"{other.name} {other.manifest.get(key)!r}"
+                )
 
 
 def dropped(seed: int, key: str, probability: float) -> bool:
@@ -142,15 +156,22 @@ def dropped(seed: int, key: str, probability: float) -> bool:
     if probability <= 0:
         return False
     digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") / 2 ** 64 < probability
+    return int.from_bytes(digest[:8], "little") / 2**64 < probability
 
 
 class LatentsDataset(_mds.StreamingDataset):  # type: ignore[name-defined]  # mosaicml-streaming, loaded at run time
     """Each sample as tensors: image_latents, caption_latents (float32), caption, key and whether its
     caption was dropped; over one dataset or a mix of them."""
 
-    def __init__(self, datasets: Dataset | list[Dataset], local: str | None = None, resolution: int | None = None,
-                 caption_drop_probability: float = 0.0, caption_drop_seed: int = 0, **kwargs: Any):
+    def __init__(
+        self,
+        datasets: Dataset | list[Dataset],
+        local: str | None = None,
+        resolution: int | None = None,
+        caption_drop_probability: float = 0.0,
+        caption_drop_seed: int = 0,
+        **kwargs: Any,
+    ):
         datasets = [datasets] if isinstance(datasets, (str, dict)) else list(datasets)
         if not datasets:
             raise ValueError("no dataset to read: give at least one path or URL")
@@ -180,8 +201,9 @@ class LatentsDataset(_mds.StreamingDataset):  # type: ignore[name-defined]  # mo
         column, shape = self.columns[stream]
         dtype, name = self.dtypes[stream], self.sources[stream].name
         image = self._array(sample[column], dtype, shape, name, column)
-        caption = self._array(sample[contract.CAPTION_LATENTS], dtype, self.caption_shape, name,
-                              contract.CAPTION_LATENTS)
+        caption = self._array(
+            sample[contract.CAPTION_LATENTS], dtype, self.caption_shape, name, contract.CAPTION_LATENTS
+        )
         drop = dropped(self.caption_drop_seed, sample["key"], self.caption_drop_probability)
         return {
             "image_latents": torch.from_numpy(image.astype(np.float32)),
@@ -195,19 +217,35 @@ class LatentsDataset(_mds.StreamingDataset):  # type: ignore[name-defined]  # mo
     @staticmethod
     def _array(data: bytes, dtype: np.dtype, shape: tuple[int, ...], name: str, column: str) -> np.ndarray:
         if len(data) != dtype.itemsize * int(np.prod(shape)):
-            raise ValueError(f"{name}: a sample's {column} holds {len(data)} bytes, its manifest says "
-                             f"{list(shape)} of {dtype.name} ({dtype.itemsize * int(np.prod(shape))} bytes)")
+            raise ValueError(
+                f"{name}: a sample's {column} holds {len(data)} bytes, its manifest says "
+                f"{list(shape)} of {dtype.name} ({dtype.itemsize * int(np.prod(shape))} bytes)"
+            )
         return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
-def build_latents_dataloader(datasets: Dataset | list[Dataset], batch_size: int, local: str | None = None,
-                             shuffle: bool = False, drop_last: bool = False, seed: int = 0,
-                             resolution: int | None = None, captionDropProbability: float = 0.0,
-                             **dataloader_kwargs: Any):
+def build_latents_dataloader(
+    datasets: Dataset | list[Dataset],
+    batch_size: int,
+    local: str | None = None,
+    shuffle: bool = False,
+    drop_last: bool = False,
+    seed: int = 0,
+    resolution: int | None = None,
+    captionDropProbability: float = 0.0,
+    **dataloader_kwargs: Any,
+):
     """A torch DataLoader of LatentsDataset batches over one dataset or a mix (a list; each a path or
     URL, or a mapping with `proportion`, `repeat` or `choose`); `local` is the cache folder for
     s3:// datasets; `resolution` picks the `latents_<r>` column (None: each dataset's smallest)."""
-    dataset = LatentsDataset(datasets, local=local, resolution=resolution,
-                             caption_drop_probability=captionDropProbability, caption_drop_seed=seed,
-                             shuffle=shuffle, shuffle_seed=seed, batch_size=batch_size)
+    dataset = LatentsDataset(
+        datasets,
+        local=local,
+        resolution=resolution,
+        caption_drop_probability=captionDropProbability,
+        caption_drop_seed=seed,
+        shuffle=shuffle,
+        shuffle_seed=seed,
+        batch_size=batch_size,
+    )
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, drop_last=drop_last, **dataloader_kwargs)

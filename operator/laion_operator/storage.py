@@ -13,7 +13,8 @@ import os
 import socket
 import time
 import uuid
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import fsspec
 
@@ -38,9 +39,18 @@ class StorageUnavailable(RuntimeError):
 # Names of the exceptions that mean "nobody answered", whichever client raised them (s3fs wraps
 # botocore's and aiohttp's; local files raise the builtins): matched by name so that neither is imported.
 _UNREACHABLE_NAMES = {
-    "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
-    "ClientConnectorError", "ServerDisconnectedError", "ClientOSError", "ServerTimeoutError",
-    "FSTimeoutError", "HTTPClientError", "ResponseStreamingError", "IncompleteReadError",
+    "EndpointConnectionError",
+    "ConnectTimeoutError",
+    "ReadTimeoutError",
+    "ConnectionClosedError",
+    "ClientConnectorError",
+    "ServerDisconnectedError",
+    "ClientOSError",
+    "ServerTimeoutError",
+    "FSTimeoutError",
+    "HTTPClientError",
+    "ResponseStreamingError",
+    "IncompleteReadError",
 }
 
 
@@ -60,12 +70,16 @@ def unreachable(err: BaseException) -> bool:
 def endpoint_of(output: Output) -> str:
     if not output.uri.startswith("s3://"):
         return output.uri
-    return (output.endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-            or "AWS S3")
+    return output.endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
 
 
-def retrying(output: Output, what: str, fn: Callable[[], T], budget: float | None = None,
-             on_retry: Callable[[], None] | None = None) -> T:
+def retrying(
+    output: Output,
+    what: str,
+    fn: Callable[[], T],
+    budget: float | None = None,
+    on_retry: Callable[[], None] | None = None,
+) -> T:
     """`fn()`, called again with backoff while the storage does not answer, for up to `budget` seconds
     (output.retrySeconds); after that StorageUnavailable naming the endpoint. Other errors pass through.
     `fn` must be safe to call again (a whole shard is: it removes what an earlier try left)."""
@@ -83,9 +97,15 @@ def retrying(output: Output, what: str, fn: Callable[[], T], budget: float | Non
             if left <= 0:
                 raise StorageUnavailable(
                     f"the output's storage at {endpoint_of(output)} did not answer for {budget:g} s "
-                    f"(output.retrySeconds) while {what}: {type(err).__name__}: {err}") from err
-            log.warning("storage at %s did not answer while %s (%s); retrying for %.0f s more",
-                        endpoint_of(output), what, type(err).__name__, left)
+                    f"(output.retrySeconds) while {what}: {type(err).__name__}: {err}"
+                ) from err
+            log.warning(
+                "storage at %s did not answer while %s (%s); retrying for %.0f s more",
+                endpoint_of(output),
+                what,
+                type(err).__name__,
+                left,
+            )
             time.sleep(min(delay, max(left, 0.1)))
             delay = min(delay * 2, 10.0)
             if on_retry:
@@ -97,8 +117,12 @@ def s3_options(output: Output, secret: dict[str, str] | None = None) -> dict:
     secret = secret or {}
     client_kwargs: dict = {}
     config_kwargs: dict = {}
-    endpoint = (output.endpoint or secret.get("AWS_ENDPOINT_URL")
-                or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
+    endpoint = (
+        output.endpoint
+        or secret.get("AWS_ENDPOINT_URL")
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+    )
     if endpoint:
         client_kwargs["endpoint_url"] = endpoint
     if output.region:
@@ -107,8 +131,11 @@ def s3_options(output: Output, secret: dict[str, str] | None = None) -> dict:
         config_kwargs["s3"] = {"addressing_style": "path"}
     opts: dict = {"client_kwargs": client_kwargs, "config_kwargs": config_kwargs}
     if secret.get("AWS_ACCESS_KEY_ID"):
-        opts.update(key=secret["AWS_ACCESS_KEY_ID"], secret=secret.get("AWS_SECRET_ACCESS_KEY"),
-                    token=secret.get("AWS_SESSION_TOKEN"))
+        opts.update(
+            key=secret["AWS_ACCESS_KEY_ID"],
+            secret=secret.get("AWS_SECRET_ACCESS_KEY"),
+            token=secret.get("AWS_SESSION_TOKEN"),
+        )
     elif output.profile:
         opts["profile"] = output.profile
     return opts

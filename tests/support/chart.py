@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-
 from pathlib import Path
 
 import helm_python as helm
@@ -25,7 +24,7 @@ def manifests(rendered: dict[str, str]) -> list[dict]:
     for path, text in sorted(rendered.items()):
         if path.endswith("NOTES.txt"):
             continue
-        docs.extend(({**doc, "__template__": path} for doc in yaml.safe_load_all(text) if doc))
+        docs.extend({**doc, "__template__": path} for doc in yaml.safe_load_all(text) if doc)
     return docs
 
 
@@ -47,8 +46,16 @@ def operator_config(docs: list[dict]) -> dict:
 
 # What `helm install` creates that the operator's own access rests on; the Deployment, Service and
 # monitoring objects are left out: the operator runs as a process, and no kubelet would start its pod.
-INSTALLED_KINDS = ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "ConfigMap",
-                   "ClusterKopfPeering", "KopfPeering")
+INSTALLED_KINDS = (
+    "ServiceAccount",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "Role",
+    "RoleBinding",
+    "ConfigMap",
+    "ClusterKopfPeering",
+    "KopfPeering",
+)
 
 
 def install(cluster, values: dict | None = None, edit=None) -> dict[str, str]:

@@ -57,10 +57,12 @@ def write_signing_key(private: Path, public: Path) -> None:
     from cryptography.hazmat.primitives.asymmetric import rsa
 
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                          serialization.NoEncryption()))
-    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                     serialization.PublicFormat.SubjectPublicKeyInfo))
+    private.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    public.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
 
 
 class KubeAPIError(Exception):
@@ -82,10 +84,15 @@ class Process:
         self.log_path = workdir / f"{name}.log"
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "Process":
+    def start(self) -> Process:
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                     env={**os.environ, **(self.env or {})})
+        self.proc = subprocess.Popen(
+            self.cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, **(self.env or {})},
+        )
         return self
 
     def alive(self) -> bool:
@@ -123,38 +130,81 @@ class Cluster:
 
     # ----- lifecycle -----
 
-    def __enter__(self) -> "Cluster":
+    def __enter__(self) -> Cluster:
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def start(self) -> "Cluster":
+    def start(self) -> Cluster:
         w = self.workdir
         write_signing_key(w / "sa.key", w / "sa.pub")
         (w / "tokens.csv").write_text(f'{self.admin_token},admin,admin-uid,"system:masters"\n')
         etcd_port, etcd_peer = free_port(), free_port()
         etcd_url = f"http://127.0.0.1:{etcd_port}"
-        self.components["etcd"] = Process("etcd", [
-            self.bins["ETCD"], "--name", "testbed", "--data-dir", str(w / "etcd"),
-            "--listen-client-urls", etcd_url, "--advertise-client-urls", etcd_url,
-            "--listen-peer-urls", f"http://127.0.0.1:{etcd_peer}",
-            "--initial-advertise-peer-urls", f"http://127.0.0.1:{etcd_peer}",
-            "--initial-cluster", f"testbed=http://127.0.0.1:{etcd_peer}",
-            "--log-level", "warn", "--unsafe-no-fsync"], w).start()
+        self.components["etcd"] = Process(
+            "etcd",
+            [
+                self.bins["ETCD"],
+                "--name",
+                "testbed",
+                "--data-dir",
+                str(w / "etcd"),
+                "--listen-client-urls",
+                etcd_url,
+                "--advertise-client-urls",
+                etcd_url,
+                "--listen-peer-urls",
+                f"http://127.0.0.1:{etcd_peer}",
+                "--initial-advertise-peer-urls",
+                f"http://127.0.0.1:{etcd_peer}",
+                "--initial-cluster",
+                f"testbed=http://127.0.0.1:{etcd_peer}",
+                "--log-level",
+                "warn",
+                "--unsafe-no-fsync",
+            ],
+            w,
+        ).start()
         wait_for_port(etcd_port, timeout=60)
-        self.components["kube-apiserver"] = Process("kube-apiserver", [
-            self.bins["KUBE_APISERVER"], "--etcd-servers", etcd_url,
-            "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1", "--secure-port", str(self.port),
-            "--cert-dir", str(w / "certs"), "--token-auth-file", str(w / "tokens.csv"),
-            "--authorization-mode", "RBAC",
-            # As strict clusters run: setting blockOwnerDeletion needs `update` on the owner's finalizers.
-            "--enable-admission-plugins", "OwnerReferencesPermissionEnforcement",
-            "--service-account-issuer", "https://kubernetes.default.svc.cluster.local",
-            "--service-account-key-file", str(w / "sa.pub"),
-            "--service-account-signing-key-file", str(w / "sa.key"),
-            "--service-cluster-ip-range", "10.96.0.0/24", "--endpoint-reconciler-type", "none",
-            "--profiling=false", "--enable-priority-and-fairness=false", "-v", "1"], w).start()
+        self.components["kube-apiserver"] = Process(
+            "kube-apiserver",
+            [
+                self.bins["KUBE_APISERVER"],
+                "--etcd-servers",
+                etcd_url,
+                "--bind-address",
+                "127.0.0.1",
+                "--advertise-address",
+                "127.0.0.1",
+                "--secure-port",
+                str(self.port),
+                "--cert-dir",
+                str(w / "certs"),
+                "--token-auth-file",
+                str(w / "tokens.csv"),
+                "--authorization-mode",
+                "RBAC",
+                # As strict clusters run: setting blockOwnerDeletion needs `update` on the owner's finalizers.
+                "--enable-admission-plugins",
+                "OwnerReferencesPermissionEnforcement",
+                "--service-account-issuer",
+                "https://kubernetes.default.svc.cluster.local",
+                "--service-account-key-file",
+                str(w / "sa.pub"),
+                "--service-account-signing-key-file",
+                str(w / "sa.key"),
+                "--service-cluster-ip-range",
+                "10.96.0.0/24",
+                "--endpoint-reconciler-type",
+                "none",
+                "--profiling=false",
+                "--enable-priority-and-fairness=false",
+                "-v",
+                "1",
+            ],
+            w,
+        ).start()
         self._wait_ready()
         # The API server's generated bundle is its serving certificate, then the CA that signed it:
         # clients and the controller-manager's root CA publisher get the CA alone.
@@ -163,13 +213,33 @@ class Cluster:
         self.ca_file.write_text(blocks[-2].strip() + "\n-----END CERTIFICATE-----\n")
         self._ssl = None
         self.kubeconfig_path.write_text(yaml.safe_dump(self.kubeconfig("admin", self.admin_token)))
-        self.components["kube-controller-manager"] = Process("kube-controller-manager", [
-            self.bins["KUBE_CONTROLLER_MANAGER"], "--kubeconfig", str(self.kubeconfig_path),
-            "--authentication-kubeconfig", str(self.kubeconfig_path),
-            "--authorization-kubeconfig", str(self.kubeconfig_path),
-            "--bind-address", "127.0.0.1", "--secure-port", str(free_port()), "--leader-elect=false",
-            "--service-account-private-key-file", str(w / "sa.key"), "--root-ca-file", str(self.ca_file),
-            "--use-service-account-credentials=false", "--concurrent-gc-syncs", "5", "-v", "1"], w).start()
+        self.components["kube-controller-manager"] = Process(
+            "kube-controller-manager",
+            [
+                self.bins["KUBE_CONTROLLER_MANAGER"],
+                "--kubeconfig",
+                str(self.kubeconfig_path),
+                "--authentication-kubeconfig",
+                str(self.kubeconfig_path),
+                "--authorization-kubeconfig",
+                str(self.kubeconfig_path),
+                "--bind-address",
+                "127.0.0.1",
+                "--secure-port",
+                str(free_port()),
+                "--leader-elect=false",
+                "--service-account-private-key-file",
+                str(w / "sa.key"),
+                "--root-ca-file",
+                str(self.ca_file),
+                "--use-service-account-credentials=false",
+                "--concurrent-gc-syncs",
+                "5",
+                "-v",
+                "1",
+            ],
+            w,
+        ).start()
         return self
 
     def start_kuberay(self) -> Process:
@@ -180,11 +250,22 @@ class Cluster:
             return self.components["kuberay-operator"]
         for name in ("rayclusters", "rayjobs", "rayservices"):
             self.install_crd(kuberay_crd(name))
-        proc = Process("kuberay-operator", [
-            self.bins["KUBERAY_OPERATOR"], "--metrics-addr", f"127.0.0.1:{free_port()}",
-            "--health-probe-bind-address", f"127.0.0.1:{free_port()}", "--enable-leader-election=false",
-            "--use-kubernetes-proxy", "--log-stdout-encoder", "console"], self.workdir,
-            env={"KUBECONFIG": str(self.kubeconfig_path)}).start()
+        proc = Process(
+            "kuberay-operator",
+            [
+                self.bins["KUBERAY_OPERATOR"],
+                "--metrics-addr",
+                f"127.0.0.1:{free_port()}",
+                "--health-probe-bind-address",
+                f"127.0.0.1:{free_port()}",
+                "--enable-leader-election=false",
+                "--use-kubernetes-proxy",
+                "--log-stdout-encoder",
+                "console",
+            ],
+            self.workdir,
+            env={"KUBECONFIG": str(self.kubeconfig_path)},
+        ).start()
         self.components["kuberay-operator"] = proc
         deadline = time.monotonic() + 60
         while "Starting workers" not in proc.logs():
@@ -214,13 +295,20 @@ class Cluster:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def kubeconfig(self, user: str, token: str, server: str | None = None, namespace: str = "default") -> JSON:
-        return {"apiVersion": "v1", "kind": "Config", "preferences": {},
-                "clusters": [{"name": "testbed", "cluster": {"server": server or self.url,
-                                                             "certificate-authority": str(self.ca_file)}}],
-                "users": [{"name": user, "user": {"token": token}}],
-                "contexts": [{"name": user, "context": {"cluster": "testbed", "user": user,
-                                                        "namespace": namespace}}],
-                "current-context": user}
+        return {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "preferences": {},
+            "clusters": [
+                {
+                    "name": "testbed",
+                    "cluster": {"server": server or self.url, "certificate-authority": str(self.ca_file)},
+                }
+            ],
+            "users": [{"name": user, "user": {"token": token}}],
+            "contexts": [{"name": user, "context": {"cluster": "testbed", "user": user, "namespace": namespace}}],
+            "current-context": user,
+        }
 
     def logs(self) -> str:
         return "\n".join(f"--- {name}\n{p.logs()[-3000:]}" for name, p in self.components.items())
@@ -238,6 +326,7 @@ class Cluster:
         old = os.environ.get("KUBECONFIG")
         os.environ["KUBECONFIG"] = str(self.kubeconfig_path)
         import kubernetes.config.kube_config as kube_config
+
         saved = kube_config.KUBE_CONFIG_DEFAULT_LOCATION
         kube_config.KUBE_CONFIG_DEFAULT_LOCATION = str(self.kubeconfig_path)
         try:
@@ -259,8 +348,11 @@ class Cluster:
         kubeconfig: Path | None = None,
     ) -> subprocess.CompletedProcess:
         """The real kubectl (built with the API server) as admin, or with another kubeconfig."""
-        cmd = [self.bins["KUBECTL"], f"--kubeconfig={kubeconfig or self.kubeconfig_path}",
-               f"--cache-dir={self.workdir / 'kube-cache'}"]
+        cmd = [
+            self.bins["KUBECTL"],
+            f"--kubeconfig={kubeconfig or self.kubeconfig_path}",
+            f"--cache-dir={self.workdir / 'kube-cache'}",
+        ]
         if namespace is not None:
             cmd.append(f"--namespace={namespace}")
         cmd += [str(a) for a in args]
@@ -269,8 +361,10 @@ class Cluster:
         text = input.decode() if isinstance(input, bytes) else input
         result = subprocess.run(cmd, input=text, capture_output=True, text=True, timeout=timeout, env=env)
         if check and result.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(map(str, args))} failed with exit code {result.returncode}:\n"
-                                 f"--- stdout:\n{result.stdout}\n--- stderr:\n{result.stderr}")
+            raise AssertionError(
+                f"kubectl {' '.join(map(str, args))} failed with exit code {result.returncode}:\n"
+                f"--- stdout:\n{result.stdout}\n--- stderr:\n{result.stderr}"
+            )
         return result
 
     # ----- raw HTTP as admin -----
@@ -280,15 +374,31 @@ class Cluster:
             self._ssl = ssl.create_default_context(cafile=str(self.ca_file))
         return self._ssl
 
-    def request(self, method: str, path: str, body: Any = None, *, params: Mapping[str, Any] | None = None,
-                content_type: str = "application/json", raw: bool = False, timeout: float = 30) -> Any:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        params: Mapping[str, Any] | None = None,
+        content_type: str = "application/json",
+        raw: bool = False,
+        timeout: float = 30,
+    ) -> Any:
         url = self.url + path
         if params:
             url += "?" + urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
         data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
-        req = urllib.request.Request(url, data=data, method=method.upper(), headers={
-            "Content-Type": content_type, "Accept": "application/json",
-            "Authorization": f"Bearer {self.admin_token}"})
+        req = urllib.request.Request(
+            url,
+            data=data,
+            method=method.upper(),
+            headers={
+                "Content-Type": content_type,
+                "Accept": "application/json",
+                "Authorization": f"Bearer {self.admin_token}",
+            },
+        )
         try:
             with urllib.request.urlopen(req, timeout=timeout, context=self._context()) as resp:
                 text = resp.read()
@@ -304,8 +414,14 @@ class Cluster:
         return json.loads(text) if text else None
 
     @staticmethod
-    def path(group: str, version: str, plural: str, namespace: str | None = None, name: str | None = None,
-             subresource: str | None = None) -> str:
+    def path(
+        group: str,
+        version: str,
+        plural: str,
+        namespace: str | None = None,
+        name: str | None = None,
+        subresource: str | None = None,
+    ) -> str:
         path = f"/apis/{group}/{version}" if group else f"/api/{version}"
         if namespace:
             path += f"/namespaces/{namespace}"
@@ -324,31 +440,66 @@ class Cluster:
                 return None
             raise
 
-    def list(self, group: str, version: str, plural: str, namespace: str | None = None, *,
-             label_selector: str | None = None, field_selector: str | None = None) -> list[JSON]:
-        found = self.request("GET", self.path(group, version, plural, namespace),
-                             params={"labelSelector": label_selector, "fieldSelector": field_selector})
+    def list(
+        self,
+        group: str,
+        version: str,
+        plural: str,
+        namespace: str | None = None,
+        *,
+        label_selector: str | None = None,
+        field_selector: str | None = None,
+    ) -> list[JSON]:
+        found = self.request(
+            "GET",
+            self.path(group, version, plural, namespace),
+            params={"labelSelector": label_selector, "fieldSelector": field_selector},
+        )
         return list(found["items"])
 
-    def create(self, group: str, version: str, plural: str, body: Mapping[str, Any],
-               namespace: str | None = None) -> JSON:
+    def create(
+        self, group: str, version: str, plural: str, body: Mapping[str, Any], namespace: str | None = None
+    ) -> JSON:
         namespace = namespace or (body.get("metadata") or {}).get("namespace")
         return self.request("POST", self.path(group, version, plural, namespace), dict(body))
 
-    def patch(self, group: str, version: str, plural: str, namespace: str | None, name: str, patch: Any, *,
-              subresource: str | None = None, patch_type: str = "merge") -> JSON:
-        ctype = {"merge": "application/merge-patch+json", "json": "application/json-patch+json",
-                 "strategic": "application/strategic-merge-patch+json"}[patch_type]
-        return self.request("PATCH", self.path(group, version, plural, namespace, name, subresource), patch,
-                            content_type=ctype)
+    def patch(
+        self,
+        group: str,
+        version: str,
+        plural: str,
+        namespace: str | None,
+        name: str,
+        patch: Any,
+        *,
+        subresource: str | None = None,
+        patch_type: str = "merge",
+    ) -> JSON:
+        ctype = {
+            "merge": "application/merge-patch+json",
+            "json": "application/json-patch+json",
+            "strategic": "application/strategic-merge-patch+json",
+        }[patch_type]
+        return self.request(
+            "PATCH", self.path(group, version, plural, namespace, name, subresource), patch, content_type=ctype
+        )
 
-    def patch_status(self, group: str, version: str, plural: str, namespace: str | None, name: str,
-                     status: Mapping[str, Any]) -> JSON:
+    def patch_status(
+        self, group: str, version: str, plural: str, namespace: str | None, name: str, status: Mapping[str, Any]
+    ) -> JSON:
         """What a component that owns the status writes (a kubelet for a pod's phase, say)."""
         return self.patch(group, version, plural, namespace, name, {"status": dict(status)}, subresource="status")
 
-    def delete(self, group: str, version: str, plural: str, namespace: str | None, name: str, *,
-               propagation_policy: str | None = None) -> JSON | None:
+    def delete(
+        self,
+        group: str,
+        version: str,
+        plural: str,
+        namespace: str | None,
+        name: str,
+        *,
+        propagation_policy: str | None = None,
+    ) -> JSON | None:
         body = {"propagationPolicy": propagation_policy} if propagation_policy else None
         try:
             return self.request("DELETE", self.path(group, version, plural, namespace, name), body)
@@ -361,9 +512,18 @@ class Cluster:
         with contextlib.suppress(KubeAPIError):
             self.patch(group, version, plural, namespace, name, {"metadata": {"finalizers": None}})
 
-    def wait_for(self, group: str, version: str, plural: str, namespace: str | None, name: str,
-                 predicate: Callable[[JSON | None], Any] = lambda obj: obj is not None, *,
-                 timeout: float = 10, interval: float = 0.1) -> JSON | None:
+    def wait_for(
+        self,
+        group: str,
+        version: str,
+        plural: str,
+        namespace: str | None,
+        name: str,
+        predicate: Callable[[JSON | None], Any] = lambda obj: obj is not None,
+        *,
+        timeout: float = 10,
+        interval: float = 0.1,
+    ) -> JSON | None:
         """Poll the object until `predicate(obj or None)` holds; its last state, or AssertionError."""
         deadline = time.monotonic() + timeout
         while True:
@@ -371,12 +531,15 @@ class Cluster:
             if predicate(obj):
                 return obj
             if time.monotonic() > deadline:
-                raise AssertionError(f"Timed out in {timeout}s waiting for {plural}/{name} in {namespace!r}; "
-                                     f"the last state: {json.dumps(obj, indent=2)}")
+                raise AssertionError(
+                    f"Timed out in {timeout}s waiting for {plural}/{name} in {namespace!r}; "
+                    f"the last state: {json.dumps(obj, indent=2)}"
+                )
             time.sleep(interval)
 
-    def wait_for_deletion(self, group: str, version: str, plural: str, namespace: str | None, name: str, *,
-                          timeout: float = 10) -> None:
+    def wait_for_deletion(
+        self, group: str, version: str, plural: str, namespace: str | None, name: str, *, timeout: float = 10
+    ) -> None:
         self.wait_for(group, version, plural, namespace, name, lambda obj: obj is None, timeout=timeout)
 
     def events(self, namespace: str, involved_name: str | None = None) -> list[JSON]:
@@ -411,8 +574,13 @@ class Cluster:
                 continue
             name = doc["metadata"]["name"]
             digest = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
-            doc = {**doc, "metadata": {**doc["metadata"], "annotations": {
-                **(doc["metadata"].get("annotations") or {}), "laion-testbed/digest": digest}}}
+            doc = {
+                **doc,
+                "metadata": {
+                    **doc["metadata"],
+                    "annotations": {**(doc["metadata"].get("annotations") or {}), "laion-testbed/digest": digest},
+                },
+            }
             existing = self.get(*CRD_RESOURCE, None, name)
             if existing is None:
                 self.request("POST", self.path(*CRD_RESOURCE), doc)
@@ -421,9 +589,16 @@ class Cluster:
                 self.request("PUT", self.path(*CRD_RESOURCE, None, name), doc)
             names.append(name)
         for name in names:
-            self.wait_for(*CRD_RESOURCE, None, name, lambda o: any(
-                c["type"] == "Established" and c["status"] == "True"
-                for c in ((o or {}).get("status") or {}).get("conditions") or []), timeout=30)
+            self.wait_for(
+                *CRD_RESOURCE,
+                None,
+                name,
+                lambda o: any(
+                    c["type"] == "Established" and c["status"] == "True"
+                    for c in ((o or {}).get("status") or {}).get("conditions") or []
+                ),
+                timeout=30,
+            )
         return names
 
     def apply(self, docs: Iterable[Mapping], namespace: str | None = None) -> None:
@@ -436,8 +611,9 @@ class Cluster:
 
     def token(self, service_account: str, namespace: str, duration: str = "24h") -> str:
         """A token of a ServiceAccount, from the TokenRequest API (as a projected volume gets it)."""
-        return self.kubectl("create", "token", service_account, "-n", namespace,
-                            f"--duration={duration}").stdout.strip()
+        return self.kubectl(
+            "create", "token", service_account, "-n", namespace, f"--duration={duration}"
+        ).stdout.strip()
 
 
 def load_documents(source) -> list[JSON]:

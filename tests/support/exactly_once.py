@@ -28,8 +28,17 @@ def _store(output) -> Store:
         return output
     if isinstance(output, Output):
         return Store(output)
-    return Store(Output(uri=str(output), endpoint=None, region=None, path_style=False, profile=None,
-                        credentials_secret=None, retry_seconds=30))
+    return Store(
+        Output(
+            uri=str(output),
+            endpoint=None,
+            region=None,
+            path_style=False,
+            profile=None,
+            credentials_secret=None,
+            retry_seconds=30,
+        )
+    )
 
 
 def _parquet(store: Store, name: str):
@@ -56,8 +65,11 @@ def _image_keys(store: Store, shard: int, fmt: str, table) -> list[str]:
         if fmt == "tfrecord":
             from tfrecord.reader import tfrecord_loader
 
-            return [bytes(r["key"]).decode() for r in tfrecord_loader(os.path.join(local, name), None)
-                    if any(c in r for c in ("jpg", "png", "webp"))]
+            return [
+                bytes(r["key"]).decode()
+                for r in tfrecord_loader(os.path.join(local, name), None)
+                if any(c in r for c in ("jpg", "png", "webp"))
+            ]
         if fmt == "mds":
             from streaming.base.format import reader_from_json
 
@@ -68,8 +80,13 @@ def _image_keys(store: Store, shard: int, fmt: str, table) -> list[str]:
     raise ValueError(f"no key reader for {fmt}")
 
 
-def check_exactly_once(output, status: dict | None = None, metrics: str | None = None,
-                       namespace: str | None = None, name: str | None = None) -> dict:
+def check_exactly_once(
+    output,
+    status: dict | None = None,
+    metrics: str | None = None,
+    namespace: str | None = None,
+    name: str | None = None,
+) -> dict:
     """Assert the part in `output` (a path, URI, Output or Store) holds each sample exactly once and that
     its summary, `status` (a LaionPart's) and `metrics` (the operator's /metrics text) agree; returns the
     summary."""
@@ -132,8 +149,9 @@ def check_exactly_once(output, status: dict | None = None, metrics: str | None =
         sel = f'namespace="{namespace}",part="{name}"'
         assert _metric(metrics, "laion_part_images_total", sel) == ok
         for reason in contract.FAILURE_REASONS:  # a reason a heal removed is back at 0
-            assert _metric(metrics, "laion_part_images_failed_total", sel + f',reason="{reason}"') == \
-                reasons.get(reason, 0), reason
+            assert _metric(metrics, "laion_part_images_failed_total", sel + f',reason="{reason}"') == reasons.get(
+                reason, 0
+            ), reason
         assert _metric(metrics, "laion_part_metadata_rows_kept_total", sel) == kept_rows
         assert _metric(metrics, "laion_part_phase", sel + ',phase="Succeeded"') == 1
     return summary
@@ -142,6 +160,6 @@ def check_exactly_once(output, status: dict | None = None, metrics: str | None =
 def _metric(text: str, name: str, labels: str) -> float:
     """One sample of the Prometheus text format (labels in the exposition's order)."""
     for line in text.splitlines():
-        if line.startswith(name + "{") and line.split("}")[0][len(name) + 1:] == labels:
+        if line.startswith(name + "{") and line.split("}")[0][len(name) + 1 :] == labels:
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"no {name}{{{labels}}} in the metrics")

@@ -18,8 +18,7 @@ from aiohttp import web
 
 from tests.support.services import free_port
 
-HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "host", "upgrade",
-               "content-encoding"}
+HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "host", "upgrade", "content-encoding"}
 
 
 @dataclasses.dataclass
@@ -70,11 +69,13 @@ class FaultProxy:
 
     def clear(self) -> None:
         """Forget every rule and let every hung request go (its client sees the connection close)."""
+
         def go():
             self.rules.clear()
             for fut in list(self._hung):
                 if not fut.done():
                     fut.set_result(None)
+
         self._loop.call_soon_threadsafe(go)
 
     def drop_streams(self) -> None:
@@ -83,8 +84,9 @@ class FaultProxy:
 
     def kubeconfig_env(self, env: dict[str, str]) -> dict[str, str]:
         """The same credentials as `env`'s KUBECONFIG, through this proxy."""
-        import yaml
         from pathlib import Path
+
+        import yaml
 
         path = Path(env["KUBECONFIG"])
         config = yaml.safe_load(path.read_text())
@@ -100,7 +102,7 @@ class FaultProxy:
 
     # ----- lifecycle -----
 
-    def __enter__(self) -> "FaultProxy":
+    def __enter__(self) -> FaultProxy:
         self._thread = threading.Thread(target=self._run, name="fault-proxy", daemon=True)
         self._thread.start()
         if not self._ready.wait(30):
@@ -124,8 +126,9 @@ class FaultProxy:
         server_ssl.load_cert_chain(certs / "apiserver.crt", certs / "apiserver.key")
         upstream_ssl = ssl.create_default_context(cafile=str(self.cluster.ca_file))
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=upstream_ssl), timeout=timeout,
-                                         auto_decompress=False) as session:
+        async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=upstream_ssl), timeout=timeout, auto_decompress=False
+        ) as session:
             self._session = session
             app = web.Application(client_max_size=64 * 1024 * 1024)
             app.router.add_route("*", "/{tail:.*}", self._handle)
@@ -157,13 +160,28 @@ class FaultProxy:
             if rule.expire:
                 resp = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
                 await resp.prepare(request)
-                gone = {"type": "ERROR", "object": {
-                    "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                    "message": "too old resource version", "reason": "Expired", "code": 410}}
+                gone = {
+                    "type": "ERROR",
+                    "object": {
+                        "kind": "Status",
+                        "apiVersion": "v1",
+                        "metadata": {},
+                        "status": "Failure",
+                        "message": "too old resource version",
+                        "reason": "Expired",
+                        "code": 410,
+                    },
+                }
                 await resp.write(json.dumps(gone).encode() + b"\n")
                 return resp
-            body = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                    "message": f"the fault proxy answers {rule.status}", "code": rule.status}
+            body = {
+                "kind": "Status",
+                "apiVersion": "v1",
+                "metadata": {},
+                "status": "Failure",
+                "message": f"the fault proxy answers {rule.status}",
+                "code": rule.status,
+            }
             return web.json_response(body, status=rule.status)
         return await self._forward(request, watch)
 
@@ -174,10 +192,19 @@ class FaultProxy:
         if watch:
             self._watches.add(task)
         try:
-            async with self._session.request(request.method, self.cluster.url + request.path_qs, headers=headers,
-                                             data=data or None, allow_redirects=False) as upstream:
-                resp = web.StreamResponse(status=upstream.status, headers={
-                    k: v for k, v in upstream.headers.items() if k.lower() not in HOP_HEADERS - {"content-encoding"}})
+            async with self._session.request(
+                request.method,
+                self.cluster.url + request.path_qs,
+                headers=headers,
+                data=data or None,
+                allow_redirects=False,
+            ) as upstream:
+                resp = web.StreamResponse(
+                    status=upstream.status,
+                    headers={
+                        k: v for k, v in upstream.headers.items() if k.lower() not in HOP_HEADERS - {"content-encoding"}
+                    },
+                )
                 await resp.prepare(request)
                 async for chunk in upstream.content.iter_any():
                     await resp.write(chunk)

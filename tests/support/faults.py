@@ -28,7 +28,7 @@ class Outage:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def up(self) -> "Outage":
+    def up(self) -> Outage:
         listener = socket.socket()
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", self.port))
@@ -128,8 +128,11 @@ def process_tree(mark: str) -> list[int]:
 def ray_workers(cluster, name: str = "_write_shard") -> list[int]:
     """This cluster's worker processes (never another cluster's on the machine) running the task or
     actor class `name` right now: a shard, or the progress `Board`."""
-    return [pid for pid in process_tree(f"raylet --raylet_socket_name={cluster.temp_dir}")
-            if cmdline(pid).startswith(f"ray::{name}")]
+    return [
+        pid
+        for pid in process_tree(f"raylet --raylet_socket_name={cluster.temp_dir}")
+        if cmdline(pid).startswith(f"ray::{name}")
+    ]
 
 
 class SecondNode:
@@ -142,12 +145,27 @@ class SecondNode:
         self.resource = resource
         self.node_manager_port = free_port()
 
-    def start(self) -> "SecondNode":
-        cmd = ray_start("--address", self.cluster.address, "--node-ip-address", "127.0.0.1",
-                        "--num-cpus", str(self.num_cpus), "--resources", f'{{"{self.resource}": 100}}',
-                        "--node-manager-port", str(self.node_manager_port), "--disable-usage-stats")
-        for flag in ("--object-manager-port", "--metrics-export-port", "--runtime-env-agent-port",
-                     "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port"):
+    def start(self) -> SecondNode:
+        cmd = ray_start(
+            "--address",
+            self.cluster.address,
+            "--node-ip-address",
+            "127.0.0.1",
+            "--num-cpus",
+            str(self.num_cpus),
+            "--resources",
+            f'{{"{self.resource}": 100}}',
+            "--node-manager-port",
+            str(self.node_manager_port),
+            "--disable-usage-stats",
+        )
+        for flag in (
+            "--object-manager-port",
+            "--metrics-export-port",
+            "--runtime-env-agent-port",
+            "--dashboard-agent-listen-port",
+            "--dashboard-agent-grpc-port",
+        ):
             cmd += [flag, str(free_port())]
         for attempt in range(3):
             try:

@@ -4,6 +4,7 @@ Import them in ``tests/conftest.py``::
 
     from tests.support.kube_fixtures import kube_api, kube_env, kube_namespace  # noqa: F401 - fixtures, found by name
 """
+
 from __future__ import annotations
 
 import re

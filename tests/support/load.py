@@ -80,20 +80,30 @@ def most_jobs_of_a_part(ray_cluster, namespace: str) -> int:
 
 
 def part_doc(name: str, source, output) -> dict:
-    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "LaionPart", "metadata": {"name": name},
-            "spec": {"partId": name, "source": {"urls": [str(source)]}, "output": {"uri": str(output)},
-                     "filter": {"samplesPerShard": 100},
-                     "download": loopback({"imageSize": 32, "timeout": 5, "maxInFlight": 4})}}
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "LaionPart",
+        "metadata": {"name": name},
+        "spec": {
+            "partId": name,
+            "source": {"urls": [str(source)]},
+            "output": {"uri": str(output)},
+            "filter": {"samplesPerShard": 100},
+            "download": loopback({"imageSize": 32, "timeout": 5, "maxInFlight": 4}),
+        },
+    }
 
 
-def run_many(api, namespace: str, ray_cluster, operator, source, workdir, n: int, timeout: float = 3600,
-             idle_seconds: float = 15) -> LoadRun:
+def run_many(
+    api, namespace: str, ray_cluster, operator, source, workdir, n: int, timeout: float = 3600, idle_seconds: float = 15
+) -> LoadRun:
     names = [f"p{i:04d}" for i in range(n)]  # created in one second: names break the tie, as the operator does
     run = LoadRun(names)
     docs = [part_doc(name, source, workdir / name) for name in names]
     start = time.monotonic()
-    result = api.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump_all(docs), check=False,
-                         timeout=600)  # one kubectl for all: minutes on a machine shared with other test runs
+    result = api.kubectl(
+        "apply", "-n", namespace, "-f", "-", input=yaml.safe_dump_all(docs), check=False, timeout=600
+    )  # one kubectl for all: minutes on a machine shared with other test runs
     assert result.returncode == 0, result.stderr
     deadline = start + timeout
     while True:

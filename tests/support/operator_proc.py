@@ -19,8 +19,14 @@ VENV_BIN = Path(sys.executable).parent
 
 
 class OperatorProcess:
-    def __init__(self, workdir: Path, kube_env: dict[str, str], config: dict, env: dict[str, str] | None = None,
-                 args: tuple[str, ...] = ("--standalone",)):
+    def __init__(
+        self,
+        workdir: Path,
+        kube_env: dict[str, str],
+        config: dict,
+        env: dict[str, str] | None = None,
+        args: tuple[str, ...] = ("--standalone",),
+    ):
         self.workdir = workdir
         self.metrics_port = free_port()
         self.config_path = workdir / "operator.yaml"
@@ -28,23 +34,30 @@ class OperatorProcess:
         # Storage credentials reach the operator only through Secrets, as in a cluster.
         inherited = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         # Environment overrides the file (config.py): tests poll and retry faster than production.
-        fast = {"LAION_OPERATOR_POLL_SECONDS": "1", "LAION_OPERATOR_RETRY_BACKOFF_SECONDS": "1",
-                # The test bed's Ray cluster has no token authentication (services.NO_AUTH).
-                "LAION_OPERATOR_ALLOW_CREDENTIALS_WITHOUT_RAY_AUTH": "true"}
+        fast = {
+            "LAION_OPERATOR_POLL_SECONDS": "1",
+            "LAION_OPERATOR_RETRY_BACKOFF_SECONDS": "1",
+            # The test bed's Ray cluster has no token authentication (services.NO_AUTH).
+            "LAION_OPERATOR_ALLOW_CREDENTIALS_WITHOUT_RAY_AUTH": "true",
+        }
         self.env = {**inherited, **fast, **kube_env, **(env or {})}
         self.args = args
         self.log_path = workdir / "operator.log"
         self.proc: subprocess.Popen | None = None
 
-    def launch(self) -> "OperatorProcess":
+    def launch(self) -> OperatorProcess:
         """Start the process without waiting for it to serve (it may be meant to die early)."""
         log = open(self.log_path, "a")
         self.proc = subprocess.Popen(
             [str(VENV_BIN / "laion-operator"), "operator", "--config", str(self.config_path), *self.args],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         return self
 
-    def start(self) -> "OperatorProcess":
+    def start(self) -> OperatorProcess:
         self.launch()
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:  # /metrics answers once the startup handler ran

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from laion_operator.testbed.loopback import free_port
 import subprocess
 import tempfile
 import time
@@ -23,19 +22,28 @@ from pathlib import Path
 
 import yaml
 
+from laion_operator.testbed.loopback import free_port
+
 
 class PromQLError(RuntimeError):
     """Prometheus refused a query (parse error, bad range, ...)."""
 
 
 def binary(name: str = "prometheus") -> str | None:
-    return shutil.which(name) or next((p for p in (f"/usr/bin/{name}", f"/usr/local/bin/{name}")
-                                       if Path(p).exists()), None)
+    return shutil.which(name) or next(
+        (p for p in (f"/usr/bin/{name}", f"/usr/local/bin/{name}") if Path(p).exists()), None
+    )
 
 
 class Prometheus:
-    def __init__(self, targets: list[str], job: str = "laion-operator", interval: str = "1s",
-                 rule_files: list[str | Path] = (), startup_timeout: float = 60):
+    def __init__(
+        self,
+        targets: list[str],
+        job: str = "laion-operator",
+        interval: str = "1s",
+        rule_files: list[str | Path] = (),
+        startup_timeout: float = 60,
+    ):
         self.targets, self.job, self.interval = list(targets), job, interval
         self.rule_files = [str(Path(p).resolve()) for p in rule_files]
         self.startup_timeout = startup_timeout
@@ -49,28 +57,40 @@ class Prometheus:
 
     # --- lifecycle -------------------------------------------------------------------------------
 
-    def start(self) -> "Prometheus":
+    def start(self) -> Prometheus:
         exe = binary()
         if exe is None:
             raise FileNotFoundError("prometheus not found; run scripts/setup --test (installs Debian's prometheus)")
         self._tmp = tempfile.TemporaryDirectory(prefix="laion-prometheus-")
         tmp = Path(self._tmp.name)
         config = {
-            "global": {"scrape_interval": self.interval, "evaluation_interval": self.interval,
-                       "scrape_timeout": self.interval},
+            "global": {
+                "scrape_interval": self.interval,
+                "evaluation_interval": self.interval,
+                "scrape_timeout": self.interval,
+            },
             "rule_files": self.rule_files,
-            "scrape_configs": [{"job_name": self.job, "honor_labels": True,
-                                "static_configs": [{"targets": self.targets}]}],
+            "scrape_configs": [
+                {"job_name": self.job, "honor_labels": True, "static_configs": [{"targets": self.targets}]}
+            ],
         }
         (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
         self.port = free_port()
         self.log = tmp / "prometheus.log"
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
-                [exe, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",
-                 f"--web.listen-address=127.0.0.1:{self.port}", "--storage.tsdb.retention.time=1h",
-                 "--log.level=warn"],
-                stdout=log, stderr=subprocess.STDOUT, cwd=tmp)
+                [
+                    exe,
+                    f"--config.file={tmp / 'prometheus.yml'}",
+                    f"--storage.tsdb.path={tmp / 'data'}",
+                    f"--web.listen-address=127.0.0.1:{self.port}",
+                    "--storage.tsdb.retention.time=1h",
+                    "--log.level=warn",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=tmp,
+            )
         self._wait_ready()
         return self
 
@@ -108,7 +128,7 @@ class Prometheus:
             self._tmp.cleanup()
             self._tmp = None
 
-    def __enter__(self) -> "Prometheus":
+    def __enter__(self) -> Prometheus:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -87,8 +87,13 @@ class RayCluster:
         # Jobs run `laion-operator job` from this virtualenv, as a worker image has it on PATH.
         # No storage credentials: jobs must get theirs the way they would in a cluster.
         inherited = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_AUTH"))}
-        self.env = {**inherited, **LOOPBACK_RAY, **PATIENT_RAY, **self.auth,
-                    "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+        self.env = {
+            **inherited,
+            **LOOPBACK_RAY,
+            **PATIENT_RAY,
+            **self.auth,
+            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        }
 
     @property
     def address(self) -> str:
@@ -103,18 +108,38 @@ class RayCluster:
         return {"RAY_ADDRESS": self.address, **LOOPBACK_RAY, **self.auth}
 
     def _command(self) -> list[str]:
-        cmd = ray_start("--head", "--node-ip-address", "127.0.0.1",
-                        "--port", str(self.gcs_port), "--dashboard-host", "127.0.0.1",
-                        "--dashboard-port", str(self.dashboard_port), "--include-dashboard", "true",
-                        "--num-cpus", str(self.num_cpus), "--temp-dir", self.temp_dir, "--disable-usage-stats")
+        cmd = ray_start(
+            "--head",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--port",
+            str(self.gcs_port),
+            "--dashboard-host",
+            "127.0.0.1",
+            "--dashboard-port",
+            str(self.dashboard_port),
+            "--include-dashboard",
+            "true",
+            "--num-cpus",
+            str(self.num_cpus),
+            "--temp-dir",
+            self.temp_dir,
+            "--disable-usage-stats",
+        )
         # Ray's fixed default ports would collide with any other Ray on the machine.
-        for flag in ("--ray-client-server-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
-                     "--metrics-export-port", "--runtime-env-agent-port", "--node-manager-port",
-                     "--object-manager-port"):
+        for flag in (
+            "--ray-client-server-port",
+            "--dashboard-agent-listen-port",
+            "--dashboard-agent-grpc-port",
+            "--metrics-export-port",
+            "--runtime-env-agent-port",
+            "--node-manager-port",
+            "--object-manager-port",
+        ):
             cmd += [flag, str(free_port())]
         return cmd
 
-    def start(self) -> "RayCluster":
+    def start(self) -> RayCluster:
         for attempt in range(3):
             try:
                 subprocess.run(self._command(), env=self.env, check=True, capture_output=True, timeout=420)
@@ -139,8 +164,9 @@ class RayCluster:
         token = token or self.auth.get("RAY_AUTH_TOKEN")
         if token:
             headers["Authorization"] = f"Bearer {token}"
-        request = urllib.request.Request(self.dashboard_url + path, headers=headers,
-                                         data=json.dumps(body).encode() if body is not None else None)
+        request = urllib.request.Request(
+            self.dashboard_url + path, headers=headers, data=json.dumps(body).encode() if body is not None else None
+        )
         with urllib.request.urlopen(request, timeout=30) as response:
             text = response.read().decode()
         return json.loads(text) if text.lstrip().startswith(("{", "[")) else {"text": text}
@@ -200,15 +226,27 @@ class S3Server:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> "S3Server":
+    def start(self) -> S3Server:
         return self.up()
 
-    def up(self) -> "S3Server":
+    def up(self) -> S3Server:
         env = {**os.environ, "ROOT_ACCESS_KEY": self.ACCESS_KEY, "ROOT_SECRET_KEY": self.SECRET_KEY}
         log = open(self.root / "versitygw.log", "ab")
-        self.proc = subprocess.Popen([self.binary, "--port", f"127.0.0.1:{self.port}", "--region", "us-east-1",
-                                      "posix", str(self.root / "data")],
-                                     env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [
+                self.binary,
+                "--port",
+                f"127.0.0.1:{self.port}",
+                "--region",
+                "us-east-1",
+                "posix",
+                str(self.root / "data"),
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             wait_for_port(self.port, timeout=30)
         except TimeoutError:
@@ -221,7 +259,7 @@ class S3Server:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
 
-    def outage(self, seconds: float) -> "threading.Thread":
+    def outage(self, seconds: float) -> threading.Thread:
         """Down now, up again after `seconds`, in the background."""
         self.down()
         thread = threading.Thread(target=lambda: (time.sleep(seconds), self.up()), daemon=True)
@@ -239,8 +277,13 @@ class S3Server:
     def client(self):
         import boto3
 
-        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
-                            aws_access_key_id=self.ACCESS_KEY, aws_secret_access_key=self.SECRET_KEY)
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=self.ACCESS_KEY,
+            aws_secret_access_key=self.SECRET_KEY,
+        )
 
     def create_bucket(self, name: str) -> str:
         self.client().create_bucket(Bucket=name)

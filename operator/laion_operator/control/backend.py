@@ -35,7 +35,7 @@ class JobState(str, enum.Enum):
         return self in (JobState.PENDING, JobState.RUNNING, JobState.SUSPENDED, JobState.RETRYING)
 
     @classmethod
-    def of_ray(cls, status: str | None) -> "JobState":
+    def of_ray(cls, status: str | None) -> JobState:
         """A Ray JobStatus (the Jobs API's `status`, a RayJob's `jobStatus`); unknown or empty: PENDING."""
         try:
             return cls(str(status or "PENDING").upper())

@@ -39,7 +39,7 @@ class OperatorConfig:
     job_entrypoint: str = "laion-operator job"  # the command a Ray job runs (from the worker image)
 
     @classmethod
-    def load(cls, path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> "OperatorConfig":
+    def load(cls, path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> OperatorConfig:
         data: dict = {}
         if path:
             try:
@@ -52,8 +52,7 @@ class OperatorConfig:
         for key, value in data.items():
             name = snake(key)
             if name not in fields:
-                raise ConfigError(f"{path}: unknown key {key!r}; known keys: "
-                                  + ", ".join(camel(n) for n in fields))
+                raise ConfigError(f"{path}: unknown key {key!r}; known keys: " + ", ".join(camel(n) for n in fields))
             values[name] = value
         for name in fields:
             env = f"LAION_OPERATOR_{name.upper()}"
@@ -72,8 +71,11 @@ class OperatorConfig:
         if self.mode == "kuberay" and not isinstance(self.ray_job_template, dict):
             raise ConfigError(f"{where}rayJobTemplate: kuberay mode needs a RayJob spec template")
         if self.mode == "kuberay" and (self.ray_job_template or {}).get("backoffLimit"):
-            raise ConfigError(f"{where}rayJobTemplate.backoffLimit: the operator retries a part's job itself "
-                              "(spec.maxRetries, resuming from finished shards); remove backoffLimit")
+            raise ConfigError(
+                f"{where}rayJobTemplate.backoffLimit: the operator retries a part's job itself "
+                "(spec.maxRetries, resuming from finished shards); remove backoffLimit"
+            )
         if self.latents_worker_group is not None and not (
-                isinstance(self.latents_worker_group, dict) and self.latents_worker_group.get("groupName")):
+            isinstance(self.latents_worker_group, dict) and self.latents_worker_group.get("groupName")
+        ):
             raise ConfigError(f"{where}latentsWorkerGroup: must be a KubeRay worker group with a groupName")

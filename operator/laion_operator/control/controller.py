@@ -36,8 +36,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None
     # The parts holding a slot are those the cluster says run (the `slot_holders` index, complete
     # before any daemon starts): one deleted while the operator was down, or that a previous leader
     # ran and finished, holds none.
-    memo.op = Operator(config, rayjobs.backend(config), Slots(config.max_concurrent_parts, metrics.set_queue_length),
-                       metrics)
+    memo.op = Operator(
+        config, rayjobs.backend(config), Slots(config.max_concurrent_parts, metrics.set_queue_length), metrics
+    )
     settings.persistence.finalizer = FINALIZER
     settings.posting.level = logging.WARNING  # log lines become Events only when a user must look at them
     settings.execution.max_workers = 16  # blocking SDK calls run in threads; many parts poll at once
@@ -46,8 +47,12 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None
     settings.networking.request_timeout = sum(kube.REQUEST_TIMEOUT)
     settings.watching.server_timeout = 300  # a watch stream the API server ends, and kopf opens again...
     settings.watching.client_timeout = 330  # ... or one that went silent, which kopf cuts
-    log.info("laion-operator started: mode %s, %s, at most %d parts at once", config.mode,
-             config.ray_address if config.mode == "jobs" else "KubeRay RayJobs", config.max_concurrent_parts)
+    log.info(
+        "laion-operator started: mode %s, %s, at most %d parts at once",
+        config.mode,
+        config.ray_address if config.mode == "jobs" else "KubeRay RayJobs",
+        config.max_concurrent_parts,
+    )
 
 
 _HOLDING = frozenset(p.value for p in SUBMITTED)
@@ -67,8 +72,11 @@ def slot_holders(namespace, name, status, **_):
 @kopf.index(kube.GROUP, kube.VERSION, kube.PLURAL, id="dataset_parts", labels={kube.DATASET_LABEL: kopf.PRESENT})
 def dataset_parts(namespace, name, body, labels, **_):
     """Each LaionDataset's parts as the watch last showed them: a dataset's poll lists nothing."""
-    part = {"metadata": {"name": name, "ownerReferences": list(body["metadata"].get("ownerReferences") or [])},
-            "spec": copy.deepcopy(dict(body.get("spec") or {})), "status": copy.deepcopy(dict(body.get("status") or {}))}
+    part = {
+        "metadata": {"name": name, "ownerReferences": list(body["metadata"].get("ownerReferences") or [])},
+        "spec": copy.deepcopy(dict(body.get("spec") or {})),
+        "status": copy.deepcopy(dict(body.get("status") or {})),
+    }
     return {(namespace, labels[kube.DATASET_LABEL]): part}
 
 
@@ -86,7 +94,8 @@ class _QuietWake(logging.Filter):
         return record.getMessage() != "Handler 'wake' succeeded."
 
 
-@kopf.daemon(kube.GROUP, kube.VERSION, kube.PLURAL, id="follow", cancellation_timeout=10, backoff=5)
+# kopf's DaemonFn protocol lists no index keyword arguments, which kopf passes by the index's name.
+@kopf.daemon(kube.GROUP, kube.VERSION, kube.PLURAL, id="follow", cancellation_timeout=10, backoff=5)  # type: ignore[arg-type]
 async def follow(body, stopped, memo: kopf.Memo, slot_holders: kopf.Index, **_) -> None:
     memo.op.slots.held = slot_holders.keys  # the live index: kopf keeps it current from the watch
     try:
@@ -106,7 +115,7 @@ async def stop(body, memo: kopf.Memo, **_) -> None:
     memo.op.metrics.forget_part(body["metadata"]["namespace"], body["metadata"]["name"])
 
 
-@kopf.daemon(kube.GROUP, kube.VERSION, kube.DATASET_PLURAL, id="dataset", cancellation_timeout=10, backoff=5)
+@kopf.daemon(kube.GROUP, kube.VERSION, kube.DATASET_PLURAL, id="dataset", cancellation_timeout=10, backoff=5)  # type: ignore[arg-type]
 async def dataset(body, stopped, memo: kopf.Memo, dataset_parts: kopf.Index, **_) -> None:
     try:
         await Dataset(memo.op, body, stopped, dataset_parts).follow()
@@ -125,13 +134,15 @@ def main(args) -> int:
     config = OperatorConfig.load(args.config)  # a bad file fails here, before kopf starts
     logging.getLogger("kopf.objects").addFilter(_QuietWake())
     namespaces = list(args.namespace or [])
-    asyncio.run(kopf.operator(
-        clusterwide=not namespaces,
-        namespaces=namespaces,
-        standalone=args.standalone,
-        peering_name=None if args.standalone else config.peering_name,
-        # Replicas must differ in priority, or kopf pauses all of them; the highest one works.
-        priority=random.randint(1, 2**31 - 1),
-        memo=kopf.Memo(config=config, namespaces=namespaces),
-    ))
+    asyncio.run(
+        kopf.operator(
+            clusterwide=not namespaces,
+            namespaces=namespaces,
+            standalone=args.standalone,
+            peering_name=None if args.standalone else config.peering_name,
+            # Replicas must differ in priority, or kopf pauses all of them; the highest one works.
+            priority=random.randint(1, 2**31 - 1),
+            memo=kopf.Memo(config=config, namespaces=namespaces),
+        )
+    )
     return 0

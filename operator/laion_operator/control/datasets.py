@@ -16,6 +16,7 @@ import re
 import time
 
 from .. import spec as specs
+
 # (`annotations` renamed: `from __future__ import annotations` holds the name here)
 from ..contract import DATASET_INDEX, FAILURE_REASONS, Phase, dataset_latents, part_dir, part_latents, summary
 from ..contract import annotations as annotations_file
@@ -23,7 +24,7 @@ from ..storage import Store
 from . import kube
 from .parts import Operator
 from .resource import Resource, condition, now
-from .status import COUNT_SCHEMA, CONDITIONS_SCHEMA, IMAGES_SCHEMA
+from .status import CONDITIONS_SCHEMA, COUNT_SCHEMA, IMAGES_SCHEMA
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,11 @@ STATUS_SCHEMA: dict = {
         "partsSucceeded": COUNT_SCHEMA,
         "partsProgress": {"type": "string", "description": "Parts succeeded / parts in all."},
         "partsByPhase": {"type": "object", "additionalProperties": COUNT_SCHEMA},
-        "partPhases": {"type": "object", "additionalProperties": {"type": "string"},
-                       "description": "Each part's phase, by part id."},
+        "partPhases": {
+            "type": "object",
+            "additionalProperties": {"type": "string"},
+            "description": "Each part's phase, by part id.",
+        },
         "images": IMAGES_SCHEMA,
         "bytesWritten": COUNT_SCHEMA,
         "successRate": {"type": "number", "description": "Percent of attempted images downloaded, all parts."},
@@ -116,9 +120,11 @@ def dropped_fields(sent: dict, stored: dict, prefix: str = "spec") -> list[str]:
 
 
 def stale_message(fields: list[str]) -> str:
-    return (f"the API server drops {', '.join(fields[:10])} from the parts' specs: its LaionPart CRD is older "
-            "than the operator (Helm never upgrades crds/); apply the chart's CRDs with "
-            "`kubectl apply --server-side -f crds/`")
+    return (
+        f"the API server drops {', '.join(fields[:10])} from the parts' specs: its LaionPart CRD is older "
+        "than the operator (Helm never upgrades crds/); apply the chart's CRDs with "
+        "`kubectl apply --server-side -f crds/`"
+    )
 
 
 def dataset_phase(by_phase: dict[str, int], total: int, suspend: bool) -> str:
@@ -126,8 +132,9 @@ def dataset_phase(by_phase: dict[str, int], total: int, suspend: bool) -> str:
         return PENDING
     if by_phase.get(Phase.SUCCEEDED.value, 0) == total:
         return SUCCEEDED
-    active = sum(n for p, n in by_phase.items() if p not in (Phase.SUCCEEDED.value, Phase.FAILED.value,
-                                                             Phase.SUSPENDED.value))
+    active = sum(
+        n for p, n in by_phase.items() if p not in (Phase.SUCCEEDED.value, Phase.FAILED.value, Phase.SUSPENDED.value)
+    )
     if active:
         return RUNNING_
     if suspend or by_phase.get(Phase.SUSPENDED.value):
@@ -154,8 +161,9 @@ class Dataset(Resource):
             try:
                 await self.reconcile()
             except (RuntimeError, OSError, kube.KubeError) as err:
-                log.warning("dataset %s/%s: %s; retrying in %ss", self.namespace, self.name, err,
-                            self.op.config.poll_seconds)
+                log.warning(
+                    "dataset %s/%s: %s; retrying in %ss", self.namespace, self.name, err, self.op.config.poll_seconds
+                )
             await self.stopped.wait(self.op.config.poll_seconds)
 
     async def reconcile(self) -> None:
@@ -164,9 +172,14 @@ class Dataset(Resource):
             data = specs.validate_dataset(self.body["spec"])
         except specs.SpecError as err:
             if self.status.get("phase") != FAILED or self.status.get("observedGeneration") != generation:
-                await self.write(phase=FAILED, message=str(err), observedGeneration=generation,
-                                 conditions=[condition("Ready", False, "InvalidSpec", str(err),
-                                                       self.status.get("conditions") or [])])
+                await self.write(
+                    phase=FAILED,
+                    message=str(err),
+                    observedGeneration=generation,
+                    conditions=[
+                        condition("Ready", False, "InvalidSpec", str(err), self.status.get("conditions") or [])
+                    ],
+                )
                 self.event("InvalidSpec", str(err), warning=True)
             return
         parts = await self.converge(data, generation)
@@ -179,14 +192,16 @@ class Dataset(Resource):
         else:
             found = list(self.parts.get((self.namespace, kube.label_value(self.name)), ()))
         uid = self.body["metadata"].get("uid")
-        return {p["spec"].get("partId"): p for p in found
-                if not uid or any(o.get("uid") == uid for o in p["metadata"].get("ownerReferences") or [])}
+        return {
+            p["spec"].get("partId"): p
+            for p in found
+            if not uid or any(o.get("uid") == uid for o in p["metadata"].get("ownerReferences") or [])
+        }
 
     async def converge(self, data: dict, generation: int) -> list[dict]:
         """Create the missing parts, bring every part's spec in line with the template, and delete the
         parts a shrunk range left outside (their own finalizers stop their jobs; the output stays)."""
-        existing = self.current_parts() if self.parts is not None else \
-            await asyncio.to_thread(self.current_parts)
+        existing = self.current_parts() if self.parts is not None else await asyncio.to_thread(self.current_parts)
         wanted = specs.dataset_parts(data)
         created, changed, pruned = [], [], {}
         for part_id, part_spec in wanted.items():
@@ -199,8 +214,7 @@ class Dataset(Resource):
                 sent, at = self.sent.get(part_id, (None, 0.0))
                 if sent == want and time.monotonic() - at < RESEND_SECONDS:
                     continue  # replaced already: the index has not caught up, or the CRD prunes it
-                stored = await asyncio.to_thread(kube.replace_part_spec, self.namespace, have["metadata"]["name"],
-                                                 want)
+                stored = await asyncio.to_thread(kube.replace_part_spec, self.namespace, have["metadata"]["name"], want)
                 self.sent[part_id] = (want, time.monotonic())
                 changed.append(part_id)
                 missing = dropped_fields(want, (stored or {}).get("spec") or {})
@@ -213,12 +227,16 @@ class Dataset(Resource):
             self.event("PartsCreated", f"created {len(created)} parts: {', '.join(created)}")
         if changed:
             what = "suspend" if data["suspend"] else "template"
-            self.event("PartsUpdated", f"generation {generation}: the {what} reached {len(changed)} parts: "
-                                       f"{', '.join(changed)}")
+            self.event(
+                "PartsUpdated",
+                f"generation {generation}: the {what} reached {len(changed)} parts: {', '.join(changed)}",
+            )
         if gone:
             ids = ", ".join(sorted(p["spec"].get("partId", "") for p in gone))
-            self.event("PartsDeleted", f"generation {generation}: {len(gone)} parts outside the range deleted "
-                                       f"(their output stays): {ids}")
+            self.event(
+                "PartsDeleted",
+                f"generation {generation}: {len(gone)} parts outside the range deleted (their output stays): {ids}",
+            )
         if pruned and pruned != self.stale:
             fields = sorted({f for fs in pruned.values() for f in fs})
             self.event("StaleCRD", stale_message(fields), warning=True)
@@ -238,9 +256,16 @@ class Dataset(Resource):
                 "name": part_name(self.name, part_id),
                 "namespace": self.namespace,
                 "labels": {kube.DATASET_LABEL: kube.label_value(self.name)},
-                "ownerReferences": [{"apiVersion": f"{kube.GROUP}/{kube.VERSION}", "kind": KIND,
-                                     "name": self.name, "uid": meta["uid"], "controller": True,
-                                     "blockOwnerDeletion": True}],
+                "ownerReferences": [
+                    {
+                        "apiVersion": f"{kube.GROUP}/{kube.VERSION}",
+                        "kind": KIND,
+                        "name": self.name,
+                        "uid": meta["uid"],
+                        "controller": True,
+                        "blockOwnerDeletion": True,
+                    }
+                ],
             },
             "spec": part_spec,
         }
@@ -252,23 +277,34 @@ class Dataset(Resource):
         old_phases = before.get("partPhases") or {}
         for part_id, part_phase in sorted(fields["partPhases"].items()):
             if part_phase != old_phases.get(part_id) and part_phase in (Phase.SUCCEEDED.value, Phase.FAILED.value):
-                message = (f"part {part_id} {part_phase.lower()} ({fields['partsProgress']} parts succeeded)")
+                message = f"part {part_id} {part_phase.lower()} ({fields['partsProgress']} parts succeeded)"
                 self.event(f"Part{part_phase}", message, warning=part_phase == Phase.FAILED.value)
         if fields["partPhases"] != old_phases and fields["partsTotal"]:
             try:
                 fields["index"] = await self.write_index(data, parts)
             except Exception as err:  # noqa: BLE001 - the index is rewritten on the next change
                 log.warning("dataset %s/%s: index not written: %s", self.namespace, self.name, err)
-        message = (f"{fields['partsProgress']} parts succeeded, "
-                   + ", ".join(f"{n} {p}" for p, n in sorted(fields["partsByPhase"].items())))
+        message = f"{fields['partsProgress']} parts succeeded, " + ", ".join(
+            f"{n} {p}" for p, n in sorted(fields["partsByPhase"].items())
+        )
         conditions = before.get("conditions") or []
         stale = sorted({f for fs in self.stale.values() for f in fs})
-        fields.update(phase=phase, message=message, observedGeneration=generation,
-                      conditions=[condition("Complete", phase == SUCCEEDED, phase, message, conditions),
-                                  condition("Suspended", phase == SUSPENDED, "Suspend" if data["suspend"] else "Resume",
-                                            "", conditions),
-                                  condition("CRDCurrent", not stale, "StaleCRD" if stale else "Current",
-                                            stale_message(stale) if stale else "", conditions)])
+        fields.update(
+            phase=phase,
+            message=message,
+            observedGeneration=generation,
+            conditions=[
+                condition("Complete", phase == SUCCEEDED, phase, message, conditions),
+                condition("Suspended", phase == SUSPENDED, "Suspend" if data["suspend"] else "Resume", "", conditions),
+                condition(
+                    "CRDCurrent",
+                    not stale,
+                    "StaleCRD" if stale else "Current",
+                    stale_message(stale) if stale else "",
+                    conditions,
+                ),
+            ],
+        )
         self.op.metrics.observe_dataset(self.namespace, self.name, fields)
         unchanged = all(before.get(k) == v for k, v in fields.items() if k != "conditions")
         if unchanged:
@@ -289,21 +325,27 @@ class Dataset(Resource):
         for part in sorted(parts, key=lambda p: p["spec"]["partId"]):
             part_id = part["spec"]["partId"]
             status = part.get("status") or {}
-            entries.append({
-                "partId": part_id,
-                "part": part["metadata"]["name"],
-                "output": part_dir(part_id),
-                "annotations": f"{part_dir(part_id)}/{annotations_file(part_id, fmt)}",
-                "summary": f"{part_dir(part_id)}/{summary(part_id)}",
-                "phase": status.get("phase") or Phase.PENDING.value,
-                "ready": status.get("phase") == Phase.SUCCEEDED.value,
-                "images": (status.get("images") or {}).get("ok", 0),
-                **({"latents": part_latents(part_id)} if first.latents else {}),
-            })
-        index = {"dataset": self.name, "namespace": self.namespace, "outputFormat": fmt, "updatedAt": now(),
-                 "parts": entries}
+            entries.append(
+                {
+                    "partId": part_id,
+                    "part": part["metadata"]["name"],
+                    "output": part_dir(part_id),
+                    "annotations": f"{part_dir(part_id)}/{annotations_file(part_id, fmt)}",
+                    "summary": f"{part_dir(part_id)}/{summary(part_id)}",
+                    "phase": status.get("phase") or Phase.PENDING.value,
+                    "ready": status.get("phase") == Phase.SUCCEEDED.value,
+                    "images": (status.get("images") or {}).get("ok", 0),
+                    **({"latents": part_latents(part_id)} if first.latents else {}),
+                }
+            )
+        index = {
+            "dataset": self.name,
+            "namespace": self.namespace,
+            "outputFormat": fmt,
+            "updatedAt": now(),
+            "parts": entries,
+        }
         if first.latents:  # one manifest for every part: they all encode with the template's settings
             index["latents"] = dataset_latents(first.latents)
         await asyncio.to_thread(lambda: Store(output, secret=secret or {}).write_json(index, DATASET_INDEX))
         return f"{output.uri}/{DATASET_INDEX}"
-

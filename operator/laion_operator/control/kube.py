@@ -74,8 +74,16 @@ def _unless(status: int, what: str, fn, *args, **kwargs):
 
 def patch_status(namespace: str, name: str, status: dict, plural: str = PLURAL) -> dict:
     api = kubernetes.client.CustomObjectsApi(_client())
-    return _call(f"patch status of {plural} {namespace}/{name}", api.patch_namespaced_custom_object_status,
-                 GROUP, VERSION, namespace, plural, name, {"status": status})
+    return _call(
+        f"patch status of {plural} {namespace}/{name}",
+        api.patch_namespaced_custom_object_status,
+        GROUP,
+        VERSION,
+        namespace,
+        plural,
+        name,
+        {"status": status},
+    )
 
 
 def read_secret(namespace: str, name: str) -> dict[str, str]:
@@ -86,57 +94,120 @@ def read_secret(namespace: str, name: str) -> dict[str, str]:
 
 def create_rayjob(namespace: str, body: dict) -> dict:
     api = kubernetes.client.CustomObjectsApi(_client())
-    made = _unless(409, f"create RayJob {namespace}/{body['metadata']['name']}", api.create_namespaced_custom_object,
-                   RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL, body)
+    made = _unless(
+        409,
+        f"create RayJob {namespace}/{body['metadata']['name']}",
+        api.create_namespaced_custom_object,
+        RAY_GROUP,
+        RAY_VERSION,
+        namespace,
+        RAY_PLURAL,
+        body,
+    )
     # None: already created by an earlier attempt of this operator: adopt it
     return made if made is not None else get_rayjob(namespace, body["metadata"]["name"])
 
 
 def get_rayjob(namespace: str, name: str) -> dict | None:
     api = kubernetes.client.CustomObjectsApi(_client())
-    return _unless(404, f"read RayJob {namespace}/{name}", api.get_namespaced_custom_object,
-                   RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL, name)
+    return _unless(
+        404,
+        f"read RayJob {namespace}/{name}",
+        api.get_namespaced_custom_object,
+        RAY_GROUP,
+        RAY_VERSION,
+        namespace,
+        RAY_PLURAL,
+        name,
+    )
 
 
 def delete_rayjob(namespace: str, name: str) -> None:
     api = kubernetes.client.CustomObjectsApi(_client())
-    _unless(404, f"delete RayJob {namespace}/{name}", api.delete_namespaced_custom_object,
-            RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL, name)
+    _unless(
+        404,
+        f"delete RayJob {namespace}/{name}",
+        api.delete_namespaced_custom_object,
+        RAY_GROUP,
+        RAY_VERSION,
+        namespace,
+        RAY_PLURAL,
+        name,
+    )
 
 
 def list_rayjobs(namespace: str, part: str) -> list[dict]:
     """The RayJobs of one LaionPart (by the label build_rayjob sets)."""
     api = kubernetes.client.CustomObjectsApi(_client())
-    found = _call(f"list RayJobs of LaionPart {namespace}/{part}", api.list_namespaced_custom_object,
-                  RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL, label_selector=f"{PART_LABEL}={label_value(part)}")
+    found = _call(
+        f"list RayJobs of LaionPart {namespace}/{part}",
+        api.list_namespaced_custom_object,
+        RAY_GROUP,
+        RAY_VERSION,
+        namespace,
+        RAY_PLURAL,
+        label_selector=f"{PART_LABEL}={label_value(part)}",
+    )
     return found.get("items", [])
 
 
 # --- a LaionDataset's parts ----------------------------------------------------------------------
 
+
 def list_dataset_parts(namespace: str, dataset: str) -> list[dict]:
     api = kubernetes.client.CustomObjectsApi(_client())
-    found = _call(f"list LaionParts of LaionDataset {namespace}/{dataset}", api.list_namespaced_custom_object,
-                  GROUP, VERSION, namespace, PLURAL, label_selector=f"{DATASET_LABEL}={label_value(dataset)}")
+    found = _call(
+        f"list LaionParts of LaionDataset {namespace}/{dataset}",
+        api.list_namespaced_custom_object,
+        GROUP,
+        VERSION,
+        namespace,
+        PLURAL,
+        label_selector=f"{DATASET_LABEL}={label_value(dataset)}",
+    )
     return found.get("items", [])
 
 
 def create_part(namespace: str, body: dict) -> dict | None:
     """Create a LaionPart; None if one of that name exists already (made by an earlier reconcile)."""
     api = kubernetes.client.CustomObjectsApi(_client())
-    return _unless(409, f"create LaionPart {namespace}/{body['metadata']['name']}",
-                   api.create_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, body)
+    return _unless(
+        409,
+        f"create LaionPart {namespace}/{body['metadata']['name']}",
+        api.create_namespaced_custom_object,
+        GROUP,
+        VERSION,
+        namespace,
+        PLURAL,
+        body,
+    )
 
 
 def delete_part(namespace: str, name: str) -> None:
     api = kubernetes.client.CustomObjectsApi(_client())
-    _unless(404, f"delete LaionPart {namespace}/{name}", api.delete_namespaced_custom_object,
-            GROUP, VERSION, namespace, PLURAL, name)
+    _unless(
+        404,
+        f"delete LaionPart {namespace}/{name}",
+        api.delete_namespaced_custom_object,
+        GROUP,
+        VERSION,
+        namespace,
+        PLURAL,
+        name,
+    )
 
 
 def replace_part_spec(namespace: str, name: str, spec: dict) -> dict:
     """Set a part's whole spec (a JSON patch: fields the template dropped go too)."""
     api = kubernetes.client.CustomObjectsApi(_client())
-    return _call(f"update spec of LaionPart {namespace}/{name}", api.patch_namespaced_custom_object,
-                 GROUP, VERSION, namespace, PLURAL, name, [{"op": "replace", "path": "/spec", "value": spec}],
-                 _content_type="application/json-patch+json")  # the client would send a merge patch
+    return _call(
+        f"update spec of LaionPart {namespace}/{name}",
+        api.patch_namespaced_custom_object,
+        GROUP,
+        VERSION,
+        namespace,
+        PLURAL,
+        name,
+        [{"op": "replace", "path": "/spec", "value": spec}],
+        _content_type="application/json-patch+json",
+    )  # the client would send a merge patch

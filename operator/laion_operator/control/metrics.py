@@ -30,7 +30,7 @@ import contextlib
 import dataclasses
 import threading
 import time
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 from prometheus_client import (
     CollectorRegistry,
@@ -71,7 +71,7 @@ class _Part:
 class _PartCollector(Collector):
     """Builds the per-part families at scrape time from the parts' latest snapshots."""
 
-    def __init__(self, metrics: "Metrics"):
+    def __init__(self, metrics: Metrics):
         self.metrics = metrics
 
     def collect(self) -> Iterator[Metric]:
@@ -94,8 +94,10 @@ class _PartCollector(Collector):
         phase = gauge("laion_part_phase", "1 for the part's current phase, 0 for the others.", ["phase"])
         retries = counter("laion_part_retries", "Times the operator resubmitted the part's job.")
         duration = gauge("laion_part_duration_seconds", "Seconds the part's current run has taken so far.")
-        moved = gauge("laion_part_last_progress_timestamp_seconds",
-                      "Unix time at which the part's counts last changed (stall detection).")
+        moved = gauge(
+            "laion_part_last_progress_timestamp_seconds",
+            "Unix time at which the part's counts last changed (stall detection).",
+        )
         latents = counter("laion_part_latents", "Samples encoded into image latents and text embeddings.")
         latents_rate = gauge("laion_part_latents_per_second", "Samples the latents stage encodes a second.")
         latents_shards = gauge("laion_part_latents_shards", "Shards of the latents stage, by state.", ["state"])
@@ -118,8 +120,9 @@ class _PartCollector(Collector):
             written.add_metric(labels, part.high["bytes"])
             read.add_metric(labels, part.high["rows_read"])
             kept.add_metric(labels, part.high["rows_kept"])
-            for state, value in zip(SHARD_STATES, (progress.shards_total, progress.shards_done,
-                                                   progress.shards_failed)):
+            for state, value in zip(
+                SHARD_STATES, (progress.shards_total, progress.shards_done, progress.shards_failed)
+            ):
                 shards.add_metric(labels + [state], value)
             end = progress.finished_at or (now if part.phase in RUNNING else progress.updated_at)
             duration.add_metric(labels, max(end - progress.started_at, 0.0))
@@ -127,12 +130,28 @@ class _PartCollector(Collector):
             if progress.latents_shards_total:
                 latents.add_metric(labels, part.high.get("latents", 0))
                 latents_rate.add_metric(labels, progress.latents_per_second)
-                for state, value in zip(SHARD_STATES, (progress.latents_shards_total, progress.latents_shards_done,
-                                                       progress.latents_shards_failed)):
+                for state, value in zip(
+                    SHARD_STATES,
+                    (progress.latents_shards_total, progress.latents_shards_done, progress.latents_shards_failed),
+                ):
                     latents_shards.add_metric(labels + [state], value)
 
-        yield from (images, failed, written, read, kept, shards, phase, retries, duration, moved, latents,
-                    latents_rate, latents_shards, stalled)
+        yield from (
+            images,
+            failed,
+            written,
+            read,
+            kept,
+            shards,
+            phase,
+            retries,
+            duration,
+            moved,
+            latents,
+            latents_rate,
+            latents_shards,
+            stalled,
+        )
 
 
 class Metrics:
@@ -146,37 +165,66 @@ class Metrics:
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
 
-        self.build_info = Gauge("laion_operator_build_info", "Always 1; the operator's version as a label.",
-                                ["version"], registry=self.registry)
+        self.build_info = Gauge(
+            "laion_operator_build_info",
+            "Always 1; the operator's version as a label.",
+            ["version"],
+            registry=self.registry,
+        )
         self.build_info.labels(version=__version__).set(1)
-        self.reconcile_errors = Counter("laion_operator_reconcile_errors", "Handler runs that raised, by handler.",
-                                        ["handler"], registry=self.registry)
+        self.reconcile_errors = Counter(
+            "laion_operator_reconcile_errors",
+            "Handler runs that raised, by handler.",
+            ["handler"],
+            registry=self.registry,
+        )
         # Known handlers start at 0, so their series exist before the first error and rate() sees it.
         for handler in handlers:
             self.reconcile_errors.labels(handler=handler)
-        self.kube_api_errors = Counter("laion_operator_kube_api_errors", "Kubernetes API calls that failed.",
-                                       registry=self.registry)
-        self.ray_submission_errors = Counter("laion_operator_ray_submission_errors",
-                                             "Ray job submissions or status calls that failed.",
-                                             registry=self.registry)
-        self.queue_length = Gauge("laion_operator_queue_length",
-                                  "Parts waiting for a free slot before their job is submitted.",
-                                  registry=self.registry)
+        self.kube_api_errors = Counter(
+            "laion_operator_kube_api_errors", "Kubernetes API calls that failed.", registry=self.registry
+        )
+        self.ray_submission_errors = Counter(
+            "laion_operator_ray_submission_errors",
+            "Ray job submissions or status calls that failed.",
+            registry=self.registry,
+        )
+        self.queue_length = Gauge(
+            "laion_operator_queue_length",
+            "Parts waiting for a free slot before their job is submitted.",
+            registry=self.registry,
+        )
         # A LaionDataset's view: its parts' statuses added up (gauges: a deleted part takes its share along).
-        self.dataset_parts = Gauge("laion_dataset_parts", "Parts of a LaionDataset, by phase.",
-                                   ["namespace", "dataset", "phase"], registry=self.registry)
-        self.dataset_images = Gauge("laion_dataset_images", "Images written by a LaionDataset's parts.",
-                                    ["namespace", "dataset"], registry=self.registry)
-        self.dataset_images_failed = Gauge("laion_dataset_images_failed",
-                                           "Images a LaionDataset's parts failed to get, by reason.",
-                                           ["namespace", "dataset", "reason"], registry=self.registry)
-        self.dataset_bytes_written = Gauge("laion_dataset_bytes_written", "Bytes written by a LaionDataset's parts.",
-                                           ["namespace", "dataset"], registry=self.registry)
+        self.dataset_parts = Gauge(
+            "laion_dataset_parts",
+            "Parts of a LaionDataset, by phase.",
+            ["namespace", "dataset", "phase"],
+            registry=self.registry,
+        )
+        self.dataset_images = Gauge(
+            "laion_dataset_images",
+            "Images written by a LaionDataset's parts.",
+            ["namespace", "dataset"],
+            registry=self.registry,
+        )
+        self.dataset_images_failed = Gauge(
+            "laion_dataset_images_failed",
+            "Images a LaionDataset's parts failed to get, by reason.",
+            ["namespace", "dataset", "reason"],
+            registry=self.registry,
+        )
+        self.dataset_bytes_written = Gauge(
+            "laion_dataset_bytes_written",
+            "Bytes written by a LaionDataset's parts.",
+            ["namespace", "dataset"],
+            registry=self.registry,
+        )
 
     # --- parts -----------------------------------------------------------------------------------
 
-    def observe_part(self, namespace: str, name: str, phase: str, progress: Progress | None,
-                     retries: int = 0, stalled: bool = False) -> None:
+    def observe_part(
+        self, namespace: str, name: str, phase: str, progress: Progress | None, retries: int = 0, stalled: bool = False
+    ) -> None:
         """Record a part's phase and its latest persisted progress (None: not read yet, keep the last)."""
         with self._lock:
             part = self._parts.setdefault((namespace, name), _Part(phase=phase))
@@ -186,8 +234,9 @@ class Metrics:
             if progress is None:
                 return
             # A copy: the pipeline keeps mutating its Progress while the server thread scrapes.
-            progress = dataclasses.replace(progress, failed_by_reason=dict(progress.failed_by_reason),
-                                           dropped_by=dict(progress.dropped_by))
+            progress = dataclasses.replace(
+                progress, failed_by_reason=dict(progress.failed_by_reason), dropped_by=dict(progress.dropped_by)
+            )
             part.progress = progress
             part.counter("images", progress.images_ok)
             reasons: dict[str, int] = {}
@@ -205,8 +254,14 @@ class Metrics:
             part.counter("rows_read", progress.rows_read)
             part.counter("rows_kept", progress.rows_kept)
             part.counter("latents", progress.latents_written)
-            counts = (progress.rows_read, progress.images_ok, progress.images_failed, progress.shards_done,
-                      progress.shards_failed, progress.latents_written)
+            counts = (
+                progress.rows_read,
+                progress.images_ok,
+                progress.images_failed,
+                progress.shards_done,
+                progress.shards_failed,
+                progress.latents_written,
+            )
             if counts != part.last_counts:
                 part.last_counts = counts
                 part.last_progress_at = progress.updated_at
@@ -229,7 +284,8 @@ class Metrics:
         self.dataset_images.labels(namespace, name).set(status["images"]["ok"])
         for reason in FAILURE_REASONS:
             self.dataset_images_failed.labels(namespace, name, reason).set(
-                status["images"]["failedByReason"].get(reason, 0))
+                status["images"]["failedByReason"].get(reason, 0)
+            )
         self.dataset_bytes_written.labels(namespace, name).set(status["bytesWritten"])
 
     def forget_dataset(self, namespace: str, name: str) -> None:

@@ -46,8 +46,15 @@ SETTLED_RECHECK_SECONDS = 60.0
 STOP_WAIT_SECONDS = 120.0
 # Counts that only grow within one output: a new attempt's filtering must not show them dropping to 0.
 # (A heal lowers failed counts: its final status, written unfloored, says so.)
-_MONOTONE = (("rowsRead",), ("rowsKept",), ("bytesWritten",), ("images", "ok"), ("images", "failed"),
-             ("shards", "total"), ("shards", "done"))
+_MONOTONE = (
+    ("rowsRead",),
+    ("rowsKept",),
+    ("bytesWritten",),
+    ("images", "ok"),
+    ("images", "failed"),
+    ("shards", "total"),
+    ("shards", "done"),
+)
 
 __all__ = ["Operator", "Part", "Slots", "condition", "now", "verified_condition"]
 
@@ -76,8 +83,9 @@ def verified_condition(progress: Progress | None, previous: list[dict]) -> dict 
     if not progress or not progress.verified:
         return None
     verified = Verification.from_json(progress.verified)
-    return condition("Verified", verified.ok, "ShardsReadBack" if verified.ok else "ShardMismatch",
-                     verified.message, previous)
+    return condition(
+        "Verified", verified.ok, "ShardsReadBack" if verified.ok else "ShardMismatch", verified.message, previous
+    )
 
 
 class WaitingForCredentials(Exception):
@@ -127,8 +135,9 @@ class Part(Resource):
                     continue
                 except (BackendError, OSError, kube.KubeError) as err:
                     # Ray or the API server unreachable for a while: say so, and try again.
-                    log.warning("part %s/%s: %s; retrying in %ss", self.namespace, self.name, err,
-                                self.op.config.poll_seconds)
+                    log.warning(
+                        "part %s/%s: %s; retrying in %ss", self.namespace, self.name, err, self.op.config.poll_seconds
+                    )
                     try:
                         await self.write(message=f"retrying after: {str(err)[:500]}")
                     except kube.KubeError:
@@ -191,10 +200,14 @@ class Part(Resource):
         if job.id and phase not in (Phase.SUCCEEDED, Phase.FAILED, Phase.SUSPENDED):  # settled: the job is done
             job = await self.job_state(job.id)
         attempt = int(status.get("retries") or 0)
-        facts = Facts(phase, job.state, change,
-                      retries_left=spec is not None and attempt < spec.max_retries,
-                      retryable=job.state is not JobState.STOPPED and job.exit_code != ExitCode.BAD_INPUT,
-                      deadline_passed=spec is not None and self.deadline_passed(spec))
+        facts = Facts(
+            phase,
+            job.state,
+            change,
+            retries_left=spec is not None and attempt < spec.max_retries,
+            retryable=job.state is not JobState.STOPPED and job.exit_code != ExitCode.BAD_INPUT,
+            deadline_passed=spec is not None and self.deadline_passed(spec),
+        )
         step = transition(facts)
         if step.slot is Slot.RELEASE:  # given back in the same step that leaves the running phases
             self.op.slots.release(self.key)
@@ -247,8 +260,12 @@ class Part(Resource):
             return bool(self.stopped) or self.generation != generation
 
         acquired = await self.op.slots.acquire(
-            self.key, self.body["metadata"].get("creationTimestamp", ""), on_queued=lambda: self._queued(run),
-            priority=lambda: int(self.body["spec"].get("priority") or 0), give_up=give_up)
+            self.key,
+            self.body["metadata"].get("creationTimestamp", ""),
+            on_queued=lambda: self._queued(run),
+            priority=lambda: int(self.body["spec"].get("priority") or 0),
+            give_up=give_up,
+        )
         if not acquired:
             return
         await self.stop_others(keep=job_id)
@@ -267,23 +284,38 @@ class Part(Resource):
             raise
         crash_at("after-submit")
         self.adopted = True  # every other job is stopped: nothing stray to look for
-        log.info("part %s/%s: submitted job %s (generation %d, attempt %d)",
-                 self.namespace, self.name, job_id, generation, attempt)
+        log.info(
+            "part %s/%s: submitted job %s (generation %d, attempt %d)",
+            self.namespace,
+            self.name,
+            job_id,
+            generation,
+            attempt,
+        )
         conditions = self.status.get("conditions") or []
         message = f"job {job_id} submitted (generation {generation}, attempt {attempt})"
         # The deadline counts from the run's first submission: retries spend it, a new run resets it.
         since = {"activeSince": now()} if attempt == 0 else {}
-        await self.write(phase=Phase.PENDING.value, submissionId=job_id, output=spec.output.uri, message=message,
-                         **{**run, **since},
-                         conditions=[condition("Submitted", True, "JobSubmitted", job_id, conditions),
-                                     condition("Failed", False, "Running", "", conditions)])
+        await self.write(
+            phase=Phase.PENDING.value,
+            submissionId=job_id,
+            output=spec.output.uri,
+            message=message,
+            **{**run, **since},
+            conditions=[
+                condition("Submitted", True, "JobSubmitted", job_id, conditions),
+                condition("Failed", False, "Running", "", conditions),
+            ],
+        )
         self.event("Submitted", message)
         self._moved()
 
     async def _queued(self, run: dict) -> None:
         running = len(self.op.slots.running)
-        message = (f"waiting for one of {running} running parts to finish "
-                   f"(maxConcurrentParts {self.op.config.max_concurrent_parts})")
+        message = (
+            f"waiting for one of {running} running parts to finish "
+            f"(maxConcurrentParts {self.op.config.max_concurrent_parts})"
+        )
         await self.write(phase=Phase.QUEUED.value, message=message, **run)
         self.event("Queued", message)
 
@@ -293,8 +325,9 @@ class Part(Resource):
             self.adopted = True
             log.info("part %s/%s: following its running job %s", self.namespace, self.name, job.id)
         if change is Change.POLICY:  # priority, maxRetries, deadline: applied without restarting the job
-            await self.write(observedGeneration=generation, message=f"generation {generation} taken in; "
-                                                                    f"job {job.id} keeps running")
+            await self.write(
+                observedGeneration=generation, message=f"generation {generation} taken in; job {job.id} keeps running"
+            )
             self.event("SpecApplied", f"generation {generation} applies to the running job {job.id}")
         elif not self.status.get("specHash"):  # a run submitted before the operator kept it
             await self.write(specHash=output_hash(self.body["spec"]))
@@ -319,15 +352,19 @@ class Part(Resource):
         self.event("Succeeded", progress.message if progress and progress.message else f"job {job.id} succeeded")
 
     async def _retry(self, spec: PartSpec, job: Job, step: Step, attempt: int, generation: int) -> None:
-        self.backoff = self._capped(self.op.config.retry_backoff_seconds * 2 ** attempt)
-        what = ("vanished: the backend no longer knows it" if step.reason == "JobVanished"
-                else f"{job.state.value.lower()}: {job.message[-300:]}")
-        message = (f"job {job.id} {what}; retry {attempt + 1} of {spec.max_retries} in {self.backoff:.0f}s, "
-                   "resuming from finished shards")
+        self.backoff = self._capped(self.op.config.retry_backoff_seconds * 2**attempt)
+        what = (
+            "vanished: the backend no longer knows it"
+            if step.reason == "JobVanished"
+            else f"{job.state.value.lower()}: {job.message[-300:]}"
+        )
+        message = (
+            f"job {job.id} {what}; retry {attempt + 1} of {spec.max_retries} in {self.backoff:.0f}s, "
+            "resuming from finished shards"
+        )
         log.warning("part %s/%s: %s", self.namespace, self.name, message)
         # Queued: no job runs and the slot is free for others until the backoff ends.
-        await self.write(phase=Phase.QUEUED.value, retries=attempt + 1, message=message,
-                         observedGeneration=generation)
+        await self.write(phase=Phase.QUEUED.value, retries=attempt + 1, message=message, observedGeneration=generation)
         self.event("Retrying", message, warning=True)
 
     async def _suspend(self, generation: int) -> None:
@@ -338,10 +375,12 @@ class Part(Resource):
         if self.status.get("phase") == Phase.SUCCEEDED.value:
             await self.write(observedGeneration=generation)
             return
-        message = f"suspended (spec.suspend); job {job_id} stopped, finished shards kept" if job_id else \
-            "suspended (spec.suspend) before its job started"
-        await self.write(phase=Phase.SUSPENDED.value, observedGeneration=generation, message=message,
-                         activeSince=None)
+        message = (
+            f"suspended (spec.suspend); job {job_id} stopped, finished shards kept"
+            if job_id
+            else "suspended (spec.suspend) before its job started"
+        )
+        await self.write(phase=Phase.SUSPENDED.value, observedGeneration=generation, message=message, activeSince=None)
         self.event("Suspended", message)
         self.op.metrics.observe_part(self.namespace, self.name, Phase.SUSPENDED, None, self.status.get("retries", 0))
 
@@ -351,12 +390,16 @@ class Part(Resource):
         if reason == "InvalidSpec":
             message = invalid
         elif reason == "DeadlineExceeded":
-            message = (f"ran longer than spec.activeDeadlineSeconds ({spec.active_deadline_seconds}s); "
-                       f"job {job.id} stopped, its finished shards are kept")
+            message = (
+                f"ran longer than spec.activeDeadlineSeconds ({spec.active_deadline_seconds}s); "
+                f"job {job.id} stopped, its finished shards are kept"
+            )
         elif reason == "JobVanished":
-            message = (f"job {job.id} vanished: the backend no longer knows it (a Ray head restarted without "
-                       f"GCS persistence, or its RayJob deleted); no retries left (spec.maxRetries "
-                       f"{spec.max_retries})")
+            message = (
+                f"job {job.id} vanished: the backend no longer knows it (a Ray head restarted without "
+                f"GCS persistence, or its RayJob deleted); no retries left (spec.maxRetries "
+                f"{spec.max_retries})"
+            )
         else:
             if job.exit_code == ExitCode.STORAGE_UNAVAILABLE:
                 reason = "StorageUnavailable"  # the job's log, in the message, names the endpoint
@@ -366,9 +409,15 @@ class Part(Resource):
     async def fail(self, reason: str, message: str) -> None:
         log.warning("part %s/%s failed: %s: %s", self.namespace, self.name, reason, message)
         conditions = self.status.get("conditions") or []
-        await self.write(phase=Phase.FAILED.value, message=message, observedGeneration=self.generation,
-                         conditions=[condition("Complete", False, reason, message, conditions),
-                                     condition("Failed", True, reason, message, conditions)])
+        await self.write(
+            phase=Phase.FAILED.value,
+            message=message,
+            observedGeneration=self.generation,
+            conditions=[
+                condition("Complete", False, reason, message, conditions),
+                condition("Failed", True, reason, message, conditions),
+            ],
+        )
         self.event(reason, message, warning=True)
         self.op.metrics.observe_part(self.namespace, self.name, Phase.FAILED, None, self.status.get("retries", 0))
 
@@ -394,21 +443,32 @@ class Part(Resource):
             except BackendError as err:
                 if self.status.get("submissionId") or keep:
                     raise
-                log.info("part %s/%s: no job to stop known, and the backend cannot be asked: %s",
-                         self.namespace, self.name, err)
+                log.info(
+                    "part %s/%s: no job to stop known, and the backend cannot be asked: %s",
+                    self.namespace,
+                    self.name,
+                    err,
+                )
                 return
             active = [j for j in jobs if j.id != keep and j.state.active]
             if not active:
                 return
             for job in active:
                 if job.id not in asked:
-                    log.info("part %s/%s: stopping job %s (%s) before going on", self.namespace, self.name,
-                             job.id, job.state.value)
+                    log.info(
+                        "part %s/%s: stopping job %s (%s) before going on",
+                        self.namespace,
+                        self.name,
+                        job.id,
+                        job.state.value,
+                    )
                     await asyncio.to_thread(self.op.backend.stop, self.owner, job.id)
                     asked.add(job.id)
             if time.monotonic() > deadline:
-                raise BackendError(f"jobs {', '.join(j.id for j in active)} of this part did not stop within "
-                                   f"{STOP_WAIT_SECONDS:.0f}s; asking again")
+                raise BackendError(
+                    f"jobs {', '.join(j.id for j in active)} of this part did not stop within "
+                    f"{STOP_WAIT_SECONDS:.0f}s; asking again"
+                )
             await asyncio.sleep(1)
 
     async def stop(self) -> None:
@@ -441,13 +501,17 @@ class Part(Resource):
                 return None
             if err.status not in (403, 404):
                 raise
-            message = str(err) if str(err).startswith("spec.") else \
-                f"spec.output.credentialsSecret {spec.output.credentials_secret!r}: {err}"
+            message = (
+                str(err)
+                if str(err).startswith("spec.")
+                else f"spec.output.credentialsSecret {spec.output.credentials_secret!r}: {err}"
+            )
             conditions = self.status.get("conditions") or []
-            was = next((c for c in conditions if c.get("type") == "CredentialsAvailable"), {})
-            await self.write(message=f"waiting for credentials: {message}",
-                             conditions=[condition("CredentialsAvailable", False, "CredentialsUnavailable",
-                                                   message, conditions)])
+            was: dict = next((c for c in conditions if c.get("type") == "CredentialsAvailable"), {})
+            await self.write(
+                message=f"waiting for credentials: {message}",
+                conditions=[condition("CredentialsAvailable", False, "CredentialsUnavailable", message, conditions)],
+            )
             if was.get("status") != "False":
                 self.event("CredentialsUnavailable", message, warning=True)
             raise WaitingForCredentials(message) from None
@@ -473,6 +537,7 @@ class Part(Resource):
     async def read_progress(self, spec: PartSpec, secret, strict: bool = False) -> Progress | None:
         """The job's persisted progress; None when there is none yet, or when it cannot be read (a damaged
         file or an unreachable store, which the job's next write repairs) unless `strict`, which raises."""
+
         def read():
             store = Store(spec.output, secret=secret or {})
             try:
@@ -489,6 +554,7 @@ class Part(Resource):
 
     async def output_matches(self, spec: PartSpec, secret) -> bool:
         """Refuse a filter change into an output that holds shards of another filter."""
+
         def manifest():
             return Store(spec.output, secret=secret or {}).read_json(MANIFEST)
 
@@ -498,9 +564,11 @@ class Part(Resource):
             log.info("part %s/%s: output not readable yet: %s", self.namespace, self.name, err)
             return True
         if done and done.get("fingerprint") != fingerprint(spec):
-            await self.fail("FilterChanged",
-                            f"{spec.output.uri} holds shards filtered with another source, columns or filter; "
-                            "set a new spec.output.uri (or remove the old output) to run the new filter")
+            await self.fail(
+                "FilterChanged",
+                f"{spec.output.uri} holds shards filtered with another source, columns or filter; "
+                "set a new spec.output.uri (or remove the old output) to run the new filter",
+            )
             return False
         return True
 
@@ -511,16 +579,32 @@ class Part(Resource):
 
     def stalled(self, spec: PartSpec, progress: Progress | None) -> bool:
         """Whether the counts have stood still for spec.stallSeconds (measured by this process)."""
-        counts = None if progress is None else (progress.phase, progress.rows_read, progress.images_ok,
-                                                progress.images_failed, progress.shards_done,
-                                                progress.latents_written)
+        counts = (
+            None
+            if progress is None
+            else (
+                progress.phase,
+                progress.rows_read,
+                progress.images_ok,
+                progress.images_failed,
+                progress.shards_done,
+                progress.latents_written,
+            )
+        )
         if counts != self.last_counts:
             self.last_counts = counts
             self._moved()
         return time.monotonic() - self.moved_at > spec.stall_seconds
 
-    async def publish(self, phase: Phase, progress: Progress | None, job_id: str, finished: bool = False,
-                      stalled: bool = False, message: str | None = None) -> None:
+    async def publish(
+        self,
+        phase: Phase,
+        progress: Progress | None,
+        job_id: str,
+        finished: bool = False,
+        stalled: bool = False,
+        message: str | None = None,
+    ) -> None:
         status = self.status
         fields = cr_status(progress) if progress else {}
         if fields and not finished and status.get("output") == (self.body["spec"].get("output") or {}).get("uri"):
@@ -532,27 +616,36 @@ class Part(Resource):
                 reasons[reason] = max(reasons.get(reason, 0), n or 0)
             fields["shardsProgress"] = f"{fields['shards']['done']}/{fields['shards']['total']}"
         conditions = status.get("conditions") or []
-        message = message or (progress.message if progress and progress.message else
-                              f"job {job_id} {phase.value.lower()}")
+        message = message or (
+            progress.message if progress and progress.message else f"job {job_id} {phase.value.lower()}"
+        )
         extra: list[dict] = []
         if finished:
-            extra += [condition("Complete", True, "Succeeded", message, conditions),
-                      condition("Failed", False, "Succeeded", "", conditions)]
+            extra += [
+                condition("Complete", True, "Succeeded", message, conditions),
+                condition("Failed", False, "Succeeded", "", conditions),
+            ]
         verified = verified_condition(progress, conditions)
         if verified:
             extra.append(verified)
         was_stalled = any(c.get("type") == "Stalled" and c.get("status") == "True" for c in conditions)
         if stalled or was_stalled:
-            stall = (f"no count has moved for {time.monotonic() - self.moved_at:.0f}s "
-                     f"(spec.stallSeconds); job {job_id} keeps running")
-            extra.append(condition("Stalled", stalled, "NoProgress" if stalled else "Progressing",
-                                   stall if stalled else "", conditions))
+            stall = (
+                f"no count has moved for {time.monotonic() - self.moved_at:.0f}s "
+                f"(spec.stallSeconds); job {job_id} keeps running"
+            )
+            extra.append(
+                condition(
+                    "Stalled", stalled, "NoProgress" if stalled else "Progressing", stall if stalled else "", conditions
+                )
+            )
             if stalled and not was_stalled:
                 log.warning("part %s/%s: %s", self.namespace, self.name, stall)
                 self.event("Stalled", stall, warning=True)
         await self.write(phase=phase.value, submissionId=job_id, message=message, **fields, conditions=extra)
-        self.op.metrics.observe_part(self.namespace, self.name, phase, progress, self.status.get("retries", 0),
-                                     stalled=stalled)
+        self.op.metrics.observe_part(
+            self.namespace, self.name, phase, progress, self.status.get("retries", 0), stalled=stalled
+        )
 
     async def _observe_final(self) -> None:
         if self.key in self.op.metrics.parts():
@@ -562,6 +655,10 @@ class Part(Resource):
             progress = await self.read_progress(spec, await self.read_secret(spec))
         except Exception:  # noqa: BLE001 - metrics of a finished part are best effort
             progress = None
-        self.op.metrics.observe_part(self.namespace, self.name, self.status.get("phase") or Phase.PENDING, progress,
-                                     self.status.get("retries", 0))
-
+        self.op.metrics.observe_part(
+            self.namespace,
+            self.name,
+            self.status.get("phase") or Phase.PENDING,
+            progress,
+            self.status.get("retries", 0),
+        )

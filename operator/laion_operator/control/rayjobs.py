@@ -13,16 +13,23 @@ import json
 import os
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 
 import yaml
 
 from .. import credentials
 from ..spec import PartSpec
 from . import kube
-from .backend import (BackendRefused, BackendUnavailable, CredentialsRefused, Job, JobState, SubmissionFailed,
-                      submission_prefix)
+from .backend import (
+    BackendRefused,
+    BackendUnavailable,
+    CredentialsRefused,
+    Job,
+    JobState,
+    SubmissionFailed,
+    submission_prefix,
+)
 from .config import OperatorConfig
+
 
 def _spec_env(spec: PartSpec) -> dict[str, str]:
     return {"LAION_PART_SPEC": json.dumps(spec.to_dict(), sort_keys=True)}
@@ -59,7 +66,8 @@ class JobsAPI:
                     f"the Ray cluster at {self.address} refused the operator ({err.code} "
                     f"{text.decode(errors='replace').strip()[:200]}): give the operator the cluster's token, with "
                     "the chart value operator.rayAuthTokenSecret or the environment RAY_AUTH_MODE=token and "
-                    "RAY_AUTH_TOKEN") from None
+                    "RAY_AUTH_TOKEN"
+                ) from None
             return err.code, text
         except (urllib.error.URLError, OSError) as err:
             raise BackendUnavailable(f"the Ray Jobs API at {self.address} cannot be reached: {err}") from None
@@ -114,8 +122,12 @@ class JobsAPI:
 
 
 def _job(info: dict) -> Job:
-    return Job(str(info.get("submission_id") or info.get("job_id")), JobState.of_ray(info.get("status")),
-               info.get("message") or "", info.get("driver_exit_code"))
+    return Job(
+        str(info.get("submission_id") or info.get("job_id")),
+        JobState.of_ray(info.get("status")),
+        info.get("message") or "",
+        info.get("driver_exit_code"),
+    )
 
 
 class JobsAPIBackend:
@@ -137,13 +149,21 @@ class JobsAPIBackend:
                     f"the Ray cluster at {self.api.address} answers clients without a token, and the job's "
                     "credentials package would be readable by any of them: enable Ray token authentication "
                     "(chart value operator.rayAuthTokenSecret), or accept the risk with the chart value "
-                    "operator.config.allowCredentialsWithoutRayAuth")
+                    "operator.config.allowCredentialsWithoutRayAuth"
+                )
             # Built in memory and uploaded: no copy of the credentials touches the operator's disk.
             runtime_env["working_dir"] = self.api.upload_package(credentials.package(secret))
-        self.api.submit({"entrypoint": self.config.job_entrypoint, "submission_id": job_id,
-                         "runtime_env": runtime_env,
-                         "metadata": {"laion-operator.io/part": owner["name"],
-                                      "laion-operator.io/namespace": owner["namespace"]}})
+        self.api.submit(
+            {
+                "entrypoint": self.config.job_entrypoint,
+                "submission_id": job_id,
+                "runtime_env": runtime_env,
+                "metadata": {
+                    "laion-operator.io/part": owner["name"],
+                    "laion-operator.io/namespace": owner["namespace"],
+                },
+            }
+        )
 
     def state(self, owner: dict, job_id: str) -> Job:
         info = self.api.info(job_id)
@@ -158,8 +178,9 @@ class JobsAPIBackend:
             self.api.stop(job_id)
 
 
-def build_rayjob(template: dict, owner: dict, job_id: str, spec: PartSpec, entrypoint: str,
-                 latents_group: dict | None = None) -> dict:
+def build_rayjob(
+    template: dict, owner: dict, job_id: str, spec: PartSpec, entrypoint: str, latents_group: dict | None = None
+) -> dict:
     """A ray.io/v1 RayJob for one attempt of one part, owned by its LaionPart. A part with
     spec.latents also gets `latents_group` (the GPU workers its encoding tasks ask for)."""
     body = copy.deepcopy(template)
@@ -184,11 +205,20 @@ def build_rayjob(template: dict, owner: dict, job_id: str, spec: PartSpec, entry
         "metadata": {
             "name": job_id,
             "namespace": owner["namespace"],
-            "labels": {"app.kubernetes.io/managed-by": "laion-operator", kube.PART_LABEL: kube.label_value(owner["name"])},
-            "ownerReferences": [{
-                "apiVersion": f"{kube.GROUP}/{kube.VERSION}", "kind": "LaionPart", "name": owner["name"],
-                "uid": owner["uid"], "controller": True, "blockOwnerDeletion": True,
-            }],
+            "labels": {
+                "app.kubernetes.io/managed-by": "laion-operator",
+                kube.PART_LABEL: kube.label_value(owner["name"]),
+            },
+            "ownerReferences": [
+                {
+                    "apiVersion": f"{kube.GROUP}/{kube.VERSION}",
+                    "kind": "LaionPart",
+                    "name": owner["name"],
+                    "uid": owner["uid"],
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ],
         },
         "spec": body,
     }
@@ -220,8 +250,14 @@ class KubeRayBackend:
         self.config = config
 
     def submit(self, owner: dict, job_id: str, spec: PartSpec, secret: dict[str, str] | None) -> None:
-        body = build_rayjob(self.config.ray_job_template or {}, owner, job_id, spec, self.config.job_entrypoint,
-                            self.config.latents_worker_group)
+        body = build_rayjob(
+            self.config.ray_job_template or {},
+            owner,
+            job_id,
+            spec,
+            self.config.job_entrypoint,
+            self.config.latents_worker_group,
+        )
         kube.create_rayjob(owner["namespace"], body)
 
     def state(self, owner: dict, job_id: str) -> Job:
@@ -233,9 +269,11 @@ class KubeRayBackend:
 
     def jobs(self, owner: dict) -> list[Job]:
         prefix = submission_prefix(owner["uid"])
-        return [kuberay_state(job["metadata"]["name"], job.get("status") or {})
-                for job in kube.list_rayjobs(owner["namespace"], owner["name"])
-                if job["metadata"]["name"].startswith(prefix)]
+        return [
+            kuberay_state(job["metadata"]["name"], job.get("status") or {})
+            for job in kube.list_rayjobs(owner["namespace"], owner["name"])
+            if job["metadata"]["name"].startswith(prefix)
+        ]
 
     def stop(self, owner: dict, job_id: str) -> None:
         kube.delete_rayjob(owner["namespace"], job_id)

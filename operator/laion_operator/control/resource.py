@@ -19,8 +19,7 @@ def condition(kind: str, ok: bool, reason: str, message: str, previous: list[dic
     status = "True" if ok else "False"
     old = next((c for c in previous if c.get("type") == kind), None)
     since = old["lastTransitionTime"] if old and old.get("status") == status else now()
-    return {"type": kind, "status": status, "reason": reason, "message": message[:1000],
-            "lastTransitionTime": since}
+    return {"type": kind, "status": status, "reason": reason, "message": message[:1000], "lastTransitionTime": since}
 
 
 def removing(old, new):

@@ -12,12 +12,13 @@ lock: taking is one synchronous step of the event loop.
 from __future__ import annotations
 
 import asyncio
-from typing import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 
 class Slots:
-    def __init__(self, limit: int, on_change: Callable[[int], None] = lambda n: None,
-                 held: Callable[[], Iterable] = tuple):
+    def __init__(
+        self, limit: int, on_change: Callable[[int], None] = lambda n: None, held: Callable[[], Iterable] = tuple
+    ):
         self.limit = limit
         self.claims: set = set()
         self.waiting: dict = {}
@@ -50,8 +51,14 @@ class Slots:
             return True
         return False
 
-    async def acquire(self, key, created: str, on_queued: Callable[[], Awaitable[None]] | None = None,
-                      priority: int | Callable[[], int] = 0, give_up: Callable[[], bool] = lambda: False) -> bool:
+    async def acquire(
+        self,
+        key,
+        created: str,
+        on_queued: Callable[[], Awaitable[None]] | None = None,
+        priority: int | Callable[[], int] = 0,
+        give_up: Callable[[], bool] = lambda: False,
+    ) -> bool:
         """Take a slot, waiting in line; False if `give_up()` turned true meanwhile (a spec change, suspend,
         shutdown). `on_queued` runs once, outside any lock, when the part has to wait."""
         queued = False

@@ -11,6 +11,7 @@ import time
 
 from ..contract import PHASES, Progress
 
+
 def _iso(ts: float | None) -> str | None:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts)) if ts else None
 
@@ -34,8 +35,11 @@ def cr_status(progress: Progress) -> dict:
     }
     if progress.latents_shards_total:
         status["latents"] = {
-            "shards": {"total": progress.latents_shards_total, "done": progress.latents_shards_done,
-                       "failed": progress.latents_shards_failed},
+            "shards": {
+                "total": progress.latents_shards_total,
+                "done": progress.latents_shards_done,
+                "failed": progress.latents_shards_failed,
+            },
             "written": progress.latents_written,
             "skipped": progress.latents_skipped,
             "perSecond": progress.latents_per_second,
@@ -76,14 +80,23 @@ STATUS_SCHEMA: dict = {
         "observedGeneration": {"type": "integer"},
         "submissionId": {"type": "string"},
         "retries": COUNT_SCHEMA,
-        "specHash": {"type": "string",
-                     "description": "Digest of the spec fields the output depends on, of the run that made it."},
+        "specHash": {
+            "type": "string",
+            "description": "Digest of the spec fields the output depends on, of the run that made it.",
+        },
         "output": {"type": "string"},
-        "activeSince": {"type": "string", "format": "date-time", "nullable": True,
-                        "description": "When the current run was first submitted (spec.activeDeadlineSeconds)."},
+        "activeSince": {
+            "type": "string",
+            "format": "date-time",
+            "nullable": True,
+            "description": "When the current run was first submitted (spec.activeDeadlineSeconds).",
+        },
         "rowsRead": COUNT_SCHEMA,
         "rowsKept": COUNT_SCHEMA,
-        "shards": {"type": "object", "properties": {"total": COUNT_SCHEMA, "done": COUNT_SCHEMA, "failed": COUNT_SCHEMA}},
+        "shards": {
+            "type": "object",
+            "properties": {"total": COUNT_SCHEMA, "done": COUNT_SCHEMA, "failed": COUNT_SCHEMA},
+        },
         "shardsProgress": {"type": "string"},
         "images": IMAGES_SCHEMA,
         "bytesWritten": COUNT_SCHEMA,
@@ -92,7 +105,10 @@ STATUS_SCHEMA: dict = {
             "type": "object",
             "description": "The latents stage (spec.latents): shards, samples encoded, undecodable images, rate.",
             "properties": {
-                "shards": {"type": "object", "properties": {"total": COUNT_SCHEMA, "done": COUNT_SCHEMA, "failed": COUNT_SCHEMA}},
+                "shards": {
+                    "type": "object",
+                    "properties": {"total": COUNT_SCHEMA, "done": COUNT_SCHEMA, "failed": COUNT_SCHEMA},
+                },
                 "written": COUNT_SCHEMA,
                 "skipped": COUNT_SCHEMA,
                 "perSecond": {"type": "number", "minimum": 0},

@@ -36,8 +36,11 @@ def summarize(spec: PartSpec, store: Store, shards: list[ShardStats], progress: 
         "partId": spec.part_id,
         "output": store.uri,
         "outputFormat": spec.download.output_format,
-        "metadata": {"rowsRead": progress.rows_read, "rowsKept": progress.rows_kept,
-                     "droppedBy": dict(progress.dropped_by)},
+        "metadata": {
+            "rowsRead": progress.rows_read,
+            "rowsKept": progress.rows_kept,
+            "droppedBy": dict(progress.dropped_by),
+        },
         "shards": {"total": progress.shards_total, "done": progress.shards_done, "failed": progress.shards_failed},
         "images": {
             "attempted": sum(s.count for s in shards),

@@ -61,7 +61,8 @@ def resolve(file: str, file_columns: list[str], explicit: dict[str, str], needed
             if explicit[logical] not in file_columns:
                 raise ColumnError(
                     f"{file}: column {explicit[logical]!r} (spec.columns.{logical}) is not in the file; "
-                    f"its columns are: {', '.join(file_columns)}")
+                    f"its columns are: {', '.join(file_columns)}"
+                )
             mapping[logical] = explicit[logical]
             continue
         found = next((c for c in candidates if c in file_columns), None)
@@ -70,5 +71,6 @@ def resolve(file: str, file_columns: list[str], explicit: dict[str, str], needed
         elif logical in needed:
             raise ColumnError(
                 f"{file}: no column for {logical!r} (looked for {', '.join(candidates)}); "
-                f"its columns are: {', '.join(file_columns)}; set spec.columns.{logical}")
+                f"its columns are: {', '.join(file_columns)}; set spec.columns.{logical}"
+            )
     return mapping

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import fsspec
 import pyarrow as pa
@@ -39,8 +39,9 @@ from .record import KEY, Recorder, clear_shard
 
 # The leading columns of every sample's metadata row (the shard's `.parquet`), whatever the input's
 # own json held; record.OUTCOME follows them.
-SOURCE = pa.schema([KEY, ("caption", pa.string()), ("url", pa.string()), ("source_file", pa.string()),
-                    ("source_key", pa.string())])
+SOURCE = pa.schema(
+    [KEY, ("caption", pa.string()), ("url", pa.string()), ("source_file", pa.string()), ("source_key", pa.string())]
+)
 
 
 class ConvertError(InputError):
@@ -81,8 +82,10 @@ def detect(dataset: Dataset) -> str:
         if any(fmt.is_dataset_shard(fs, _join(root, n)) for n in names):
             return fmt.name
     looked = "".join(f"no {fmt.dataset_shards}, " for fmt in readers)
-    raise ConvertError(f"spec.source.dataset: cannot tell the format of {dataset.uri} ({looked}no captions "
-                       f"JSONL); found {sorted(names)[:10]}; set format")
+    raise ConvertError(
+        f"spec.source.dataset: cannot tell the format of {dataset.uri} ({looked}no captions "
+        f"JSONL); found {sorted(names)[:10]}; set format"
+    )
 
 
 def list_inputs(spec: PartSpec) -> list[dict]:
@@ -92,14 +95,23 @@ def list_inputs(spec: PartSpec) -> list[dict]:
     fs, root = _fs(dataset.uri)
     if fmt == "images":
         if not dataset.captions:
-            raise ConvertError("spec.source.dataset.captions: required for format images (the JSONL naming "
-                               "each image and its caption)")
+            raise ConvertError(
+                "spec.source.dataset.captions: required for format images (the JSONL naming each image and its caption)"
+            )
         path = _resolve(dataset, dataset.captions)
         rows = _caption_lines(dataset, _read_bytes(path, "spec.source.dataset.captions"))
         per = spec.filter.samples_per_shard
         # each shard reads its own byte range of the file, not the whole of it
-        return [{"format": fmt, "path": path, "line": chunk[0]["line"], "offset": chunk[0]["offset"],
-                 "end": chunk[-1]["end"]} for chunk in (rows[i:i + per] for i in range(0, len(rows), per))]
+        return [
+            {
+                "format": fmt,
+                "path": path,
+                "line": chunk[0]["line"],
+                "offset": chunk[0]["offset"],
+                "end": chunk[-1]["end"],
+            }
+            for chunk in (rows[i : i + per] for i in range(0, len(rows), per))
+        ]
     try:
         entries = fs.ls(root, detail=False)
     except FileNotFoundError:
@@ -136,13 +148,24 @@ def _caption_lines(dataset: Dataset, data: bytes, first_line: int = 1, offset: i
             raise ConvertError(f"{path} line {number}: not JSON: {err}") from None
         if not isinstance(row, dict) or not isinstance(row.get(dataset.image_field), str):
             fields = sorted(row) if isinstance(row, dict) else type(row).__name__
-            raise ConvertError(f"{path} line {number}: no {dataset.image_field!r} field naming the image "
-                               f"(spec.source.dataset.imageField); it has {fields}")
+            raise ConvertError(
+                f"{path} line {number}: no {dataset.image_field!r} field naming the image "
+                f"(spec.source.dataset.imageField); it has {fields}"
+            )
         if dataset.caption_field not in row:
-            raise ConvertError(f"{path} line {number}: no {dataset.caption_field!r} field with the caption "
-                               f"(spec.source.dataset.captionField); it has {sorted(row)}")
-        rows.append({"line": number, "offset": start, "end": offset, "image": row[dataset.image_field],
-                     "caption": row[dataset.caption_field]})
+            raise ConvertError(
+                f"{path} line {number}: no {dataset.caption_field!r} field with the caption "
+                f"(spec.source.dataset.captionField); it has {sorted(row)}"
+            )
+        rows.append(
+            {
+                "line": number,
+                "offset": start,
+                "end": offset,
+                "image": row[dataset.image_field],
+                "caption": row[dataset.caption_field],
+            }
+        )
     if not rows and first_line == 1:
         raise ConvertError(f"{path}: no lines")
     return rows
@@ -154,8 +177,10 @@ def plan(spec: PartSpec, store: Store) -> dict:
     done = store.read_json(MANIFEST)
     if done is not None:
         if done.get("fingerprint") != fp:
-            raise ConvertError(f"output {store.uri} holds shards of a different source or filter; use a new "
-                               "output.uri or remove the old output first")
+            raise ConvertError(
+                f"output {store.uri} holds shards of a different source or filter; use a new "
+                "output.uri or remove the old output first"
+            )
         return done
     inputs = list_inputs(spec)
     manifest = {"fingerprint": fp, "shards": len(inputs), "inputs": inputs}
@@ -178,9 +203,13 @@ def read_captioned(dataset: Dataset, entry: dict) -> Iterator[Sample]:
         except FileNotFoundError:
             raise ConvertError(f"{path} line {row['line']}: image {image} does not exist") from None
         caption = row["caption"]
-        yield Sample(key=str(row["image"]).rsplit("/", 1)[-1].rsplit(".", 1)[0],
-                     caption=caption if caption is None else str(caption), image=content, meta={},
-                     file=f"{path} line {row['line']}")
+        yield Sample(
+            key=str(row["image"]).rsplit("/", 1)[-1].rsplit(".", 1)[0],
+            caption=caption if caption is None else str(caption),
+            image=content,
+            meta={},
+            file=f"{path} line {row['line']}",
+        )
 
 
 def read_input(spec: PartSpec, entry: dict) -> Iterator[Sample]:
@@ -200,8 +229,9 @@ def read_input(spec: PartSpec, entry: dict) -> Iterator[Sample]:
 # --- writing one output shard ------------------------------------------------------------------
 
 
-def convert_shard(spec: PartSpec, shard: int,
-                  report: Callable[[ShardStats], None] | None = None, report_every: float = 2.0) -> ShardStats:
+def convert_shard(
+    spec: PartSpec, shard: int, report: Callable[[ShardStats], None] | None = None, report_every: float = 2.0
+) -> ShardStats:
     """Convert input shard `shard` into output shard `shard`; returns its stats (also its _stats.json)."""
     store = Store(spec.output)
     clear_shard(store, shard)
@@ -213,8 +243,13 @@ def convert_shard(spec: PartSpec, shard: int,
             stats.count += 1
             key = sample_key(shard, index, spec.filter.samples_per_shard)
             url = sample.meta.get("url")
-            leading = {"key": key, "caption": sample.caption, "url": url if isinstance(url, str) else None,
-                       "source_file": sample.file, "source_key": sample.key}
+            leading = {
+                "key": key,
+                "caption": sample.caption,
+                "url": url if isinstance(url, str) else None,
+                "source_file": sample.file,
+                "source_key": sample.key,
+            }
             recorder.image(leading, sample.caption, sample.image, where=f"{sample.file}: sample {sample.key}: ")
     except BaseException:
         recorder.close()

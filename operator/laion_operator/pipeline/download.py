@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from ..contract import ShardStats, sample_key, shard_stats
 from ..spec import PartSpec
@@ -44,9 +44,14 @@ def load_stats(store: Store, shard: int) -> ShardStats | None:
     return ShardStats.from_json(data) if data else None
 
 
-def download_shard(spec: PartSpec, shard: int,
-                   report: Callable[[ShardStats], None] | None = None, report_every: float = 2.0,
-                   reuse: dict[str, tuple[bytes | None, dict]] | None = None, threads: int | None = None) -> ShardStats:
+def download_shard(
+    spec: PartSpec,
+    shard: int,
+    report: Callable[[ShardStats], None] | None = None,
+    report_every: float = 2.0,
+    reuse: dict[str, tuple[bytes | None, dict]] | None = None,
+    threads: int | None = None,
+) -> ShardStats:
     """Download one shard into the output; returns its stats (also persisted: contract.shard_stats).
 
     Decoding and resizing run on `threads` threads (default: the task's CPUs). `reuse` (a heal,
@@ -57,9 +62,16 @@ def download_shard(spec: PartSpec, shard: int,
     clear_shard(store, shard)
     table = read_shard(store, shard)
     rows = table.to_pylist()
-    recorder = Recorder(opts, store, ShardStats(shard=shard, count=table.num_rows, start_time=time.time()),
-                        "caption" in table.column_names, table.schema.append(KEY), opts.compute_hash, report,
-                        report_every)
+    recorder = Recorder(
+        opts,
+        store,
+        ShardStats(shard=shard, count=table.num_rows, start_time=time.time()),
+        "caption" in table.column_names,
+        table.schema.append(KEY),
+        opts.compute_hash,
+        report,
+        report_every,
+    )
 
     def leading(index: int) -> dict:
         return {**rows[index], "key": sample_key(shard, index, spec.filter.samples_per_shard)}
@@ -81,6 +93,10 @@ def download_shard(spec: PartSpec, shard: int,
             recorder.write(image, rows[index].get("caption"), meta)
         else:
             fetched.append(index)
-    fetch.run([rows[i]["url"] for i in fetched], opts, lambda j, data, err: handle(fetched[j], data, err),
-              threads or task_cpus())
+    fetch.run(
+        [rows[i]["url"] for i in fetched],
+        opts,
+        lambda j, data, err: handle(fetched[j], data, err),
+        threads or task_cpus(),
+    )
     return recorder.finish()

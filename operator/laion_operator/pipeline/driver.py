@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import ray
 
@@ -23,7 +23,7 @@ from .. import contract
 from ..contract import PROGRESS, LatentStats, Phase, Progress
 from ..errors import InputError
 from ..spec import PartSpec
-from ..storage import Store, StorageUnavailable
+from ..storage import StorageUnavailable, Store
 from .annotate import annotate
 from .columns import ColumnError
 from .convert import ConvertError, convert_shard
@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 
 # --- the work of one shard, in its Ray task ----------------------------------------------------------
+
 
 def _write_shard(spec: PartSpec, shard: int, report) -> Outcome:
     """One shard's work: download its filtered rows, or convert its input shard."""
@@ -68,6 +69,7 @@ def _check(spec_data: dict, shard: int) -> dict:
 
 
 # --- the stages ---------------------------------------------------------------------------------------
+
 
 def _plan(spec: PartSpec, store: Store, tracker: Tracker) -> int:
     """Filter the metadata into shards, or list the input shards to convert; returns the shards."""
@@ -104,9 +106,11 @@ def _write_all(spec: PartSpec, tracker: Tracker, shards: int) -> None:
         raise errors[min(failed)]
     if failed:
         first = min(failed)
-        tracker.fail(f"{len(failed)} of {shards} shards failed after {spec.download.shard_retries} retries: "
-                     f"{sorted(failed)[:10]}; shard {first}: {str(errors.get(first, 'unknown error'))[:500]}; "
-                     "run the part again to retry them")
+        tracker.fail(
+            f"{len(failed)} of {shards} shards failed after {spec.download.shard_retries} retries: "
+            f"{sorted(failed)[:10]}; shard {first}: {str(errors.get(first, 'unknown error'))[:500]}; "
+            "run the part again to retry them"
+        )
         raise PartFailed(tracker.progress.message)
     if spec.dataset:  # a conversion reads no metadata: its rows are the samples it read
         tracker.progress.rows_read = tracker.progress.rows_kept = sum(s.count for s in tracker.finished.values())
@@ -117,8 +121,7 @@ def _run_shards(spec: PartSpec, tracker: Tracker, shards: int) -> Pool:
     store, fmt = tracker.store, spec.download.output_format
     store.retrying("checking the output for stray shards", lambda: check_no_stray_shards(store, shards))
     for shard in range(shards):
-        stats = store.retrying(f"reading shard {shard}'s stats",
-                               functools.partial(finished_shard, store, shard, fmt))
+        stats = store.retrying(f"reading shard {shard}'s stats", functools.partial(finished_shard, store, shard, fmt))
         if stats is not None:
             tracker.finished[shard] = stats
     todo = [s for s in range(shards) if s not in tracker.finished]
@@ -127,9 +130,15 @@ def _run_shards(spec: PartSpec, tracker: Tracker, shards: int) -> Pool:
     tracker.count()
     tracker.publish(force=True)
 
-    pool = Pool("", _write_shard, spec, spec.download.shard_retries, spec.download.parallelism or cpus(),
-                on_value=tracker.finished.__setitem__,
-                tick=lambda partial, moved: tracker.tick(partial, moved, len(pool.failed)))
+    pool = Pool(
+        "",
+        _write_shard,
+        spec,
+        spec.download.shard_retries,
+        spec.download.parallelism or cpus(),
+        on_value=tracker.finished.__setitem__,
+        tick=lambda partial, moved: tracker.tick(partial, moved, len(pool.failed)),
+    )
     pool.run(todo)
     return pool
 
@@ -137,8 +146,10 @@ def _run_shards(spec: PartSpec, tracker: Tracker, shards: int) -> Pool:
 def _annotate(spec: PartSpec, tracker: Tracker) -> dict:
     tracker.phase(Phase.ANNOTATING)
     tracker.end()
-    return tracker.store.retrying("writing the annotations", lambda: annotate(
-        spec, tracker.store, list(tracker.finished.values()), tracker.progress))
+    return tracker.store.retrying(
+        "writing the annotations",
+        lambda: annotate(spec, tracker.store, list(tracker.finished.values()), tracker.progress),
+    )
 
 
 def _verify(spec: PartSpec, tracker: Tracker, summary: dict) -> dict:
@@ -167,8 +178,9 @@ def _verify(spec: PartSpec, tracker: Tracker, summary: dict) -> dict:
     return summary
 
 
-def _encode_all(spec: PartSpec, tracker: Tracker, shards: list[int],
-                source=None) -> tuple[list[LatentStats], list[int]]:
+def _encode_all(
+    spec: PartSpec, tracker: Tracker, shards: list[int], source=None
+) -> tuple[list[LatentStats], list[int]]:
     """Encode the shards not encoded yet as Ray tasks, a GPU each when the cluster has GPUs;
     returns every encoded shard's stats and the shards that failed after their retries."""
     from .latents import load_stats
@@ -201,8 +213,18 @@ def _encode_all(spec: PartSpec, tracker: Tracker, shards: list[int],
         tracker.publish(force=moved)
 
     # One CPU a task besides the GPU: the decode thread and the host side of the model.
-    pool = Pool("latents: ", _encode_shard, spec, settings.shard_retries, parallelism,
-                on_value=finished.__setitem__, tick=tick, args=(source,), num_cpus=1, num_gpus=1 if gpus else 0)
+    pool = Pool(
+        "latents: ",
+        _encode_shard,
+        spec,
+        settings.shard_retries,
+        parallelism,
+        on_value=finished.__setitem__,
+        tick=tick,
+        args=(source,),
+        num_cpus=1,
+        num_gpus=1 if gpus else 0,
+    )
     p.latents_shards_total = len(shards)
     count({})
     tracker.publish(force=True)
@@ -222,9 +244,11 @@ def run_latents(spec: PartSpec, tracker: Tracker, shards: list[int], source=None
         tracker.fail(str(err))
         raise
     if failed:
-        tracker.fail(f"latents: {len(failed)} of {len(shards)} shards failed after "
-                     f"{spec.latents.shard_retries} retries: {sorted(failed)[:10]}; "
-                     "run the part again to retry them")
+        tracker.fail(
+            f"latents: {len(failed)} of {len(shards)} shards failed after "
+            f"{spec.latents.shard_retries} retries: {sorted(failed)[:10]}; "
+            "run the part again to retry them"
+        )
         raise PartFailed(tracker.progress.message)
     samples = merge_indexes(tracker.store, encoded)
     manifest = write_manifest(tracker.store, spec.latents, encoded)
@@ -253,6 +277,7 @@ def _latents(spec: PartSpec, tracker: Tracker, summary: dict) -> dict:
 
 # --- the entry points ---------------------------------------------------------------------------------
 
+
 def run_part(spec: PartSpec, on_progress: Callable[[Progress], None] | None = None) -> dict:
     """Every stage of one part; returns the summary written beside the dataset."""
     store = Store(spec.output)
@@ -272,8 +297,9 @@ def run_part(spec: PartSpec, on_progress: Callable[[Progress], None] | None = No
     return summary
 
 
-def encode_part(spec: PartSpec, on_progress: Callable[[Progress], None] | None = None,
-                ray_address: str | None = None) -> dict:
+def encode_part(
+    spec: PartSpec, on_progress: Callable[[Progress], None] | None = None, ray_address: str | None = None
+) -> dict:
     """The latents stage alone, over an output already downloaded or converted with this spec:
     `laion-operator latents`. Returns the part's summary with its `latents` section."""
     if not spec.latents:
@@ -295,8 +321,9 @@ def encode_part(spec: PartSpec, on_progress: Callable[[Progress], None] | None =
     return summary
 
 
-def encode_mds(spec: PartSpec, source, on_progress: Callable[[Progress], None] | None = None,
-               ray_address: str | None = None) -> dict:
+def encode_mds(
+    spec: PartSpec, source, on_progress: Callable[[Progress], None] | None = None, ray_address: str | None = None
+) -> dict:
     """The latents stage over an MDS folder anyone wrote (`source`, a latents.MDSFolder), into
     <output>/latents/: `laion-operator latents --mds`. A file of its index is a shard of the stage."""
     if not spec.latents:

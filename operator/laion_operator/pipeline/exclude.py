@@ -69,8 +69,8 @@ def _hex_keys(hexes: pa.Array) -> np.ndarray:
     if len(hexes) == 0:
         return np.empty(0, np.uint64)
     heads = pc.utf8_slice_codeunits(hexes.cast(pa.string()), 0, 16)  # int32 offsets below
-    offsets = np.frombuffer(heads.buffers()[1], np.int32)[heads.offset:heads.offset + len(heads) + 1]
-    text = heads.buffers()[2].to_pybytes()[offsets[0]:offsets[-1]]
+    offsets = np.frombuffer(heads.buffers()[1], np.int32)[heads.offset : heads.offset + len(heads) + 1]
+    text = heads.buffers()[2].to_pybytes()[offsets[0] : offsets[-1]]
     return np.frombuffer(bytes.fromhex(text.decode("ascii")), dtype=">u8").astype(np.uint64)
 
 
@@ -81,6 +81,7 @@ def _first_bad(valid: pa.Array) -> int:
 @dataclass
 class Exclusions:
     """The listed URLs and URL hashes as sorted 64-bit keys."""
+
     urls: np.ndarray
     hashes: np.ndarray
     sources: tuple[str, ...]
@@ -124,8 +125,9 @@ class _Collector:
         valid = pc.match_substring_regex(hexes, _HEX64)
         if valid.false_count:
             i = _first_bad(valid)
-            raise ExclusionListError(f"{self.source}: {where(i)}: {str(hexes[i])[:80]!r} is not a SHA-256 hash "
-                                     "of a URL (64 hex digits)")
+            raise ExclusionListError(
+                f"{self.source}: {where(i)}: {str(hexes[i])[:80]!r} is not a SHA-256 hash of a URL (64 hex digits)"
+            )
         self.hashes.append(np.unique(_hex_keys(hexes)))
 
     def add_digests(self, digests: pa.Array, where) -> None:
@@ -134,8 +136,9 @@ class _Collector:
         ok = pc.equal(lengths, 32)
         if ok.false_count:
             i = _first_bad(ok)
-            raise ExclusionListError(f"{self.source}: {where(i)}: a {lengths[i]}-byte value is not a SHA-256 "
-                                     "digest (32 bytes)")
+            raise ExclusionListError(
+                f"{self.source}: {where(i)}: a {lengths[i]}-byte value is not a SHA-256 digest (32 bytes)"
+            )
         raw = b"".join(pc.binary_slice(digests, 0, 8).to_pylist())
         self.hashes.append(np.unique(np.frombuffer(raw, dtype=">u8").astype(np.uint64)))
 
@@ -157,10 +160,17 @@ def _columns(source: str, names: list[str]) -> tuple[str | None, str | None]:
     url = next((lower[c] for c in URL_COLUMNS if c in lower), None)
     hashed = next((lower[c] for c in HASH_COLUMNS if c in lower), None)
     if url is None and hashed is None:
-        hint = (" (LAION's `hash` column hashes URL and caption together and cannot name a URL; give the "
-                "URLs or their SHA-256 as `url_sha256`)") if "hash" in lower else ""
-        raise ExclusionListError(f"{source}: no `url` or `url_sha256` column{hint}; its columns are: "
-                                 f"{', '.join(names) or '(none)'}")
+        hint = (
+            (
+                " (LAION's `hash` column hashes URL and caption together and cannot name a URL; give the "
+                "URLs or their SHA-256 as `url_sha256`)"
+            )
+            if "hash" in lower
+            else ""
+        )
+        raise ExclusionListError(
+            f"{source}: no `url` or `url_sha256` column{hint}; its columns are: {', '.join(names) or '(none)'}"
+        )
     return url, hashed
 
 
@@ -183,12 +193,17 @@ def _read_parquet(source: str, f, into: _Collector) -> None:
 
             if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
                 into.add_hex(column, where)
-            elif pa.types.is_binary(column.type) or pa.types.is_fixed_size_binary(column.type) or \
-                    pa.types.is_large_binary(column.type):
+            elif (
+                pa.types.is_binary(column.type)
+                or pa.types.is_fixed_size_binary(column.type)
+                or pa.types.is_large_binary(column.type)
+            ):
                 into.add_digests(column.cast(pa.binary()), where)
             else:
-                raise ExclusionListError(f"{source}: column {hashed!r} holds {column.type}, not SHA-256 hashes "
-                                         "(hex strings or 32-byte digests)")
+                raise ExclusionListError(
+                    f"{source}: column {hashed!r} holds {column.type}, not SHA-256 hashes "
+                    "(hex strings or 32-byte digests)"
+                )
         row += batch.num_rows
 
 
@@ -197,8 +212,9 @@ def _read_csv(source: str, opener, into: _Collector) -> None:
         header = pacsv.open_csv(f).schema.names
     url, hashed = _columns(source, header)
     wanted = [c for c in (url, hashed) if c]
-    convert = pacsv.ConvertOptions(include_columns=wanted, column_types={c: pa.string() for c in wanted},
-                                   strings_can_be_null=True)
+    convert = pacsv.ConvertOptions(
+        include_columns=wanted, column_types={c: pa.string() for c in wanted}, strings_can_be_null=True
+    )
     row = 0
     with opener() as f:
         reader = pacsv.open_csv(f, convert_options=convert, read_options=pacsv.ReadOptions(block_size=16 << 20))
@@ -227,7 +243,8 @@ def _read_text(source: str, f, into: _Collector) -> None:
             i = int(np.flatnonzero(bad.to_numpy(zero_copy_only=False))[0])
             raise ExclusionListError(
                 f"{source}: line {line_no + i + 1}: {str(entries[i])[:80]!r} is neither a URL (scheme://…) nor the "
-                "SHA-256 of one (64 hex digits); a CSV list needs a name ending in .csv")
+                "SHA-256 of one (64 hex digits); a CSV list needs a name ending in .csv"
+            )
         into.add_hex(entries.filter(pc.and_(is_hash, pc.invert(skip))), lambda i: "a line")
         into.add_urls(entries.filter(pc.and_(is_url, pc.invert(pc.or_(skip, is_hash)))))
         line_no += len(lines)
@@ -242,8 +259,9 @@ def load(sources: tuple[str, ...] | list[str]) -> Exclusions:
         shape = _shape(source)
 
         def opener(mode="rb", source=source):
-            return fsspec.open(source, mode, compression="infer",
-                               **({"encoding": "utf-8", "newline": None} if mode == "r" else {}))
+            return fsspec.open(
+                source, mode, compression="infer", **({"encoding": "utf-8", "newline": None} if mode == "r" else {})
+            )
 
         try:
             if shape == "parquet":
@@ -259,8 +277,10 @@ def load(sources: tuple[str, ...] | list[str]) -> Exclusions:
         except FileNotFoundError:
             raise ExclusionListError(f"{source}: no such removal list (spec.filter.exclude)") from None
         except UnicodeDecodeError as err:
-            raise ExclusionListError(f"{source}: not UTF-8 text ({err.reason} at byte {err.start} of a chunk); "
-                                     "a parquet list needs a name ending in .parquet") from None
+            raise ExclusionListError(
+                f"{source}: not UTF-8 text ({err.reason} at byte {err.start} of a chunk); "
+                "a parquet list needs a name ending in .parquet"
+            ) from None
         except (pa.ArrowInvalid, OSError, ValueError) as err:
             raise ExclusionListError(f"{source}: not a readable {shape} removal list: {err}") from None
         urls += into.urls

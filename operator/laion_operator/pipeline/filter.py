@@ -30,9 +30,9 @@ import os
 import tempfile
 import threading
 from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import fsspec
 import numpy as np
@@ -46,14 +46,15 @@ from ..errors import InputError
 from ..spec import PartSpec
 from ..storage import Store
 from . import columns as cols
-from .exclude import Exclusions, load as load_exclusions
+from .exclude import Exclusions
+from .exclude import load as load_exclusions
 
 BATCH_ROWS = 131_072
 PARALLEL_ROW_GROUP_ROWS = 1 << 20  # row groups up to this size are filtered whole, several at once
 READ_THREADS = max(2, min(4, os.cpu_count() or 2))  # row groups read and filtered at once
 WRITE_THREADS = 2  # shard files written at once
 BUCKET_ROWS = 1_000_000  # rows read per spill bucket of the shuffle: bounds the rows sorted in memory at once
-MAX_BUCKET_BITS = 9      # at most 512 bucket files open at once
+MAX_BUCKET_BITS = 9  # at most 512 bucket files open at once
 
 
 class MetadataError(InputError):
@@ -119,7 +120,8 @@ def _output_columns(mapping: dict[str, str], spec: PartSpec, file_columns: list[
         if source not in file_columns:
             raise cols.ColumnError(
                 f"{url}: column {name!r} (spec.download.saveAdditionalColumns) is not in the file; "
-                f"its columns are: {', '.join(file_columns)}")
+                f"its columns are: {', '.join(file_columns)}"
+            )
         out[name] = source
     return out
 
@@ -142,6 +144,7 @@ def _normalise(table: pa.Table) -> pa.Table:
 @dataclass
 class Kept:
     """One batch's kept rows, their URL hashes and their positions among all rows read."""
+
     table: pa.Table
     hashes: np.ndarray | None
     positions: np.ndarray | None
@@ -151,14 +154,21 @@ class Kept:
 class _Filtered:
     """One batch filtered: its kept rows (output columns), how many rows it had, the rows each
     condition dropped (in condition order) and, when asked, the kept rows' offsets in the batch."""
+
     table: pa.Table
     rows: int
     dropped: list[tuple[str, int]]
     offsets: np.ndarray | None
 
 
-def _filter_batch(batch: pa.RecordBatch, mapping: dict[str, str], spec: PartSpec, out_cols: dict[str, str],
-                  with_offsets: bool, exclusions: Exclusions | None = None) -> _Filtered:
+def _filter_batch(
+    batch: pa.RecordBatch,
+    mapping: dict[str, str],
+    spec: PartSpec,
+    out_cols: dict[str, str],
+    with_offsets: bool,
+    exclusions: Exclusions | None = None,
+) -> _Filtered:
     keep = None
     dropped = []
     remaining = batch.num_rows
@@ -176,10 +186,10 @@ def _filter_batch(batch: pa.RecordBatch, mapping: dict[str, str], spec: PartSpec
         dropped.append(("excluded", int(listed.sum())))
         if listed.any():
             offsets = pa.array(offsets.to_numpy()[~listed])
-    table = _normalise(pa.Table.from_arrays([batch.column(src) for src in out_cols.values()],
-                                            names=list(out_cols)).take(offsets))
-    return _Filtered(table, batch.num_rows, dropped,
-                     offsets.to_numpy().astype(np.int64) if with_offsets else None)
+    table = _normalise(
+        pa.Table.from_arrays([batch.column(src) for src in out_cols.values()], names=list(out_cols)).take(offsets)
+    )
+    return _Filtered(table, batch.num_rows, dropped, offsets.to_numpy().astype(np.int64) if with_offsets else None)
 
 
 def _in_order(tasks: Iterator[Callable[[], object]], workers: int) -> Iterator:
@@ -199,9 +209,16 @@ def _in_order(tasks: Iterator[Callable[[], object]], workers: int) -> Iterator:
                 f.cancel()
 
 
-def _filtered_batches(url: str, pf: pq.ParquetFile, read: list[str], mapping: dict[str, str], spec: PartSpec,
-                      out_cols: dict[str, str], with_offsets: bool,
-                      exclusions: Exclusions | None = None) -> Iterator[_Filtered]:
+def _filtered_batches(
+    url: str,
+    pf: pq.ParquetFile,
+    read: list[str],
+    mapping: dict[str, str],
+    spec: PartSpec,
+    out_cols: dict[str, str],
+    with_offsets: bool,
+    exclusions: Exclusions | None = None,
+) -> Iterator[_Filtered]:
     """Every batch of the file, filtered, in file order.
 
     Row groups of at most PARALLEL_ROW_GROUP_ROWS are read and filtered whole, READ_THREADS at once,
@@ -228,9 +245,12 @@ def _filtered_batches(url: str, pf: pq.ParquetFile, read: list[str], mapping: di
         def row_group(i: int) -> list[_Filtered]:
             own = handle()
             try:
-                return [_filter_batch(batch, mapping, spec, out_cols, with_offsets, exclusions)
-                        for batch in own.iter_batches(batch_size=BATCH_ROWS, row_groups=[i], columns=read,
-                                                      use_threads=False)]
+                return [
+                    _filter_batch(batch, mapping, spec, out_cols, with_offsets, exclusions)
+                    for batch in own.iter_batches(
+                        batch_size=BATCH_ROWS, row_groups=[i], columns=read, use_threads=False
+                    )
+                ]
             finally:
                 if local:
                     own.close()
@@ -251,8 +271,13 @@ def _filtered_batches(url: str, pf: pq.ParquetFile, read: list[str], mapping: di
         yield _filter_batch(batch, mapping, spec, out_cols, with_offsets, exclusions)
 
 
-def _kept_batches(spec: PartSpec, result: FilterResult, on_batch: Callable[[FilterResult], None] | None,
-                  with_hashes: bool, with_positions: bool) -> Iterator[Kept]:
+def _kept_batches(
+    spec: PartSpec,
+    result: FilterResult,
+    on_batch: Callable[[FilterResult], None] | None,
+    with_hashes: bool,
+    with_positions: bool,
+) -> Iterator[Kept]:
     """Pass 1: stream all files and yield each batch's kept rows, counting the rows dropped."""
     needed = cols.required_fields(spec.filter)
     sampling = spec.filter.sample_fraction < 1.0
@@ -281,8 +306,9 @@ def _kept_batches(spec: PartSpec, result: FilterResult, on_batch: Callable[[Filt
                 position += filtered.rows
                 if sampling:
                     sampled = h < threshold
-                    result.dropped_by["sampleFraction"] = (
-                        result.dropped_by.get("sampleFraction", 0) + int((~sampled).sum()))
+                    result.dropped_by["sampleFraction"] = result.dropped_by.get("sampleFraction", 0) + int(
+                        (~sampled).sum()
+                    )
                     kept, h = kept.filter(pa.array(sampled)), h[sampled]
                     seq = seq[sampled] if seq is not None else None
                 table = kept
@@ -336,8 +362,11 @@ class ShardWriter:
         # URLs and captions are nearly all distinct, and nothing reads a shard by statistics. Shards are
         # scratch for the download tasks, read once: compressing them would cost a third of the writing.
         options = {"use_dictionary": False, "write_statistics": False, "compression": "none"}
-        sink = (pa.OSFile(path, "wb") if isinstance(self.store.fs, fsspec.implementations.local.LocalFileSystem)
-                else self.store.fs.open(path, "wb"))  # Arrow's own file locally: no Python call per write
+        sink = (
+            pa.OSFile(path, "wb")
+            if isinstance(self.store.fs, fsspec.implementations.local.LocalFileSystem)
+            else self.store.fs.open(path, "wb")
+        )  # Arrow's own file locally: no Python call per write
         with sink:
             pq.write_table(table, sink, **options)
 
@@ -374,9 +403,11 @@ def _shuffled(spec: PartSpec, batches: Iterator[Kept], workdir: str, result: Fil
     try:
         for kept in batches:
             table = kept.table.append_column("_hash", pa.array(kept.hashes)).append_column(
-                "_pos", pa.array(kept.positions))
-            bucket = (kept.hashes >> np.uint64(64 - bits)).astype(np.int64) if bits else np.zeros(
-                table.num_rows, np.int64)
+                "_pos", pa.array(kept.positions)
+            )
+            bucket = (
+                (kept.hashes >> np.uint64(64 - bits)).astype(np.int64) if bits else np.zeros(table.num_rows, np.int64)
+            )
             order = np.argsort(bucket, kind="stable")
             table, bucket = table.take(pa.array(order)), bucket[order]
             bounds = np.searchsorted(bucket, np.arange(buckets + 1))
@@ -426,7 +457,7 @@ def _deduped_in_read_order(batches: Iterator[Kept], workdir: str, result: Filter
     offset = 0
     with pa.OSFile(path) as source:
         for batch in pa.ipc.open_stream(source):
-            keep = first[offset:offset + batch.num_rows]
+            keep = first[offset : offset + batch.num_rows]
             offset += batch.num_rows
             yield pa.Table.from_batches([batch.filter(pa.array(keep))])
 
@@ -450,8 +481,9 @@ def _first_of_each(hashes: np.ndarray) -> np.ndarray:
 def _ordered(spec: PartSpec, result: FilterResult, on_batch, workdir: str) -> Iterator[pa.Table]:
     """The kept rows, in output order."""
     flt = spec.filter
-    batches = _kept_batches(spec, result, on_batch, with_hashes=flt.shuffle or flt.dedupe_urls,
-                            with_positions=flt.shuffle)
+    batches = _kept_batches(
+        spec, result, on_batch, with_hashes=flt.shuffle or flt.dedupe_urls, with_positions=flt.shuffle
+    )
     if flt.shuffle:
         return _shuffled(spec, batches, workdir, result)
     if flt.dedupe_urls:
@@ -467,7 +499,8 @@ def run_filter(spec: PartSpec, store: Store, on_batch: Callable[[FilterResult], 
         if done.get("fingerprint") != fp:
             raise MetadataError(
                 f"output {store.uri} holds shards filtered from a different source, columns or filter; "
-                "use a new output.uri or remove the old output first")
+                "use a new output.uri or remove the old output first"
+            )
         return FilterResult(**done)
     result = FilterResult(fingerprint=fp)
     store.fs.makedirs(store.path(SHARDS_DIR), exist_ok=True)

@@ -21,9 +21,9 @@ import io
 import json
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 from collections.abc import Set as AbstractSet
-from typing import Callable
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -32,7 +32,7 @@ from .. import contract
 from ..contract import HEAL, MANIFEST, PROGRESS, Phase, Progress, ShardStats
 from ..errors import InputError
 from ..spec import PartSpec
-from ..storage import Store, StorageUnavailable
+from ..storage import StorageUnavailable, Store
 from . import formats
 from .annotate import annotate
 from .download import download_shard
@@ -53,9 +53,13 @@ def save_samples(store: Store, spec: PartSpec, shard: int) -> None:
     table = read_metadata(store, shard)
     images = {sample.key: sample.image for sample in fmt.read_samples(store, shard)}
     rows = [{k: v for k, v in row.items() if k != spec.download.encode_format} for row in table.to_pylist()]
-    saved = pa.table({"key": [r["key"] for r in rows],
-                      "image": pa.array([images.get(r["key"]) for r in rows], pa.binary()),
-                      "meta": [json.dumps(r, default=str) for r in rows]})
+    saved = pa.table(
+        {
+            "key": [r["key"] for r in rows],
+            "image": pa.array([images.get(r["key"]) for r in rows], pa.binary()),
+            "meta": [json.dumps(r, default=str) for r in rows],
+        }
+    )
     buf = io.BytesIO()
     pq.write_table(saved, buf)
     store.fs.makedirs(store.path(contract.HEAL_DIR), exist_ok=True)
@@ -65,8 +69,10 @@ def save_samples(store: Store, spec: PartSpec, shard: int) -> None:
 def saved_samples(store: Store, shard: int) -> dict[str, tuple[bytes | None, dict]]:
     with store.fs.open(store.path(contract.heal_backup(shard)), "rb") as f:
         table = pq.read_table(f)
-    return {key: (image, json.loads(meta)) for key, image, meta in
-            zip(*(table.column(c).to_pylist() for c in ("key", "image", "meta")))}
+    return {
+        key: (image, json.loads(meta))
+        for key, image, meta in zip(*(table.column(c).to_pylist() for c in ("key", "image", "meta")))
+    }
 
 
 def to_heal(meta: dict, reasons: set[str]) -> bool:
@@ -75,9 +81,11 @@ def to_heal(meta: dict, reasons: set[str]) -> bool:
 
 def _affected(store: Store, shard: int, reasons: set[str]) -> int:
     table = read_metadata(store, shard)
-    return sum(1 for status, reason in zip(table.column("status").to_pylist(),
-                                           table.column("failure_reason").to_pylist())
-               if status != "success" and reason in reasons)
+    return sum(
+        1
+        for status, reason in zip(table.column("status").to_pylist(), table.column("failure_reason").to_pylist())
+        if status != "success" and reason in reasons
+    )
 
 
 def _finished_stats(store: Store, shards: int, skip: AbstractSet[int] = frozenset()) -> list[ShardStats]:
@@ -85,8 +93,10 @@ def _finished_stats(store: Store, shards: int, skip: AbstractSet[int] = frozense
     for shard in (s for s in range(shards) if s not in skip):
         data = store.read_json(contract.shard_stats(shard))
         if data is None:
-            raise NotHealable(f"{store.url(contract.shard_stats(shard))} is missing: the part is not finished; "
-                              "run it to the end first (laion-operator run, or its LaionPart)")
+            raise NotHealable(
+                f"{store.url(contract.shard_stats(shard))} is missing: the part is not finished; "
+                "run it to the end first (laion-operator run, or its LaionPart)"
+            )
         stats.append(ShardStats.from_json(data))
     return stats
 
@@ -141,8 +151,14 @@ def _plan(spec: PartSpec, store: Store, reasons: list[str] | None, force: bool) 
         saved = [s for s in range(shards) if store.exists(contract.heal_backup(s))]
         _finished_stats_or_saved(store, shards, saved)
         todo = sorted(set(saved) | {s for s in range(shards) if s not in saved and _affected(store, s, set(reasons))})
-        plan = {"key": key, "reasons": reasons, "shards": todo, "done": [], "finished": False,
-                "started_at": time.time()}
+        plan = {
+            "key": key,
+            "reasons": reasons,
+            "shards": todo,
+            "done": [],
+            "finished": False,
+            "started_at": time.time(),
+        }
         store.write_json(plan, HEAL)
     return plan, manifest
 
@@ -159,10 +175,17 @@ def _heal(spec: PartSpec, tracker: Tracker, plan: dict, manifest: dict) -> dict:
     shards = manifest["shards"]
     todo = [s for s in plan["shards"] if s not in plan["done"]]
     tracker.progress.finished_at = None
-    tracker.phase(Phase.DOWNLOADING, f"healing {len(plan['shards'])} shards: fetching again what failed for "
-                                     f"{', '.join(plan['reasons'])}")
-    log.info("healing %s: %d of %d shards hold samples that failed for %s", store.uri, len(plan["shards"]),
-             shards, ", ".join(plan["reasons"]))
+    tracker.phase(
+        Phase.DOWNLOADING,
+        f"healing {len(plan['shards'])} shards: fetching again what failed for {', '.join(plan['reasons'])}",
+    )
+    log.info(
+        "healing %s: %d of %d shards hold samples that failed for %s",
+        store.uri,
+        len(plan["shards"]),
+        shards,
+        ", ".join(plan["reasons"]),
+    )
     tracker.finished = {s.shard: s for s in _finished_stats(store, shards, skip=set(todo))}
     refetched = 0
 
@@ -173,9 +196,16 @@ def _heal(spec: PartSpec, tracker: Tracker, plan: dict, manifest: dict) -> dict:
         plan["done"].append(shard)
         store.write_json(plan, HEAL)
 
-    pool = Pool("heal: ", _heal_shard, spec, spec.download.shard_retries, spec.download.parallelism or cpus(),
-                on_value=healed, tick=lambda partial, moved: tracker.tick(partial, moved, len(pool.failed)),
-                args=(plan["reasons"],))
+    pool = Pool(
+        "heal: ",
+        _heal_shard,
+        spec,
+        spec.download.shard_retries,
+        spec.download.parallelism or cpus(),
+        on_value=healed,
+        tick=lambda partial, moved: tracker.tick(partial, moved, len(pool.failed)),
+        args=(plan["reasons"],),
+    )
     try:
         pool.run(todo)
     except StorageUnavailable as err:
@@ -183,9 +213,11 @@ def _heal(spec: PartSpec, tracker: Tracker, plan: dict, manifest: dict) -> dict:
         raise
     if pool.failed:
         first = min(pool.failed)
-        tracker.fail(f"heal: {len(pool.failed)} of {len(todo)} shards failed after {spec.download.shard_retries} "
-                     f"retries: {sorted(pool.failed)[:10]}; shard {first}: {str(pool.errors.get(first))[:500]}; "
-                     "heal again to retry them")
+        tracker.fail(
+            f"heal: {len(pool.failed)} of {len(todo)} shards failed after {spec.download.shard_retries} "
+            f"retries: {sorted(pool.failed)[:10]}; shard {first}: {str(pool.errors.get(first))[:500]}; "
+            "heal again to retry them"
+        )
         raise PartFailed(tracker.progress.message)
 
     stats = _finished_stats(store, shards)
@@ -200,15 +232,22 @@ def _heal(spec: PartSpec, tracker: Tracker, plan: dict, manifest: dict) -> dict:
     summary = annotate(spec, store, stats, progress)
     summary["heal"] = {"reasons": plan["reasons"], "shards": len(plan["shards"]), "refetched": refetched}
     store.write_json(summary, contract.summary(spec.part_id))
-    tracker.finish(f"healed {len(plan['shards'])} shards ({', '.join(plan['reasons'])}): "
-                   f"{progress.images_ok} images in {store.uri}")
+    tracker.finish(
+        f"healed {len(plan['shards'])} shards ({', '.join(plan['reasons'])}): "
+        f"{progress.images_ok} images in {store.uri}"
+    )
     plan["finished"] = True
     store.write_json(plan, HEAL)
     return summary
 
 
-def heal_part(spec: PartSpec, reasons: list[str] | None = None, force: bool = False,
-              on_progress: Callable[[Progress], None] | None = None, ray_address: str | None = None) -> dict | None:
+def heal_part(
+    spec: PartSpec,
+    reasons: list[str] | None = None,
+    force: bool = False,
+    on_progress: Callable[[Progress], None] | None = None,
+    ray_address: str | None = None,
+) -> dict | None:
     """Heal the finished part in spec.output on its own (`laion-operator heal`); returns its new summary,
     or None when this heal (spec.heal's reasons and round) was done already and `force` is not set."""
     store = Store(spec.output)
@@ -225,5 +264,7 @@ def _finished_stats_or_saved(store: Store, shards: int, saved: list[int]) -> Non
     """Every shard is finished, or is one an interrupted heal saved before rewriting it."""
     for shard in range(shards):
         if shard not in saved and not store.exists(contract.shard_stats(shard)):
-            raise NotHealable(f"{store.url(contract.shard_stats(shard))} is missing: the part is not finished; "
-                              "run it to the end first (laion-operator run, or its LaionPart)")
+            raise NotHealable(
+                f"{store.url(contract.shard_stats(shard))} is missing: the part is not finished; "
+                "run it to the end first (laion-operator run, or its LaionPart)"
+            )

@@ -52,13 +52,13 @@ def jpeg_frame(data: bytes) -> JpegFrame | None:
         if marker in SOF:
             if i + 9 > n:
                 return None
-            height, width = struct.unpack(">HH", data[i + 5:i + 9])
+            height, width = struct.unpack(">HH", data[i + 5 : i + 9])
             if not (width and height):
                 return None
             return JpegFrame(marker, data[i + 4], width, height, data[i + 9] if i + 10 <= n else None)
         if marker in (0xDA, 0xD9):
             return None
-        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
     return None
 
 

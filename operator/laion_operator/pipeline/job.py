@@ -20,9 +20,17 @@ log = logging.getLogger("laion_operator.job")
 
 
 def log_progress(p: Progress) -> None:
-    log.info("part %s: %s, shards %d/%d (%d failed), images %d ok %d failed, %.1f%% success",
-             p.part_id, p.phase, p.shards_done, p.shards_total, p.shards_failed, p.images_ok, p.images_failed,
-             p.success_rate)
+    log.info(
+        "part %s: %s, shards %d/%d (%d failed), images %d ok %d failed, %.1f%% success",
+        p.part_id,
+        p.phase,
+        p.shards_done,
+        p.shards_total,
+        p.shards_failed,
+        p.images_ok,
+        p.images_failed,
+        p.success_rate,
+    )
 
 
 def main() -> int:

@@ -19,9 +19,9 @@ import queue
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -33,6 +33,7 @@ from ..spec import Latents, PartSpec
 from ..storage import Store
 from . import formats
 from .formats.mds import merge
+
 # Batches decoded ahead of the model: enough to hide a slow decode, little memory.
 PREFETCH = 2
 MDS_SIZE_LIMIT = 1 << 28  # 256 MiB a file, as micro_diffusion's precompute script writes them
@@ -86,9 +87,11 @@ class MDSFolder:
             raise InputError(f"{self.uri}/{contract.MDS_INDEX}: lists no shard file")
         for column in (self.image_column, self.caption_column):
             if column not in entries[0].get("column_names", []):
-                raise InputError(f"{self.uri}: no column {column!r} (its columns: "
-                                 f"{', '.join(entries[0].get('column_names', []))}); name it with "
-                                 f"--image-column / --caption-column")
+                raise InputError(
+                    f"{self.uri}: no column {column!r} (its columns: "
+                    f"{', '.join(entries[0].get('column_names', []))}); name it with "
+                    f"--image-column / --caption-column"
+                )
         return index
 
     def shards(self) -> list[int]:
@@ -124,6 +127,7 @@ class MDSFolder:
 
 # --- decoding, in a thread beside the model -----------------------------------------------------
 
+
 def resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:
     """torchvision's Resize(resolution) on a (width, height) image: the shorter side to the resolution,
     the longer one scaled and truncated (`int(r * long / short)`, its `_compute_resized_output_size`)."""
@@ -144,7 +148,7 @@ def preprocess_all(data: bytes, resolutions: tuple[int, ...], reduced: bool = Fa
     `reduced` (latents.reducedDecode) lets libjpeg decode at the smallest DCT scale still at least the
     largest resolution on both sides, first: faster, and within spec.REDUCED_DECODE_PSNR of the whole decode."""
     with Image.open(io.BytesIO(data)) as image:
-        whole = image.size  # sizes and offsets from the image's own size, however it was decoded
+        whole: tuple[int, int] = image.size  # sizes and offsets from the image's own size, however it was decoded
         box = None
         if reduced:
             # A side that is not a multiple of the DCT scale decodes to a partly covered last pixel:
@@ -199,7 +203,7 @@ class Batch:
         for r, image in images.items():
             self.images.setdefault(r, []).append(image)
 
-    def seal(self) -> "Batch":
+    def seal(self) -> Batch:
         self.pixels = {r: to_uint8(images) for r, images in self.images.items()}
         self.images = {}
         return self
@@ -208,8 +212,14 @@ class Batch:
 _END = object()
 
 
-def decoded_batches(samples: Iterator[Sample], resolutions: int | tuple[int, ...], batch_size: int,
-                    prefetch: int = PREFETCH, reduced: bool = False, threads: int = 1) -> Iterator[Batch]:
+def decoded_batches(
+    samples: Iterator[Sample],
+    resolutions: int | tuple[int, ...],
+    batch_size: int,
+    prefetch: int = PREFETCH,
+    reduced: bool = False,
+    threads: int = 1,
+) -> Iterator[Batch]:
     """Batches of decoded images (`pixels[r]`, uint8, for every resolution), made by a thread (and
     `threads` decoding beside it: Pillow lets go of the GIL to decode and resize) while the caller
     encodes the previous ones. An image that does not decode is counted in its batch's `skipped` and
@@ -282,6 +292,7 @@ def decoded_batches(samples: Iterator[Sample], resolutions: int | tuple[int, ...
 
 # --- one shard ----------------------------------------------------------------------------------
 
+
 def columns(settings: Latents) -> dict[str, str]:
     """The MDS columns, as micro_diffusion's precompute script writes them."""
     cols = {"key": "str", "caption": "str"}
@@ -327,8 +338,12 @@ class Encoder:
         import torch
 
         s = self.settings
-        z = {r: self._to_host(self.encode_images(self.vae, batch.pixels[r], batch.keys, s.latent_mode, s.seed,
-                                                 self.scale)) for r in s.sizes}
+        z = {
+            r: self._to_host(
+                self.encode_images(self.vae, batch.pixels[r], batch.keys, s.latent_mode, s.seed, self.scale)
+            )
+            for r in s.sizes
+        }
         e = self._to_host(self.text(batch.captions))
         done = None
         if self.cuda:
@@ -369,8 +384,14 @@ def decode_threads(settings: Latents, device: str) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, torch.cuda.device_count()))
 
 
-def encode_shard(spec: PartSpec, shard: int, report: Callable[[LatentStats], None] | None = None,
-                 report_every: float = 2.0, models=None, source: MDSFolder | None = None) -> LatentStats:
+def encode_shard(
+    spec: PartSpec,
+    shard: int,
+    report: Callable[[LatentStats], None] | None = None,
+    report_every: float = 2.0,
+    models=None,
+    source: MDSFolder | None = None,
+) -> LatentStats:
     """Encode one shard into latents/<shard>/; returns its stats (also persisted, last). The shard is
     one of the part's download shards, or with `source` one file of an MDS folder."""
     from . import models as model_loading
@@ -381,14 +402,18 @@ def encode_shard(spec: PartSpec, shard: int, report: Callable[[LatentStats], Non
         if store.exists(stale):
             store.fs.rm(store.path(stale), recursive=True)
     encoder = Encoder(settings, models or model_loading.load(settings))
-    stats = LatentStats(shard=shard, start_time=time.time(), device=encoder.device,
-                        scaling_factor=encoder.scale.scale, shift_factor=encoder.scale.shift)
+    stats = LatentStats(
+        shard=shard,
+        start_time=time.time(),
+        device=encoder.device,
+        scaling_factor=encoder.scale.scale,
+        shift_factor=encoder.scale.shift,
+    )
     last = time.monotonic()
     samples = source.samples(shard) if source else read_samples(store, shard, spec)
     mds = streaming()
     with tempfile.TemporaryDirectory(prefix=f"latents-{shard_name(shard)}-") as local:
-        with mds.MDSWriter(out=local, columns=columns(settings), compression=None,
-                           size_limit=MDS_SIZE_LIMIT) as writer:
+        with mds.MDSWriter(out=local, columns=columns(settings), compression=None, size_limit=MDS_SIZE_LIMIT) as writer:
 
             def write(pending) -> None:
                 nonlocal last
@@ -403,9 +428,13 @@ def encode_shard(spec: PartSpec, shard: int, report: Callable[[LatentStats], Non
                     report(stats)
 
             pending = None
-            for batch in decoded_batches(samples, settings.sizes, settings.batch_size,
-                                         reduced=settings.reduced_decode,
-                                         threads=decode_threads(settings, encoder.device)):
+            for batch in decoded_batches(
+                samples,
+                settings.sizes,
+                settings.batch_size,
+                reduced=settings.reduced_decode,
+                threads=decode_threads(settings, encoder.device),
+            ):
                 stats.skipped += batch.skipped
                 stats.count += batch.skipped + len(batch.keys)
                 if not batch.keys:
@@ -426,6 +455,7 @@ def encode_shard(spec: PartSpec, shard: int, report: Callable[[LatentStats], Non
 
 
 # --- the part's index and manifest --------------------------------------------------------------
+
 
 def merge_indexes(store: Store, shards: list[LatentStats]) -> int:
     """latents/index.json over every shard's MDS files (what streaming's merge_index writes: each

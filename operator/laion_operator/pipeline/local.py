@@ -27,14 +27,18 @@ class ProgressBar:
                 return
             line = f"[filter] {p.rows_read:,} rows read, {p.rows_kept:,} kept"
         elif p.phase == Phase.ENCODING:
-            line = (f"[latents] shards {p.latents_shards_done}/{p.latents_shards_total}"
-                    f"{f' ({p.latents_shards_failed} failed)' if p.latents_shards_failed else ''} | "
-                    f"{p.latents_written:,} samples, {p.latents_per_second:,.1f}/s")
+            line = (
+                f"[latents] shards {p.latents_shards_done}/{p.latents_shards_total}"
+                f"{f' ({p.latents_shards_failed} failed)' if p.latents_shards_failed else ''} | "
+                f"{p.latents_written:,} samples, {p.latents_per_second:,.1f}/s"
+            )
         else:
             attempted = p.images_ok + p.images_failed
-            line = (f"[{p.phase.lower()}] shards {p.shards_done}/{p.shards_total}"
-                    f"{f' ({p.shards_failed} failed)' if p.shards_failed else ''} | "
-                    f"{attempted:,} images, {attempted / elapsed:,.1f}/s | success {p.success_rate:.1f}%")
+            line = (
+                f"[{p.phase.lower()}] shards {p.shards_done}/{p.shards_total}"
+                f"{f' ({p.shards_failed} failed)' if p.shards_failed else ''} | "
+                f"{attempted:,} images, {attempted / elapsed:,.1f}/s | success {p.success_rate:.1f}%"
+            )
         if line == self._last_line:
             return
         self._last_line = line
@@ -61,16 +65,20 @@ def print_summary(summary: dict, out=sys.stdout) -> None:
     out.write(f"  written   {summary['bytesWritten'] / 1e6:,.1f} MB in {summary['durations']['totalSeconds']:.1f} s\n")
     verified = summary.get("verified")
     if verified:
-        out.write(f"  verified  {verified['samples']:,} samples in {verified['shards']} shards read back, "
-                  f"{verified['imagesDecoded']:,} images decoded\n")
+        out.write(
+            f"  verified  {verified['samples']:,} samples in {verified['shards']} shards read back, "
+            f"{verified['imagesDecoded']:,} images decoded\n"
+        )
     if "annotations" in summary:
         out.write(f"  index     {summary['annotations']}\n")
     if "latents" in summary:
         lat = summary["latents"]
-        out.write(f"  latents   {lat['samples']:,} samples ({lat['skipped']:,} undecodable) at "
-                  f"{lat['latentsPerSecond']:,.1f}/s on {', '.join(lat['devices']) or '-'}; image "
-                  f"{'x'.join(map(str, lat['imageShape'] or []))}, text {'x'.join(map(str, lat['captionShape'] or []))} "
-                  f"{lat['dtype']}\n")
+        out.write(
+            f"  latents   {lat['samples']:,} samples ({lat['skipped']:,} undecodable) at "
+            f"{lat['latentsPerSecond']:,.1f}/s on {', '.join(lat['devices']) or '-'}; image "
+            f"{'x'.join(map(str, lat['imageShape'] or []))}, text {'x'.join(map(str, lat['captionShape'] or []))} "
+            f"{lat['dtype']}\n"
+        )
         out.write(f"            {lat['index']}\n")
 
 
@@ -79,10 +87,12 @@ def run_with_progress(part: PartSpec, ray_address: str | None = None, out=sys.st
     from .driver import PartFailed, run_part
     from .runtime import ensure_ray
 
-    sources = (f"dataset {part.dataset.uri}" if part.dataset else
-               f"{len(part.source)} metadata file{'s' if len(part.source) > 1 else ''}")
-    print(f"part {part.part_id}: {sources} -> {part.output.uri} ({part.download.output_format})", file=out,
-          flush=True)
+    sources = (
+        f"dataset {part.dataset.uri}"
+        if part.dataset
+        else f"{len(part.source)} metadata file{'s' if len(part.source) > 1 else ''}"
+    )
+    print(f"part {part.part_id}: {sources} -> {part.output.uri} ({part.download.output_format})", file=out, flush=True)
     ensure_ray(ray_address)
     bar = ProgressBar()
     try:
@@ -93,8 +103,10 @@ def run_with_progress(part: PartSpec, ray_address: str | None = None, out=sys.st
         return ExitCode.SHARDS_FAILED
     except StorageUnavailable as err:
         bar.close()
-        print(f"laion-operator: part {part.part_id} failed: StorageUnavailable: {err}; run it again to resume",
-              file=sys.stderr)
+        print(
+            f"laion-operator: part {part.part_id} failed: StorageUnavailable: {err}; run it again to resume",
+            file=sys.stderr,
+        )
         return ExitCode.STORAGE_UNAVAILABLE
     bar.close()
     print_summary(summary, out)

@@ -51,17 +51,20 @@ def pick_device() -> str:
 
 
 def _fail(field: str, name: str, err: BaseException) -> ModelError:
-    return ModelError(f"spec.latents.{field}: cannot load {name!r}: {type(err).__name__}: "
-                      f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}")
+    return ModelError(
+        f"spec.latents.{field}: cannot load {name!r}: {type(err).__name__}: "
+        f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+    )
 
 
 def load_vae(settings: Latents, device: str):
     from diffusers import AutoencoderKL
 
     try:
-        vae = AutoencoderKL.from_pretrained(settings.vae, subfolder=settings.vae_subfolder,
-                                            torch_dtype=torch_dtype(settings.dtype, device))
-    except (OSError, ValueError, EnvironmentError) as err:
+        vae = AutoencoderKL.from_pretrained(
+            settings.vae, subfolder=settings.vae_subfolder, torch_dtype=torch_dtype(settings.dtype, device)
+        )
+    except (OSError, ValueError) as err:
         raise _fail("vae", settings.vae, err) from err
     return vae.to(device).eval().requires_grad_(False)
 
@@ -74,7 +77,7 @@ class LatentScale:
     shift: float
 
     @classmethod
-    def of(cls, vae) -> "LatentScale":
+    def of(cls, vae) -> LatentScale:
         return cls(float(vae.config.scaling_factor or 1.0), float(getattr(vae.config, "shift_factor", None) or 0.0))
 
 
@@ -127,12 +130,17 @@ class TransformersTextEncoder:
         dtype = torch_dtype(settings.dtype, device)
         try:
             config = transformers.AutoConfig.from_pretrained(name, subfolder=sub)
-            kind: type[transformers.PreTrainedModel] = {"clip": transformers.CLIPTextModel, "clip_text_model": transformers.CLIPTextModel,
-                    "t5": transformers.T5EncoderModel, "mt5": transformers.T5EncoderModel,
-                    "umt5": transformers.UMT5EncoderModel}.get(config.model_type, transformers.AutoModel)
+            kind: type[transformers.PreTrainedModel] = {
+                "clip": transformers.CLIPTextModel,
+                "clip_text_model": transformers.CLIPTextModel,
+                "t5": transformers.T5EncoderModel,
+                "mt5": transformers.T5EncoderModel,
+                "umt5": transformers.UMT5EncoderModel,
+            }.get(config.model_type, transformers.AutoModel)
             self.model = kind.from_pretrained(name, subfolder=sub, dtype=dtype).to(device).eval()
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(
-                name, subfolder=settings.tokenizer_subfolder or sub)
+                name, subfolder=settings.tokenizer_subfolder or sub
+            )
         except (OSError, ValueError, KeyError) as err:
             raise _fail("textEncoder", name, err) from err
         self.model.requires_grad_(False)
@@ -147,11 +155,14 @@ class TransformersTextEncoder:
     def __call__(self, captions: list[str]):
         import torch
 
-        tokens = self.tokenizer(captions, padding="max_length", max_length=self.max_length, truncation=True,
-                                return_tensors="pt")
+        tokens = self.tokenizer(
+            captions, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
+        )
         with torch.inference_mode():
-            out = self.model(input_ids=tokens.input_ids.to(self.device),
-                             attention_mask=tokens.attention_mask.to(self.device) if self.use_mask else None)
+            out = self.model(
+                input_ids=tokens.input_ids.to(self.device),
+                attention_mask=tokens.attention_mask.to(self.device) if self.use_mask else None,
+            )
         return out.last_hidden_state
 
 
@@ -160,12 +171,14 @@ class OpenClipTextEncoder:
     `openclip:hf-hub:<repo>` or `openclip:<architecture>/<pretrained tag or file>`."""
 
     def __init__(self, settings: Latents, device: str):
-        name = settings.text_encoder[len(OPEN_CLIP):]
+        name = settings.text_encoder[len(OPEN_CLIP) :]
         try:
             import open_clip
         except ImportError as err:
-            raise ModelError(f"spec.latents.textEncoder: {settings.text_encoder!r} needs open_clip "
-                             f"(pip install open-clip-torch): {err}") from err
+            raise ModelError(
+                f"spec.latents.textEncoder: {settings.text_encoder!r} needs open_clip "
+                f"(pip install open-clip-torch): {err}"
+            ) from err
         try:
             if name.startswith("hf-hub:"):
                 model = open_clip.create_model(name)
@@ -200,8 +213,14 @@ _CACHE: dict = {}
 
 def load(settings: Latents):
     """(device, vae, text encoder), kept for the next shard this Ray worker encodes with the same models."""
-    key = (settings.vae, settings.vae_subfolder, settings.text_encoder, settings.text_encoder_subfolder,
-           settings.tokenizer_subfolder, settings.dtype)
+    key = (
+        settings.vae,
+        settings.vae_subfolder,
+        settings.text_encoder,
+        settings.text_encoder_subfolder,
+        settings.tokenizer_subfolder,
+        settings.dtype,
+    )
     if key not in _CACHE:
         go_offline(settings)
         device = pick_device()

@@ -15,7 +15,7 @@ import io
 import threading
 import time
 from collections import Counter
-from typing import Callable
+from collections.abc import Callable
 
 import pyarrow as pa
 
@@ -27,8 +27,13 @@ from .resize import Resizer
 
 # What became of a sample, after the columns it came with.
 OUTCOME: list[tuple[str, pa.DataType]] = [
-    ("status", pa.string()), ("error_message", pa.string()), ("failure_reason", pa.string()),
-    ("width", pa.int32()), ("height", pa.int32()), ("original_width", pa.int32()), ("original_height", pa.int32()),
+    ("status", pa.string()),
+    ("error_message", pa.string()),
+    ("failure_reason", pa.string()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("original_width", pa.int32()),
+    ("original_height", pa.int32()),
 ]
 KEY = pa.field("key", pa.string())
 
@@ -44,10 +49,16 @@ def schema(leading: pa.Schema, compute_hash: str = "none") -> pa.Schema:
 
 def make_resizer(opts: Download) -> Resizer:
     return Resizer(
-        image_size=opts.image_size, resize_mode=opts.resize_mode, resize_only_if_bigger=opts.resize_only_if_bigger,
-        downscale_interpolation=opts.downscale_interpolation, upscale_interpolation=opts.upscale_interpolation,
-        encode_quality=opts.encode_quality, encode_format=opts.encode_format, skip_reencode=opts.skip_reencode,
-        min_image_size=opts.min_image_size, max_aspect_ratio=opts.max_aspect_ratio or float("inf"),
+        image_size=opts.image_size,
+        resize_mode=opts.resize_mode,
+        resize_only_if_bigger=opts.resize_only_if_bigger,
+        downscale_interpolation=opts.downscale_interpolation,
+        upscale_interpolation=opts.upscale_interpolation,
+        encode_quality=opts.encode_quality,
+        encode_format=opts.encode_format,
+        skip_reencode=opts.skip_reencode,
+        min_image_size=opts.min_image_size,
+        max_aspect_ratio=opts.max_aspect_ratio or float("inf"),
         reduced_decode=opts.reduced_decode,
     )
 
@@ -64,14 +75,23 @@ class Recorder:
     """The samples of one shard into the shard's writer, counted into `stats`. Thread-safe: the
     download's decode threads record at once (resizing in parallel, writing one at a time)."""
 
-    def __init__(self, opts: Download, store: Store, stats: ShardStats, save_caption: bool, leading: pa.Schema,
-                 compute_hash: str = "none", report: Callable[[ShardStats], None] | None = None,
-                 report_every: float = 2.0):
+    def __init__(
+        self,
+        opts: Download,
+        store: Store,
+        stats: ShardStats,
+        save_caption: bool,
+        leading: pa.Schema,
+        compute_hash: str = "none",
+        report: Callable[[ShardStats], None] | None = None,
+        report_every: float = 2.0,
+    ):
         self.store, self.stats, self.compute_hash = store, stats, compute_hash
         self.report, self.report_every = report, report_every
         self.resizer = make_resizer(opts)
-        self.writer = formats.get(opts.output_format).writer(opts, stats.shard, store.uri, save_caption,
-                                                             schema(leading, compute_hash))
+        self.writer = formats.get(opts.output_format).writer(
+            opts, stats.shard, store.uri, save_caption, schema(leading, compute_hash)
+        )
         self.reasons: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._last_report = time.monotonic()

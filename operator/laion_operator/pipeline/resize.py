@@ -94,8 +94,9 @@ class Resizer(i2d.Resizer):
         denominator = self.denominator(width, height)
         shape = (-(-height // denominator), -(-width // denominator))
         try:
-            img = simplejpeg.decode_jpeg(data, "GRAY" if components == 1 else "BGR", strict=True,
-                                         min_height=shape[0], min_width=shape[1])
+            img = simplejpeg.decode_jpeg(
+                data, "GRAY" if components == 1 else "BGR", strict=True, min_height=shape[0], min_width=shape[1]
+            )
         except ValueError:  # damaged: the parent decodes what it can, or reports it
             return None
         if img.shape[:2] != shape:
@@ -146,14 +147,24 @@ class Resizer(i2d.Resizer):
         cv2.setNumThreads(1)
         if img.shape[:2] != target:
             downscale = self.side(width, height) > self.image_size
-            img = cv2.resize(img, target[::-1],
-                             interpolation=self.downscale_interpolation if downscale else self.upscale_interpolation)
+            img = cv2.resize(
+                img,
+                target[::-1],
+                interpolation=self.downscale_interpolation if downscale else self.upscale_interpolation,
+            )
         size, (h, w) = self.image_size, target
         if self.resize_mode == ResizeMode.center_crop:
             y, x = max(h - size, 0) // 2, max(w - size, 0) // 2
-            img = img[y:y + size, x:x + size]
+            img = img[y : y + size, x : x + size]
         elif self.resize_mode == ResizeMode.border and (h < size or w < size):
             top, left = max(size - h, 0) // 2, max(size - w, 0) // 2
-            img = cv2.copyMakeBorder(img, top, max(size - h, 0) - top, left, max(size - w, 0) - left,
-                                     cv2.BORDER_CONSTANT, value=[255, 255, 255])
+            img = cv2.copyMakeBorder(
+                img,
+                top,
+                max(size - h, 0) - top,
+                left,
+                max(size - w, 0) - left,
+                cv2.BORDER_CONSTANT,
+                value=[255, 255, 255],
+            )
         return img

@@ -53,12 +53,14 @@ def check_no_stray_shards(store: Store, shards: int) -> None:
             f"output {store.uri} holds {', '.join(store.url(n) for n in stray[:5])}"
             f"{' and more' if len(stray) > 5 else ''}, which {'is' if len(stray) == 1 else 'are'} not a shard of "
             f"this part (it has {shards} shards, {contract.shard_name(0)} to {contract.shard_name(shards - 1)}): "
-            f"remove {'it' if len(stray) == 1 else 'them'}, or choose another output.uri")
-
+            f"remove {'it' if len(stray) == 1 else 'them'}, or choose another output.uri"
+        )
 
 
 def finished_shards(store: Store) -> list[int]:
     """The shards of an output whose stats file exists (a download or a conversion)."""
-    found = (contract.shard_of_stats(path.rsplit("/", 1)[-1])
-             for path in store.fs.glob(store.path(contract.SHARD_STATS_GLOB)))
+    found = (
+        contract.shard_of_stats(path.rsplit("/", 1)[-1])
+        for path in store.fs.glob(store.path(contract.SHARD_STATS_GLOB))
+    )
     return sorted(shard for shard in found if shard is not None)

@@ -12,8 +12,9 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -47,8 +48,7 @@ def ensure_ray(address: str | None = None) -> None:
         # A private cluster on loopback for this run: Ray's notice that it turned token authentication
         # on would be the first thing the user reads, about a cluster they never see.
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-        ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
-                 configure_logging=False)
+        ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1", configure_logging=False)
 
 
 @dataclass(frozen=True)
@@ -111,9 +111,18 @@ class Pool:
     that failed after its retries is recorded in `failed` and `errors` (its last error), and the
     stage goes on."""
 
-    def __init__(self, stage: str, work: Work, spec: PartSpec, retries: int, parallelism: int,
-                 on_value: Callable[[int, Any], None], tick: Callable[[dict[int, dict], bool], None],
-                 args: tuple = (), **resources: Any):
+    def __init__(
+        self,
+        stage: str,
+        work: Work,
+        spec: PartSpec,
+        retries: int,
+        parallelism: int,
+        on_value: Callable[[int, Any], None],
+        tick: Callable[[dict[int, dict], bool], None],
+        args: tuple = (),
+        **resources: Any,
+    ):
         self.stage, self.retries, self.parallelism = stage, retries, parallelism
         self.on_value, self.tick = on_value, tick
         self.failed: list[int] = []

@@ -4,18 +4,19 @@
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from ..contract import PROGRESS, Phase, Progress, ShardStats
-from ..storage import Store, StorageUnavailable
+from ..storage import StorageUnavailable, Store
 from .filter import FilterResult
 
 
 class Tracker:
     """Keeps a Progress current from finished and running shards, and publishes it (throttled)."""
 
-    def __init__(self, store: Store, progress: Progress, on_progress: Callable[[Progress], None] | None,
-                 every: float = 2.0):
+    def __init__(
+        self, store: Store, progress: Progress, on_progress: Callable[[Progress], None] | None, every: float = 2.0
+    ):
         self.store, self.progress, self.on_progress, self.every = store, progress, on_progress, every
         self.finished: dict[int, ShardStats] = {}
         self._last = 0.0

@@ -3,9 +3,9 @@ and the counts compared with the shards' stats, the annotations and the summary.
 
 Readers: the formats' `read_samples` (pipeline/formats/): a `.tar` grouped by key as webdataset
 groups it, pyarrow for `.parquet`, the `tfrecord` package for `.tfrecord`, streaming's MDS reader
-for `mds`, and for `files` the shard's folder beside the `part_<id>.csv` that lists it. What a trainer would trip over is what this looks for: a shard that
-does not open, an image that does not decode, a key twice, a count that differs from what the part
-says it wrote. Every problem names its shard.
+for `mds`, and for `files` the shard's folder beside the `part_<id>.csv` that lists it. What a trainer
+would trip over is what this looks for: a shard that does not open, an image that does not decode, a
+key twice, a count that differs from what the part says it wrote. Every problem names its shard.
 
 Runs after annotating (the driver spreads `check_shard` over Ray tasks) and on demand with
 `laion-operator verify OUTPUT`; the result goes into the summary as `verified` and into progress.json,
@@ -18,8 +18,8 @@ import csv
 import io
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable, Iterator
 
 from .. import contract
 from ..contract import MANIFEST, ShardStats, Verification, shard_data, shard_name
@@ -50,7 +50,7 @@ class ShardCheck:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict) -> "ShardCheck":
+    def from_json(cls, data: dict) -> ShardCheck:
         return cls(**data)
 
 
@@ -113,8 +113,9 @@ def _annotated(store: Store, part_id: str, fmt: str) -> Counter:
     return counts
 
 
-def verify(store: Store, part_id: str, fmt: str,
-           check_all: Callable[[list[int]], Iterable[ShardCheck]] | None = None) -> Verification:
+def verify(
+    store: Store, part_id: str, fmt: str, check_all: Callable[[list[int]], Iterable[ShardCheck]] | None = None
+) -> Verification:
     """Read every shard of the part back and compare; `check_all` spreads check_shard (default: here)."""
     from .download import load_stats
 
@@ -131,8 +132,7 @@ def verify(store: Store, part_id: str, fmt: str,
             bad.add(shard)
         else:
             stats[shard] = found
-    checks: list[ShardCheck] = list((check_all or (lambda s: (check_shard(store, fmt, x) for x in s)))(
-        sorted(stats)))
+    checks: list[ShardCheck] = list((check_all or (lambda s: (check_shard(store, fmt, x) for x in s)))(sorted(stats)))
     try:
         annotated = _annotated(store, part_id, fmt)
     except FileNotFoundError:
@@ -145,15 +145,17 @@ def verify(store: Store, part_id: str, fmt: str,
             bad.add(check.shard)
         wrote = stats[check.shard].successes
         if check.samples != wrote:
-            result.problems.append(f"{where}: {check.samples} samples read back, "
-                                   f"{contract.shard_stats(check.shard)} says {wrote}")
+            result.problems.append(
+                f"{where}: {check.samples} samples read back, {contract.shard_stats(check.shard)} says {wrote}"
+            )
             bad.add(check.shard)
         if annotated is not None:
             # the shard's data file, or the files in its folder (mds)
             listed = sum(n for name, n in annotated.items() if name == where or name.startswith(where + "/"))
             if listed != check.samples:
-                result.problems.append(f"{where}: {check.samples} samples read back, "
-                                       f"{contract.annotations(part_id, fmt)} lists {listed}")
+                result.problems.append(
+                    f"{where}: {check.samples} samples read back, {contract.annotations(part_id, fmt)} lists {listed}"
+                )
                 bad.add(check.shard)
         result.samples += check.samples
         result.images_decoded += check.decoded
@@ -161,8 +163,9 @@ def verify(store: Store, part_id: str, fmt: str,
     if summary is None:
         result.problems.append(f"{contract.summary(part_id)}: missing")
     elif summary["images"]["ok"] != result.samples:
-        result.problems.append(f"{contract.summary(part_id)}: says {summary['images']['ok']} images, "
-                               f"{result.samples} read back")
+        result.problems.append(
+            f"{contract.summary(part_id)}: says {summary['images']['ok']} images, {result.samples} read back"
+        )
     result.shards = len(checks)
     result.bad_shards = sorted(bad)
     result.ok = not result.problems
@@ -182,8 +185,7 @@ def verify_output(store: Store) -> tuple[dict, Verification]:
     its summary (and progress.json, for the operator); returns the summary and the result."""
     summaries = list(_iter_summaries(store))
     if len(summaries) != 1:
-        raise InputError(f"{store.uri}: expected one part_<id>_summary.json (a finished part), "
-                                  f"found {len(summaries)}")
+        raise InputError(f"{store.uri}: expected one part_<id>_summary.json (a finished part), found {len(summaries)}")
     summary = summaries[0]
     result = verify(store, summary["partId"], summary["outputFormat"])
     summary["verified"] = result.to_json()

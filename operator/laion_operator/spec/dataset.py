@@ -18,10 +18,13 @@ def _template_schema() -> dict:
     for name in ("partId", "source", "suspend"):
         template["properties"].pop(name)
     template["required"] = ["output"]
-    template["description"] = ("The spec of every part; each part's output goes to <output.uri>/part_<id>, "
-                               "and a change reaches the parts as a change of their own spec would.")
-    template["properties"]["output"]["properties"]["uri"]["description"] = \
+    template["description"] = (
+        "The spec of every part; each part's output goes to <output.uri>/part_<id>, "
+        "and a change reaches the parts as a change of their own spec would."
+    )
+    template["properties"]["output"]["properties"]["uri"]["description"] = (
         "The dataset's folder (local path or s3://bucket/prefix): part <id> writes to <uri>/part_<id>."
+    )
     return template
 
 
@@ -34,32 +37,50 @@ DATASET_SCHEMA: dict = {
             "description": "One part per parquet file: a list of files, or a pattern with a range.",
             "properties": {
                 "urls": {
-                    "type": "array", "minItems": 1, "maxItems": MAX_DATASET_PARTS,
+                    "type": "array",
+                    "minItems": 1,
+                    "maxItems": MAX_DATASET_PARTS,
                     "description": "Parquet files, one part each; part ids are the positions, from 0.",
                     "items": {"type": "string", "minLength": 1},
                 },
-                "pattern": _str("A parquet URL with {part} in it, e.g. s3://laion/2B-en-4.5_{part}.parquet; "
-                                "part ids are the numbers first to last.", minLength=1),
+                "pattern": _str(
+                    "A parquet URL with {part} in it, e.g. s3://laion/2B-en-4.5_{part}.parquet; "
+                    "part ids are the numbers first to last.",
+                    minLength=1,
+                ),
                 "first": _int("The pattern's first part number.", minimum=0),
                 "last": _int("The pattern's last part number (included).", minimum=0),
-                "digits": _int("Zero-pad part numbers (in the pattern and the part ids) to this many digits.",
-                               minimum=0, maximum=10, default=0),
+                "digits": _int(
+                    "Zero-pad part numbers (in the pattern and the part ids) to this many digits.",
+                    minimum=0,
+                    maximum=10,
+                    default=0,
+                ),
             },
             "x-kubernetes-validations": [
-                {"rule": "has(self.urls) != has(self.pattern)",
-                 "message": "set either urls or pattern (with first and last), not both"},
-                {"rule": "!has(self.pattern) || (self.pattern.contains('{part}') && has(self.first) && "
-                         "has(self.last))",
-                 "message": "a pattern needs {part} in it, and first and last"},
-                {"rule": "!has(self.first) || !has(self.last) || self.first <= self.last",
-                 "message": "first must not be above last"},
-                {"rule": f"!has(self.first) || !has(self.last) || self.last - self.first < {MAX_DATASET_PARTS}",
-                 "message": f"a dataset has at most {MAX_DATASET_PARTS} parts (first to last)"},
+                {
+                    "rule": "has(self.urls) != has(self.pattern)",
+                    "message": "set either urls or pattern (with first and last), not both",
+                },
+                {
+                    "rule": "!has(self.pattern) || (self.pattern.contains('{part}') && has(self.first) && "
+                    "has(self.last))",
+                    "message": "a pattern needs {part} in it, and first and last",
+                },
+                {
+                    "rule": "!has(self.first) || !has(self.last) || self.first <= self.last",
+                    "message": "first must not be above last",
+                },
+                {
+                    "rule": f"!has(self.first) || !has(self.last) || self.last - self.first < {MAX_DATASET_PARTS}",
+                    "message": f"a dataset has at most {MAX_DATASET_PARTS} parts (first to last)",
+                },
             ],
         },
         "template": _template_schema(),
-        "suspend": _bool("true suspends every part (their jobs stop, finished shards stay); false resumes them.",
-                         False),
+        "suspend": _bool(
+            "true suspends every part (their jobs stop, finished shards stay); false resumes them.", False
+        ),
     },
 }
 
@@ -86,8 +107,10 @@ def dataset_parts(data: dict) -> dict[str, dict]:
     if source.get("urls"):
         urls = {f"{i:0{digits}d}": url for i, url in enumerate(source["urls"])}
     else:
-        urls = {f"{n:0{digits}d}": source["pattern"].replace("{part}", f"{n:0{digits}d}")
-                for n in range(source["first"], source["last"] + 1)}
+        urls = {
+            f"{n:0{digits}d}": source["pattern"].replace("{part}", f"{n:0{digits}d}")
+            for n in range(source["first"], source["last"] + 1)
+        }
     base = data["template"]["output"]["uri"].rstrip("/")
     parts = {}
     for part_id, url in urls.items():

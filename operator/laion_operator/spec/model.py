@@ -12,10 +12,9 @@ from ..names import camel, snake
 from .schema import SCHEMA, STALL_SECONDS
 from .validation import SpecError, apply_defaults, validate
 
-
-
 # The dataclasses below carry no defaults of their own: `from_dict` fills every field from the
 # defaulted spec, so that SCHEMA is the only place a default is written.
+
 
 @dataclasses.dataclass(frozen=True)
 class Filter:
@@ -123,8 +122,11 @@ def _build(kind, values: dict):
 
 
 def _unbuild(obj) -> dict:
-    return {camel(f.name): list(v) if isinstance(v, tuple) else v
-            for f in dataclasses.fields(obj) if (v := getattr(obj, f.name)) is not None}
+    return {
+        camel(f.name): list(v) if isinstance(v, tuple) else v
+        for f in dataclasses.fields(obj)
+        if (v := getattr(obj, f.name)) is not None
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,7 +164,7 @@ class PartSpec:
     stall_seconds: int
 
     @classmethod
-    def from_dict(cls, data: Any) -> "PartSpec":
+    def from_dict(cls, data: Any) -> PartSpec:
         """The same PartSpec for the same input, whether the API server defaulted it first or not."""
         spec = validate(data)
         return cls(
@@ -230,5 +232,3 @@ def load(path: str | Path) -> PartSpec:
         return PartSpec.from_dict(data)
     except SpecError as err:
         raise SpecError(f"{path}: {err}") from None
-
-

@@ -6,14 +6,13 @@ from __future__ import annotations
 import copy
 import ipaddress
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jsonschema
 
 from ..errors import InputError
 from .schema import ENCODE_QUALITY, PNG_MAX_COMPRESSION, SCHEMA
-
-
 
 # --- cross-field rules ----------------------------------------------------------------------------
 # The CRD carries them as CEL (`x-kubernetes-validations`, evaluated by the API server); the CLI and
@@ -23,6 +22,7 @@ from .schema import ENCODE_QUALITY, PNG_MAX_COMPRESSION, SCHEMA
 # tests/test_cel.py evaluates every rule with both a real CEL implementation and its twin on the
 # same objects, so the two cannot drift apart.
 
+
 def _has(obj: Any, key: str) -> bool:
     return isinstance(obj, dict) and obj.get(key) is not None
 
@@ -31,16 +31,20 @@ RULES: dict[str, Callable[[Any, Any], bool]] = {
     "self == oldSelf": lambda self, old: self == old,
     "has(self.urls) != has(self.pattern)": lambda self, old: _has(self, "urls") != _has(self, "pattern"),
     "has(self.urls) != has(self.dataset)": lambda self, old: _has(self, "urls") != _has(self, "dataset"),
-    "!has(self.pattern) || (self.pattern.contains('{part}') && has(self.first) && has(self.last))":
-        lambda self, old: not _has(self, "pattern") or (
-            "{part}" in self["pattern"] and _has(self, "first") and _has(self, "last")),
-    "!has(self.first) || !has(self.last) || self.first <= self.last":
-        lambda self, old: not _has(self, "first") or not _has(self, "last") or self["first"] <= self["last"],
-    f"!has(self.first) || !has(self.last) || self.last - self.first < {1000}":
-        lambda self, old: not _has(self, "first") or not _has(self, "last") or self["last"] - self["first"] < 1000,
-    f"!has(self.encodeQuality) || self.encodeFormat != 'png' || self.encodeQuality <= {PNG_MAX_COMPRESSION}":
-        lambda self, old: (not _has(self, "encodeQuality") or self.get("encodeFormat") != "png"
-                           or self["encodeQuality"] <= PNG_MAX_COMPRESSION),
+    "!has(self.pattern) || (self.pattern.contains('{part}') && has(self.first) && has(self.last))": lambda self, old: (
+        not _has(self, "pattern") or ("{part}" in self["pattern"] and _has(self, "first") and _has(self, "last"))
+    ),
+    "!has(self.first) || !has(self.last) || self.first <= self.last": lambda self, old: (
+        not _has(self, "first") or not _has(self, "last") or self["first"] <= self["last"]
+    ),
+    f"!has(self.first) || !has(self.last) || self.last - self.first < {1000}": lambda self, old: (
+        not _has(self, "first") or not _has(self, "last") or self["last"] - self["first"] < 1000
+    ),
+    f"!has(self.encodeQuality) || self.encodeFormat != 'png' || self.encodeQuality <= {PNG_MAX_COMPRESSION}": lambda self, old: (
+        not _has(self, "encodeQuality")
+        or self.get("encodeFormat") != "png"
+        or self["encodeQuality"] <= PNG_MAX_COMPRESSION
+    ),
 }
 
 
@@ -61,8 +65,9 @@ def rule_errors(value: Any, schema: dict, old: Any = None, path: str = "spec") -
     if isinstance(value, dict):
         for name, sub in schema.get("properties", {}).items():
             if name in value:
-                errors += rule_errors(value[name], sub, old.get(name) if isinstance(old, dict) else None,
-                                      f"{path}.{name}")
+                errors += rule_errors(
+                    value[name], sub, old.get(name) if isinstance(old, dict) else None, f"{path}.{name}"
+                )
     return errors
 
 
@@ -139,10 +144,16 @@ def validate(data: Any) -> dict:
         raise SpecError("invalid part spec:\n  " + "\n  ".join(errors))
     download = spec["download"]
     download.setdefault("encodeQuality", ENCODE_QUALITY[download["encodeFormat"]])
-    problems = [f"spec.download.allowedNetworks[{i}]: {net!r} is not a network in CIDR notation (e.g. 10.0.0.0/8)"
-                for i, net in enumerate(download["allowedNetworks"]) if not _is_network(net)]
-    problems += [f"spec.download.dnsServers[{i}]: {server!r} is not an IP address, with an optional :port"
-                 for i, server in enumerate(download["dnsServers"]) if not _is_server(server)]
+    problems = [
+        f"spec.download.allowedNetworks[{i}]: {net!r} is not a network in CIDR notation (e.g. 10.0.0.0/8)"
+        for i, net in enumerate(download["allowedNetworks"])
+        if not _is_network(net)
+    ]
+    problems += [
+        f"spec.download.dnsServers[{i}]: {server!r} is not an IP address, with an optional :port"
+        for i, server in enumerate(download["dnsServers"])
+        if not _is_server(server)
+    ]
     if problems:
         raise SpecError("invalid part spec:\n  " + "\n  ".join(problems))
     return spec

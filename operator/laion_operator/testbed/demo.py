@@ -17,13 +17,24 @@ def demo_spec(metadata: Path, output: Path) -> dict:
     return {
         "partId": "0",
         "source": {"urls": [str(metadata)]},
-        "filter": {"minWidth": 512, "minHeight": 512, "maxPunsafe": 0.98, "minAesthetic": 4.5,
-                   "samplesPerShard": 250, "seed": 0},
-        "download": {"imageSize": 256, "resizeMode": "keep_ratio", "outputFormat": "webdataset",
-                     "timeout": 2,
-                     # Every image comes from one loopback server here: the address guard must let it
-                     # through, and it stands for many hosts, so more than one host's share of connections.
-                     "allowedNetworks": ["127.0.0.0/8"], "maxPerHost": 16},
+        "filter": {
+            "minWidth": 512,
+            "minHeight": 512,
+            "maxPunsafe": 0.98,
+            "minAesthetic": 4.5,
+            "samplesPerShard": 250,
+            "seed": 0,
+        },
+        "download": {
+            "imageSize": 256,
+            "resizeMode": "keep_ratio",
+            "outputFormat": "webdataset",
+            "timeout": 2,
+            # Every image comes from one loopback server here: the address guard must let it
+            # through, and it stands for many hosts, so more than one host's share of connections.
+            "allowedNetworks": ["127.0.0.0/8"],
+            "maxPerHost": 16,
+        },
         "output": {"uri": str(output)},
     }
 

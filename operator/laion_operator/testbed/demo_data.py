@@ -23,33 +23,76 @@ import pyarrow.parquet as pq
 # Column order and names as in the real files, mapped from the logical field each one holds.
 VARIANTS: dict[str, list[tuple[str, str]]] = {
     # LAION2B-en aesthetics 4.5+ (2B-en-4.5_N.parquet)
-    "aesthetics": [("URL", "url"), ("TEXT", "caption"), ("WIDTH", "width"), ("HEIGHT", "height"),
-                   ("similarity", "similarity"), ("hash", "hash"), ("punsafe", "punsafe"),
-                   ("pwatermark", "pwatermark"), ("AESTHETIC_SCORE", "aesthetic")],
+    "aesthetics": [
+        ("URL", "url"),
+        ("TEXT", "caption"),
+        ("WIDTH", "width"),
+        ("HEIGHT", "height"),
+        ("similarity", "similarity"),
+        ("hash", "hash"),
+        ("punsafe", "punsafe"),
+        ("pwatermark", "pwatermark"),
+        ("AESTHETIC_SCORE", "aesthetic"),
+    ],
     # laion-art.parquet
-    "laion-art": [("URL", "url"), ("TEXT", "caption"), ("WIDTH", "width"), ("HEIGHT", "height"),
-                  ("similarity", "similarity"), ("LANGUAGE", "language"), ("hash", "hash"),
-                  ("pwatermark", "pwatermark"), ("punsafe", "punsafe"), ("aesthetic", "aesthetic")],
+    "laion-art": [
+        ("URL", "url"),
+        ("TEXT", "caption"),
+        ("WIDTH", "width"),
+        ("HEIGHT", "height"),
+        ("similarity", "similarity"),
+        ("LANGUAGE", "language"),
+        ("hash", "hash"),
+        ("pwatermark", "pwatermark"),
+        ("punsafe", "punsafe"),
+        ("aesthetic", "aesthetic"),
+    ],
     # laion2B-en style, lower-case names
-    "lowercase": [("url", "url"), ("caption", "caption"), ("width", "width"), ("height", "height"),
-                  ("similarity", "similarity"), ("hash", "hash"), ("punsafe", "punsafe"),
-                  ("pwatermark", "pwatermark"), ("language", "language"), ("aesthetic", "aesthetic")],
+    "lowercase": [
+        ("url", "url"),
+        ("caption", "caption"),
+        ("width", "width"),
+        ("height", "height"),
+        ("similarity", "similarity"),
+        ("hash", "hash"),
+        ("punsafe", "punsafe"),
+        ("pwatermark", "pwatermark"),
+        ("language", "language"),
+        ("aesthetic", "aesthetic"),
+    ],
 }
-FIELD_TYPES = {"url": pa.string(), "caption": pa.string(), "width": pa.int64(), "height": pa.int64(),
-               "similarity": pa.float64(), "hash": pa.int64(), "punsafe": pa.float64(),
-               "pwatermark": pa.float64(), "aesthetic": pa.float64(), "language": pa.string()}
+FIELD_TYPES = {
+    "url": pa.string(),
+    "caption": pa.string(),
+    "width": pa.int64(),
+    "height": pa.int64(),
+    "similarity": pa.float64(),
+    "hash": pa.int64(),
+    "punsafe": pa.float64(),
+    "pwatermark": pa.float64(),
+    "aesthetic": pa.float64(),
+    "language": pa.string(),
+}
 
 # Fractions of rows per outcome. "redirect" rows succeed (after a 302); "too_small" rows serve a
 # thumbnail (short side < 64 px) while declaring a normal size, as placeholder images do.
-DEFAULT_FAILURE_MIX = {"ok": 0.75, "http_4xx": 0.06, "http_5xx": 0.03, "timeout": 0.02, "decode": 0.04,
-                       "opt_out": 0.03, "redirect": 0.03, "too_small": 0.04}
+DEFAULT_FAILURE_MIX = {
+    "ok": 0.75,
+    "http_4xx": 0.06,
+    "http_5xx": 0.03,
+    "timeout": 0.02,
+    "decode": 0.04,
+    "opt_out": 0.03,
+    "redirect": 0.03,
+    "too_small": 0.04,
+}
 MIX_KEYS = ("ok", "redirect", "too_small", "http_4xx", "http_5xx", "timeout", "decode", "opt_out", "connection")
 
-TINY_MAX = 64          # too_small rows' URL short side is below this
+TINY_MAX = 64  # too_small rows' URL short side is below this
 DUPLICATE_RATE = 0.015
-NULL_RATE = 0.003      # per numeric column, and for captions
-MISMATCH_RATE = 0.02   # declared WIDTH/HEIGHT differs from the served image
-_CHUNK = 262_144       # generation unit; fixed so output does not depend on row_group_size
+NULL_RATE = 0.003  # per numeric column, and for captions
+MISMATCH_RATE = 0.02  # declared WIDTH/HEIGHT differs from the served image
+_CHUNK = 262_144  # generation unit; fixed so output does not depend on row_group_size
 
 FORMATS = ["jpg", "png", "webp"]
 FORMAT_P = [0.85, 0.10, 0.05]
@@ -66,9 +109,31 @@ bed book cover card wedding birthday christmas summer winter spring autumn day n
 portrait close up view background texture stock image hd 4k free sale set best top style home
 decor fashion food cake pizza coffee tea bottle glass cup""".split()
 # Low-frequency tokens that break naive CSV writers and ASCII assumptions.
-_SPECIAL = ['café', 'naïve', 'Straße', 'Zürich', '東京', '猫の写真', 'Москва', 'ελληνικά', 'مرحبا',
-            '🎨', '🐶', '"quoted"', "it's", '12" x 16"', 'black, white', 'a,b,c', 'line\nbreak',
-            'tab\there', 'semi;colon', 'back\\slash', '<b>bold</b>', '100%', '|pipe|']
+_SPECIAL = [
+    "café",
+    "naïve",
+    "Straße",
+    "Zürich",
+    "東京",
+    "猫の写真",
+    "Москва",
+    "ελληνικά",
+    "مرحبا",
+    "🎨",
+    "🐶",
+    '"quoted"',
+    "it's",
+    '12" x 16"',
+    "black, white",
+    "a,b,c",
+    "line\nbreak",
+    "tab\there",
+    "semi;colon",
+    "back\\slash",
+    "<b>bold</b>",
+    "100%",
+    "|pipe|",
+]
 
 
 def _phrases(rng: np.random.Generator, n: int) -> pa.Array:
@@ -80,7 +145,7 @@ def _phrases(rng: np.random.Generator, n: int) -> pa.Array:
     picks = rng.choice(len(vocab), size=int(lengths.sum()), p=p)
     out, i = [], 0
     for k in lengths:
-        out.append(" ".join(vocab[j] for j in picks[i:i + k]))
+        out.append(" ".join(vocab[j] for j in picks[i : i + k]))
         i += k
     return pa.array(out, pa.string())
 
@@ -102,8 +167,7 @@ def _nullable(values: np.ndarray, rng: np.random.Generator, rate: float = NULL_R
 def _sizes(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Web image sizes: median long side ~640 px, so a good share is under 512; ~1 % banners."""
     long_side = np.clip(np.rint(rng.lognormal(math.log(640), 0.5, n)), 100, 4000)
-    ratio = rng.choice([1.0, 4 / 3, 3 / 2, 16 / 9, 5 / 4, 2.0, 4.5], n,
-                       p=[0.30, 0.27, 0.20, 0.10, 0.08, 0.04, 0.01])
+    ratio = rng.choice([1.0, 4 / 3, 3 / 2, 16 / 9, 5 / 4, 2.0, 4.5], n, p=[0.30, 0.27, 0.20, 0.10, 0.08, 0.04, 0.01])
     short = np.maximum(np.rint(long_side / ratio), 16)
     portrait = rng.random(n) < 0.35
     w = np.where(portrait, short, long_side).astype(np.int64)
@@ -125,11 +189,17 @@ def _mix(failure_mix: dict[str, float] | None) -> tuple[list[str], np.ndarray]:
 
 def _prefixes(keys: list[str], base_url: str, slow_seconds: float) -> tuple[list[str], list[list[int]]]:
     """URL path prefixes, and for each mix key the prefixes it picks among (uniformly)."""
-    routes = {"ok": ["/img/"], "redirect": ["/redirect/"], "too_small": ["/img/"], "opt_out": ["/noai/"],
-              "http_4xx": ["/status/404/", "/status/404/", "/status/403/", "/status/410/"],
-              "http_5xx": ["/status/500/", "/status/502/", "/status/503/"],
-              "timeout": [f"/slow/{slow_seconds:g}/"], "decode": ["/truncated/", "/garbage/"],
-              "connection": ["/reset/"]}
+    routes = {
+        "ok": ["/img/"],
+        "redirect": ["/redirect/"],
+        "too_small": ["/img/"],
+        "opt_out": ["/noai/"],
+        "http_4xx": ["/status/404/", "/status/404/", "/status/403/", "/status/410/"],
+        "http_5xx": ["/status/500/", "/status/502/", "/status/503/"],
+        "timeout": [f"/slow/{slow_seconds:g}/"],
+        "decode": ["/truncated/", "/garbage/"],
+        "connection": ["/reset/"],
+    }
     table: list[str] = []
     choices = []
     for k in keys:
@@ -177,9 +247,16 @@ def _chunk(rng, start, n, seed, keys, probs, prefix_table, prefix_choices, phras
     prefix, fmt, uw, uh, w, h = prefix[src], fmt[src], uw[src], uh[src], w[src], h[src]
 
     url = pc.binary_join_element_wise(
-        pa.array(prefix_table).take(pa.array(prefix)), pc.cast(pa.array(ids), pa.string()), "_",
-        pc.cast(pa.array(uw), pa.string()), "x", pc.cast(pa.array(uh), pa.string()), ".",
-        pa.array(FORMATS).take(pa.array(fmt)), "")
+        pa.array(prefix_table).take(pa.array(prefix)),
+        pc.cast(pa.array(ids), pa.string()),
+        "_",
+        pc.cast(pa.array(uw), pa.string()),
+        "x",
+        pc.cast(pa.array(uh), pa.string()),
+        ".",
+        pa.array(FORMATS).take(pa.array(fmt)),
+        "",
+    )
 
     first = phrases.take(pa.array(rng.integers(0, len(phrases), n)))
     second = phrases.take(pa.array(rng.integers(0, len(phrases), n), mask=rng.random(n) < 0.35))
@@ -198,8 +275,9 @@ def _chunk(rng, start, n, seed, keys, probs, prefix_table, prefix_choices, phras
         "punsafe": _nullable(punsafe, rng),
         "pwatermark": _nullable(pwatermark, rng),
         "aesthetic": _nullable(np.clip(rng.normal(5.0, 0.8, n), 1.0, 10.0), rng),
-        "language": pa.array(LANGS_ART).take(pa.array(rng.choice(len(LANGS_ART), n, p=langs_p),
-                                                      mask=rng.random(n) < NULL_RATE)),
+        "language": pa.array(LANGS_ART).take(
+            pa.array(rng.choice(len(LANGS_ART), n, p=langs_p), mask=rng.random(n) < NULL_RATE)
+        ),
     }
 
 
@@ -209,8 +287,14 @@ def schema(variant: str) -> pa.Schema:
     return pa.schema([(name, FIELD_TYPES[logical]) for name, logical in VARIANTS[variant]])
 
 
-def generate(n_rows: int, base_url: str, variant: str = "aesthetics", seed: int = 0,
-             failure_mix: dict[str, float] | None = None, slow_seconds: float = 3):
+def generate(
+    n_rows: int,
+    base_url: str,
+    variant: str = "aesthetics",
+    seed: int = 0,
+    failure_mix: dict[str, float] | None = None,
+    slow_seconds: float = 3,
+):
     """Yield pyarrow Tables of up to 262,144 rows that together make the file's rows."""
     sch = schema(variant)
     keys, probs = _mix(failure_mix)
@@ -224,9 +308,17 @@ def generate(n_rows: int, base_url: str, variant: str = "aesthetics", seed: int 
         yield pa.table([cols[logical] for _, logical in VARIANTS[variant]], schema=sch)
 
 
-def write_metadata(path, n_rows: int, base_url: str, variant: str = "aesthetics", seed: int = 0,
-                   failure_mix: dict[str, float] | None = None, row_group_size: int = 100_000,
-                   slow_seconds: float = 3, return_table: bool = True) -> pa.Table | None:
+def write_metadata(
+    path,
+    n_rows: int,
+    base_url: str,
+    variant: str = "aesthetics",
+    seed: int = 0,
+    failure_mix: dict[str, float] | None = None,
+    row_group_size: int = 100_000,
+    slow_seconds: float = 3,
+    return_table: bool = True,
+) -> pa.Table | None:
     """Write `n_rows` LAION-like rows to a parquet file; return them as a Table (None if not asked).
 
     Deterministic for the same arguments (row_group_size only changes the file layout).
@@ -248,8 +340,9 @@ def write_metadata(path, n_rows: int, base_url: str, variant: str = "aesthetics"
                 writer.write_table(buf.slice(0, full), row_group_size=row_group_size)
                 pending, pending_rows = [buf.slice(full)], pending_rows - full
         if pending_rows or n_rows == 0:
-            writer.write_table(pa.concat_tables(pending) if pending else schema(variant).empty_table(),
-                               row_group_size=row_group_size)
+            writer.write_table(
+                pa.concat_tables(pending) if pending else schema(variant).empty_table(), row_group_size=row_group_size
+            )
     if not return_table:
         return None
     return pa.concat_tables(kept) if kept else schema(variant).empty_table()
@@ -264,8 +357,10 @@ def _parse_mix(text: str) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None):
-    p = argparse.ArgumentParser(prog="python -m laion_operator.demo_data",
-                                description="Write a LAION-like metadata parquet file pointing at a fakeweb server.")
+    p = argparse.ArgumentParser(
+        prog="python -m laion_operator.demo_data",
+        description="Write a LAION-like metadata parquet file pointing at a fakeweb server.",
+    )
     p.add_argument("out", help="output .parquet path")
     p.add_argument("--rows", type=int, required=True)
     p.add_argument("--base-url", required=True, help="e.g. the URL `python -m laion_operator.fakeweb` prints")
@@ -273,12 +368,25 @@ def main(argv: list[str] | None = None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--slow-seconds", type=float, default=3)
     p.add_argument("--row-group-size", type=int, default=100_000)
-    p.add_argument("--mix", type=_parse_mix, default=None,
-                   help="outcome fractions, e.g. ok=0.9,http_4xx=0.1 "
-                        f"(default: {','.join(f'{k}={v}' for k, v in DEFAULT_FAILURE_MIX.items())})")
+    p.add_argument(
+        "--mix",
+        type=_parse_mix,
+        default=None,
+        help="outcome fractions, e.g. ok=0.9,http_4xx=0.1 "
+        f"(default: {','.join(f'{k}={v}' for k, v in DEFAULT_FAILURE_MIX.items())})",
+    )
     args = p.parse_args(argv)
-    write_metadata(args.out, args.rows, args.base_url, args.variant, args.seed, args.mix,
-                   args.row_group_size, args.slow_seconds, return_table=False)
+    write_metadata(
+        args.out,
+        args.rows,
+        args.base_url,
+        args.variant,
+        args.seed,
+        args.mix,
+        args.row_group_size,
+        args.slow_seconds,
+        return_table=False,
+    )
     print(f"wrote {args.rows} rows ({args.variant}) to {args.out}", file=sys.stderr)
 
 

@@ -150,12 +150,14 @@ def route(path: str) -> Route:
         inner_route = _spec_route("retry", fields[3])
         if inner_route.kind != "retry":
             return inner_route
-        return inner_route._replace(status=int(fields[0]), count=int(fields[2]),
-                                    retry_after=None if fields[1] == "-" else fields[1])
+        return inner_route._replace(
+            status=int(fields[0]), count=int(fields[2]), retry_after=None if fields[1] == "-" else fields[1]
+        )
     if head == "bomb":
         m = _BOMB_RE.match(rest)
-        if not m or not (1 <= int(m.group(2)) <= BOMB_MAX_SIDE[m.group(4)]
-                         and 1 <= int(m.group(3)) <= BOMB_MAX_SIDE[m.group(4)]):
+        if not m or not (
+            1 <= int(m.group(2)) <= BOMB_MAX_SIDE[m.group(4)] and 1 <= int(m.group(3)) <= BOMB_MAX_SIDE[m.group(4)]
+        ):
             return Route("status", status=404 if not m else 400)
         return Route("bomb", Spec(m.group(1), int(m.group(2)), int(m.group(3)), m.group(4)))
     if head == "slow":
@@ -173,9 +175,16 @@ def route(path: str) -> Route:
     return Route("status", status=404)
 
 
-def outcome_of(url: str, timeout: float = 10, min_image_size: int = 0,
-               max_aspect_ratio: float | None = None, max_redirects: int = 5, max_image_bytes: int = 32 << 20,
-               max_image_pixels: int = 89_478_485, retries: int = 0) -> str:
+def outcome_of(
+    url: str,
+    timeout: float = 10,
+    min_image_size: int = 0,
+    max_aspect_ratio: float | None = None,
+    max_redirects: int = 5,
+    max_image_bytes: int = 32 << 20,
+    max_image_pixels: int = 89_478_485,
+    retries: int = 0,
+) -> str:
     """The outcome a client with these settings sees for `url` (the project's defaults where unset).
 
     One of ok, http_4xx, http_5xx, timeout, decode, opt_out, too_small, aspect_ratio, connection,
@@ -185,9 +194,15 @@ def outcome_of(url: str, timeout: float = 10, min_image_size: int = 0,
     /retry/'s total wait against the URL's (retries + 1) x timeout. /to/ is the outcome of its target
     (on this server's routes); the client's address guard is not modelled.
     """
-    settings: dict[str, Any] = dict(timeout=timeout, min_image_size=min_image_size, max_aspect_ratio=max_aspect_ratio,
-                    max_redirects=max_redirects, max_image_bytes=max_image_bytes,
-                    max_image_pixels=max_image_pixels, retries=retries)
+    settings: dict[str, Any] = dict(
+        timeout=timeout,
+        min_image_size=min_image_size,
+        max_aspect_ratio=max_aspect_ratio,
+        max_redirects=max_redirects,
+        max_image_bytes=max_image_bytes,
+        max_image_pixels=max_image_pixels,
+        retries=retries,
+    )
     if urlsplit(url).scheme not in ("http", "https"):
         return "bad_url"
     r = route(urlsplit(url).path)
@@ -206,8 +221,11 @@ def outcome_of(url: str, timeout: float = 10, min_image_size: int = 0,
     if r.kind == "retry":
         if r.retry_after is None and r.status == 503:
             return "http_5xx"
-        waits = [float(r.retry_after)] * r.count if r.retry_after is not None else \
-            [min(2.0 ** i, 60.0) for i in range(r.count)]
+        waits = (
+            [float(r.retry_after)] * r.count
+            if r.retry_after is not None
+            else [min(2.0**i, 60.0) for i in range(r.count)]
+        )
         if sum(waits) + min(timeout, 1.0) > (retries + 1) * timeout:
             return "rate_limited"
     if r.kind == "status":
@@ -297,7 +315,7 @@ def big_chunks(total: int, chunk: int = 1 << 16):
     yield head[:total]
     left = total - len(head)
     while left > 0:
-        yield zeros[:min(left, chunk)]
+        yield zeros[: min(left, chunk)]
         left -= chunk
 
 
@@ -312,12 +330,20 @@ def bomb_body(spec: Spec) -> bytes:
         sof = b"\xff\xc0" + struct.pack(">HBHHB", 17, 8, h, w, 3) + b"\x01\x22\x00\x02\x11\x01\x03\x11\x01"
         return b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00" + sof + b"\xff\xd9"
     if spec.fmt == "png":
-        return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-                + _png_chunk(b"IEND", b""))
+        return (
+            b"\x89PNG\r\n\x1a\n"
+            + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + _png_chunk(b"IEND", b"")
+        )
     if spec.fmt == "gif":
         return b"GIF89a" + struct.pack("<HHBBB", w, h, 0, 0, 0) + b";"
-    vp8x = b"VP8X" + struct.pack("<I", 10) + b"\x00\x00\x00\x00" + (w - 1).to_bytes(3, "little") \
+    vp8x = (
+        b"VP8X"
+        + struct.pack("<I", 10)
+        + b"\x00\x00\x00\x00"
+        + (w - 1).to_bytes(3, "little")
         + (h - 1).to_bytes(3, "little")
+    )
     return b"RIFF" + struct.pack("<I", 4 + len(vp8x)) + b"WEBP" + vp8x
 
 
@@ -364,16 +390,20 @@ class ImageCache:
 def garbage_body(path: str) -> bytes:
     """A soft-404 HTML page, which is what most "images" that fail to decode really are."""
     n = 20 + zlib.crc32(path.encode()) % 200
-    return (b"<!DOCTYPE html><html><head><title>Not Found</title></head><body>"
-            + b"<p>The page you requested could not be found.</p>" * n + b"</body></html>")
+    return (
+        b"<!DOCTYPE html><html><head><title>Not Found</title></head><body>"
+        + b"<p>The page you requested could not be found.</p>" * n
+        + b"</body></html>"
+    )
 
 
 # --- server -----------------------------------------------------------------------------------
 
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.0"  # one request per connection, like urllib/img2dataset
     server_version = "fakeweb/1.0"
-    server: "_Server"
+    server: _Server
 
     def do_GET(self):
         self._serve(body=True)
@@ -471,7 +501,7 @@ class _Handler(BaseHTTPRequestHandler):
                 for i in range(len(data)):
                     if app.stopping.wait(r.seconds):
                         break
-                    self.wfile.write(data[i:i + 1])
+                    self.wfile.write(data[i : i + 1])
                     self.wfile.flush()
             self.close_connection = True
             return
@@ -515,7 +545,7 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 1024  # benchmarks open hundreds of connections at once
 
-    app: "ImageServer"
+    app: ImageServer
 
     def handle_error(self, request, client_address):
         # Clients that time out hang up mid-response; that is expected here, not an error.
@@ -526,9 +556,16 @@ class _Server(ThreadingHTTPServer):
 class ImageServer:
     """The fake web on 127.0.0.1; use as a context manager or call start()/stop()."""
 
-    def __init__(self, port: int = 0, host: str = "127.0.0.1", cache_bytes: int = 256 << 20,
-                 verbose: bool = False, keep_alive: bool = False, robots: str | int | None = None,
-                 tls: tuple[str, str] | None = None):
+    def __init__(
+        self,
+        port: int = 0,
+        host: str = "127.0.0.1",
+        cache_bytes: int = 256 << 20,
+        verbose: bool = False,
+        keep_alive: bool = False,
+        robots: str | int | None = None,
+        tls: tuple[str, str] | None = None,
+    ):
         """robots: the /robots.txt to serve (an int: that status); None: /robots.txt is a 404 like any
         unknown path. tls: (certificate file, key file) to serve https."""
         self.host = host
@@ -584,8 +621,7 @@ class ImageServer:
         """Render the images behind `urls` into the cache now, so a benchmark or a test with tight
         timeouts measures the client rather than image generation. Returns how many were rendered.
         Only as many as fit in the cache stay warm."""
-        specs = {r.spec for r in (route(urlsplit(u).path) for u in urls)
-                 if r.spec is not None and r.kind != "status"}
+        specs = {r.spec for r in (route(urlsplit(u).path) for u in urls) if r.spec is not None and r.kind != "status"}
         with ThreadPoolExecutor(workers or os.cpu_count() or 2) as pool:
             list(pool.map(self.cache.get, specs))
         return len(specs)
@@ -599,11 +635,12 @@ class ImageServer:
             context.load_cert_chain(*self.tls)
             self._httpd.socket = context.wrap_socket(self._httpd.socket, server_side=True)
 
-    def start(self) -> "ImageServer":
+    def start(self) -> ImageServer:
         self.stopping.clear()
         self._bind()
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1},
-                                        name=f"fakeweb:{self.port}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1}, name=f"fakeweb:{self.port}", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -625,7 +662,7 @@ class ImageServer:
         finally:
             self._httpd.server_close()
 
-    def __enter__(self) -> "ImageServer":
+    def __enter__(self) -> ImageServer:
         return self.start()
 
     def __exit__(self, *exc):
@@ -653,7 +690,7 @@ class Silent:
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def __enter__(self) -> "Silent":
+    def __enter__(self) -> Silent:
         self.sock = socket.socket()
         self.sock.bind((self.host, 0))
         self.sock.listen(1024)

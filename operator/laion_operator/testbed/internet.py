@@ -51,12 +51,29 @@ import numpy as np
 from .fakeweb import CONTENT_TYPES, ImageCache, parse_spec
 
 # The seeds' ~80 % success, split over the ways LAION URLs fail. "busy" URLs are images on the busy host.
-DEFAULT_MIX = {"ok": 0.80, "http_404": 0.07, "http_403": 0.03, "http_5xx": 0.02, "refused": 0.02,
-               "silent": 0.02, "drip": 0.01, "big": 0.005, "busy": 0.025}
+DEFAULT_MIX = {
+    "ok": 0.80,
+    "http_404": 0.07,
+    "http_403": 0.03,
+    "http_5xx": 0.02,
+    "refused": 0.02,
+    "silent": 0.02,
+    "drip": 0.01,
+    "big": 0.005,
+    "busy": 0.025,
+}
 # What a client that honours deadlines, size caps and Retry-After reports for each kind.
-EXPECTED_REASON = {"ok": "ok", "http_404": "http_4xx", "http_403": "http_4xx", "http_5xx": "http_5xx",
-                   "refused": "connection", "silent": "timeout", "drip": "timeout", "big": "too_large",
-                   "busy": "ok"}
+EXPECTED_REASON = {
+    "ok": "ok",
+    "http_404": "http_4xx",
+    "http_403": "http_4xx",
+    "http_5xx": "http_5xx",
+    "refused": "connection",
+    "silent": "timeout",
+    "drip": "timeout",
+    "big": "too_large",
+    "busy": "ok",
+}
 FIVE_XX = [500, 502, 503]
 NET = 77  # hosts are 127.NET.x.y
 
@@ -86,16 +103,17 @@ def _address(i: int) -> str:
 @dataclass
 class Hosts:
     """The addresses of each role, from the config alone."""
+
     ordinary: list[str]
     refused: list[str]
     silent: list[str]
     busy: str
 
     @classmethod
-    def of(cls, cfg: Config) -> "Hosts":
+    def of(cls, cfg: Config) -> Hosts:
         addrs = [_address(i) for i in range(cfg.hosts + cfg.refused_hosts + cfg.silent_hosts + 1)]
         n, r, s = cfg.hosts, cfg.refused_hosts, cfg.silent_hosts
-        return cls(addrs[:n], addrs[n:n + r], addrs[n + r:n + r + s], addrs[n + r + s])
+        return cls(addrs[:n], addrs[n : n + r], addrs[n + r : n + r + s], addrs[n + r + s])
 
     def listening(self) -> list[str]:
         return [*self.ordinary, *self.silent, self.busy]
@@ -131,6 +149,7 @@ def kind_of(cfg: Config, hosts: Hosts, url: str) -> str:
 
 
 # --- metadata ---------------------------------------------------------------------------------
+
 
 def urls(cfg: Config, n: int, specs: list[str], port: int, mix: dict[str, float] | None = None) -> list[str]:
     """`n` URLs over the hosts, kinds drawn from `mix`, images taken from `specs` in turn
@@ -175,19 +194,26 @@ def write_metadata(path, url_list: list[str]) -> None:
     import pyarrow.parquet as pq
 
     sizes = [u.rsplit("_", 1)[1].split(".")[0].split("x") for u in url_list]
-    pq.write_table(pa.table({
-        "URL": url_list,
-        "TEXT": [f"internet image {i}" for i in range(len(url_list))],
-        "WIDTH": [int(w) for w, _ in sizes],
-        "HEIGHT": [int(h) for _, h in sizes],
-    }), path)
+    pq.write_table(
+        pa.table(
+            {
+                "URL": url_list,
+                "TEXT": [f"internet image {i}" for i in range(len(url_list))],
+                "WIDTH": [int(w) for w, _ in sizes],
+                "HEIGHT": [int(h) for _, h in sizes],
+            }
+        ),
+        path,
+    )
 
 
 # --- server -----------------------------------------------------------------------------------
 
+
 @dataclass
 class Held:
     """One URL's requests as the server saw them."""
+
     first: float
     last: float
     open: int = 0
@@ -196,18 +222,23 @@ class Held:
 
 @dataclass
 class Stats:
-    requests: Counter = field(default_factory=Counter)      # by kind
-    responses: Counter = field(default_factory=Counter)     # status codes sent
-    hung_up: Counter = field(default_factory=Counter)       # by kind: the client left before the end
-    held: dict[str, Held] = field(default_factory=dict)     # URL -> its requests
+    requests: Counter = field(default_factory=Counter)  # by kind
+    responses: Counter = field(default_factory=Counter)  # status codes sent
+    hung_up: Counter = field(default_factory=Counter)  # by kind: the client left before the end
+    held: dict[str, Held] = field(default_factory=dict)  # URL -> its requests
 
     def to_json(self, now: float) -> dict:
         spans = {u: (max(h.last, now) if h.open else h.last) - h.first for u, h in self.held.items()}
         worst = sorted(spans.items(), key=lambda kv: -kv[1])[:10]
-        return {"requests": dict(self.requests), "responses": {str(k): v for k, v in self.responses.items()},
-                "hung_up": dict(self.hung_up), "urls": len(spans),
-                "held_max_seconds": worst[0][1] if worst else 0.0, "held_worst": worst,
-                "still_open": sum(1 for h in self.held.values() if h.open)}
+        return {
+            "requests": dict(self.requests),
+            "responses": {str(k): v for k, v in self.responses.items()},
+            "hung_up": dict(self.hung_up),
+            "urls": len(spans),
+            "held_max_seconds": worst[0][1] if worst else 0.0,
+            "held_worst": worst,
+            "still_open": sum(1 for h in self.held.values() if h.open),
+        }
 
 
 class InternetServer:
@@ -229,7 +260,7 @@ class InternetServer:
 
     # lifecycle
 
-    def start(self) -> "InternetServer":
+    def start(self) -> InternetServer:
         self._thread = threading.Thread(target=self._run, name="internet", daemon=True)
         self._thread.start()
         self._ready.wait(120)
@@ -255,8 +286,9 @@ class InternetServer:
                 s.bind((self.hosts.ordinary[0], 0))
                 self.port = s.getsockname()[1]
         for addr in self.hosts.listening():
-            self._servers.append(await asyncio.start_server(self._handle, addr, self.port, backlog=1024,
-                                                            reuse_address=True))
+            self._servers.append(
+                await asyncio.start_server(self._handle, addr, self.port, backlog=1024, reuse_address=True)
+            )
 
     def stop(self) -> None:
         if self._loop is None:
@@ -268,12 +300,13 @@ class InternetServer:
             for task in asyncio.all_tasks():
                 if task is not asyncio.current_task():
                     task.cancel()
+
         asyncio.run_coroutine_threadsafe(close(), self._loop).result(30)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(30)
         self._loop = None
 
-    def __enter__(self) -> "InternetServer":
+    def __enter__(self) -> InternetServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -289,11 +322,13 @@ class InternetServer:
 
     def snapshot(self, reset: bool = False) -> dict:
         """The stats so far (from any thread); `reset` starts a new count."""
+
         async def take():
             data = self.stats.to_json(time.monotonic())
             if reset:
                 self.stats = Stats()
             return data
+
         return asyncio.run_coroutine_threadsafe(take(), self._loop).result(30)
 
     # serving
@@ -346,15 +381,34 @@ class InternetServer:
             return False
         return bool(data)  # b"": the client closed; a pipelined byte is not expected of image clients
 
-    async def _send(self, writer, reader, status: int, body: bytes, ctype: str, keep: bool,
-                    extra: dict | None = None, length: int | None = None, rate: float | None = None,
-                    ) -> bool:
+    async def _send(
+        self,
+        writer,
+        reader,
+        status: int,
+        body: bytes,
+        ctype: str,
+        keep: bool,
+        extra: dict | None = None,
+        length: int | None = None,
+        rate: float | None = None,
+    ) -> bool:
         self.stats.responses[status] += 1
-        reason = {200: "OK", 403: "Forbidden", 404: "Not Found", 429: "Too Many Requests", 500: "Internal Server Error",
-                  502: "Bad Gateway", 503: "Service Unavailable"}.get(status, "Status")
-        head = [f"HTTP/1.1 {status} {reason}", f"Content-Type: {ctype}",
-                f"Content-Length: {len(body) if length is None else length}",
-                "Connection: keep-alive" if keep else "Connection: close"]
+        reason = {
+            200: "OK",
+            403: "Forbidden",
+            404: "Not Found",
+            429: "Too Many Requests",
+            500: "Internal Server Error",
+            502: "Bad Gateway",
+            503: "Service Unavailable",
+        }.get(status, "Status")
+        head = [
+            f"HTTP/1.1 {status} {reason}",
+            f"Content-Type: {ctype}",
+            f"Content-Length: {len(body) if length is None else length}",
+            "Connection: keep-alive" if keep else "Connection: close",
+        ]
         head += [f"{k}: {v}" for k, v in (extra or {}).items()]
         writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
         if rate is None:
@@ -363,7 +417,7 @@ class InternetServer:
             return True
         chunk = 32 << 10
         for start in range(0, len(body), chunk):
-            writer.write(body[start:start + chunk])
+            writer.write(body[start : start + chunk])
             await writer.drain()
             if start + chunk < len(body) and not await self._wait(reader, chunk / rate):
                 return False
@@ -401,7 +455,7 @@ class InternetServer:
         if kind == "drip":
             await self._send(writer, reader, 200, b"", ctype, False, length=len(data))
             for i in range(int(cfg.drip_seconds / cfg.drip_interval)):
-                writer.write(data[i:i + 1])
+                writer.write(data[i : i + 1])
                 await writer.drain()
                 if not await self._wait(reader, cfg.drip_interval):
                     return False

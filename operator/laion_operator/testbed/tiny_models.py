@@ -41,10 +41,18 @@ def write_tokenizer(folder: Path) -> None:
     tokenizer.save_pretrained(str(folder))
 
 
-def build(root: str | Path, vae_blocks: tuple[int, ...] = (8, 8, 16), text_width: int = 32,
-          text_layers: int = 2, seed: int = 0, layers_per_block: int = 1, text_heads: int = 4,
-          scaling_factor: float = 0.5, norm_groups: int | None = None,
-          text_intermediate: int | None = None) -> Path:
+def build(
+    root: str | Path,
+    vae_blocks: tuple[int, ...] = (8, 8, 16),
+    text_width: int = 32,
+    text_layers: int = 2,
+    seed: int = 0,
+    layers_per_block: int = 1,
+    text_heads: int = 4,
+    scaling_factor: float = 0.5,
+    norm_groups: int | None = None,
+    text_intermediate: int | None = None,
+) -> Path:
     """Write the three models under `root`; returns it. The VAE halves the image side per extra block
     (three blocks: 4×, where Stable Diffusion's four give 8×); the bench passes Stable Diffusion's own
     shapes (bench/latents_bench.py), with random weights all the same."""
@@ -55,8 +63,12 @@ def build(root: str | Path, vae_blocks: tuple[int, ...] = (8, 8, 16), text_width
     root = Path(root)
     torch.manual_seed(seed)
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=layers_per_block,
-        block_out_channels=vae_blocks, norm_num_groups=norm_groups or min(vae_blocks),
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        layers_per_block=layers_per_block,
+        block_out_channels=vae_blocks,
+        norm_num_groups=norm_groups or min(vae_blocks),
         down_block_types=("DownEncoderBlock2D",) * len(vae_blocks),
         up_block_types=("UpDecoderBlock2D",) * len(vae_blocks),
         scaling_factor=scaling_factor,
@@ -65,9 +77,14 @@ def build(root: str | Path, vae_blocks: tuple[int, ...] = (8, 8, 16), text_width
     write_tokenizer(root / "tokenizer")
     tokenizer = CLIPTokenizer.from_pretrained(str(root / "tokenizer"))
     config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=text_width, intermediate_size=text_intermediate or 2 * text_width,
-        num_hidden_layers=text_layers, num_attention_heads=text_heads,
-        max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=text_width,
+        intermediate_size=text_intermediate or 2 * text_width,
+        num_hidden_layers=text_layers,
+        num_attention_heads=text_heads,
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     CLIPTextModel(config).save_pretrained(str(root / "text_encoder"))

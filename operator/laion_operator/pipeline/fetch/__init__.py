@@ -45,5 +45,14 @@ from .guard import AddressGuard
 from .robots import robots_tag_disallows
 from .shard import Handler, fetch_all, run
 
-__all__ = ["AddressGuard", "BlockedAddress", "Engine", "FetchError", "Handler", "classify", "fetch_all",
-           "robots_tag_disallows", "run"]
+__all__ = [
+    "AddressGuard",
+    "BlockedAddress",
+    "Engine",
+    "FetchError",
+    "Handler",
+    "classify",
+    "fetch_all",
+    "robots_tag_disallows",
+    "run",
+]

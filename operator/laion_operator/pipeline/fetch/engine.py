@@ -65,6 +65,7 @@ def _tracing() -> aiohttp.TraceConfig:
         async def set_phase(session, ctx, params):
             if isinstance(ctx.trace_request_ctx, _Attempt):
                 ctx.trace_request_ctx.phase = name
+
         return set_phase
 
     trace.on_connection_queued_start.append(phase("queued"))
@@ -75,7 +76,6 @@ def _tracing() -> aiohttp.TraceConfig:
     trace.on_connection_reuseconn.append(phase("request"))
     trace.on_request_headers_sent.append(phase("headers"))
     return trace
-
 
 
 def retry_after(value: str | None, now: float) -> float | None:
@@ -90,7 +90,6 @@ def retry_after(value: str | None, now: float) -> float | None:
     except (TypeError, ValueError, IndexError):
         return None
     return max(when.timestamp() - time.time(), 0.0) if when else None
-
 
 
 class Engine:
@@ -114,17 +113,28 @@ class Engine:
         self.session: aiohttp.ClientSession | None = None
         self.resolver: GuardedResolver | None = None
 
-    async def __aenter__(self) -> "Engine":
+    async def __aenter__(self) -> Engine:
         self.loop = asyncio.get_running_loop()
         self.resolver = make_resolver(self.opts.dns_servers or (), self.guard)
         connector = aiohttp.TCPConnector(
-            limit=max(self.opts.max_in_flight * 2, 16), limit_per_host=self.opts.max_per_host,
-            resolver=self.resolver, use_dns_cache=False,  # the resolver caches, with the guard after it
-            ssl=True if self.opts.verify_tls else False, keepalive_timeout=30)
+            limit=max(self.opts.max_in_flight * 2, 16),
+            limit_per_host=self.opts.max_per_host,
+            resolver=self.resolver,
+            use_dns_cache=False,  # the resolver caches, with the guard after it
+            ssl=True if self.opts.verify_tls else False,
+            keepalive_timeout=30,
+        )
         self.session = aiohttp.ClientSession(
-            connector=connector, headers=self.headers, auto_decompress=False, trust_env=False,
-            cookie_jar=aiohttp.DummyCookieJar(), timeout=aiohttp.ClientTimeout(total=None),
-            trace_configs=[_tracing()], max_line_size=65536, max_field_size=65536)
+            connector=connector,
+            headers=self.headers,
+            auto_decompress=False,
+            trust_env=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            timeout=aiohttp.ClientTimeout(total=None),
+            trace_configs=[_tracing()],
+            max_line_size=65536,
+            max_field_size=65536,
+        )
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -161,8 +171,11 @@ class Engine:
         while True:
             host = self.host(url)
             if host.dead:
-                raise FetchError("connection", f"{url.host}: host not answering ({DEAD_AFTER} connections in a "
-                                               "row refused or timed out); not tried again in this shard")
+                raise FetchError(
+                    "connection",
+                    f"{url.host}: host not answering ({DEAD_AFTER} connections in a "
+                    "row refused or timed out); not tried again in this shard",
+                )
             now = self.loop.time()
             if host.not_before > now:
                 if host.not_before + self._least_attempt() > budget_end:
@@ -180,22 +193,29 @@ class Engine:
                 if attempt.host is not None:
                     attempt.host.not_before = max(attempt.host.not_before, until)
                 if until + self._least_attempt() > budget_end:
-                    raise FetchError("rate_limited", f"{later}; waiting {wait:g} s more is past this URL's "
-                                                     f"time budget of {self.budget:g} s") from None
+                    raise FetchError(
+                        "rate_limited",
+                        f"{later}; waiting {wait:g} s more is past this URL's time budget of {self.budget:g} s",
+                    ) from None
                 await asyncio.sleep(wait)
                 continue
             except FetchError as err:
                 error = err
             except asyncio.TimeoutError:
-                error = FetchError("dns" if attempt.phase == "dns" else "timeout",
-                                   f"no {'DNS answer' if attempt.phase == 'dns' else 'complete answer'} "
-                                   f"within {min(self.timeout, remaining):g} s ({attempt.phase})")
+                error = FetchError(
+                    "dns" if attempt.phase == "dns" else "timeout",
+                    f"no {'DNS answer' if attempt.phase == 'dns' else 'complete answer'} "
+                    f"within {min(self.timeout, remaining):g} s ({attempt.phase})",
+                )
                 if attempt.phase in ("connect", "request", "headers") and attempt.host is not None:
                     attempt.host.failed(attempt.hop_started)
             except Exception as err:  # noqa: BLE001 - every network failure is a sample's failure, not the shard's
                 error = FetchError(classify(err, attempt.phase), message_of(err))
-                if (isinstance(err, aiohttp.ClientConnectorError) and error.reason == "connection"
-                        and attempt.host is not None):
+                if (
+                    isinstance(err, aiohttp.ClientConnectorError)
+                    and error.reason == "connection"
+                    and attempt.host is not None
+                ):
                     attempt.host.failed(attempt.hop_started)
             failures += 1
             if error.reason in FINAL or failures > self.retries or self.loop.time() >= budget_end:
@@ -249,15 +269,17 @@ class Engine:
                     raise FetchError(reason, f"HTTP Error {resp.status}: {resp.reason or ''}".strip())
                 if resp.status >= 300 or resp.status < 200:
                     raise FetchError("other", f"HTTP {resp.status} {resp.reason or ''}".strip())
-                if self.directives and robots_tag_disallows(resp.headers.getall("X-Robots-Tag", ()), self.token,
-                                                               self.directives):
+                if self.directives and robots_tag_disallows(
+                    resp.headers.getall("X-Robots-Tag", ()), self.token, self.directives
+                ):
                     raise FetchError("opt_out", "Use of image disallowed by X-Robots-Tag directive")
                 return await self._read(resp, self.opts.max_image_bytes)
 
     async def _read(self, resp: aiohttp.ClientResponse, limit: int, truncate: bool = False) -> bytes:
         if resp.content_length is not None and resp.content_length > limit and not truncate:
-            raise FetchError("too_large", f"Content-Length {resp.content_length} is over download.maxImageBytes "
-                                          f"({limit})")
+            raise FetchError(
+                "too_large", f"Content-Length {resp.content_length} is over download.maxImageBytes ({limit})"
+            )
         chunks: list[bytes] = []
         size = 0
         probing = not truncate  # looking for the image's declared size in what has come so far
@@ -265,7 +287,7 @@ class Engine:
             size += len(chunk)
             if size > limit:
                 if truncate:
-                    chunks.append(chunk[:len(chunk) - (size - limit)])
+                    chunks.append(chunk[: len(chunk) - (size - limit)])
                     break
                 raise FetchError("too_large", f"body over download.maxImageBytes ({limit})")
             chunks.append(chunk)
@@ -283,8 +305,10 @@ class Engine:
 
     def _check_pixels(self, pixels: int) -> None:
         if pixels > self.opts.max_image_pixels:
-            raise FetchError("too_large", f"image declares {pixels} pixels, over download.maxImagePixels "
-                                          f"({self.opts.max_image_pixels})")
+            raise FetchError(
+                "too_large",
+                f"image declares {pixels} pixels, over download.maxImagePixels ({self.opts.max_image_pixels})",
+            )
 
     @staticmethod
     async def _drain(resp: aiohttp.ClientResponse) -> None:
@@ -310,8 +334,7 @@ class Engine:
         fetched at all allows everything: the image's own fetch then fails with its own reason."""
         robots_url = url.origin().with_path("/robots.txt")
         try:
-            status, body = await asyncio.wait_for(self._attempt(robots_url, _Attempt(), robots=True),
-                                                  self.timeout)
+            status, body = await asyncio.wait_for(self._attempt(robots_url, _Attempt(), robots=True), self.timeout)
         except (FetchError, asyncio.TimeoutError, aiohttp.ClientError, OSError, BlockedAddress):
             return None
         return robots_parser(str(robots_url), status, body)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-from typing import Iterable
+from collections.abc import Iterable
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
@@ -18,13 +18,37 @@ DNS_FAILURE_TTL = 30.0  # seconds a failed lookup is remembered (a success: for 
 
 # Never connected to unless allowedNetworks opens them: this host, the local networks, cloud
 # metadata (169.254.169.254), carrier-grade NAT, documentation, benchmarking, multicast, reserved.
-BLOCKED_NETWORKS = [ipaddress.ip_network(n) for n in (
-    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
-    "192.0.0.0/24", "192.0.2.0/24", "192.88.99.0/24", "192.168.0.0/16", "198.18.0.0/15", "198.51.100.0/24",
-    "203.0.113.0/24", "224.0.0.0/4", "240.0.0.0/4", "255.255.255.255/32",
-    "::/96", "::1/128", "64:ff9b:1::/48", "100::/64", "2001::/23", "2001:db8::/32", "fc00::/7",
-    "fe80::/10", "fec0::/10", "ff00::/8",
-)]
+BLOCKED_NETWORKS = [
+    ipaddress.ip_network(n)
+    for n in (
+        "0.0.0.0/8",
+        "10.0.0.0/8",
+        "100.64.0.0/10",
+        "127.0.0.0/8",
+        "169.254.0.0/16",
+        "172.16.0.0/12",
+        "192.0.0.0/24",
+        "192.0.2.0/24",
+        "192.88.99.0/24",
+        "192.168.0.0/16",
+        "198.18.0.0/15",
+        "198.51.100.0/24",
+        "203.0.113.0/24",
+        "224.0.0.0/4",
+        "240.0.0.0/4",
+        "255.255.255.255/32",
+        "::/96",
+        "::1/128",
+        "64:ff9b:1::/48",
+        "100::/64",
+        "2001::/23",
+        "2001:db8::/32",
+        "fc00::/7",
+        "fe80::/10",
+        "fec0::/10",
+        "ff00::/8",
+    )
+]
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 
@@ -65,8 +89,15 @@ def _blocked(ip) -> bool:
         return True
     if ip.version == 6 and _embedded_ipv4(ip) is not None:
         return _blocked(_embedded_ipv4(ip))
-    return (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_reserved
-            or ip.is_unspecified or not ip.is_global)
+    return (
+        ip.is_private
+        or ip.is_loopback
+        or ip.is_link_local
+        or ip.is_multicast
+        or ip.is_reserved
+        or ip.is_unspecified
+        or not ip.is_global
+    )
 
 
 def is_ip(host: str) -> bool:
@@ -100,11 +131,13 @@ class GuardedResolver(AbstractResolver):
             def finished(f: asyncio.Future) -> None:
                 if f.cancelled() or f.exception() is not None:  # (retrieving it keeps asyncio from logging it)
                     self._failed_at[key] = loop.time()
+
             future.add_done_callback(finished)
         return future
 
-    async def resolve(self, host: str, port: int = 0,
-                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
         try:
             infos: list[ResolveResult] = await asyncio.shield(self._lookup(host, family))
         except OSError as err:  # a fresh error each time: aiohttp wraps it as ClientConnectorDNSError

@@ -3,7 +3,7 @@ read as RFC 9309 says."""
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 from urllib.robotparser import RobotFileParser
 
 ROBOTS_MAX_BYTES = 512 << 10  # RFC 9309 asks crawlers to parse at least the first 500 KiB
@@ -20,7 +20,6 @@ def robots_tag_disallows(values: Iterable[str], token: str, directives: Iterable
         if wanted & {rule.strip().lower() for rule in (rules if colon else agent).split(",")}:
             return True
     return False
-
 
 
 def robots_parser(url: str, status: int, body: bytes) -> RobotFileParser | None:

@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections import Counter, deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
 from urllib.parse import urlsplit
 
 from ...spec import DECODE_BACKLOG_BYTES, Download
@@ -98,7 +98,7 @@ class Backlog:
         self.handlers: set[asyncio.Future] = set()
         self.error: BaseException | None = None
 
-    async def hand_over(self, size: int, run: Callable[[], "asyncio.Future"]) -> None:
+    async def hand_over(self, size: int, run: Callable[[], asyncio.Future]) -> None:
         while self.held and self.held + size > self.limit and self.error is None:
             self.space.clear()
             await self.space.wait()
@@ -134,6 +134,7 @@ async def fetch_all(urls: list[str], opts: Download, handle: Handler, threads: i
     backlog = Backlog(DECODE_BACKLOG_BYTES)
     with ThreadPoolExecutor(max(threads, 1), thread_name_prefix="decode") as pool:
         async with Engine(opts) as engine:
+
             async def worker():
                 while (index := await scheduler.take()) is not None:
                     if backlog.error is not None:
@@ -143,8 +144,9 @@ async def fetch_all(urls: list[str], opts: Download, handle: Handler, threads: i
                     except FetchError as err:
                         data, error = None, err
                     await scheduler.done(index)
-                    await backlog.hand_over(len(data or b""), functools.partial(
-                        loop.run_in_executor, pool, handle, index, data, error))
+                    await backlog.hand_over(
+                        len(data or b""), functools.partial(loop.run_in_executor, pool, handle, index, data, error)
+                    )
 
             tasks = [asyncio.ensure_future(worker()) for _ in range(min(opts.max_in_flight, len(urls)))]
             try:

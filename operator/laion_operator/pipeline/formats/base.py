@@ -18,7 +18,8 @@ import io
 import json
 import os
 import tempfile
-from typing import Iterable, Iterator, NamedTuple
+from collections.abc import Iterable, Iterator
+from typing import NamedTuple
 
 import fsspec
 
@@ -136,8 +137,9 @@ def describe_parquet(name: str, data: bytes, err: Exception) -> str:
     if len(data) < 12 or data[:4] != b"PAR1":
         return f"{name}: {len(data)} bytes, not a parquet file (it does not start with the PAR1 marker)"
     if data[-4:] != b"PAR1":
-        return (f"{name}: cut short: {len(data)} bytes, ending without the footer and PAR1 marker that end a "
-                f"parquet file")
+        return (
+            f"{name}: cut short: {len(data)} bytes, ending without the footer and PAR1 marker that end a parquet file"
+        )
     footer = int.from_bytes(data[-8:-4], "little")
     if footer + 12 > len(data):
         return f"{name}: {len(data)} bytes, but its footer says it is {footer} bytes long: the file is damaged"
@@ -177,8 +179,9 @@ def _sample(files: dict, where: str, image_extensions: tuple[str, ...]) -> Sampl
         try:
             meta = json.loads(files["json"])
         except ValueError as err:
-            raise BrokenShard(f"{where}: sample {key}: {key}.json ({len(files['json'])} bytes) is not JSON: "
-                              f"{err}") from None
+            raise BrokenShard(
+                f"{where}: sample {key}: {key}.json ({len(files['json'])} bytes) is not JSON: {err}"
+            ) from None
     meta = meta if isinstance(meta, dict) else {}
     caption = next((files[e].decode("utf-8", "replace") for e in CAPTION_FILES if e in files), None)
     if caption is None and isinstance(meta.get("caption"), str):

@@ -7,7 +7,7 @@ own shards and, for convert, anyone's folders.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 from ...contract import ShardStats, shard_name
 from ...spec import Download
@@ -33,10 +33,12 @@ class Files(Grouped):
 
     def annotation_rows(self, store: Store, opts: Download, shards: list[ShardStats]):
         """A row an image: its path and caption."""
+
         def rows():
             for s in shards:
                 for row in successes(read_metadata(store, s.shard)):
                     yield store.url(shard_name(s.shard), f"{row['key']}.{opts.encode_format}"), row.get("caption") or ""
+
         return ["image_path", "caption"], rows()
 
     def annotated(self, row: dict, prefix: str) -> tuple[str, int]:

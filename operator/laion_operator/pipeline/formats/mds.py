@@ -24,7 +24,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Iterator
+from collections.abc import Iterator
 
 import fsspec
 
@@ -40,8 +40,7 @@ _FILE_KEYS = ("raw_data", "zip_data", "raw_meta", "zip_meta")
 class MDSSampleWriter:
     """streaming's MDSWriter in img2dataset's writer shape (its constructor, write and close)."""
 
-    def __init__(self, shard_id, output_folder, save_caption, oom_shard_count, schema, encode_format,
-                 size_limit=None):
+    def __init__(self, shard_id, output_folder, save_caption, oom_shard_count, schema, encode_format, size_limit=None):
         from img2dataset.writer import BufferedParquetWriter
         from streaming import MDSWriter  # torch and streaming: only for parts that write MDS
 
@@ -57,9 +56,11 @@ class MDSSampleWriter:
         for name in schema.names:
             self.columns.setdefault(name, "json")
         self.buffered_parquet_writer = BufferedParquetWriter(
-            output_folder + "/" + self.shard_name + ".parquet", schema, 100)
-        self.mds = MDSWriter(columns=self.columns, out=self.local, size_limit=size_limit or MDS_SHARD_SIZE,
-                             exist_ok=True)
+            output_folder + "/" + self.shard_name + ".parquet", schema, 100
+        )
+        self.mds = MDSWriter(
+            columns=self.columns, out=self.local, size_limit=size_limit or MDS_SHARD_SIZE, exist_ok=True
+        )
 
     def write(self, img_str, key, caption, meta):
         if img_str is not None:
@@ -90,8 +91,9 @@ class MDS(Format):
         return MDSSampleWriter
 
     def writer(self, opts: Download, shard: int, output: str, save_caption: bool, schema):
-        return MDSSampleWriter(shard, output, save_caption, SHARD_DIGITS, schema, opts.encode_format,
-                               size_limit=opts.mds_shard_size_limit)
+        return MDSSampleWriter(
+            shard, output, save_caption, SHARD_DIGITS, schema, opts.encode_format, size_limit=opts.mds_shard_size_limit
+        )
 
     def read_samples(self, store: Store, shard: int) -> Iterator[Sample]:
         from streaming.base.format import reader_from_json
@@ -105,14 +107,22 @@ class MDS(Format):
                 for i in range(reader.samples):
                     fields = reader.get_item(i)
                     meta = {k: v for k, v in fields.items() if entry_kind(entry, k) == "json"}
-                    yield Sample(key=fields.get("key", ""), caption=fields.get("caption"), image=self.image_of(fields),
-                                 meta=meta, file=name)
+                    yield Sample(
+                        key=fields.get("key", ""),
+                        caption=fields.get("caption"),
+                        image=self.image_of(fields),
+                        meta=meta,
+                        file=name,
+                    )
 
     def annotation_rows(self, store: Store, opts: Download, shards: list[ShardStats]):
         """A row an MDS file, with the samples its shard's index gives it."""
         indexes = {s.shard: read_index(store, s.shard) for s in shards}
-        return ["path", "num_samples"], ((store.url(shard_name(shard), entry["raw_data"]["basename"]), entry["samples"])
-                                         for shard, index in sorted(indexes.items()) for entry in index["shards"])
+        return ["path", "num_samples"], (
+            (store.url(shard_name(shard), entry["raw_data"]["basename"]), entry["samples"])
+            for shard, index in sorted(indexes.items())
+            for entry in index["shards"]
+        )
 
     def annotate(self, store: Store, shards: list[ShardStats]) -> None:
         # streaming reads it with json.load; sorted keys keep the file stable across identical runs
@@ -133,8 +143,10 @@ def check_size(path: str, name: str, entry: dict) -> None:
     except FileNotFoundError:
         raise BrokenShard(f"{name}: missing; its index lists {entry['samples']} samples in {expected} bytes") from None
     if size < expected:
-        raise BrokenShard(f"{name}: cut short: {size} of {expected} bytes (its index.json lists "
-                          f"{entry['samples']} samples in {expected} bytes)")
+        raise BrokenShard(
+            f"{name}: cut short: {size} of {expected} bytes (its index.json lists "
+            f"{entry['samples']} samples in {expected} bytes)"
+        )
     if size > expected:
         raise BrokenShard(f"{name}: {size} bytes, its index.json says {expected}: not the file the index describes")
 

@@ -3,8 +3,7 @@ after download.encodeFormat and the caption in `txt`. The data file is the metad
 
 from __future__ import annotations
 
-from typing import Iterator
-
+from collections.abc import Iterator
 
 from ...contract import shard_metadata
 from ...storage import Store

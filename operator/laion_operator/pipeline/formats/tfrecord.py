@@ -13,7 +13,8 @@ CRC-32C of x. Read back with the `tfrecord` package's record iterator.
 from __future__ import annotations
 
 import struct
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import fsspec
 import google_crc32c
@@ -35,8 +36,7 @@ def masked_crc32c(data: bytes) -> int:
 def frame_record(data: bytes) -> bytes:
     """One TFRecord: length, its masked CRC, the data, its masked CRC."""
     length = struct.pack("<Q", len(data))
-    return b"".join((length, struct.pack("<I", masked_crc32c(length)), data,
-                     struct.pack("<I", masked_crc32c(data))))
+    return b"".join((length, struct.pack("<I", masked_crc32c(length)), data, struct.pack("<I", masked_crc32c(data))))
 
 
 def pb():
@@ -78,8 +78,9 @@ def feature_for(value: Any):
         if not isinstance(value[0], (int, float)):
             return example_pb2.Feature(bytes_list=example_pb2.BytesList(value=[_as_bytes(value[0])]))
     if value and isinstance(value[0], int):  # bools too, as 0 and 1 (protobuf takes no bool for an int64)
-        return example_pb2.Feature(int64_list=example_pb2.Int64List(
-            value=[int(v) if isinstance(v, bool) else v for v in value]))
+        return example_pb2.Feature(
+            int64_list=example_pb2.Int64List(value=[int(v) if isinstance(v, bool) else v for v in value])
+        )
     if value and isinstance(value[0], float):
         return example_pb2.Feature(float_list=example_pb2.FloatList(value=value))
     return example_pb2.Feature(bytes_list=example_pb2.BytesList(value=[_as_bytes(v) for v in value]))
@@ -164,8 +165,13 @@ class TFRecord(Format):
                     example = pb().Example.FromString(bytes(record))
                     offset, count = offset + _HEADER + len(record) + _FOOTER, count + 1
                     features = dict(example.features.feature)
-                    image = self.image_of({k: f.bytes_list.value[0] for k, f in features.items()
-                                           if k in self.image_extensions and f.bytes_list.value})
+                    image = self.image_of(
+                        {
+                            k: f.bytes_list.value[0]
+                            for k, f in features.items()
+                            if k in self.image_extensions and f.bytes_list.value
+                        }
+                    )
                     key = features.pop("key").bytes_list.value[0].decode() if "key" in features else ""
                     caption = features.pop("txt").bytes_list.value[0].decode() if "txt" in features else None
                     meta = {k: value_of(f) for k, f in features.items() if k not in self.image_extensions}
@@ -185,8 +191,10 @@ def describe(name: str, path: str, offset: int, count: int, err: Exception) -> s
         return f"{where}: record {count + 1} at byte {offset} has {len(header)} of the 8 bytes of its length"
     (length,) = struct.unpack("<Q", header)
     need = _HEADER + length + _FOOTER
-    return (f"{where}: record {count + 1} at byte {offset} needs {need} bytes (its {length} bytes of data, "
-            f"length and CRCs), {size - offset} are there ({err})")
+    return (
+        f"{where}: record {count + 1} at byte {offset} needs {need} bytes (its {length} bytes of data, "
+        f"length and CRCs), {size - offset} are there ({err})"
+    )
 
 
 FORMAT = TFRecord()

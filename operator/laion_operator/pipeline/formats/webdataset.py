@@ -7,7 +7,8 @@ key), the project's own shards and, for convert, anyone's.
 from __future__ import annotations
 
 import tarfile
-from typing import BinaryIO, Iterator
+from collections.abc import Iterator
+from typing import BinaryIO
 
 from .base import BrokenShard, Grouped, Sample, group
 
@@ -46,13 +47,17 @@ def read_tar(f: BinaryIO, where: str, size: int, image_extensions: tuple[str, ..
 
 def describe(where: str, size: int, last: tarfile.TarInfo | None, err: Exception) -> str:
     if last is not None and last.offset_data + last.size > size:
-        return (f"{where}: cut short: {size} bytes, but its member {last.name} (header at byte {last.offset}) "
-                f"holds {last.size} bytes up to byte {last.offset_data + last.size}")
+        return (
+            f"{where}: cut short: {size} bytes, but its member {last.name} (header at byte {last.offset}) "
+            f"holds {last.size} bytes up to byte {last.offset_data + last.size}"
+        )
     after = 0 if last is None else last.offset_data + -(-last.size // _BLOCK) * _BLOCK
     member = f"the member after {last.name}" if last else "its first member"
     if size - after < _HEADERS:
-        return (f"{where}: cut short: {size} bytes, ending {size - after} bytes into the headers of {member}, "
-                f"which start at byte {after}")
+        return (
+            f"{where}: cut short: {size} bytes, ending {size - after} bytes into the headers of {member}, "
+            f"which start at byte {after}"
+        )
     return f"{where}: {size} bytes, whose headers of {member}, at byte {after}, do not read as a tar's: {err}"
 
 
