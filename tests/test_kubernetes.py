@@ -15,6 +15,7 @@ from laion_operator.testbed.demo_data import write_metadata
 from tests.support.chart import NAMESPACE, installed, one
 from tests.support.cluster import KubeAPIError
 from tests.support.operator_proc import operator_starter
+from tests.test_install import part_doc as install_part_doc
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUP, VERSION, PLURAL = "laion-operator.io", "v1alpha1", "laionparts"
@@ -28,19 +29,10 @@ def metadata(tmp_path_factory, image_server):
 
 
 def part_doc(name: str, source: Path, output: Path, **spec) -> dict:
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "LaionPart",
-        "metadata": {"name": name},
-        "spec": {
-            "partId": name,
-            "source": {"urls": [str(source)]},
-            "output": {"uri": str(output)},
-            "filter": {"samplesPerShard": 10},
-            "download": {"imageSize": 64, "timeout": 5, "maxInFlight": 4, "allowedNetworks": ["127.0.0.0/8"]},
-            **spec,
-        },
-    }
+    """test_install's part, writing to a local folder, in shards of 10."""
+    doc = install_part_doc(name, source, {"uri": str(output)}, **spec)
+    doc["spec"]["filter"] = {"samplesPerShard": 10}
+    return doc
 
 
 def test_the_operator_acts_as_the_charts_service_account_only(kube_api, kube_namespace):
