@@ -108,14 +108,19 @@ def test_part_succeeds_with_credentials_from_a_secret(api, chart_operator, ray_c
         f"--from-literal=AWS_SECRET_ACCESS_KEY={s3.SECRET_KEY}",
         f"--from-literal=AWS_ENDPOINT_URL={s3.endpoint}",
     )
-    doc = part_doc(
-        "secret-part",
-        metadata,
-        {"uri": f"s3://{bucket}/p", "region": "us-east-1", "pathStyle": True, "credentialsSecret": SECRET},
-    )
-    api.kubectl("apply", "-n", kube_namespace, "-f", "-", input=yaml.safe_dump(doc))
+    # Two parts with one Secret at once, as a dataset's parts have: each job gets a credentials
+    # package of its own (Ray would unpack a shared one again over the first job's running workers).
+    for name, prefix in (("secret-part", "p"), ("secret-twin", "twin")):
+        doc = part_doc(
+            name,
+            metadata,
+            {"uri": f"s3://{bucket}/{prefix}", "region": "us-east-1", "pathStyle": True, "credentialsSecret": SECRET},
+        )
+        api.kubectl("apply", "-n", kube_namespace, "-f", "-", input=yaml.safe_dump(doc))
     status = wait_status(api, kube_namespace, "secret-part", lambda s: s.get("phase") in ("Succeeded", "Failed"))
     assert status["phase"] == "Succeeded", (status, op.logs())
+    twin = wait_status(api, kube_namespace, "secret-twin", lambda s: s.get("phase") in ("Succeeded", "Failed"))
+    assert twin["phase"] == "Succeeded", (twin, op.logs())
 
     summary = json.loads(s3.client().get_object(Bucket=bucket, Key="p/part_secret-part_summary.json")["Body"].read())
     assert status["images"]["ok"] == summary["images"]["ok"] > 0
@@ -126,6 +131,8 @@ def test_part_succeeds_with_credentials_from_a_secret(api, chart_operator, ray_c
 
     client = JobSubmissionClient(ray_cluster.dashboard_url)
     job = client.get_job_info(status["submissionId"])
+    packages = {job.runtime_env["working_dir"], client.get_job_info(twin["submissionId"]).runtime_env["working_dir"]}
+    assert len(packages) == 2, packages
     visible = {
         "LaionPart": api.kubectl("get", "lp", "secret-part", "-n", kube_namespace, "-o", "json").stdout,
         "Ray job": repr(job) + json.dumps(job.runtime_env) + job.entrypoint,

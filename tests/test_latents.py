@@ -398,7 +398,7 @@ def test_the_hub_token_travels_like_the_storage_credentials(monkeypatch, tmp_pat
     }
     assert "hf_not_a_real_token" not in json.dumps(spec.to_dict())
     package = tmp_path / "pkg.zip"
-    package.write_bytes(credentials.package(secret))
+    package.write_bytes(credentials.package(secret, job="lp-u-1"))
     with zipfile.ZipFile(package) as zf:
         zf.extractall(tmp_path / "job")
     monkeypatch.delenv("HF_TOKEN", raising=False)

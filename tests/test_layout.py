@@ -110,21 +110,25 @@ def test_exit_codes_and_phases_are_spelled_once():
 def test_a_ray_worker_loads_the_pipeline_without_img2datasets_cli_or_torch(ray_driver):
     """Every Ray worker of a part pays these imports: torch (through webdataset) and img2dataset's CLI
     (wandb, fire) took most of 11 s a process on a busy node."""
-    import uuid
-
-    import ray
-
-    def loaded_packages() -> list[str]:  # a local function: pickled whole, nothing of the tests imported
-        import importlib
-        import sys
-
-        for stage in ("driver", "download", "convert", "verify"):
-            importlib.import_module(f"laion_operator.pipeline.{stage}")
-        return sorted({m.split(".")[0] for m in sys.modules})
-
-    # A runtime env of its own: a fresh worker process, not one that ran other tests' tasks.
-    fresh = ray.remote(runtime_env={"env_vars": {"LAION_TEST_WORKER": uuid.uuid4().hex}})(loaded_packages)
-    loaded = set(ray.get(fresh.remote(), timeout=300))
+    # A driver of its own, so a fresh worker process, not one that ran other tests' tasks. (A task's
+    # own runtime env would give one too, but Ray would unpack this driver's working_dir again over
+    # the folder its other workers run in.)
+    probe = (
+        "import sys, json, ray\n"
+        "from laion_operator.pipeline.runtime import ensure_ray\n"
+        "def loaded_packages():\n"
+        "    import importlib, sys\n"
+        "    for stage in ('driver', 'download', 'convert', 'verify'):\n"
+        "        importlib.import_module(f'laion_operator.pipeline.{stage}')\n"
+        "    return sorted({m.split('.')[0] for m in sys.modules})\n"
+        "ensure_ray(sys.argv[1])\n"
+        "print(json.dumps(ray.get(ray.remote(loaded_packages).remote(), timeout=300)))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, ray_driver.address], capture_output=True, text=True, timeout=420, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    loaded = set(json.loads(done.stdout.splitlines()[-1]))
     assert {"img2dataset", "webdataset", "cv2", "pyarrow"} <= loaded  # the imports did happen
     assert not loaded & {"torch", "wandb", "fire", "pyspark"}, sorted(loaded)
 

@@ -249,3 +249,38 @@ def test_s3_output_has_the_local_layout(ray_driver, s3, metadata, tmp_path):
     rows = list(csv.DictReader(io.StringIO(body)))
     assert all(r["path"].startswith(f"s3://{bucket}/parts/3/") for r in rows)
     assert sum(int(r["num_samples"]) for r in rows) == remote["images"]["ok"]
+
+
+def test_a_second_driver_with_the_same_credentials_leaves_this_drivers_workers_their_folder(ray_driver, s3):
+    """Ray unpacks a working_dir afresh, over the same folder, for each new runtime env that names its
+    URI: were two drivers' credentials packages one, the second driver's job would delete the folder
+    that this driver's workers run in (and read their credentials from); shards then failed with
+    FileNotFoundError from os.getcwd()."""
+    import ray
+
+    from laion_operator import credentials
+
+    @ray.remote(num_cpus=0)
+    class Worker:
+        def folder(self) -> tuple[str, bool]:
+            return os.getcwd(), os.path.isfile(credentials.FILE)
+
+    worker = Worker.remote()
+    folder, has_credentials = ray.get(worker.folder.remote(), timeout=120)
+    assert has_credentials, folder  # the precondition: this driver's workers run in its package
+    # Another driver on the same cluster with the same credentials in its environment, whose task has
+    # a runtime env of its own (as each operator job has its own env_vars).
+    other = (
+        "import os, sys, ray\n"
+        "from laion_operator.pipeline.runtime import ensure_ray\n"
+        "ensure_ray(sys.argv[1])\n"
+        "task = ray.remote(num_cpus=0, runtime_env={'env_vars': {'LAION_TEST_OTHER': '1'}})(os.getcwd)\n"
+        "print(ray.get(task.remote(), timeout=120))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", other, ray_driver.address], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-1] != folder  # a package of its own
+    assert ray.get(worker.folder.remote(), timeout=120) == (folder, True)
+    ray.kill(worker)

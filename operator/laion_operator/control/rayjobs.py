@@ -152,7 +152,7 @@ class JobsAPIBackend:
                     "operator.config.allowCredentialsWithoutRayAuth"
                 )
             # Built in memory and uploaded: no copy of the credentials touches the operator's disk.
-            runtime_env["working_dir"] = self.api.upload_package(credentials.package(secret))
+            runtime_env["working_dir"] = self.api.upload_package(credentials.package(secret, job=job_id))
         self.api.submit(
             {
                 "entrypoint": self.config.job_entrypoint,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -39,7 +40,8 @@ def ensure_ray(address: str | None = None) -> None:
         ray.init(log_to_driver=False)  # inside a Ray job: the job's runtime env already carries everything
     elif address:
         # Workers of an existing cluster do not share this process's environment: ship the credentials.
-        folder = credentials.working_dir(credentials.from_environment())
+        # This driver's own package: another driver's job must never unpack over its workers' folder.
+        folder = credentials.working_dir(credentials.from_environment(), job=uuid.uuid4().hex)
         try:
             ray.init(address=address, log_to_driver=False, runtime_env={"working_dir": folder})
         finally:
