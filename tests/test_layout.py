@@ -160,3 +160,20 @@ def test_the_job_driver_loads_the_pipeline_light_and_other_processes_whole():
     assert outputs[0] == ["2", "WebDatasetSampleWriter", "False"]
     # a process that is not the pipeline's alone (a notebook, the tests) keeps both libraries whole
     assert outputs[1] == ["True", "True"]
+
+
+def test_importing_the_pipeline_after_ray_starts_no_ray():
+    """The pipeline asks whether it is in a Ray worker when imported; asked the wrong way, Ray's
+    auto-init started a private local Ray there, and a driver about to join a cluster
+    (`ensure_ray(address)`) then stayed on that one."""
+    code = "import ray, laion_operator.pipeline; print(ray.is_initialized())"
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT / "operator"), "PATH": "/usr/bin:/bin"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-1] == "False"

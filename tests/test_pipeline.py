@@ -252,10 +252,10 @@ def test_s3_output_has_the_local_layout(ray_driver, s3, metadata, tmp_path):
 
 
 def test_a_second_driver_with_the_same_credentials_leaves_this_drivers_workers_their_folder(ray_driver, s3):
-    """Ray unpacks a working_dir afresh, over the same folder, for each new runtime env that names its
-    URI: were two drivers' credentials packages one, the second driver's job would delete the folder
-    that this driver's workers run in (and read their credentials from); shards then failed with
-    FileNotFoundError from os.getcwd()."""
+    """Ray unpacks a working_dir over its old folder when its cache misses the package (two runtime
+    envs naming one package set up at once, as parts started together with one Secret are): were two
+    drivers' credentials packages one, the second could delete the folder this driver's workers run in
+    and read their credentials from; shards then failed with FileNotFoundError from os.getcwd()."""
     import ray
 
     from laion_operator import credentials
@@ -274,7 +274,7 @@ def test_a_second_driver_with_the_same_credentials_leaves_this_drivers_workers_t
         "import os, sys, ray\n"
         "from laion_operator.pipeline.runtime import ensure_ray\n"
         "ensure_ray(sys.argv[1])\n"
-        "task = ray.remote(num_cpus=0, runtime_env={'env_vars': {'LAION_TEST_OTHER': '1'}})(os.getcwd)\n"
+        "task = ray.remote(num_cpus=0, runtime_env={'env_vars': {'LAION_TEST_OTHER': '1'}})(lambda: os.getcwd())\n"
         "print(ray.get(task.remote(), timeout=120))\n"
     )
     done = subprocess.run(
@@ -284,3 +284,32 @@ def test_a_second_driver_with_the_same_credentials_leaves_this_drivers_workers_t
     assert done.stdout.split()[-1] != folder  # a package of its own
     assert ray.get(worker.folder.remote(), timeout=120) == (folder, True)
     ray.kill(worker)
+
+
+def test_a_worker_whose_folder_was_unpacked_again_finds_it(tmp_path):
+    """What a Ray worker sees after Ray unpacked its working_dir afresh: its folder deleted under it and
+    a new one at the same path. A shard task enters the new one before any local delete (fsspec's rm
+    asks for os.getcwd())."""
+    folder = tmp_path / "_ray_pkg_0123"
+    folder.mkdir()
+    (tmp_path / "stale").mkdir()
+    probe = (
+        "import os, shutil, sys\n"
+        "import fsspec\n"
+        "from laion_operator.pipeline.runtime import enter_working_dir\n"
+        "shutil.rmtree(os.getcwd()); os.mkdir(os.environ['PWD'])\n"
+        "enter_working_dir()\n"
+        "fsspec.filesystem('file').rm(sys.argv[1], recursive=True)\n"
+        "print(os.getcwd())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, str(tmp_path / "stale")],
+        cwd=folder,
+        env={**os.environ, "PWD": str(folder)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-1] == str(folder)
+    assert not (tmp_path / "stale").exists()

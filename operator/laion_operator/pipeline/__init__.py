@@ -50,9 +50,11 @@ def load_light() -> None:
 def _in_ray_worker() -> bool:
     import sys
 
-    ray = sys.modules.get("ray")  # a Ray worker has imported it before it unpickles a task
+    ray = sys.modules.get("ray")  # a Ray worker has imported it, and connected, before it unpickles a task
     try:
-        return ray is not None and ray.get_runtime_context().worker.mode == ray.WORKER_MODE
+        # is_initialized first: get_runtime_context() in a process not yet connected starts a local Ray
+        # (Ray's auto-init), and a driver about to join a cluster would be left on that one instead.
+        return ray is not None and ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE
     except Exception:  # noqa: BLE001 - no Ray runtime here
         return False
 

@@ -32,7 +32,7 @@ from .download import download_shard
 from .filter import MetadataError, run_filter
 from .heal import heal
 from .resume import DamagedOutput, check_no_stray_shards, finished_shard, finished_shards
-from .runtime import Outcome, PartFailed, Pool, cpus, ensure_ray, store_work
+from .runtime import Outcome, PartFailed, Pool, cpus, ensure_ray, enter_working_dir, store_work
 from .tracker import Tracker
 from .verify import verify
 
@@ -64,6 +64,7 @@ def _encode_shard(spec: PartSpec, shard: int, report, source=None) -> Outcome:
 def _check(spec_data: dict, shard: int) -> dict:
     from .verify import check_shard
 
+    enter_working_dir()
     spec = PartSpec.from_dict(spec_data)
     return check_shard(Store(spec.output), spec.download.output_format, shard).to_json()
 

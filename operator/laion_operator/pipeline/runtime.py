@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -86,8 +87,25 @@ def cpus() -> int:
 @ray.remote(num_cpus=1)
 def shard_task(work: Work, spec_data: dict, shard: int, board, *args) -> Outcome:
     """One shard of a stage: `work(spec, shard, report, *args)`, its running counts sent to the board."""
+    enter_working_dir()
     spec = PartSpec.from_dict(spec_data)
     return work(spec, shard, lambda stats: board.report.remote(shard, stats.to_json()), *args)
+
+
+def enter_working_dir() -> None:
+    """Enter the job's folder again when Ray has unpacked it afresh under this worker.
+
+    Ray starts a worker as `cd <working_dir> && python ...` and unpacks a working_dir over its old
+    folder when its cache has lost it (a restarted runtime env agent, two envs naming one package set
+    up at once): the worker is left in a deleted folder, where os.getcwd() raises and every local
+    delete of fsspec's fails. The shell's PWD still names the path, which holds the new copy.
+    """
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        folder = os.environ.get("PWD", "")
+        os.chdir(folder if os.path.isdir(folder) else tempfile.gettempdir())
+        log.warning("this worker's folder was unpacked again by Ray; now in %s", os.getcwd())
 
 
 @ray.remote(num_cpus=0)
