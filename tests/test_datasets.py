@@ -13,7 +13,7 @@ import pytest
 
 from laion_operator.testbed.demo_data import write_metadata
 from tests.support.operator_proc import operator_starter
-from tests.support.specs import loopback
+from tests.support.specs import OPERATOR_DOWNLOAD, laionpart, loopback
 from tests.test_operator import GROUP, PLURAL, RAYJOB_CRD, VERSION, apply, jobs_of, part
 from tests.test_operator import wait_phase as _wait_phase
 
@@ -63,27 +63,19 @@ def slow_source(tmp_path_factory, image_server):
     return path
 
 
+# What this module's parts and its dataset template add to the operator tests' download: one place,
+# so that a part applied alone downloads as the dataset's parts do.
+DATASET_DOWNLOAD = {"parallelism": 1, "outputFormat": "webdataset"}
+
+
 def download(**extra) -> dict:
-    return loopback(
-        {"imageSize": 64, "timeout": 5, "maxInFlight": 4, "parallelism": 1, "outputFormat": "webdataset", **extra}
-    )
+    return loopback({**OPERATOR_DOWNLOAD, **DATASET_DOWNLOAD, **extra})
 
 
 def part_doc(name: str, source: Path, out: Path, **spec) -> dict:
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "LaionPart",
-        "metadata": {"name": name},
-        "spec": {
-            "partId": name,
-            "source": {"urls": [str(source)]},
-            "output": {"uri": str(out)},
-            "filter": {"samplesPerShard": 10},
-            "download": download(),
-            "maxRetries": 0,
-            **spec,
-        },
-    }
+    """A part that fails at once rather than retry (maxRetries 0), downloading as the dataset's parts do."""
+    options = {**DATASET_DOWNLOAD, **spec.pop("download", {})}
+    return laionpart(name, source, out, download=options, **{"maxRetries": 0, **spec})
 
 
 def dataset_doc(name: str, sources: Path, out: Path, **spec) -> dict:
@@ -351,7 +343,7 @@ def test_suspend_and_resume_mid_download_exactly_once(
 ):
     operator(ray=ray_cluster)
     out = tmp_path / "out"
-    doc = part_doc("pausing", slow_source, out, download=download(maxInFlight=2))
+    doc = part_doc("pausing", slow_source, out, download={"maxInFlight": 2})
     assert apply(api, kube_namespace, doc).returncode == 0
     wait_phase(api, kube_namespace, "pausing", "Downloading")
     wait_for_finished_shard(out)
@@ -422,7 +414,7 @@ def test_deadline_fails_a_running_part_and_keeps_its_shards(
 ):
     operator(ray=ray_cluster)
     out = tmp_path / "out"
-    doc = part_doc("late", slow_source, out, activeDeadlineSeconds=3600, download=download(maxInFlight=2))
+    doc = part_doc("late", slow_source, out, activeDeadlineSeconds=3600, download={"maxInFlight": 2})
     assert apply(api, kube_namespace, doc).returncode == 0
     wait_phase(api, kube_namespace, "late", "Downloading")
     wait_for_finished_shard(out)

@@ -18,7 +18,7 @@ from laion_operator.testbed.demo_data import write_metadata
 from tests.support.exactly_once import check_exactly_once
 from tests.support.faults import Outage
 from tests.support.operator_proc import OperatorProcess, operator_starter
-from tests.support.specs import loopback
+from tests.support.specs import laionpart
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUP, VERSION, PLURAL = "laion-operator.io", "v1alpha1", "laionparts"
@@ -49,22 +49,6 @@ def slow_metadata(tmp_path_factory, image_server):
     path = tmp_path_factory.mktemp("slow") / "part.parquet"
     write_metadata(path, 40, image_server.base_url, seed=42, slow_seconds=1, failure_mix={"ok": 0.5, "timeout": 0.5})
     return path
-
-
-def manifest(name: str, source, output, **spec) -> dict:
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "LaionPart",
-        "metadata": {"name": name},
-        "spec": {
-            "partId": name,
-            "source": {"urls": [str(source)]},
-            "output": output if isinstance(output, dict) else {"uri": str(output)},
-            "filter": {"samplesPerShard": 10},
-            "download": loopback({"imageSize": 64, "timeout": 5, "maxInFlight": 4, **spec.pop("download", {})}),
-            **spec,
-        },
-    }
 
 
 def apply(api, namespace: str, *docs: dict) -> None:
@@ -143,7 +127,7 @@ def test_operator_killed_at_each_step_ends_with_one_job(
     """One part walked through every crash point, a new operator after each: one job, then Succeeded."""
     ns, out = kube_namespace, tmp_path / "out"
     watch = JobWatch(ray_cluster, ns, "crashy")
-    apply(api, ns, manifest("crashy", metadata, out))
+    apply(api, ns, laionpart("crashy", metadata, out))
     for point in crash.POINTS:
         op = operators(env={crash.ENV: point}, wait=False).launch()
         assert wait_exit(op) == crash.EXIT_CODE, op.logs()[-3000:]
@@ -170,7 +154,7 @@ def test_killed_job_driver_is_retried_never_two_jobs_at_once(
     ns, out = kube_namespace, tmp_path / "out"
     op = operators()
     watch = JobWatch(ray_cluster, ns, "driverless")
-    apply(api, ns, manifest("driverless", slow_metadata, out, maxRetries=2, download={"parallelism": 1}))
+    apply(api, ns, laionpart("driverless", slow_metadata, out, maxRetries=2, download={"parallelism": 1}))
     wait_phase(api, ns, "driverless", "Downloading")
     deadline = time.monotonic() + 120
     while not list(out.glob("*_stats.json")):
@@ -200,7 +184,7 @@ def test_api_server_faults_converge_without_a_second_job(api, ray_cluster, kube_
         proxy.fail("PATCH", status, 409, times=3)
         op = start(env=proxy.kubeconfig_env(api.operator_env))
         watch = JobWatch(ray_cluster, ns, "shaky")
-        apply(api, ns, manifest("shaky", metadata, out))
+        apply(api, ns, laionpart("shaky", metadata, out))
         wait_phase(api, ns, "shaky", ("Pending", "Filtering", "Downloading", "Annotating", "Succeeded"))
         proxy.expire(rf"/{PLURAL}$")
         proxy.drop_streams()  # cut watch streams: kopf reconnects, gets 410 Gone, and lists again
@@ -242,7 +226,7 @@ def test_unreachable_storage_fails_the_part_as_storage_unavailable(
             "credentialsSecret": "s3",
             "retrySeconds": 3,
         }
-        apply(api, ns, manifest("nostore", metadata, output, maxRetries=0))
+        apply(api, ns, laionpart("nostore", metadata, output, maxRetries=0))
         status = wait_phase(api, ns, "nostore", "Failed")
     reasons = {c["type"]: c.get("reason") for c in status["conditions"]}
     assert reasons["Failed"] == "StorageUnavailable", status
@@ -305,7 +289,7 @@ def test_heal_field_starts_a_heal_job_and_the_status_follows(
 ):
     ns, out = kube_namespace, tmp_path / "out"
     op = operators()
-    doc = manifest("healed", timing_out_metadata, out, download={"timeout": 1, "maxInFlight": 8})
+    doc = laionpart("healed", timing_out_metadata, out, download={"timeout": 1, "maxInFlight": 8})
     apply(api, ns, doc)
     first = wait_phase(api, ns, "healed", ("Succeeded", "Failed"))
     assert first["phase"] == "Succeeded", first

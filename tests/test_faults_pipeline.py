@@ -18,24 +18,15 @@ from laion_operator.storage import StorageUnavailable
 from laion_operator.testbed.demo_data import write_metadata
 from tests.support.exactly_once import check_exactly_once
 from tests.support.faults import SecondNode, cmdline, ray_workers
-from tests.support.specs import loopback
+from tests.support.specs import partspec
 
 # The outage is ~30 s; LAION_TEST_OUTAGE_SECONDS makes it shorter on a slow machine.
 OUTAGE_SECONDS = float(os.environ.get("LAION_TEST_OUTAGE_SECONDS", "30"))
 
 
 def spec(source, output, rows_per_shard: int = 10, **download) -> PartSpec:
-    return PartSpec.from_dict(
-        {
-            "partId": "f",
-            "source": {"urls": [str(source)]},
-            "filter": {"samplesPerShard": rows_per_shard},
-            "download": loopback(
-                {"imageSize": 64, "timeout": 5, "maxInFlight": 2, "parallelism": 2, "shardRetries": 3, **download}
-            ),
-            "output": output if isinstance(output, dict) else {"uri": str(output)},
-        }
-    )
+    download = {"imageSize": 64, "timeout": 5, "maxInFlight": 2, "parallelism": 2, "shardRetries": 3, **download}
+    return partspec("f", source, output, samples_per_shard=rows_per_shard, download=download)
 
 
 @pytest.fixture(scope="module")

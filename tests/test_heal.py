@@ -19,24 +19,16 @@ from laion_operator.pipeline.heal import NotHealable, heal_part
 from laion_operator.spec import PartSpec
 from laion_operator.testbed.demo_data import write_metadata
 from tests.support.exactly_once import check_exactly_once
-from tests.support.specs import loopback
+from tests.support.specs import partspec
 
 SLOW = 2  # seconds the "timeout" images take: they time out at 1 s and come at 5 s
 
 
 def spec(source, output, timeout: float, heal: dict | None = None, fmt: str = "webdataset") -> PartSpec:
-    data = {
-        "partId": "h",
-        "source": {"urls": [str(source)]},
-        "filter": {"samplesPerShard": 10},
-        "download": loopback(
-            {"imageSize": 64, "timeout": timeout, "maxInFlight": 8, "parallelism": 2, "outputFormat": fmt}
-        ),
-        "output": {"uri": str(output)},
-    }
-    if heal is not None:
-        data["heal"] = heal
-    return PartSpec.from_dict(data)
+    download = {"imageSize": 64, "timeout": timeout, "maxInFlight": 8, "parallelism": 2, "outputFormat": fmt}
+    # no heal block unless asked: a spec without one is the first run's
+    extra = {} if heal is None else {"heal": heal}
+    return partspec("h", source, output, download=download, **extra)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from tests.support.chart import install, manifests, one, operator_config, render
 from tests.support.cluster import kuberay_crd
 from tests.support.operator_proc import OperatorProcess
 from tests.support.services import LOOPBACK_RAY, RayCluster
+from tests.support.specs import laionpart
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUP, VERSION, PLURAL = "laion-operator.io", "v1alpha1", "laionparts"
@@ -66,19 +67,7 @@ def chart_operator(api, ray_cluster, tmp_path):
 
 
 def part_doc(name: str, source: Path, output: dict, **spec) -> dict:
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "LaionPart",
-        "metadata": {"name": name},
-        "spec": {
-            "partId": name,
-            "source": {"urls": [str(source)]},
-            "output": output,
-            "filter": {"samplesPerShard": 20},
-            "download": {"imageSize": 64, "timeout": 5, "maxInFlight": 4, "allowedNetworks": ["127.0.0.0/8"]},
-            **spec,
-        },
-    }
+    return laionpart(name, source, output, samples_per_shard=20, **spec)
 
 
 def wait_status(api, namespace, name, predicate, timeout=240) -> dict:

@@ -15,7 +15,7 @@ from laion_operator.testbed.demo_data import write_metadata
 from tests.support.chart import NAMESPACE, installed, one
 from tests.support.cluster import KubeAPIError
 from tests.support.operator_proc import operator_starter
-from tests.test_install import part_doc as install_part_doc
+from tests.support.specs import laionpart
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUP, VERSION, PLURAL = "laion-operator.io", "v1alpha1", "laionparts"
@@ -26,13 +26,6 @@ def metadata(tmp_path_factory, image_server):
     path = tmp_path_factory.mktemp("meta") / "part.parquet"
     write_metadata(path, 30, image_server.base_url, seed=61, failure_mix={"ok": 0.8, "http_4xx": 0.2})
     return path
-
-
-def part_doc(name: str, source: Path, output: Path, **spec) -> dict:
-    """test_install's part, writing to a local folder, in shards of 10."""
-    doc = install_part_doc(name, source, {"uri": str(output)}, **spec)
-    doc["spec"]["filter"] = {"samplesPerShard": 10}
-    return doc
 
 
 def test_the_operator_acts_as_the_charts_service_account_only(kube_api, kube_namespace):
@@ -74,7 +67,7 @@ def test_a_verb_the_cluster_role_lacks_fails_with_a_message_naming_it(
             kube_namespace,
             "-f",
             "-",
-            input=yaml.safe_dump(part_doc("forbidden", metadata, tmp_path / "out")),
+            input=yaml.safe_dump(laionpart("forbidden", metadata, tmp_path / "out")),
         )
         deadline = time.monotonic() + 60
         while "cannot patch resource" not in op.logs():
@@ -133,7 +126,7 @@ def test_printer_columns_and_events_through_kubectl(kube_api, ray_cluster, kube_
             kube_namespace,
             "-f",
             "-",
-            input=yaml.safe_dump(part_doc("shown", metadata, tmp_path / "out")),
+            input=yaml.safe_dump(laionpart("shown", metadata, tmp_path / "out")),
         )
         kube_api.wait_for(
             GROUP,

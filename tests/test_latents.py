@@ -16,7 +16,7 @@ from laion_operator import contract
 from laion_operator.errors import InputError
 from laion_operator.spec import PartSpec, SpecError
 from laion_operator.testbed.demo_data import write_metadata
-from tests.support.specs import loopback
+from tests.support.specs import partspec
 
 RESOLUTION = 32
 MIX = {"ok": 0.85, "http_4xx": 0.15}
@@ -44,16 +44,8 @@ def latents_spec(model_dir, **extra) -> dict:
 
 def part(source, output, model_dir, fmt="webdataset", **latents) -> PartSpec:
     download = {"imageSize": 48, "resizeMode": "center_crop", "timeout": 2, "maxInFlight": 8, "outputFormat": fmt}
-    download = loopback(download)
-    return PartSpec.from_dict(
-        {
-            "partId": "L",
-            "source": {"urls": [str(source)]},
-            "filter": {"samplesPerShard": 12},
-            "download": download,
-            "output": {"uri": str(output)},
-            "latents": latents_spec(model_dir, **latents),
-        }
+    return partspec(
+        "L", source, output, samples_per_shard=12, download=download, latents=latents_spec(model_dir, **latents)
     )
 
 

@@ -22,6 +22,7 @@ from laion_operator.control.metrics import Metrics
 from laion_operator.storage import Store
 from laion_operator.testbed.demo_data import write_metadata
 from tests.support.prometheus import Prometheus, binary
+from tests.support.specs import partspec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,24 +97,16 @@ def without_thresholds(expr: str) -> str:
 
 
 def part_spec(metadata: Path, output: Path) -> specs.PartSpec:
-    return specs.PartSpec.from_dict(
-        {
-            "partId": "0",
-            "source": {"urls": [str(metadata)]},
-            "filter": {"samplesPerShard": 60, "seed": 0},
-            # Small images and short timeouts: the 2 cores are shared.
-            "download": {
-                "imageSize": 64,
-                "minImageSize": 64,
-                "timeout": 1,
-                "maxInFlight": 16,
-                "maxPerHost": 16,
-                "parallelism": 2,
-                "allowedNetworks": ["127.0.0.0/8"],
-            },
-            "output": {"uri": str(output)},
-        }
-    )
+    # Small images and short timeouts: the 2 cores are shared.
+    download = {
+        "imageSize": 64,
+        "minImageSize": 64,
+        "timeout": 1,
+        "maxInFlight": 16,
+        "maxPerHost": 16,
+        "parallelism": 2,
+    }
+    return partspec("0", metadata, output, samples_per_shard=60, filter={"seed": 0}, download=download)
 
 
 @pytest.fixture(scope="module")

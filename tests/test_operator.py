@@ -19,6 +19,7 @@ from tests.support.cluster import kuberay_crd
 from tests.support.operator_proc import operator_starter
 from tests.support.prometheus import Prometheus
 from tests.support.services import job_driver_pids
+from tests.support.specs import laionpart
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUP, VERSION, PLURAL = "laion-operator.io", "v1alpha1", "laionparts"
@@ -56,23 +57,12 @@ def slow_metadata(tmp_path_factory, image_server):
 
 
 def manifest(name: str, source: Path, output: Path, example: str = "03-trial-1-percent.yaml", **overrides) -> dict:
-    """An example part pointed at the test's metadata and output."""
-    doc = yaml.safe_load((ROOT / "examples" / example).read_text())
-    doc["metadata"] = {"name": name}
-    spec = doc["spec"]
-    spec["source"] = {"urls": [str(source)]}
-    spec["output"] = {"uri": str(output)}
-    spec["filter"] = {"samplesPerShard": 10, **overrides.pop("filter", {})}
-    spec["download"] = {
-        "imageSize": 64,
-        "timeout": 5,
-        "maxInFlight": 4,
-        "outputFormat": "webdataset",
-        "allowedNetworks": ["127.0.0.0/8"],
-        **overrides.pop("download", {}),
-    }
-    spec.update(overrides)
-    return doc
+    """An example part pointed at the test's metadata and output: source, output, filter and download
+    are the test's, the rest of the spec stays the example's (its partId names the summary file)."""
+    kept = yaml.safe_load((ROOT / "examples" / example).read_text())["spec"]
+    kept = {k: v for k, v in kept.items() if k not in ("source", "output", "filter", "download")}
+    download = {"outputFormat": "webdataset", **overrides.pop("download", {})}
+    return laionpart(name, source, output, download=download, **{**kept, **overrides})
 
 
 def apply(api, namespace: str, doc: dict) -> subprocess.CompletedProcess:

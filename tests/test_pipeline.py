@@ -22,6 +22,7 @@ from laion_operator.pipeline.driver import run_part
 from laion_operator.spec import PartSpec
 from laion_operator.testbed.demo_data import write_metadata
 from laion_operator.testbed.fakeweb import outcome_of
+from tests.support.specs import partspec
 
 TIMEOUT = 3.0  # a loaded 2-core machine answers a loopback request in well under this
 MIX = {
@@ -38,23 +39,20 @@ MIX = {
 
 
 def part(source, output, **download) -> PartSpec:
-    return PartSpec.from_dict(
-        {
-            "partId": "3",
-            "source": {"urls": [str(source)]},
-            "filter": {"samplesPerShard": 40},
-            "download": {
-                "imageSize": 128,
-                "resizeMode": "keep_ratio",
-                "timeout": TIMEOUT,
-                "maxInFlight": 16,
-                "maxPerHost": 16,
-                "minImageSize": 64,
-                "allowedNetworks": ["127.0.0.0/8"],
-                **download,
-            },
-            "output": output if isinstance(output, dict) else {"uri": str(output)},
-        }
+    return partspec(
+        "3",
+        source,
+        output,
+        samples_per_shard=40,
+        download={
+            "imageSize": 128,
+            "resizeMode": "keep_ratio",
+            "timeout": TIMEOUT,
+            "maxInFlight": 16,
+            "maxPerHost": 16,
+            "minImageSize": 64,
+            **download,
+        },
     )
 
 

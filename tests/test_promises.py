@@ -14,8 +14,9 @@ import pytest
 from laion_operator.testbed.demo_data import write_metadata
 from tests.support.operator_proc import operator_starter
 from tests.support.services import free_port
+from tests.support.specs import laionpart
 from tests.test_datasets import dataset_doc, five_small_parts, parts_of, wait_dataset, wait_for_finished_shard
-from tests.test_faults_operator import JobWatch, apply, jobs_of, manifest, wait_phase
+from tests.test_faults_operator import JobWatch, apply, jobs_of, wait_phase
 from tests.test_operator import RAYJOB_CRD
 
 GROUP, VERSION, PLURAL = "laion-operator.io", "v1alpha1", "laionparts"
@@ -151,10 +152,10 @@ def test_a_job_the_ray_head_forgot_fails_the_part_and_frees_its_slot(
     polls (Failed, reason JobVanished: no retries left), and the part queued behind it runs."""
     ns = kube_namespace
     operators({"maxConcurrentParts": 1}, ray=forgetful)
-    apply(api, ns, manifest("lost", slow, tmp_path / "lost", maxRetries=0, download={"parallelism": 1}))
+    apply(api, ns, laionpart("lost", slow, tmp_path / "lost", maxRetries=0, download={"parallelism": 1}))
     job_id = wait_phase(api, ns, "lost", "Downloading")["submissionId"]
     time.sleep(1.1)  # creationTimestamp has a resolution of a second: "behind" is younger
-    apply(api, ns, manifest("behind", tiny / "meta_1.parquet", tmp_path / "behind"))
+    apply(api, ns, laionpart("behind", tiny / "meta_1.parquet", tmp_path / "behind"))
     wait_phase(api, ns, "behind", "Queued")
     forgetful.forget(job_id)
     forgotten = time.monotonic()
@@ -169,7 +170,7 @@ def test_a_vanished_job_with_retries_left_is_run_again(
 ):
     ns = kube_namespace
     operators(ray=forgetful)
-    apply(api, ns, manifest("again", slow, tmp_path / "again", maxRetries=1, download={"parallelism": 1}))
+    apply(api, ns, laionpart("again", slow, tmp_path / "again", maxRetries=1, download={"parallelism": 1}))
     job_id = wait_phase(api, ns, "again", "Downloading")["submissionId"]
     forgetful.forget(job_id)
     status = api.wait_for(
@@ -200,7 +201,7 @@ def test_a_rayjob_deleted_by_hand_is_noticed(api, kube_namespace, tiny, tmp_path
     config = operator_config(manifests(render(values)))
     with installed(api, values) as env, operator_starter(tmp_path, api) as start:
         start(config, env=env)
-        apply(api, ns, manifest("kr", tiny / "meta_1.parquet", tmp_path / "kr", maxRetries=1))
+        apply(api, ns, laionpart("kr", tiny / "meta_1.parquet", tmp_path / "kr", maxRetries=1))
         first = api.wait_for(
             GROUP, VERSION, PLURAL, ns, "kr", lambda o: bool((o.get("status") or {}).get("submissionId")), timeout=120
         )["status"]
@@ -244,7 +245,7 @@ def test_a_spec_change_while_the_operator_is_down_never_runs_two_jobs(
 ):
     ns, out = kube_namespace, tmp_path / "out"
     op = operators()
-    doc = manifest("edited", slow, out, download={"parallelism": 1})
+    doc = laionpart("edited", slow, out, download={"parallelism": 1})
     apply(api, ns, doc)
     first = wait_phase(api, ns, "edited", "Downloading")["submissionId"]
     wait_for_finished_shard(out)
@@ -265,11 +266,11 @@ def test_a_part_deleted_while_the_operator_is_down_frees_its_slot(
 ):
     ns = kube_namespace
     op = operators({"maxConcurrentParts": 1})
-    apply(api, ns, manifest("gone", slow, tmp_path / "gone", download={"parallelism": 1}))
+    apply(api, ns, laionpart("gone", slow, tmp_path / "gone", download={"parallelism": 1}))
     job_id = wait_phase(api, ns, "gone", "Downloading")["submissionId"]
     op.kill()
     api.kubectl("delete", "lp", "gone", "-n", ns, "--wait=false")
-    apply(api, ns, manifest("next", tiny / "meta_2.parquet", tmp_path / "next"))
+    apply(api, ns, laionpart("next", tiny / "meta_2.parquet", tmp_path / "next"))
     operators({"maxConcurrentParts": 1})
     api.wait_for_deletion(GROUP, VERSION, PLURAL, ns, "gone", timeout=120)
     assert str(jobs_client(ray_cluster).get_job_status(job_id).value) == "STOPPED"
@@ -301,13 +302,13 @@ def test_a_standby_taking_over_keeps_one_job_and_the_queue_moving(
     replicas = [replica(0)]
     try:
         first_watch = JobWatch(ray_cluster, ns, "first")
-        apply(api, ns, manifest("first", slow, tmp_path / "first", download={"parallelism": 1}))
+        apply(api, ns, laionpart("first", slow, tmp_path / "first", download={"parallelism": 1}))
         wait_phase(api, ns, "first", "Downloading")
         replicas.append(replica(1))
         watch = JobWatch(ray_cluster, ns, "second")
         assert wait_phase(api, ns, "first", ("Succeeded", "Failed"))["phase"] == "Succeeded"
         replicas[0].kill()
-        apply(api, ns, manifest("second", tiny / "meta_4.parquet", tmp_path / "second"))
+        apply(api, ns, laionpart("second", tiny / "meta_4.parquet", tmp_path / "second"))
         status = wait_phase(api, ns, "second", ("Succeeded", "Failed"), timeout=300)
         assert status["phase"] == "Succeeded", status
         assert watch.stop() == 1 and first_watch.stop() == 1
@@ -357,11 +358,11 @@ def test_a_hung_api_server_connection_never_freezes_the_queue(api, ray_cluster, 
     ns = kube_namespace
     with FaultProxy(api) as proxy, operator_starter(tmp_path, api, ray_cluster) as start:
         start({"maxConcurrentParts": 1}, env=proxy.kubeconfig_env(api.operator_env))
-        apply(api, ns, manifest("running", tiny / "meta_5.parquet", tmp_path / "running", download={"parallelism": 1}))
+        apply(api, ns, laionpart("running", tiny / "meta_5.parquet", tmp_path / "running", download={"parallelism": 1}))
         wait_phase(api, ns, "running", ("Pending", "Filtering", "Downloading", "Annotating"))
         hang = proxy.hang("*", ".", times=1_000_000)
         time.sleep(1.1)
-        apply(api, ns, manifest("waiting", tiny / "meta_1.parquet", tmp_path / "waiting"))
+        apply(api, ns, laionpart("waiting", tiny / "meta_1.parquet", tmp_path / "waiting"))
         deadline = time.monotonic() + 60
         while hang.hits < 2:  # requests of the operator went into the hang
             assert time.monotonic() < deadline, hang.hits
@@ -398,7 +399,7 @@ def test_a_backoff_ends_when_the_part_is_suspended(api, operators, forgetful, ku
     a suspend ends the wait at once."""
     ns = kube_namespace
     operators(ray=forgetful, env={"LAION_OPERATOR_RETRY_BACKOFF_SECONDS": "600"})
-    apply(api, ns, manifest("patient", slow, tmp_path / "patient", maxRetries=2, download={"parallelism": 1}))
+    apply(api, ns, laionpart("patient", slow, tmp_path / "patient", maxRetries=2, download={"parallelism": 1}))
     job_id = wait_phase(api, ns, "patient", "Downloading")["submissionId"]
     forgetful.forget(job_id)
     waiting = wait_phase(api, ns, "patient", "Queued", timeout=60)
@@ -415,7 +416,7 @@ def test_credentials_a_secret_brings_later_are_waited_for(api, operators, kube_n
     ns = kube_namespace
     operators(env=chart_allows(api, "made-later"))
     output = {"uri": str(tmp_path / "late"), "credentialsSecret": "made-later"}
-    apply(api, ns, manifest("late", tiny / "meta_2.parquet", output))
+    apply(api, ns, laionpart("late", tiny / "meta_2.parquet", output))
     status = api.wait_for(
         GROUP,
         VERSION,
@@ -437,7 +438,7 @@ def test_jobs_mode_sends_no_credentials_to_a_ray_cluster_without_token_auth(
     operators(env={**chart_allows(api, "s3"), "LAION_OPERATOR_ALLOW_CREDENTIALS_WITHOUT_RAY_AUTH": "false"})
     api.kubectl("create", "secret", "generic", "s3", "-n", ns, "--from-literal=AWS_SECRET_ACCESS_KEY=not-shown")
     apply(
-        api, ns, manifest("exposed", tiny / "meta_3.parquet", {"uri": str(tmp_path / "x"), "credentialsSecret": "s3"})
+        api, ns, laionpart("exposed", tiny / "meta_3.parquet", {"uri": str(tmp_path / "x"), "credentialsSecret": "s3"})
     )
     status = wait_phase(api, ns, "exposed", "Failed", timeout=120)
     assert reason(status) == "CredentialsRefused" and "allowCredentialsWithoutRayAuth" in status["message"]
