@@ -180,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("MAKELEVEL"):
         command = f"make bench ({command})"
     os.environ.update(common.QUIET_ENV)
-    if args.only not in ("latents", "soak"):  # these compare against plain torch, or nothing: nothing to install
+    # latents compares against plain torch, internet against img2dataset (a project dependency), soak nothing
+    if args.only not in ("latents", "soak", "internet"):
         ensure_python_tools()
     if args.only in (None, "filter"):
         ensure_java()
