@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 
-from . import common
+from . import common, internet_profiles
 
 RESULTS = common.ROOT / "bench" / "RESULTS.md"
 REQUIREMENTS = common.ROOT / "bench" / "requirements.txt"
@@ -117,25 +117,42 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--internet-urls",
         type=int,
-        default=3000,
-        help="URLs on the loopback internet (default 3,000: a few minutes a side on 2 cores)",
+        help="URLs on the loopback internet, every profile (default: each profile's own, bench/README.md)",
+    )
+    p.add_argument(
+        "--profiles",
+        help="internet profiles, comma-separated (default: "
+        + ",".join(internet_profiles.select(None)[i].name for i in range(len(internet_profiles.select(None))))
+        + f"; also {', '.join(n for n, p in internet_profiles.PROFILES.items() if not p.default)}, and "
+        "`stragglers` for all four straggler profiles)",
     )
     p.add_argument(
         "--internet-sweep",
-        default="32,128,256,512",
-        help="img2dataset thread counts tried besides the seeds' 64 (default 32,128,256,512)",
+        default="64,256,512",
+        help="img2dataset thread counts tried per internet profile, its best by median taken (default 64,256,512)",
+    )
+    p.add_argument("--seed", type=int, help="internet: the reporting seed (default 29; --tune: the tuning seed, 11)")
+    p.add_argument(
+        "--tune",
+        action="store_true",
+        help="internet: sweep download.maxPerHost on the tuning seed instead of running the matrix",
     )
     p.add_argument(
         "--per-host-sweep",
-        default="6,8,12",
-        help="download.maxPerHost values the project is tried at besides its default (default 6,8,12)",
+        default="4,8,16,32",
+        help="--tune: the download.maxPerHost values tried (default 4,8,16,32)",
     )
-    p.add_argument("--repeats", type=int, default=3, help="runs per filter engine, best kept (default 3)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="runs per filter engine (best kept) and per internet side (in turns, median kept) (default 3)",
+    )
     p.add_argument("--download-repeats", type=int, default=3, help="runs per download side (default 3)")
     p.add_argument(
         "--quick",
         action="store_true",
-        help="small sizes for a try-out: 200k rows, 300 images, 400 internet URLs, 64 latents, 1 run",
+        help="small sizes for a try-out: 200k rows, 300 images, 300 internet URLs, 64 latents, 1 run",
     )
     p.add_argument("--latents-images", type=int, default=512, help="images the latents benchmark encodes (default 512)")
     p.add_argument("--latents-repeats", type=int, default=3, help="runs per latents side (default 3)")
@@ -151,7 +168,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.filter_rows, args.images, args.repeats, args.download_repeats = 200_000, 300, 1, 1
-        args.internet_urls, args.internet_sweep, args.per_host_sweep = 400, "128", "6"
+        args.internet_urls, args.internet_sweep, args.per_host_sweep = 300, "128", "8,16"
         args.latents_images, args.latents_repeats = 64, 1
     return args
 
@@ -163,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("MAKELEVEL"):
         command = f"make bench ({command})"
     os.environ.update(common.QUIET_ENV)
-    if args.only not in ("latents", "soak"):  # these compare against plain torch, or nothing: nothing to install
+    # latents compares against plain torch, internet against img2dataset (a project dependency), soak nothing
+    if args.only not in ("latents", "soak", "internet"):
         ensure_python_tools()
     if args.only in (None, "filter"):
         ensure_java()
@@ -183,12 +201,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.only in (None, "internet"):
         from . import internet_bench
 
-        report, g = internet_bench.bench(
-            args.internet_urls,
-            tuple(int(t) for t in args.internet_sweep.split(",") if t),
-            tuple(int(h) for h in args.per_host_sweep.split(",") if h),
-        )
-        sections.append(("Download on the internet on loopback", report))
+        if args.tune:
+            report, g = internet_bench.tune(
+                args.profiles,
+                args.internet_urls,
+                args.repeats,
+                internet_bench.TUNE_SEED if args.seed is None else args.seed,
+                tuple(int(h) for h in args.per_host_sweep.split(",") if h),
+            )
+            sections.append(("Tuning on the loopback internet", report))
+        else:
+            report, g = internet_bench.bench(
+                args.profiles,
+                args.internet_urls,
+                args.repeats,
+                internet_bench.SEED if args.seed is None else args.seed,
+                tuple(int(t) for t in args.internet_sweep.split(",") if t),
+            )
+            sections.append(("Download on the internet on loopback", report))
         goals += g
     if args.only in (None, "operator"):
         from . import operator_bench

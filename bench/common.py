@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,8 +44,9 @@ def _children() -> dict[int, list[int]]:
     return tree
 
 
-def tree_sample(pid: int, cpu: dict[int, float]) -> int:
-    """Resident bytes of a process and all its descendants; records each one's CPU seconds in `cpu`."""
+def tree_sample(pid: int, cpu: dict[int, float], rss: dict[int, int] | None = None) -> int:
+    """Resident bytes of a process and all its descendants; records each one's CPU seconds in `cpu`
+    (and, given `rss`, each one's resident bytes)."""
     tree, total, todo = _children(), 0, [pid]
     page = os.sysconf("SC_PAGE_SIZE")
     tick = os.sysconf("SC_CLK_TCK")
@@ -53,7 +54,10 @@ def tree_sample(pid: int, cpu: dict[int, float]) -> int:
         p = todo.pop()
         try:
             with open(f"/proc/{p}/statm") as f:
-                total += int(f.read().split()[1]) * page
+                resident = int(f.read().split()[1]) * page
+            total += resident
+            if rss is not None:
+                rss[p] = resident
             with open(f"/proc/{p}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
             cpu[p] = max(cpu.get(p, 0.0), (int(fields[11]) + int(fields[12])) / tick)  # utime + stime
@@ -70,22 +74,41 @@ class Run:
     cpu: float  # CPU seconds of the process tree (sampled: a process's last 50 ms may be missed)
     stdout: str
     returncode: int
+    peaks: dict[str, int] = field(default_factory=dict)  # peak resident bytes by group (see run's `groups`)
 
 
-def run(cmd: list[str], timeout: float = 3600, **kwargs) -> Run:
-    """Run `cmd`, return its wall time, its process tree's peak memory and its output."""
+def cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def run(cmd: list[str], timeout: float = 3600, groups=None, **kwargs) -> Run:
+    """Run `cmd`, return its wall time, its process tree's peak memory and its output. `groups(pid,
+    root, cmdline)` names the group of each process: the peak of each group's sum is kept apart."""
     start = time.perf_counter()
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=kwargs.pop("env", env()), **kwargs
     )
     peak = 0
     cpu: dict[int, float] = {}
+    peaks: dict[str, int] = {}
     done = threading.Event()
 
     def sample():
         nonlocal peak
         while not done.is_set():
-            peak = max(peak, tree_sample(proc.pid, cpu))
+            rss: dict[int, int] | None = {} if groups else None
+            peak = max(peak, tree_sample(proc.pid, cpu, rss))
+            if rss:
+                sums: dict[str, int] = {}
+                for pid, resident in rss.items():  # read each time: a Ray worker retitles itself
+                    name = groups(pid, proc.pid, cmdline(pid))
+                    sums[name] = sums.get(name, 0) + resident
+                for name, total in sums.items():
+                    peaks[name] = max(peaks.get(name, 0), total)
             done.wait(0.05)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -102,7 +125,7 @@ def run(cmd: list[str], timeout: float = 3600, **kwargs) -> Run:
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{err[-3000:]}")
-    return Run(seconds, peak, sum(cpu.values()), out, proc.returncode)
+    return Run(seconds, peak, sum(cpu.values()), out, proc.returncode, peaks)
 
 
 def last_json(text: str) -> dict:

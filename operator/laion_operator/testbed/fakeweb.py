@@ -374,6 +374,13 @@ class ImageCache:
                     self._size -= len(old)
         return data
 
+    def put(self, spec: Spec, data: bytes) -> None:
+        """Keep `data` as the rendering of `spec` (read back from a store of earlier renderings)."""
+        with self._lock:
+            if spec not in self._items and len(data) <= self.max_bytes:
+                self._items[spec] = data
+                self._size += len(data)
+
     @property
     def nbytes(self) -> int:
         return self._size

@@ -20,6 +20,16 @@ same seed gives the same hosts, and the same URL the same outcome and the same l
       /drip/<spec>                headers (the image's Content-Length), then one byte every `drip_interval`
                                   seconds; the connection closes after `drip_seconds`
       /big/<spec>                 the image padded to `big_bytes` (Content-Length says so), at 8× the bandwidth
+      /heavy/<spec>               the image padded to a size drawn per URL (`heavy_min_bytes`..`heavy_max_bytes`,
+                                  log-uniform), sent slowly but steadily at a rate drawn per URL
+                                  (`heavy_min_rate`..`heavy_max_rate`): a large image on a slow link, which a
+                                  per-read timeout keeps and a whole-request deadline may drop
+
+- **Names** (`names`): hosts are also reachable by name, `h<a>-<b>-<c>.laion.test` for 127.a.b.c, through
+  a DNS server on `dns_address()` (port 53) that answers after a delay drawn per name; `gone-<n>.laion.test`
+  (the `nxdomain` kind) does not exist. **TLS** (`tls`): every host speaks HTTPS only, with a certificate
+  for `*.laion.test` from `testbed.tls`'s CA; URLs are https://.
+- **Spread** (`host_share`): the busiest host's share of the ordinary hosts' URLs (0: a 1/rank^1.1 tail).
 
 The server also records, per URL, how long clients held it: from the request's arrival to the last
 byte sent or the client hanging up, across every request for that URL (retries included) — the
@@ -73,9 +83,12 @@ EXPECTED_REASON = {
     "drip": "timeout",
     "big": "too_large",
     "busy": "ok",
+    "heavy": "ok",  # or timeout: see expected_reason
+    "nxdomain": "dns",
 }
 FIVE_XX = [500, 502, 503]
-NET = 77  # hosts are 127.NET.x.y
+NET = 77  # hosts are 127.NET.x.y unless Config.net says otherwise
+DOMAIN = "laion.test"  # .test: reserved, never a real host (RFC 2606)
 
 
 @dataclass
@@ -91,13 +104,41 @@ class Config:
     drip_seconds: float = 40.0
     big_bytes: int = 96 * 2**20
     busy_rate: float = 4.0
+    net: int = NET
+    host_share: float = 0.0
+    heavy_min_bytes: int = 1 << 20
+    heavy_max_bytes: int = 8 << 20
+    heavy_min_rate: float = 100 * 1024
+    heavy_max_rate: float = 500 * 1024
+    names: bool = False
+    tls: bool = False
+    dns_latency_median: float = 0.02
+    dns_latency_p99: float = 0.3
 
     def to_args(self) -> list[str]:
         return [f"--{k.replace('_', '-')}={v}" for k, v in self.__dict__.items()]
 
 
-def _address(i: int) -> str:
-    return f"127.{NET}.{i // 250}.{i % 250 + 1}"
+def _address(i: int, net: int = NET) -> str:
+    return f"127.{net}.{i // 250}.{i % 250 + 1}"
+
+
+def dns_address(cfg: Config) -> str:
+    """Where the DNS server of a `names` internet listens (port 53, as resolv.conf has no port)."""
+    return f"127.{cfg.net}.255.253"
+
+
+def name_of(address: str) -> str:
+    return "h" + "-".join(address.split(".")[1:]) + "." + DOMAIN
+
+
+def address_of(host: str) -> str:
+    """The address behind a host of the test bed, by name or already an address (unknown names: as given)."""
+    if host.endswith("." + DOMAIN) and host.startswith("h"):
+        parts = host[1 : -len(DOMAIN) - 1].split("-")
+        if len(parts) == 3 and all(p.isdigit() for p in parts):
+            return "127." + ".".join(parts)
+    return host
 
 
 @dataclass
@@ -111,12 +152,16 @@ class Hosts:
 
     @classmethod
     def of(cls, cfg: Config) -> Hosts:
-        addrs = [_address(i) for i in range(cfg.hosts + cfg.refused_hosts + cfg.silent_hosts + 1)]
+        addrs = [_address(i, cfg.net) for i in range(cfg.hosts + cfg.refused_hosts + cfg.silent_hosts + 1)]
         n, r, s = cfg.hosts, cfg.refused_hosts, cfg.silent_hosts
         return cls(addrs[:n], addrs[n : n + r], addrs[n + r : n + r + s], addrs[n + r + s])
 
     def listening(self) -> list[str]:
         return [*self.ordinary, *self.silent, self.busy]
+
+    def known(self) -> set[str]:
+        """Every address with a name in DNS (refused hosts too: they resolve, then refuse)."""
+        return {*self.listening(), *self.refused}
 
 
 def _unit(seed: int, key: str) -> float:
@@ -125,16 +170,45 @@ def _unit(seed: int, key: str) -> float:
     return (int.from_bytes(digest, "big") + 0.5) / 2**64
 
 
+def _lognormal(median: float, p99: float, u: float) -> float:
+    sigma = math.log(p99 / median) / statistics.NormalDist().inv_cdf(0.99)
+    return min(median * math.exp(sigma * statistics.NormalDist().inv_cdf(u)), 60.0)
+
+
 def latency(cfg: Config, host: str, path: str) -> float:
-    sigma = math.log(cfg.latency_p99 / cfg.latency_median) / statistics.NormalDist().inv_cdf(0.99)
-    z = statistics.NormalDist().inv_cdf(_unit(cfg.seed, host + path))
-    return min(cfg.latency_median * math.exp(sigma * z), 60.0)
+    return _lognormal(cfg.latency_median, cfg.latency_p99, _unit(cfg.seed, host + path))
+
+
+def dns_latency(cfg: Config, name: str) -> float:
+    return _lognormal(cfg.dns_latency_median, cfg.dns_latency_p99, _unit(cfg.seed, "dns:" + name))
+
+
+def heavy_plan(cfg: Config, host: str, path: str) -> tuple[int, float]:
+    """(body bytes, bytes a second) of a /heavy/ URL: size log-uniform, rate uniform in their ranges."""
+    lo, hi = math.log(cfg.heavy_min_bytes), math.log(cfg.heavy_max_bytes)
+    size = int(math.exp(lo + (hi - lo) * _unit(cfg.seed, "size:" + host + path)))
+    rate = cfg.heavy_min_rate + (cfg.heavy_max_rate - cfg.heavy_min_rate) * _unit(cfg.seed, "rate:" + host + path)
+    return size, rate
+
+
+def expected_reason(cfg: Config, hosts: Hosts, url: str, timeout: float) -> str:
+    """What a client with a whole-request deadline of `timeout`, size caps and Retry-After reports."""
+    kind = kind_of(cfg, hosts, url)
+    if kind == "heavy":
+        parts = urlsplit(url)
+        host = address_of(parts.hostname)
+        size, rate = heavy_plan(cfg, host, parts.path)
+        return "ok" if latency(cfg, host, parts.path) + size / rate < timeout else "timeout"
+    return EXPECTED_REASON[kind]
 
 
 def kind_of(cfg: Config, hosts: Hosts, url: str) -> str:
     """Which of DEFAULT_MIX's kinds `url` is (the server's behaviour for it)."""
     parts = urlsplit(url)
     host, path = parts.hostname, parts.path
+    if host.startswith("gone-") and host.endswith("." + DOMAIN):
+        return "nxdomain"
+    host = address_of(host)
     if host in hosts.refused:
         return "refused"
     if host in hosts.silent:
@@ -145,7 +219,7 @@ def kind_of(cfg: Config, hosts: Hosts, url: str) -> str:
     if head[0] == "status":
         code = int(head[1])
         return "http_5xx" if code >= 500 else f"http_{code}"
-    return {"img": "ok", "calm": "ok", "drip": "drip", "big": "big"}.get(head[0], "http_404")
+    return {"img": "ok", "calm": "ok", "drip": "drip", "big": "big", "heavy": "heavy"}.get(head[0], "http_404")
 
 
 # --- metadata ---------------------------------------------------------------------------------
@@ -159,8 +233,7 @@ def urls(cfg: Config, n: int, specs: list[str], port: int, mix: dict[str, float]
     rng = np.random.default_rng([cfg.seed, 0x1E7])
     kinds = list(mix)
     kind = rng.choice(len(kinds), n, p=np.array([mix[k] for k in kinds]) / sum(mix.values()))
-    # A heavy tail of hosts: a few carry many URLs, most a few (as image CDNs and blogs do).
-    weights = 1.0 / np.arange(1, len(hosts.ordinary) + 1) ** 1.1
+    weights = host_weights(len(hosts.ordinary), cfg.host_share)
     ordinary = rng.choice(len(hosts.ordinary), n, p=weights / weights.sum())
     special = rng.integers(0, 1 << 30, n)
     out = []
@@ -178,15 +251,59 @@ def urls(cfg: Config, n: int, specs: list[str], port: int, mix: dict[str, float]
             path = f"/status/{k[-3:]}/{spec}"
         elif k == "http_5xx":
             path = f"/status/{FIVE_XX[special[i] % 3]}/{spec}"
-        elif k in ("drip", "big"):
+        elif k in ("drip", "big", "heavy"):
             path = f"/{k}/{spec}"
-        out.append(f"http://{host}:{port}{path}")
+        elif k == "nxdomain":
+            host = f"gone-{special[i] % 997}.{DOMAIN}"
+        if cfg.names and k != "nxdomain":
+            host = name_of(host)
+        out.append(f"{'https' if cfg.tls else 'http'}://{host}:{port}{path}")
     return out
 
 
+def host_weights(n: int, busiest: float = 0.0) -> np.ndarray:
+    """A heavy tail of hosts, 1/rank^a: a few carry many URLs, most a few (as image CDNs and blogs do).
+    a = 1.1 unless `busiest` (the first host's share) is given; then the a that gives it."""
+    ranks = np.arange(1, n + 1, dtype=float)
+    if not busiest:
+        weights = 1.0 / ranks**1.1
+        return weights / weights.sum()
+    lo, hi = 0.0, 8.0
+    for _ in range(60):  # the first host's share grows with a: bisect
+        a = (lo + hi) / 2
+        weights = 1.0 / ranks**a
+        lo, hi = (a, hi) if weights[0] / weights.sum() < busiest else (lo, a)
+    weights = 1.0 / ranks**lo
+    return weights / weights.sum()
+
+
+CALM_NAME = "calm." + DOMAIN  # resolves at once, to the first ordinary host
+
+
 def calm(url: str) -> str:
-    """The same image with no latency and no bandwidth limit: /img/ → /calm/."""
-    return url.replace("/img/", "/calm/", 1)
+    """The same image with no latency and no bandwidth limit: /img/ → /calm/ (by name: on CALM_NAME,
+    which the DNS server answers at once)."""
+    url = url.replace("/img/", "/calm/", 1)
+    parts = urlsplit(url)
+    if parts.hostname.endswith("." + DOMAIN):
+        url = parts._replace(netloc=f"{CALM_NAME}:{parts.port}").geturl()
+    return url
+
+
+def resolver(cfg: Config, hosts: Hosts):
+    """(name -> address or None, name -> seconds before the answer) for the DNS server of `cfg`."""
+    known = hosts.known()
+
+    def resolve(name: str) -> str | None:
+        if name == CALM_NAME:
+            return hosts.ordinary[0]
+        address = address_of(name)
+        return address if address in known and address != name else None
+
+    def delay(name: str) -> float:
+        return 0.0 if name == CALM_NAME else dns_latency(cfg, name)
+
+    return resolve, delay
 
 
 def write_metadata(path, url_list: list[str]) -> None:
@@ -244,8 +361,13 @@ class Stats:
 class InternetServer:
     """The hosts of `cfg` on one port, served by one asyncio loop in a thread of its own."""
 
-    def __init__(self, cfg: Config, port: int = 0, cache_bytes: int = 4 << 30):
+    def __init__(
+        self, cfg: Config, port: int = 0, cache_bytes: int = 4 << 30, cert: str = "", key: str = "", dns_port: int = 53
+    ):
         self.cfg = cfg
+        self._tls = (cert, key)
+        self._dns_port = dns_port
+        self.dns = None
         self.hosts = Hosts.of(cfg)
         self.port = port
         self.cache = ImageCache(cache_bytes)
@@ -285,9 +407,20 @@ class InternetServer:
             with socket.socket() as s:
                 s.bind((self.hosts.ordinary[0], 0))
                 self.port = s.getsockname()[1]
+        ssl = None
+        if self.cfg.tls:
+            from .tls import server_context
+
+            ssl = server_context(*self._tls)
         for addr in self.hosts.listening():
             self._servers.append(
-                await asyncio.start_server(self._handle, addr, self.port, backlog=1024, reuse_address=True)
+                await asyncio.start_server(self._handle, addr, self.port, backlog=1024, reuse_address=True, ssl=ssl)
+            )
+        if self.cfg.names:
+            from . import dns
+
+            self._dns_transport, self.dns = await dns.serve(
+                dns_address(self.cfg), self._dns_port, *resolver(self.cfg, self.hosts)
             )
 
     def stop(self) -> None:
@@ -297,6 +430,8 @@ class InternetServer:
         async def close():
             for s in self._servers:
                 s.close()
+            if self.dns is not None:
+                self._dns_transport.close()
             for task in asyncio.all_tasks():
                 if task is not asyncio.current_task():
                     task.cancel()
@@ -312,12 +447,28 @@ class InternetServer:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def warm(self, url_list: list[str], workers: int | None = None) -> int:
-        """Render every image behind the URLs now, so that runs measure the clients, not the rendering."""
+    def warm(self, url_list: list[str], workers: int | None = None, store: str | None = None) -> int:
+        """Render every image behind the URLs now, so that runs measure the clients, not the rendering;
+        with `store`, images rendered before are read from that folder and new ones written to it."""
         specs = {parse_spec(urlsplit(u).path.rsplit("/", 1)[1]) for u in url_list}
         specs.discard(None)
+
+        def get(spec) -> None:
+            path = os.path.join(store, "{}_{}x{}.{}".format(*spec)) if store else None
+            if path and os.path.exists(path):
+                with open(path, "rb") as f:
+                    self.cache.put(spec, f.read())
+                return
+            data = self.cache.get(spec)
+            if path:
+                with open(path + ".part", "wb") as f:
+                    f.write(data)
+                os.replace(path + ".part", path)
+
+        if store:
+            os.makedirs(store, exist_ok=True)
         with ThreadPoolExecutor(workers or os.cpu_count() or 2) as pool:
-            list(pool.map(self.cache.get, specs))
+            list(pool.map(get, specs))
         return len(specs)
 
     def snapshot(self, reset: bool = False) -> dict:
@@ -325,6 +476,10 @@ class InternetServer:
 
         async def take():
             data = self.stats.to_json(time.monotonic())
+            if self.dns is not None:
+                data["dns"] = dict(self.dns.queries)
+                if reset:
+                    self.dns.queries.clear()
             if reset:
                 self.stats = Stats()
             return data
@@ -463,6 +618,10 @@ class InternetServer:
         if kind == "big":
             body = data + bytes(cfg.big_bytes - len(data))
             return await self._send(writer, reader, 200, body, ctype, keep, rate=8 * cfg.bandwidth)
+        if kind == "heavy":  # decoders stop at the image's end: the padding only costs time on the wire
+            size, rate = heavy_plan(cfg, host, path)
+            body = data + bytes(max(size - len(data), 0))
+            return await self._send(writer, reader, 200, body, ctype, keep, rate=rate)
         return await self._send(writer, reader, 200, data, ctype, keep, rate=cfg.bandwidth)
 
     def _take_busy_token(self) -> bool:
@@ -474,6 +633,14 @@ class InternetServer:
             self._busy_tokens -= 1
             return True
         return False
+
+
+def _raise_open_files() -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def process_cpu_seconds(pid: int | None = None) -> float:
@@ -488,15 +655,21 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m laion_operator.testbed.internet", description=__doc__.split("\n")[0])
     defaults = Config()
     for name, value in defaults.__dict__.items():
-        p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+        kind = (lambda v: v.lower() in ("1", "true", "yes")) if isinstance(value, bool) else type(value)
+        p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=value)
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--urls", help="a file of URLs (one a line) whose images are rendered before serving")
+    p.add_argument("--image-dir", help="a folder keeping rendered images between runs (read first, written after)")
+    p.add_argument("--cert", default="", help="server certificate chain (PEM), with --tls")
+    p.add_argument("--key", default="", help="its private key (PEM)")
     args = vars(p.parse_args(argv))
-    port, url_file = args.pop("port"), args.pop("urls")
-    server = InternetServer(Config(**args), port).start()
+    port, url_file, image_dir = args.pop("port"), args.pop("urls"), args.pop("image_dir")
+    cert, key = args.pop("cert"), args.pop("key")
+    _raise_open_files()  # one listening socket a host, and thousands of hosts
+    server = InternetServer(Config(**args), port, cert=cert, key=key).start()
     if url_file:
         with open(url_file) as f:
-            server.warm(f.read().split())
+            server.warm(f.read().split(), store=image_dir)
     print(f"ready {server.port}", flush=True)
     for line in sys.stdin:
         if line.strip() == "stats":
