@@ -122,14 +122,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--profiles",
         help="internet profiles, comma-separated (default: "
-        + ",".join(internet_profiles.select(None)[i].name for i in range(len(internet_profiles.select(None))))
+        + ",".join(p.name for p in internet_profiles.select(None))
         + f"; also {', '.join(n for n, p in internet_profiles.PROFILES.items() if not p.default)}, and "
         "`stragglers` for all four straggler profiles)",
     )
     p.add_argument(
         "--internet-sweep",
-        default="64,256,512",
-        help="img2dataset thread counts tried per internet profile, its best by median taken (default 64,256,512)",
+        default="64,512",
+        help="img2dataset thread counts tried per internet profile, its best by median taken (default 64,512)",
     )
     p.add_argument("--seed", type=int, help="internet: the reporting seed (default 29; --tune: the tuning seed, 11)")
     p.add_argument(

@@ -40,7 +40,7 @@ from urllib.parse import urlsplit
 from . import common, download_bench, internet_profiles
 
 SEEDS_THREADS = 64
-SWEEP = (64, 256, 512)
+SWEEP = (64, 512)
 TIMEOUT = 10
 SEED = 29  # the reporting seed
 TUNE_SEED = 11  # the tuning seed: download.maxPerHost's default was chosen on it

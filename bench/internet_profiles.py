@@ -66,7 +66,7 @@ PROFILES = {
             {"silent_hosts": 0, "host_share": BUSIEST},
         ),
         _stragglers(0.01, 40, True),
-        _stragglers(0.001, 15, True),
+        _stragglers(0.001, 15, False),
         _stragglers(0.01, 15, False),
         _stragglers(0.001, 40, False),
         Profile(
@@ -95,6 +95,7 @@ PROFILES = {
             {"hosts": 500, "host_share": BUSIEST, "net": 80, "names": True, "tls": True},
             stragglers=True,
             netns=True,
+            default=False,  # the default set would pass the ~40 minutes it should fit in
         ),
         Profile(
             "shards-10000",
