@@ -58,6 +58,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from . import dns
 from .fakeweb import CONTENT_TYPES, ImageCache, parse_spec
 
 # The seeds' ~80 % success, split over the ways LAION URLs fail. "busy" URLs are images on the busy host.
@@ -367,7 +368,7 @@ class InternetServer:
         self.cfg = cfg
         self._tls = (cert, key)
         self._dns_port = dns_port
-        self.dns = None
+        self.dns: dns.DnsServer | None = None  # a `names` internet's, once serving
         self.hosts = Hosts.of(cfg)
         self.port = port
         self.cache = ImageCache(cache_bytes)
@@ -417,8 +418,6 @@ class InternetServer:
                 await asyncio.start_server(self._handle, addr, self.port, backlog=1024, reuse_address=True, ssl=ssl)
             )
         if self.cfg.names:
-            from . import dns
-
             self._dns_transport, self.dns = await dns.serve(
                 dns_address(self.cfg), self._dns_port, *resolver(self.cfg, self.hosts)
             )
