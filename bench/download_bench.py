@@ -176,6 +176,11 @@ def stage(out: Path) -> tuple[float, int, int]:
     return end - start, sum(s["count"] for s in stats), sum(s["successes"] for s in stats)
 
 
+def stage_start(out: Path) -> float:
+    """When the first shard started, on the wall clock."""
+    return min(json.loads(p.read_text())["start_time"] for p in out.glob("*_stats.json"))
+
+
 def images(out: Path) -> dict[str, tuple[bytes, dict]]:
     """URL -> (jpg bytes, json metadata) of a webdataset output."""
     found: dict[str, dict] = {}

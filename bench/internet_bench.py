@@ -33,6 +33,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -277,19 +278,25 @@ def run_profile(
                     )
                     server.stats()  # a new count
                     cpu_before = server.cpu()
+                    wall = time.time()
                     r = common.run([*prefix, *cmd], cwd=work, env=common.env(**env), groups=groups_of(tool))
                     served = server.stats()
                     server_cpu = server.cpu() - cpu_before
                     stage, attempted, ok = download_bench.stage(out)
+                    # The shards' stats are stamped with the wall clock; a stage that does not fit inside
+                    # the command means that clock stepped (a VM paused or resynced) and its span is void.
+                    stepped = not (wall - 1 <= download_bench.stage_start(out) and stage <= r.seconds + 1)
+                    if stepped:
+                        print(f"[internet] {side}: the wall clock stepped; its stage is left out", file=sys.stderr)
                     outcome = outcomes(out, tool == "project")
                     record = dict(
                         run=r,
                         seconds=r.seconds,
-                        stage=stage,
+                        stage=None if stepped else stage,
                         attempted=attempted,
                         ok=ok,
                         rate=ok / r.seconds,
-                        stage_rate=ok / stage,
+                        stage_rate=None if stepped else ok / stage,
                         held=served["held_max_seconds"],
                         held_worst=served["held_worst"][:3],
                         dns=served.get("dns", {}),
@@ -304,8 +311,9 @@ def run_profile(
                     print(
                         f"[internet] {profile.name} {side:<22} run {attempt + 1}/{repeats}: "
                         f"command {r.seconds:6.1f} s, "
-                        f"stage {stage:6.1f} s, {ok:,} of {attempted:,} ok ({record['rate']:,.1f}/s whole, "
-                        f"{record['stage_rate']:,.1f}/s stage), CPU {r.cpu:6.1f} s, peak {common.mb(r.peak_rss)}, "
+                        f"stage {stage:6.1f} s{' (void)' if stepped else ''}, {ok:,} of {attempted:,} ok "
+                        f"({record['rate']:,.1f}/s whole, "
+                        f"{ok / stage:,.1f}/s stage), CPU {r.cpu:6.1f} s, peak {common.mb(r.peak_rss)}, "
                         f"longest hold {record['held']:.1f} s, server CPU {server_cpu:.1f} s, load {common.load()}",
                         file=sys.stderr,
                         flush=True,

@@ -4,6 +4,7 @@ explained), memory apart for Ray's daemons; and the goals, met or not, on the me
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 from collections import Counter
@@ -56,15 +57,19 @@ def explain(kind: str, project: str, other: str) -> str:
 
 def summary(runs: list[dict]) -> dict:
     med = statistics.median
+    timed = [r for r in runs if r["stage"] is not None]  # a run whose wall clock stepped has no stage
+    stages = [r["stage"] for r in timed] or [math.nan]
+    stage_rates = [r["stage_rate"] for r in timed] or [math.nan]
     return dict(
         rate=med(r["rate"] for r in runs),
         lo=min(r["rate"] for r in runs),
         hi=max(r["rate"] for r in runs),
-        stage_rate=med(r["stage_rate"] for r in runs),
-        stage_lo=min(r["stage_rate"] for r in runs),
-        stage_hi=max(r["stage_rate"] for r in runs),
+        stage_rate=med(stage_rates),
+        stage_lo=min(stage_rates),
+        stage_hi=max(stage_rates),
+        stage_runs=len(timed),
         seconds=med(r["seconds"] for r in runs),
-        stage=med(r["stage"] for r in runs),
+        stage=med(stages),
         ok=med(r["ok"] for r in runs),
         attempted=runs[0]["attempted"],
         cpu_per=med(r["run"].cpu / max(r["ok"], 1) for r in runs),
@@ -106,7 +111,10 @@ def _label(side: str, result: dict, a: dict) -> str:
 def _spread(x: dict, stage: bool = False) -> str:
     key = "stage_" if stage else ""
     rate, lo, hi = x[key + "rate"], x[key + "lo"], x[key + "hi"]
-    return f"{rate:,.1f} ({lo:,.1f}–{hi:,.1f})" if x["count"] > 1 else f"{rate:,.1f}"
+    text = f"{rate:,.1f} ({lo:,.1f}–{hi:,.1f})" if x["count"] > 1 else f"{rate:,.1f}"
+    if stage and x["stage_runs"] < x["count"]:
+        text += f" ({x['stage_runs']} of {x['count']} runs: the wall clock stepped in the others)"
+    return text
 
 
 def side_table(result: dict, a: dict) -> str:
