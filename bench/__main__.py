@@ -135,12 +135,17 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--tune",
         action="store_true",
-        help="internet: sweep download.maxPerHost on the tuning seed instead of running the matrix",
+        help="internet: sweep download.maxPerHost and maxInFlight on the tuning seed instead of running the matrix",
     )
     p.add_argument(
         "--per-host-sweep",
         default="4,8,16,32",
         help="--tune: the download.maxPerHost values tried (default 4,8,16,32)",
+    )
+    p.add_argument(
+        "--in-flight-sweep",
+        default="64,128,256",
+        help="--tune: the download.maxInFlight values tried (default 64,128,256)",
     )
     p.add_argument(
         "--repeats",
@@ -168,7 +173,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.filter_rows, args.images, args.repeats, args.download_repeats = 200_000, 300, 1, 1
-        args.internet_urls, args.internet_sweep, args.per_host_sweep = 300, "128", "8,16"
+        args.internet_urls, args.internet_sweep, args.per_host_sweep, args.in_flight_sweep = 300, "128", "8,16", "128"
         args.latents_images, args.latents_repeats = 64, 1
     return args
 
@@ -188,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from . import download_bench, filter_bench
 
-    started, load_before = time.time(), common.load()
+    started, load_before, revision = time.time(), common.load(), git_revision()  # what ran, not what is there after
     sections, goals = [], []
     if args.only in (None, "filter"):
         report, g = filter_bench.bench(args.filter_rows, args.repeats, small_rows=args.filter_rows // 4)
@@ -208,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.repeats,
                 internet_bench.TUNE_SEED if args.seed is None else args.seed,
                 tuple(int(h) for h in args.per_host_sweep.split(",") if h),
+                tuple(int(v) for v in args.in_flight_sweep.split(",") if v),
             )
             sections.append(("Tuning on the loopback internet", report))
         else:
@@ -262,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- machine: {common.machine()}",
         f"- load average (1/5/15 min) before the run: {load_before} (other work on the same cores slows every side; "
         "the benchmark itself adds about 2 while it runs)",
-        f"- code: laion-operator {git_revision()}",
+        f"- code: laion-operator {revision}",
         f"- versions: {common.versions(VERSIONS)}, {common.java_version()}",
         "",
         "### Goals",

@@ -46,6 +46,7 @@ TIMEOUT = 10
 SEED = 29  # the reporting seed
 TUNE_SEED = 11  # the tuning seed: download.maxPerHost's default was chosen on it
 TUNE_PER_HOST = (4, 8, 16, 32)
+TUNE_IN_FLIGHT = (64, 128, 256)
 TUNE_PROFILE = "stragglers-1pct-40s"
 NET = 78  # 127.78/16 unless a profile says otherwise: the test suite's loopback internet is 127.77
 ZERO = "project-zero-latency"
@@ -61,7 +62,7 @@ def img2dataset_cmd(meta: Path, out: Path, shard: int, threads: int, retries: in
     return cmd
 
 
-def project_cmd(meta: Path, out: Path, shard: int, per_host: int | None = None) -> list[str]:
+def project_cmd(meta: Path, out: Path, shard: int, overrides: dict | None = None) -> list[str]:
     import yaml
 
     download = {
@@ -74,8 +75,7 @@ def project_cmd(meta: Path, out: Path, shard: int, per_host: int | None = None) 
         "retries": 0,
         "allowedNetworks": ["127.0.0.0/8"],  # the test bed is loopback, refused by default
     }
-    if per_host is not None:
-        download["maxPerHost"] = per_host
+    download.update(overrides or {})  # the tuning sweep's download settings
     spec = {
         "partId": "internet",
         "source": {"urls": [str(meta)]},
@@ -202,10 +202,11 @@ def run_profile(
     repeats: int,
     seed: int,
     sweep: tuple[int, ...],
-    per_host: tuple[int, ...] = (),
+    tuning: dict[str, dict] | None = None,
 ) -> dict:
     """Every side of one profile, `repeats` rounds in turns; the raw runs and what the report needs.
-    `per_host` non-empty: the tuning sweep (the project at those maxPerHost values, no img2dataset)."""
+    `tuning` (side name -> download settings): the tuning sweep, the project at those settings and no
+    img2dataset."""
     from laion_operator.testbed import internet
 
     from .netns import Namespace
@@ -250,13 +251,13 @@ def run_profile(
             ]
             internet.write_metadata(calm_meta, ok_urls)
             sides: dict[str, tuple] = {}  # name -> (tool, setting, metadata, retries)
-            if per_host:
-                for h in per_host:
-                    sides[f"project-per-host-{h}"] = ("project", h, meta, 0)
+            if tuning:
+                for name, settings in tuning.items():
+                    sides[name] = ("project", settings, meta, 0)
             else:
                 sides["project"] = ("project", None, meta, 0)
             sides[ZERO] = ("project", None, calm_meta, 0)
-            if not per_host:
+            if not tuning:
                 for t in sweep:
                     sides[f"img2dataset-{t}"] = ("img2dataset", t, meta, 0)
                 sides["img2dataset-retries1"] = ("img2dataset", None, meta, 1)  # threads: the first round's best
@@ -304,7 +305,7 @@ def run_profile(
                         reasons=Counter(outcome.values()),
                         outcomes=outcome,
                         count=count,
-                        threads=setting,
+                        threads=setting if tool == "img2dataset" else None,
                         load=common.load().split()[0],
                     )
                     runs[side].append(record)
@@ -359,13 +360,19 @@ def tune(
     n: int | None = None,
     repeats: int = 3,
     seed: int = TUNE_SEED,
-    values: tuple[int, ...] = TUNE_PER_HOST,
+    per_host: tuple[int, ...] = TUNE_PER_HOST,
+    in_flight: tuple[int, ...] = TUNE_IN_FLIGHT,
 ) -> tuple[str, list[str]]:
-    """maxPerHost swept on the tuning seed (the first profile named, else TUNE_PROFILE)."""
+    """maxPerHost and maxInFlight swept, one at a time (the other at its default), on the tuning seed
+    and the first profile named, else TUNE_PROFILE; every setting a side of the same interleaved rounds."""
     from . import internet_report
 
     profile = internet_profiles.select(profiles or TUNE_PROFILE)[0]
-    result = run_profile(profile, n, repeats, seed, (), per_host=values)
+    sides = {
+        **{f"project-maxPerHost-{v}": {"maxPerHost": v} for v in per_host},
+        **{f"project-maxInFlight-{v}": {"maxInFlight": v} for v in in_flight},
+    }
+    result = run_profile(profile, n, repeats, seed, (), tuning=sides)
     return internet_report.tuning(result, reporting_seed=SEED)
 
 
