@@ -14,6 +14,8 @@ from pathlib import Path
 
 import tomllib
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "operator" / "laion_operator"
 PYPROJECT = tomllib.loads((ROOT / "operator" / "pyproject.toml").read_text())
@@ -160,6 +162,25 @@ def test_the_job_driver_loads_the_pipeline_light_and_other_processes_whole():
     assert outputs[0] == ["2", "WebDatasetSampleWriter", "False"]
     # a process that is not the pipeline's alone (a notebook, the tests) keeps both libraries whole
     assert outputs[1] == ["True", "True"]
+
+
+def test_the_cli_loads_the_pipeline_light_for_a_part_and_whole_when_called_in_process(tmp_path):
+    """`laion-operator run` imports the pipeline before it starts Ray: img2dataset's CLI and torch were
+    3 s of a part's start there. `cli.main` called from a notebook keeps the libraries whole."""
+    part = tmp_path / "part.yaml"
+    part.write_text(yaml.safe_dump({"partId": "1", "source": {"urls": ["m.parquet"]}, "output": {"uri": "out"}}))
+    outputs = []
+    for call in ("script", "main"):
+        code = (
+            f"import sys; sys.argv = ['laion-operator', 'run', '--dry-run', {str(part)!r}]; "
+            f"from laion_operator import cli; rc = cli.{call}(); import laion_operator.pipeline.driver; "
+            "print(rc, 'torch' in sys.modules, 'img2dataset.main' in sys.modules)"
+        )
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        outputs.append(done.stdout.split()[-3:])
+    # --dry-run fails on the absent metadata (2: bad input); what matters is what the process loaded
+    assert outputs[0][1:] == ["False", "False"], outputs
+    assert outputs[1][1:] == ["True", "True"], outputs
 
 
 def test_importing_the_pipeline_after_ray_starts_no_ray():

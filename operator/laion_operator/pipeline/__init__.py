@@ -28,8 +28,9 @@ def load_light() -> None:
     its CLI (fire, wandb, both distributors), and webdataset and tfrecord load torch, where it is
     installed, for DataLoaders the pipeline never builds. The package's modules are found through its `__path__`
     without running its `__init__`, and webdataset falls back to its stand-ins for torch's classes.
-    Only for processes that are the pipeline's alone (Ray workers, the job's driver): elsewhere, as in
-    a notebook that also trains, webdataset and img2dataset stay whole.
+    Only for processes that are the pipeline's alone (Ray workers, the job's driver, the `laion-operator`
+    command running a part): elsewhere, as in a notebook that also trains, webdataset and img2dataset
+    stay whole.
     """
     import importlib.util
     import sys
