@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import tomllib
-
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
