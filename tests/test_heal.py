@@ -4,8 +4,6 @@ their shards rewritten so that every sample is in them exactly once with its new
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,6 +17,7 @@ from laion_operator.pipeline.heal import NotHealable, heal_part
 from laion_operator.spec import PartSpec
 from laion_operator.testbed.demo_data import write_metadata
 from tests.support.exactly_once import check_exactly_once
+from tests.support.procs import kill_tree
 from tests.support.specs import partspec
 
 SLOW = 2  # seconds the "timeout" images take: they time out at 1 s and come at 5 s
@@ -127,7 +126,7 @@ def test_interrupted_heal_resumes_exactly_once(finished_part, metadata, tmp_path
         assert time.monotonic() < deadline
         time.sleep(0.1)
     time.sleep(0.5)
-    os.killpg(run.pid, signal.SIGKILL)
+    kill_tree(run.pid)  # and its local Ray's daemons, which a group kill leaves behind
     run.wait()
     state = json.loads(plan.read_text())
     assert not state["finished"] and len(state["done"]) < len(state["shards"])
