@@ -3,13 +3,13 @@ that dies, and part specs the loopback image server can serve."""
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
 import threading
 import time
 
+from tests.support.procs import cmdline, process_tree, signal_all
 from tests.support.services import free_port, ray_start, wait_for_port
 
 
@@ -97,34 +97,6 @@ class Outage:
                     pass
 
 
-def cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return ""
-
-
-def process_tree(mark: str) -> list[int]:
-    """The pids of the processes whose command line holds `mark`, and of every process under them."""
-    parents: dict[int, int] = {}
-    roots = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
-        except OSError:
-            continue
-        if mark in cmdline(int(entry)):
-            roots.append(int(entry))
-    found = list(roots)
-    for pid in found:  # grows while it is walked: children of children
-        found += [child for child, parent in parents.items() if parent == pid and child not in found]
-    return found
-
-
 def ray_workers(cluster, name: str = "_write_shard") -> list[int]:
     """This cluster's worker processes (never another cluster's on the machine) running the task or
     actor class `name` right now: a shard, or the progress `Board`."""
@@ -185,8 +157,4 @@ class SecondNode:
         return process_tree(f"--node_manager_port={self.node_manager_port}")
 
     def kill(self) -> None:
-        for pid in self.processes():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        signal_all(self.processes(), signal.SIGKILL)

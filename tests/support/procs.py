@@ -1,43 +1,62 @@
-"""Killing a command the way a crash does, with everything it started.
+"""Processes by what started them, for killing a command or a cluster the way a crash does.
 
-A CLI on a local Ray starts Ray's daemons as its descendants, and some of them (the dashboard agent)
-in sessions of their own: a SIGKILL of the command's process group leaves those running, orphaned,
-a core's fifth each for the rest of the test session."""
+Ray's agents retitle themselves (`ray::DashboardAgent`), so their command line no longer names the
+cluster's temp dir, and some start in sessions of their own, so a process-group kill misses them.
+Left behind, an agent whose raylet is gone spins at most of a core. What they keep is their parent
+link, until their parent dies: so a tree is listed before anything in it is killed."""
 
 from __future__ import annotations
 
 import os
 import signal
-from pathlib import Path
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid`, from /proc's parent links."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # ended while listed
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
+def cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def _parents() -> dict[int, int]:
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue  # ended while listed
+    return parents
+
+
+def tree(roots: list[int]) -> list[int]:
+    """`roots` and every process under them."""
+    parents = _parents()
+    found = [pid for pid in roots if pid in parents]
+    for pid in found:  # grows while it is walked: children of children
+        found += [child for child, parent in parents.items() if parent == pid and child not in found]
     return found
 
 
-def kill_tree(pid: int) -> None:
-    """SIGKILL `pid`'s process group and every descendant, wherever its session (listed first: once
-    the parents die, the orphans' parent link points at init)."""
-    below = descendants(pid)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    for child in below:
+def process_tree(mark: str) -> list[int]:
+    """The pids of the processes whose command line holds `mark`, and of every process under them."""
+    return tree([pid for pid in _parents() if mark in cmdline(pid)])
+
+
+def alive(pids) -> list[int]:
+    return [pid for pid in pids if os.path.exists(f"/proc/{pid}")]
+
+
+def signal_all(pids, sig: int) -> None:
+    for pid in pids:
         try:
-            os.kill(child, signal.SIGKILL)
+            os.kill(pid, sig)
         except ProcessLookupError:
             pass
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL `pid` and every process under it, whatever their session or group."""
+    signal_all(tree([pid]), signal.SIGKILL)

@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 from laion_operator.testbed.loopback import free_port, wait_for_port  # the other support modules import them from here
+from tests.support.procs import alive, process_tree, signal_all
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -186,20 +187,17 @@ class RayCluster:
             time.sleep(0.5)
 
     def _pids(self) -> list[int]:
-        # Every process of this cluster names its temp dir on its command line; `ray stop` would
-        # also kill any other Ray on the machine.
-        found = subprocess.run(["pgrep", "-f", self.temp_dir], capture_output=True, text=True).stdout
-        return [int(p) for p in found.split() if int(p) != os.getpid()]
+        # Every process of this cluster names its temp dir on its command line or runs under one that
+        # does (the agents retitle themselves); `ray stop` would also kill any other Ray on the machine.
+        return [p for p in process_tree(self.temp_dir) if p != os.getpid()]
 
     def stop(self) -> None:
+        pids = set(self._pids())  # listed first: an agent whose raylet has died is found by nothing
         for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-            for pid in self._pids():
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
+            pids |= set(self._pids())
+            signal_all(alive(pids), sig)
             deadline = time.monotonic() + wait
-            while self._pids() and time.monotonic() < deadline:
+            while alive(pids) and time.monotonic() < deadline:
                 time.sleep(0.2)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
