@@ -81,13 +81,30 @@ def image_server():
         yield server
 
 
+@pytest.fixture(scope="session")
+def kube_node(kube_api):
+    """A real node for the control plane (containerd, kubelet, scheduler, kube-proxy, CoreDNS) running
+    the images built from this tree, and KubeRay's operator driving real pods. Started by the first
+    test that needs pods; the tests that use it run last (below), so that until then no pod of the
+    other tests' is ever scheduled."""
+    from tests.support.node import Node, build_images
+
+    images = build_images()
+    with Node(kube_api, images) as node:
+        kube_api.start_kuberay()
+        yield node
+    assert not node.leftovers, f"the node left the machine changed: {node.leftovers}"
+
+
 # The fixtures that start the heavy parts of the test bed (Ray takes 20-80 s, the Kubernetes control
-# plane some seconds more): a test that uses any of them is marked `testbed`, and `make test-fast`
-# (`pytest -m "not testbed"`) runs the others alone in a few minutes.
-TESTBED_FIXTURES = {"ray_cluster", "ray_driver", "kube_api", "kube_env", "kube_namespace"}
+# plane some seconds more, a node minutes): a test that uses any of them is marked `testbed`, and
+# `make test-fast` (`pytest -m "not testbed"`) runs the others alone in a few minutes.
+TESTBED_FIXTURES = {"ray_cluster", "ray_driver", "kube_api", "kube_env", "kube_namespace", "kube_node"}
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if TESTBED_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.testbed)
+    # The node's tests last, in their files' order.
+    items.sort(key=lambda item: "kube_node" in getattr(item, "fixturenames", ()))

@@ -21,13 +21,12 @@ from laion_operator.contract import FAILURE_REASONS, PHASES, PROGRESS, Progress
 from laion_operator.control.metrics import Metrics
 from laion_operator.storage import Store
 from laion_operator.testbed.demo_data import write_metadata
-from tests.support.prometheus import Prometheus, binary
+from tests.support.prometheus import DASHBOARD, Prometheus, binary, dashboard_exprs, grafana_substitute
 from tests.support.specs import partspec
 
 ROOT = Path(__file__).resolve().parents[1]
 
 FILES = ROOT / "charts" / "laion-operator" / "files"
-DASHBOARD = FILES / "dashboard.json"
 ALERTS = FILES / "alerts.yaml"
 ALERT_TESTS = ROOT / "tests" / "data" / "alerts_test.yaml"
 NAMESPACE, PART, QUEUED = "laion", "part-0", "part-1"
@@ -36,45 +35,7 @@ SEL = f'namespace="{NAMESPACE}", part="{PART}"'
 
 # Debian's prometheus and promtool are installed by `scripts/setup --test`; without them these tests fail.
 
-# Grafana's variables, as the test evaluates them: every namespace and part, fixed intervals.
-GRAFANA_VARIABLES = {
-    "$namespace": ".*",
-    "$part": ".*",
-    "$dataset": ".*",
-    "$__rate_interval": "30s",
-    "$__interval": "5s",
-    "$__range": "5m",
-}
-
-
 # --- the expressions under test ------------------------------------------------------------------
-
-
-def dashboard_exprs() -> list[tuple[str, str]]:
-    """(where, PromQL) for every panel target and query variable of the dashboard."""
-    board = json.loads(DASHBOARD.read_text())
-    found = []
-
-    def walk(panels):
-        for panel in panels:
-            for t in panel.get("targets", []):
-                found.append((f"{panel['id']}:{panel['title']}/{t['refId']}", t["expr"]))
-            walk(panel.get("panels", []))
-
-    walk(board["panels"])
-    for var in board["templating"]["list"]:
-        if var["type"] == "query":
-            # label_values(<selector>, <label>) is Grafana's, not PromQL: the selector must have data.
-            m = re.fullmatch(r"label_values\((.*),\s*(\w+)\)", var["query"]["query"], re.S)
-            found.append((f"variable {var['name']}", m.group(1)))
-    return found
-
-
-def grafana_substitute(expr: str) -> str:
-    for name in sorted(GRAFANA_VARIABLES, key=len, reverse=True):
-        expr = expr.replace(name, GRAFANA_VARIABLES[name])
-    assert "$" not in expr, f"unsubstituted variable in {expr}"
-    return expr
 
 
 def alert_rules() -> list[dict]:

@@ -2,8 +2,10 @@
 from pinned source (scripts/build-testbed), with authentication and RBAC on, and the real kubectl.
 
 Tests reach it as an admin (a static token in group system:masters); the operator reaches it only
-with a token of the chart's ServiceAccount (`operator_env`), as it would inside a cluster. There is
-no kubelet and no scheduler: pods stay Pending unless a test sets what a kubelet would.
+with a token of the chart's ServiceAccount (`operator_env`), as it would inside a cluster. The API
+server listens on the test bed's bridge (tests/support/network.py), where a node's pods reach it
+through the `kubernetes` Service; the node itself (kubelet, scheduler, kube-proxy) is started by
+tests/support/node.py only for the tests that run pods, and until then pods stay Pending.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any
 
 import yaml
 
+from tests.support.network import NODE_IP, NODE_NAME, SERVICE_RANGE, Bridge
 from tests.support.services import free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -63,6 +66,56 @@ def write_signing_key(private: Path, public: Path) -> None:
     public.write_bytes(
         key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     )
+
+
+def write_kubelet_client_pki(folder: Path) -> tuple[Path, Path, Path]:
+    """(CA, client certificate, key): the API server's identity towards kubelets, in system:masters."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    folder.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    start, end = now - datetime.timedelta(days=1), now + datetime.timedelta(days=30)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "laion test bed kubelet-client CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "system:masters"),
+            x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver-kubelet-client"),
+        ]
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    paths = folder / "ca.crt", folder / "client.crt", folder / "client.key"
+    paths[0].write_bytes(ca.public_bytes(pem))
+    paths[1].write_bytes(cert.public_bytes(pem))
+    paths[2].write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return paths
 
 
 class KubeAPIError(Exception):
@@ -121,8 +174,12 @@ class Cluster:
         self.bins = testbed_binaries()
         self.workdir = Path(tempfile.mkdtemp(prefix="kube-"))
         self.admin_token = secrets.token_hex(16)
+        # The node's credentials exist from the start: the API server reads its token file once.
+        self.node_token = secrets.token_hex(16)
+        self.bridge = Bridge()
+        self.address = NODE_IP
         self.port = free_port()
-        self.url = f"https://127.0.0.1:{self.port}"
+        self.url = f"https://{self.address}:{self.port}"
         self.ca_file = self.workdir / "certs" / "apiserver.crt"  # until the server is up: then its CA alone
         self.kubeconfig_path = self.workdir / "admin.kubeconfig"
         self.components: dict[str, Process] = {}
@@ -138,8 +195,13 @@ class Cluster:
 
     def start(self) -> Cluster:
         w = self.workdir
+        self.bridge.up()
         write_signing_key(w / "sa.key", w / "sa.pub")
-        (w / "tokens.csv").write_text(f'{self.admin_token},admin,admin-uid,"system:masters"\n')
+        (w / "tokens.csv").write_text(
+            f'{self.admin_token},admin,admin-uid,"system:masters"\n'
+            f'{self.node_token},system:node:{NODE_NAME},node-uid,"system:nodes"\n'
+        )
+        self.kubelet_client_ca, client_cert, client_key = write_kubelet_client_pki(w / "kubelet-pki")
         etcd_port, etcd_peer = free_port(), free_port()
         etcd_url = f"http://127.0.0.1:{etcd_port}"
         self.components["etcd"] = Process(
@@ -174,9 +236,9 @@ class Cluster:
                 "--etcd-servers",
                 etcd_url,
                 "--bind-address",
-                "127.0.0.1",
+                self.address,
                 "--advertise-address",
-                "127.0.0.1",
+                self.address,
                 "--secure-port",
                 str(self.port),
                 "--cert-dir",
@@ -184,7 +246,7 @@ class Cluster:
                 "--token-auth-file",
                 str(w / "tokens.csv"),
                 "--authorization-mode",
-                "RBAC",
+                "Node,RBAC",
                 # As strict clusters run: setting blockOwnerDeletion needs `update` on the owner's finalizers.
                 "--enable-admission-plugins",
                 "OwnerReferencesPermissionEnforcement",
@@ -195,9 +257,15 @@ class Cluster:
                 "--service-account-signing-key-file",
                 str(w / "sa.key"),
                 "--service-cluster-ip-range",
-                "10.96.0.0/24",
-                "--endpoint-reconciler-type",
-                "none",
+                SERVICE_RANGE,
+                # `kubectl logs` and `exec` through the kubelet, which trusts this client's CA; the
+                # node's name resolves nowhere, its InternalIP does.
+                "--kubelet-client-certificate",
+                str(client_cert),
+                "--kubelet-client-key",
+                str(client_key),
+                "--kubelet-preferred-address-types",
+                "InternalIP",
                 "--profiling=false",
                 "--enable-priority-and-fairness=false",
                 "-v",
@@ -292,6 +360,7 @@ class Cluster:
     def stop(self) -> None:
         for proc in reversed(list(self.components.values())):
             proc.stop()
+        self.bridge.down()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def kubeconfig(self, user: str, token: str, server: str | None = None, namespace: str = "default") -> JSON:

@@ -11,6 +11,7 @@ chart's ServiceMonitor does (the parts' `namespace` label must win over the targ
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import tempfile
@@ -23,6 +24,95 @@ from pathlib import Path
 import yaml
 
 from laion_operator.testbed.loopback import free_port
+
+DASHBOARD = Path(__file__).resolve().parents[2] / "charts" / "laion-operator" / "files" / "dashboard.json"
+
+# Grafana's variables, as the test evaluates them: every namespace and part, fixed intervals.
+GRAFANA_VARIABLES = {
+    "$namespace": ".*",
+    "$part": ".*",
+    "$dataset": ".*",
+    "$__rate_interval": "30s",
+    "$__interval": "5s",
+    "$__range": "5m",
+}
+
+
+
+def dashboard_exprs() -> list[tuple[str, str]]:
+    """(where, PromQL) for every panel target and query variable of the dashboard."""
+    board = json.loads(DASHBOARD.read_text())
+    found = []
+
+    def walk(panels):
+        for panel in panels:
+            for t in panel.get("targets", []):
+                found.append((f"{panel['id']}:{panel['title']}/{t['refId']}", t["expr"]))
+            walk(panel.get("panels", []))
+
+    walk(board["panels"])
+    for var in board["templating"]["list"]:
+        if var["type"] == "query":
+            # label_values(<selector>, <label>) is Grafana's, not PromQL: the selector must have data.
+            m = re.fullmatch(r"label_values\((.*),\s*(\w+)\)", var["query"]["query"], re.S)
+            found.append((f"variable {var['name']}", m.group(1)))
+    return found
+
+
+def grafana_substitute(expr: str) -> str:
+    for name in sorted(GRAFANA_VARIABLES, key=len, reverse=True):
+        expr = expr.replace(name, GRAFANA_VARIABLES[name])
+    assert "$" not in expr, f"unsubstituted variable in {expr}"
+    return expr
+
+
+
+def service_monitor_scrape(monitor: dict, kubeconfig: str | Path) -> list[dict]:
+    """The scrape configs the Prometheus Operator generates from a ServiceMonitor (its endpoints
+    discovered through the API server, kept by the Service's labels and the port's name, its
+    relabelings applied), for a Prometheus outside the cluster that reaches pods directly."""
+    spec = monitor["spec"]
+    keep = [
+        {
+            "source_labels": [f"__meta_kubernetes_service_label_{re.sub(r'[^a-zA-Z0-9_]', '_', k)}"],
+            "regex": re.escape(v),
+            "action": "keep",
+        }
+        for k, v in spec["selector"]["matchLabels"].items()
+    ]
+    configs = []
+    for i, endpoint in enumerate(spec["endpoints"]):
+        relabel = [
+            *keep,
+            {"source_labels": ["__meta_kubernetes_endpoint_port_name"], "regex": endpoint["port"], "action": "keep"},
+            *(
+                {
+                    "action": r.get("action", "replace"),
+                    "target_label": r["targetLabel"],
+                    **({"replacement": r["replacement"]} if "replacement" in r else {}),
+                    **({"source_labels": r["sourceLabels"]} if "sourceLabels" in r else {}),
+                }
+                for r in endpoint.get("relabelings", [])
+            ),
+        ]
+        configs.append(
+            {
+                "job_name": f"serviceMonitor/{monitor['metadata']['namespace']}/{monitor['metadata']['name']}/{i}",
+                "honor_labels": bool(endpoint.get("honorLabels")),
+                "metrics_path": endpoint.get("path", "/metrics"),
+                "scrape_interval": endpoint.get("interval", "30s"),
+                "scrape_timeout": endpoint.get("scrapeTimeout", "10s"),
+                "kubernetes_sd_configs": [
+                    {
+                        "role": "endpoints",
+                        "kubeconfig_file": str(kubeconfig),
+                        "namespaces": {"names": spec["namespaceSelector"]["matchNames"]},
+                    }
+                ],
+                "relabel_configs": relabel,
+            }
+        )
+    return configs
 
 
 class PromQLError(RuntimeError):
@@ -43,8 +133,11 @@ class Prometheus:
         interval: str = "1s",
         rule_files: list[str | Path] = (),
         startup_timeout: float = 60,
+        scrape_configs: list[dict] | None = None,
     ):
+        """`scrape_configs`: Prometheus's own, instead of the static `targets` under `job`."""
         self.targets, self.job, self.interval = list(targets), job, interval
+        self.scrape_configs = scrape_configs
         self.rule_files = [str(Path(p).resolve()) for p in rule_files]
         self.startup_timeout = startup_timeout
         self.port = 0
@@ -70,9 +163,8 @@ class Prometheus:
                 "scrape_timeout": self.interval,
             },
             "rule_files": self.rule_files,
-            "scrape_configs": [
-                {"job_name": self.job, "honor_labels": True, "static_configs": [{"targets": self.targets}]}
-            ],
+            "scrape_configs": self.scrape_configs
+            or [{"job_name": self.job, "honor_labels": True, "static_configs": [{"targets": self.targets}]}],
         }
         (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
         self.port = free_port()

@@ -211,10 +211,11 @@ class S3Server:
     ACCESS_KEY = "test-access-key"
     SECRET_KEY = "test-secret-key-not-real"
 
-    def __init__(self):
+    def __init__(self, host: str = "127.0.0.1"):
         from tests.support.cluster import testbed_binaries
 
         self.binary = testbed_binaries()["VERSITYGW"]
+        self.host = host
         self.port = free_port()
         self.root = Path(tempfile.mkdtemp(prefix="s3-"))
         (self.root / "data").mkdir()
@@ -222,7 +223,7 @@ class S3Server:
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def start(self) -> S3Server:
         return self.up()
@@ -234,7 +235,7 @@ class S3Server:
             [
                 self.binary,
                 "--port",
-                f"127.0.0.1:{self.port}",
+                f"{self.host}:{self.port}",
                 "--region",
                 "us-east-1",
                 "posix",
@@ -246,7 +247,7 @@ class S3Server:
             start_new_session=True,
         )
         try:
-            wait_for_port(self.port, timeout=30)
+            wait_for_port(self.port, timeout=30, host=self.host)
         except TimeoutError:
             raise RuntimeError(f"versitygw did not start:\n{self.logs()}") from None
         return self
