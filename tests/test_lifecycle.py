@@ -63,13 +63,14 @@ def test_follow_only_an_active_job_and_submit_only_over_a_stoppable_one():
             assert facts.change is Change.OUTPUT or facts.phase in (Phase.FAILED, Phase.SUSPENDED), facts
 
 
-def test_retries_are_bounded_and_suspend_always_wins():
+def test_retries_are_bounded_and_suspend_wins_over_all_but_a_success_already_made():
     for facts in ALL:
         step = transition(facts)
         if step.action is Action.RETRY:
             assert facts.retries_left and (facts.job is JobState.MISSING or facts.retryable), facts
         if facts.change is Change.SUSPEND:
-            assert step.action is Action.SUSPEND
+            succeeded = facts.phase in SUBMITTED and facts.job is JobState.SUCCEEDED
+            assert step.action is (Action.SUCCEED if succeeded else Action.SUSPEND), facts
         if facts.change is Change.INVALID:
             assert step.action is Action.FAIL and step.reason == "InvalidSpec"
 
@@ -215,21 +216,49 @@ def test_slots_run_higher_priority_first_then_oldest_and_let_a_waiter_give_up():
     assert left == []
 
 
-def test_slots_count_the_parts_the_cluster_says_run():
-    """A part the index shows running holds a slot this process never gave; once the index drops it
-    (deleted while the operator was down, finished under another leader), the slot is free."""
+def test_slots_count_the_parts_the_api_server_lists_and_list_again_after_a_pause():
+    """A part the listing shows running holds a slot this process never gave. A listing is trusted
+    for max_age only, and not at all once a daemon stopped (a pause, a failover): a part deleted
+    meanwhile frees its slot at the next decision, not at the next restart."""
     held = {("ns", "elsewhere")}
+    listings = []
+
+    async def lister():
+        listings.append(set(held))
+        return set(held)
 
     async def scenario():
-        slots = Slots(1, held=lambda: held)
-        assert not slots.take(("ns", "queued"), "2026-01-01T00:00:00Z")
-        held.clear()
+        now = [0.0]
+        slots = Slots(1, lister=lister, max_age=10, clock=lambda: now[0])
+        assert not await asyncio.wait_for(
+            slots.acquire(("ns", "queued"), "2026-01-01T00:00:00Z", give_up=lambda: True), 5
+        )
+        held.clear()  # deleted while this replica was paused: no watch event told it
+        now[0] += 1
+        assert not slots.take(("ns", "queued"), "2026-01-01T00:00:00Z")  # the listing is young
+        slots.forget_listing()  # the daemons stopped and started again (kopf's pause and resume)
         assert await asyncio.wait_for(slots.acquire(("ns", "queued"), "2026-01-01T00:00:00Z"), 5)
-        assert slots.running == {("ns", "queued")}
+        assert slots.running == {("ns", "queued")} and len(listings) == 2
         slots.release(("ns", "queued"))
         assert slots.running == set()
+        held.add(("ns", "other"))
+        now[0] += 10  # too old: listed again before the next part is let in
+        assert not await asyncio.wait_for(
+            slots.acquire(("ns", "late"), "2026-01-01T00:00:00Z", give_up=lambda: True), 5
+        )
+        assert len(listings) == 3
 
     asyncio.run(scenario())
+
+
+def test_a_listing_leaves_out_a_part_released_after_it_started():
+    """Its status write (leaving the running phases) may have reached the API server after the list."""
+    slots = Slots(1, lister=lambda: None, clock=lambda: 5.0)
+    slots.release(("ns", "done"))
+    slots.note_listing({("ns", "done")}, started=4.0)
+    assert slots.running == set()
+    slots.note_listing({("ns", "done")}, started=6.0)
+    assert slots.running == {("ns", "done")}
 
 
 class Recorded:

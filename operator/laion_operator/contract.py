@@ -285,12 +285,19 @@ def reason_of(reason: str) -> str:
     return reason if reason in FAILURE_REASONS else "other"
 
 
+# The environment variable a part's Ray job finds its submission id in (Progress.job).
+JOB_ID_ENV = "LAION_JOB_ID"
+
+
 @dataclass
 class Progress:
     """`_laion/progress.json`: written by the job as it runs, read by the operator and a resumed run."""
 
     part_id: str
     phase: str = Phase.FILTERING.value
+    # The operator's submission id of the run that wrote it (JOB_ID_ENV; "" outside the operator): a
+    # re-run's operator must not show the last run's phase as this one's.
+    job: str = ""
     rows_read: int = 0
     rows_kept: int = 0
     dropped_by: dict[str, int] = field(default_factory=dict)

@@ -33,12 +33,17 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None
     metrics = Metrics(handlers=["follow", "stop", "dataset"])
     if config.metrics_port:
         metrics.serve(config.metrics_port)
-    # The parts holding a slot are those the cluster says run (the `slot_holders` index, complete
-    # before any daemon starts): one deleted while the operator was down, or that a previous leader
+    # The parts holding a slot are those the API server says run, listed when a part is let in or
+    # waits (slots.Slots): one deleted while the operator was down or paused, or that another replica
     # ran and finished, holds none.
-    memo.op = Operator(
-        config, rayjobs.backend(config), Slots(config.max_concurrent_parts, metrics.set_queue_length), metrics
-    )
+    namespaces = list(memo.namespaces or [])
+
+    async def slot_holders() -> set:
+        parts = await asyncio.to_thread(kube.list_parts, namespaces)
+        return {(p["metadata"]["namespace"], p["metadata"]["name"]) for p in parts if _holds_slot(p.get("status"))}
+
+    slots = Slots(config.max_concurrent_parts, metrics.set_queue_length, slot_holders, config.poll_seconds)
+    memo.op = Operator(config, rayjobs.backend(config), slots, metrics)
     settings.persistence.finalizer = FINALIZER
     settings.posting.level = logging.WARNING  # log lines become Events only when a user must look at them
     settings.execution.max_workers = 16  # blocking SDK calls run in threads; many parts poll at once
@@ -58,22 +63,22 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None
 _HOLDING = frozenset(p.value for p in SUBMITTED)
 
 
-def _holds_slot(status, **_) -> bool:
+def _holds_slot(status) -> bool:
+    """Whether a part's status says a job of theirs runs (lifecycle.SUBMITTED)."""
     return (status or {}).get("phase") in _HOLDING
-
-
-@kopf.index(kube.GROUP, kube.VERSION, kube.PLURAL, id="slot_holders", when=_holds_slot)
-def slot_holders(namespace, name, status, **_):
-    """The parts whose status says a job of theirs runs (lifecycle.SUBMITTED), for slots.Slots; kopf
-    drops a part from the index once the filter stops matching or the part is gone."""
-    return {(namespace, name): status.get("phase")}
 
 
 @kopf.index(kube.GROUP, kube.VERSION, kube.PLURAL, id="dataset_parts", labels={kube.DATASET_LABEL: kopf.PRESENT})
 def dataset_parts(namespace, name, body, labels, **_):
     """Each LaionDataset's parts as the watch last showed them: a dataset's poll lists nothing."""
+    meta = body["metadata"]
     part = {
-        "metadata": {"name": name, "ownerReferences": list(body["metadata"].get("ownerReferences") or [])},
+        "metadata": {
+            "name": name,
+            "generation": meta.get("generation"),
+            "deletionTimestamp": meta.get("deletionTimestamp"),
+            "ownerReferences": list(meta.get("ownerReferences") or []),
+        },
         "spec": copy.deepcopy(dict(body.get("spec") or {})),
         "status": copy.deepcopy(dict(body.get("status") or {})),
     }
@@ -94,10 +99,8 @@ class _QuietWake(logging.Filter):
         return record.getMessage() != "Handler 'wake' succeeded."
 
 
-# kopf's DaemonFn protocol lists no index keyword arguments, which kopf passes by the index's name.
-@kopf.daemon(kube.GROUP, kube.VERSION, kube.PLURAL, id="follow", cancellation_timeout=10, backoff=5)  # type: ignore[arg-type]
-async def follow(body, stopped, memo: kopf.Memo, slot_holders: kopf.Index, **_) -> None:
-    memo.op.slots.held = slot_holders.keys  # the live index: kopf keeps it current from the watch
+@kopf.daemon(kube.GROUP, kube.VERSION, kube.PLURAL, id="follow", cancellation_timeout=10, backoff=5)
+async def follow(body, stopped, memo: kopf.Memo, **_) -> None:
     try:
         await Part(memo.op, body, stopped).follow()
     except Exception:
@@ -115,6 +118,7 @@ async def stop(body, memo: kopf.Memo, **_) -> None:
     memo.op.metrics.forget_part(body["metadata"]["namespace"], body["metadata"]["name"])
 
 
+# kopf's DaemonFn protocol lists no index keyword arguments, which kopf passes by the index's name.
 @kopf.daemon(kube.GROUP, kube.VERSION, kube.DATASET_PLURAL, id="dataset", cancellation_timeout=10, backoff=5)  # type: ignore[arg-type]
 async def dataset(body, stopped, memo: kopf.Memo, dataset_parts: kopf.Index, **_) -> None:
     try:

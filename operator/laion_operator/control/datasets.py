@@ -127,6 +127,29 @@ def stale_message(fields: list[str]) -> str:
     )
 
 
+def decided(part: dict, want: dict, stored: dict | None = None) -> bool:
+    """Whether the part's status is its own decision on the spec the dataset wants now: its spec is
+    the template's and its status observed its current generation. `stored`: the part as the API
+    server answered the dataset's last change of its spec (an older CRD may have pruned it); a part
+    seen at an older generation than that is a watch event behind. A part created or re-specced this
+    poll is not decided: the dataset must not add up a phase of a generation that part has not run."""
+    meta = part.get("metadata") or {}
+    generation = meta.get("generation")
+    if generation is None or part.get("spec") != want and (stored is None or part.get("spec") != stored.get("spec")):
+        return False
+    if stored is not None and generation < ((stored.get("metadata") or {}).get("generation") or 0):
+        return False
+    return (part.get("status") or {}).get("observedGeneration") == generation
+
+
+def undecided(part_id: str, part: dict | None) -> dict:
+    """A part as the dataset adds it up until it decided on the wanted spec: Pending, with the counts
+    its output holds so far."""
+    status = dict((part or {}).get("status") or {})
+    status["phase"] = Phase.PENDING.value
+    return {"metadata": dict((part or {}).get("metadata") or {}), "spec": {"partId": part_id}, "status": status}
+
+
 def dataset_phase(by_phase: dict[str, int], total: int, suspend: bool) -> str:
     if not total:
         return PENDING
@@ -154,6 +177,7 @@ class Dataset(Resource):
         # Part specs this process replaced, and when: the index may not show the change yet, and an
         # API server whose CRD is older than the operator prunes fields it does not know (`stale`).
         self.sent: dict[str, tuple[dict, float]] = {}
+        self.stored: dict[str, dict] = {}  # the API server's answer to the last spec sent (`decided`)
         self.stale: dict[str, list[str]] = {}
 
     async def follow(self) -> None:
@@ -200,12 +224,13 @@ class Dataset(Resource):
 
     async def converge(self, data: dict, generation: int) -> list[dict]:
         """Create the missing parts, bring every part's spec in line with the template, and delete the
-        parts a shrunk range left outside (their own finalizers stop their jobs; the output stays)."""
+        parts a shrunk range left outside (their own finalizers stop their jobs; the output stays).
+        Returns every wanted part as the dataset adds it up: those not decided on the wanted spec yet
+        (`decided`) as Pending."""
         existing = self.current_parts() if self.parts is not None else await asyncio.to_thread(self.current_parts)
-        wanted = specs.dataset_parts(data)
+        wanted = {part_id: specs.apply_defaults(spec) for part_id, spec in specs.dataset_parts(data).items()}
         created, changed, pruned = [], [], {}
-        for part_id, part_spec in wanted.items():
-            want = specs.apply_defaults(part_spec)  # as the API server stores it, so that equal compares equal
+        for part_id, want in wanted.items():  # as the API server stores it, so that equal compares equal
             have = existing.get(part_id)
             if have is None:
                 if await asyncio.to_thread(kube.create_part, self.namespace, self.part_body(part_id, want)):
@@ -216,11 +241,15 @@ class Dataset(Resource):
                     continue  # replaced already: the index has not caught up, or the CRD prunes it
                 stored = await asyncio.to_thread(kube.replace_part_spec, self.namespace, have["metadata"]["name"], want)
                 self.sent[part_id] = (want, time.monotonic())
+                self.stored[part_id] = stored or {}
                 changed.append(part_id)
-                missing = dropped_fields(want, (stored or {}).get("spec") or {})
+                missing = dropped_fields(want, self.stored[part_id].get("spec") or {})
                 if missing:
                     pruned[part_id] = missing
-        gone = [p for part_id, p in existing.items() if part_id not in wanted]
+        # Parts already being deleted go by their own finalizers: neither deleted nor announced again.
+        gone = [
+            p for part_id, p in existing.items() if part_id not in wanted and not p["metadata"].get("deletionTimestamp")
+        ]
         for part in gone:
             await asyncio.to_thread(kube.delete_part, self.namespace, part["metadata"]["name"])
         if created:
@@ -241,11 +270,13 @@ class Dataset(Resource):
             fields = sorted({f for fs in pruned.values() for f in fs})
             self.event("StaleCRD", stale_message(fields), warning=True)
         self.stale = pruned or (self.stale if changed == [] else {})
-        parts = {k: v for k, v in existing.items() if k in wanted}
-        if created or changed or gone:
-            if self.parts is None:  # no index to catch up: read the parts as they are now
-                parts = {k: v for k, v in (await asyncio.to_thread(self.current_parts)).items() if k in wanted}
-        return list(parts.values())
+        if (created or changed) and self.parts is None:  # no index to catch up: read the parts as they are now
+            existing = await asyncio.to_thread(self.current_parts)
+        return [
+            have if have is not None and decided(have, want, self.stored.get(part_id)) else undecided(part_id, have)
+            for part_id, want in wanted.items()
+            for have in [existing.get(part_id)]
+        ]
 
     def part_body(self, part_id: str, part_spec: dict) -> dict:
         meta = self.body["metadata"]

@@ -151,6 +151,21 @@ def list_rayjobs(namespace: str, part: str) -> list[dict]:
     return found.get("items", [])
 
 
+def list_parts(namespaces: list[str]) -> list[dict]:
+    """Every LaionPart in `namespaces` (all namespaces if empty), as the API server has them now."""
+    api = kubernetes.client.CustomObjectsApi(_client())
+    if not namespaces:
+        found = _call("list LaionParts", api.list_cluster_custom_object, GROUP, VERSION, PLURAL)
+        return found.get("items", [])
+    items: list[dict] = []
+    for namespace in namespaces:
+        found = _call(
+            f"list LaionParts in {namespace}", api.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL
+        )
+        items += found.get("items", [])
+    return items
+
+
 # --- a LaionDataset's parts ----------------------------------------------------------------------
 
 

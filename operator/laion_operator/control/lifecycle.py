@@ -8,7 +8,12 @@ checks them over every input):
 - the status tells the truth: a running part whose job the backend no longer knows is never followed;
 - the queue moves: every action but SUBMIT and FOLLOW gives the slot back, in the same step;
 - finished work stays finished: a Succeeded part runs again only for a change of what its output
-  depends on (Change.OUTPUT).
+  depends on (Change.OUTPUT), and a job that succeeded is recorded as such before any edit made
+  meanwhile is taken in (a suspend that came after the success must not stop and redo it).
+
+Every fact a step uses is read once, before `transition` decides, and the step records the
+generation it decided on (`Facts.generation`), never one read later: an edit made while a step is
+carried out (a stop can take minutes) is a new generation the next poll decides on.
 
 No I/O here: parts.Part reads the facts and carries out the step.
 """
@@ -61,6 +66,14 @@ class Facts:
     retries_left: bool = True  # status.retries < spec.maxRetries
     retryable: bool = True  # the job's failure is one a retry can mend (not stopped, not bad input)
     deadline_passed: bool = False  # the run is older than spec.activeDeadlineSeconds
+    generation: int = 1  # the spec's generation these facts were read with: the one a step records
+    output_current: bool = True  # the status' specHash is the spec's: its output is what the spec makes
+
+    @property
+    def stays_succeeded(self) -> bool:
+        """SUSPEND: a Succeeded part stays Succeeded only if its output is what the spec makes now
+        (suspended with an output edit not yet run, it is Suspended: that edit's output is not there)."""
+        return self.phase is Phase.SUCCEEDED and self.output_current
 
 
 @dataclass(frozen=True)
@@ -83,6 +96,8 @@ def transition(facts: Facts) -> Step:
     phase, job, change = facts.phase, facts.job, facts.change
     if change is Change.INVALID:
         return Step(Action.FAIL, "InvalidSpec")
+    if phase in SUBMITTED and job is JobState.SUCCEEDED:
+        return Step(Action.SUCCEED)  # done before the edit was seen: recorded first, the edit next poll
     if change is Change.SUSPEND:
         return Step(Action.SUSPEND)
     if phase in SETTLED:
@@ -100,14 +115,20 @@ def transition(facts: Facts) -> Step:
         if facts.deadline_passed:
             return Step(Action.FAIL, "DeadlineExceeded")
         return Step(Action.FOLLOW)
-    if job is JobState.SUCCEEDED:
-        return Step(Action.SUCCEED)
     vanished = job is JobState.MISSING
     if (vanished or facts.retryable) and facts.retries_left:
         return Step(Action.RETRY, "JobVanished" if vanished else "JobFailed")
     if vanished:
         return Step(Action.FAIL, "JobVanished")
     return Step(Action.FAIL, "RetriesExhausted" if facts.retryable else "JobFailed")
+
+
+def delete_needs_backend(phase: Phase | None, job_id: str | None) -> bool:
+    """Whether deleting a part must see its jobs stopped by the backend before the object may go.
+    Every way into a settled phase stops and sees stopped every job of the part first, and a part
+    whose status names no job has none unless a crash came between a submission and its status
+    write: neither needs Ray to be reachable to be deleted (Ray gone or decommissioned)."""
+    return bool(job_id) and phase not in SETTLED
 
 
 # The spec fields a part's output depends on: a change of any of them runs a Succeeded part again

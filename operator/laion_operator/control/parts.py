@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import calendar
+import copy
 import logging
 import time
 from dataclasses import dataclass, field
@@ -33,7 +34,18 @@ from . import kube
 from .backend import Backend, BackendError, CredentialsRefused, Job, JobState, submission_id
 from .config import OperatorConfig
 from .crash import crash_at
-from .lifecycle import Action, Change, Facts, Slot, Step, change_of, output_hash, transition
+from .lifecycle import (
+    SETTLED,
+    Action,
+    Change,
+    Facts,
+    Slot,
+    Step,
+    change_of,
+    delete_needs_backend,
+    output_hash,
+    transition,
+)
 from .metrics import Metrics
 from .resource import Resource, condition, now
 from .slots import Slots
@@ -70,6 +82,28 @@ class Operator:
     metrics: Metrics
     # Settled parts sleep until their object changes: a watch event sets the part's event.
     changes: dict = field(default_factory=dict)
+    # Each part's backend submission in flight (a thread that a cancelled daemon cannot stop).
+    submitting: dict = field(default_factory=dict)
+
+    async def submitted(self, key, submit, *args) -> None:
+        """Run the blocking `submit(*args)` in a thread, known to `submissions_done` until it returns."""
+        task = asyncio.ensure_future(asyncio.to_thread(submit, *args))
+        self.submitting.setdefault(key, set()).add(task)
+
+        def done(_) -> None:
+            left = self.submitting.get(key, set())
+            left.discard(task)
+            if not left:
+                self.submitting.pop(key, None)
+
+        task.add_done_callback(done)
+        await asyncio.shield(task)
+
+    async def submissions_done(self, key) -> None:
+        """Wait for the part's submissions in flight: a delete lists its jobs only after them."""
+        pending = self.submitting.get(key)
+        if pending:
+            await asyncio.wait(list(pending))
 
     def changed(self, key) -> None:
         """A watch event for the part `key` (controller.wake): a sleeping part looks again."""
@@ -86,6 +120,24 @@ def verified_condition(progress: Progress | None, previous: list[dict]) -> dict 
     return condition(
         "Verified", verified.ok, "ShardsReadBack" if verified.ok else "ShardMismatch", verified.message, previous
     )
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One poll's decision and every fact it was made on, read together (Part.decide): the step is
+    carried out from these, and records `generation`, never the object as it is by then."""
+
+    facts: Facts
+    step: Step
+    document: dict  # the spec of that generation as the API server stores it (its output_hash)
+    spec: PartSpec | None  # parsed; None when invalid
+    job: Job  # the status' job, as the backend reported it
+    attempt: int  # status.retries
+    invalid: str = ""  # why the spec does not validate
+
+    @property
+    def generation(self) -> int:
+        return self.facts.generation
 
 
 class WaitingForCredentials(Exception):
@@ -157,6 +209,8 @@ class Part(Resource):
             if self.op.changes.get(self.key) is change:
                 del self.op.changes[self.key]
             self.op.slots.release(self.key)
+            # A pause, a failover or a delete: what other replicas did meanwhile is listed again.
+            self.op.slots.forget_listing()
 
     async def sleep(self, change: asyncio.Event, seconds: float, generation: int, any_change: bool = False) -> None:
         """Sleep `seconds`, less if the operator stops, the object goes, or its spec changes from
@@ -184,76 +238,86 @@ class Part(Resource):
 
     async def reconcile(self) -> Step:
         """One poll: read the facts, decide with lifecycle.transition, carry the step out."""
-        status, generation = self.status, self.generation
-        phase = Phase(status["phase"]) if status.get("phase") in PHASES else None
-        spec: PartSpec | None = None
-        invalid = ""
-        try:
-            spec = PartSpec.from_dict(self.body["spec"])
-        except SpecError as err:
-            invalid = str(err)
-        if spec is None:
-            change = Change.NONE if status.get("observedGeneration") == generation else Change.INVALID
-        else:
-            change = change_of(self.body["spec"], spec.suspend, generation, status)
-        job = Job(status.get("submissionId") or "", JobState.MISSING)
-        if job.id and phase not in (Phase.SUCCEEDED, Phase.FAILED, Phase.SUSPENDED):  # settled: the job is done
-            job = await self.job_state(job.id)
-        attempt = int(status.get("retries") or 0)
-        facts = Facts(
-            phase,
-            job.state,
-            change,
-            retries_left=spec is not None and attempt < spec.max_retries,
-            retryable=job.state is not JobState.STOPPED and job.exit_code != ExitCode.BAD_INPUT,
-            deadline_passed=spec is not None and self.deadline_passed(spec),
-        )
-        step = transition(facts)
+        d = await self.decide()
+        step = d.step
         if step.slot is Slot.RELEASE:  # given back in the same step that leaves the running phases
             self.op.slots.release(self.key)
         elif step.slot is Slot.HOLD:
             self.op.slots.adopt(self.key)
         if step.action is not Action.WAIT:
-            log.debug("part %s/%s: %s -> %s", self.namespace, self.name, facts, step)
+            log.debug("part %s/%s: %s -> %s", self.namespace, self.name, d.facts, step)
 
         if step.action is Action.WAIT:
-            await self._settle(change, generation)
+            await self._settle(d)
         elif step.action is Action.SUBMIT:
-            await self._submit(spec, step, generation)
+            await self._submit(d)
         elif step.action is Action.FOLLOW:
-            await self._follow(spec, job, change, generation)
+            await self._follow(d)
         elif step.action is Action.SUCCEED:
-            await self._succeed(spec, job)
+            await self._succeed(d.spec, d.job)
         elif step.action is Action.RETRY:
-            await self._retry(spec, job, step, attempt, generation)
+            await self._retry(d)
         elif step.action is Action.SUSPEND:
-            await self._suspend(generation)
+            await self._suspend(d)
         else:
-            await self._fail_step(step, spec, job, invalid)
+            await self._fail_step(d)
         return step
+
+    async def decide(self) -> Decision:
+        # The object as one snapshot, read with no await in between: kopf's body is live, and an edit
+        # made while the step is carried out is the next poll's to decide, never this step's to record.
+        status, generation = dict(self.status), self.generation
+        document = copy.deepcopy(dict(self.body["spec"]))
+        phase = Phase(status["phase"]) if status.get("phase") in PHASES else None
+        spec: PartSpec | None = None
+        invalid = ""
+        try:
+            spec = PartSpec.from_dict(document)
+        except SpecError as err:
+            invalid = str(err)
+        if spec is None:
+            change = Change.NONE if status.get("observedGeneration") == generation else Change.INVALID
+        else:
+            change = change_of(document, spec.suspend, generation, status)
+        job = Job(status.get("submissionId") or "", JobState.MISSING)
+        if job.id and phase not in SETTLED:  # settled: the job is done
+            job = await self.job_state(job.id)
+        facts = Facts(
+            phase,
+            job.state,
+            change,
+            retries_left=spec is not None and int(status.get("retries") or 0) < spec.max_retries,
+            retryable=job.state is not JobState.STOPPED and job.exit_code != ExitCode.BAD_INPUT,
+            deadline_passed=spec is not None and self.deadline_passed(spec),
+            generation=generation,
+            output_current=status.get("specHash") == output_hash(document),
+        )
+        return Decision(facts, transition(facts), document, spec, job, int(status.get("retries") or 0), invalid)
 
     # --- the actions ---------------------------------------------------------------------------
 
-    async def _settle(self, change: Change, generation: int) -> None:
+    async def _settle(self, d: Decision) -> None:
         """Nothing to run: take in a spec change the output does not depend on (a resume of a
         Succeeded part, a new priority), and record the spec hash of a run made before it was kept."""
         status = self.status
         fields: dict = {}
-        if change is Change.POLICY:
-            fields["observedGeneration"] = generation
-        if not status.get("specHash") and status.get("observedGeneration") == generation:
-            fields["specHash"] = output_hash(self.body["spec"])
+        if d.facts.change is Change.POLICY:
+            fields["observedGeneration"] = d.generation
+        if not status.get("specHash") and status.get("observedGeneration") == d.generation:
+            fields["specHash"] = output_hash(d.document)
         if fields:
             await self.write(**fields)
 
-    async def _submit(self, spec: PartSpec, step: Step, generation: int) -> None:
-        attempt = 0 if step.new_run else int(self.status.get("retries") or 0)
+    async def _submit(self, d: Decision) -> None:
+        spec, generation = d.spec, d.generation
+        assert spec is not None  # transition submits only a valid spec
+        attempt = 0 if d.step.new_run else d.attempt
         job_id = submission_id(self.uid, generation, attempt)
         secret = await self.credentials(spec)
         # What the run is, written with its first status (Queued or Pending): an operator restarted
         # meanwhile goes on with the same run, never with the last generation's retries or clock.
-        run = {"observedGeneration": generation, "specHash": output_hash(self.body["spec"]), "retries": attempt}
-        if step.new_run:
+        run = {"observedGeneration": generation, "specHash": output_hash(d.document), "retries": attempt}
+        if d.step.new_run:
             run["activeSince"] = None
 
         def give_up() -> bool:
@@ -269,15 +333,15 @@ class Part(Resource):
         if not acquired:
             return
         await self.stop_others(keep=job_id)
-        if give_up() or not await self.output_matches(spec, secret) or give_up():
+        if give_up() or not await self.output_matches(d, secret) or give_up():
             self.op.slots.release(self.key)
             return
         crash_at("before-submit")
         try:
-            await asyncio.to_thread(self.op.backend.submit, self.owner, job_id, spec, secret)
+            await self.op.submitted(self.key, self.op.backend.submit, self.owner, job_id, spec, secret)
         except CredentialsRefused as err:
             self.op.slots.release(self.key)
-            await self.fail("CredentialsRefused", str(err))
+            await self.fail("CredentialsRefused", str(err), generation)
             return
         except Exception:
             self.op.metrics.ray_submission_errors.inc()
@@ -319,20 +383,22 @@ class Part(Resource):
         await self.write(phase=Phase.QUEUED.value, message=message, **run)
         self.event("Queued", message)
 
-    async def _follow(self, spec: PartSpec, job: Job, change: Change, generation: int) -> None:
+    async def _follow(self, d: Decision) -> None:
+        spec, job, generation = d.spec, d.job, d.generation
+        assert spec is not None  # transition follows only a valid spec
         if not self.adopted:  # an operator restart or failover: a job of another generation may still run
             await self.stop_others(keep=job.id)
             self.adopted = True
             log.info("part %s/%s: following its running job %s", self.namespace, self.name, job.id)
-        if change is Change.POLICY:  # priority, maxRetries, deadline: applied without restarting the job
+        if d.facts.change is Change.POLICY:  # priority, maxRetries, deadline: applied without restarting the job
             await self.write(
                 observedGeneration=generation, message=f"generation {generation} taken in; job {job.id} keeps running"
             )
             self.event("SpecApplied", f"generation {generation} applies to the running job {job.id}")
         elif not self.status.get("specHash"):  # a run submitted before the operator kept it
-            await self.write(specHash=output_hash(self.body["spec"]))
+            await self.write(specHash=output_hash(d.document))
         secret = await self.credentials(spec, quiet=True)
-        progress = await self.read_progress(spec, secret)
+        progress = await self.read_progress(spec, secret, job=job.id)
         phase = Phase(progress.phase) if progress and progress.phase in RUNNING else Phase.PENDING
         if progress and progress.phase == Phase.SUCCEEDED:  # the summary is written, the job not yet done
             phase = Phase.ANNOTATING
@@ -344,18 +410,32 @@ class Part(Resource):
             progress_message = None
         await self.publish(phase, progress, job.id, stalled=self.stalled(spec, progress), message=progress_message)
 
-    async def _succeed(self, spec: PartSpec, job: Job) -> None:
+    async def _succeed(self, spec: PartSpec | None, job: Job) -> None:
+        assert spec is not None  # transition records a success only with a valid spec
         crash_at("annotating")
         # The final counts are the job's last word: an unreadable progress is retried (follow), not skipped.
-        progress = await self.read_progress(spec, await self.credentials(spec, quiet=True), strict=True)
+        progress = await self.read_progress(spec, await self.credentials(spec, quiet=True), strict=True, job=job.id)
         await self.publish(Phase.SUCCEEDED, progress, job.id, finished=True, stalled=False)
         self.event("Succeeded", progress.message if progress and progress.message else f"job {job.id} succeeded")
 
-    async def _retry(self, spec: PartSpec, job: Job, step: Step, attempt: int, generation: int) -> None:
+    async def _succeeded_meanwhile(self, d: Decision) -> bool:
+        """The job the decision saw running may have succeeded before it was stopped: its success is
+        the truth, recorded as such (the edit that asked for the stop is the next poll's)."""
+        if not d.job.id or d.job.terminal or d.spec is None:
+            return False
+        job = await self.job_state(d.job.id)
+        if job.state is not JobState.SUCCEEDED:
+            return False
+        await self._succeed(d.spec, job)
+        return True
+
+    async def _retry(self, d: Decision) -> None:
+        spec, job, attempt = d.spec, d.job, d.attempt
+        assert spec is not None  # transition retries only a valid spec
         self.backoff = self._capped(self.op.config.retry_backoff_seconds * 2**attempt)
         what = (
             "vanished: the backend no longer knows it"
-            if step.reason == "JobVanished"
+            if d.step.reason == "JobVanished"
             else f"{job.state.value.lower()}: {job.message[-300:]}"
         )
         message = (
@@ -364,37 +444,45 @@ class Part(Resource):
         )
         log.warning("part %s/%s: %s", self.namespace, self.name, message)
         # Queued: no job runs and the slot is free for others until the backoff ends.
-        await self.write(phase=Phase.QUEUED.value, retries=attempt + 1, message=message, observedGeneration=generation)
+        await self.write(
+            phase=Phase.QUEUED.value, retries=attempt + 1, message=message, observedGeneration=d.generation
+        )
         self.event("Retrying", message, warning=True)
 
-    async def _suspend(self, generation: int) -> None:
+    async def _suspend(self, d: Decision) -> None:
         """Stop every job of the part and wait in phase Suspended; a finished part stays Succeeded."""
-        job_id = self.status.get("submissionId")
+        job_id = d.job.id
         # Suspended means nothing writes into the output any more: a resume must not race the old job.
         await self.stop_others(keep=None)
-        if self.status.get("phase") == Phase.SUCCEEDED.value:
-            await self.write(observedGeneration=generation)
+        if d.facts.stays_succeeded or (await self._succeeded_meanwhile(d) and d.facts.output_current):
+            await self.write(observedGeneration=d.generation)
             return
         message = (
             f"suspended (spec.suspend); job {job_id} stopped, finished shards kept"
             if job_id
             else "suspended (spec.suspend) before its job started"
         )
-        await self.write(phase=Phase.SUSPENDED.value, observedGeneration=generation, message=message, activeSince=None)
+        await self.write(
+            phase=Phase.SUSPENDED.value, observedGeneration=d.generation, message=message, activeSince=None
+        )
         self.event("Suspended", message)
         self.op.metrics.observe_part(self.namespace, self.name, Phase.SUSPENDED, None, self.status.get("retries", 0))
 
-    async def _fail_step(self, step: Step, spec: PartSpec | None, job: Job, invalid: str) -> None:
+    async def _fail_step(self, d: Decision) -> None:
+        spec, job, reason = d.spec, d.job, d.step.reason
         await self.stop_others(keep=None)  # a deadline, an invalid spec: the job must not go on writing
-        reason = step.reason
+        if reason == "DeadlineExceeded" and await self._succeeded_meanwhile(d):
+            return  # it finished before it was stopped: not failed
         if reason == "InvalidSpec":
-            message = invalid
+            message = d.invalid
         elif reason == "DeadlineExceeded":
+            assert spec is not None
             message = (
                 f"ran longer than spec.activeDeadlineSeconds ({spec.active_deadline_seconds}s); "
                 f"job {job.id} stopped, its finished shards are kept"
             )
         elif reason == "JobVanished":
+            assert spec is not None
             message = (
                 f"job {job.id} vanished: the backend no longer knows it (a Ray head restarted without "
                 f"GCS persistence, or its RayJob deleted); no retries left (spec.maxRetries "
@@ -404,15 +492,17 @@ class Part(Resource):
             if job.exit_code == ExitCode.STORAGE_UNAVAILABLE:
                 reason = "StorageUnavailable"  # the job's log, in the message, names the endpoint
             message = f"job {job.id} {job.state.value.lower()}: {job.message[-1000:]}"
-        await self.fail(reason, message)
+        await self.fail(reason, message, d.generation)
 
-    async def fail(self, reason: str, message: str) -> None:
+    async def fail(self, reason: str, message: str, generation: int) -> None:
+        """Failed for `generation`, the one the failure was decided on: an edit made while the part was
+        being failed (its job stopping) is another generation, which the next poll runs or refuses."""
         log.warning("part %s/%s failed: %s: %s", self.namespace, self.name, reason, message)
         conditions = self.status.get("conditions") or []
         await self.write(
             phase=Phase.FAILED.value,
             message=message,
-            observedGeneration=self.generation,
+            observedGeneration=generation,
             conditions=[
                 condition("Complete", False, reason, message, conditions),
                 condition("Failed", True, reason, message, conditions),
@@ -473,10 +563,22 @@ class Part(Resource):
 
     async def stop(self) -> None:
         """On delete: stop every job of the part and see them stopped (the finalizer goes only then),
-        and give its slot back; the output stays."""
+        and give its slot back; the output stays. A part whose jobs were all seen stopped already (a
+        settled one) goes even when Ray cannot be asked: Ray down or decommissioned must not leave it,
+        its dataset and its namespace Terminating for good."""
         self.op.slots.release(self.key)
-        job_id = self.status.get("submissionId")
-        if self.status.get("phase") not in (Phase.SUCCEEDED.value, Phase.FAILED.value, None) and job_id:
+        # A submission in flight when the delete came: its job must be in the listing stop_others reads.
+        await self.op.submissions_done(self.key)
+        status = self.status
+        phase = Phase(status["phase"]) if status.get("phase") in PHASES else None
+        job_id = status.get("submissionId")
+        if not delete_needs_backend(phase, job_id):
+            try:
+                await self.stop_others(keep=None)
+            except BackendError as err:
+                log.info("part %s/%s: deleted without asking Ray, its jobs all ended: %s", *self.key, err)
+            return
+        if phase is not None:
             await self.write(phase=Phase.STOPPING.value, message=f"stopping job {job_id}; finished output is kept")
         await self.stop_others(keep=None)
 
@@ -534,26 +636,35 @@ class Part(Resource):
                 secret["HF_TOKEN"] = values["HF_TOKEN"]
         return secret
 
-    async def read_progress(self, spec: PartSpec, secret, strict: bool = False) -> Progress | None:
-        """The job's persisted progress; None when there is none yet, or when it cannot be read (a damaged
-        file or an unreachable store, which the job's next write repairs) unless `strict`, which raises."""
+    async def read_progress(self, spec: PartSpec, secret, strict: bool = False, job: str = "") -> Progress | None:
+        """The job's persisted progress; None when there is none yet, when it is another run's than
+        `job`'s (a re-run not started yet: its phase would be the last run's), or when it cannot be
+        read (a damaged file or an unreachable store, which the job's next write repairs) unless
+        `strict`, which raises."""
 
         def read():
             store = Store(spec.output, secret=secret or {})
             try:
                 data = store.read_json(PROGRESS)
-                return Progress.from_json(data) if data else None
+                progress = Progress.from_json(data) if data else None
             except Exception as err:  # noqa: BLE001 - any reason means the same: keep the status as it is
                 message = f"cannot read {store.url(PROGRESS)}: {type(err).__name__}: {err}"
                 if strict:
                     raise OSError(message) from None
                 log.warning("part %s/%s: %s", self.namespace, self.name, message)
                 return None
+            if progress and job and progress.job and progress.job != job:
+                if strict:
+                    raise OSError(f"{store.url(PROGRESS)} is job {progress.job}'s, not yet job {job}'s")
+                return None
+            return progress
 
         return await asyncio.to_thread(read)
 
-    async def output_matches(self, spec: PartSpec, secret) -> bool:
+    async def output_matches(self, d: Decision, secret) -> bool:
         """Refuse a filter change into an output that holds shards of another filter."""
+        spec = d.spec
+        assert spec is not None
 
         def manifest():
             return Store(spec.output, secret=secret or {}).read_json(MANIFEST)
@@ -568,6 +679,7 @@ class Part(Resource):
                 "FilterChanged",
                 f"{spec.output.uri} holds shards filtered with another source, columns or filter; "
                 "set a new spec.output.uri (or remove the old output) to run the new filter",
+                d.generation,
             )
             return False
         return True

@@ -17,6 +17,7 @@ import urllib.request
 import yaml
 
 from .. import credentials
+from ..contract import JOB_ID_ENV
 from ..spec import PartSpec
 from . import kube
 from .backend import (
@@ -31,8 +32,8 @@ from .backend import (
 from .config import OperatorConfig
 
 
-def _spec_env(spec: PartSpec) -> dict[str, str]:
-    return {"LAION_PART_SPEC": json.dumps(spec.to_dict(), sort_keys=True)}
+def _job_env(spec: PartSpec, job_id: str) -> dict[str, str]:
+    return {"LAION_PART_SPEC": json.dumps(spec.to_dict(), sort_keys=True), JOB_ID_ENV: job_id}
 
 
 class JobsAPI:
@@ -142,7 +143,7 @@ class JobsAPIBackend:
     def submit(self, owner: dict, job_id: str, spec: PartSpec, secret: dict[str, str] | None) -> None:
         if self.state(owner, job_id).state != JobState.MISSING:
             return
-        runtime_env: dict = {"env_vars": _spec_env(spec)}
+        runtime_env: dict = {"env_vars": _job_env(spec, job_id)}
         if secret:
             if not self.config.allow_credentials_without_ray_auth and self.api.open_to_anyone():
                 raise CredentialsRefused(
@@ -185,7 +186,7 @@ def build_rayjob(
     spec.latents also gets `latents_group` (the GPU workers its encoding tasks ask for)."""
     body = copy.deepcopy(template)
     body["entrypoint"] = entrypoint
-    body["runtimeEnvYAML"] = yaml.safe_dump({"env_vars": _spec_env(spec)})
+    body["runtimeEnvYAML"] = yaml.safe_dump({"env_vars": _job_env(spec, job_id)})
     body.setdefault("shutdownAfterJobFinishes", True)
     cluster = body.setdefault("rayClusterSpec", {})
     if spec.latents and latents_group:

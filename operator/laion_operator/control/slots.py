@@ -2,33 +2,89 @@
 spec.priority first, then oldest first (phase Queued).
 
 The parts that hold a slot are counted from what the cluster says, not only from what this process
-remembers: `held` reads the kopf index of the parts whose status is in a running phase (controller.py),
-so that a part deleted while the operator was down, one that a previous leader ran, or one whose
-daemon ended without saying so never keeps a slot that nobody gives back. `claims` covers the
-moment between a part taking a slot and its status saying so. Nothing here waits on I/O under a
-lock: taking is one synchronous step of the event loop.
+remembers: `listed` is a listing of the parts whose status is in a running phase, taken from the API
+server itself (controller.py), so that a part deleted while the operator was down or paused, one that
+a previous leader ran, or one whose daemon ended without saying so never keeps a slot that nobody
+gives back. A watch-fed index cannot promise that: it drops an entry only on a DELETED event it saw,
+and a paused replica's watches are closed. The listing is never older than `max_age` when a part is
+let in or has to wait, and it is taken again at once after a daemon stopped (a pause, a failover, a
+delete), when this process may have missed what others did meanwhile. `claims` covers the moment
+between a part taking a slot and its status saying so. Nothing here waits on I/O under a lock:
+taking is one synchronous step of the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Iterable
 
 
 class Slots:
     def __init__(
-        self, limit: int, on_change: Callable[[int], None] = lambda n: None, held: Callable[[], Iterable] = tuple
+        self,
+        limit: int,
+        on_change: Callable[[int], None] = lambda n: None,
+        lister: Callable[[], Awaitable[Iterable]] | None = None,
+        max_age: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.limit = limit
         self.claims: set = set()
         self.waiting: dict = {}
         self.on_change = on_change
-        self.held = held  # keys of the parts whose status holds a slot (controller: the kopf index)
+        self.lister = lister  # keys of the parts whose status holds a slot, from the API server
+        self.max_age = max_age
+        self.clock = clock
+        self.listed: set = set()
+        self.listed_at: float | None = None  # None: never listed, or a listing this process cannot trust
+        self.released: dict = {}  # key -> when this process last gave its slot back
+        self._listing: asyncio.Future | None = None
         self._wake = asyncio.Event()
 
     @property
     def running(self) -> set:
-        return self.claims | set(self.held())
+        return self.claims | self.listed
+
+    # --- the listing -----------------------------------------------------------------------------
+
+    def stale(self) -> bool:
+        if self.lister is None:
+            return False
+        return self.listed_at is None or self.clock() - self.listed_at >= self.max_age
+
+    def note_listing(self, holders: Iterable, started: float) -> None:
+        """A listing started at `started` replaces the last one. A part this process released after it
+        started is left out: its status write may have reached the API server after the listing."""
+        self.listed = {k for k in holders if self.released.get(k, float("-inf")) <= started}
+        self.listed_at = started
+        self.released = {k: t for k, t in self.released.items() if t > started}
+        self._notify()
+
+    def forget_listing(self) -> None:
+        """A daemon stopped without its part settling (a pause, a failover, the part deleted): other
+        replicas may have started or ended parts meanwhile, so the next decision lists again."""
+        self.listed_at = None
+
+    async def refresh(self) -> None:
+        """List again if the listing is stale; concurrent callers share one listing."""
+        if not self.stale():
+            return
+        if self._listing is None:
+            self._listing = asyncio.ensure_future(self._list())
+        listing = self._listing
+        try:
+            await asyncio.shield(listing)
+        finally:
+            if self._listing is listing and listing.done():
+                self._listing = None
+
+    async def _list(self) -> None:
+        assert self.lister is not None
+        started = self.clock()
+        self.note_listing(await self.lister(), started)
+
+    # --- taking and giving back ------------------------------------------------------------------
 
     def adopt(self, key) -> None:
         """A part whose job already runs holds a slot without queueing."""
@@ -60,9 +116,17 @@ class Slots:
         give_up: Callable[[], bool] = lambda: False,
     ) -> bool:
         """Take a slot, waiting in line; False if `give_up()` turned true meanwhile (a spec change, suspend,
-        shutdown). `on_queued` runs once, outside any lock, when the part has to wait."""
+        shutdown). `on_queued` runs once, outside any lock, when the part has to wait. A listing error
+        propagates: the part says so and tries again (parts.Part.follow)."""
         queued = False
-        while not self.take(key, created, priority() if callable(priority) else priority):
+        while True:
+            try:
+                await self.refresh()
+            except BaseException:
+                self._leave(key)
+                raise
+            if self.take(key, created, priority() if callable(priority) else priority):
+                return True
             if give_up():
                 self._leave(key)
                 return False
@@ -71,14 +135,15 @@ class Slots:
                 await on_queued()
                 continue  # the write took a while: look again before sleeping
             wake = self._wake
-            try:  # woken by a release, or after a while to look at give_up() and the index again
+            try:  # woken by a release, or after a while to look at give_up() and the listing again
                 await asyncio.wait_for(wake.wait(), timeout=1.0)
             except asyncio.TimeoutError:
                 pass
-        return True
 
     def release(self, key) -> None:
         self.claims.discard(key)
+        self.listed.discard(key)  # its status has left the running phases, or is about to
+        self.released[key] = self.clock()
         self._leave(key)
         self._notify()
 

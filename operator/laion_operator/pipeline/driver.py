@@ -279,11 +279,12 @@ def _latents(spec: PartSpec, tracker: Tracker, summary: dict) -> dict:
 # --- the entry points ---------------------------------------------------------------------------------
 
 
-def run_part(spec: PartSpec, on_progress: Callable[[Progress], None] | None = None) -> dict:
-    """Every stage of one part; returns the summary written beside the dataset."""
+def run_part(spec: PartSpec, on_progress: Callable[[Progress], None] | None = None, job: str = "") -> dict:
+    """Every stage of one part; returns the summary written beside the dataset. `job`: the operator's
+    submission id, recorded in the progress."""
     store = Store(spec.output)
     store.check_writable()
-    tracker = Tracker(store, Progress(part_id=spec.part_id), on_progress)
+    tracker = Tracker(store, Progress(part_id=spec.part_id, job=job), on_progress)
     shards = _plan(spec, store, tracker)
     ensure_ray()
     _write_all(spec, tracker, shards)

@@ -11,7 +11,7 @@ import os
 import sys
 
 from .. import credentials
-from ..contract import ExitCode, Progress
+from ..contract import JOB_ID_ENV, ExitCode, Progress
 from ..errors import InputError
 from ..spec import PartSpec
 from ..storage import StorageUnavailable
@@ -51,7 +51,7 @@ def main() -> int:
         return ExitCode.BAD_INPUT
     ensure_ray()
     try:
-        summary = run_part(spec, on_progress=log_progress)
+        summary = run_part(spec, on_progress=log_progress, job=os.environ.get(JOB_ID_ENV, ""))
     except PartFailed as err:
         log.error("part %s failed: %s", spec.part_id, err)
         return ExitCode.SHARDS_FAILED
