@@ -97,6 +97,8 @@ def test_named_transitions(phase, job, change, expected):
 
 
 def test_deadline_and_exhausted_retries_name_their_reason():
+    waiting = Facts(Phase.QUEUED, JobState.FAILED, Change.NONE, deadline_passed=True)  # a retry's backoff
+    assert (transition(waiting).action, transition(waiting).reason) == (Action.FAIL, "DeadlineExceeded")
     assert (
         transition(Facts(Phase.DOWNLOADING, JobState.RUNNING, Change.NONE, deadline_passed=True)).reason
         == "DeadlineExceeded"
@@ -345,3 +347,22 @@ def prometheus_text(metrics) -> str:
     from prometheus_client import generate_latest
 
     return generate_latest(metrics.registry).decode()
+
+
+def test_the_progress_of_another_run_is_not_this_jobs(monkeypatch, tmp_path):
+    """A re-run's job has not written its progress yet: the last run's (Annotating, say) is not shown
+    as the new job's phase, and a success is recorded only with the counts of the job that made it."""
+    from laion_operator.contract import PROGRESS, Progress
+    from laion_operator.spec import PartSpec
+    from laion_operator.storage import Store
+
+    Recorded(monkeypatch)
+    part = running_part({"phase": "Downloading", "output": str(tmp_path)})
+    out = PartSpec.from_dict(spec(output={"uri": str(tmp_path)}))
+    Store(out.output).write_json(Progress(part_id="p", phase="Annotating", job="lp-old-g1-a0").to_json(), PROGRESS)
+    assert asyncio.run(part.read_progress(out, None, job="lp-new-g2-a0")) is None
+    with pytest.raises(OSError, match="lp-old-g1-a0"):
+        asyncio.run(part.read_progress(out, None, strict=True, job="lp-new-g2-a0"))
+    assert asyncio.run(part.read_progress(out, None, job="lp-old-g1-a0")).phase == "Annotating"
+    Store(out.output).write_json(Progress(part_id="p", phase="Annotating").to_json(), PROGRESS)  # an older job's
+    assert asyncio.run(part.read_progress(out, None, job="lp-new-g2-a0")).phase == "Annotating"

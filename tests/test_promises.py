@@ -2,7 +2,12 @@
 status that tells the truth, a queue that always moves, finished work never redone. Each test is one
 fault: a job that vanishes (Jobs API 404, a RayJob deleted by hand), an edit or a delete while the
 operator is down, a standby taking over, suspend and resume of a finished dataset, an API server
-connection that hangs, a dataset range shrunk. Each failed on the operator before issue 20."""
+connection that hangs, a dataset range shrunk. Each failed on the operator before issue 20.
+
+The second round (issue 30), at the end: a fact that changes while the operator decides — a
+failover that leaves a replica's knowledge of running parts stale, an edit made while a part is
+being failed, a dataset whose parts change under its poll, a success the operator did not see
+before a suspend, a delete while Ray is gone. Each failed on the operator before issue 30."""
 
 from __future__ import annotations
 
@@ -12,11 +17,18 @@ import time
 import pytest
 
 from laion_operator.testbed.demo_data import write_metadata
-from tests.support.operator_proc import operator_starter
-from tests.support.services import free_port
+from tests.support.operator_proc import OperatorProcess, operator_starter
+from tests.support.rayproxy import RayProxy
 from tests.support.specs import laionpart
-from tests.test_datasets import dataset_doc, five_small_parts, parts_of, wait_dataset, wait_for_finished_shard
-from tests.test_faults_operator import JobWatch, apply, jobs_of, wait_phase
+from tests.test_datasets import (
+    DATASETS,
+    dataset_doc,
+    five_small_parts,
+    parts_of,
+    wait_dataset,
+    wait_for_finished_shard,
+)
+from tests.test_faults_operator import JobWatch, apply, jobs_of, status_of, wait_phase
 from tests.test_operator import RAYJOB_CRD
 
 GROUP, VERSION, PLURAL = "laion-operator.io", "v1alpha1", "laionparts"
@@ -80,84 +92,27 @@ def reason(status: dict, kind: str = "Failed") -> str | None:
     return next((c.get("reason") for c in status.get("conditions") or [] if c["type"] == kind), None)
 
 
-class Forgetful:
-    """The Ray dashboard behind a proxy that forgets jobs, as a head restarted without GCS persistence
-    does: `forget(id)` makes the Jobs API answer 404 for the job and leave it out of its list (and
-    stops it, which the operator cannot see any more)."""
-
-    def __init__(self, ray_cluster):
-        import http.server
-        import json
-        import urllib.error
-        import urllib.request
-
-        self.cluster, self.forgotten = ray_cluster, set()
-        upstream, forgotten = ray_cluster.dashboard_url.rstrip("/"), self.forgotten
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def forward(self):
-                path = self.path.split("?")[0].rstrip("/")
-                if path.startswith("/api/jobs/") and path.split("/")[3] in forgotten:
-                    return self.answer(404, b"Job not found")
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else None
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
-                request = urllib.request.Request(upstream + self.path, data=body, method=self.command, headers=headers)
-                try:
-                    with urllib.request.urlopen(request, timeout=30) as response:
-                        code, data = response.status, response.read()
-                except urllib.error.HTTPError as err:
-                    code, data = err.code, err.read()
-                if path == "/api/jobs" and self.command == "GET" and code == 200:
-                    data = json.dumps([j for j in json.loads(data) if j.get("submission_id") not in forgotten]).encode()
-                self.answer(code, data)
-
-            def answer(self, code, data):
-                self.send_response(code)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_POST = do_PUT = do_DELETE = forward
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.dashboard_url = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def client_env(self) -> dict[str, str]:
-        return self.cluster.client_env()
-
-    def forget(self, job_id: str) -> None:
-        self.forgotten.add(job_id)
-        jobs_client(self.cluster).stop_job(job_id)
-
-    def close(self) -> None:
-        self.server.shutdown()
-
-
 @pytest.fixture
-def forgetful(ray_cluster):
-    proxy = Forgetful(ray_cluster)
+def ray_proxy(ray_cluster):
+    """The Ray dashboard behind a proxy that can forget jobs, hold their stops, or be gone."""
+    proxy = RayProxy(ray_cluster)
     yield proxy
     proxy.close()
 
 
 def test_a_job_the_ray_head_forgot_fails_the_part_and_frees_its_slot(
-    api, operators, forgetful, kube_namespace, slow, tiny, tmp_path
+    api, operators, ray_proxy, kube_namespace, slow, tiny, tmp_path
 ):
     """The Jobs API answers 404 for the part's job: the part stops reading Downloading within two
     polls (Failed, reason JobVanished: no retries left), and the part queued behind it runs."""
     ns = kube_namespace
-    operators({"maxConcurrentParts": 1}, ray=forgetful)
+    operators({"maxConcurrentParts": 1}, ray=ray_proxy)
     apply(api, ns, laionpart("lost", slow, tmp_path / "lost", maxRetries=0, download={"parallelism": 1}))
     job_id = wait_phase(api, ns, "lost", "Downloading")["submissionId"]
     time.sleep(1.1)  # creationTimestamp has a resolution of a second: "behind" is younger
     apply(api, ns, laionpart("behind", tiny / "meta_1.parquet", tmp_path / "behind"))
     wait_phase(api, ns, "behind", "Queued")
-    forgetful.forget(job_id)
+    ray_proxy.forget(job_id)
     forgotten = time.monotonic()
     status = wait_phase(api, ns, "lost", "Failed", timeout=60)
     assert time.monotonic() - forgotten < 20, "not noticed within two polls (1 s each, on a busy machine)"
@@ -166,13 +121,13 @@ def test_a_job_the_ray_head_forgot_fails_the_part_and_frees_its_slot(
 
 
 def test_a_vanished_job_with_retries_left_is_run_again(
-    api, operators, forgetful, ray_cluster, kube_namespace, slow, tmp_path
+    api, operators, ray_proxy, ray_cluster, kube_namespace, slow, tmp_path
 ):
     ns = kube_namespace
-    operators(ray=forgetful)
+    operators(ray=ray_proxy)
     apply(api, ns, laionpart("again", slow, tmp_path / "again", maxRetries=1, download={"parallelism": 1}))
     job_id = wait_phase(api, ns, "again", "Downloading")["submissionId"]
-    forgetful.forget(job_id)
+    ray_proxy.forget(job_id)
     status = api.wait_for(
         GROUP,
         VERSION,
@@ -394,14 +349,14 @@ def test_a_shrunk_range_deletes_the_parts_left_outside(api, kube_namespace, tiny
         assert "PartsDeleted" in events
 
 
-def test_a_backoff_ends_when_the_part_is_suspended(api, operators, forgetful, kube_namespace, slow, tmp_path):
+def test_a_backoff_ends_when_the_part_is_suspended(api, operators, ray_proxy, kube_namespace, slow, tmp_path):
     """A retry waits retryBackoffSeconds × 2^attempt (here 10 minutes) in phase Queued, its slot free;
     a suspend ends the wait at once."""
     ns = kube_namespace
-    operators(ray=forgetful, env={"LAION_OPERATOR_RETRY_BACKOFF_SECONDS": "600"})
+    operators(ray=ray_proxy, env={"LAION_OPERATOR_RETRY_BACKOFF_SECONDS": "600"})
     apply(api, ns, laionpart("patient", slow, tmp_path / "patient", maxRetries=2, download={"parallelism": 1}))
     job_id = wait_phase(api, ns, "patient", "Downloading")["submissionId"]
-    forgetful.forget(job_id)
+    ray_proxy.forget(job_id)
     waiting = wait_phase(api, ns, "patient", "Queued", timeout=60)
     assert "retry 1 of 2 in 600s" in waiting["message"], waiting
     api.kubectl("patch", "lp", "patient", "-n", ns, "--type=merge", "-p", '{"spec": {"suspend": true}}')
@@ -443,3 +398,273 @@ def test_jobs_mode_sends_no_credentials_to_a_ray_cluster_without_token_auth(
     status = wait_phase(api, ns, "exposed", "Failed", timeout=120)
     assert reason(status) == "CredentialsRefused" and "allowCredentialsWithoutRayAuth" in status["message"]
     assert jobs_of(ray_cluster, ns, "exposed") == []
+
+
+# --- issue 30: a fact that changes while the operator decides -------------------------------------
+
+
+def test_a_failover_leaves_no_slot_taken_by_a_part_deleted_meanwhile(
+    api, ray_cluster, kube_namespace, slow, tiny, tmp_path
+):
+    """maxConcurrentParts 1. Replica A runs part `gone`; B, of a higher priority, arrives and A
+    pauses; `gone` is deleted (B stops its job); B goes and A resumes: the next part runs. A paused
+    replica's watches are closed, so no DELETED event ever told A that `gone` went."""
+    from tests.support.chart import install, manifests, operator_config, render
+
+    ns = kube_namespace
+    operator_env = install(api, {"replicas": 2})  # the peering CRD and object come with the chart
+    config = {**operator_config(manifests(render({"replicas": 2}))), "maxConcurrentParts": 1}
+    env = {**ray_cluster.client_env(), "LAION_OPERATOR_RAY_ADDRESS": ray_cluster.dashboard_url}
+
+    def replica(name: str, priority: int) -> OperatorProcess:
+        workdir = tmp_path / name
+        workdir.mkdir()
+        args = ("--priority", str(priority))
+        return OperatorProcess(workdir, operator_env, config, args=args, env={**env, "POD_ID": name}).start()
+
+    a = replica("a", 1)
+    b = None
+    try:
+        apply(api, ns, laionpart("gone", slow, tmp_path / "gone", download={"parallelism": 1}))
+        job_id = wait_phase(api, ns, "gone", "Downloading")["submissionId"]
+        b = replica("b", 2)
+        wait_log(a, "Pausing operations in favour of")
+        api.kubectl("delete", "lp", "gone", "-n", ns, "--wait=false")
+        api.wait_for_deletion(GROUP, VERSION, PLURAL, ns, "gone", timeout=120)
+        assert str(jobs_client(ray_cluster).get_job_status(job_id).value) == "STOPPED"
+        b.stop()  # a rollout: B leaves the peering, and A resumes
+        wait_log(a, "Resuming operations after the pause")
+        apply(api, ns, laionpart("next", tiny / "meta_2.parquet", tmp_path / "next"))
+        status = wait_phase(api, ns, "next", ("Succeeded", "Failed"), timeout=240)
+        assert status["phase"] == "Succeeded", status
+    finally:
+        for op in (a, b):
+            if op is not None:
+                op.stop()
+
+
+def wait_log(op: OperatorProcess, text: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in op.logs():
+        assert time.monotonic() < deadline, f"{text!r} not in the operator's log:\n{op.logs()[-3000:]}"
+        time.sleep(0.2)
+
+
+def test_an_edit_made_while_a_part_is_being_failed_runs(api, operators, ray_proxy, kube_namespace, slow, tmp_path):
+    """The deadline passes and the part is failed; its job takes a while to stop (the proxy holds the
+    stop), and the user raises activeDeadlineSeconds meanwhile. The failure is recorded for the
+    generation it was decided on, and the user's generation runs, to the end."""
+    ns = kube_namespace
+    operators(ray=ray_proxy)
+    doc = laionpart("late", slow, tmp_path / "late", activeDeadlineSeconds=5, download={"parallelism": 1})
+    ray_proxy.hold("stop")
+    apply(api, ns, doc)
+    assert ray_proxy.seen["stop"].wait(120), status_of(api, ns, "late")  # DeadlineExceeded decided, stopping
+    doc["spec"]["activeDeadlineSeconds"] = 3600
+    apply(api, ns, doc)
+    api.wait_for(GROUP, VERSION, PLURAL, ns, "late", lambda o: o["metadata"]["generation"] == 2, timeout=30)
+    ray_proxy.let_go("stop")
+    status = wait_phase(api, ns, "late", ("Succeeded",), timeout=300)
+    assert status["observedGeneration"] == 2 and status["submissionId"].endswith("-g2-a0"), status
+    assert "DeadlineExceeded" in {e["reason"] for e in api.events(ns, involved_name="late")}
+
+
+class StatusLog:
+    """Every status of one dataset the API server held, polled far faster than the operator writes."""
+
+    def __init__(self, api, namespace: str, name: str):
+        self.args = (GROUP, VERSION, DATASETS, namespace, name)
+        self.api, self.seen = api, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        version = None
+        while not self._stop.is_set():
+            obj = self.api.get(*self.args) or {}
+            if obj and obj["metadata"]["resourceVersion"] != version:
+                version = obj["metadata"]["resourceVersion"]
+                self.seen.append(obj.get("status") or {})
+            time.sleep(0.05)
+
+    def first(self, generation: int) -> dict:
+        return next(s for s in self.seen if s.get("observedGeneration") == generation)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def test_a_dataset_says_succeeded_only_for_a_generation_its_parts_ran(
+    api, operators, kube_namespace, ray_cluster, tiny, tmp_path
+):
+    """A range grown from one part to two, then a template change: the first status of each new
+    generation is not Succeeded (the new part has not run; both parts run again), and the dataset
+    ends Succeeded with both parts done for that generation."""
+    ns = kube_namespace
+    operators()
+    doc = dataset_doc("growing", tiny, tmp_path / "growing")
+    doc["spec"]["source"]["last"] = 1
+    apply(api, ns, doc)
+    wait_dataset(api, ns, "growing", lambda s: s.get("phase") in ("Succeeded", "Failed"), timeout=300)
+    log = StatusLog(api, ns, "growing")
+    try:
+        doc["spec"]["source"]["last"] = 2
+        apply(api, ns, doc)
+        done = lambda gen: lambda s: s.get("observedGeneration") == gen and s.get("phase") in ("Succeeded", "Failed")  # noqa: E731
+        grown = wait_dataset(api, ns, "growing", done(2), timeout=300)["status"]
+        assert (grown["phase"], grown["partsProgress"]) == ("Succeeded", "2/2"), grown
+        first = log.first(2)
+        assert first["phase"] != "Succeeded" and first["partsTotal"] == 2, first
+
+        doc["spec"]["template"]["download"]["timeout"] = 9  # what the output depends on: both run again
+        apply(api, ns, doc)
+        changed = wait_dataset(api, ns, "growing", done(3), timeout=300)["status"]
+        assert changed["phase"] == "Succeeded", changed
+        first = log.first(3)
+        assert first["phase"] != "Succeeded", first
+        assert not any(c["type"] == "Complete" and c["status"] == "True" for c in first.get("conditions", [])), first
+    finally:
+        log.stop()
+    for part in parts_of(api, ns, "growing"):  # each part ran its template generation's job
+        generation = part["metadata"]["generation"]
+        assert part["status"]["observedGeneration"] == generation, part["status"]
+        assert part["status"]["submissionId"].endswith(f"-g{generation}-a0"), part["status"]
+
+
+def test_a_success_the_operator_did_not_see_is_never_redone(
+    api, operators, ray_cluster, kube_namespace, tiny, tmp_path
+):
+    """The job succeeds while the operator is down, and the part is suspended before it comes back:
+    the part is Succeeded (not Suspended), and the resume runs nothing again."""
+    ns = kube_namespace
+    op = operators()
+    doc = laionpart("unseen", tiny / "meta_3.parquet", tmp_path / "unseen")
+    apply(api, ns, doc)
+    job_id = wait_phase(api, ns, "unseen", ("Pending", "Filtering", "Downloading"))["submissionId"]
+    op.kill()
+    client = jobs_client(ray_cluster)
+    deadline = time.monotonic() + 300
+    while str(client.get_job_status(job_id).value) != "SUCCEEDED":
+        assert time.monotonic() < deadline, client.get_job_status(job_id)
+        time.sleep(0.5)
+    for generation, suspend in ((2, True), (3, False)):
+        doc["spec"]["suspend"] = suspend
+        apply(api, ns, doc)
+        if generation == 2:
+            operators()
+        status = api.wait_for(
+            GROUP,
+            VERSION,
+            PLURAL,
+            ns,
+            "unseen",
+            lambda o, g=generation: (o.get("status") or {}).get("observedGeneration") == g,
+            timeout=120,
+        )["status"]
+        assert status["phase"] == "Succeeded", status
+    time.sleep(3)  # three polls: nothing starts
+    assert status_of(api, ns, "unseen")["phase"] == "Succeeded"
+    assert job_ids(ray_cluster, ns, "unseen") == [job_id]
+
+
+def test_a_finished_part_is_deleted_while_ray_is_unreachable(api, operators, ray_proxy, kube_namespace, tiny, tmp_path):
+    ns = kube_namespace
+    operators(ray=ray_proxy)
+    apply(api, ns, laionpart("finished", tiny / "meta_4.parquet", tmp_path / "finished"))
+    assert wait_phase(api, ns, "finished", ("Succeeded", "Failed"), timeout=300)["phase"] == "Succeeded"
+    ray_proxy.down()  # Ray decommissioned: nothing answers at the operator's rayAddress
+    api.kubectl("delete", "lp", "finished", "-n", ns, "--wait=false")
+    api.wait_for_deletion(GROUP, VERSION, PLURAL, ns, "finished", timeout=60)
+    assert (tmp_path / "finished").exists()  # its output stays
+
+
+def test_a_part_deleted_while_its_job_is_being_submitted_leaves_no_job_running(
+    api, operators, ray_proxy, ray_cluster, kube_namespace, tiny, tmp_path
+):
+    """The delete comes while the operator waits on the Jobs API's answer to the submission: the
+    job the answer brings is stopped before the part goes, never left running without an owner."""
+    ns = kube_namespace
+    operators(ray=ray_proxy)
+    ray_proxy.hold("submit")
+    apply(api, ns, laionpart("racing", tiny / "meta_5.parquet", tmp_path / "racing"))
+    assert ray_proxy.seen["submit"].wait(120), status_of(api, ns, "racing")
+    api.kubectl("delete", "lp", "racing", "-n", ns, "--wait=false")
+    time.sleep(3)  # the delete handler runs meanwhile
+    ray_proxy.let_go("submit")
+    api.wait_for_deletion(GROUP, VERSION, PLURAL, ns, "racing", timeout=120)
+    deadline = time.monotonic() + 120
+    while any(j["status"] in ACTIVE for j in jobs_of(ray_cluster, ns, "racing")):
+        assert time.monotonic() < deadline, jobs_of(ray_cluster, ns, "racing")
+        time.sleep(0.5)
+    assert {j["status"] for j in jobs_of(ray_cluster, ns, "racing")} <= {"STOPPED"}
+
+
+def test_a_submission_refused_for_good_never_freezes_the_queue(
+    api, operators, ray_proxy, kube_namespace, tiny, tmp_path
+):
+    """maxConcurrentParts 1: Ray refuses every submission of one part (a 400: a runtime env it cannot
+    set up). That part says so and tries again, and the part queued behind it runs meanwhile."""
+    ns = kube_namespace
+    operators({"maxConcurrentParts": 1}, ray=ray_proxy)
+    ray_proxy.refuse("refused")
+    apply(api, ns, laionpart("refused", tiny / "meta_1.parquet", tmp_path / "refused"))
+    api.wait_for(
+        GROUP,
+        VERSION,
+        PLURAL,
+        ns,
+        "refused",
+        lambda o: "400" in (o.get("status") or {}).get("message", ""),
+        timeout=120,
+    )
+    time.sleep(1.1)  # creationTimestamp has a resolution of a second: "behind" is younger
+    apply(api, ns, laionpart("behind", tiny / "meta_2.parquet", tmp_path / "behind"))
+    assert wait_phase(api, ns, "behind", ("Succeeded", "Failed"), timeout=300)["phase"] == "Succeeded"
+    assert status_of(api, ns, "refused").get("phase") in (None, "Queued"), status_of(api, ns, "refused")
+
+
+def test_a_retry_keeps_its_backoff_across_a_restart_and_ends_at_the_deadline(
+    api, operators, ray_proxy, ray_cluster, kube_namespace, slow, tmp_path
+):
+    """A retry waits 10 minutes (retryBackoffSeconds 600); the operator restarts meanwhile and keeps
+    to the wait instead of resubmitting at once; the run's activeDeadlineSeconds passes during the
+    wait, and the part fails then, not after it."""
+    ns = kube_namespace
+    env = {"LAION_OPERATOR_RETRY_BACKOFF_SECONDS": "600"}
+    op = operators(ray=ray_proxy, env=env)
+    doc = laionpart("patient", slow, tmp_path / "patient", maxRetries=2, activeDeadlineSeconds=60)
+    apply(api, ns, doc)
+    job_id = wait_phase(api, ns, "patient", "Downloading")["submissionId"]
+    ray_proxy.forget(job_id)
+    assert "in 600s" in wait_phase(api, ns, "patient", "Queued", timeout=60)["message"]
+    op.kill()
+    operators(ray=ray_proxy, env=env)
+    time.sleep(8)  # eight polls of the new operator
+    assert job_ids(ray_cluster, ns, "patient") == [job_id], "the restarted operator did not keep to the backoff"
+    status = wait_phase(api, ns, "patient", "Failed", timeout=120)
+    assert reason(status) == "DeadlineExceeded", status
+    assert job_ids(ray_cluster, ns, "patient") == [job_id]
+
+
+def test_a_dataset_announces_the_parts_a_shrunk_range_deletes_once(
+    api, operators, ray_proxy, kube_namespace, tiny, tmp_path
+):
+    """Part 2 runs when the range shrinks to part 1; its job takes a while to stop (the proxy holds
+    the stop), and the dataset polls meanwhile: one PartsDeleted Event, not one a poll."""
+    ns = kube_namespace
+    operators({"maxConcurrentParts": 2}, ray=ray_proxy)
+    doc = dataset_doc("shrunk", tiny, tmp_path / "shrunk")
+    doc["spec"]["source"]["last"] = 2
+    apply(api, ns, doc)
+    wait_phase(api, ns, "shrunk-2", ("Pending", "Filtering", "Downloading"), timeout=120)
+    ray_proxy.hold("stop")
+    doc["spec"]["source"]["last"] = 1
+    apply(api, ns, doc)
+    assert ray_proxy.seen["stop"].wait(60)
+    time.sleep(5)  # five polls of the dataset while part 2 terminates
+    ray_proxy.let_go("stop")
+    api.wait_for_deletion(GROUP, VERSION, PLURAL, ns, "shrunk-2", timeout=120)
+    deleted = [e for e in api.events(ns, involved_name="shrunk") if e["reason"] == "PartsDeleted"]
+    assert sum(e.get("count") or 1 for e in deleted) == 1, deleted

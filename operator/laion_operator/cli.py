@@ -294,6 +294,11 @@ def parser() -> argparse.ArgumentParser:
     op.add_argument("--config", help="operator configuration YAML")
     op.add_argument("--namespace", action="append", help="watch only these namespaces (default: all)")
     op.add_argument("--standalone", action="store_true", help="no peering with other operator replicas")
+    op.add_argument(
+        "--priority",
+        type=int,
+        help="this replica's peering priority: the highest works, the others stand by (default: random)",
+    )
     op.set_defaults(func=cmd_operator)
     job = sub.add_parser("job", help="(inside a Ray job) run the part given by LAION_PART_SPEC")
     job.set_defaults(func=cmd_job)

@@ -145,7 +145,7 @@ def main(args) -> int:
             standalone=args.standalone,
             peering_name=None if args.standalone else config.peering_name,
             # Replicas must differ in priority, or kopf pauses all of them; the highest one works.
-            priority=random.randint(1, 2**31 - 1),
+            priority=args.priority if args.priority is not None else random.randint(1, 2**31 - 1),
             memo=kopf.Memo(config=config, namespaces=namespaces),
         )
     )

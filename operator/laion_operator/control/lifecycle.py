@@ -109,6 +109,8 @@ def transition(facts: Facts) -> Step:
     if phase not in SUBMITTED:  # new, or Queued: a first submission or a retry that is due
         if job.active:
             return Step(Action.FOLLOW)  # submitted, and the operator died before the status said so
+        if facts.deadline_passed:
+            return Step(Action.FAIL, "DeadlineExceeded")  # a retry that waits (its backoff, a slot)
         return Step(Action.SUBMIT, new_run=phase is None)
     # The status names a submitted job.
     if job.active:

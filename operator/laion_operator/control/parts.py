@@ -144,6 +144,11 @@ class WaitingForCredentials(Exception):
     """The part's Secret is not there (yet) or not readable: the part waits, as a Pod waits for its Secret."""
 
 
+def _epoch(timestamp: str) -> float:
+    """A status timestamp (resource.now) in seconds since the epoch."""
+    return calendar.timegm(time.strptime(timestamp, "%Y-%m-%dT%H:%M:%SZ"))
+
+
 def _get(data: dict, path: tuple[str, ...]):
     for key in path:
         data = (data or {}).get(key)
@@ -164,7 +169,6 @@ class Part(Resource):
         self.uid = body["metadata"]["uid"]
         self.owner = {"namespace": self.namespace, "name": self.name, "uid": self.uid}
         self.adopted = False  # stray jobs looked for since this daemon started following
-        self.backoff = 0.0  # seconds until the next attempt (Action.RETRY)
         self.credentials_backoff = 0.0
         self.moved_at = time.monotonic()  # when the counts last moved (spec.stallSeconds)
         self.last_counts: tuple | None = None
@@ -179,6 +183,10 @@ class Part(Resource):
             while not self.stopped:
                 change.clear()  # before reading the object: a change from here on wakes the sleeps below
                 generation = self.generation
+                wait = self.retry_wait()
+                if wait > 0:  # suspend, a spec change or delete end it; the deadline bounds it
+                    await self.sleep(change, wait, generation)
+                    continue
                 try:
                     step = await self.reconcile()
                 except WaitingForCredentials:
@@ -200,11 +208,10 @@ class Part(Resource):
                 if step.action is Action.WAIT:
                     await self._observe_final()
                     await self.sleep(change, SETTLED_RECHECK_SECONDS, generation, any_change=True)
-                elif step.action is Action.RETRY:
-                    await self.sleep(change, self.backoff, generation)  # suspend, a spec change or delete end it
                 elif step.action in (Action.SUBMIT, Action.FOLLOW):
                     await self.sleep(change, self.op.config.poll_seconds, generation)
-                # SUCCEED, FAIL, SUSPEND: the next round finds the part settled and waits there
+                # SUCCEED, FAIL, SUSPEND: the next round finds the part settled and waits there; RETRY:
+                # it waits out the backoff (retry_wait)
         finally:
             if self.op.changes.get(self.key) is change:
                 del self.op.changes[self.key]
@@ -332,19 +339,23 @@ class Part(Resource):
         )
         if not acquired:
             return
-        await self.stop_others(keep=job_id)
-        if give_up() or not await self.output_matches(d, secret) or give_up():
-            self.op.slots.release(self.key)
-            return
-        crash_at("before-submit")
         try:
+            await self.stop_others(keep=job_id)
+            if give_up() or not await self.output_matches(d, secret) or give_up():
+                self.op.slots.release(self.key)
+                return
+            crash_at("before-submit")
             await self.op.submitted(self.key, self.op.backend.submit, self.owner, job_id, spec, secret)
         except CredentialsRefused as err:
             self.op.slots.release(self.key)
             await self.fail("CredentialsRefused", str(err), generation)
             return
-        except Exception:
-            self.op.metrics.ray_submission_errors.inc()
+        except BaseException as err:
+            # No job runs: the slot goes back while the part tries again, or a submission the backend
+            # refuses for good (a 403 or 422 of the API server, a 400 of Ray) would hold it for ever.
+            self.op.slots.release(self.key)
+            if isinstance(err, Exception):
+                self.op.metrics.ray_submission_errors.inc()
             raise
         crash_at("after-submit")
         self.adopted = True  # every other job is stopped: nothing stray to look for
@@ -369,6 +380,7 @@ class Part(Resource):
             conditions=[
                 condition("Submitted", True, "JobSubmitted", job_id, conditions),
                 condition("Failed", False, "Running", "", conditions),
+                condition("Retrying", False, "JobSubmitted", "", conditions),
             ],
         )
         self.event("Submitted", message)
@@ -432,20 +444,26 @@ class Part(Resource):
     async def _retry(self, d: Decision) -> None:
         spec, job, attempt = d.spec, d.job, d.attempt
         assert spec is not None  # transition retries only a valid spec
-        self.backoff = self._capped(self.op.config.retry_backoff_seconds * 2**attempt)
+        backoff = self.retry_backoff(attempt)
         what = (
             "vanished: the backend no longer knows it"
             if d.step.reason == "JobVanished"
             else f"{job.state.value.lower()}: {job.message[-300:]}"
         )
         message = (
-            f"job {job.id} {what}; retry {attempt + 1} of {spec.max_retries} in {self.backoff:.0f}s, "
+            f"job {job.id} {what}; retry {attempt + 1} of {spec.max_retries} in {backoff:.0f}s, "
             "resuming from finished shards"
         )
         log.warning("part %s/%s: %s", self.namespace, self.name, message)
-        # Queued: no job runs and the slot is free for others until the backoff ends.
+        # Queued: no job runs and the slot is free for others until the backoff ends. The backoff is
+        # kept in the status (Retrying's lastTransitionTime), so that a restarted operator keeps to it.
+        conditions = self.status.get("conditions") or []
         await self.write(
-            phase=Phase.QUEUED.value, retries=attempt + 1, message=message, observedGeneration=d.generation
+            phase=Phase.QUEUED.value,
+            retries=attempt + 1,
+            message=message,
+            observedGeneration=d.generation,
+            conditions=[condition("Retrying", True, d.step.reason, message, conditions)],
         )
         self.event("Retrying", message, warning=True)
 
@@ -582,12 +600,40 @@ class Part(Resource):
             await self.write(phase=Phase.STOPPING.value, message=f"stopping job {job_id}; finished output is kept")
         await self.stop_others(keep=None)
 
-    def deadline_passed(self, spec: PartSpec) -> bool:
+    def deadline_left(self, spec: PartSpec) -> float | None:
+        """Seconds left of the run's spec.activeDeadlineSeconds (negative: passed); None: no deadline."""
         since = self.status.get("activeSince")
         if not spec.active_deadline_seconds or not since:
-            return False
-        started = calendar.timegm(time.strptime(since, "%Y-%m-%dT%H:%M:%SZ"))
-        return time.time() - started > spec.active_deadline_seconds
+            return None
+        return _epoch(since) + spec.active_deadline_seconds - time.time()
+
+    def deadline_passed(self, spec: PartSpec) -> bool:
+        left = self.deadline_left(spec)
+        return left is not None and left < 0
+
+    def retry_backoff(self, attempt: int) -> float:
+        """How long the retry after attempt `attempt` waits: retryBackoffSeconds × 2^attempt, capped."""
+        return self._capped(self.op.config.retry_backoff_seconds * 2**attempt)
+
+    def retry_wait(self) -> float:
+        """Seconds until a retry's backoff ends (0: no retry waits), from when the status says it was
+        decided, so that a restarted operator keeps to it too; a spec change since ends it, and it is
+        cut short where the run's deadline passes first (the next poll fails the part then)."""
+        status = self.status
+        retrying: dict = next((c for c in status.get("conditions") or [] if c.get("type") == "Retrying"), {})
+        if (
+            status.get("phase") != Phase.QUEUED.value
+            or retrying.get("status") != "True"
+            or status.get("observedGeneration") != self.generation
+        ):
+            return 0.0
+        wait = _epoch(retrying["lastTransitionTime"]) + self.retry_backoff(int(status.get("retries") or 1) - 1)
+        wait -= time.time()
+        try:
+            left = self.deadline_left(PartSpec.from_dict(self.body["spec"]))
+        except SpecError:
+            left = None
+        return max(0.0, wait if left is None else min(wait, left + 1))
 
     # --- what the part reads -------------------------------------------------------------------
 
