@@ -512,7 +512,10 @@ def test_a_dataset_says_succeeded_only_for_a_generation_its_parts_ran(
     try:
         doc["spec"]["source"]["last"] = 2
         apply(api, ns, doc)
-        done = lambda gen: lambda s: s.get("observedGeneration") == gen and s.get("phase") in ("Succeeded", "Failed")  # noqa: E731
+
+        def done(generation: int):
+            return lambda s: s.get("observedGeneration") == generation and s.get("phase") in ("Succeeded", "Failed")
+
         grown = wait_dataset(api, ns, "growing", done(2), timeout=300)["status"]
         assert (grown["phase"], grown["partsProgress"]) == ("Succeeded", "2/2"), grown
         first = log.first(2)

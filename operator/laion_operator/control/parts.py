@@ -91,6 +91,8 @@ class Operator:
         self.submitting.setdefault(key, set()).add(task)
 
         def done(_) -> None:
+            if not task.cancelled():
+                task.exception()  # seen here: the caller, cancelled meanwhile, may never look
             left = self.submitting.get(key, set())
             left.discard(task)
             if not left:

@@ -6,9 +6,10 @@ remembers: `listed` is a listing of the parts whose status is in a running phase
 server itself (controller.py), so that a part deleted while the operator was down or paused, one that
 a previous leader ran, or one whose daemon ended without saying so never keeps a slot that nobody
 gives back. A watch-fed index cannot promise that: it drops an entry only on a DELETED event it saw,
-and a paused replica's watches are closed. The listing is never older than `max_age` when a part is
-let in or has to wait, and it is taken again at once after a daemon stopped (a pause, a failover, a
-delete), when this process may have missed what others did meanwhile. `claims` covers the moment
+and a paused replica's watches are closed. A listing is taken when a part is let in or has to wait
+and the last one is older than `max_age` and names a part this process does not run itself, and at
+once after a daemon stopped (a pause, a failover, a delete), when this process may have missed what
+others did meanwhile. `claims` covers the moment
 between a part taking a slot and its status saying so. Nothing here waits on I/O under a lock:
 taking is one synchronous step of the event loop.
 """
@@ -51,7 +52,11 @@ class Slots:
     def stale(self) -> bool:
         if self.lister is None:
             return False
-        return self.listed_at is None or self.clock() - self.listed_at >= self.max_age
+        if self.listed_at is None:
+            return True
+        # Only a holder this process does not run itself can have ended unseen (its own it releases),
+        # and none appears without a daemon stopping first: a listing of those alone stays good.
+        return self.clock() - self.listed_at >= self.max_age and bool(self.listed - self.claims)
 
     def note_listing(self, holders: Iterable, started: float) -> None:
         """A listing started at `started` replaces the last one. A part this process released after it
