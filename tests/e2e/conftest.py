@@ -67,9 +67,14 @@ def helm(kube_api) -> Helm:
 
 @pytest.fixture(scope="session")
 def bridge_s3() -> Iterator[S3Server]:
-    """versitygw on the bridge's address, where pods reach it."""
+    """versitygw on the bridge's address, where pods reach it; its credentials in this process's
+    environment, for reading the output back as a user's workstation would."""
     server = S3Server(host=NODE_IP).start()
-    yield server
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AWS_ACCESS_KEY_ID", server.ACCESS_KEY)
+        env.setenv("AWS_SECRET_ACCESS_KEY", server.SECRET_KEY)
+        env.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        yield server
     server.stop()
 
 

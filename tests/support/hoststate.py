@@ -52,7 +52,9 @@ def iptables_tables(tool: str) -> dict[str, str]:
     tables: dict[str, str] = {}
     for block in re.findall(r"^\*(\w+)\n(.*?^COMMIT$)", out, flags=re.M | re.S):
         name, body = block
-        tables[name] = "\n".join(line for line in body.splitlines() if not line.startswith("#"))
+        # Counters move with every packet: a chain's policy is what is compared, not its counts.
+        lines = (re.sub(r"\[\d+:\d+\]$", "[0:0]", line) for line in body.splitlines() if not line.startswith("#"))
+        tables[name] = "\n".join(lines)
     return tables
 
 

@@ -5,7 +5,10 @@ there; pods take POD_SUBNET and Services SERVICE_RANGE."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import subprocess
+from pathlib import Path
 
 BRIDGE = "laionbr0"
 NODE_IP = "198.18.0.1"
@@ -22,24 +25,46 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return result
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class Bridge:
     """A Linux bridge holding the node's address: made before the API server starts (it listens
-    there), removed by whoever made it."""
+    there), removed when the last test bed using it stops. Two test sessions on one machine (a
+    benchmark beside the tests) share it: each registers its pid in USERS."""
+
+    USERS = Path("/run/laion-testbed/bridge-users")
 
     def __init__(self, name: str = BRIDGE, address: str = NODE_IP, prefix: int = 24):
         self.name, self.address, self.prefix = name, address, prefix
-        self.made = False
+        self.user = self.USERS / str(os.getpid())
 
     def up(self) -> Bridge:
+        self.USERS.mkdir(parents=True, exist_ok=True)
+        self.user.touch()
         if _ip("link", "show", self.name, check=False).returncode != 0:
             _ip("link", "add", self.name, "type", "bridge")
-            self.made = True
         if f"{self.address}/" not in _ip("-br", "addr", "show", self.name).stdout:
             _ip("addr", "add", f"{self.address}/{self.prefix}", "dev", self.name)
         _ip("link", "set", self.name, "up")
         return self
 
     def down(self) -> None:
-        if self.made:
-            _ip("link", "del", self.name, check=False)
-            self.made = False
+        with contextlib.suppress(FileNotFoundError):
+            self.user.unlink()
+        others = [p for p in self.USERS.glob("*") if p.name.isdigit() and _alive(int(p.name))]
+        if others:
+            return
+        _ip("link", "del", self.name, check=False)
+        with contextlib.suppress(OSError):
+            for stale in self.USERS.iterdir():
+                stale.unlink()
+            self.USERS.rmdir()
+            self.USERS.parent.rmdir()

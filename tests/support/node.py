@@ -382,9 +382,15 @@ CONTAINERD_CONFIG = """\
 version = 3
 root = '{root}'
 state = '{state}'
+imports = []
+# Plugins that would write to fixed paths of the machine (/opt/containerd, /var/run/nri).
+disabled_plugins = ['io.containerd.nri.v1.nri', 'io.containerd.internal.v1.opt', 'io.containerd.image-verifier.v1.bindir']
 
 [grpc]
   address = '{socket}'
+
+[ttrpc]
+  address = '{socket}.ttrpc'
 
 [plugins]
   [plugins.'io.containerd.cri.v1.images']
@@ -395,6 +401,9 @@ state = '{state}'
   [plugins.'io.containerd.cri.v1.runtime']
     # root here lacks CAP_SYS_RESOURCE: runc cannot lower a container's oom_score_adj below its own.
     restrict_oom_score_adj = true
+    # The pods' network namespaces under the state folder, not /var/run/netns.
+    netns_mounts_under_state_dir = true
+    cdi_spec_dirs = []
     [plugins.'io.containerd.cri.v1.runtime'.containerd]
       default_runtime_name = 'runc'
       [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]
