@@ -18,6 +18,7 @@ from laion_operator.control.lifecycle import SUBMITTED, Action, Change, Facts, S
 from laion_operator.control.rayjobs import kuberay_state
 from laion_operator.control.slots import Slots
 from laion_operator.spec import apply_defaults
+from tests.support.kuberay_states import KUBERAY_STATES
 
 PHASES = [None, *Phase]
 ALL = [
@@ -143,24 +144,7 @@ def test_job_ids_share_the_parts_prefix():
     assert submission_id(uid, 3, 2).startswith(submission_prefix(uid))
 
 
-@pytest.mark.parametrize(
-    "status, state",
-    [
-        ({}, JobState.PENDING),
-        ({"jobDeploymentStatus": "Initializing"}, JobState.PENDING),
-        ({"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}, JobState.RUNNING),
-        ({"jobDeploymentStatus": "Waiting"}, JobState.PENDING),
-        ({"jobDeploymentStatus": "Suspended"}, JobState.SUSPENDED),  # Kueue holds it: not Pending forever
-        ({"jobDeploymentStatus": "Suspending", "jobStatus": "RUNNING"}, JobState.SUSPENDED),
-        ({"jobDeploymentStatus": "Retrying", "jobStatus": "FAILED"}, JobState.RETRYING),
-        ({"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}, JobState.SUCCEEDED),
-        ({"jobDeploymentStatus": "Complete", "jobStatus": "FAILED"}, JobState.FAILED),
-        ({"jobDeploymentStatus": "Complete", "jobStatus": "STOPPED"}, JobState.STOPPED),
-        ({"jobDeploymentStatus": "Failed", "reason": "DeadlineExceeded"}, JobState.FAILED),
-        ({"jobDeploymentStatus": "ValidationFailed", "message": "bad"}, JobState.FAILED),
-        ({"jobDeploymentStatus": "Running", "jobStatus": "SOMETHING_NEW"}, JobState.PENDING),
-    ],
-)
+@pytest.mark.parametrize("status, state", KUBERAY_STATES)
 def test_every_rayjob_state_maps(status, state):
     job = kuberay_state("j", status)
     assert job.state is state
