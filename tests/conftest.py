@@ -16,7 +16,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # as the test cluster (services.NO_AUTH)
 
-from tests.support.kube_fixtures import kube_api, kube_env, kube_namespace  # noqa: E402,F401 - fixtures, found by name; one real API server per session
+from tests.support.kube_fixtures import kube_api, kube_env, kube_namespace, kube_node  # noqa: E402,F401 - fixtures, found by name; one real API server per session
 from tests.support.services import RayCluster, S3Server, stop_running_jobs  # noqa: E402 - after the environment Ray reads on import
 
 _SHARED: list[RayCluster] = []
@@ -79,21 +79,6 @@ def image_server():
 
     with ImageServer() as server:
         yield server
-
-
-@pytest.fixture(scope="session")
-def kube_node(kube_api):
-    """A real node for the control plane (containerd, kubelet, scheduler, kube-proxy, CoreDNS) running
-    the images built from this tree, and KubeRay's operator driving real pods. Started by the first
-    test that needs pods; the tests that use it run last (below), so that until then no pod of the
-    other tests' is ever scheduled."""
-    from tests.support.node import Node, build_images
-
-    images = build_images()
-    with Node(kube_api, images) as node:
-        kube_api.start_kuberay()
-        yield node
-    assert not node.leftovers, f"the node left the machine changed: {node.leftovers}"
 
 
 # The fixtures that start the heavy parts of the test bed (Ray takes 20-80 s, the Kubernetes control

@@ -4,7 +4,6 @@ with the images built from this tree, and the servers pods use (images, S3) on t
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import subprocess
 import tempfile
@@ -137,7 +136,3 @@ def pod_logs(cluster: Cluster, namespace: str, selector: str) -> str:
     with contextlib.suppress(AssertionError, subprocess.TimeoutExpired):
         return cluster.kubectl("logs", "-n", namespace, "-l", selector, "--tail=200", "--all-containers").stdout
     return ""
-
-
-def json_of(result: subprocess.CompletedProcess) -> dict:
-    return json.loads(result.stdout)

@@ -33,7 +33,6 @@ from tests.e2e.conftest import (
     CHART,
     PREVIOUS_CHART,
     SECRET,
-    json_of,
     pod_logs,
     ray_cluster_doc,
     small_ray_template,
@@ -380,11 +379,11 @@ def test_prometheus_scrapes_the_operator_pod_as_the_servicemonitor_says_and_ever
         "--set", "serviceMonitor.scrapeTimeout=2s", "--show-only", "templates/servicemonitor.yaml",
     ).stdout  # fmt: skip
     monitor = yaml.safe_load(rendered)
-    with Prometheus([], scrape_configs=service_monitor_scrape(monitor, kube_api.kubeconfig_path)) as prom:
+    with Prometheus([], scrape_configs=service_monitor_scrape(monitor, kube_api)) as prom:
         prom.wait_for_target(timeout=60)
         target = prom.api("targets")["activeTargets"][0]
         assert target["labels"]["job"] == "laion-operator", target
-        assert target["discoveredLabels"]["__meta_kubernetes_pod_name"] == operator_pod(kube_api)["metadata"]["name"]
+        assert target["labels"]["pod"] == operator_pod(kube_api)["metadata"]["name"], target
         prom.wait_until('laion_part_images_total{part="jobs-part"}', timeout=60)
         empty = [where for where, expr in dashboard_exprs() if not prom.query(grafana_substitute(expr))]
         assert not empty, f"dashboard panels without data: {empty}"

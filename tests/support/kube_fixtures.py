@@ -2,7 +2,9 @@
 
 Import them in ``tests/conftest.py``::
 
-    from tests.support.kube_fixtures import kube_api, kube_env, kube_namespace  # noqa: F401 - fixtures, found by name
+    from tests.support.kube_fixtures import (  # noqa: F401 - fixtures, found by name
+        kube_api, kube_env, kube_namespace, kube_node,
+    )
 """
 
 from __future__ import annotations
@@ -41,3 +43,18 @@ def kube_namespace(kube_api: Cluster, request: pytest.FixtureRequest) -> Iterato
     kube_api.create_namespace(name, exist_ok=False)
     yield name
     kube_api.delete_namespace(name)
+
+
+@pytest.fixture(scope="session")
+def kube_node(kube_api: Cluster) -> Iterator:
+    """A real node for the control plane (containerd, kubelet, scheduler, kube-proxy, CoreDNS) running
+    the images built from this tree, and KubeRay's operator driving real pods. Started by the first
+    test that needs pods; the tests that use it run last (tests/conftest.py), so that until then no pod of the
+    other tests' is ever scheduled."""
+    from tests.support.node import Node, build_images
+
+    images = build_images()
+    with Node(kube_api, images) as node:
+        kube_api.start_kuberay()
+        yield node
+    assert not node.leftovers, f"the node left the machine changed: {node.leftovers}"

@@ -384,7 +384,11 @@ root = '{root}'
 state = '{state}'
 imports = []
 # Plugins that would write to fixed paths of the machine (/opt/containerd, /var/run/nri).
-disabled_plugins = ['io.containerd.nri.v1.nri', 'io.containerd.internal.v1.opt', 'io.containerd.image-verifier.v1.bindir']
+disabled_plugins = [
+  'io.containerd.nri.v1.nri',
+  'io.containerd.internal.v1.opt',
+  'io.containerd.image-verifier.v1.bindir',
+]
 
 [grpc]
   address = '{socket}'

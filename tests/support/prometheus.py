@@ -38,7 +38,6 @@ GRAFANA_VARIABLES = {
 }
 
 
-
 def dashboard_exprs() -> list[tuple[str, str]]:
     """(where, PromQL) for every panel target and query variable of the dashboard."""
     board = json.loads(DASHBOARD.read_text())
@@ -66,34 +65,50 @@ def grafana_substitute(expr: str) -> str:
     return expr
 
 
-
-def service_monitor_scrape(monitor: dict, kubeconfig: str | Path) -> list[dict]:
-    """The scrape configs the Prometheus Operator generates from a ServiceMonitor (its endpoints
-    discovered through the API server, kept by the Service's labels and the port's name, its
-    relabelings applied), for a Prometheus outside the cluster that reaches pods directly."""
+def service_monitor_scrape(monitor: dict, cluster) -> list[dict]:
+    """The scrape configs the Prometheus Operator generates from a ServiceMonitor, for a Prometheus
+    outside the cluster that reaches pods directly. Debian's Prometheus is built without Kubernetes
+    discovery, so the discovery step is done here, as its kubernetes_sd `endpoints` role does: the
+    EndpointSlices of the Services the monitor selects, the port it names, each ready endpoint a
+    target labelled with its namespace, service, pod and port, as the Prometheus Operator labels them;
+    the monitor's path, interval, honorLabels and relabelings apply as they would there."""
     spec = monitor["spec"]
-    keep = [
-        {
-            "source_labels": [f"__meta_kubernetes_service_label_{re.sub(r'[^a-zA-Z0-9_]', '_', k)}"],
-            "regex": re.escape(v),
-            "action": "keep",
-        }
-        for k, v in spec["selector"]["matchLabels"].items()
-    ]
+    selector = ",".join(f"{k}={v}" for k, v in spec["selector"]["matchLabels"].items())
     configs = []
     for i, endpoint in enumerate(spec["endpoints"]):
+        targets = []
+        for namespace in spec["namespaceSelector"]["matchNames"]:
+            for service in cluster.list("", "v1", "services", namespace, label_selector=selector):
+                name = service["metadata"]["name"]
+                slices = cluster.list(
+                    "discovery.k8s.io",
+                    "v1",
+                    "endpointslices",
+                    namespace,
+                    label_selector=f"kubernetes.io/service-name={name}",
+                )
+                for piece in slices:
+                    ports = [p["port"] for p in piece.get("ports") or [] if p.get("name") == endpoint["port"]]
+                    for ep in piece.get("endpoints") or []:
+                        if not (ep.get("conditions") or {}).get("ready"):
+                            continue
+                        labels = {
+                            "namespace": namespace,
+                            "service": name,
+                            "pod": (ep.get("targetRef") or {}).get("name", ""),
+                            "endpoint": endpoint["port"],
+                        }
+                        targets += [
+                            {"targets": [f"{ip}:{port}"], "labels": labels} for ip in ep["addresses"] for port in ports
+                        ]
         relabel = [
-            *keep,
-            {"source_labels": ["__meta_kubernetes_endpoint_port_name"], "regex": endpoint["port"], "action": "keep"},
-            *(
-                {
-                    "action": r.get("action", "replace"),
-                    "target_label": r["targetLabel"],
-                    **({"replacement": r["replacement"]} if "replacement" in r else {}),
-                    **({"source_labels": r["sourceLabels"]} if "sourceLabels" in r else {}),
-                }
-                for r in endpoint.get("relabelings", [])
-            ),
+            {
+                "action": r.get("action", "replace"),
+                "target_label": r["targetLabel"],
+                **({"replacement": r["replacement"]} if "replacement" in r else {}),
+                **({"source_labels": r["sourceLabels"]} if "sourceLabels" in r else {}),
+            }
+            for r in endpoint.get("relabelings", [])
         ]
         configs.append(
             {
@@ -102,13 +117,7 @@ def service_monitor_scrape(monitor: dict, kubeconfig: str | Path) -> list[dict]:
                 "metrics_path": endpoint.get("path", "/metrics"),
                 "scrape_interval": endpoint.get("interval", "30s"),
                 "scrape_timeout": endpoint.get("scrapeTimeout", "10s"),
-                "kubernetes_sd_configs": [
-                    {
-                        "role": "endpoints",
-                        "kubeconfig_file": str(kubeconfig),
-                        "namespaces": {"names": spec["namespaceSelector"]["matchNames"]},
-                    }
-                ],
+                "static_configs": targets,
                 "relabel_configs": relabel,
             }
         )
