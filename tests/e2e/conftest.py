@@ -136,3 +136,48 @@ def pod_logs(cluster: Cluster, namespace: str, selector: str) -> str:
     with contextlib.suppress(AssertionError, subprocess.TimeoutExpired):
         return cluster.kubectl("logs", "-n", namespace, "-l", selector, "--tail=200", "--all-containers").stdout
     return ""
+
+
+# A container stuck in one of these never starts by waiting: a broken image or a value the pod cannot
+# run with. Said at once, with the pod's own account, rather than after Helm's timeout.
+STUCK = {
+    "CrashLoopBackOff",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "RunContainerError",
+    "ErrImageNeverPull",
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+}
+
+
+def wait_rollout(cluster: Cluster, namespace: str, deployment: str, selector: str, timeout: float = 300) -> dict:
+    """`kubectl rollout status`, failing at once when a pod of the rollout is stuck (STUCK)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        dep = cluster.get("apps", "v1", "deployments", namespace, deployment) or {}
+        spec, status = dep.get("spec") or {}, dep.get("status") or {}
+        want = spec.get("replicas", 1)
+        if (
+            status.get("observedGeneration") == dep.get("metadata", {}).get("generation")
+            and status.get("updatedReplicas", 0) == want
+            and status.get("availableReplicas", 0) == want
+            and status.get("replicas", 0) == want
+        ):
+            return dep
+        for pod in cluster.list("", "v1", "pods", namespace, label_selector=selector):
+            for state in (pod.get("status") or {}).get("containerStatuses") or []:
+                reason = ((state.get("state") or {}).get("waiting") or {}).get("reason")
+                if reason in STUCK:
+                    described = cluster.kubectl(
+                        "describe", "pod", "-n", namespace, pod["metadata"]["name"], check=False
+                    )
+                    logs = cluster.kubectl("logs", "-n", namespace, pod["metadata"]["name"], "--previous", check=False)
+                    raise AssertionError(
+                        f"pod {pod['metadata']['name']} of {deployment} is stuck: {reason}\n"
+                        f"{described.stdout[-3000:]}\n--- its last logs:\n{logs.stdout[-2000:]}{logs.stderr[-500:]}"
+                    )
+        if time.monotonic() > deadline:
+            raise AssertionError(f"deployment {deployment} not rolled out in {timeout} s: {status}")
+        time.sleep(1)

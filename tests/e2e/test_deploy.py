@@ -37,6 +37,7 @@ from tests.e2e.conftest import (
     ray_cluster_doc,
     small_ray_template,
     wait_pods_ready,
+    wait_rollout,
 )
 from tests.support.exactly_once import check_exactly_once
 from tests.support.kuberay_states import expected_state
@@ -82,11 +83,12 @@ def e2e(kube_api, kube_node, helm, bridge_s3, bridge_images):
         "operator": {"config": {"mode": "kuberay", "pollSeconds": 2, "rayJobTemplate": small_ray_template()}},
     }
     values_file = helm.values_file(values)
-    installed = helm("install", RELEASE, str(PREVIOUS_CHART), "-n", SYSTEM, "--create-namespace", "-f", values_file,
-                     "--wait", "--timeout", "5m")  # fmt: skip
+    installed = helm("install", RELEASE, str(PREVIOUS_CHART), "-n", SYSTEM, "--create-namespace", "-f", values_file)
+    wait_rollout(kube_api, SYSTEM, FULLNAME, OPERATOR_PODS)
     # The README's upgrade: the new CRDs first (Helm never upgrades crds/), then the chart.
     kube_api.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CHART / "crds"))
-    upgraded = helm("upgrade", RELEASE, str(CHART), "-n", SYSTEM, "-f", values_file, "--wait", "--timeout", "5m")
+    upgraded = helm("upgrade", RELEASE, str(CHART), "-n", SYSTEM, "-f", values_file)
+    wait_rollout(kube_api, SYSTEM, FULLNAME, OPERATOR_PODS)
     state = {"images": images, "values": values, "installed": installed, "upgraded": upgraded, "rayjob_states": set()}
     yield state
     helm("uninstall", RELEASE, "-n", SYSTEM, "--wait", check=False)
@@ -307,14 +309,18 @@ def jobs_mode(e2e, kube_api, helm):
             }
         },
     }
-    helm("upgrade", RELEASE, str(CHART), "-n", SYSTEM, "-f", helm.values_file(values), "--wait", "--timeout", "5m")
-    kube_api.kubectl("rollout", "status", f"deployment/{FULLNAME}", "-n", SYSTEM, "--timeout=180s", timeout=200)
+    helm("upgrade", RELEASE, str(CHART), "-n", SYSTEM, "-f", helm.values_file(values))
+    wait_rollout(kube_api, SYSTEM, FULLNAME, OPERATOR_PODS)
     return values
 
 
 def head_service_url(kube_api) -> str:
+    """The Ray dashboard behind the head's Service (KubeRay makes it headless: its pod's address)."""
     svc = kube_api.get("", "v1", "services", PARTS, f"{RAY_CLUSTER}-head-svc")
-    return f"http://{svc['spec']['clusterIP']}:8265"
+    if svc["spec"].get("clusterIP") not in (None, "None"):
+        return f"http://{svc['spec']['clusterIP']}:8265"
+    head = wait_pods_ready(kube_api, PARTS, f"ray.io/cluster={RAY_CLUSTER},ray.io/node-type=head")[0]
+    return f"http://{head['status']['podIP']}:8265"
 
 
 def ray_jobs_of(kube_api, part: str) -> list[dict]:
@@ -371,7 +377,7 @@ def test_a_dataset_of_three_parts_writes_its_index(jobs_mode, kube_api, bridge_s
 
 
 def test_prometheus_scrapes_the_operator_pod_as_the_servicemonitor_says_and_every_panel_has_data(
-    jobs_mode, kube_api, helm
+    jobs_mode, kube_api, helm, bridge_s3, bridge_images
 ):
     rendered = helm(
         "template", RELEASE, str(CHART), "-n", SYSTEM, "-f", helm.values_file(jobs_mode),
@@ -384,19 +390,31 @@ def test_prometheus_scrapes_the_operator_pod_as_the_servicemonitor_says_and_ever
         target = prom.api("targets")["activeTargets"][0]
         assert target["labels"]["job"] == "laion-operator", target
         assert target["labels"]["pod"] == operator_pod(kube_api)["metadata"]["name"], target
-        prom.wait_until('laion_part_images_total{part="jobs-part"}', timeout=60)
-        empty = [where for where, expr in dashboard_exprs() if not prom.query(grafana_substitute(expr))]
-        assert not empty, f"dashboard panels without data: {empty}"
+        # A part downloading while Prometheus scrapes (the rates and the ETA need one in progress),
+        # with failures of several kinds; "timeout" URLs answer after slow_seconds, within the
+        # part's 5 s timeout: slow, not failed.
+        source = put_metadata(
+            bridge_s3, "meta/watched.parquet", 80, bridge_images.base_url, seed=71, slow_seconds=1,
+            failure_mix={"timeout": 0.7, "http_4xx": 0.15, "http_5xx": 0.15},
+        )  # fmt: skip
+        apply(kube_api, part_doc("watched", source, "watched", download={"maxInFlight": 2, "parallelism": 1}))
+        prom.wait_until('rate(laion_part_images_total{part="watched"}[30s]) > 0', timeout=300)
+        deadline = time.monotonic() + 60
+        while empty := [where for where, expr in dashboard_exprs() if not prom.query(grafana_substitute(expr))]:
+            assert time.monotonic() < deadline, f"dashboard panels without data: {empty}"
+            time.sleep(2)
+    assert wait_phase(kube_api, "watched", ("Succeeded", "Failed"))["phase"] == "Succeeded"
 
 
 # --- faults ----------------------------------------------------------------------------------------
 
 
 def slow_part(kube_api, bridge_s3, bridge_images, name: str, seed: int) -> None:
-    """A part that takes a while: every image answers after a second, a few at a time."""
+    """A part that takes a while: every image answers after a second (the "timeout" URLs, slower
+    than slow_seconds only), a few at a time."""
     source = put_metadata(
         bridge_s3, f"meta/{name}.parquet", 60, bridge_images.base_url, seed=seed,
-        slow_seconds=1, failure_mix={"slow": 1.0},
+        slow_seconds=1, failure_mix={"timeout": 1.0},
     )  # fmt: skip
     apply(kube_api, part_doc(name, source, name, download={"maxInFlight": 2, "parallelism": 1}))
     wait_phase(kube_api, name, ("Downloading", "Succeeded", "Failed"), timeout=300)

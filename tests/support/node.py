@@ -185,6 +185,15 @@ class Node:
 
     def _import_images(self) -> None:
         present = set(run(*self.ctr("images", "ls", "-q")).stdout.split())
+        # The content store lasts between sessions: earlier builds of these images go.
+        stale = [
+            ref
+            for ref in present
+            for image in self.images.values()
+            if ref.startswith(image.repository + ":") and ref != image.ref
+        ]
+        if stale:
+            run(*self.ctr("images", "rm", *stale), check=False)
         for image in self.images.values():
             if image.ref not in present:
                 run(*self.ctr("images", "import", "--base-name", image.repository, image.archive), timeout=900)
