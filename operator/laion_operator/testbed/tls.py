@@ -10,28 +10,24 @@ import datetime
 from pathlib import Path
 
 
-def make_ca(folder: Path, wildcard: str) -> tuple[Path, Path, Path]:
-    """(CA certificate, server certificate chain, server key) in `folder`, PEM, for `*.{wildcard}`."""
+def certificate_authority(common_name: str, days: int = 30):
+    """A CA's (private key, certificate), valid from yesterday for `days`."""
     from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    from cryptography.x509.oid import NameOID
 
-    folder.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc)
-    start, end = now - datetime.timedelta(days=1), now + datetime.timedelta(days=30)
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "laion-operator test bed CA")])
-    ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
-    ca = (
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    cert = (
         x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -47,33 +43,75 @@ def make_ca(folder: Path, wildcard: str) -> tuple[Path, Path, Path]:
             ),
             critical=True,
         )
-        .add_extension(ca_ski, critical=False)
-        .sign(ca_key, hashes.SHA256())
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
     )
+    return key, cert
 
+
+def issue(ca, subject, *, server_names: list[str] | None = None, client: bool = False, days: int = 30):
+    """A (private key, certificate) signed by `ca` (certificate_authority's pair) for `subject` (an
+    x509.Name): a server's for `server_names` (DNS names), or a client's."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    ca_key, ca_cert = ca
+    now = datetime.datetime.now(datetime.timezone.utc)
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
+    usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
+    builder = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"*.{wildcard}")]))
-        .issuer_name(ca_name)
+        .subject_name(subject)
+        .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(f"*.{wildcard}")]), critical=False)
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
-        .sign(ca_key, hashes.SHA256())
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
     )
+    if server_names:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(n) for n in server_names]), critical=False
+        )
+    return key, builder.sign(ca_key, hashes.SHA256())
 
+
+def write_pem(folder: Path, ca, pairs: dict[str, tuple]) -> dict[str, Path]:
+    """`ca.pem`, and for each name `<name>.pem` (certificate, then the CA) and `<name>.key` in `folder`."""
+    from cryptography.hazmat.primitives import serialization
+
+    folder.mkdir(parents=True, exist_ok=True)
     pem = serialization.Encoding.PEM
-    ca_file, cert_file, key_file = folder / "ca.pem", folder / "server.pem", folder / "server.key"
-    ca_file.write_bytes(ca.public_bytes(pem))
-    cert_file.write_bytes(cert.public_bytes(pem) + ca.public_bytes(pem))
-    key_file.write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    return ca_file, cert_file, key_file
+    paths = {"ca": folder / "ca.pem"}
+    paths["ca"].write_bytes(ca[1].public_bytes(pem))
+    for name, (key, cert) in pairs.items():
+        paths[name] = folder / f"{name}.pem"
+        paths[name].write_bytes(cert.public_bytes(pem) + ca[1].public_bytes(pem))
+        paths[f"{name}.key"] = folder / f"{name}.key"
+        paths[f"{name}.key"].write_bytes(
+            key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        )
+    return paths
+
+
+def make_ca(folder: Path, wildcard: str) -> tuple[Path, Path, Path]:
+    """(CA certificate, server certificate chain, server key) in `folder`, PEM, for `*.{wildcard}`."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    ca = certificate_authority("laion-operator test bed CA")
+    name = f"*.{wildcard}"
+    server = issue(ca, x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]), server_names=[name])
+    paths = write_pem(folder, ca, {"server": server})
+    return paths["ca"], paths["server"], paths["server.key"]
 
 
 def server_context(cert_file: str, key_file: str):
