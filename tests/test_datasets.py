@@ -322,6 +322,14 @@ def test_suspended_dataset_fans_out_follows_its_template_and_goes_with_its_parts
     assert {"PartsCreated", "PartsUpdated", "Suspended"} <= events
     described = api.kubectl("describe", "lds", "held", "-n", kube_namespace).stdout
     assert "PartsCreated" in described and "PartsUpdated" in described
+    # Each part counts as Suspended again once the dataset saw it decide on the new template.
+    wait_dataset(
+        api,
+        kube_namespace,
+        "held",
+        lambda s: s.get("observedGeneration") == 2 and s.get("partsByPhase") == {"Suspended": 5},
+        timeout=60,
+    )
     assert f'laion_dataset_parts{{dataset="held",namespace="{kube_namespace}",phase="Suspended"}} 5.0' in op.metrics()
 
     # A dataset a rule refuses never reaches the operator.

@@ -135,7 +135,8 @@ def decided(part: dict, want: dict, stored: dict | None = None) -> bool:
     poll is not decided: the dataset must not add up a phase of a generation that part has not run."""
     meta = part.get("metadata") or {}
     generation = meta.get("generation")
-    if generation is None or part.get("spec") != want and (stored is None or part.get("spec") != stored.get("spec")):
+    templated = part.get("spec") == want or (stored is not None and part.get("spec") == stored.get("spec"))
+    if generation is None or not templated:
         return False
     if stored is not None and generation < ((stored.get("metadata") or {}).get("generation") or 0):
         return False
