@@ -43,7 +43,8 @@ class FaultProxy:
     def __init__(self, cluster):
         self.cluster = cluster
         self.port = free_port()
-        self.url = f"https://127.0.0.1:{self.port}"
+        # On the API server's own address: its serving certificate, which the proxy presents, names it.
+        self.url = f"https://{cluster.address}:{self.port}"
         self.rules: list[Rule] = []
         self.seen: list[tuple[str, str]] = []
         self._watches: set[asyncio.Task] = set()
@@ -134,7 +135,7 @@ class FaultProxy:
             app.router.add_route("*", "/{tail:.*}", self._handle)
             runner = web.AppRunner(app, access_log=None, handle_signals=False)
             await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", self.port, ssl_context=server_ssl)
+            site = web.TCPSite(runner, self.cluster.address, self.port, ssl_context=server_ssl)
             await site.start()
             self._ready.set()
             await self._stop.wait()
