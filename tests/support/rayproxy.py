@@ -10,6 +10,7 @@ import http.server
 import json
 import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 
 from tests.support.services import free_port
@@ -71,10 +72,11 @@ class RayProxy:
 
             do_GET = do_POST = do_PUT = do_DELETE = forward
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        host = urllib.parse.urlsplit(upstream).hostname  # where the dashboard is, the proxy is
+        self.server = http.server.ThreadingHTTPServer((host, free_port()), Handler)
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self._thread.start()
-        self.dashboard_url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.dashboard_url = f"http://{host}:{self.server.server_address[1]}"
         self._open = True
 
     def client_env(self) -> dict[str, str]:
