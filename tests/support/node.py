@@ -33,8 +33,14 @@ from tests.support.services import free_port, wait_for_port
 CGROUP_NAME = "laion-testbed"
 ROOT = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("LAION_TESTBED_CACHE", Path.home() / ".cache/laion-operator/testbed"))
-# Paths the kubelet uses whatever its flags say; removed after if the machine did not have them.
-KUBELET_FIXED_PATHS = (Path("/var/lib/kubelet"), Path("/var/log/containers"), Path("/var/log/pods"))
+# Paths the kubelet and containerd's shims use whatever their flags say (the shims' sockets go to
+# /run/containerd/s); removed after if the machine did not have them.
+KUBELET_FIXED_PATHS = (
+    Path("/var/lib/kubelet"),
+    Path("/var/log/containers"),
+    Path("/var/log/pods"),
+    Path("/run/containerd"),
+)
 
 
 def run(*cmd: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
