@@ -6,7 +6,7 @@ away from its place in creation order, against maxConcurrentParts); the queue me
 whether it only shrank from there to 0); the operator's peak resident memory; and its CPU while every
 part has ended and it only waits (pollSeconds 1, ten times the default's polling); how many Ray jobs
 ran (parts + retries, issue 20) and the most jobs of one part seen running at once (1). Goals: RSS <
-200 MB, idle CPU < 5 % of a core (issue 12). tests/test_faults_operator.py runs the same with 16 parts.
+200 MB, idle CPU < 5 % of a core (issue 12). tests/control/test_faults_operator.py runs the same with 16 parts.
 """
 
 from __future__ import annotations

@@ -60,7 +60,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 
 {{/*
 The rules for handling parts, granted cluster-wide (ClusterRole) when watching all namespaces or in
-each watched namespace (Role). tests/test_chart.py holds the same list: a rule added here fails the
+each watched namespace (Role). tests/control/test_chart.py holds the same list: a rule added here fails the
 tests until it is added there, with the reason.
 */}}
 {{- define "laion-operator.partRules" -}}

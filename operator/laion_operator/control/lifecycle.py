@@ -1,6 +1,6 @@
 """A part's life as one transition function: what to do next, from the phase its status says, the
 state of its job and how its spec changed. Every path of parts.Part goes through `transition`, once a
-poll, so that the operator's promises are properties of this one function (tests/test_lifecycle.py
+poll, so that the operator's promises are properties of this one function (tests/control/test_lifecycle.py
 checks them over every input):
 
 - at most one job per part: SUBMIT is the only action that starts a job, and its executor stops and

@@ -12,7 +12,7 @@ images that fail a size check — goes to img2dataset's own `__call__`, so error
 With `reduced_decode`, libjpeg's DCT scaling decodes a JPEG at 1/2, 1/4 or 1/8 of its size when the
 resize target is at most half the source: the largest of those scales that still leaves the image at
 least as large as the target, then resized to exactly the size a full decode would be resized to.
-The output differs from a full decode's by resampling only: `tests/test_resize.py` holds it to a PSNR
+The output differs from a full decode's by resampling only: `tests/pipeline/test_resize.py` holds it to a PSNR
 of at least 35 dB.
 """
 

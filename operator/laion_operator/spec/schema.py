@@ -46,7 +46,7 @@ MODEL_DTYPES = ["auto", "float32", "float16", "bfloat16"]
 SAVE_DTYPES = ["float16", "float32"]
 LATENT_MODES = ["mean", "sample"]
 # latents.reducedDecode's bound against a whole decode, in dB PSNR of the preprocessed pixels. The
-# worst measured: 33.9 on photo-like JPEGs (median 43.8), 30.2 on tests/test_latents_recipe.py's
+# worst measured: 33.9 on photo-like JPEGs (median 43.8), 30.2 on tests/pipeline/test_latents_recipe.py's
 # harsher ones (hard 8-pixel edges and noise, odd sides), which hold it.
 REDUCED_DECODE_PSNR = 28
 

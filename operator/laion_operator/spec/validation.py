@@ -19,7 +19,7 @@ from .schema import ENCODE_QUALITY, PNG_MAX_COMPRESSION, SCHEMA
 # the operator evaluate the same rules through the Python twin registered here under the rule's
 # CEL text, and report the same message at the same field. A CEL library is not a dependency of the
 # shared core (the ones on PyPI bring native regex and date libraries or a CLI along); instead
-# tests/test_cel.py evaluates every rule with both a real CEL implementation and its twin on the
+# tests/control/test_cel.py evaluates every rule with both a real CEL implementation and its twin on the
 # same objects, so the two cannot drift apart.
 
 

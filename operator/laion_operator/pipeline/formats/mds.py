@@ -12,7 +12,7 @@ environment).
 Each shard's own index keeps shards independent for resume. A trainer wants one dataset:
 `StreamingDataset(remote=<output>)` reads the root `index.json`, whose entries name their files
 relative to the root. That is what streaming's `merge_index` writes (basenames prefixed with their
-folder; tests/test_mds.py compares), done here because `merge_index(<output>)` takes every `.json`
+folder; tests/pipeline/test_mds.py compares), done here because `merge_index(<output>)` takes every `.json`
 below the root for an index (the shards' `_stats.json` and `_laion/` too), and through the part's
 Store so that S3 is reached with the part's credentials and endpoint rather than boto3's environment.
 """

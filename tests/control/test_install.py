@@ -20,7 +20,7 @@ from tests.support.operator_proc import OperatorProcess
 from tests.support.services import LOOPBACK_RAY, RayCluster
 from tests.support.specs import laionpart
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GROUP, VERSION, PLURAL = "laion-operator.io", "v1alpha1", "laionparts"
 RAYJOB_CRD = kuberay_crd("rayjobs")  # the pinned KubeRay release's, as its operator runs with
 SECRET = "laion-s3"

@@ -20,7 +20,7 @@ from tests.support.faults import Outage
 from tests.support.operator_proc import OperatorProcess, operator_starter
 from tests.support.specs import laionpart
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GROUP, VERSION, PLURAL = "laion-operator.io", "v1alpha1", "laionparts"
 
 

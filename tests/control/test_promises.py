@@ -20,7 +20,7 @@ from laion_operator.testbed.demo_data import write_metadata
 from tests.support.operator_proc import OperatorProcess, operator_starter
 from tests.support.rayproxy import RayProxy
 from tests.support.specs import laionpart
-from tests.test_datasets import (
+from tests.control.test_datasets import (
     DATASETS,
     dataset_doc,
     five_small_parts,
@@ -28,8 +28,8 @@ from tests.test_datasets import (
     wait_dataset,
     wait_for_finished_shard,
 )
-from tests.test_faults_operator import JobWatch, apply, jobs_of, status_of, wait_phase
-from tests.test_operator import RAYJOB_CRD
+from tests.control.test_faults_operator import JobWatch, apply, jobs_of, status_of, wait_phase
+from tests.control.test_operator import RAYJOB_CRD
 
 GROUP, VERSION, PLURAL = "laion-operator.io", "v1alpha1", "laionparts"
 ACTIVE = ("PENDING", "RUNNING")

@@ -17,7 +17,7 @@ from tests.support.cluster import KubeAPIError
 from tests.support.operator_proc import operator_starter
 from tests.support.specs import laionpart
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GROUP, VERSION, PLURAL = "laion-operator.io", "v1alpha1", "laionparts"
 
 

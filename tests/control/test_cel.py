@@ -15,7 +15,7 @@ import yaml
 
 from laion_operator import spec as specs
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GROUP, VERSION = "laion-operator.io", "v1alpha1"
 
 

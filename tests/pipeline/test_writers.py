@@ -20,7 +20,7 @@ from img2dataset import writer as i2d_writer
 from tfrecord import example_pb2
 from tfrecord.reader import tfrecord_iterator, tfrecord_loader
 
-OPERATOR_DIR = Path(__file__).resolve().parents[1] / "operator"
+OPERATOR_DIR = Path(__file__).resolve().parents[2] / "operator"
 if str(OPERATOR_DIR) not in sys.path:
     sys.path.insert(0, str(OPERATOR_DIR))
 
@@ -343,7 +343,7 @@ def test_the_same_samples_give_the_same_bytes_in_every_process():
     serializes deterministically: two runs of one part would otherwise differ byte for byte."""
     import subprocess
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     code = (
         "from laion_operator.pipeline.formats.tfrecord import example_for, feature_for, serialize; "
         f"print(serialize(example_for({{n: feature_for(n) for n in {list(SCHEMA.names)!r}}})).hex())"

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("build_images", ROOT / "images" / "build_images.py")
 assert _spec and _spec.loader
 build_images = importlib.util.module_from_spec(_spec)

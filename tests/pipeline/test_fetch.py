@@ -437,7 +437,7 @@ print(json.dumps({"before": before, "peak": status("VmHWM"), "reasons": stats.fa
 
 def test_a_shard_of_huge_bodies_stays_small_in_memory(web, tmp_path):
     """Two 600 MB bodies without Content-Length and one with: the shard's peak memory grows by far less."""
-    operator_dir = str(Path(__file__).resolve().parents[1] / "operator")
+    operator_dir = str(Path(__file__).resolve().parents[2] / "operator")
     done = subprocess.run(
         [sys.executable, "-c", MEMORY_SCRIPT, operator_dir, web.base_url, str(tmp_path)],
         capture_output=True,

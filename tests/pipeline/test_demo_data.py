@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-OPERATOR_DIR = Path(__file__).resolve().parents[1] / "operator"
+OPERATOR_DIR = Path(__file__).resolve().parents[2] / "operator"
 if str(OPERATOR_DIR) not in sys.path:
     sys.path.insert(0, str(OPERATOR_DIR))
 

@@ -1,7 +1,7 @@
 """micro_diffusion's recipe in the latents stage: its preprocessing (torchvision's Resize + CenterCrop,
 compared with torchvision itself), several resolutions from one decode, an MDS folder anyone wrote as
 input, and the loader mixing datasets as streams. The stage runs in-process here (encode_shard is
-what each Ray task runs); tests/test_latents.py runs it on Ray."""
+what each Ray task runs); tests/pipeline/test_latents.py runs it on Ray."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ from laion_operator.testbed.demo_data import write_metadata
 from tests.support.prometheus import DASHBOARD, Prometheus, binary, dashboard_exprs, grafana_substitute
 from tests.support.specs import partspec
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 FILES = ROOT / "charts" / "laion-operator" / "files"
 ALERTS = FILES / "alerts.yaml"

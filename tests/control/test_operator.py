@@ -21,7 +21,7 @@ from tests.support.prometheus import Prometheus
 from tests.support.services import job_driver_pids
 from tests.support.specs import laionpart
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GROUP, VERSION, PLURAL = "laion-operator.io", "v1alpha1", "laionparts"
 RAYJOB_CRD = kuberay_crd("rayjobs")  # the pinned KubeRay release's, as its operator runs with
 

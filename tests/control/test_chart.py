@@ -21,7 +21,7 @@ import yaml
 from helm_python.errors import HelmRenderError, HelmValuesError
 from kubernetes_validate.utils import SchemaNotFoundError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 OPERATOR_DIR = ROOT / "operator"
 if str(OPERATOR_DIR) not in sys.path:
     sys.path.insert(0, str(OPERATOR_DIR))
