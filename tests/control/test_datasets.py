@@ -12,10 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from laion_operator.testbed.demo_data import write_metadata
-from tests.support.operator_proc import operator_starter
-from tests.support.specs import OPERATOR_DOWNLOAD, laionpart, loopback
 from tests.control.test_operator import GROUP, PLURAL, RAYJOB_CRD, VERSION, apply, jobs_of, part
 from tests.control.test_operator import wait_phase as _wait_phase
+from tests.support.operator_proc import operator_starter
+from tests.support.specs import OPERATOR_DOWNLOAD, laionpart, loopback
 
 ROOT = Path(__file__).resolve().parents[2]
 DATASETS = "laiondatasets"

@@ -17,9 +17,6 @@ import time
 import pytest
 
 from laion_operator.testbed.demo_data import write_metadata
-from tests.support.operator_proc import OperatorProcess, operator_starter
-from tests.support.rayproxy import RayProxy
-from tests.support.specs import laionpart
 from tests.control.test_datasets import (
     DATASETS,
     dataset_doc,
@@ -30,6 +27,9 @@ from tests.control.test_datasets import (
 )
 from tests.control.test_faults_operator import JobWatch, apply, jobs_of, status_of, wait_phase
 from tests.control.test_operator import RAYJOB_CRD
+from tests.support.operator_proc import OperatorProcess, operator_starter
+from tests.support.rayproxy import RayProxy
+from tests.support.specs import laionpart
 
 GROUP, VERSION, PLURAL = "laion-operator.io", "v1alpha1", "laionparts"
 ACTIVE = ("PENDING", "RUNNING")
