@@ -12,21 +12,25 @@ import pyarrow.parquet as pq
 import pytest
 
 from laion_operator.testbed.demo_data import write_metadata
-from tests.control.test_operator import GROUP, PLURAL, RAYJOB_CRD, VERSION, apply, jobs_of, part
-from tests.control.test_operator import wait_phase as _wait_phase
+from tests.support.kinds import (
+    DATASET_DOWNLOAD,
+    DATASETS,
+    GROUP,
+    PLURAL,
+    VERSION,
+    apply,
+    dataset_doc,
+    jobs_of,
+    part,
+    parts_of,
+    wait_dataset,
+    wait_for_finished_shard,
+)
+from tests.support.kinds import wait_phase as _wait_phase
 from tests.support.operator_proc import operator_starter
-from tests.support.specs import OPERATOR_DOWNLOAD, laionpart, loopback
+from tests.support.specs import laionpart
 
 ROOT = Path(__file__).resolve().parents[2]
-DATASETS = "laiondatasets"
-
-
-@pytest.fixture(scope="module")
-def api(kube_api):
-    kube_api.install_crd(ROOT / "crds" / "laionpart.yaml")
-    kube_api.install_crd(ROOT / "crds" / "laiondataset.yaml")
-    kube_api.install_crd(RAYJOB_CRD)
-    return kube_api
 
 
 @pytest.fixture
@@ -34,25 +38,6 @@ def operator(api, tmp_path):
     """Start the operator on a Ray cluster (or on none: then only suspended parts make sense)."""
     with operator_starter(tmp_path, api) as start:
         yield start
-
-
-def five_small_parts(folder, image_server):
-    """Five small parts' metadata, meta_1.parquet to meta_5.parquet, in `folder`."""
-    for n in range(1, 6):
-        write_metadata(
-            folder / f"meta_{n}.parquet",
-            20,
-            image_server.base_url,
-            seed=40 + n,
-            failure_mix={"ok": 0.8, "http_4xx": 0.2},
-        )
-    return folder
-
-
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory, image_server):
-    """Five small parts, meta_1.parquet to meta_5.parquet."""
-    return five_small_parts(tmp_path_factory.mktemp("dataset-meta"), image_server)
 
 
 @pytest.fixture(scope="module")
@@ -63,37 +48,10 @@ def slow_source(tmp_path_factory, image_server):
     return path
 
 
-# What this module's parts and its dataset template add to the operator tests' download: one place,
-# so that a part applied alone downloads as the dataset's parts do.
-DATASET_DOWNLOAD = {"parallelism": 1, "outputFormat": "webdataset"}
-
-
-def download(**extra) -> dict:
-    return loopback({**OPERATOR_DOWNLOAD, **DATASET_DOWNLOAD, **extra})
-
-
 def part_doc(name: str, source: Path, out: Path, **spec) -> dict:
     """A part that fails at once rather than retry (maxRetries 0), downloading as the dataset's parts do."""
     options = {**DATASET_DOWNLOAD, **spec.pop("download", {})}
     return laionpart(name, source, out, download=options, **{"maxRetries": 0, **spec})
-
-
-def dataset_doc(name: str, sources: Path, out: Path, **spec) -> dict:
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "LaionDataset",
-        "metadata": {"name": name},
-        "spec": {
-            "source": {"pattern": str(sources / "meta_{part}.parquet"), "first": 1, "last": 5},
-            "template": {
-                "filter": {"samplesPerShard": 10},
-                "download": download(),
-                "output": {"uri": str(out)},
-                "maxRetries": 0,
-            },
-            **spec,
-        },
-    }
 
 
 def wait_phase(api, namespace: str, name: str, phases, timeout: float = 600) -> dict:
@@ -103,23 +61,6 @@ def wait_phase(api, namespace: str, name: str, phases, timeout: float = 600) -> 
 
 def dataset(api, namespace: str, name: str) -> dict | None:
     return api.get(GROUP, VERSION, DATASETS, namespace, name)
-
-
-def parts_of(api, namespace: str, name: str) -> list[dict]:
-    return api.list(GROUP, VERSION, PLURAL, namespace, label_selector=f"laion-operator.io/dataset={name}")
-
-
-def wait_dataset(api, namespace: str, name: str, predicate, timeout: float = 900) -> dict:
-    return api.wait_for(
-        GROUP,
-        VERSION,
-        DATASETS,
-        namespace,
-        name,
-        lambda o: o is not None and predicate(o.get("status") or {}),
-        timeout=timeout,
-        interval=0.3,
-    )
 
 
 def job_status(ray_cluster, job_id: str) -> str:
@@ -134,13 +75,6 @@ def wait_job_ended(ray_cluster, job_id: str, timeout: float = 300) -> str:
         assert time.monotonic() < deadline, state
         time.sleep(0.5)
     return state
-
-
-def wait_for_finished_shard(out: Path, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while not list(out.glob("*_stats.json")):
-        assert time.monotonic() < deadline, "no shard finished"
-        time.sleep(0.2)
 
 
 def test_dataset_of_five_parts(api, operator, ray_cluster, kube_namespace, sources, tmp_path):

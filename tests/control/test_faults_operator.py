@@ -6,35 +6,24 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from laion_operator.control import crash
 from laion_operator.testbed.demo_data import write_metadata
 from tests.support.exactly_once import check_exactly_once
 from tests.support.faults import Outage
+from tests.support.kinds import GROUP, PLURAL, VERSION, JobWatch, jobs_of, status_of
+
+# apply and wait_phase that assert success and give the part's status: what every test here wants
+from tests.support.kinds import apply_ok as apply
+from tests.support.kinds import wait_phase_status as wait_phase
 from tests.support.operator_proc import OperatorProcess, operator_starter
 from tests.support.specs import laionpart
 
 ROOT = Path(__file__).resolve().parents[2]
-GROUP, VERSION, PLURAL = "laion-operator.io", "v1alpha1", "laionparts"
-
-
-@pytest.fixture(scope="module")
-def api(kube_api):
-    kube_api.install_crd(ROOT / "crds" / "laionpart.yaml")
-    return kube_api
-
-
-@pytest.fixture
-def operators(api, ray_cluster, tmp_path):
-    """Start operators (`wait=False`: without waiting for them to serve); all are stopped after the test."""
-    with operator_starter(tmp_path, api, ray_cluster) as start:
-        yield start
 
 
 @pytest.fixture(scope="module")
@@ -49,68 +38,6 @@ def slow_metadata(tmp_path_factory, image_server):
     path = tmp_path_factory.mktemp("slow") / "part.parquet"
     write_metadata(path, 40, image_server.base_url, seed=42, slow_seconds=1, failure_mix={"ok": 0.5, "timeout": 0.5})
     return path
-
-
-def apply(api, namespace: str, *docs: dict) -> None:
-    result = api.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump_all(docs), check=False)
-    assert result.returncode == 0, result.stderr
-
-
-def status_of(api, namespace: str, name: str) -> dict:
-    return (api.get(GROUP, VERSION, PLURAL, namespace, name) or {}).get("status") or {}
-
-
-def wait_phase(api, namespace: str, name: str, phases, timeout: float = 600) -> dict:
-    phases = {phases} if isinstance(phases, str) else set(phases)
-    return api.wait_for(
-        GROUP,
-        VERSION,
-        PLURAL,
-        namespace,
-        name,
-        lambda o: o is not None and (o.get("status") or {}).get("phase") in phases,
-        timeout=timeout,
-    )["status"]
-
-
-def jobs_of(ray_cluster, namespace: str, name: str) -> list[dict]:
-    """The part's jobs, from the Jobs API's list (as the operator labels them)."""
-    listed = ray_cluster.jobs_api("/api/jobs/")
-    jobs = listed if isinstance(listed, list) else listed.get("jobs", [])
-    return [
-        j
-        for j in jobs
-        if (j.get("metadata") or {}).get("laion-operator.io/part") == name
-        and j["metadata"].get("laion-operator.io/namespace") == namespace
-    ]
-
-
-class JobWatch:
-    """Polls the Jobs API list in the background: the most jobs of one part that ran at the same moment."""
-
-    def __init__(self, ray_cluster, namespace: str, name: str):
-        self.args = (ray_cluster, namespace, name)
-        self.most_at_once = 0
-        self.running: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-
-    def _poll(self):
-        while not self._stop.is_set():
-            try:
-                jobs = jobs_of(*self.args)
-            except OSError:
-                continue
-            running = [j["submission_id"] for j in jobs if j["status"] in ("PENDING", "RUNNING")]
-            if len(running) > self.most_at_once:
-                self.most_at_once, self.running = len(running), running
-            time.sleep(0.2)
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join(10)
-        return self.most_at_once
 
 
 def wait_exit(op: OperatorProcess, timeout: float = 600) -> int:

@@ -15,23 +15,15 @@ import yaml
 from laion_operator.spec import PartSpec
 from laion_operator.testbed.demo_data import write_metadata
 from tests.support.chart import install, manifests, one, operator_config, render
-from tests.support.cluster import kuberay_crd
+from tests.support.kinds import GROUP, PLURAL, RAYJOB_CRD, VERSION
 from tests.support.operator_proc import OperatorProcess
 from tests.support.services import LOOPBACK_RAY, RayCluster
 from tests.support.specs import laionpart
 
 ROOT = Path(__file__).resolve().parents[2]
-GROUP, VERSION, PLURAL = "laion-operator.io", "v1alpha1", "laionparts"
-RAYJOB_CRD = kuberay_crd("rayjobs")  # the pinned KubeRay release's, as its operator runs with
 SECRET = "laion-s3"
-
-
-@pytest.fixture(scope="module")
-def api(kube_api):
-    kube_api.install_crd(ROOT / "crds" / "laionpart.yaml")
-    kube_api.install_crd(ROOT / "crds" / "laiondataset.yaml")  # the operator serves both kinds
-    kube_api.install_crd(RAYJOB_CRD)
-    return kube_api
+# Each test here installs the chart with values of its own.
+pytestmark = pytest.mark.usefixtures("default_chart_after")
 
 
 @pytest.fixture(scope="module")
@@ -39,13 +31,6 @@ def metadata(tmp_path_factory, image_server):
     path = tmp_path_factory.mktemp("meta") / "part.parquet"
     write_metadata(path, 50, image_server.base_url, seed=31, failure_mix={"ok": 0.8, "http_4xx": 0.2})
     return path
-
-
-@pytest.fixture(autouse=True)
-def default_chart_after(api):
-    """Each test here installs the chart with values of its own: the default install again after it."""
-    yield
-    api.operator_env = install(api)
 
 
 @pytest.fixture

@@ -14,11 +14,11 @@ import yaml
 from laion_operator.testbed.demo_data import write_metadata
 from tests.support.chart import NAMESPACE, installed, one
 from tests.support.cluster import KubeAPIError
+from tests.support.kinds import GROUP, PLURAL, VERSION
 from tests.support.operator_proc import operator_starter
 from tests.support.specs import laionpart
 
 ROOT = Path(__file__).resolve().parents[2]
-GROUP, VERSION, PLURAL = "laion-operator.io", "v1alpha1", "laionparts"
 
 
 @pytest.fixture(scope="module")

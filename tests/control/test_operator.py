@@ -6,7 +6,6 @@ import json
 import os
 import re
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -15,30 +14,12 @@ import yaml
 
 from laion_operator.spec import load
 from laion_operator.testbed.demo_data import write_metadata
-from tests.support.cluster import kuberay_crd
-from tests.support.operator_proc import operator_starter
+from tests.support.kinds import GROUP, PLURAL, VERSION, apply, jobs_of, part, wait_phase
 from tests.support.prometheus import Prometheus
 from tests.support.services import job_driver_pids
 from tests.support.specs import laionpart
 
 ROOT = Path(__file__).resolve().parents[2]
-GROUP, VERSION, PLURAL = "laion-operator.io", "v1alpha1", "laionparts"
-RAYJOB_CRD = kuberay_crd("rayjobs")  # the pinned KubeRay release's, as its operator runs with
-
-
-@pytest.fixture(scope="module")
-def api(kube_api):
-    kube_api.install_crd(ROOT / "crds" / "laionpart.yaml")
-    kube_api.install_crd(ROOT / "crds" / "laiondataset.yaml")  # the operator serves both kinds
-    kube_api.install_crd(RAYJOB_CRD)
-    return kube_api
-
-
-@pytest.fixture
-def operators(api, ray_cluster, tmp_path):
-    """Start operators with a given configuration; all are stopped after the test."""
-    with operator_starter(tmp_path, api, ray_cluster) as start:
-        yield start
 
 
 @pytest.fixture(scope="module")
@@ -65,27 +46,6 @@ def manifest(name: str, source: Path, output: Path, example: str = "03-trial-1-p
     return laionpart(name, source, output, download=download, **{**kept, **overrides})
 
 
-def apply(api, namespace: str, doc: dict) -> subprocess.CompletedProcess:
-    return api.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(doc), check=False)
-
-
-def part(api, namespace: str, name: str) -> dict:
-    return api.get(GROUP, VERSION, PLURAL, namespace, name)
-
-
-def wait_phase(api, namespace: str, name: str, phases, timeout: float = 240) -> dict:
-    phases = {phases} if isinstance(phases, str) else set(phases)
-    return api.wait_for(
-        GROUP,
-        VERSION,
-        PLURAL,
-        namespace,
-        name,
-        lambda o: o is not None and (o.get("status") or {}).get("phase") in phases,
-        timeout=timeout,
-    )
-
-
 def wait_events(api, namespace: str, name: str, reasons: list[str], timeout: float = 30) -> str:
     """`kubectl describe lp` once its Events section lists every reason, in that order."""
     deadline = time.monotonic() + timeout
@@ -97,18 +57,6 @@ def wait_events(api, namespace: str, name: str, reasons: list[str], timeout: flo
             assert [r for r in found if r in reasons] == reasons, described
             return described
         time.sleep(0.5)
-
-
-def jobs_of(ray_cluster, namespace: str, name: str) -> list:
-    from ray.job_submission import JobSubmissionClient
-
-    client = JobSubmissionClient(ray_cluster.dashboard_url)
-    return [
-        j
-        for j in client.list_jobs()
-        if (j.metadata or {}).get("laion-operator.io/part") == name
-        and j.metadata.get("laion-operator.io/namespace") == namespace
-    ]
 
 
 def test_examples_are_valid_parts():
@@ -149,7 +97,7 @@ def test_part_from_apply_to_succeeded(api, operators, ray_cluster, kube_namespac
     conditions = {c["type"]: c for c in status["conditions"]}
     assert conditions["Complete"]["status"] == "True" and conditions["Submitted"]["status"] == "True"
     assert conditions["Verified"]["status"] == "True" and summary["verified"]["ok"]
-    assert [j.submission_id for j in jobs_of(ray_cluster, kube_namespace, "trial")] == [status["submissionId"]]
+    assert [j["submission_id"] for j in jobs_of(ray_cluster, kube_namespace, "trial")] == [status["submissionId"]]
 
     table = api.kubectl("get", "lp", "-n", kube_namespace).stdout
     header, row = table.splitlines()[:2]
@@ -206,7 +154,7 @@ def test_operator_restart_mid_part_adopts_the_job(api, operators, ray_cluster, k
     status = wait_phase(api, kube_namespace, "restart", ("Succeeded", "Failed"))["status"]
     assert status["phase"] == "Succeeded", status
     assert status["submissionId"] == job_id
-    assert [j.submission_id for j in jobs_of(ray_cluster, kube_namespace, "restart")] == [job_id]
+    assert [j["submission_id"] for j in jobs_of(ray_cluster, kube_namespace, "restart")] == [job_id]
 
 
 def test_delete_mid_part_stops_the_job_and_keeps_output(

@@ -17,41 +17,36 @@ import time
 import pytest
 
 from laion_operator.testbed.demo_data import write_metadata
-from tests.control.test_datasets import (
+from tests.support.kinds import (
     DATASETS,
+    GROUP,
+    PLURAL,
+    VERSION,
+    JobWatch,
     dataset_doc,
-    five_small_parts,
+    jobs_of,
     parts_of,
+    status_of,
     wait_dataset,
     wait_for_finished_shard,
 )
-from tests.control.test_faults_operator import JobWatch, apply, jobs_of, status_of, wait_phase
-from tests.control.test_operator import RAYJOB_CRD
+
+# apply and wait_phase that assert success and give the part's status, as in test_faults_operator
+from tests.support.kinds import apply_ok as apply
+from tests.support.kinds import wait_phase_status as wait_phase
 from tests.support.operator_proc import OperatorProcess, operator_starter
 from tests.support.rayproxy import RayProxy
 from tests.support.specs import laionpart
 
-GROUP, VERSION, PLURAL = "laion-operator.io", "v1alpha1", "laionparts"
 ACTIVE = ("PENDING", "RUNNING")
+# Tests here may install the chart with values of their own.
+pytestmark = pytest.mark.usefixtures("default_chart_after")
 
 
 @pytest.fixture(scope="module")
-def api(kube_api):
-    kube_api.install_crd(RAYJOB_CRD)  # the parts' CRDs come with the chart, installed for the session
-    return kube_api
-
-
-@pytest.fixture
-def operators(api, ray_cluster, tmp_path):
-    """Start operators with a given configuration; all are stopped after the test."""
-    with operator_starter(tmp_path, api, ray_cluster) as start:
-        yield start
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, image_server):
-    """Five small parts, meta_1.parquet to meta_5.parquet."""
-    return five_small_parts(tmp_path_factory.mktemp("dataset-meta"), image_server)
+def tiny(sources):
+    """Five small parts, meta_1.parquet to meta_5.parquet (conftest's `sources`)."""
+    return sources
 
 
 @pytest.fixture(scope="module")
@@ -70,15 +65,6 @@ def jobs_client(ray_cluster):
 
 def job_ids(ray_cluster, namespace: str, name: str) -> list[str]:
     return sorted(j["submission_id"] for j in jobs_of(ray_cluster, namespace, name))
-
-
-@pytest.fixture(autouse=True)
-def default_chart_after(api):
-    """Tests here may install the chart with values of their own: its default install again after."""
-    yield
-    from tests.support.chart import install
-
-    api.operator_env = install(api)
 
 
 def chart_allows(api, secret: str) -> dict[str, str]:
