@@ -28,7 +28,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
@@ -39,9 +39,6 @@ SHARDS_DIR = f"{META_DIR}/shards"
 HEAL = f"{META_DIR}/heal.json"  # a heal's plan and how far it got (pipeline/heal.py)
 HEAL_DIR = f"{META_DIR}/heal"  # each shard's earlier samples while the heal rewrites it
 
-# The file (or, for `files`, the folder) a shard's samples go to, by outputFormat.
-# `mds` is a folder too: MDSWriter writes a folder of shard.NNNNN.mds files and their index.json.
-SHARD_SUFFIX = {"webdataset": ".tar", "parquet": ".parquet", "tfrecord": ".tfrecord", "files": "", "mds": ""}
 # streaming's index file name, in each shard's MDS folder and (merged) at the root of the output.
 MDS_INDEX = "index.json"
 # img2dataset's writers name shards with this many digits: 00000, 00001, …
@@ -85,15 +82,6 @@ def shard_metadata(shard: int) -> str:
     return f"{shard_name(shard)}.parquet"
 
 
-def shard_data(shard: int, output_format: str) -> str:
-    return shard_name(shard) + SHARD_SUFFIX[output_format]
-
-
-def shard_files(shard: int) -> list[str]:
-    """Everything a shard may have written, whatever the format: removed before it is redone."""
-    return sorted({shard_name(shard) + suffix for suffix in SHARD_SUFFIX.values()} | {shard_metadata(shard)})
-
-
 def mds_index(shard: int | None = None) -> str:
     """A shard's MDS index, or (no shard) the merged one a StreamingDataset reads the whole part from."""
     return MDS_INDEX if shard is None else f"{shard_name(shard)}/{MDS_INDEX}"
@@ -134,8 +122,23 @@ def files_csv(part_id: str) -> str:
     return f"part_{part_id}.csv"
 
 
+# The output formats: their names, and of each the one thing the control plane reads, the name of
+# its annotation file (a dataset's index lists it for every part, done or not). Everything else a
+# format knows (its shard files, writer, readers, annotation rows, resume's pattern) is its module's,
+# pipeline/formats/<name>.py, which formats/ imports by the names here. The registry is here, not in
+# formats/, because the operator and the spec (the CRD's enum) must know the names without importing
+# the pipeline. A new format is its module there and its line here.
+OUTPUT_FORMATS: dict[str, Callable[[str], str]] = {
+    "webdataset": stats_csv,
+    "files": files_csv,
+    "parquet": stats_csv,
+    "tfrecord": stats_csv,
+    "mds": stats_csv,
+}
+
+
 def annotations(part_id: str, output_format: str) -> str:
-    return files_csv(part_id) if output_format == "files" else stats_csv(part_id)
+    return OUTPUT_FORMATS[output_format](part_id)
 
 
 def summary(part_id: str) -> str:

@@ -8,17 +8,13 @@
 
 from __future__ import annotations
 
-import io
-import json
-import os
 import re
-import tarfile
-import tempfile
 from collections import Counter
 
 import pyarrow.parquet as pq
 
 from laion_operator import contract
+from laion_operator.pipeline import formats
 from laion_operator.spec import Output
 from laion_operator.storage import Store
 
@@ -46,38 +42,9 @@ def _parquet(store: Store, name: str):
         return pq.read_table(f)
 
 
-def _image_keys(store: Store, shard: int, fmt: str, table) -> list[str]:
-    """The keys of the images actually in the shard's data file(s), read with each format's own library."""
-    if fmt == "webdataset":
-        with store.fs.open(store.path(contract.shard_data(shard, fmt)), "rb") as f:
-            with tarfile.open(fileobj=io.BytesIO(f.read())) as tar:
-                return [m.name.split(".")[0] for m in tar.getmembers() if m.name.endswith((".jpg", ".png", ".webp"))]
-    if fmt == "files":
-        folder = store.path(contract.shard_name(shard))
-        names = [p.rsplit("/", 1)[-1] for p in store.fs.ls(folder, detail=False)] if store.fs.exists(folder) else []
-        return [n.split(".")[0] for n in names if n.endswith((".jpg", ".png", ".webp"))]
-    if fmt == "parquet":  # the data file is the metadata file: images are the non-null image column
-        image = next(c for c in ("jpg", "png", "webp") if c in table.column_names)
-        return [k for k, img in zip(table.column("key").to_pylist(), table.column(image).to_pylist()) if img]
-    with tempfile.TemporaryDirectory() as local:
-        name = contract.shard_data(shard, fmt)
-        store.fs.get(store.path(name), os.path.join(local, name), recursive=fmt == "mds")
-        if fmt == "tfrecord":
-            from tfrecord.reader import tfrecord_loader
-
-            return [
-                bytes(r["key"]).decode()
-                for r in tfrecord_loader(os.path.join(local, name), None)
-                if any(c in r for c in ("jpg", "png", "webp"))
-            ]
-        if fmt == "mds":
-            from streaming.base.format import reader_from_json
-
-            with open(os.path.join(local, name, "index.json")) as f:
-                index = json.load(f)
-            readers = [reader_from_json(os.path.join(local, name), None, entry) for entry in index["shards"]]
-            return [r.get_item(i)["key"] for r in readers for i in range(r.samples)]
-    raise ValueError(f"no key reader for {fmt}")
+def _image_keys(store: Store, shard: int, fmt: str) -> list[str]:
+    """The keys of the images actually in the shard's data file(s), read back by the format's own reader."""
+    return [s.key for s in formats.get(fmt).read_samples(store, shard) if s.image is not None]
 
 
 def check_exactly_once(
@@ -120,7 +87,7 @@ def check_exactly_once(
         success = [r["key"] for r in rows if r["status"] == "success"]
         ok += len(success)
         reasons.update(r["failure_reason"] for r in rows if r["status"] != "success")
-        images = _image_keys(store, shard, fmt, table)
+        images = _image_keys(store, shard, fmt)
         assert sorted(images) == sorted(success), f"shard {shard}: images in its file differ from its successes"
         stats = store.read_json(contract.shard_stats(shard))
         assert stats is not None, f"{contract.shard_stats(shard)} missing"

@@ -19,10 +19,11 @@ from collections.abc import Callable
 
 import pyarrow as pa
 
-from ..contract import ShardStats, shard_files, shard_stats
+from ..contract import ShardStats, shard_stats
 from ..spec import Download
 from ..storage import Store
 from . import formats
+from .formats import shard_files
 from .resize import Resizer
 
 # What became of a sample, after the columns it came with.

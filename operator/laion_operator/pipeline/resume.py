@@ -4,22 +4,18 @@ and shard files this part did not write."""
 from __future__ import annotations
 
 import logging
-import re
 
 from .. import contract
 from ..contract import ShardStats
 from ..errors import InputError
 from ..storage import Store
+from . import formats
 
 log = logging.getLogger(__name__)
 
 
 class DamagedOutput(InputError):
     """The output holds files this part did not write and cannot account for; the message names them."""
-
-
-# A shard's files, whatever the format: 00042, 00042.tar, 00042.parquet, 00042_stats.json, …
-_SHARD_FILE = re.compile(rf"^(\d{{{contract.SHARD_DIGITS}}})(_stats\.json|\.tar|\.parquet|\.tfrecord)?$")
 
 
 def finished_shard(store: Store, shard: int, output_format: str) -> ShardStats | None:
@@ -34,7 +30,7 @@ def finished_shard(store: Store, shard: int, output_format: str) -> ShardStats |
     except (ValueError, KeyError, TypeError) as err:
         log.warning("%s: unreadable (%s); shard %d is redone", store.url(name), err, shard)
         return None
-    for needed in (contract.shard_metadata(shard), contract.shard_data(shard, output_format)):
+    for needed in (contract.shard_metadata(shard), formats.shard_data(shard, output_format)):
         if not store.exists(needed):
             log.warning("%s is missing beside %s; shard %d is redone", store.url(needed), name, shard)
             return None
@@ -47,7 +43,8 @@ def check_no_stray_shards(store: Store, shards: int) -> None:
         names = [p.rstrip("/").rsplit("/", 1)[-1] for p in store.fs.ls(store.root, detail=False)]
     except FileNotFoundError:
         return
-    stray = sorted(n for n in names if (m := _SHARD_FILE.match(n)) and int(m.group(1)) >= shards)
+    # a shard's files in any format (00042, 00042.tar, 00042.parquet, 00042_stats.json, …), as each format names them
+    stray = sorted(n for n in names if (shard := formats.shard_of_file(n)) is not None and shard >= shards)
     if stray:
         raise DamagedOutput(
             f"output {store.uri} holds {', '.join(store.url(n) for n in stray[:5])}"

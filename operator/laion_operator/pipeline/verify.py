@@ -22,11 +22,11 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 
 from .. import contract
-from ..contract import MANIFEST, ShardStats, Verification, shard_data, shard_name
+from ..contract import MANIFEST, ShardStats, Verification, shard_name
 from ..errors import InputError
 from ..storage import Store
 from . import formats
-from .formats import BrokenShard
+from .formats import BrokenShard, shard_data
 
 MAX_PROBLEMS_PER_SHARD = 5
 

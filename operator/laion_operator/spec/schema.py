@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .. import contract
 from ..contract import FAILURE_REASONS, TRANSIENT_REASONS
 
 LOGICAL_COLUMNS = (
@@ -20,7 +21,8 @@ LOGICAL_COLUMNS = (
     "hash",
 )
 RESIZE_MODES = ["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"]
-OUTPUT_FORMATS = ["webdataset", "files", "parquet", "tfrecord", "mds"]
+# The CRD's enum of outputFormat: the contract's registry of formats (one module each in pipeline/formats/).
+OUTPUT_FORMATS = list(contract.OUTPUT_FORMATS)
 # What `source.dataset` reads: img2dataset-style tars, a `files` folder, or images plus a captions JSONL.
 DATASET_FORMATS = ["webdataset", "files", "images"]
 MDS_SHARD_SIZE = 1 << 26  # streaming's own default size_limit

@@ -1,23 +1,57 @@
 """The output formats, one module each, the way mosaicml-streaming keeps a format's reader and writer
 side by side: `webdataset`, `files`, `parquet`, `tfrecord`, `mds` (`base` holds what they share).
 
-Each module's `FORMAT` has its sample writer, `read_samples(store, shard)` giving the shard's
-(key, caption, image bytes, metadata) back, its annotation rows, its image extensions and whether
-convert reads datasets in it. Download, convert, annotate, verify, heal and latents ask the format;
-a new format is one module here, listed below and in spec.OUTPUT_FORMATS.
+Each module's `FORMAT` has its shard's data file, its sample writer, `read_samples(store, shard)`
+giving the shard's (key, caption, image bytes, metadata) back, its annotation rows, its image
+extensions and whether convert reads datasets in it. Download, convert, annotate, verify, heal,
+latents, resume and the tests ask the format; a new format is one module here, named after it, and
+its line in contract.OUTPUT_FORMATS (the registry the operator and the CRD's enum read too).
 """
 
 from __future__ import annotations
 
-from . import files, mds, parquet, tfrecord, webdataset
-from .base import BrokenShard, Format, Sample, read_metadata
+from importlib import import_module
 
-FORMATS: dict[str, Format] = {m.FORMAT.name: m.FORMAT for m in (webdataset, files, parquet, tfrecord, mds)}
+from ...contract import OUTPUT_FORMATS, STATS_SUFFIX, shard_metadata
+from .base import BrokenShard, Format, Sample, numbered, read_metadata
 
-__all__ = ["FORMATS", "BrokenShard", "Format", "Sample", "get", "read_metadata"]
+# Each name of the contract's registry is the module here that holds the format.
+FORMATS: dict[str, Format] = {name: import_module(f"{__name__}.{name}").FORMAT for name in OUTPUT_FORMATS}
+
+__all__ = [
+    "FORMATS",
+    "BrokenShard",
+    "Format",
+    "Sample",
+    "get",
+    "read_metadata",
+    "shard_data",
+    "shard_files",
+    "shard_of_file",
+]
 
 
 def get(name: str) -> Format:
     if name not in FORMATS:
         raise ValueError(f"no output format {name!r}; the formats are {', '.join(FORMATS)}")
     return FORMATS[name]
+
+
+def shard_data(shard: int, output_format: str) -> str:
+    """The file (or folder) of the output that holds the shard's samples in `output_format`."""
+    return get(output_format).data_file(shard)
+
+
+def shard_files(shard: int) -> list[str]:
+    """Everything a shard may have written, whatever the format: removed before it is redone."""
+    return sorted({f.data_file(shard) for f in FORMATS.values()} | {shard_metadata(shard)})
+
+
+def shard_of_file(file_name: str) -> int | None:
+    """The shard an entry of the output folder belongs to (its data in any format, its metadata or its
+    stats), or None for any other file."""
+    for suffix in (STATS_SUFFIX, ".parquet", *(f.suffix for f in FORMATS.values())):
+        shard = numbered(file_name, suffix)
+        if shard is not None:
+            return shard
+    return None

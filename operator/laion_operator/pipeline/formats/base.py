@@ -1,8 +1,9 @@
 """What every output format is, and the pieces the formats share.
 
-A format (one module beside this one) knows everything about its shards: the sample writer that
-makes them, `read_samples` that reads them back as `Sample`s, the rows of its annotation file, the
-extensions its images go under and whether convert reads datasets in it. A stage asks the format
+A format (one module beside this one) knows everything about its shards: the file (or folder) a
+shard's samples go to, the sample writer that makes them, `read_samples` that reads them back as
+`Sample`s, the rows of its annotation file, the extensions its images go under and whether convert
+reads datasets in it. A stage, resume and the tests ask the format
 (`formats.get(spec.download.output_format)`) instead of branching on its name.
 
 Every format also writes img2dataset's `<shard>.parquet` beside its data, the metadata and status of
@@ -17,13 +18,14 @@ import csv
 import io
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 import fsspec
 
-from ...contract import SHARD_DIGITS, ShardStats, shard_data, shard_metadata
+from ...contract import SHARD_DIGITS, ShardStats, shard_metadata, shard_name
 from ...errors import InputError
 from ...spec import ENCODE_FORMATS, Download
 from ...storage import Store
@@ -50,6 +52,7 @@ class Format:
     """The base of every format; a subclass names itself, gives its sample writer and reads its shards."""
 
     name = ""
+    suffix = ""  # of the file a shard's samples go to, after its number; none: a folder of that number
     image_extensions: tuple[str, ...] = tuple(ENCODE_FORMATS)
     reads_datasets = False  # convert reads existing datasets in this format (spec.source.dataset.format)
     dataset_shards = ""  # what a dataset's shards are, in words (`reads_datasets` formats only)
@@ -66,6 +69,15 @@ class Format:
         """The sample writer of one shard."""
         return self.sample_writer()(shard, output, save_caption, SHARD_DIGITS, schema, opts.encode_format)
 
+    def data_file(self, shard: int) -> str:
+        """The file (or folder) of the output that holds the shard's samples."""
+        return shard_name(shard) + self.suffix
+
+    def shard_of(self, file_name: str) -> int | None:
+        """The shard whose data file (or folder) this entry of the output is, or None (resume's pattern
+        for stray shards)."""
+        return numbered(file_name, self.suffix)
+
     def read_samples(self, store: Store, shard: int) -> Iterator[Sample]:
         """The samples one shard of the output holds, as its data file(s) hold them."""
         raise NotImplementedError
@@ -80,7 +92,7 @@ class Format:
 
     def annotation_rows(self, store: Store, opts: Download, shards: list[ShardStats]) -> tuple[list[str], Iterable]:
         """The header and rows of the part's annotation file (contract.annotations): a row a data file."""
-        return ["path", "num_samples"], ((store.url(shard_data(s.shard, self.name)), s.successes) for s in shards)
+        return ["path", "num_samples"], ((store.url(self.data_file(s.shard)), s.successes) for s in shards)
 
     def annotated(self, row: dict, prefix: str) -> tuple[str, int]:
         """What an annotation row says: the data file it lists (relative to the output) and its samples."""
@@ -110,12 +122,18 @@ class Grouped(Format):
         raise NotImplementedError
 
     def read_samples(self, store: Store, shard: int) -> Iterator[Sample]:
-        name = shard_data(shard, self.name)
+        name = self.data_file(shard)
         return self.read(store.fs, store.path(name), name)
 
     def read_dataset(self, path: str) -> Iterator[Sample]:
         fs, local = fsspec.core.url_to_fs(path.rstrip("/"))
         return self.read(fs, local, path)
+
+
+def numbered(file_name: str, suffix: str) -> int | None:
+    """The shard of a file named by its number and `suffix` (00042.tar, 00042_stats.json), or None."""
+    m = re.fullmatch(rf"(\d{{{SHARD_DIGITS}}}){re.escape(suffix)}", file_name)
+    return int(m.group(1)) if m else None
 
 
 def read_metadata(store: Store, shard: int):

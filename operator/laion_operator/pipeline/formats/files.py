@@ -16,7 +16,7 @@ from .base import Grouped, Sample, group, read_metadata, successes
 
 
 class Files(Grouped):
-    name = "files"
+    name = "files"  # a shard is the folder of its number (no suffix)
     img2dataset_writer = "FilesSampleWriter"
     dataset_shards = "NNNNN/ folders"
 

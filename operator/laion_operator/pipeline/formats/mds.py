@@ -85,7 +85,7 @@ class MDSSampleWriter:
 
 
 class MDS(Format):
-    name = "mds"
+    name = "mds"  # a shard is the folder of its number (no suffix): MDSWriter's files and index.json
 
     def sample_writer(self) -> type:
         return MDSSampleWriter

@@ -12,6 +12,7 @@ from .base import Format, Sample, read_metadata, successes
 
 class Parquet(Format):
     name = "parquet"
+    suffix = ".parquet"  # the metadata file: it holds the images too
     img2dataset_writer = "ParquetSampleWriter"
 
     def read_samples(self, store: Store, shard: int) -> Iterator[Sample]:

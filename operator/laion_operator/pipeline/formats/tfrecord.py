@@ -20,7 +20,6 @@ import fsspec
 import google_crc32c
 import numpy as np
 
-from ...contract import shard_data
 from ...storage import Store
 from .base import BrokenShard, Format, Sample, local_copy
 
@@ -150,6 +149,7 @@ def _text(value: bytes) -> str | bytes:
 
 class TFRecord(Format):
     name = "tfrecord"
+    suffix = ".tfrecord"
 
     def sample_writer(self) -> type:
         return TFRecordSampleWriter
@@ -157,7 +157,7 @@ class TFRecord(Format):
     def read_samples(self, store: Store, shard: int) -> Iterator[Sample]:
         from tfrecord.reader import tfrecord_iterator
 
-        name = shard_data(shard, self.name)
+        name = self.data_file(shard)
         with local_copy(store, name) as path:
             offset, count = 0, 0
             try:

@@ -18,6 +18,7 @@ _HEADERS = 4 * _BLOCK  # a member's headers: its own, and a PAX header with its 
 
 class WebDataset(Grouped):
     name = "webdataset"
+    suffix = ".tar"
     img2dataset_writer = "WebDatasetSampleWriter"
     dataset_shards = "NNNNN.tar files"
 
