@@ -11,8 +11,9 @@ size whatever the file's size:
 - dedupe without shuffle: kept rows are spilled in read order, their URL hashes (8 bytes a row) find
   the first of each URL, and the spill is cut into shards.
 
-Row groups are read and filtered by a few threads at once (in file order, a few row groups ahead), and
-shard files are written by background threads while the next rows are read.
+The metadata files are read by their source (`sources.urls`: parquet row groups read and filtered by a
+few threads at once, in file order), and shard files are written by background threads while the next
+rows are read.
 
 Every row read is either kept or counted under the first condition it fails, in this order:
 missing_url, minWidth, minHeight, maxPunsafe, maxPwatermark, minAesthetic, minSimilarity, languages,
@@ -24,11 +25,8 @@ and `droppedBy.excluded` counts the listed rows that the other conditions would 
 
 from __future__ import annotations
 
-import functools
-import itertools
 import os
 import tempfile
-import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -42,23 +40,18 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..contract import MANIFEST, SHARDS_DIR, fingerprint, shard_input
-from ..errors import InputError
 from ..spec import PartSpec
 from ..storage import Store
 from . import columns as cols
 from .exclude import Exclusions
 from .exclude import load as load_exclusions
+from .sources import MetadataError, open_list
 
-BATCH_ROWS = 131_072
-PARALLEL_ROW_GROUP_ROWS = 1 << 20  # row groups up to this size are filtered whole, several at once
-READ_THREADS = max(2, min(4, os.cpu_count() or 2))  # row groups read and filtered at once
+__all__ = ["FilterResult", "MetadataError", "plan", "read_shard", "run_filter", "url_hashes"]
+
 WRITE_THREADS = 2  # shard files written at once
 BUCKET_ROWS = 1_000_000  # rows read per spill bucket of the shuffle: bounds the rows sorted in memory at once
 MAX_BUCKET_BITS = 9  # at most 512 bucket files open at once
-
-
-class MetadataError(InputError):
-    """A metadata file cannot be read as LAION parquet."""
 
 
 @dataclass
@@ -72,22 +65,6 @@ class FilterResult:
 
     def to_json(self) -> dict:
         return self.__dict__.copy()
-
-
-def open_parquet(url: str, metadata: pq.FileMetaData | None = None, memory_map: bool = False) -> pq.ParquetFile:
-    """`memory_map`: a local file is read from a map of it rather than copied from the page cache; its
-    pages then count as the process's memory until the file is closed."""
-    try:
-        fs, path = fsspec.core.url_to_fs(url)
-        # pre_buffer would cache every row group read so far: memory would grow with the file.
-        if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
-            # Arrow's own reads: no Python call per read
-            return pq.ParquetFile(path, pre_buffer=False, metadata=metadata, memory_map=memory_map)
-        return pq.ParquetFile(fs.open(path, "rb"), pre_buffer=False, metadata=metadata)
-    except FileNotFoundError:
-        raise MetadataError(f"{url}: no such metadata file") from None
-    except (pa.ArrowInvalid, OSError) as err:
-        raise MetadataError(f"{url}: not a readable parquet file: {err}") from None
 
 
 def url_hashes(urls: pa.Array, seed: int) -> np.ndarray:
@@ -192,85 +169,6 @@ def _filter_batch(
     return _Filtered(table, batch.num_rows, dropped, offsets.to_numpy().astype(np.int64) if with_offsets else None)
 
 
-def _in_order(tasks: Iterator[Callable[[], object]], workers: int) -> Iterator:
-    """The tasks' results in task order, `workers` tasks running at once and at most one more done
-    ahead of the caller: memory holds a few tasks' results whatever the number of tasks."""
-    with ThreadPoolExecutor(workers, thread_name_prefix="metadata-reader") as pool:
-        pending: deque[Future] = deque()
-        try:
-            for task in tasks:
-                pending.append(pool.submit(task))
-                if len(pending) > workers:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:
-            for f in pending:
-                f.cancel()
-
-
-def _filtered_batches(
-    url: str,
-    pf: pq.ParquetFile,
-    read: list[str],
-    mapping: dict[str, str],
-    spec: PartSpec,
-    out_cols: dict[str, str],
-    with_offsets: bool,
-    exclusions: Exclusions | None = None,
-) -> Iterator[_Filtered]:
-    """Every batch of the file, filtered, in file order.
-
-    Row groups of at most PARALLEL_ROW_GROUP_ROWS are read and filtered whole, READ_THREADS at once,
-    each by a thread of its own with a file handle of its own (one decode thread a row group: Arrow's
-    own column threads cost more CPU for the same work). Larger row groups are streamed batch by batch,
-    Arrow decoding the next batch while this one is filtered."""
-    meta = pf.metadata
-    sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
-    if READ_THREADS > 1 and sizes and max(sizes) <= PARALLEL_ROW_GROUP_ROWS:
-        local = isinstance(fsspec.core.url_to_fs(url)[0], fsspec.implementations.local.LocalFileSystem)
-        handles = threading.local()
-        opened: list[pq.ParquetFile] = []
-
-        def handle() -> pq.ParquetFile:
-            if local:
-                # Mapped for one row group only: the mapped pages do not add up over the file.
-                return open_parquet(url, metadata=meta, memory_map=True)
-            own = getattr(handles, "pf", None)
-            if own is None:  # a remote file: one handle a thread, kept
-                own = handles.pf = open_parquet(url, metadata=meta)
-                opened.append(own)
-            return own
-
-        def row_group(i: int) -> list[_Filtered]:
-            own = handle()
-            try:
-                return [
-                    _filter_batch(batch, mapping, spec, out_cols, with_offsets, exclusions)
-                    for batch in own.iter_batches(
-                        batch_size=BATCH_ROWS, row_groups=[i], columns=read, use_threads=False
-                    )
-                ]
-            finally:
-                if local:
-                    own.close()
-
-        try:
-            for filtered in _in_order((functools.partial(row_group, i) for i in range(len(sizes))), READ_THREADS):
-                yield from filtered
-        finally:
-            for own in opened:
-                own.close()
-        return
-    # One reader thread a batch ahead: Arrow decodes the next batch without the GIL while this one
-    # is filtered. One worker runs the tasks in turn, so `next` is never called concurrently.
-    batches, end = pf.iter_batches(batch_size=BATCH_ROWS, columns=read), object()
-    for batch in _in_order((lambda: next(batches, end) for _ in itertools.count()), 1):
-        if batch is end:
-            return
-        yield _filter_batch(batch, mapping, spec, out_cols, with_offsets, exclusions)
-
-
 def _kept_batches(
     spec: PartSpec,
     result: FilterResult,
@@ -289,38 +187,35 @@ def _kept_batches(
     if exclusions is not None:
         result.dropped_by["excluded"] = 0
     for url in spec.source:
-        pf = open_parquet(url)
-        file_columns = pf.schema_arrow.names
-        mapping = cols.resolve(url, file_columns, spec.columns, needed)
+        listed = open_list(url)
+        mapping = cols.resolve(url, listed.columns, spec.columns, needed)
         result.columns[url] = mapping
-        out_cols = _output_columns(mapping, spec, file_columns, url)
+        out_cols = _output_columns(mapping, spec, listed.columns, url)
         read = sorted({*out_cols.values(), *(mapping[f] for f in needed)})
-        try:
-            for filtered in _filtered_batches(url, pf, read, mapping, spec, out_cols, with_positions, exclusions):
-                for name, count in filtered.dropped:
-                    result.dropped_by[name] = result.dropped_by.get(name, 0) + count
-                result.rows_read += filtered.rows
-                kept = filtered.table
-                h = url_hashes(kept.column("url"), spec.filter.seed) if with_hashes or sampling else None
-                seq = filtered.offsets + position if with_positions else None
-                position += filtered.rows
-                if sampling:
-                    sampled = h < threshold
-                    result.dropped_by["sampleFraction"] = result.dropped_by.get("sampleFraction", 0) + int(
-                        (~sampled).sum()
-                    )
-                    kept, h = kept.filter(pa.array(sampled)), h[sampled]
-                    seq = seq[sampled] if seq is not None else None
-                table = kept
-                if schema is None:
-                    schema = table.schema
-                elif table.schema != schema:
-                    table = table.cast(schema)
-                yield Kept(table, h if with_hashes else None, seq)
-                if on_batch:
-                    on_batch(result)
-        except (pa.ArrowInvalid, OSError) as err:
-            raise MetadataError(f"{url}: corrupt parquet data: {err}") from None
+
+        def filter_batch(batch: pa.RecordBatch, mapping=mapping, out_cols=out_cols) -> _Filtered:
+            return _filter_batch(batch, mapping, spec, out_cols, with_positions, exclusions)
+
+        for filtered in listed.batches(read, filter_batch):
+            for name, count in filtered.dropped:
+                result.dropped_by[name] = result.dropped_by.get(name, 0) + count
+            result.rows_read += filtered.rows
+            table = filtered.table
+            h = url_hashes(table.column("url"), spec.filter.seed) if with_hashes or sampling else None
+            seq = filtered.offsets + position if filtered.offsets is not None else None
+            position += filtered.rows
+            if h is not None and sampling:
+                sampled = h < threshold
+                result.dropped_by["sampleFraction"] = result.dropped_by.get("sampleFraction", 0) + int((~sampled).sum())
+                table, h = table.filter(pa.array(sampled)), h[sampled]
+                seq = seq[sampled] if seq is not None else None
+            if schema is None:
+                schema = table.schema
+            elif table.schema != schema:
+                table = table.cast(schema)
+            yield Kept(table, h if with_hashes else None, seq)
+            if on_batch:
+                on_batch(result)
 
 
 class ShardWriter:
@@ -388,7 +283,7 @@ class ShardWriter:
 
 
 def _rows_in(spec: PartSpec) -> int:
-    return sum(open_parquet(url).metadata.num_rows for url in spec.source)
+    return sum(open_list(url).rows for url in spec.source)
 
 
 def _shuffled(spec: PartSpec, batches: Iterator[Kept], workdir: str, result: FilterResult) -> Iterator[pa.Table]:

@@ -1,0 +1,72 @@
+"""What every source kind is: where a part's input comes from (`spec.source.<kind>`), and, for the
+URL lists the filter reads, what every list file's reader gives back.
+
+A source kind (one module beside this one) says whether a spec reads it, describes it to a person,
+and lists its inputs. The URL list (`urls`) reads its files through a `ListReader` chosen by the file's
+name (parquet today): each opened file gives its columns, its row count and its record batches, on
+which the filter runs its conditions as they are read.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+import pyarrow as pa
+
+from ...errors import InputError
+from ...spec import PartSpec
+
+T = TypeVar("T")
+
+
+class MetadataError(InputError):
+    """A metadata file cannot be read as LAION metadata; the message names the file."""
+
+
+class Source(ABC):
+    """A kind of part input: `spec.source.<name>`."""
+
+    name = ""
+
+    @abstractmethod
+    def selected(self, spec: PartSpec) -> bool:
+        """The spec reads this kind."""
+
+    @abstractmethod
+    def describe(self, spec: PartSpec) -> str:
+        """The input in a few words, for the line a run starts with."""
+
+
+class ListFile(ABC):
+    """One file of a URL list, open."""
+
+    def __init__(self, url: str):
+        self.url = url
+
+    @property
+    @abstractmethod
+    def columns(self) -> list[str]:
+        """The file's column names."""
+
+    @property
+    @abstractmethod
+    def rows(self) -> int:
+        """How many rows the file holds (the shuffle sizes its spill by it)."""
+
+    @abstractmethod
+    def batches(self, columns: list[str], each: Callable[[pa.RecordBatch], T]) -> Iterator[T]:
+        """Every batch of the file's `columns` as `each` turns it, in file order; `each` may run on
+        reader threads, several at once. A file that turns out unreadable raises MetadataError."""
+
+
+class ListReader(ABC):
+    """A URL list's file format: the names it reads and how it opens one."""
+
+    name = ""
+    suffixes: tuple[str, ...] = ()
+
+    @abstractmethod
+    def open(self, url: str) -> ListFile:
+        """The file, opened; one that is missing or not in this format raises MetadataError."""
