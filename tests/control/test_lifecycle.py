@@ -292,7 +292,7 @@ def test_counts_never_go_backwards_while_a_new_attempt_filters(monkeypatch):
             "bytesWritten": 1000,
         }
     )
-    fresh = Progress(part_id="p", phase="Filtering", rows_read=10)  # attempt 2 has read 10 rows so far
+    fresh = Progress(part_id="p", phase=Phase.FILTERING, rows_read=10)  # attempt 2 has read 10 rows so far
     asyncio.run(part.publish(Phase.FILTERING, fresh, "job", stalled=False))
     written = api.patches[-1]
     assert (
@@ -305,7 +305,7 @@ def test_counts_never_go_backwards_while_a_new_attempt_filters(monkeypatch):
     assert written["shardsProgress"] == "4/9"
     assert (written["images"]["failed"], written["images"]["failedByReason"]) == (5, {"timeout": 5})
     final = Progress(
-        part_id="p", phase="Succeeded", rows_read=100, rows_kept=90, images_ok=38, shards_total=9, shards_done=9
+        part_id="p", phase=Phase.SUCCEEDED, rows_read=100, rows_kept=90, images_ok=38, shards_total=9, shards_done=9
     )
     asyncio.run(part.publish(Phase.SUCCEEDED, final, "job", finished=True))
     assert api.patches[-1]["images"]["ok"] == 38  # the finished part's count is its shards' own
@@ -318,7 +318,7 @@ def test_a_part_whose_counts_stand_still_is_stalled_once(monkeypatch):
 
     api = Recorded(monkeypatch)
     part = running_part({"phase": "Downloading", "output": "/o"})
-    still = Progress(part_id="p", phase="Downloading", rows_read=10)
+    still = Progress(part_id="p", phase=Phase.DOWNLOADING, rows_read=10)
     quick = PartSpec.from_dict(spec(stallSeconds=1))
     assert not part.stalled(quick, still)
     part.moved_at -= 5  # five seconds without a count moving
@@ -328,7 +328,7 @@ def test_a_part_whose_counts_stand_still_is_stalled_once(monkeypatch):
     assert stalled and stalled[0]["status"] == "True" and stalled[0]["reason"] == "NoProgress"
     assert api.events.count("Stalled") == 1
     assert 'laion_part_stalled{namespace="ns",part="p"} 1.0' in prometheus_text(part.op.metrics)
-    moved = Progress(part_id="p", phase="Downloading", rows_read=20)
+    moved = Progress(part_id="p", phase=Phase.DOWNLOADING, rows_read=20)
     asyncio.run(part.publish(Phase.DOWNLOADING, moved, "job", stalled=part.stalled(quick, moved)))
     assert [c["status"] for c in api.patches[-1]["conditions"] if c["type"] == "Stalled"] == ["False"]
 
@@ -349,10 +349,10 @@ def test_the_progress_of_another_run_is_not_this_jobs(monkeypatch, tmp_path):
     Recorded(monkeypatch)
     part = running_part({"phase": "Downloading", "output": str(tmp_path)})
     out = PartSpec.from_dict(spec(output={"uri": str(tmp_path)}))
-    Store(out.output).write_json(Progress(part_id="p", phase="Annotating", job="lp-old-g1-a0").to_json(), PROGRESS)
+    Store(out.output).write_json(Progress(part_id="p", phase=Phase.ANNOTATING, job="lp-old-g1-a0").to_json(), PROGRESS)
     assert asyncio.run(part.read_progress(out, None, job="lp-new-g2-a0")) is None
     with pytest.raises(OSError, match="lp-old-g1-a0"):
         asyncio.run(part.read_progress(out, None, strict=True, job="lp-new-g2-a0"))
     assert asyncio.run(part.read_progress(out, None, job="lp-old-g1-a0")).phase == "Annotating"
-    Store(out.output).write_json(Progress(part_id="p", phase="Annotating").to_json(), PROGRESS)  # an older job's
+    Store(out.output).write_json(Progress(part_id="p", phase=Phase.ANNOTATING).to_json(), PROGRESS)  # an older job's
     assert asyncio.run(part.read_progress(out, None, job="lp-new-g2-a0")).phase == "Annotating"

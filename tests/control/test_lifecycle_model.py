@@ -21,7 +21,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from laion_operator.contract import Phase
 from laion_operator.control.backend import JobState
-from laion_operator.control.datasets import SUCCEEDED, dataset_phase, decided, summarize, undecided
+from laion_operator.control.datasets import DatasetPhase, dataset_phase, decided, summarize, undecided
 from laion_operator.control.lifecycle import (
     SETTLED,
     SUBMITTED,
@@ -405,7 +405,7 @@ class LifecycleModel(RuleBasedStateMachine):
             for name, want in wanted.items()
         ]
         fields = summarize(seen)
-        if dataset_phase(fields["partsByPhase"], fields["partsTotal"], False) != SUCCEEDED:
+        if dataset_phase(fields["partsByPhase"], fields["partsTotal"], False) is not DatasetPhase.SUCCEEDED:
             return
         for name in wanted:
             part = self.parts[name]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import enum
 import logging
 import re
 import time
@@ -22,17 +23,27 @@ from ..contract import DATASET_INDEX, FAILURE_REASONS, Phase, dataset_latents, p
 from ..contract import annotations as annotations_file
 from ..storage import Store
 from . import kube
-from .parts import Operator
+from .context import Operator
 from .resource import Resource, condition, now
 from .status import CONDITIONS_SCHEMA, COUNT_SCHEMA, IMAGES_SCHEMA
 
 log = logging.getLogger(__name__)
 
 KIND = "LaionDataset"
-# A dataset's own phases: parts are made and run (Running), all are Succeeded, some ended Failed,
-# or every unfinished part is Suspended.
-PENDING, RUNNING_, SUCCEEDED, FAILED, SUSPENDED = "Pending", "Running", "Succeeded", "Failed", "Suspended"
-DATASET_PHASES = [PENDING, RUNNING_, SUCCEEDED, FAILED, SUSPENDED]
+
+
+class DatasetPhase(str, enum.Enum):
+    """A dataset's own phases (not a part's): parts are made and run (Running), all are Succeeded,
+    some ended Failed, or every unfinished part is Suspended. str-valued: the status holds the value."""
+
+    PENDING = "Pending"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SUSPENDED = "Suspended"
+
+
+DATASET_PHASES = [p.value for p in DatasetPhase]
 
 
 STATUS_SCHEMA: dict = {
@@ -151,19 +162,19 @@ def undecided(part_id: str, part: dict | None) -> dict:
     return {"metadata": dict((part or {}).get("metadata") or {}), "spec": {"partId": part_id}, "status": status}
 
 
-def dataset_phase(by_phase: dict[str, int], total: int, suspend: bool) -> str:
+def dataset_phase(by_phase: dict[str, int], total: int, suspend: bool) -> DatasetPhase:
     if not total:
-        return PENDING
+        return DatasetPhase.PENDING
     if by_phase.get(Phase.SUCCEEDED.value, 0) == total:
-        return SUCCEEDED
+        return DatasetPhase.SUCCEEDED
     active = sum(
         n for p, n in by_phase.items() if p not in (Phase.SUCCEEDED.value, Phase.FAILED.value, Phase.SUSPENDED.value)
     )
     if active:
-        return RUNNING_
+        return DatasetPhase.RUNNING
     if suspend or by_phase.get(Phase.SUSPENDED.value):
-        return SUSPENDED
-    return FAILED
+        return DatasetPhase.SUSPENDED
+    return DatasetPhase.FAILED
 
 
 class Dataset(Resource):
@@ -196,9 +207,12 @@ class Dataset(Resource):
         try:
             data = specs.validate_dataset(self.body["spec"])
         except specs.SpecError as err:
-            if self.status.get("phase") != FAILED or self.status.get("observedGeneration") != generation:
+            if (
+                self.status.get("phase") != DatasetPhase.FAILED.value
+                or self.status.get("observedGeneration") != generation
+            ):
                 await self.write(
-                    phase=FAILED,
+                    phase=DatasetPhase.FAILED.value,
                     message=str(err),
                     observedGeneration=generation,
                     conditions=[
@@ -322,12 +336,18 @@ class Dataset(Resource):
         conditions = before.get("conditions") or []
         stale = sorted({f for fs in self.stale.values() for f in fs})
         fields.update(
-            phase=phase,
+            phase=phase.value,
             message=message,
             observedGeneration=generation,
             conditions=[
-                condition("Complete", phase == SUCCEEDED, phase, message, conditions),
-                condition("Suspended", phase == SUSPENDED, "Suspend" if data["suspend"] else "Resume", "", conditions),
+                condition("Complete", phase is DatasetPhase.SUCCEEDED, phase.value, message, conditions),
+                condition(
+                    "Suspended",
+                    phase is DatasetPhase.SUSPENDED,
+                    "Suspend" if data["suspend"] else "Resume",
+                    "",
+                    conditions,
+                ),
                 condition(
                     "CRDCurrent",
                     not stale,
@@ -342,8 +362,8 @@ class Dataset(Resource):
         if unchanged:
             return
         await self.write(**fields)
-        if phase != before.get("phase"):
-            self.event(phase, message, warning=phase == FAILED)
+        if phase.value != before.get("phase"):
+            self.event(phase.value, message, warning=phase is DatasetPhase.FAILED)
 
     async def write_index(self, data: dict, parts: list[dict]) -> str:
         """`<output>/dataset_index.json`: every part's folder and annotation files, and whether they are ready."""

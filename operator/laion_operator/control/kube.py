@@ -92,7 +92,7 @@ def read_secret(namespace: str, name: str) -> dict[str, str]:
     return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
 
 
-def create_rayjob(namespace: str, body: dict) -> dict:
+def create_rayjob(namespace: str, body: dict) -> dict | None:
     api = kubernetes.client.CustomObjectsApi(_client())
     made = _unless(
         409,
@@ -104,7 +104,7 @@ def create_rayjob(namespace: str, body: dict) -> dict:
         RAY_PLURAL,
         body,
     )
-    # None: already created by an earlier attempt of this operator: adopt it
+    # None: already created by an earlier attempt of this operator: adopt it (None again: deleted since)
     return made if made is not None else get_rayjob(namespace, body["metadata"]["name"])
 
 

@@ -49,6 +49,22 @@ class Action(str, enum.Enum):
     SUSPEND = "Suspend"  # stop every job of the part; phase Suspended (a Succeeded part stays Succeeded)
 
 
+class Reason(str, enum.Enum):
+    """Why a part fails or retries: the reason of its Failed or Retrying condition and of its Event.
+    str-valued, so that the status and the Events read as the bare strings they always were."""
+
+    NONE = ""  # no reason to give: the step neither fails nor retries
+    INVALID_SPEC = "InvalidSpec"
+    DEADLINE_EXCEEDED = "DeadlineExceeded"
+    JOB_VANISHED = "JobVanished"  # the backend no longer knows the status' job
+    JOB_FAILED = "JobFailed"
+    RETRIES_EXHAUSTED = "RetriesExhausted"
+    # Decided while the step is carried out, never by `transition`:
+    STORAGE_UNAVAILABLE = "StorageUnavailable"  # the job's exit code says so (ExitCode.STORAGE_UNAVAILABLE)
+    FILTER_CHANGED = "FilterChanged"  # the output holds shards of another source, columns or filter
+    CREDENTIALS_REFUSED = "CredentialsRefused"  # the backend refused the job's credentials
+
+
 class Slot(str, enum.Enum):
     TAKE = "Take"  # queue for a slot (a part that holds one keeps it)
     HOLD = "Hold"  # keep it, taking it without queueing if the operator just (re)started
@@ -79,7 +95,7 @@ class Facts:
 @dataclass(frozen=True)
 class Step:
     action: Action
-    reason: str = ""  # a Failed condition's reason, or why a retry happens
+    reason: Reason = Reason.NONE  # a Failed condition's reason, or why a retry happens
     new_run: bool = False  # SUBMIT: attempt 0 of the current generation, retries and deadline clock fresh
 
     @property
@@ -95,7 +111,7 @@ SUBMITTED = frozenset(RUNNING) | {Phase.STOPPING}
 def transition(facts: Facts) -> Step:
     phase, job, change = facts.phase, facts.job, facts.change
     if change is Change.INVALID:
-        return Step(Action.FAIL, "InvalidSpec")
+        return Step(Action.FAIL, Reason.INVALID_SPEC)
     if phase in SUBMITTED and job is JobState.SUCCEEDED:
         return Step(Action.SUCCEED)  # done before the edit was seen: recorded first, the edit next poll
     if change is Change.SUSPEND:
@@ -110,19 +126,19 @@ def transition(facts: Facts) -> Step:
         if job.active:
             return Step(Action.FOLLOW)  # submitted, and the operator died before the status said so
         if facts.deadline_passed:
-            return Step(Action.FAIL, "DeadlineExceeded")  # a retry that waits (its backoff, a slot)
+            return Step(Action.FAIL, Reason.DEADLINE_EXCEEDED)  # a retry that waits (its backoff, a slot)
         return Step(Action.SUBMIT, new_run=phase is None)
     # The status names a submitted job.
     if job.active:
         if facts.deadline_passed:
-            return Step(Action.FAIL, "DeadlineExceeded")
+            return Step(Action.FAIL, Reason.DEADLINE_EXCEEDED)
         return Step(Action.FOLLOW)
     vanished = job is JobState.MISSING
     if (vanished or facts.retryable) and facts.retries_left:
-        return Step(Action.RETRY, "JobVanished" if vanished else "JobFailed")
+        return Step(Action.RETRY, Reason.JOB_VANISHED if vanished else Reason.JOB_FAILED)
     if vanished:
-        return Step(Action.FAIL, "JobVanished")
-    return Step(Action.FAIL, "RetriesExhausted" if facts.retryable else "JobFailed")
+        return Step(Action.FAIL, Reason.JOB_VANISHED)
+    return Step(Action.FAIL, Reason.RETRIES_EXHAUSTED if facts.retryable else Reason.JOB_FAILED)
 
 
 def delete_needs_backend(phase: Phase | None, job_id: str | None) -> bool:

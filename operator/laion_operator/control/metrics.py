@@ -50,6 +50,21 @@ SHARD_STATES = ("total", "done", "failed")
 PART_LABELS = ["namespace", "part"]
 
 
+def stall_counts(progress: Progress) -> tuple:
+    """What a part's progress is measured by: while none of these moves, the part stands still. One
+    tuple for both clocks, laion_part_last_progress_timestamp_seconds here and the part's Stalled
+    condition (spec.stallSeconds), so that the two never disagree on whether a part moved."""
+    return (
+        progress.phase,
+        progress.rows_read,
+        progress.images_ok,
+        progress.images_failed,
+        progress.shards_done,
+        progress.shards_failed,
+        progress.latents_written,
+    )
+
+
 @dataclasses.dataclass
 class _Part:
     phase: str
@@ -254,14 +269,7 @@ class Metrics:
             part.counter("rows_read", progress.rows_read)
             part.counter("rows_kept", progress.rows_kept)
             part.counter("latents", progress.latents_written)
-            counts = (
-                progress.rows_read,
-                progress.images_ok,
-                progress.images_failed,
-                progress.shards_done,
-                progress.shards_failed,
-                progress.latents_written,
-            )
+            counts = stall_counts(progress)
             if counts != part.last_counts:
                 part.last_counts = counts
                 part.last_progress_at = progress.updated_at
