@@ -78,7 +78,7 @@ def cmd_latents(args) -> int:
     keep_ray_on_loopback(args.ray_address)
     source = None
     if args.mds:
-        from .pipeline.latents import MDSFolder
+        from .pipeline.formats.mds import MDSFolder
 
         # Over an MDS folder the YAML needs only latents and output: the folder is the source.
         data = specs.load_data(args.part)

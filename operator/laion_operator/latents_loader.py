@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from . import contract
-from .pipeline.latents import streaming
+from .pipeline.formats.mds import streaming
 
 _mds = streaming()
 

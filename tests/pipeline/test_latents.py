@@ -156,11 +156,12 @@ def test_a_model_that_cannot_load_names_the_field(tmp_path, model_dir):
 
 
 def test_decoding_runs_ahead_in_a_thread_and_skips_undecodable_images():
+    from laion_operator.pipeline.formats import Sample
     from laion_operator.pipeline.latents import decoded_batches
 
     good = pictures(7, seed=2)
-    samples = [(f"k{i}", f"c{i}", b) for i, b in enumerate(good)]
-    samples.insert(3, ("bad", "broken", b"not an image"))
+    samples = [Sample(f"k{i}", f"c{i}", b, {}, "") for i, b in enumerate(good)]
+    samples.insert(3, Sample("bad", "broken", b"not an image", {}, ""))
     batches = list(decoded_batches(iter(samples), RESOLUTION, batch_size=3))
     assert [b.keys for b in batches] == [["k0", "k1", "k2"], ["k3", "k4", "k5"], ["k6"]]
     assert sum(b.skipped for b in batches) == 1
@@ -422,8 +423,7 @@ def test_an_mds_folder_anyone_wrote_is_encoded_on_ray(encoded, model_dir, tmp_pa
 
     from laion_operator.latents_loader import LatentsDataset
     from laion_operator.pipeline.driver import encode_mds
-    from laion_operator.pipeline.formats.mds import merge
-    from laion_operator.pipeline.latents import MDSFolder
+    from laion_operator.pipeline.formats.mds import MDSFolder, merge
 
     out, summary = encoded
     theirs = tmp_path / "theirs"

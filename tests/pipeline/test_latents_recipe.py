@@ -154,7 +154,7 @@ def encode_folder(spec: PartSpec, source, models) -> dict:
 @pytest.fixture(scope="module")
 def two_resolutions(model_dir, mds_folder, tmp_path_factory):
     from laion_operator.pipeline import models
-    from laion_operator.pipeline.latents import MDSFolder
+    from laion_operator.pipeline.formats.mds import MDSFolder
 
     root, _ = mds_folder
     out = tmp_path_factory.mktemp("latents-2r")
@@ -198,7 +198,7 @@ def test_several_resolutions_come_from_one_decode_in_micro_diffusions_columns(tw
 
 def test_an_mds_folder_names_its_columns_or_is_refused(mds_folder):
     from laion_operator.errors import InputError
-    from laion_operator.pipeline.latents import MDSFolder
+    from laion_operator.pipeline.formats.mds import MDSFolder
 
     root, _ = mds_folder
     with pytest.raises(InputError, match=r"no column 'jpg' \(its columns: image, text, width\).*--image-column"):
@@ -213,7 +213,7 @@ def test_an_mds_folder_names_its_columns_or_is_refused(mds_folder):
 @pytest.fixture(scope="module")
 def one_resolution(model_dir, mds_folder, tmp_path_factory):
     from laion_operator.pipeline import models
-    from laion_operator.pipeline.latents import MDSFolder
+    from laion_operator.pipeline.formats.mds import MDSFolder
 
     root, _ = mds_folder
     out = tmp_path_factory.mktemp("latents-1r")
@@ -275,7 +275,7 @@ def test_a_mix_of_incompatible_latents_is_refused_naming_both(
 ):
     from laion_operator.latents_loader import build_latents_dataloader
     from laion_operator.pipeline import models
-    from laion_operator.pipeline.latents import MDSFolder
+    from laion_operator.pipeline.formats.mds import MDSFolder
 
     a, b = str(two_resolutions[0]), str(one_resolution)
     with pytest.raises(ValueError, match=rf"{b}: no latents at resolution 64 \(it holds 32\)"):

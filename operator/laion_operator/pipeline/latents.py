@@ -1,7 +1,7 @@
 """Stage 4 (spec.latents): VAE image latents and text-encoder embeddings of one shard's samples.
 
 What micro_diffusion's precompute script does with `accelerate launch` on 8 GPUs, as one Ray task
-per download shard (or per file of an MDS folder anyone wrote, `MDSFolder`): its images are read
+per download shard (or per file of an MDS folder anyone wrote, `formats.mds.MDSFolder`): its images are read
 back by the shard's output format (any of them: pipeline/formats/), decoded once and prepared at
 every resolution as torchvision's Resize + CenterCrop prepare them, by threads that fill a short
 queue of batches while the models run; each batch's latents are copied back and written while the
@@ -20,7 +20,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,97 +31,24 @@ from ..errors import InputError
 from ..spec import Latents, PartSpec
 from ..storage import Store
 from . import formats
-from .formats.mds import merge
+from . import models as model_loading  # `models` names the loaded (device, vae, text encoder) below
+from .formats import Sample
+from .formats.mds import MDSFolder, merge, streaming
+from .models import normalize
 
 # Batches decoded ahead of the model: enough to hide a slow decode, little memory.
 PREFETCH = 2
 MDS_SIZE_LIMIT = 1 << 28  # 256 MiB a file, as micro_diffusion's precompute script writes them
 
 
-def streaming():
-    """mosaicml-streaming, imported when used. Its package imports its vision datasets, and so
-    torchvision, even for the writer and the reader: the `latents` extra carries torchvision for that."""
-    import streaming as mds
-
-    return mds
-
-
 # --- reading a shard's samples ------------------------------------------------------------------
-
-Sample = tuple[str, str, bytes]  # key, caption, encoded image
 
 
 def read_samples(store: Store, shard: int, spec: PartSpec) -> Iterator[Sample]:
     """The shard's samples with an image, whatever its outputFormat, as the format reads them back."""
     for sample in formats.get(spec.download.output_format).read_samples(store, shard):
         if sample.image is not None:
-            yield sample.key, sample.caption or "", sample.image
-
-
-@dataclass(frozen=True)
-class MDSFolder:
-    """An MDS dataset anyone wrote (`index.json` and the shard files it lists, as MDSWriter or
-    streaming's merge_index leave them), read as the stage's input: each file the index lists is one
-    shard of the stage. Its image and caption columns are named by the caller; a sample without a
-    `key` column is keyed by its file and place, as img2dataset keys a shard's samples."""
-
-    uri: str
-    image_column: str = "jpg"
-    caption_column: str = "caption"
-
-    def store(self) -> Store:
-        from ..spec import output_of
-
-        return Store(output_of({"uri": self.uri}))
-
-    def index(self) -> dict:
-        try:
-            index = self.store().read_json(contract.MDS_INDEX)
-        except ValueError as err:
-            raise InputError(f"{self.uri}/{contract.MDS_INDEX}: not JSON, as streaming's index is: {err}") from None
-        if index is None:
-            raise InputError(f"{self.uri}/{contract.MDS_INDEX}: missing (an MDS folder holds its index.json)")
-        entries = index.get("shards") or []
-        if not entries:
-            raise InputError(f"{self.uri}/{contract.MDS_INDEX}: lists no shard file")
-        for column in (self.image_column, self.caption_column):
-            if column not in entries[0].get("column_names", []):
-                raise InputError(
-                    f"{self.uri}: no column {column!r} (its columns: "
-                    f"{', '.join(entries[0].get('column_names', []))}); name it with "
-                    f"--image-column / --caption-column"
-                )
-        return index
-
-    def shards(self) -> list[int]:
-        return list(range(len(self.index()["shards"])))
-
-    def samples(self, shard: int) -> Iterator[Sample]:
-        from streaming.base.format import reader_from_json
-
-        from .formats.mds import check_size
-
-        entry = self.index()["shards"][shard]
-        store = self.store()
-        name = entry["raw_data"]["basename"]
-        with tempfile.TemporaryDirectory(prefix="latents-input-") as local:
-            # Its basename may name a folder (a merged index): the reader finds it below `local` the same way.
-            target = Path(local, name)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            store.fs.get_file(store.path(name), str(target))
-            check_size(str(target), f"{self.uri}/{name}", entry)
-            reader = reader_from_json(local, None, entry)
-            for i in range(reader.samples):
-                fields = reader.get_item(i)
-                image = fields.get(self.image_column)
-                if image is None:
-                    continue
-                if not isinstance(image, (bytes, bytearray)):  # a `pil` column: encode it back for the decoder
-                    buf = io.BytesIO()
-                    image.save(buf, "PNG")
-                    image = buf.getvalue()
-                key = fields.get("key") or contract.sample_key(shard, i, reader.samples)
-                yield str(key), str(fields.get(self.caption_column) or ""), bytes(image)
+            yield sample
 
 
 # --- decoding, in a thread beside the model -----------------------------------------------------
@@ -182,11 +108,6 @@ def to_uint8(images: list[np.ndarray]):
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
 
 
-def normalize(pixels):
-    """uint8 (N, 3, H, W) to [-1, 1] float32 (torchvision's ToTensor + Normalize(0.5, 0.5))."""
-    return pixels.float().div_(127.5).sub_(1.0)
-
-
 class Batch:
     def __init__(self):
         self.keys: list[str] = []
@@ -241,7 +162,7 @@ def decoded_batches(
 
     def decode(sample: Sample):
         try:
-            return sample, preprocess_all(sample[2], resolutions, reduced)
+            return sample, preprocess_all(sample.image or b"", resolutions, reduced)
         except (OSError, ValueError, Image.DecompressionBombError):
             return sample, None
 
@@ -260,11 +181,11 @@ def decoded_batches(
         try:
             with ThreadPoolExecutor(max(1, threads), thread_name_prefix="latents-decode") as pool:
                 for chunk in chunks():
-                    for (key, caption, data), images in pool.map(decode, chunk):
-                        if images is None:
+                    for sample, images in pool.map(decode, chunk):
+                        if images is None or sample.image is None:
                             batch.skipped += 1
                             continue
-                        batch.add(key, caption, data, images)
+                        batch.add(sample.key, sample.caption or "", sample.image, images)
                         if len(batch.keys) == batch_size:
                             if not put(batch.seal()):
                                 return
@@ -315,8 +236,6 @@ class Encoder:
 
     def __init__(self, settings: Latents, models):
         import torch
-
-        from . import models as model_loading
 
         self.settings = settings
         self.device, self.vae, self.text = models
@@ -394,9 +313,9 @@ def encode_shard(
 ) -> LatentStats:
     """Encode one shard into latents/<shard>/; returns its stats (also persisted, last). The shard is
     one of the part's download shards, or with `source` one file of an MDS folder."""
-    from . import models as model_loading
-
     settings = spec.latents
+    if settings is None:
+        raise InputError("spec.latents: required field is missing (the models and settings of the stage)")
     store = Store(spec.output)
     for stale in (latents_stats(shard), latents_shard(shard)):  # an earlier attempt's partial output
         if store.exists(stale):

@@ -94,14 +94,17 @@ def sample_noise(keys: list[str], shape: tuple[int, ...], seed: int):
     return out
 
 
+def normalize(pixels):
+    """uint8 (N, 3, H, W) to [-1, 1] float32 (torchvision's ToTensor + Normalize(0.5, 0.5))."""
+    return pixels.float().div_(127.5).sub_(1.0)
+
+
 def encode_images(vae, pixels, keys: list[str], mode: str, seed: int, scale: LatentScale):
     """Latents of a batch of images (N, 3, H, W), in [-1, 1] or uint8: the distribution's mean or a sample."""
     import torch
 
     with torch.inference_mode():
         if pixels.dtype == torch.uint8:  # normalized on the device: a quarter of the bytes cross
-            from .latents import normalize
-
             pixels = normalize(pixels.to(vae.device, non_blocking=True))
         dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
         z = dist.mean

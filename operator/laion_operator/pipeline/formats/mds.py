@@ -15,26 +15,42 @@ relative to the root. That is what streaming's `merge_index` writes (basenames p
 folder; tests/pipeline/test_mds.py compares), done here because `merge_index(<output>)` takes every `.json`
 below the root for an index (the shards' `_stats.json` and `_laion/` too), and through the part's
 Store so that S3 is reached with the part's credentials and endpoint rather than boto3's environment.
+
+The one MDS reader, `read_file`, reads the part's own shards and, as `MDSFolder`, an MDS dataset
+anyone wrote (the latents stage's input with `laion-operator latents --mds`); `streaming()` gives
+mosaicml-streaming to the latents stage's writer and to the latents loader.
 """
 
 from __future__ import annotations
 
 import copy
+import io
 import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import fsspec
 
 from ... import contract
-from ...contract import SHARD_DIGITS, ShardStats, shard_name
-from ...spec import MDS_SHARD_SIZE, Download
+from ...contract import SHARD_DIGITS, ShardStats, sample_key, shard_name
+from ...errors import InputError
+from ...spec import MDS_SHARD_SIZE, Download, output_of
 from ...storage import Store
 from .base import BrokenShard, Format, Sample, local_copy
 
 _FILE_KEYS = ("raw_data", "zip_data", "raw_meta", "zip_meta")
+
+
+def streaming():
+    """mosaicml-streaming, imported when used. Its package imports its vision datasets, and so
+    torchvision, even for the writer and the reader: the `latents` extra carries torchvision for that."""
+    import streaming as mds
+
+    return mds
 
 
 class MDSSampleWriter:
@@ -96,16 +112,11 @@ class MDS(Format):
         )
 
     def read_samples(self, store: Store, shard: int) -> Iterator[Sample]:
-        from streaming.base.format import reader_from_json
-
         index = read_index(store, shard)
         with local_copy(store, shard_name(shard)) as folder:
             for entry in index["shards"]:
                 name = f"{shard_name(shard)}/{entry['raw_data']['basename']}"
-                check_size(os.path.join(folder, entry["raw_data"]["basename"]), name, entry)
-                reader = reader_from_json(folder, None, entry)
-                for i in range(reader.samples):
-                    fields = reader.get_item(i)
+                for fields in read_file(folder, entry, name):
                     meta = {k: v for k, v in fields.items() if entry_kind(entry, k) == "json"}
                     yield Sample(
                         key=fields.get("key", ""),
@@ -128,6 +139,77 @@ class MDS(Format):
         # streaming reads it with json.load; sorted keys keep the file stable across identical runs
         merged = merge({s.shard: read_index(store, s.shard) for s in shards})
         store.write_text(json.dumps(merged, sort_keys=True), contract.mds_index())
+
+
+def read_file(folder: str, entry: dict, name: str) -> Iterator[dict]:
+    """The samples (column → value) of the MDS file an index `entry` describes, in the local `folder`
+    its basename is relative to; `name` is what errors call the file."""
+    from streaming.base.format import reader_from_json
+
+    check_size(os.path.join(folder, entry["raw_data"]["basename"]), name, entry)
+    reader = reader_from_json(folder, None, entry)
+    for i in range(reader.samples):
+        yield reader.get_item(i)
+
+
+@dataclass(frozen=True)
+class MDSFolder:
+    """An MDS dataset anyone wrote (`index.json` and the shard files it lists, as MDSWriter or
+    streaming's merge_index leave them), read as the latents stage's input: each file the index lists
+    is one shard of the stage. Its image and caption columns are named by the caller; a sample without
+    a `key` column is keyed by its file and place, as img2dataset keys a shard's samples."""
+
+    uri: str
+    image_column: str = "jpg"
+    caption_column: str = "caption"
+
+    def store(self) -> Store:
+        return Store(output_of({"uri": self.uri}))
+
+    def index(self) -> dict:
+        try:
+            index = self.store().read_json(contract.MDS_INDEX)
+        except ValueError as err:
+            raise InputError(f"{self.uri}/{contract.MDS_INDEX}: not JSON, as streaming's index is: {err}") from None
+        if index is None:
+            raise InputError(f"{self.uri}/{contract.MDS_INDEX}: missing (an MDS folder holds its index.json)")
+        entries = index.get("shards") or []
+        if not entries:
+            raise InputError(f"{self.uri}/{contract.MDS_INDEX}: lists no shard file")
+        for column in (self.image_column, self.caption_column):
+            if column not in entries[0].get("column_names", []):
+                raise InputError(
+                    f"{self.uri}: no column {column!r} (its columns: "
+                    f"{', '.join(entries[0].get('column_names', []))}); name it with "
+                    f"--image-column / --caption-column"
+                )
+        return index
+
+    def shards(self) -> list[int]:
+        return list(range(len(self.index()["shards"])))
+
+    def samples(self, shard: int) -> Iterator[Sample]:
+        """The samples with an image of the index's file number `shard`."""
+        entry = self.index()["shards"][shard]
+        store = self.store()
+        name = entry["raw_data"]["basename"]
+        with tempfile.TemporaryDirectory(prefix="latents-input-") as local:
+            # Its basename may name a folder (a merged index): the reader finds it below `local` the same way.
+            target = Path(local, name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            store.fs.get_file(store.path(name), str(target))
+            where = f"{self.uri}/{name}"
+            for i, fields in enumerate(read_file(local, entry, where)):
+                image = fields.get(self.image_column)
+                if image is None:
+                    continue
+                if not isinstance(image, (bytes, bytearray)):  # a `pil` column: encode it back for the decoder
+                    buf = io.BytesIO()
+                    image.save(buf, "PNG")
+                    image = buf.getvalue()
+                key = fields.get("key") or sample_key(shard, i, entry["samples"])
+                caption = str(fields.get(self.caption_column) or "")
+                yield Sample(key=str(key), caption=caption, image=bytes(image), meta={}, file=where)
 
 
 def entry_kind(entry: dict, column: str) -> str | None:

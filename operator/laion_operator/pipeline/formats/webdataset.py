@@ -36,8 +36,9 @@ def read_tar(f: BinaryIO, where: str, size: int, image_extensions: tuple[str, ..
     def members(tar: tarfile.TarFile):
         for info in tar:
             last[:] = [info]
-            if info.isfile():
-                yield info.name, tar.extractfile(info).read()
+            data = tar.extractfile(info) if info.isfile() else None  # None for links, folders and devices
+            if data is not None:
+                yield info.name, data.read()
 
     try:
         with tarfile.open(fileobj=f, mode="r|*") as tar:
