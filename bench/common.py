@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# The test bed's servers (the loopback internet, the API server) are tests/support's, not the package's.
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 WORK = ROOT / "bench" / "work"  # generated data and outputs; git-ignored
 PYTHON = sys.executable
 # No update checks or usage reports to the internet from the tools under test.

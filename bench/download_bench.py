@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from laion_operator.testbed.loopback import free_port
+from tests.support.loopback import free_port
 
 from . import common
 

@@ -1,6 +1,6 @@
 """Download on the internet on loopback: the project against img2dataset where hosts are slow, far and failing.
 
-The URLs point at `laion_operator.testbed.internet` — many hosts on distinct 127.x.y.z addresses, a
+The URLs point at `tests.support.internet` — many hosts on distinct 127.x.y.z addresses, a
 heavy-tailed latency to the first byte (median 0.3 s, p99 3 s), 2 MiB/s per connection, and the seeds'
 ~80 % success: fast 404/403/5xx, refused connections, silent hosts, drip-fed bodies, a few oversized
 bodies, one busy host answering 429 with Retry-After. Its images are the download benchmark's
@@ -147,7 +147,7 @@ class Server:
     """The internet in a process of its own: started once a profile, asked for its stats after each side."""
 
     def __init__(self, cfg, specs: list[str], work: Path, prefix: list[str], tls_files=None):
-        from laion_operator.testbed.internet import process_cpu_seconds
+        from tests.support.internet import process_cpu_seconds
 
         warm = work / "warm.txt"
         warm.write_text("\n".join(f"http://x/img/{s}" for s in specs))
@@ -158,7 +158,7 @@ class Server:
                 *prefix,
                 common.PYTHON,
                 "-m",
-                "laion_operator.testbed.internet",
+                "tests.support.internet",
                 *cfg.to_args(),
                 "--urls",
                 str(warm),
@@ -207,7 +207,7 @@ def run_profile(
     """Every side of one profile, `repeats` rounds in turns; the raw runs and what the report needs.
     `tuning` (side name -> download settings): the tuning sweep, the project at those settings and no
     img2dataset."""
-    from laion_operator.testbed import internet
+    from tests.support import internet
 
     from .netns import Namespace
 
@@ -222,7 +222,7 @@ def run_profile(
     env = {"RAY_agent_register_timeout_ms": "300000"}  # a Ray node on a busy machine may register late
     tls_files, ns, prefix = None, None, []
     if cfg.tls:
-        from laion_operator.testbed.tls import make_ca
+        from tests.support.tls import make_ca
 
         tls_files = make_ca(work / "ca", internet.DOMAIN)
         env["SSL_CERT_FILE"] = str(tls_files[0])  # both sides trust the run's CA through OpenSSL's default paths

@@ -1,4 +1,4 @@
-"""The internet benchmark's matrix: each profile a configuration of `laion_operator.testbed.internet`
+"""The internet benchmark's matrix: each profile a configuration of `tests.support.internet`
 (hosts, latency, failure mix, transport), a shard size and a URL count, deterministic by seed.
 
 Every profile but `calm`'s own baseline keeps the seeds' ~80 % success; they differ in what a
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from laion_operator.testbed.internet import DEFAULT_MIX
+from tests.support.internet import DEFAULT_MIX
 
 # The seeds' failure mix without its stragglers: no drip-fed bodies, no silent hosts, no oversized
 # bodies; their share goes to images.
@@ -34,7 +34,7 @@ class Profile:
     name: str
     about: str
     mix: dict[str, float]
-    config: dict = field(default_factory=dict)  # testbed.internet.Config fields besides the seed
+    config: dict = field(default_factory=dict)  # tests.support.internet.Config fields besides the seed
     urls: int = 1500
     shard: int = 750
     stragglers: bool = False  # stragglers or many hosts in play: the 1.5× goal applies

@@ -250,7 +250,7 @@ def bench(
 
     from laion_operator.pipeline import models as model_loading
     from laion_operator.pipeline.latents import decode_threads
-    from laion_operator.testbed.tiny_models import build
+    from tests.support.tiny_models import build
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("[latents] --device cuda: torch sees no GPU here (torch.cuda.is_available() is False)")

@@ -12,7 +12,6 @@ batch of parts has succeeded.
 from __future__ import annotations
 
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,7 +20,6 @@ import yaml
 
 from . import common
 
-sys.path.insert(0, str(common.ROOT))
 GROUP, VERSION, PLURAL = "laion-operator.io", "v1alpha1", "laionparts"
 TEMPLATE = {
     "rayClusterSpec": {

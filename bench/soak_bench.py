@@ -17,7 +17,6 @@ from pathlib import Path
 
 from . import common
 
-sys.path.insert(0, str(common.ROOT))
 sys.path.insert(0, str(common.ROOT / "operator"))
 
 PARTS, LIMIT = 200, 4

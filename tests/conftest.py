@@ -75,7 +75,7 @@ def ray_driver(ray_cluster, s3):
 
 @pytest.fixture(scope="session")
 def image_server():
-    from laion_operator.testbed.fakeweb import ImageServer
+    from tests.support.failing_web import ImageServer
 
     with ImageServer() as server:
         yield server

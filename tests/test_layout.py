@@ -6,6 +6,7 @@ where."""
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import subprocess
@@ -53,7 +54,7 @@ def test_every_module_of_the_package_has_a_layer():
     layered = {
         name.strip()
         for contract in CONTRACTS.values()
-        if contract["type"] == "layers"
+        if contract["type"] == "layers" and contract["containers"] == ["laion_operator"]
         for layer in contract["layers"]
         for name in re.split(r"[|:]", layer)
     }
@@ -63,6 +64,31 @@ def test_every_module_of_the_package_has_a_layer():
         if (p.suffix == ".py" and p.name != "__init__.py") or (p / "__init__.py").is_file()
     }
     assert modules == layered, (sorted(modules - layered), sorted(layered - modules))
+
+
+def test_the_package_holds_no_test_bed_of_the_tests_or_benchmarks():
+    """`testbed/` is the demo's loopback internet: each of its modules is one the demo command loads.
+    The servers only the tests and bench/ use (the many-host internet, DNS, TLS, tiny models, the
+    rarer failures) live in tests/support/."""
+    testbed = PACKAGE / "testbed"
+    imports = {
+        path.stem: {
+            (node.module or "").lstrip(".").split(".")[-1]
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.ImportFrom) and node.level == 1
+        }
+        for path in testbed.glob("*.py")
+        if path.name != "__init__.py"
+    }
+    reached, todo = set(), ["demo"]
+    while todo:
+        module = todo.pop()
+        if module in imports and module not in reached:
+            reached.add(module)
+            todo.extend(imports[module])
+    assert reached == set(imports), sorted(set(imports) - reached)
+    cli = (PACKAGE / "cli.py").read_text()
+    assert "from .testbed.demo import" in cli  # the demo command is where the walk starts
 
 
 def test_the_operator_image_installs_no_pipeline_package():

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from laion_operator.testbed.fakeweb import ImageServer
 from tests.support.cluster import Cluster, testbed_binaries
+from tests.support.failing_web import ImageServer
 from tests.support.network import NODE_IP
 from tests.support.services import S3Server
 

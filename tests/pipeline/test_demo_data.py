@@ -14,12 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-OPERATOR_DIR = Path(__file__).resolve().parents[2] / "operator"
-if str(OPERATOR_DIR) not in sys.path:
-    sys.path.insert(0, str(OPERATOR_DIR))
+from laion_operator.testbed.demo_data import DEFAULT_FAILURE_MIX, TINY_MAX, write_metadata
+from laion_operator.testbed.fakeweb import parse_spec
+from tests.support.failing_web import ImageServer, outcome_of
 
-from laion_operator.testbed.demo_data import DEFAULT_FAILURE_MIX, TINY_MAX, write_metadata  # noqa: E402 - once operator/ is on sys.path
-from laion_operator.testbed.fakeweb import ImageServer, outcome_of, parse_spec  # noqa: E402 - once operator/ is on sys.path
+OPERATOR_DIR = Path(__file__).resolve().parents[2] / "operator"
 
 BASE = "http://127.0.0.1:9999"
 S, I, F = pa.string(), pa.int64(), pa.float64()  # noqa: E741 - one letter a type, to keep the schemas one line each

@@ -15,11 +15,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-OPERATOR_DIR = Path(__file__).resolve().parents[2] / "operator"
-if str(OPERATOR_DIR) not in sys.path:
-    sys.path.insert(0, str(OPERATOR_DIR))
+from tests.support.failing_web import ImageServer, outcome_of
 
-from laion_operator.testbed.fakeweb import ImageServer, outcome_of  # noqa: E402 - once operator/ is on sys.path
+OPERATOR_DIR = Path(__file__).resolve().parents[2] / "operator"
 
 
 @pytest.fixture(scope="module")
@@ -283,7 +281,7 @@ def test_cli_serves_until_killed():
 def test_new_failure_routes_behave_as_documented(server):
     from urllib.parse import quote
 
-    from laion_operator.testbed.fakeweb import Silent, refused_address
+    from tests.support.failing_web import Silent, refused_address
 
     b = server.base_url
     opener = urllib.request.build_opener(NoRedirect)

@@ -33,7 +33,7 @@ from laion_operator.pipeline.fetch import engine as fetch_engine
 from laion_operator.pipeline.fetch import shard as fetch_shard
 from laion_operator.pipeline.image_header import declared_pixels
 from laion_operator.spec import PartSpec, SpecError
-from laion_operator.testbed.fakeweb import ImageServer, Silent, outcome_of, refused_address
+from tests.support.failing_web import ImageServer, Silent, outcome_of, refused_address
 
 LOOPBACK = ["127.0.0.0/8"]
 SLACK = 2.0  # seconds a bound allows past a deadline

@@ -12,8 +12,8 @@ from urllib.parse import urlsplit
 import numpy as np
 import pytest
 
-from laion_operator.testbed import internet
-from laion_operator.testbed.internet import Config, Hosts, InternetServer, kind_of, latency
+from tests.support import internet
+from tests.support.internet import Config, Hosts, InternetServer, kind_of, latency
 
 SPECS = [f"t{i:03d}_{64 + i}x{48 + i}.{fmt}" for i, fmt in enumerate(["jpg", "png", "webp"] * 4)]
 CFG = Config(

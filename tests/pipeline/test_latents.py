@@ -24,7 +24,7 @@ MIX = {"ok": 0.85, "http_4xx": 0.15}
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from laion_operator.testbed.tiny_models import build
+    from tests.support.tiny_models import build
 
     return build(tmp_path_factory.mktemp("models"))
 

@@ -87,7 +87,7 @@ def test_reduced_decode_stays_within_its_documented_psnr():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from laion_operator.testbed.tiny_models import build
+    from tests.support.tiny_models import build
 
     return build(tmp_path_factory.mktemp("models"))
 
@@ -95,7 +95,7 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def wide_text_dir(tmp_path_factory):
     """Another text encoder: its embeddings are 48 wide, not 32."""
-    from laion_operator.testbed.tiny_models import build
+    from tests.support.tiny_models import build
 
     return build(tmp_path_factory.mktemp("models-wide"), text_width=48)
 

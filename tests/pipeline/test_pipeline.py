@@ -21,7 +21,7 @@ import yaml
 from laion_operator.pipeline.driver import run_part
 from laion_operator.spec import PartSpec
 from laion_operator.testbed.demo_data import write_metadata
-from laion_operator.testbed.fakeweb import outcome_of
+from tests.support.failing_web import outcome_of
 from tests.support.specs import partspec
 
 TIMEOUT = 3.0  # a loaded 2-core machine answers a loopback request in well under this

@@ -73,7 +73,7 @@ def write_kubelet_client_pki(folder: Path) -> tuple[Path, Path, Path]:
     from cryptography import x509
     from cryptography.x509.oid import NameOID
 
-    from laion_operator.testbed.tls import certificate_authority, issue, write_pem
+    from tests.support.tls import certificate_authority, issue, write_pem
 
     ca = certificate_authority("laion test bed kubelet-client CA")
     subject = x509.Name(

@@ -28,14 +28,14 @@ same seed gives the same hosts, and the same URL the same outcome and the same l
 - **Names** (`names`): hosts are also reachable by name, `h<a>-<b>-<c>.laion.test` for 127.a.b.c, through
   a DNS server on `dns_address()` (port 53) that answers after a delay drawn per name; `gone-<n>.laion.test`
   (the `nxdomain` kind) does not exist. **TLS** (`tls`): every host speaks HTTPS only, with a certificate
-  for `*.laion.test` from `testbed.tls`'s CA; URLs are https://.
+  for `*.laion.test` from `tests.support.tls`'s CA; URLs are https://.
 - **Spread** (`host_share`): the busiest host's share of the ordinary hosts' URLs (0: a 1/rank^1.1 tail).
 
 The server also records, per URL, how long clients held it: from the request's arrival to the last
 byte sent or the client hanging up, across every request for that URL (retries included) — the
 "longest time any URL held a slot", measured from outside the client, for any client.
 
-    python -m laion_operator.testbed.internet --seed 1 --hosts 200   # serve until stdin closes
+    python -m tests.support.internet --seed 1 --hosts 200   # from the repository's root: serve until stdin closes
 """
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from . import dns
-from .fakeweb import CONTENT_TYPES, ImageCache, parse_spec
+from laion_operator.testbed.fakeweb import CONTENT_TYPES, ImageCache, parse_spec
+from tests.support import dns
 
 # The seeds' ~80 % success, split over the ways LAION URLs fail. "busy" URLs are images on the busy host.
 DEFAULT_MIX = {
@@ -410,7 +410,7 @@ class InternetServer:
                 self.port = s.getsockname()[1]
         ssl = None
         if self.cfg.tls:
-            from .tls import server_context
+            from tests.support.tls import server_context
 
             ssl = server_context(*self._tls)
         for addr in self.hosts.listening():
@@ -651,7 +651,7 @@ def process_cpu_seconds(pid: int | None = None) -> float:
 def main(argv: list[str] | None = None) -> None:
     """Serve; print `ready <port>` once every image of --urls is rendered; then per stdin line
     `stats` print one JSON line of stats and start a new count; exit when stdin closes."""
-    p = argparse.ArgumentParser(prog="python -m laion_operator.testbed.internet", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tests.support.internet", description=__doc__.split("\n")[0])
     defaults = Config()
     for name, value in defaults.__dict__.items():
         kind = (lambda v: v.lower() in ("1", "true", "yes")) if isinstance(value, bool) else type(value)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from laion_operator.testbed.loopback import free_port
+from tests.support.loopback import free_port
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "charts" / "laion-operator" / "files" / "dashboard.json"
 

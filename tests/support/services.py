@@ -14,7 +14,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from laion_operator.testbed.loopback import free_port, wait_for_port  # the other support modules import them from here
+from tests.support.loopback import free_port, wait_for_port  # the other support modules import them from here
 from tests.support.procs import alive, process_tree, signal_all
 
 VENV_BIN = Path(sys.executable).parent
