@@ -74,6 +74,7 @@ def test_every_output_format_has_its_module():
     assert list(formats.FORMATS) == specs.OUTPUT_FORMATS
     assert all(formats.get(name).name == name for name in specs.OUTPUT_FORMATS)
     assert {name for name, f in formats.FORMATS.items() if f.reads_datasets} == set(specs.DATASET_FORMATS) - {"images"}
+    assert list(formats.DATASETS) == specs.DATASET_FORMATS  # what convert reads, the spec's enum
     with pytest.raises(ValueError, match="no output format 'avro'"):
         formats.get("avro")
 

@@ -6,6 +6,7 @@ giving the shard's (key, caption, image bytes, metadata) back, its annotation ro
 extensions and whether convert reads datasets in it. Download, convert, annotate, verify, heal,
 latents, resume and the tests ask the format; a new format is one module here, named after it, and
 its line in contract.OUTPUT_FORMATS (the registry the operator and the CRD's enum read too).
+`images` (image files and a captions JSONL) is a dataset convert reads and nothing writes.
 """
 
 from __future__ import annotations
@@ -13,14 +14,19 @@ from __future__ import annotations
 from importlib import import_module
 
 from ...contract import OUTPUT_FORMATS, STATS_SUFFIX, shard_metadata
-from .base import BrokenShard, Format, Sample, numbered, read_metadata
+from . import images
+from .base import BrokenShard, ConvertError, Format, Sample, numbered, read_metadata
 
 # Each name of the contract's registry is the module here that holds the format.
 FORMATS: dict[str, Format] = {name: import_module(f"{__name__}.{name}").FORMAT for name in OUTPUT_FORMATS}
+# What convert reads (spec.source.dataset.format): the formats that read datasets, and images.
+DATASETS: dict[str, Format] = {f.name: f for f in (*FORMATS.values(), images.FORMAT) if f.reads_datasets}
 
 __all__ = [
+    "DATASETS",
     "FORMATS",
     "BrokenShard",
+    "ConvertError",
     "Format",
     "Sample",
     "get",

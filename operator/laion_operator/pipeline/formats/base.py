@@ -27,7 +27,7 @@ import fsspec
 
 from ...contract import SHARD_DIGITS, ShardStats, shard_metadata, shard_name
 from ...errors import InputError
-from ...spec import ENCODE_FORMATS, Download
+from ...spec import ENCODE_FORMATS, Dataset, Download
 from ...storage import Store
 
 # What an image file in a dataset may be called (convert reads anyone's tars and folders); our writers
@@ -48,6 +48,10 @@ class BrokenShard(InputError):
     """A shard that cannot be read: the message names the file and what is wrong with it."""
 
 
+class ConvertError(InputError):
+    """An input dataset that cannot be read; the message names the file and the sample."""
+
+
 class Format:
     """The base of every format; a subclass names itself, gives its sample writer and reads its shards."""
 
@@ -55,7 +59,7 @@ class Format:
     suffix = ""  # of the file a shard's samples go to, after its number; none: a folder of that number
     image_extensions: tuple[str, ...] = tuple(ENCODE_FORMATS)
     reads_datasets = False  # convert reads existing datasets in this format (spec.source.dataset.format)
-    dataset_shards = ""  # what a dataset's shards are, in words (`reads_datasets` formats only)
+    dataset_shards = ""  # what a dataset's input shards are, in words (`reads_datasets` formats only)
     img2dataset_writer = ""  # the name of img2dataset's sample writer for the format, where it has one
 
     def sample_writer(self) -> type:
@@ -82,12 +86,22 @@ class Format:
         """The samples one shard of the output holds, as its data file(s) hold them."""
         raise NotImplementedError
 
-    def is_dataset_shard(self, fs, path: str) -> bool:
-        """Whether `path`, an entry of a dataset's folder, is one of its shards (`reads_datasets` formats only)."""
+    # Reading an existing dataset (`reads_datasets` formats only): convert's input.
+
+    def claims(self, dataset: Dataset) -> bool:
+        """Whether the spec alone says the dataset is in this format (before its folder is looked at)."""
         return False
 
-    def read_dataset(self, path: str) -> Iterator[Sample]:
-        """The samples of one shard of an existing dataset (`reads_datasets` formats only)."""
+    def is_dataset_shard(self, fs, path: str) -> bool:
+        """Whether `path`, an entry of a dataset's folder, is one of its shards."""
+        return False
+
+    def dataset_inputs(self, dataset: Dataset, samples_per_shard: int) -> list[dict]:
+        """The dataset's input shards, in order (what output shard N reads), as the part's manifest lists them."""
+        raise NotImplementedError(f"convert does not read {self.name} datasets")
+
+    def read_input(self, dataset: Dataset, entry: dict) -> Iterator[Sample]:
+        """The samples of one input shard, an entry of `dataset_inputs`."""
         raise NotImplementedError(f"convert does not read {self.name} datasets")
 
     def annotation_rows(self, store: Store, opts: Download, shards: list[ShardStats]) -> tuple[list[str], Iterable]:
@@ -113,10 +127,6 @@ class Grouped(Format):
     image_extensions = IMAGE_FILES
     reads_datasets = True
 
-    def is_dataset_shard(self, fs, path: str) -> bool:
-        """Whether `path`, an entry of a dataset's folder, is one of its shards."""
-        raise NotImplementedError
-
     def read(self, fs, path: str, where: str) -> Iterator[Sample]:
         """The samples of the shard at `path` on `fs`, their `file` being `where`."""
         raise NotImplementedError
@@ -125,9 +135,22 @@ class Grouped(Format):
         name = self.data_file(shard)
         return self.read(store.fs, store.path(name), name)
 
-    def read_dataset(self, path: str) -> Iterator[Sample]:
-        fs, local = fsspec.core.url_to_fs(path.rstrip("/"))
-        return self.read(fs, local, path)
+    def dataset_inputs(self, dataset: Dataset, samples_per_shard: int) -> list[dict]:
+        """Each of the folder's shards (a tar, a folder) is an input shard, whatever its samples."""
+        fs, root = fsspec.core.url_to_fs(dataset.uri.rstrip("/"))
+        try:
+            entries = fs.ls(root, detail=False)
+        except FileNotFoundError:
+            raise ConvertError(f"spec.source.dataset.uri: {dataset.uri} does not exist") from None
+        names = sorted(p.rsplit("/", 1)[-1] for p in entries)
+        shards = [n for n in names if self.is_dataset_shard(fs, f"{root.rstrip('/')}/{n}")]
+        if not shards:
+            raise ConvertError(f"spec.source.dataset.uri: no {self.dataset_shards} in {dataset.uri}")
+        return [{"path": f"{dataset.uri.rstrip('/')}/{n}"} for n in shards]
+
+    def read_input(self, dataset: Dataset, entry: dict) -> Iterator[Sample]:
+        fs, local = fsspec.core.url_to_fs(entry["path"].rstrip("/"))
+        return self.read(fs, local, entry["path"])
 
 
 def numbered(file_name: str, suffix: str) -> int | None:
