@@ -57,8 +57,9 @@ def _output(args) -> dict:
 def cmd_heal(args) -> int:
     keep_ray_on_loopback(None)  # the shards to heal run as Ray tasks, on a local Ray
     from .contract import FAILURE_REASONS, TRANSIENT_REASONS
-    from .pipeline.heal import heal_part
+    from .pipeline.driver import heal_part
     from .pipeline.local import print_summary
+    from .summary import Summary
 
     part = specs.load(args.part)
     reasons = [r.strip() for r in args.reasons.split(",") if r.strip()] if args.reasons else None
@@ -67,9 +68,11 @@ def cmd_heal(args) -> int:
         raise InputError(f"--reasons: {', '.join(unknown)} not among the failure reasons {', '.join(FAILURE_REASONS)}")
     shown = reasons or (list(part.heal.reasons) if part.heal else TRANSIENT_REASONS)
     print(f"part {part.part_id}: healing samples that failed for {', '.join(shown)} in {part.output.uri}", flush=True)
-    summary = heal_part(part, reasons, force=True)
-    heal = summary["heal"]
-    print(f"  {heal['refetched']:,} samples fetched again in {heal['shards']} shards")
+    healed = heal_part(part, reasons, force=True)
+    summary = Summary.from_json(healed) if healed else None
+    if summary is None or summary.heal is None:  # forced: a heal done before is done again
+        raise RuntimeError(f"heal of {part.output.uri} ended without healing")
+    print(f"  {summary.heal.refetched:,} samples fetched again in {summary.heal.shards} shards")
     print_summary(summary)
     return ExitCode.OK
 
@@ -142,10 +145,8 @@ def cmd_verify(args) -> int:
     from .pipeline.verify import verify_output
 
     summary, result = verify_output(store)
-    print(
-        f"part {summary['partId']} -> {store.uri} ({summary['outputFormat']}): "
-        f"{'verified' if result.ok else 'NOT verified'}"
-    )
+    fmt = summary.written.output_format if summary.written else "-"
+    print(f"part {summary.part_id} -> {store.uri} ({fmt}): {'verified' if result.ok else 'NOT verified'}")
     print(
         f"  {result.samples:,} samples in {result.shards} shards read back, {result.images_decoded:,} images "
         f"decoded in {result.seconds:.1f} s"

@@ -297,7 +297,7 @@ class Progress:
     """`_laion/progress.json`: written by the job as it runs, read by the operator and a resumed run."""
 
     part_id: str
-    phase: str = Phase.FILTERING.value
+    phase: Phase = Phase.FILTERING
     # The operator's submission id of the run that wrote it (JOB_ID_ENV; "" outside the operator): a
     # re-run's operator must not show the last run's phase as this one's.
     job: str = ""
@@ -345,11 +345,14 @@ class Progress:
         return round(100.0 * self.images_ok / attempted, 2) if attempted else 0.0
 
     def to_json(self) -> dict:
-        return {**asdict(self), "success_rate": self.success_rate}
+        return {**asdict(self), "phase": self.phase.value, "success_rate": self.success_rate}
 
     @classmethod
     def from_json(cls, data: dict) -> "Progress":
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        if "phase" in known:
+            # A phase this version does not know (a newer job's) reads as not yet reported.
+            known["phase"] = Phase(known["phase"]) if known["phase"] in PHASES else Phase.PENDING
         return cls(**known)
 
 

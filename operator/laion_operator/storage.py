@@ -54,9 +54,10 @@ _UNREACHABLE_NAMES = {
 }
 
 
-def unreachable(err: BaseException) -> bool:
+def unreachable(error: BaseException) -> bool:
     """Whether an error (or one it was raised from) says the storage did not answer."""
     seen = set()
+    err: BaseException | None = error
     while err is not None and id(err) not in seen:
         seen.add(id(err))
         if isinstance(err, (ConnectionError, socket.timeout, TimeoutError)):

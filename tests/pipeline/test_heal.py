@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from laion_operator.pipeline.driver import run_part
-from laion_operator.pipeline.heal import NotHealable, heal_part
+from laion_operator.pipeline.driver import heal_part, run_part
+from laion_operator.pipeline.heal import NotHealable
 from laion_operator.spec import PartSpec
 from laion_operator.testbed.demo_data import write_metadata
 from tests.support.exactly_once import check_exactly_once

@@ -40,7 +40,9 @@ def load_light() -> None:
         if spec is not None:
             sys.modules["img2dataset"] = importlib.util.module_from_spec(spec)  # not executed
     if "torch" not in sys.modules:
-        sys.modules["torch"] = None  # an import of torch now fails, as where it is not installed
+        # an import of torch now fails, as where it is not installed (None is importlib's "not here";
+        # typeshed types sys.modules' values as modules only)
+        sys.modules["torch"] = None  # type: ignore[assignment]
         try:
             import tfrecord  # noqa: F401 - the TFRecord format's protobuf classes; its torch glue goes
             import webdataset  # noqa: F401 - loaded now, while torch is hidden, for the stages that import it later

@@ -1,4 +1,4 @@
-"""Stage 3: the files trainers read beside the dataset, and the part's summary.
+"""The files trainers read beside the dataset, and the part's summary.
 
 - the annotation file, whose rows the format gives (`Format.annotation_rows`): webdataset, parquet,
   tfrecord: `part_<id>_stats.csv`, a row per shard file and its sample count; mds: the same, a row
@@ -13,46 +13,40 @@ from .. import contract
 from ..contract import Progress, ShardStats
 from ..spec import PartSpec
 from ..storage import Store
+from ..summary import Summary, Written
 from . import formats
 from .formats.base import csv_text
 
 
-def annotate(spec: PartSpec, store: Store, shards: list[ShardStats], progress: Progress) -> dict:
+def annotate(spec: PartSpec, store: Store, shards: list[ShardStats], progress: Progress) -> Summary:
     """Write the annotation files and the summary; returns the summary."""
     fmt = formats.get(spec.download.output_format)
     shards = sorted(shards, key=lambda s: s.shard)
     index = contract.annotations(spec.part_id, fmt.name)
     store.write_text(csv_text(*fmt.annotation_rows(store, spec.download, shards)), index)
     fmt.annotate(store, shards)
-    summary = summarize(spec, store, shards, progress)
-    summary["annotations"] = store.url(index)
-    store.write_json(summary, contract.summary(spec.part_id))
+    summary = Summary(spec.part_id, store.uri, written(spec, shards, progress), annotations=store.url(index))
+    store.write_json(summary.to_json(), contract.summary(spec.part_id))
     return summary
 
 
-def summarize(spec: PartSpec, store: Store, shards: list[ShardStats], progress: Progress) -> dict:
-    download_seconds = sum(s.end_time - s.start_time for s in shards)
-    return {
-        "partId": spec.part_id,
-        "output": store.uri,
-        "outputFormat": spec.download.output_format,
-        "metadata": {
-            "rowsRead": progress.rows_read,
-            "rowsKept": progress.rows_kept,
-            "droppedBy": dict(progress.dropped_by),
-        },
-        "shards": {"total": progress.shards_total, "done": progress.shards_done, "failed": progress.shards_failed},
-        "images": {
-            "attempted": sum(s.count for s in shards),
-            "ok": sum(s.successes for s in shards),
-            "failedToDownload": sum(s.failed_to_download for s in shards),
-            "failedToResize": sum(s.failed_to_resize for s in shards),
-            "failedByReason": dict(progress.failed_by_reason),
-        },
-        "successRate": progress.success_rate,
-        "bytesWritten": sum(s.bytes_written for s in shards),
-        "durations": {
-            "totalSeconds": round((progress.finished_at or progress.updated_at) - progress.started_at, 3),
-            "shardSecondsSum": round(download_seconds, 3),
-        },
-    }
+def written(spec: PartSpec, shards: list[ShardStats], progress: Progress) -> Written:
+    """The summary's counts: the part's progress and its finished shards' stats."""
+    return Written(
+        output_format=spec.download.output_format,
+        rows_read=progress.rows_read,
+        rows_kept=progress.rows_kept,
+        dropped_by=dict(progress.dropped_by),
+        shards_total=progress.shards_total,
+        shards_done=progress.shards_done,
+        shards_failed=progress.shards_failed,
+        attempted=sum(s.count for s in shards),
+        ok=sum(s.successes for s in shards),
+        failed_to_download=sum(s.failed_to_download for s in shards),
+        failed_to_resize=sum(s.failed_to_resize for s in shards),
+        failed_by_reason=dict(progress.failed_by_reason),
+        success_rate=progress.success_rate,
+        bytes_written=sum(s.bytes_written for s in shards),
+        total_seconds=round((progress.finished_at or progress.updated_at) - progress.started_at, 3),
+        shard_seconds_sum=round(sum(s.end_time - s.start_time for s in shards), 3),
+    )

@@ -78,10 +78,11 @@ def download_shard(
 
     def handle(index: int, data: bytes | None, err: FetchError | None) -> None:
         """One URL's outcome, on a decode thread: resized and written."""
-        if err is not None:
-            recorder.failed(leading(index), rows[index].get("caption"), str(err), err.reason)
-        else:
+        if data is not None and err is None:
             recorder.image(leading(index), rows[index].get("caption"), data)
+        else:
+            err = err or FetchError("other", "fetched without a body")
+            recorder.failed(leading(index), rows[index].get("caption"), str(err), err.reason)
 
     fetched = []
     for index in range(len(rows)):

@@ -126,6 +126,13 @@ class Kept:
     hashes: np.ndarray | None
     positions: np.ndarray | None
 
+    @property
+    def url_keys(self) -> np.ndarray:
+        """The URL hashes, which only a shuffle or a dedupe has the batches read with."""
+        if self.hashes is None:
+            raise ValueError("kept rows read without their URL hashes")
+        return self.hashes
+
 
 @dataclass
 class _Filtered:
@@ -339,7 +346,7 @@ def _deduped_in_read_order(batches: Iterator[Kept], workdir: str, result: Filter
             if writer is None:
                 writer = pa.ipc.new_stream(path, kept.table.schema)
             writer.write_table(kept.table)
-            hashes.append(kept.hashes)
+            hashes.append(kept.url_keys)
     finally:
         if writer is not None:
             writer.close()
@@ -426,7 +433,7 @@ def plan(spec: PartSpec) -> FilterResult:
     for kept in _kept_batches(spec, result, None, with_hashes=spec.filter.dedupe_urls, with_positions=False):
         result.rows_kept += kept.table.num_rows
         if spec.filter.dedupe_urls:
-            hashes.append(kept.hashes)
+            hashes.append(kept.url_keys)
     if spec.filter.dedupe_urls:
         unique = int(_first_of_each(np.concatenate(hashes)).sum()) if hashes else 0
         result.dropped_by["duplicateUrl"] = result.rows_kept - unique

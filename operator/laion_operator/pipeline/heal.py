@@ -5,9 +5,9 @@ Each shard holding such samples is rewritten whole by `download_shard`, which wr
 sample again as it was (its `reuse`: the image as the output format reads it back, whichever of
 the formats it is, and its metadata row) and fetches the chosen ones: afterwards every sample is in
 the shard exactly once, with its new status. The shards are rewritten in parallel, a Ray task each
-(`heal_shard`), through the pool and Tracker a download runs on: `heal` is the last stage of
-`driver.run_part` when `spec.heal` is set, and `heal_part` runs it alone (`laion-operator heal`).
-Then the annotations, the summary and the progress are made again from the shards' stats.
+(`heal_shard`), through the pool and Tracker a download runs on: the heal stage (stages/heal.py) is
+the last of a part when `spec.heal` is set, and `driver.heal_part` runs it alone (`laion-operator
+heal`). Then the annotations, the summary and the progress are made again from the shards' stats.
 
 A heal interrupted at any point resumes like a download. Its plan is `_laion/heal.json`; before a
 shard is rewritten its earlier samples are saved to `_laion/heal/<shard>.parquet` and its
@@ -21,7 +21,6 @@ import io
 import json
 import logging
 import time
-from collections.abc import Callable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
@@ -29,16 +28,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import contract
-from ..contract import HEAL, MANIFEST, PROGRESS, Phase, Progress, ShardStats
+from ..contract import HEAL, MANIFEST, ShardStats
 from ..errors import InputError
 from ..spec import PartSpec
-from ..storage import StorageUnavailable, Store
+from ..storage import Store
 from . import formats
-from .annotate import annotate
 from .download import download_shard
 from .formats import read_metadata
-from .runtime import Outcome, PartFailed, Pool, cpus, ensure_ray, store_work
-from .tracker import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +84,7 @@ def _affected(store: Store, shard: int, reasons: set[str]) -> int:
     )
 
 
-def _finished_stats(store: Store, shards: int, skip: AbstractSet[int] = frozenset()) -> list[ShardStats]:
+def finished_stats(store: Store, shards: int, skip: AbstractSet[int] = frozenset()) -> list[ShardStats]:
     stats = []
     for shard in (s for s in range(shards) if s not in skip):
         data = store.read_json(contract.shard_stats(shard))
@@ -125,12 +121,7 @@ def heal_shard(spec: PartSpec, shard: int, reasons: set[str], report=None) -> He
     return HealedShard(stats, len(samples) - len(reuse))
 
 
-def _heal_shard(spec: PartSpec, shard: int, report, reasons: list[str]) -> Outcome:
-    """`heal_shard` in its Ray task: the whole shard again while the storage is away, as a download's."""
-    return store_work(spec, f"healing shard {shard}", lambda: heal_shard(spec, shard, set(reasons), report))
-
-
-def _plan(spec: PartSpec, store: Store, reasons: list[str] | None, force: bool) -> tuple[dict, dict] | None:
+def plan(spec: PartSpec, store: Store, reasons: list[str] | None, force: bool) -> tuple[dict, dict] | None:
     """This heal's plan (`contract.HEAL`), made or resumed, and the part's manifest; None when this heal
     (its reasons and round) was done already and `force` is not set."""
     heal = spec.heal
@@ -161,103 +152,6 @@ def _plan(spec: PartSpec, store: Store, reasons: list[str] | None, force: bool) 
         }
         store.write_json(plan, HEAL)
     return plan, manifest
-
-
-def heal(spec: PartSpec, tracker: Tracker, reasons: list[str] | None = None, force: bool = False) -> dict | None:
-    """The heal stage over the finished part in spec.output, its shards to heal as Ray tasks; returns
-    the part's new summary, or None when this heal was done already and `force` is not set."""
-    planned = _plan(spec, tracker.store, reasons, force)
-    return None if planned is None else _heal(spec, tracker, *planned)
-
-
-def _heal(spec: PartSpec, tracker: Tracker, plan: dict, manifest: dict) -> dict:
-    store = tracker.store
-    shards = manifest["shards"]
-    todo = [s for s in plan["shards"] if s not in plan["done"]]
-    tracker.progress.finished_at = None
-    tracker.phase(
-        Phase.DOWNLOADING,
-        f"healing {len(plan['shards'])} shards: fetching again what failed for {', '.join(plan['reasons'])}",
-    )
-    log.info(
-        "healing %s: %d of %d shards hold samples that failed for %s",
-        store.uri,
-        len(plan["shards"]),
-        shards,
-        ", ".join(plan["reasons"]),
-    )
-    tracker.finished = {s.shard: s for s in _finished_stats(store, shards, skip=set(todo))}
-    refetched = 0
-
-    def healed(shard: int, result: HealedShard) -> None:
-        nonlocal refetched
-        tracker.finished[shard] = result.stats
-        refetched += result.refetched
-        plan["done"].append(shard)
-        store.write_json(plan, HEAL)
-
-    pool = Pool(
-        "heal: ",
-        _heal_shard,
-        spec,
-        spec.download.shard_retries,
-        spec.download.parallelism or cpus(),
-        on_value=healed,
-        tick=lambda partial, moved: tracker.tick(partial, moved, len(pool.failed)),
-        args=(plan["reasons"],),
-    )
-    try:
-        pool.run(todo)
-    except StorageUnavailable as err:
-        tracker.fail(str(err), store_away=True)
-        raise
-    if pool.failed:
-        first = min(pool.failed)
-        tracker.fail(
-            f"heal: {len(pool.failed)} of {len(todo)} shards failed after {spec.download.shard_retries} "
-            f"retries: {sorted(pool.failed)[:10]}; shard {first}: {str(pool.errors.get(first))[:500]}; "
-            "heal again to retry them"
-        )
-        raise PartFailed(tracker.progress.message)
-
-    stats = _finished_stats(store, shards)
-    progress = tracker.progress
-    tracker.finished = {s.shard: s for s in stats}
-    progress.shards_total, progress.shards_failed = shards, 0
-    tracker.count()
-    progress.rows_kept = manifest.get("rows_kept", progress.rows_kept)
-    progress.rows_read = manifest.get("rows_read", progress.rows_read)
-    progress.dropped_by = manifest.get("dropped_by", progress.dropped_by)
-    tracker.end()
-    summary = annotate(spec, store, stats, progress)
-    summary["heal"] = {"reasons": plan["reasons"], "shards": len(plan["shards"]), "refetched": refetched}
-    store.write_json(summary, contract.summary(spec.part_id))
-    tracker.finish(
-        f"healed {len(plan['shards'])} shards ({', '.join(plan['reasons'])}): "
-        f"{progress.images_ok} images in {store.uri}"
-    )
-    plan["finished"] = True
-    store.write_json(plan, HEAL)
-    return summary
-
-
-def heal_part(
-    spec: PartSpec,
-    reasons: list[str] | None = None,
-    force: bool = False,
-    on_progress: Callable[[Progress], None] | None = None,
-    ray_address: str | None = None,
-) -> dict | None:
-    """Heal the finished part in spec.output on its own (`laion-operator heal`); returns its new summary,
-    or None when this heal (spec.heal's reasons and round) was done already and `force` is not set."""
-    store = Store(spec.output)
-    planned = _plan(spec, store, reasons, force)
-    if planned is None:
-        return None
-    previous = store.read_json(PROGRESS) or {}
-    tracker = Tracker(store, Progress.from_json({**previous, "part_id": spec.part_id}), on_progress)
-    ensure_ray(ray_address)  # after the checks: a part that cannot heal starts no Ray
-    return _heal(spec, tracker, *planned)
 
 
 def _finished_stats_or_saved(store: Store, shards: int, saved: list[int]) -> None:

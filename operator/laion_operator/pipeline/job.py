@@ -14,7 +14,6 @@ from .. import credentials
 from ..contract import JOB_ID_ENV, ExitCode, Progress
 from ..errors import InputError
 from ..spec import PartSpec
-from ..storage import StorageUnavailable
 
 log = logging.getLogger("laion_operator.job")
 
@@ -37,8 +36,8 @@ def main() -> int:
     from . import load_light
 
     load_light()  # this process only runs the part
-    from .driver import PartFailed, run_part
-    from .runtime import ensure_ray
+    from .driver import run_part
+    from .runtime import ENDED, ending, ensure_ray
 
     credentials.load_into_environment()
     try:
@@ -52,14 +51,9 @@ def main() -> int:
     ensure_ray()
     try:
         summary = run_part(spec, on_progress=log_progress, job=os.environ.get(JOB_ID_ENV, ""))
-    except PartFailed as err:
-        log.error("part %s failed: %s", spec.part_id, err)
-        return ExitCode.SHARDS_FAILED
-    except StorageUnavailable as err:
-        log.error("part %s failed: StorageUnavailable: %s", spec.part_id, err)
-        return ExitCode.STORAGE_UNAVAILABLE
-    except InputError as err:
-        log.error("part %s cannot run: %s", spec.part_id, err)
-        return ExitCode.BAD_INPUT
+    except ENDED as err:
+        code, message = ending(spec.part_id, err)
+        log.error("%s", message)
+        return code
     json.dump(summary, sys.stdout, indent=2)
     return ExitCode.OK

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 
 from ..contract import ExitCode, Phase, Progress
 from ..spec import PartSpec
-from ..storage import StorageUnavailable
+from ..summary import Summary
+from . import sources
 
 
 class ProgressBar:
@@ -35,7 +37,7 @@ class ProgressBar:
         else:
             attempted = p.images_ok + p.images_failed
             line = (
-                f"[{p.phase.lower()}] shards {p.shards_done}/{p.shards_total}"
+                f"[{p.phase.value.lower()}] shards {p.shards_done}/{p.shards_total}"
                 f"{f' ({p.shards_failed} failed)' if p.shards_failed else ''} | "
                 f"{attempted:,} images, {attempted / elapsed:,.1f}/s | success {p.success_rate:.1f}%"
             )
@@ -50,85 +52,70 @@ class ProgressBar:
             self.stream.write("\n")
 
 
-def print_summary(summary: dict, out=sys.stdout) -> None:
-    images = summary["images"]
-    meta = summary["metadata"]
-    out.write(f"\npart {summary['partId']} -> {summary['output']} ({summary['outputFormat']})\n")
-    out.write(f"  metadata  {meta['rowsRead']:,} rows read, {meta['rowsKept']:,} kept\n")
-    for reason, n in sorted(meta["droppedBy"].items(), key=lambda kv: -kv[1]):
-        if n:
-            out.write(f"            {n:>10,} dropped by {reason}\n")
-    out.write(f"  shards    {summary['shards']['done']}/{summary['shards']['total']} done\n")
-    out.write(f"  images    {images['ok']:,} of {images['attempted']:,} ok ({summary['successRate']:.1f}%)\n")
-    for reason, n in sorted(images["failedByReason"].items(), key=lambda kv: -kv[1]):
-        out.write(f"            {n:>10,} failed: {reason}\n")
-    out.write(f"  written   {summary['bytesWritten'] / 1e6:,.1f} MB in {summary['durations']['totalSeconds']:.1f} s\n")
-    verified = summary.get("verified")
+def print_summary(summary: Summary, out=sys.stdout) -> None:
+    written, verified, lat = summary.written, summary.verified, summary.latents
+    if written is not None:
+        out.write(f"\npart {summary.part_id} -> {summary.output} ({written.output_format})\n")
+        out.write(f"  metadata  {written.rows_read:,} rows read, {written.rows_kept:,} kept\n")
+        for reason, n in sorted(written.dropped_by.items(), key=lambda kv: -kv[1]):
+            if n:
+                out.write(f"            {n:>10,} dropped by {reason}\n")
+        out.write(f"  shards    {written.shards_done}/{written.shards_total} done\n")
+        out.write(f"  images    {written.ok:,} of {written.attempted:,} ok ({written.success_rate:.1f}%)\n")
+        for reason, n in sorted(written.failed_by_reason.items(), key=lambda kv: -kv[1]):
+            out.write(f"            {n:>10,} failed: {reason}\n")
+        out.write(f"  written   {written.bytes_written / 1e6:,.1f} MB in {written.total_seconds:.1f} s\n")
     if verified:
         out.write(
-            f"  verified  {verified['samples']:,} samples in {verified['shards']} shards read back, "
-            f"{verified['imagesDecoded']:,} images decoded\n"
+            f"  verified  {verified.samples:,} samples in {verified.shards} shards read back, "
+            f"{verified.images_decoded:,} images decoded\n"
         )
-    if "annotations" in summary:
-        out.write(f"  index     {summary['annotations']}\n")
-    if "latents" in summary:
-        lat = summary["latents"]
+    if summary.annotations:
+        out.write(f"  index     {summary.annotations}\n")
+    if lat is not None:
         out.write(
-            f"  latents   {lat['samples']:,} samples ({lat['skipped']:,} undecodable) at "
-            f"{lat['latentsPerSecond']:,.1f}/s on {', '.join(lat['devices']) or '-'}; image "
-            f"{'x'.join(map(str, lat['imageShape'] or []))}, text {'x'.join(map(str, lat['captionShape'] or []))} "
-            f"{lat['dtype']}\n"
+            f"  latents   {lat.samples:,} samples ({lat.skipped:,} undecodable) at "
+            f"{lat.latents_per_second:,.1f}/s on {', '.join(lat.devices) or '-'}; image "
+            f"{'x'.join(map(str, lat.image_shape or []))}, text {'x'.join(map(str, lat.caption_shape or []))} "
+            f"{lat.dtype}\n"
         )
-        out.write(f"            {lat['index']}\n")
+        out.write(f"            {lat.index}\n")
+
+
+def _run(part: PartSpec, run: Callable[[ProgressBar], dict], out) -> int:
+    """Run a part with a live progress line, then print its summary; the exit code says how it went."""
+    from .runtime import ENDED, ending
+
+    bar = ProgressBar()
+    try:
+        summary = run(bar)
+    except ENDED as err:
+        bar.close()
+        code, message = ending(part.part_id, err)
+        print(f"laion-operator: {message}", file=sys.stderr)
+        return code
+    bar.close()
+    print_summary(Summary.from_json(summary), out)
+    return ExitCode.OK
 
 
 def run_with_progress(part: PartSpec, ray_address: str | None = None, out=sys.stdout) -> int:
-    """Run a part with a live progress line, then print its summary; the exit code says how it went."""
-    from .driver import PartFailed, run_part
+    """`laion-operator run` and `convert`: every stage of the part."""
+    from .driver import run_part
     from .runtime import ensure_ray
 
-    sources = (
-        f"dataset {part.dataset.uri}"
-        if part.dataset
-        else f"{len(part.source)} metadata file{'s' if len(part.source) > 1 else ''}"
-    )
-    print(f"part {part.part_id}: {sources} -> {part.output.uri} ({part.download.output_format})", file=out, flush=True)
+    source = sources.of(part).describe(part)
+    print(f"part {part.part_id}: {source} -> {part.output.uri} ({part.download.output_format})", file=out, flush=True)
     ensure_ray(ray_address)
-    bar = ProgressBar()
-    try:
-        summary = run_part(part, on_progress=bar)
-    except PartFailed as err:
-        bar.close()
-        print(f"laion-operator: part {part.part_id} failed: {err}", file=sys.stderr)
-        return ExitCode.SHARDS_FAILED
-    except StorageUnavailable as err:
-        bar.close()
-        print(
-            f"laion-operator: part {part.part_id} failed: StorageUnavailable: {err}; run it again to resume",
-            file=sys.stderr,
-        )
-        return ExitCode.STORAGE_UNAVAILABLE
-    bar.close()
-    print_summary(summary, out)
-    return ExitCode.OK
+    return _run(part, lambda bar: run_part(part, on_progress=bar), out)
 
 
 def encode_with_progress(part: PartSpec, ray_address: str | None = None, out=sys.stdout, source=None) -> int:
     """`laion-operator latents`: the latents stage alone over an output already downloaded or converted,
     or over an MDS folder (`source`, a latents.MDSFolder) into the part's output."""
-    from .driver import PartFailed, encode_mds, encode_part
+    from .driver import encode_mds, encode_part
 
     print(f"part {part.part_id}: latents of {source.uri if source else part.output.uri}", file=out, flush=True)
-    bar = ProgressBar()
-    try:
-        if source is not None:
-            summary = encode_mds(part, source, on_progress=bar, ray_address=ray_address)
-        else:
-            summary = encode_part(part, on_progress=bar, ray_address=ray_address)
-    except PartFailed as err:
-        bar.close()
-        print(f"laion-operator: part {part.part_id} failed: {err}", file=sys.stderr)
-        return ExitCode.SHARDS_FAILED
-    bar.close()
-    print_summary(summary, out)
-    return ExitCode.OK
+    if source is not None:
+        return _run(part, lambda bar: encode_mds(part, source, on_progress=bar, ray_address=ray_address), out)
+    return _run(part, lambda bar: encode_part(part, on_progress=bar, ray_address=ray_address), out)

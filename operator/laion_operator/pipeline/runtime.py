@@ -22,6 +22,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .. import credentials
+from ..contract import ExitCode
 from ..errors import InputError
 from ..spec import PartSpec
 from ..storage import StorageUnavailable, Store
@@ -31,6 +32,25 @@ log = logging.getLogger(__name__)
 
 class PartFailed(RuntimeError):
     """The part ended with shards that failed after all their retries."""
+
+
+# The errors a part ends with on purpose, and what each tells the operator (the job's exit code).
+ENDINGS: dict[type[Exception], ExitCode] = {
+    PartFailed: ExitCode.SHARDS_FAILED,
+    StorageUnavailable: ExitCode.STORAGE_UNAVAILABLE,
+    InputError: ExitCode.BAD_INPUT,
+}
+ENDED = tuple(ENDINGS)  # `except ENDED`: a part that ended on purpose
+
+
+def ending(part_id: str, err: Exception) -> tuple[ExitCode, str]:
+    """The exit code and the line in words of a part that ended with `err`, one of ENDINGS."""
+    code = next(code for kind, code in ENDINGS.items() if isinstance(err, kind))
+    if code is ExitCode.STORAGE_UNAVAILABLE:
+        return code, f"part {part_id} failed: StorageUnavailable: {err}; run it again to resume"
+    if code is ExitCode.BAD_INPUT:
+        return code, f"part {part_id} cannot run: {err}"
+    return code, f"part {part_id} failed: {err}"
 
 
 def ensure_ray(address: str | None = None) -> None:
@@ -152,12 +172,12 @@ class Pool:
         spec_data = spec.to_dict()
         self._submit = lambda shard, board: task.remote(work, spec_data, shard, board, *args)
 
-    def _settle(self, shard: int, outcome: Outcome | None, err: BaseException | None) -> bool:
-        """Record one shard's end; False: start no more shards."""
-        if err is not None:  # a shard's failure is recorded, the part goes on
-            log.error("%sshard %d failed after %d retries: %s", self.stage, shard, self.retries, err)
+    def _settle(self, shard: int, outcome: Outcome | BaseException) -> bool:
+        """Record one shard's end, its outcome or its error; False: start no more shards."""
+        if isinstance(outcome, BaseException):  # a shard's failure is recorded, the part goes on
+            log.error("%sshard %d failed after %d retries: %s", self.stage, shard, self.retries, outcome)
             self.failed.append(shard)
-            self.errors[shard] = err
+            self.errors[shard] = outcome
             return True
         if outcome.bad_input:
             raise InputError(outcome.bad_input)
@@ -168,6 +188,15 @@ class Pool:
             return False  # no point starting more shards against an unreachable store
         self.on_value(shard, outcome.value)
         return True
+
+    def failure(self, total: int, again: str) -> str:
+        """The stage's failure in words: how many shards of `total` failed, which, the first one's error."""
+        first = min(self.failed)
+        return (
+            f"{self.stage}{len(self.failed)} of {total} shards failed after {self.retries} retries: "
+            f"{sorted(self.failed)[:10]}; shard {first}: {str(self.errors.get(first, 'unknown error'))[:500]}; "
+            f"{again}"
+        )
 
     def run(self, todo: list[int]) -> None:
         """Run every shard in `todo`. However it ends (an unreachable store, bad input, an interrupt),
@@ -194,10 +223,10 @@ class Pool:
                 for ref in ready:
                     shard = running.pop(ref)
                     try:
-                        outcome, err = ray.get(ref), None
+                        outcome = ray.get(ref)
                     except Exception as raised:  # noqa: BLE001 - the task's failure, after its retries
-                        outcome, err = None, getattr(raised, "cause", None) or raised  # Ray wraps the task's exception
-                    if not self._settle(shard, outcome, err):
+                        outcome = getattr(raised, "cause", None) or raised  # Ray wraps the task's exception
+                    if not self._settle(shard, outcome):
                         todo.clear()
                     board.forget.remote(shard)
                     partial.pop(shard, None)

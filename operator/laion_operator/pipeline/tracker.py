@@ -22,7 +22,7 @@ class Tracker:
         self._last = 0.0
 
     def phase(self, phase: Phase, message: str = "") -> None:
-        self.progress.phase = phase.value
+        self.progress.phase = phase
         self.progress.message = message
         self.publish(force=True)
 

@@ -7,8 +7,8 @@ for `mds`, and for `files` the shard's folder beside the `part_<id>.csv` that li
 would trip over is what this looks for: a shard that does not open, an image that does not decode, a
 key twice, a count that differs from what the part says it wrote. Every problem names its shard.
 
-Runs after annotating (the driver spreads `check_shard` over Ray tasks) and on demand with
-`laion-operator verify OUTPUT`; the result goes into the summary as `verified` and into progress.json,
+Runs after annotating (the verify stage spreads `check_shard` over Ray tasks, stages/verify.py) and
+on demand with `laion-operator verify OUTPUT`; the result goes into the summary as `verified` and into progress.json,
 from which the operator sets the part's `Verified` condition.
 """
 
@@ -25,6 +25,7 @@ from .. import contract
 from ..contract import MANIFEST, ShardStats, Verification, shard_name
 from ..errors import InputError
 from ..storage import Store
+from ..summary import Summary
 from . import formats
 from .formats import BrokenShard, shard_data
 
@@ -162,10 +163,8 @@ def verify(
     summary = store.read_json(contract.summary(part_id))
     if summary is None:
         result.problems.append(f"{contract.summary(part_id)}: missing")
-    elif summary["images"]["ok"] != result.samples:
-        result.problems.append(
-            f"{contract.summary(part_id)}: says {summary['images']['ok']} images, {result.samples} read back"
-        )
+    elif (said := Summary.from_json(summary).images_ok) != result.samples:
+        result.problems.append(f"{contract.summary(part_id)}: says {said} images, {result.samples} read back")
     result.shards = len(checks)
     result.bad_shards = sorted(bad)
     result.ok = not result.problems
@@ -173,23 +172,25 @@ def verify(
     return result
 
 
-def _iter_summaries(store: Store) -> Iterator[dict]:
+def _summaries(store: Store) -> Iterator[Summary]:
     for path in sorted(store.fs.glob(store.path("part_*_summary.json"))):
         data = store.read_json(path.rsplit("/", 1)[-1])
         if data:
-            yield data
+            yield Summary.from_json(data)
 
 
-def verify_output(store: Store) -> tuple[dict, Verification]:
+def verify_output(store: Store) -> tuple[Summary, Verification]:
     """`laion-operator verify OUTPUT`: verify the part found in a finished output, record the result in
     its summary (and progress.json, for the operator); returns the summary and the result."""
-    summaries = list(_iter_summaries(store))
+    summaries = list(_summaries(store))
     if len(summaries) != 1:
         raise InputError(f"{store.uri}: expected one part_<id>_summary.json (a finished part), found {len(summaries)}")
     summary = summaries[0]
-    result = verify(store, summary["partId"], summary["outputFormat"])
-    summary["verified"] = result.to_json()
-    store.write_json(summary, contract.summary(summary["partId"]))
+    if summary.written is None:
+        raise InputError(f"{store.uri}: its summary is of latents alone; it holds no shards to verify")
+    result = verify(store, summary.part_id, summary.written.output_format)
+    summary.verified = result
+    store.write_json(summary.to_json(), contract.summary(summary.part_id))
     progress = store.read_json(contract.PROGRESS)
     if progress is not None:
         progress["verified"] = result.to_json()

@@ -138,7 +138,13 @@ class Engine:
         return self
 
     async def __aexit__(self, *exc) -> None:
-        await self.session.close()
+        await self.client.close()
+
+    @property
+    def client(self) -> aiohttp.ClientSession:
+        if self.session is None:
+            raise RuntimeError("the engine fetches inside `async with Engine(opts)` only")
+        return self.session
 
     def host(self, url: URL) -> Host:
         key = (url.host or "", url.port or 0)
@@ -236,7 +242,7 @@ class Engine:
             if host.dead and not robots:
                 raise FetchError("connection", f"{url.host}: host not answering (redirect target)")
             attempt.host, attempt.hop_started, attempt.phase = host, self.loop.time(), "queued"
-            async with self.session.get(url, allow_redirects=False, trace_request_ctx=attempt) as resp:
+            async with self.client.get(url, allow_redirects=False, trace_request_ctx=attempt) as resp:
                 host.answered(self.loop.time())
                 attempt.phase = "body"
                 location = resp.headers.get("Location")
@@ -270,7 +276,7 @@ class Engine:
                 if resp.status >= 300 or resp.status < 200:
                     raise FetchError("other", f"HTTP {resp.status} {resp.reason or ''}".strip())
                 if self.directives and robots_tag_disallows(
-                    resp.headers.getall("X-Robots-Tag", ()), self.token, self.directives
+                    resp.headers.getall("X-Robots-Tag", ()), self.token or "", self.directives
                 ):
                     raise FetchError("opt_out", "Use of image disallowed by X-Robots-Tag directive")
                 return await self._read(resp, self.opts.max_image_bytes)

@@ -1,6 +1,7 @@
 """A dataset on disk (`source.dataset`): webdataset tars, a `files` folder, or images and a captions
-JSONL, whose shards convert writes again in the part's outputFormat. Its input shards are listed and
-read by `convert` (the formats read their own datasets, pipeline/formats/).
+JSONL, whose shards the convert stage writes again in the part's outputFormat. Its input shards are
+listed and read by `pipeline/convert.py` (the formats read their own datasets, pipeline/formats/),
+which sits above the sources: the reading is to move here, beside the URL list's.
 """
 
 from __future__ import annotations
@@ -19,14 +20,6 @@ class Dataset(Source):
         if spec.dataset is None:
             raise ValueError("not a dataset source")
         return f"dataset {spec.dataset.uri}"
-
-    def plan(self, spec: PartSpec) -> str:
-        """What converting it would do, for --dry-run."""
-        from ..convert import detect, list_inputs
-
-        if spec.dataset is None:
-            raise ValueError("not a dataset source")
-        return f"convert {spec.dataset.uri} ({detect(spec.dataset)}) in {len(list_inputs(spec))} shards"
 
 
 SOURCE = Dataset()
