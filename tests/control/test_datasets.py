@@ -4,7 +4,6 @@ API server, the operator in its own process, parts run as real Ray jobs."""
 from __future__ import annotations
 
 import json
-import tarfile
 import time
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from laion_operator.testbed.demo_data import write_metadata
+from tests.support import outputs
 from tests.support.kinds import (
     DATASET_DOWNLOAD,
     DATASETS,
@@ -313,12 +313,9 @@ def test_suspend_and_resume_mid_download_exactly_once(
         for s in range(total)
         for u in pq.read_table(out / "_laion" / "shards" / f"{s:05d}.parquet").column("url").to_pylist()
     ]
-    written = [r for p in sorted(out.glob("0*.parquet")) for r in pq.read_table(p).to_pylist()]
+    written = outputs.metadata(out)
     assert sorted(r["url"] for r in written) == sorted(kept)  # each sample exactly once
-    keys = []
-    for tar in sorted(out.glob("*.tar")):
-        with tarfile.open(tar) as t:
-            keys += [m.name.split(".")[0] for m in t.getmembers() if m.name.endswith(".jpg")]
+    keys = [s.key for s in outputs.images(out, "webdataset")]
     assert len(keys) == len(set(keys)) == sum(r["status"] == "success" for r in written) > 0
     reasons = [e for e in api.list("", "v1", "events", kube_namespace, field_selector="involvedObject.name=pausing")]
     assert "Suspended" in {e["reason"] for e in reasons}

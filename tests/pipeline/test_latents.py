@@ -6,7 +6,6 @@ from __future__ import annotations
 import gc
 import io
 import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ from laion_operator import contract
 from laion_operator.errors import InputError
 from laion_operator.spec import PartSpec, SpecError
 from laion_operator.testbed.demo_data import write_metadata
+from tests.support import outputs
 from tests.support.specs import partspec
 
 RESOLUTION = 32
@@ -178,16 +178,8 @@ def test_decoding_runs_ahead_in_a_thread_and_skips_undecodable_images():
 # --- the stage on Ray -------------------------------------------------------------------------------
 
 
-def tar_samples(out: Path) -> dict[str, tuple[str, bytes]]:
-    found = {}
-    for path in sorted(out.glob("*.tar")):
-        with tarfile.open(path) as tar:
-            members = {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
-        for name, data in members.items():
-            if name.endswith(".jpg"):
-                key = name[:-4]
-                found[key] = (members[f"{key}.txt"].decode(), data)
-    return found
+def tar_samples(out: Path) -> dict[str, tuple[str | None, bytes | None]]:
+    return {s.key: (s.caption, s.image) for s in outputs.images(out, "webdataset")}
 
 
 @pytest.fixture(scope="module")

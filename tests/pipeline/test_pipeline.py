@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -21,6 +20,7 @@ import yaml
 from laion_operator.pipeline.driver import run_part
 from laion_operator.spec import PartSpec
 from laion_operator.testbed.demo_data import write_metadata
+from tests.support import outputs
 from tests.support.failing_web import outcome_of
 from tests.support.specs import partspec
 
@@ -129,6 +129,15 @@ def test_every_output_format_is_readable(ray_driver, metadata, tmp_path, fmt):
     meta = rows_by_url(table)
     ok = summary["images"]["ok"]
     assert ok > 0
+    samples = outputs.images(out, fmt)  # read back as the format reads its shards
+    assert len(samples) == ok
+    for sample in samples:
+        text = meta[sample.meta["url"]]["TEXT"]
+        assert sample.image is not None and sample.image[:2] == b"\xff\xd8"
+        if fmt == "parquet":  # the metadata's own caption column, beside the sample's txt
+            assert sample.meta["caption"] == text
+        else:  # the caption file (files) or feature (tfrecord)
+            assert sample.caption == (text or "")
     if fmt == "files":
         with open(out / "part_3.csv", newline="") as f:
             index = list(csv.DictReader(f))
@@ -138,22 +147,6 @@ def test_every_output_format_is_readable(ray_driver, metadata, tmp_path, fmt):
             info = json.loads(image.with_suffix(".json").read_text())
             assert image.read_bytes()[:2] == b"\xff\xd8"
             assert entry["caption"] == (meta[info["url"]]["TEXT"] or "")
-            assert image.with_suffix(".txt").read_text() == (meta[info["url"]]["TEXT"] or "")
-    elif fmt == "parquet":
-        rows = [r for p in sorted(out.glob("0*.parquet")) for r in pq.read_table(p).to_pylist()]
-        good = [r for r in rows if r["status"] == "success"]
-        assert len(good) == ok
-        for r in good:
-            assert r["jpg"][:2] == b"\xff\xd8" and r["caption"] == meta[r["url"]]["TEXT"]
-    else:
-        from tfrecord.reader import tfrecord_loader
-
-        records = [r for p in sorted(out.glob("*.tfrecord")) for r in tfrecord_loader(str(p), None)]
-        assert len(records) == ok
-        for r in records:
-            url = bytes(r["url"]).decode()
-            assert bytes(r["jpg"])[:2] == b"\xff\xd8"
-            assert bytes(r["txt"]).decode() == (meta[url]["TEXT"] or "")
 
 
 def _cli(spec_file: Path, ray_cluster, **kw) -> subprocess.Popen:
@@ -217,12 +210,9 @@ def test_killed_run_resumes_with_each_sample_exactly_once(ray_driver, image_serv
         for s in range(total)
         for u in pq.read_table(out / "_laion" / "shards" / f"{s:05d}.parquet").column("url").to_pylist()
     ]
-    written = [r for p in sorted(out.glob("0*.parquet")) for r in pq.read_table(p).to_pylist()]
+    written = outputs.metadata(out)
     assert sorted(r["url"] for r in written) == sorted(kept)  # each sample exactly once
-    tar_keys = []
-    for tar in sorted(out.glob("*.tar")):
-        with tarfile.open(tar) as t:
-            tar_keys += [m.name.split(".")[0] for m in t.getmembers() if m.name.endswith(".jpg")]
+    tar_keys = [s.key for s in outputs.images(out, "webdataset")]
     assert len(tar_keys) == len(set(tar_keys)) == sum(r["status"] == "success" for r in written)
     assert partial or len(finished) < total
 

@@ -15,36 +15,13 @@ import pyarrow.parquet as pq
 
 from laion_operator import contract
 from laion_operator.pipeline import formats
-from laion_operator.spec import Output
 from laion_operator.storage import Store
-
-
-def _store(output) -> Store:
-    if isinstance(output, Store):
-        return output
-    if isinstance(output, Output):
-        return Store(output)
-    return Store(
-        Output(
-            uri=str(output),
-            endpoint=None,
-            region=None,
-            path_style=False,
-            profile=None,
-            credentials_secret=None,
-            retry_seconds=30,
-        )
-    )
+from tests.support import outputs
 
 
 def _parquet(store: Store, name: str):
     with store.fs.open(store.path(name), "rb") as f:
         return pq.read_table(f)
-
-
-def _image_keys(store: Store, shard: int, fmt: str) -> list[str]:
-    """The keys of the images actually in the shard's data file(s), read back by the format's own reader."""
-    return [s.key for s in formats.get(fmt).read_samples(store, shard) if s.image is not None]
 
 
 def check_exactly_once(
@@ -57,7 +34,7 @@ def check_exactly_once(
     """Assert the part in `output` (a path, URI, Output or Store) holds each sample exactly once and that
     its summary, `status` (a LaionPart's) and `metrics` (the operator's /metrics text) agree; returns the
     summary."""
-    store = _store(output)
+    store = outputs.store_of(output)
     manifest = store.read_json(contract.MANIFEST)
     assert manifest, f"{store.url(contract.MANIFEST)} is missing"
     total, kept_rows = manifest["shards"], manifest["rows_kept"]
@@ -80,14 +57,14 @@ def check_exactly_once(
     stats_ok = 0
     for shard in range(total):
         kept_urls += _parquet(store, contract.shard_input(shard)).column("url").to_pylist()
-        table = _parquet(store, contract.shard_metadata(shard))
+        table = formats.read_metadata(store, shard)
         rows = table.to_pylist()
         written_urls += [r["url"] for r in rows]
         keys += [r["key"] for r in rows]
         success = [r["key"] for r in rows if r["status"] == "success"]
         ok += len(success)
         reasons.update(r["failure_reason"] for r in rows if r["status"] != "success")
-        images = _image_keys(store, shard, fmt)
+        images = [s.key for s in outputs.images(store, fmt, shard)]
         assert sorted(images) == sorted(success), f"shard {shard}: images in its file differ from its successes"
         stats = store.read_json(contract.shard_stats(shard))
         assert stats is not None, f"{contract.shard_stats(shard)} missing"
