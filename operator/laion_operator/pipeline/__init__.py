@@ -2,10 +2,12 @@
 sample recorded by `record` (resized, its metadata row, counted, written) → annotate → verify → latents
 → heal.
 
-`formats/` holds the output formats, one module each (writer, reader, annotation rows): every stage
-asks the format rather than branching on its name. `driver.run_part` runs the stages, each shard
-stage through `runtime.Pool` (Ray tasks returning a typed `Outcome`) with its progress kept by
-`tracker.Tracker`; `job` is the Ray job's entry point; `local` runs a part on this machine with a
+`stages/` holds the stages, one module each with one entry, run in order by `driver` from the list
+`stages.PART`; the shard stages run through `runtime.Pool` (Ray tasks returning a typed `Outcome`)
+with their progress kept by `tracker.Tracker`. Below them, each stage's work has its module (`filter`,
+`download`, `convert`, `annotate`, `verify`, `latents`, `heal`), reading the part's input through
+`sources/` (one module per kind of input) and writing through `formats/` (one module per output
+format) and `fetch/`. `job` is the Ray job's entry point; `local` runs a part on this machine with a
 progress line. Nothing here is imported by the operator (`control/`).
 """
 

@@ -4,7 +4,7 @@ shards' counts so that progress moves between shard completions.
 
 A stage gives the pool a shard's work, `work(spec, shard, report, *args) -> Outcome`, a module-level
 function that runs in a Ray task; the stage's own bookkeeping stays in the driver process, in the
-pool's `on_value` and `tick` callbacks (`driver`, `heal`).
+pool's `on_value` and `tick` callbacks (`stages/`).
 """
 
 from __future__ import annotations
