@@ -17,18 +17,17 @@ import os
 import secrets
 import shutil
 import signal
-import ssl
 import subprocess
 import tempfile
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import urllib3
 import yaml
+from kubernetes.client import ApiClient, Configuration
+from kubernetes.client.exceptions import ApiException
 
 from tests.support.network import NODE_IP, NODE_NAME, SERVICE_RANGE, Bridge
 from tests.support.services import free_port, wait_for_port
@@ -97,6 +96,15 @@ class KubeAPIError(Exception):
         return self.body.get("reason") if isinstance(self.body, dict) else None
 
 
+def _parsed(body: bytes | str | None) -> Any:
+    """An error's body: the API server's Status object, or its text when it is not JSON."""
+    text = body.decode(errors="replace") if isinstance(body, bytes) else body or ""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
 class Process:
     """A component's process, its output in a log file, stopped with its whole process group."""
 
@@ -151,7 +159,7 @@ class Cluster:
         self.ca_file = self.workdir / "certs" / "apiserver.crt"  # until the server is up: then its CA alone
         self.kubeconfig_path = self.workdir / "admin.kubeconfig"
         self.components: dict[str, Process] = {}
-        self._ssl: ssl.SSLContext | None = None
+        self._client: ApiClient | None = None
 
     # ----- lifecycle -----
 
@@ -247,7 +255,7 @@ class Cluster:
         blocks = self.ca_file.read_text().split("-----END CERTIFICATE-----")
         self.ca_file = w / "ca.crt"
         self.ca_file.write_text(blocks[-2].strip() + "\n-----END CERTIFICATE-----\n")
-        self._ssl = None
+        self._close_client()
         self.kubeconfig_path.write_text(yaml.safe_dump(self.kubeconfig("admin", self.admin_token)))
         self.components["kube-controller-manager"] = Process(
             "kube-controller-manager",
@@ -319,13 +327,19 @@ class Cluster:
             try:
                 if self.ca_file.exists() and self.request("GET", "/readyz", raw=True) == b"ok":
                     return
-            except (OSError, KubeAPIError, ssl.SSLError):
+            except (OSError, KubeAPIError, urllib3.exceptions.HTTPError):
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError(f"kube-apiserver not ready in {timeout} s:\n{api.logs()[-4000:]}")
             time.sleep(0.5)
 
+    def _close_client(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
     def stop(self) -> None:
+        self._close_client()
         for proc in reversed(list(self.components.values())):
             proc.stop()
         self.bridge.down()
@@ -404,12 +418,19 @@ class Cluster:
             )
         return result
 
-    # ----- raw HTTP as admin -----
+    # ----- the API as admin, through the kubernetes client -----
 
-    def _context(self) -> ssl.SSLContext:
-        if self._ssl is None:
-            self._ssl = ssl.create_default_context(cafile=str(self.ca_file))
-        return self._ssl
+    def client(self) -> ApiClient:
+        """The kubernetes client's ApiClient as admin (made again once the CA file changes)."""
+        if self._client is None:
+            config = Configuration(
+                host=self.url,
+                api_key={"BearerToken": self.admin_token},
+                api_key_prefix={"BearerToken": "Bearer"},
+                ssl_ca_cert=str(self.ca_file),
+            )
+            self._client = ApiClient(config)
+        return self._client
 
     def request(
         self,
@@ -422,30 +443,24 @@ class Cluster:
         raw: bool = False,
         timeout: float = 30,
     ) -> Any:
-        url = self.url + path
-        if params:
-            url += "?" + urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
-        data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
-        req = urllib.request.Request(
-            url,
-            data=data,
-            method=method.upper(),
-            headers={
-                "Content-Type": content_type,
-                "Accept": "application/json",
-                "Authorization": f"Bearer {self.admin_token}",
-            },
-        )
+        """One call at `path` (see `path()`): its JSON answer (`raw`: its bytes), or KubeAPIError. The
+        kubernetes client's generic call, so that any kind, a CRD just installed included, and any
+        subresource or query (dryRun) is one line for the tests."""
         try:
-            with urllib.request.urlopen(req, timeout=timeout, context=self._context()) as resp:
-                text = resp.read()
-        except urllib.error.HTTPError as err:
-            text = err.read()
-            try:
-                parsed = json.loads(text)
-            except ValueError:
-                parsed = text.decode(errors="replace")
-            raise KubeAPIError(err.code, parsed) from None
+            response = self.client().call_api(
+                path,
+                method.upper(),
+                query_params=[(k, v) for k, v in (params or {}).items() if v is not None],
+                header_params={"Content-Type": content_type, "Accept": "application/json"},
+                body=body,
+                auth_settings=["BearerToken"],
+                _preload_content=False,
+                _return_http_data_only=True,
+                _request_timeout=timeout,
+            )
+        except ApiException as err:
+            raise KubeAPIError(err.status, _parsed(err.body)) from None
+        text = response.data
         if raw:
             return text
         return json.loads(text) if text else None
