@@ -344,15 +344,17 @@ class Progress:
         attempted = self.images_ok + self.images_failed
         return round(100.0 * self.images_ok / attempted, 2) if attempted else 0.0
 
+    def __post_init__(self) -> None:
+        # The phase as JSON spells it (progress.json, a test's Progress(phase="Encoding")); one this
+        # version does not know (a newer job's) reads as not yet reported.
+        self.phase = Phase(self.phase) if self.phase in PHASES else Phase.PENDING
+
     def to_json(self) -> dict:
         return {**asdict(self), "phase": self.phase.value, "success_rate": self.success_rate}
 
     @classmethod
     def from_json(cls, data: dict) -> "Progress":
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        if "phase" in known:
-            # A phase this version does not know (a newer job's) reads as not yet reported.
-            known["phase"] = Phase(known["phase"]) if known["phase"] in PHASES else Phase.PENDING
         return cls(**known)
 
 
