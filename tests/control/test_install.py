@@ -15,7 +15,7 @@ import yaml
 from laion_operator.spec import PartSpec
 from laion_operator.testbed.demo_data import write_metadata
 from tests.support.chart import install, manifests, one, operator_config, render
-from tests.support.kinds import GROUP, PLURAL, RAYJOB_CRD, VERSION
+from tests.support.kinds import GROUP, PLURAL, RAYJOB_CRD, VERSION, wait_until
 from tests.support.operator_proc import OperatorProcess
 from tests.support.services import LOOPBACK_RAY, RayCluster
 from tests.support.specs import laionpart
@@ -56,16 +56,7 @@ def part_doc(name: str, source: Path, output: dict, **spec) -> dict:
 
 
 def wait_status(api, namespace, name, predicate, timeout=240) -> dict:
-    obj = api.wait_for(
-        GROUP,
-        VERSION,
-        PLURAL,
-        namespace,
-        name,
-        lambda o: o is not None and predicate(o.get("status") or {}),
-        timeout=timeout,
-    )
-    return obj["status"]
+    return wait_until(api, PLURAL, namespace, name, predicate, timeout)["status"]
 
 
 def test_part_succeeds_with_credentials_from_a_secret(api, chart_operator, ray_cluster, s3, metadata, kube_namespace):

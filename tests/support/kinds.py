@@ -39,18 +39,24 @@ def status_of(api, namespace: str, name: str) -> dict:
     return (part(api, namespace, name) or {}).get("status") or {}
 
 
-def wait_phase(api, namespace: str, name: str, phases, timeout: float = 240) -> dict:
-    """The part once its phase is one of `phases` (one phase or several)."""
-    phases = {phases} if isinstance(phases, str) else set(phases)
+def wait_until(api, plural: str, namespace: str, name: str, predicate, timeout: float, interval: float = 0.1) -> dict:
+    """The object (a part, a dataset) once `predicate` holds of its status."""
     return api.wait_for(
         GROUP,
         VERSION,
-        PLURAL,
+        plural,
         namespace,
         name,
-        lambda o: o is not None and (o.get("status") or {}).get("phase") in phases,
+        lambda o: o is not None and predicate(o.get("status") or {}),
         timeout=timeout,
+        interval=interval,
     )
+
+
+def wait_phase(api, namespace: str, name: str, phases, timeout: float = 240) -> dict:
+    """The part once its phase is one of `phases` (one phase or several)."""
+    phases = {phases} if isinstance(phases, str) else set(phases)
+    return wait_until(api, PLURAL, namespace, name, lambda status: status.get("phase") in phases, timeout)
 
 
 def wait_phase_status(api, namespace: str, name: str, phases, timeout: float = 600) -> dict:
@@ -144,16 +150,7 @@ def parts_of(api, namespace: str, name: str) -> list[dict]:
 
 
 def wait_dataset(api, namespace: str, name: str, predicate, timeout: float = 900) -> dict:
-    return api.wait_for(
-        GROUP,
-        VERSION,
-        DATASETS,
-        namespace,
-        name,
-        lambda o: o is not None and predicate(o.get("status") or {}),
-        timeout=timeout,
-        interval=0.3,
-    )
+    return wait_until(api, DATASETS, namespace, name, predicate, timeout, interval=0.3)
 
 
 def wait_for_finished_shard(out: Path, timeout: float = 600) -> None:
