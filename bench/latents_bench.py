@@ -112,8 +112,8 @@ class _Decoded:
     def __getitem__(self, i):
         from laion_operator.pipeline.latents import preprocess_all
 
-        key, caption, data = self.samples[i]
-        return key, caption, preprocess_all(data, self.resolutions)
+        sample = self.samples[i]
+        return sample.key, sample.caption, preprocess_all(sample.image, self.resolutions)
 
 
 def _collate(items):
