@@ -30,9 +30,7 @@ def store_of(output) -> Store:
 
 def shards(output, fmt: str) -> list[int]:
     """The shards whose data file (or folder) in `fmt` the output holds."""
-    store = store_of(output)
-    names = (p.rstrip("/").rsplit("/", 1)[-1] for p in store.fs.ls(store.root, detail=False))
-    return sorted({s for n in names if (s := formats.get(fmt).shard_of(n)) is not None})
+    return sorted({s for n in _names(store_of(output)) if (s := formats.get(fmt).shard_of(n)) is not None})
 
 
 def images(output, fmt: str, shard: int | None = None) -> list[Sample]:
@@ -45,6 +43,9 @@ def images(output, fmt: str, shard: int | None = None) -> list[Sample]:
 def metadata(output) -> list[dict]:
     """Every sample's metadata row and status, from every shard's `<shard>.parquet` (any format)."""
     store = store_of(output)
-    names = (p.rstrip("/").rsplit("/", 1)[-1] for p in store.fs.ls(store.root, detail=False))
-    numbered = sorted({s for n in names if (s := formats.base.numbered(n, ".parquet")) is not None})
+    numbered = sorted({s for n in _names(store) if (s := formats.base.numbered(n, ".parquet")) is not None})
     return [row for s in numbered for row in formats.read_metadata(store, s).to_pylist()]
+
+
+def _names(store: Store) -> list[str]:
+    return [p.rstrip("/").rsplit("/", 1)[-1] for p in store.fs.ls(store.root, detail=False)]
