@@ -33,8 +33,7 @@ KIND = "LaionDataset"
 
 
 class DatasetPhase(str, enum.Enum):
-    """A dataset's own phases (not a part's): parts are made and run (Running), all are Succeeded,
-    some ended Failed, or every unfinished part is Suspended. str-valued: the status holds the value."""
+    """A dataset's own phases, not a part's: its parts run, all Succeeded, some Failed, or the rest Suspended."""
 
     PENDING = "Pending"
     RUNNING = "Running"
@@ -43,13 +42,10 @@ class DatasetPhase(str, enum.Enum):
     SUSPENDED = "Suspended"
 
 
-DATASET_PHASES = [p.value for p in DatasetPhase]
-
-
 STATUS_SCHEMA: dict = {
     "type": "object",
     "properties": {
-        "phase": {"type": "string", "enum": DATASET_PHASES},
+        "phase": {"type": "string", "enum": [p.value for p in DatasetPhase]},
         "message": {"type": "string"},
         "observedGeneration": {"type": "integer"},
         "partsTotal": COUNT_SCHEMA,
@@ -207,10 +203,7 @@ class Dataset(Resource):
         try:
             data = specs.validate_dataset(self.body["spec"])
         except specs.SpecError as err:
-            if (
-                self.status.get("phase") != DatasetPhase.FAILED.value
-                or self.status.get("observedGeneration") != generation
-            ):
+            if self.status.get("phase") != DatasetPhase.FAILED or self.status.get("observedGeneration") != generation:
                 await self.write(
                     phase=DatasetPhase.FAILED.value,
                     message=str(err),
