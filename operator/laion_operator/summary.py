@@ -12,11 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .contract import Verification
-
-
-def _camel(name: str) -> str:
-    head, *rest = name.split("_")
-    return head + "".join(word.title() for word in rest)
+from .names import camel as _camel
 
 
 def _camel_json(record: Any) -> dict:

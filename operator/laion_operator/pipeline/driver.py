@@ -76,7 +76,7 @@ def encode_part(spec: PartSpec, on_progress: OnProgress | None = None, ray_addre
 
 
 def encode_mds(spec: PartSpec, source, on_progress: OnProgress | None = None, ray_address: str | None = None) -> dict:
-    """The latents stage over an MDS folder anyone wrote (`source`, a latents.MDSFolder), into
+    """The latents stage over an MDS folder anyone wrote (`source`, a formats.mds.MDSFolder), into
     <output>/latents/: `laion-operator latents --mds`. A file of its index is a shard of the stage."""
     store = _latents_store(spec)
     tracker = Tracker(store, Progress(part_id=spec.part_id), on_progress)

@@ -112,7 +112,7 @@ def run_with_progress(part: PartSpec, ray_address: str | None = None, out=sys.st
 
 def encode_with_progress(part: PartSpec, ray_address: str | None = None, out=sys.stdout, source=None) -> int:
     """`laion-operator latents`: the latents stage alone over an output already downloaded or converted,
-    or over an MDS folder (`source`, a latents.MDSFolder) into the part's output."""
+    or over an MDS folder (`source`, a formats.mds.MDSFolder) into the part's output."""
     from .driver import encode_mds, encode_part
 
     print(f"part {part.part_id}: latents of {source.uri if source else part.output.uri}", file=out, flush=True)

@@ -20,6 +20,7 @@ from ...errors import InputError
 from ...spec import PartSpec
 from ...storage import StorageUnavailable, Store
 from ...summary import Summary
+from ..formats.mds import MDSFolder
 from ..resume import DamagedOutput, check_no_stray_shards, finished_shard
 from ..runtime import PartFailed, Pool, Work, cpus, ensure_ray
 from ..tracker import Tracker
@@ -38,9 +39,9 @@ class Run:
     wrote: bool = False  # a stage of this run wrote the part's shards (download, convert)
     summary: Summary | None = None  # annotate's, then each later stage's section in it
     # latents: the shards to encode (None: the part's finished ones) and an MDS folder to read them
-    # from instead of the part's output (`laion-operator latents --mds`, a latents.MDSFolder)
+    # from instead of the part's output (`laion-operator latents --mds`, a formats.mds.MDSFolder)
     encode: list[int] | None = None
-    mds: Any = None
+    mds: MDSFolder | None = None
     # heal: the failure reasons to fetch again (None: spec.heal's), and whether to heal again a heal
     # already done
     heal_reasons: list[str] | None = None
