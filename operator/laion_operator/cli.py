@@ -158,7 +158,7 @@ def cmd_verify(args) -> int:
 
 def cmd_plan(part: specs.PartSpec) -> int:
     if part.dataset:
-        from .pipeline.convert import detect, list_inputs
+        from .pipeline.sources.dataset import detect, list_inputs
 
         Store(part.output)  # registers the S3 options the input is read with
         inputs = list_inputs(part)

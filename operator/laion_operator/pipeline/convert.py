@@ -9,8 +9,8 @@ Inputs, one Ray task per input shard:
 - `images`: image files and a captions JSONL naming them (micro_diffusion's JourneyDB style,
   `{"img_path": "./000/abc.jpg", "prompt": "…"}`): every `filter.samplesPerShard` lines a shard.
 
-Each is listed and read by its module in pipeline/formats/ (`formats.DATASETS`: `dataset_inputs`,
-`read_input`).
+The source (`sources/dataset.py`) lists the input shards and reads one, each through its module in
+pipeline/formats/ (`formats.DATASETS`: `dataset_inputs`, `read_input`).
 
 The input shards are listed once into the part's manifest (`contract.MANIFEST`), so that a resumed run
 maps shard N to the same input; a shard is finished when its `_stats.json` exists, exactly as for a
@@ -25,65 +25,22 @@ ConvertError for a sample without an image, a JSONL line without its fields, a m
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
-import fsspec
 import pyarrow as pa
 
 from ..contract import MANIFEST, ShardStats, fingerprint, sample_key
-from ..spec import Dataset, PartSpec
+from ..spec import PartSpec
 from ..storage import Store
-from . import formats
-from .formats import ConvertError, Sample
+from .formats import ConvertError
 from .record import KEY, Recorder, clear_shard
+from .sources.dataset import list_inputs, read_input
 
 # The leading columns of every sample's metadata row (the shard's `.parquet`), whatever the input's
 # own json held; record.OUTCOME follows them.
 SOURCE = pa.schema(
     [KEY, ("caption", pa.string()), ("url", pa.string()), ("source_file", pa.string()), ("source_key", pa.string())]
 )
-
-
-def _dataset(spec: PartSpec) -> Dataset:
-    if spec.dataset is None:
-        raise ConvertError("spec.source.dataset: required field is missing (the dataset to convert)")
-    return spec.dataset
-
-
-# --- listing the input shards ------------------------------------------------------------------
-
-
-def detect(dataset: Dataset) -> str:
-    if dataset.format:
-        return dataset.format
-    readers = list(formats.DATASETS.values())
-    claimed = next((fmt.name for fmt in readers if fmt.claims(dataset)), None)
-    if claimed:
-        return claimed
-    # The input's filesystem; s3:// uses the options Store registered for the part's output.
-    fs, root = fsspec.core.url_to_fs(dataset.uri.rstrip("/"))
-    try:
-        names = [p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
-    except FileNotFoundError:
-        raise ConvertError(f"spec.source.dataset.uri: {dataset.uri} does not exist") from None
-    for fmt in readers:
-        if any(fmt.is_dataset_shard(fs, f"{root.rstrip('/')}/{n}") for n in names):
-            return fmt.name
-    looked = ", ".join(f"no {fmt.dataset_shards}" for fmt in readers)
-    raise ConvertError(
-        f"spec.source.dataset: cannot tell the format of {dataset.uri} ({looked}); "
-        f"found {sorted(names)[:10]}; set format"
-    )
-
-
-def list_inputs(spec: PartSpec) -> list[dict]:
-    """The input shards, in order: what output shard N reads."""
-    dataset = _dataset(spec)
-    fmt = detect(dataset)
-    return [
-        {"format": fmt, **entry}
-        for entry in formats.DATASETS[fmt].dataset_inputs(dataset, spec.filter.samples_per_shard)
-    ]
 
 
 def plan(spec: PartSpec, store: Store) -> dict:
@@ -101,20 +58,6 @@ def plan(spec: PartSpec, store: Store) -> dict:
     manifest = {"fingerprint": fp, "shards": len(inputs), "inputs": inputs}
     store.write_json(manifest, MANIFEST)
     return manifest
-
-
-# --- reading one input shard -------------------------------------------------------------------
-
-
-def read_input(spec: PartSpec, entry: dict) -> Iterator[tuple[Sample, bytes]]:
-    """The samples of one input shard, keyed by their base names, each with its image (ConvertError
-    naming the sample otherwise)."""
-    fmt = formats.DATASETS[entry["format"]]
-    for sample in fmt.read_input(_dataset(spec), entry):
-        key = sample.key.rsplit("/", 1)[-1]
-        if sample.image is None:
-            raise ConvertError(f"{sample.file}: sample {key}: no image (one of .{', .'.join(fmt.image_extensions)})")
-        yield sample._replace(key=key), sample.image
 
 
 # --- writing one output shard ------------------------------------------------------------------
