@@ -53,6 +53,9 @@ SAMPLES = {
         {"urls": ["a"], "first": 3, "last": 1},
         {"dataset": {"uri": "/d"}},
         {"urls": ["a"], "dataset": {"uri": "/d"}},
+        {"urls": ["a"], "format": "tsv", "header": ["url", "caption"]},
+        {"dataset": {"uri": "/d"}, "format": "csv"},
+        {"dataset": {"uri": "/d"}, "header": ["url"]},
     ],
 }
 

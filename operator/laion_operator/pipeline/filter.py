@@ -194,7 +194,7 @@ def _kept_batches(
     if exclusions is not None:
         result.dropped_by["excluded"] = 0
     for url in spec.source:
-        listed = open_list(url)
+        listed = open_list(spec, url)
         mapping = cols.resolve(url, listed.columns, spec.columns, needed)
         result.columns[url] = mapping
         out_cols = _output_columns(mapping, spec, listed.columns, url)
@@ -290,7 +290,7 @@ class ShardWriter:
 
 
 def _rows_in(spec: PartSpec) -> int:
-    return sum(open_list(url).rows for url in spec.source)
+    return sum(open_list(spec, url).rows for url in spec.source)
 
 
 def _shuffled(spec: PartSpec, batches: Iterator[Kept], workdir: str, result: FilterResult) -> Iterator[pa.Table]:

@@ -148,7 +148,7 @@ def output_of(data: dict) -> Output:
 @dataclasses.dataclass(frozen=True)
 class PartSpec:
     part_id: str
-    source: tuple[str, ...]  # parquet metadata to download; empty when the part converts `dataset`
+    source: tuple[str, ...]  # metadata to download (URL lists); empty when the part converts `dataset`
     dataset: Dataset | None
     output: Output
     columns: dict[str, str]
@@ -162,6 +162,8 @@ class PartSpec:
     priority: int
     active_deadline_seconds: int | None
     stall_seconds: int
+    source_format: str | None  # source.format: every file's format, whatever its name
+    source_header: tuple[str, ...] | None  # source.header: header-less csv/tsv files' column names
 
     @classmethod
     def from_dict(cls, data: Any) -> PartSpec:
@@ -183,13 +185,24 @@ class PartSpec:
             priority=spec["priority"],
             active_deadline_seconds=spec.get("activeDeadlineSeconds"),
             stall_seconds=spec.get("stallSeconds", STALL_SECONDS),
+            source_format=spec["source"].get("format"),
+            source_header=tuple(spec["source"]["header"]) if "header" in spec["source"] else None,
         )
+
+    def _urls(self) -> dict:
+        # format and header only when set: a parquet part's source (and so its fingerprint) is as before
+        urls: dict[str, Any] = {"urls": list(self.source)}
+        if self.source_format is not None:
+            urls["format"] = self.source_format
+        if self.source_header is not None:
+            urls["header"] = list(self.source_header)
+        return urls
 
     def to_dict(self) -> dict:
         """The spec back in its YAML/CR form (what a Ray job receives)."""
         data = {
             "partId": self.part_id,
-            "source": {"dataset": _unbuild(self.dataset)} if self.dataset else {"urls": list(self.source)},
+            "source": {"dataset": _unbuild(self.dataset)} if self.dataset else self._urls(),
             "filter": _unbuild(self.filter),
             "download": _unbuild(self.download),
             "output": _unbuild(self.output),

@@ -25,6 +25,9 @@ RESIZE_MODES = ["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border
 OUTPUT_FORMATS = list(contract.OUTPUT_FORMATS)
 # What `source.dataset` reads: img2dataset-style tars, a `files` folder, or images plus a captions JSONL.
 DATASET_FORMATS = ["webdataset", "files", "images"]
+# What `source.urls` reads: img2dataset's input formats (txt: one URL a line), each optionally compressed.
+LIST_FORMATS = ["parquet", "csv", "tsv", "json", "jsonl", "txt"]
+LIST_COMPRESSIONS = [".gz", ".bz2", ".xz", ".zst"]
 MDS_SHARD_SIZE = 1 << 26  # streaming's own default size_limit
 ENCODE_FORMATS = ["jpg", "png", "webp"]
 HASHES = ["none", "md5", "sha256", "sha512"]
@@ -85,22 +88,42 @@ SCHEMA: dict = {
         ),
         "source": {
             "type": "object",
-            "description": "What the part reads: parquet metadata to download (urls) or a dataset to convert "
+            "description": "What the part reads: metadata to download (urls) or a dataset to convert "
             "(dataset), exactly one of them.",
             # A CEL rule, not JSON Schema's oneOf, which would only say "not valid under any".
             "x-kubernetes-validations": [
                 {
                     "rule": "has(self.urls) != has(self.dataset)",
-                    "message": "give exactly one of urls (parquet metadata to download) "
+                    "message": "give exactly one of urls (metadata to download) "
                     "or dataset (an existing dataset to convert)",
-                }
+                },
+                {
+                    "rule": "has(self.urls) || (!has(self.format) && !has(self.header))",
+                    "message": "format and header describe the files of urls; a dataset has its own format",
+                },
             ],
             "properties": {
                 "urls": {
                     "type": "array",
                     "minItems": 1,
-                    "description": "Parquet files: local paths, http(s):// or s3:// URLs "
-                    "(s3 uses output's endpoint options).",
+                    "description": "Metadata files (URL lists): local paths, http(s):// or s3:// URLs "
+                    "(s3 uses output's endpoint options), in parquet, csv, tsv, json (an array of objects), "
+                    "jsonl or txt (one URL a line), each optionally compressed ("
+                    + ", ".join(LIST_COMPRESSIONS)
+                    + "); the format is told by the name (e.g. x.tsv.gz) unless format is set, parquet when "
+                    "no name matches.",
+                    "items": {"type": "string", "minLength": 1},
+                },
+                "format": _str(
+                    "The format of every file of urls, whatever its name (a compression suffix still "
+                    "decompresses); unset: told by each file's name.",
+                    enum=LIST_FORMATS,
+                ),
+                "header": {
+                    "type": "array",
+                    "minItems": 1,
+                    "description": "csv and tsv files without a header line: their column names, in order "
+                    "(CC12M's TSV: [url, caption]). Unset: the first line is the header.",
                     "items": {"type": "string", "minLength": 1},
                 },
                 "dataset": {

@@ -31,6 +31,9 @@ RULES: dict[str, Callable[[Any, Any], bool]] = {
     "self == oldSelf": lambda self, old: self == old,
     "has(self.urls) != has(self.pattern)": lambda self, old: _has(self, "urls") != _has(self, "pattern"),
     "has(self.urls) != has(self.dataset)": lambda self, old: _has(self, "urls") != _has(self, "dataset"),
+    "has(self.urls) || (!has(self.format) && !has(self.header))": lambda self, old: (
+        _has(self, "urls") or (not _has(self, "format") and not _has(self, "header"))
+    ),
     "!has(self.pattern) || (self.pattern.contains('{part}') && has(self.first) && has(self.last))": lambda self, old: (
         not _has(self, "pattern") or ("{part}" in self["pattern"] and _has(self, "first") and _has(self, "last"))
     ),

@@ -3,15 +3,17 @@ URL lists the filter reads, what every list file's reader gives back.
 
 A source kind (one module beside this one) says whether a spec reads it, describes it to a person,
 and lists its inputs. The URL list (`urls`) reads its files through a `ListReader` chosen by the file's
-name (parquet today): each opened file gives its columns, its row count and its record batches, on
-which the filter runs its conditions as they are read.
+name or `source.format` (parquet, csv, tsv, json, jsonl, txt): each opened file gives its columns, its
+row count and its record batches, on which the filter runs its conditions as they are read.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import pyarrow as pa
 
@@ -39,6 +41,23 @@ class Source(ABC):
         """The input in a few words, for the line a run starts with."""
 
 
+def in_order(tasks: Iterator[Callable[[], Any]], workers: int) -> Iterator:
+    """The tasks' results in task order, `workers` tasks running at once and at most one more done
+    ahead of the caller: memory holds a few tasks' results whatever the number of tasks."""
+    with ThreadPoolExecutor(workers, thread_name_prefix="metadata-reader") as pool:
+        pending: deque[Future] = deque()
+        try:
+            for task in tasks:
+                pending.append(pool.submit(task))
+                if len(pending) > workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for f in pending:
+                f.cancel()
+
+
 class ListFile(ABC):
     """One file of a URL list, open."""
 
@@ -53,7 +72,8 @@ class ListFile(ABC):
     @property
     @abstractmethod
     def rows(self) -> int:
-        """How many rows the file holds (the shuffle sizes its spill by it)."""
+        """How many rows the file holds (the shuffle sizes its spill by it: a streamed text file may
+        answer an estimate, which only moves the number of spill buckets by a power of two)."""
 
     @abstractmethod
     def batches(self, columns: list[str], each: Callable[[pa.RecordBatch], T]) -> Iterator[T]:
@@ -68,5 +88,13 @@ class ListReader(ABC):
     suffixes: tuple[str, ...] = ()
 
     @abstractmethod
-    def open(self, url: str) -> ListFile:
-        """The file, opened; one that is missing or not in this format raises MetadataError."""
+    def open(self, url: str, header: tuple[str, ...] | None = None) -> ListFile:
+        """The file, opened; one that is missing or not in this format raises MetadataError. `header`
+        (`source.header`) names the columns of a file without a header line, where the format has one."""
+
+    def no_header(self, url: str, header: tuple[str, ...] | None) -> None:
+        """Refuse `source.header` for a format whose files name their own columns."""
+        if header is not None:
+            raise MetadataError(
+                f"{url}: spec.source.header names the columns of csv and tsv files; this file is {self.name}"
+            )

@@ -12,16 +12,13 @@ import functools
 import itertools
 import os
 import threading
-from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .base import ListFile, ListReader, MetadataError, T
+from .base import ListFile, ListReader, MetadataError, T, in_order
 
 BATCH_ROWS = 131_072
 PARALLEL_ROW_GROUP_ROWS = 1 << 20  # row groups up to this size are read whole, several at once
@@ -40,23 +37,6 @@ def open_parquet(url: str, metadata=None, memory_map: bool = False) -> pq.Parque
         raise MetadataError(f"{url}: no such metadata file") from None
     except (pa.ArrowInvalid, OSError) as err:
         raise MetadataError(f"{url}: not a readable parquet file: {err}") from None
-
-
-def in_order(tasks: Iterator[Callable[[], Any]], workers: int) -> Iterator:
-    """The tasks' results in task order, `workers` tasks running at once and at most one more done
-    ahead of the caller: memory holds a few tasks' results whatever the number of tasks."""
-    with ThreadPoolExecutor(workers, thread_name_prefix="metadata-reader") as pool:
-        pending: deque[Future] = deque()
-        try:
-            for task in tasks:
-                pending.append(pool.submit(task))
-                if len(pending) > workers:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:
-            for f in pending:
-                f.cancel()
 
 
 class ParquetList(ListFile):
@@ -129,7 +109,8 @@ class Parquet(ListReader):
     name = "parquet"
     suffixes = (".parquet",)
 
-    def open(self, url: str) -> ListFile:
+    def open(self, url: str, header: tuple[str, ...] | None = None) -> ListFile:
+        self.no_header(url, header)
         return ParquetList(url)
 
 

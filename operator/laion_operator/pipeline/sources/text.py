@@ -1,0 +1,134 @@
+"""What the text formats of a URL list share (csv, tsv, txt, jsonl, json): the file opened as a byte
+stream, decompressed by its suffix as it is read, and the row count the shuffle asks for, estimated.
+
+A text file's rows are known only by reading it whole, and `rows` only sizes the shuffle's spill: the
+number of bucket files is the power of two above rows / BUCKET_ROWS, so an estimate off by less than
+2× moves it by one power at most (buckets half or twice as large). A count pass would read and
+decompress the file twice for that. The estimate: the rows in the first SAMPLE_BYTES of decompressed
+text (exact when the file ends there), times the file's size over the stored bytes that sample took.
+"""
+
+from __future__ import annotations
+
+import lzma
+from abc import abstractmethod
+from collections.abc import Callable, Iterator
+
+import fsspec
+import pyarrow as pa
+
+from .base import ListFile, MetadataError, T
+
+SAMPLE_BYTES = 1 << 20
+BLOCK_BYTES = 1 << 22  # decompressed text per batch read (Arrow's readers' block_size)
+# By suffix; Arrow decompresses gzip, bz2 and zstd in C++ (no zstandard module needed), Python's
+# lzma does xz.
+COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".xz": "xz"}
+# What a broken stream raises, by the layer that notices: Arrow's parsers and codecs, lzma, a short
+# read, text that is not UTF-8.
+READ_ERRORS: tuple[type[Exception], ...] = (
+    pa.ArrowInvalid,
+    pa.ArrowTypeError,
+    OSError,
+    lzma.LZMAError,
+    EOFError,
+    UnicodeDecodeError,
+)
+
+
+def bare_name(url: str) -> str:
+    """The file's name without its query and compression suffix, lower case: what tells its format."""
+    name = url.split("?", 1)[0].lower()
+    for suffix in COMPRESSIONS:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def compression(url: str) -> str | None:
+    name = url.split("?", 1)[0].lower()
+    return next((codec for suffix, codec in COMPRESSIONS.items() if name.endswith(suffix)), None)
+
+
+def _raw(url: str) -> tuple[pa.NativeFile, int]:
+    """The stored file, not decompressed, and its size."""
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+        if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
+            raw: pa.NativeFile = pa.OSFile(path)  # Arrow's own reads: no Python call per read
+            return raw, raw.size()
+        f = fs.open(path, "rb")
+        return pa.PythonFile(f, mode="r"), int(f.size)
+    except FileNotFoundError:
+        raise MetadataError(f"{url}: no such metadata file") from None
+    except OSError as err:
+        raise MetadataError(f"{url}: cannot open: {err}") from None
+
+
+def open_stream(url: str) -> tuple[pa.NativeFile, pa.NativeFile, int]:
+    """(the decompressed stream, the stored file under it, the stored file's size)."""
+    raw, size = _raw(url)
+    codec = compression(url)
+    if codec is None:
+        return raw, raw, size
+    if codec == "xz":
+        return pa.PythonFile(lzma.LZMAFile(raw), mode="r"), raw, size
+    return pa.CompressedInputStream(raw, codec), raw, size
+
+
+class TextList(ListFile):
+    """A text file of a URL list, read as a stream: never whole, never seeked."""
+
+    format = ""
+
+    def __init__(self, url: str):
+        super().__init__(url)
+        self._rows: int | None = None
+
+    def fail(self, err: Exception, where: str = "") -> MetadataError:
+        return MetadataError(f"{self.url}: not readable as {self.format}{where}: {err}")
+
+    @property
+    def rows(self) -> int:
+        if self._rows is None:
+            self._rows = self._estimate()
+        return self._rows
+
+    def _estimate(self) -> int:
+        stream, raw, size = open_stream(self.url)
+        try:
+            sample = stream.read(SAMPLE_BYTES)
+            ended = len(sample) < SAMPLE_BYTES or not stream.read(1)
+            stored = raw.tell() if raw is not stream else len(sample)
+        except READ_ERRORS as err:
+            raise self.fail(err) from None
+        finally:
+            stream.close()
+        rows = self.rows_in(sample, ended)
+        if ended or not stored:
+            return rows
+        return max(rows, int(rows * size / stored))
+
+    def rows_in(self, sample: bytes, ended: bool) -> int:
+        """The rows the first bytes of the file hold (all of it when `ended`); one a line unless a
+        format says otherwise."""
+        lines = sample.count(b"\n") + (1 if ended and sample and not sample.endswith(b"\n") else 0)
+        return max(lines - self.header_lines, 0)
+
+    header_lines = 0
+
+    def batches(self, columns: list[str], each: Callable[[pa.RecordBatch], T]) -> Iterator[T]:
+        read = self.read(columns)
+        while True:
+            try:
+                batch = next(read, None)
+            except READ_ERRORS as err:
+                raise self.fail(err) from None
+            if batch is None:
+                return
+            if batch.num_rows:
+                yield each(batch)
+
+    @abstractmethod
+    def read(self, columns: list[str]) -> Iterator[pa.RecordBatch]:
+        """The file's `columns`, batch by batch, as decompressed and parsed."""
