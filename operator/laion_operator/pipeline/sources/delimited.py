@@ -54,7 +54,10 @@ class DelimitedList(TextList):
         return list(self.types)
 
     def read(self, columns: list[str]) -> Iterator[pa.RecordBatch]:
-        convert = pcsv.ConvertOptions(include_columns=columns, column_types={c: self.types[c] for c in columns})
+        # An empty field is a missing value, text included, as img2dataset's pandas reads it.
+        convert = pcsv.ConvertOptions(
+            include_columns=columns, column_types={c: self.types[c] for c in columns}, strings_can_be_null=True
+        )
         reader = self._reader(convert)
         try:
             yield from reader

@@ -5,7 +5,7 @@ A text file's rows are known only by reading it whole, and `rows` only sizes the
 number of bucket files is the power of two above rows / BUCKET_ROWS, so an estimate off by less than
 2× moves it by one power at most (buckets half or twice as large). A count pass would read and
 decompress the file twice for that. The estimate: the rows in the first SAMPLE_BYTES of decompressed
-text (exact when the file ends there), times the file's size over the stored bytes that sample took.
+text (exact when the file ends there), times the file's size over the stored bytes that text took.
 """
 
 from __future__ import annotations
@@ -20,7 +20,11 @@ import pyarrow as pa
 from .base import ListFile, MetadataError, T
 
 SAMPLE_BYTES = 1 << 20
-BLOCK_BYTES = 1 << 22  # decompressed text per batch read (Arrow's readers' block_size)
+MAX_RATIO_BYTES = 1 << 26  # text decompressed at most to tell a compressed file's ratio
+RATIO_PIECE = 1 << 16
+# Decompressed text per batch read (Arrow's readers' block_size). Arrow's CSV and JSON readers read a
+# few dozen blocks ahead on their own thread: a list file holds that much text in memory, not more.
+BLOCK_BYTES = 1 << 20
 # By suffix; Arrow decompresses gzip, bz2 and zstd in C++ (no zstandard module needed), Python's
 # lzma does xz.
 COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".xz": "xz"}
@@ -76,6 +80,21 @@ def open_stream(url: str) -> tuple[pa.NativeFile, pa.NativeFile, int]:
     return pa.CompressedInputStream(raw, codec), raw, size
 
 
+def _text_size(stream: pa.NativeFile, raw: pa.NativeFile, size: int, read: int) -> int:
+    """A compressed file's decompressed size, from the `read` bytes of text taken so far: the
+    decompressor takes the stored bytes a block at a time (bz2's are 900 kB), so read on until it takes
+    the next one, and scale the file's size by the text the stored bytes taken so far gave."""
+    mark = raw.tell()
+    while read < MAX_RATIO_BYTES:
+        piece = stream.read(RATIO_PIECE)
+        if not piece:
+            return read  # the whole file decompressed
+        if raw.tell() != mark:
+            break
+        read += len(piece)
+    return round(size * read / max(mark, 1))
+
+
 class TextList(ListFile):
     """A text file of a URL list, read as a stream: never whole, never seeked."""
 
@@ -98,16 +117,14 @@ class TextList(ListFile):
         stream, raw, size = open_stream(self.url)
         try:
             sample = stream.read(SAMPLE_BYTES)
-            ended = len(sample) < SAMPLE_BYTES or not stream.read(1)
-            stored = raw.tell() if raw is not stream else len(sample)
+            if len(sample) < SAMPLE_BYTES:
+                return self.rows_in(sample, ended=True)  # the whole file: counted
+            total = size if raw is stream else _text_size(stream, raw, size, len(sample))
         except READ_ERRORS as err:
             raise self.fail(err) from None
         finally:
             stream.close()
-        rows = self.rows_in(sample, ended)
-        if ended or not stored:
-            return rows
-        return max(rows, int(rows * size / stored))
+        return max(1, round(self.rows_in(sample, ended=False) * total / len(sample)))
 
     def rows_in(self, sample: bytes, ended: bool) -> int:
         """The rows the first bytes of the file hold (all of it when `ended`); one a line unless a
