@@ -289,3 +289,18 @@ def test_a_small_list_counts_its_rows_exactly(tmp_path, metadata):
     empty = tmp_path / "empty.json"
     empty.write_text("[]")
     assert open_list(spec_for([empty], tmp_path / "o"), str(empty)).rows == 0
+
+
+@pytest.mark.parametrize("suffix", ["", ".bz2"])
+def test_a_remote_list_is_read_through_its_filesystem(tmp_path, metadata, suffix):
+    """Not a local path (fsspec's memory filesystem stands for http(s):// and s3://): read through a
+    Python file object, decompressed by Arrow as it comes."""
+    import fsspec
+
+    parquet, table = metadata
+    url = f"memory://lists/m-{suffix.strip('.') or 'plain'}.tsv{suffix}"
+    with fsspec.open(url, "wb") as f:
+        f.write(compress(encode(table, "tsv"), suffix))
+    spec = spec_for([url], tmp_path / "o")
+    assert shards(spec) == shards(spec_for([parquet], tmp_path / "p"))
+    assert 3000 / 1.5 < open_list(spec, url).rows < 3000 * 1.5

@@ -1,6 +1,7 @@
 """Where a part's input comes from, one module per kind, behind `base.Source` as the output formats
 are behind `formats.base.Format`: `urls` (a URL list: metadata files the filter reads, each through
-its file format's `ListReader`, parquet today) and `dataset` (a dataset on disk, converted).
+its file format's `ListReader`: `parquet`, `delimited` (csv, tsv, txt), `jsonl`, `json_array`, the
+text ones over `text`'s decompressed streams) and `dataset` (a dataset on disk, converted).
 
 A new kind is one module here and one line in `SOURCES`; a new URL-list file format is one module
 here and one line in `urls.READERS`.

@@ -5,7 +5,8 @@ A text file's rows are known only by reading it whole, and `rows` only sizes the
 number of bucket files is the power of two above rows / BUCKET_ROWS, so an estimate off by less than
 2× moves it by one power at most (buckets half or twice as large). A count pass would read and
 decompress the file twice for that. The estimate: the rows in the first SAMPLE_BYTES of decompressed
-text (exact when the file ends there), times the file's size over the stored bytes that text took.
+text (exact when the file ends there), times the file's size over the stored bytes that text took (a
+server that does not tell the size has the text read through once, only counted).
 """
 
 from __future__ import annotations
@@ -54,22 +55,22 @@ def compression(url: str) -> str | None:
     return next((codec for suffix, codec in COMPRESSIONS.items() if name.endswith(suffix)), None)
 
 
-def _raw(url: str) -> tuple[pa.NativeFile, int]:
-    """The stored file, not decompressed, and its size."""
+def _raw(url: str) -> tuple[pa.NativeFile, int | None]:
+    """The stored file, not decompressed, and its size (None: a server that does not say)."""
     try:
         fs, path = fsspec.core.url_to_fs(url)
         if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
             raw: pa.NativeFile = pa.OSFile(path)  # Arrow's own reads: no Python call per read
             return raw, raw.size()
         f = fs.open(path, "rb")
-        return pa.PythonFile(f, mode="r"), int(f.size)
+        return pa.PythonFile(f, mode="r"), getattr(f, "size", None)
     except FileNotFoundError:
         raise MetadataError(f"{url}: no such metadata file") from None
     except OSError as err:
         raise MetadataError(f"{url}: cannot open: {err}") from None
 
 
-def open_stream(url: str) -> tuple[pa.NativeFile, pa.NativeFile, int]:
+def open_stream(url: str) -> tuple[pa.NativeFile, pa.NativeFile, int | None]:
     """(the decompressed stream, the stored file under it, the stored file's size)."""
     raw, size = _raw(url)
     codec = compression(url)
@@ -119,7 +120,10 @@ class TextList(ListFile):
             sample = stream.read(SAMPLE_BYTES)
             if len(sample) < SAMPLE_BYTES:
                 return self.rows_in(sample, ended=True)  # the whole file: counted
-            total = size if raw is stream else _text_size(stream, raw, size, len(sample))
+            if size is None:  # nothing to scale by: the text is counted, read through once
+                total = len(sample) + sum(len(piece) for piece in iter(lambda: stream.read(SAMPLE_BYTES), b""))
+            else:
+                total = size if raw is stream else _text_size(stream, raw, size, len(sample))
         except READ_ERRORS as err:
             raise self.fail(err) from None
         finally:
