@@ -12,8 +12,8 @@ size whatever the file's size:
   the first of each URL, and the spill is cut into shards.
 
 The metadata files are read by their source (`sources.urls`: parquet row groups read and filtered by a
-few threads at once, in file order; csv, tsv, json, jsonl and txt lists streamed block by block), and shard files are written by background threads while the next
-rows are read.
+few threads at once, in file order; csv, tsv, json, jsonl and txt lists streamed block by block), and
+shard files are written by background threads while the next rows are read.
 
 Every row read is either kept or counted under the first condition it fails, in this order:
 missing_url, minWidth, minHeight, maxPunsafe, maxPwatermark, minAesthetic, minSimilarity, languages,
