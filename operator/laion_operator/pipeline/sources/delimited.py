@@ -7,6 +7,7 @@ throughout that block (null) is read as text instead, so that a later value does
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import pyarrow as pa
@@ -23,9 +24,7 @@ class DelimitedList(TextList):
         super().__init__(url)
         self.format = name
         self.header_lines = 0 if header or txt else 1
-        self.read_options = pcsv.ReadOptions(
-            block_size=BLOCK_BYTES, column_names=[TXT_COLUMN] if txt else list(header) if header else None
-        )
+        self.column_names = [TXT_COLUMN] if txt else list(header) if header else None
         # txt: no delimiter, quote or escape character a URL could hold; the line is the URL
         self.parse_options = (
             pcsv.ParseOptions(delimiter="\x1f", quote_char=False, escape_char=False)
@@ -34,20 +33,28 @@ class DelimitedList(TextList):
         )
         self.types = self._types(pcsv.ConvertOptions(column_types={TXT_COLUMN: pa.string()} if txt else None))
 
-    def _reader(self, convert: pcsv.ConvertOptions) -> pcsv.CSVStreamingReader:
+    @contextlib.contextmanager
+    def _reader(self, convert: pcsv.ConvertOptions, threads: bool = True) -> Iterator[pcsv.CSVStreamingReader]:
+        """Arrow's reader over the decompressed stream; with `threads`, it reads ahead on its own."""
         stream = open_stream(self.url)[0]
+        options = pcsv.ReadOptions(block_size=BLOCK_BYTES, column_names=self.column_names, use_threads=threads)
         try:
-            return pcsv.open_csv(
-                stream, read_options=self.read_options, parse_options=self.parse_options, convert_options=convert
-            )
-        except READ_ERRORS as err:
+            try:
+                reader = pcsv.open_csv(
+                    stream, read_options=options, parse_options=self.parse_options, convert_options=convert
+                )
+            except READ_ERRORS as err:
+                raise self.fail(err) from None
+            try:
+                yield reader
+            finally:
+                reader.close()
+        finally:
             stream.close()
-            raise self.fail(err) from None
 
     def _types(self, convert: pcsv.ConvertOptions) -> dict[str, pa.DataType]:
-        reader = self._reader(convert)
-        reader.close()
-        return {f.name: pa.string() if pa.types.is_null(f.type) else f.type for f in reader.schema}
+        with self._reader(convert, threads=False) as reader:  # the first block only, no read-ahead
+            return {f.name: pa.string() if pa.types.is_null(f.type) else f.type for f in reader.schema}
 
     @property
     def columns(self) -> list[str]:
@@ -58,11 +65,8 @@ class DelimitedList(TextList):
         convert = pcsv.ConvertOptions(
             include_columns=columns, column_types={c: self.types[c] for c in columns}, strings_can_be_null=True
         )
-        reader = self._reader(convert)
-        try:
+        with self._reader(convert) as reader:
             yield from reader
-        finally:
-            reader.close()
 
 
 class Delimited(ListReader):

@@ -6,6 +6,7 @@ field that first appears later is not read, as a parquet file's rows cannot add 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import pyarrow as pa
@@ -20,24 +21,32 @@ class JsonLinesList(TextList):
 
     def __init__(self, url: str):
         super().__init__(url)
-        reader = self._reader(None)
-        reader.close()
-        self.schema = pa.schema(
-            [pa.field(f.name, pa.string()) if pa.types.is_null(f.type) else f for f in reader.schema]
-        )
+        with self._reader(None, threads=False) as reader:  # the first block only, no read-ahead
+            self.schema = pa.schema(
+                [pa.field(f.name, pa.string()) if pa.types.is_null(f.type) else f for f in reader.schema]
+            )
 
-    def _reader(self, schema: pa.Schema | None) -> pjson.JSONStreamingReader:
+    @contextlib.contextmanager
+    def _reader(self, schema: pa.Schema | None, threads: bool = True) -> Iterator[pjson.JSONStreamingReader]:
+        """Arrow's reader over the decompressed stream; with `threads`, it reads ahead on its own."""
         stream = open_stream(self.url)[0]
         parse = (
             pjson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
             if schema is not None
             else pjson.ParseOptions()
         )
+        options = pjson.ReadOptions(block_size=BLOCK_BYTES, use_threads=threads)
         try:
-            return pjson.open_json(stream, read_options=pjson.ReadOptions(block_size=BLOCK_BYTES), parse_options=parse)
-        except READ_ERRORS as err:
+            try:
+                reader = pjson.open_json(stream, read_options=options, parse_options=parse)
+            except READ_ERRORS as err:
+                raise self.fail(err) from None
+            try:
+                yield reader
+            finally:
+                reader.close()
+        finally:
             stream.close()
-            raise self.fail(err) from None
 
     @property
     def columns(self) -> list[str]:
@@ -47,11 +56,8 @@ class JsonLinesList(TextList):
         return sum(1 for line in sample.splitlines() if line.strip())
 
     def read(self, columns: list[str]) -> Iterator[pa.RecordBatch]:
-        reader = self._reader(pa.schema([self.schema.field(c) for c in columns]))
-        try:
+        with self._reader(pa.schema([self.schema.field(c) for c in columns])) as reader:
             yield from reader
-        finally:
-            reader.close()
 
 
 class JsonLines(ListReader):
