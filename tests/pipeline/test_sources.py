@@ -304,3 +304,13 @@ def test_a_remote_list_is_read_through_its_filesystem(tmp_path, metadata, suffix
     spec = spec_for([url], tmp_path / "o")
     assert shards(spec) == shards(spec_for([parquet], tmp_path / "p"))
     assert 3000 / 1.5 < open_list(spec, url).rows < 3000 * 1.5
+
+
+def test_a_threshold_on_a_column_of_text_names_the_column(tmp_path):
+    listed = tmp_path / "w.csv"
+    listed.write_text("url,width\n" + "".join(f"http://x/{i}.jpg,{i}\n" for i in range(10)) + "http://y.jpg,wide\n")
+    spec = spec_for([listed], tmp_path / "o", base={"minWidth": 5})
+    with pytest.raises(
+        ColumnError, match=r"w.csv: not numbers.*column 'width' \(width, spec.filter.minWidth\) is string"
+    ):
+        run_filter(spec, Store(spec.output))

@@ -40,6 +40,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..contract import MANIFEST, SHARDS_DIR, fingerprint, shard_input
+from ..names import camel
 from ..spec import PartSpec
 from ..storage import Store
 from . import columns as cols
@@ -176,6 +177,22 @@ def _filter_batch(
     return _Filtered(table, batch.num_rows, dropped, offsets.to_numpy().astype(np.int64) if with_offsets else None)
 
 
+def _not_numeric(url: str, schema: pa.Schema, mapping: dict[str, str], spec: PartSpec) -> cols.ColumnError | None:
+    """The error of a file whose column a threshold compares holds something else than numbers."""
+    bad = [
+        f"{mapping[logical]!r} ({logical}, spec.filter.{camel(attr)}) is {schema.field(mapping[logical]).type}"
+        for _name, attr, logical, _compare in cols.CONDITIONS
+        if getattr(spec.filter, attr) is not None
+        and not pa.types.is_integer(schema.field(mapping[logical]).type)
+        and not pa.types.is_floating(schema.field(mapping[logical]).type)
+    ]
+    return (
+        cols.ColumnError(f"{url}: not numbers, so no threshold applies: column {'; column '.join(bad)}")
+        if bad
+        else None
+    )
+
+
 def _kept_batches(
     spec: PartSpec,
     result: FilterResult,
@@ -200,8 +217,14 @@ def _kept_batches(
         out_cols = _output_columns(mapping, spec, listed.columns, url)
         read = sorted({*out_cols.values(), *(mapping[f] for f in needed)})
 
-        def filter_batch(batch: pa.RecordBatch, mapping=mapping, out_cols=out_cols) -> _Filtered:
-            return _filter_batch(batch, mapping, spec, out_cols, with_positions, exclusions)
+        def filter_batch(batch: pa.RecordBatch, mapping=mapping, out_cols=out_cols, url=url) -> _Filtered:
+            try:
+                return _filter_batch(batch, mapping, spec, out_cols, with_positions, exclusions)
+            except pa.ArrowNotImplementedError:  # a threshold against a column of text?
+                not_numeric = _not_numeric(url, batch.schema, mapping, spec)
+                if not_numeric is None:
+                    raise
+                raise not_numeric from None
 
         for filtered in listed.batches(read, filter_batch):
             for name, count in filtered.dropped:
