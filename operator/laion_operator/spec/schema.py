@@ -8,18 +8,7 @@ from typing import Any
 from .. import contract
 from ..contract import FAILURE_REASONS, TRANSIENT_REASONS
 
-LOGICAL_COLUMNS = (
-    "url",
-    "caption",
-    "width",
-    "height",
-    "aesthetic",
-    "punsafe",
-    "pwatermark",
-    "similarity",
-    "language",
-    "hash",
-)
+LOGICAL_COLUMNS = tuple("url caption width height aesthetic punsafe pwatermark similarity language hash".split())
 RESIZE_MODES = ["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"]
 # The CRD's enum of outputFormat: the contract's registry of formats (one module each in pipeline/formats/).
 OUTPUT_FORMATS = list(contract.OUTPUT_FORMATS)
@@ -43,10 +32,10 @@ DECODE_BACKLOG_BYTES = 256 << 20
 # large share of a shard (a CDN) is fetched at maxPerHost / latency URLs a second, and below 16 that
 # host's queue, not the CPU, was what a shard waited for.
 MAX_PER_HOST = 16
-# latents.dtype: what the models compute in; auto is bfloat16 on a GPU and float32 on a CPU.
 # spec.stallSeconds' default: long enough for the quiet stretches of a healthy part (filtering a large
 # metadata file publishes its counts only per batch), short enough that a hung job shows the same hour.
 STALL_SECONDS = 900
+# latents.dtype: what the models compute in; auto is bfloat16 on a GPU and float32 on a CPU.
 MODEL_DTYPES = ["auto", "float32", "float16", "bfloat16"]
 SAVE_DTYPES = ["float16", "float32"]
 LATENT_MODES = ["mean", "sample"]
