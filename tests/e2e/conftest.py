@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.support.cluster import Cluster, testbed_binaries
+from tests.support.cluster import CRD_RESOURCE, Cluster, testbed_binaries
 from tests.support.failing_web import ImageServer
 from tests.support.network import NODE_IP
 from tests.support.services import S3Server
@@ -82,6 +82,29 @@ def bridge_images() -> Iterator[ImageServer]:
     """The loopback internet's image server on the bridge's address."""
     with ImageServer(host=NODE_IP) as server:
         yield server
+
+
+def remove_crds(cluster: Cluster, crds: Path) -> None:
+    """The cluster as a user's is before the first `helm install`: without the project's CRDs, which the
+    suite's earlier tests installed (newer than the previous chart's: Helm's server-side apply of its
+    crds/ would conflict with their manager). Their objects go first, finalizers of operators long
+    stopped removed, so that the CRDs' deletion is not held."""
+    docs = [doc for path in sorted(crds.glob("*.yaml")) for doc in yaml.safe_load_all(path.read_text())]
+    for doc in docs:
+        if not doc or doc.get("kind") != "CustomResourceDefinition":
+            continue
+        spec = doc["spec"]
+        group, plural, version = spec["group"], spec["names"]["plural"], spec["versions"][0]["name"]
+        if cluster.get(*CRD_RESOURCE, None, doc["metadata"]["name"]) is None:
+            continue
+        for obj in cluster.list(group, version, plural):
+            meta = obj["metadata"]
+            if meta.get("finalizers"):
+                cluster.patch(
+                    group, version, plural, meta.get("namespace"), meta["name"], {"metadata": {"finalizers": None}}
+                )
+        cluster.delete(*CRD_RESOURCE, None, doc["metadata"]["name"])
+        cluster.wait_for_deletion(*CRD_RESOURCE, None, doc["metadata"]["name"], timeout=120)
 
 
 def small_ray_template() -> dict:

@@ -35,6 +35,7 @@ from tests.e2e.conftest import (
     SECRET,
     pod_logs,
     ray_cluster_doc,
+    remove_crds,
     small_ray_template,
     wait_pods_ready,
     wait_rollout,
@@ -83,6 +84,7 @@ def e2e(kube_api, kube_node, helm, bridge_s3, bridge_images):
         "operator": {"config": {"mode": "kuberay", "pollSeconds": 2, "rayJobTemplate": small_ray_template()}},
     }
     values_file = helm.values_file(values)
+    remove_crds(kube_api, CHART / "crds")
     installed = helm("install", RELEASE, str(PREVIOUS_CHART), "-n", SYSTEM, "--create-namespace", "-f", values_file)
     wait_rollout(kube_api, SYSTEM, FULLNAME, OPERATOR_PODS)
     # The README's upgrade: the new CRDs first (Helm never upgrades crds/), then the chart.
