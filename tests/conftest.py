@@ -29,7 +29,8 @@ def ray_cluster():
     _SHARED.append(cluster)
     yield cluster
     _SHARED.remove(cluster)
-    cluster.stop()
+    left = cluster.stop()
+    assert not left, f"Ray processes outlived the session's cluster: {left}"
 
 
 @pytest.fixture(autouse=True)

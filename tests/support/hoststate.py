@@ -4,11 +4,16 @@ network namespaces, cgroups), and the test bed must leave the machine as it foun
 
 `HostState.record()` takes the snapshot; `restore()` puts back what differs and returns what it had
 to undo, and `differences()` tells what is still not as it was (a test asserts it is empty).
+
+A run that is killed (CI's timeout, a session's end, a second Ctrl-C) never reaches its restore, and
+the next run would record the dirty machine as "before": so the snapshot is also written to a file
+(`save`) until the restore is done, and the next node restores a dead run's snapshot first.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -106,12 +111,16 @@ class HostState:
     netns: set[str] = field(default_factory=set)
     paths: dict[str, bool] = field(default_factory=dict)
     cgroup_name: str = ""
+    owned: tuple[str, ...] = ()  # folders whose new mounts are the node's (its root dirs)
+    pid: int = 0  # the process that recorded it: a snapshot whose pid is gone belongs to a dead run
 
     @classmethod
-    def record(cls, *, paths: tuple[Path, ...] = (), cgroup_name: str = "") -> HostState:
+    def record(cls, *, paths: tuple[Path, ...] = (), cgroup_name: str = "", owned: tuple[Path, ...] = ()) -> HostState:
         """`paths`: fixed paths the node may create (the kubelet's /var/lib/kubelet, say): removed
         after if they did not exist before."""
         return cls(
+            owned=tuple(str(o) for o in owned),
+            pid=os.getpid(),
             sysctls={key: _read(Path("/proc/sys") / key) for key in SYSCTLS},
             iptables={tool: iptables_tables(tool) for tool in ("iptables-save", "ip6tables-save")},
             mounts=mount_points(),
@@ -120,9 +129,34 @@ class HostState:
             cgroup_name=cgroup_name,
         )
 
-    def restore(self, owned: tuple[Path, ...] = ()) -> list[str]:
-        """Put back what differs; `owned`: folders whose new mounts are the node's (its root dirs).
-        Returns a line for each thing undone."""
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fields = {**self.__dict__, "mounts": sorted(self.mounts), "netns": sorted(self.netns)}
+        path.write_text(json.dumps(fields, indent=1))
+
+    @classmethod
+    def load(cls, path: Path) -> HostState | None:
+        try:
+            fields = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        fields.update(mounts=set(fields["mounts"]), netns=set(fields["netns"]), owned=tuple(fields["owned"]))
+        return cls(**fields)
+
+    def alive(self) -> bool:
+        """Whether the run that recorded this snapshot is still running (then it is not ours to undo)."""
+        if not self.pid or self.pid == os.getpid():
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def restore(self) -> list[str]:
+        """Put back what differs. Returns a line for each thing undone."""
         undone: list[str] = []
         if self.cgroup_name and kill_cgroup(self.cgroup_name):
             undone.append(f"killed processes left in cgroup {self.cgroup_name}")
@@ -130,7 +164,7 @@ class HostState:
         ours = [
             m
             for m in now - self.mounts
-            if any(m == str(o) or m.startswith(str(o).rstrip("/") + "/") for o in (*owned, *NETNS_DIRS))
+            if any(m == str(o) or m.startswith(str(o).rstrip("/") + "/") for o in (*self.owned, *NETNS_DIRS))
         ]
         for point in sorted(ours, key=lambda m: -len(m)):
             subprocess.run(["umount", "-l", point], capture_output=True, check=False)
@@ -149,10 +183,11 @@ class HostState:
                 with contextlib.suppress(OSError):
                     path.write_text(value + "\n")
                     undone.append(f"sysctl {key.replace('/', '.')} back to {value}")
-        if self.cgroup_name:
-            for folder in cgroup_dirs(self.cgroup_name):
-                with contextlib.suppress(OSError):
-                    folder.rmdir()
+        folders = cgroup_dirs(self.cgroup_name) if self.cgroup_name else []
+        for folder in folders:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        if folders:
             undone.append(f"removed cgroup {self.cgroup_name}")
         for path, existed in self.paths.items():
             if not existed and os.path.lexists(path):

@@ -41,6 +41,8 @@ KUBELET_FIXED_PATHS = (
     Path("/var/log/pods"),
     Path("/run/containerd"),
 )
+# The running node's snapshot of the machine, there until its stop() has put the machine back.
+SNAPSHOT = CACHE / "node-host-state.json"
 
 
 def run(*cmd: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
@@ -91,6 +93,7 @@ class Node:
         self.kubelet_root = self.workdir / "kubelet"
         self.components: dict[str, Process] = {}
         self.host: HostState | None = None
+        self.recovered: list[str] = []  # what start() undid of a run killed before its stop()
         self.undone: list[str] = []  # what stop() had to put back
         self.leftovers: list[str] = []  # what it could not
 
@@ -103,7 +106,10 @@ class Node:
     # ----- start -----
 
     def start(self) -> Node:
-        self.host = HostState.record(paths=KUBELET_FIXED_PATHS, cgroup_name=CGROUP_NAME)
+        self.recovered = self._recover_dead_run()
+        owned = (self.workdir, self.containerd_root, *KUBELET_FIXED_PATHS)
+        self.host = HostState.record(paths=KUBELET_FIXED_PATHS, cgroup_name=CGROUP_NAME, owned=owned)
+        self.host.save(SNAPSHOT)
         try:
             self._cgroups()
             self._containerd()
@@ -117,6 +123,21 @@ class Node:
             self.stop()
             raise
         return self
+
+    def _recover_dead_run(self) -> list[str]:
+        """Put back what a killed run's node left (its snapshot's file is still there)."""
+        dead = HostState.load(SNAPSHOT)
+        if dead is None:
+            return []
+        if dead.alive():
+            raise RuntimeError(f"another test run's node (pid {dead.pid}) is running on this machine; {SNAPSHOT}")
+        run(self.bins["KUBE_PROXY"], "--cleanup", check=False)
+        undone = dead.restore()
+        for folder in map(Path, dead.owned):
+            if folder.parent == self.workdir.parent and folder.name.startswith("node-"):
+                shutil.rmtree(folder, ignore_errors=True)
+        SNAPSHOT.unlink()
+        return undone
 
     def _cgroups(self) -> None:
         """The kubelet's cgroupRoot, in every v1 controller (cpuset needs its cpus and mems copied)."""
@@ -352,15 +373,16 @@ class Node:
         for proc in reversed(list(self.components.values())):
             proc.stop()
         self.components.clear()
-        owned = (self.workdir, self.containerd_root, *KUBELET_FIXED_PATHS)
         if self.host is not None:
-            self.undone = self.host.restore(owned=owned)
+            self.undone = self.host.restore()
             now = HostState.record(paths=KUBELET_FIXED_PATHS, cgroup_name=CGROUP_NAME)
             self.leftovers = self.host.differences(now) + [
                 f"mount {m} left"
                 for m in now.mounts - self.host.mounts
-                if any(m.startswith(str(o).rstrip("/") + "/") for o in owned)
+                if any(m.startswith(o.rstrip("/") + "/") for o in self.host.owned)
             ]
+            if not self.leftovers:
+                SNAPSHOT.unlink(missing_ok=True)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def _remove_containers(self) -> None:

@@ -46,7 +46,16 @@ def process_tree(mark: str) -> list[int]:
 
 
 def alive(pids) -> list[int]:
-    return [pid for pid in pids if os.path.exists(f"/proc/{pid}")]
+    """The pids still running: a zombie has ended, only its parent has not reaped it yet."""
+    running = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                    running.append(pid)
+        except OSError:
+            continue
+    return running
 
 
 def signal_all(pids, sig: int) -> None:

@@ -191,7 +191,8 @@ class RayCluster:
         # does (the agents retitle themselves); `ray stop` would also kill any other Ray on the machine.
         return [p for p in process_tree(self.temp_dir) if p != os.getpid()]
 
-    def stop(self) -> None:
+    def stop(self) -> list[int]:
+        """Every process of the cluster ended; returns those still alive after SIGKILL (none, or a leak)."""
         pids = set(self._pids())  # listed first: an agent whose raylet has died is found by nothing
         for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
             pids |= set(self._pids())
@@ -199,7 +200,9 @@ class RayCluster:
             deadline = time.monotonic() + wait
             while alive(pids) and time.monotonic() < deadline:
                 time.sleep(0.2)
+        left = sorted(alive(pids | set(self._pids())))
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+        return left
 
 
 class S3Server:
