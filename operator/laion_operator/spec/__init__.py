@@ -4,7 +4,8 @@
 crd`), the CLI validates against it with the same messages, and its defaults are applied the way the
 Kubernetes API server applies them, so a part behaves the same whichever way it arrives.
 
-    schema      SCHEMA, its enums and limits (the only place a default is written)
+    schema      SCHEMA, its enums and limits (the only place a default is written); its source and
+                latents sections in schema_source and schema_latents, the leaf fields in fields
     validation  the schema checked as the API server checks it, the CEL rules' Python twins (RULES)
     model       PartSpec and its typed sections, built from a validated spec and back (`load`)
     dataset     the LaionDataset spec: a part template and the parts made from it
@@ -15,26 +16,23 @@ Below it sit `contract` and `errors`/`names`; nothing here imports the pipeline 
 from .dataset import DATASET_SCHEMA, MAX_DATASET_PARTS, dataset_parts, validate_dataset
 from .model import Dataset, Download, Filter, Heal, Latents, Output, PartSpec, load, load_data, output_of
 from .schema import (
-    DATASET_FORMATS,
     DECODE_BACKLOG_BYTES,
     ENCODE_FORMATS,
     ENCODE_QUALITY,
     HASHES,
     INTERPOLATIONS,
-    LATENT_MODES,
     LOGICAL_COLUMNS,
     MAX_IN_FLIGHT,
     MAX_PER_HOST,
     MDS_SHARD_SIZE,
-    MODEL_DTYPES,
     OUTPUT_FORMATS,
     PNG_MAX_COMPRESSION,
-    REDUCED_DECODE_PSNR,
     RESIZE_MODES,
-    SAVE_DTYPES,
     SCHEMA,
     STALL_SECONDS,
 )
+from .schema_latents import LATENT_MODES, MODEL_DTYPES, REDUCED_DECODE_PSNR, SAVE_DTYPES
+from .schema_source import DATASET_FORMATS
 from .validation import RULES, SpecError, apply_defaults, rule_errors, validate
 
 __all__ = [

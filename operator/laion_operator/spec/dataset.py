@@ -6,7 +6,7 @@ import copy
 from typing import Any
 
 from ..contract import part_dir
-from .schema import SCHEMA, _bool, _int, _str
+from .schema import SCHEMA, boolean, integer, string
 from .validation import SpecError, apply_defaults, closed_validator, rule_errors, schema_errors
 
 MAX_DATASET_PARTS = 1000
@@ -43,14 +43,14 @@ DATASET_SCHEMA: dict = {
                     "description": "Parquet files, one part each; part ids are the positions, from 0.",
                     "items": {"type": "string", "minLength": 1},
                 },
-                "pattern": _str(
+                "pattern": string(
                     "A parquet URL with {part} in it, e.g. s3://laion/2B-en-4.5_{part}.parquet; "
                     "part ids are the numbers first to last.",
                     minLength=1,
                 ),
-                "first": _int("The pattern's first part number.", minimum=0),
-                "last": _int("The pattern's last part number (included).", minimum=0),
-                "digits": _int(
+                "first": integer("The pattern's first part number.", minimum=0),
+                "last": integer("The pattern's last part number (included).", minimum=0),
+                "digits": integer(
                     "Zero-pad part numbers (in the pattern and the part ids) to this many digits.",
                     minimum=0,
                     maximum=10,
@@ -78,7 +78,7 @@ DATASET_SCHEMA: dict = {
             ],
         },
         "template": _template_schema(),
-        "suspend": _bool(
+        "suspend": boolean(
             "true suspends every part (their jobs stop, finished shards stay); false resumes them.", False
         ),
     },
