@@ -157,15 +157,13 @@ def cmd_verify(args) -> int:
 
 
 def cmd_plan(part: specs.PartSpec) -> int:
-    if part.dataset:
-        from .pipeline.sources.dataset import detect, list_inputs
+    from .pipeline import sources
 
+    source = sources.of(part)
+    if isinstance(source, sources.SampleSource):
         Store(part.output)  # registers the S3 options the input is read with
-        inputs = list_inputs(part)
-        print(
-            f"part {part.part_id}: convert {part.dataset.uri} ({detect(part.dataset)}) in {len(inputs)} shards "
-            f"-> {part.output.uri} as {part.download.output_format}"
-        )
+        line = source.plan_line(part, source.list_inputs(part))
+        print(f"part {part.part_id}: {line} -> {part.output.uri} as {part.download.output_format}")
         return ExitCode.OK
     from .pipeline.filter import plan
     from .storage import configure

@@ -1,7 +1,7 @@
-"""Convert: a dataset that already exists, read shard by shard and written again in the part's
-outputFormat — the download stage's sibling for parts whose source is `source.dataset`.
-
-Inputs, one Ray task per input shard:
+"""Convert: a source of samples (sources.SampleSource) read input shard by input shard and written
+again in the part's outputFormat — the download stage's sibling for parts whose images are not
+fetched one URL at a time. The dataset on disk (`source.dataset`) is one such source; its inputs, one
+Ray task per input shard:
 
 - `webdataset`: img2dataset-style `NNNNN.tar` files of `key.jpg` / `key.txt` / `key.json` (the
   project's own output, or anyone's): each tar is a shard;
@@ -9,8 +9,8 @@ Inputs, one Ray task per input shard:
 - `images`: image files and a captions JSONL naming them (micro_diffusion's JourneyDB style,
   `{"img_path": "./000/abc.jpg", "prompt": "…"}`): every `filter.samplesPerShard` lines a shard.
 
-The source (`sources/dataset.py`) lists the input shards and reads one, each through its module in
-pipeline/formats/ (`formats.DATASETS`: `dataset_inputs`, `read_input`).
+The source lists the input shards and reads one (`sources/dataset.py` through each format's module
+in pipeline/formats/: `formats.DATASETS`' `dataset_inputs`, `read_input`).
 
 The input shards are listed once into the part's manifest (`contract.MANIFEST`), so that a resumed run
 maps shard N to the same input; a shard is finished when its `_stats.json` exists, exactly as for a
@@ -34,7 +34,7 @@ from ..spec import PartSpec
 from ..storage import Store
 from .formats import ConvertError
 from .record import KEY, Recorder, clear_shard
-from .sources.dataset import list_inputs, read_input
+from .sources import samples_of
 
 # The leading columns of every sample's metadata row (the shard's `.parquet`), whatever the input's
 # own json held; record.OUTCOME follows them.
@@ -54,7 +54,7 @@ def plan(spec: PartSpec, store: Store) -> dict:
                 "output.uri or remove the old output first"
             )
         return done
-    inputs = list_inputs(spec)
+    inputs = samples_of(spec).list_inputs(spec)
     manifest = {"fingerprint": fp, "shards": len(inputs), "inputs": inputs}
     store.write_json(manifest, MANIFEST)
     return manifest
@@ -76,7 +76,7 @@ def convert_shard(
     stats = ShardStats(shard=shard, start_time=time.time())
     recorder = Recorder(spec.download, store, stats, True, SOURCE, report=report, report_every=report_every)
     try:
-        for index, (sample, image) in enumerate(read_input(spec, entry)):
+        for index, (sample, image) in enumerate(samples_of(spec).read_input(spec, entry)):
             stats.count += 1
             key = sample_key(shard, index, spec.filter.samples_per_shard)
             url = sample.meta.get("url")

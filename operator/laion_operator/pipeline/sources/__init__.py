@@ -1,7 +1,8 @@
 """Where a part's input comes from, one module per kind, behind `base.Source` as the output formats
 are behind `formats.base.Format`: `urls` (a URL list: metadata files the filter reads, each through
 its file format's `ListReader`: `parquet`, `delimited` (csv, tsv, txt), `jsonl`, `json_array`, the
-text ones over `text`'s decompressed streams) and `dataset` (a dataset on disk, converted).
+text ones over `text`'s decompressed streams) and the sources of samples (`base.SampleSource`, which
+the convert stage writes in the output format): `dataset` (a dataset on disk).
 
 A new kind is one module here and one line in `SOURCES`; a new URL-list file format is one module
 here and one line in `urls.READERS`.
@@ -11,12 +12,22 @@ from __future__ import annotations
 
 from ...spec import PartSpec
 from . import dataset, urls
-from .base import ListFile, ListReader, MetadataError, Source
+from .base import ListFile, ListReader, MetadataError, SampleSource, Source
 from .urls import open_list
 
 SOURCES: dict[str, Source] = {m.SOURCE.name: m.SOURCE for m in (urls, dataset)}
 
-__all__ = ["SOURCES", "ListFile", "ListReader", "MetadataError", "Source", "of", "open_list"]
+__all__ = [
+    "SOURCES",
+    "ListFile",
+    "ListReader",
+    "MetadataError",
+    "SampleSource",
+    "Source",
+    "of",
+    "open_list",
+    "samples_of",
+]
 
 
 def of(spec: PartSpec) -> Source:
@@ -25,3 +36,11 @@ def of(spec: PartSpec) -> Source:
     if len(found) != 1:
         raise ValueError(f"spec.source: expected one kind of input, found {[s.name for s in found]}")
     return found[0]
+
+
+def samples_of(spec: PartSpec) -> SampleSource:
+    """The spec's source of samples (the convert stage's input)."""
+    source = of(spec)
+    if not isinstance(source, SampleSource):
+        raise ValueError(f"spec.source: {source.name} is fetched from URLs, not converted")
+    return source

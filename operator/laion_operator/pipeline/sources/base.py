@@ -1,8 +1,11 @@
 """What every source kind is: where a part's input comes from (`spec.source.<kind>`), and, for the
 URL lists the filter reads, what every list file's reader gives back.
 
-A source kind (one module beside this one) says whether a spec reads it, describes it to a person,
-and lists its inputs. The URL list (`urls`) reads its files through a `ListReader` chosen by the file's
+A source kind (one module beside this one) says whether a spec reads it and describes it to a person.
+The stages ask the source what it is, never its name: a URL list (`converts` false) is filtered and
+downloaded; a source of samples (`SampleSource`: a dataset on disk, archives, parquet with the images
+inside) lists its input shards once into the manifest and reads one, and the convert stage writes each
+in the part's output format. The URL list (`urls`) reads its files through a `ListReader` chosen by the file's
 name or `source.format` (parquet, csv, tsv, json, jsonl, txt): each opened file gives its columns, its
 row count and its record batches, on which the filter runs its conditions as they are read.
 """
@@ -19,6 +22,7 @@ import pyarrow as pa
 
 from ...errors import InputError
 from ...spec import PartSpec
+from ..formats import Sample
 
 T = TypeVar("T")
 
@@ -31,6 +35,7 @@ class Source(ABC):
     """A kind of part input: `spec.source.<name>`."""
 
     name = ""
+    converts = False  # its samples are read and written again (convert), not fetched from URLs
 
     @abstractmethod
     def selected(self, spec: PartSpec) -> bool:
@@ -39,6 +44,27 @@ class Source(ABC):
     @abstractmethod
     def describe(self, spec: PartSpec) -> str:
         """The input in a few words, for the line a run starts with."""
+
+
+class SampleSource(Source):
+    """A source whose samples (an image's bytes and its caption) are read from its inputs, one input
+    shard a Ray task: what output shard N reads is the manifest's entry N, listed once, so that a
+    resumed run reads the same input into the same shard."""
+
+    converts = True
+
+    @abstractmethod
+    def list_inputs(self, spec: PartSpec) -> list[dict]:
+        """The input shards, in order: JSON objects kept in the manifest."""
+
+    @abstractmethod
+    def read_input(self, spec: PartSpec, entry: dict) -> Iterator[tuple[Sample, bytes]]:
+        """The samples of one input shard, each with its image's bytes; an input that cannot be read
+        raises an InputError naming the input and the member."""
+
+    def plan_line(self, spec: PartSpec, inputs: list[dict]) -> str:
+        """What `laion-operator plan` prints of the inputs."""
+        return f"{self.describe(spec)} in {len(inputs)} shards"
 
 
 def in_order(tasks: Iterator[Callable[[], Any]], workers: int) -> Iterator:

@@ -14,10 +14,10 @@ import fsspec
 from ...spec import Dataset, PartSpec
 from .. import formats
 from ..formats import ConvertError, Sample
-from .base import Source
+from .base import SampleSource
 
 
-class DatasetSource(Source):
+class DatasetSource(SampleSource):
     name = "dataset"
 
     def selected(self, spec: PartSpec) -> bool:
@@ -25,6 +25,15 @@ class DatasetSource(Source):
 
     def describe(self, spec: PartSpec) -> str:
         return f"dataset {_dataset(spec).uri}"
+
+    def plan_line(self, spec: PartSpec, inputs: list[dict]) -> str:
+        return f"convert {_dataset(spec).uri} ({detect(_dataset(spec))}) in {len(inputs)} shards"
+
+    def list_inputs(self, spec: PartSpec) -> list[dict]:
+        return list_inputs(spec)
+
+    def read_input(self, spec: PartSpec, entry: dict) -> Iterator[tuple[Sample, bytes]]:
+        return read_input(spec, entry)
 
 
 SOURCE = DatasetSource()

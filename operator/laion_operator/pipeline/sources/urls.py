@@ -34,7 +34,7 @@ class Urls(Source):
     name = "urls"
 
     def selected(self, spec: PartSpec) -> bool:
-        return spec.dataset is None
+        return bool(spec.source)
 
     def describe(self, spec: PartSpec) -> str:
         return f"{len(spec.source)} metadata file{'s' if len(spec.source) > 1 else ''}"

@@ -14,7 +14,7 @@ from .base import Run, write_shards
 
 
 def wanted(run: Run) -> bool:
-    return sources.of(run.spec) is sources.dataset.SOURCE
+    return sources.of(run.spec).converts
 
 
 def _write_shard(spec: PartSpec, shard: int, report) -> Outcome:

@@ -11,7 +11,7 @@ from .base import Run
 
 
 def wanted(run: Run) -> bool:
-    return sources.of(run.spec) is sources.urls.SOURCE
+    return not sources.of(run.spec).converts
 
 
 def run(run: Run) -> FilterResult:
