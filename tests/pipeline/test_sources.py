@@ -242,9 +242,10 @@ class Recording:
 
     def __init__(self):
         self.raw: list[tuple[pa.NativeFile, int]] = []
+        self.open_stream = text.open_stream  # before the test puts this recording in its place
 
     def __call__(self, url: str):
-        stream, raw, size = text.open_stream(url)
+        stream, raw, size = self.open_stream(url)
         self.raw.append((raw, size))
         return stream, raw, size
 
@@ -262,7 +263,7 @@ def test_a_list_is_streamed_not_read_whole(tmp_path, metadata, monkeypatch, fmt,
 
     monkeypatch.setattr(jsonl, "BLOCK_BYTES", 64 << 10)
     recording = Recording()
-    for module in (delimited, jsonl, json_array):
+    for module in (text, json_array):
         monkeypatch.setattr(module, "open_stream", recording)
     spec = spec_for([listed], tmp_path / "o")
     opened = open_list(spec, str(listed))

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.csv as pcsv
 
 from .base import ListFile, ListReader
-from .text import BLOCK_BYTES, READ_ERRORS, TextList, open_stream
+from .text import BLOCK_BYTES, TextList
 
 TXT_COLUMN = "url"
 
@@ -36,21 +36,13 @@ class DelimitedList(TextList):
     @contextlib.contextmanager
     def _reader(self, convert: pcsv.ConvertOptions, threads: bool = True) -> Iterator[pcsv.CSVStreamingReader]:
         """Arrow's reader over the decompressed stream; with `threads`, it reads ahead on its own."""
-        stream = open_stream(self.url)[0]
         options = pcsv.ReadOptions(block_size=BLOCK_BYTES, column_names=self.column_names, use_threads=threads)
-        try:
-            try:
-                reader = pcsv.open_csv(
-                    stream, read_options=options, parse_options=self.parse_options, convert_options=convert
-                )
-            except READ_ERRORS as err:
-                raise self.fail(err) from None
-            try:
-                yield reader
-            finally:
-                reader.close()
-        finally:
-            stream.close()
+        with self.arrow_reader(
+            lambda stream: pcsv.open_csv(
+                stream, read_options=options, parse_options=self.parse_options, convert_options=convert
+            )
+        ) as reader:
+            yield reader
 
     def _types(self, convert: pcsv.ConvertOptions) -> dict[str, pa.DataType]:
         with self._reader(convert, threads=False) as reader:  # the first block only, no read-ahead

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.json as pjson
 
 from .base import ListFile, ListReader
-from .text import BLOCK_BYTES, READ_ERRORS, TextList, open_stream
+from .text import BLOCK_BYTES, TextList
 
 
 class JsonLinesList(TextList):
@@ -29,24 +29,16 @@ class JsonLinesList(TextList):
     @contextlib.contextmanager
     def _reader(self, schema: pa.Schema | None, threads: bool = True) -> Iterator[pjson.JSONStreamingReader]:
         """Arrow's reader over the decompressed stream; with `threads`, it reads ahead on its own."""
-        stream = open_stream(self.url)[0]
         parse = (
             pjson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
             if schema is not None
             else pjson.ParseOptions()
         )
         options = pjson.ReadOptions(block_size=BLOCK_BYTES, use_threads=threads)
-        try:
-            try:
-                reader = pjson.open_json(stream, read_options=options, parse_options=parse)
-            except READ_ERRORS as err:
-                raise self.fail(err) from None
-            try:
-                yield reader
-            finally:
-                reader.close()
-        finally:
-            stream.close()
+        with self.arrow_reader(
+            lambda stream: pjson.open_json(stream, read_options=options, parse_options=parse)
+        ) as reader:
+            yield reader
 
     @property
     def columns(self) -> list[str]:

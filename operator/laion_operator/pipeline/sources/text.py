@@ -11,9 +11,11 @@ server that does not tell the size has the text read through once, only counted)
 
 from __future__ import annotations
 
+import contextlib
 import lzma
 from abc import abstractmethod
 from collections.abc import Callable, Iterator
+from typing import Any, Protocol, TypeVar
 
 import fsspec
 import pyarrow as pa
@@ -96,6 +98,13 @@ def _text_size(stream: pa.NativeFile, raw: pa.NativeFile, size: int, read: int) 
     return round(size * read / max(mark, 1))
 
 
+class Closing(Protocol):
+    def close(self) -> Any: ...
+
+
+R = TypeVar("R", bound=Closing)
+
+
 class TextList(ListFile):
     """A text file of a URL list, read as a stream: never whole, never seeked."""
 
@@ -137,6 +146,23 @@ class TextList(ListFile):
         return max(lines - self.header_lines, 0)
 
     header_lines = 0
+
+    @contextlib.contextmanager
+    def arrow_reader(self, open_reader: Callable[[pa.NativeFile], R]) -> Iterator[R]:
+        """Arrow's streaming reader (`open_reader`) over the decompressed stream, closed with it; one that
+        cannot start reading raises this file's MetadataError."""
+        stream = open_stream(self.url)[0]
+        try:
+            try:
+                reader = open_reader(stream)
+            except READ_ERRORS as err:
+                raise self.fail(err) from None
+            try:
+                yield reader
+            finally:
+                reader.close()
+        finally:
+            stream.close()
 
     def batches(self, columns: list[str], each: Callable[[pa.RecordBatch], T]) -> Iterator[T]:
         read = self.read(columns)
