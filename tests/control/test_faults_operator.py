@@ -21,7 +21,7 @@ from tests.support.kinds import GROUP, PLURAL, VERSION, JobWatch, jobs_of, statu
 from tests.support.kinds import apply_ok as apply
 from tests.support.kinds import wait_phase_status as wait_phase
 from tests.support.operator_proc import OperatorProcess, operator_starter
-from tests.support.specs import laionpart
+from tests.support.specs import laionpart, mixed_metadata
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -200,15 +200,7 @@ def test_many_parts_at_once_run_oldest_first_within_the_limit(
 def timing_out_metadata(tmp_path_factory, image_server):
     """Slow images: they time out at a 1 s timeout and come at 5 s — the transient failures a heal is for."""
     path = tmp_path_factory.mktemp("heal") / "part.parquet"
-    write_metadata(
-        path,
-        30,
-        image_server.base_url,
-        seed=44,
-        slow_seconds=2,
-        failure_mix={"ok": 0.5, "timeout": 0.3, "http_4xx": 0.2},
-    )
-    return path
+    return mixed_metadata(path, 30, image_server, seed=44, slow_seconds=2, ok=0.5, timeout=0.3, http_4xx=0.2)
 
 
 def test_heal_field_starts_a_heal_job_and_the_status_follows(

@@ -18,7 +18,7 @@ from laion_operator.storage import StorageUnavailable
 from laion_operator.testbed.demo_data import write_metadata
 from tests.support.exactly_once import check_exactly_once
 from tests.support.faults import SecondNode, cmdline, ray_workers
-from tests.support.specs import partspec
+from tests.support.specs import mixed_metadata, partspec
 
 # The issue's outage is ~30 s; LAION_TEST_OUTAGE_SECONDS makes it shorter on a slow machine.
 OUTAGE_SECONDS = float(os.environ.get("LAION_TEST_OUTAGE_SECONDS", "30"))
@@ -33,15 +33,7 @@ def spec(source, output, rows_per_shard: int = 10, **download) -> PartSpec:
 def slow_metadata(tmp_path_factory, image_server):
     """Half the images answer after a second: shards run long enough to be hit mid-way."""
     path = tmp_path_factory.mktemp("slow") / "part.parquet"
-    write_metadata(
-        path,
-        60,
-        image_server.base_url,
-        seed=31,
-        slow_seconds=1,
-        failure_mix={"ok": 0.5, "timeout": 0.4, "http_4xx": 0.1},
-    )
-    return path
+    return mixed_metadata(path, 60, image_server, seed=31, slow_seconds=1, ok=0.5, timeout=0.4, http_4xx=0.1)
 
 
 @pytest.fixture(scope="module")

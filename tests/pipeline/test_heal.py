@@ -15,10 +15,9 @@ import yaml
 from laion_operator.pipeline.driver import heal_part, run_part
 from laion_operator.pipeline.heal import NotHealable
 from laion_operator.spec import PartSpec
-from laion_operator.testbed.demo_data import write_metadata
 from tests.support.exactly_once import check_exactly_once
 from tests.support.procs import kill_tree
-from tests.support.specs import partspec
+from tests.support.specs import mixed_metadata, partspec
 
 SLOW = 2  # seconds the "timeout" images take: they time out at 1 s and come at 5 s
 
@@ -33,15 +32,7 @@ def spec(source, output, timeout: float, heal: dict | None = None, fmt: str = "w
 @pytest.fixture(scope="module")
 def metadata(tmp_path_factory, image_server):
     path = tmp_path_factory.mktemp("heal") / "part.parquet"
-    write_metadata(
-        path,
-        50,
-        image_server.base_url,
-        seed=51,
-        slow_seconds=SLOW,
-        failure_mix={"ok": 0.5, "timeout": 0.3, "http_4xx": 0.2},
-    )
-    return path
+    return mixed_metadata(path, 50, image_server, seed=51, slow_seconds=SLOW, ok=0.5, timeout=0.3, http_4xx=0.2)
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from laion_operator.spec import PartSpec
 from laion_operator.testbed.demo_data import write_metadata
 from tests.support import outputs
 from tests.support.failing_web import outcome_of
-from tests.support.specs import partspec
+from tests.support.specs import mixed_metadata, partspec
 
 TIMEOUT = 3.0  # a loaded 2-core machine answers a loopback request in well under this
 MIX = {
@@ -170,14 +170,7 @@ def _cli(spec_file: Path, ray_cluster, **kw) -> subprocess.Popen:
 def test_killed_run_resumes_with_each_sample_exactly_once(ray_driver, image_server, tmp_path):
     source = tmp_path / "slow.parquet"
     # Half the images answer after a second: shards take long enough to be killed mid-way.
-    write_metadata(
-        source,
-        120,
-        image_server.base_url,
-        seed=4,
-        slow_seconds=1,
-        failure_mix={"ok": 0.5, "timeout": 0.5, "http_4xx": 0.0},
-    )
+    mixed_metadata(source, 120, image_server, seed=4, slow_seconds=1, ok=0.5, timeout=0.5, http_4xx=0.0)
     out = tmp_path / "out"
     spec = part(source, out, timeout=5, maxInFlight=2, parallelism=2)
     spec = PartSpec.from_dict({**spec.to_dict(), "filter": {**spec.to_dict()["filter"], "samplesPerShard": 10}})

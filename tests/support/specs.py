@@ -4,7 +4,10 @@ pipeline takes). Each test module keeps only its own values (shard size, downloa
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from laion_operator.spec import PartSpec
+from laion_operator.testbed.demo_data import write_metadata
 
 GROUP, VERSION = "laion-operator.io", "v1alpha1"
 
@@ -57,3 +60,11 @@ def part_dict(source, output, part_id: str = "7", samples_per_shard: int = 20, *
     """The verify and MDS tests' part: small images, kept in ratio, a short timeout."""
     download = {"imageSize": 64, "resizeMode": "keep_ratio", "timeout": 2, "maxInFlight": 8, **download}
     return spec_dict(part_id, source, output, samples_per_shard, download)
+
+
+def mixed_metadata(path: Path, rows: int, server, seed: int, slow_seconds: float, **mix: float) -> Path:
+    """A metadata file at `path` of `rows` images on the loopback image `server`, by outcome shares
+    (`ok`, `timeout`, `http_4xx`): the slow ones answer after `slow_seconds`, so that shards run long
+    enough to be hit mid-way, or time out at a shorter download.timeout."""
+    write_metadata(path, rows, server.base_url, seed=seed, slow_seconds=slow_seconds, failure_mix=mix)
+    return path
