@@ -18,6 +18,8 @@ it. This module is the one place that names what is in it, so that neither side 
       latents/00000_stats.json                               that shard is encoded (written last)
       latents/index.json                                     MDS index over every shard (StreamingDataset)
       latents/_latents.json                                  models, shapes, dtypes, scaling of the latents
+      embeddings/{img_emb,text_emb,metadata}/…_00000.*       CLIP embeddings, clip-retrieval's layout
+      embeddings/00000_stats.json                            that shard is embedded (written last)
 
 It also holds what the job tells the operator besides files: its exit codes, the phases of a part,
 and the bounded set of failure reasons every count (summary, status, metrics) is keyed by.
@@ -30,7 +32,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Protocol
+from typing import Protocol, Self
 
 META_DIR = "_laion"
 PROGRESS = f"{META_DIR}/progress.json"
@@ -109,6 +111,19 @@ def latents_shard(shard: int) -> str:
 def latents_stats(shard: int) -> str:
     """Present only once the shard's MDS folder is complete."""
     return f"{LATENTS_DIR}/{shard_name(shard)}_stats.json"
+
+
+# clip-retrieval's layout (autofaiss and embedding-reader read it): img_emb/img_emb_<shard>.npy, …
+EMBEDDINGS_DIR = "embeddings"
+EMBEDDING_FILES = {"img_emb": "npy", "text_emb": "npy", "metadata": "parquet"}
+
+
+def embeddings_file(kind: str, shard: int) -> str:
+    return f"{EMBEDDINGS_DIR}/{kind}/{kind}_{shard_name(shard)}.{EMBEDDING_FILES[kind]}"
+
+
+def embeddings_stats(shard: int) -> str:  # present only once the shard's three files are complete
+    return f"{EMBEDDINGS_DIR}/{shard_name(shard)}_stats.json"
 
 
 def stats_csv(part_id: str) -> str:
@@ -221,6 +236,7 @@ class Phase(str, enum.Enum):
     ANNOTATING = "Annotating"
     VERIFYING = "Verifying"  # every shard read back with its format's reader
     ENCODING = "Encoding"  # the latents stage
+    EMBEDDING = "Embedding"  # the embeddings stage
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
     STOPPING = "Stopping"  # deleted; its job is being stopped
@@ -248,6 +264,7 @@ RUNNING = frozenset(
         Phase.ANNOTATING,
         Phase.VERIFYING,
         Phase.ENCODING,
+        Phase.EMBEDDING,
     }
 )
 TERMINAL = frozenset({Phase.SUCCEEDED, Phase.FAILED})
@@ -324,6 +341,8 @@ class Progress:
     latents_written: int = 0
     latents_skipped: int = 0
     latents_per_second: float = 0.0
+    # The embeddings stage's counts, as the status shows them (pipeline/stages/embeddings.py's StageCounts)
+    embeddings: dict = field(default_factory=dict)
 
     def count_images(self, finished: Sequence["ShardStats"], running: Sequence["ShardStats"] = ()) -> None:
         """Images by outcome from the shards (the finished ones and the running ones' counts so far);
@@ -451,26 +470,31 @@ class ShardStats:
 
 
 @dataclass
-class LatentStats:
-    """`latents/<shard>_stats.json`: one shard's encoding."""
+class EncodeStats:
+    """`<stage>/<shard>_stats.json`: one shard's encoding by a model (latents, embeddings)."""
 
     shard: int
     count: int = 0  # samples the shard's images hold
-    written: int = 0  # samples with latents in the shard's MDS
+    written: int = 0  # samples encoded
     skipped: int = 0  # images that did not decode
     start_time: float = 0.0
     end_time: float = 0.0
     device: str = ""
-    # What a reader needs to turn the stored bytes back into tensors (the same for every shard).
-    image_shape: list[int] = field(default_factory=list)  # the smallest resolution's
-    image_shapes: dict[str, list[int]] = field(default_factory=dict)  # every resolution's, by resolution
-    caption_shape: list[int] = field(default_factory=list)
-    scaling_factor: float = 1.0
-    shift_factor: float = 0.0
 
     def to_json(self) -> dict:
         return {**asdict(self), "duration": self.end_time - self.start_time}
 
     @classmethod
-    def from_json(cls, data: dict) -> "LatentStats":
+    def from_json(cls, data: dict) -> Self:
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass
+class LatentStats(EncodeStats):
+    """`latents/<shard>_stats.json`, with what turns its bytes back into tensors (the same every shard)."""
+
+    image_shape: list[int] = field(default_factory=list)  # the smallest resolution's
+    image_shapes: dict[str, list[int]] = field(default_factory=dict)  # every resolution's, by resolution
+    caption_shape: list[int] = field(default_factory=list)
+    scaling_factor: float = 1.0
+    shift_factor: float = 0.0
