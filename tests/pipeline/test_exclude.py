@@ -106,6 +106,9 @@ def write_lists(tmp: Path, by_url: list[str], by_hash: list[str]) -> dict[str, l
     )
     gz = tmp / "takedowns.txt.gz"
     gz.write_bytes(gzip.compress(text.read_bytes()))
+    zst = tmp / "takedowns.txt.zst"
+    with pa.CompressedOutputStream(str(zst), "zstd") as out:
+        out.write(text.read_bytes())
     csv_urls = tmp / "urls.csv"
     pd.DataFrame({"id": range(len(by_url)), "URL": by_url}).to_csv(csv_urls, index=False)
     csv_hashes = tmp / "optout.csv"
@@ -125,13 +128,14 @@ def write_lists(tmp: Path, by_url: list[str], by_hash: list[str]) -> dict[str, l
     return {
         "text": [text],
         "text.gz": [gz],
+        "text.zst": [zst],
         "csv": [csv_urls, csv_hashes],
         "parquet": [pq_both],
         "parquet digests": [pq_digest],
     }
 
 
-@pytest.mark.parametrize("shape", ["text", "text.gz", "csv", "parquet", "parquet digests"])
+@pytest.mark.parametrize("shape", ["text", "text.gz", "text.zst", "csv", "parquet", "parquet digests"])
 def test_each_shape_drops_listed_urls_and_counts_them(tmp_path, metadata, shape):
     source, df = metadata
     by_url, by_hash = listed_urls(df)

@@ -49,6 +49,16 @@ _COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
 _TEXT_CHUNK_BYTES = 32 << 20  # lines read at once from a text list
 
 
+def _zstd(f, mode: str = "rb", **_kwargs):
+    return pa.CompressedInputStream(pa.PythonFile(f, mode="r"), "zstd")
+
+
+# fsspec infers .gz, .bz2 and .xz, but .zst only through the zstandard package, which the pipeline does
+# not install: Arrow's own codec decompresses it instead (a .zst list was read as raw bytes before).
+if "zstd" not in fsspec.available_compressions():
+    fsspec.compression.register_compression("zstd", _zstd, "zst")
+
+
 class ExclusionListError(InputError):
     """A removal list that cannot be read; the message names the file (and line, row or column)."""
 
