@@ -165,3 +165,22 @@ def test_dataclasses_carry_no_defaults_of_their_own():
             if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
         ]
         assert defaults == [], f"{kind.__name__} writes defaults of its own: {defaults}"
+
+
+def test_a_datasets_parts_read_their_files_as_its_source_says():
+    """CC12M-style header-less TSV parts: format and header are said once, for every part."""
+    from laion_operator.spec import dataset_parts, validate_dataset
+
+    data = validate_dataset(
+        {
+            "source": {"pattern": "s3://m/cc12m_{part}.tsv.gz", "first": 0, "last": 2, "format": "tsv"}
+            | {"header": ["url", "caption"]},
+            "template": {"output": {"uri": "s3://d/cc12m"}},
+        }
+    )
+    parts = {i: PartSpec.from_dict(p) for i, p in dataset_parts(data).items()}
+    assert [(p.source, p.source_format, p.source_header) for p in parts.values()] == [
+        ((f"s3://m/cc12m_{n}.tsv.gz",), "tsv", ("url", "caption")) for n in range(3)
+    ]
+    with pytest.raises(SpecError, match="spec.source.format"):
+        validate_dataset({"source": {"urls": ["a.csv"], "format": "xlsx"}, "template": {"output": {"uri": "/d"}}})

@@ -7,9 +7,11 @@ from typing import Any
 
 from ..contract import part_dir
 from .schema import SCHEMA, boolean, integer, string
+from .schema_source import SOURCE
 from .validation import SpecError, apply_defaults, closed_validator, rule_errors, schema_errors
 
 MAX_DATASET_PARTS = 1000
+SHARED_SOURCE_FIELDS = ("format", "header")  # copied into each part's source
 
 
 def _template_schema() -> dict:
@@ -34,13 +36,13 @@ DATASET_SCHEMA: dict = {
     "properties": {
         "source": {
             "type": "object",
-            "description": "One part per parquet file: a list of files, or a pattern with a range.",
+            "description": "One part per metadata file: a list of files, or a pattern with a range.",
             "properties": {
                 "urls": {
                     "type": "array",
                     "minItems": 1,
                     "maxItems": MAX_DATASET_PARTS,
-                    "description": "Parquet files, one part each; part ids are the positions, from 0.",
+                    "description": "Metadata files, one part each; part ids are the positions, from 0.",
                     "items": {"type": "string", "minLength": 1},
                 },
                 "pattern": string(
@@ -56,6 +58,8 @@ DATASET_SCHEMA: dict = {
                     maximum=10,
                     default=0,
                 ),
+                # Every part's files are alike: what a part's source says of its files, said once.
+                **{name: SOURCE["properties"][name] for name in SHARED_SOURCE_FIELDS},
             },
             "x-kubernetes-validations": [
                 {
@@ -116,7 +120,7 @@ def dataset_parts(data: dict) -> dict[str, dict]:
     for part_id, url in urls.items():
         part = copy.deepcopy(data["template"])
         part["partId"] = part_id
-        part["source"] = {"urls": [url]}
+        part["source"] = {"urls": [url], **{k: source[k] for k in SHARED_SOURCE_FIELDS if k in source}}
         part["output"]["uri"] = f"{base}/{part_dir(part_id)}"
         part["suspend"] = bool(data.get("suspend"))
         parts[part_id] = part
