@@ -208,10 +208,18 @@ class _Spec(Protocol):
     def to_dict(self) -> dict: ...
 
 
+# Where a part's archives are fetched from, not which they are (spec.source.archives).
+ARCHIVE_LOCATIONS = ("urls", "pattern", "links", "headersSecret", "maxArchiveBytes")
+
+
 def fingerprint(spec: _Spec) -> str:
     """What decides the shards' content; a resumed run into the same output must see the same value."""
     data = spec.to_dict()
     key = {k: data.get(k) for k in ("source", "columns", "filter")}
+    if "archives" in key["source"]:
+        # Archives are known by name: a fresh link file for expired ones resumes the same output.
+        archives = key["source"]["archives"]
+        key["source"] = {"archives": {k: v for k, v in archives.items() if k not in ARCHIVE_LOCATIONS}}
     key["additional"] = data["download"]["saveAdditionalColumns"]
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -288,6 +296,8 @@ FAILURE_REASONS = [
     "bad_url",
     "redirect",
     "rate_limited",
+    "expired",  # an archive's signed link answered 403 for its expiry: a new link file fetches it
+    "no_caption",  # an archive's image that its captions do not name
     "other",
 ]
 

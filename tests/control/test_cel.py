@@ -56,6 +56,25 @@ SAMPLES = {
         {"urls": ["a"], "format": "tsv", "header": ["url", "caption"]},
         {"dataset": {"uri": "/d"}, "format": "csv"},
         {"dataset": {"uri": "/d"}, "header": ["url"]},
+        {"archives": {"urls": ["a.tar"]}},
+        {"archives": {"urls": ["a.tar"]}, "urls": ["a"]},
+    ],
+    "archives": [
+        {"urls": ["a.tar"]},
+        {"links": "l.tsv"},
+        {"urls": ["a.tar"], "links": "l.tsv"},
+        {},
+        {"pattern": "imgs/{part}.tgz", "first": 0, "last": 199},
+        {"pattern": "imgs/{part}.tgz", "first": 5, "last": 4},
+        {"pattern": "imgs/all.tgz", "first": 0, "last": 1},
+        {"pattern": "imgs/{part}.tgz", "first": 0},
+    ],
+    "captions": [
+        {"sidecar": "txt"},
+        {"annotations": "a.jsonl", "key": "img_path", "caption": "prompt"},
+        {"annotations": "a.jsonl", "key": "img_path"},
+        {"sidecar": "json", "annotations": "a.jsonl"},
+        {},
     ],
 }
 

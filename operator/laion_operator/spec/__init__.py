@@ -14,7 +14,22 @@ Below it sit `contract` and `errors`/`names`; nothing here imports the pipeline 
 """
 
 from .dataset import DATASET_SCHEMA, MAX_DATASET_PARTS, dataset_parts, validate_dataset
-from .model import Dataset, Download, Filter, Heal, Latents, Output, PartSpec, load, load_data, output_of
+from .model import (
+    Archives,
+    Captions,
+    Dataset,
+    Dedup,
+    Download,
+    Embeddings,
+    Filter,
+    Heal,
+    Latents,
+    Output,
+    PartSpec,
+    load,
+    load_data,
+    output_of,
+)
 from .schema import (
     DECODE_BACKLOG_BYTES,
     ENCODE_FORMATS,
@@ -63,6 +78,10 @@ __all__ = [
     "Filter",
     "Heal",
     "Latents",
+    "Dedup",
+    "Embeddings",
+    "Archives",
+    "Captions",
     "Output",
     "PartSpec",
     "SpecError",

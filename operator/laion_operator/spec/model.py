@@ -47,6 +47,7 @@ class Download:
     max_aspect_ratio: float | None
     output_format: str
     timeout: float
+    min_body_rate: float
     retries: int
     max_in_flight: int
     max_per_host: int
@@ -59,7 +60,9 @@ class Download:
     parallelism: int
     shard_retries: int
     user_agent_token: str
+    user_agent: str | None
     disallowed_header_directives: tuple[str, ...]
+    respect_tdm_rep: bool
     save_additional_columns: tuple[str, ...]
     compute_hash: str
     verify_tls: bool
@@ -74,6 +77,60 @@ class Dataset:
     captions: str | None
     image_field: str
     caption_field: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Embedded:
+    urls: tuple[str, ...]
+    image_column: str | None
+    caption_column: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageTable:
+    path: str
+    id: str
+    file: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Captions:
+    sidecar: str | None
+    field: str
+    annotations: str | None
+    format: str | None
+    path: str | None
+    key: str | None
+    caption: str | None
+    join_on: str
+    images: ImageTable | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Archives:
+    urls: tuple[str, ...] | None
+    pattern: str | None
+    first: int | None
+    last: int | None
+    digits: int
+    links: str | None
+    headers_secret: str | None
+    max_archive_bytes: int
+    captions: Captions
+
+    @classmethod
+    def of(cls, values: dict) -> Archives:
+        captions = values["captions"]
+        images = _build(ImageTable, captions["images"]) if "images" in captions else None
+        return dataclasses.replace(
+            _build(cls, values), captions=dataclasses.replace(_build(Captions, captions), images=images)
+        )
+
+    def to_dict(self) -> dict:
+        captions = _unbuild(self.captions)
+        if self.captions.images is not None:
+            captions["images"] = _unbuild(self.captions.images)
+        return {**_unbuild(self), "captions": captions}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +172,36 @@ class Latents:
         return tuple(sorted(self.resolutions)) if self.resolutions else (self.resolution,)
 
 
+@dataclasses.dataclass(frozen=True)
+class Dedup:
+    exact: bool
+    perceptual: bool
+    hamming_distance: int
+    semantic: bool
+    similarity: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Embeddings:
+    model: str
+    batch_size: int
+    dedup: Dedup | None
+    decode_threads: int
+    dtype: str
+    parallelism: int
+    shard_retries: int
+    hub_download: bool
+    hub_token_secret: str | None
+
+    @classmethod
+    def of(cls, values: dict) -> Embeddings:
+        dedup = values.get("dedup")
+        return dataclasses.replace(_build(cls, values), dedup=_build(Dedup, dedup) if dedup is not None else None)
+
+    def to_dict(self) -> dict:
+        return {**_unbuild(self), **({"dedup": _unbuild(self.dedup)} if self.dedup else {})}
+
+
 def _build(kind, values: dict):
     """A spec section's dataclass from its defaulted mapping; fields the spec leaves unset are None."""
     given = {snake(k): tuple(v) if isinstance(v, list) else v for k, v in values.items()}
@@ -150,6 +237,8 @@ class PartSpec:
     part_id: str
     source: tuple[str, ...]  # metadata to download (URL lists); empty when the part converts `dataset`
     dataset: Dataset | None
+    embedded: Embedded | None  # source.embedded: parquet with the images inside
+    archives: Archives | None  # source.archives: tar and zip archives of images
     output: Output
     columns: dict[str, str]
     filter: Filter
@@ -157,6 +246,7 @@ class PartSpec:
     max_retries: int
     verify: bool
     latents: Latents | None
+    embeddings: Embeddings | None
     heal: Heal | None
     suspend: bool
     priority: int
@@ -173,6 +263,8 @@ class PartSpec:
             part_id=spec["partId"],
             source=tuple(spec["source"].get("urls") or ()),
             dataset=_build(Dataset, spec["source"]["dataset"]) if "dataset" in spec["source"] else None,
+            embedded=_build(Embedded, spec["source"]["embedded"]) if "embedded" in spec["source"] else None,
+            archives=Archives.of(spec["source"]["archives"]) if "archives" in spec["source"] else None,
             output=_build(Output, spec["output"]),
             columns=dict(spec.get("columns") or {}),
             filter=_build(Filter, spec["filter"]),
@@ -180,6 +272,7 @@ class PartSpec:
             max_retries=spec["maxRetries"],
             verify=spec["verify"],
             latents=_build(Latents, spec["latents"]) if spec.get("latents") else None,
+            embeddings=Embeddings.of(spec["embeddings"]) if spec.get("embeddings") else None,
             heal=_build(Heal, spec["heal"]) if "heal" in spec else None,
             suspend=spec["suspend"],
             priority=spec["priority"],
@@ -188,6 +281,15 @@ class PartSpec:
             source_format=spec["source"].get("format"),
             source_header=tuple(spec["source"]["header"]) if "header" in spec["source"] else None,
         )
+
+    def _source(self) -> dict:
+        if self.dataset:
+            return {"dataset": _unbuild(self.dataset)}
+        if self.embedded:
+            return {"embedded": _unbuild(self.embedded)}
+        if self.archives:
+            return {"archives": self.archives.to_dict()}
+        return self._urls()
 
     def _urls(self) -> dict:
         # format and header only when set: a parquet part's source (and so its fingerprint) is as before
@@ -202,7 +304,7 @@ class PartSpec:
         """The spec back in its YAML/CR form (what a Ray job receives)."""
         data = {
             "partId": self.part_id,
-            "source": {"dataset": _unbuild(self.dataset)} if self.dataset else self._urls(),
+            "source": self._source(),
             "filter": _unbuild(self.filter),
             "download": _unbuild(self.download),
             "output": _unbuild(self.output),
@@ -219,6 +321,8 @@ class PartSpec:
             data["columns"] = dict(self.columns)
         if self.latents:
             data["latents"] = _unbuild(self.latents)
+        if self.embeddings:
+            data["embeddings"] = self.embeddings.to_dict()
         if self.heal is not None:
             data["heal"] = _unbuild(self.heal)
         return data

@@ -13,6 +13,8 @@ import jsonschema
 
 from ..errors import InputError
 from .schema import ENCODE_QUALITY, PNG_MAX_COMPRESSION, SCHEMA
+from .schema_archives import JOIN_FIELDS, LOCATIONS, ONE_CAPTION_SOURCE, ONE_LOCATION
+from .schema_source import EXACTLY_ONE, KINDS
 
 # --- cross-field rules ----------------------------------------------------------------------------
 # The CRD carries them as CEL (`x-kubernetes-validations`, evaluated by the API server); the CLI and
@@ -30,7 +32,10 @@ def _has(obj: Any, key: str) -> bool:
 RULES: dict[str, Callable[[Any, Any], bool]] = {
     "self == oldSelf": lambda self, old: self == old,
     "has(self.urls) != has(self.pattern)": lambda self, old: _has(self, "urls") != _has(self, "pattern"),
-    "has(self.urls) != has(self.dataset)": lambda self, old: _has(self, "urls") != _has(self, "dataset"),
+    EXACTLY_ONE: lambda self, old: sum(_has(self, kind) for kind in KINDS) == 1,
+    ONE_LOCATION: lambda self, old: sum(_has(self, name) for name in LOCATIONS) == 1,
+    ONE_CAPTION_SOURCE: lambda self, old: _has(self, "sidecar") != _has(self, "annotations"),
+    JOIN_FIELDS: lambda self, old: not _has(self, "annotations") or (_has(self, "key") and _has(self, "caption")),
     "has(self.urls) || (!has(self.format) && !has(self.header))": lambda self, old: (
         _has(self, "urls") or (not _has(self, "format") and not _has(self, "header"))
     ),
