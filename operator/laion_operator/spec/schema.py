@@ -126,11 +126,20 @@ SCHEMA: dict = {
                     default=MDS_SHARD_SIZE,
                 ),
                 "timeout": number(
-                    "Seconds one attempt at an image may take end to end: DNS, connect, TLS, headers, "
-                    "redirects and body.",
+                    "Seconds one attempt at an image may take to its response's headers: DNS, connect, TLS, "
+                    "redirects and headers; the body then has its own bound (minBodyRate). Also the window "
+                    "minBodyRate is measured over, and robots.txt's and tdmrep.json's deadline.",
                     minimum=0,
                     exclusiveMinimum=True,
                     default=10,
+                ),
+                "minBodyRate": number(
+                    "Bytes per second an image's body must keep up, over every `timeout` seconds once its "
+                    "headers came (curl's low-speed limit): slower, it fails as `timeout`. A body of size S "
+                    "(its Content-Length, else maxImageBytes) is given at most timeout + S / minBodyRate, so "
+                    "a large image served slowly but steadily is kept and a drip-fed one ends within a window.",
+                    minimum=1,
+                    default=16384,
                 ),
                 "retries": integer(
                     "Retries per image after a failure another attempt may fix (a timeout, a 5xx, "
@@ -204,14 +213,26 @@ SCHEMA: dict = {
                 ),
                 "shardRetries": integer("Times a failed shard is retried.", minimum=0, maximum=20, default=2),
                 "userAgentToken": string(
-                    "Token added to the User-Agent, matched against X-Robots-Tag.", default="img2dataset"
+                    "Token added to the User-Agent, matched against robots.txt and X-Robots-Tag.",
+                    default="img2dataset",
+                ),
+                "userAgent": string(
+                    "The whole User-Agent header (unset: laion-operator/<version> (+<the project's URL>; "
+                    "compatible; <userAgentToken>), naming the crawler honestly)."
                 ),
                 "disallowedHeaderDirectives": {
                     "type": "array",
                     "items": {"type": "string"},
-                    "description": "X-Robots-Tag directives that opt an image out.",
-                    "default": ["noai", "noimageai", "noindex", "noimageindex"],
+                    "description": "X-Robots-Tag directives that opt an image out (`opt_out`, rule x_robots_tag).",
+                    "default": ["noai", "noimageai", "noml", "noindex", "noimageindex"],
                 },
+                "respectTdmRep": boolean(
+                    "Honour the W3C TDM Reservation Protocol: an image whose response says "
+                    "`tdm-reservation: 1` (rule tdm_reservation), or whose path the host's "
+                    "/.well-known/tdmrep.json reserves (rule tdmrep_json; fetched once per host and shard "
+                    "task beside the first image, under `timeout` and 64 KiB), is refused as `opt_out`.",
+                    True,
+                ),
                 "saveAdditionalColumns": {
                     "type": "array",
                     "items": {"type": "string"},

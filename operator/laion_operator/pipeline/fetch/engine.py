@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import math
+import sys
 import time
 from dataclasses import dataclass
+from typing import Any
 from urllib.robotparser import RobotFileParser
 
 import aiohttp
@@ -18,6 +20,7 @@ from ...spec import Download
 from ..image_header import declared_pixels, header_size
 from .errors import FINAL, BlockedAddress, FetchError, RetryLater, classify, message_of
 from .guard import AddressGuard, GuardedResolver, is_ip, make_resolver
+from .pace import Pace, body_limit
 from .robots import ROBOTS_MAX_BYTES, robots_parser, robots_tag_disallows
 
 SCHEMES = ("http", "https")
@@ -25,6 +28,11 @@ REDIRECTS = (301, 302, 303, 307, 308)
 DEAD_AFTER = 3  # connections in a row refused or unanswered, with no answer since, before a host is dead
 HEADER_PROBE_BYTES = 256 << 10  # while reading, look for the image's declared size in this much
 MAX_BACKOFF = 60.0  # a 429 without Retry-After waits 1, 2, 4 … seconds, at most this
+if sys.version_info >= (3, 11):
+    from asyncio import timeout
+else:  # a dependency of aiohttp's there
+    from async_timeout import timeout
+
 AGENT = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
 
 
@@ -56,6 +64,8 @@ class _Attempt:
     phase: str = "start"  # queued dns connect request headers body
     host: Host | None = None
     hop_started: float = 0.0
+    deadline: Any = None  # the attempt's `timeout`; the image's body moves it (`Pace`)
+    body_limit: float = 0.0  # seconds the image's body was given once its headers came
 
 
 def _tracing() -> aiohttp.TraceConfig:
@@ -99,7 +109,8 @@ class Engine:
         self.opts = opts
         self.timeout = float(opts.timeout)
         self.retries = opts.retries
-        self.budget = (opts.retries + 1) * self.timeout  # the attempts' deadlines, end to end
+        self.budget = (opts.retries + 1) * self.timeout  # the attempts' deadlines to their headers
+        self.min_rate = float(opts.min_body_rate)
         self.token = opts.user_agent_token.strip().lower() if opts.user_agent_token else None
         self.directives = {d.strip().lower() for d in opts.disallowed_header_directives} or None
         agent = AGENT
@@ -191,7 +202,9 @@ class Engine:
             remaining = budget_end - now
             attempt = _Attempt()
             try:
-                return await asyncio.wait_for(self._attempt(url, attempt), min(self.timeout, remaining))
+                # To its headers an attempt has `timeout`; its body then reschedules this for its pace.
+                async with timeout(min(self.timeout, remaining)) as attempt.deadline:
+                    return await self._attempt(url, attempt)
             except RetryLater as later:
                 rate_limits += 1
                 wait = later.wait if later.wait is not None else min(2.0 ** (rate_limits - 1), MAX_BACKOFF)
@@ -210,7 +223,10 @@ class Engine:
             except asyncio.TimeoutError:
                 error = FetchError(
                     "dns" if attempt.phase == "dns" else "timeout",
-                    f"no {'DNS answer' if attempt.phase == 'dns' else 'complete answer'} "
+                    f"body not whole within {attempt.body_limit:g} s of its headers (timeout + "
+                    "size / download.minBodyRate)"
+                    if attempt.body_limit
+                    else f"no {'DNS answer' if attempt.phase == 'dns' else 'answer'} "
                     f"within {min(self.timeout, remaining):g} s ({attempt.phase})",
                 )
                 if attempt.phase in ("connect", "request", "headers") and attempt.host is not None:
@@ -279,9 +295,20 @@ class Engine:
                     resp.headers.getall("X-Robots-Tag", ()), self.token or "", self.directives
                 ):
                     raise FetchError("opt_out", "Use of image disallowed by X-Robots-Tag directive")
-                return await self._read(resp, self.opts.max_image_bytes)
+                return await self._read(resp, self.opts.max_image_bytes, pace=self._pace(resp, attempt))
 
-    async def _read(self, resp: aiohttp.ClientResponse, limit: int, truncate: bool = False) -> bytes:
+    def _pace(self, resp: aiohttp.ClientResponse, attempt: _Attempt) -> Pace | None:
+        """The image body's own bound: its attempt's deadline moved to `body_limit` from now."""
+        if attempt.deadline is None:
+            return None
+        size = min(resp.content_length or self.opts.max_image_bytes, self.opts.max_image_bytes)
+        attempt.body_limit = body_limit(self.timeout, size, self.min_rate)
+        attempt.deadline.reschedule(self.loop.time() + attempt.body_limit)
+        return Pace(self.min_rate, self.timeout, self.loop.time())
+
+    async def _read(
+        self, resp: aiohttp.ClientResponse, limit: int, truncate: bool = False, pace: Pace | None = None
+    ) -> bytes:
         if resp.content_length is not None and resp.content_length > limit and not truncate:
             raise FetchError(
                 "too_large", f"Content-Length {resp.content_length} is over download.maxImageBytes ({limit})"
@@ -289,7 +316,10 @@ class Engine:
         chunks: list[bytes] = []
         size = 0
         probing = not truncate  # looking for the image's declared size in what has come so far
-        async for chunk in resp.content.iter_any():
+        while True:
+            chunk = await (self._paced(resp, pace) if pace else resp.content.readany())
+            if not chunk:
+                break
             size += len(chunk)
             if size > limit:
                 if truncate:
@@ -308,6 +338,21 @@ class Engine:
             if pixels is not None:
                 self._check_pixels(pixels)
         return body
+
+    async def _paced(self, resp: aiohttp.ClientResponse, pace: Pace) -> bytes:
+        """The next chunk, failing as `timeout` once the last window brought less than its due."""
+        try:
+            # The body's overall limit is the attempt's deadline: it cancels this read, and the
+            # attempt reports it.
+            chunk = await asyncio.wait_for(resp.content.readany(), max(pace.deadline - self.loop.time(), 0))
+        except asyncio.TimeoutError:
+            raise FetchError(
+                "timeout",
+                f"body slower than download.minBodyRate ({self.min_rate:g} B/s): under "
+                f"{pace.need:g} bytes in {pace.window:g} s, {pace.total} bytes so far",
+            ) from None
+        pace.add(self.loop.time(), len(chunk))
+        return chunk
 
     def _check_pixels(self, pixels: int) -> None:
         if pixels > self.opts.max_image_pixels:

@@ -14,11 +14,13 @@ FINAL = frozenset({"opt_out", "http_4xx", "bad_url", "blocked_address", "too_lar
 
 
 class FetchError(Exception):
-    """A URL that gave no image; `reason` is one of contract.FAILURE_REASONS."""
+    """A URL that gave no image; `reason` is one of contract.FAILURE_REASONS, and an `opt_out`'s
+    `rule` one of contract.OPT_OUT_RULES (which opt-out refused it)."""
 
-    def __init__(self, reason: str, message: str):
+    def __init__(self, reason: str, message: str, rule: str | None = None):
         super().__init__(message)
         self.reason = reason
+        self.rule = rule
 
 
 class BlockedAddress(Exception):
