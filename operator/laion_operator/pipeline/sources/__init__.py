@@ -2,7 +2,8 @@
 are behind `formats.base.Format`: `urls` (a URL list: metadata files the filter reads, each through
 its file format's `ListReader`: `parquet`, `delimited` (csv, tsv, txt), `jsonl`, `json_array`, the
 text ones over `text`'s decompressed streams) and the sources of samples (`base.SampleSource`, which
-the convert stage writes in the output format): `dataset` (a dataset on disk).
+the convert stage writes in the output format): `dataset` (a dataset on disk), `embedded` (parquet
+with the images inside).
 
 A new kind is one module here and one line in `SOURCES`; a new URL-list file format is one module
 here and one line in `urls.READERS`.
@@ -11,11 +12,11 @@ here and one line in `urls.READERS`.
 from __future__ import annotations
 
 from ...spec import PartSpec
-from . import dataset, urls
+from . import dataset, embedded, urls
 from .base import ListFile, ListReader, MetadataError, SampleSource, Source
 from .urls import open_list
 
-SOURCES: dict[str, Source] = {m.SOURCE.name: m.SOURCE for m in (urls, dataset)}
+SOURCES: dict[str, Source] = {m.SOURCE.name: m.SOURCE for m in (urls, dataset, embedded)}
 
 __all__ = [
     "SOURCES",
