@@ -302,6 +302,11 @@ FAILURE_REASONS = [
 ]
 
 
+# Which opt-out refused an `opt_out` sample, counted apart (ShardStats.opted_out_by): robots.txt, the
+# X-Robots-Tag header, TDMRep's `tdm-reservation` header and TDMRep's /.well-known/tdmrep.json.
+OPT_OUT_RULES = ["robots_txt", "x_robots_tag", "tdm_reservation", "tdmrep_json"]
+
+
 # Failures worth fetching again later (a heal's default): the server or the network, not the image.
 TRANSIENT_REASONS = [r for r in ("timeout", "dns", "connection", "http_5xx", "rate_limited") if r in FAILURE_REASONS]
 
@@ -432,7 +437,8 @@ class Verification:
 
 @dataclass
 class ShardStats:
-    """`<shard>_stats.json`: img2dataset's stats fields, plus failure reasons and bytes."""
+    """`<shard>_stats.json`: img2dataset's stats fields, plus failure reasons, the opt-out rules that
+    refused the `opt_out` ones (OPT_OUT_RULES), and bytes."""
 
     shard: int
     count: int = 0
@@ -440,6 +446,7 @@ class ShardStats:
     failed_to_download: int = 0
     failed_to_resize: int = 0
     failed_by_reason: dict[str, int] = field(default_factory=dict)
+    opted_out_by: dict[str, int] = field(default_factory=dict)
     bytes_written: int = 0
     start_time: float = 0.0
     end_time: float = 0.0
@@ -461,6 +468,7 @@ class ShardStats:
             "status_dict": {"success": self.successes, **self.failed_by_reason},
             "shard": self.shard,
             "failed_by_reason": self.failed_by_reason,
+            "opted_out_by": self.opted_out_by,
             "bytes_written": self.bytes_written,
         }
 
@@ -473,6 +481,7 @@ class ShardStats:
             failed_to_download=data["failed_to_download"],
             failed_to_resize=data["failed_to_resize"],
             failed_by_reason=dict(data.get("failed_by_reason", {})),
+            opted_out_by=dict(data.get("opted_out_by", {})),
             bytes_written=data.get("bytes_written", 0),
             start_time=data.get("start_time", 0.0),
             end_time=data.get("end_time", 0.0),

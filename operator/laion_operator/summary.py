@@ -39,6 +39,7 @@ class Written:
     failed_to_download: int = 0
     failed_to_resize: int = 0
     failed_by_reason: dict[str, int] = field(default_factory=dict)
+    opted_out_by: dict[str, int] = field(default_factory=dict)  # `opt_out` by rule (contract.OPT_OUT_RULES)
     success_rate: float = 0.0
     bytes_written: int = 0
     total_seconds: float = 0.0
@@ -49,7 +50,7 @@ class Written:
     SECTIONS = {
         "metadata": ("rows_read", "rows_kept", "dropped_by"),
         "shards": ("shards_total", "shards_done", "shards_failed"),
-        "images": ("attempted", "ok", "failed_to_download", "failed_to_resize", "failed_by_reason"),
+        "images": ("attempted", "ok", "failed_to_download", "failed_to_resize", "failed_by_reason", "opted_out_by"),
         "durations": ("total_seconds", "shard_seconds_sum"),
     }
 

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 from .. import contract
 from ..contract import Progress, ShardStats
 from ..spec import PartSpec
@@ -45,6 +47,7 @@ def written(spec: PartSpec, shards: list[ShardStats], progress: Progress) -> Wri
         failed_to_download=sum(s.failed_to_download for s in shards),
         failed_to_resize=sum(s.failed_to_resize for s in shards),
         failed_by_reason=dict(progress.failed_by_reason),
+        opted_out_by=dict(sum((Counter(s.opted_out_by) for s in shards), Counter())),
         success_rate=progress.success_rate,
         bytes_written=sum(s.bytes_written for s in shards),
         total_seconds=round((progress.finished_at or progress.updated_at) - progress.started_at, 3),

@@ -82,7 +82,7 @@ def download_shard(
             recorder.image(leading(index), rows[index].get("caption"), data)
         else:
             err = err or FetchError("other", "fetched without a body")
-            recorder.failed(leading(index), rows[index].get("caption"), str(err), err.reason)
+            recorder.failed(leading(index), rows[index].get("caption"), str(err), err.reason, err.rule)
 
     fetched = []
     for index in range(len(rows)):

@@ -94,6 +94,7 @@ class Recorder:
             opts, stats.shard, store.uri, save_caption, schema(leading, compute_hash)
         )
         self.reasons: Counter[str] = Counter()
+        self.opted_out: Counter[str] = Counter()  # `opt_out` by rule
         self._lock = threading.Lock()
         self._last_report = time.monotonic()
 
@@ -117,10 +118,13 @@ class Recorder:
                 meta[self.compute_hash] = getattr(hashlib, self.compute_hash)(data).hexdigest()
         self.write(image, caption, meta)
 
-    def failed(self, leading: dict, caption: str | None, message: str, reason: str) -> None:
-        """A sample whose image never arrived."""
+    def failed(self, leading: dict, caption: str | None, message: str, reason: str, rule: str | None = None) -> None:
+        """A sample whose image never arrived; `rule`: the opt-out that refused it (contract.OPT_OUT_RULES)."""
         meta = self.row(leading)
         meta.update(status="failed_to_download", error_message=message, failure_reason=reason)
+        if rule:
+            with self._lock:
+                self.opted_out[rule] += 1
         self.write(None, caption, meta)
 
     def write(self, image: bytes | None, caption: str | None, meta: dict) -> None:
@@ -135,6 +139,7 @@ class Recorder:
                 self.reasons[meta["failure_reason"] or "other"] += 1
             if self.report and time.monotonic() - self._last_report >= self.report_every:
                 self.stats.failed_by_reason = dict(self.reasons)
+                self.stats.opted_out_by = dict(self.opted_out)
                 self.report(self.stats)
                 self._last_report = time.monotonic()
 
@@ -144,6 +149,7 @@ class Recorder:
     def finish(self) -> ShardStats:
         """Close the writer, count what the shard wrote and mark it finished: its stats file goes last."""
         self.close()
+        self.stats.opted_out_by = dict(self.opted_out)
         return finish_shard(self.store, self.stats, self.reasons)
 
 
