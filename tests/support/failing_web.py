@@ -13,6 +13,10 @@ benchmarks ask for, and the outcome a client sees for any URL of it (`outcome_of
                                   `Retry-After: <after>` (`-`: no Retry-After), later ones /img/<spec>
     /bomb/<id>_<w>x<h>.<fmt>      a file of a few dozen bytes whose header declares w x h pixels
                                   (fmt jpg|png|gif|webp; sides up to 65535, WebP's up to 16384)
+    /steady/<rate>/<bytes>/<spec> the image padded with zeros to <bytes> (Content-Length says so), sent
+                                  slowly but steadily at <rate> bytes a second: a large image on a slow link
+    /tdm/<0|1>/<spec>             the image with `tdm-reservation: <0|1>` (TDMRep)
+    /xrobots/<value>/<spec>       the image with `X-Robots-Tag: <value>` (percent-decoded)
 
 Hosts that fail before HTTP: `refused_address()` names a loopback port nothing listens on, and
 `Silent` is a listening socket that never accepts or answers.
@@ -36,6 +40,7 @@ MAX_BIG_BYTES = 1 << 40
 MAX_HOPS = 50
 _BOMB_RE = re.compile(r"^([A-Za-z0-9-]+)_(\d{1,5})x(\d{1,5})\.(jpg|png|gif|webp)$")
 BOMB_MAX_SIDE = {"jpg": 65535, "png": 65535, "gif": 65535, "webp": 16384}
+DIRECTIVES = {"noai", "noimageai", "noml", "noindex", "noimageindex"}  # disallowedHeaderDirectives' default
 
 
 def route(path: str) -> Route:
@@ -61,6 +66,8 @@ def route(path: str) -> Route:
         if not 16 <= value <= MAX_BIG_BYTES:
             return Route("status", status=400)
         return Route(head, count=int(value))
+    if head in ("steady", "tdm", "xrobots"):
+        return _header_or_pace_route(head, rest)
     if head == "loop":
         return Route("loop")
     if head == "to":
@@ -87,6 +94,20 @@ def route(path: str) -> Route:
     return fakeweb.route(path)
 
 
+def _header_or_pace_route(head: str, rest: str) -> Route:
+    fields = rest.split("/")
+    inner = spec_route(head, fields[-1])
+    if inner.kind != head:
+        return inner
+    if head == "steady":  # seconds: the rate, in bytes a second; count: the body's bytes
+        if len(fields) != 3 or not fields[0].isdigit() or not fields[1].isdigit() or int(fields[0]) < 1:
+            return Route("status", status=400)
+        return inner._replace(seconds=float(fields[0]), count=min(int(fields[1]), MAX_BIG_BYTES))
+    if len(fields) != 2 or (head == "tdm" and fields[0] not in ("0", "1")):
+        return Route("status", status=400)
+    return inner._replace(target=unquote(fields[0]))
+
+
 def outcome_of(
     url: str,
     timeout: float = 10,
@@ -96,6 +117,7 @@ def outcome_of(
     max_image_bytes: int = 32 << 20,
     max_image_pixels: int = 89_478_485,
     retries: int = 0,
+    min_body_rate: float = 16384,
 ) -> str:
     """The outcome a client with these settings sees for `url` (the project's defaults where unset).
 
@@ -146,8 +168,14 @@ def outcome_of(
         return "connection"
     if r.kind == "slow" and r.seconds > timeout:
         return "timeout"
-    if r.kind == "noai":
+    if r.kind == "noai" or (r.kind == "tdm" and r.target == "1"):
         return "opt_out"
+    if r.kind == "xrobots":  # "<agent>: <directives>" speaks to that agent only (img2dataset: the default token)
+        agent, _, rules = r.target.rpartition(":")
+        if agent.strip() in ("", "img2dataset") and {d.strip() for d in rules.split(",")} & DIRECTIVES:
+            return "opt_out"
+    if r.kind == "steady" and (max(r.count, 0) > max_image_bytes or r.seconds < min_body_rate):
+        return "too_large" if r.count > max_image_bytes else "timeout"
     if r.kind in ("truncated", "garbage"):
         return "decode"
     w, h = r.spec.width, r.spec.height
@@ -240,6 +268,14 @@ class Handler(fakeweb.Handler):
                     app.sent(r.kind, len(chunk))
             self.close_connection = True
             return None
+        if r.kind in ("tdm", "xrobots"):
+            s = image_of(r)
+            header = "tdm-reservation" if r.kind == "tdm" else "X-Robots-Tag"
+            self._send(200, app.cache.get(s), CONTENT_TYPES[s.fmt], body, {header: r.target})
+            return None
+        if r.kind == "steady":
+            self._steady(r, body)
+            return None
         if r.kind == "drip":
             s = image_of(r)
             data = app.cache.get(s)
@@ -256,6 +292,22 @@ class Handler(fakeweb.Handler):
             self.close_connection = True
             return None
         return r
+
+    def _steady(self, r: Route, body: bool) -> None:
+        s = image_of(r)
+        data = self.server.app.cache.get(s)
+        data += bytes(max(r.count - len(data), 0))
+        self.send_response(200)
+        self.send_header("Content-Type", CONTENT_TYPES[s.fmt])
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        step = max(int(r.seconds / 10), 1)  # a tenth of a second's bytes at a time
+        for start in range(0, len(data) if body else 0, step):
+            self.wfile.write(data[start : start + step])
+            self.wfile.flush()
+            if self.server.app.stopping.wait(step / r.seconds):
+                break
+        self.close_connection = True
 
 
 class KeepAliveHandler(Handler):

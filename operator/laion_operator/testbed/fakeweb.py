@@ -14,7 +14,8 @@ rarer failures only the tests and the benchmarks ask for):
     /reset/<anything>             closes the connection without answering
     anything else                 404
 
-`ImageServer(robots=...)` serves a /robots.txt (or an error status for it), `tls=` serves https.
+`ImageServer(robots=...)` serves a /robots.txt (or an error status for it), `tdmrep=` a
+/.well-known/tdmrep.json (TDMRep's rules), `tls=` serves https; `agents` counts the User-Agents seen.
 `ImageServer(keep_alive=True)` speaks HTTP/1.1 with persistent connections (counted in
 `connections`), for clients that reuse them.
 """
@@ -256,13 +257,18 @@ class Handler(BaseHTTPRequestHandler):
     def _serve(self, body: bool):
         path = urlsplit(self.path).path
         app = self.server.app
-        if path == "/robots.txt" and app.robots is not None:
-            app.count("robots")
-            if isinstance(app.robots, int):
-                self._send(app.robots, b"error\n", "text/plain", body)
-            else:
-                self._send(200, app.robots.encode(), "text/plain", body)
-            return
+        app.count_agent(self.headers.get("User-Agent", ""))
+        for name, file, served, ctype in (
+            ("robots", "/robots.txt", app.robots, "text/plain"),
+            ("tdmrep", "/.well-known/tdmrep.json", app.tdmrep, "application/json"),
+        ):
+            if path == file and served is not None:
+                app.count(name)
+                if isinstance(served, int):
+                    self._send(served, b"error\n", "text/plain", body)
+                else:
+                    self._send(200, served.encode(), ctype, body)
+                return
         r = app.route(path)
         app.count(r.kind)
         if r.kind == "reset":
@@ -367,14 +373,18 @@ class ImageServer:
         keep_alive: bool = False,
         robots: str | int | None = None,
         tls: tuple[str, str] | None = None,
+        tdmrep: str | int | None = None,
     ):
         """robots: the /robots.txt to serve (an int: that status); None: /robots.txt is a 404 like any
-        unknown path. tls: (certificate file, key file) to serve https."""
+        unknown path; tdmrep: the same for /.well-known/tdmrep.json. tls: (certificate file, key file)
+        to serve https."""
         self.host = host
         self.port = port
         self.verbose = verbose
         self.keep_alive = keep_alive
         self.robots = robots
+        self.tdmrep = tdmrep
+        self.agents: Counter[str] = Counter()  # requests per User-Agent header
         self.tls = tls
         self.active = 0  # /slow/ requests waiting now
         self.peak_active = 0  # the most /slow/ requests waiting at once: what a client had in flight
@@ -393,6 +403,10 @@ class ImageServer:
     def count(self, kind: str):
         with self._hits_lock:
             self.hits[kind] += 1
+
+    def count_agent(self, agent: str):
+        with self._hits_lock:
+            self.agents[agent] += 1
 
     def begin(self):
         with self._hits_lock:

@@ -1,6 +1,7 @@
 """The per-URL engine: one aiohttp session of a shard task, what it knows of each host (answers, a dead
 host, Retry-After), attempts under their deadlines with the phase each one reached, redirects checked
-hop by hop, bodies read under the size and pixel caps, robots.txt once per host."""
+hop by hop, bodies read under the size and pixel caps and their pace, robots.txt and tdmrep.json once per
+host."""
 
 from __future__ import annotations
 
@@ -11,17 +12,19 @@ import sys
 import time
 from dataclasses import dataclass
 from typing import Any
-from urllib.robotparser import RobotFileParser
 
 import aiohttp
 from yarl import URL
 
+from ... import __version__
 from ...spec import Download
 from ..image_header import declared_pixels, header_size
-from .errors import FINAL, BlockedAddress, FetchError, RetryLater, classify, message_of
+from . import tdmrep
+from .errors import FINAL, FetchError, RetryLater, classify, message_of
 from .guard import AddressGuard, GuardedResolver, is_ip, make_resolver
 from .pace import Pace, body_limit
 from .robots import ROBOTS_MAX_BYTES, robots_parser, robots_tag_disallows
+from .tdmrep import TDMREP_MAX_BYTES, TDMREP_PATH, header_reserves
 
 SCHEMES = ("http", "https")
 REDIRECTS = (301, 302, 303, 307, 308)
@@ -33,7 +36,9 @@ if sys.version_info >= (3, 11):
 else:  # a dependency of aiohttp's there
     from async_timeout import timeout
 
-AGENT = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
+# Where a site's owner learns what the crawler is and how to opt out (img2dataset #296, #436, #459:
+# name yourself, impersonate no browser and no other crawler).
+PROJECT_URL = "https://laion-operator.io"
 
 
 @dataclass
@@ -113,14 +118,15 @@ class Engine:
         self.min_rate = float(opts.min_body_rate)
         self.token = opts.user_agent_token.strip().lower() if opts.user_agent_token else None
         self.directives = {d.strip().lower() for d in opts.disallowed_header_directives} or None
-        agent = AGENT
-        if self.token:
-            agent += f" (compatible; {self.token}; +https://github.com/rom1504/img2dataset)"
+        agent = opts.user_agent or f"laion-operator/{__version__} (+{PROJECT_URL}" + (
+            f"; compatible; {self.token})" if self.token else ")"
+        )
         # identity: the bytes the server stores are the bytes hashed and decoded, as with urllib.
         self.headers = {"User-Agent": agent, "Accept-Encoding": "identity"}
         self.guard = AddressGuard(opts.allowed_networks or ())
         self.hosts: dict[tuple[str, int], Host] = {}
         self._robots: dict[tuple, asyncio.Future] = {}
+        self._tdmrep: dict[tuple, asyncio.Future] = {}
         self.session: aiohttp.ClientSession | None = None
         self.resolver: GuardedResolver | None = None
 
@@ -184,6 +190,17 @@ class Engine:
         self.check_url(url)
         if self.opts.respect_robots_txt:
             await self._check_robots(url)
+        # The site's TDM rules come beside its first image rather than before it, hiding their latency.
+        tdm = self._site_file(self._tdmrep, url, TDMREP_PATH) if self.opts.respect_tdm_rep else None
+        if tdm is not None and tdm.done():
+            self._check_tdmrep(url, tdm.result())
+        body = await self._attempts(url, budget_end)
+        if tdm is not None:
+            self._check_tdmrep(url, await asyncio.shield(tdm))
+        return body
+
+    async def _attempts(self, url: URL, budget_end: float) -> bytes:
+        """1 + `retries` attempts and the waits rate limits ask for, within the URL's budget."""
         failures, rate_limits = 0, 0
         while True:
             host = self.host(url)
@@ -247,15 +264,16 @@ class Engine:
         """The least time worth starting an attempt with after waiting for a rate limit."""
         return min(self.timeout, 1.0)
 
-    async def _attempt(self, url: URL, attempt: _Attempt, robots: bool = False):
-        """One attempt: follow redirects, check every hop, read the body under the caps. For robots.txt,
-        (status, body) instead of raising for an HTTP status."""
+    async def _attempt(self, url: URL, attempt: _Attempt, site_file: int = 0):
+        """One attempt: follow redirects, check every hop, read the body under the caps. For a site's
+        file (robots.txt, tdmrep.json), (status, body) of at most `site_file` bytes instead of raising
+        for an HTTP status."""
         seen = {str(url)}
         hops = 0
         while True:
             self.check_url(url)
             host = self.host(url)
-            if host.dead and not robots:
+            if host.dead and not site_file:
                 raise FetchError("connection", f"{url.host}: host not answering (redirect target)")
             attempt.host, attempt.hop_started, attempt.phase = host, self.loop.time(), "queued"
             async with self.client.get(url, allow_redirects=False, trace_request_ctx=attempt) as resp:
@@ -276,10 +294,11 @@ class Engine:
                     await self._drain(resp)
                     url = target
                     continue
-                if robots:
+                if site_file:
                     if resp.status != 200:
+                        await self._drain(resp)
                         return resp.status, b""
-                    return resp.status, await self._read(resp, ROBOTS_MAX_BYTES, truncate=True)
+                    return resp.status, await self._read(resp, site_file, truncate=True)
                 if resp.status == 429 or (resp.status == 503 and "Retry-After" in resp.headers):
                     wait = retry_after(resp.headers.get("Retry-After"), self.loop.time())
                     if resp.status == 503 and wait is None:
@@ -294,7 +313,11 @@ class Engine:
                 if self.directives and robots_tag_disallows(
                     resp.headers.getall("X-Robots-Tag", ()), self.token or "", self.directives
                 ):
-                    raise FetchError("opt_out", "Use of image disallowed by X-Robots-Tag directive")
+                    raise FetchError(
+                        "opt_out", "Use of image disallowed by X-Robots-Tag directive", rule="x_robots_tag"
+                    )
+                if self.opts.respect_tdm_rep and header_reserves(resp.headers):
+                    raise FetchError("opt_out", "TDM rights reserved (tdm-reservation: 1)", rule="tdm_reservation")
                 return await self._read(resp, self.opts.max_image_bytes, pace=self._pace(resp, attempt))
 
     def _pace(self, resp: aiohttp.ClientResponse, attempt: _Attempt) -> Pace | None:
@@ -370,22 +393,36 @@ class Engine:
             except aiohttp.ClientError:
                 pass
 
-    async def _check_robots(self, url: URL) -> None:
+    def _site_file(self, cache: dict[tuple, asyncio.Future], url: URL, path: str) -> asyncio.Future:
+        """The parsed file at `path` on `url`'s site, fetched once per task (the first URL starts it)."""
         key = (url.scheme, url.host, url.port)
-        future = self._robots.get(key)
+        future = cache.get(key)
         if future is None:
-            future = self._robots[key] = asyncio.ensure_future(self._robots_txt(url))
-        parser = await asyncio.shield(future)
-        if parser is not None and not parser.can_fetch(self.token or "*", str(url)):
-            raise FetchError("opt_out", f"disallowed by {url.origin()}/robots.txt")
+            future = cache[key] = asyncio.ensure_future(self._fetch_site_file(url.origin().with_path(path)))
+        return future
 
-    async def _robots_txt(self, url: URL) -> RobotFileParser | None:
-        """The host's robots.txt, under its own deadline (`timeout`): None allows everything.
-        As RFC 9309 says: 4xx allows everything, 5xx disallows everything. A robots.txt that cannot be
-        fetched at all allows everything: the image's own fetch then fails with its own reason."""
-        robots_url = url.origin().with_path("/robots.txt")
+    async def _fetch_site_file(self, file_url: URL):
+        """robots.txt's rules (RobotFileParser) or tdmrep.json's (tdmrep.Rules), under their own deadline
+        (`timeout`) and size; None allows everything. A file that cannot be fetched at all allows
+        everything: the image's own fetch then fails with its own reason."""
+        robots = file_url.path == "/robots.txt"
+        limit = ROBOTS_MAX_BYTES if robots else TDMREP_MAX_BYTES
         try:
-            status, body = await asyncio.wait_for(self._attempt(robots_url, _Attempt(), robots=True), self.timeout)
-        except (FetchError, asyncio.TimeoutError, aiohttp.ClientError, OSError, BlockedAddress):
+            status, body = await asyncio.wait_for(self._attempt(file_url, _Attempt(), site_file=limit), self.timeout)
+        except Exception:  # noqa: BLE001 - whatever failed, the file said nothing; the image's fetch tells
             return None
-        return robots_parser(str(robots_url), status, body)
+        return robots_parser(str(file_url), status, body) if robots else tdmrep.parse(status, body)
+
+    async def _check_robots(self, url: URL) -> None:
+        parser = await asyncio.shield(self._site_file(self._robots, url, "/robots.txt"))
+        if parser is not None and not parser.can_fetch(self.token or "*", str(url)):
+            raise FetchError("opt_out", f"disallowed by {url.origin()}/robots.txt", rule="robots_txt")
+
+    def _check_tdmrep(self, url: URL, rules: tdmrep.Rules | None) -> None:
+        rule = rules.reserving(url.raw_path_qs) if rules is not None else None
+        if rule is not None:
+            raise FetchError(
+                "opt_out",
+                f"TDM rights reserved by {url.origin()}{TDMREP_PATH} (location {rule.location!r})",
+                rule="tdmrep_json",
+            )
