@@ -17,7 +17,10 @@ sha256, timeout 10 s, no retries, the same shards):
 - the project at its defaults (`laion-operator run` on a local Ray; `download.allowedNetworks:
   [127.0.0.0/8]` as the test bed is loopback);
 - the project on the same images with no latency, no bandwidth limit and no failures (`/calm/`):
-  the CPU-bound ceiling the latency should be hidden under.
+  the CPU-bound ceiling the latency should be hidden under;
+- Daft (`bench.daft_side`: `download()`, `decode_image`, a keep_ratio resize, JPEG 95, parquet) at the
+  `max_connections` of its sweep, its best by median taken per profile. It has no download stage of its
+  own to time apart (one streaming query), so it is compared on the whole command.
 
 `tune` sweeps download.maxPerHost on the tuning seed, which is not the reporting seed: the defaults
 are chosen on one and reported on the other.
@@ -38,7 +41,7 @@ from collections import Counter
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from . import common, download_bench, internet_profiles
+from . import common, daft_side, download_bench, internet_profiles
 
 SEEDS_THREADS = 64
 SWEEP = (64, 512)
@@ -60,6 +63,22 @@ def img2dataset_cmd(meta: Path, out: Path, shard: int, threads: int, retries: in
     cmd[cmd.index("--timeout") + 1] = str(TIMEOUT)
     cmd[cmd.index("--retries") + 1] = str(retries)
     return cmd
+
+
+def daft_cmd(meta: Path, out: Path, shard: int, connections: int) -> list[str]:
+    return [
+        common.PYTHON,
+        daft_side.__file__,  # a script of its own: the command runs in the profile's work folder
+        str(meta),
+        str(out),
+        str(shard),
+        "--connections",
+        str(connections),
+        "--size",
+        str(download_bench.IMAGE_SIZE),
+        "--timeout",
+        str(TIMEOUT),
+    ]
 
 
 def project_cmd(meta: Path, out: Path, shard: int, overrides: dict | None = None) -> list[str]:
@@ -261,6 +280,8 @@ def run_profile(
                 for t in sweep:
                     sides[f"img2dataset-{t}"] = ("img2dataset", t, meta, 0)
                 sides["img2dataset-retries1"] = ("img2dataset", None, meta, 1)  # threads: the first round's best
+                for c in daft_side.SWEEP:
+                    sides[f"daft-{c}"] = ("daft", c, meta, 0)
             runs: dict[str, list[dict]] = {s: [] for s in sides}
             retry_threads = None
             for attempt in range(repeats):
@@ -272,24 +293,30 @@ def run_profile(
                     out = work / side
                     shutil.rmtree(out, ignore_errors=True)
                     count = n if source == meta else len(ok_urls)
-                    cmd = (
-                        img2dataset_cmd(source, out, shard, setting, retries)
-                        if tool == "img2dataset"
-                        else project_cmd(source, out, shard, setting)
-                    )
+                    if tool == "img2dataset":
+                        cmd = img2dataset_cmd(source, out, shard, setting, retries)
+                    elif tool == "daft":
+                        cmd = daft_cmd(source, out, shard, setting)
+                    else:
+                        cmd = project_cmd(source, out, shard, setting)
                     server.stats()  # a new count
                     cpu_before = server.cpu()
                     wall = time.time()
                     r = common.run([*prefix, *cmd], cwd=work, env=common.env(**env), groups=groups_of(tool))
                     served = server.stats()
                     server_cpu = server.cpu() - cpu_before
-                    stage, attempted, ok = download_bench.stage(out)
+                    outcome = outcomes(out, tool == "project")
+                    if tool == "daft":  # one streaming query: the whole command is its only span
+                        stage, attempted, ok = r.seconds, len(outcome), sum(v == "ok" for v in outcome.values())
+                    else:
+                        stage, attempted, ok = download_bench.stage(out)
                     # The shards' stats are stamped with the wall clock; a stage that does not fit inside
                     # the command means that clock stepped (a VM paused or resynced) and its span is void.
-                    stepped = not (wall - 1 <= download_bench.stage_start(out) and stage <= r.seconds + 1)
+                    stepped = tool != "daft" and not (
+                        wall - 1 <= download_bench.stage_start(out) and stage <= r.seconds + 1
+                    )
                     if stepped:
                         print(f"[internet] {side}: the wall clock stepped; its stage is left out", file=sys.stderr)
-                    outcome = outcomes(out, tool == "project")
                     record = dict(
                         run=r,
                         seconds=r.seconds,
@@ -306,6 +333,7 @@ def run_profile(
                         outcomes=outcome,
                         count=count,
                         threads=setting if tool == "img2dataset" else None,
+                        stage_apart=tool != "daft",
                         load=common.load().split()[0],
                     )
                     runs[side].append(record)

@@ -57,7 +57,8 @@ def explain(kind: str, project: str, other: str) -> str:
 
 def summary(runs: list[dict]) -> dict:
     med = statistics.median
-    timed = [r for r in runs if r["stage"] is not None]  # a run whose wall clock stepped has no stage
+    # a run whose wall clock stepped has no stage, nor a side that has none apart from its command
+    timed = [r for r in runs if r["stage"] is not None and r.get("stage_apart", True)]
     stages = [r["stage"] for r in timed] or [math.nan]
     stage_rates = [r["stage_rate"] for r in timed] or [math.nan]
     return dict(
@@ -88,7 +89,9 @@ def analyse(result: dict) -> dict:
     s = {side: summary(runs) for side, runs in result["runs"].items() if runs}
     sweep = [k for k in s if k.startswith("img2dataset-") and k != "img2dataset-retries1"]
     best = max(sweep, key=lambda k: s[k]["rate"]) if sweep else None
-    return dict(s=s, sweep=sweep, best=best)
+    daft = [k for k in s if k.startswith("daft-")]
+    daft_best = max(daft, key=lambda k: s[k]["rate"]) if daft else None
+    return dict(s=s, sweep=sweep, best=best, daft_best=daft_best)
 
 
 def _label(side: str, result: dict, a: dict) -> str:
@@ -101,6 +104,9 @@ def _label(side: str, result: dict, a: dict) -> str:
         return "project, zero latency (/calm/, the same images)"
     if side == "img2dataset-retries1":
         return f"img2dataset, {cores} × {result['retry_threads']} threads, --retries 1"
+    if side.startswith("daft-"):
+        mark = " (best)" if side == a.get("daft_best") else ""
+        return f"Daft, native runner, max_connections {side.rsplit('-', 1)[1]}{mark}"
     if side.startswith("project-max"):
         knob, value = side.removeprefix("project-").rsplit("-", 1)
         return f"project, {knob} {value}"
@@ -110,6 +116,8 @@ def _label(side: str, result: dict, a: dict) -> str:
 
 
 def _spread(x: dict, stage: bool = False) -> str:
+    if stage and not x["stage_runs"]:
+        return "-"
     key = "stage_" if stage else ""
     rate, lo, hi = x[key + "rate"], x[key + "lo"], x[key + "hi"]
     text = f"{rate:,.1f} ({lo:,.1f}–{hi:,.1f})" if x["count"] > 1 else f"{rate:,.1f}"
@@ -123,12 +131,15 @@ def side_table(result: dict, a: dict) -> str:
     ref = s[best] if best else None
     rows = []
     for side, x in s.items():
-        vs = f"{x['rate'] / ref['rate']:.2f}× / {x['stage_rate'] / ref['stage_rate']:.2f}×" if ref else "-"
+        apart = x["stage_runs"] > 0
+        vs = f"{x['rate'] / ref['rate']:.2f}×" if ref else "-"
+        if ref and apart:
+            vs += f" / {x['stage_rate'] / ref['stage_rate']:.2f}×"
         rows.append(
             [
                 _label(side, result, a),
                 f"{x['seconds']:.1f} s",
-                f"{x['stage']:.1f} s",
+                f"{x['stage']:.1f} s" if apart else "-",
                 f"{x['ok']:,.0f} of {x['attempted']:,}",
                 _spread(x),
                 _spread(x, stage=True),
@@ -271,7 +282,7 @@ def paired(result: dict, side: str, ref: str) -> float:
 
 def goals(results: list[dict]) -> list[str]:
     """The issue's goals, each over every profile: met only if met in all."""
-    rows = {"best": [], "strag": [], "zero": [], "held": [], "mem": []}
+    rows: dict[str, list[str]] = {"best": [], "daft": [], "strag": [], "zero": [], "held": [], "mem": []}
     ok = {k: True for k in rows}
     for result in results:
         a = result.get("analysis") or analyse(result)
@@ -285,6 +296,10 @@ def goals(results: list[dict]) -> list[str]:
             f"paired by round {paired(result, 'project', a['best']):.2f}×)"
         )
         ok["best"] &= ratio >= 1.0
+        if a.get("daft_best"):
+            to_daft = proj["rate"] / s[a["daft_best"]]["rate"]
+            rows["daft"].append(f"{name} {to_daft:.2f}× ({a['daft_best']})")
+            ok["daft"] &= to_daft >= 1.0
         if result["profile"].stragglers:
             rows["strag"].append(f"{name} {ratio:.2f}×")
             ok["strag"] &= ratio >= 1.5
@@ -306,6 +321,7 @@ def goals(results: list[dict]) -> list[str]:
             )
     text = {
         "best": "internet: the project ≥ img2dataset's best thread count in every profile (whole command, medians)",
+        "daft": "internet: the project ≥ Daft's best max_connections in every profile (whole command, medians)",
         "strag": "internet: ≥ 1.5× img2dataset's best where stragglers or many hosts are in play (whole command)",
         "zero": "internet: ≥ 85 % of the project's own zero-latency rate in every profile (whole command)",
         "held": f"internet: no URL held past its deadline + 1 s ({TIMEOUT + 1} s, no retries), worst of the runs",
