@@ -108,7 +108,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     p.add_argument(
         "--only",
-        choices=["filter", "download", "internet", "operator", "latents", "soak"],
+        choices=["filter", "download", "internet", "archives", "operator", "latents", "soak"],
         help="run one benchmark only (soak, 200 parts through the operator, runs only when asked)",
     )
     p.add_argument("--soak-parts", type=int, default=200, help="LaionParts in the soak (default 200)")
@@ -154,6 +154,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
         help="runs per filter engine (best kept) and per internet side (in turns, median kept) (default 3)",
     )
     p.add_argument("--download-repeats", type=int, default=3, help="runs per download side (default 3)")
+    p.add_argument("--archives-rounds", type=int, default=3, help="runs per archives side, in turns (default 3)")
     p.add_argument(
         "--quick",
         action="store_true",
@@ -173,6 +174,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.filter_rows, args.images, args.repeats, args.download_repeats = 200_000, 300, 1, 1
+        args.archives_rounds = 1
         args.internet_urls, args.internet_sweep, args.per_host_sweep, args.in_flight_sweep = 300, "128", "8,16", "128"
         args.latents_images, args.latents_repeats = 64, 1
     return args
@@ -185,8 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("MAKELEVEL"):
         command = f"make bench ({command})"
     os.environ.update(common.QUIET_ENV)
-    # latents compares against plain torch, internet against img2dataset (a project dependency), soak nothing
-    if args.only not in ("latents", "soak", "internet"):
+    # latents compares against plain torch, internet against img2dataset, archives against micro_diffusion's
+    # scripts written out in the bench (torchvision, streaming): all project dependencies; soak nothing
+    if args.only not in ("latents", "soak", "internet", "archives"):
         ensure_python_tools()
     if args.only in (None, "filter"):
         ensure_java()
@@ -225,6 +228,12 @@ def main(argv: list[str] | None = None) -> int:
                 tuple(int(t) for t in args.internet_sweep.split(",") if t),
             )
             sections.append(("Download on the internet on loopback", report))
+        goals += g
+    if args.only in (None, "archives"):
+        from . import archives_bench
+
+        report, g = archives_bench.bench(args.archives_rounds)
+        sections.append(("Archives against micro_diffusion's download, extract, convert", report))
         goals += g
     if args.only in (None, "operator"):
         from . import operator_bench
