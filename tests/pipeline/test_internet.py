@@ -121,3 +121,35 @@ def test_drip_busy_and_oversized(server):
     # held from the request to the drip's end: interval × bytes, within the test's bounds
     assert CFG.drip_seconds - 0.3 <= dict(stats["held_worst"])[drip] <= CFG.drip_seconds + 2
     assert stats["responses"]["429"] == len(limited)
+
+
+def test_heavy_tail_images_are_kept_past_the_timeout_and_held_within_their_bound():
+    """The heavy-tail profile's slow-but-steady images, small: 150-300 kB at 100-200 kB/s is up to 3 s
+    of body against a 1 s timeout. The project's engine keeps every one (a whole-request deadline lost
+    them), as expected_reason says, and the server saw none held past timeout + body_limit."""
+    from laion_operator.pipeline.fetch.pace import body_limit
+    from tests.pipeline.test_fetch import fetch_each
+
+    cfg = Config(
+        seed=9,
+        hosts=3,
+        refused_hosts=1,
+        silent_hosts=1,
+        latency_median=0.05,
+        latency_p99=0.2,
+        heavy_min_bytes=150_000,
+        heavy_max_bytes=300_000,
+        heavy_min_rate=100_000,
+        heavy_max_rate=200_000,
+    )
+    with InternetServer(cfg) as server:
+        url_list = internet.urls(cfg, 8, SPECS, server.port, mix={"heavy": 1.0})
+        results = fetch_each(url_list, timeout=1)
+        held = server.snapshot()["held_worst"]
+    body = {u: internet.heavy_plan(cfg, urlsplit(u).hostname, urlsplit(u).path) for u in url_list}
+    assert any(size / rate > 1.2 for size, rate in body.values())  # bodies longer than the timeout
+    assert [r.reason for r in results] == ["ok"] * len(url_list)
+    assert [internet.expected_reason(cfg, server.hosts, u, 1) for u in url_list] == ["ok"] * len(url_list)
+    assert [len(r.data) for r in results] == [size for size, _ in body.values()]  # the padding too
+    for url, seconds in held:
+        assert seconds < 1 + body_limit(1, 300_000, 16384), (url, seconds)

@@ -15,25 +15,34 @@ What happens to one URL, and the failure reason (contract.FAILURE_REASONS) each 
 - a host marked dead — several connections in a row refused or unanswered, none answered since —
   fails at once (`connection`), for the rest of the shard;
 - with `respectRobotsTxt`, the host's robots.txt, fetched once per task under its own deadline
-  (`opt_out`);
-- attempts, 1 + `retries`: each is bounded as a whole — DNS, connect, TLS, headers, redirects and body —
-  by `timeout` (`timeout`; `dns` if the deadline passes while resolving). 429, and 503 with a
-  Retry-After, wait and try again for as long as the URL's budget (its attempts' deadlines) lasts,
-  and this host's other URLs wait too (`rate_limited` once the budget is spent);
+  (`opt_out`, rule robots_txt);
+- attempts, 1 + `retries`: each is bounded to its response's headers — DNS, connect, TLS, redirects and
+  headers — by `timeout` (`timeout`; `dns` if the deadline passes while resolving), and its body by
+  its pace (`pace`): `minBodyRate` × `timeout` bytes in every `timeout` seconds, and at most
+  timeout + size / minBodyRate, size being its Content-Length or `maxImageBytes` (`timeout`). 429, and
+  503 with a Retry-After, wait and try again for as long as the URL's budget ((retries + 1) × timeout)
+  lasts, and this host's other URLs wait too (`rate_limited` once the budget is spent);
 - on every hop: the address connected to, after DNS, must be public unless `allowedNetworks` opens it
   (`blocked_address`); redirects are followed here, at most `maxRedirects` and never in a loop
-  (`redirect`); X-Robots-Tag (`opt_out`); `maxImageBytes` by Content-Length before reading and while
-  reading, and the pixels the image's header declares against `maxImagePixels` (`too_large`).
+  (`redirect`); `maxImageBytes` by Content-Length before reading and while reading, and the pixels the
+  image's header declares against `maxImagePixels` (`too_large`);
+- the opt-outs (`opt_out`, each with the rule that refused the image, contract.OPT_OUT_RULES):
+  X-Robots-Tag's `disallowedHeaderDirectives` (x_robots_tag); with `respectTdmRep`, a
+  `tdm-reservation: 1` header (tdm_reservation) and the host's /.well-known/tdmrep.json, fetched once
+  per task beside the host's first image under `timeout` and 64 KiB (tdmrep_json).
 
-So a URL holds its slot for at most its attempts' deadlines plus backoff, and with robots.txt on, plus
-that file's deadline once per host.
+So a URL holds its slot for at most, per attempt, timeout + timeout + size / minBodyRate, plus the
+rate limits' waits within its budget; with robots.txt on, plus that file's deadline once per host,
+and tdmrep.json's likewise (it runs beside the image, so only an image quicker than it waits for it).
 
 By layer, as aiohttp splits its client:
 
     errors  FetchError and its reason; BlockedAddress; `classify`, an exception's failure reason
     guard   the address guard and the caching resolver it sits behind
     robots  X-Robots-Tag and robots.txt
-    engine  one URL: host state, attempts, redirects, the caps (`Engine`)
+    tdmrep  TDMRep: the tdm-reservation header and tdmrep.json's rules
+    pace    how long a body may take (`Pace`, `body_limit`)
+    engine  one URL: host state, attempts, redirects, the caps, the opt-outs (`Engine`)
     shard   a shard's URLs: the per-host scheduler, the decode backlog, `run`
 
 The image headers the caps read are `pipeline.image_header`'s, which the resizer reads too.
