@@ -122,6 +122,9 @@ def embeddings_file(kind: str, shard: int) -> str:
     return f"{EMBEDDINGS_DIR}/{kind}/{kind}_{shard_name(shard)}.{EMBEDDING_FILES[kind]}"
 
 
+EMBEDDINGS_DUPLICATES = f"{EMBEDDINGS_DIR}/duplicates.parquet"  # embeddings.dedup's (pipeline/dedup.py)
+
+
 def embeddings_stats(shard: int) -> str:  # present only once the shard's three files are complete
     return f"{EMBEDDINGS_DIR}/{shard_name(shard)}_stats.json"
 
@@ -216,9 +219,9 @@ def fingerprint(spec: _Spec) -> str:
     """What decides the shards' content; a resumed run into the same output must see the same value."""
     data = spec.to_dict()
     key = {k: data.get(k) for k in ("source", "columns", "filter")}
-    if "archives" in key["source"]:
+    if "archives" in data["source"]:
         # Archives are known by name: a fresh link file for expired ones resumes the same output.
-        archives = key["source"]["archives"]
+        archives = data["source"]["archives"]
         key["source"] = {"archives": {k: v for k, v in archives.items() if k not in ARCHIVE_LOCATIONS}}
     key["additional"] = data["download"]["saveAdditionalColumns"]
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -356,7 +359,7 @@ class Progress:
     latents_written: int = 0
     latents_skipped: int = 0
     latents_per_second: float = 0.0
-    # The embeddings stage's counts, as the status shows them (pipeline/stages/embeddings.py's StageCounts)
+    # The embeddings stage's counts, as the status shows them (pipeline/stages/encoding.py: Counts.status)
     embeddings: dict = field(default_factory=dict)
 
     def count_images(self, finished: Sequence["ShardStats"], running: Sequence["ShardStats"] = ()) -> None:

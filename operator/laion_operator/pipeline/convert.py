@@ -24,17 +24,20 @@ ConvertError for a sample without an image, a JSONL line without its fields, a m
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Callable
 
 import pyarrow as pa
+from PIL import Image
 
 from ..contract import MANIFEST, ShardStats, fingerprint, sample_key
 from ..spec import PartSpec
 from ..storage import Store
 from .formats import ConvertError
+from .image_header import header_size
 from .record import KEY, Recorder, clear_shard
-from .sources import samples_of
+from .sources import Refused, samples_of
 
 # The leading columns of every sample's metadata row (the shard's `.parquet`), whatever the input's
 # own json held; record.OUTCOME follows them.
@@ -63,6 +66,24 @@ def plan(spec: PartSpec, store: Store) -> dict:
 # --- writing one output shard ------------------------------------------------------------------
 
 
+def below_minimum(spec: PartSpec, image: bytes) -> str | None:
+    """filter.minWidth/minHeight against the image's real size, read from its header: a source of
+    samples has no size columns for the filter to read first."""
+    least = (spec.filter.min_width or 0, spec.filter.min_height or 0)
+    if least == (0, 0):
+        return None
+    size = header_size(image)
+    if size is None:
+        try:  # other formats: Pillow's lazy open reads the header only
+            with Image.open(io.BytesIO(image)) as img:
+                size = img.size
+        except Exception:  # noqa: BLE001 - not an image: the resizer counts it as decode
+            return None
+    if size[0] < least[0] or size[1] < least[1]:
+        return f"{size[0]}x{size[1]}, under filter.minWidth x minHeight ({least[0]}x{least[1]})"
+    return None
+
+
 def convert_shard(
     spec: PartSpec, shard: int, report: Callable[[ShardStats], None] | None = None, report_every: float = 2.0
 ) -> ShardStats:
@@ -87,6 +108,13 @@ def convert_shard(
                 "source_file": sample.file,
                 "source_key": sample.key,
             }
+            if isinstance(image, Refused):
+                recorder.failed(leading, sample.caption, image.message, image.reason)
+                continue
+            small = below_minimum(spec, image)
+            if small:
+                recorder.failed(leading, sample.caption, f"{sample.file}: sample {sample.key}: {small}", "too_small")
+                continue
             recorder.image(leading, sample.caption, image, where=f"{sample.file}: sample {sample.key}: ")
     except BaseException:
         recorder.close()

@@ -10,7 +10,9 @@ import ssl
 import aiohttp
 
 # Never retried: another attempt gets the same answer.
-FINAL = frozenset({"opt_out", "http_4xx", "bad_url", "blocked_address", "too_large", "redirect", "rate_limited"})
+FINAL = frozenset(
+    {"opt_out", "http_4xx", "bad_url", "blocked_address", "too_large", "redirect", "rate_limited", "expired"}
+)
 
 
 class FetchError(Exception):

@@ -16,7 +16,7 @@ from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import pyarrow as pa
 
@@ -29,6 +29,14 @@ T = TypeVar("T")
 
 class MetadataError(InputError):
     """A metadata file cannot be read as LAION metadata; the message names the file."""
+
+
+class Refused(NamedTuple):
+    """A sample a source read but cannot give an image for (no caption, a member that is not an image):
+    counted under `reason` (contract.FAILURE_REASONS), its message naming the input and the member."""
+
+    reason: str
+    message: str
 
 
 class Source(ABC):
@@ -58,9 +66,9 @@ class SampleSource(Source):
         """The input shards, in order: JSON objects kept in the manifest."""
 
     @abstractmethod
-    def read_input(self, spec: PartSpec, entry: dict) -> Iterator[tuple[Sample, bytes]]:
-        """The samples of one input shard, each with its image's bytes; an input that cannot be read
-        raises an InputError naming the input and the member."""
+    def read_input(self, spec: PartSpec, entry: dict) -> Iterator[tuple[Sample, bytes | Refused]]:
+        """The samples of one input shard, each with its image's bytes (or why it has none); an input
+        that cannot be read raises an InputError naming the input and the member."""
 
     def plan_line(self, spec: PartSpec, inputs: list[dict]) -> str:
         """What `laion-operator plan` prints of the inputs."""

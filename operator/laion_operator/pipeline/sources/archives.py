@@ -1,0 +1,232 @@
+"""Archives of images (`source.archives`): tar and zip files listed by URL, by a numbered pattern or by
+a link file (SA-1B's `file_name<TAB>url`), each archive one input shard, its images captioned from a
+sidecar member or an annotations file (sources/annotation_files.py), read member by member
+(sources/archive_files.py).
+
+An archive is known by its file name, never its URL: the manifest lists names, and each shard looks
+its URL up in the spec it runs with, so a part whose signed links expired (reason `expired`) is given
+a new link file and its re-run fetches only the archives without a finished shard.
+`filter.sampleFraction` picks whole archives (the same ones for the same seed); what became of each
+image is counted in its shard's stats: `no_caption` for an image no caption names, `decode` for a
+member that is not an image, `too_large` for one over download.maxImageBytes.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from collections.abc import Iterator
+
+from ...spec import Archives, PartSpec
+from ..fetch.errors import FetchError
+from ..fetch.stream import shown
+from ..formats import Sample
+from ..formats.base import CAPTION_FILES, IMAGE_FILES
+from . import annotation_files
+from .archive_files import Archive, ArchiveError, Member, fetch_failed, is_archive, open_raw
+from .base import Refused, SampleSource
+
+HEADERS_ENV = "ARCHIVE_HEADERS"  # the headersSecret's key, as the job's environment holds it
+FIELD = "spec.source.archives"
+MAX_LINK_FILE = 256 << 20
+
+
+class ArchiveSource(SampleSource):
+    name = "archives"
+
+    def selected(self, spec: PartSpec) -> bool:
+        return spec.archives is not None
+
+    def describe(self, spec: PartSpec) -> str:
+        where = _archives(spec)
+        first = where.links or where.pattern or (where.urls or ("",))[0]
+        return f"archives from {shown(first)}"
+
+    def list_inputs(self, spec: PartSpec) -> list[dict]:
+        names = list(locations(_archives(spec), spec))
+        fraction, seed = spec.filter.sample_fraction, spec.filter.seed
+        return [{"archive": name} for name in names if picked(name, fraction, seed)]
+
+    def read_input(self, spec: PartSpec, entry: dict) -> Iterator[tuple[Sample, bytes | Refused]]:
+        return read_archive(spec, entry["archive"])
+
+
+SOURCE = ArchiveSource()
+
+
+def _archives(spec: PartSpec) -> Archives:
+    if spec.archives is None:
+        raise ArchiveError(f"{FIELD}: required field is missing")
+    return spec.archives
+
+
+def picked(name: str, fraction: float, seed: int) -> bool:
+    """Whether sampleFraction keeps the archive: a hash of seed and name, so the same seed keeps the
+    same archives whatever their order or URLs."""
+    if fraction >= 1:
+        return True
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def headers() -> dict[str, str]:
+    """The headersSecret's headers, from the job's environment (never from the spec)."""
+    found = {}
+    for line in os.environ.get(HEADERS_ENV, "").splitlines():
+        name, sep, value = line.partition(":")
+        if sep and name.strip():
+            found[name.strip()] = value.strip()
+    return found
+
+
+def locations(archives: Archives, spec: PartSpec) -> dict[str, str]:
+    """Each archive's URL by its name, in order."""
+    return dict(_locations(archives, spec.download))
+
+
+@functools.lru_cache(maxsize=2)
+def _locations(archives: Archives, opts) -> tuple[tuple[str, str], ...]:
+    if archives.links:
+        pairs = _links(archives, opts)
+    elif archives.pattern:
+        numbers = range(archives.first or 0, (archives.last or 0) + 1)
+        urls = [archives.pattern.replace("{part}", f"{n:0{archives.digits}d}") for n in numbers]
+        pairs = [(u.rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0], u) for u in urls]
+    else:
+        pairs = [(u.rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0], u) for u in archives.urls or ()]
+    seen: dict[str, str] = {}
+    for name, url in pairs:
+        if not is_archive(name):
+            raise ArchiveError(f"{FIELD}: {shown(url)}: {name!r} is not a .tar, .tar.gz, .tgz or .zip name")
+        if name in seen:
+            raise ArchiveError(f"{FIELD}: two archives named {name} ({shown(seen[name])}, {shown(url)})")
+        seen[name] = url
+    return tuple(seen.items())
+
+
+def _links(archives: Archives, opts) -> list[tuple[str, str]]:
+    """A link file's (name, url) lines; a first line whose second field is no URL is its header."""
+    where = f"{FIELD}.links"
+    try:
+        with open_raw(archives.links or "", opts, MAX_LINK_FILE, headers(), where) as f:
+            text = f.read().decode("utf-8")
+    except FetchError as err:
+        raise fetch_failed(where, err) from None
+    except UnicodeDecodeError as err:
+        raise ArchiveError(f"{where}: {shown(archives.links or '')}: not UTF-8 text: {err}") from None
+    pairs = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) != 2 or not fields[0].strip() or not fields[1].strip():
+            raise ArchiveError(f"{where} line {number}: expected file_name<TAB>url, got {line[:80]!r}")
+        name, url = fields[0].strip(), fields[1].strip()
+        if number == 1 and "://" not in url and not url.startswith("/"):
+            continue  # the header (SA-1B's file_name, cdn_link)
+        pairs.append((name, url))
+    if not pairs:
+        raise ArchiveError(f"{where}: no archives in {shown(archives.links or '')}")
+    return pairs
+
+
+# --- reading one archive -----------------------------------------------------------------------
+
+
+def read_archive(spec: PartSpec, name: str) -> Iterator[tuple[Sample, bytes | Refused]]:
+    archives = _archives(spec)
+    url = locations(archives, spec).get(name)
+    if url is None:
+        raise ArchiveError(
+            f"{FIELD}: archive {name}, listed by this output's manifest, is no longer in the spec's archives"
+        )
+    captions = archives.captions
+    where, member = annotation_files.split(captions.annotations or "")
+    sent = headers()
+    shared = None
+    if captions.annotations and where:
+        shared = annotation_files.shared(captions, spec.download, archives.max_archive_bytes, tuple(sorted(sent.items())))
+    limit = spec.download.max_image_bytes
+    with Archive(name, url, spec.download, archives.max_archive_bytes, limit, sent) as archive:
+        own = None
+        if captions.annotations and not where:
+            inside = (member or "").replace("{stem}", _stem(name))
+            own = annotation_files.index(captions, archive.member(inside), f"{name}#{inside}")
+            skip = {inside}
+        else:
+            skip = set()
+        by_key = shared if shared is not None else own
+        for group in _grouped(m for m in archive.members() if m.name not in skip):
+            yield _sample(name, group, captions, by_key, limit)
+
+
+def _stem(name: str) -> str:
+    for suffix in (".tar.gz", ".tar.bz2", ".tar.xz"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name.rsplit(".", 1)[0]
+
+
+def _grouped(members: Iterator[Member]) -> Iterator[list[Member]]:
+    """Consecutive members of one key (the path up to the base name's first dot), as webdataset groups."""
+    group: list[Member] = []
+    key = None
+    for member in members:
+        prefix, _, base = member.name.rpartition("/")
+        if base.startswith((".", "_")):
+            continue  # macOS resource forks, img2dataset's own _stats.json
+        this = f"{prefix}/{base.split('.', 1)[0]}"
+        if group and this != key:
+            yield group
+            group = []
+        key = this
+        group.append(member)
+    if group:
+        yield group
+
+
+def _ext(member: Member) -> str:
+    base = member.name.rsplit("/", 1)[-1]
+    return base.split(".", 1)[1].lower() if "." in base else ""
+
+
+def _sample(
+    archive: str, group: list[Member], captions, by_key: dict | None, limit: int
+) -> tuple[Sample, bytes | Refused]:
+    images = [m for m in group if _ext(m) in IMAGE_FILES]
+    image = images[0] if images else group[0]
+    where = f"{archive}: member {image.name}"
+    sample = Sample(key=image.name.removeprefix("./"), caption=None, image=None, meta={}, file=archive)
+    if not images:
+        return sample, Refused("decode", f"{where}: not an image (one of .{', .'.join(IMAGE_FILES)})")
+    if image.data is None:
+        return sample, Refused("too_large", f"{where}: {image.size} bytes, over download.maxImageBytes ({limit})")
+    caption = _caption(archive, group, captions, by_key, image)
+    sample = sample._replace(caption=caption)
+    if caption is None:
+        how = (
+            f"no .{captions.sidecar} beside it"
+            if captions.sidecar
+            else f"no annotation names it ({captions.annotations})"
+        )
+        return sample, Refused("no_caption", f"{where}: no caption, {how}")
+    return sample, image.data
+
+
+def _caption(archive: str, group: list[Member], captions, by_key: dict | None, image: Member) -> str | None:
+    if by_key is not None:
+        return annotation_files.lookup(captions, by_key, image.name)
+    wanted = CAPTION_FILES if captions.sidecar == "txt" else ("json",)
+    sidecar = next((m for m in group if _ext(m) in wanted and m.data is not None), None)
+    if sidecar is None or sidecar.data is None:
+        return None
+    if captions.sidecar == "txt":
+        return sidecar.data.decode("utf-8", "replace").strip()
+    value = annotation_files.json_of(sidecar.data, f"{archive}: member {sidecar.name}")
+    if not isinstance(value, dict) or captions.field not in value:
+        has = sorted(value) if isinstance(value, dict) else type(value).__name__
+        raise ArchiveError(
+            f"{archive}: member {sidecar.name}: no {captions.field!r} field ({FIELD}.captions.field); it has {has}"
+        )
+    return annotation_files.text_of(value[captions.field])

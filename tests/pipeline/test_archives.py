@@ -1,0 +1,401 @@
+"""Archives as a source: each of micro_diffusion's archive layouts served over loopback HTTP and written
+as a part's shards, each image once with its caption; and every way an archive goes wrong (cut short,
+a member that is not an image, an annotation without its fields, too large, an expired link, a bomb,
+a member climbing out with ../) failing with the archive and member named, nothing written lost."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import zipfile
+from collections import Counter
+
+import pytest
+
+from laion_operator import contract
+from laion_operator.errors import InputError
+from laion_operator.pipeline import formats
+from laion_operator.pipeline.convert import convert_shard, plan
+from laion_operator.pipeline.sources import archives as archive_source
+from laion_operator.spec import PartSpec
+from laion_operator.storage import Store
+from tests.support import archives as layouts
+from tests.support.archives import ArchiveServer
+
+LOOPBACK = ["127.0.0.0/8"]
+
+
+def part(tmp_path, archives: dict, name: str = "out", filter_: dict | None = None, **download) -> PartSpec:
+    return PartSpec.from_dict(
+        {
+            "partId": "a",
+            "source": {"archives": archives},
+            "output": {"uri": str(tmp_path / name)},
+            "filter": {"samplesPerShard": 100, **(filter_ or {})},
+            "download": {
+                "outputFormat": "webdataset",
+                "resizeMode": "no",
+                "skipReencode": True,
+                "allowedNetworks": LOOPBACK,
+                "timeout": 5,
+                "retries": 2,
+                **download,
+            },
+        }
+    )
+
+
+def convert_all(spec: PartSpec) -> dict[int, Exception]:
+    """Every unfinished shard converted as the convert stage's tasks do, without Ray; the errors by shard."""
+    store = Store(spec.output)
+    shards = plan(spec, store)["shards"]
+    errors = {}
+    for shard in range(shards):
+        if store.read_json(contract.shard_stats(shard)) is not None:
+            continue  # finished: the stage resumes past it
+        try:
+            convert_shard(spec, shard)
+        except Exception as err:  # noqa: BLE001 - a shard's failure is what some tests look at
+            errors[shard] = err
+    return errors
+
+
+def rows(spec: PartSpec) -> list[dict]:
+    """Every finished shard's metadata rows."""
+    store = Store(spec.output)
+    found = []
+    for shard in range(store.read_json(contract.MANIFEST)["shards"]):
+        if store.read_json(contract.shard_stats(shard)) is not None:
+            found += formats.read_metadata(store, shard).to_pylist()
+    return found
+
+
+def written(spec: PartSpec) -> dict[tuple[str, str], str]:
+    """(archive, member) → caption of each image the part's finished shards hold, checked to be there
+    once (an unfinished shard's leftovers are removed when it is redone)."""
+    store = Store(spec.output)
+    seen = Counter()
+    captions = {}
+    manifest = store.read_json(contract.MANIFEST)
+    for shard in range(manifest["shards"]):
+        if store.read_json(contract.shard_stats(shard)) is None:
+            continue
+        for sample in formats.get("webdataset").read_samples(store, shard):
+            meta = sample.meta
+            where = (meta["source_file"], meta["source_key"])
+            seen[where] += 1
+            captions[where] = sample.caption
+            assert sample.image, where
+    assert all(n == 1 for n in seen.values()), [w for w, n in seen.items() if n > 1]
+    return captions
+
+
+# --- each layout, end to end -----------------------------------------------------------------------
+
+
+def test_journeydb_tgz_archives_joined_to_a_jsonl_inside_another_archive(tmp_path):
+    files, samples = layouts.journeydb(archives=3, per=4)
+    with ArchiveServer(files) as web:
+        anno = f"{web.base}/data/train/train_anno_realease_repath.jsonl.tgz#train_anno_realease_repath.jsonl"
+        spec = part(
+            tmp_path,
+            {
+                "pattern": f"{web.base}/imgs/{{part}}.tgz",
+                "first": 0,
+                "last": 2,
+                "digits": 3,
+                "captions": {"annotations": anno, "key": "img_path", "caption": "prompt"},
+            },
+        )
+        assert convert_all(spec) == {}
+    assert written(spec) == samples
+    assert Store(spec.output).read_json(contract.MANIFEST)["inputs"] == [{"archive": f"{a:03d}.tgz"} for a in range(3)]
+
+
+def test_diffusiondb_zips_captioned_by_the_json_inside_each(tmp_path):
+    files, samples = layouts.diffusiondb(archives=2, per=3)
+    with ArchiveServer(files) as web:
+        spec = part(
+            tmp_path,
+            {
+                "pattern": f"{web.base}/images/part-{{part}}.zip",
+                "first": 1,
+                "last": 2,
+                "digits": 6,
+                "captions": {"annotations": "#{stem}.json", "path": "*", "key": "_key", "caption": "p"},
+            },
+        )
+        assert convert_all(spec) == {}
+    assert written(spec) == samples
+    assert all(r["status"] == "success" for r in rows(spec))  # the json itself is no sample
+
+
+def test_sa1b_link_file_and_captions_from_another_archive_by_base_name(tmp_path):
+    files, samples, names = layouts.sa1b(archives=3, per=2)
+    with ArchiveServer(files) as web:
+        web.files["links.tsv"] = layouts.links(names, web.base).encode()
+        spec = part(
+            tmp_path,
+            {
+                "links": f"{web.base}/links.tsv",
+                "captions": {
+                    "annotations": f"{web.base}/captions/sa1b_captions.tgz#sa1b_captions.jsonl",
+                    "key": "image",
+                    "caption": "caption",
+                    "joinOn": "basename",
+                },
+            },
+        )
+        assert convert_all(spec) == {}
+    assert written(spec) == samples
+
+
+def test_coco_zip_joined_through_the_images_table_by_id(tmp_path):
+    files, samples = layouts.coco(count=4)
+    with ArchiveServer(files) as web:
+        spec = part(
+            tmp_path,
+            {
+                "urls": [f"{web.base}/coco/val2014.zip"],
+                "captions": {
+                    "annotations": f"{web.base}/coco/annotations/captions_val2014.json",
+                    "path": "annotations[]",
+                    "key": "image_id",
+                    "caption": "caption",
+                    "joinOn": "id",
+                    "images": {"path": "images[]"},
+                },
+            },
+        )
+        assert convert_all(spec) == {}
+    assert written(spec) == samples
+
+
+def test_cc12m_webdataset_tars_with_txt_and_json_sidecars(tmp_path):
+    files, samples = layouts.cc12m(archives=2, per=3)
+    with ArchiveServer(files) as web:
+        urls = [f"{web.base}/{path}" for path in sorted(files)]
+        by_txt = part(tmp_path, {"urls": urls, "captions": {"sidecar": "txt"}}, "txt")
+        by_json = part(tmp_path, {"urls": urls, "captions": {"sidecar": "json", "field": "caption"}}, "json")
+        assert convert_all(by_txt) == {} and convert_all(by_json) == {}
+    assert written(by_txt) == written(by_json) == samples
+
+
+def test_local_archives_and_sample_fraction_picks_whole_archives_by_seed(tmp_path):
+    files, samples = layouts.cc12m(archives=8, per=1)
+    folder = tmp_path / "cc12m"
+    folder.mkdir()
+    for path, data in files.items():
+        (folder / path.rsplit("/", 1)[1]).write_bytes(data)
+    source = {"pattern": str(folder / "cc12m-train-{part}.tar"), "first": 0, "last": 7, "digits": 4}
+    source["captions"] = {"sidecar": "txt"}
+    spec = part(tmp_path, source, filter_={"sampleFraction": 0.5, "seed": 3})
+    listed = {"urls": sorted((str(p) for p in folder.iterdir()), reverse=True), "captions": {"sidecar": "txt"}}
+    again = part(tmp_path, listed, "again", filter_={"sampleFraction": 0.5, "seed": 3})
+    assert convert_all(spec) == {} and convert_all(again) == {}
+    kept = written(spec)
+    assert 0 < len(kept) < len(samples)
+    assert kept == written(again) == {k: v for k, v in samples.items() if k in kept}
+    picked = {a for a, _ in kept}
+    assert picked == {
+        f"cc12m-train-{a:04d}.tar" for a in range(8) if archive_source.picked(f"cc12m-train-{a:04d}.tar", 0.5, 3)
+    }
+
+
+# --- what each sample became ---------------------------------------------------------------------
+
+
+def test_uncaptioned_non_image_and_small_images_are_counted_by_reason(tmp_path):
+    members = [
+        ("000/big.jpg", layouts.image(1, (300, 300))),
+        ("000/small.jpg", layouts.image(2, (100, 300))),
+        ("000/nocaption.jpg", layouts.image(3, (300, 300))),
+        ("000/broken.jpg", b"<html>not a jpeg</html>"),
+        ("000/README.md", b"# JourneyDB"),
+    ]
+    lines = [
+        {"img_path": "./000/big.jpg", "prompt": "big"},
+        {"img_path": "./000/small.jpg", "prompt": "small"},
+        {"img_path": "./000/broken.jpg", "prompt": "broken"},
+    ]
+    files = {"imgs/000.tgz": layouts.tar(members, "w:gz"), "anno.jsonl": "\n".join(map(json.dumps, lines)).encode()}
+    with ArchiveServer(files) as web:
+        spec = part(
+            tmp_path,
+            {
+                "urls": [f"{web.base}/imgs/000.tgz"],
+                "captions": {"annotations": f"{web.base}/anno.jsonl", "key": "img_path", "caption": "prompt"},
+            },
+            filter_={"minWidth": 256, "minHeight": 256},
+        )
+        assert convert_all(spec) == {}
+    by_member = {r["source_key"]: r for r in rows(spec)}
+    assert {k: r["failure_reason"] for k, r in by_member.items()} == {
+        "000/big.jpg": None,
+        "000/small.jpg": "too_small",
+        "000/nocaption.jpg": "no_caption",
+        "000/broken.jpg": "decode",
+        "000/README.md": "decode",
+    }
+    for member, row in by_member.items():
+        if row["failure_reason"]:
+            assert "000.tgz" in row["error_message"] and member in row["error_message"], row
+    stats = Store(spec.output).read_json(contract.shard_stats(0))
+    assert stats["successes"] == 1
+    assert stats["failed_by_reason"] == {"too_small": 1, "no_caption": 1, "decode": 2}
+    assert written(spec) == {("000.tgz", "000/big.jpg"): "big"}
+
+
+# --- archives that go wrong ------------------------------------------------------------------------
+
+
+def _cc12m_part(tmp_path, web, files, name="out", **archives):
+    urls = [f"{web.base}/{path}" for path in sorted(files)]
+    return part(tmp_path, {"urls": urls, "captions": {"sidecar": "txt"}, **archives}, name)
+
+
+def test_a_truncated_archive_names_itself_and_its_last_member_and_the_others_are_kept(tmp_path):
+    files, samples = layouts.cc12m(archives=2, per=3)
+    whole = files["cc12m/cc12m-train-0001.tar"]
+    files["cc12m/cc12m-train-0001.tar"] = whole[: len(whole) // 2 + 100]
+    with ArchiveServer(files) as web:
+        spec = _cc12m_part(tmp_path, web, files)
+        errors = convert_all(spec)
+    assert list(errors) == [1] and isinstance(errors[1], InputError)
+    assert "cc12m-train-0001.tar" in str(errors[1]) and "member 0001" in str(errors[1]), errors[1]
+    assert written(spec) == {k: v for k, v in samples.items() if k[0] == "cc12m-train-0000.tar"}
+
+
+def test_an_annotation_line_without_its_fields_names_the_file_and_line(tmp_path):
+    files, _ = layouts.journeydb(archives=1, per=2)
+    lines = [json.dumps({"img_path": "./000/a.jpg", "prompt": "p"}), json.dumps({"img_path": "./000/b.jpg"})]
+    files["anno.jsonl"] = "\n".join(lines).encode()
+    with ArchiveServer(files) as web:
+        spec = part(
+            tmp_path,
+            {
+                "urls": [f"{web.base}/imgs/000.tgz"],
+                "captions": {"annotations": f"{web.base}/anno.jsonl", "key": "img_path", "caption": "prompt"},
+            },
+        )
+        errors = convert_all(spec)
+    assert "anno.jsonl line 2: no 'prompt' field (spec.source.archives.captions.caption)" in str(errors[0])
+    assert isinstance(errors[0], InputError)
+
+
+def test_an_archive_over_max_archive_bytes_is_refused_before_it_is_read(tmp_path):
+    files, samples = layouts.cc12m(archives=2, per=3)
+    files["cc12m/cc12m-train-0001.tar"] += b"\0" * 20_000  # tar's end padding: the same archive, larger
+    with ArchiveServer(files) as web:
+        spec = _cc12m_part(tmp_path, web, files, maxArchiveBytes=len(files["cc12m/cc12m-train-0000.tar"]) + 1024)
+        errors = convert_all(spec)
+    assert list(errors) == [1] and isinstance(errors[1], InputError)
+    assert "cc12m-train-0001.tar: too_large" in str(errors[1]) and "more than" in str(errors[1])
+    assert len(written(spec)) == 3
+
+
+def test_a_zip_bomb_and_a_gzip_bomb_are_refused_naming_the_member(tmp_path):
+    zeros = b"\0" * (40 << 20)
+    files = {
+        "bomb.zip": layouts.zipped([("a.jpg", layouts.image(1)), ("zeros.jpg", zeros)], zipfile.ZIP_DEFLATED),
+        "bomb.tgz": layouts.tar([("a.jpg", layouts.image(1)), ("a.txt", b"x"), ("zeros.jpg", zeros)], "w:gz"),
+    }
+    with ArchiveServer(files) as web:
+        spec = part(
+            tmp_path, {"urls": [f"{web.base}/bomb.zip", f"{web.base}/bomb.tgz"], "captions": {"sidecar": "txt"}}
+        )
+        errors = convert_all(spec)
+    assert "bomb.zip: member zeros.jpg: refused" in str(errors[0]) and "decompression bomb" in str(errors[0])
+    assert "bomb.tgz: member zeros.jpg: refused" in str(errors[1]) and "decompression bomb" in str(errors[1])
+
+
+@pytest.mark.parametrize("name", ["../../escape.jpg", "/etc/escape.jpg", "ok/../../escape.jpg"])
+def test_members_leading_outside_the_archive_are_refused_and_nothing_is_written_outside(tmp_path, name):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as out:
+        for member in ("good.jpg", name):
+            data = layouts.image(5)
+            info = tarfile.TarInfo(member)
+            info.size = len(data)
+            out.addfile(info, io.BytesIO(data))
+    (tmp_path / "evil.tar").write_bytes(buf.getvalue())
+    spec = part(tmp_path, {"urls": [str(tmp_path / "evil.tar")], "captions": {"sidecar": "txt"}})
+    errors = convert_all(spec)
+    assert f"evil.tar: member {name!r}: refused" in str(errors[0]) and isinstance(errors[0], InputError)
+    assert not list(tmp_path.parent.rglob("escape.jpg"))
+    assert not (tmp_path / "out" / "00000_stats.json").exists()
+
+
+# --- expiring links, resuming ---------------------------------------------------------------------
+
+
+def test_expired_links_fail_as_expired_and_a_new_link_file_fetches_only_the_rest(tmp_path):
+    files, samples, names = layouts.sa1b(archives=4, per=2)
+    captions = {"sidecar": "json", "field": "caption"}
+    for name in names.split():  # captions in each sa_N.json this time, to keep the part's own archives only
+        members = []
+        with tarfile.open(fileobj=io.BytesIO(files[f"sa1b/{name}"])) as t:
+            for info in t:
+                data = t.extractfile(info).read()
+                if info.name.endswith(".json"):
+                    data = json.dumps({"caption": samples[(name, info.name[:-5] + ".jpg")]}).encode()
+                members.append((info.name, data))
+        files[f"sa1b/{name}"] = layouts.tar(members)
+    with ArchiveServer(files) as web:
+        web.files["links1.tsv"] = layouts.links(names, web.base, "old").encode()
+        web.expired = {"sa1b/sa_000002.tar", "sa1b/sa_000003.tar"}
+        spec = part(tmp_path, {"links": f"{web.base}/links1.tsv", "captions": captions})
+        errors = convert_all(spec)
+        assert sorted(errors) == [2, 3]
+        assert all(isinstance(e, InputError) and getattr(e, "reason", "") == "expired" for e in errors.values())
+        assert "sa_000002.tar: expired" in str(errors[2]) and "Signature" not in str(errors[2])
+        assert len(written(spec)) == 4
+
+        web.expired = set()
+        web.files["links2.tsv"] = layouts.links(names, web.base, "new").encode()
+        web.requests.clear()
+        renewed = part(tmp_path, {"links": f"{web.base}/links2.tsv", "captions": captions})
+        assert contract.fingerprint(renewed) == contract.fingerprint(spec)
+        assert convert_all(renewed) == {}
+        assert web.fetched("sa1b/") == ["sa1b/sa_000002.tar", "sa1b/sa_000003.tar"]
+    assert written(renewed) == samples
+
+
+def test_a_connection_lost_mid_archive_resumes_by_range(tmp_path):
+    files, samples = layouts.cc12m(archives=1, per=40)
+    with ArchiveServer(files) as web:
+        web.cut = {"cc12m/cc12m-train-0000.tar"}
+        spec = _cc12m_part(tmp_path, web, files)
+        assert convert_all(spec) == {}
+        asked = [r for p, r in web.requests if p.startswith("cc12m/")]
+    assert asked[0] is None and asked[1] == f"bytes={len(files['cc12m/cc12m-train-0000.tar']) // 2}-"
+    assert written(spec) == samples
+
+
+def test_an_interrupted_part_resumes_with_each_sample_once(tmp_path):
+    files, samples = layouts.journeydb(archives=3, per=3)
+    with ArchiveServer(files) as web:
+        anno = f"{web.base}/data/train/train_anno_realease_repath.jsonl.tgz#train_anno_realease_repath.jsonl"
+        spec = part(
+            tmp_path,
+            {
+                "pattern": f"{web.base}/imgs/{{part}}.tgz",
+                "first": 0,
+                "last": 2,
+                "digits": 3,
+                "captions": {"annotations": anno, "key": "img_path", "caption": "prompt"},
+            },
+        )
+        store = Store(spec.output)
+        plan(spec, store)
+        convert_shard(spec, 0)
+        # shard 1 interrupted mid-way: samples written, no stats file
+        interrupted = iter(archive_source.SOURCE.read_input(spec, {"archive": "001.tgz"}))
+        next(interrupted)
+        (tmp_path / "out" / "00001.tar").write_bytes(b"half a shard")
+        web.requests.clear()
+        assert convert_all(spec) == {}
+        assert sorted(set(web.fetched("imgs/"))) == ["imgs/001.tgz", "imgs/002.tgz"]
+    assert written(spec) == samples
+    assert sum(r["status"] == "success" for r in rows(spec)) == len(samples)
