@@ -2,8 +2,9 @@
 are behind `formats.base.Format`: `urls` (a URL list: metadata files the filter reads, each through
 its file format's `ListReader`: `parquet`, `delimited` (csv, tsv, txt), `jsonl`, `json_array`, the
 text ones over `text`'s decompressed streams) and the sources of samples (`base.SampleSource`, which
-the convert stage writes in the output format): `dataset` (a dataset on disk), `embedded` (parquet
-with the images inside).
+the convert stage writes in the output format): `dataset` (a dataset on disk), `archives` (tar and
+zip archives of images, through `archive_files` and `annotation_files`), `embedded` (parquet with the
+images inside).
 
 A new kind is one module here and one line in `SOURCES`; a new URL-list file format is one module
 here and one line in `urls.READERS`.
@@ -12,17 +13,18 @@ here and one line in `urls.READERS`.
 from __future__ import annotations
 
 from ...spec import PartSpec
-from . import dataset, embedded, urls
-from .base import ListFile, ListReader, MetadataError, SampleSource, Source
+from . import archives, dataset, embedded, urls
+from .base import ListFile, ListReader, MetadataError, Refused, SampleSource, Source
 from .urls import open_list
 
-SOURCES: dict[str, Source] = {m.SOURCE.name: m.SOURCE for m in (urls, dataset, embedded)}
+SOURCES: dict[str, Source] = {m.SOURCE.name: m.SOURCE for m in (urls, dataset, archives, embedded)}
 
 __all__ = [
     "SOURCES",
     "ListFile",
     "ListReader",
     "MetadataError",
+    "Refused",
     "SampleSource",
     "Source",
     "of",
