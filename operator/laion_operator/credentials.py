@@ -30,8 +30,10 @@ KEYS = (
     "AWS_ENDPOINT_URL_S3",
     "AWS_DEFAULT_REGION",
     "AWS_REGION",
-    "HF_TOKEN",
-)  # the Hugging Face hub's token, for a gated model (spec.latents.hubTokenSecret)
+    "HF_TOKEN",  # the Hugging Face hub's token, for a gated model (spec.latents.hubTokenSecret)
+    "ARCHIVE_HEADERS",  # an archive source's HTTP headers, `Name: value` a line (source.archives.headersSecret)
+)
+ARCHIVE_HEADERS = "ARCHIVE_HEADERS"
 
 
 def from_environment() -> dict[str, str]:

@@ -194,7 +194,10 @@ def build_rayjob(
         if all(g.get("groupName") != latents_group["groupName"] for g in workers):
             workers.append(copy.deepcopy(latents_group))
     # The hub token reaches the Ray containers as the storage credentials do: from its Secret.
-    secrets = [s for s in (spec.output.credentials_secret, spec.latents and spec.latents.hub_token_secret) if s]
+    headers = spec.archives and spec.archives.headers_secret  # an archive source's HTTP headers
+    secrets = [
+        s for s in (spec.output.credentials_secret, spec.latents and spec.latents.hub_token_secret, headers) if s
+    ]
     groups = [cluster.get("headGroupSpec", {})] + list(cluster.get("workerGroupSpecs", []))
     for secret in dict.fromkeys(secrets):
         for group in groups:

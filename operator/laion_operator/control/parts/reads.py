@@ -7,6 +7,7 @@ import asyncio
 import logging
 
 from ...contract import MANIFEST, PROGRESS, Phase, Progress, fingerprint
+from ...credentials import ARCHIVE_HEADERS
 from ...spec import PartSpec
 from ...storage import Store
 from .. import kube
@@ -52,7 +53,8 @@ class Reading(PartObject):
         """The storage credentials, and the hub token of a part with spec.latents.hubTokenSecret: both
         go to the job as credentials do (see credentials.py), never into its spec or entrypoint."""
         token = spec.latents.hub_token_secret if spec.latents else None
-        if not spec.output.credentials_secret and not token:
+        headers = spec.archives.headers_secret if spec.archives else None
+        if not spec.output.credentials_secret and not token and not headers:
             return None
         secret: dict[str, str] = {}
         if spec.output.credentials_secret:
@@ -64,6 +66,13 @@ class Reading(PartObject):
                 raise kube.KubeError(f"spec.latents.hubTokenSecret {token!r}: {err}", err.status) from err
             if values.get("HF_TOKEN"):
                 secret["HF_TOKEN"] = values["HF_TOKEN"]
+        if headers:  # an archive source's HTTP headers (a gated repository's token), as the hub token
+            try:
+                values = await asyncio.to_thread(kube.read_secret, self.namespace, headers)
+            except kube.KubeError as err:
+                raise kube.KubeError(f"spec.source.archives.headersSecret {headers!r}: {err}", err.status) from err
+            if values.get(ARCHIVE_HEADERS):
+                secret[ARCHIVE_HEADERS] = values[ARCHIVE_HEADERS]
         return secret
 
     async def read_progress(

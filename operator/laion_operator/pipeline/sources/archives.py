@@ -18,6 +18,7 @@ import hashlib
 import os
 from collections.abc import Iterator
 
+from ...credentials import ARCHIVE_HEADERS
 from ...spec import Archives, PartSpec
 from ..fetch.errors import FetchError
 from ..fetch.stream import shown
@@ -27,7 +28,6 @@ from . import annotation_files
 from .archive_files import Archive, ArchiveError, Member, fetch_failed, is_archive, open_raw
 from .base import Refused, SampleSource
 
-HEADERS_ENV = "ARCHIVE_HEADERS"  # the headersSecret's key, as the job's environment holds it
 FIELD = "spec.source.archives"
 MAX_LINK_FILE = 256 << 20
 
@@ -73,7 +73,7 @@ def picked(name: str, fraction: float, seed: int) -> bool:
 def headers() -> dict[str, str]:
     """The headersSecret's headers, from the job's environment (never from the spec)."""
     found = {}
-    for line in os.environ.get(HEADERS_ENV, "").splitlines():
+    for line in os.environ.get(ARCHIVE_HEADERS, "").splitlines():
         name, sep, value = line.partition(":")
         if sep and name.strip():
             found[name.strip()] = value.strip()
@@ -146,7 +146,9 @@ def read_archive(spec: PartSpec, name: str) -> Iterator[tuple[Sample, bytes | Re
     sent = headers()
     shared = None
     if captions.annotations and where:
-        shared = annotation_files.shared(captions, spec.download, archives.max_archive_bytes, tuple(sorted(sent.items())))
+        shared = annotation_files.shared(
+            captions, spec.download, archives.max_archive_bytes, tuple(sorted(sent.items()))
+        )
     limit = spec.download.max_image_bytes
     with Archive(name, url, spec.download, archives.max_archive_bytes, limit, sent) as archive:
         own = None
