@@ -189,14 +189,33 @@ def test_bodies_are_the_servers_bytes(web):
             assert r.data == answer.read()
 
 
-def test_shard_writes_every_reason_per_sample(web, tmp_path):
-    """download_shard (no Ray): the per-sample parquet and the stats carry the new reasons."""
+def download_one_shard(urls, tmp_path, **download):
+    """download_shard (no Ray) of `urls` in one shard, in row order, into parquet: its stats and the
+    per-sample rows by URL."""
     import pyarrow as pa
 
     from laion_operator.pipeline.download import download_shard
     from laion_operator.pipeline.filter import run_filter
     from laion_operator.storage import Store
 
+    meta = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"URL": urls, "TEXT": [f"c{i}" for i in range(len(urls))]}), meta)
+    spec = PartSpec.from_dict(
+        {
+            "partId": "t",
+            "source": {"urls": [str(meta)]},
+            "output": {"uri": str(tmp_path / "o")},
+            "filter": {"shuffle": False},
+            "download": {"allowedNetworks": LOOPBACK, "outputFormat": "parquet", **download},
+        }
+    )
+    run_filter(spec, Store(spec.output))
+    stats = download_shard(spec, 0, threads=2)
+    return stats, {r["url"]: r for r in pq.read_table(tmp_path / "o" / "00000.parquet").to_pylist()}
+
+
+def test_shard_writes_every_reason_per_sample(web, tmp_path):
+    """download_shard (no Ray): the per-sample parquet and the stats carry the new reasons."""
     b = web.base_url
     urls = [
         f"{b}/img/1_300x200.jpg",
@@ -207,22 +226,7 @@ def test_shard_writes_every_reason_per_sample(web, tmp_path):
         f"{b}/big/40000000/5",
         f"{b}/status/404/6",
     ]
-    meta = tmp_path / "m.parquet"
-    pq.write_table(pa.table({"URL": urls, "TEXT": [f"c{i}" for i in range(len(urls))]}), meta)
-    spec = PartSpec.from_dict(
-        {
-            "partId": "t",
-            "source": {"urls": [str(meta)]},
-            "output": {"uri": str(tmp_path / "o")},
-            "filter": {"shuffle": False},
-            "download": {"allowedNetworks": LOOPBACK, "outputFormat": "parquet", "timeout": 3},
-        }
-    )
-    store = Store(spec.output)
-    run_filter(spec, store)
-    stats = download_shard(spec, 0, threads=2)
-    table = pq.read_table(tmp_path / "o" / "00000.parquet").to_pylist()
-    by_url = {r["url"]: r for r in table}
+    stats, by_url = download_one_shard(urls, tmp_path, timeout=3)
     want = {u: outcome_of(u, timeout=3) for u in urls}
     assert {u: by_url[u]["failure_reason"] or "ok" for u in urls} == want
     assert stats.failed_by_reason == {k: v for k, v in Counter(want.values()).items() if k != "ok"}

@@ -3,6 +3,7 @@ configured, distinct hosts on distinct addresses, and the failures it promises."
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import socket
 import time
@@ -130,11 +131,9 @@ def test_heavy_tail_images_are_kept_past_the_timeout_and_held_within_their_bound
     from laion_operator.pipeline.fetch.pace import body_limit
     from tests.pipeline.test_fetch import fetch_each
 
-    cfg = Config(
+    cfg = dataclasses.replace(
+        CFG,
         seed=9,
-        hosts=3,
-        refused_hosts=1,
-        silent_hosts=1,
         latency_median=0.05,
         latency_p99=0.2,
         heavy_min_bytes=150_000,

@@ -8,8 +8,6 @@ import json
 from collections import Counter
 from urllib.parse import quote
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from laion_operator import __version__
@@ -17,7 +15,7 @@ from laion_operator.contract import OPT_OUT_RULES, Progress, ShardStats
 from laion_operator.pipeline.fetch import tdmrep
 from laion_operator.spec import PartSpec
 from laion_operator.summary import Summary
-from tests.pipeline.test_fetch import LOOPBACK, SLACK, fetch_each, fetch_one
+from tests.pipeline.test_fetch import SLACK, download_one_shard, fetch_each, fetch_one
 from tests.support.failing_web import ImageServer, outcome_of
 
 RULES = json.dumps(
@@ -115,9 +113,6 @@ def test_the_user_agent_names_the_project_and_no_browser(web):
 def test_each_refusal_is_counted_by_its_rule_in_shard_stats_and_summary(tmp_path):
     """download_shard (no Ray) and the summary's counts: `opt_out` split by OPT_OUT_RULES."""
     from laion_operator.pipeline.annotate import written
-    from laion_operator.pipeline.download import download_shard
-    from laion_operator.pipeline.filter import run_filter
-    from laion_operator.storage import Store
 
     robots = "User-agent: img2dataset\nDisallow: /small/\n"
     with ImageServer(host="127.0.0.7", tdmrep=RULES, robots=robots) as server:
@@ -130,25 +125,13 @@ def test_each_refusal_is_counted_by_its_rule_in_shard_stats_and_summary(tmp_path
             f"{b}/img/private_64x64.jpg",
             f"{b}/small/r_64x64.jpg",
         ]
-        meta = tmp_path / "m.parquet"
-        pq.write_table(pa.table({"URL": urls, "TEXT": [f"c{i}" for i in range(len(urls))]}), meta)
-        spec = PartSpec.from_dict(
-            {
-                "partId": "t",
-                "source": {"urls": [str(meta)]},
-                "output": {"uri": str(tmp_path / "o")},
-                "filter": {"shuffle": False},
-                "download": {"allowedNetworks": LOOPBACK, "outputFormat": "parquet", "respectRobotsTxt": True},
-            }
-        )
-        store = Store(spec.output)
-        run_filter(spec, store)
-        stats = download_shard(spec, 0, threads=2)
+        stats, _ = download_one_shard(urls, tmp_path, respectRobotsTxt=True)
     want = {"tdm_reservation": 1, "x_robots_tag": 2, "tdmrep_json": 1, "robots_txt": 1}
     assert stats.failed_by_reason == {"opt_out": 5} and stats.successes == 1
     assert stats.opted_out_by == want and set(want) == set(OPT_OUT_RULES)
     on_disk = ShardStats.from_json(json.loads((tmp_path / "o" / "00000_stats.json").read_text()))
     assert on_disk.opted_out_by == want
+    spec = PartSpec.from_dict({"partId": "t", "source": {"urls": ["m.parquet"]}, "output": {"uri": "o"}})
     summary = Summary("t", str(tmp_path / "o"), written(spec, [on_disk, on_disk], Progress(part_id="t")))
     again = Summary.from_json(json.loads(json.dumps(summary.to_json())))
     assert again.written is not None and again.written.opted_out_by == dict(Counter(want) + Counter(want))
