@@ -13,7 +13,7 @@ from collections import Counter
 
 import pytest
 
-from laion_operator import contract
+from laion_operator import contract, credentials
 from laion_operator.errors import InputError
 from laion_operator.pipeline import formats
 from laion_operator.pipeline.convert import convert_shard, plan
@@ -399,3 +399,26 @@ def test_an_interrupted_part_resumes_with_each_sample_once(tmp_path):
         assert sorted(set(web.fetched("imgs/"))) == ["imgs/001.tgz", "imgs/002.tgz"]
     assert written(spec) == samples
     assert sum(r["status"] == "success" for r in rows(spec)) == len(samples)
+
+
+# --- a gated repository's headers --------------------------------------------------------------------
+
+
+def test_headers_secret_reaches_the_repository_not_the_cdn_it_redirects_to(tmp_path, monkeypatch):
+    files, samples = layouts.cc12m(archives=2, per=2)
+    token = "Bearer hf_notarealtoken"
+    with ArchiveServer(files) as repo, ArchiveServer(files, host="127.0.0.2") as cdn:
+        repo.redirects = {"resolve/cc12m-train-0001.tar": f"{cdn.base}/cc12m/cc12m-train-0001.tar"}
+        repo.auth = {path: token for path in [*files, *repo.redirects]}
+        urls = [f"{repo.base}/cc12m/cc12m-train-0000.tar", f"{repo.base}/resolve/cc12m-train-0001.tar"]
+        spec = part(tmp_path, {"urls": urls, "headersSecret": "hf-token", "captions": {"sidecar": "txt"}})
+        errors = convert_all(spec)
+        assert sorted(errors) == [0, 1] and "cc12m-train-0000.tar: http_4xx" in str(errors[0])
+        assert token not in str(errors[0])
+
+        monkeypatch.setenv(credentials.ARCHIVE_HEADERS, f"Authorization: {token}\nX-Other: 1")
+        assert convert_all(spec) == {}
+        assert ("cc12m/cc12m-train-0000.tar", token) in repo.authorizations
+        assert cdn.authorizations == [("cc12m/cc12m-train-0001.tar", None)]
+    assert written(spec) == samples
+    assert token not in json.dumps(spec.to_dict())

@@ -151,13 +151,18 @@ def cc12m(archives: int = 2, per: int = 3) -> tuple[dict[str, bytes], dict[tuple
 class ArchiveServer:
     """Serves `files` over loopback HTTP/1.1 with Range support. `expired`: paths answering 403 with S3's
     "Request has expired"; `cut`: paths whose next answer sends half its body and drops the connection;
-    `ranges`: whether Range is honoured. `requests` logs (path, Range header) of every request."""
+    `ranges`: whether Range is honoured; `auth`: paths answering 401 without that Authorization header;
+    `redirects`: paths answering 302 to another URL. `requests` logs (path, Range header) of every
+    request, `authorizations` (path, Authorization header)."""
 
     def __init__(self, files: dict[str, bytes], host: str = "127.0.0.1"):
         self.files = dict(files)
         self.expired: set[str] = set()
         self.cut: set[str] = set()
         self.ranges = True
+        self.auth: dict[str, str] = {}
+        self.redirects: dict[str, str] = {}
+        self.authorizations: list[tuple[str, str | None]] = []
         self.requests: list[tuple[str, str | None]] = []
         server = self
 
@@ -170,6 +175,15 @@ class ArchiveServer:
             def do_GET(self):
                 path = self.path.split("?", 1)[0].lstrip("/")
                 server.requests.append((path, self.headers.get("Range")))
+                server.authorizations.append((path, self.headers.get("Authorization")))
+                if path in server.auth and self.headers.get("Authorization") != server.auth[path]:
+                    return self._answer(401, b"Invalid credentials in Authorization header")
+                if path in server.redirects:
+                    self.send_response(302)
+                    self.send_header("Location", server.redirects[path])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if path in server.expired:
                     return self._answer(403, EXPIRED_BODY, "application/xml")
                 data = server.files.get(path)
