@@ -103,6 +103,16 @@ def cmd_latents(args) -> int:
     return encode_with_progress(part, args.ray_address, source=source)
 
 
+def cmd_embed(args) -> int:
+    keep_ray_on_loopback(args.ray_address)
+    part = specs.load(args.part)
+    if args.output:
+        part = specs.PartSpec.from_dict({**part.to_dict(), "output": {**part.to_dict()["output"], "uri": args.output}})
+    from .pipeline.local import embed_with_progress
+
+    return embed_with_progress(part, args.ray_address)
+
+
 def cmd_convert(args) -> int:
     """An existing dataset written again in another format: a part whose source is that dataset."""
     keep_ray_on_loopback(args.ray_address)
@@ -271,6 +281,15 @@ def parser() -> argparse.ArgumentParser:
     latents.add_argument("--caption-column", default="caption", help="--mds: the caption column (default caption)")
     latents.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     latents.set_defaults(func=cmd_latents)
+    embed = sub.add_parser(
+        "embed",
+        help="CLIP image and caption embeddings (spec.embeddings) of an output already downloaded or converted, "
+        "in clip-retrieval's layout",
+    )
+    embed.add_argument("part", help="part spec YAML with spec.embeddings")
+    embed.add_argument("--output", help="override output.uri")
+    embed.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    embed.set_defaults(func=cmd_embed)
     heal = sub.add_parser(
         "heal",
         help="fetch again the samples of a finished part that failed for transient reasons, rewriting their shards",
@@ -305,7 +324,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 # The commands that run the pipeline in this process (the operator's must never load it).
-PIPELINE_COMMANDS = {"run", "convert", "verify", "latents", "heal", "demo"}
+PIPELINE_COMMANDS = {"run", "convert", "verify", "latents", "embed", "heal", "demo"}
 
 
 def main(argv: list[str] | None = None, own_process: bool = False) -> int:

@@ -32,7 +32,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Protocol, Self
+from typing import Protocol
 
 META_DIR = "_laion"
 PROGRESS = f"{META_DIR}/progress.json"
@@ -507,7 +507,7 @@ class EncodeStats:
         return {**asdict(self), "duration": self.end_time - self.start_time}
 
     @classmethod
-    def from_json(cls, data: dict) -> Self:
+    def from_json(cls, data: dict):  # the subclass's own (LatentStats, embeddings' EmbeddingStats)
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
 

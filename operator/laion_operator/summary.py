@@ -91,6 +91,23 @@ class LatentsSummary:
 
 
 @dataclass
+class EmbeddingsSummary:
+    """The `embeddings` section: where the embeddings are, their model, counts, rate and width, and
+    with embeddings.dedup the duplicates found by kind (exact, perceptual, semantic)."""
+
+    folder: str
+    model: str = ""
+    samples: int = 0
+    skipped: int = 0
+    shards: int = 0
+    dim: int = 0
+    embeddings_per_second: float = 0.0
+    shard_seconds_sum: float = 0.0
+    devices: list[str] = field(default_factory=list)
+    duplicates: dict[str, int] | None = None
+
+
+@dataclass
 class HealSummary:
     """The `heal` section: the reasons healed, the shards rewritten, the samples fetched again."""
 
@@ -110,6 +127,7 @@ class Summary:
     input: str = ""
     verified: Verification | None = None
     latents: LatentsSummary | None = None
+    embeddings: EmbeddingsSummary | None = None
     heal: HealSummary | None = None
     # Keys this version does not write (an older or newer writer's), kept as they were.
     extra: dict = field(default_factory=dict)
@@ -121,7 +139,7 @@ class Summary:
         data.update({k: v for k, v in (("annotations", self.annotations), ("input", self.input)) if v})
         if self.verified is not None:
             data["verified"] = self.verified.to_json()
-        for key, section in (("latents", self.latents), ("heal", self.heal)):
+        for key, section in (("latents", self.latents), ("embeddings", self.embeddings), ("heal", self.heal)):
             if section is not None:
                 data[key] = _camel_json(section)
         return data
@@ -129,7 +147,7 @@ class Summary:
     @classmethod
     def from_json(cls, data: dict) -> Summary:
         written = Written.from_json(data) if "outputFormat" in data else None
-        known = {"partId", "output", "annotations", "input", "verified", "latents", "heal"}
+        known = {"partId", "output", "annotations", "input", "verified", "latents", "embeddings", "heal"}
         if written is not None:
             known |= {_camel(name) for name in Written.TOP} | set(Written.SECTIONS)
         return cls(
@@ -140,6 +158,7 @@ class Summary:
             input=data.get("input", ""),
             verified=Verification.from_json(data["verified"]) if "verified" in data else None,
             latents=_from_camel(LatentsSummary, data["latents"]) if "latents" in data else None,
+            embeddings=_from_camel(EmbeddingsSummary, data["embeddings"]) if "embeddings" in data else None,
             heal=_from_camel(HealSummary, data["heal"]) if "heal" in data else None,
             extra={k: v for k, v in data.items() if k not in known},
         )

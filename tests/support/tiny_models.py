@@ -89,3 +89,88 @@ def build(
     )
     CLIPTextModel(config).save_pretrained(str(root / "text_encoder"))
     return root
+
+
+# --- CLIP, for the embeddings stage ------------------------------------------------------------------
+
+CLIP_IMAGE_SIZE = 32
+CLIP_EMBED_DIM = 16
+# Not CLIP's own numbers, so that a stage normalising with the wrong ones shows in the values.
+CLIP_MEAN = [0.5, 0.4, 0.3]
+CLIP_STD = [0.2, 0.25, 0.3]
+
+
+def open_clip_config(image_size: int = CLIP_IMAGE_SIZE, embed_dim: int = CLIP_EMBED_DIM, **preprocess) -> dict:
+    """open_clip's open_clip_config.json of a small ViT CLIP (its tokenizer is the one open_clip ships)."""
+    return {
+        "model_cfg": {
+            "embed_dim": embed_dim,
+            "vision_cfg": {"image_size": image_size, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+        },
+        "preprocess_cfg": {
+            "size": image_size,
+            "mean": CLIP_MEAN,
+            "std": CLIP_STD,
+            "interpolation": "bicubic",
+            "resize_mode": "shortest",
+            **preprocess,
+        },
+    }
+
+
+def build_open_clip(root: str | Path, seed: int = 0, **preprocess) -> Path:
+    """An open_clip checkpoint folder (open_clip_config.json + open_clip_model.safetensors), random
+    weights, as `hf-hub:` repositories and `local-dir:` folders hold them; returns the folder."""
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    config = open_clip_config(**preprocess)
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**config["model_cfg"])
+    (root / "open_clip_config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(root / "open_clip_model.safetensors"))
+    return root
+
+
+def build_hf_clip(root: str | Path, seed: int = 0) -> Path:
+    """A transformers CLIPModel folder with its tokenizer and CLIPImageProcessor, random weights."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    root = Path(root)
+    write_tokenizer(root)
+    tokenizer = CLIPTokenizer.from_pretrained(str(root))
+    torch.manual_seed(seed)
+    text = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "max_position_embeddings": 77,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    vision = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "image_size": CLIP_IMAGE_SIZE,
+        "patch_size": 8,
+    }
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=CLIP_EMBED_DIM)).save_pretrained(
+        str(root)
+    )
+    CLIPImageProcessor(
+        size={"shortest_edge": CLIP_IMAGE_SIZE},
+        crop_size={"height": CLIP_IMAGE_SIZE, "width": CLIP_IMAGE_SIZE},
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+    ).save_pretrained(str(root))
+    return root

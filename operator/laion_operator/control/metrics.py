@@ -22,6 +22,9 @@ Series per part, about 30 (64 parts: ~2,000):
     laion_part_latents_total                     samples with image latents and text embeddings (spec.latents)
     laion_part_latents_per_second                the latents stage's rate in its current run
     laion_part_latents_shards{state=total|done|failed}
+    laion_part_embeddings_total                  samples with CLIP image and caption embeddings (spec.embeddings)
+    laion_part_embeddings_per_second             the embeddings stage's rate in its current run
+    laion_part_embeddings_shards{state=total|done|failed}
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ def stall_counts(progress: Progress) -> tuple:
         progress.shards_done,
         progress.shards_failed,
         progress.latents_written,
+        progress.embeddings.get("written", 0),
     )
 
 
@@ -116,6 +120,9 @@ class _PartCollector(Collector):
         latents = counter("laion_part_latents", "Samples encoded into image latents and text embeddings.")
         latents_rate = gauge("laion_part_latents_per_second", "Samples the latents stage encodes a second.")
         latents_shards = gauge("laion_part_latents_shards", "Shards of the latents stage, by state.", ["state"])
+        embedded = counter("laion_part_embeddings", "Samples with CLIP image and caption embeddings.")
+        embedded_rate = gauge("laion_part_embeddings_per_second", "Samples the embeddings stage embeds a second.")
+        embedded_shards = gauge("laion_part_embeddings_shards", "Shards of the embeddings stage, by state.", ["state"])
         stalled = gauge("laion_part_stalled", "1 while the part's counts have not moved for spec.stallSeconds.")
 
         for (namespace, name), part in sorted(parts.items()):
@@ -150,6 +157,11 @@ class _PartCollector(Collector):
                     (progress.latents_shards_total, progress.latents_shards_done, progress.latents_shards_failed),
                 ):
                     latents_shards.add_metric(labels + [state], value)
+            if progress.embeddings:
+                embedded.add_metric(labels, part.high.get("embeddings", 0))
+                embedded_rate.add_metric(labels, progress.embeddings.get("perSecond", 0.0))
+                for state in SHARD_STATES:
+                    embedded_shards.add_metric(labels + [state], progress.embeddings.get("shards", {}).get(state, 0))
 
         yield from (
             images,
@@ -165,6 +177,9 @@ class _PartCollector(Collector):
             latents,
             latents_rate,
             latents_shards,
+            embedded,
+            embedded_rate,
+            embedded_shards,
             stalled,
         )
 
@@ -269,6 +284,7 @@ class Metrics:
             part.counter("rows_read", progress.rows_read)
             part.counter("rows_kept", progress.rows_kept)
             part.counter("latents", progress.latents_written)
+            part.counter("embeddings", progress.embeddings.get("written", 0))
             counts = stall_counts(progress)
             if counts != part.last_counts:
                 part.last_counts = counts

@@ -189,15 +189,14 @@ def build_rayjob(
     body["runtimeEnvYAML"] = yaml.safe_dump({"env_vars": _job_env(spec, job_id)})
     body.setdefault("shutdownAfterJobFinishes", True)
     cluster = body.setdefault("rayClusterSpec", {})
-    if spec.latents and latents_group:
+    if (spec.latents or spec.embeddings) and latents_group:  # both model stages ask for its GPUs
         workers = cluster.setdefault("workerGroupSpecs", [])
         if all(g.get("groupName") != latents_group["groupName"] for g in workers):
             workers.append(copy.deepcopy(latents_group))
     # The hub token reaches the Ray containers as the storage credentials do: from its Secret.
+    tokens = (spec.latents and spec.latents.hub_token_secret, spec.embeddings and spec.embeddings.hub_token_secret)
     headers = spec.archives and spec.archives.headers_secret  # an archive source's HTTP headers
-    secrets = [
-        s for s in (spec.output.credentials_secret, spec.latents and spec.latents.hub_token_secret, headers) if s
-    ]
+    secrets = [s for s in (spec.output.credentials_secret, *tokens, headers) if s]
     groups = [cluster.get("headGroupSpec", {})] + list(cluster.get("workerGroupSpecs", []))
     for secret in dict.fromkeys(secrets):
         for group in groups:

@@ -44,6 +44,8 @@ def cr_status(progress: Progress) -> dict:
             "skipped": progress.latents_skipped,
             "perSecond": progress.latents_per_second,
         }
+    if progress.embeddings:  # already in the status's shape (stages/encoding.py's Counts)
+        status["embeddings"] = dict(progress.embeddings)
     return status
 
 
@@ -70,6 +72,14 @@ CONDITIONS_SCHEMA = {
             "lastTransitionTime": {"type": "string", "format": "date-time"},
         },
     },
+}
+
+# A model stage's counts (latents, embeddings).
+ENCODED = {
+    "shards": {"type": "object", "properties": {"total": COUNT_SCHEMA, "done": COUNT_SCHEMA, "failed": COUNT_SCHEMA}},
+    "written": COUNT_SCHEMA,
+    "skipped": COUNT_SCHEMA,
+    "perSecond": {"type": "number", "minimum": 0},
 }
 
 STATUS_SCHEMA: dict = {
@@ -104,15 +114,12 @@ STATUS_SCHEMA: dict = {
         "latents": {
             "type": "object",
             "description": "The latents stage (spec.latents): shards, samples encoded, undecodable images, rate.",
-            "properties": {
-                "shards": {
-                    "type": "object",
-                    "properties": {"total": COUNT_SCHEMA, "done": COUNT_SCHEMA, "failed": COUNT_SCHEMA},
-                },
-                "written": COUNT_SCHEMA,
-                "skipped": COUNT_SCHEMA,
-                "perSecond": {"type": "number", "minimum": 0},
-            },
+            "properties": ENCODED,
+        },
+        "embeddings": {
+            "type": "object",
+            "description": "The embeddings stage (spec.embeddings): shards, samples embedded, undecodable images, rate",
+            "properties": ENCODED,
         },
         "startedAt": {"type": "string", "format": "date-time", "nullable": True},
         "finishedAt": {"type": "string", "format": "date-time", "nullable": True},

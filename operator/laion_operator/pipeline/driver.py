@@ -21,10 +21,10 @@ from ..storage import Store
 from ..summary import Summary
 from .resume import finished_shards
 from .runtime import PartFailed
-from .stages import HEAL, LATENTS, PART, Run, Stage
+from .stages import EMBED, HEAL, LATENTS, PART, Run, Stage
 from .tracker import Tracker
 
-__all__ = ["PartFailed", "encode_mds", "encode_part", "heal_part", "run_part", "run_stages"]
+__all__ = ["PartFailed", "embed_part", "encode_mds", "encode_part", "heal_part", "run_part", "run_stages"]
 
 OnProgress = Callable[[Progress], None]
 
@@ -62,7 +62,23 @@ def _latents_store(spec: PartSpec) -> Store:
 def encode_part(spec: PartSpec, on_progress: OnProgress | None = None, ray_address: str | None = None) -> dict:
     """The latents stage alone, over an output already downloaded or converted with this spec:
     `laion-operator latents`. Returns the part's summary with its `latents` section."""
-    store = _latents_store(spec)
+    return _over_finished(LATENTS, spec, _latents_store(spec), on_progress, ray_address)
+
+
+def embed_part(spec: PartSpec, on_progress: OnProgress | None = None, ray_address: str | None = None) -> dict:
+    """The embeddings stage alone, over an output already downloaded or converted in any format:
+    `laion-operator embed`. Returns the part's summary with its `embeddings` section."""
+    if not spec.embeddings:
+        raise InputError("spec.embeddings: required field is missing (the model and settings of the stage)")
+    store = Store(spec.output)
+    store.check_writable()
+    return _over_finished(EMBED, spec, store, on_progress, ray_address)
+
+
+def _over_finished(
+    stages: tuple[Stage, ...], spec: PartSpec, store: Store, on_progress: OnProgress | None, ray_address: str | None
+) -> dict:
+    """A model stage alone over the part's finished shards, its summary added to the part's."""
     shards = finished_shards(store)
     if not shards:
         raise InputError(f"output {store.uri} holds no finished shard ({contract.shard_stats(0)}, …) to encode")
@@ -72,7 +88,7 @@ def encode_part(spec: PartSpec, on_progress: OnProgress | None = None, ray_addre
     )
     found = store.read_json(contract.summary(spec.part_id))
     summary = Summary.from_json(found) if found else Summary(spec.part_id, store.uri)
-    return _summary(run_stages(LATENTS, Run(spec, tracker, ray_address, summary=summary, encode=shards)))
+    return _summary(run_stages(stages, Run(spec, tracker, ray_address, summary=summary, encode=shards)))
 
 
 def encode_mds(spec: PartSpec, source, on_progress: OnProgress | None = None, ray_address: str | None = None) -> dict:

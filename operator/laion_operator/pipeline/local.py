@@ -28,6 +28,13 @@ class ProgressBar:
             if not p.rows_read:  # nothing read yet: a line of zeros says nothing
                 return
             line = f"[filter] {p.rows_read:,} rows read, {p.rows_kept:,} kept"
+        elif p.phase == Phase.EMBEDDING and p.embeddings:
+            e, shards = p.embeddings, p.embeddings["shards"]
+            failed = f" ({shards['failed']} failed)" if shards["failed"] else ""
+            line = (
+                f"[embeddings] shards {shards['done']}/{shards['total']}{failed} | "
+                f"{e['written']:,} samples, {e['perSecond']:,.1f}/s"
+            )
         elif p.phase == Phase.ENCODING:
             line = (
                 f"[latents] shards {p.latents_shards_done}/{p.latents_shards_total}"
@@ -80,6 +87,16 @@ def print_summary(summary: Summary, out=sys.stdout) -> None:
             f"{lat.dtype}\n"
         )
         out.write(f"            {lat.index}\n")
+    emb = summary.embeddings
+    if emb is not None:
+        out.write(
+            f"  embedded  {emb.samples:,} samples ({emb.skipped:,} undecodable) at "
+            f"{emb.embeddings_per_second:,.1f}/s on {', '.join(emb.devices) or '-'}; {emb.dim} wide, {emb.model}\n"
+        )
+        if emb.duplicates is not None:
+            found = ", ".join(f"{n:,} {kind}" for kind, n in emb.duplicates.items())
+            out.write(f"            duplicates: {found}\n")
+        out.write(f"            {emb.folder}\n")
 
 
 def _run(part: PartSpec, run: Callable[[ProgressBar], dict], out) -> int:
@@ -101,13 +118,23 @@ def _run(part: PartSpec, run: Callable[[ProgressBar], dict], out) -> int:
 
 def run_with_progress(part: PartSpec, ray_address: str | None = None, out=sys.stdout) -> int:
     """`laion-operator run` and `convert`: every stage of the part."""
+    from .runtime import start_ray
+
+    start_ray(ray_address)  # the stage that needs it waits; the imports and the filter run meanwhile
     from .driver import run_part
-    from .runtime import ensure_ray
 
     source = sources.of(part).describe(part)
     print(f"part {part.part_id}: {source} -> {part.output.uri} ({part.download.output_format})", file=out, flush=True)
-    ensure_ray(ray_address)
     return _run(part, lambda bar: run_part(part, on_progress=bar), out)
+
+
+def embed_with_progress(part: PartSpec, ray_address: str | None = None, out=sys.stdout) -> int:
+    """`laion-operator embed`: the embeddings stage alone over an output already downloaded or converted."""
+    from .driver import embed_part
+
+    model = part.embeddings.model if part.embeddings else "-"
+    print(f"part {part.part_id}: CLIP embeddings of {part.output.uri} by {model}", file=out, flush=True)
+    return _run(part, lambda bar: embed_part(part, on_progress=bar, ray_address=ray_address), out)
 
 
 def encode_with_progress(part: PartSpec, ray_address: str | None = None, out=sys.stdout, source=None) -> int:

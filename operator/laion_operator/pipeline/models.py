@@ -1,8 +1,10 @@
-"""The latents stage's models, loaded the way their libraries load them: diffusers' `AutoencoderKL`,
-and a transformers text encoder (CLIP, T5, or any model with a `last_hidden_state`) or an open_clip
-one. A model is a local path, or a hub id found in the Hugging Face cache mounted on the workers;
-the hub is reached only with `latents.hubDownload`, and a gated model's token comes in HF_TOKEN
-(the part's `latents.hubTokenSecret`), never in the spec.
+"""The model stages' models, loaded the way their libraries load them: for latents diffusers'
+`AutoencoderKL` and a transformers text encoder (CLIP, T5, or any model with a `last_hidden_state`)
+or an open_clip one; for embeddings a CLIP model, open_clip's or transformers' `CLIPModel`. A model is
+a local path, or a hub id found in the Hugging Face cache mounted on the workers; the hub is reached
+only with the section's `hubDownload`, and a gated model's token comes in HF_TOKEN (its
+`hubTokenSecret`), never in the spec. Both stages load through `go_offline`, `pick_device` and the
+one-set-at-a-time cache (`cached`).
 
 torch, diffusers and transformers are imported here only, when a shard is encoded: `make demo` and
 the operator never load them.
@@ -16,16 +18,24 @@ import sys
 from dataclasses import dataclass
 
 from ..errors import InputError
-from ..spec import Latents
+from ..spec import Embeddings, Latents
 
 OPEN_CLIP = "openclip:"
+# What names an open_clip model for the embeddings stage: the project's prefix, clip-retrieval's, and
+# open_clip's own schemas; a folder holding this config is one too.
+OPEN_CLIP_NAMES = (OPEN_CLIP, "open_clip:", "hf-hub:", "local-dir:")
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+HF_CLIP = "hf_clip:"  # clip-retrieval's prefix for a transformers CLIPModel
+# OpenAI's CLIP normalisation, what transformers' CLIPImageProcessor defaults to.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class ModelError(InputError):
     """A model that cannot be loaded; the message names the spec field. Retrying cannot help."""
 
 
-def go_offline(settings: Latents) -> None:
+def go_offline(settings: Latents | Embeddings) -> None:
     """huggingface_hub reads HF_HUB_OFFLINE when it is imported: set before the first import."""
     if not settings.hub_download:
         os.environ["HF_HUB_OFFLINE"] = "1"
@@ -50,9 +60,9 @@ def pick_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _fail(field: str, name: str, err: BaseException) -> ModelError:
+def _fail(field: str, name: str, err: BaseException, section: str = "latents") -> ModelError:
     return ModelError(
-        f"spec.latents.{field}: cannot load {name!r}: {type(err).__name__}: "
+        f"spec.{section}.{field}: cannot load {name!r}: {type(err).__name__}: "
         f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}"
     )
 
@@ -214,8 +224,19 @@ def load_text_encoder(settings: Latents, device: str):
 _CACHE: dict = {}
 
 
+def cached(settings: Latents | Embeddings, key: tuple, make):
+    """`make(device)`'s models, kept for the next shard this Ray worker encodes with the same ones:
+    one set in memory at a time, loaded offline unless the section's hubDownload allows the hub."""
+    if key not in _CACHE:
+        go_offline(settings)
+        device = pick_device()
+        _CACHE.clear()
+        _CACHE[key] = make(device)
+    return _CACHE[key]
+
+
 def load(settings: Latents):
-    """(device, vae, text encoder), kept for the next shard this Ray worker encodes with the same models."""
+    """(device, vae, text encoder), the latents stage's models."""
     key = (
         settings.vae,
         settings.vae_subfolder,
@@ -224,9 +245,142 @@ def load(settings: Latents):
         settings.tokenizer_subfolder,
         settings.dtype,
     )
-    if key not in _CACHE:
-        go_offline(settings)
-        device = pick_device()
-        _CACHE.clear()  # one set of models in memory at a time
-        _CACHE[key] = (device, load_vae(settings, device), load_text_encoder(settings, device))
-    return _CACHE[key]
+    return cached(settings, key, lambda d: (d, load_vae(settings, d), load_text_encoder(settings, d)))
+
+
+# --- the embeddings stage's CLIP ------------------------------------------------------------------
+
+
+class Clip:
+    """A CLIP model's two towers as the embeddings stage calls them: `images` of uint8 (N, 3, size,
+    size) pixels, prepared as the model's own preprocessing prepares them (shorter side to `size`,
+    bicubic, center crop) and normalised here on the device, and `texts` of captions; both give the
+    model's projected features, not yet of unit length."""
+
+    size: int
+    device: str
+
+    def __init__(self, mean, std, device: str, dtype):
+        import torch
+
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
+        self.device, self.dtype = device, dtype
+
+    def pixels(self, uint8):
+        x = uint8.to(self.device, non_blocking=True).float().div_(255.0)
+        return ((x - self.mean) / self.std).to(self.dtype)
+
+    def images(self, uint8): ...
+
+    def texts(self, captions: list[str]): ...
+
+
+def _clip_preprocessing(model: str, size, resize_mode: str, interpolation: str) -> int:
+    """The square side the stage prepares images at, if the model's preprocessing is the one it does."""
+    side = size if isinstance(size, int) else size[0] if len(set(size)) == 1 else None
+    if side is None or resize_mode != "shortest" or interpolation != "bicubic":
+        raise ModelError(
+            f"spec.embeddings.model: {model!r} prepares images as {resize_mode} resize to {size}, "
+            f"{interpolation}: the stage prepares them as shorter-side resize, bicubic, square center crop"
+        )
+    return int(side)
+
+
+class OpenClip(Clip):
+    def __init__(self, settings: Embeddings, device: str):
+
+        name = settings.model
+        for prefix in (OPEN_CLIP, "open_clip:"):
+            name = name.removeprefix(prefix)
+        if not name.startswith(("hf-hub:", "local-dir:")) and os.path.isfile(os.path.join(name, OPEN_CLIP_CONFIG)):
+            name = f"local-dir:{name}"
+        try:
+            import open_clip
+        except ImportError as err:
+            raise ModelError(f"spec.embeddings.model: {settings.model!r} needs open-clip-torch: {err}") from err
+        try:
+            if name.startswith(("hf-hub:", "local-dir:")):
+                model = open_clip.create_model(name)
+                self.tokenizer = open_clip.get_tokenizer(name)
+            else:
+                arch, _, pretrained = name.partition("/")
+                model = open_clip.create_model(arch, pretrained=pretrained or None)
+                self.tokenizer = open_clip.get_tokenizer(arch)
+        except (OSError, RuntimeError, ValueError, KeyError) as err:
+            raise _fail("model", settings.model, err, "embeddings") from err
+        cfg = open_clip.get_model_preprocess_cfg(model)
+        self.size = _clip_preprocessing(
+            settings.model,
+            cfg.get("size", 224),
+            cfg.get("resize_mode", "shortest"),
+            cfg.get("interpolation", "bicubic"),
+        )
+        dtype = torch_dtype(settings.dtype, device)
+        super().__init__(cfg.get("mean", CLIP_MEAN), cfg.get("std", CLIP_STD), device, dtype)
+        self.model = model.to(device, dtype).eval().requires_grad_(False)
+
+    def images(self, uint8):
+        import torch
+
+        with torch.inference_mode():
+            return self.model.encode_image(self.pixels(uint8))
+
+    def texts(self, captions: list[str]):
+        import torch
+
+        with torch.inference_mode():
+            return self.model.encode_text(self.tokenizer(captions).to(self.device))
+
+
+class TransformersClip(Clip):
+    def __init__(self, settings: Embeddings, device: str):
+        import transformers
+
+        name = settings.model.removeprefix(HF_CLIP)
+        dtype = torch_dtype(settings.dtype, device)
+        try:
+            model = transformers.CLIPModel.from_pretrained(name, dtype=dtype)
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(name)
+        except (OSError, ValueError, KeyError) as err:
+            raise _fail("model", settings.model, err, "embeddings") from err
+        try:
+            processor = transformers.CLIPImageProcessor.from_pretrained(name)
+        except OSError:  # a checkpoint saved without one: CLIP's own preprocessing at the model's size
+            processor = transformers.CLIPImageProcessor(
+                size={"shortest_edge": model.config.vision_config.image_size},
+                crop_size=model.config.vision_config.image_size,
+            )
+        crop = processor.crop_size
+        short = processor.size.get("shortest_edge")
+        mode = "shortest" if processor.do_center_crop and short == crop["height"] == crop["width"] else "other"
+        bicubic = "bicubic" if int(processor.resample) == 3 else f"resample {int(processor.resample)}"
+        self.size = _clip_preprocessing(settings.model, (crop["height"], crop["width"]), mode, bicubic)
+        super().__init__(processor.image_mean, processor.image_std, device, dtype)
+        self.model = model.to(device).eval().requires_grad_(False)
+        self.max_length = min(int(self.tokenizer.model_max_length), model.config.text_config.max_position_embeddings)
+
+    def images(self, uint8):
+        import torch
+
+        with torch.inference_mode():
+            return self.model.get_image_features(pixel_values=self.pixels(uint8))
+
+    def texts(self, captions: list[str]):
+        import torch
+
+        tokens = self.tokenizer(
+            captions, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(self.device)
+        with torch.inference_mode():
+            return self.model.get_text_features(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
+
+
+def is_open_clip(name: str) -> bool:
+    return name.startswith(OPEN_CLIP_NAMES) or os.path.isfile(os.path.join(name, OPEN_CLIP_CONFIG))
+
+
+def load_clip(settings: Embeddings) -> Clip:
+    """The embeddings stage's CLIP model, on this task's device."""
+    kind = OpenClip if is_open_clip(settings.model) else TransformersClip
+    return cached(settings, ("clip", settings.model, settings.dtype), lambda device: kind(settings, device))

@@ -6,7 +6,7 @@ from __future__ import annotations
 from .. import contract
 from ..contract import FAILURE_REASONS, TRANSIENT_REASONS
 from .fields import boolean, integer, number, string
-from .schema_latents import LATENTS
+from .schema_latents import EMBEDDINGS, LATENTS
 from .schema_source import SOURCE
 
 LOGICAL_COLUMNS = tuple("url caption width height aesthetic punsafe pwatermark similarity language hash".split())
@@ -281,6 +281,7 @@ SCHEMA: dict = {
             },
         },
         "latents": LATENTS,
+        "embeddings": EMBEDDINGS,
         "maxRetries": integer(
             "Times the operator resubmits a failed job, resuming from finished shards.",
             minimum=0,

@@ -1,9 +1,11 @@
-"""The part spec's model sections: `latents` (VAE latents and text embeddings of every sample),
-the models they load and the numbers they are computed and kept in."""
+"""The part spec's model sections: `latents` (VAE latents and text embeddings of every sample) and
+`embeddings` (CLIP image and caption embeddings, and the dedup over them), the models they load and
+the numbers they are computed and kept in. What both stages share (their device, decode threads,
+parallelism, retries and hub access) is written once, in SHARED."""
 
 from __future__ import annotations
 
-from .fields import boolean, integer, string
+from .fields import boolean, integer, number, string
 
 # latents.dtype: what the models compute in; auto is bfloat16 on a GPU and float32 on a CPU.
 MODEL_DTYPES = ["auto", "float32", "float16", "bfloat16"]
@@ -13,6 +15,36 @@ LATENT_MODES = ["mean", "sample"]
 # worst measured: 33.9 on photo-like JPEGs (median 43.8), 30.2 on tests/pipeline/test_latents_recipe.py's
 # harsher ones (hard 8-pixel edges and noise, odd sides), which hold it.
 REDUCED_DECODE_PSNR = 28
+
+# What the two model stages share, field by field (each section's description names its own stage).
+SHARED: dict = {
+    "decodeThreads": integer(
+        "Threads decoding images beside the model (0: the node's CPUs shared among its GPUs on a GPU, one on a CPU).",
+        minimum=0,
+        maximum=256,
+        default=0,
+    ),
+    "dtype": string(
+        "The models' compute dtype (auto: bfloat16 on a GPU, float32 on a CPU).",
+        enum=MODEL_DTYPES,
+        default="auto",
+    ),
+    "parallelism": integer(
+        "Shards encoded at once (0: one per GPU of the Ray cluster, or per CPU without).",
+        minimum=0,
+        default=0,
+    ),
+    "shardRetries": integer("Times a failed shard is retried.", minimum=0, maximum=20, default=2),
+    "hubDownload": boolean(
+        "Let the stage download models named by hub id (false: local paths and the "
+        "mounted cache only, HF_HUB_OFFLINE=1).",
+        False,
+    ),
+    "hubTokenSecret": string(
+        "Kubernetes Secret with HF_TOKEN, for gated models (operator); given to the Ray job like the "
+        "storage credentials, never in the spec or the entrypoint."
+    ),
+}
 
 LATENTS: dict = {
     "type": "object",
@@ -63,18 +95,6 @@ LATENTS: dict = {
             False,
         ),
         "batchSize": integer("Samples encoded at once.", minimum=1, maximum=4096, default=32),
-        "decodeThreads": integer(
-            "Threads decoding images beside the model (0: the node's CPUs shared "
-            "among its GPUs on a GPU, one on a CPU).",
-            minimum=0,
-            maximum=256,
-            default=0,
-        ),
-        "dtype": string(
-            "The models' compute dtype (auto: bfloat16 on a GPU, float32 on a CPU).",
-            enum=MODEL_DTYPES,
-            default="auto",
-        ),
         "saveDtype": string("The stored latents' and embeddings' dtype.", enum=SAVE_DTYPES, default="float16"),
         "latentMode": string(
             "Store the latent distribution's mean, or a sample drawn by seed and key.",
@@ -86,20 +106,40 @@ LATENTS: dict = {
             minimum=0,
             default=0,
         ),
-        "parallelism": integer(
-            "Shards encoded at once (0: one per GPU of the Ray cluster, or per CPU without).",
-            minimum=0,
-            default=0,
+        **SHARED,
+    },
+}
+
+DEDUP: dict = {
+    "type": "object",
+    "description": "Find the part's duplicate images (embeddings/duplicates.parquet: key, kept key, kind, "
+    "similarity); of each group the sample with the smallest key is kept.",
+    "properties": {
+        "exact": boolean("The same stored image bytes (SHA-256).", True),
+        "perceptual": boolean("The same picture resized or recompressed (64-bit DCT hash).", True),
+        "hammingDistance": integer(
+            "Perceptual: DCT hashes this many bits apart or fewer are duplicates.", minimum=0, maximum=32, default=8
         ),
-        "shardRetries": integer("Times a failed shard is retried.", minimum=0, maximum=20, default=2),
-        "hubDownload": boolean(
-            "Let the stage download models named by hub id (false: local paths and the "
-            "mounted cache only, HF_HUB_OFFLINE=1).",
-            False,
+        "semantic": boolean("Image embeddings at or above `similarity` (cosine), grouped transitively.", True),
+        "similarity": number("Semantic: the cosine similarity of duplicates.", minimum=0, maximum=1, default=0.95),
+    },
+}
+
+EMBEDDINGS: dict = {
+    "type": "object",
+    "description": "CLIP image and caption embeddings of every downloaded sample, read back from its shard "
+    "in any download.outputFormat, in clip-retrieval's layout under embeddings/ (img_emb, text_emb, metadata: "
+    "what autofaiss and embedding-reader read); one Ray task per shard, on a GPU where the cluster has one.",
+    "required": ["model"],
+    "properties": {
+        "model": string(
+            "An open_clip model (hf-hub:<repo>, local-dir:<folder>, a folder with open_clip_config.json, or "
+            "open_clip:<architecture>/<pretrained tag or file>), or a transformers CLIPModel (a local path "
+            "or a hub id found in the mounted cache, or downloaded with hubDownload).",
+            minLength=1,
         ),
-        "hubTokenSecret": string(
-            "Kubernetes Secret with HF_TOKEN, for gated models (operator); given to the Ray job like the "
-            "storage credentials, never in the spec or the entrypoint."
-        ),
+        "batchSize": integer("Samples embedded at once.", minimum=1, maximum=4096, default=256),
+        "dedup": DEDUP,
+        **SHARED,
     },
 }

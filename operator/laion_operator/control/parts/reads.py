@@ -52,7 +52,9 @@ class Reading(PartObject):
     async def read_secret(self, spec: PartSpec) -> dict[str, str] | None:
         """The storage credentials, and the hub token of a part with spec.latents.hubTokenSecret: both
         go to the job as credentials do (see credentials.py), never into its spec or entrypoint."""
-        token = spec.latents.hub_token_secret if spec.latents else None
+        # The model stages' token (latents' first, where both name one)
+        section = "latents" if spec.latents and spec.latents.hub_token_secret else "embeddings"
+        token = getattr(getattr(spec, section), "hub_token_secret", None)
         headers = spec.archives.headers_secret if spec.archives else None
         if not spec.output.credentials_secret and not token and not headers:
             return None
@@ -63,7 +65,7 @@ class Reading(PartObject):
             try:
                 values = await asyncio.to_thread(kube.read_secret, self.namespace, token)
             except kube.KubeError as err:
-                raise kube.KubeError(f"spec.latents.hubTokenSecret {token!r}: {err}", err.status) from err
+                raise kube.KubeError(f"spec.{section}.hubTokenSecret {token!r}: {err}", err.status) from err
             if values.get("HF_TOKEN"):
                 secret["HF_TOKEN"] = values["HF_TOKEN"]
         if headers:  # an archive source's HTTP headers (a gated repository's token), as the hub token

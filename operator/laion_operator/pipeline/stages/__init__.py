@@ -7,14 +7,16 @@ A new stage is one module here and its line in the lists below.
 
 from __future__ import annotations
 
-from . import annotate, convert, download, filtering, finish, heal, latents, verify
+from . import annotate, convert, download, embeddings, filtering, finish, heal, latents, verify
 from .base import Run, Stage
 
 # A part, from its source to a healed dataset; each stage runs when its `wanted(run)` says so.
-PART: tuple[Stage, ...] = (filtering, convert, download, annotate, verify, latents, finish, heal)
+PART: tuple[Stage, ...] = (filtering, convert, download, annotate, verify, latents, embeddings, finish, heal)
 # `laion-operator latents`: the latents stage alone, over an output already written or an MDS folder.
 LATENTS: tuple[Stage, ...] = (latents, finish)
+# `laion-operator embed`: the embeddings stage alone, over an output already written.
+EMBED: tuple[Stage, ...] = (embeddings, finish)
 # `laion-operator heal`: the heal stage alone, over a finished part.
 HEAL: tuple[Stage, ...] = (heal,)
 
-__all__ = ["HEAL", "LATENTS", "PART", "Run", "Stage"]
+__all__ = ["EMBED", "HEAL", "LATENTS", "PART", "Run", "Stage"]

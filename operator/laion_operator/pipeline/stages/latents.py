@@ -5,20 +5,14 @@ wrote (`Run.mds`, whose files are the shards). Torch and the models load only in
 
 from __future__ import annotations
 
-import logging
-import time
-
-import ray
-
 from ... import contract
-from ...contract import LatentStats, Phase
+from ...contract import LatentStats, Phase, Progress
 from ...errors import InputError
 from ...spec import PartSpec
 from ...summary import LatentsSummary
-from ..runtime import Outcome, Pool, cpus, ensure_ray
-from .base import Run, end_if_failed
-
-log = logging.getLogger(__name__)
+from ..runtime import Outcome, ensure_ray
+from .base import Run
+from .encoding import Counts, Encoding, encode, model_work
 
 
 def wanted(run: Run) -> bool:
@@ -27,67 +21,25 @@ def wanted(run: Run) -> bool:
 
 def _encode_shard(spec: PartSpec, shard: int, report, source=None) -> Outcome:
     from ..latents import encode_shard
-    from ..models import ModelError
 
-    try:
-        return Outcome(encode_shard(spec, shard, report=report, source=source))
-    except ModelError as err:  # a retry cannot load it either: the driver ends the part as bad input
-        return Outcome(bad_input=str(err))
+    return model_work(lambda: encode_shard(spec, shard, report=report, source=source))
+
+
+def _publish(p: Progress, counts: Counts) -> None:
+    p.latents_shards_total, p.latents_shards_done = counts.shards_total, counts.shards_done
+    p.latents_shards_failed, p.latents_written = counts.shards_failed, counts.written
+    p.latents_skipped, p.latents_per_second = counts.skipped, counts.per_second
 
 
 def _encode(run: Run, shards: list[int]) -> list[LatentStats]:
-    """Encode the shards not encoded yet as Ray tasks, a GPU each when the cluster has GPUs; returns
-    every shard's stats. The part fails when some failed after their retries."""
+    """Encode the shards not encoded yet as Ray tasks (stages/encoding.py); returns every shard's stats."""
     from ..latents import load_stats
 
-    spec, tracker = run.spec, run.tracker
-    if spec.latents is None:
+    if run.spec.latents is None:
         raise InputError("spec.latents: required field is missing (the models and settings of the stage)")
-    settings, p = spec.latents, tracker.progress
-    finished: dict[int, LatentStats] = {}
-    for shard in shards:
-        stats = load_stats(tracker.store, shard)
-        if stats is not None:
-            finished[shard] = stats
-    todo = [s for s in shards if s not in finished]
-    if finished:
-        log.info("latents: resuming, %d of %d shards already encoded", len(finished), len(shards))
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    parallelism = settings.parallelism or gpus or cpus()
-    log.info("latents: %d shards on %s, %d at once", len(todo), f"{gpus} GPUs" if gpus else "CPUs", parallelism)
-    started, base = time.time(), sum(s.written for s in finished.values())
-
-    def count(partial: dict[int, dict]) -> None:
-        live = [LatentStats.from_json(v) for k, v in partial.items() if k not in finished]
-        p.latents_shards_done = len(finished)
-        p.latents_shards_failed = len(pool.failed)
-        p.latents_written = sum(s.written for s in finished.values()) + sum(s.written for s in live)
-        p.latents_skipped = sum(s.skipped for s in finished.values()) + sum(s.skipped for s in live)
-        p.latents_per_second = round((p.latents_written - base) / max(time.time() - started, 1e-6), 2)
-
-    def tick(partial: dict[int, dict], moved: bool) -> None:
-        count(partial)
-        tracker.publish(force=moved)
-
-    # One CPU a task besides the GPU: the decode thread and the host side of the model.
-    pool = Pool(
-        "latents: ",
-        _encode_shard,
-        spec,
-        settings.shard_retries,
-        parallelism,
-        on_value=finished.__setitem__,
-        tick=tick,
-        args=(run.mds,),
-        num_cpus=1,
-        num_gpus=1 if gpus else 0,
-    )
-    p.latents_shards_total = len(shards)
-    count({})
-    tracker.publish(force=True)
-    pool.run(todo)
-    end_if_failed(tracker, pool, len(shards))
-    return list(finished.values())
+    settings, stats = run.spec.latents, LatentStats.from_json
+    stage = Encoding("latents", settings, _encode_shard, load_stats, stats, _publish, (run.mds,))
+    return [s for s in encode(run, shards, stage) if isinstance(s, LatentStats)]
 
 
 def run(run: Run) -> LatentsSummary:

@@ -1,0 +1,350 @@
+"""The embeddings stage: tiny random CLIP models (open_clip's and transformers') saved to disk and loaded
+as real ones are, their embeddings checked against the libraries' own preprocessing and forward pass,
+a downloaded part embedded on the session's Ray in clip-retrieval's layout, read back by
+embedding-reader, resumed byte for byte, in every output format; bad input naming its field."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from laion_operator import contract
+from laion_operator.errors import InputError
+from laion_operator.spec import PartSpec, SpecError
+from laion_operator.testbed.demo_data import write_metadata
+from tests.support import outputs
+from tests.support.specs import partspec
+from tests.support.tiny_models import CLIP_EMBED_DIM, CLIP_IMAGE_SIZE
+
+MIX = {"ok": 0.85, "http_4xx": 0.15}
+FILES = ("img_emb", "text_emb", "metadata")
+
+
+@pytest.fixture(scope="module")
+def open_clip_dir(tmp_path_factory):
+    from tests.support.tiny_models import build_open_clip
+
+    return build_open_clip(tmp_path_factory.mktemp("open-clip"))
+
+
+@pytest.fixture(scope="module")
+def hf_clip_dir(tmp_path_factory):
+    from tests.support.tiny_models import build_hf_clip
+
+    return build_hf_clip(tmp_path_factory.mktemp("hf-clip"))
+
+
+def part(source, output, model, fmt="webdataset", **embeddings) -> PartSpec:
+    download = {"imageSize": 48, "resizeMode": "center_crop", "timeout": 2, "maxInFlight": 8, "outputFormat": fmt}
+    section = {"model": str(model), "batchSize": 4, **embeddings}
+    return partspec("E", source, output, samples_per_shard=12, download=download, embeddings=section)
+
+
+def pictures(n, seed=0) -> list[bytes]:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        buf = io.BytesIO()
+        size = (40 + 8 * i, 36 + 4 * (i % 3))  # portrait and landscape: the crop and resize are checked
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def ours(spec_model: str, images: list[bytes], captions: list[str]):
+    """The stage's embeddings of images and captions, as a shard task computes them."""
+    from laion_operator.pipeline.embeddings import Embedder
+    from laion_operator.pipeline.encoding import Batch
+    from laion_operator.pipeline.models import load_clip
+
+    clip = load_clip(part("s", "/tmp/o", spec_model).embeddings)
+    batch = Batch()
+    from laion_operator.pipeline.encoding import preprocess
+
+    for i, (data, caption) in enumerate(zip(images, captions)):
+        batch.add(f"k{i}", caption, data, {clip.size: preprocess(data, clip.size)})
+    _, image, text, _ = Embedder(clip).launch(batch.seal())
+    return image.numpy(), text.numpy()
+
+
+def unit(x) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+CAPTIONS = ["the cat on the mat", "", "a very long caption " * 30, "ünïcödé caption"]
+
+
+# --- spec -------------------------------------------------------------------------------------------
+
+
+def test_embeddings_settings_are_validated_naming_the_field(open_clip_dir):
+    spec = part("s.parquet", "/tmp/o", open_clip_dir, dedup={"similarity": 0.9})
+    assert spec.embeddings.batch_size == 4 and spec.embeddings.dtype == "auto"
+    assert spec.embeddings.dedup.similarity == 0.9 and spec.embeddings.dedup.hamming_distance == 8
+    assert PartSpec.from_dict(spec.to_dict()) == spec
+    assert part("s", "/tmp/o", open_clip_dir).embeddings.dedup is None
+    with pytest.raises(SpecError, match=r"spec\.embeddings\.model: required field is missing"):
+        PartSpec.from_dict({"partId": "E", "source": {"urls": ["s"]}, "output": {"uri": "/o"}, "embeddings": {}})
+    with pytest.raises(SpecError, match=r"spec\.embeddings\.dedup\.similarity"):
+        part("s", "/tmp/o", open_clip_dir, dedup={"similarity": 1.5})
+    with pytest.raises(SpecError, match=r"spec\.embeddings\.batchSize"):
+        part("s", "/tmp/o", open_clip_dir, batchSize=0)
+
+
+# --- models -----------------------------------------------------------------------------------------
+
+
+def test_open_clip_embeddings_are_the_librarys_own(open_clip_dir):
+    """The stage's decode, crop, normalisation and towers against open_clip's own preprocess transform
+    (on the PIL image), tokenizer and encode_image/encode_text, for a local folder and `local-dir:`."""
+    import open_clip
+    import torch
+    from PIL import Image
+
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{open_clip_dir}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{open_clip_dir}")
+    images = pictures(4)
+    with torch.no_grad():
+        pixels = torch.stack([preprocess(Image.open(io.BytesIO(b))) for b in images])
+        want_image = unit(model.encode_image(pixels).numpy())
+        want_text = unit(model.encode_text(tokenizer(CAPTIONS)).numpy())
+    for name in (str(open_clip_dir), f"local-dir:{open_clip_dir}", f"open_clip:local-dir:{open_clip_dir}"):
+        image, text = ours(name, images, CAPTIONS)
+        assert image.dtype == np.float16 and image.shape == (4, CLIP_EMBED_DIM)
+        np.testing.assert_allclose(np.linalg.norm(image.astype(np.float64), axis=1), 1.0, atol=2e-3)
+        np.testing.assert_allclose(image, want_image, atol=3e-3)
+        np.testing.assert_allclose(text, want_text, atol=3e-3)
+
+
+def test_transformers_clip_embeddings_are_the_librarys_own(hf_clip_dir):
+    """transformers' CLIPModel: its forward pass on the stage's pixels exactly, normalised with its
+    CLIPImageProcessor's mean and std; the processor's own resize rounds otherwise, within a cosine
+    of 0.99 on these noise images; its tokenizer's captions exactly."""
+    import torch
+    from PIL import Image
+    from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    from laion_operator.pipeline.encoding import preprocess, to_uint8
+
+    model = CLIPModel.from_pretrained(str(hf_clip_dir)).eval()
+    processor = CLIPImageProcessor.from_pretrained(str(hf_clip_dir))
+    tokenizer = CLIPTokenizer.from_pretrained(str(hf_clip_dir))
+    images = pictures(4, seed=3)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (processor.image_mean, processor.image_std))
+    with torch.no_grad():
+        uint8 = to_uint8([preprocess(b, CLIP_IMAGE_SIZE) for b in images])
+        want_image = unit(model.get_image_features(pixel_values=(uint8 / 255.0 - mean) / std).numpy())
+        theirs = processor([Image.open(io.BytesIO(b)).convert("RGB") for b in images], return_tensors="pt")
+        processed = unit(model.get_image_features(**theirs).numpy())
+        tokens = tokenizer(CAPTIONS, padding=True, truncation=True, max_length=77, return_tensors="pt")
+        want_text = unit(model.get_text_features(**tokens).numpy())
+    image, text = ours(str(hf_clip_dir), images, CAPTIONS)
+    assert image.shape == text.shape == (4, CLIP_EMBED_DIM)
+    np.testing.assert_allclose(image, want_image, atol=3e-3)
+    np.testing.assert_allclose(text, want_text, atol=3e-3)
+    assert (np.sum(image.astype(np.float64) * processed, axis=1) > 0.99).all()
+
+
+def test_a_model_that_cannot_load_names_the_field(tmp_path):
+    from laion_operator.pipeline import models
+    from tests.support.tiny_models import build_open_clip
+
+    for name in (str(tmp_path / "missing"), "laion-operator-tests/no-such-clip", "hf-hub:laion-operator-tests/none"):
+        settings = part("s", "/tmp/o", name).embeddings
+        models.go_offline(settings)  # a hub id is looked up in the local cache only
+        with pytest.raises(models.ModelError, match=r"spec\.embeddings\.model: cannot load"):
+            (models.OpenClip if models.is_open_clip(name) else models.TransformersClip)(settings, "cpu")
+    squash = build_open_clip(tmp_path / "squash", resize_mode="squash")
+    with pytest.raises(models.ModelError, match=r"spec\.embeddings\.model: .* prepares images as squash"):
+        models.OpenClip(part("s", "/tmp/o", squash).embeddings, "cpu")
+
+
+def test_embeddings_progress_shows_in_the_status_and_the_metrics():
+    from prometheus_client import generate_latest
+
+    from laion_operator.contract import Progress
+    from laion_operator.control.metrics import Metrics
+    from laion_operator.control.status import STATUS_SCHEMA, cr_status
+    from laion_operator.pipeline.stages.encoding import Counts
+
+    counts = Counts(shards_total=3, shards_done=1, written=17, skipped=1, per_second=8.5)
+    progress = Progress(part_id="p", phase="Embedding", shards_total=3, shards_done=3, embeddings=counts.status())
+    status = cr_status(progress)
+    assert status["embeddings"] == {
+        "shards": {"total": 3, "done": 1, "failed": 0},
+        "written": 17,
+        "skipped": 1,
+        "perSecond": 8.5,
+    }
+    assert set(status["embeddings"]) == set(STATUS_SCHEMA["properties"]["embeddings"]["properties"])
+    assert "embeddings" not in cr_status(Progress(part_id="q", shards_total=2))
+    assert Progress.from_json(json.loads(json.dumps(progress.to_json()))).embeddings == counts.status()
+    metrics = Metrics()
+    metrics.observe_part("ns", "p", "Embedding", progress)
+    text = generate_latest(metrics.registry).decode()
+    assert 'laion_part_embeddings_total{namespace="ns",part="p"} 17.0' in text
+    assert 'laion_part_embeddings_per_second{namespace="ns",part="p"} 8.5' in text
+    assert 'laion_part_embeddings_shards{namespace="ns",part="p",state="done"} 1.0' in text
+    assert 'laion_part_phase{namespace="ns",part="p",phase="Embedding"} 1.0' in text
+
+
+# --- the stage on Ray -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory, image_server):
+    path = tmp_path_factory.mktemp("meta") / "part.parquet"
+    write_metadata(path, 30, image_server.base_url, seed=7, failure_mix=MIX)
+    return path
+
+
+@pytest.fixture(scope="module")
+def embedded(ray_driver, source, open_clip_dir, tmp_path_factory):
+    from laion_operator.pipeline.driver import run_part
+
+    out = tmp_path_factory.mktemp("embedded") / "out"
+    summary = run_part(part(source, out, open_clip_dir, dedup={}))
+    return out, summary
+
+
+def read_layout(out: Path) -> dict[int, tuple[np.ndarray, np.ndarray, list[dict]]]:
+    folder = out / contract.EMBEDDINGS_DIR
+    found = {}
+    for path in sorted((folder / "img_emb").iterdir()):
+        shard = int(path.stem.rsplit("_", 1)[1])
+        found[shard] = (
+            np.load(path),
+            np.load(out / contract.embeddings_file("text_emb", shard)),
+            pq.read_table(out / contract.embeddings_file("metadata", shard)).to_pylist(),
+        )
+    return found
+
+
+def test_a_part_ends_with_every_images_embeddings_in_clip_retrievals_layout(embedded, open_clip_dir):
+    out, summary = embedded
+    ok, shards = summary["images"]["ok"], summary["shards"]["total"]
+    assert ok > 12 and shards >= 2
+    section = summary["embeddings"]
+    assert section["samples"] == ok and section["shards"] == shards and section["skipped"] == 0
+    assert section["dim"] == CLIP_EMBED_DIM and section["model"] == str(open_clip_dir)
+    assert json.loads((out / "part_E_summary.json").read_text())["embeddings"] == section
+    progress = json.loads((out / contract.PROGRESS).read_text())
+    assert progress["phase"] == "Succeeded" and progress["embeddings"]["written"] == ok
+    assert progress["embeddings"]["shards"] == {"total": shards, "done": shards, "failed": 0}
+
+    layout = read_layout(out)
+    assert sorted(layout) == list(range(shards))
+    downloaded = {s.key: s for s in outputs.images(out, "webdataset")}
+    rows = {row["key"]: row for row in outputs.metadata(out)}
+    keys = []
+    for shard, (image, text, meta) in layout.items():
+        assert image.dtype == text.dtype == np.float16 and image.shape == text.shape == (len(meta), CLIP_EMBED_DIM)
+        for row in meta:
+            assert list(row)[:6] == ["key", "url", "caption", "shard", "image_sha256", "image_phash"]
+            assert row["shard"] == shard and row["url"] == rows[row["key"]]["url"]
+            assert row["caption"] == downloaded[row["key"]].caption and "status" not in row
+            assert row["width"] == rows[row["key"]]["width"]  # the part's metadata columns follow
+        keys += [row["key"] for row in meta]
+        # Row i of the metadata is row i of both arrays: the same embeddings again from its image.
+        again_image, again_text = ours(
+            str(open_clip_dir), [downloaded[r["key"]].image for r in meta], [r["caption"] for r in meta]
+        )
+        np.testing.assert_allclose(image.astype(np.float32), again_image.astype(np.float32), atol=2e-3)
+        np.testing.assert_allclose(text.astype(np.float32), again_text.astype(np.float32), atol=2e-3)
+    assert sorted(keys) == sorted(downloaded)  # each downloaded image exactly once
+
+
+def test_embedding_reader_reads_the_folder_as_clip_retrievals(embedded):
+    """clip-retrieval's own reader (what autofaiss reads with) pairs each embedding with its metadata row."""
+    from embedding_reader import EmbeddingReader
+
+    out, summary = embedded
+    folder = out / contract.EMBEDDINGS_DIR
+    layout = read_layout(out)
+    want = {row["key"]: image[i] for image, _, meta in layout.values() for i, row in enumerate(meta)}
+    reader = EmbeddingReader(
+        str(folder / "img_emb"),
+        file_format="parquet_npy",
+        metadata_folder=str(folder / "metadata"),
+        meta_columns=["key", "url", "caption"],
+    )
+    assert reader.count == summary["images"]["ok"] and reader.dimension == CLIP_EMBED_DIM
+    seen = 0
+    for embeddings, meta in reader(batch_size=7, start=0, end=reader.count):
+        for vector, key in zip(embeddings, meta["key"]):
+            np.testing.assert_array_equal(vector, want[key])
+            seen += 1
+    assert seen == reader.count
+
+
+def test_embeddings_resume_per_shard_byte_for_byte(embedded, open_clip_dir):
+    """A shard cut short (its stats missing, its array half written) is embedded again whole: the folder
+    ends byte-identical to the uninterrupted run's, the finished shard not redone."""
+    from laion_operator.pipeline.driver import embed_part
+
+    out, summary = embedded
+    copy = out.parent / "resumed"
+    shutil.copytree(out, copy)
+    kept = (copy / contract.embeddings_stats(0)).read_text()
+    (copy / contract.embeddings_stats(1)).unlink()
+    half = copy / contract.embeddings_file("img_emb", 1)
+    half.write_bytes(half.read_bytes()[: len(half.read_bytes()) // 2])
+    (copy / contract.embeddings_file("metadata", 1)).unlink()
+    resumed = embed_part(part("unused.parquet", copy, open_clip_dir, dedup={}))
+    assert (copy / contract.embeddings_stats(0)).read_text() == kept
+    assert resumed["embeddings"]["samples"] == summary["images"]["ok"]
+    for shard in range(summary["shards"]["total"]):
+        for kind in FILES:
+            name = contract.embeddings_file(kind, shard)
+            assert (copy / name).read_bytes() == (out / name).read_bytes(), name
+    dups = contract.EMBEDDINGS_DUPLICATES
+    assert pq.read_table(copy / dups).equals(pq.read_table(out / dups))
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "files", "tfrecord", "mds"])
+def test_every_output_format_gives_the_same_embeddings(ray_driver, source, open_clip_dir, embedded, tmp_path, fmt):
+    from laion_operator.pipeline.driver import embed_part, run_part
+
+    out, _ = embedded
+    reference = {row["key"]: image[i] for image, _, meta in read_layout(out).values() for i, row in enumerate(meta)}
+    spec = part(source, tmp_path / fmt, open_clip_dir, fmt=fmt)
+    downloaded = run_part(PartSpec.from_dict({k: v for k, v in spec.to_dict().items() if k != "embeddings"}))
+    summary = embed_part(spec)  # `laion-operator embed` over a finished output
+    assert summary["embeddings"]["samples"] == downloaded["images"]["ok"] == len(reference)
+    for image, _, meta in read_layout(tmp_path / fmt).values():
+        for i, row in enumerate(meta):
+            # The same image, in a batch made up by the order its shard's downloads finished in.
+            np.testing.assert_allclose(image[i].astype(np.float32), reference[row["key"]].astype(np.float32), atol=2e-3)
+
+
+def test_an_output_without_images_fails_naming_the_field(ray_driver, image_server, open_clip_dir, tmp_path):
+    from laion_operator.pipeline.driver import embed_part, run_part
+
+    meta = tmp_path / "all-404.parquet"
+    write_metadata(meta, 6, image_server.base_url, seed=2, failure_mix={"http_4xx": 1.0})
+    spec = part(meta, tmp_path / "out", open_clip_dir)
+    with pytest.raises(InputError, match=r"spec\.embeddings: output .* holds no image to embed \(0 samples"):
+        run_part(spec)
+    assert json.loads((tmp_path / "out" / contract.PROGRESS).read_text())["phase"] == "Failed"
+    with pytest.raises(InputError, match=r"output .*nothing.* holds no finished shard"):
+        embed_part(part(meta, tmp_path / "nothing", open_clip_dir))
+
+
+def test_a_model_that_cannot_load_fails_the_part_as_bad_input(embedded, tmp_path):
+    from laion_operator.pipeline.driver import embed_part
+
+    out, _ = embedded
+    copy = tmp_path / "bad"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns(contract.EMBEDDINGS_DIR))
+    with pytest.raises(InputError, match=r"spec\.embeddings\.model: cannot load .*no-such-model"):
+        embed_part(part("unused.parquet", copy, tmp_path / "no-such-model"))
+    assert json.loads((copy / contract.PROGRESS).read_text())["phase"] == "Failed"
