@@ -12,7 +12,10 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
+import sys
 import tempfile
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,10 +56,79 @@ def ending(part_id: str, err: Exception) -> tuple[ExitCode, str]:
     return code, f"part {part_id} failed: {err}"
 
 
+class _Start:
+    """Ray joined or started on a thread of its own (`start_ray`), while the driver imports the
+    pipeline and filters the metadata, which need no Ray: the start-up is off the whole command's path.
+
+    The thread stays parked until the process exits: a local cluster's processes are started with
+    PR_SET_PDEATHSIG, which Linux ties to the thread that forked them, so they would die with a thread
+    that returned (and the driver then waits a minute for a GCS that is gone)."""
+
+    def __init__(self, address: str | None):
+        self.ready = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(address,), name="ray-start", daemon=True)
+        self.thread.start()
+
+    def _run(self, address: str | None) -> None:
+        try:
+            _init_ray(address)
+            _warm_workers()
+        except Exception as err:  # noqa: BLE001 - raised again in the thread that waits (ensure_ray)
+            self.error = err
+        finally:
+            self.ready.set()
+        threading.Event().wait()  # parked: see the class's docstring
+
+    def wait(self) -> None:
+        self.ready.wait()
+        if self.error is not None:
+            raise self.error
+
+
+_start: _Start | None = None
+
+
+def _not_main_thread_notice(record: logging.LogRecord) -> bool:
+    return "SIGTERM handler is not set" not in record.getMessage()
+
+
+def start_ray(address: str | None = None) -> None:
+    """Begin `ensure_ray(address)` in the background; the first `ensure_ray` waits for it. Called from
+    the main thread, which takes over what ray.init does only there: SIGTERM exits through atexit (and
+    so ray.shutdown), and Ray's notice that it could not is dropped."""
+    global _start
+    if _start is None and not ray.is_initialized():
+        signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(signum))
+        logging.getLogger("ray._private.worker").addFilter(_not_main_thread_notice)
+        _start = _Start(address)
+
+
+@ray.remote
+def _imports() -> None:
+    from . import download, record  # noqa: F401  what a shard task imports first
+    from .fetch import engine  # noqa: F401
+
+
+def _warm_workers() -> None:
+    """The shard tasks' imports (Arrow, OpenCV, aiohttp) done by the workers Ray started, one task a
+    CPU, while the filter runs: the first shards start at once instead of after them."""
+    if os.environ.get("RAY_JOB_ID"):
+        return  # inside a job the filter is short next to a cluster's workers; nothing to hide it under
+    cpus = int(ray.available_resources().get("CPU", 1))
+    ray.get([_imports.remote() for _ in range(max(cpus, 1))])
+
+
 def ensure_ray(address: str | None = None) -> None:
     """Join the Ray cluster of a Ray job, or the given address, or start a local one on loopback."""
+    if _start is not None:
+        _start.wait()
     if ray.is_initialized():
         return
+    _init_ray(address)
+
+
+def _init_ray(address: str | None) -> None:
     if os.environ.get("RAY_JOB_ID") or (not address and os.environ.get("RAY_ADDRESS")):
         ray.init(log_to_driver=False)  # inside a Ray job: the job's runtime env already carries everything
     elif address:
