@@ -89,7 +89,7 @@ CAPTIONS = ["the cat on the mat", "", "a very long caption " * 30, "ünïcödé 
 def test_embeddings_settings_are_validated_naming_the_field(open_clip_dir):
     spec = part("s.parquet", "/tmp/o", open_clip_dir, dedup={"similarity": 0.9})
     assert spec.embeddings.batch_size == 4 and spec.embeddings.dtype == "auto"
-    assert spec.embeddings.dedup.similarity == 0.9 and spec.embeddings.dedup.hamming_distance == 8
+    assert spec.embeddings.dedup.similarity == 0.9 and spec.embeddings.dedup.hamming_distance == 6
     assert PartSpec.from_dict(spec.to_dict()) == spec
     assert part("s", "/tmp/o", open_clip_dir).embeddings.dedup is None
     with pytest.raises(SpecError, match=r"spec\.embeddings\.model: required field is missing"):
@@ -261,6 +261,16 @@ def test_a_part_ends_with_every_images_embeddings_in_clip_retrievals_layout(embe
         np.testing.assert_allclose(image.astype(np.float32), again_image.astype(np.float32), atol=2e-3)
         np.testing.assert_allclose(text.astype(np.float32), again_text.astype(np.float32), atol=2e-3)
     assert sorted(keys) == sorted(downloaded)  # each downloaded image exactly once
+    # dedup over the folder: the image server serves each URL's own picture, so no copy but by chance
+    table = pq.read_table(out / contract.EMBEDDINGS_DUPLICATES)
+    assert table.column_names == ["key", "kept", "kind", "similarity", "hamming"]
+    assert section["duplicates"] == {
+        **{kind: table.column("kind").to_pylist().count(kind) for kind in ("exact", "perceptual", "semantic")},
+        "groups": len(set(table.column("kept").to_pylist())),
+    }
+    assert set(table.column("key").to_pylist()) <= set(keys) and not set(table.column("key").to_pylist()) & set(
+        table.column("kept").to_pylist()
+    )
 
 
 def test_embedding_reader_reads_the_folder_as_clip_retrievals(embedded):

@@ -118,7 +118,7 @@ DEDUP: dict = {
         "exact": boolean("The same stored image bytes (SHA-256).", True),
         "perceptual": boolean("The same picture resized or recompressed (64-bit DCT hash).", True),
         "hammingDistance": integer(
-            "Perceptual: DCT hashes this many bits apart or fewer are duplicates.", minimum=0, maximum=32, default=8
+            "Perceptual: DCT hashes this many bits apart or fewer are duplicates.", minimum=0, maximum=32, default=6
         ),
         "semantic": boolean("Image embeddings at or above `similarity` (cosine), grouped transitively.", True),
         "similarity": number("Semantic: the cosine similarity of duplicates.", minimum=0, maximum=1, default=0.95),
