@@ -20,7 +20,8 @@ WHOLE = {
         "ok": 512,
         "failedToDownload": 120,
         "failedToResize": 8,
-        "failedByReason": {"http_4xx": 100, "timeout": 20, "decode": 8},
+        "failedByReason": {"http_4xx": 96, "timeout": 20, "decode": 8, "opt_out": 4},
+        "optedOutBy": {"x_robots_tag": 3, "tdmrep_json": 1},
     },
     "successRate": 80.0,
     "bytesWritten": 12345678,
@@ -55,7 +56,8 @@ WHOLE = {
 def test_a_whole_summary_reads_and_writes_back_the_same_document():
     summary = Summary.from_json(copy.deepcopy(WHOLE))
     assert summary.written is not None and summary.written.ok == 512 and summary.images_ok == 512
-    assert summary.written.failed_by_reason == {"http_4xx": 100, "timeout": 20, "decode": 8}
+    assert summary.written.failed_by_reason == {"http_4xx": 96, "timeout": 20, "decode": 8, "opt_out": 4}
+    assert summary.written.opted_out_by == {"x_robots_tag": 3, "tdmrep_json": 1}
     assert summary.verified is not None and summary.verified.ok and summary.verified.images_decoded == 512
     assert summary.latents == LatentsSummary(
         index=WHOLE["latents"]["index"],
