@@ -211,18 +211,13 @@ class _Spec(Protocol):
     def to_dict(self) -> dict: ...
 
 
-# Where a part's archives are fetched from, not which they are (spec.source.archives).
-ARCHIVE_LOCATIONS = ("urls", "pattern", "links", "headersSecret", "maxArchiveBytes")
-
-
 def fingerprint(spec: _Spec) -> str:
     """What decides the shards' content; a resumed run into the same output must see the same value."""
     data = spec.to_dict()
     key = {k: data.get(k) for k in ("source", "columns", "filter")}
-    if "archives" in data["source"]:
-        # Archives are known by name: a fresh link file for expired ones resumes the same output.
-        archives = data["source"]["archives"]
-        key["source"] = {"archives": {k: v for k, v in archives.items() if k not in ARCHIVE_LOCATIONS}}
+    if "archives" in data["source"]:  # known by name, not by where they are: a new link file resumes
+        where = ("urls", "pattern", "links", "headersSecret", "maxArchiveBytes")
+        key["source"] = {"archives": {k: v for k, v in data["source"]["archives"].items() if k not in where}}
     key["additional"] = data["download"]["saveAdditionalColumns"]
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 

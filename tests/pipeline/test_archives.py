@@ -422,3 +422,43 @@ def test_headers_secret_reaches_the_repository_not_the_cdn_it_redirects_to(tmp_p
         assert cdn.authorizations == [("cc12m/cc12m-train-0001.tar", None)]
     assert written(spec) == samples
     assert token not in json.dumps(spec.to_dict())
+
+
+# --- the whole part on Ray --------------------------------------------------------------------------
+
+
+def test_a_part_on_ray_says_its_links_expired_and_a_new_link_file_finishes_it(ray_driver, tmp_path):
+    from laion_operator.pipeline.driver import run_part
+
+    files, samples, names = layouts.sa1b(archives=4, per=2)
+    with ArchiveServer(files) as web:
+        web.files["links1.tsv"] = layouts.links(names, web.base, "old").encode()
+        captions = {
+            "annotations": f"{web.base}/captions/sa1b_captions.tgz#sa1b_captions.jsonl",
+            "key": "image",
+            "caption": "caption",
+            "joinOn": "basename",
+        }
+        web.expired = {"sa1b/sa_000001.tar"}
+        spec = part(tmp_path, {"links": f"{web.base}/links1.tsv", "captions": captions}, outputFormat="mds")
+        with pytest.raises(InputError, match=r"sa_000001.tar: expired: .* the signed link has expired"):
+            run_part(spec)
+        progress = Store(spec.output).read_json(contract.PROGRESS)
+        assert progress["phase"] == "Failed" and "expired" in progress["message"]
+        assert "Signature" not in progress["message"]
+
+        web.expired = set()
+        web.files["links2.tsv"] = layouts.links(names, web.base, "new").encode()
+        web.requests.clear()
+        renewed = part(tmp_path, {"links": f"{web.base}/links2.tsv", "captions": captions}, outputFormat="mds")
+        summary = run_part(renewed)
+        assert web.fetched("sa1b/") == ["sa1b/sa_000001.tar"]
+    assert summary["images"]["ok"] == summary["images"]["attempted"] == len(samples)
+    assert summary["shards"] == {"total": 4, "done": 4, "failed": 0} and summary["verified"]["ok"]
+    store = Store(renewed.output)
+    found = {
+        (s.meta["source_file"], s.meta["source_key"]): s.caption
+        for n in range(4)
+        for s in formats.get("mds").read_samples(store, n)
+    }
+    assert found == samples
