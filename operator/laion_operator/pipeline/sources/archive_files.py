@@ -222,3 +222,6 @@ class ArchiveFailed(ArchiveError):
     def __init__(self, reason: str, message: str):
         super().__init__(message)
         self.reason = reason
+
+    def __reduce__(self):  # Ray sends a task's exception to the driver pickled
+        return type(self), (self.reason, str(self))
