@@ -94,20 +94,17 @@ def written(spec: PartSpec) -> dict[tuple[str, str], str]:
 # --- each layout, end to end -----------------------------------------------------------------------
 
 
+def journeydb_part(tmp_path, web: ArchiveServer, archives: int) -> PartSpec:
+    """micro_diffusion's JourneyDB download as a part: imgs/NNN.tgz joined to the annotations archive."""
+    anno = f"{web.base}/data/train/train_anno_realease_repath.jsonl.tgz#train_anno_realease_repath.jsonl"
+    source = {"pattern": f"{web.base}/imgs/{{part}}.tgz", "first": 0, "last": archives - 1, "digits": 3}
+    return part(tmp_path, {**source, "captions": {"annotations": anno, "key": "img_path", "caption": "prompt"}})
+
+
 def test_journeydb_tgz_archives_joined_to_a_jsonl_inside_another_archive(tmp_path):
     files, samples = layouts.journeydb(archives=3, per=4)
     with ArchiveServer(files) as web:
-        anno = f"{web.base}/data/train/train_anno_realease_repath.jsonl.tgz#train_anno_realease_repath.jsonl"
-        spec = part(
-            tmp_path,
-            {
-                "pattern": f"{web.base}/imgs/{{part}}.tgz",
-                "first": 0,
-                "last": 2,
-                "digits": 3,
-                "captions": {"annotations": anno, "key": "img_path", "caption": "prompt"},
-            },
-        )
+        spec = journeydb_part(tmp_path, web, archives=3)
         assert convert_all(spec) == {}
     assert written(spec) == samples
     assert Store(spec.output).read_json(contract.MANIFEST)["inputs"] == [{"archive": f"{a:03d}.tgz"} for a in range(3)]
@@ -376,17 +373,7 @@ def test_a_connection_lost_mid_archive_resumes_by_range(tmp_path):
 def test_an_interrupted_part_resumes_with_each_sample_once(tmp_path):
     files, samples = layouts.journeydb(archives=3, per=3)
     with ArchiveServer(files) as web:
-        anno = f"{web.base}/data/train/train_anno_realease_repath.jsonl.tgz#train_anno_realease_repath.jsonl"
-        spec = part(
-            tmp_path,
-            {
-                "pattern": f"{web.base}/imgs/{{part}}.tgz",
-                "first": 0,
-                "last": 2,
-                "digits": 3,
-                "captions": {"annotations": anno, "key": "img_path", "caption": "prompt"},
-            },
-        )
+        spec = journeydb_part(tmp_path, web, archives=3)
         store = Store(spec.output)
         plan(spec, store)
         convert_shard(spec, 0)

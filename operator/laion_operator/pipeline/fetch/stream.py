@@ -30,6 +30,8 @@ AGENT = f"laion-operator/{__version__}"
 
 def shown(url: str) -> str:
     """The URL without its query and credentials (a signed link's signature is a credential)."""
+    if "://" not in url:
+        return url  # a local path
     parts = urlsplit(url)
     host = parts.hostname or ""
     if parts.port:
