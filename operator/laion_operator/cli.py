@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from . import contract
 from . import spec as specs
 from .contract import ExitCode
 from .errors import InputError
@@ -111,6 +112,37 @@ def cmd_embed(args) -> int:
     from .pipeline.local import embed_with_progress
 
     return embed_with_progress(part, args.ray_address)
+
+
+def cmd_index(args) -> int:
+    from .pipeline.index import build
+
+    store = Store(specs.output_of({"uri": args.output}))
+    model = args.model or (store.read_json(contract.EMBEDDINGS_INDEX, "index.json") or {}).get("model")
+    if not model:
+        found = store.read_json(contract.PROGRESS) or {}
+        summary = store.read_json(contract.summary(found.get("part_id", ""))) or {}
+        model = summary.get("embeddings", {}).get("model")
+    if not model:
+        raise InputError(f"--model: {args.output} names no embeddings model (no summary with an embeddings section)")
+    info = build(store, model, args.memory)
+    print(f"indexed {info['count']:,} samples of {args.output} ({', '.join(info['indexes'])}) in {args.memory}")
+    return ExitCode.OK
+
+
+def cmd_search(args) -> int:
+    from .pipeline.index import search
+
+    image = None
+    if args.image:
+        try:
+            image = Path(args.image).read_bytes()
+        except OSError as err:
+            raise InputError(f"--image {args.image}: {err.strerror}") from None
+    store = Store(specs.output_of({"uri": args.output}))
+    for hit in search(store, text=args.text, image=image, k=args.k, against=args.against):
+        print(f"{hit.similarity:.4f}\t{hit.key}\t{hit.url or ''}\t{hit.caption or ''}")
+    return ExitCode.OK
 
 
 def cmd_convert(args) -> int:
@@ -290,6 +322,21 @@ def parser() -> argparse.ArgumentParser:
     embed.add_argument("--output", help="override output.uri")
     embed.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     embed.set_defaults(func=cmd_embed)
+    index = sub.add_parser("index", help="FAISS indexes (autofaiss) of an output's embeddings, within a memory budget")
+    index.add_argument("output", help="the part's output folder: a local path or s3://bucket/prefix")
+    index.add_argument("--memory", default="4G", help="the index's memory budget (autofaiss's, e.g. 512M, 4G)")
+    index.add_argument("--model", help="the model the embeddings came from (default: the part's summary's)")
+    index.set_defaults(func=cmd_index)
+    search = sub.add_parser("search", help="the samples of an indexed output nearest a caption or an image")
+    search.add_argument("output", help="the part's output folder, indexed")
+    query = search.add_mutually_exclusive_group(required=True)
+    query.add_argument("--text", help="a caption to search for")
+    query.add_argument("--image", help="an image file to search for")
+    search.add_argument("-k", type=int, default=10, help="results (default 10)")
+    search.add_argument(
+        "--against", choices=["image", "text"], default="image", help="the images' or the captions' index"
+    )
+    search.set_defaults(func=cmd_search)
     heal = sub.add_parser(
         "heal",
         help="fetch again the samples of a finished part that failed for transient reasons, rewriting their shards",
@@ -324,7 +371,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 # The commands that run the pipeline in this process (the operator's must never load it).
-PIPELINE_COMMANDS = {"run", "convert", "verify", "latents", "embed", "heal", "demo"}
+PIPELINE_COMMANDS = {"run", "convert", "verify", "latents", "embed", "index", "search", "heal", "demo"}
 
 
 def main(argv: list[str] | None = None, own_process: bool = False) -> int:

@@ -123,6 +123,7 @@ def embeddings_file(kind: str, shard: int) -> str:
 
 
 EMBEDDINGS_DUPLICATES = f"{EMBEDDINGS_DIR}/duplicates.parquet"  # embeddings.dedup's (pipeline/dedup.py)
+EMBEDDINGS_INDEX = f"{EMBEDDINGS_DIR}/index"  # embeddings.index's FAISS indexes and id map (pipeline/index.py)
 
 
 def embeddings_stats(shard: int) -> str:  # present only once the shard's three files are complete

@@ -105,6 +105,7 @@ class EmbeddingsSummary:
     shard_seconds_sum: float = 0.0
     devices: list[str] = field(default_factory=list)
     duplicates: dict[str, int] | None = None
+    index: str = ""  # with embeddings.index: the FAISS indexes' folder
 
 
 @dataclass

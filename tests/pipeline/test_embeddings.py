@@ -212,7 +212,7 @@ def embedded(ray_driver, source, open_clip_dir, tmp_path_factory):
     from laion_operator.pipeline.driver import run_part
 
     out = tmp_path_factory.mktemp("embedded") / "out"
-    summary = run_part(part(source, out, open_clip_dir, dedup={}))
+    summary = run_part(part(source, out, open_clip_dir, dedup={}, index=True, indexMemory="64M"))
     return out, summary
 
 
@@ -309,7 +309,7 @@ def test_embeddings_resume_per_shard_byte_for_byte(embedded, open_clip_dir):
     half = copy / contract.embeddings_file("img_emb", 1)
     half.write_bytes(half.read_bytes()[: len(half.read_bytes()) // 2])
     (copy / contract.embeddings_file("metadata", 1)).unlink()
-    resumed = embed_part(part("unused.parquet", copy, open_clip_dir, dedup={}))
+    resumed = embed_part(part("unused.parquet", copy, open_clip_dir, dedup={}))  # no index: the copy's stays
     assert (copy / contract.embeddings_stats(0)).read_text() == kept
     assert resumed["embeddings"]["samples"] == summary["images"]["ok"]
     for shard in range(summary["shards"]["total"]):
@@ -358,3 +358,63 @@ def test_a_model_that_cannot_load_fails_the_part_as_bad_input(embedded, tmp_path
     with pytest.raises(InputError, match=r"spec\.embeddings\.model: cannot load .*no-such-model"):
         embed_part(part("unused.parquet", copy, tmp_path / "no-such-model"))
     assert json.loads((copy / contract.PROGRESS).read_text())["phase"] == "Failed"
+
+
+# --- the index and search ---------------------------------------------------------------------------
+
+
+def test_autofaiss_indexes_the_folder_and_search_finds_each_sample(embedded, capsys):
+    """embeddings.index: autofaiss over the folder as clip-retrieval's index step runs it; an index id is
+    the row of the metadata files read in name order (ids.parquet), so every sample finds itself."""
+    import faiss
+
+    from laion_operator import cli
+    from laion_operator.pipeline.index import search
+    from tests.support.outputs import store_of
+
+    out, summary = embedded
+    folder = out / contract.EMBEDDINGS_INDEX
+    assert summary["embeddings"]["index"].endswith(contract.EMBEDDINGS_INDEX)
+    info = json.loads((folder / "index.json").read_text())
+    assert info["count"] == summary["images"]["ok"] and set(info["indexes"]) == {"image", "text"}
+    ids = pq.read_table(folder / "ids.parquet").to_pylist()
+    rows = [(row, image[i], text[i]) for image, text, meta in read_layout(out).values() for i, row in enumerate(meta)]
+    assert [r["key"] for r in ids] == [row["key"] for row, _, _ in rows] and [r["id"] for r in ids] == list(
+        range(len(ids))
+    )
+    for tower, column in (("image", 1), ("text", 2)):
+        index = faiss.read_index(str(folder / f"{tower}.index"))
+        vectors = np.array([r[column] for r in rows], np.float32)
+        scores, found = index.search(vectors, 1)
+        # the nearest vector is the sample's own (or one exactly as near: the tiny model's near-twins)
+        assert (scores[:, 0] >= np.einsum("ij,ij->i", vectors, vectors) - 1e-3).all()
+        assert (found[:, 0] == np.arange(len(rows))).mean() > 0.9
+
+    store = store_of(out)
+    downloaded = {s.key: s for s in outputs.images(out, "webdataset")}
+    row = ids[3]
+    hits = search(store, text=row["caption"], k=3, against="text")
+    assert hits[0].similarity == pytest.approx(1.0, abs=2e-3) and row["key"] in [
+        h.key for h in hits if h.similarity > 0.998
+    ]
+    hits = search(store, image=downloaded[row["key"]].image, k=5)
+    assert len(hits) == 5 and row["key"] in [h.key for h in hits if h.similarity > 0.998]
+    assert hits[0].url == ids[hits[0].id]["url"] and hits[0].caption == ids[hits[0].id]["caption"]
+
+    assert cli.main(["search", str(out), "--text", row["caption"], "-k", "2", "--against", "text"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and any(row["key"] in line for line in lines)
+    with pytest.raises(InputError, match="give a text or an image"):
+        search(store, k=1)
+
+
+def test_index_command_rebuilds_within_its_budget_and_refuses_an_output_without_embeddings(embedded, tmp_path):
+    from laion_operator import cli
+
+    out, summary = embedded
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("index"))
+    assert cli.main(["index", str(copy), "--memory", "32M"]) == 0
+    info = json.loads((copy / contract.EMBEDDINGS_INDEX / "index.json").read_text())
+    assert info["memory"] == "32M" and info["count"] == summary["images"]["ok"]
+    assert cli.main(["index", str(tmp_path / "empty"), "--model", "x"]) == contract.ExitCode.BAD_INPUT

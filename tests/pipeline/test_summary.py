@@ -49,6 +49,19 @@ WHOLE = {
         "captionShape": [77, 768],
         "dtype": "float16",
     },
+    "embeddings": {
+        "folder": "s3://bucket/laion/part-00007/embeddings",
+        "model": "hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K",
+        "samples": 512,
+        "skipped": 0,
+        "shards": 2,
+        "dim": 512,
+        "embeddingsPerSecond": 90.0,
+        "shardSecondsSum": 11.0,
+        "devices": ["cuda"],
+        "duplicates": {"exact": 3, "perceptual": 2, "semantic": 5, "groups": 7},
+        "index": "s3://bucket/laion/part-00007/embeddings/index",
+    },
     "heal": {"reasons": ["timeout"], "shards": 1, "refetched": 20},
 }
 
@@ -73,15 +86,16 @@ def test_a_whole_summary_reads_and_writes_back_the_same_document():
         dtype="float16",
     )
     assert summary.heal == HealSummary(reasons=["timeout"], shards=1, refetched=20)
+    assert summary.embeddings is not None and summary.embeddings.duplicates == WHOLE["embeddings"]["duplicates"]
     assert summary.to_json() == WHOLE
 
 
 def test_keys_it_does_not_know_are_kept_and_missing_sections_stay_missing():
     # A newer writer's key, and a summary of a part without verify, latents or heal.
-    data = {k: v for k, v in copy.deepcopy(WHOLE).items() if k not in ("verified", "latents", "heal")}
-    data["embeddings"] = {"shards": 2}
+    data = {k: v for k, v in copy.deepcopy(WHOLE).items() if k not in ("verified", "latents", "embeddings", "heal")}
+    data["scores"] = {"shards": 2}
     summary = Summary.from_json(data)
-    assert summary.extra == {"embeddings": {"shards": 2}}
+    assert summary.extra == {"scores": {"shards": 2}}
     assert (summary.verified, summary.latents, summary.heal) == (None, None, None)
     assert summary.to_json() == data
 

@@ -97,6 +97,8 @@ def print_summary(summary: Summary, out=sys.stdout) -> None:
             found = ", ".join(f"{n:,} {kind}" for kind, n in emb.duplicates.items())
             out.write(f"            duplicates: {found}\n")
         out.write(f"            {emb.folder}\n")
+        if emb.index:
+            out.write(f"  index     {emb.index}\n")
 
 
 def _run(part: PartSpec, run: Callable[[ProgressBar], dict], out) -> int:

@@ -186,6 +186,8 @@ class Embeddings:
     model: str
     batch_size: int
     dedup: Dedup | None
+    index: bool
+    index_memory: str
     decode_threads: int
     dtype: str
     parallelism: int

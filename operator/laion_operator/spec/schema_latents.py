@@ -140,6 +140,16 @@ EMBEDDINGS: dict = {
         ),
         "batchSize": integer("Samples embedded at once.", minimum=1, maximum=4096, default=256),
         "dedup": DEDUP,
+        "index": boolean(
+            "Build FAISS indexes of the image and caption embeddings with autofaiss (embeddings/index/: "
+            "image.index, text.index, ids.parquet mapping an index id to key, shard, url and caption).",
+            False,
+        ),
+        "indexMemory": string(
+            "The index's memory budget, autofaiss's max_index_memory_usage (e.g. 512M, 4G, 100G).",
+            pattern="^[0-9]+[KMGT]?$",
+            default="4G",
+        ),
         **SHARED,
     },
 }

@@ -1,8 +1,9 @@
 """The embeddings stage (spec.embeddings): every finished shard's CLIP image and caption embeddings in
 clip-retrieval's layout under embeddings/ (pipeline/embeddings.py), a Ray task each on a GPU where the
 cluster has them, as the latents stage runs its shards (stages/encoding.py); then, with
-`embeddings.dedup`, the part's duplicates found over them (pipeline/dedup.py). Torch and the model
-load only inside this stage."""
+`embeddings.dedup`, the part's duplicates found over them (pipeline/dedup.py), and with
+`embeddings.index` their FAISS indexes built (pipeline/index.py). Torch and the model load only
+inside this stage."""
 
 from __future__ import annotations
 
@@ -49,6 +50,10 @@ def run(run: Run) -> EmbeddingsSummary:
                 f"({sum(s.count for s in embedded)} samples in {len(shards)} shards, none with an image that decodes)"
             )
         duplicates = _dedup(run, embedded) if settings.dedup else None
+        if settings.index:
+            from ..index import build
+
+            build(tracker.store, settings.model, settings.index_memory)
     except InputError as err:
         tracker.fail(str(err))
         raise
@@ -63,6 +68,7 @@ def run(run: Run) -> EmbeddingsSummary:
         shard_seconds_sum=round(sum(s.end_time - s.start_time for s in embedded), 3),
         devices=sorted({s.device for s in embedded if s.device}),
         duplicates=duplicates,
+        index=tracker.store.url(contract.EMBEDDINGS_INDEX) if settings.index else "",
     )
     run.written_summary().embeddings = section
     tracker.end()
