@@ -41,6 +41,14 @@ else:  # a dependency of aiohttp's there
 PROJECT_URL = "https://laion-operator.io"
 
 
+def user_agent(opts: Download) -> str:
+    """The User-Agent header a download sends: `userAgent`, else the project, its URL and the token."""
+    token = opts.user_agent_token.strip().lower() if opts.user_agent_token else ""
+    return opts.user_agent or f"laion-operator/{__version__} (+{PROJECT_URL}" + (
+        f"; compatible; {token})" if token else ")"
+    )
+
+
 @dataclass
 class Host:
     """What a task knows of one host (name and port)."""
@@ -118,9 +126,7 @@ class Engine:
         self.min_rate = float(opts.min_body_rate)
         self.token = opts.user_agent_token.strip().lower() if opts.user_agent_token else None
         self.directives = {d.strip().lower() for d in opts.disallowed_header_directives} or None
-        agent = opts.user_agent or f"laion-operator/{__version__} (+{PROJECT_URL}" + (
-            f"; compatible; {self.token})" if self.token else ")"
-        )
+        agent = user_agent(opts)
         # identity: the bytes the server stores are the bytes hashed and decoded, as with urllib.
         self.headers = {"User-Agent": agent, "Accept-Encoding": "identity"}
         self.guard = AddressGuard(opts.allowed_networks or ())
