@@ -195,14 +195,16 @@ def heavy_plan(cfg: Config, host: str, path: str) -> tuple[int, float]:
 
 def expected_reason(cfg: Config, hosts: Hosts, url: str, timeout: float, min_body_rate: float = 16384) -> str:
     """What a client reports that bounds a response's headers by `timeout` and its body by a minimum
-    rate over every `timeout` seconds (the project's download.timeout and minBodyRate), with size caps
-    and Retry-After."""
+    rate over every `timeout` seconds from the request (the project's download.timeout and
+    minBodyRate), with size caps and Retry-After."""
     kind = kind_of(cfg, hosts, url)
     if kind == "heavy":
         parts = urlsplit(url)
         host = address_of(parts.hostname)
-        _, rate = heavy_plan(cfg, host, parts.path)
-        return "ok" if latency(cfg, host, parts.path) < timeout and rate >= min_body_rate else "timeout"
+        size, rate = heavy_plan(cfg, host, parts.path)
+        wait = latency(cfg, host, parts.path)
+        first_window = wait + size / rate < timeout or (timeout - wait) * rate >= min_body_rate * timeout
+        return "ok" if wait < timeout and rate >= min_body_rate and first_window else "timeout"
     return EXPECTED_REASON[kind]
 
 

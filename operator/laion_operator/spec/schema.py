@@ -126,18 +126,19 @@ SCHEMA: dict = {
                     default=MDS_SHARD_SIZE,
                 ),
                 "timeout": number(
-                    "Seconds one attempt at an image may take to its response's headers: DNS, connect, TLS, "
-                    "redirects and headers; the body then has its own bound (minBodyRate). Also the window "
+                    "Seconds one attempt at an image may take to its response's headers (DNS, connect, TLS, "
+                    "redirects), and to its whole body unless the body keeps minBodyRate. Also the window "
                     "minBodyRate is measured over, and robots.txt's and tdmrep.json's deadline.",
                     minimum=0,
                     exclusiveMinimum=True,
                     default=10,
                 ),
                 "minBodyRate": number(
-                    "Bytes per second an image's body must keep up, over every `timeout` seconds once its "
-                    "headers came (curl's low-speed limit): slower, it fails as `timeout`. A body of size S "
-                    "(its Content-Length, else maxImageBytes) is given at most timeout + S / minBodyRate, so "
-                    "a large image served slowly but steadily is kept and a drip-fed one ends within a window.",
+                    "Bytes per second an image's body must keep up, over every `timeout` seconds from its "
+                    "request (curl's low-speed limit): slower, it fails as `timeout`. An attempt whose body "
+                    "has size S (its Content-Length, else maxImageBytes) is given at most timeout + S / "
+                    "minBodyRate, so a large image served slowly but steadily is kept, and a drip-fed one "
+                    "still ends at `timeout`.",
                     minimum=1,
                     default=16384,
                 ),

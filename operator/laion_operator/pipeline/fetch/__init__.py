@@ -17,9 +17,10 @@ What happens to one URL, and the failure reason (contract.FAILURE_REASONS) each 
 - with `respectRobotsTxt`, the host's robots.txt, fetched once per task under its own deadline
   (`opt_out`, rule robots_txt);
 - attempts, 1 + `retries`: each is bounded to its response's headers — DNS, connect, TLS, redirects and
-  headers — by `timeout` (`timeout`; `dns` if the deadline passes while resolving), and its body by
-  its pace (`pace`): `minBodyRate` × `timeout` bytes in every `timeout` seconds, and at most
-  timeout + size / minBodyRate, size being its Content-Length or `maxImageBytes` (`timeout`). 429, and
+  headers — by `timeout` (`timeout`; `dns` if the deadline passes while resolving), and with its body
+  by its pace (`pace`), counted from the attempt's start: `minBodyRate` × `timeout` bytes in every
+  `timeout` seconds, and at most timeout + size / minBodyRate, size being its Content-Length or
+  `maxImageBytes` (`timeout`). 429, and
   503 with a Retry-After, wait and try again for as long as the URL's budget ((retries + 1) × timeout)
   lasts, and this host's other URLs wait too (`rate_limited` once the budget is spent);
 - on every hop: the address connected to, after DNS, must be public unless `allowedNetworks` opens it
@@ -31,8 +32,8 @@ What happens to one URL, and the failure reason (contract.FAILURE_REASONS) each 
   `tdm-reservation: 1` header (tdm_reservation) and the host's /.well-known/tdmrep.json, fetched once
   per task beside the host's first image under `timeout` and 64 KiB (tdmrep_json).
 
-So a URL holds its slot for at most, per attempt, timeout + timeout + size / minBodyRate, plus the
-rate limits' waits within its budget; with robots.txt on, plus that file's deadline once per host,
+So a URL holds its slot for at most, per attempt, timeout + size / minBodyRate, plus the rate limits'
+waits within its budget; with robots.txt on, plus that file's deadline once per host,
 and tdmrep.json's likewise (it runs beside the image, so only an image quicker than it waits for it).
 
 By layer, as aiohttp splits its client:

@@ -78,7 +78,8 @@ class _Attempt:
     host: Host | None = None
     hop_started: float = 0.0
     deadline: Any = None  # the attempt's `timeout`; the image's body moves it (`Pace`)
-    body_limit: float = 0.0  # seconds the image's body was given once its headers came
+    started: float = 0.0  # loop time the attempt began: its body's pace counts from here
+    body_limit: float = 0.0  # seconds the attempt was given once the image's headers came
 
 
 def _tracing() -> aiohttp.TraceConfig:
@@ -223,7 +224,7 @@ class Engine:
                 await asyncio.sleep(host.not_before - now)
                 now = self.loop.time()
             remaining = budget_end - now
-            attempt = _Attempt()
+            attempt = _Attempt(started=now)
             try:
                 # To its headers an attempt has `timeout`; its body then reschedules this for its pace.
                 async with timeout(min(self.timeout, remaining)) as attempt.deadline:
@@ -246,7 +247,7 @@ class Engine:
             except asyncio.TimeoutError:
                 error = FetchError(
                     "dns" if attempt.phase == "dns" else "timeout",
-                    f"body not whole within {attempt.body_limit:g} s of its headers (timeout + "
+                    f"body not whole within {attempt.body_limit:g} s of its request (timeout + "
                     "size / download.minBodyRate)"
                     if attempt.body_limit
                     else f"no {'DNS answer' if attempt.phase == 'dns' else 'answer'} "
@@ -327,13 +328,14 @@ class Engine:
                 return await self._read(resp, self.opts.max_image_bytes, pace=self._pace(resp, attempt))
 
     def _pace(self, resp: aiohttp.ClientResponse, attempt: _Attempt) -> Pace | None:
-        """The image body's own bound: its attempt's deadline moved to `body_limit` from now."""
+        """The image body's own bound, counted from the attempt's start as `timeout` was: the attempt's
+        deadline moved to `body_limit`, and the window's first `timeout` seconds are those before."""
         if attempt.deadline is None:
             return None
         size = min(resp.content_length or self.opts.max_image_bytes, self.opts.max_image_bytes)
         attempt.body_limit = body_limit(self.timeout, size, self.min_rate)
-        attempt.deadline.reschedule(self.loop.time() + attempt.body_limit)
-        return Pace(self.min_rate, self.timeout, self.loop.time())
+        attempt.deadline.reschedule(attempt.started + attempt.body_limit)
+        return Pace(self.min_rate, self.timeout, attempt.started)
 
     async def _read(
         self, resp: aiohttp.ClientResponse, limit: int, truncate: bool = False, pace: Pace | None = None

@@ -2,11 +2,12 @@
 deadline for the whole request, so that a large image served slowly but steadily is kept (as a
 per-read timeout keeps it) while a drip-fed body still ends.
 
-A body must bring `rate × window` bytes in every `window` seconds (the first window starting at its
-headers), and ends by `window + size / rate` at the latest, `size` being its Content-Length or, when
-there is none, the most it may be (`maxImageBytes`). The second follows from the first (a body that
-keeps the rate is whole by then); it is also enforced on its own, so that the bound a URL's slot is
-held for can be read off the spec."""
+A body must bring `rate × window` bytes in every `window` seconds, counted from the request (so the
+first window is the old deadline: headers, and a body under `rate × window`, come within it, and a
+drip-fed body ends there), and ends by `window + size / rate` from the request at the latest, `size`
+being its Content-Length or, when there is none, the most it may be (`maxImageBytes`). The second
+follows from the first (a body that keeps the rate is whole by then); it is also enforced on its own,
+so that the bound a URL's slot is held for can be read off the spec."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from collections import deque
 
 
 def body_limit(window: float, size: int, rate: float) -> float:
-    """The most seconds a body of at most `size` bytes may take once its headers have come."""
+    """The most seconds a request whose body has at most `size` bytes may take."""
     return window + size / rate
 
 
