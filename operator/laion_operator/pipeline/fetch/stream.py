@@ -128,7 +128,11 @@ class Stream(io.RawIOBase):
                     headers = {}  # a token for the repository is not the CDN's to see
                 continue
             self._connection = connection
-            self._accept(url, response)
+            try:
+                self._accept(url, response)
+            except FetchError:
+                connection.close()
+                raise
             return
         raise FetchError("redirect", f"{shown(self.url)}: more than {self.opts.max_redirects} redirects")
 

@@ -104,7 +104,11 @@ class Archive:
             raise fetch_failed(name, err) from None
         self.raw = _Counted(raw, name, limit)
         if name.lower().endswith(ZIP_SUFFIXES):
-            self._open_zip(raw)
+            try:
+                self._open_zip(raw)
+            except BaseException:
+                self.close()  # the spool's disk, the connection
+                raise
 
     def __enter__(self) -> Archive:
         return self
