@@ -71,7 +71,7 @@ def ours(spec_model: str, images: list[bytes], captions: list[str]):
 
     for i, (data, caption) in enumerate(zip(images, captions)):
         batch.add(f"k{i}", caption, data, {clip.size: preprocess(data, clip.size)})
-    _, image, text, _ = Embedder(clip).launch(batch.seal())
+    _, image, text, _, _ = Embedder(clip).launch(batch.seal())
     return image.numpy(), text.numpy()
 
 
@@ -207,12 +207,31 @@ def source(tmp_path_factory, image_server):
     return path
 
 
+def aesthetic_mlp(path: Path, width: int = CLIP_EMBED_DIM, seed: int = 0) -> Path:
+    """A head shaped as LAION's aesthetic predictor's MLP (Linear, Dropout, … under `layers`, no
+    activation), smaller, saved as its weights are: a torch state dict."""
+    import torch
+
+    class MLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.Sequential(
+                torch.nn.Linear(width, 32), torch.nn.Dropout(0.2), torch.nn.Linear(32, 8), torch.nn.Linear(8, 1)
+            )
+
+    torch.manual_seed(seed)
+    torch.save(MLP().state_dict(), path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def embedded(ray_driver, source, open_clip_dir, tmp_path_factory):
     from laion_operator.pipeline.driver import run_part
 
     out = tmp_path_factory.mktemp("embedded") / "out"
-    summary = run_part(part(source, out, open_clip_dir, dedup={}, index=True, indexMemory="64M"))
+    head = aesthetic_mlp(out.parent / "aesthetic.pth")
+    heads = [{"name": "aesthetic", "file": str(head)}]
+    summary = run_part(part(source, out, open_clip_dir, dedup={}, index=True, indexMemory="64M", heads=heads))
     return out, summary
 
 
@@ -253,6 +272,7 @@ def test_a_part_ends_with_every_images_embeddings_in_clip_retrievals_layout(embe
             assert row["shard"] == shard and row["url"] == rows[row["key"]]["url"]
             assert row["caption"] == downloaded[row["key"]].caption and "status" not in row
             assert row["width"] == rows[row["key"]]["width"]  # the part's metadata columns follow
+            assert -1.0 <= row["clip_score"] <= 1.0 and isinstance(row["aesthetic"], float)
         keys += [row["key"] for row in meta]
         # Row i of the metadata is row i of both arrays: the same embeddings again from its image.
         again_image, again_text = ours(
@@ -260,6 +280,10 @@ def test_a_part_ends_with_every_images_embeddings_in_clip_retrievals_layout(embe
         )
         np.testing.assert_allclose(image.astype(np.float32), again_image.astype(np.float32), atol=2e-3)
         np.testing.assert_allclose(text.astype(np.float32), again_text.astype(np.float32), atol=2e-3)
+        # clip_score: the image-caption cosine, of the embeddings before they are stored as float16
+        clip_score = np.array([r["clip_score"] for r in meta])
+        stored = np.einsum("ij,ij->i", image.astype(np.float64), text.astype(np.float64))
+        np.testing.assert_allclose(clip_score, stored, atol=2e-3)
     assert sorted(keys) == sorted(downloaded)  # each downloaded image exactly once
     # dedup over the folder: the image server serves each URL's own picture, so no copy but by chance
     table = pq.read_table(out / contract.EMBEDDINGS_DUPLICATES)
@@ -309,7 +333,8 @@ def test_embeddings_resume_per_shard_byte_for_byte(embedded, open_clip_dir):
     half = copy / contract.embeddings_file("img_emb", 1)
     half.write_bytes(half.read_bytes()[: len(half.read_bytes()) // 2])
     (copy / contract.embeddings_file("metadata", 1)).unlink()
-    resumed = embed_part(part("unused.parquet", copy, open_clip_dir, dedup={}))  # no index: the copy's stays
+    heads = [{"name": "aesthetic", "file": str(out.parent / "aesthetic.pth")}]
+    resumed = embed_part(part("unused.parquet", copy, open_clip_dir, dedup={}, heads=heads))  # the copy's index stays
     assert (copy / contract.embeddings_stats(0)).read_text() == kept
     assert resumed["embeddings"]["samples"] == summary["images"]["ok"]
     for shard in range(summary["shards"]["total"]):
@@ -418,3 +443,42 @@ def test_index_command_rebuilds_within_its_budget_and_refuses_an_output_without_
     info = json.loads((copy / contract.EMBEDDINGS_INDEX / "index.json").read_text())
     assert info["memory"] == "32M" and info["count"] == summary["images"]["ok"]
     assert cli.main(["index", str(tmp_path / "empty"), "--model", "x"]) == contract.ExitCode.BAD_INPUT
+
+
+def test_heads_score_the_image_embedding_and_a_head_of_another_width_is_refused(open_clip_dir, tmp_path):
+    """embeddings.heads: a LAION-aesthetic-shaped MLP over the (unit) image embedding, as torch computes
+    it with the same weights; clip_score the image-caption cosine; a head of another width, named."""
+    import torch
+
+    from laion_operator.pipeline import models
+    from laion_operator.pipeline.embeddings import Embedder, heads
+    from laion_operator.pipeline.encoding import Batch, preprocess
+
+    head = aesthetic_mlp(tmp_path / "aesthetic.pth")
+    settings = part("s", "/tmp/o", open_clip_dir, heads=[{"name": "aesthetic", "file": str(head)}]).embeddings
+    clip = models.load_clip(settings)
+    batch = Batch()
+    for i, data in enumerate(pictures(3)):
+        batch.add(f"k{i}", CAPTIONS[i], data, {clip.size: preprocess(data, clip.size)})
+    _, image, text, scores, _ = Embedder(clip, heads(settings, clip)).launch(batch.seal())
+    state = torch.load(head, weights_only=True)
+    with torch.no_grad():
+        unit_images = torch.nn.functional.normalize(clip.images(batch.pixels[clip.size]).float(), dim=-1)
+        x = unit_images
+        for n in (0, 2, 3):  # Dropout is the identity at inference
+            x = x @ state[f"layers.{n}.weight"].T + state[f"layers.{n}.bias"]
+    np.testing.assert_allclose(scores["aesthetic"].numpy(), x[:, 0].numpy(), rtol=1e-5, atol=1e-6)
+    cosine = (unit_images * torch.nn.functional.normalize(clip.texts(CAPTIONS[:3]).float(), dim=-1)).sum(-1)
+    np.testing.assert_allclose(scores["clip_score"].numpy(), cosine.numpy(), atol=1e-5)
+
+    wrong = aesthetic_mlp(tmp_path / "wide.pth", width=768)
+    settings = part(
+        "s", "/tmp/o", open_clip_dir, heads=[{"name": "a", "file": str(head)}, {"name": "b", "file": str(wrong)}]
+    )
+    with pytest.raises(models.ModelError, match=r"spec\.embeddings\.heads\.1\.file: .* not a head over 16-wide"):
+        heads(settings.embeddings, clip)
+    settings = part("s", "/tmp/o", open_clip_dir, heads=[{"name": "a", "file": str(tmp_path / "none.pth")}])
+    with pytest.raises(models.ModelError, match=r"spec\.embeddings\.heads\.0\.file: cannot load"):
+        heads(settings.embeddings, clip)
+    with pytest.raises(SpecError, match=r"spec\.embeddings\.heads\.0\.name"):
+        part("s", "/tmp/o", open_clip_dir, heads=[{"name": "Bad Name", "file": "x"}])

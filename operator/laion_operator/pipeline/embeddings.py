@@ -34,7 +34,7 @@ from ..storage import Store
 from .dedup import image_hashes
 from .encoding import Batch, clear, copied, decode_threads, decoded_batches, read_samples, run_batches, to_host
 from .formats import read_metadata
-from .models import Clip, load_clip
+from .models import Clip, load_clip, load_head
 
 # The metadata's own columns, first, in clip-retrieval's order; then the part's, less the outcome
 # columns that say the same for every embedded sample.
@@ -58,18 +58,29 @@ class Embedder:
     """A batch's image and caption embeddings, of unit length, cast to float16 on the device and
     copied back without waiting (`launch`)."""
 
-    def __init__(self, clip: Clip):
+    def __init__(self, clip: Clip, heads: dict | None = None):
         import torch
 
         self.clip, self.cuda = clip, str(clip.device).startswith("cuda")
         self.half = torch.float16
+        self.heads = heads or {}
 
     def launch(self, batch: Batch):
+        import torch
         import torch.nn.functional as F
 
         images = F.normalize(self.clip.images(batch.pixels[self.clip.size]).float(), dim=-1)
         texts = F.normalize(self.clip.texts(batch.captions).float(), dim=-1)
-        return batch, to_host(images, self.half, self.cuda), to_host(texts, self.half, self.cuda), copied(self.cuda)
+        with torch.inference_mode():  # the scores of the float32 embeddings, before they are halved
+            scores = {"clip_score": (images * texts).sum(-1), **{n: h(images)[:, 0] for n, h in self.heads.items()}}
+        scores = {name: to_host(v, torch.float32, self.cuda) for name, v in scores.items()}
+        return (
+            batch,
+            to_host(images, self.half, self.cuda),
+            to_host(texts, self.half, self.cuda),
+            scores,
+            copied(self.cuda),
+        )
 
 
 def embed_shard(
@@ -90,13 +101,16 @@ def embed_shard(
     keys: list[str] = []
     captions: list[str] = []
     hashes: list[tuple[str, int]] = []
+    scores: dict[str, list[np.ndarray]] = {}
     images: list[np.ndarray] = []
     texts: list[np.ndarray] = []
 
     def write(pending) -> int:
-        batch, image, text, done = pending
+        batch, image, text, score, done = pending
         if done is not None:
             done.synchronize()
+        for name, values in score.items():
+            scores.setdefault(name, []).append(values.numpy())
         keys.extend(batch.keys)
         captions.extend(batch.captions)
         hashes.extend(batch.described)
@@ -111,12 +125,13 @@ def embed_shard(
         threads=decode_threads(settings, clip.device),
         describe=image_hashes,
     )
-    run_batches(batches, Embedder(clip), write, stats, report, report_every)
+    run_batches(batches, Embedder(clip, heads(settings, clip)), write, stats, report, report_every)
     if keys:  # a shard without a decodable image has no files: clip-retrieval's readers refuse empty ones
         stats.dim = int(images[0].shape[1])
         put(store, embeddings_file("img_emb", shard), npy(np.concatenate(images)))
         put(store, embeddings_file("text_emb", shard), npy(np.concatenate(texts)))
-        put(store, embeddings_file("metadata", shard), metadata(store, shard, keys, captions, hashes))
+        columns = {name: np.concatenate(values) for name, values in scores.items()}
+        put(store, embeddings_file("metadata", shard), metadata(store, shard, keys, captions, hashes, columns))
     stats.end_time = time.time()
     store.write_json(stats.to_json(), embeddings_stats(shard))
     return stats
@@ -134,7 +149,25 @@ def put(store: Store, name: str, data: bytes) -> None:
     store.fs.pipe(path, data)
 
 
-def metadata(store: Store, shard: int, keys: list[str], captions: list[str], hashes: list[tuple[str, int]]) -> bytes:
+def heads(settings, clip: Clip) -> dict:
+    """embeddings.heads, loaded over the model's width (a head of another width is refused, named)."""
+    import torch
+
+    if not settings.heads:
+        return {}
+    with torch.inference_mode():
+        dim = int(clip.texts([""]).shape[-1])
+    return {h.name: load_head(settings, n, dim, clip.device) for n, h in enumerate(settings.heads)}
+
+
+def metadata(
+    store: Store,
+    shard: int,
+    keys: list[str],
+    captions: list[str],
+    hashes: list[tuple[str, int]],
+    scores: dict[str, np.ndarray] | None = None,
+) -> bytes:
     """The embedded samples' rows of the shard's metadata, in the embeddings' order."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -150,10 +183,11 @@ def metadata(store: Store, shard: int, keys: list[str], captions: list[str], has
             "shard": pa.array([shard] * len(keys), pa.int32()),
             "image_sha256": pa.array([h[0] for h in hashes], pa.string()),
             "image_phash": pa.array([h[1] for h in hashes], pa.int64()),
+            **{name: pa.array(values, pa.float32()) for name, values in (scores or {}).items()},
         }
     )
     for name in rows.column_names:
-        if name not in LEADING and name not in OUTCOME:
+        if name not in LEADING and name not in OUTCOME and name not in out.column_names:
             out = out.append_column(rows.schema.field(name), rows.column(name))
     buf = io.BytesIO()
     pq.write_table(out, buf)

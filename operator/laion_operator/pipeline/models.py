@@ -376,6 +376,47 @@ class TransformersClip(Clip):
             return self.model.get_text_features(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
 
 
+def load_head(settings: Embeddings, n: int, dim: int, device: str):
+    """embeddings.heads[n]: its linear layers, in the order their names sort in (`layers.0`, `layers.2`,
+    … as torch's Sequential names them), as one module over `dim`-wide embeddings giving one score."""
+    import re
+
+    import torch
+
+    assert settings.heads is not None
+    head, field = settings.heads[n], f"spec.embeddings.heads.{n}.file"
+    try:
+        if head.file.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(head.file)
+        else:
+            state = torch.load(head.file, map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state)
+    except (OSError, RuntimeError, ValueError) as err:
+        raise ModelError(f"{field}: cannot load {head.file!r}: {type(err).__name__}: {err}") from err
+
+    def order(key: str) -> list:
+        return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", key)]
+
+    weights = sorted((k for k, v in state.items() if k.endswith("weight") and getattr(v, "ndim", 0) == 2), key=order)
+    layers: list = []
+    for key in weights:
+        w, bias = state[key], state.get(key[: -len("weight")] + "bias")
+        linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=bias is not None)
+        linear.load_state_dict({"weight": w, **({"bias": bias} if bias is not None else {})})
+        if layers and head.activation == "relu":
+            layers.append(torch.nn.ReLU())
+        layers.append(linear)
+    widths = [(layer.in_features, layer.out_features) for layer in layers if isinstance(layer, torch.nn.Linear)]
+    if not widths or widths[0][0] != dim or widths[-1][1] != 1:
+        raise ModelError(
+            f"{field}: {head.file!r} is not a head over {dim}-wide embeddings giving one score "
+            f"(its linear layers: {widths or 'none'})"
+        )
+    return torch.nn.Sequential(*layers).to(device).eval().requires_grad_(False)
+
+
 def is_open_clip(name: str) -> bool:
     return name.startswith(OPEN_CLIP_NAMES) or os.path.isfile(os.path.join(name, OPEN_CLIP_CONFIG))
 

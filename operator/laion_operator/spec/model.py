@@ -182,10 +182,18 @@ class Dedup:
 
 
 @dataclasses.dataclass(frozen=True)
+class Head:
+    name: str
+    file: str
+    activation: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Embeddings:
     model: str
     batch_size: int
     dedup: Dedup | None
+    heads: tuple[Head, ...] | None
     index: bool
     index_memory: str
     decode_threads: int
@@ -197,11 +205,18 @@ class Embeddings:
 
     @classmethod
     def of(cls, values: dict) -> Embeddings:
-        dedup = values.get("dedup")
-        return dataclasses.replace(_build(cls, values), dedup=_build(Dedup, dedup) if dedup is not None else None)
+        dedup, heads = values.get("dedup"), values.get("heads")
+        return dataclasses.replace(
+            _build(cls, values),
+            dedup=_build(Dedup, dedup) if dedup is not None else None,
+            heads=tuple(_build(Head, h) for h in heads) if heads is not None else None,
+        )
 
     def to_dict(self) -> dict:
-        return {**_unbuild(self), **({"dedup": _unbuild(self.dedup)} if self.dedup else {})}
+        data = {**_unbuild(self), **({"dedup": _unbuild(self.dedup)} if self.dedup else {})}
+        if self.heads is not None:
+            data["heads"] = [_unbuild(h) for h in self.heads]
+        return data
 
 
 def _build(kind, values: dict):

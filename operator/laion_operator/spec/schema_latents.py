@@ -140,6 +140,24 @@ EMBEDDINGS: dict = {
         ),
         "batchSize": integer("Samples embedded at once.", minimum=1, maximum=4096, default=256),
         "dedup": DEDUP,
+        "heads": {
+            "type": "array",
+            "maxItems": 16,
+            "description": "Scores over each image embedding, one metadata column each (beside clip_score, the "
+            "image-caption cosine similarity): a stack of linear layers saved by torch or safetensors, such as "
+            "LAION's aesthetic predictor's MLP.",
+            "items": {
+                "type": "object",
+                "required": ["name", "file"],
+                "properties": {
+                    "name": string("The metadata column.", pattern="^[a-z_][a-z0-9_]*$", maxLength=63),
+                    "file": string("The head's weights (.pth, .pt, .bin or .safetensors), a local path.", minLength=1),
+                    "activation": string(
+                        "Between its layers (LAION's aesthetic MLP has none).", enum=["none", "relu"], default="none"
+                    ),
+                },
+            },
+        },
         "index": boolean(
             "Build FAISS indexes of the image and caption embeddings with autofaiss (embeddings/index/: "
             "image.index, text.index, ids.parquet mapping an index id to key, shard, url and caption).",
