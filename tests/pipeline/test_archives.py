@@ -449,3 +449,24 @@ def test_a_part_on_ray_says_its_links_expired_and_a_new_link_file_finishes_it(ra
         for s in formats.get("mds").read_samples(store, n)
     }
     assert found == samples
+
+
+def test_archives_on_s3_a_zip_spooled_and_a_tar_streamed(s3, tmp_path):
+    zips, zip_samples = layouts.diffusiondb(archives=1, per=3)
+    tars, tar_samples = layouts.journeydb(archives=1, per=3)
+    bucket = s3.create_bucket("laion-archives")
+    for path, data in {**zips, **tars}.items():
+        s3.client().put_object(Bucket=bucket, Key=path, Body=data)
+    output = {"uri": f"s3://{bucket}/out", "endpoint": s3.endpoint, "region": "us-east-1", "pathStyle": True}
+    captions = {"annotations": "#{stem}.json", "path": "*", "key": "_key", "caption": "p"}
+    diffusiondb = part(tmp_path, {"urls": [f"s3://{bucket}/images/part-000001.zip"], "captions": captions})
+    diffusiondb = PartSpec.from_dict({**diffusiondb.to_dict(), "output": output})
+    assert convert_all(diffusiondb) == {}
+    assert written(diffusiondb) == zip_samples
+
+    anno = f"s3://{bucket}/data/train/train_anno_realease_repath.jsonl.tgz#train_anno_realease_repath.jsonl"
+    captions = {"annotations": anno, "key": "img_path", "caption": "prompt"}
+    journeydb = part(tmp_path, {"urls": [f"s3://{bucket}/imgs/000.tgz"], "captions": captions})
+    journeydb = PartSpec.from_dict({**journeydb.to_dict(), "output": {**output, "uri": f"s3://{bucket}/jdb"}})
+    assert convert_all(journeydb) == {}
+    assert written(journeydb) == tar_samples
