@@ -177,6 +177,8 @@ def test_cc12m_webdataset_tars_with_txt_and_json_sidecars(tmp_path):
         by_json = part(tmp_path, {"urls": urls, "captions": {"sidecar": "json", "field": "caption"}}, "json")
         assert convert_all(by_txt) == {} and convert_all(by_json) == {}
     assert written(by_txt) == written(by_json) == samples
+    urls = {r["source_key"]: r["url"] for r in rows(by_txt)}
+    assert urls == {member: f"http://example.com/{member}" for _, member in samples}  # from key.json
 
 
 def test_local_archives_and_sample_fraction_picks_whole_archives_by_seed(tmp_path):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 from collections.abc import Iterator
 
@@ -30,6 +31,7 @@ from .base import Refused, SampleSource
 
 FIELD = "spec.source.archives"
 MAX_LINK_FILE = 256 << 20
+META_BYTES = 64 << 10
 
 
 class ArchiveSource(SampleSource):
@@ -205,7 +207,7 @@ def _sample(
     if image.data is None:
         return sample, Refused("too_large", f"{where}: {image.size} bytes, over download.maxImageBytes ({limit})")
     caption = _caption(archive, group, captions, by_key, image)
-    sample = sample._replace(caption=caption)
+    sample = sample._replace(caption=caption, meta=_meta(group))
     if caption is None:
         how = (
             f"no .{captions.sidecar} beside it"
@@ -214,6 +216,19 @@ def _sample(
         )
         return sample, Refused("no_caption", f"{where}: no caption, {how}")
     return sample, image.data
+
+
+def _meta(group: list[Member]) -> dict:
+    """A small json member beside the image (webdataset's key.json: its url), as the sample's metadata;
+    SA-1B's masks (megabytes of them) are not read for it."""
+    found = next((m for m in group if _ext(m) == "json" and m.data is not None and m.size <= META_BYTES), None)
+    if found is None or found.data is None:
+        return {}
+    try:
+        value = json.loads(found.data)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _caption(archive: str, group: list[Member], captions, by_key: dict | None, image: Member) -> str | None:
