@@ -6,7 +6,8 @@ range request where the server allows one, so an archive half read is not read a
 `download.timeout` bounds connecting, the headers and every read (a body of gigabytes has no whole
 deadline); `download.retries` is how many times a lost connection is resumed. A 403 whose body says
 the signature expired (S3's and CloudFront's "Request has expired", "AccessDenied ... expired") is
-`expired`, not `http_4xx`: a fresh link is what fixes it.
+`expired`, not `http_4xx`: a fresh link is what fixes it. Names are resolved by the system's resolver
+(`download.dnsServers` is the image fetches' alone), and the address connected to is the one checked.
 """
 
 from __future__ import annotations
