@@ -122,7 +122,8 @@ def run_with_progress(part: PartSpec, ray_address: str | None = None, out=sys.st
     """`laion-operator run` and `convert`: every stage of the part."""
     from .runtime import start_ray
 
-    start_ray(ray_address)  # the stage that needs it waits; the imports and the filter run meanwhile
+    # The stage that needs Ray waits for it; the imports and the filter run meanwhile.
+    start_ray(ray_address, warm=tuple(f"{__package__}.{m}" for m in ("download", "record", "fetch.engine")))
     from .driver import run_part
 
     source = sources.of(part).describe(part)

@@ -9,6 +9,7 @@ pool's `on_value` and `tick` callbacks (`stages/`).
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import shutil
@@ -64,16 +65,16 @@ class _Start:
     PR_SET_PDEATHSIG, which Linux ties to the thread that forked them, so they would die with a thread
     that returned (and the driver then waits a minute for a GCS that is gone)."""
 
-    def __init__(self, address: str | None):
+    def __init__(self, address: str | None, warm: tuple[str, ...]):
         self.ready = threading.Event()
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, args=(address,), name="ray-start", daemon=True)
+        self.thread = threading.Thread(target=self._run, args=(address, warm), name="ray-start", daemon=True)
         self.thread.start()
 
-    def _run(self, address: str | None) -> None:
+    def _run(self, address: str | None, warm: tuple[str, ...]) -> None:
         try:
             _init_ray(address)
-            _warm_workers()
+            _warm_workers(warm)
         except Exception as err:  # noqa: BLE001 - raised again in the thread that waits (ensure_ray)
             self.error = err
         finally:
@@ -93,30 +94,31 @@ def _not_main_thread_notice(record: logging.LogRecord) -> bool:
     return "SIGTERM handler is not set" not in record.getMessage()
 
 
-def start_ray(address: str | None = None) -> None:
-    """Begin `ensure_ray(address)` in the background; the first `ensure_ray` waits for it. Called from
-    the main thread, which takes over what ray.init does only there: SIGTERM exits through atexit (and
-    so ray.shutdown), and Ray's notice that it could not is dropped."""
+def start_ray(address: str | None = None, warm: tuple[str, ...] = ()) -> None:
+    """Begin `ensure_ray(address)` in the background, then have each worker import the modules `warm`
+    names (the shard task's, given by the caller: they sit above this module); the first `ensure_ray`
+    waits for it. Called from the main thread, which takes over what ray.init does only there: SIGTERM
+    exits through atexit (and so ray.shutdown), and Ray's notice that it could not is dropped."""
     global _start
     if _start is None and not ray.is_initialized():
         signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(signum))
         logging.getLogger("ray._private.worker").addFilter(_not_main_thread_notice)
-        _start = _Start(address)
+        _start = _Start(address, warm)
 
 
 @ray.remote
-def _imports() -> None:
-    from . import download, record  # noqa: F401  what a shard task imports first
-    from .fetch import engine  # noqa: F401
+def _imports(modules: tuple[str, ...]) -> None:
+    for name in modules:
+        importlib.import_module(name)
 
 
-def _warm_workers() -> None:
+def _warm_workers(modules: tuple[str, ...]) -> None:
     """The shard tasks' imports (Arrow, OpenCV, aiohttp) done by the workers Ray started, one task a
     CPU, while the filter runs: the first shards start at once instead of after them."""
-    if os.environ.get("RAY_JOB_ID"):
-        return  # inside a job the filter is short next to a cluster's workers; nothing to hide it under
+    if not modules:
+        return
     cpus = int(ray.available_resources().get("CPU", 1))
-    ray.get([_imports.remote() for _ in range(max(cpus, 1))])
+    ray.get([_imports.remote(modules) for _ in range(max(cpus, 1))])
 
 
 def ensure_ray(address: str | None = None) -> None:
