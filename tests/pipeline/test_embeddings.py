@@ -482,3 +482,24 @@ def test_heads_score_the_image_embedding_and_a_head_of_another_width_is_refused(
         heads(settings.embeddings, clip)
     with pytest.raises(SpecError, match=r"spec\.embeddings\.heads\.0\.name"):
         part("s", "/tmp/o", open_clip_dir, heads=[{"name": "Bad Name", "file": "x"}])
+
+
+def test_the_progress_line_and_the_summary_show_the_stage():
+    from laion_operator.contract import Progress
+    from laion_operator.pipeline.local import ProgressBar, print_summary
+    from laion_operator.pipeline.stages.encoding import Counts
+    from laion_operator.summary import EmbeddingsSummary, Summary
+
+    stream = io.StringIO()
+    counts = Counts(shards_total=8, shards_done=3, shards_failed=1, written=1204, per_second=95.1)
+    ProgressBar(stream)(Progress(part_id="p", phase="Embedding", embeddings=counts.status()))
+    assert stream.getvalue() == "[embeddings] shards 3/8 (1 failed) | 1,204 samples, 95.1/s\n"
+    section = EmbeddingsSummary(
+        folder="/o/embeddings", model="hf-hub:x", samples=1204, dim=512, devices=["cuda"], index="/o/embeddings/index"
+    )
+    section.duplicates = {"exact": 2, "perceptual": 1, "semantic": 0, "groups": 3}
+    out = io.StringIO()
+    print_summary(Summary("p", "/o", embeddings=section), out)
+    text = out.getvalue()
+    assert "embedded  1,204 samples" in text and "512 wide, hf-hub:x" in text
+    assert "duplicates: 2 exact, 1 perceptual, 0 semantic, 3 groups" in text and "/o/embeddings/index" in text
