@@ -4,14 +4,9 @@ MDS, resumed shard by shard."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
 from laion_operator.errors import InputError
 from laion_operator.pipeline.driver import run_part
@@ -20,6 +15,7 @@ from laion_operator.pipeline.sources.embedded import row_ranges
 from laion_operator.spec import PartSpec
 from tests.pipeline.test_convert import jpeg
 from tests.support import outputs
+from tests.test_cli import cli, write_part
 
 EMBEDDED = SOURCES["embedded"]
 BROKEN = 6  # the row whose bytes are not an image
@@ -164,21 +160,13 @@ def test_a_bytes_column_part_resumes_with_each_row_once(ray_driver, tmp_path):
 def test_dry_run_lists_the_row_ranges_as_shards(tmp_path):
     textcaps(tmp_path / "a.parquet")
     textcaps(tmp_path / "b.parquet", rows=3)
-    spec_file = tmp_path / "part.yaml"
-    source = {"embedded": {"urls": [str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")]}}
-    part = {
-        "partId": "tc",
-        "source": source,
-        "output": {"uri": str(tmp_path / "out")},
-        "filter": {"samplesPerShard": 5},
-    }
-    spec_file.write_text(yaml.safe_dump({**part, "download": {"outputFormat": "mds"}}))
-    done = subprocess.run(
-        [str(Path(sys.executable).parent / "laion-operator"), "run", str(spec_file), "--dry-run"],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    part = write_part(
+        tmp_path,
+        source={"embedded": {"urls": [str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")]}},
+        filter={"samplesPerShard": 5},
+        download={"outputFormat": "mds"},
     )
+    done = cli("run", str(part), "--dry-run")
     assert done.returncode == 0, done.stderr
     assert "2 parquet files with the images inside in 3 shards" in done.stdout and "as mds" in done.stdout
     assert not (tmp_path / "out").exists()
