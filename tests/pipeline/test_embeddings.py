@@ -503,3 +503,32 @@ def test_the_progress_line_and_the_summary_show_the_stage():
     text = out.getvalue()
     assert "embedded  1,204 samples" in text and "512 wide, hf-hub:x" in text
     assert "duplicates: 2 exact, 1 perceptual, 0 semantic, 3 groups" in text and "/o/embeddings/index" in text
+
+
+def test_a_shard_task_killed_midway_is_redone_byte_for_byte(embedded, open_clip_dir):
+    """A process killed in the middle of a shard (after its first batch, its old files already gone):
+    the part embedded again ends with the same bytes as the run never killed."""
+    import subprocess
+    import sys
+
+    from laion_operator.pipeline.driver import embed_part
+
+    out, summary = embedded
+    copy = out.parent / "killed"
+    shutil.copytree(out, copy)
+    heads = [{"name": "aesthetic", "file": str(out.parent / "aesthetic.pth")}]
+    spec = part("unused.parquet", copy, open_clip_dir, dedup={}, heads=heads)
+    code = (
+        "import json, os, sys\n"
+        "from laion_operator.spec import PartSpec\n"
+        "from laion_operator.pipeline.embeddings import embed_shard\n"
+        "spec = PartSpec.from_dict(json.loads(sys.argv[1]))\n"
+        "embed_shard(spec, 1, report=lambda stats: os._exit(137), report_every=0)\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", code, json.dumps(spec.to_dict())], timeout=300)
+    assert killed.returncode == 137 and not (copy / contract.embeddings_stats(1)).exists()
+    assert embed_part(spec)["embeddings"]["samples"] == summary["images"]["ok"]
+    for shard in range(summary["shards"]["total"]):
+        for kind in FILES:
+            name = contract.embeddings_file(kind, shard)
+            assert (copy / name).read_bytes() == (out / name).read_bytes(), name
