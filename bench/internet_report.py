@@ -8,6 +8,7 @@ import math
 import os
 import statistics
 from collections import Counter
+from urllib.parse import urlsplit
 
 from . import common, download_bench
 from .internet_bench import SEEDS_THREADS, TIMEOUT, ZERO, median_run
@@ -280,6 +281,21 @@ def paired(result: dict, side: str, ref: str) -> float:
     return statistics.median(a["rate"] / b["rate"] for a, b in zip(runs[side], runs[ref]))
 
 
+def bound(result: dict, url: str) -> float:
+    """How long the project may hold `url` (download.timeout's and minBodyRate's documented bound per
+    attempt): a heavy body's size over minBodyRate beyond the timeout; every other kind's body is small
+    or ends within the first window."""
+    from laion_operator.spec import SCHEMA
+    from tests.support import internet
+
+    min_rate = SCHEMA["properties"]["download"]["properties"]["minBodyRate"]["default"]
+    if internet.kind_of(result["cfg"], result["hosts"], url) != "heavy":
+        return TIMEOUT
+    parts = urlsplit(url)
+    size, _ = internet.heavy_plan(result["cfg"], internet.address_of(parts.hostname), parts.path)
+    return TIMEOUT + size / min_rate
+
+
 def goals(results: list[dict]) -> list[str]:
     """The issue's goals, each over every profile: met only if met in all."""
     rows: dict[str, list[str]] = {"best": [], "daft": [], "strag": [], "zero": [], "held": [], "mem": []}
@@ -306,8 +322,16 @@ def goals(results: list[dict]) -> list[str]:
         zero = proj["rate"] / s[ZERO]["rate"]
         rows["zero"].append(f"{name} {zero:.0%} (paired by round {paired(result, 'project', ZERO):.0%})")
         ok["zero"] &= zero >= 0.85
-        rows["held"].append(f"{name} {proj['held']:.1f} s")
-        ok["held"] &= proj["held"] <= TIMEOUT + 1
+        over = [
+            (url, span, limit)
+            for run in result["runs"]["project"]
+            for url, span in run["held_worst"]
+            if span > (limit := bound(result, url)) + 1
+        ]
+        rows["held"].append(
+            f"{name} {proj['held']:.1f} s" + "".join(f"; {u} {t:.1f} s (bound {b:.1f} s)" for u, t, b in over[:3])
+        )
+        ok["held"] &= not over
         m = a.get("memory") or memory_line(result, a)[1]
         if m["peak"] <= m["ref"]:
             rows["mem"].append(f"{name} {common.mb(m['peak'])} vs {common.mb(m['ref'])}")
@@ -324,7 +348,8 @@ def goals(results: list[dict]) -> list[str]:
         "daft": "internet: the project ≥ Daft's best max_connections in every profile (whole command, medians)",
         "strag": "internet: ≥ 1.5× img2dataset's best where stragglers or many hosts are in play (whole command)",
         "zero": "internet: ≥ 85 % of the project's own zero-latency rate in every profile (whole command)",
-        "held": f"internet: no URL held past its deadline + 1 s ({TIMEOUT + 1} s, no retries), worst of the runs",
+        "held": f"internet: no URL held past its bound + 1 s (timeout {TIMEOUT} s, and a body size / minBodyRate "
+        "more for a body that keeps that rate; no retries), the worst held URLs of every run",
         "mem": "internet: peak memory ≤ img2dataset's best side's, or Ray's fixed part apart and a task below an "
         "img2dataset process",
     }
