@@ -532,3 +532,19 @@ def test_a_shard_task_killed_midway_is_redone_byte_for_byte(embedded, open_clip_
         for kind in FILES:
             name = contract.embeddings_file(kind, shard)
             assert (copy / name).read_bytes() == (out / name).read_bytes(), name
+
+
+def test_another_model_embeds_every_shard_again(embedded, tmp_path):
+    """Finished shards are resumed only when the same model and heads made them."""
+    from laion_operator.pipeline.driver import embed_part
+    from tests.support.tiny_models import build_open_clip
+
+    out, summary = embedded
+    copy = tmp_path / "other-model"
+    shutil.copytree(out, copy)
+    other = build_open_clip(tmp_path / "other-clip", seed=1)
+    assert embed_part(part("unused.parquet", copy, other))["embeddings"]["model"] == str(other)
+    for shard in range(summary["shards"]["total"]):
+        assert json.loads((copy / contract.embeddings_stats(shard)).read_text())["made_by"].count(str(other)) == 1
+        name = contract.embeddings_file("img_emb", shard)
+        assert (copy / name).read_bytes() != (out / name).read_bytes()

@@ -21,6 +21,7 @@ with each sample once; the batches are the same on every attempt, and so are the
 from __future__ import annotations
 
 import io
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,11 +48,21 @@ class EmbeddingStats(EncodeStats):
     """One embedded shard's stats file (contract.embeddings_stats)."""
 
     dim: int = 0  # the embeddings' width, the images' and the captions' alike
+    made_by: str = ""  # what made the files (`made_by`): a shard made otherwise is embedded again
 
 
-def load_stats(store: Store, shard: int) -> EmbeddingStats | None:
+def made_by(settings) -> str:
+    """The model and heads, which decide a shard's files: resuming with others redoes the shard."""
+    return json.dumps({"model": settings.model, "heads": [[h.name, h.file] for h in settings.heads or ()]})
+
+
+def load_stats(store: Store, shard: int, settings=None) -> EmbeddingStats | None:
+    """A finished shard's stats; None when it is not finished, or (`settings`) was made by another model or heads."""
     data = store.read_json(embeddings_stats(shard))
-    return EmbeddingStats.from_json(data) if data else None
+    stats = EmbeddingStats.from_json(data) if data else None
+    if stats is not None and settings is not None and stats.made_by != made_by(settings):
+        return None
+    return stats
 
 
 class Embedder:
@@ -97,7 +108,7 @@ def embed_shard(
     store = Store(spec.output)
     clear(store, embeddings_stats(shard), *(embeddings_file(kind, shard) for kind in EMBEDDING_FILES))
     clip = clip or load_clip(settings)
-    stats = EmbeddingStats(shard=shard, start_time=time.time(), device=clip.device)
+    stats = EmbeddingStats(shard=shard, start_time=time.time(), device=clip.device, made_by=made_by(settings))
     keys: list[str] = []
     captions: list[str] = []
     hashes: list[tuple[str, int]] = []

@@ -7,6 +7,8 @@ inside this stage."""
 
 from __future__ import annotations
 
+import functools
+
 from ... import contract
 from ...contract import Phase, Progress
 from ...errors import InputError
@@ -40,7 +42,8 @@ def run(run: Run) -> EmbeddingsSummary:
     shards = run.encode if run.encode is not None else sorted(tracker.finished)
     ensure_ray(run.ray_address)
     tracker.phase(Phase.EMBEDDING)
-    stage = Encoding("embeddings", settings, _embed_shard, load_stats, EmbeddingStats.from_json, _publish)
+    finished = functools.partial(load_stats, settings=settings)  # by this model and these heads
+    stage = Encoding("embeddings", settings, _embed_shard, finished, EmbeddingStats.from_json, _publish)
     try:
         embedded = [s for s in encode(run, shards, stage) if isinstance(s, EmbeddingStats)]
         samples = sum(s.written for s in embedded)
