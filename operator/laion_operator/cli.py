@@ -145,6 +145,22 @@ def cmd_search(args) -> int:
     return ExitCode.OK
 
 
+def cmd_dedup(args) -> int:
+    from .pipeline.dedup import dedup_parts
+
+    given = {"hammingDistance": args.hamming_distance, "similarity": args.similarity}
+    dedup = {k: v for k, v in given.items() if v is not None}
+    section = {"model": "-", "dedup": dedup}  # the dedup section as the spec validates and defaults it
+    spec = specs.PartSpec.from_dict(
+        {"partId": "d", "source": {"urls": ["-"]}, "output": {"uri": args.into}, "embeddings": section}
+    )
+    assert spec.embeddings is not None and spec.embeddings.dedup is not None
+    stores = [Store(specs.output_of({"uri": uri})) for uri in args.outputs]
+    counts = dedup_parts(stores, spec.embeddings.dedup, Store(spec.output))
+    print(f"{', '.join(f'{n:,} {kind}' for kind, n in counts.items())} -> {args.into}/{contract.EMBEDDINGS_DUPLICATES}")
+    return ExitCode.OK
+
+
 def cmd_convert(args) -> int:
     """An existing dataset written again in another format: a part whose source is that dataset."""
     keep_ray_on_loopback(args.ray_address)
@@ -322,6 +338,14 @@ def parser() -> argparse.ArgumentParser:
     embed.add_argument("--output", help="override output.uri")
     embed.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     embed.set_defaults(func=cmd_embed)
+    dedup = sub.add_parser(
+        "dedup", help="duplicates across embedded outputs (a dataset's parts), in order of precedence"
+    )
+    dedup.add_argument("outputs", nargs="+", help="embedded outputs; a group keeps the first output's sample")
+    dedup.add_argument("--into", required=True, help="where embeddings/duplicates.parquet is written")
+    dedup.add_argument("--hamming-distance", type=int, help="perceptual: DCT hashes this many bits apart (default 6)")
+    dedup.add_argument("--similarity", type=float, help="semantic: the cosine of duplicates (default 0.95)")
+    dedup.set_defaults(func=cmd_dedup)
     index = sub.add_parser("index", help="FAISS indexes (autofaiss) of an output's embeddings, within a memory budget")
     index.add_argument("output", help="the part's output folder: a local path or s3://bucket/prefix")
     index.add_argument("--memory", default="4G", help="the index's memory budget (autofaiss's, e.g. 512M, 4G)")
@@ -371,7 +395,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 # The commands that run the pipeline in this process (the operator's must never load it).
-PIPELINE_COMMANDS = {"run", "convert", "verify", "latents", "embed", "index", "search", "heal", "demo"}
+PIPELINE_COMMANDS = {"run", "convert", "verify", "latents", "embed", "dedup", "index", "search", "heal", "demo"}
 
 
 def main(argv: list[str] | None = None, own_process: bool = False) -> int:

@@ -548,3 +548,20 @@ def test_another_model_embeds_every_shard_again(embedded, tmp_path):
         assert json.loads((copy / contract.embeddings_stats(shard)).read_text())["made_by"].count(str(other)) == 1
         name = contract.embeddings_file("img_emb", shard)
         assert (copy / name).read_bytes() != (out / name).read_bytes()
+
+
+def test_duplicates_across_parts_keep_the_first_parts_sample(embedded, tmp_path, capsys):
+    """`laion-operator dedup OUT1 OUT2 --into DIR`: a second part holding the same images is all exact
+    duplicates of the first's, each kept in the first part under its own key."""
+    from laion_operator import cli
+
+    out, summary = embedded
+    second = tmp_path / "second"
+    shutil.copytree(out, second)
+    assert cli.main(["dedup", str(out), str(second), "--into", str(tmp_path / "dataset"), "--similarity", "1"]) == 0
+    assert "exact" in capsys.readouterr().out
+    rows = pq.read_table(tmp_path / "dataset" / contract.EMBEDDINGS_DUPLICATES).to_pylist()
+    theirs = [r for r in rows if r["part"] == str(second)]
+    assert len(theirs) == summary["images"]["ok"]
+    for row in theirs:  # its twin in the first part, whose key is its own
+        assert row["kind"] == "exact" and row["keptPart"] == str(out) and row["kept"] == "0/" + row["key"][2:]

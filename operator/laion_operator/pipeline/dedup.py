@@ -146,12 +146,10 @@ def find(keys: list[str], sha: list[str], hashes: np.ndarray, emb: np.ndarray, s
     return table, {kind: kinds.count(kind) for kind in KINDS}
 
 
-def dedup_part(spec: PartSpec, shards: list[int], settings: Dedup) -> dict[str, int]:
-    """Find the part's duplicates over its embeddings folder and write embeddings/duplicates.parquet;
-    returns the count of each kind and of the groups."""
+def _read(store: Store, shards: list[int], prefix: str = ""):
+    """The keys (each after `prefix`), hashes and image embeddings of the shards' embeddings files."""
     import pyarrow.parquet as pq
 
-    store = Store(spec.output)
     keys: list[str] = []
     sha: list[str] = []
     hashes: list[np.ndarray] = []
@@ -161,13 +159,54 @@ def dedup_part(spec: PartSpec, shards: list[int], settings: Dedup) -> dict[str, 
             meta = pq.read_table(f, columns=["key", "image_sha256", "image_phash"])
         with store.fs.open(store.path(embeddings_file("img_emb", shard)), "rb") as f:
             embs.append(np.load(f))
-        keys += meta.column("key").to_pylist()
+        keys += [prefix + key for key in meta.column("key").to_pylist()]
         sha += meta.column("image_sha256").to_pylist()
         hashes.append(meta.column("image_phash").to_numpy())
+    return keys, sha, hashes, embs
+
+
+def _found(keys, sha, hashes, embs, settings: Dedup):
     dim = embs[0].shape[1] if embs else 0
     emb = np.concatenate(embs) if embs else np.zeros((0, dim), np.float16)
-    table, counts = find(keys, sha, np.concatenate(hashes) if hashes else np.zeros(0, np.int64), emb, settings)
+    return find(keys, sha, np.concatenate(hashes) if hashes else np.zeros(0, np.int64), emb, settings)
+
+
+def _write(table, store: Store, name: str, counts: dict[str, int]) -> dict[str, int]:
+    import pyarrow.parquet as pq
+
     buf = io.BytesIO()
     pq.write_table(table, buf)
-    store.fs.pipe(store.path(EMBEDDINGS_DUPLICATES), buf.getvalue())
+    store.fs.pipe(store.path(name), buf.getvalue())
     return {**counts, "groups": len(set(table.column("kept").to_pylist()))}
+
+
+def dedup_part(spec: PartSpec, shards: list[int], settings: Dedup) -> dict[str, int]:
+    """Find the part's duplicates over its embeddings folder and write embeddings/duplicates.parquet;
+    returns the count of each kind and of the groups."""
+    store = Store(spec.output)
+    table, counts = _found(*_read(store, shards), settings)
+    return _write(table, store, EMBEDDINGS_DUPLICATES, counts)
+
+
+def dedup_parts(stores: list[Store], settings: Dedup, into: Store) -> dict[str, int]:
+    """Duplicates across parts (a LaionDataset's, or any embedded outputs): `into`'s duplicates.parquet
+    names each sample as `<part>/<key>`, the part by its place in `stores` (0, 1, …): a group keeps
+    the sample of the first part that has one, then the smallest key."""
+    import pyarrow as pa
+
+    from ..contract import EMBEDDINGS_DIR
+
+    digits = len(str(max(len(stores) - 1, 0)))
+    found: tuple[list, list, list, list] = ([], [], [], [])
+    for n, store in enumerate(stores):
+        listed = store.fs.glob(store.path(EMBEDDINGS_DIR, "metadata", "metadata_*.parquet"))
+        shards = sorted(int(path.rsplit("_", 1)[1].split(".")[0]) for path in listed)
+        for whole, part in zip(found, _read(store, shards, f"{n:0{digits}d}/")):
+            whole += part
+    table, counts = _found(*found, settings)
+    parts = [s.uri for s in stores]
+    for name, column in (("part", "key"), ("keptPart", "kept")):
+        keys = table.column(column).to_pylist()
+        table = table.append_column(name, pa.array([parts[int(k.split("/")[0])] for k in keys], pa.string()))
+    into.fs.makedirs(into.path(EMBEDDINGS_DIR), exist_ok=True)
+    return _write(table, into, EMBEDDINGS_DUPLICATES, counts)
