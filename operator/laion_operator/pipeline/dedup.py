@@ -146,7 +146,10 @@ def find(keys: list[str], sha: list[str], hashes: np.ndarray, emb: np.ndarray, s
     return table, {kind: kinds.count(kind) for kind in KINDS}
 
 
-def _read(store: Store, shards: list[int], prefix: str = ""):
+Read = tuple[list[str], list[str], list[np.ndarray], list[np.ndarray]]  # keys, SHA-256s, DCT hashes, embeddings
+
+
+def _read(store: Store, shards: list[int], prefix: str = "") -> Read:
     """The keys (each after `prefix`), hashes and image embeddings of the shards' embeddings files."""
     import pyarrow.parquet as pq
 
@@ -165,7 +168,8 @@ def _read(store: Store, shards: list[int], prefix: str = ""):
     return keys, sha, hashes, embs
 
 
-def _found(keys, sha, hashes, embs, settings: Dedup):
+def _found(found: Read, settings: Dedup):
+    keys, sha, hashes, embs = found
     dim = embs[0].shape[1] if embs else 0
     emb = np.concatenate(embs) if embs else np.zeros((0, dim), np.float16)
     return find(keys, sha, np.concatenate(hashes) if hashes else np.zeros(0, np.int64), emb, settings)
@@ -184,7 +188,7 @@ def dedup_part(spec: PartSpec, shards: list[int], settings: Dedup) -> dict[str, 
     """Find the part's duplicates over its embeddings folder and write embeddings/duplicates.parquet;
     returns the count of each kind and of the groups."""
     store = Store(spec.output)
-    table, counts = _found(*_read(store, shards), settings)
+    table, counts = _found(_read(store, shards), settings)
     return _write(table, store, EMBEDDINGS_DUPLICATES, counts)
 
 
@@ -197,13 +201,13 @@ def dedup_parts(stores: list[Store], settings: Dedup, into: Store) -> dict[str, 
     from ..contract import EMBEDDINGS_DIR
 
     digits = len(str(max(len(stores) - 1, 0)))
-    found: tuple[list, list, list, list] = ([], [], [], [])
+    found: Read = ([], [], [], [])
     for n, store in enumerate(stores):
         listed = store.fs.glob(store.path(EMBEDDINGS_DIR, "metadata", "metadata_*.parquet"))
         shards = sorted(int(path.rsplit("_", 1)[1].split(".")[0]) for path in listed)
-        for whole, part in zip(found, _read(store, shards, f"{n:0{digits}d}/")):
-            whole += part
-    table, counts = _found(*found, settings)
+        keys, sha, hashes, embs = _read(store, shards, f"{n:0{digits}d}/")
+        found = (found[0] + keys, found[1] + sha, found[2] + hashes, found[3] + embs)
+    table, counts = _found(found, settings)
     parts = [s.uri for s in stores]
     for name, column in (("part", "key"), ("keptPart", "kept")):
         keys = table.column(column).to_pylist()
