@@ -130,9 +130,13 @@ def test_textcaps_from_s3_to_mds_counts_the_undecodable_row(ray_driver, s3, tmp_
     assert sorted(s.caption for s in written) == sorted(c for i, c in enumerate(images) if i != BROKEN)
     for sample in written:
         assert sample.image == images[sample.caption]  # resizeMode no + skipReencode: the bytes kept
-    (failed,) = [row for row in outputs.metadata(spec.output) if row["status"] != "success"]
+    rows = outputs.metadata(spec.output)
+    (failed,) = [row for row in rows if row["status"] != "success"]
     assert failed["failure_reason"] == "decode"
     assert "train-00000-of-00001.parquet row 6" in failed["error_message"]
+    # The row's own scalar columns reach every sample's metadata, beside the leading ones.
+    assert sorted(row["image_id"] for row in rows) == [f"id{i:03d}" for i in range(len(rows))]
+    assert all(row["image_width"] == 40 for row in rows)
 
 
 def test_a_bytes_column_part_resumes_with_each_row_once(ray_driver, tmp_path):

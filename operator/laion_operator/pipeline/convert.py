@@ -36,7 +36,7 @@ from ..spec import PartSpec
 from ..storage import Store
 from .formats import ConvertError
 from .image_header import header_size
-from .record import KEY, Recorder, clear_shard
+from .record import KEY, OUTCOME, Recorder, clear_shard
 from .sources import Refused, samples_of
 
 # The leading columns of every sample's metadata row (the shard's `.parquet`), whatever the input's
@@ -95,9 +95,14 @@ def convert_shard(
         raise ConvertError(f"{store.url(MANIFEST)}: missing, so input shard {shard} is not known")
     entry = manifest["inputs"][shard]
     stats = ShardStats(shard=shard, start_time=time.time())
-    recorder = Recorder(spec.download, store, stats, True, SOURCE, report=report, report_every=report_every)
+    source = samples_of(spec)
+    # The source's own columns after the leading ones; a name the row already has keeps its meaning.
+    taken = {*SOURCE.names, *(name for name, _ in OUTCOME), spec.download.compute_hash}
+    extra = [f for f in source.columns(spec, entry) if f.name not in taken]
+    leading_schema = pa.schema([*SOURCE, *extra])
+    recorder = Recorder(spec.download, store, stats, True, leading_schema, report=report, report_every=report_every)
     try:
-        for index, (sample, image) in enumerate(samples_of(spec).read_input(spec, entry)):
+        for index, (sample, image) in enumerate(source.read_input(spec, entry)):
             stats.count += 1
             key = sample_key(shard, index, spec.filter.samples_per_shard)
             url = sample.meta.get("url")
@@ -107,6 +112,7 @@ def convert_shard(
                 "url": url if isinstance(url, str) else None,
                 "source_file": sample.file,
                 "source_key": sample.key,
+                **{f.name: sample.meta.get(f.name) for f in extra},
             }
             if isinstance(image, Refused):
                 recorder.failed(leading, sample.caption, image.message, image.reason)

@@ -70,6 +70,11 @@ class SampleSource(Source):
         """The samples of one input shard, each with its image's bytes (or why it has none); an input
         that cannot be read raises an InputError naming the input and the member."""
 
+    def columns(self, spec: PartSpec, entry: dict) -> list[pa.Field]:
+        """The metadata columns an input's samples carry (their `meta` values, by name), written beside
+        the leading columns in every sample's row; none unless the source has columns of its own."""
+        return []
+
     def plan_line(self, spec: PartSpec, inputs: list[dict]) -> str:
         """What `laion-operator plan` prints of the inputs."""
         return f"{self.describe(spec)} in {len(inputs)} shards"

@@ -54,6 +54,13 @@ class EmbeddedSource(SampleSource):
     def read_input(self, spec: PartSpec, entry: dict) -> Iterator[tuple[Sample, bytes]]:
         return read_rows(entry)
 
+    def columns(self, spec: PartSpec, entry: dict) -> list[pa.Field]:
+        file = _open(entry["file"])
+        try:
+            return meta_fields(file.schema_arrow, entry)
+        finally:
+            file.close()
+
 
 SOURCE = EmbeddedSource()
 
@@ -157,6 +164,11 @@ def _scalar(kind: pa.DataType) -> bool:
     )
 
 
+def meta_fields(schema: pa.Schema, entry: dict) -> list[pa.Field]:
+    """The row's scalar columns besides its image and caption: the samples' metadata (TextCaps' image_id)."""
+    return [f for f in schema if f.name not in (entry["image"], entry["caption"]) and _scalar(f.type)]
+
+
 def read_rows(entry: dict) -> Iterator[tuple[Sample, bytes]]:
     """The samples of rows [start, end) of one file, read row group by row group, in batches."""
     url, start, end = entry["file"], entry["start"], entry["end"]
@@ -168,7 +180,7 @@ def read_rows(entry: dict) -> Iterator[tuple[Sample, bytes]]:
             raise ConvertError(
                 f"{url}: no column {image_column!r} or {caption_column!r} any more; it has {schema.names}"
             )
-        meta_columns = [f.name for f in schema if f.name not in (image_column, caption_column) and _scalar(f.type)]
+        meta_columns = [f.name for f in meta_fields(schema, entry)]
         groups, first_row, row = [], None, 0
         for i in range(file.metadata.num_row_groups):
             size = file.metadata.row_group(i).num_rows
