@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from .contract import Verification
+from .contract import PartCounts, Verification
 from .names import camel as _camel
 
 
@@ -24,24 +24,16 @@ def _from_camel(cls: Any, data: dict) -> Any:
 
 
 @dataclass
-class Written:
+class Written(PartCounts):
     """The counts of the stage that wrote the shards (download or convert): rows, shards, images."""
 
     output_format: str
-    rows_read: int = 0
-    rows_kept: int = 0
-    dropped_by: dict[str, int] = field(default_factory=dict)
-    shards_total: int = 0
-    shards_done: int = 0
-    shards_failed: int = 0
     attempted: int = 0
     ok: int = 0
     failed_to_download: int = 0
     failed_to_resize: int = 0
-    failed_by_reason: dict[str, int] = field(default_factory=dict)
     opted_out_by: dict[str, int] = field(default_factory=dict)  # `opt_out` by rule (contract.OPT_OUT_RULES)
     success_rate: float = 0.0
-    bytes_written: int = 0
     total_seconds: float = 0.0
     shard_seconds_sum: float = 0.0
 

@@ -322,4 +322,4 @@ JOB_ID_ENV = "LAION_JOB_ID"
 
 
 # The typed records (progress.json, a shard's stats), one import away as the names above are.
-from .records import EncodeStats, LatentStats, Progress, ShardStats, Verification  # noqa: E402, F401
+from .records import EncodeStats, LatentStats, PartCounts, Progress, ShardStats, Verification  # noqa: E402, F401

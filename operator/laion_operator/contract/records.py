@@ -4,13 +4,33 @@
 
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from copy import copy
+from dataclasses import asdict, dataclass, field, fields
 
 from . import PHASES, Phase
 
 
+@dataclass(kw_only=True)
+class PartCounts:
+    """What a part's metadata and shards came to: its progress as it runs, its summary (summary.Written)
+    at the end."""
+
+    rows_read: int = 0
+    rows_kept: int = 0
+    dropped_by: dict[str, int] = field(default_factory=dict)
+    shards_total: int = 0
+    shards_done: int = 0
+    shards_failed: int = 0
+    failed_by_reason: dict[str, int] = field(default_factory=dict)
+    bytes_written: int = 0
+
+    def part_counts(self) -> dict:
+        """These counts alone, copied (the summary's from the progress)."""
+        return {f.name: copy(getattr(self, f.name)) for f in fields(PartCounts)}
+
+
 @dataclass
-class Progress:
+class Progress(PartCounts):
     """`_laion/progress.json`: written by the job as it runs, read by the operator and a resumed run."""
 
     part_id: str
@@ -18,16 +38,8 @@ class Progress:
     # The operator's submission id of the run that wrote it (JOB_ID_ENV; "" outside the operator): a
     # re-run's operator must not show the last run's phase as this one's.
     job: str = ""
-    rows_read: int = 0
-    rows_kept: int = 0
-    dropped_by: dict[str, int] = field(default_factory=dict)
-    shards_total: int = 0
-    shards_done: int = 0
-    shards_failed: int = 0
     images_ok: int = 0
     images_failed: int = 0
-    failed_by_reason: dict[str, int] = field(default_factory=dict)
-    bytes_written: int = 0
     started_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
     finished_at: float | None = None

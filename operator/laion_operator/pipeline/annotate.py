@@ -35,21 +35,14 @@ def annotate(spec: PartSpec, store: Store, shards: list[ShardStats], progress: P
 def written(spec: PartSpec, shards: list[ShardStats], progress: Progress) -> Written:
     """The summary's counts: the part's progress and its finished shards' stats."""
     return Written(
+        **{**progress.part_counts(), "bytes_written": sum(s.bytes_written for s in shards)},
         output_format=spec.download.output_format,
-        rows_read=progress.rows_read,
-        rows_kept=progress.rows_kept,
-        dropped_by=dict(progress.dropped_by),
-        shards_total=progress.shards_total,
-        shards_done=progress.shards_done,
-        shards_failed=progress.shards_failed,
         attempted=sum(s.count for s in shards),
         ok=sum(s.successes for s in shards),
         failed_to_download=sum(s.failed_to_download for s in shards),
         failed_to_resize=sum(s.failed_to_resize for s in shards),
-        failed_by_reason=dict(progress.failed_by_reason),
         opted_out_by=dict(sum((Counter(s.opted_out_by) for s in shards), Counter())),
         success_rate=progress.success_rate,
-        bytes_written=sum(s.bytes_written for s in shards),
         total_seconds=round((progress.finished_at or progress.updated_at) - progress.started_at, 3),
         shard_seconds_sum=round(sum(s.end_time - s.start_time for s in shards), 3),
     )
