@@ -272,6 +272,10 @@ def cmd_job(args) -> int:
     return job_main()
 
 
+def ray_address_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="laion-operator", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -279,7 +283,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("part", help="part spec YAML (a bare spec or a LaionPart manifest)")
     run.add_argument("--dry-run", action="store_true", help="print the plan without downloading")
     run.add_argument("--output", help="override output.uri")
-    run.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    ray_address_option(run)
     run.set_defaults(func=cmd_run)
     conv = sub.add_parser(
         "convert",
@@ -299,7 +303,7 @@ def parser() -> argparse.ArgumentParser:
     conv.add_argument("--resize-mode", default="keep_ratio", choices=specs.RESIZE_MODES)
     conv.add_argument("--mds-shard-size-limit", type=int, help="mds: bytes per MDS shard file")
     conv.add_argument("--no-verify", action="store_true", help="do not read the shards back afterwards")
-    conv.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    ray_address_option(conv)
     ver = sub.add_parser(
         "verify",
         help="read every shard of a finished output back, decode every image, "
@@ -327,7 +331,7 @@ def parser() -> argparse.ArgumentParser:
     )
     latents.add_argument("--image-column", default="jpg", help="--mds: the column holding encoded images (default jpg)")
     latents.add_argument("--caption-column", default="caption", help="--mds: the caption column (default caption)")
-    latents.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    ray_address_option(latents)
     latents.set_defaults(func=cmd_latents)
     embed = sub.add_parser(
         "embed",
@@ -336,7 +340,7 @@ def parser() -> argparse.ArgumentParser:
     )
     embed.add_argument("part", help="part spec YAML with spec.embeddings")
     embed.add_argument("--output", help="override output.uri")
-    embed.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    ray_address_option(embed)
     embed.set_defaults(func=cmd_embed)
     dedup = sub.add_parser(
         "dedup", help="duplicates across embedded outputs (a dataset's parts), in order of precedence"
