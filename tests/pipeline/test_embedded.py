@@ -174,3 +174,42 @@ def test_dry_run_lists_the_row_ranges_as_shards(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "2 parquet files with the images inside in 3 shards" in done.stdout and "as mds" in done.stdout
     assert not (tmp_path / "out").exists()
+
+
+def test_a_rows_own_scores_and_language_meet_the_filter(tmp_path):
+    """LAION-style columns inside the parquet (punsafe, AESTHETIC_SCORE, LANGUAGE) judged by spec.filter
+    as a URL list's would be: a failing row is counted as `filtered`, its message naming the column."""
+    from laion_operator.pipeline.convert import convert_shard, plan
+    from laion_operator.storage import Store
+
+    source = tmp_path / "scored.parquet"
+    punsafe = [0.1, 0.9, 0.2, 0.1, 0.3, None]
+    aesthetic = [6.0, 6.5, 4.0, 7.0, 6.2, 6.1]
+    language = ["en", "en", "en", "de", "en", "en"]
+    pq.write_table(
+        pa.table(
+            {
+                "jpg": [jpeg(i) for i in range(6)],
+                "caption": [f"c{i}" for i in range(6)],
+                "punsafe": punsafe,
+                "AESTHETIC_SCORE": aesthetic,
+                "LANGUAGE": language,
+            }
+        ),
+        source,
+    )
+    spec = PartSpec.from_dict(
+        {
+            **part([str(source)], tmp_path / "out", per_shard=6).to_dict(),
+            "filter": {"samplesPerShard": 6, "maxPunsafe": 0.5, "minAesthetic": 5.0, "languages": ["en"]},
+        }
+    )
+    plan(spec, Store(spec.output))
+    stats = convert_shard(spec, 0)
+    # row 1 unsafe, row 2 below the score, row 3 not English; row 5 has no punsafe: not judged on it
+    assert (stats.successes, stats.failed_by_reason) == (3, {"filtered": 3})
+    rows = {row["caption"]: row for row in outputs.metadata(spec.output)}
+    assert "punsafe 0.9 fails filter.maxPunsafe 0.5" in rows["c1"]["error_message"]
+    assert "AESTHETIC_SCORE 4.0 fails filter.minAesthetic 5.0" in rows["c2"]["error_message"]
+    assert "LANGUAGE 'de' is not one of filter.languages" in rows["c3"]["error_message"]
+    assert rows["c5"]["status"] == "success" and rows["c5"]["punsafe"] is None

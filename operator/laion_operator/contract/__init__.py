@@ -295,6 +295,7 @@ FAILURE_REASONS = [
     "rate_limited",
     "expired",  # an archive's signed link answered 403 for its expiry: a new link file fetches it
     "no_caption",  # an archive's image that its captions do not name
+    "filtered",  # a source's sample whose own metadata fails spec.filter (punsafe, aesthetic, language …)
     "other",
 ]
 

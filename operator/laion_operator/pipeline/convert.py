@@ -34,6 +34,7 @@ from PIL import Image
 from ..contract import MANIFEST, ShardStats, fingerprint, sample_key
 from ..spec import PartSpec
 from ..storage import Store
+from .filter import sample_refusal
 from .formats import ConvertError
 from .image_header import header_size
 from .record import KEY, OUTCOME, Recorder, clear_shard
@@ -120,6 +121,10 @@ def convert_shard(
             small = below_minimum(spec, image)
             if small:
                 recorder.failed(leading, sample.caption, f"{sample.file}: sample {sample.key}: {small}", "too_small")
+                continue
+            refused = sample_refusal(spec, sample.meta)
+            if refused:
+                recorder.failed(leading, sample.caption, f"{sample.file}: sample {sample.key}: {refused}", "filtered")
                 continue
             recorder.image(leading, sample.caption, image, where=f"{sample.file}: sample {sample.key}: ")
     except BaseException:
