@@ -130,3 +130,30 @@ def test_semantic_groups_are_connected_components_keeping_the_smallest_key():
         settings(perceptual=False, semantic=True),
     )
     assert again.equals(table)
+
+
+def test_past_the_pairwise_limit_faiss_finds_the_same_groups(monkeypatch):
+    """Above EXACT_UP_TO samples the pairs come from FAISS (a multi-index hash of the DCT hashes, an
+    inverted file of the embeddings): on planted copies it finds what comparing every pair finds."""
+    from laion_operator.pipeline import dedup
+
+    rng = np.random.default_rng(7)
+    n, copies = 3000, 300
+    emb = rng.normal(size=(n, 64)).astype(np.float32)
+    hashes = rng.integers(0, 1 << 62, n, dtype=np.int64)
+    sources = rng.choice(n - copies, copies, replace=False)
+    for i, src in enumerate(sources):  # the last `copies` rows: copies of earlier ones
+        row = n - copies + i
+        emb[row] = emb[src] + rng.normal(scale=0.02, size=64)
+        flips = rng.choice(64, 4 + i % 5, replace=False)  # 4 to 8 bits: a threshold of 6 keeps some
+        hashes[row] = hashes[src] ^ int(sum(1 << int(b) for b in flips) & ((1 << 63) - 1))
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    keys = [f"{i:06d}" for i in range(n)]
+    sha = [f"s{i}" for i in range(n)]
+    both = settings(perceptual=True, semantic=True)
+    pairwise, counts = find(keys, sha, hashes, emb, both)
+    monkeypatch.setattr(dedup, "EXACT_UP_TO", 100)
+    indexed, indexed_counts = find(keys, sha, hashes, emb, both)
+    assert counts["semantic"] + counts["perceptual"] >= copies - 5  # the copies, found either way
+    assert indexed.select(["key", "kept"]).equals(pairwise.select(["key", "kept"]))
+    assert indexed_counts == counts

@@ -16,8 +16,11 @@ two DCT hashes' distance).
 
 The hashes are computed by the embeddings stage's shard tasks while they decode the images (columns
 `image_sha256` and `image_phash` of the embeddings' metadata), so that this runs on the driver over
-the embeddings folder alone. Pairs are found by brute force, in blocks that bound the memory: n²/2
-XOR-popcounts and an n×n×d product, seconds for 10⁵ samples of one part, not for 10⁶.
+the embeddings folder alone. Up to EXACT_UP_TO samples, pairs are found by brute force, in blocks that
+bound the memory (n²/2 XOR-popcounts and an n×n×d product). Above it, FAISS finds them: the DCT hashes
+in a multi-index hash of 7 tables of 9 bits (two hashes at most 6 bits apart agree on one table's
+bits: none is missed), the embeddings in an inverted-file index searched by range (approximate: a
+pair whose two vectors fall in cells NPROBE apart is missed; measured in bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -97,6 +100,51 @@ def _rows(n: int) -> int:
     return max(1, CELLS // max(n, 1))
 
 
+EXACT_UP_TO = 50_000  # samples compared pair by pair; more go through FAISS's indexes
+QUERY_ROWS = 65_536  # queries per FAISS range search: bounds the result lists held at once
+NPROBE = 16  # inverted lists searched per query (of 4·√n)
+
+
+def _range_pairs(search, n: int):
+    """Index pairs (i < j) from an index's range searches, QUERY_ROWS queries at a time."""
+    for start in range(0, n, QUERY_ROWS):
+        lims, _, found = search(start, min(start + QUERY_ROWS, n))
+        queries = start + np.repeat(np.arange(len(lims) - 1), np.diff(lims).astype(np.int64))
+        keep = found > queries
+        yield from zip(queries[keep].tolist(), found[keep].tolist())
+
+
+def _hamming_pairs(hashes: np.ndarray, distance: int):
+    if len(hashes) <= EXACT_UP_TO:
+        yield from _pairs(_hamming_blocks(hashes), distance, above=False)
+        return
+    import faiss
+
+    if distance > 6:  # 7 tables of 9 bits find every pair up to 6 bits apart, no further
+        raise ValueError(f"spec.embeddings.dedup.hammingDistance {distance}: above {EXACT_UP_TO:,} samples, 6 at most")
+    codes = np.ascontiguousarray(hashes.view(np.uint8).reshape(len(hashes), 8))
+    index = faiss.IndexBinaryMultiHash(64, 7, 9)
+    index.add(codes)
+    yield from _range_pairs(lambda a, b: index.range_search(codes[a:b], distance + 1), len(codes))
+
+
+def _cosine_pairs(emb: np.ndarray, similarity: float):
+    if len(emb) <= EXACT_UP_TO:
+        yield from _pairs(_cosine_blocks(emb), similarity, above=True)
+        return
+    import faiss
+
+    n, dim = emb.shape
+    cells = int(4 * np.sqrt(n))
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, cells, faiss.METRIC_INNER_PRODUCT)
+    sample = np.random.default_rng(0).choice(n, min(n, 64 * cells), replace=False)
+    index.train(emb[np.sort(sample)])
+    index.add(emb)
+    index.nprobe = NPROBE
+    # faiss keeps an inner product strictly above the radius
+    yield from _range_pairs(lambda a, b: index.range_search(emb[a:b], np.nextafter(similarity, -1)), n)
+
+
 def _hamming_blocks(hashes: np.ndarray):
     for start in range(0, len(hashes), rows := _rows(len(hashes))):
         yield start, np.bitwise_count(hashes[start : start + rows, None] ^ hashes[None, :])
@@ -124,10 +172,10 @@ def find(keys: list[str], sha: list[str], hashes: np.ndarray, emb: np.ndarray, s
             if (j := first.setdefault(digest, i)) != i:
                 groups.join(j, i, 0)
     if settings.perceptual:
-        for a, b in _pairs(_hamming_blocks(hashes), settings.hamming_distance, above=False):
+        for a, b in _hamming_pairs(hashes, settings.hamming_distance):
             groups.join(a, b, 1)
     if settings.semantic:
-        for a, b in _pairs(_cosine_blocks(emb), settings.similarity, above=True):
+        for a, b in _cosine_pairs(np.ascontiguousarray(emb), settings.similarity):
             groups.join(a, b, 2)
     members = [i for i in range(len(keys)) if groups.root(i) != i]
     kept = [groups.root(i) for i in members]
