@@ -33,6 +33,8 @@ VERSIONS = [
     "diffusers",
     "transformers",
     "mosaicml-streaming",
+    "open-clip-torch",
+    "clip-retrieval",
 ]
 HEADER = """# Benchmark results
 
@@ -41,13 +43,22 @@ means and how it is measured. Every ratio in an entry was measured in that one r
 """
 
 
-def ensure_python_tools() -> None:
-    """Install the engines compared against, pinned, unless they are there already."""
-    wanted = {}
-    for line in REQUIREMENTS.read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
+def ensure_python_tools(no_deps: bool = False) -> None:
+    """Install the engines compared against, pinned, unless they are there already. A line marked
+    `# no-deps` is installed without its dependencies (its own pins conflict with the project's); with
+    `no_deps`, only those lines are wanted."""
+    wanted, plain, bare = {}, [], []
+    for raw in REQUIREMENTS.read_text().splitlines():
+        line, _, comment = raw.partition("#")
+        line = line.strip()
         if "==" in line:
             name, version = line.split("==")
+            if "no-deps" in comment:
+                bare.append(line)
+            elif no_deps:
+                continue
+            else:
+                plain.append(line)
             wanted[name.strip()] = version.strip()
     missing = []
     for name, version in wanted.items():
@@ -58,21 +69,12 @@ def ensure_python_tools() -> None:
             missing.append(name)
     if missing:
         print(f"bench: installing {', '.join(missing)} (bench/requirements.txt)", file=sys.stderr, flush=True)
-        subprocess.run(
-            [
-                common.PYTHON,
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "-r",
-                str(REQUIREMENTS),
-                "-c",
-                str(common.ROOT / "requirements.lock"),
-            ],
-            check=True,
-        )
+        pip = [common.PYTHON, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+        lock = ["-c", str(common.ROOT / "requirements.lock")]
+        if plain:
+            subprocess.run([*pip, *plain, *lock], check=True)
+        if bare:
+            subprocess.run([*pip, "--no-deps", *bare, *lock], check=True)
 
 
 def ensure_java() -> None:
@@ -108,7 +110,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     p.add_argument(
         "--only",
-        choices=["filter", "download", "internet", "archives", "operator", "latents", "soak"],
+        choices=["filter", "download", "internet", "archives", "operator", "latents", "embeddings", "soak"],
         help="run one benchmark only (soak, 200 parts through the operator, runs only when asked)",
     )
     p.add_argument("--soak-parts", type=int, default=200, help="LaionParts in the soak (default 200)")
@@ -162,7 +164,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--latents-images", type=int, default=512, help="images the latents benchmark encodes (default 512)")
     p.add_argument("--latents-repeats", type=int, default=3, help="runs per latents side (default 3)")
-    p.add_argument("--device", default="cpu", help="latents: cpu or cuda[:N] (default cpu)")
+    p.add_argument("--device", default="cpu", help="latents, embeddings: cpu or cuda[:N] (default cpu)")
     p.add_argument(
         "--latents-models",
         choices=["sd", "tiny"],
@@ -170,6 +172,21 @@ def parse(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--latents-resolutions", default="256,512", help="latents: resolutions (default 256,512)")
     p.add_argument("--latents-batch", type=int, default=32, help="latents: batch size (default 32)")
+    p.add_argument(
+        "--embeddings-images", type=int, default=640, help="images the embeddings benchmark embeds (default 640)"
+    )
+    p.add_argument(
+        "--embeddings-rounds", type=int, default=3, help="embeddings: rounds, the sides in turns (default 3)"
+    )
+    p.add_argument(
+        "--embeddings-batch", type=int, help="embeddings: batch size of both sides (default 256 on cuda, 32 on cpu)"
+    )
+    p.add_argument(
+        "--embeddings-dedup",
+        type=int,
+        default=1_000_000,
+        help="embeddings: vectors semantic dedup's cost is measured on (default 1,000,000; 0: skip)",
+    )
     p.add_argument("--no-record", action="store_true", help="print only; do not append to bench/RESULTS.md")
     args = p.parse_args(argv)
     if args.quick:
@@ -177,6 +194,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
         args.archives_rounds = 1
         args.internet_urls, args.internet_sweep, args.per_host_sweep, args.in_flight_sweep = 300, "128", "8,16", "128"
         args.latents_images, args.latents_repeats = 64, 1
+        args.embeddings_images, args.embeddings_rounds, args.embeddings_dedup = 64, 1, 20_000
     return args
 
 
@@ -190,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     # latents compares against plain torch, internet against img2dataset, archives against micro_diffusion's
     # scripts written out in the bench (torchvision, streaming): all project dependencies; soak nothing
     if args.only not in ("latents", "soak", "internet", "archives"):
-        ensure_python_tools()
+        ensure_python_tools(no_deps=args.only == "embeddings")
     if args.only in (None, "filter"):
         ensure_java()
 
@@ -260,6 +278,19 @@ def main(argv: list[str] | None = None) -> int:
             batch=args.latents_batch,
         )
         sections.append(("Latents", report))
+        goals += g
+
+    if args.only in (None, "embeddings"):
+        from . import embeddings_bench
+
+        report, g = embeddings_bench.bench(
+            args.embeddings_images,
+            args.embeddings_rounds,
+            device=args.device,
+            batch=args.embeddings_batch,
+            dedup_n=args.embeddings_dedup,
+        )
+        sections.append(("Embeddings against clip-retrieval's clip_inference", report))
         goals += g
 
     if args.only == "soak":
