@@ -273,9 +273,10 @@ def report(n, tars, rounds, device, batch, workers, results, utilisation, checke
         f"median {ratio:.2f}×.",
         f"Outputs: {checked['project']} image embeddings from the project, {checked['clip_retrieval']} from "
         f"clip-retrieval, {checked['shared']} keys on both; image-embedding cosine per key: min {cos.min():.4f}, "
-        f"median {np.median(cos):.4f}. Preprocessing differs in one step: clip-retrieval resizes a PIL image "
-        "(torchvision, antialiased bicubic), the stage resizes its decoded pixels itself (shorter side, "
-        "bicubic, center crop), then both normalise with the model's mean and std.",
+        f"median {np.median(cos):.4f}. Preprocessing is the same steps: clip-retrieval applies open_clip's "
+        "transform (torchvision's Resize, bicubic, on the PIL image, then CenterCrop), the stage does the same "
+        "with PIL itself into uint8 and normalises with the model's mean and std on the device; both store "
+        "float16.",
         "",
         dedup["text"],
     ]
