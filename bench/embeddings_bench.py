@@ -210,6 +210,7 @@ def bench(
     }
     results: dict[str, list[common.Run]] = {s: [] for s in sides}
     utilisation: dict[str, list[float]] = {s: [] for s in sides}
+    spans: list[float] = []
     for r in range(rounds):
         order = list(sides) if r % 2 == 0 else list(reversed(sides))  # neither side always goes first
         for side in order:
@@ -218,6 +219,8 @@ def bench(
             with Utilisation(device) as gpu:
                 result = common.run(cmd, timeout=3600, env=env, cwd=common.ROOT)
             results[side].append(result)
+            if side == PROJECT:
+                spans.append(shard_span(folder))
             if gpu.mean is not None:
                 utilisation[side].append(gpu.mean)
             shown = f", GPU {gpu.mean:.0f} %" if gpu.mean is not None else ""
@@ -230,10 +233,18 @@ def bench(
             )
     checked = compare(out / "embeddings", clip_out)
     dedup = measure_dedup(dedup_n, work)
-    return report(n, tars, rounds, device, batch, workers, results, utilisation, checked, dedup)
+    return report(n, tars, rounds, device, batch, workers, results, utilisation, checked, dedup, spans)
 
 
-def report(n, tars, rounds, device, batch, workers, results, utilisation, checked, dedup) -> tuple[str, list[str]]:
+def shard_span(folder: Path) -> float:
+    """First shard's start to last shard's end (the stage's shard tasks, after their model loads)."""
+    stats = [json.loads(p.read_text()) for p in folder.glob("*_stats.json")]
+    return max(s["end_time"] for s in stats) - min(s["start_time"] for s in stats) if stats else 0.0
+
+
+def report(
+    n, tars, rounds, device, batch, workers, results, utilisation, checked, dedup, spans
+) -> tuple[str, list[str]]:
     import torch
 
     seconds = {side: [r.seconds for r in runs] for side, runs in results.items()}
@@ -270,7 +281,9 @@ def report(n, tars, rounds, device, batch, workers, results, utilisation, checke
         ),
         "",
         f"Ratio (clip-retrieval's seconds / the project's), per round: {', '.join(f'{x:.2f}×' for x in ratios)}; "
-        f"median {ratio:.2f}×.",
+        f"median {ratio:.2f}×. Of the project's whole command, its shard tasks (first start to last end, "
+        f"after their model loads) took {statistics.median(spans):.1f} s (median; "
+        f"{n / statistics.median(spans):,.1f} samples/s): the rest is the CLI's and Ray's start and the loads.",
         f"Outputs: {checked['project']} image embeddings from the project, {checked['clip_retrieval']} from "
         f"clip-retrieval, {checked['shared']} keys on both; image-embedding cosine per key: min {cos.min():.4f}, "
         f"median {np.median(cos):.4f}. Preprocessing is the same steps: clip-retrieval applies open_clip's "
