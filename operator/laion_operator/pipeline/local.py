@@ -120,15 +120,19 @@ def _run(part: PartSpec, run: Callable[[ProgressBar], dict], out) -> int:
 
 def run_with_progress(part: PartSpec, ray_address: str | None = None, out=sys.stdout) -> int:
     """`laion-operator run` and `convert`: every stage of the part."""
-    from .runtime import start_ray
+    from .runtime import settle_ray_start, start_ray
 
     # The stage that needs Ray waits for it; the imports and the filter run meanwhile.
     start_ray(ray_address, warm=tuple(f"{__package__}.{m}" for m in ("download", "record", "fetch.engine")))
-    from .driver import run_part
+    try:
+        from .driver import run_part
 
-    source = sources.of(part).describe(part)
-    print(f"part {part.part_id}: {source} -> {part.output.uri} ({part.download.output_format})", file=out, flush=True)
-    return _run(part, lambda bar: run_part(part, on_progress=bar), out)
+        source = sources.of(part).describe(part)
+        line = f"part {part.part_id}: {source} -> {part.output.uri} ({part.download.output_format})"
+        print(line, file=out, flush=True)
+        return _run(part, lambda bar: run_part(part, on_progress=bar), out)
+    finally:
+        settle_ray_start()
 
 
 def embed_with_progress(part: PartSpec, ray_address: str | None = None, out=sys.stdout) -> int:

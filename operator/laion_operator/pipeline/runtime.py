@@ -106,6 +106,14 @@ def start_ray(address: str | None = None, warm: tuple[str, ...] = ()) -> None:
         _start = _Start(address, warm)
 
 
+def settle_ray_start() -> None:
+    """Wait until a background start has ended, either way: a process that exits while Ray is still
+    starting (a part refused before it needed Ray) has Ray's teardown fail under it, and its own
+    error replaces the part's exit code."""
+    if _start is not None:
+        _start.ready.wait()
+
+
 @ray.remote
 def _imports(modules: tuple[str, ...]) -> None:
     for name in modules:
