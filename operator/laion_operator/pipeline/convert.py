@@ -34,7 +34,7 @@ from PIL import Image
 from ..contract import MANIFEST, ShardStats, fingerprint, sample_key
 from ..spec import PartSpec
 from ..storage import Store
-from .filter import sample_refusal
+from .filter import sample_filter
 from .formats import ConvertError
 from .image_header import header_size
 from .record import KEY, OUTCOME, Recorder, clear_shard
@@ -102,6 +102,7 @@ def convert_shard(
     extra = [f for f in source.columns(spec, entry) if f.name not in taken]
     leading_schema = pa.schema([*SOURCE, *extra])
     recorder = Recorder(spec.download, store, stats, True, leading_schema, report=report, report_every=report_every)
+    judge = sample_filter(spec)
     try:
         for index, (sample, image) in enumerate(source.read_input(spec, entry)):
             stats.count += 1
@@ -122,7 +123,7 @@ def convert_shard(
             if small:
                 recorder.failed(leading, sample.caption, f"{sample.file}: sample {sample.key}: {small}", "too_small")
                 continue
-            refused = sample_refusal(spec, sample.meta)
+            refused = judge(sample.meta) if judge else None
             if refused:
                 recorder.failed(leading, sample.caption, f"{sample.file}: sample {sample.key}: {refused}", "filtered")
                 continue
