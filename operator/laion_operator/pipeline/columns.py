@@ -6,10 +6,13 @@ needs a `columns` mapping only for files that follow none of them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..errors import InputError
-from ..spec import Filter
+from ..spec import Filter, PartSpec
 
 # First match wins: aesthetics 4.5+ (URL TEXT WIDTH HEIGHT similarity punsafe pwatermark AESTHETIC_SCORE
 # hash), laion-art (… LANGUAGE hash pwatermark punsafe aesthetic) and lowercase laion2B (url caption …).
@@ -74,3 +77,41 @@ def resolve(file: str, file_columns: list[str], explicit: dict[str, str], needed
                 f"its columns are: {', '.join(file_columns)}; set spec.columns.{logical}"
             )
     return mapping
+
+
+def sample_filter(spec: PartSpec) -> Callable[[dict], str | None] | None:
+    """For a source of samples (archives' sidecars, an embedded row): a function telling why one
+    sample fails the spec's filter on its own metadata, or None — the URL list's thresholds and
+    languages over the same logical fields, found by the same column names (spec.columns first). A
+    field the sample lacks is not judged (its image's real size is, apart: convert.below_minimum).
+    None when the spec sets none of them: nothing to do per sample."""
+    flt = spec.filter
+    checks = [
+        (name, attr, logical, compare)
+        for name, attr, logical, compare in CONDITIONS
+        if getattr(flt, attr) is not None and logical not in ("width", "height")
+    ]
+    if not checks and flt.languages is None:
+        return None
+
+    def refusal(meta: dict) -> str | None:
+        names = [k for k, v in meta.items() if v is not None]
+        explicit = {k: v for k, v in spec.columns.items() if v in names}
+        mapping = resolve("sample metadata", names, explicit, set())
+        for name, attr, logical, compare in checks:
+            if logical not in mapping:
+                continue
+            threshold, value = getattr(flt, attr), meta[mapping[logical]]
+            try:
+                kept = compare(pa.scalar(float(value)), threshold).as_py()
+            except (TypeError, ValueError):
+                return f"{mapping[logical]} {value!r} is not a number (filter.{name})"
+            if not kept:
+                return f"{mapping[logical]} {value} fails filter.{name} {threshold}"
+        if flt.languages is not None and LANGUAGE_FIELD in mapping:
+            language = meta[mapping[LANGUAGE_FIELD]]
+            if language not in flt.languages:
+                return f"{mapping[LANGUAGE_FIELD]} {language!r} is not one of filter.languages"
+        return None
+
+    return refusal

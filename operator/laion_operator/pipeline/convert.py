@@ -34,7 +34,7 @@ from PIL import Image
 from ..contract import MANIFEST, ShardStats, fingerprint, sample_key
 from ..spec import PartSpec
 from ..storage import Store
-from .filter import sample_filter
+from .columns import sample_filter
 from .formats import ConvertError
 from .image_header import header_size
 from .record import KEY, OUTCOME, Recorder, clear_shard

@@ -88,44 +88,6 @@ def _condition_masks(batch: pa.RecordBatch, mapping: dict[str, str], spec: PartS
         yield "languages", pc.is_in(batch.column(mapping[cols.LANGUAGE_FIELD]), pa.array(list(flt.languages)))
 
 
-def sample_filter(spec: PartSpec) -> Callable[[dict], str | None] | None:
-    """For a source of samples (archives' sidecars, an embedded row): a function telling why one
-    sample fails the spec's filter on its own metadata, or None — the URL list's thresholds and
-    languages over the same logical fields, found by the same column names (spec.columns first). A
-    field the sample lacks is not judged (its image's real size is, apart: convert.below_minimum).
-    None when the spec sets none of them: nothing to do per sample."""
-    flt = spec.filter
-    checks = [
-        (name, attr, logical, compare)
-        for name, attr, logical, compare in cols.CONDITIONS
-        if getattr(flt, attr) is not None and logical not in ("width", "height")
-    ]
-    if not checks and flt.languages is None:
-        return None
-
-    def refusal(meta: dict) -> str | None:
-        names = [k for k, v in meta.items() if v is not None]
-        explicit = {k: v for k, v in spec.columns.items() if v in names}
-        mapping = cols.resolve("sample metadata", names, explicit, set())
-        for name, attr, logical, compare in checks:
-            if logical not in mapping:
-                continue
-            threshold, value = getattr(flt, attr), meta[mapping[logical]]
-            try:
-                kept = compare(pa.scalar(float(value)), threshold).as_py()
-            except (TypeError, ValueError):
-                return f"{mapping[logical]} {value!r} is not a number (filter.{name})"
-            if not kept:
-                return f"{mapping[logical]} {value} fails filter.{name} {threshold}"
-        if flt.languages is not None and cols.LANGUAGE_FIELD in mapping:
-            language = meta[mapping[cols.LANGUAGE_FIELD]]
-            if language not in flt.languages:
-                return f"{mapping[cols.LANGUAGE_FIELD]} {language!r} is not one of filter.languages"
-        return None
-
-    return refusal
-
-
 def _output_columns(mapping: dict[str, str], spec: PartSpec, file_columns: list[str], url: str) -> dict[str, str]:
     """Output column name -> file column: url, caption, and the additional columns to save."""
     out = {"url": mapping["url"]}
