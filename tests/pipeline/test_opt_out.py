@@ -136,3 +136,18 @@ def test_each_refusal_is_counted_by_its_rule_in_shard_stats_and_summary(tmp_path
     again = Summary.from_json(json.loads(json.dumps(summary.to_json())))
     assert again.written is not None and again.written.opted_out_by == dict(Counter(want) + Counter(want))
     assert summary.to_json()["images"]["optedOutBy"] == again.written.opted_out_by
+    # The same split reaches the progress, the LaionPart's status and its metrics, one series a rule.
+    from prometheus_client import generate_latest
+
+    from laion_operator.control.metrics import Metrics
+    from laion_operator.control.status import cr_status
+
+    progress = Progress(part_id="t")
+    progress.count_images([on_disk], [on_disk])
+    assert progress.opted_out_by == dict(Counter(want) + Counter(want))
+    assert cr_status(progress)["images"]["optedOutBy"] == progress.opted_out_by
+    metrics = Metrics()
+    metrics.observe_part("ns", "p", "Downloading", progress)
+    exposed = generate_latest(metrics.registry).decode()
+    for rule, n in progress.opted_out_by.items():
+        assert f'laion_part_images_opted_out_total{{namespace="ns",part="p",rule="{rule}"}} {float(n)}' in exposed

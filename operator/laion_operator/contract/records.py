@@ -40,6 +40,9 @@ class Progress(PartCounts):
     job: str = ""
     images_ok: int = 0
     images_failed: int = 0
+    # The `opt_out` failures by the rule that refused them (OPT_OUT_RULES): a user answering a host's
+    # complaint needs to know which opt-out was honoured, not only how many.
+    opted_out_by: dict[str, int] = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
     finished_at: float | None = None
@@ -67,6 +70,11 @@ class Progress(PartCounts):
             for reason, n in s.failed_by_reason.items():
                 reasons[reason] = reasons.get(reason, 0) + n
         self.failed_by_reason = reasons
+        rules: dict[str, int] = {}
+        for s in shards:
+            for rule, n in s.opted_out_by.items():
+                rules[rule] = rules.get(rule, 0) + n
+        self.opted_out_by = rules
         self.bytes_written = sum(s.bytes_written for s in finished)
 
     @property

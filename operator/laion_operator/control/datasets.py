@@ -86,6 +86,7 @@ def summarize(parts: list[dict]) -> dict:
     phases: dict[str, str] = {}
     ok = failed = written = 0
     reasons: dict[str, int] = {}
+    rules: dict[str, int] = {}
     for part in parts:
         status = part.get("status") or {}
         phase = status.get("phase") or Phase.PENDING.value
@@ -97,6 +98,8 @@ def summarize(parts: list[dict]) -> dict:
         for reason, n in (images.get("failedByReason") or {}).items():
             reason = reason if reason in FAILURE_REASONS else "other"
             reasons[reason] = reasons.get(reason, 0) + n
+        for rule, n in (images.get("optedOutBy") or {}).items():
+            rules[rule] = rules.get(rule, 0) + n
         written += status.get("bytesWritten", 0)
     succeeded = by_phase.get(Phase.SUCCEEDED.value, 0)
     return {
@@ -105,7 +108,7 @@ def summarize(parts: list[dict]) -> dict:
         "partsProgress": f"{succeeded}/{len(parts)}",
         "partsByPhase": by_phase,
         "partPhases": phases,
-        "images": {"ok": ok, "failed": failed, "failedByReason": reasons},
+        "images": {"ok": ok, "failed": failed, "failedByReason": reasons, "optedOutBy": rules},
         "bytesWritten": written,
         "successRate": round(100.0 * ok / (ok + failed), 2) if ok + failed else 0.0,
     }

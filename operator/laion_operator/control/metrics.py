@@ -10,6 +10,7 @@ Series per part, about 30 (64 parts: ~2,000):
 
     laion_part_images_total                      images downloaded into the dataset
     laion_part_images_failed_total{reason}       images that failed, one series per FAILURE_REASONS
+    laion_part_images_opted_out_total{rule}      the opt_out ones by the rule that refused them (OPT_OUT_RULES)
     laion_part_bytes_written_total               bytes of finished shards
     laion_part_metadata_rows_read_total          metadata rows read by the filter
     laion_part_metadata_rows_kept_total          rows kept, i.e. images the part will attempt
@@ -47,7 +48,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from .. import __version__
-from ..contract import FAILURE_REASONS, PHASES, RUNNING, Phase, Progress, reason_of
+from ..contract import FAILURE_REASONS, OPT_OUT_RULES, PHASES, RUNNING, Phase, Progress, reason_of
 
 SHARD_STATES = ("total", "done", "failed")
 PART_LABELS = ["namespace", "part"]
@@ -106,6 +107,9 @@ class _PartCollector(Collector):
 
         images = counter("laion_part_images", "Images downloaded and written to the dataset.")
         failed = counter("laion_part_images_failed", "Images that failed, by reason.", ["reason"])
+        opted_out = counter(
+            "laion_part_images_opted_out", "Images an opt-out refused, by the rule that refused them.", ["rule"]
+        )
         written = counter("laion_part_bytes_written", "Bytes written by the part's finished shards.")
         read = counter("laion_part_metadata_rows_read", "Metadata rows read by the filter.")
         kept = counter("laion_part_metadata_rows_kept", "Metadata rows kept by the filter (images to attempt).")
@@ -139,6 +143,8 @@ class _PartCollector(Collector):
             images.add_metric(labels, part.high["images"])
             for reason in FAILURE_REASONS:
                 failed.add_metric(labels + [reason], part.high.get(f"failed:{reason}", 0))
+            for rule in OPT_OUT_RULES:
+                opted_out.add_metric(labels + [rule], part.high.get(f"opted_out:{rule}", 0))
             written.add_metric(labels, part.high["bytes"])
             read.add_metric(labels, part.high["rows_read"])
             kept.add_metric(labels, part.high["rows_kept"])
@@ -166,6 +172,7 @@ class _PartCollector(Collector):
         yield from (
             images,
             failed,
+            opted_out,
             written,
             read,
             kept,
@@ -265,7 +272,10 @@ class Metrics:
                 return
             # A copy: the pipeline keeps mutating its Progress while the server thread scrapes.
             progress = dataclasses.replace(
-                progress, failed_by_reason=dict(progress.failed_by_reason), dropped_by=dict(progress.dropped_by)
+                progress,
+                failed_by_reason=dict(progress.failed_by_reason),
+                dropped_by=dict(progress.dropped_by),
+                opted_out_by=dict(progress.opted_out_by),
             )
             part.progress = progress
             part.counter("images", progress.images_ok)
@@ -274,12 +284,17 @@ class Metrics:
                 reasons[reason_of(reason)] = reasons.get(reason_of(reason), 0) + n
             for reason, n in reasons.items():
                 part.counter(f"failed:{reason}", n)
+            rules = {rule: n for rule, n in progress.opted_out_by.items() if rule in OPT_OUT_RULES}
+            for rule, n in rules.items():
+                part.counter(f"opted_out:{rule}", n)
             if progress.phase == Phase.SUCCEEDED.value:
                 # A finished part's counts are its shards' own. A heal lowers failed ones: they are set
                 # rather than kept at their highest, once, at its end (a counter reset, as rate() reads
                 # it), so that the metrics agree with the summary and the status.
                 for key in [k for k in part.high if k.startswith("failed:")]:
                     part.high[key] = reasons.get(key.split(":", 1)[1], 0)
+                for key in [k for k in part.high if k.startswith("opted_out:")]:
+                    part.high[key] = rules.get(key.split(":", 1)[1], 0)
             part.counter("bytes", progress.bytes_written)
             part.counter("rows_read", progress.rows_read)
             part.counter("rows_kept", progress.rows_kept)

@@ -27,6 +27,7 @@ def cr_status(progress: Progress) -> dict:
             "ok": progress.images_ok,
             "failed": progress.images_failed,
             "failedByReason": dict(progress.failed_by_reason),
+            "optedOutBy": dict(progress.opted_out_by),
         },
         "bytesWritten": progress.bytes_written,
         "successRate": progress.success_rate,
@@ -57,6 +58,7 @@ IMAGES_SCHEMA = {
         "ok": COUNT_SCHEMA,
         "failed": COUNT_SCHEMA,
         "failedByReason": {"type": "object", "additionalProperties": COUNT_SCHEMA},
+        "optedOutBy": {"type": "object", "additionalProperties": COUNT_SCHEMA},
     },
 }
 CONDITIONS_SCHEMA = {
