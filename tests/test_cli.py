@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -109,16 +111,28 @@ def test_crd_command_prints_the_shipped_crd():
 
 
 def test_a_local_run_speaks_first_and_only_of_the_part(tmp_path, image_server):
-    """A user's terminal: Ray's notices stay out of it, and no line of zeros comes before any row."""
+    """A user's terminal: Ray's notices stay out of it, and no line of zeros comes before any row.
+    The private cluster it starts has no API server (nothing serves it) and is gone when it exits."""
     write_metadata(tmp_path / "m.parquet", 30, image_server.base_url, seed=5, failure_mix={"ok": 1.0})
     part = write_part(tmp_path, filter={"samplesPerShard": 50}, download={"imageSize": 32, "parallelism": 1})
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    run = subprocess.run([CLI, "run", str(part)], capture_output=True, text=True, timeout=300, env=env)
-    assert run.returncode == 0, run.stderr
-    lines = [line for line in (run.stdout + run.stderr).splitlines() if line.strip()]
-    assert lines[0].startswith("part 1: 1 metadata file -> "), lines[:5]
-    assert not [line for line in lines if "Token authentication" in line or "[filter] 0 rows" in line]
-    assert any(line.startswith("  images ") for line in lines)
+    # Ray's sockets live under its temp folder: a short one of this test's own (a path over 107 bytes
+    # cannot be a socket's).
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"RAY_TMPDIR": str(ray_tmp)}
+        run = subprocess.run([CLI, "run", str(part)], capture_output=True, text=True, timeout=300, env=env)
+        assert run.returncode == 0, run.stderr
+        lines = [line for line in (run.stdout + run.stderr).splitlines() if line.strip()]
+        assert lines[0].startswith("part 1: 1 metadata file -> "), lines[:5]
+        assert not [line for line in lines if "Token authentication" in line or "[filter] 0 rows" in line]
+        assert any(line.startswith("  images ") for line in lines)
+        logs = [p.name for p in ray_tmp.glob("ray/session_*/logs/*")]
+        assert any(name.startswith("raylet.") for name in logs), logs  # Ray ran from this folder
+        assert not [name for name in logs if name.startswith("dashboard.")], logs
+        left = subprocess.run(["pgrep", "-f", str(ray_tmp)], capture_output=True, text=True).stdout.split()
+        assert not left, f"Ray processes outlived the command: {left}"
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_latents_over_an_mds_folder_needs_only_output_and_latents_and_names_its_columns(tmp_path):

@@ -18,7 +18,8 @@ import sys
 import tempfile
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,9 +110,14 @@ def start_ray(address: str | None = None, warm: tuple[str, ...] = ()) -> None:
 def settle_ray_start() -> None:
     """Wait until a background start has ended, either way: a process that exits while Ray is still
     starting (a part refused before it needed Ray) has Ray's teardown fail under it, and its own
-    error replaces the part's exit code."""
+    error replaces the part's exit code; then stop the private cluster this command started.
+
+    Stopped here rather than by Ray's atexit hook, which first sleeps half a second for log lines
+    that a run with `log_to_driver=False` never prints: the command ends that much sooner."""
     if _start is not None:
         _start.ready.wait()
+    if _private_cluster and ray.is_initialized():
+        ray.shutdown()
 
 
 @ray.remote
@@ -138,7 +144,36 @@ def ensure_ray(address: str | None = None) -> None:
     _init_ray(address)
 
 
+# Whether this process started its own cluster on loopback (`_init_ray`): only that one is stopped
+# when the command ends; a cluster joined is left as found.
+_private_cluster = False
+
+
+@contextmanager
+def _without_api_server() -> Iterator[None]:
+    """Ray starts its API server (the dashboard's process, with only usage stats when the dashboard
+    is off) for every head node and waits for it to come up: a second or more on the start's path.
+    A private cluster for one command serves no Jobs API, state API or dashboard, so it starts none.
+    Where Ray's node no longer has that step under that name, the start is Ray's own."""
+    from ray._private import node
+
+    original = getattr(node.Node, "start_api_server", None)
+    if original is None:
+        yield
+        return
+
+    def no_api_server(self, *, include_dashboard=None, raise_on_failure=False):
+        self._webui_url = None
+
+    node.Node.start_api_server = no_api_server  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        node.Node.start_api_server = original  # type: ignore[method-assign]
+
+
 def _init_ray(address: str | None) -> None:
+    global _private_cluster
     if os.environ.get("RAY_JOB_ID") or (not address and os.environ.get("RAY_ADDRESS")):
         ray.init(log_to_driver=False)  # inside a Ray job: the job's runtime env already carries everything
     elif address:
@@ -153,7 +188,11 @@ def _init_ray(address: str | None) -> None:
         # A private cluster on loopback for this run: Ray's notice that it turned token authentication
         # on would be the first thing the user reads, about a cluster they never see.
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-        ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1", configure_logging=False)
+        with _without_api_server():
+            ray.init(
+                include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1", configure_logging=False
+            )
+        _private_cluster = True
 
 
 @dataclass(frozen=True)
