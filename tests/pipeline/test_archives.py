@@ -11,6 +11,7 @@ import tarfile
 import zipfile
 from collections import Counter
 
+import pyarrow as pa
 import pytest
 
 from laion_operator import contract, credentials
@@ -128,24 +129,98 @@ def test_diffusiondb_zips_captioned_by_the_json_inside_each(tmp_path):
     assert all(r["status"] == "success" for r in rows(spec))  # the json itself is no sample
 
 
-def test_sa1b_link_file_and_captions_from_another_archive_by_base_name(tmp_path):
+SA1B_CAPTIONS = {
+    # one captions tar per image tar, paired by name: read for its own archive alone, member by member
+    "paired": ("captions/{stem}.tar", "_member", "stem"),
+    # every caption file in one archive (as SAM-LLaVA's SA1B_caption.tar.gz): indexed once a worker
+    "shared": ("captions/SA1B_caption.tar.gz", "_member", "stem"),
+    # a JSONL inside a .tgz, naming images by base name
+    "jsonl": ("captions/sa1b_captions.tgz#sa1b_captions.jsonl", "image", "basename"),
+}
+
+
+@pytest.mark.parametrize("layout", list(SA1B_CAPTIONS))
+def test_sa1b_link_file_and_captions_from_another_archive(tmp_path, layout):
     files, samples, names = layouts.sa1b(archives=3, per=2)
+    where, key, join = SA1B_CAPTIONS[layout]
     with ArchiveServer(files) as web:
         web.files["links.tsv"] = layouts.links(names, web.base).encode()
-        spec = part(
-            tmp_path,
-            {
-                "links": f"{web.base}/links.tsv",
-                "captions": {
-                    "annotations": f"{web.base}/captions/sa1b_captions.tgz#sa1b_captions.jsonl",
-                    "key": "image",
-                    "caption": "caption",
-                    "joinOn": "basename",
-                },
-            },
-        )
+        captions = {"annotations": f"{web.base}/{where}", "key": key, "caption": "caption", "joinOn": join}
+        spec = part(tmp_path, {"links": f"{web.base}/links.tsv", "captions": captions})
         assert convert_all(spec) == {}
+        fetched = web.fetched("captions/")
     assert written(spec) == samples
+    if layout == "paired":  # each image archive's own captions, once
+        assert fetched == [f"captions/{name}" for name in names.split()]
+    else:  # the one annotations file, once for every archive (this process converted them all)
+        assert fetched == [where.split("#")[0]]
+    assert all(r["status"] == "success" for r in rows(spec))
+
+
+def test_a_caption_file_archive_with_an_image_it_does_not_name_counts_it(tmp_path):
+    files, samples, names = layouts.sa1b(archives=1, per=3)
+    members = [(n, t) for n, t in _members(files["captions/sa_000000.tar"]) if n != "sa_2.txt"]
+    files["captions/sa_000000.tar"] = layouts.tar(members)
+    with ArchiveServer(files) as web:
+        captions = {"annotations": f"{web.base}/captions/{{stem}}.tar", "key": "_member", "caption": "caption"}
+        spec = part(tmp_path, {"urls": [f"{web.base}/sa1b/sa_000000.tar"], "captions": {**captions, "joinOn": "stem"}})
+        assert convert_all(spec) == {}
+    failed = {r["source_key"]: r["failure_reason"] for r in rows(spec) if r["status"] != "success"}
+    assert failed == {"sa_2.jpg": "no_caption"}
+    assert written(spec) == {k: v for k, v in samples.items() if k[1] != "sa_2.jpg"}
+
+
+def _members(archive: bytes) -> list[tuple[str, bytes]]:
+    with tarfile.open(fileobj=io.BytesIO(archive)) as t:
+        return [(info.name, t.extractfile(info).read()) for info in t if info.isfile()]
+
+
+def test_diffusiondb_metadata_columns_reach_each_row_and_its_nsfw_cut_drops_a_sample(tmp_path):
+    files, samples = layouts.diffusiondb(archives=2, per=3)
+    unsafe = sorted(member for _, member in samples)[2]
+    files["metadata.parquet"] = layouts.diffusiondb_metadata(files, {unsafe})
+    with ArchiveServer(files) as web:
+        captions = {"annotations": f"{web.base}/metadata.parquet", "key": "image_name", "caption": "prompt"}
+        source = {"pattern": f"{web.base}/images/part-{{part}}.zip", "first": 1, "last": 2, "digits": 6}
+        spec = part(tmp_path, {**source, "captions": {**captions, "joinOn": "basename"}}, filter_={"maxPunsafe": 0.2})
+        spec = PartSpec.from_dict({**spec.to_dict(), "columns": {"punsafe": "image_nsfw"}})
+        assert convert_all(spec) == {}
+    assert written(spec) == {k: v for k, v in samples.items() if k[1] != unsafe}
+    by_member = {r["source_key"]: r for r in rows(spec)}
+    dropped = by_member[unsafe]
+    assert dropped["failure_reason"] == "filtered" and dropped["image_nsfw"] == 0.9
+    assert "image_nsfw 0.9 fails filter.maxPunsafe 0.2" in dropped["error_message"]
+    stats = [Store(spec.output).read_json(contract.shard_stats(n)) for n in range(2)]
+    assert sum(s["failed_by_reason"].get("filtered", 0) for s in stats) == 1
+    assert sum(s["successes"] for s in stats) == len(samples) - 1
+    # every metadata column of the parquet (the image's own size aside) lands in its sample's row, typed
+    for (archive, member), caption in samples.items():
+        row = by_member[member]
+        assert row["caption"] == caption and row["image_name"] == member
+        assert row["part_id"] == int(archive[5:11]) and row["sampler"] == "k_lms" and row["prompt_nsfw"] == 0.01
+    schema = formats.read_metadata(Store(spec.output), 0).schema
+    assert schema.field("seed").type == pa.int64() and schema.field("cfg").type == pa.float64()
+    assert schema.field("width").type == pa.int32()  # the outcome's width, the written image's
+
+
+def test_a_tar_captioned_by_its_own_json_member_after_its_images_is_fetched_once(tmp_path):
+    zips, samples = layouts.diffusiondb(archives=2, per=3)
+    files = {}
+    for path, data in zips.items():
+        with zipfile.ZipFile(io.BytesIO(data)) as z:  # the json is the zip's last member: after the images
+            members = [(name, z.read(name)) for name in z.namelist()]
+        files[path.replace(".zip", ".tar.gz")] = layouts.tar(members, "w:gz")
+    samples = {(a.replace(".zip", ".tar.gz"), m): c for (a, m), c in samples.items()}
+    with ArchiveServer(files) as web:
+        captions = {"annotations": "#{stem}.json", "path": "*", "key": "_key", "caption": "p"}
+        urls = [f"{web.base}/{path}" for path in sorted(files)]
+        spec = part(tmp_path, {"urls": urls, "captions": captions})
+        assert convert_all(spec) == {}
+        assert web.fetched("images/") == sorted(files)
+    assert written(spec) == samples
+    found = rows(spec)
+    assert all(r["status"] == "success" for r in found)  # the json itself is no sample
+    assert sorted(r["se"] for r in found) == [10, 11, 12, 20, 21, 22] and {r["sa"] for r in found} == {"k_lms"}
 
 
 def test_coco_zip_joined_through_the_images_table_by_id(tmp_path):
@@ -390,6 +465,54 @@ def test_an_interrupted_part_resumes_with_each_sample_once(tmp_path):
     assert sum(r["status"] == "success" for r in rows(spec)) == len(samples)
 
 
+def test_archives_that_cannot_be_fetched_are_counted_under_their_reason(tmp_path):
+    from laion_operator.pipeline.tracker import Tracker
+
+    files, _ = layouts.cc12m(archives=4, per=1)
+    files["cc12m/cc12m-train-0001.tar"] += b"\0" * 20_000
+    with ArchiveServer(files) as web:
+        web.expired = {"cc12m/cc12m-train-0002.tar"}
+        urls = [f"{web.base}/{path}" for path in sorted(files)] + [f"{web.base}/cc12m/gone.tar"]
+        most = len(files["cc12m/cc12m-train-0000.tar"]) + 1024
+        spec = part(tmp_path, {"urls": urls, "captions": {"sidecar": "txt"}, "maxArchiveBytes": most})
+        errors = convert_all(spec)
+    assert sorted(errors) == [1, 2, 4]
+    # the part's progress (what the status and the metrics show) as the shard stage's ticks leave it
+    tracker = Tracker(Store(spec.output), contract.Progress(part_id="a"), None)
+    tracker.finished = {
+        s: contract.ShardStats.from_json(Store(spec.output).read_json(contract.shard_stats(s))) for s in (0, 3)
+    }
+    tracker.tick({}, True, len(errors), errors)
+    progress = Store(spec.output).read_json(contract.PROGRESS)
+    assert progress["failed_by_reason"] == {"too_large": 1, "expired": 1, "http_4xx": 1}
+    assert progress["shards_failed"] == 3 and progress["images_ok"] == 2
+
+
+def test_archives_are_fetched_through_dns_servers_with_the_image_fetches_user_agent(tmp_path):
+    from laion_operator.pipeline.fetch.engine import user_agent
+    from tests.pipeline.test_fetch import TinyDNS
+
+    files, samples = layouts.cc12m(archives=2, per=2)
+    dns = TinyDNS({"archives.example": "127.0.0.1"})
+    try:
+        with ArchiveServer(files) as web:
+            port = web.base.rsplit(":", 1)[1]
+            urls = [f"http://archives.example:{port}/{path}" for path in sorted(files)]
+            urls_of = {"urls": urls, "captions": {"sidecar": "txt"}}
+            spec = part(tmp_path, urls_of, dnsServers=[dns.address], userAgentToken="laionbot")
+            assert convert_all(spec) == {}
+            agents = set(web.agents)
+            blocked = part(tmp_path, urls_of, "blocked", dnsServers=[dns.address], allowedNetworks=[])
+            errors = convert_all(blocked)
+    finally:
+        dns.close()
+    assert written(spec) == samples
+    assert {name for name, kind in dns.queries if kind == 1} == {"archives.example"}
+    assert agents == {user_agent(spec.download)} and "compatible; laionbot" in user_agent(spec.download)
+    assert sorted(errors) == [0, 1] and getattr(errors[0], "reason", "") == "blocked_address"
+    assert "archives.example resolves to 127.0.0.1" in str(errors[0])
+
+
 # --- a gated repository's headers --------------------------------------------------------------------
 
 
@@ -434,6 +557,7 @@ def test_a_part_on_ray_says_its_links_expired_and_a_new_link_file_finishes_it(ra
             run_part(spec)
         progress = Store(spec.output).read_json(contract.PROGRESS)
         assert progress["phase"] == "Failed" and "expired" in progress["message"]
+        assert progress["failed_by_reason"] == {"expired": 1} and progress["shards_failed"] == 1
         assert "Signature" not in progress["message"]
 
         web.expired = set()

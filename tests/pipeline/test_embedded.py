@@ -213,3 +213,19 @@ def test_a_rows_own_scores_and_language_meet_the_filter(tmp_path):
     assert "AESTHETIC_SCORE 4.0 fails filter.minAesthetic 5.0" in rows["c2"]["error_message"]
     assert "LANGUAGE 'de' is not one of filter.languages" in rows["c3"]["error_message"]
     assert rows["c5"]["status"] == "success" and rows["c5"]["punsafe"] is None
+
+
+def test_a_pattern_with_first_and_last_lists_the_files_as_urls_do(tmp_path):
+    for n in range(3):
+        textcaps(tmp_path / f"train-{n:05d}-of-00003.parquet", rows=4)
+    pattern = {"pattern": str(tmp_path / "train-{part}-of-00003.parquet"), "first": 1, "last": 2, "digits": 5}
+    urls = [str(tmp_path / f"train-{n:05d}-of-00003.parquet") for n in (1, 2)]
+    by_urls = part(urls, tmp_path / "u", imageColumn="image")
+    by_pattern = PartSpec.from_dict({**by_urls.to_dict(), "source": {"embedded": {**pattern, "imageColumn": "image"}}})
+    assert EMBEDDED.list_inputs(by_pattern) == EMBEDDED.list_inputs(by_urls)
+    assert [e["file"] for e in EMBEDDED.list_inputs(by_pattern)] == urls
+    assert EMBEDDED.describe(by_pattern) == "2 parquet files with the images inside"
+    with pytest.raises(InputError, match=r"spec.source.embedded: set either urls or pattern"):
+        PartSpec.from_dict({**by_urls.to_dict(), "source": {"embedded": {"urls": urls, **pattern}}})
+    with pytest.raises(InputError, match=r"spec.source.embedded: a pattern needs \{part\} in it, and first and last"):
+        PartSpec.from_dict({**by_urls.to_dict(), "source": {"embedded": {"pattern": "x.parquet", "first": 0}}})

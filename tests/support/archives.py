@@ -82,24 +82,66 @@ def diffusiondb(archives: int = 2, per: int = 3) -> tuple[dict[str, bytes], dict
 
 
 def sa1b(archives: int = 3, per: int = 2) -> tuple[dict[str, bytes], dict[tuple[str, str], str], str]:
-    """SA-1B: sa_NNNNNN.tar of sa_N.jpg + sa_N.json (masks, no caption), captions in another archive
-    (a .tgz of a JSONL naming images by base name); returns the files, the samples and the link file's
+    """SA-1B: sa_NNNNNN.tar of sa_N.jpg + sa_N.json (masks, no caption), captioned from other archives:
+    captions/sa_NNNNNN.tar, one caption file sa_N.txt per image of the image archive of that name;
+    captions/SA1B_caption.tar.gz, every sa_N.txt in one archive (under a folder, as it unpacks); and a
+    .tgz of a JSONL naming images by base name. Returns the files, the samples and the link file's
     text for `base` (its URLs are filled in with `links(base)`)."""
-    files, samples, lines, names = {}, {}, [], []
+    files, samples, lines, names, every = {}, {}, [], [], []
     n = 1
     for a in range(archives):
-        name, members = f"sa_{a:06d}.tar", []
+        name, members, texts = f"sa_{a:06d}.tar", [], []
         for _ in range(per):
             members.append((f"sa_{n}.jpg", image(n)))
             members.append((f"sa_{n}.json", json.dumps({"image": {"image_id": n}, "annotations": []}).encode()))
             caption = f"segment anything image {n}"
             samples[(name, f"sa_{n}.jpg")] = caption
             lines.append(json.dumps({"image": f"sa_{n}.jpg", "caption": caption}))
+            texts.append((f"sa_{n}.txt", f"{caption}\n".encode()))
             n += 1
         files[f"sa1b/{name}"] = tar(members)
+        files[f"captions/{name}"] = tar(texts)
+        every += [(f"SA1B_caption/{member}", text) for member, text in texts]
         names.append(name)
     files["captions/sa1b_captions.tgz"] = tar([("sa1b_captions.jsonl", ("\n".join(lines) + "\n").encode())], "w:gz")
+    files["captions/SA1B_caption.tar.gz"] = tar(every, "w:gz")
     return files, samples, "\n".join(names)
+
+
+def diffusiondb_metadata(files: dict[str, bytes], unsafe: set[str]) -> bytes:
+    """DiffusionDB's metadata.parquet for the images of `diffusiondb`'s zips: a row per image with its
+    prompt and the columns the release has (seed, step, cfg, sampler, width, height, user_name,
+    image_nsfw, prompt_nsfw), the images named in `unsafe` scored 0.9 on image_nsfw, the rest 0.05."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = []
+    for path, data in sorted(files.items()):
+        if not path.endswith(".zip"):
+            continue
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            table = json.loads(z.read(path.rsplit("/", 1)[1].replace(".zip", ".json")))
+        part_id = int(path.rsplit("-", 1)[1].split(".")[0])
+        for member, values in table.items():
+            rows.append(
+                {
+                    "image_name": member,
+                    "prompt": values["p"],
+                    "part_id": part_id,
+                    "seed": values["se"],
+                    "step": values["st"],
+                    "cfg": values["c"],
+                    "sampler": values["sa"],
+                    "width": 48,
+                    "height": 32,
+                    "user_name": "c4a3f",
+                    "image_nsfw": 0.9 if member in unsafe else 0.05,
+                    "prompt_nsfw": 0.01,
+                }
+            )
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buf)
+    return buf.getvalue()
 
 
 def links(names: str, base: str, signature: str = "sig1") -> str:
@@ -153,7 +195,7 @@ class ArchiveServer:
     "Request has expired"; `cut`: paths whose next answer sends half its body and drops the connection;
     `ranges`: whether Range is honoured; `auth`: paths answering 401 without that Authorization header;
     `redirects`: paths answering 302 to another URL. `requests` logs (path, Range header) of every
-    request, `authorizations` (path, Authorization header)."""
+    request, `authorizations` (path, Authorization header), `agents` its User-Agent."""
 
     def __init__(self, files: dict[str, bytes], host: str = "127.0.0.1"):
         self.files = dict(files)
@@ -164,6 +206,7 @@ class ArchiveServer:
         self.redirects: dict[str, str] = {}
         self.authorizations: list[tuple[str, str | None]] = []
         self.requests: list[tuple[str, str | None]] = []
+        self.agents: list[str | None] = []  # each request's User-Agent
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -175,6 +218,7 @@ class ArchiveServer:
             def do_GET(self):
                 path = self.path.split("?", 1)[0].lstrip("/")
                 server.requests.append((path, self.headers.get("Range")))
+                server.agents.append(self.headers.get("User-Agent"))
                 server.authorizations.append((path, self.headers.get("Authorization")))
                 if path in server.auth and self.headers.get("Authorization") != server.auth[path]:
                     return self._answer(401, b"Invalid credentials in Authorization header")

@@ -99,12 +99,13 @@ def convert_shard(
     source = samples_of(spec)
     # The source's own columns after the leading ones; a name the row already has keeps its meaning.
     taken = {*SOURCE.names, *(name for name, _ in OUTCOME), spec.download.compute_hash}
-    extra = [f for f in source.columns(spec, entry) if f.name not in taken]
+    opened = source.open_input(spec, entry)  # an archive's columns are known once it is open
+    extra = [f for f in opened.columns if f.name not in taken]
     leading_schema = pa.schema([*SOURCE, *extra])
     recorder = Recorder(spec.download, store, stats, True, leading_schema, report=report, report_every=report_every)
     judge = sample_filter(spec)
     try:
-        for index, (sample, image) in enumerate(source.read_input(spec, entry)):
+        for index, (sample, image) in enumerate(opened.samples):
             stats.count += 1
             key = sample_key(shard, index, spec.filter.samples_per_shard)
             url = sample.meta.get("url")
@@ -131,4 +132,6 @@ def convert_shard(
     except BaseException:
         recorder.close()
         raise
+    finally:
+        opened.close()
     return recorder.finish()

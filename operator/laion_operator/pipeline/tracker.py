@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from ..contract import PROGRESS, Phase, Progress, ShardStats
+from ..contract import FAILURE_REASONS, PROGRESS, Phase, Progress, ShardStats
 from ..storage import StorageUnavailable, Store
 from .filter import FilterResult
 
@@ -19,6 +19,9 @@ class Tracker:
     ):
         self.store, self.progress, self.on_progress, self.every = store, progress, on_progress, every
         self.finished: dict[int, ShardStats] = {}
+        # Shards whose input could not be fetched (an archive: expired, too large, unreachable), by
+        # the reason their last error gave: counted with the images' reasons, as a fetch is.
+        self.unfetched: dict[int, str] = {}
         self._last = 0.0
 
     def phase(self, phase: Phase, message: str = "") -> None:
@@ -57,11 +60,20 @@ class Tracker:
         live = [ShardStats.from_json(s) for k, s in (running or {}).items() if k not in self.finished]
         self.progress.shards_done = len(self.finished)
         self.progress.count_images(list(self.finished.values()), live)
+        for reason in self.unfetched.values():
+            self.progress.failed_by_reason[reason] = self.progress.failed_by_reason.get(reason, 0) + 1
 
-    def tick(self, partial: dict[int, dict], moved: bool, failed: int) -> None:
-        """After each wait of a shard stage: the running shards' counts so far and the failed shards;
-        published at once when a shard ended (`moved`), else throttled."""
+    def tick(
+        self, partial: dict[int, dict], moved: bool, failed: int, errors: dict[int, BaseException] | None = None
+    ) -> None:
+        """After each wait of a shard stage: the running shards' counts so far and the failed shards
+        (`errors`: their last errors, those naming a failure reason counted under it); published at
+        once when a shard ended (`moved`), else throttled."""
         self.progress.shards_failed = failed
+        for shard, err in (errors or {}).items():
+            reason = getattr(err, "reason", None)
+            if reason in FAILURE_REASONS and shard not in self.finished:
+                self.unfetched[shard] = reason
         self.count(partial)
         self.publish(force=moved)
 

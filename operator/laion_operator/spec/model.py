@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 
 from ..names import camel, snake
+from .patterns import numbered
 from .schema import SCHEMA, STALL_SECONDS
 from .validation import SpecError, apply_defaults, validate
 
@@ -81,9 +82,18 @@ class Dataset:
 
 @dataclasses.dataclass(frozen=True)
 class Embedded:
-    urls: tuple[str, ...]
+    urls: tuple[str, ...] | None
+    pattern: str | None
+    first: int | None
+    last: int | None
+    digits: int
     image_column: str | None
     caption_column: str | None
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """The parquet files, listed or numbered by the pattern."""
+        return self.urls or tuple(numbered(self.pattern or "", self.first, self.last, self.digits))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,18 +3,18 @@ COCO, webdataset tars), where they are and where each image's caption comes from
 
 from __future__ import annotations
 
+from . import patterns
 from .fields import integer, string
 
 # Where the archives are: one of these (a link file, SA-1B's, can be replaced by a fresh one on a re-run).
 LOCATIONS = ["urls", "pattern", "links"]
 ONE_LOCATION = " + ".join(f"(has(self.{name}) ? 1 : 0)" for name in LOCATIONS) + " == 1"
-PATTERN_RULE = "!has(self.pattern) || (self.pattern.contains('{part}') && has(self.first) && has(self.last))"
-ORDER_RULE = "!has(self.first) || !has(self.last) || self.first <= self.last"
 ONE_CAPTION_SOURCE = "has(self.sidecar) != has(self.annotations)"
 JOIN_FIELDS = "!has(self.annotations) || (has(self.key) && has(self.caption))"
 
 SIDECARS = ["txt", "json"]
-ANNOTATION_FORMATS = ["jsonl", "json", "csv", "parquet"]
+# files: an archive of one caption file per image (key.txt, or key.json with its caption field)
+ANNOTATION_FORMATS = ["jsonl", "json", "csv", "parquet", "files"]
 JOINS = ["member", "basename", "stem", "id"]
 # SA-1B's tars are about 11 GB each; an archive above this is refused before it is read.
 MAX_ARCHIVE_BYTES = 64 << 30
@@ -39,12 +39,17 @@ CAPTIONS: dict = {
         "annotations": string(
             "The annotations file: a path or URL (" + _WHERE + "); `<archive>#<member>` for a member of "
             "an archive (JourneyDB's train_anno_realease_repath.jsonl.tgz#train_anno_realease_repath.jsonl); "
-            "`#<member>` for a member of each archive itself, {stem} standing for the archive's name "
-            "without its suffix (DiffusionDB's #{stem}.json, zip archives only).",
+            "`#<member>` for a member of each archive itself (DiffusionDB's #{stem}.json; a tar holding "
+            "one is spooled to disk as a zip is); an archive without #<member>: one caption file per "
+            "image (format files: SA-1B's captions, sa_1.txt …, read member by member, each record's "
+            "_member its path). {stem} stands for the image archive's name without its suffix, so a "
+            "URL with it names one annotations file per archive. The records' other fields become the "
+            "samples' metadata columns (filter thresholds read them through spec.columns).",
             minLength=1,
         ),
         "format": string(
-            "The annotations' format; unset: told by the file's name (.jsonl, .json, .csv, .parquet).",
+            "The annotations' format; unset: told by the file's name (.jsonl, .json, .csv, .parquet; an "
+            "archive's name: files).",
             enum=ANNOTATION_FORMATS,
         ),
         "path": string(
@@ -53,7 +58,9 @@ CAPTIONS: dict = {
             'DiffusionDB\'s {"<file>.webp": {"p": ...}}); unset: the file is a list of records.',
             minLength=1,
         ),
-        "key": string("The annotation field holding the join key (img_path, image_id, _key).", minLength=1),
+        "key": string(
+            "The annotation field holding the join key (img_path, image_id, _key; files: _member).", minLength=1
+        ),
         "caption": string(
             "The annotation field holding the caption (the first record for an image wins).", minLength=1
         ),
@@ -90,8 +97,7 @@ ARCHIVES: dict = {
     "required": ["captions"],
     "x-kubernetes-validations": [
         {"rule": ONE_LOCATION, "message": "give exactly one of urls, pattern (with first and last) or links"},
-        {"rule": PATTERN_RULE, "message": "a pattern needs {part} in it, and first and last"},
-        {"rule": ORDER_RULE, "message": "first must not be above last"},
+        *patterns.RULES,
     ],
     "properties": {
         "urls": {
@@ -100,13 +106,7 @@ ARCHIVES: dict = {
             "description": "The archives: " + _WHERE + ". An archive is known by its file name, which must be unique.",
             "items": {"type": "string", "minLength": 1},
         },
-        "pattern": string(
-            "An archive URL with {part} in it (JourneyDB: .../imgs/{part}.tgz); the numbers first to last.",
-            minLength=1,
-        ),
-        "first": integer("The pattern's first number.", minimum=0),
-        "last": integer("The pattern's last number (included).", minimum=0),
-        "digits": integer("Zero-pad the pattern's numbers to this many digits.", minimum=0, maximum=10, default=0),
+        **patterns.properties("JourneyDB: .../imgs/{part}.tgz"),
         "links": string(
             "A link file (SA-1B's), one archive a line: `file_name<TAB>url`, a header line allowed. "
             "Signed links expire (reason expired): a new file given on a re-run fetches the archives "

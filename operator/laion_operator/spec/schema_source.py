@@ -3,6 +3,7 @@ pipeline, one module a kind), and the file formats a URL list may be in."""
 
 from __future__ import annotations
 
+from . import patterns
 from .fields import string
 from .schema_archives import ARCHIVES
 
@@ -93,7 +94,13 @@ SOURCE: dict = {
             "description": "Parquet files whose rows hold the images themselves (Hugging Face image "
             "datasets such as TextCaps), written in download.outputFormat; every samplesPerShard rows "
             "(whole row groups where they fit) are a shard.",
-            "required": ["urls"],
+            "x-kubernetes-validations": [
+                {
+                    "rule": "has(self.urls) != has(self.pattern)",
+                    "message": "set either urls or pattern (with first and last), not both",
+                },
+                *patterns.RULES,
+            ],
             "properties": {
                 "urls": {
                     "type": "array",
@@ -102,6 +109,7 @@ SOURCE: dict = {
                     "output's endpoint options).",
                     "items": {"type": "string", "minLength": 1},
                 },
+                **patterns.properties("TextCaps: .../data/train-{part}-of-00013.parquet"),
                 "imageColumn": string(
                     "The column holding each row's image: bytes, or the Hugging Face {bytes, path} "
                     "struct; unset: the first of " + ", ".join(IMAGE_COLUMNS) + " the file has.",

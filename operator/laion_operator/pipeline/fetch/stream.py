@@ -6,12 +6,14 @@ range request where the server allows one, so an archive half read is not read a
 `download.timeout` bounds connecting, the headers and every read (a body of gigabytes has no whole
 deadline); `download.retries` is how many times a lost connection is resumed. A 403 whose body says
 the signature expired (S3's and CloudFront's "Request has expired", "AccessDenied ... expired") is
-`expired`, not `http_4xx`: a fresh link is what fixes it. Names are resolved by the system's resolver
-(`download.dnsServers` is the image fetches' alone), and the address connected to is the one checked.
+`expired`, not `http_4xx`: a fresh link is what fixes it. Names are resolved as an image fetch resolves
+them (`download.dnsServers`, else the system's resolver), the address connected to is the one the guard
+checked, and the User-Agent is the image fetches' (`download.userAgent`, `userAgentToken`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import io
 import socket
@@ -19,14 +21,12 @@ import ssl
 import time
 from urllib.parse import urljoin, urlsplit
 
-from ... import __version__
 from ...spec import Download
-from .engine import REDIRECTS, SCHEMES
-from .errors import FINAL, FetchError, classify
-from .guard import AddressGuard
+from .engine import REDIRECTS, SCHEMES, user_agent
+from .errors import FINAL, BlockedAddress, FetchError, classify
+from .guard import AddressGuard, make_resolver
 
 ERROR_BODY_BYTES = 4096  # of a refusal's body, read to tell an expired signature from other 403s
-AGENT = f"laion-operator/{__version__}"
 
 
 def shown(url: str) -> str:
@@ -174,7 +174,7 @@ class Stream(io.RawIOBase):
             connection: http.client.HTTPConnection = _PinnedTLS(parts.hostname, port, address, timeout, context)
         else:
             connection = _Pinned(parts.hostname, port, address, timeout)
-        sent = {"User-Agent": AGENT, "Accept-Encoding": "identity", **headers}
+        sent = {"User-Agent": user_agent(self.opts), "Accept-Encoding": "identity", **headers}
         if self.position:
             sent["Range"] = f"bytes={self.position}-"
         path = parts.path or "/"
@@ -192,6 +192,8 @@ class Stream(io.RawIOBase):
 
     def _address(self, host: str, port: int) -> str:
         """An address of `host` the guard allows (`blocked_address` when it allows none)."""
+        if self.opts.dns_servers:
+            return self._asked(host, port)
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except OSError as err:
@@ -205,3 +207,21 @@ class Stream(io.RawIOBase):
                 "(download.allowedNetworks)",
             )
         return allowed[0]
+
+    def _asked(self, host: str, port: int) -> str:
+        """`host` resolved by download.dnsServers through the image fetches' own guarded resolver (this
+        blocking stream runs outside any event loop: one of its own, for the lookup)."""
+
+        async def lookup() -> list:
+            resolver = make_resolver(self.opts.dns_servers, self.guard)
+            try:
+                return await resolver.resolve(host, port)
+            finally:
+                await resolver.close()
+
+        try:
+            return str(asyncio.run(lookup())[0]["host"])
+        except BlockedAddress as err:
+            raise FetchError("blocked_address", str(err)) from None
+        except OSError as err:
+            raise FetchError("dns", f"{host}: {err} (download.dnsServers)") from None

@@ -1,7 +1,8 @@
 """One archive opened and its members read, safely: `.tar`, `.tar.gz`/`.tgz` (any tarfile compression)
 streamed from wherever the archive is, `.zip` spooled to a temporary file first (its index is at its
 end) of at most `maxArchiveBytes`, removed when the archive is closed, so a task holds at most one
-archive on disk.
+archive on disk. A tar one of whose members is read by name first (its own annotations file, which may
+come after the images) is spooled as a zip is, and then read twice from the spool, never fetched twice.
 
 Nothing here writes a member anywhere, and still a member whose name is absolute or climbs out with
 `..` is refused, as is a decompression bomb (a zip member unpacking to more than MAX_RATIO times its
@@ -72,7 +73,9 @@ class _Counted(io.RawIOBase):
         buffer[: len(data)] = data
         self.position += len(data)
         if self.position > self.limit:
-            raise ArchiveError(f"{self.archive}: more than spec.source.archives.maxArchiveBytes ({self.limit} bytes)")
+            raise ArchiveFailed(
+                "too_large", f"{self.archive}: more than spec.source.archives.maxArchiveBytes ({self.limit} bytes)"
+            )
         return len(data)
 
 
@@ -85,16 +88,20 @@ def open_raw(url: str, opts, limit: int, headers: dict[str, str], what: str) -> 
     try:
         size = fs.size(path)
     except FileNotFoundError:
-        raise ArchiveError(f"{what}: {shown(url)} does not exist") from None
+        raise ArchiveFailed("http_4xx", f"{what}: {shown(url)} does not exist") from None
     if size is not None and size > limit:
-        raise ArchiveError(f"{what}: {size} bytes, more than spec.source.archives.maxArchiveBytes ({limit})")
+        raise ArchiveFailed(
+            "too_large", f"{what}: too_large: {size} bytes, more than spec.source.archives.maxArchiveBytes ({limit})"
+        )
     return fs.open(path, "rb")
 
 
 class Archive:
     """An archive, open: `members()` in archive order, `member(name)` of a zip by name."""
 
-    def __init__(self, name: str, url: str, opts, limit: int, member_limit: int, headers: dict[str, str]):
+    def __init__(
+        self, name: str, url: str, opts, limit: int, member_limit: int, headers: dict[str, str], spool: bool = False
+    ):
         self.name, self.url, self.limit, self.member_limit = name, url, limit, member_limit
         self.zip: zipfile.ZipFile | None = None
         self._spool: BinaryIO | None = None
@@ -103,12 +110,14 @@ class Archive:
         except FetchError as err:
             raise fetch_failed(name, err) from None
         self.raw = _Counted(raw, name, limit)
-        if name.lower().endswith(ZIP_SUFFIXES):
-            try:
+        try:
+            if name.lower().endswith(ZIP_SUFFIXES):
                 self._open_zip(raw)
-            except BaseException:
-                self.close()  # the spool's disk, the connection
-                raise
+            elif spool:
+                self._fill_spool()
+        except BaseException:
+            self.close()  # the spool's disk, the connection
+            raise
 
     def __enter__(self) -> Archive:
         return self
@@ -123,15 +132,19 @@ class Archive:
             self._spool.close()  # a TemporaryFile: its disk is freed here
         self.raw.raw.close()
 
-    def _open_zip(self, raw: BinaryIO) -> None:
-        self._spool = tempfile.TemporaryFile(prefix="laion-archive-")
+    def _fill_spool(self) -> BinaryIO:
+        spool = self._spool = tempfile.TemporaryFile(prefix="laion-archive-")
         try:
-            shutil.copyfileobj(self.raw, self._spool, 1 << 20)
+            shutil.copyfileobj(self.raw, spool, 1 << 20)
         except FetchError as err:
             raise fetch_failed(self.name, err) from None
-        self._spool.seek(0)
+        spool.seek(0)
+        return spool
+
+    def _open_zip(self, raw: BinaryIO) -> None:
+        spool = self._fill_spool()
         try:
-            self.zip = zipfile.ZipFile(self._spool)
+            self.zip = zipfile.ZipFile(spool)
         except zipfile.BadZipFile as err:
             raise ArchiveError(
                 f"{self.name}: {self.raw.position} bytes, not a readable zip ({err}): cut short?"
@@ -152,23 +165,29 @@ class Archive:
             )
 
     def member(self, name: str) -> bytes:
-        """A zip's member by name (an annotations file inside each archive)."""
-        if self.zip is None:
-            raise ArchiveError(
-                f"{self.name}: a member named by spec.source.archives.captions.annotations (#{name}) is read "
-                "from zip archives only (a tar is read as a stream, once)"
-            )
-        try:
-            return self.zip.read(name)
-        except KeyError:
-            raise ArchiveError(f"{self.name}: no member {name} (spec.source.archives.captions.annotations)") from None
+        """A member by name (an annotations file inside each archive): of a zip, or of a spooled tar."""
+        missing = f"{self.name}: no member {name} (spec.source.archives.captions.annotations)"
+        if self.zip is not None:
+            try:
+                return self.zip.read(name)
+            except KeyError:
+                raise ArchiveError(missing) from None
+        if self._spool is None:
+            raise ArchiveError(f"{self.name}: member {name} asked by name of a tar read as a stream (not spooled)")
+        wanted = name.removeprefix("./")
+        for found in self._tar_members(_Counted(self._spool, self.name, self.limit), wanted):
+            if found.name.removeprefix("./") == wanted and found.data is not None:
+                self._spool.seek(0)
+                return found.data
+        raise ArchiveError(missing)
 
     def members(self) -> Iterator[Member]:
         try:
             if self.zip is not None:
                 yield from self._zip_members(self.zip)
             else:
-                yield from self._tar_members()
+                spooled = None if self._spool is None else _Counted(self._spool, self.name, self.limit)
+                yield from self._tar_members(spooled or self.raw)
         except FetchError as err:
             raise fetch_failed(self.name, err) from None
 
@@ -185,29 +204,33 @@ class Archive:
                 raise ArchiveError(f"{self.name}: member {info.filename}: cannot be read: {err}") from None
             yield Member(info.filename, info.file_size, data)
 
-    def _tar_members(self) -> Iterator[Member]:
+    def _tar_members(self, source: _Counted, only: str | None = None) -> Iterator[Member]:
+        """The tar's members read from `source`; with `only`, the others' bodies are skipped unread and
+        the member limit is the archive's (an annotations file is larger than an image)."""
         last = "its first member"
         try:
-            with tarfile.open(fileobj=self.raw, mode="r|*") as tar:
+            with tarfile.open(fileobj=source, mode="r|*") as tar:
                 for info in tar:
                     check_name(self.name, info.name)
                     unpacked = info.offset_data + info.size
-                    if unpacked > MAX_EXPANSION * max(self.raw.position, FLOOR):
+                    if unpacked > MAX_EXPANSION * max(source.position, FLOOR):
                         raise ArchiveError(
                             f"{self.name}: member {info.name}: refused, the archive unpacks to {unpacked} "
-                            f"bytes from {self.raw.position} read (over {MAX_EXPANSION}x: a decompression bomb)"
+                            f"bytes from {source.position} read (over {MAX_EXPANSION}x: a decompression bomb)"
                         )
                     if not info.isfile():
                         continue  # folders, and links: never followed, nothing is extracted
                     last = f"member {info.name}"
-                    if info.size > self.member_limit:
+                    if only is not None and info.name.removeprefix("./") != only:
+                        continue
+                    if info.size > (self.limit if only is not None else self.member_limit):
                         yield Member(info.name, info.size, None)
                         continue
                     body = tar.extractfile(info)
                     yield Member(info.name, info.size, body.read() if body else b"")
         except _DAMAGED as err:
             raise ArchiveError(
-                f"{self.name}: damaged or cut short after {last}, at byte {self.raw.position}: {err}"
+                f"{self.name}: damaged or cut short after {last}, at byte {source.position}: {err}"
             ) from None
 
 
@@ -217,7 +240,19 @@ def fetch_failed(name: str, err: FetchError) -> Exception:
     message = f"{name}: {err.reason}: {err}"
     if err.reason in FINAL:
         return ArchiveFailed(err.reason, message)
-    return OSError(message)
+    return ArchiveLost(err.reason, message)
+
+
+class ArchiveLost(OSError):
+    """An archive whose fetch another try may mend (a timeout, a lost connection): an OSError, which
+    Ray retries the shard for, with its `reason` (contract.FAILURE_REASONS) for the part's counts."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self):
+        return type(self), (self.reason, str(self))
 
 
 class ArchiveFailed(ArchiveError):

@@ -21,13 +21,15 @@ from collections.abc import Iterator
 
 from ...credentials import ARCHIVE_HEADERS
 from ...spec import Archives, PartSpec
+from ...spec.patterns import numbered
 from ..fetch.errors import FetchError
 from ..fetch.stream import shown
 from ..formats import Sample
 from ..formats.base import CAPTION_FILES, IMAGE_FILES
 from . import annotation_files
+from .annotation_files import Annotations
 from .archive_files import Archive, ArchiveError, Member, fetch_failed, is_archive, open_raw
-from .base import Refused, SampleSource
+from .base import Opened, Refused, SampleSource
 
 FIELD = "spec.source.archives"
 MAX_LINK_FILE = 256 << 20
@@ -52,6 +54,9 @@ class ArchiveSource(SampleSource):
 
     def read_input(self, spec: PartSpec, entry: dict) -> Iterator[tuple[Sample, bytes | Refused]]:
         return read_archive(spec, entry["archive"])
+
+    def open_input(self, spec: PartSpec, entry: dict) -> Opened:
+        return open_archive(spec, entry["archive"])
 
 
 SOURCE = ArchiveSource()
@@ -92,8 +97,7 @@ def _locations(archives: Archives, opts) -> tuple[tuple[str, str], ...]:
     if archives.links:
         pairs = _links(archives, opts)
     elif archives.pattern:
-        numbers = range(archives.first or 0, (archives.last or 0) + 1)
-        urls = [archives.pattern.replace("{part}", f"{n:0{archives.digits}d}") for n in numbers]
+        urls = numbered(archives.pattern, archives.first, archives.last, archives.digits)
         pairs = [(u.rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0], u) for u in urls]
     else:
         pairs = [(u.rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0], u) for u in archives.urls or ()]
@@ -136,7 +140,8 @@ def _links(archives: Archives, opts) -> list[tuple[str, str]]:
 # --- reading one archive -----------------------------------------------------------------------
 
 
-def read_archive(spec: PartSpec, name: str) -> Iterator[tuple[Sample, bytes | Refused]]:
+def open_archive(spec: PartSpec, name: str) -> Opened:
+    """The archive `name`, open, its annotations read: its samples and the annotations' columns."""
     archives = _archives(spec)
     url = locations(archives, spec).get(name)
     if url is None:
@@ -146,23 +151,27 @@ def read_archive(spec: PartSpec, name: str) -> Iterator[tuple[Sample, bytes | Re
     captions = archives.captions
     where, member = annotation_files.split(captions.annotations or "")
     sent = headers()
-    shared = None
+    limit, most = spec.download.max_image_bytes, archives.max_archive_bytes
+    notes = None
     if captions.annotations and where:
-        shared = annotation_files.shared(
-            captions, spec.download, archives.max_archive_bytes, tuple(sorted(sent.items()))
-        )
-    limit = spec.download.max_image_bytes
-    with Archive(name, url, spec.download, archives.max_archive_bytes, limit, sent) as archive:
-        own = None
-        if captions.annotations and not where:
-            inside = (member or "").replace("{stem}", _stem(name))
-            own = annotation_files.index(captions, archive.member(inside), f"{name}#{inside}")
-            skip = {inside}
-        else:
-            skip = set()
-        by_key = shared if shared is not None else own
-        for group in _grouped(m for m in archive.members() if m.name not in skip):
-            yield _sample(name, group, captions, by_key, limit)
+        notes = annotation_files.load(captions, spec.download, most, limit, sent, _stem(name))
+    inside = (member or "").replace("{stem}", _stem(name)) if captions.annotations and not where else None
+    archive = Archive(name, url, spec.download, most, limit, sent, spool=inside is not None)
+    try:
+        if inside is not None:
+            notes = annotation_files.index(captions, archive.member(inside), f"{name}#{inside}")
+    except BaseException:
+        archive.close()
+        raise
+    skip = {inside.removeprefix("./")} if inside is not None else set()
+    members = (m for m in archive.members() if m.name.removeprefix("./") not in skip)
+    samples = (_sample(name, group, captions, notes, limit) for group in _grouped(members))
+    return Opened(notes.fields if notes is not None else [], samples, archive.close)
+
+
+def read_archive(spec: PartSpec, name: str) -> Iterator[tuple[Sample, bytes | Refused]]:
+    with open_archive(spec, name) as opened:
+        yield from opened.samples
 
 
 def _stem(name: str) -> str:
@@ -196,7 +205,7 @@ def _ext(member: Member) -> str:
 
 
 def _sample(
-    archive: str, group: list[Member], captions, by_key: dict | None, limit: int
+    archive: str, group: list[Member], captions, notes: Annotations | None, limit: int
 ) -> tuple[Sample, bytes | Refused]:
     images = [m for m in group if _ext(m) in IMAGE_FILES]
     image = images[0] if images else group[0]
@@ -206,8 +215,8 @@ def _sample(
         return sample, Refused("decode", f"{where}: not an image (one of .{', .'.join(IMAGE_FILES)})")
     if image.data is None:
         return sample, Refused("too_large", f"{where}: {image.size} bytes, over download.maxImageBytes ({limit})")
-    caption = _caption(archive, group, captions, by_key, image)
-    sample = sample._replace(caption=caption, meta=_meta(group))
+    caption, fields = _caption(archive, group, captions, notes, image)
+    sample = sample._replace(caption=caption, meta={**_meta(group), **fields})
     if caption is None:
         how = (
             f"no .{captions.sidecar} beside it"
@@ -231,19 +240,22 @@ def _meta(group: list[Member]) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def _caption(archive: str, group: list[Member], captions, by_key: dict | None, image: Member) -> str | None:
-    if by_key is not None:
-        return annotation_files.lookup(captions, by_key, image.name)
+def _caption(
+    archive: str, group: list[Member], captions, notes: Annotations | None, image: Member
+) -> tuple[str | None, dict]:
+    """The image's caption, and the fields of the annotation that gave it."""
+    if notes is not None:
+        return annotation_files.lookup(captions, notes, image.name) or (None, {})
     wanted = CAPTION_FILES if captions.sidecar == "txt" else ("json",)
     sidecar = next((m for m in group if _ext(m) in wanted and m.data is not None), None)
     if sidecar is None or sidecar.data is None:
-        return None
+        return None, {}
     if captions.sidecar == "txt":
-        return sidecar.data.decode("utf-8", "replace").strip()
+        return sidecar.data.decode("utf-8", "replace").strip(), {}
     value = annotation_files.json_of(sidecar.data, f"{archive}: member {sidecar.name}")
     if not isinstance(value, dict) or captions.field not in value:
         has = sorted(value) if isinstance(value, dict) else type(value).__name__
         raise ArchiveError(
             f"{archive}: member {sidecar.name}: no {captions.field!r} field ({FIELD}.captions.field); it has {has}"
         )
-    return annotation_files.text_of(value[captions.field])
+    return annotation_files.text_of(value[captions.field]), {}

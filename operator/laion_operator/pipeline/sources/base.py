@@ -39,6 +39,40 @@ class Refused(NamedTuple):
     message: str
 
 
+class Opened:
+    """An input shard open for reading: `columns` (SampleSource.columns) and `samples`; closed on
+    leaving its `with`, read whole or not."""
+
+    def __init__(
+        self,
+        columns: list[pa.Field],
+        samples: Iterator[tuple[Sample, bytes | Refused]],
+        close: Callable[[], None] | None = None,
+    ):
+        self.columns, self.samples, self._close = columns, samples, close
+
+    def __enter__(self) -> Opened:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._close is not None:
+            self._close()
+
+
+def scalar_type(kind: pa.DataType) -> bool:
+    """A type a sample's metadata column may hold (a number, a flag, a string), as every format writes it."""
+    return (
+        pa.types.is_integer(kind)
+        or pa.types.is_floating(kind)
+        or pa.types.is_boolean(kind)
+        or pa.types.is_string(kind)
+        or pa.types.is_large_string(kind)
+    )
+
+
 class Source(ABC):
     """A kind of part input: `spec.source.<name>`."""
 
@@ -74,6 +108,11 @@ class SampleSource(Source):
         """The metadata columns an input's samples carry (their `meta` values, by name), written beside
         the leading columns in every sample's row; none unless the source has columns of its own."""
         return []
+
+    def open_input(self, spec: PartSpec, entry: dict) -> Opened:
+        """One input shard, open: its columns and its samples. A source whose columns are known only
+        once the input is open (an archive's own annotations member) opens it once for both."""
+        return Opened(self.columns(spec, entry), self.read_input(spec, entry))
 
     def plan_line(self, spec: PartSpec, inputs: list[dict]) -> str:
         """What `laion-operator plan` prints of the inputs."""

@@ -20,7 +20,7 @@ from ...spec import PartSpec
 from ...spec.model import Embedded
 from ...spec.schema_source import CAPTION_COLUMNS, IMAGE_COLUMNS
 from ..formats import ConvertError, Sample
-from .base import MetadataError, SampleSource
+from .base import MetadataError, SampleSource, scalar_type
 from .parquet import open_parquet
 
 # Rows a batch: a batch's images are in memory at once (HF image parquet: about 100-500 KB a row).
@@ -34,13 +34,13 @@ class EmbeddedSource(SampleSource):
         return spec.embedded is not None
 
     def describe(self, spec: PartSpec) -> str:
-        files = _embedded(spec).urls
+        files = _embedded(spec).files
         return f"{len(files)} parquet file{'s' if len(files) > 1 else ''} with the images inside"
 
     def list_inputs(self, spec: PartSpec) -> list[dict]:
         embedded, per_shard = _embedded(spec), spec.filter.samples_per_shard
         entries = []
-        for url in embedded.urls:
+        for url in embedded.files:
             file = _open(url)
             image, caption = columns_of(embedded, url, file.schema_arrow)
             sizes = [file.metadata.row_group(i).num_rows for i in range(file.metadata.num_row_groups)]
@@ -154,19 +154,9 @@ def columns_of(embedded: Embedded, url: str, schema: pa.Schema) -> tuple[str, st
 # --- reading one input shard -------------------------------------------------------------------
 
 
-def _scalar(kind: pa.DataType) -> bool:
-    return (
-        pa.types.is_integer(kind)
-        or pa.types.is_floating(kind)
-        or pa.types.is_boolean(kind)
-        or pa.types.is_string(kind)
-        or pa.types.is_large_string(kind)
-    )
-
-
 def meta_fields(schema: pa.Schema, entry: dict) -> list[pa.Field]:
     """The row's scalar columns besides its image and caption: the samples' metadata (TextCaps' image_id)."""
-    return [f for f in schema if f.name not in (entry["image"], entry["caption"]) and _scalar(f.type)]
+    return [f for f in schema if f.name not in (entry["image"], entry["caption"]) and scalar_type(f.type)]
 
 
 def read_rows(entry: dict) -> Iterator[tuple[Sample, bytes]]:

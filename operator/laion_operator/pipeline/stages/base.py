@@ -133,7 +133,7 @@ def shard_pool(
         spec.download.shard_retries,
         spec.download.parallelism or cpus(),
         on_value=on_value,
-        tick=lambda partial, moved: tracker.tick(partial, moved, len(pool.failed)),
+        tick=lambda partial, moved: tracker.tick(partial, moved, len(pool.failed), pool.errors),
         args=args,
         **resources,
     )
