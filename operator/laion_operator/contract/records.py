@@ -222,3 +222,4 @@ class LatentStats(EncodeStats):
     caption_shape: list[int] = field(default_factory=list)
     scaling_factor: float = 1.0
     shift_factor: float = 0.0
+    dropped: dict[str, int] = field(default_factory=dict)  # left out by dropDuplicates/scores, by kind

@@ -32,12 +32,14 @@ import pyarrow as pa
 from PIL import Image
 
 from ..contract import MANIFEST, ShardStats, fingerprint, sample_key
+from ..errors import InputError
 from ..spec import PartSpec
 from ..storage import Store
 from .columns import sample_filter
 from .formats import ConvertError
 from .image_header import header_size
 from .record import KEY, OUTCOME, Recorder, clear_shard
+from .selection import of_dataset
 from .sources import Refused, samples_of
 
 # The leading columns of every sample's metadata row (the shard's `.parquet`), whatever the input's
@@ -50,6 +52,10 @@ SOURCE = pa.schema(
 def plan(spec: PartSpec, store: Store) -> dict:
     """List the input shards into the manifest, or reuse an earlier run's list (same fingerprint)."""
     fp = fingerprint(spec)
+    try:  # a threshold on a column the dataset lacks fails the part before any shard runs
+        of_dataset(spec)
+    except InputError as err:
+        raise ConvertError(str(err)) from err
     done = store.read_json(MANIFEST)
     if done is not None:
         if done.get("fingerprint") != fp:
@@ -104,6 +110,7 @@ def convert_shard(
     leading_schema = pa.schema([*SOURCE, *extra])
     recorder = Recorder(spec.download, store, stats, True, leading_schema, report=report, report_every=report_every)
     judge = sample_filter(spec)
+    selected = of_dataset(spec)  # filter.dropDuplicates and filter.scores, over the dataset's embeddings
     try:
         for index, (sample, image) in enumerate(opened.samples):
             stats.count += 1
@@ -127,6 +134,11 @@ def convert_shard(
             refused = judge(sample.meta) if judge else None
             if refused:
                 recorder.failed(leading, sample.caption, f"{sample.file}: sample {sample.key}: {refused}", "filtered")
+                continue
+            left_out = selected.why(sample.key) if selected else None
+            if left_out:
+                where = f"{sample.file}: sample {sample.key}: {left_out[1]}"
+                recorder.failed(leading, sample.caption, where, "filtered")
                 continue
             recorder.image(leading, sample.caption, image, where=f"{sample.file}: sample {sample.key}: ")
     except BaseException:

@@ -32,6 +32,8 @@ class Filter:
     dedupe_urls: bool
     shuffle: bool
     samples_per_shard: int
+    drop_duplicates: bool | None  # source.dataset's duplicates (unset: kept)
+    scores: dict[str, dict[str, float]] | None  # thresholds on source.dataset's embeddings metadata
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +175,8 @@ class Latents:
     seed: int
     parallelism: int
     shard_retries: int
+    drop_duplicates: bool
+    scores: dict[str, dict[str, float]] | None
     hub_download: bool
     hub_token_secret: str | None
 

@@ -8,10 +8,14 @@ from .fields import integer, string
 
 PATTERN_RULE = "!has(self.pattern) || (self.pattern.contains('{part}') && has(self.first) && has(self.last))"
 ORDER_RULE = "!has(self.first) || !has(self.last) || self.first <= self.last"
-RULES = [
-    {"rule": PATTERN_RULE, "message": "a pattern needs {part} in it, and first and last"},
-    {"rule": ORDER_RULE, "message": "first must not be above last"},
-]
+
+
+def rules() -> list[dict]:
+    """The pattern's CEL rules, fresh objects for each section (the CRD's YAML would share one by anchors)."""
+    return [
+        {"rule": PATTERN_RULE, "message": "a pattern needs {part} in it, and first and last"},
+        {"rule": ORDER_RULE, "message": "first must not be above last"},
+    ]
 
 
 def properties(example: str) -> dict:

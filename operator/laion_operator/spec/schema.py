@@ -6,7 +6,7 @@ from __future__ import annotations
 from .. import contract
 from ..contract import FAILURE_REASONS, TRANSIENT_REASONS
 from .fields import boolean, integer, number, string
-from .schema_latents import EMBEDDINGS, LATENTS
+from .schema_latents import EMBEDDINGS, LATENTS, selection
 from .schema_source import SOURCE
 
 LOGICAL_COLUMNS = tuple("url caption width height aesthetic punsafe pwatermark similarity language hash".split())
@@ -89,6 +89,7 @@ SCHEMA: dict = {
                 "shuffle": boolean("Shuffle the kept rows deterministically by seed.", True),
                 "samplesPerShard": integer("Rows per download shard.", minimum=1, maximum=1000000, default=10000),
             },
+                **selection("the dataset a part converts (source.dataset)", None),
         },
         "download": {
             "type": "object",

@@ -41,7 +41,7 @@ CAPTIONS: dict = {
             "an archive (JourneyDB's train_anno_realease_repath.jsonl.tgz#train_anno_realease_repath.jsonl); "
             "`#<member>` for a member of each archive itself (DiffusionDB's #{stem}.json; a tar holding "
             "one is spooled to disk as a zip is); an archive without #<member>: one caption file per "
-            "image (format files: SA-1B's captions, sa_1.txt …, read member by member, each record's "
+            "image (format files: SA-1B's captions, sa_1.txt and so on, read member by member, each record's "
             "_member its path). {stem} stands for the image archive's name without its suffix, so a "
             "URL with it names one annotations file per archive. The records' other fields become the "
             "samples' metadata columns (filter thresholds read them through spec.columns).",
@@ -97,7 +97,7 @@ ARCHIVES: dict = {
     "required": ["captions"],
     "x-kubernetes-validations": [
         {"rule": ONE_LOCATION, "message": "give exactly one of urls, pattern (with first and last) or links"},
-        *patterns.RULES,
+        *patterns.rules(),
     ],
     "properties": {
         "urls": {

@@ -99,7 +99,7 @@ SOURCE: dict = {
                     "rule": "has(self.urls) != has(self.pattern)",
                     "message": "set either urls or pattern (with first and last), not both",
                 },
-                *patterns.RULES,
+                *patterns.rules(),
             ],
             "properties": {
                 "urls": {
