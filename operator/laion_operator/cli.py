@@ -161,6 +161,21 @@ def cmd_dedup(args) -> int:
     return ExitCode.OK
 
 
+def _selection(args) -> dict:
+    """convert's --drop-duplicates, --min-score and --max-score as spec.filter's fields."""
+    scores: dict[str, dict[str, float]] = {}
+    for bound, given in (("min", args.min_score), ("max", args.max_score)):
+        for item in given or ():
+            column, sep, value = item.partition("=")
+            try:
+                scores.setdefault(column, {})[bound] = float(value)
+            except ValueError:
+                raise InputError(f"--{bound}-score {item!r}: expected COLUMN=NUMBER") from None
+            if not sep or not column:
+                raise InputError(f"--{bound}-score {item!r}: expected COLUMN=NUMBER")
+    return {**({"dropDuplicates": True} if args.drop_duplicates else {}), **({"scores": scores} if scores else {})}
+
+
 def cmd_convert(args) -> int:
     """An existing dataset written again in another format: a part whose source is that dataset."""
     keep_ray_on_loopback(args.ray_address)
@@ -187,7 +202,7 @@ def cmd_convert(args) -> int:
             "source": {"dataset": dataset},
             "output": _output(args),
             "download": download,
-            "filter": {"samplesPerShard": args.samples_per_shard},
+            "filter": {"samplesPerShard": args.samples_per_shard, **_selection(args)},
             "verify": not args.no_verify,
         }
     )
@@ -303,6 +318,19 @@ def parser() -> argparse.ArgumentParser:
     conv.add_argument("--resize-mode", default="keep_ratio", choices=specs.RESIZE_MODES)
     conv.add_argument("--mds-shard-size-limit", type=int, help="mds: bytes per MDS shard file")
     conv.add_argument("--no-verify", action="store_true", help="do not read the shards back afterwards")
+    conv.add_argument(
+        "--drop-duplicates",
+        action="store_true",
+        help="leave out what INPUT's embeddings/duplicates.parquet marks as not kept (spec.filter.dropDuplicates)",
+    )
+    for bound in ("min", "max"):
+        conv.add_argument(
+            f"--{bound}-score",
+            action="append",
+            metavar="COLUMN=VALUE",
+            help=f"keep samples whose INPUT embeddings metadata COLUMN is at {'least' if bound == 'min' else 'most'} "
+            "VALUE (clip_score, a head's column; spec.filter.scores; repeatable)",
+        )
     ray_address_option(conv)
     ver = sub.add_parser(
         "verify",

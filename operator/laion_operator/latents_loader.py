@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,8 @@ import torch
 
 from . import contract
 from .pipeline.formats.mds import streaming
+from .pipeline.selection import Selection, load
+from .storage import Store
 
 _mds = streaming()
 
@@ -170,6 +173,8 @@ class LatentsDataset(_mds.StreamingDataset):  # type: ignore[name-defined]  # mo
         resolution: int | None = None,
         caption_drop_probability: float = 0.0,
         caption_drop_seed: int = 0,
+        drop_duplicates: bool = False,
+        scores: dict | None = None,
         **kwargs: Any,
     ):
         datasets = [datasets] if isinstance(datasets, (str, dict)) else list(datasets)
@@ -180,6 +185,7 @@ class LatentsDataset(_mds.StreamingDataset):  # type: ignore[name-defined]  # mo
         found = [s for d in datasets for s in sources(d)]
         check_compatible(found, resolution)
         self.sources = found
+        self.selections = [selected(s.name, drop_duplicates, scores) for s in found]
         self.manifest = found[0].manifest
         self.columns = [image_column(s, resolution) for s in found]
         self.dtypes = [np.dtype(s.manifest["dtype"]) for s in found]
@@ -194,6 +200,19 @@ class LatentsDataset(_mds.StreamingDataset):  # type: ignore[name-defined]  # mo
             else:
                 streams.append(_mds.Stream(local=os.path.abspath(s.root), **s.mix))
         super().__init__(streams=streams, **kwargs)
+
+    def __iter__(self):
+        """streaming's iteration, less the samples `drop_duplicates` and `scores` leave out: a
+        worker's, a rank's and an epoch's share may then hold fewer samples than `len` says."""
+        for sample in super().__iter__():
+            selection = self.selections[sample["stream"]]
+            if selection is None or selection.why(sample["key"]) is None:
+                yield sample
+
+    @property
+    def dropped(self) -> dict[str, int]:
+        """The samples this process's iteration left out so far, by kind (a DataLoader worker counts its own)."""
+        return dict(sum((Counter(s.counts) for s in self.selections if s is not None), Counter()))
 
     def get_item(self, sample_id: int, retry: int = 7) -> dict:
         sample = super().get_item(sample_id, retry)
@@ -224,6 +243,13 @@ class LatentsDataset(_mds.StreamingDataset):  # type: ignore[name-defined]  # mo
         return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
+def selected(output: str, drop_duplicates: bool, scores: dict | None) -> Selection | None:
+    """What `drop_duplicates` and `scores` leave out of a part's output (pipeline/selection.py)."""
+    from .spec import output_of
+
+    return load(Store(output_of({"uri": output})), drop_duplicates, scores, "build_latents_dataloader")
+
+
 def build_latents_dataloader(
     datasets: Dataset | list[Dataset],
     batch_size: int,
@@ -233,17 +259,24 @@ def build_latents_dataloader(
     seed: int = 0,
     resolution: int | None = None,
     captionDropProbability: float = 0.0,
+    drop_duplicates: bool = False,
+    scores: dict | None = None,
     **dataloader_kwargs: Any,
 ):
     """A torch DataLoader of LatentsDataset batches over one dataset or a mix (a list; each a path or
     URL, or a mapping with `proportion`, `repeat` or `choose`); `local` is the cache folder for
-    s3:// datasets; `resolution` picks the `latents_<r>` column (None: each dataset's smallest)."""
+    s3:// datasets; `resolution` picks the `latents_<r>` column (None: each dataset's smallest);
+    `drop_duplicates` and `scores` ({column: {min, max}}) leave out what each part's embeddings/
+    duplicates.parquet marks as not kept and the samples outside thresholds on its embeddings metadata
+    (drop_last=True keeps ranks' batch counts equal when they do)."""
     dataset = LatentsDataset(
         datasets,
         local=local,
         resolution=resolution,
         caption_drop_probability=captionDropProbability,
         caption_drop_seed=seed,
+        drop_duplicates=drop_duplicates,
+        scores=scores,
         shuffle=shuffle,
         shuffle_seed=seed,
         batch_size=batch_size,

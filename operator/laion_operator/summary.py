@@ -80,6 +80,7 @@ class LatentsSummary:
     image_shapes: dict[str, list[int]] = field(default_factory=dict)
     caption_shape: list[int] | None = None
     dtype: str = ""
+    dropped: dict[str, int] = field(default_factory=dict)  # left out by dropDuplicates/scores, by kind
 
 
 @dataclass

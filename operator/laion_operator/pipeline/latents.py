@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,7 @@ from ..errors import InputError
 from ..spec import Latents, PartSpec
 from ..storage import Store
 from . import models as model_loading  # `models` names the loaded (device, vae, text encoder) below
+from . import selection
 from .encoding import (  # the shared decode, re-exported: the tests and the bench read them here
     PREFETCH,
     Batch,
@@ -43,6 +44,7 @@ from .encoding import (  # the shared decode, re-exported: the tests and the ben
     to_host,
     to_uint8,
 )
+from .formats import Sample
 from .formats.mds import MDSFolder, merge, streaming
 from .models import normalize
 
@@ -160,7 +162,11 @@ def encode_shard(
         scaling_factor=encoder.scale.scale,
         shift_factor=encoder.scale.shift,
     )
-    samples = source.samples(shard) if source else read_samples(store, shard, spec)
+    samples = kept(
+        source.samples(shard) if source else read_samples(store, shard, spec),
+        selection.load(store, settings.drop_duplicates, settings.scores, "spec.latents"),
+        stats,
+    )
     mds = streaming()
     with tempfile.TemporaryDirectory(prefix=f"latents-{shard_name(shard)}-") as local:
         with mds.MDSWriter(out=local, columns=columns(settings), compression=None, size_limit=MDS_SIZE_LIMIT) as writer:
@@ -188,6 +194,15 @@ def encode_shard(
     stats.end_time = time.time()
     store.write_json(stats.to_json(), latents_stats(shard))
     return stats
+
+
+def kept(samples: Iterator[Sample], selected: selection.Selection | None, stats: LatentStats) -> Iterator[Sample]:
+    """The samples latents.dropDuplicates and latents.scores keep; the others counted in `stats.dropped`."""
+    for sample in samples:
+        if selected is None or selected.why(sample.key) is None:
+            yield sample
+        else:
+            stats.dropped = dict(selected.counts)
 
 
 # --- the part's index and manifest --------------------------------------------------------------

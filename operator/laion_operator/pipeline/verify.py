@@ -28,6 +28,7 @@ from ..storage import Store
 from ..summary import Summary
 from . import formats
 from .formats import BrokenShard, shard_data
+from .verify_embeddings import check_embeddings
 
 MAX_PROBLEMS_PER_SHARD = 5
 
@@ -42,6 +43,7 @@ class ShardCheck:
     # samples per data file, named relative to the output (mds: one entry per MDS shard file)
     files: dict[str, int] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)  # in the order read: what the embeddings' rows follow
 
     def problem(self, message: str) -> None:
         if len(self.problems) < MAX_PROBLEMS_PER_SHARD:
@@ -75,6 +77,7 @@ class _Reading:
         self.check.samples += 1
         self.check.files[self.name] += 1
         self.keys[key] += 1
+        self.check.keys.append(key)
         if self.keys[key] == 2:
             self.check.problem(f"{self.name}: key {key} appears more than once")
         if not image:
@@ -188,7 +191,17 @@ def verify_output(store: Store) -> tuple[Summary, Verification]:
     summary = summaries[0]
     if summary.written is None:
         raise InputError(f"{store.uri}: its summary is of latents alone; it holds no shards to verify")
-    result = verify(store, summary.part_id, summary.written.output_format)
+    fmt, checks = summary.written.output_format, {}
+
+    def check_all(shards: list[int]) -> Iterator[ShardCheck]:
+        for shard in shards:
+            checks[shard] = check_shard(store, fmt, shard)
+            yield checks[shard]
+
+    result = verify(store, summary.part_id, fmt, check_all)
+    if store.exists(contract.EMBEDDINGS_DIR):  # the embeddings stage's files against the shards read back
+        result.problems += check_embeddings(store, {shard: check.keys for shard, check in checks.items()})
+        result.ok = not result.problems
     summary.verified = result
     store.write_json(summary.to_json(), contract.summary(summary.part_id))
     progress = store.read_json(contract.PROGRESS)

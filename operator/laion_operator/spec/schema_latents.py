@@ -46,6 +46,36 @@ SHARED: dict = {
     ),
 }
 
+
+def selection(of: str, default: bool | None) -> dict:
+    """What a reader of an embedded output leaves out (pipeline/selection.py): `of` names the output.
+    `default` None: the field is unset unless given (filter's: its fields decide the shards' fingerprint)."""
+    drop: dict = {
+        "type": "boolean",
+        "description": f"Leave out the samples of {of} that its embeddings/duplicates.parquet "
+        "marks as not kept (embeddings.dedup or laion-operator dedup), counted by kind.",
+    }
+    if default is not None:
+        drop["default"] = default
+    return {
+        "dropDuplicates": drop,
+        "scores": {
+            "type": "object",
+            "description": f"Thresholds on the columns of {of}'s embeddings metadata (clip_score, a head's "
+            "column): column -> {min, max}; a sample without a score, or outside one, is left out.",
+            "maxProperties": 16,
+            "additionalProperties": {
+                "type": "object",
+                "minProperties": 1,
+                "properties": {
+                    "min": number("Keep samples whose score is at least this."),
+                    "max": number("Keep samples whose score is at most this."),
+                },
+            },
+        },
+    }
+
+
 LATENTS: dict = {
     "type": "object",
     "description": "Precompute VAE image latents and text-encoder embeddings of every downloaded sample, "
@@ -106,6 +136,7 @@ LATENTS: dict = {
             minimum=0,
             default=0,
         ),
+        **selection("the part's output", False),
         **SHARED,
     },
 }

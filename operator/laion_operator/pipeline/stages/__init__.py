@@ -10,8 +10,9 @@ from __future__ import annotations
 from . import annotate, convert, download, embeddings, filtering, finish, heal, latents, verify
 from .base import Run, Stage
 
-# A part, from its source to a healed dataset; each stage runs when its `wanted(run)` says so.
-PART: tuple[Stage, ...] = (filtering, convert, download, annotate, verify, latents, embeddings, finish, heal)
+# A part, from its source to a healed dataset; each stage runs when its `wanted(run)` says so. The
+# embeddings (and their dedup) before the latents, which latents.dropDuplicates and scores read.
+PART: tuple[Stage, ...] = (filtering, convert, download, annotate, verify, embeddings, latents, finish, heal)
 # `laion-operator latents`: the latents stage alone, over an output already written or an MDS folder.
 LATENTS: tuple[Stage, ...] = (latents, finish)
 # `laion-operator embed`: the embeddings stage alone, over an output already written.

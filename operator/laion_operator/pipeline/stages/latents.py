@@ -5,11 +5,14 @@ wrote (`Run.mds`, whose files are the shards). Torch and the models load only in
 
 from __future__ import annotations
 
+from collections import Counter
+
 from ... import contract
 from ...contract import LatentStats, Phase, Progress
 from ...errors import InputError
 from ...spec import PartSpec
 from ...summary import LatentsSummary
+from .. import selection
 from ..runtime import Outcome, ensure_ray
 from .base import Run
 from .encoding import Counts, Encoding, encode, model_work
@@ -51,7 +54,8 @@ def run(run: Run) -> LatentsSummary:
     shards = run.encode if run.encode is not None else sorted(tracker.finished)
     ensure_ray(run.ray_address)
     tracker.phase(Phase.ENCODING)
-    try:
+    try:  # a threshold on a column the embeddings lack fails the part before any shard runs
+        selection.load(tracker.store, run.spec.latents.drop_duplicates, run.spec.latents.scores, "spec.latents")
         encoded = _encode(run, shards)
     except InputError as err:
         tracker.fail(str(err))
@@ -70,6 +74,7 @@ def run(run: Run) -> LatentsSummary:
         image_shapes=manifest["imageShapes"],
         caption_shape=manifest["captionShape"],
         dtype=manifest["dtype"],
+        dropped=dict(sum((Counter(s.dropped) for s in encoded), Counter())),
     )
     run.written_summary().latents = section
     tracker.end()
