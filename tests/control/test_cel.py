@@ -69,6 +69,14 @@ SAMPLES = {
         {"pattern": "imgs/all.tgz", "first": 0, "last": 1},
         {"pattern": "imgs/{part}.tgz", "first": 0},
     ],
+    "embedded": [
+        {"urls": ["a.parquet"]},
+        {"pattern": "train-{part}.parquet", "first": 0, "last": 12},
+        {"urls": ["a.parquet"], "pattern": "train-{part}.parquet", "first": 0, "last": 1},
+        {},
+        {"pattern": "train-{part}.parquet", "first": 3, "last": 1},
+        {"pattern": "train.parquet", "first": 0, "last": 1},
+    ],
     "captions": [
         {"sidecar": "txt"},
         {"annotations": "a.jsonl", "key": "img_path", "caption": "prompt"},
