@@ -534,6 +534,20 @@ def test_a_shard_task_killed_midway_is_redone_byte_for_byte(embedded, open_clip_
             assert (copy / name).read_bytes() == (out / name).read_bytes(), name
 
 
+def test_the_model_loads_once_a_worker_not_once_a_shard(ray_driver, source, open_clip_dir, tmp_path):
+    """Eight shards one at a time on the session's 2-CPU cluster: a worker process keeps the model
+    for its next shard (models.cached), so at most one load a worker, and most shards load nothing."""
+    from laion_operator.pipeline.driver import run_part
+
+    out = tmp_path / "out"
+    spec = part(source, out, open_clip_dir, parallelism=1)
+    spec = PartSpec.from_dict({**spec.to_dict(), "filter": {**spec.to_dict()["filter"], "samplesPerShard": 4}})
+    summary = run_part(spec)
+    stats = [json.loads((out / contract.embeddings_stats(s)).read_text()) for s in range(summary["shards"]["total"])]
+    loads = [s["shard"] for s in stats if s["model_seconds"] > 0]
+    assert len(stats) >= 7 and len(loads) <= 2, loads  # 2: the cluster's CPUs, its workers at once
+
+
 def test_another_model_embeds_every_shard_again(embedded, tmp_path):
     """Finished shards are resumed only when the same model and heads made them."""
     from laion_operator.pipeline.driver import embed_part

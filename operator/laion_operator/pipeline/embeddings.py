@@ -35,7 +35,7 @@ from ..storage import Store
 from .dedup import image_hashes
 from .encoding import Batch, clear, copied, decode_threads, decoded_batches, read_samples, run_batches, to_host
 from .formats import read_metadata
-from .models import Clip, load_clip, load_head
+from .models import LOADS, Clip, load_clip, load_head
 
 # The metadata's own columns, first, in clip-retrieval's order; then the part's, less the outcome
 # columns that say the same for every embedded sample.
@@ -49,6 +49,7 @@ class EmbeddingStats(EncodeStats):
 
     dim: int = 0  # the embeddings' width, the images' and the captions' alike
     made_by: str = ""  # what made the files (`made_by`): a shard made otherwise is embedded again
+    model_seconds: float = 0.0  # loading the model, in this shard's task: 0 when its worker had it already
 
 
 def made_by(settings) -> str:
@@ -107,8 +108,10 @@ def embed_shard(
         raise InputError("spec.embeddings: required field is missing (the model and settings of the stage)")
     store = Store(spec.output)
     clear(store, embeddings_stats(shard), *(embeddings_file(kind, shard) for kind in EMBEDDING_FILES))
+    started, loads = time.time(), LOADS[0]
     clip = clip or load_clip(settings)
     stats = EmbeddingStats(shard=shard, start_time=time.time(), device=clip.device, made_by=made_by(settings))
+    stats.model_seconds = round(time.time() - started, 3) if LOADS[0] > loads else 0.0
     keys: list[str] = []
     captions: list[str] = []
     hashes: list[tuple[str, int]] = []

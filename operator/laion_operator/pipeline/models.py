@@ -222,16 +222,20 @@ def load_text_encoder(settings: Latents, device: str):
 
 
 _CACHE: dict = {}
+LOADS = [0]  # the models this process loaded: a shard's stats tell a load from a cache hit by it
 
 
 def cached(settings: Latents | Embeddings, key: tuple, make):
-    """`make(device)`'s models, kept for the next shard this Ray worker encodes with the same ones:
-    one set in memory at a time, loaded offline unless the section's hubDownload allows the hub."""
+    """`make(device)`'s models, kept for the next shard this Ray worker encodes with the same ones
+    (a shard task's worker process outlives the task: shard_task sets no max_calls, so Ray reuses
+    it, GPU tasks included): one set in memory at a time, loaded offline unless the section's
+    hubDownload allows the hub."""
     if key not in _CACHE:
         go_offline(settings)
         device = pick_device()
         _CACHE.clear()
         _CACHE[key] = make(device)
+        LOADS[0] += 1
     return _CACHE[key]
 
 
