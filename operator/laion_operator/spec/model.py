@@ -173,10 +173,10 @@ class Latents:
     save_dtype: str
     latent_mode: str
     seed: int
-    parallelism: int
-    shard_retries: int
     drop_duplicates: bool
     scores: dict[str, dict[str, float]] | None
+    parallelism: int
+    shard_retries: int
     hub_download: bool
     hub_token_secret: str | None
 

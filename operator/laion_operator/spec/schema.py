@@ -88,8 +88,8 @@ SCHEMA: dict = {
                 "dedupeUrls": boolean("Keep the first row of each URL only.", True),
                 "shuffle": boolean("Shuffle the kept rows deterministically by seed.", True),
                 "samplesPerShard": integer("Rows per download shard.", minimum=1, maximum=1000000, default=10000),
-            },
                 **selection("the dataset a part converts (source.dataset)", None),
+            },
         },
         "download": {
             "type": "object",
