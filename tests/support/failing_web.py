@@ -17,6 +17,9 @@ benchmarks ask for, and the outcome a client sees for any URL of it (`outcome_of
                                   slowly but steadily at <rate> bytes a second: a large image on a slow link
     /tdm/<0|1>/<spec>             the image with `tdm-reservation: <0|1>` (TDMRep)
     /xrobots/<value>/<spec>       the image with `X-Robots-Tag: <value>` (percent-decoded)
+    /busy/<seconds>/<spec>        the image after <seconds>, its requests at once counted (`busy`: a
+                                  host's politeness measured); while the server is `pushing_back`, 429
+                                  with `Retry-After: <retry_after>` at once instead
 
 Hosts that fail before HTTP: `refused_address()` names a loopback port nothing listens on, and
 `Silent` is a listening socket that never accepts or answers.
@@ -28,6 +31,7 @@ import re
 import socket
 import struct
 import threading
+import time
 import zlib
 from collections import Counter
 from typing import Any
@@ -68,6 +72,9 @@ def route(path: str) -> Route:
         return Route(head, count=int(value))
     if head in ("steady", "tdm", "xrobots"):
         return _header_or_pace_route(head, rest)
+    if head == "busy":
+        slow = fakeweb.route(f"/slow/{rest}")
+        return slow._replace(kind="busy") if slow.kind == "slow" else slow
     if head == "loop":
         return Route("loop")
     if head == "to":
@@ -166,7 +173,7 @@ def outcome_of(
         return "http_4xx" if r.status < 500 else "http_5xx"
     if r.kind == "reset":
         return "connection"
-    if r.kind == "slow" and r.seconds > timeout:
+    if r.kind in ("slow", "busy") and r.seconds > timeout:
         return "timeout"
     if r.kind == "noai" or (r.kind == "tdm" and r.target == "1"):
         return "opt_out"
@@ -276,6 +283,9 @@ class Handler(fakeweb.Handler):
         if r.kind == "steady":
             self._steady(r, body)
             return None
+        if r.kind == "busy":
+            self._busy(r, body)
+            return None
         if r.kind == "drip":
             s = image_of(r)
             data = app.cache.get(s)
@@ -292,6 +302,23 @@ class Handler(fakeweb.Handler):
             self.close_connection = True
             return None
         return r
+
+    def _busy(self, r: Route, body: bool) -> None:
+        app = self.server.app
+        if app.pushing_back:
+            app.busy.refused += 1
+            self.send_response(429)
+            self.send_header("Retry-After", str(app.retry_after))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        app.busy.enter()
+        try:
+            app.stopping.wait(r.seconds)
+            s = image_of(r)
+            self._send(200, app.cache.get(s), CONTENT_TYPES[s.fmt], body)
+        finally:
+            app.busy.leave()
 
     def _steady(self, r: Route, body: bool) -> None:
         s = image_of(r)
@@ -314,6 +341,34 @@ class KeepAliveHandler(Handler):
     protocol_version = "HTTP/1.1"
 
 
+class Concurrency:
+    """A host's /busy/ requests being served at once: now, at most, and after every arrival with its
+    time (monotonic), so that a test can compare stretches of a run."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.now = 0
+        self.peak = 0
+        self.served = 0
+        self.refused = 0  # 429s sent while pushing back
+        self.samples: list[tuple[float, int]] = []
+
+    def enter(self) -> None:
+        with self.lock:
+            self.now += 1
+            self.peak = max(self.peak, self.now)
+            self.samples.append((time.monotonic(), self.now))
+
+    def leave(self) -> None:
+        with self.lock:
+            self.now -= 1
+            self.served += 1
+
+    def peak_between(self, start: float, end: float) -> int:
+        with self.lock:
+            return max((n for t, n in self.samples if start <= t < end), default=0)
+
+
 class ImageServer(fakeweb.ImageServer):
     """The fake web with every route above as well as the demo's."""
 
@@ -325,6 +380,9 @@ class ImageServer(fakeweb.ImageServer):
         self.bytes_sent: Counter[str] = Counter()  # bytes of /big/ and /bigstream/ bodies sent
         self._refused: Counter[str] = Counter()  # /retry/ paths: refusals so far
         self._counts_lock = threading.Lock()
+        self.busy = Concurrency()
+        self.pushing_back = False  # /busy/ answers 429 while set
+        self.retry_after = 1
 
     def sent(self, kind: str, n: int):
         with self._counts_lock:

@@ -155,6 +155,8 @@ class ShardStats:
     bytes_written: int = 0
     start_time: float = 0.0
     end_time: float = 0.0
+    # Answers asking the shard to slow down (429, 503 with Retry-After): each halves its host's limit.
+    slowed_down: int = 0
 
     @property
     def failed(self) -> int:
@@ -175,6 +177,7 @@ class ShardStats:
             "failed_by_reason": self.failed_by_reason,
             "opted_out_by": self.opted_out_by,
             "bytes_written": self.bytes_written,
+            "slowed_down": self.slowed_down,
         }
 
     @classmethod
@@ -190,6 +193,7 @@ class ShardStats:
             bytes_written=data.get("bytes_written", 0),
             start_time=data.get("start_time", 0.0),
             end_time=data.get("end_time", 0.0),
+            slowed_down=data.get("slowed_down", 0),
         )
 
 

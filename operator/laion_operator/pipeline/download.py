@@ -94,10 +94,12 @@ def download_shard(
             recorder.write(image, rows[index].get("caption"), meta)
         else:
             fetched.append(index)
-    fetch.run(
+    engine = fetch.run(
         [rows[i]["url"] for i in fetched],
         opts,
         lambda j, data, err: handle(fetched[j], data, err),
         threads or task_cpus(),
+        fetch.cluster_budget(opts),  # None outside Ray, or with hostBudget task: each host limited per task
     )
+    recorder.stats.slowed_down = engine.slow_downs
     return recorder.finish()

@@ -54,6 +54,8 @@ class Download:
     retries: int
     max_in_flight: int
     max_per_host: int
+    max_per_host_per_task: int
+    host_budget: str
     max_redirects: int
     max_image_bytes: int
     max_image_pixels: int

@@ -28,6 +28,7 @@ DECODE_BACKLOG_BYTES = 256 << 20
 # large share of a shard (a CDN) is fetched at maxPerHost / latency URLs a second, and below 16 that
 # host's queue, not the CPU, was what a shard waited for.
 MAX_PER_HOST = 16
+HOST_BUDGETS = ["cluster", "task"]  # download.hostBudget: where maxPerHost is counted
 # spec.stallSeconds' default: long enough for the quiet stretches of a healthy part (filtering a large
 # metadata file publishes its counts only per batch), short enough that a hung job shows the same hour.
 STALL_SECONDS = 900
@@ -160,14 +161,30 @@ SCHEMA: dict = {
                     default=MAX_IN_FLIGHT,
                 ),
                 "maxPerHost": integer(
-                    "Connections (and URLs in flight) a shard task opens to one host at once. Only a host with "
-                    "many URLs in a shard (a CDN, in practice) reaches it; the default is the least that kept "
-                    "such a host from bounding a shard's time in the benchmark (bench/README.md). Each shard "
-                    "task keeps its own count, so a host sees up to this many per task running; lower it for "
-                    "a host of your own that cannot take that.",
+                    "Connections (and URLs in flight) to one host at once: across every shard task of every "
+                    "part on the Ray cluster with hostBudget cluster, per shard task with hostBudget task. "
+                    "A host that answers 429 (or 503 with Retry-After) has this limit halved for the whole "
+                    "cluster, down to 1, and regained by one a second while it answers without one; every "
+                    "task waits out its Retry-After. The default is the least that kept a host with many URLs "
+                    "in a shard from bounding the shard's time in the benchmark (bench/README.md).",
                     minimum=1,
                     maximum=256,
                     default=MAX_PER_HOST,
+                ),
+                "maxPerHostPerTask": integer(
+                    "The most of maxPerHost one shard task holds of a host (the connections it opens to "
+                    "it); while other tasks wait for the host, each holds an even share.",
+                    minimum=1,
+                    maximum=256,
+                    default=MAX_PER_HOST,
+                ),
+                "hostBudget": string(
+                    "Where maxPerHost is counted: `cluster`, one budget per host shared by every part's "
+                    "shard tasks on the Ray cluster (leased in batches from a few actors in the namespace "
+                    "laion-operator); `task`, each shard task on its own (runs without a shared cluster). "
+                    "Fetches outside Ray always count per task.",
+                    enum=HOST_BUDGETS,
+                    default="cluster",
                 ),
                 "maxRedirects": integer(
                     "Redirects followed per image; more, or a loop, fail as `redirect`.",

@@ -20,6 +20,7 @@ from ... import __version__
 from ...spec import Download
 from ..image_header import declared_pixels, header_size
 from . import tdmrep
+from .budget import TaskLimits, per_task
 from .errors import FINAL, FetchError, RetryLater, classify, message_of
 from .guard import AddressGuard, GuardedResolver, is_ip, make_resolver
 from .pace import Pace, body_limit
@@ -53,6 +54,7 @@ def user_agent(opts: Download) -> str:
 class Host:
     """What a task knows of one host (name and port)."""
 
+    key: str = ""  # host:port, as the host budget names it
     streak: int = 0  # connections in a row refused or unanswered
     last_answer: float = -math.inf  # when the host last answered a request (loop time)
     dead: bool = False
@@ -119,8 +121,11 @@ def retry_after(value: str | None, now: float) -> float | None:
 class Engine:
     """Fetches URLs with one aiohttp session; use `async with Engine(opts) as e: await e.fetch(url)`."""
 
-    def __init__(self, opts: Download):
+    def __init__(self, opts: Download, limits: TaskLimits | None = None):
         self.opts = opts
+        # The host budget's side of a host: its shared Retry-After, and where its slow-downs are told.
+        self.limits = limits or TaskLimits(opts)
+        self.slow_downs = 0  # answers that asked to slow down (429, 503 with Retry-After)
         self.timeout = float(opts.timeout)
         self.retries = opts.retries
         self.budget = (opts.retries + 1) * self.timeout  # the attempts' deadlines to their headers
@@ -142,7 +147,7 @@ class Engine:
         self.resolver = make_resolver(self.opts.dns_servers or (), self.guard)
         connector = aiohttp.TCPConnector(
             limit=max(self.opts.max_in_flight * 2, 16),
-            limit_per_host=self.opts.max_per_host,
+            limit_per_host=per_task(self.opts),
             resolver=self.resolver,
             use_dns_cache=False,  # the resolver caches, with the guard after it
             ssl=True if self.opts.verify_tls else False,
@@ -174,7 +179,7 @@ class Engine:
         key = (url.host or "", url.port or 0)
         state = self.hosts.get(key)
         if state is None:
-            state = self.hosts[key] = Host()
+            state = self.hosts[key] = Host(key=f"{(url.host or '').lower()}:{url.port or 0}")
         return state
 
     def check_url(self, url: URL) -> None:
@@ -218,10 +223,11 @@ class Engine:
                     "row refused or timed out); not tried again in this shard",
                 )
             now = self.loop.time()
-            if host.not_before > now:
-                if host.not_before + self._least_attempt() > budget_end:
+            not_before = max(host.not_before, self.limits.not_before(host.key))
+            if not_before > now:
+                if not_before + self._least_attempt() > budget_end:
                     raise FetchError("rate_limited", f"{url.host} asked to wait past this URL's time budget")
-                await asyncio.sleep(host.not_before - now)
+                await asyncio.sleep(not_before - now)
                 now = self.loop.time()
             remaining = budget_end - now
             attempt = _Attempt(started=now)
@@ -231,10 +237,12 @@ class Engine:
                     return await self._attempt(url, attempt)
             except RetryLater as later:
                 rate_limits += 1
+                self.slow_downs += 1
                 wait = later.wait if later.wait is not None else min(2.0 ** (rate_limits - 1), MAX_BACKOFF)
                 until = self.loop.time() + wait
                 if attempt.host is not None:
                     attempt.host.not_before = max(attempt.host.not_before, until)
+                    self.limits.slowed(attempt.host.key, wait)
                 if until + self._least_attempt() > budget_end:
                     raise FetchError(
                         "rate_limited",
@@ -311,6 +319,7 @@ class Engine:
                     if resp.status == 503 and wait is None:
                         raise FetchError("http_5xx", f"HTTP 503 {resp.reason or ''}".strip())
                     raise RetryLater(wait, f"HTTP {resp.status} from {url.host}")
+                self.limits.answered(host.key)
                 if resp.status >= 400:
                     await self._drain(resp)
                     reason = "http_4xx" if resp.status < 500 else "http_5xx"
