@@ -48,6 +48,7 @@ WHOLE = {
         "imageShapes": {"256": [4, 32, 32]},
         "captionShape": [77, 768],
         "dtype": "float16",
+        "dropped": {"semantic": 3, "score": 40},
     },
     "embeddings": {
         "folder": "s3://bucket/laion/part-00007/embeddings",
@@ -84,6 +85,7 @@ def test_a_whole_summary_reads_and_writes_back_the_same_document():
         image_shapes={"256": [4, 32, 32]},
         caption_shape=[77, 768],
         dtype="float16",
+        dropped={"semantic": 3, "score": 40},
     )
     assert summary.heal == HealSummary(reasons=["timeout"], shards=1, refetched=20)
     assert summary.embeddings is not None and summary.embeddings.duplicates == WHOLE["embeddings"]["duplicates"]
