@@ -157,3 +157,66 @@ def test_past_the_pairwise_limit_faiss_finds_the_same_groups(monkeypatch):
     assert counts["semantic"] + counts["perceptual"] >= copies - 5  # the copies, found either way
     assert indexed.select(["key", "kept"]).equals(pairwise.select(["key", "kept"]))
     assert indexed_counts == counts
+
+
+# --- what the readers leave out (pipeline/selection.py) -------------------------------------------------
+
+
+def embeddings_folder(root, rows: list[dict], duplicates: list[dict] | None) -> None:
+    """An output's embeddings metadata (one shard) and, given, its duplicates.parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from laion_operator import contract
+
+    (root / "embeddings" / "metadata").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows), root / contract.embeddings_file("metadata", 0))
+    if duplicates is not None:
+        pq.write_table(pa.Table.from_pylist(duplicates), root / contract.EMBEDDINGS_DUPLICATES)
+
+
+def test_a_selection_leaves_out_the_duplicates_and_what_misses_a_threshold(tmp_path):
+    from laion_operator.pipeline.selection import load
+    from tests.support.outputs import store_of
+
+    rows = [
+        {"key": "a", "clip_score": 0.30, "aesthetic": 6.0},
+        {"key": "b", "clip_score": 0.10, "aesthetic": 6.0},  # under clip_score's min
+        {"key": "c", "clip_score": 0.40, "aesthetic": 9.5},  # over aesthetic's max
+        {"key": "d", "clip_score": None, "aesthetic": 6.0},  # no score
+        {"key": "e", "clip_score": 0.35, "aesthetic": 5.0},  # a duplicate of a
+    ]
+    embeddings_folder(tmp_path, rows, [{"key": "e", "kept": "a", "kind": "perceptual"}])
+    scores = {"clip_score": {"min": 0.2}, "aesthetic": {"max": 9}}
+    selection = load(store_of(tmp_path), True, scores, "spec.latents")
+    assert selection is not None
+    why = {key: selection.why(key) for key in ("a", "b", "c", "d", "e", "f")}
+    assert why["a"] is None
+    assert why["b"] == ("score", "clip_score 0.1 is under spec.latents.scores.clip_score.min (0.2)")
+    assert why["c"] == ("score", "aesthetic 9.5 is over spec.latents.scores.aesthetic.max (9)")
+    assert why["d"] == ("score", "clip_score is null: no score for spec.latents.scores.clip_score")
+    assert why["e"] == ("perceptual", "duplicate (perceptual) of a")
+    assert why["f"][0] == "score" and "no row in the embeddings metadata" in why["f"][1]  # not embedded
+    assert selection.counts == {"score": 4, "perceptual": 1}
+    assert load(store_of(tmp_path), False, None, "spec.latents") is None  # nothing asked: nothing read
+
+
+def test_a_selection_of_what_is_not_there_names_the_field_and_the_file(tmp_path):
+    from laion_operator.errors import InputError
+    from laion_operator.pipeline.selection import load
+    from tests.support.outputs import store_of
+
+    embeddings_folder(tmp_path, [{"key": "a", "clip_score": 0.3}], None)
+    store = store_of(tmp_path)
+    with pytest.raises(
+        InputError,
+        match=r"spec.filter.scores.nsfw: .*/embeddings/metadata/metadata_00000.parquet "
+        r"has no column 'nsfw' \(its columns: key, clip_score\)",
+    ):
+        load(store, False, {"nsfw": {"max": 0.5}}, "spec.filter")
+    with pytest.raises(
+        InputError, match=r"spec.filter.dropDuplicates: .*/embeddings/duplicates.parquet does not exist"
+    ):
+        load(store, True, None, "spec.filter")
+    with pytest.raises(InputError, match=r"spec.filter.scores: .*/embeddings/metadata holds no metadata_\*.parquet"):
+        load(store_of(tmp_path / "empty"), False, {"clip_score": {"min": 0}}, "spec.filter")
