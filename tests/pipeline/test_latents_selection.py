@@ -190,3 +190,21 @@ def test_verify_checks_the_embeddings_folder_and_names_a_broken_file(deduplicate
     assert result.problems == [
         f"{contract.EMBEDDINGS_DUPLICATES}: key '99999999' is no embedded sample ({len(dups['key'])} rows)"
     ]
+
+
+def test_converts_flags_are_the_filters_fields():
+    from laion_operator import cli
+
+    args = cli.parser().parse_args(
+        ["convert", "in", "out", "--output-format", "parquet", "--drop-duplicates"]
+        + ["--min-score", "clip_score=0.28", "--max-score", "clip_score=0.9", "--min-score", "aesthetic=5"]
+    )
+    assert cli._selection(args) == {
+        "dropDuplicates": True,
+        "scores": {"clip_score": {"min": 0.28, "max": 0.9}, "aesthetic": {"min": 5.0}},
+    }
+    plain = cli.parser().parse_args(["convert", "in", "out", "--output-format", "parquet"])
+    assert cli._selection(plain) == {}  # unset: the part's fingerprint stays what it was
+    bad = cli.parser().parse_args(["convert", "in", "out", "--output-format", "parquet", "--min-score", "0.3"])
+    with pytest.raises(InputError, match=r"--min-score '0.3': expected COLUMN=NUMBER"):
+        cli._selection(bad)
