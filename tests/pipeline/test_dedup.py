@@ -199,6 +199,11 @@ def test_a_selection_leaves_out_the_duplicates_and_what_misses_a_threshold(tmp_p
     assert why["f"][0] == "score" and "no row in the embeddings metadata" in why["f"][1]  # not embedded
     assert selection.counts == {"score": 4, "perceptual": 1}
     assert load(store_of(tmp_path), False, None, "spec.latents") is None  # nothing asked: nothing read
+    # a shard task's: its own shard's metadata alone; a shard with none scores no sample
+    own = load(store_of(tmp_path), False, scores, "spec.latents", shard=0)
+    assert own is not None and [own.why(key) is None for key in "abcde"] == [True, False, False, False, True]
+    other = load(store_of(tmp_path), False, scores, "spec.latents", shard=1)
+    assert other is not None and other.why("a") is not None
 
 
 def test_a_selection_of_what_is_not_there_names_the_field_and_the_file(tmp_path):

@@ -164,7 +164,7 @@ def encode_shard(
     )
     samples = kept(
         source.samples(shard) if source else read_samples(store, shard, spec),
-        selection.load(store, settings.drop_duplicates, settings.scores, "spec.latents"),
+        selection.load(store, settings.drop_duplicates, settings.scores, "spec.latents", None if source else shard),
         stats,
     )
     mds = streaming()

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from ..contract import EMBEDDINGS_DIR, EMBEDDINGS_DUPLICATES
+from ..contract import EMBEDDINGS_DIR, EMBEDDINGS_DUPLICATES, embeddings_file
 from ..errors import InputError
 from ..storage import Store
 
@@ -43,16 +43,19 @@ class Selection:
         return found
 
 
-def load(store: Store, drop_duplicates: bool | None, scores: dict | None, field_name: str) -> Selection | None:
+def load(
+    store: Store, drop_duplicates: bool | None, scores: dict | None, field_name: str, shard: int | None = None
+) -> Selection | None:
     """The selection `field_name`'s dropDuplicates and scores make of the output in `store`; None when
-    neither is set (every sample kept)."""
+    neither is set (every sample kept). `shard`: the scores of that shard's metadata only (a shard task
+    of the same output, whose samples have no row in any other)."""
     if not drop_duplicates and not scores:
         return None
     selection = Selection()
     if drop_duplicates:
         selection.duplicates = _duplicates(store, field_name)
     if scores:
-        selection.scored, selection.below = _scores(store, scores, field_name)
+        selection.scored, selection.below = _scores(store, scores, field_name, shard)
     return selection
 
 
@@ -71,11 +74,16 @@ def _duplicates(store: Store, field_name: str) -> dict[str, tuple[str, str]]:
     }
 
 
-def _scores(store: Store, scores: dict, field_name: str) -> tuple[frozenset[str], dict[str, str]]:
+def _scores(
+    store: Store, scores: dict, field_name: str, shard: int | None = None
+) -> tuple[frozenset[str], dict[str, str]]:
     import pyarrow.parquet as pq
 
-    files = sorted(store.fs.glob(store.path(EMBEDDINGS_DIR, "metadata", "metadata_*.parquet")))
-    if not files:
+    if shard is not None:  # a shard without a decodable image has no metadata file: no sample is scored
+        files = [p for p in [store.path(embeddings_file("metadata", shard))] if store.fs.exists(p)]
+    else:
+        files = sorted(store.fs.glob(store.path(EMBEDDINGS_DIR, "metadata", "metadata_*.parquet")))
+    if not files and shard is None:
         raise InputError(
             f"{field_name}.scores: {store.url(EMBEDDINGS_DIR, 'metadata')} holds no metadata_*.parquet: "
             "embed the output first (spec.embeddings)"
