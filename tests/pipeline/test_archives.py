@@ -596,3 +596,34 @@ def test_archives_on_s3_a_zip_spooled_and_a_tar_streamed(s3, tmp_path):
     journeydb = PartSpec.from_dict({**journeydb.to_dict(), "output": {**output, "uri": f"s3://{bucket}/jdb"}})
     assert convert_all(journeydb) == {}
     assert written(journeydb) == tar_samples
+
+
+def test_the_workers_warm_up_with_what_a_convert_shard_imports(tmp_path):
+    """A convert part's workers import the convert stage, its source and its format's writer while Ray
+    starts (an MDS writer's first open costs seconds of imports otherwise, in every worker's first shard)."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    from laion_operator.pipeline.local import warm_imports
+
+    mds = part(tmp_path, {"urls": ["a.tar"], "captions": {"sidecar": "txt"}}, outputFormat="mds")
+    (tmp_path / "mds").mkdir()
+    names = warm_imports(mds)
+    assert "laion_operator.pipeline.sources.archives" in names and "streaming" in names
+    assert all(importlib.util.find_spec(name) is not None for name in names)
+    # after the warm-up, opening an MDS shard's writer imports nothing of note
+    code = (
+        "import importlib, sys\n"
+        f"[importlib.import_module(n) for n in {names!r}]\n"
+        "before = set(sys.modules)\n"
+        "from laion_operator.pipeline import convert, formats, record\n"
+        "from laion_operator.spec import PartSpec\n"
+        f"spec = PartSpec.from_dict({mds.to_dict()!r})\n"
+        "schema = record.schema(convert.SOURCE)\n"
+        f"formats.get('mds').writer(spec.download, 0, {str(tmp_path / 'mds')!r}, True, schema).close()\n"
+        "print(len(set(sys.modules) - before))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout.split()[-1]) < 20, done.stdout

@@ -118,12 +118,24 @@ def _run(part: PartSpec, run: Callable[[ProgressBar], dict], out) -> int:
     return ExitCode.OK
 
 
+def warm_imports(part: PartSpec) -> tuple[str, ...]:
+    """What the part's shard tasks import: the download's or the convert's modules, and the modules
+    its output format's writer imports when its first shard opens one."""
+    from . import formats
+
+    source = sources.of(part)
+    stage = (
+        ("convert", "record", f"sources.{source.name}") if source.converts else ("download", "record", "fetch.engine")
+    )
+    return (*(f"{__package__}.{m}" for m in stage), *formats.get(part.download.output_format).writer_imports)
+
+
 def run_with_progress(part: PartSpec, ray_address: str | None = None, out=sys.stdout) -> int:
     """`laion-operator run` and `convert`: every stage of the part."""
     from .runtime import settle_ray_start, start_ray
 
     # The stage that needs Ray waits for it; the imports and the filter run meanwhile.
-    start_ray(ray_address, warm=tuple(f"{__package__}.{m}" for m in ("download", "record", "fetch.engine")))
+    start_ray(ray_address, warm=warm_imports(part))
     try:
         from .driver import run_part
 

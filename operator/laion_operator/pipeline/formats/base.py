@@ -61,6 +61,9 @@ class Format:
     reads_datasets = False  # convert reads existing datasets in this format (spec.source.dataset.format)
     dataset_shards = ""  # what a dataset's input shards are, in words (`reads_datasets` formats only)
     img2dataset_writer = ""  # the name of img2dataset's sample writer for the format, where it has one
+    # Modules its sample writer imports on first use, imported by the workers while Ray starts
+    # (runtime.start_ray's warm-up) rather than by each worker's first shard.
+    writer_imports: tuple[str, ...] = ()
 
     def sample_writer(self) -> type:
         """The class of the format's sample writers, in img2dataset's shape: its constructor,

@@ -102,6 +102,7 @@ class MDSSampleWriter:
 
 class MDS(Format):
     name = "mds"  # a shard is the folder of its number (no suffix): MDSWriter's files and index.json
+    writer_imports = ("streaming",)  # 2 s of imports after torch's: once a worker, off the shards' path
 
     def sample_writer(self) -> type:
         return MDSSampleWriter
