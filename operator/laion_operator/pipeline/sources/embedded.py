@@ -6,7 +6,8 @@ and the row's other scalar columns as its metadata.
 Input shards are row ranges of one file, cut where row groups start: row groups are gathered until
 they hold `filter.samplesPerShard` rows, and a row group larger than that is cut into ranges of that
 size. A shard is read row group by row group in small batches, so memory holds a batch of images, never
-a file. Files are opened as the URL list's parquet files are (local, http(s)://, s3://).
+a file. Files are opened as the URL list's parquet files are (local, http(s)://, s3://), listed by
+`urls` or numbered by a `pattern` from `first` to `last` (spec/patterns, as archives take one).
 """
 
 from __future__ import annotations
