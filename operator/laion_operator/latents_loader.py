@@ -19,6 +19,10 @@ shuffles and resumes across ranks and workers as streaming does. Each stream's s
 from its own `latents/_latents.json`; streams whose latents cannot share a batch (another shape,
 dtype, VAE or scaling) are refused, naming both. The same MDS is also what micro_diffusion's
 `StreamingLatentsDataset` reads (`latents_<resolution>`, `caption_latents`, float16 bytes).
+
+`drop_duplicates=True` and `scores={"clip_score": {"min": 0.28}}` leave out, per part, what its
+embeddings/duplicates.parquet lists and the samples outside thresholds on its embeddings metadata
+(pipeline/selection.py, the rule `convert` and the latents stage follow too).
 """
 
 from __future__ import annotations
