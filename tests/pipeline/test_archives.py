@@ -513,6 +513,19 @@ def test_archives_are_fetched_through_dns_servers_with_the_image_fetches_user_ag
     assert "archives.example resolves to 127.0.0.1" in str(errors[0])
 
 
+def test_an_archive_served_slower_than_min_body_rate_fails_as_timeout_and_a_steady_one_is_read(tmp_path):
+    files, samples = layouts.cc12m(archives=2, per=4)  # about 10 KB a tar
+    with ArchiveServer(files) as web:
+        web.slow = {"cc12m/cc12m-train-0000.tar": 4_000, "cc12m/cc12m-train-0001.tar": 40_000}
+        urls = [f"{web.base}/{path}" for path in sorted(files)]
+        paced = {"timeout": 1, "minBodyRate": 8_000, "retries": 0}
+        spec = part(tmp_path, {"urls": urls, "captions": {"sidecar": "txt"}}, **paced)
+        errors = convert_all(spec)
+    assert list(errors) == [0] and getattr(errors[0], "reason", "") == "timeout"
+    assert "cc12m-train-0000.tar: timeout" in str(errors[0]) and "minBodyRate (8000 bytes/s over 1 s)" in str(errors[0])
+    assert written(spec) == {k: v for k, v in samples.items() if k[0] == "cc12m-train-0001.tar"}
+
+
 # --- a gated repository's headers --------------------------------------------------------------------
 
 

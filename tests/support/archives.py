@@ -11,6 +11,7 @@ import io
 import json
 import tarfile
 import threading
+import time
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -194,8 +195,9 @@ class ArchiveServer:
     """Serves `files` over loopback HTTP/1.1 with Range support. `expired`: paths answering 403 with S3's
     "Request has expired"; `cut`: paths whose next answer sends half its body and drops the connection;
     `ranges`: whether Range is honoured; `auth`: paths answering 401 without that Authorization header;
-    `redirects`: paths answering 302 to another URL. `requests` logs (path, Range header) of every
-    request, `authorizations` (path, Authorization header), `agents` its User-Agent."""
+    `redirects`: paths answering 302 to another URL; `slow`: paths sent at so many bytes a second.
+    `requests` logs (path, Range header) of every request, `authorizations` (path, Authorization
+    header), `agents` its User-Agent."""
 
     def __init__(self, files: dict[str, bytes], host: str = "127.0.0.1"):
         self.files = dict(files)
@@ -207,6 +209,7 @@ class ArchiveServer:
         self.authorizations: list[tuple[str, str | None]] = []
         self.requests: list[tuple[str, str | None]] = []
         self.agents: list[str | None] = []  # each request's User-Agent
+        self.slow: dict[str, float] = {}  # paths whose body is sent at this many bytes a second
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -249,6 +252,13 @@ class ArchiveServer:
                     self.wfile.write(body[: len(body) // 2])
                     self.wfile.flush()
                     self.close_connection = True
+                    return
+                if path in server.slow:
+                    step = max(int(server.slow[path] / 20), 1)  # 20 writes a second
+                    for at in range(0, len(body), step):
+                        self.wfile.write(body[at : at + step])
+                        self.wfile.flush()
+                        time.sleep(0.05)
                     return
                 self.wfile.write(body)
 

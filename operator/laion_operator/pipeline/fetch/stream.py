@@ -4,7 +4,10 @@ redirect limit and failure reasons as an image fetch, and a connection lost mid-
 range request where the server allows one, so an archive half read is not read again from its start.
 
 `download.timeout` bounds connecting, the headers and every read (a body of gigabytes has no whole
-deadline); `download.retries` is how many times a lost connection is resumed. A 403 whose body says
+deadline), and the body must keep `download.minBodyRate` over every `timeout` seconds spent waiting on
+the server (pace.Pace, as an image's body; the time the reader spends between reads is not counted, so
+a slow consumer is not the server's fault); `download.retries` is how many times a lost connection is
+resumed. A 403 whose body says
 the signature expired (S3's and CloudFront's "Request has expired", "AccessDenied ... expired") is
 `expired`, not `http_4xx`: a fresh link is what fixes it. Names are resolved as an image fetch resolves
 them (`download.dnsServers`, else the system's resolver), the address connected to is the one the guard
@@ -25,6 +28,7 @@ from ...spec import Download
 from .engine import REDIRECTS, SCHEMES, user_agent
 from .errors import FINAL, BlockedAddress, FetchError, classify
 from .guard import AddressGuard, make_resolver
+from .pace import Pace
 
 ERROR_BODY_BYTES = 4096  # of a refusal's body, read to tell an expired signature from other 403s
 
@@ -74,6 +78,10 @@ class Stream(io.RawIOBase):
         self.resumes = 0  # range requests after a lost connection
         self._response: http.client.HTTPResponse | None = None
         self._connection: http.client.HTTPConnection | None = None
+        self.waited = 0.0  # seconds spent in the server's reads: the pace's clock
+        self.pace = Pace(opts.min_body_rate, float(opts.timeout), 0.0)
+        # A read asks for a quarter of a window's due at most, so a drip is caught within the window.
+        self.step = max(int(self.pace.need / 4), 4096)
         self._open()
 
     def readable(self) -> bool:
@@ -86,12 +94,21 @@ class Stream(io.RawIOBase):
                 response = self._response
                 if response is None:
                     return 0
-                n = response.readinto(view)
+                started = time.monotonic()
+                n = response.readinto(view[: self.step])
+                self.waited += time.monotonic() - started
                 if n == 0 and self.size is not None and self.position < self.size:
                     raise http.client.IncompleteRead(b"", self.size - self.position)
             except (OSError, http.client.HTTPException) as err:
                 self._resume(err)
                 continue
+            self.pace.add(self.waited, n)
+            if n and self.waited > self.pace.deadline:
+                raise FetchError(
+                    "timeout",
+                    f"{shown(self.url)}: slower than download.minBodyRate ({self.opts.min_body_rate:g} bytes/s "
+                    f"over {self.opts.timeout:g} s) at byte {self.position + n}",
+                )
             self.position += n
             if self.position > self.limit:
                 raise FetchError("too_large", f"{shown(self.url)}: more than {self.limit} bytes")
