@@ -203,6 +203,46 @@ def test_diffusiondb_metadata_columns_reach_each_row_and_its_nsfw_cut_drops_a_sa
     assert schema.field("width").type == pa.int32()  # the outcome's width, the written image's
 
 
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_every_annotation_format_gives_its_other_fields_as_typed_columns(fmt):
+    from laion_operator.pipeline.sources import annotation_files
+
+    records = [
+        {"img_path": "./000/a.jpg", "prompt": "a", "seed": 7, "nsfw": 0.5, "style": "x", "odd": 1},
+        {"img_path": "./000/b.jpg", "prompt": "b", "seed": 8, "nsfw": 0.25, "style": None, "odd": "two"},
+        {"img_path": "./000/a.jpg", "prompt": "again", "seed": 9, "nsfw": 1.0, "style": "y", "odd": 3},
+    ]
+    if fmt == "jsonl":
+        records[0]["tags"] = {"nested": True}  # an object: no column
+        del records[1]["style"]  # a field a record lacks: null there
+        data = "\n".join(json.dumps(r) for r in records).encode()
+    else:
+        header = list(records[0])
+        data = "\n".join([",".join(header)] + [",".join(str(r[h] or "") for h in header) for r in records]).encode()
+    captions = PartSpec.from_dict(
+        {
+            "partId": "a",
+            "source": {
+                "archives": {
+                    "urls": ["x.tgz"],
+                    "captions": {"annotations": f"a.{fmt}", "key": "img_path", "caption": "prompt"},
+                }
+            },
+            "output": {"uri": "/tmp/unused"},
+        }
+    ).archives.captions
+    notes = annotation_files.index(captions, data, f"a.{fmt}")
+    fields = {f.name: f.type for f in notes.fields}
+    assert fields["seed"] == pa.int64() and fields["nsfw"] == pa.float64() and "prompt" not in fields
+    assert "tags" not in fields
+    assert annotation_files.lookup(captions, notes, "000/a.jpg") == (
+        "a",
+        {"img_path": "./000/a.jpg", "seed": 7, "nsfw": 0.5, "style": "x", "odd": "1"},
+    )  # the first record naming an image wins; a field of mixed kinds is a string column
+    assert annotation_files.lookup(captions, notes, "000/b.jpg")[1]["style"] is None
+    assert annotation_files.lookup(captions, notes, "000/c.jpg") is None
+
+
 def test_a_tar_captioned_by_its_own_json_member_after_its_images_is_fetched_once(tmp_path):
     zips, samples = layouts.diffusiondb(archives=2, per=3)
     files = {}

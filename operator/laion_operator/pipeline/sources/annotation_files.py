@@ -175,7 +175,9 @@ def _table(fmt: str, data: bytes, where: str) -> pa.Table:
     import pyarrow.parquet as pq
 
     try:
-        return pacsv.read_csv(io.BytesIO(data)) if fmt == "csv" else pq.read_table(io.BytesIO(data))
+        if fmt == "csv":  # an empty cell is no value, of a string column too
+            return pacsv.read_csv(io.BytesIO(data), convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
+        return pq.read_table(io.BytesIO(data))
     except pa.ArrowException as err:
         raise ArchiveError(f"{where}: not readable as {fmt}: {err}") from None
 
