@@ -8,7 +8,12 @@ its URL up in the spec it runs with, so a part whose signed links expired (reaso
 a new link file and its re-run fetches only the archives without a finished shard.
 `filter.sampleFraction` picks whole archives (the same ones for the same seed); what became of each
 image is counted in its shard's stats: `no_caption` for an image no caption names, `decode` for a
-member that is not an image, `too_large` for one over download.maxImageBytes.
+member that is not an image, `too_large` for one over download.maxImageBytes, `filtered` for one whose
+metadata (its sidecar json's, its annotation's other fields) fails spec.filter. An archive that cannot
+be fetched fails its shard with the reason (ArchiveFailed, ArchiveLost), which the part counts.
+
+The annotations' columns are known once they are read, which for an archive's own annotations member
+is once the archive is open: `open_archive` opens it once for both (SampleSource.open_input).
 """
 
 from __future__ import annotations
