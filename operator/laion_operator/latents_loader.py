@@ -41,7 +41,7 @@ import torch
 
 from . import contract
 from .pipeline.formats.mds import streaming
-from .pipeline.selection import Selection, load
+from .pipeline.selection import Selection, dataset_duplicates, load
 from .storage import Store
 
 _mds = streaming()
@@ -82,6 +82,7 @@ class Source:
     root: str  # its latents/ folder
     manifest: dict
     mix: dict
+    dataset: str | None = None  # the LaionDataset's root it is a part of
 
 
 def sources(dataset: Dataset) -> list[Source]:
@@ -106,6 +107,7 @@ def sources(dataset: Dataset) -> list[Source]:
             f"{path}/{p.get('latents') or p['output'] + '/' + contract.LATENTS_DIR}",
             read_manifest(f"{path}/{p['output']}"),
             dict(mix),
+            path,
         )
         for p in parts
     ]
@@ -189,7 +191,7 @@ class LatentsDataset(_mds.StreamingDataset):  # type: ignore[name-defined]  # mo
         found = [s for d in datasets for s in sources(d)]
         check_compatible(found, resolution)
         self.sources = found
-        self.selections = [selected(s.name, drop_duplicates, scores) for s in found]
+        self.selections = selections(found, drop_duplicates, scores)
         self.manifest = found[0].manifest
         self.columns = [image_column(s, resolution) for s in found]
         self.dtypes = [np.dtype(s.manifest["dtype"]) for s in found]
@@ -252,6 +254,29 @@ def selected(output: str, drop_duplicates: bool, scores: dict | None) -> Selecti
     from .spec import output_of
 
     return load(Store(output_of({"uri": output})), drop_duplicates, scores, "build_latents_dataloader")
+
+
+def selections(found: list[Source], drop_duplicates: bool, scores: dict | None) -> list[Selection | None]:
+    """Each stream's selection. A LaionDataset root's own duplicates.parquet (`laion-operator dedup`
+    over its parts, `--into` the root: duplicates across parts too) stands for its parts' own files."""
+    from .spec import output_of
+
+    wide: dict[str, dict | None] = {}
+    out = []
+    for source in found:
+        per_part = None
+        if drop_duplicates and source.dataset is not None:
+            if source.dataset not in wide:
+                wide[source.dataset] = dataset_duplicates(Store(output_of({"uri": source.dataset})))
+            across = wide[source.dataset]
+            if across is not None:
+                per_part = across.get(source.name.rsplit("/", 1)[-1], {})
+        selection = selected(source.name, drop_duplicates and per_part is None, scores)
+        if per_part is not None:
+            selection = selection or Selection()
+            selection.duplicates = per_part
+        out.append(selection)
+    return out
 
 
 def build_latents_dataloader(

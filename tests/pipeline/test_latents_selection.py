@@ -208,3 +208,42 @@ def test_converts_flags_are_the_filters_fields():
     bad = cli.parser().parse_args(["convert", "in", "out", "--output-format", "parquet", "--min-score", "0.3"])
     with pytest.raises(InputError, match=r"--min-score '0.3': expected COLUMN=NUMBER"):
         cli._selection(bad)
+
+
+def test_a_datasets_own_duplicates_stand_for_its_parts(deduplicated, models, tmp_path):
+    """`laion-operator dedup ROOT/part_0 ROOT/part_1 --into ROOT`: the loader over the LaionDataset's
+    root leaves out what the dataset-wide file lists, per part: here every sample of part 1, a copy of
+    part 0, and none of part 0's (its own file's semantic duplicates are not the dataset's)."""
+    import asyncio
+
+    from laion_operator.control.datasets import Dataset
+    from laion_operator.latents_loader import LatentsDataset
+    from laion_operator.pipeline.dedup import dedup_parts
+    from laion_operator.pipeline.driver import encode_part
+    from laion_operator.spec import Dedup, validate_dataset
+
+    out, source, *_ = deduplicated
+    root = tmp_path / "dataset"
+    full = tmp_path / "full"
+    shutil.copytree(out, full)
+    encode_part(part(source, full, models))  # the latents of every sample
+    latents = part(source, out, models).to_dict()["latents"]
+    data = validate_dataset(
+        {"source": {"urls": ["a.parquet", "b.parquet"]}, "template": {"output": {"uri": str(root)}, "latents": latents}}
+    )
+    parts = []
+    for part_id in ("0", "1"):
+        shutil.copytree(full, root / contract.part_dir(part_id))
+        parts.append(
+            {"metadata": {"name": f"d-{part_id}"}, "spec": {"partId": part_id}, "status": {"phase": "Succeeded"}}
+        )
+    asyncio.run(Dataset(None, {"metadata": {"namespace": "ns", "name": "d"}}, None).write_index(data, parts))
+    exact = Dedup(exact=True, perceptual=False, hamming_distance=0, semantic=False, similarity=1.0)
+    stores = [outputs.store_of(root / contract.part_dir(p)) for p in ("0", "1")]
+    counts = dedup_parts(stores, exact, outputs.store_of(root))
+    embedded = {s.key for s in outputs.images(out, "webdataset")}
+    assert counts["exact"] == len(embedded)
+    dataset = LatentsDataset(str(root), drop_duplicates=True, batch_size=4)
+    read = [(sample["stream"], sample["key"]) for sample in dataset]
+    assert sorted(read) == sorted((0, key) for key in embedded)
+    assert dataset.dropped == {"exact": len(embedded)}

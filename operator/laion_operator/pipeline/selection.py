@@ -74,6 +74,25 @@ def _duplicates(store: Store, field_name: str) -> dict[str, tuple[str, str]]:
     }
 
 
+def dataset_duplicates(store: Store) -> dict[str, dict[str, tuple[str, str]]] | None:
+    """A dataset's own duplicates.parquet (`laion-operator dedup PART… --into ROOT`, its rows named
+    `<n>/<key>` with their `part`): each part's, by the part folder's name (the last of its URL), as
+    `key -> (kind, message)`; None where the root holds none (each part's own file is read then)."""
+    import pyarrow.parquet as pq
+
+    if not store.exists(EMBEDDINGS_DUPLICATES):
+        return None
+    with store.fs.open(store.path(EMBEDDINGS_DUPLICATES), "rb") as f:
+        if "part" not in pq.read_schema(f).names:
+            return None
+        rows = pq.read_table(f, columns=["key", "kept", "kind", "part", "keptPart"]).to_pydict()
+    found: dict[str, dict[str, tuple[str, str]]] = {}
+    for key, kept, kind, part, kept_part in zip(*(rows[c] for c in ("key", "kept", "kind", "part", "keptPart"))):
+        message = f"duplicate ({kind}) of {kept.split('/', 1)[1]} in {kept_part}"
+        found.setdefault(part.rstrip("/").rsplit("/", 1)[-1], {})[key.split("/", 1)[1]] = (kind, message)
+    return found
+
+
 def _scores(
     store: Store, scores: dict, field_name: str, shard: int | None = None
 ) -> tuple[frozenset[str], dict[str, str]]:
