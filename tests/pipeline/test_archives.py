@@ -170,6 +170,33 @@ def test_a_caption_file_archive_with_an_image_it_does_not_name_counts_it(tmp_pat
     assert written(spec) == {k: v for k, v in samples.items() if k[1] != "sa_2.jpg"}
 
 
+def test_a_shared_archive_of_caption_files_is_indexed_on_disk_once_a_node(tmp_path):
+    from laion_operator.pipeline.sources import annotation_files
+    from laion_operator.pipeline.sources.annotation_index import DiskAnnotations
+
+    notes = [
+        ("caps/sa_1.json", {"caption": "one", "seed": 1, "score": 1, "tag": "a", "masks": [1, 2]}),
+        ("caps/sa_2.json", {"caption": "two", "seed": 2, "score": 0.5, "tag": None}),
+        ("caps/sa_3.txt", "three"),
+    ]
+    members = [(n, (json.dumps(v) if isinstance(v, dict) else v).encode()) for n, v in notes]
+    with ArchiveServer({"captions.tar.gz": layouts.tar(members, "w:gz")}) as web:
+        captions = {"annotations": f"{web.base}/captions.tar.gz", "key": "_member", "caption": "caption"}
+        spec = part(tmp_path, {"urls": ["sa_000000.tar"], "captions": {**captions, "joinOn": "stem"}})
+        archives = spec.archives
+        load = [archives.captions, spec.download, archives.max_archive_bytes, spec.download.max_image_bytes, {}]
+        first = annotation_files.load(*load, "sa_000000")
+        annotation_files._shared.cache_clear()  # another worker process of the node
+        again = annotation_files.load(*load, "sa_000001")
+        assert web.fetched("captions") == ["captions.tar.gz"]  # built once, then read by both
+    assert isinstance(first, DiskAnnotations) and isinstance(again, DiskAnnotations)
+    assert {f.name: f.type for f in first.fields} == {"seed": pa.int64(), "score": pa.float64(), "tag": pa.string()}
+    assert again.find("sa_1") == ("one", {"seed": 1, "score": 1.0, "tag": "a"})
+    assert again.find("sa_2") == ("two", {"seed": 2, "score": 0.5, "tag": None})
+    assert again.find("sa_3") == ("three", {"seed": None, "score": None, "tag": None})
+    assert again.find("sa_4") is None
+
+
 def _members(archive: bytes) -> list[tuple[str, bytes]]:
     with tarfile.open(fileobj=io.BytesIO(archive)) as t:
         return [(info.name, t.extractfile(info).read()) for info in t if info.isfile()]

@@ -16,15 +16,17 @@ An annotation without the key or caption field raises an ArchiveError naming the
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import json
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import pyarrow as pa
 
 from ...spec import Captions, Download
 from ..fetch.errors import FetchError
+from . import annotation_index
 from .archive_files import Archive, ArchiveError, Member, fetch_failed, is_archive, open_raw
 from .base import scalar_type
 
@@ -63,9 +65,17 @@ def format_of(captions: Captions, name: str) -> str:
     return found
 
 
+class Index(Protocol):
+    """An annotations file indexed: the record's other fields as typed columns (`fields`), which become
+    the metadata columns of the images they caption, and each join key's caption and fields (`find`)."""
+
+    fields: list[pa.Field]
+
+    def find(self, key: str) -> tuple[str | None, dict] | None: ...
+
+
 class Annotations:
-    """An annotations file indexed: each join key's row, its caption, and the record's other fields as
-    typed columns (`fields`), which become the metadata columns of the images they caption."""
+    """An Index in memory: each join key's row, its caption, and the other fields' columns."""
 
     def __init__(self, rows: dict[str, int], captions: list[str | None], table: pa.Table):
         self.rows, self.captions, self.table = rows, captions, table.combine_chunks()
@@ -115,6 +125,22 @@ def _join(captions: Captions, key: Any, ids: dict[str, str] | None) -> str | Non
     return join_key(str(key), captions.join_on)
 
 
+def _entries(
+    captions: Captions, records: Iterator[tuple[str, Any]], where: str, ids: dict[str, str] | None
+) -> Iterator[tuple[str, str | None, dict]]:
+    """Each record's join key, caption and other fields, checked (a record without its key or caption
+    field raises, naming the file and the record)."""
+    for label, record in records:
+        for field, name in ((captions.key, "key"), (captions.caption, "caption")):
+            if not isinstance(record, dict) or field not in record:
+                has = sorted(record) if isinstance(record, dict) else type(record).__name__
+                raise ArchiveError(f"{where} {label}: no {field!r} field ({FIELD}.{name}); it has {has}")
+        key = _join(captions, record[captions.key], ids)
+        if key is not None:
+            fields = {k: v for k, v in record.items() if k != captions.caption and k not in SYNTHETIC}
+            yield key, text_of(record[captions.caption]), fields
+
+
 def _index_records(
     captions: Captions, records: Iterator[tuple[str, Any]], where: str, ids: dict[str, str] | None
 ) -> Annotations:
@@ -122,18 +148,13 @@ def _index_records(
     texts: list[str | None] = []
     columns: dict[str, list] = {}
     nested: set[str] = set()  # fields holding objects or lists: no column of a sample's row
-    for label, record in records:
-        for field, name in ((captions.key, "key"), (captions.caption, "caption")):
-            if not isinstance(record, dict) or field not in record:
-                has = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise ArchiveError(f"{where} {label}: no {field!r} field ({FIELD}.{name}); it has {has}")
-        key = _join(captions, record[captions.key], ids)
-        if key is None or key in rows:
+    for key, caption, fields in _entries(captions, records, where, ids):
+        if key in rows:
             continue
         row = rows[key] = len(texts)
-        texts.append(text_of(record[captions.caption]))
-        for name, value in record.items():
-            if name == captions.caption or name in nested or name in SYNTHETIC:
+        texts.append(caption)
+        for name, value in fields.items():
+            if name in nested:
                 continue
             if isinstance(value, (dict, list)):
                 nested.add(name)
@@ -182,7 +203,7 @@ def _table(fmt: str, data: bytes, where: str) -> pa.Table:
         raise ArchiveError(f"{where}: not readable as {fmt}: {err}") from None
 
 
-def lookup(captions: Captions, notes: Annotations, member: str) -> tuple[str | None, dict] | None:
+def lookup(captions: Captions, notes: Index, member: str) -> tuple[str | None, dict] | None:
     """The caption and fields of the annotation naming an image member, or None."""
     return notes.find(join_key(member, "basename" if captions.join_on == "id" else captions.join_on))
 
@@ -256,7 +277,7 @@ def _walk(node: Any, path: list[str], label: str) -> Iterator[tuple[str, Any]]:
 
 def load(
     captions: Captions, opts: Download, limit: int, member_limit: int, headers: dict[str, str], stem: str
-) -> Annotations:
+) -> Index:
     """The annotations of the archive whose name without suffix is `stem`: a file every archive shares,
     indexed once a worker process, or the archive's own file where the URL pairs them by `{stem}`
     (SA-1B's captions in one archive per image archive), read for this archive alone."""
@@ -271,8 +292,22 @@ def load(
 @functools.lru_cache(maxsize=1)
 def _shared(
     captions: Captions, opts: Download, limit: int, member_limit: int, headers: tuple[tuple[str, str], ...]
-) -> Annotations:
+) -> Index:
+    where, member = split(captions.annotations or "")
+    name = where.rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0]
+    if member is None and format_of(captions, name) == "files":  # millions of caption files: on disk
+        ident = hashlib.sha256(repr((captions, limit, member_limit)).encode()).hexdigest()[:32]
+        return annotation_index.shared(ident, _file_entries(captions, opts, limit, member_limit, dict(headers), where))
     return _load(captions, opts, limit, member_limit, dict(headers), "")
+
+
+def _file_entries(
+    captions: Captions, opts: Download, limit: int, member_limit: int, headers: dict, where: str
+) -> Iterator[tuple[str, str | None, dict]]:
+    """An archive of caption files' entries, the archive opened when the first is asked for."""
+    name = where.rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0]
+    with Archive(name, where, opts, limit, member_limit, headers) as archive:
+        yield from _entries(captions, _member_records(captions, archive.members(), name), name, None)
 
 
 def _load(captions: Captions, opts: Download, limit: int, member_limit: int, headers: dict, stem: str) -> Annotations:

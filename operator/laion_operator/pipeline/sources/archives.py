@@ -32,7 +32,7 @@ from ..fetch.stream import shown
 from ..formats import Sample
 from ..formats.base import CAPTION_FILES, IMAGE_FILES
 from . import annotation_files
-from .annotation_files import Annotations
+from .annotation_files import Index
 from .archive_files import Archive, ArchiveError, Member, fetch_failed, is_archive, open_raw
 from .base import Opened, Refused, SampleSource
 
@@ -210,7 +210,7 @@ def _ext(member: Member) -> str:
 
 
 def _sample(
-    archive: str, group: list[Member], captions, notes: Annotations | None, limit: int
+    archive: str, group: list[Member], captions, notes: Index | None, limit: int
 ) -> tuple[Sample, bytes | Refused]:
     images = [m for m in group if _ext(m) in IMAGE_FILES]
     image = images[0] if images else group[0]
@@ -246,7 +246,7 @@ def _meta(group: list[Member]) -> dict:
 
 
 def _caption(
-    archive: str, group: list[Member], captions, notes: Annotations | None, image: Member
+    archive: str, group: list[Member], captions, notes: Index | None, image: Member
 ) -> tuple[str | None, dict]:
     """The image's caption, and the fields of the annotation that gave it."""
     if notes is not None:
