@@ -33,6 +33,7 @@ class Written(PartCounts):
     failed_to_download: int = 0
     failed_to_resize: int = 0
     opted_out_by: dict[str, int] = field(default_factory=dict)  # `opt_out` by rule (contract.OPT_OUT_RULES)
+    left_out_by: dict[str, int] = field(default_factory=dict)  # `filtered` by dropDuplicates/scores, by kind
     success_rate: float = 0.0
     total_seconds: float = 0.0
     shard_seconds_sum: float = 0.0
@@ -42,7 +43,15 @@ class Written(PartCounts):
     SECTIONS = {
         "metadata": ("rows_read", "rows_kept", "dropped_by"),
         "shards": ("shards_total", "shards_done", "shards_failed"),
-        "images": ("attempted", "ok", "failed_to_download", "failed_to_resize", "failed_by_reason", "opted_out_by"),
+        "images": (
+            "attempted",
+            "ok",
+            "failed_to_download",
+            "failed_to_resize",
+            "failed_by_reason",
+            "opted_out_by",
+            "left_out_by",
+        ),
         "durations": ("total_seconds", "shard_seconds_sum"),
     }
 

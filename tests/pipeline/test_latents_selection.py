@@ -115,6 +115,8 @@ def test_convert_leaves_out_exactly_the_duplicates_and_the_scores_below(deduplic
             and "is under spec.filter.scores.clip_score.min" in left[key]
         )
     assert summary["images"]["failedByReason"] == {"filtered": len(left)}
+    kinds = {kind: list(duplicates.values()).count(kind) for kind in set(duplicates.values())}
+    assert summary["images"]["leftOutBy"] == {**kinds, "score": len(below - set(duplicates))}
 
 
 def test_a_threshold_on_a_missing_column_names_the_column_and_the_file(deduplicated, tmp_path):

@@ -22,6 +22,7 @@ WHOLE = {
         "failedToResize": 8,
         "failedByReason": {"http_4xx": 96, "timeout": 20, "decode": 8, "opt_out": 4},
         "optedOutBy": {"x_robots_tag": 3, "tdmrep_json": 1},
+        "leftOutBy": {"exact": 2, "score": 5},
     },
     "successRate": 80.0,
     "bytesWritten": 12345678,
@@ -72,6 +73,7 @@ def test_a_whole_summary_reads_and_writes_back_the_same_document():
     assert summary.written is not None and summary.written.ok == 512 and summary.images_ok == 512
     assert summary.written.failed_by_reason == {"http_4xx": 96, "timeout": 20, "decode": 8, "opt_out": 4}
     assert summary.written.opted_out_by == {"x_robots_tag": 3, "tdmrep_json": 1}
+    assert summary.written.left_out_by == {"exact": 2, "score": 5}
     assert summary.verified is not None and summary.verified.ok and summary.verified.images_decoded == 512
     assert summary.latents == LatentsSummary(
         index=WHOLE["latents"]["index"],

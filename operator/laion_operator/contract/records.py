@@ -152,6 +152,8 @@ class ShardStats:
     failed_to_resize: int = 0
     failed_by_reason: dict[str, int] = field(default_factory=dict)
     opted_out_by: dict[str, int] = field(default_factory=dict)
+    # a converted dataset's samples left out by filter.dropDuplicates/scores, by kind (`filtered` rows)
+    left_out_by: dict[str, int] = field(default_factory=dict)
     bytes_written: int = 0
     start_time: float = 0.0
     end_time: float = 0.0
@@ -176,6 +178,7 @@ class ShardStats:
             "shard": self.shard,
             "failed_by_reason": self.failed_by_reason,
             "opted_out_by": self.opted_out_by,
+            "left_out_by": self.left_out_by,
             "bytes_written": self.bytes_written,
             "slowed_down": self.slowed_down,
         }
@@ -190,6 +193,7 @@ class ShardStats:
             failed_to_resize=data["failed_to_resize"],
             failed_by_reason=dict(data.get("failed_by_reason", {})),
             opted_out_by=dict(data.get("opted_out_by", {})),
+            left_out_by=dict(data.get("left_out_by", {})),
             bytes_written=data.get("bytes_written", 0),
             start_time=data.get("start_time", 0.0),
             end_time=data.get("end_time", 0.0),

@@ -141,6 +141,7 @@ def convert_shard(
                 recorder.failed(leading, sample.caption, where, "filtered")
                 continue
             recorder.image(leading, sample.caption, image, where=f"{sample.file}: sample {sample.key}: ")
+        stats.left_out_by = dict(selected.counts) if selected else {}
     except BaseException:
         recorder.close()
         raise
