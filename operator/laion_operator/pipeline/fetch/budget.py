@@ -302,6 +302,7 @@ class Leases(TaskLimits):
         self.contended: set[str] = set()
         self.reduced: set[str] = set()  # hosts under their budget: their answers raise it
         self.broken = False
+        self.closing = False
         self._event = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
 
@@ -337,6 +338,10 @@ class Leases(TaskLimits):
 
     async def __aexit__(self, *exc) -> None:
         if self._loop_task is not None:
+            # Told to end rather than only cancelled: a cancel that lands as an actor's answer does is
+            # swallowed by wait_for (Python 3.11), and the loop would renew the leases forever.
+            self.closing = True
+            self._event.set()
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
         if self.broken or not self.held:
@@ -349,13 +354,15 @@ class Leases(TaskLimits):
             log.warning("host budget: leases not given back (%s); they lapse in %g s", err, self.ttl)
 
     async def _run(self) -> None:
-        while not self.broken:
+        while not self.broken and not self.closing:
             try:
                 await asyncio.wait_for(self._event.wait(), self.renew)
                 periodic = False
             except asyncio.TimeoutError:
                 periodic = True
             self._event.clear()
+            if self.closing:
+                return
             keys, self.dirty = self.dirty, set()
             if periodic:
                 # Releases of hosts nobody waits for, and the answers that raise a slowed host's limit.
