@@ -6,7 +6,8 @@ import copy
 from typing import Any
 
 from ..contract import part_dir
-from .schema import SCHEMA, boolean, integer, string
+from . import patterns
+from .schema import SCHEMA, boolean
 from .schema_source import SOURCE
 from .validation import SpecError, apply_defaults, closed_validator, rule_errors, schema_errors
 
@@ -45,19 +46,8 @@ DATASET_SCHEMA: dict = {
                     "description": "Metadata files, one part each; part ids are the positions, from 0.",
                     "items": {"type": "string", "minLength": 1},
                 },
-                "pattern": string(
-                    "A parquet URL with {part} in it, e.g. s3://laion/2B-en-4.5_{part}.parquet; "
-                    "part ids are the numbers first to last.",
-                    minLength=1,
-                ),
-                "first": integer("The pattern's first part number.", minimum=0),
-                "last": integer("The pattern's last part number (included).", minimum=0),
-                "digits": integer(
-                    "Zero-pad part numbers (in the pattern and the part ids) to this many digits.",
-                    minimum=0,
-                    maximum=10,
-                    default=0,
-                ),
+                # The pattern's numbers are the part ids.
+                **patterns.properties("a metadata file such as s3://laion/2B-en-4.5_{part}.parquet, a part each"),
                 # Every part's files are alike: what a part's source says of its files, said once.
                 **{name: SOURCE["properties"][name] for name in SHARED_SOURCE_FIELDS},
             },
@@ -66,15 +56,7 @@ DATASET_SCHEMA: dict = {
                     "rule": "has(self.urls) != has(self.pattern)",
                     "message": "set either urls or pattern (with first and last), not both",
                 },
-                {
-                    "rule": "!has(self.pattern) || (self.pattern.contains('{part}') && has(self.first) && "
-                    "has(self.last))",
-                    "message": "a pattern needs {part} in it, and first and last",
-                },
-                {
-                    "rule": "!has(self.first) || !has(self.last) || self.first <= self.last",
-                    "message": "first must not be above last",
-                },
+                *patterns.rules(),
                 {
                     "rule": f"!has(self.first) || !has(self.last) || self.last - self.first < {MAX_DATASET_PARTS}",
                     "message": f"a dataset has at most {MAX_DATASET_PARTS} parts (first to last)",
@@ -111,10 +93,8 @@ def dataset_parts(data: dict) -> dict[str, dict]:
     if source.get("urls"):
         urls = {f"{i:0{digits}d}": url for i, url in enumerate(source["urls"])}
     else:
-        urls = {
-            f"{n:0{digits}d}": source["pattern"].replace("{part}", f"{n:0{digits}d}")
-            for n in range(source["first"], source["last"] + 1)
-        }
+        ids = (f"{n:0{digits}d}" for n in range(source["first"], source["last"] + 1))
+        urls = dict(zip(ids, patterns.numbered(source["pattern"], source["first"], source["last"], digits)))
     base = data["template"]["output"]["uri"].rstrip("/")
     parts = {}
     for part_id, url in urls.items():
