@@ -110,8 +110,19 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     p.add_argument(
         "--only",
-        choices=["filter", "download", "internet", "archives", "operator", "latents", "embeddings", "soak"],
-        help="run one benchmark only (soak, 200 parts through the operator, runs only when asked)",
+        choices=[
+            "filter",
+            "download",
+            "internet",
+            "archives",
+            "operator",
+            "latents",
+            "embeddings",
+            "soak",
+            "host-budget",
+        ],
+        help="run one benchmark only (soak, 200 parts through the operator, and host-budget, the cluster-wide "
+        "host budget against the per-task scheme on many-hosts with 8 tasks, run only when asked)",
     )
     p.add_argument("--soak-parts", type=int, default=200, help="LaionParts in the soak (default 200)")
     p.add_argument("--filter-rows", type=int, default=20_000_000, help="metadata rows (default 20,000,000)")
@@ -207,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update(common.QUIET_ENV)
     # latents compares against plain torch, internet against img2dataset, archives against micro_diffusion's
     # scripts written out in the bench (torchvision, streaming): all project dependencies; soak nothing
-    if args.only not in ("latents", "soak", "internet", "archives"):
+    if args.only not in ("latents", "soak", "internet", "archives", "host-budget"):
         ensure_python_tools(no_deps=args.only == "embeddings")
     if args.only in (None, "filter"):
         ensure_java()
@@ -291,6 +302,13 @@ def main(argv: list[str] | None = None) -> int:
             dedup_n=args.embeddings_dedup,
         )
         sections.append(("Embeddings against clip-retrieval's clip_inference", report))
+        goals += g
+
+    if args.only == "host-budget":
+        from . import host_budget_bench
+
+        report, g = host_budget_bench.bench(args.internet_urls, args.repeats)
+        sections.append(("Cluster-wide host budget against the per-task scheme", report))
         goals += g
 
     if args.only == "soak":

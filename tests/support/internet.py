@@ -349,6 +349,12 @@ class Stats:
     responses: Counter = field(default_factory=Counter)  # status codes sent
     hung_up: Counter = field(default_factory=Counter)  # by kind: the client left before the end
     held: dict[str, Held] = field(default_factory=dict)  # URL -> its requests
+    # Connections open to each host, and requests being answered by each, now and at most: what a
+    # client's politeness comes to (idle keep-alive connections count among the first only).
+    open_by_host: Counter = field(default_factory=Counter)
+    peak_by_host: Counter = field(default_factory=Counter)
+    asking_host: Counter = field(default_factory=Counter)
+    asking_peak: Counter = field(default_factory=Counter)
 
     def to_json(self, now: float) -> dict:
         spans = {u: (max(h.last, now) if h.open else h.last) - h.first for u, h in self.held.items()}
@@ -361,6 +367,8 @@ class Stats:
             "held_max_seconds": worst[0][1] if worst else 0.0,
             "held_worst": worst,
             "still_open": sum(1 for h in self.held.values() if h.open),
+            "host_connections_peak": max(self.peak_by_host.values(), default=0),
+            "host_requests_peak": max(self.asking_peak.values(), default=0),
         }
 
 
@@ -494,6 +502,9 @@ class InternetServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         host = writer.get_extra_info("sockname")[0]
+        stats = self.stats  # the count this connection began in, should a snapshot start a new one
+        stats.open_by_host[host] += 1
+        stats.peak_by_host[host] = max(stats.peak_by_host[host], stats.open_by_host[host])
         try:
             keep = True
             while keep:
@@ -512,10 +523,13 @@ class InternetServer:
                     held = self.stats.held[url] = Held(now, now)
                 held.open += 1
                 held.requests += 1
+                stats.asking_host[host] += 1
+                stats.asking_peak[host] = max(stats.asking_peak[host], stats.asking_host[host])
                 try:
                     done = await self._respond(kind, host, path, reader, writer, keep)
                 finally:
                     held.open -= 1
+                    stats.asking_host[host] -= 1
                     held.last = time.monotonic()
                 if not done:
                     self.stats.hung_up[kind] += 1
@@ -526,6 +540,7 @@ class InternetServer:
         except asyncio.CancelledError:
             pass
         finally:
+            stats.open_by_host[host] -= 1
             writer.close()
 
     async def _wait(self, reader: asyncio.StreamReader, seconds: float) -> bool:
