@@ -494,6 +494,10 @@ def test_the_progress_line_and_the_summary_show_the_stage():
     counts = Counts(shards_total=8, shards_done=3, shards_failed=1, written=1204, per_second=95.1)
     ProgressBar(stream)(Progress(part_id="p", phase="Embedding", embeddings=counts.status()))
     assert stream.getvalue() == "[embeddings] shards 3/8 (1 failed) | 1,204 samples, 95.1/s\n"
+    stream = io.StringIO()  # the latents stage's line, from the same counts in its own field
+    ProgressBar(stream)(Progress(part_id="p", phase="Encoding", latents=counts.status()))
+    ProgressBar(stream)(Progress(part_id="p", phase="Encoding"))  # nothing counted yet: no line
+    assert stream.getvalue() == "[latents] shards 3/8 (1 failed) | 1,204 samples, 95.1/s\n"
     section = EmbeddingsSummary(
         folder="/o/embeddings", model="hf-hub:x", samples=1204, dim=512, devices=["cuda"], index="/o/embeddings/index"
     )

@@ -210,8 +210,8 @@ def test_a_part_ends_with_latents_of_every_image(encoded, models):
         assert (out / contract.latents_stats(shard)).is_file()
         assert (out / contract.latents_shard(shard) / "index.json").is_file()
     progress = json.loads((out / contract.PROGRESS).read_text())
-    assert progress["phase"] == "Succeeded" and progress["latents_written"] == ok
-    assert progress["latents_shards_done"] == shards and progress["latents_per_second"] > 0
+    assert progress["phase"] == "Succeeded" and progress["latents"]["written"] == ok
+    assert progress["latents"]["shards"]["done"] == shards and progress["latents"]["perSecond"] > 0
 
     # micro_diffusion's check: the loader's dataset holds as many samples as were downloaded.
     loader = build_latents_dataloader(str(out), batch_size=5)
@@ -328,11 +328,7 @@ def test_latents_progress_shows_in_the_status_and_the_metrics():
         shards_total=3,
         shards_done=3,
         images_ok=40,
-        latents_shards_total=3,
-        latents_shards_done=1,
-        latents_written=17,
-        latents_skipped=1,
-        latents_per_second=8.5,
+        latents={"shards": {"total": 3, "done": 1, "failed": 0}, "written": 17, "skipped": 1, "perSecond": 8.5},
     )
     status = cr_status(progress)
     assert status["latents"] == {

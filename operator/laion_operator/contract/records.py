@@ -49,14 +49,9 @@ class Progress(PartCounts):
     message: str = ""
     # The verify stage's result (Verification.to_json); empty until it ran.
     verified: dict = field(default_factory=dict)
-    # The latents stage (spec.latents), when the part has one.
-    latents_shards_total: int = 0
-    latents_shards_done: int = 0
-    latents_shards_failed: int = 0
-    latents_written: int = 0
-    latents_skipped: int = 0
-    latents_per_second: float = 0.0
-    # The embeddings stage's counts, as the status shows them (pipeline/stages/encoding.py: Counts.status)
+    # The model stages' counts (spec.latents, spec.embeddings), each as the status shows it
+    # (pipeline/stages/encoding.py: Counts.status); empty for a part without the stage.
+    latents: dict = field(default_factory=dict)
     embeddings: dict = field(default_factory=dict)
 
     def count_images(self, finished: Sequence["ShardStats"], running: Sequence["ShardStats"] = ()) -> None:

@@ -65,7 +65,7 @@ def stall_counts(progress: Progress) -> tuple:
         progress.images_failed,
         progress.shards_done,
         progress.shards_failed,
-        progress.latents_written,
+        progress.latents.get("written", 0),
         progress.embeddings.get("written", 0),
     )
 
@@ -127,6 +127,10 @@ class _PartCollector(Collector):
         embedded = counter("laion_part_embeddings", "Samples with CLIP image and caption embeddings.")
         embedded_rate = gauge("laion_part_embeddings_per_second", "Samples the embeddings stage embeds a second.")
         embedded_shards = gauge("laion_part_embeddings_shards", "Shards of the embeddings stage, by state.", ["state"])
+        model_stages = {
+            "latents": (latents, latents_rate, latents_shards),
+            "embeddings": (embedded, embedded_rate, embedded_shards),
+        }
         stalled = gauge("laion_part_stalled", "1 while the part's counts have not moved for spec.stallSeconds.")
 
         for (namespace, name), part in sorted(parts.items()):
@@ -155,19 +159,13 @@ class _PartCollector(Collector):
             end = progress.finished_at or (now if part.phase in RUNNING else progress.updated_at)
             duration.add_metric(labels, max(end - progress.started_at, 0.0))
             moved.add_metric(labels, part.last_progress_at or progress.updated_at)
-            if progress.latents_shards_total:
-                latents.add_metric(labels, part.high.get("latents", 0))
-                latents_rate.add_metric(labels, progress.latents_per_second)
-                for state, value in zip(
-                    SHARD_STATES,
-                    (progress.latents_shards_total, progress.latents_shards_done, progress.latents_shards_failed),
-                ):
-                    latents_shards.add_metric(labels + [state], value)
-            if progress.embeddings:
-                embedded.add_metric(labels, part.high.get("embeddings", 0))
-                embedded_rate.add_metric(labels, progress.embeddings.get("perSecond", 0.0))
-                for state in SHARD_STATES:
-                    embedded_shards.add_metric(labels + [state], progress.embeddings.get("shards", {}).get(state, 0))
+            for stage, (total, rate, stage_shards) in model_stages.items():
+                counts = getattr(progress, stage)
+                if counts:
+                    total.add_metric(labels, part.high.get(stage, 0))
+                    rate.add_metric(labels, counts.get("perSecond", 0.0))
+                    for state in SHARD_STATES:
+                        stage_shards.add_metric(labels + [state], counts.get("shards", {}).get(state, 0))
 
         yield from (
             images,
@@ -298,7 +296,7 @@ class Metrics:
             part.counter("bytes", progress.bytes_written)
             part.counter("rows_read", progress.rows_read)
             part.counter("rows_kept", progress.rows_kept)
-            part.counter("latents", progress.latents_written)
+            part.counter("latents", progress.latents.get("written", 0))
             part.counter("embeddings", progress.embeddings.get("written", 0))
             counts = stall_counts(progress)
             if counts != part.last_counts:

@@ -34,19 +34,9 @@ def cr_status(progress: Progress) -> dict:
         "startedAt": _iso(progress.started_at),
         "finishedAt": _iso(progress.finished_at),
     }
-    if progress.latents_shards_total:
-        status["latents"] = {
-            "shards": {
-                "total": progress.latents_shards_total,
-                "done": progress.latents_shards_done,
-                "failed": progress.latents_shards_failed,
-            },
-            "written": progress.latents_written,
-            "skipped": progress.latents_skipped,
-            "perSecond": progress.latents_per_second,
-        }
-    if progress.embeddings:  # already in the status's shape (stages/encoding.py's Counts)
-        status["embeddings"] = dict(progress.embeddings)
+    for stage in ("latents", "embeddings"):  # already in the status's shape (stages/encoding.py's Counts)
+        if getattr(progress, stage):
+            status[stage] = dict(getattr(progress, stage))
     return status
 
 

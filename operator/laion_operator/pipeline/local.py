@@ -12,6 +12,9 @@ from ..spec import PartSpec
 from ..summary import Summary
 from . import sources
 
+# The model stages' phases, and the Progress field that holds each one's counts.
+MODEL_STAGES = {Phase.ENCODING: "latents", Phase.EMBEDDING: "embeddings"}
+
 
 class ProgressBar:
     """One line that says how far along the part is: shards, images/s, success rate."""
@@ -28,18 +31,16 @@ class ProgressBar:
             if not p.rows_read:  # nothing read yet: a line of zeros says nothing
                 return
             line = f"[filter] {p.rows_read:,} rows read, {p.rows_kept:,} kept"
-        elif p.phase == Phase.EMBEDDING and p.embeddings:
-            e, shards = p.embeddings, p.embeddings["shards"]
+        elif p.phase in MODEL_STAGES:
+            stage = MODEL_STAGES[p.phase]
+            counts = getattr(p, stage)
+            if not counts:  # the stage has not counted its shards yet
+                return
+            shards = counts["shards"]
             failed = f" ({shards['failed']} failed)" if shards["failed"] else ""
             line = (
-                f"[embeddings] shards {shards['done']}/{shards['total']}{failed} | "
-                f"{e['written']:,} samples, {e['perSecond']:,.1f}/s"
-            )
-        elif p.phase == Phase.ENCODING:
-            line = (
-                f"[latents] shards {p.latents_shards_done}/{p.latents_shards_total}"
-                f"{f' ({p.latents_shards_failed} failed)' if p.latents_shards_failed else ''} | "
-                f"{p.latents_written:,} samples, {p.latents_per_second:,.1f}/s"
+                f"[{stage}] shards {shards['done']}/{shards['total']}{failed} | "
+                f"{counts['written']:,} samples, {counts['perSecond']:,.1f}/s"
             )
         else:
             attempted = p.images_ok + p.images_failed

@@ -29,9 +29,7 @@ def _encode_shard(spec: PartSpec, shard: int, report, source=None) -> Outcome:
 
 
 def _publish(p: Progress, counts: Counts) -> None:
-    p.latents_shards_total, p.latents_shards_done = counts.shards_total, counts.shards_done
-    p.latents_shards_failed, p.latents_written = counts.shards_failed, counts.written
-    p.latents_skipped, p.latents_per_second = counts.skipped, counts.per_second
+    p.latents = counts.status()
 
 
 def _encode(run: Run, shards: list[int]) -> list[LatentStats]:
@@ -67,7 +65,7 @@ def run(run: Run) -> LatentsSummary:
         samples=samples,
         skipped=sum(s.skipped for s in encoded),
         shards=len(encoded),
-        latents_per_second=tracker.progress.latents_per_second,
+        latents_per_second=tracker.progress.latents.get("perSecond", 0.0),
         shard_seconds_sum=round(sum(s.end_time - s.start_time for s in encoded), 3),
         devices=sorted({s.device for s in encoded if s.device}),
         image_shape=manifest["imageShape"],
