@@ -144,6 +144,29 @@ def test_tasks_sharing_a_budget_never_exceed_it_where_each_alone_would(busy_host
     assert busy_host.busy.peak > 4
 
 
+def test_a_task_that_comes_later_gets_its_share_before_the_first_is_done(busy_host):
+    """A task holding all of a host's budget with many URLs to go gives back an even share to one
+    that asks later, rather than keeping it to its end."""
+    cluster = in_process_budget()
+    opts = options(maxPerHost=4, maxInFlight=16)
+    ends: dict[str, float] = {}
+
+    def task(name: str, count: int, delay: float) -> None:
+        time.sleep(delay)
+        urls = [f"{busy_host.base_url}/busy/0.2/f{name}{i}_32x32.jpg" for i in range(count)]
+        fetch.run(urls, opts, lambda i, d, e: None, 1, cluster)
+        ends[name] = time.monotonic()
+
+    threads = [threading.Thread(target=task, args=a) for a in (("first", 60, 0.0), ("later", 8, 0.5))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert busy_host.busy.served == 68 and busy_host.busy.peak <= 4
+    # 60 URLs at 4 at once take 3 s; the later task's 8 at an even share (2) take about 1 s of them
+    assert ends["later"] < ends["first"] - 0.5
+
+
 def test_a_host_that_says_slow_down_slows_every_task_and_recovers(busy_host):
     """8 slots across 3 tasks; the host answers 429 (Retry-After 1) for half a second: after it, the
     tasks together send fewer requests at once than before, and later as many again."""

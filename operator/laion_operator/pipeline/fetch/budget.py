@@ -313,7 +313,8 @@ class Leases(TaskLimits):
         want = min(want, self.per_task)
         self.wants[key] = (want, in_use)
         held = self.held.get(key, 0)
-        if want > held or (want < held and key in self.contended):
+        # Others wait for a contended host: slots this task holds and does not use go back at once.
+        if want > held or (key in self.contended and min(want, in_use) < held):
             self._mark(key)
 
     def not_before(self, key: str) -> float:
@@ -367,6 +368,7 @@ class Leases(TaskLimits):
             if periodic:
                 # Releases of hosts nobody waits for, and the answers that raise a slowed host's limit.
                 keys |= {k for k, (w, _) in self.wants.items() if w != self.held.get(k, 0)}
+                keys |= {k for k in self.contended if self.wants.get(k, (0, 0))[1] < self.held.get(k, 0)}
                 keys |= self.answers.keys() & self.reduced
             asks = {k: self._ask(k) for k in keys}
             try:
