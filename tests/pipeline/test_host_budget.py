@@ -278,6 +278,20 @@ def test_parts_on_one_cluster_share_one_budget_per_host(ray_driver, busy_host):
     held, limit, _ = ray.get(actor.state.remote(key), timeout=60)
     assert held == 0  # every lease given back at the tasks' ends
     assert limit in (0, 4)
+    # The actors outlive the jobs that made them: they hold none of a job's credentials (this driver's
+    # working_dir carries the test bed's S3 keys to its tasks, which created the actors).
+    from laion_operator import credentials
+
+    def files(ledger):
+        import os
+
+        return sorted(os.listdir("."))
+
+    for i in range(budget.ACTORS):
+        named = ray.get_actor(f"host-budget-{budget.__version__}-{i}", namespace=budget.NAMESPACE)
+        assert ray.get(named.__ray_call__.remote(files), timeout=60) == ["HOST-BUDGET"]
+    task_files = ray.get(ray.remote(num_cpus=0)(lambda: __import__("os").listdir(".")).remote(), timeout=60)
+    assert credentials.FILE in task_files  # what the actors would otherwise have inherited
 
 
 def test_a_429_seen_by_one_ray_task_slows_the_others(ray_driver, busy_host):

@@ -242,12 +242,38 @@ def cluster_budget(opts: Download) -> ClusterBudget | None:
     actor: Any = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(LedgerActor)
     # Named with the version: a cluster that upgrades runs the new rules beside the old job's actors.
     names = (f"host-budget-{__version__}-{i}" for i in range(ACTORS))
+    env = _own_runtime_env()
     return ClusterBudget(
         tuple(
-            actor.options(name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True).remote()
+            actor.options(
+                name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True, runtime_env=env
+            ).remote()
             for name in names
         )
     )
+
+
+def _own_runtime_env() -> dict:
+    """The actors' runtime env: a working_dir package of their own, holding nothing. An actor would
+    otherwise inherit the working_dir of the job that happened to create it, which holds that job's
+    credentials (credentials.py), and a detached actor keeps its working_dir on the node for as long
+    as it lives: long after the job. The package's name is its content's hash, so every task and job
+    names the same one, and the first to need it uploads it."""
+    import hashlib
+    import io
+    import zipfile
+
+    from ray._private.runtime_env import packaging
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        # Fixed date: the same bytes, so the same name, in every process.
+        zf.writestr(zipfile.ZipInfo("HOST-BUDGET", date_time=(1980, 1, 1, 0, 0, 0)), f"laion-operator {__version__}\n")
+    data = buf.getvalue()
+    uri = f"gcs://_ray_pkg_host_budget_{hashlib.sha256(data).hexdigest()[:16]}.zip"
+    if not packaging.package_exists(uri):
+        packaging.upload_package_to_gcs(uri, data)
+    return {"working_dir": uri}
 
 
 Wake = Callable[[Iterable[str]], Awaitable[None]]
