@@ -34,6 +34,7 @@ class Written(PartCounts):
     failed_to_resize: int = 0
     opted_out_by: dict[str, int] = field(default_factory=dict)  # `opt_out` by rule (contract.OPT_OUT_RULES)
     left_out_by: dict[str, int] = field(default_factory=dict)  # `filtered` by dropDuplicates/scores, by kind
+    slowed_down: int = 0  # 429s (and 503s with Retry-After) the hosts answered: the host budget's cuts
     success_rate: float = 0.0
     total_seconds: float = 0.0
     shard_seconds_sum: float = 0.0
@@ -51,6 +52,7 @@ class Written(PartCounts):
             "failed_by_reason",
             "opted_out_by",
             "left_out_by",
+            "slowed_down",
         ),
         "durations": ("total_seconds", "shard_seconds_sum"),
     }

@@ -23,6 +23,7 @@ WHOLE = {
         "failedByReason": {"http_4xx": 96, "timeout": 20, "decode": 8, "opt_out": 4},
         "optedOutBy": {"x_robots_tag": 3, "tdmrep_json": 1},
         "leftOutBy": {"exact": 2, "score": 5},
+        "slowedDown": 6,
     },
     "successRate": 80.0,
     "bytesWritten": 12345678,
@@ -73,7 +74,7 @@ def test_a_whole_summary_reads_and_writes_back_the_same_document():
     assert summary.written is not None and summary.written.ok == 512 and summary.images_ok == 512
     assert summary.written.failed_by_reason == {"http_4xx": 96, "timeout": 20, "decode": 8, "opt_out": 4}
     assert summary.written.opted_out_by == {"x_robots_tag": 3, "tdmrep_json": 1}
-    assert summary.written.left_out_by == {"exact": 2, "score": 5}
+    assert summary.written.left_out_by == {"exact": 2, "score": 5} and summary.written.slowed_down == 6
     assert summary.verified is not None and summary.verified.ok and summary.verified.images_decoded == 512
     assert summary.latents == LatentsSummary(
         index=WHOLE["latents"]["index"],
@@ -110,3 +111,19 @@ def test_the_latents_of_a_folder_anyone_wrote_have_no_download_counts():
     summary = Summary.from_json(data)
     assert summary.written is None and summary.images_ok == 0 and summary.input == "/their/mds"
     assert summary.to_json() == data
+
+
+def test_the_written_counts_add_up_the_shards_slow_downs_and_opt_outs():
+    """annotate.written: what each shard's stats counted, added up into the summary's images section."""
+    from laion_operator.contract import Progress, ShardStats
+    from laion_operator.pipeline.annotate import written
+    from laion_operator.spec import PartSpec
+
+    spec = PartSpec.from_dict({"partId": "t", "source": {"urls": ["m.parquet"]}, "output": {"uri": "o"}})
+    shards = [
+        ShardStats(shard=0, count=10, successes=8, slowed_down=2, opted_out_by={"robots_txt": 1}),
+        ShardStats(shard=1, count=10, successes=9, slowed_down=3, opted_out_by={"robots_txt": 1, "tdmrep_json": 1}),
+    ]
+    images = Summary("t", "o", written(spec, shards, Progress(part_id="t"))).to_json()["images"]
+    assert images["slowedDown"] == 5 and images["optedOutBy"] == {"robots_txt": 2, "tdmrep_json": 1}
+    assert images["attempted"] == 20 and images["ok"] == 17

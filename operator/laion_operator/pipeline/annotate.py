@@ -43,6 +43,7 @@ def written(spec: PartSpec, shards: list[ShardStats], progress: Progress) -> Wri
         failed_to_resize=sum(s.failed_to_resize for s in shards),
         opted_out_by=dict(sum((Counter(s.opted_out_by) for s in shards), Counter())),
         left_out_by=dict(sum((Counter(s.left_out_by) for s in shards), Counter())),
+        slowed_down=sum(s.slowed_down for s in shards),
         success_rate=progress.success_rate,
         total_seconds=round((progress.finished_at or progress.updated_at) - progress.started_at, 3),
         shard_seconds_sum=round(sum(s.end_time - s.start_time for s in shards), 3),
