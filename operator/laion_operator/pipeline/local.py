@@ -3,6 +3,7 @@ what `laion-operator run` and the demo show a person at a terminal."""
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from collections.abc import Callable
@@ -131,12 +132,20 @@ def warm_imports(part: PartSpec) -> tuple[str, ...]:
     return (*(f"{__package__}.{m}" for m in stage), *formats.get(part.download.output_format).writer_imports)
 
 
+def _start_host_budget(part: PartSpec) -> None:
+    from .fetch import cluster_budget
+
+    cluster_budget(part.download)  # the actors start now; the shard tasks find them by name
+
+
 def run_with_progress(part: PartSpec, ray_address: str | None = None, out=sys.stdout) -> int:
     """`laion-operator run` and `convert`: every stage of the part."""
     from .runtime import settle_ray_start, start_ray
 
-    # The stage that needs Ray waits for it; the imports and the filter run meanwhile.
-    start_ray(ray_address, warm=warm_imports(part))
+    # The stage that needs Ray waits for it; the imports and the filter run meanwhile, and so does the
+    # start of the host budget's actors, which the first URLs of every shard would otherwise wait for.
+    prepare = None if sources.of(part).converts else functools.partial(_start_host_budget, part)
+    start_ray(ray_address, warm=warm_imports(part), prepare=prepare)
     try:
         from .driver import run_part
 

@@ -66,15 +66,17 @@ class _Start:
     PR_SET_PDEATHSIG, which Linux ties to the thread that forked them, so they would die with a thread
     that returned (and the driver then waits a minute for a GCS that is gone)."""
 
-    def __init__(self, address: str | None, warm: tuple[str, ...]):
+    def __init__(self, address: str | None, warm: tuple[str, ...], prepare: Callable[[], Any] | None):
         self.ready = threading.Event()
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, args=(address, warm), name="ray-start", daemon=True)
+        self.thread = threading.Thread(target=self._run, args=(address, warm, prepare), name="ray-start", daemon=True)
         self.thread.start()
 
-    def _run(self, address: str | None, warm: tuple[str, ...]) -> None:
+    def _run(self, address: str | None, warm: tuple[str, ...], prepare: Callable[[], Any] | None) -> None:
         try:
             _init_ray(address)
+            if prepare is not None:
+                prepare()
             _warm_workers(warm)
         except Exception as err:  # noqa: BLE001 - raised again in the thread that waits (ensure_ray)
             self.error = err
@@ -95,16 +97,17 @@ def _not_main_thread_notice(record: logging.LogRecord) -> bool:
     return "SIGTERM handler is not set" not in record.getMessage()
 
 
-def start_ray(address: str | None = None, warm: tuple[str, ...] = ()) -> None:
-    """Begin `ensure_ray(address)` in the background, then have each worker import the modules `warm`
-    names (the shard task's, given by the caller: they sit above this module); the first `ensure_ray`
-    waits for it. Called from the main thread, which takes over what ray.init does only there: SIGTERM
-    exits through atexit (and so ray.shutdown), and Ray's notice that it could not is dropped."""
+def start_ray(address: str | None = None, warm: tuple[str, ...] = (), prepare: Callable[[], Any] | None = None) -> None:
+    """Begin `ensure_ray(address)` in the background, then run `prepare` (say, start the actors the
+    shard tasks will call) and have each worker import the modules `warm` names (the shard task's,
+    given by the caller: they sit above this module); the first `ensure_ray` waits for it. Called from
+    the main thread, which takes over what ray.init does only there: SIGTERM exits through atexit (and
+    so ray.shutdown), and Ray's notice that it could not is dropped."""
     global _start
     if _start is None and not ray.is_initialized():
         signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(signum))
         logging.getLogger("ray._private.worker").addFilter(_not_main_thread_notice)
-        _start = _Start(address, warm)
+        _start = _Start(address, warm, prepare)
 
 
 def settle_ray_start() -> None:

@@ -36,7 +36,10 @@ from ...spec import Download
 log = logging.getLogger(__name__)
 
 NAMESPACE = "laion-operator"
-ACTORS = 4  # a few, so that thousands of hosts spread their tasks' calls
+# One: an actor is a process (about 140 MB and a second of CPU to start, which a 2-core node running one
+# part pays in its stage: 4 of them cost the calm profile 2 s), and one answers thousands of syncs a
+# second (a task syncs about once a second). A cluster of thousands of tasks raises it to spread them.
+ACTORS = 1
 LEASE_TTL = 15.0  # seconds a task's leases outlive its last sync (a killed task's come back then)
 RENEW = 1.0  # seconds between a task's syncs while it holds anything: renewals, news of slowed hosts
 CUT_INTERVAL = 1.0  # the 429s of one burst, seen by many tasks at once, halve the limit once
